@@ -1,0 +1,233 @@
+//! Command-line flags: flanneld's, with the same names, defaults and `FLANNELD_<NAME>` variables,
+//! so an existing flanneld unit file or DaemonSet can start this agent unchanged.
+
+use std::{
+    ffi::OsString,
+    net::{IpAddr, Ipv4Addr},
+    path::PathBuf,
+    time::Duration,
+};
+
+use clap::{ArgAction, Args as ClapArgs, Parser, Subcommand, builder::BoolishValueParser};
+
+/// Where programs and maps are pinned so that a restarted agent adopts them.
+pub const DEFAULT_BPF_DIR: &str = "/sys/fs/bpf/overlay";
+
+/// flannel-compatible overlay network agent with an eBPF data path.
+///
+/// Runs on every node: leases this node's subnet of the cluster network from etcd (the records
+/// flanneld uses), writes the subnet file for the container runtime, and forwards pod traffic
+/// between nodes with eBPF programs instead of a kernel VXLAN device and iptables.
+#[derive(Debug, Parser)]
+#[command(name = "overlay-agent", version, about, long_about)]
+pub struct Cli {
+    #[command(flatten)]
+    pub flags: Flags,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the node agent (the default when no subcommand is given).
+    Run,
+}
+
+/// flanneld's flags. Every flag can also be set from the environment as `FLANNELD_<NAME>`
+/// (dashes become underscores, upper case), e.g. `FLANNELD_ETCD_ENDPOINTS`.
+#[derive(Debug, Clone, ClapArgs)]
+pub struct Flags {
+    /// Comma-separated list of etcd endpoints.
+    #[arg(
+        long,
+        env = "FLANNELD_ETCD_ENDPOINTS",
+        default_value = "http://127.0.0.1:4001,http://127.0.0.1:2379",
+        value_delimiter = ','
+    )]
+    pub etcd_endpoints: Vec<String>,
+
+    /// etcd prefix under which the network config and subnet leases live.
+    #[arg(long, env = "FLANNELD_ETCD_PREFIX", default_value = "/coreos.com/network")]
+    pub etcd_prefix: String,
+
+    /// TLS client key file for etcd (TLS is used when both key and cert file are given).
+    #[arg(long, env = "FLANNELD_ETCD_KEYFILE")]
+    pub etcd_keyfile: Option<PathBuf>,
+
+    /// TLS client certificate file for etcd.
+    #[arg(long, env = "FLANNELD_ETCD_CERTFILE")]
+    pub etcd_certfile: Option<PathBuf>,
+
+    /// CA certificate file that signs the etcd server's certificate.
+    #[arg(long, env = "FLANNELD_ETCD_CAFILE")]
+    pub etcd_cafile: Option<PathBuf>,
+
+    /// Username for etcd authentication.
+    #[arg(long, env = "FLANNELD_ETCD_USERNAME")]
+    pub etcd_username: Option<String>,
+
+    /// Password for etcd authentication.
+    #[arg(long, env = "FLANNELD_ETCD_PASSWORD", hide_env_values = true)]
+    pub etcd_password: Option<String>,
+
+    /// Interface (name or IP address) to use for inter-node traffic; repeatable, the first that
+    /// exists wins. Default: the interface of the default route.
+    #[arg(long, env = "FLANNELD_IFACE", value_delimiter = ',')]
+    pub iface: Vec<String>,
+
+    /// Regex matched against interface addresses, then names, when no --iface matches; repeatable.
+    #[arg(long, env = "FLANNELD_IFACE_REGEX", value_delimiter = ',')]
+    pub iface_regex: Vec<String>,
+
+    /// IP address other nodes use to reach this one. Default: the address of the chosen interface.
+    #[arg(long, env = "FLANNELD_PUBLIC_IP")]
+    pub public_ip: Option<Ipv4Addr>,
+
+    /// File to write the leased subnet to, for the container runtime (Docker, CNI).
+    #[arg(long, env = "FLANNELD_SUBNET_FILE", default_value = "/run/flannel/subnet.env")]
+    pub subnet_file: PathBuf,
+
+    /// Renew the subnet lease this many minutes before it expires (1..1439).
+    #[arg(
+        long,
+        env = "FLANNELD_SUBNET_LEASE_RENEW_MARGIN",
+        default_value_t = 60,
+        value_parser = clap::value_parser!(u32).range(1..=1439)
+    )]
+    pub subnet_lease_renew_margin: u32,
+
+    /// Masquerade traffic from pods to destinations outside the cluster network (done in eBPF:
+    /// no iptables rules are written).
+    #[arg(long, env = "FLANNELD_IP_MASQ", action = ArgAction::Set, num_args = 0..=1,
+          require_equals = true, default_value = "false", default_missing_value = "true",
+          value_parser = BoolishValueParser::new())]
+    pub ip_masq: bool,
+
+    /// Keep source ports when masquerading where possible instead of picking them at random.
+    #[arg(long, env = "FLANNELD_IP_MASQ_FULLY_RANDOM_DISABLE", action = ArgAction::Set,
+          num_args = 0..=1, require_equals = true, default_value = "false",
+          default_missing_value = "true", value_parser = BoolishValueParser::new())]
+    pub ip_masq_fully_random_disable: bool,
+
+    /// Address the health endpoints listen on.
+    #[arg(long, env = "FLANNELD_HEALTHZ_IP", default_value = "0.0.0.0")]
+    pub healthz_ip: IpAddr,
+
+    /// Port of the health endpoints (/healthz, /readyz); 0 turns them off.
+    #[arg(long, env = "FLANNELD_HEALTHZ_PORT", default_value_t = 0)]
+    pub healthz_port: u16,
+
+    /// Accepted for flanneld compatibility: our forwarding needs no iptables FORWARD rules.
+    #[arg(long, env = "FLANNELD_IPTABLES_FORWARD_RULES", action = ArgAction::Set,
+          num_args = 0..=1, require_equals = true, default_value = "true",
+          default_missing_value = "true", value_parser = BoolishValueParser::new())]
+    pub iptables_forward_rules: bool,
+
+    /// Log verbosity as flanneld's glog level: 0 info, 1+ debug, 5+ trace (RUST_LOG overrides).
+    #[arg(short = 'v', env = "FLANNELD_V", default_value_t = 0)]
+    pub verbosity: u8,
+
+    /// Directory under bpffs where the data path's programs and maps are pinned.
+    #[arg(long, env = "OVERLAY_BPF_DIR", default_value = DEFAULT_BPF_DIR)]
+    pub bpf_dir: PathBuf,
+
+    /// Developer option: TTL of the subnet lease in seconds (flannel's 24 h by default).
+    #[arg(long, env = "OVERLAY_DEV_LEASE_TTL", hide = true, value_parser = parse_seconds)]
+    pub dev_lease_ttl: Option<Duration>,
+}
+
+fn parse_seconds(value: &str) -> Result<Duration, String> {
+    match value.parse::<u64>() {
+        Ok(secs) if secs > 0 => Ok(Duration::from_secs(secs)),
+        _ => Err(format!("expected a positive number of seconds, got {value:?}")),
+    }
+}
+
+/// flanneld is a Go program, whose flag parser takes `-etcd-endpoints=...` with one dash as well
+/// as two. Rewrites such single-dash long flags to the double-dash form clap expects.
+pub fn normalize_go_flags<I: IntoIterator<Item = OsString>>(args: I) -> Vec<OsString> {
+    args.into_iter()
+        .enumerate()
+        .map(|(i, arg)| {
+            let Some(s) = arg.to_str() else { return arg };
+            let name = s.split('=').next().unwrap_or(s);
+            // A single dash, then a name of two or more characters: `-v=2` stays a short flag.
+            if i > 0 && s.starts_with('-') && !s.starts_with("--") && name.len() > 2 {
+                OsString::from(format!("-{s}"))
+            } else {
+                arg
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    fn parse(args: &[&str]) -> Cli {
+        let argv = std::iter::once("overlay-agent").chain(args.iter().copied()).map(OsString::from);
+        Cli::try_parse_from(normalize_go_flags(argv)).expect("flags parse")
+    }
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn defaults_are_flanneld_defaults() {
+        let f = parse(&[]).flags;
+        assert_eq!(f.etcd_endpoints, ["http://127.0.0.1:4001", "http://127.0.0.1:2379"]);
+        assert_eq!(f.etcd_prefix, "/coreos.com/network");
+        assert_eq!(f.subnet_file, PathBuf::from("/run/flannel/subnet.env"));
+        assert_eq!(f.subnet_lease_renew_margin, 60);
+        assert!(!f.ip_masq);
+        assert!(f.iptables_forward_rules);
+        assert_eq!(f.healthz_ip, IpAddr::from([0, 0, 0, 0]));
+        assert_eq!(f.healthz_port, 0);
+        assert_eq!(f.dev_lease_ttl, None);
+    }
+
+    #[test]
+    fn go_style_single_dash_and_bool_forms() {
+        let f = parse(&[
+            "-etcd-endpoints=http://198.18.0.254:2379",
+            "-iface",
+            "eth0",
+            "-ip-masq",
+            "--iptables-forward-rules=false",
+            "-v=2",
+        ])
+        .flags;
+        assert_eq!(f.etcd_endpoints, ["http://198.18.0.254:2379"]);
+        assert_eq!(f.iface, ["eth0"]);
+        assert!(f.ip_masq);
+        assert!(!f.iptables_forward_rules);
+        assert_eq!(f.verbosity, 2);
+    }
+
+    #[test]
+    fn renew_margin_out_of_range_is_rejected_naming_the_value() {
+        let argv = ["overlay-agent", "--subnet-lease-renew-margin", "1440"].map(OsString::from);
+        let err = Cli::try_parse_from(argv).unwrap_err().to_string();
+        assert!(err.contains("1440"), "{err}");
+    }
+
+    #[test]
+    fn help_lists_flanneld_flags() {
+        let help = Cli::command().render_long_help().to_string();
+        for flag in [
+            "--etcd-endpoints", "--etcd-prefix", "--etcd-keyfile", "--etcd-certfile",
+            "--etcd-cafile", "--etcd-username", "--etcd-password", "--iface", "--iface-regex",
+            "--public-ip", "--subnet-file", "--subnet-lease-renew-margin", "--ip-masq",
+            "--ip-masq-fully-random-disable", "--healthz-ip", "--healthz-port",
+            "--iptables-forward-rules", "--version",
+        ] {
+            assert!(help.contains(flag), "--help lacks {flag}");
+        }
+        assert!(!help.contains("--dev-lease-ttl"), "developer option must stay hidden");
+    }
+}

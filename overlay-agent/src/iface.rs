@@ -1,0 +1,275 @@
+//! Choosing the external interface as flanneld does: `--iface` (name or IP, first that exists),
+//! else `--iface-regex` (matched against addresses, then names), else the interface of the
+//! default route. The public IP is `--public-ip` or the interface's first IPv4 address.
+//!
+//! The choice is a pure function over a snapshot of the interfaces ([`select`]), so it is unit
+//! tested without netlink; [`discover`] takes that snapshot from the kernel.
+
+use std::net::Ipv4Addr;
+
+use futures_util::TryStreamExt as _;
+use netlink_packet_route::{
+    address::AddressAttribute,
+    link::{LinkAttribute, LinkFlags},
+    route::{RouteAttribute, RouteMessage},
+};
+use regex::Regex;
+use rtnetlink::{Handle, RouteMessageBuilder};
+
+/// One interface of the node as the kernel reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Interface {
+    pub index: u32,
+    pub name: String,
+    pub mtu: u32,
+    pub mac: Option<[u8; 6]>,
+    pub up: bool,
+    pub ipv4: Vec<Ipv4Addr>,
+}
+
+/// The interface inter-node traffic uses, and the address peers reach this node at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExternalInterface {
+    pub index: u32,
+    pub name: String,
+    pub mtu: u32,
+    pub mac: Option<[u8; 6]>,
+    /// The interface's own IPv4 address.
+    pub iface_addr: Ipv4Addr,
+    /// The address published in the lease (`PublicIP`): `--public-ip` or `iface_addr`.
+    pub public_ip: Ipv4Addr,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IfaceError {
+    #[error("invalid --iface-regex {regex:?}: {source}")]
+    BadRegex { regex: String, source: regex::Error },
+    #[error("failed to find interface to use that matches the interfaces and/or regexes provided: --iface {ifaces:?} --iface-regex {regexes:?}")]
+    NoMatch { ifaces: Vec<String>, regexes: Vec<String> },
+    #[error("failed to get default interface: no default route (give --iface)")]
+    NoDefaultRoute,
+    #[error("failed to find IPv4 address for interface {name}")]
+    NoIpv4 { name: String },
+    #[error("interface {name} has MTU 0")]
+    ZeroMtu { name: String },
+    #[error("netlink request failed while listing {what}: {source}")]
+    Netlink { what: &'static str, source: rtnetlink::Error },
+    #[error("cannot open a netlink socket: {0}")]
+    Connection(std::io::Error),
+}
+
+/// Picks the external interface from a snapshot of the node's interfaces (flanneld's order).
+pub fn select(
+    interfaces: &[Interface],
+    default_route_index: Option<u32>,
+    ifaces: &[String],
+    regexes: &[String],
+    public_ip: Option<Ipv4Addr>,
+) -> Result<ExternalInterface, IfaceError> {
+    let chosen = if !ifaces.is_empty() {
+        ifaces.iter().find_map(|want| match want.parse::<Ipv4Addr>() {
+            Ok(ip) => interfaces.iter().find(|i| i.ipv4.contains(&ip)).map(|i| (i, Some(ip))),
+            Err(_) => interfaces.iter().find(|i| i.name == *want).map(|i| (i, None)),
+        })
+    } else if !regexes.is_empty() {
+        let compiled = regexes
+            .iter()
+            .map(|r| Regex::new(r).map_err(|source| IfaceError::BadRegex { regex: r.clone(), source }))
+            .collect::<Result<Vec<_>, _>>()?;
+        compiled.iter().find_map(|re| {
+            let by_addr = interfaces.iter().find_map(|i| {
+                i.ipv4.iter().find(|a| re.is_match(&a.to_string())).map(|a| (i, Some(*a)))
+            });
+            by_addr.or_else(|| interfaces.iter().find(|i| re.is_match(&i.name)).map(|i| (i, None)))
+        })
+    } else {
+        let index = default_route_index.ok_or(IfaceError::NoDefaultRoute)?;
+        interfaces.iter().find(|i| i.index == index).map(|i| (i, None))
+    };
+    let (iface, addr) = chosen.ok_or_else(|| IfaceError::NoMatch {
+        ifaces: ifaces.to_vec(),
+        regexes: regexes.to_vec(),
+    })?;
+    let iface_addr = addr
+        .or_else(|| iface.ipv4.first().copied())
+        .ok_or_else(|| IfaceError::NoIpv4 { name: iface.name.clone() })?;
+    if iface.mtu == 0 {
+        return Err(IfaceError::ZeroMtu { name: iface.name.clone() });
+    }
+    Ok(ExternalInterface {
+        index: iface.index,
+        name: iface.name.clone(),
+        mtu: iface.mtu,
+        mac: iface.mac,
+        iface_addr,
+        public_ip: public_ip.unwrap_or(iface_addr),
+    })
+}
+
+/// Lists the interfaces of the current network namespace with their IPv4 addresses.
+pub async fn list_interfaces(handle: &Handle) -> Result<Vec<Interface>, IfaceError> {
+    let netlink = |what| move |source| IfaceError::Netlink { what, source };
+    let mut interfaces = Vec::new();
+    let mut links = handle.link().get().execute();
+    while let Some(msg) = links.try_next().await.map_err(netlink("links"))? {
+        let mut iface = Interface {
+            index: msg.header.index,
+            name: String::new(),
+            mtu: 0,
+            mac: None,
+            up: msg.header.flags.contains(LinkFlags::Up),
+            ipv4: Vec::new(),
+        };
+        for attr in msg.attributes {
+            match attr {
+                LinkAttribute::IfName(name) => iface.name = name,
+                LinkAttribute::Mtu(mtu) => iface.mtu = mtu,
+                LinkAttribute::Address(mac) if mac.len() == 6 => {
+                    iface.mac = mac.try_into().ok();
+                }
+                _ => {}
+            }
+        }
+        interfaces.push(iface);
+    }
+    let mut addrs = handle.address().get().execute();
+    while let Some(msg) = addrs.try_next().await.map_err(netlink("addresses"))? {
+        let Some(iface) = interfaces.iter_mut().find(|i| i.index == msg.header.index) else {
+            continue;
+        };
+        for attr in &msg.attributes {
+            if let AddressAttribute::Local(std::net::IpAddr::V4(a))
+            | AddressAttribute::Address(std::net::IpAddr::V4(a)) = attr
+                && !iface.ipv4.contains(a)
+            {
+                iface.ipv4.push(*a);
+            }
+        }
+    }
+    Ok(interfaces)
+}
+
+/// The output interface of the IPv4 default route in the main table, if there is one.
+pub async fn default_route_index(handle: &Handle) -> Result<Option<u32>, IfaceError> {
+    let mut routes = handle.route().get(RouteMessageBuilder::<Ipv4Addr>::new().build()).execute();
+    while let Some(route) = routes
+        .try_next()
+        .await
+        .map_err(|source| IfaceError::Netlink { what: "routes", source })?
+    {
+        if is_main_default(&route)
+            && let Some(oif) = route.attributes.iter().find_map(|a| match a {
+                RouteAttribute::Oif(i) => Some(*i),
+                _ => None,
+            })
+        {
+            return Ok(Some(oif));
+        }
+    }
+    Ok(None)
+}
+
+fn is_main_default(route: &RouteMessage) -> bool {
+    const RT_TABLE_MAIN: u8 = 254;
+    route.header.destination_prefix_length == 0 && route.header.table == RT_TABLE_MAIN
+}
+
+/// Chooses the external interface of this network namespace from the kernel's view.
+pub async fn discover(
+    ifaces: &[String],
+    regexes: &[String],
+    public_ip: Option<Ipv4Addr>,
+) -> Result<ExternalInterface, IfaceError> {
+    let (connection, handle, _) = rtnetlink::new_connection().map_err(IfaceError::Connection)?;
+    // The connection task ends when `handle` (its only user) is dropped at the end of this call.
+    let connection = tokio::spawn(connection);
+    let result = async {
+        let interfaces = list_interfaces(&handle).await?;
+        let default = if ifaces.is_empty() && regexes.is_empty() {
+            default_route_index(&handle).await?
+        } else {
+            None
+        };
+        select(&interfaces, default, ifaces, regexes, public_ip)
+    }
+    .await;
+    drop(handle);
+    connection.abort();
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node() -> Vec<Interface> {
+        let iface = |index, name: &str, addrs: &[[u8; 4]]| Interface {
+            index,
+            name: name.into(),
+            mtu: 1500,
+            mac: Some([2, 0, 0, 0, 0, index as u8]),
+            up: true,
+            ipv4: addrs.iter().map(|a| Ipv4Addr::from(*a)).collect(),
+        };
+        vec![
+            iface(1, "lo", &[[127, 0, 0, 1]]),
+            iface(2, "eth0", &[[198, 18, 0, 1]]),
+            iface(3, "eth1", &[[198, 19, 0, 7], [198, 19, 0, 8]]),
+        ]
+    }
+
+    fn s(v: &[&str]) -> Vec<String> {
+        v.iter().map(|x| (*x).to_string()).collect()
+    }
+
+    #[test]
+    fn default_route_interface_is_the_default() {
+        let e = select(&node(), Some(3), &[], &[], None).unwrap();
+        assert_eq!((e.name.as_str(), e.iface_addr), ("eth1", Ipv4Addr::new(198, 19, 0, 7)));
+        assert_eq!(e.public_ip, e.iface_addr);
+    }
+
+    #[test]
+    fn no_default_route_and_no_flags_is_an_error() {
+        assert!(matches!(select(&node(), None, &[], &[], None), Err(IfaceError::NoDefaultRoute)));
+    }
+
+    #[test]
+    fn iface_by_name_or_ip_first_existing_wins() {
+        let e = select(&node(), Some(3), &s(&["nope", "eth0"]), &[], None).unwrap();
+        assert_eq!(e.name, "eth0");
+        let e = select(&node(), None, &s(&["198.19.0.8"]), &[], None).unwrap();
+        assert_eq!((e.name.as_str(), e.iface_addr), ("eth1", Ipv4Addr::new(198, 19, 0, 8)));
+    }
+
+    #[test]
+    fn iface_that_matches_nothing_names_the_flags() {
+        let err = select(&node(), Some(2), &s(&["wlan9"]), &[], None).unwrap_err();
+        assert!(err.to_string().contains("wlan9"), "{err}");
+    }
+
+    #[test]
+    fn regex_matches_addresses_before_names() {
+        let e = select(&node(), None, &[], &s(&[r"^198\.19\.0\.8$"]), None).unwrap();
+        assert_eq!(e.iface_addr, Ipv4Addr::new(198, 19, 0, 8));
+        let e = select(&node(), None, &[], &s(&["^eth0$"]), None).unwrap();
+        assert_eq!(e.name, "eth0");
+        let err = select(&node(), None, &[], &s(&["("]), None).unwrap_err();
+        assert!(matches!(err, IfaceError::BadRegex { ref regex, .. } if regex == "("));
+    }
+
+    #[test]
+    fn public_ip_overrides_the_published_address_only() {
+        let public = Ipv4Addr::new(198, 18, 9, 9);
+        let e = select(&node(), None, &s(&["eth0"]), &[], Some(public)).unwrap();
+        assert_eq!((e.iface_addr, e.public_ip), (Ipv4Addr::new(198, 18, 0, 1), public));
+    }
+
+    #[test]
+    fn interface_without_ipv4_is_refused() {
+        let mut n = node();
+        n[1].ipv4.clear();
+        let err = select(&n, None, &s(&["eth0"]), &[], None).unwrap_err();
+        assert_eq!(err.to_string(), "failed to find IPv4 address for interface eth0");
+    }
+}

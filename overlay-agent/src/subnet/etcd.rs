@@ -1,0 +1,403 @@
+//! [`Registry`] on etcd's v3 API, through `etcd-client`.
+//!
+//! Connection options follow flanneld's `--etcd-*` flags: several endpoints, optional
+//! username/password, and TLS with a client certificate when both the key and the cert file
+//! are given (the CA file is optional; without it the system roots are used).
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use etcd_client::{
+    Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity,
+    PutOptions, TlsOptions, Txn, TxnOp, WatchOptions, WatchStream,
+};
+use tracing::{debug, warn};
+
+use super::registry::{
+    CreateOutcome, Fetched, Granted, KeyValue, LeaseId, Listing, Registry, RegistryError,
+    RenewOutcome, WatchEvent, Watcher,
+};
+
+/// flanneld's default `--etcd-endpoints`.
+pub const DEFAULT_ENDPOINTS: &[&str] = &["http://127.0.0.1:4001", "http://127.0.0.1:2379"];
+
+/// How to reach etcd.
+#[derive(Debug, Clone, Default)]
+pub struct EtcdOptions {
+    /// URLs such as `http://127.0.0.1:2379` or `https://etcd-1:2379`.
+    pub endpoints: Vec<String>,
+    /// Authenticate as this user when set and not empty.
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// Client key (`--etcd-keyfile`), PEM.
+    pub keyfile: Option<PathBuf>,
+    /// Client certificate (`--etcd-certfile`), PEM.
+    pub certfile: Option<PathBuf>,
+    /// CA bundle (`--etcd-cafile`), PEM.
+    pub cafile: Option<PathBuf>,
+    /// Bounds connecting and each request; `None` leaves etcd-client's defaults.
+    pub timeout: Option<Duration>,
+}
+
+impl EtcdOptions {
+    /// Options for plain HTTP endpoints without auth.
+    pub fn new<S: Into<String>>(endpoints: impl IntoIterator<Item = S>) -> Self {
+        Self {
+            endpoints: endpoints.into_iter().map(Into::into).collect(),
+            ..Self::default()
+        }
+    }
+}
+
+/// Why connecting to etcd failed.
+#[derive(Debug, thiserror::Error)]
+pub enum EtcdConnectError {
+    #[error("no etcd endpoints given")]
+    NoEndpoints,
+    #[error("cannot read {what} {path}: {source}", path = path.display())]
+    ReadFile {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "etcd endpoints mix plain ({plain}) and TLS ({tls}) connections; use https:// for all of them or http:// for all of them"
+    )]
+    MixedSchemes { plain: String, tls: String },
+    #[error("cannot connect to etcd at {endpoints}: {source}")]
+    Connect {
+        endpoints: String,
+        #[source]
+        source: etcd_client::Error,
+    },
+}
+
+/// A [`Registry`] backed by an etcd cluster. Cheap to clone (clones share the connection).
+#[derive(Clone)]
+pub struct EtcdRegistry {
+    client: Client,
+}
+
+impl std::fmt::Debug for EtcdRegistry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdRegistry").finish_non_exhaustive()
+    }
+}
+
+fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, EtcdConnectError> {
+    std::fs::read(path).map_err(|source| EtcdConnectError::ReadFile {
+        what,
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn etcd_error(op: &'static str, key: &str, source: etcd_client::Error) -> RegistryError {
+    RegistryError::Etcd {
+        op,
+        key: key.to_owned(),
+        source: Box::new(source),
+    }
+}
+
+fn seconds(ttl: Duration) -> i64 {
+    // etcd counts TTLs in whole seconds; never ask for 0, which etcd would treat oddly.
+    i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX).max(1)
+}
+
+fn key_value(kv: &etcd_client::KeyValue) -> KeyValue {
+    KeyValue {
+        key: String::from_utf8_lossy(kv.key()).into_owned(),
+        value: kv.value().to_vec(),
+        lease: (kv.lease() != 0).then_some(kv.lease()),
+        create_revision: kv.create_revision(),
+        mod_revision: kv.mod_revision(),
+        version: kv.version(),
+    }
+}
+
+impl EtcdRegistry {
+    /// Connects to etcd. As with Go's client (and so flanneld), `https://` endpoints use TLS,
+    /// `http://` ones do not, and endpoints without a scheme use TLS when a client key and
+    /// certificate are given. One connection cannot mix TLS and plain endpoints.
+    pub async fn connect(options: &EtcdOptions) -> Result<Self, EtcdConnectError> {
+        if options.endpoints.is_empty() {
+            return Err(EtcdConnectError::NoEndpoints);
+        }
+        let client_cert = match (&options.keyfile, &options.certfile) {
+            (Some(key), Some(cert)) => Some((key, cert)),
+            _ => None,
+        };
+        let (tls_endpoints, plain_endpoints): (Vec<&String>, Vec<&String>) =
+            options.endpoints.iter().partition(|ep| {
+                ep.starts_with("https://") || (client_cert.is_some() && !ep.contains("://"))
+            });
+        if !tls_endpoints.is_empty() && !plain_endpoints.is_empty() {
+            return Err(EtcdConnectError::MixedSchemes {
+                plain: join(&plain_endpoints),
+                tls: join(&tls_endpoints),
+            });
+        }
+
+        // Like flanneld's watches (WithRequireLeader): a member cut off from the leader fails
+        // requests instead of serving stale data, and we retry elsewhere.
+        let mut connect = ConnectOptions::new()
+            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
+            .with_require_leader(true);
+        if let Some(timeout) = options.timeout {
+            connect = connect.with_connect_timeout(timeout).with_timeout(timeout);
+        }
+        if let Some(user) = options.username.as_deref().filter(|u| !u.is_empty()) {
+            connect = connect.with_user(user, options.password.as_deref().unwrap_or_default());
+        }
+
+        if !tls_endpoints.is_empty() {
+            let mut tls = TlsOptions::new();
+            tls = match &options.cafile {
+                Some(ca) => tls.ca_certificate(Certificate::from_pem(read("CA file", ca)?)),
+                None => tls.with_enabled_roots(),
+            };
+            if let Some((key, cert)) = client_cert {
+                tls = tls.identity(Identity::from_pem(
+                    read("certificate file", cert)?,
+                    read("key file", key)?,
+                ));
+            }
+            connect = connect.with_tls(tls);
+        } else if client_cert.is_some() {
+            warn!(
+                endpoints = %join(&plain_endpoints),
+                "etcd TLS key and certificate given but every endpoint is http://: connecting without TLS"
+            );
+        } else {
+            debug!("no certificate provided: connecting to etcd with http. This is insecure");
+        }
+
+        let client = Client::connect(&options.endpoints, Some(connect))
+            .await
+            .map_err(|source| EtcdConnectError::Connect {
+                endpoints: options.endpoints.join(","),
+                source,
+            })?;
+        Ok(Self { client })
+    }
+
+    /// The underlying client, for tests and tools (compaction, status).
+    pub fn client(&self) -> Client {
+        self.client.clone()
+    }
+}
+
+fn join(endpoints: &[&String]) -> String {
+    endpoints
+        .iter()
+        .map(|s| s.as_str())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+impl Registry for EtcdRegistry {
+    type Watcher = EtcdWatcher;
+
+    async fn get(&self, key: &str) -> Result<Fetched, RegistryError> {
+        let mut kv = self.client.kv_client();
+        let response = kv
+            .get(key, None)
+            .await
+            .map_err(|e| etcd_error("get", key, e))?;
+        Ok(Fetched {
+            revision: response.header().map_or(0, |h| h.revision()),
+            kv: response.kvs().first().map(key_value),
+        })
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Listing, RegistryError> {
+        let mut kv = self.client.kv_client();
+        let response = kv
+            .get(prefix, Some(GetOptions::new().with_prefix()))
+            .await
+            .map_err(|e| etcd_error("list", prefix, e))?;
+        Ok(Listing {
+            revision: response.header().map_or(0, |h| h.revision()),
+            kvs: response.kvs().iter().map(key_value).collect(),
+        })
+    }
+
+    async fn create(
+        &self,
+        key: &str,
+        value: &str,
+        ttl: Duration,
+    ) -> Result<CreateOutcome, RegistryError> {
+        let mut lease_client = self.client.lease_client();
+        let grant = lease_client
+            .grant(seconds(ttl), None)
+            .await
+            .map_err(|e| etcd_error("lease grant", key, e))?;
+        let lease = grant.id();
+        let txn = Txn::new()
+            .when([Compare::version(key, CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(
+                key,
+                value,
+                Some(PutOptions::new().with_lease(lease)),
+            )]);
+        let outcome = self.client.kv_client().txn(txn).await;
+        match outcome {
+            Ok(response) if response.succeeded() => Ok(CreateOutcome::Created(Granted {
+                lease,
+                ttl: Duration::from_secs(u64::try_from(grant.ttl()).unwrap_or(0)),
+                revision: response.header().map_or(0, |h| h.revision()),
+            })),
+            Ok(_) => {
+                self.revoke(lease).await;
+                Ok(CreateOutcome::AlreadyExists)
+            }
+            Err(e) => {
+                self.revoke(lease).await;
+                Err(etcd_error("create", key, e))
+            }
+        }
+    }
+
+    async fn renew(
+        &self,
+        key: &str,
+        value: &str,
+        ttl: Duration,
+        expected: Option<LeaseId>,
+    ) -> Result<RenewOutcome, RegistryError> {
+        let mut lease_client = self.client.lease_client();
+        let grant = lease_client
+            .grant(seconds(ttl), None)
+            .await
+            .map_err(|e| etcd_error("lease grant", key, e))?;
+        let lease = grant.id();
+        let put = TxnOp::put(key, value, Some(PutOptions::new().with_lease(lease)));
+        let txn = match expected {
+            Some(expected) => Txn::new()
+                .when([Compare::lease(key, CompareOp::Equal, expected)])
+                .and_then([put]),
+            None => Txn::new().and_then([put]),
+        };
+        match self.client.kv_client().txn(txn).await {
+            Ok(response) if response.succeeded() => Ok(RenewOutcome::Renewed(Granted {
+                lease,
+                ttl: Duration::from_secs(u64::try_from(grant.ttl()).unwrap_or(0)),
+                revision: response.header().map_or(0, |h| h.revision()),
+            })),
+            Ok(_) => {
+                self.revoke(lease).await;
+                Ok(RenewOutcome::Lost)
+            }
+            Err(e) => {
+                self.revoke(lease).await;
+                Err(etcd_error("renew", key, e))
+            }
+        }
+    }
+
+    async fn put(&self, key: &str, value: &str) -> Result<i64, RegistryError> {
+        let response = self
+            .client
+            .kv_client()
+            .put(key, value, None)
+            .await
+            .map_err(|e| etcd_error("put", key, e))?;
+        Ok(response.header().map_or(0, |h| h.revision()))
+    }
+
+    async fn delete(&self, key: &str) -> Result<bool, RegistryError> {
+        let response = self
+            .client
+            .kv_client()
+            .delete(key, None)
+            .await
+            .map_err(|e| etcd_error("delete", key, e))?;
+        Ok(response.deleted() > 0)
+    }
+
+    async fn watch(&self, prefix: &str, from_revision: i64) -> Result<EtcdWatcher, RegistryError> {
+        let options = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(from_revision);
+        let stream = self
+            .client
+            .watch_client()
+            .watch(prefix, Some(options))
+            .await
+            .map_err(|e| etcd_error("watch", prefix, e))?;
+        Ok(EtcdWatcher {
+            prefix: prefix.to_owned(),
+            stream,
+            pending: VecDeque::new(),
+            done: false,
+        })
+    }
+}
+
+impl EtcdRegistry {
+    /// Best-effort revoke of a lease we granted but did not use; etcd expires it anyway.
+    async fn revoke(&self, lease: LeaseId) {
+        if let Err(e) = self.client.lease_client().revoke(lease).await {
+            debug!(lease, error = %e, "could not revoke an unused etcd lease; it will expire");
+        }
+    }
+}
+
+/// A watch on etcd. Dropping it closes the stream, which cancels the watch server-side.
+pub struct EtcdWatcher {
+    prefix: String,
+    stream: WatchStream,
+    pending: VecDeque<WatchEvent>,
+    done: bool,
+}
+
+impl Watcher for EtcdWatcher {
+    async fn next(&mut self) -> Result<Option<WatchEvent>, RegistryError> {
+        loop {
+            if let Some(event) = self.pending.pop_front() {
+                return Ok(Some(event));
+            }
+            if self.done {
+                return Ok(None);
+            }
+            let Some(response) = self
+                .stream
+                .message()
+                .await
+                .map_err(|e| etcd_error("watch", &self.prefix, e))?
+            else {
+                self.done = true;
+                continue;
+            };
+            // A watch that starts below the compaction point is canceled with the compact
+            // revision set; so is one that fell too far behind.
+            if response.compact_revision() != 0 {
+                self.done = true;
+                return Ok(Some(WatchEvent::Compacted {
+                    compact_revision: response.compact_revision(),
+                }));
+            }
+            if response.canceled() {
+                self.done = true;
+                return Err(RegistryError::WatchCanceled {
+                    prefix: self.prefix.clone(),
+                    reason: response.cancel_reason().to_owned(),
+                });
+            }
+            for event in response.events() {
+                let Some(kv) = event.kv() else { continue };
+                self.pending.push_back(match event.event_type() {
+                    EventType::Put => WatchEvent::Put(key_value(kv)),
+                    EventType::Delete => WatchEvent::Delete {
+                        key: String::from_utf8_lossy(kv.key()).into_owned(),
+                        revision: kv.mod_revision(),
+                    },
+                });
+            }
+        }
+    }
+}

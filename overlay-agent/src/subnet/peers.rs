@@ -1,0 +1,327 @@
+//! The other nodes of the network, from their leases (flannel-compat.md §2, "Peers").
+//!
+//! List `<prefix>/subnets/` at a revision, then watch from revision + 1: a put adds or
+//! changes a peer, a delete (or an expiry, which etcd reports as a delete) removes it. When
+//! the watch falls behind compaction, list again and emit the difference. Our own subnet and
+//! leases of another backend type are skipped. A record that cannot be parsed is logged with
+//! its key and value and otherwise ignored; if it replaces a good record, the last good one
+//! stays in force.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+
+use ipnet::Ipv4Net;
+use tokio::sync::{mpsc, watch};
+use tokio::time::sleep;
+use tracing::{debug, info, warn};
+
+use super::lease::{LeaseAttrs, Mac, parse_subnet_key, subnets_prefix};
+use super::manager::{Lease, SubnetManager, next_event};
+use super::registry::{KeyValue, Registry, WatchEvent};
+
+/// Another node, as its lease describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    pub subnet: Ipv4Net,
+    pub public_ip: Ipv4Addr,
+    pub backend_type: String,
+    /// The peer's VTEP MAC (vxlan only).
+    pub vtep_mac: Option<Mac>,
+    /// The VNI the peer publishes (vxlan only, when present).
+    pub vni: Option<u32>,
+}
+
+impl Peer {
+    fn from_attrs(subnet: Ipv4Net, attrs: LeaseAttrs) -> Self {
+        let vxlan = attrs.vxlan_data().copied();
+        Self {
+            subnet,
+            public_ip: attrs.public_ip,
+            vtep_mac: vxlan.map(|data| data.vtep_mac),
+            vni: vxlan.and_then(|data| data.vni),
+            backend_type: attrs.backend_type,
+        }
+    }
+}
+
+/// A change in the set of peers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PeerEvent {
+    Added(Peer),
+    /// A known peer's record changed (new PublicIP or VtepMAC, typically after a restart).
+    Changed(Peer),
+    Removed(Ipv4Net),
+}
+
+/// What one lease key means to the watcher.
+enum Record {
+    Peer(Peer),
+    /// Ours, or of another backend type: not a peer.
+    Skip,
+    /// Unparseable: keep whatever we knew.
+    Malformed,
+}
+
+/// Receivers are gone: stop.
+struct Closed;
+
+struct PeerState<'a> {
+    backend_type: &'a str,
+    own: Ipv4Net,
+    known: BTreeMap<Ipv4Net, Peer>,
+    events: &'a mpsc::Sender<PeerEvent>,
+}
+
+impl PeerState<'_> {
+    async fn send(&self, event: PeerEvent) -> Result<(), Closed> {
+        debug!(?event, "peer event");
+        self.events.send(event).await.map_err(|_| Closed)
+    }
+
+    /// Interprets one lease record; logs the malformed ones.
+    fn classify(&self, subnet: Ipv4Net, kv: &KeyValue) -> Record {
+        if subnet == self.own {
+            return Record::Skip;
+        }
+        match LeaseAttrs::from_json(&kv.value) {
+            Ok(attrs) if attrs.backend_type != self.backend_type => {
+                debug!(
+                    key = %kv.key,
+                    backend_type = %attrs.backend_type,
+                    "skipping a lease of another backend type"
+                );
+                Record::Skip
+            }
+            Ok(attrs) => Record::Peer(Peer::from_attrs(subnet, attrs)),
+            Err(e) => {
+                let kept = if self.known.contains_key(&subnet) {
+                    "; keeping the last good record"
+                } else {
+                    ""
+                };
+                warn!(
+                    key = %kv.key,
+                    value = %kv.value_lossy(),
+                    "ignoring a malformed subnet lease: {e}{kept}"
+                );
+                Record::Malformed
+            }
+        }
+    }
+
+    async fn put(&mut self, kv: &KeyValue) -> Result<(), Closed> {
+        let subnet = match parse_subnet_key(&kv.key) {
+            Ok(subnet) => subnet,
+            Err(e) => {
+                warn!(value = %kv.value_lossy(), "ignoring a key that is not a subnet lease: {e}");
+                return Ok(());
+            }
+        };
+        match self.classify(subnet, kv) {
+            Record::Malformed => Ok(()),
+            Record::Skip => {
+                // A known peer that switched backend is no longer reachable our way.
+                if subnet != self.own && self.known.remove(&subnet).is_some() {
+                    self.send(PeerEvent::Removed(subnet)).await?;
+                }
+                Ok(())
+            }
+            Record::Peer(peer) => match self.known.insert(subnet, peer.clone()) {
+                None => self.send(PeerEvent::Added(peer)).await,
+                Some(old) if old != peer => self.send(PeerEvent::Changed(peer)).await,
+                // A renewal: same record, nothing to tell.
+                Some(_) => Ok(()),
+            },
+        }
+    }
+
+    async fn delete(&mut self, key: &str) -> Result<(), Closed> {
+        let Ok(subnet) = parse_subnet_key(key) else {
+            return Ok(());
+        };
+        if self.known.remove(&subnet).is_some() {
+            self.send(PeerEvent::Removed(subnet)).await?;
+        }
+        Ok(())
+    }
+
+    /// Replaces what we know with a fresh listing and emits the difference.
+    async fn reset(&mut self, kvs: &[KeyValue]) -> Result<(), Closed> {
+        let mut fresh = BTreeMap::new();
+        for kv in kvs {
+            let subnet = match parse_subnet_key(&kv.key) {
+                Ok(subnet) => subnet,
+                Err(e) => {
+                    warn!(value = %kv.value_lossy(), "ignoring a key that is not a subnet lease: {e}");
+                    continue;
+                }
+            };
+            match self.classify(subnet, kv) {
+                Record::Peer(peer) => {
+                    fresh.insert(subnet, peer);
+                }
+                Record::Malformed => {
+                    if let Some(old) = self.known.get(&subnet) {
+                        fresh.insert(subnet, old.clone());
+                    }
+                }
+                Record::Skip => {}
+            }
+        }
+        let gone: Vec<Ipv4Net> = self
+            .known
+            .keys()
+            .filter(|subnet| !fresh.contains_key(subnet))
+            .copied()
+            .collect();
+        let old = std::mem::replace(&mut self.known, fresh);
+        for subnet in gone {
+            self.send(PeerEvent::Removed(subnet)).await?;
+        }
+        for (subnet, peer) in &self.known {
+            match old.get(subnet) {
+                None => self.send(PeerEvent::Added(peer.clone())).await?,
+                Some(before) if before != peer => {
+                    self.send(PeerEvent::Changed(peer.clone())).await?;
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Our subnet changed (re-acquired after a revocation): a peer known under the new
+    /// subnet can only be stale.
+    async fn set_own(&mut self, own: Ipv4Net) -> Result<(), Closed> {
+        if own == self.own {
+            return Ok(());
+        }
+        self.own = own;
+        if self.known.remove(&own).is_some() {
+            self.send(PeerEvent::Removed(own)).await?;
+        }
+        Ok(())
+    }
+}
+
+impl<R: Registry> SubnetManager<R> {
+    /// Streams the peers of `backend_type` (`"vxlan"`, `"host-gw"`) to `events` until its
+    /// receiver is dropped.
+    ///
+    /// First every current peer comes as [`PeerEvent::Added`], then the changes. `own`
+    /// carries our lease (from [`SubnetManager::run_lease_keeper`]'s channel); its subnet is
+    /// never reported. Registry errors are logged and retried every `watch_retry_period`.
+    pub async fn run_peer_watcher(
+        &self,
+        backend_type: String,
+        mut own: watch::Receiver<Lease>,
+        events: mpsc::Sender<PeerEvent>,
+    ) {
+        let own_subnet = own.borrow_and_update().subnet;
+        let mut state = PeerState {
+            backend_type: &backend_type,
+            own: own_subnet,
+            known: BTreeMap::new(),
+            events: &events,
+        };
+        let _ = self.watch_peers(&mut state, &mut own).await;
+        debug!("peer watcher stopped: nobody listens for peer events");
+    }
+
+    async fn watch_peers(
+        &self,
+        state: &mut PeerState<'_>,
+        own: &mut watch::Receiver<Lease>,
+    ) -> Result<(), Closed> {
+        let prefix = subnets_prefix(&self.prefix);
+        let retry = self.options.watch_retry_period;
+        let mut own_open = true;
+
+        // Each pass: list, emit the difference, then follow the watch until it breaks.
+        loop {
+            let listing = tokio::select! {
+                () = state.events.closed() => return Err(Closed),
+                listing = self.registry.list(&prefix) => listing,
+            };
+            let listing = match listing {
+                Ok(listing) => listing,
+                Err(e) => {
+                    warn!("cannot list subnet leases (retrying in {retry:?}): {e}");
+                    self.pause(state, retry).await?;
+                    continue;
+                }
+            };
+            state.reset(&listing.kvs).await?;
+            let mut last_revision = listing.revision;
+
+            // Follow the watch; come back here only to re-list after compaction.
+            'watch: loop {
+                let watcher = tokio::select! {
+                    () = state.events.closed() => return Err(Closed),
+                    watcher = self.registry.watch(&prefix, last_revision + 1) => watcher,
+                };
+                let mut watcher = match watcher {
+                    Ok(w) => Some(w),
+                    Err(e) => {
+                        warn!("cannot watch subnet leases (retrying in {retry:?}): {e}");
+                        self.pause(state, retry).await?;
+                        continue 'watch;
+                    }
+                };
+                loop {
+                    tokio::select! {
+                        () = state.events.closed() => return Err(Closed),
+                        changed = own.changed(), if own_open => {
+                            if changed.is_ok() {
+                                let subnet = own.borrow_and_update().subnet;
+                                state.set_own(subnet).await?;
+                            } else {
+                                // The lease keeper is gone; keep the subnet we know.
+                                own_open = false;
+                            }
+                        }
+                        event = next_event(&mut watcher) => match event {
+                            Ok(Some(WatchEvent::Put(kv))) => {
+                                last_revision = last_revision.max(kv.mod_revision);
+                                state.put(&kv).await?;
+                            }
+                            Ok(Some(WatchEvent::Delete { key, revision })) => {
+                                last_revision = last_revision.max(revision);
+                                state.delete(&key).await?;
+                            }
+                            Ok(Some(WatchEvent::Compacted { compact_revision })) => {
+                                info!(
+                                    compact_revision,
+                                    "watch of subnet leases fell behind compaction; listing them again"
+                                );
+                                break 'watch;
+                            }
+                            Ok(None) => {
+                                debug!("watch of subnet leases ended; watching again from revision {}", last_revision + 1);
+                                self.pause(state, retry).await?;
+                                continue 'watch;
+                            }
+                            Err(e) => {
+                                warn!("watch of subnet leases failed (retrying in {retry:?}): {e}");
+                                self.pause(state, retry).await?;
+                                continue 'watch;
+                            }
+                        },
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sleeps, unless the receiver goes away first.
+    async fn pause(
+        &self,
+        state: &PeerState<'_>,
+        period: std::time::Duration,
+    ) -> Result<(), Closed> {
+        tokio::select! {
+            () = state.events.closed() => Err(Closed),
+            () = sleep(period) => Ok(()),
+        }
+    }
+}

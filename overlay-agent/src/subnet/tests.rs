@@ -1,0 +1,1168 @@
+//! Lease acquisition, renewal, revocation and the peer watch, against [`FakeRegistry`] on
+//! tokio's paused clock.
+
+use std::io;
+use std::net::Ipv4Addr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ipnet::Ipv4Net;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio::time::{Instant, timeout};
+
+use super::fake::{FakeOp, FakeRegistry};
+use super::lease::{LeaseAttrs, Mac, config_key, subnet_key};
+use super::manager::{LEASE_REVOKED_MESSAGE, Lease, ManagerError, ManagerOptions, SubnetManager};
+use super::peers::{Peer, PeerEvent};
+use crate::config::NetworkConfig;
+
+const PREFIX: &str = "/coreos.com/network";
+const OUR_IP: &str = "198.18.0.1";
+const TTL: Duration = Duration::from_secs(100);
+const MARGIN: Duration = Duration::from_secs(30);
+const RETRY: Duration = Duration::from_secs(10);
+
+fn options() -> ManagerOptions {
+    ManagerOptions {
+        lease_ttl: TTL,
+        renew_margin: MARGIN,
+        retry_period: RETRY,
+        config_poll_period: Duration::from_secs(1),
+        watch_retry_period: Duration::from_secs(1),
+        race_retries: 10,
+    }
+}
+
+fn manager(fake: &FakeRegistry) -> SubnetManager<FakeRegistry> {
+    SubnetManager::new(fake.clone(), PREFIX, options()).unwrap()
+}
+
+fn net(s: &str) -> Ipv4Net {
+    s.parse().unwrap()
+}
+
+fn ip(s: &str) -> Ipv4Addr {
+    s.parse().unwrap()
+}
+
+fn mac(last: u8) -> Mac {
+    Mac([0x02, 0, 0, 0, 0, last])
+}
+
+fn attrs(public_ip: &str, mac_last: u8) -> LeaseAttrs {
+    LeaseAttrs::vxlan(ip(public_ip), 1, mac(mac_last))
+}
+
+fn ours() -> LeaseAttrs {
+    attrs(OUR_IP, 1)
+}
+
+fn key(subnet: &str) -> String {
+    subnet_key(PREFIX, net(subnet))
+}
+
+fn config(text: &str) -> NetworkConfig {
+    NetworkConfig::parse(text).unwrap()
+}
+
+fn default_config() -> NetworkConfig {
+    config(r#"{"Network": "10.10.0.0/16"}"#)
+}
+
+/// A config with exactly the given number of /24 candidates from 10.10.1.0 on.
+fn tiny_config(count: u8) -> NetworkConfig {
+    config(&format!(
+        r#"{{"Network": "10.10.0.0/16", "SubnetMin": "10.10.1.0", "SubnetMax": "10.10.{count}.0"}}"#
+    ))
+}
+
+/// Another node's lease, with a TTL, as stock flanneld writes it.
+fn add_peer(fake: &FakeRegistry, subnet: &str, public_ip: &str, mac_last: u8) {
+    fake.set_with_ttl(
+        &key(subnet),
+        &attrs(public_ip, mac_last).to_json(),
+        TTL * 10,
+    );
+}
+
+fn peer(subnet: &str, public_ip: &str, mac_last: u8) -> Peer {
+    Peer {
+        subnet: net(subnet),
+        public_ip: ip(public_ip),
+        backend_type: "vxlan".to_owned(),
+        vtep_mac: Some(mac(mac_last)),
+        vni: Some(1),
+    }
+}
+
+/// Collects formatted log lines of the current thread (tests run on one thread).
+#[derive(Clone, Default)]
+struct Logs(Arc<Mutex<Vec<u8>>>);
+
+impl Logs {
+    fn capture() -> (Self, tracing::subscriber::DefaultGuard) {
+        let logs = Self::default();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(logs.clone())
+            .with_ansi(false)
+            .with_max_level(tracing::Level::DEBUG)
+            .finish();
+        let guard = tracing::subscriber::set_default(subscriber);
+        (logs, guard)
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+impl io::Write for Logs {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Logs {
+    type Writer = Self;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        self.clone()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Network config
+
+#[tokio::test]
+async fn config_not_found_uses_flannels_message() {
+    let fake = FakeRegistry::new();
+    let err = manager(&fake).network_config().await.unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "flannel config not found in etcd store. Did you create your config using etcdv3 API?"
+    );
+}
+
+#[tokio::test]
+async fn config_is_read_and_validated() {
+    let fake = FakeRegistry::new();
+    let m = manager(&fake);
+    fake.set(
+        &config_key(PREFIX),
+        r#"{"Network": "10.10.0.0/16", "SubnetLen": 31}"#,
+    );
+    let err = m.network_config().await.unwrap_err();
+    assert_eq!(err.to_string(), "SubnetLen must be less than /31");
+    fake.set(
+        &config_key(PREFIX),
+        r#"{"Network": "172.17.0.0/16", "Backend": {"Type": "vxlan"}}"#,
+    );
+    assert_eq!(
+        m.network_config().await.unwrap().network,
+        net("172.17.0.0/16")
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn waiting_for_config_retries_every_second() {
+    let fake = FakeRegistry::new();
+    let m = manager(&fake);
+    let start = Instant::now();
+    let waiter = tokio::spawn({
+        let m = m.clone();
+        async move { m.wait_for_network_config().await }
+    });
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    fake.set(&config_key(PREFIX), r#"{"Network": "10.10.0.0/16"}"#);
+    let config = waiter.await.unwrap();
+    assert_eq!(config.network, net("10.10.0.0/16"));
+    assert_eq!(start.elapsed(), Duration::from_secs(4));
+    // Tries at 0, 1, 2, 3 and 4 s.
+    assert_eq!(fake.calls(FakeOp::Get), 5);
+}
+
+#[test]
+fn options_are_validated() {
+    let fake = FakeRegistry::new();
+    let bad = [
+        ManagerOptions {
+            renew_margin: TTL,
+            ..options()
+        },
+        ManagerOptions {
+            renew_margin: Duration::ZERO,
+            ..options()
+        },
+        ManagerOptions {
+            lease_ttl: Duration::from_millis(500),
+            renew_margin: Duration::from_millis(100),
+            ..options()
+        },
+        ManagerOptions {
+            retry_period: Duration::ZERO,
+            ..options()
+        },
+        ManagerOptions {
+            race_retries: 0,
+            ..options()
+        },
+    ];
+    for options in bad {
+        assert!(
+            matches!(
+                SubnetManager::new(fake.clone(), PREFIX, options),
+                Err(ManagerError::InvalidOptions { .. })
+            ),
+            "{options:?} accepted"
+        );
+    }
+    SubnetManager::new(fake, PREFIX, ManagerOptions::default()).unwrap();
+    assert_eq!(
+        ManagerOptions::renew_margin_from_minutes(60).unwrap(),
+        Duration::from_secs(3600)
+    );
+    assert_eq!(
+        ManagerOptions::renew_margin_from_minutes(1439).unwrap(),
+        Duration::from_secs(1439 * 60)
+    );
+    for bad in [0, 1440] {
+        let err = ManagerOptions::renew_margin_from_minutes(bad).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("Invalid subnet-lease-renew-margin option, out of acceptable range"),
+            "{err}"
+        );
+    }
+}
+
+#[test]
+fn default_options_are_flannels() {
+    let options = ManagerOptions::default();
+    assert_eq!(options.lease_ttl, Duration::from_secs(24 * 3600));
+    assert_eq!(options.renew_margin, Duration::from_secs(3600));
+    assert_eq!(options.retry_period, Duration::from_secs(60));
+    assert_eq!(options.config_poll_period, Duration::from_secs(1));
+    assert_eq!(options.race_retries, 10);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Acquisition
+
+#[tokio::test(start_paused = true)]
+async fn fresh_node_gets_a_random_free_subnet_with_a_ttl() {
+    let fake = FakeRegistry::new();
+    add_peer(&fake, "10.10.1.0/24", "198.18.0.2", 2);
+    let lease = manager(&fake)
+        .acquire_lease(&default_config(), &ours(), None)
+        .await
+        .unwrap();
+    assert!(default_config().fits(lease.subnet), "{}", lease.subnet);
+    assert_ne!(lease.subnet, net("10.10.1.0/24"));
+    // Among the first 100 free subnets: 10.10.2.0 .. 10.10.101.0.
+    assert!(lease.subnet <= net("10.10.101.0/24"), "{}", lease.subnet);
+    assert_eq!(lease.key, subnet_key(PREFIX, lease.subnet));
+    assert_eq!(lease.attrs, ours());
+    assert!(!lease.is_reservation());
+    assert_eq!(lease.expiration, Some(Instant::now() + TTL));
+
+    let kv = fake.entry(&lease.key).unwrap();
+    assert_eq!(
+        String::from_utf8(kv.value).unwrap(),
+        r#"{"PublicIP":"198.18.0.1","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"02:00:00:00:00:01"}}"#
+    );
+    assert_eq!(kv.lease, lease.lease_id);
+    assert_eq!(kv.mod_revision, lease.revision);
+    assert_eq!(fake.expiry(&lease.key), Some(Instant::now() + TTL));
+}
+
+#[tokio::test(start_paused = true)]
+async fn own_lease_is_reused_and_rewritten() {
+    let fake = FakeRegistry::new();
+    // Written by our previous run, with an older VtepMAC.
+    let old = fake.set_with_ttl(&key("10.10.42.0/24"), &attrs(OUR_IP, 9).to_json(), TTL);
+    add_peer(&fake, "10.10.1.0/24", "198.18.0.2", 2);
+    tokio::time::advance(Duration::from_secs(50)).await;
+
+    let lease = manager(&fake)
+        .acquire_lease(&default_config(), &ours(), Some(net("10.10.7.0/24")))
+        .await
+        .unwrap();
+    assert_eq!(lease.subnet, net("10.10.42.0/24"));
+    assert_ne!(lease.lease_id, Some(old));
+    assert_eq!(fake.calls(FakeOp::Create), 0);
+    assert_eq!(fake.value(&lease.key).unwrap(), ours().to_json());
+    // A fresh TTL, on the new etcd lease.
+    assert_eq!(fake.entry(&lease.key).unwrap().lease, lease.lease_id);
+    assert_eq!(fake.expiry(&lease.key), Some(Instant::now() + TTL));
+    assert_eq!(fake.keys(&format!("{PREFIX}/subnets/")).len(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn own_lease_outside_the_config_is_deleted() {
+    let fake = FakeRegistry::new();
+    // From before the network shrank to SubnetMax 10.10.3.0.
+    fake.set_with_ttl(&key("10.10.200.0/24"), &ours().to_json(), TTL);
+    let lease = manager(&fake)
+        .acquire_lease(&tiny_config(3), &ours(), None)
+        .await
+        .unwrap();
+    assert!(tiny_config(3).fits(lease.subnet));
+    assert_eq!(fake.value(&key("10.10.200.0/24")), None);
+    assert_eq!(fake.calls(FakeOp::Delete), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn own_lease_of_a_different_length_is_deleted() {
+    let fake = FakeRegistry::new();
+    fake.set_with_ttl(&key("10.10.4.0/23"), &ours().to_json(), TTL);
+    let lease = manager(&fake)
+        .acquire_lease(&default_config(), &ours(), None)
+        .await
+        .unwrap();
+    assert_eq!(lease.subnet.prefix_len(), 24);
+    assert_eq!(fake.value(&key("10.10.4.0/23")), None);
+}
+
+#[tokio::test(start_paused = true)]
+async fn subnet_file_subnet_is_used_when_free() {
+    let fake = FakeRegistry::new();
+    add_peer(&fake, "10.10.1.0/24", "198.18.0.2", 2);
+    let lease = manager(&fake)
+        .acquire_lease(&default_config(), &ours(), Some(net("10.10.77.0/24")))
+        .await
+        .unwrap();
+    assert_eq!(lease.subnet, net("10.10.77.0/24"));
+    assert_eq!(fake.value(&key("10.10.77.0/24")).unwrap(), ours().to_json());
+}
+
+#[tokio::test(start_paused = true)]
+async fn subnet_file_subnet_is_ignored_when_taken_or_unfit() {
+    let fake = FakeRegistry::new();
+    add_peer(&fake, "10.10.1.0/24", "198.18.0.2", 2);
+    let m = manager(&fake);
+    let config = tiny_config(3);
+    // Taken by a peer.
+    let lease = m
+        .acquire_lease(&config, &ours(), Some(net("10.10.1.0/24")))
+        .await
+        .unwrap();
+    assert!(lease.subnet == net("10.10.2.0/24") || lease.subnet == net("10.10.3.0/24"));
+    assert_eq!(
+        fake.value(&key("10.10.1.0/24")).unwrap(),
+        attrs("198.18.0.2", 2).to_json()
+    );
+
+    // Outside SubnetMin..SubnetMax, or of the wrong length.
+    for previous in ["10.10.9.0/24", "10.10.2.0/25"] {
+        let fake = FakeRegistry::new();
+        let lease = manager(&fake)
+            .acquire_lease(&config, &ours(), Some(net(previous)))
+            .await
+            .unwrap();
+        assert!(config.fits(lease.subnet), "{previous}: {}", lease.subnet);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn reservations_are_never_taken_or_touched() {
+    let fake = FakeRegistry::new();
+    let reserved = attrs("198.18.0.9", 9).to_json();
+    fake.set(&key("10.10.1.0/24"), &reserved);
+    let config = tiny_config(2);
+    for _ in 0..20 {
+        let other = FakeRegistry::new();
+        other.set(&key("10.10.1.0/24"), &reserved);
+        // Even when the subnet file asks for it.
+        let lease = manager(&other)
+            .acquire_lease(&config, &ours(), Some(net("10.10.1.0/24")))
+            .await
+            .unwrap();
+        assert_eq!(lease.subnet, net("10.10.2.0/24"));
+        let kv = other.entry(&key("10.10.1.0/24")).unwrap();
+        assert_eq!(kv.lease, None);
+        assert_eq!(String::from_utf8(kv.value).unwrap(), reserved);
+        assert_eq!(kv.version, 1);
+    }
+    // And once everything else is gone, we are out of subnets rather than taking it.
+    add_peer(&fake, "10.10.2.0/24", "198.18.0.2", 2);
+    let err = manager(&fake)
+        .acquire_lease(&config, &ours(), None)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ManagerError::OutOfSubnets(_)), "{err:?}");
+    assert_eq!(fake.entry(&key("10.10.1.0/24")).unwrap().version, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn reservation_with_our_ip_is_ours_and_stays_a_reservation() {
+    let fake = FakeRegistry::new();
+    // An administrator reserved 10.10.5.0 for us, before our VtepMAC was known.
+    fake.set(
+        &key("10.10.5.0/24"),
+        r#"{"PublicIP":"198.18.0.1","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"02:00:00:00:00:99"}}"#,
+    );
+    let m = manager(&fake);
+    let lease = m
+        .acquire_lease(&default_config(), &ours(), None)
+        .await
+        .unwrap();
+    assert_eq!(lease.subnet, net("10.10.5.0/24"));
+    assert!(lease.is_reservation());
+    assert_eq!(lease.expiration, None);
+    let kv = fake.entry(&lease.key).unwrap();
+    assert_eq!(kv.lease, None);
+    assert_eq!(String::from_utf8(kv.value).unwrap(), ours().to_json());
+    assert_eq!(fake.calls(FakeOp::Create), 0);
+
+    // Already up to date: not written again.
+    let again = m
+        .acquire_lease(&default_config(), &ours(), None)
+        .await
+        .unwrap();
+    assert_eq!(again.subnet, lease.subnet);
+    assert_eq!(fake.calls(FakeOp::Put), 1);
+    // A reservation is never renewed.
+    assert_eq!(m.renew_lease(&again).await.unwrap(), again);
+    assert_eq!(fake.calls(FakeOp::Renew), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn reservation_with_our_ip_outside_the_config_is_left_alone() {
+    let fake = FakeRegistry::new();
+    fake.set(&key("10.10.200.0/24"), &ours().to_json());
+    let lease = manager(&fake)
+        .acquire_lease(&tiny_config(3), &ours(), None)
+        .await
+        .unwrap();
+    assert!(tiny_config(3).fits(lease.subnet));
+    assert!(fake.value(&key("10.10.200.0/24")).is_some());
+    assert_eq!(fake.calls(FakeOp::Delete), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn out_of_subnets() {
+    let fake = FakeRegistry::new();
+    add_peer(&fake, "10.10.1.0/24", "198.18.0.2", 2);
+    add_peer(&fake, "10.10.2.0/24", "198.18.0.3", 3);
+    let err = manager(&fake)
+        .acquire_lease(&tiny_config(2), &ours(), None)
+        .await
+        .unwrap_err();
+    assert_eq!(err.to_string(), "out of subnets");
+}
+
+#[tokio::test(start_paused = true)]
+async fn malformed_records_still_take_their_subnet() {
+    let fake = FakeRegistry::new();
+    fake.set_with_ttl(&key("10.10.1.0/24"), "garbage", TTL);
+    fake.set_with_ttl(&format!("{PREFIX}/subnets/not-a-subnet"), "{}", TTL);
+    let lease = manager(&fake)
+        .acquire_lease(&tiny_config(2), &ours(), None)
+        .await
+        .unwrap();
+    assert_eq!(lease.subnet, net("10.10.2.0/24"));
+    assert_eq!(fake.value(&key("10.10.1.0/24")).as_deref(), Some("garbage"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn dual_stack_keys_take_their_ipv4_subnet() {
+    let fake = FakeRegistry::new();
+    fake.set_with_ttl(
+        &format!("{PREFIX}/subnets/10.10.1.0-24&fd00:10:1::-64"),
+        &attrs("198.18.0.2", 2).to_json(),
+        TTL,
+    );
+    let lease = manager(&fake)
+        .acquire_lease(&tiny_config(2), &ours(), None)
+        .await
+        .unwrap();
+    assert_eq!(lease.subnet, net("10.10.2.0/24"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn own_dual_stack_lease_is_renewed_under_its_own_key() {
+    let fake = FakeRegistry::new();
+    let stored = format!("{PREFIX}/subnets/10.10.3.0-24&fd00:10:3::-64");
+    fake.set_with_ttl(&stored, &ours().to_json(), TTL);
+    let m = manager(&fake);
+    let lease = m
+        .acquire_lease(&default_config(), &ours(), None)
+        .await
+        .unwrap();
+    assert_eq!(lease.key, stored);
+    assert_eq!(lease.subnet, net("10.10.3.0/24"));
+    let renewed = m.renew_lease(&lease).await.unwrap();
+    assert_eq!(fake.entry(&stored).unwrap().lease, renewed.lease_id);
+}
+
+#[tokio::test(start_paused = true)]
+async fn lost_create_races_are_retried() {
+    let fake = FakeRegistry::new();
+    for i in 0..3 {
+        fake.steal_next_create(&attrs("198.18.0.2", i).to_json());
+    }
+    let lease = manager(&fake)
+        .acquire_lease(&default_config(), &ours(), None)
+        .await
+        .unwrap();
+    assert_eq!(fake.calls(FakeOp::Create), 4);
+    assert_eq!(fake.calls(FakeOp::List), 4);
+    assert_eq!(fake.value(&lease.key).unwrap(), ours().to_json());
+    // Three other leases were created by the "winners", ours is the fourth.
+    assert_eq!(fake.keys(&format!("{PREFIX}/subnets/")).len(), 4);
+}
+
+#[tokio::test(start_paused = true)]
+async fn lost_races_give_up_after_ten_attempts() {
+    let fake = FakeRegistry::new();
+    for i in 0..10 {
+        fake.steal_next_create(&attrs("198.18.0.2", i).to_json());
+    }
+    let err = manager(&fake)
+        .acquire_lease(&default_config(), &ours(), None)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, ManagerError::RaceRetriesExhausted { attempts: 10 }),
+        "{err:?}"
+    );
+    assert_eq!(
+        err.to_string(),
+        "max retries reached trying to acquire a subnet"
+    );
+    assert_eq!(fake.calls(FakeOp::Create), 10);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_subnet_file_race_falls_back_to_another_subnet() {
+    let fake = FakeRegistry::new();
+    // Someone grabs the subnet-file subnet between our listing and our create.
+    fake.steal_next_create(&attrs("198.18.0.2", 2).to_json());
+    let lease = manager(&fake)
+        .acquire_lease(&tiny_config(2), &ours(), Some(net("10.10.1.0/24")))
+        .await
+        .unwrap();
+    assert_eq!(lease.subnet, net("10.10.2.0/24"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn registry_errors_are_returned() {
+    let fake = FakeRegistry::new();
+    fake.fail_next(FakeOp::List, 1);
+    let err = manager(&fake)
+        .acquire_lease(&default_config(), &ours(), None)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ManagerError::Registry(_)), "{err:?}");
+    fake.fail_next(FakeOp::Create, 1);
+    assert!(
+        manager(&fake)
+            .acquire_lease(&default_config(), &ours(), None)
+            .await
+            .is_err()
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn renewal_of_a_vanished_lease_reports_it_lost() {
+    let fake = FakeRegistry::new();
+    let m = manager(&fake);
+    let lease = m
+        .acquire_lease(&default_config(), &ours(), None)
+        .await
+        .unwrap();
+    fake.remove(&lease.key);
+    let err = m.renew_lease(&lease).await.unwrap_err();
+    assert!(matches!(err, ManagerError::LeaseLost { .. }), "{err:?}");
+    // Not resurrected.
+    assert_eq!(fake.value(&lease.key), None);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Lease keeper
+
+struct Keeper {
+    rx: watch::Receiver<Lease>,
+    task: JoinHandle<()>,
+}
+
+async fn start_keeper(
+    fake: &FakeRegistry,
+    config: NetworkConfig,
+    previous: Option<Ipv4Net>,
+) -> Keeper {
+    let m = manager(fake);
+    let lease = m.acquire_lease(&config, &ours(), previous).await.unwrap();
+    let (tx, rx) = watch::channel(lease);
+    let task = tokio::spawn(async move { m.run_lease_keeper(config, tx).await });
+    Keeper { rx, task }
+}
+
+impl Keeper {
+    fn lease(&self) -> Lease {
+        self.rx.borrow().clone()
+    }
+
+    /// The next lease the keeper publishes.
+    async fn changed(&mut self, within: Duration) -> Lease {
+        timeout(within, self.rx.changed())
+            .await
+            .expect("lease update in time")
+            .expect("keeper running");
+        self.rx.borrow_and_update().clone()
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn lease_is_renewed_at_expiry_minus_margin() {
+    let fake = FakeRegistry::new();
+    let start = Instant::now();
+    let mut keeper = start_keeper(&fake, default_config(), None).await;
+    let first = keeper.lease();
+
+    let renewed = keeper.changed(TTL).await;
+    assert_eq!(start.elapsed(), TTL - MARGIN);
+    assert_eq!(renewed.subnet, first.subnet);
+    assert_ne!(renewed.lease_id, first.lease_id);
+    assert_eq!(renewed.expiration, Some(Instant::now() + TTL));
+    assert_eq!(fake.entry(&first.key).unwrap().lease, renewed.lease_id);
+    assert_eq!(fake.calls(FakeOp::Renew), 1);
+
+    // And again, one TTL minus the margin later; the key outlives several TTLs.
+    keeper.changed(TTL).await;
+    assert_eq!(start.elapsed(), 2 * (TTL - MARGIN));
+    keeper.changed(TTL).await;
+    fake.expire_leases();
+    assert!(start.elapsed() > 2 * TTL);
+    assert_eq!(fake.value(&first.key).unwrap(), ours().to_json());
+    keeper.task.abort();
+}
+
+#[tokio::test(start_paused = true)]
+async fn failed_renewals_are_retried_every_retry_period() {
+    let fake = FakeRegistry::new();
+    let start = Instant::now();
+    let (logs, _guard) = Logs::capture();
+    let mut keeper = start_keeper(&fake, default_config(), None).await;
+    fake.fail_next(FakeOp::Renew, 2);
+
+    keeper.changed(TTL).await;
+    assert_eq!(start.elapsed(), TTL - MARGIN + 2 * RETRY);
+    assert_eq!(fake.calls(FakeOp::Renew), 3);
+    assert!(
+        logs.text()
+            .contains("Error renewing lease (trying again in 10s)"),
+        "{}",
+        logs.text()
+    );
+    keeper.task.abort();
+}
+
+#[tokio::test(start_paused = true)]
+async fn revoked_lease_is_acquired_again_with_the_same_subnet() {
+    let fake = FakeRegistry::new();
+    let (logs, _guard) = Logs::capture();
+    let mut keeper = start_keeper(&fake, default_config(), None).await;
+    let first = keeper.lease();
+
+    // An administrator deletes our lease.
+    fake.remove(&first.key);
+    let again = keeper.changed(Duration::from_secs(5)).await;
+    assert_eq!(again.subnet, first.subnet);
+    assert_ne!(again.lease_id, first.lease_id);
+    assert_eq!(fake.value(&first.key).unwrap(), ours().to_json());
+    assert!(
+        logs.text().contains(LEASE_REVOKED_MESSAGE),
+        "{}",
+        logs.text()
+    );
+    assert!(logs.text().contains("WARN"), "{}", logs.text());
+    assert_eq!(
+        LEASE_REVOKED_MESSAGE,
+        "Lease has been revoked. Shutting down daemon."
+    );
+
+    // And the keeper keeps going: renewal of the new lease.
+    let renewed = keeper.changed(TTL).await;
+    assert_eq!(renewed.subnet, first.subnet);
+    assert_eq!(fake.calls(FakeOp::Renew), 1);
+    keeper.task.abort();
+}
+
+#[tokio::test(start_paused = true)]
+async fn revoked_lease_whose_subnet_was_taken_moves_elsewhere() {
+    let fake = FakeRegistry::new();
+    let mut keeper = start_keeper(&fake, tiny_config(2), None).await;
+    let first = keeper.lease();
+
+    // Another node takes our key over (deleted and re-created by someone else).
+    fake.remove(&first.key);
+    add_peer(&fake, &first.subnet.to_string(), "198.18.0.2", 2);
+    let moved = keeper.changed(Duration::from_secs(5)).await;
+    assert_ne!(moved.subnet, first.subnet);
+    assert!(tiny_config(2).fits(moved.subnet));
+    assert_eq!(
+        fake.value(&first.key).unwrap(),
+        attrs("198.18.0.2", 2).to_json()
+    );
+    keeper.task.abort();
+}
+
+#[tokio::test(start_paused = true)]
+async fn overwritten_lease_counts_as_revoked() {
+    let fake = FakeRegistry::new();
+    let mut keeper = start_keeper(&fake, tiny_config(2), None).await;
+    let first = keeper.lease();
+    fake.set_with_ttl(&first.key, &attrs("198.18.0.2", 2).to_json(), TTL);
+    let moved = keeper.changed(Duration::from_secs(5)).await;
+    assert_ne!(moved.subnet, first.subnet);
+    keeper.task.abort();
+}
+
+#[tokio::test(start_paused = true)]
+async fn expiry_after_failed_renewals_is_recovered() {
+    let fake = FakeRegistry::new();
+    let start = Instant::now();
+    let mut keeper = start_keeper(&fake, default_config(), None).await;
+    let first = keeper.lease();
+    // Renewals fail (at 70, 80, 90, 100 s) until the key expires at 100 s; the expiry shows
+    // up as a delete, and the keeper acquires the same subnet again.
+    fake.fail_next(FakeOp::Renew, 100);
+    let again = keeper.changed(2 * TTL).await;
+    assert_eq!(start.elapsed(), TTL);
+    assert_eq!(fake.calls(FakeOp::Renew), 4);
+    assert_eq!(again.subnet, first.subnet);
+    assert_ne!(again.lease_id, first.lease_id);
+    assert_eq!(fake.value(&first.key).unwrap(), ours().to_json());
+    keeper.task.abort();
+}
+
+#[tokio::test(start_paused = true)]
+async fn reacquisition_retries_until_it_succeeds() {
+    let fake = FakeRegistry::new();
+    let mut keeper = start_keeper(&fake, default_config(), None).await;
+    let first = keeper.lease();
+    fake.fail_next(FakeOp::List, 2);
+    let revoked_at = Instant::now();
+    fake.remove(&first.key);
+    let again = keeper.changed(TTL).await;
+    assert_eq!(again.subnet, first.subnet);
+    assert_eq!(revoked_at.elapsed(), 2 * RETRY);
+    keeper.task.abort();
+}
+
+#[tokio::test(start_paused = true)]
+async fn keeper_survives_compaction_and_broken_watches() {
+    let fake = FakeRegistry::new();
+    let mut keeper = start_keeper(&fake, default_config(), None).await;
+    let first = keeper.lease();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+
+    fake.compact();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(fake.value(&first.key).unwrap(), ours().to_json());
+    assert!(!keeper.rx.has_changed().unwrap());
+    fake.break_watches();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(fake.watcher_count(), 1);
+
+    // Still watching: a deletion is noticed.
+    fake.remove(&first.key);
+    let again = keeper.changed(Duration::from_secs(5)).await;
+    assert_eq!(again.subnet, first.subnet);
+    keeper.task.abort();
+}
+
+#[tokio::test(start_paused = true)]
+async fn deletion_missed_during_compaction_is_noticed() {
+    let fake = FakeRegistry::new();
+    let mut keeper = start_keeper(&fake, default_config(), None).await;
+    let first = keeper.lease();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // The watch breaks, the key goes, history is compacted past the delete: the keeper must
+    // re-read the key to find out.
+    fake.break_watches();
+    fake.remove(&first.key);
+    fake.set(&format!("{PREFIX}/unrelated"), "x");
+    fake.compact();
+    let again = keeper.changed(Duration::from_secs(10)).await;
+    assert_eq!(again.subnet, first.subnet);
+    assert_eq!(fake.value(&first.key).unwrap(), ours().to_json());
+    keeper.task.abort();
+}
+
+#[tokio::test(start_paused = true)]
+async fn reservation_is_watched_but_never_renewed() {
+    let fake = FakeRegistry::new();
+    fake.set(&key("10.10.5.0/24"), &ours().to_json());
+    let mut keeper = start_keeper(&fake, default_config(), None).await;
+    assert!(keeper.lease().is_reservation());
+    tokio::time::sleep(TTL * 5).await;
+    assert_eq!(fake.calls(FakeOp::Renew), 0);
+    assert_eq!(fake.entry(&key("10.10.5.0/24")).unwrap().lease, None);
+    // If the administrator withdraws it, we take the same subnet again, now with a TTL.
+    fake.remove(&key("10.10.5.0/24"));
+    let again = keeper.changed(Duration::from_secs(5)).await;
+    assert_eq!(again.subnet, net("10.10.5.0/24"));
+    assert!(!again.is_reservation());
+    keeper.task.abort();
+}
+
+#[tokio::test(start_paused = true)]
+async fn keeper_stops_when_nobody_listens() {
+    let fake = FakeRegistry::new();
+    let keeper = start_keeper(&fake, default_config(), None).await;
+    drop(keeper.rx);
+    timeout(Duration::from_secs(1), keeper.task)
+        .await
+        .expect("keeper stopped")
+        .unwrap();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Peer watch
+
+const OWN_SUBNET: &str = "10.10.9.0/24";
+
+struct Peers {
+    rx: mpsc::Receiver<PeerEvent>,
+    own: watch::Sender<Lease>,
+    task: JoinHandle<()>,
+}
+
+fn own_lease() -> Lease {
+    Lease {
+        key: key(OWN_SUBNET),
+        subnet: net(OWN_SUBNET),
+        attrs: ours(),
+        lease_id: Some(1),
+        expiration: None,
+        revision: 0,
+    }
+}
+
+fn start_peers(fake: &FakeRegistry, backend_type: &str) -> Peers {
+    let m = manager(fake);
+    let (own, own_rx) = watch::channel(own_lease());
+    let (tx, rx) = mpsc::channel(64);
+    let backend_type = backend_type.to_owned();
+    let task = tokio::spawn(async move { m.run_peer_watcher(backend_type, own_rx, tx).await });
+    Peers { rx, own, task }
+}
+
+impl Peers {
+    async fn next(&mut self) -> PeerEvent {
+        timeout(Duration::from_secs(30), self.rx.recv())
+            .await
+            .expect("peer event in time")
+            .expect("peer watcher running")
+    }
+
+    async fn next_n(&mut self, n: usize) -> Vec<PeerEvent> {
+        let mut events = Vec::new();
+        for _ in 0..n {
+            events.push(self.next().await);
+        }
+        events
+    }
+
+    /// Asserts that nothing more comes within a few (paused) seconds.
+    async fn quiet(&mut self) {
+        if let Ok(event) = timeout(Duration::from_secs(5), self.rx.recv()).await {
+            panic!("unexpected peer event {event:?}");
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn initial_listing_reports_peers_but_not_us_or_other_backends() {
+    let fake = FakeRegistry::new();
+    add_peer(&fake, "10.10.1.0/24", "198.18.0.2", 2);
+    add_peer(&fake, "10.10.2.0/24", "198.18.0.3", 3);
+    fake.set(&key(OWN_SUBNET), &ours().to_json());
+    fake.set_with_ttl(
+        &key("10.10.3.0/24"),
+        &LeaseAttrs::host_gw(ip("198.18.0.4")).to_json(),
+        TTL,
+    );
+    // A reservation of another node is a peer like any other.
+    fake.set(&key("10.10.4.0/24"), &attrs("198.18.0.5", 5).to_json());
+    let mut peers = start_peers(&fake, "vxlan");
+    let events = peers.next_n(3).await;
+    assert_eq!(
+        events,
+        [
+            PeerEvent::Added(peer("10.10.1.0/24", "198.18.0.2", 2)),
+            PeerEvent::Added(peer("10.10.2.0/24", "198.18.0.3", 3)),
+            PeerEvent::Added(peer("10.10.4.0/24", "198.18.0.5", 5)),
+        ]
+    );
+    peers.quiet().await;
+    peers.task.abort();
+}
+
+#[tokio::test(start_paused = true)]
+async fn host_gw_watcher_sees_host_gw_peers() {
+    let fake = FakeRegistry::new();
+    add_peer(&fake, "10.10.1.0/24", "198.18.0.2", 2);
+    fake.set_with_ttl(
+        &key("10.10.3.0/24"),
+        &LeaseAttrs::host_gw(ip("198.18.0.4")).to_json(),
+        TTL,
+    );
+    let mut peers = start_peers(&fake, "host-gw");
+    assert_eq!(
+        peers.next().await,
+        PeerEvent::Added(Peer {
+            subnet: net("10.10.3.0/24"),
+            public_ip: ip("198.18.0.4"),
+            backend_type: "host-gw".to_owned(),
+            vtep_mac: None,
+            vni: None,
+        })
+    );
+    peers.quiet().await;
+    peers.task.abort();
+}
+
+#[tokio::test(start_paused = true)]
+async fn puts_and_deletes_become_peer_events() {
+    let fake = FakeRegistry::new();
+    let mut peers = start_peers(&fake, "vxlan");
+    peers.quiet().await;
+
+    add_peer(&fake, "10.10.1.0/24", "198.18.0.2", 2);
+    assert_eq!(
+        peers.next().await,
+        PeerEvent::Added(peer("10.10.1.0/24", "198.18.0.2", 2))
+    );
+    // A renewal rewrites the same record: nothing to report.
+    add_peer(&fake, "10.10.1.0/24", "198.18.0.2", 2);
+    peers.quiet().await;
+    // A restart with a new VtepMAC.
+    add_peer(&fake, "10.10.1.0/24", "198.18.0.2", 7);
+    assert_eq!(
+        peers.next().await,
+        PeerEvent::Changed(peer("10.10.1.0/24", "198.18.0.2", 7))
+    );
+    fake.remove(&key("10.10.1.0/24"));
+    assert_eq!(peers.next().await, PeerEvent::Removed(net("10.10.1.0/24")));
+    // Our own key and unknown deletes say nothing.
+    fake.set(&key(OWN_SUBNET), &ours().to_json());
+    fake.remove(&key(OWN_SUBNET));
+    fake.remove(&key("10.10.1.0/24"));
+    peers.quiet().await;
+    peers.task.abort();
+}
+
+#[tokio::test(start_paused = true)]
+async fn expiry_removes_a_peer() {
+    let fake = FakeRegistry::new();
+    fake.set_with_ttl(&key("10.10.1.0/24"), &attrs("198.18.0.2", 2).to_json(), TTL);
+    let mut peers = start_peers(&fake, "vxlan");
+    assert!(matches!(peers.next().await, PeerEvent::Added(_)));
+    tokio::time::sleep(TTL).await;
+    fake.expire_leases();
+    assert_eq!(peers.next().await, PeerEvent::Removed(net("10.10.1.0/24")));
+    peers.task.abort();
+}
+
+#[tokio::test(start_paused = true)]
+async fn malformed_records_are_logged_and_ignored() {
+    let fake = FakeRegistry::new();
+    let (logs, _guard) = Logs::capture();
+    fake.set_with_ttl(&key("10.10.5.0/24"), "{not json", TTL);
+    add_peer(&fake, "10.10.1.0/24", "198.18.0.2", 2);
+    let mut peers = start_peers(&fake, "vxlan");
+    assert_eq!(
+        peers.next().await,
+        PeerEvent::Added(peer("10.10.1.0/24", "198.18.0.2", 2))
+    );
+    peers.quiet().await;
+    let text = logs.text();
+    assert!(
+        text.contains("10.10.5.0-24") && text.contains("{not json"),
+        "{text}"
+    );
+
+    // A known peer's record turns bad: the last good one stays, nothing is removed.
+    fake.set_with_ttl(
+        &key("10.10.1.0/24"),
+        r#"{"PublicIP":"198.18.0.2","BackendType":"vxlan","BackendData":{"VNI":1}}"#,
+        TTL,
+    );
+    peers.quiet().await;
+    assert!(
+        logs.text().contains("keeping the last good record"),
+        "{}",
+        logs.text()
+    );
+    // When it is fixed with the same content, still nothing; with new content, Changed.
+    add_peer(&fake, "10.10.1.0/24", "198.18.0.2", 2);
+    peers.quiet().await;
+    add_peer(&fake, "10.10.1.0/24", "198.18.0.2", 3);
+    assert_eq!(
+        peers.next().await,
+        PeerEvent::Changed(peer("10.10.1.0/24", "198.18.0.2", 3))
+    );
+    // Keys that are not subnets are ignored too.
+    fake.set(
+        &format!("{PREFIX}/subnets/bogus"),
+        &attrs("198.18.0.8", 8).to_json(),
+    );
+    peers.quiet().await;
+    assert!(logs.text().contains("bogus"), "{}", logs.text());
+    peers.task.abort();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_peer_switching_backend_is_removed() {
+    let fake = FakeRegistry::new();
+    add_peer(&fake, "10.10.1.0/24", "198.18.0.2", 2);
+    let mut peers = start_peers(&fake, "vxlan");
+    assert!(matches!(peers.next().await, PeerEvent::Added(_)));
+    fake.set_with_ttl(
+        &key("10.10.1.0/24"),
+        &LeaseAttrs::host_gw(ip("198.18.0.2")).to_json(),
+        TTL,
+    );
+    assert_eq!(peers.next().await, PeerEvent::Removed(net("10.10.1.0/24")));
+    peers.task.abort();
+}
+
+#[tokio::test(start_paused = true)]
+async fn compaction_relists_and_reports_the_difference() {
+    let fake = FakeRegistry::new();
+    add_peer(&fake, "10.10.1.0/24", "198.18.0.2", 2);
+    add_peer(&fake, "10.10.2.0/24", "198.18.0.3", 3);
+    add_peer(&fake, "10.10.3.0/24", "198.18.0.4", 4);
+    add_peer(&fake, "10.10.4.0/24", "198.18.0.5", 5);
+    let mut peers = start_peers(&fake, "vxlan");
+    assert_eq!(peers.next_n(4).await.len(), 4);
+    peers.quiet().await;
+    let lists = fake.calls(FakeOp::List);
+
+    // The watch is cut; while it is down things change and history is compacted away.
+    fake.break_watches();
+    fake.remove(&key("10.10.1.0/24"));
+    add_peer(&fake, "10.10.2.0/24", "198.18.0.3", 33);
+    add_peer(&fake, "10.10.5.0/24", "198.18.0.6", 6);
+    // 10.10.3.0 turns malformed: the last good record is kept, not removed.
+    fake.set_with_ttl(&key("10.10.3.0/24"), "oops", TTL);
+    fake.compact();
+
+    let mut events = peers.next_n(3).await;
+    events.sort_by_key(|e| format!("{e:?}"));
+    assert_eq!(
+        events,
+        [
+            PeerEvent::Added(peer("10.10.5.0/24", "198.18.0.6", 6)),
+            PeerEvent::Changed(peer("10.10.2.0/24", "198.18.0.3", 33)),
+            PeerEvent::Removed(net("10.10.1.0/24")),
+        ]
+    );
+    peers.quiet().await;
+    assert_eq!(fake.calls(FakeOp::List), lists + 1);
+
+    // And the new watch works.
+    fake.remove(&key("10.10.4.0/24"));
+    assert_eq!(peers.next().await, PeerEvent::Removed(net("10.10.4.0/24")));
+    peers.task.abort();
+}
+
+#[tokio::test(start_paused = true)]
+async fn compaction_of_a_live_watch_relists_without_duplicates() {
+    let fake = FakeRegistry::new();
+    add_peer(&fake, "10.10.1.0/24", "198.18.0.2", 2);
+    let mut peers = start_peers(&fake, "vxlan");
+    assert!(matches!(peers.next().await, PeerEvent::Added(_)));
+    fake.compact();
+    peers.quiet().await;
+    add_peer(&fake, "10.10.2.0/24", "198.18.0.3", 3);
+    assert_eq!(
+        peers.next().await,
+        PeerEvent::Added(peer("10.10.2.0/24", "198.18.0.3", 3))
+    );
+    peers.task.abort();
+}
+
+#[tokio::test(start_paused = true)]
+async fn broken_watch_resumes_without_losing_events() {
+    let fake = FakeRegistry::new();
+    let mut peers = start_peers(&fake, "vxlan");
+    peers.quiet().await;
+    fake.break_watches();
+    // Changes while the watch is down are replayed from history on the new watch.
+    add_peer(&fake, "10.10.1.0/24", "198.18.0.2", 2);
+    assert_eq!(
+        peers.next().await,
+        PeerEvent::Added(peer("10.10.1.0/24", "198.18.0.2", 2))
+    );
+    assert_eq!(fake.calls(FakeOp::List), 1);
+    peers.task.abort();
+}
+
+#[tokio::test(start_paused = true)]
+async fn registry_errors_are_retried() {
+    let fake = FakeRegistry::new();
+    add_peer(&fake, "10.10.1.0/24", "198.18.0.2", 2);
+    fake.fail_next(FakeOp::List, 2);
+    fake.fail_next(FakeOp::Watch, 2);
+    let start = Instant::now();
+    let mut peers = start_peers(&fake, "vxlan");
+    assert!(matches!(peers.next().await, PeerEvent::Added(_)));
+    assert_eq!(start.elapsed(), Duration::from_secs(2));
+    add_peer(&fake, "10.10.2.0/24", "198.18.0.3", 3);
+    assert!(matches!(peers.next().await, PeerEvent::Added(_)));
+    assert_eq!(fake.calls(FakeOp::Watch), 3);
+    peers.task.abort();
+}
+
+#[tokio::test(start_paused = true)]
+async fn our_new_subnet_is_never_a_peer() {
+    let fake = FakeRegistry::new();
+    add_peer(&fake, "10.10.1.0/24", "198.18.0.2", 2);
+    let mut peers = start_peers(&fake, "vxlan");
+    assert!(matches!(peers.next().await, PeerEvent::Added(_)));
+    // We were re-assigned a subnet a peer record still claims (stale): drop that peer.
+    peers.own.send_replace(Lease {
+        key: key("10.10.1.0/24"),
+        subnet: net("10.10.1.0/24"),
+        ..own_lease()
+    });
+    assert_eq!(peers.next().await, PeerEvent::Removed(net("10.10.1.0/24")));
+    fake.set_with_ttl(&key("10.10.1.0/24"), &ours().to_json(), TTL);
+    // And our old subnet, taken by someone else, becomes a peer.
+    add_peer(&fake, OWN_SUBNET, "198.18.0.7", 7);
+    assert_eq!(
+        peers.next().await,
+        PeerEvent::Added(peer(OWN_SUBNET, "198.18.0.7", 7))
+    );
+    peers.quiet().await;
+    peers.task.abort();
+}
+
+#[tokio::test(start_paused = true)]
+async fn peer_watcher_stops_when_nobody_listens() {
+    let fake = FakeRegistry::new();
+    let peers = start_peers(&fake, "vxlan");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    drop(peers.rx);
+    timeout(Duration::from_secs(1), peers.task)
+        .await
+        .expect("peer watcher stopped")
+        .unwrap();
+    // It keeps working without the lease keeper too (own sender dropped).
+    let Peers { mut rx, own, task } = start_peers(&fake, "vxlan");
+    drop(own);
+    add_peer(&fake, "10.10.1.0/24", "198.18.0.2", 2);
+    let event = timeout(Duration::from_secs(30), rx.recv()).await.unwrap();
+    assert!(matches!(event, Some(PeerEvent::Added(_))), "{event:?}");
+    task.abort();
+}

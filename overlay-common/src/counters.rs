@@ -1,0 +1,182 @@
+//! Per-reason packet counters: one slot per [`Reason`] in a per-CPU array (`COUNTERS`), so the
+//! data path counts without atomics and the agent sums the CPUs when it reports.
+//!
+//! Reasons below [`FIRST_DROP`] count what happened to packets that went on (received, sent,
+//! encapsulated, handed to the kernel); reasons from [`FIRST_DROP`] on are drop reasons. Drop
+//! reasons start above every TC verdict (`TC_ACT_*` are -1..=8), so a drop reason can never be
+//! mistaken for a verdict, and the values are stable: they are the counter indexes.
+
+use bytemuck::{Pod, Zeroable};
+
+/// Packets and bytes seen for one reason on one CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct Counter {
+    pub packets: u64,
+    pub bytes: u64,
+}
+const _: () = assert!(size_of::<Counter>() == 16);
+
+impl Counter {
+    /// Adds another CPU's slot (the agent sums per-CPU values this way).
+    #[must_use]
+    pub const fn add(self, other: Self) -> Self {
+        Self {
+            packets: self.packets.wrapping_add(other.packets),
+            bytes: self.bytes.wrapping_add(other.bytes),
+        }
+    }
+}
+
+/// Capacity of the `COUNTERS` array; leaves room for reasons added later without a map resize.
+pub const COUNTERS_LEN: u32 = 64;
+
+/// The first drop reason's value.
+pub const FIRST_DROP: u32 = 16;
+
+/// Why a packet was counted. The value is the index into `COUNTERS`.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// A packet arrived on the external (underlay) interface.
+    UnderlayRx = 0,
+    /// A packet left through the external (underlay) interface.
+    UnderlayTx = 1,
+    /// A packet from a local pod was encapsulated and sent to a peer.
+    EncapPod = 2,
+    /// A packet from the host (the host device) was encapsulated and sent to a peer.
+    EncapHost = 3,
+    /// A VXLAN packet was decapsulated and delivered to the pod bridge.
+    DecapPod = 4,
+    /// A VXLAN packet was decapsulated and delivered to the host device.
+    DecapHost = 5,
+    /// A pod's packet for a peer is larger than the tunnel MTU: handed to the kernel, which
+    /// fragments it or answers ICMP "fragmentation needed", as with flannel.1's MTU.
+    StackMtu = 6,
+    /// A packet's TTL would expire on this hop: handed to the kernel, which answers ICMP
+    /// "time exceeded".
+    StackTtl = 7,
+
+    /// The host sent to a cluster address that no peer's subnet covers.
+    DropNoRoute = FIRST_DROP,
+    /// Encapsulation failed (the kernel refused to grow the packet, e.g. an unsupported GSO
+    /// type, or the result would exceed 64 KiB).
+    DropEncapFailed = 17,
+    /// A VXLAN frame (UDP to our port, for our address) ends before its inner IPv4 header:
+    /// cut short, or IP/UDP lengths too small for VXLAN.
+    DropTruncated = 18,
+    /// A VXLAN frame with inconsistent headers: IP options, UDP length not matching the IP
+    /// length, VXLAN flags or reserved bits set, inner IPv4 header invalid.
+    DropMalformed = 19,
+    /// A fragment of a VXLAN frame (the data path does not reassemble).
+    DropFragment = 20,
+    /// A VXLAN frame whose outer IPv4 header checksum is wrong.
+    DropBadChecksum = 21,
+    /// A VXLAN frame with another VNI.
+    DropWrongVni = 22,
+    /// A VXLAN frame from an address that is not a member node's PublicIP.
+    DropUnknownPeer = 23,
+    /// A VXLAN frame whose inner Ethernet destination is not our VtepMAC.
+    DropWrongMac = 24,
+    /// A VXLAN frame whose inner frame is not IPv4 (ARP, IPv6, ...).
+    DropNotIpv4 = 25,
+    /// A decapsulated packet for an address outside this node's subnet.
+    DropNotLocal = 26,
+    /// A decapsulated packet for a pod while there is no pod bridge.
+    DropNoBridge = 27,
+    /// A decapsulated packet for the host (or whose TTL expires) while there is no host device.
+    DropNoHostDevice = 28,
+    /// Decapsulation failed (the kernel refused to shrink the packet).
+    DropDecapFailed = 29,
+    /// The outer header says "congestion experienced" but the inner packet is not ECN-capable
+    /// (RFC 6040: drop, as the kernel's tunnels do).
+    DropEcn = 30,
+}
+
+impl Reason {
+    /// Every reason, in index order (what the agent reports).
+    pub const ALL: [Self; 23] = [
+        Self::UnderlayRx,
+        Self::UnderlayTx,
+        Self::EncapPod,
+        Self::EncapHost,
+        Self::DecapPod,
+        Self::DecapHost,
+        Self::StackMtu,
+        Self::StackTtl,
+        Self::DropNoRoute,
+        Self::DropEncapFailed,
+        Self::DropTruncated,
+        Self::DropMalformed,
+        Self::DropFragment,
+        Self::DropBadChecksum,
+        Self::DropWrongVni,
+        Self::DropUnknownPeer,
+        Self::DropWrongMac,
+        Self::DropNotIpv4,
+        Self::DropNotLocal,
+        Self::DropNoBridge,
+        Self::DropNoHostDevice,
+        Self::DropDecapFailed,
+        Self::DropEcn,
+    ];
+
+    /// The stable name a user sees in the agent's counter report.
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::UnderlayRx => "underlay_rx",
+            Self::UnderlayTx => "underlay_tx",
+            Self::EncapPod => "encap_pod",
+            Self::EncapHost => "encap_host",
+            Self::DecapPod => "decap_pod",
+            Self::DecapHost => "decap_host",
+            Self::StackMtu => "to_stack_mtu",
+            Self::StackTtl => "to_stack_ttl",
+            Self::DropNoRoute => "drop_no_route",
+            Self::DropEncapFailed => "drop_encap_failed",
+            Self::DropTruncated => "drop_truncated",
+            Self::DropMalformed => "drop_malformed",
+            Self::DropFragment => "drop_fragment",
+            Self::DropBadChecksum => "drop_bad_checksum",
+            Self::DropWrongVni => "drop_wrong_vni",
+            Self::DropUnknownPeer => "drop_unknown_peer",
+            Self::DropWrongMac => "drop_wrong_mac",
+            Self::DropNotIpv4 => "drop_not_ipv4",
+            Self::DropNotLocal => "drop_not_local",
+            Self::DropNoBridge => "drop_no_bridge",
+            Self::DropNoHostDevice => "drop_no_host_device",
+            Self::DropDecapFailed => "drop_decap_failed",
+            Self::DropEcn => "drop_ecn",
+        }
+    }
+
+    #[must_use]
+    pub const fn index(self) -> u32 {
+        self as u32
+    }
+
+    #[must_use]
+    pub const fn is_drop(self) -> bool {
+        self.index() >= FIRST_DROP
+    }
+}
+
+// Every reason fits the array, and ALL lists each reason once, at its own index order.
+const _: () = {
+    assert!((Reason::ALL.len() as u32) <= COUNTERS_LEN);
+    let mut i = 0;
+    while i < Reason::ALL.len() {
+        assert!(Reason::ALL[i].index() < COUNTERS_LEN);
+        if i > 0 {
+            assert!(Reason::ALL[i - 1].index() < Reason::ALL[i].index());
+        }
+        i += 1;
+    }
+};
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: `Counter` is `#[repr(C)]`, `Pod` by bytemuck's derive (no padding, any bit pattern).
+    unsafe impl aya::Pod for super::Counter {}
+}

@@ -1,0 +1,17 @@
+//! Types shared by the eBPF programs (`overlay-ebpf`) and the agent (`overlay-agent`).
+//!
+//! Everything here is `#[repr(C)]` and derives `bytemuck::{Pod, Zeroable}`, which rejects hidden
+//! padding at compile time, so both sides agree on every byte of a map key or value. The agent
+//! turns on the `user` feature, which adds `aya::Pod` so the types can be used in aya maps.
+//!
+//! One module per concept: `config` (the node's settings, `CONFIG`), `route` (remote subnets and
+//! member nodes, `ROUTE_V4` / `NODE_V4`), `counters` (`COUNTERS`), `wire` (VXLAN constants).
+#![no_std]
+
+#[cfg(feature = "user")]
+extern crate std;
+
+pub mod config;
+pub mod counters;
+pub mod route;
+pub mod wire;

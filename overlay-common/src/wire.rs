@@ -1,0 +1,44 @@
+//! VXLAN wire constants (RFC 7348, and what a stock flannel node's `flannel.<VNI>` device sends).
+//!
+//! A VXLAN frame on the underlay is
+//! `outer Ethernet (14) | outer IPv4 (20) | UDP (8) | VXLAN (8) | inner Ethernet (14) | inner IPv4`.
+//! The 50 bytes between the outer Ethernet header and the inner IPv4 packet are what
+//! encapsulation adds and decapsulation strips ([`VXLAN_OVERHEAD`]), which is why pods and the
+//! host device use an MTU 50 bytes below the underlay's.
+
+/// Ethernet header length (no VLAN tag).
+pub const ETH_HLEN: usize = 14;
+/// IPv4 header length without options (we never send options and only accept VXLAN without).
+pub const IPV4_HLEN: usize = 20;
+/// UDP header length.
+pub const UDP_HLEN: usize = 8;
+/// VXLAN header length.
+pub const VXLAN_HLEN: usize = 8;
+/// Bytes added between the outer Ethernet header and the inner IPv4 header.
+pub const VXLAN_OVERHEAD: usize = IPV4_HLEN + UDP_HLEN + VXLAN_HLEN + ETH_HLEN;
+const _: () = assert!(VXLAN_OVERHEAD == 50);
+
+/// EtherType of IPv4, as the two bytes on the wire.
+pub const ETH_P_IP: [u8; 2] = [0x08, 0x00];
+/// IP protocol number of UDP.
+pub const IPPROTO_UDP: u8 = 17;
+
+/// First byte of a VXLAN header: only the I flag ("VNI is valid"). The kernel drops frames with
+/// any other flag or reserved bit set (no GBP/GPE here), and so do we.
+pub const VXLAN_FLAGS_I: u8 = 0x08;
+
+/// flannel's default VXLAN port (the IANA port is 4789; flannel keeps the Linux default 8472).
+pub const DEFAULT_VXLAN_PORT: u16 = 8472;
+/// flannel's default VNI.
+pub const DEFAULT_VNI: u32 = 1;
+/// Largest VNI (24 bits).
+pub const MAX_VNI: u32 = (1 << 24) - 1;
+
+/// The UDP source port range the kernel's VXLAN device uses when none is configured (which is
+/// how flanneld creates it): `net.ipv4.ip_local_port_range`, default `32768 60999`. The port is
+/// `min + hash * (max - min) / 2^32`, so `max` itself is never used.
+pub const DEFAULT_SRC_PORT_MIN: u16 = 32768;
+pub const DEFAULT_SRC_PORT_MAX: u16 = 60999;
+
+/// Outer IPv4 TTL: the kernel's VXLAN device with `ttl` unset uses `net.ipv4.ip_default_ttl`.
+pub const OUTER_TTL: u8 = 64;

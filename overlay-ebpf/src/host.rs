@@ -1,0 +1,64 @@
+//! `host_egress`: packets the host sends into the cluster, on the host device.
+//!
+//! Hook: tcx egress of the host device (`ovl0`: NOARP, address `<subnet>.0/32`, MTU = underlay
+//! MTU − 50, route `<cluster network> dev ovl0`), which plays flannel.1's part for host-originated
+//! and host-forwarded traffic (the host itself, hostNetwork pods, outside traffic the host
+//! routes into the cluster, and pod packets `pod_egress` handed back to the kernel). An IPv4
+//! packet for a peer's subnet is encapsulated (`lib::encap`) and redirected to the underlay
+//! device. The kernel has already routed it (TTL decremented if forwarded, MTU applied), so it
+//! is sent as it is. A cluster address no peer covers has nowhere to go: dropped and counted
+//! (`drop_no_route`) instead of leaving through the device's other end. Non-IPv4 and
+//! non-cluster packets go on untouched.
+
+use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
+use overlay_common::{
+    counters::Reason,
+    wire::{ETH_HLEN, ETH_P_IP},
+};
+
+use crate::lib::{
+    counters::{count, verdict},
+    encap::{encapsulate, redirect_to_underlay},
+    hdr::{EthHdr, Ipv4Hdr},
+    maps::{config, in_subnet, route_v4},
+    ptr::ptr_at,
+};
+
+#[classifier]
+pub fn host_egress(ctx: TcContext) -> i32 {
+    verdict(&ctx, try_host_egress(&ctx))
+}
+
+#[inline(always)]
+fn try_host_egress(ctx: &TcContext) -> Result<i32, Reason> {
+    let Some(cfg) = config() else {
+        return Ok(TC_ACT_OK);
+    };
+    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
+        return Ok(TC_ACT_OK);
+    };
+    // SAFETY (reads below): pointers come from `ptr_at`, used before any helper moves data.
+    if unsafe { (*eth).proto } != ETH_P_IP {
+        return Ok(TC_ACT_OK);
+    }
+    let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, ETH_HLEN) else {
+        return Ok(TC_ACT_OK);
+    };
+    let (ver_ihl, tos, daddr) = unsafe { ((*ip).ver_ihl, (*ip).tos, (*ip).daddr) };
+    if ver_ihl >> 4 != 4 || ver_ihl & 0x0f < 5 {
+        return Ok(TC_ACT_OK);
+    }
+    let Some(peer) = route_v4(daddr) else {
+        if in_subnet(daddr, cfg.network, cfg.network_mask) {
+            return Err(Reason::DropNoRoute);
+        }
+        return Ok(TC_ACT_OK);
+    };
+    if !peer.is_vxlan() {
+        return Ok(TC_ACT_OK);
+    }
+
+    encapsulate(ctx, cfg, &peer, tos)?;
+    count(Reason::EncapHost, ctx.len());
+    Ok(redirect_to_underlay(cfg))
+}

@@ -1,0 +1,34 @@
+//! Per-reason counters (see `overlay_common::counters`), shared by every program, and the one
+//! place a program's result becomes a TC verdict.
+
+use aya_ebpf::{bindings::TC_ACT_SHOT, macros::map, maps::PerCpuArray, programs::TcContext};
+use overlay_common::counters::{COUNTERS_LEN, Counter, Reason};
+
+#[map]
+static COUNTERS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(COUNTERS_LEN, 0);
+
+/// Counts one packet of `len` bytes under `reason` on this CPU.
+#[inline(always)]
+pub fn count(reason: Reason, len: u32) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(reason.index()) {
+        // SAFETY: the pointer is to this CPU's slot of a per-CPU array; nothing else writes it
+        // while this program runs (programs are not preempted on one CPU).
+        unsafe {
+            (*slot).packets += 1;
+            (*slot).bytes += u64::from(len);
+        }
+    }
+}
+
+/// Turns a program body's result into its verdict: `Ok` carries the verdict (already counted
+/// where it is decided), `Err` a drop reason, counted here before the packet is dropped.
+#[inline(always)]
+pub fn verdict(ctx: &TcContext, result: Result<i32, Reason>) -> i32 {
+    match result {
+        Ok(verdict) => verdict,
+        Err(reason) => {
+            count(reason, ctx.len());
+            TC_ACT_SHOT as i32
+        }
+    }
+}

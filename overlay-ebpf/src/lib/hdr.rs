@@ -1,0 +1,74 @@
+//! Wire headers as `#[repr(C)]` byte-array structs: alignment 1, no padding, no enums (a packet
+//! may hold any bit pattern), multi-byte fields kept in network order as `[u8; N]` so a
+//! conversion is always explicit at the use site.
+
+use overlay_common::wire::{ETH_HLEN, IPV4_HLEN, UDP_HLEN, VXLAN_HLEN, VXLAN_OVERHEAD};
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct EthHdr {
+    pub dst: [u8; 6],
+    pub src: [u8; 6],
+    pub proto: [u8; 2],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Ipv4Hdr {
+    /// Version (high nibble) and header length in 32-bit words (low nibble).
+    pub ver_ihl: u8,
+    /// DSCP (high 6 bits) and ECN (low 2 bits).
+    pub tos: u8,
+    pub tot_len: [u8; 2],
+    pub id: [u8; 2],
+    /// Flags (DF 0x4000, MF 0x2000) and fragment offset (low 13 bits).
+    pub frag_off: [u8; 2],
+    pub ttl: u8,
+    pub proto: u8,
+    pub check: [u8; 2],
+    pub saddr: [u8; 4],
+    pub daddr: [u8; 4],
+}
+
+impl Ipv4Hdr {
+    /// `version == 4 && ihl == 5` as one byte.
+    pub const VER_IHL_NO_OPTIONS: u8 = 0x45;
+    /// More-fragments flag and fragment offset mask, in the host-order `frag_off` word.
+    pub const MF_OFFSET_MASK: u16 = 0x3fff;
+    pub const OFFSET_MASK: u16 = 0x1fff;
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct UdpHdr {
+    pub source: [u8; 2],
+    pub dest: [u8; 2],
+    pub len: [u8; 2],
+    pub check: [u8; 2],
+}
+
+/// RFC 7348: flags byte (I = 0x08), 3 reserved bytes, 24-bit VNI, 1 reserved byte.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct VxlanHdr {
+    pub flags: [u8; 4],
+    pub vni: [u8; 4],
+}
+
+/// Everything encapsulation inserts after the outer Ethernet header, written in one store.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct VxlanEncap {
+    pub ip: Ipv4Hdr,
+    pub udp: UdpHdr,
+    pub vxlan: VxlanHdr,
+    pub eth: EthHdr,
+}
+
+const _: () = {
+    assert!(size_of::<EthHdr>() == ETH_HLEN);
+    assert!(size_of::<Ipv4Hdr>() == IPV4_HLEN);
+    assert!(size_of::<UdpHdr>() == UDP_HLEN);
+    assert!(size_of::<VxlanHdr>() == VXLAN_HLEN);
+    assert!(size_of::<VxlanEncap>() == VXLAN_OVERHEAD);
+};

@@ -1,0 +1,50 @@
+//! In-place rewrites of an inner IPv4 header (TTL, ECN) with incremental checksum updates.
+
+use crate::lib::{csum::replace16, hdr::Ipv4Hdr};
+
+/// ECN codepoints (the low two bits of the TOS byte).
+pub const ECN_MASK: u8 = 0b11;
+pub const ECN_NOT_ECT: u8 = 0b00;
+pub const ECN_CE: u8 = 0b11;
+
+/// Decrements the TTL (the caller has checked it is > 1) and patches the checksum.
+///
+/// # Safety
+/// `ip` must come from a bounds-checked `ptr_at` and be used before the next helper call that
+/// moves packet data.
+#[inline(always)]
+pub unsafe fn decrement_ttl(ip: *mut Ipv4Hdr) {
+    // SAFETY: the caller guarantees `ip` points at a whole header in the packet.
+    unsafe {
+        let old = u16::from_be_bytes([(*ip).ttl, (*ip).proto]);
+        (*ip).ttl -= 1;
+        (*ip).check = replace16((*ip).check, old, old - 0x100);
+    }
+}
+
+/// Marks the packet "congestion experienced" (the caller has checked it is ECN-capable) and
+/// patches the checksum.
+///
+/// # Safety
+/// As for [`decrement_ttl`].
+#[inline(always)]
+pub unsafe fn set_ce(ip: *mut Ipv4Hdr) {
+    // SAFETY: the caller guarantees `ip` points at a whole header in the packet.
+    unsafe {
+        let old = u16::from_be_bytes([(*ip).ver_ihl, (*ip).tos]);
+        (*ip).tos |= ECN_CE;
+        let new = u16::from_be_bytes([(*ip).ver_ihl, (*ip).tos]);
+        (*ip).check = replace16((*ip).check, old, new);
+    }
+}
+
+/// The outer TOS for an inner one, as the kernel's tunnels compute it with `tos 0`
+/// (`INET_ECN_encapsulate`): no DSCP, the inner ECN field copied, except that CE becomes ECT(0)
+/// so the marking of the inner packet is not mistaken for one made on the underlay.
+#[inline(always)]
+pub fn ecn_encapsulate(inner_tos: u8) -> u8 {
+    match inner_tos & ECN_MASK {
+        ECN_CE => 0b10,
+        ecn => ecn,
+    }
+}

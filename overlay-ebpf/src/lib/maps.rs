@@ -1,0 +1,53 @@
+//! The node's configuration and peer maps (layouts and byte orders in `overlay_common::{config,
+//! route}`), with the lookups the programs use. The agent is the only writer.
+
+use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
+    macros::map,
+    maps::{Array, HashMap, LpmTrie, lpm_trie::Key},
+};
+use overlay_common::{
+    config::{CONFIG_INDEX, CONFIG_LEN, Config},
+    route::{
+        MemberNode, NODE_V4_CAPACITY, NodeKeyV4, ROUTE_V4_CAPACITY, RemoteNode, RouteKeyV4,
+    },
+};
+
+#[map]
+static CONFIG: Array<Config> = Array::with_max_entries(CONFIG_LEN, 0);
+
+#[map]
+static ROUTE_V4: LpmTrie<RouteKeyV4, RemoteNode> =
+    LpmTrie::with_max_entries(ROUTE_V4_CAPACITY, 0);
+
+// Not preallocated: a preallocated 64 Ki-entry hash would pin megabytes per agent whatever the
+// cluster size, and only the agent inserts (never the data path), so allocation is off the fast
+// path.
+#[map]
+static NODE_V4: HashMap<NodeKeyV4, MemberNode> =
+    HashMap::with_max_entries(NODE_V4_CAPACITY, BPF_F_NO_PREALLOC);
+
+/// The node's configuration, once the agent has written a complete one.
+#[inline(always)]
+pub fn config() -> Option<&'static Config> {
+    CONFIG.get(CONFIG_INDEX).filter(|cfg| cfg.is_ready())
+}
+
+/// The peer whose subnet covers `daddr` (network order), if any.
+#[inline(always)]
+pub fn route_v4(daddr: [u8; 4]) -> Option<RemoteNode> {
+    ROUTE_V4.get(Key::new(32, daddr)).copied()
+}
+
+/// Whether `saddr` (network order) is a member node's PublicIP.
+#[inline(always)]
+pub fn is_member(saddr: [u8; 4]) -> bool {
+    NODE_V4.get_ptr(saddr).is_some()
+}
+
+/// Whether `addr` lies in `net`/`mask` (all network order).
+#[inline(always)]
+pub fn in_subnet(addr: [u8; 4], net: [u8; 4], mask: [u8; 4]) -> bool {
+    // The byte order of the u32 does not matter for a bitwise AND, as long as all three agree.
+    u32::from_ne_bytes(addr) & u32::from_ne_bytes(mask) == u32::from_ne_bytes(net)
+}

@@ -1,0 +1,78 @@
+//! `pod_egress`: packets from local pods towards the host, on the pod bridge.
+//!
+//! Hook: tcx ingress of the pod bridge (cni0/docker0), which sees what the bridge passes up to
+//! the host: frames pods address to the gateway's MAC. An IPv4 packet whose destination lies in
+//! a peer's subnet (`ROUTE_V4`, VXLAN flag) is encapsulated (`lib::encap`) and redirected to the
+//! underlay device, bypassing the host's routing; everything else (local traffic, the outside
+//! world, subnets without a peer yet, broadcasts, non-IPv4) goes on to the kernel untouched.
+//!
+//! This program takes the place of the kernel's forwarding hop on the sending node, so it
+//! decrements the inner TTL as that hop would (a stock node decrements twice: forwarding into
+//! flannel.1 here, and out of it on the receiver, where `underlay_ingress` does the second).
+//! Packets the kernel must answer instead are handed to it unchanged: a TTL that would expire
+//! (ICMP time exceeded) and a packet too big for the tunnel (fragmentation, or ICMP
+//! "fragmentation needed"; it then reaches the peer through the host device and `host_egress`).
+//! Pods are expected to use the tunnel MTU (FLANNEL_MTU = underlay MTU − 50).
+
+use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
+use overlay_common::{
+    counters::Reason,
+    wire::{ETH_HLEN, ETH_P_IP},
+};
+
+use crate::lib::{
+    counters::{count, verdict},
+    encap::{encapsulate, fits_tunnel, redirect_to_underlay},
+    hdr::{EthHdr, Ipv4Hdr},
+    ipv4::decrement_ttl,
+    maps::{config, route_v4},
+    ptr::ptr_at,
+};
+
+#[classifier]
+pub fn pod_egress(ctx: TcContext) -> i32 {
+    verdict(&ctx, try_pod_egress(&ctx))
+}
+
+#[inline(always)]
+fn try_pod_egress(ctx: &TcContext) -> Result<i32, Reason> {
+    let Some(cfg) = config() else {
+        return Ok(TC_ACT_OK);
+    };
+    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
+        return Ok(TC_ACT_OK);
+    };
+    // SAFETY (reads below): pointers come from `ptr_at`, used before any helper moves data.
+    let (proto, dst0) = unsafe { ((*eth).proto, (*eth).dst[0]) };
+    // Broadcast and multicast frames are not routed by the kernel either.
+    if proto != ETH_P_IP || dst0 & 0x01 != 0 {
+        return Ok(TC_ACT_OK);
+    }
+    let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, ETH_HLEN) else {
+        return Ok(TC_ACT_OK);
+    };
+    let (ver_ihl, tos, ttl, daddr) = unsafe { ((*ip).ver_ihl, (*ip).tos, (*ip).ttl, (*ip).daddr) };
+    if ver_ihl >> 4 != 4 || ver_ihl & 0x0f < 5 {
+        return Ok(TC_ACT_OK);
+    }
+    let Some(peer) = route_v4(daddr) else {
+        return Ok(TC_ACT_OK);
+    };
+    if !peer.is_vxlan() {
+        return Ok(TC_ACT_OK);
+    }
+    if ttl <= 1 {
+        count(Reason::StackTtl, ctx.len());
+        return Ok(TC_ACT_OK);
+    }
+    if !fits_tunnel(ctx, cfg) {
+        count(Reason::StackMtu, ctx.len());
+        return Ok(TC_ACT_OK);
+    }
+
+    // SAFETY: `ip` is still valid (no helper that moves data was called); ttl > 1.
+    unsafe { decrement_ttl(ip) };
+    encapsulate(ctx, cfg, &peer, tos)?;
+    count(Reason::EncapPod, ctx.len());
+    Ok(redirect_to_underlay(cfg))
+}

@@ -1,0 +1,388 @@
+//! A throwaway etcd server (Debian's etcd 3.4) and `etcdctl` helpers (API v3).
+
+use std::{
+    fs::File,
+    net::{Ipv4Addr, TcpListener},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::Mutex,
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use base64::Engine as _;
+use serde::Deserialize;
+
+use crate::{
+    cmd::{self, die_with_parent},
+    netns::NetNs,
+};
+
+/// flannel's default `--etcd-prefix`.
+pub const DEFAULT_ETCD_PREFIX: &str = "/coreos.com/network";
+
+/// How long to wait for a new etcd to answer `endpoint health`.
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(20);
+/// Time limit of one etcdctl call.
+const ETCDCTL_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// A running etcd with a temporary data dir; killed and removed on drop.
+#[derive(Debug)]
+pub struct EtcdServer {
+    child: Mutex<Option<Child>>,
+    /// Namespace where etcd runs and where etcdctl must run to reach it (None: root namespace).
+    ns: Option<String>,
+    endpoint: String,
+    log_path: PathBuf,
+    dir: Option<tempfile::TempDir>,
+}
+
+/// One key as returned by `etcdctl get -w json`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyValue {
+    pub key: String,
+    pub value: String,
+    /// etcd lease id (0: no lease, e.g. a reservation).
+    pub lease: i64,
+    pub create_revision: i64,
+    pub mod_revision: i64,
+    pub version: i64,
+}
+
+/// `etcdctl lease timetolive -w json`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub struct LeaseTtl {
+    /// Remaining seconds; -1 when the lease has expired or does not exist.
+    pub ttl: i64,
+    #[serde(rename = "granted-ttl", default)]
+    pub granted_ttl: i64,
+}
+
+impl EtcdServer {
+    /// Starts etcd in the root namespace on 127.0.0.1 with random free ports (listening on the
+    /// root namespace's loopback only).
+    pub fn start_local() -> Result<Self> {
+        let mut last = None;
+        // Free ports are found by binding port 0 and releasing it; retry if another process
+        // grabbed one in between.
+        for _ in 0..3 {
+            let client = free_port()?;
+            let peer = free_port()?;
+            match Self::start(None, Ipv4Addr::LOCALHOST, client, peer) {
+                Ok(s) => return Ok(s),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| anyhow::anyhow!("etcd did not start")))
+    }
+
+    /// Starts etcd inside `ns`, serving clients on `ip:2379` (and `127.0.0.1:2379` of that
+    /// namespace); peers on the namespace's loopback. `ip` must already be on a link in `ns`.
+    pub fn start_in(ns: &NetNs, ip: Ipv4Addr) -> Result<Self> {
+        Self::start(Some(ns), ip, 2379, 2380)
+    }
+
+    fn start(ns: Option<&NetNs>, ip: Ipv4Addr, client_port: u16, peer_port: u16) -> Result<Self> {
+        let id = crate::unique_id();
+        let dir = crate::temp_dir(&format!("{id}-etcd"))?;
+        let data = dir.path().join("data");
+        let log_path = dir.path().join("etcd.log");
+        let endpoint = format!("http://{ip}:{client_port}");
+        let listen = if ip == Ipv4Addr::LOCALHOST {
+            endpoint.clone()
+        } else {
+            format!("{endpoint},http://127.0.0.1:{client_port}")
+        };
+        let peer = format!("http://127.0.0.1:{peer_port}");
+
+        let mut c = match ns {
+            Some(ns) => ns.command("etcd"),
+            None => Command::new("etcd"),
+        };
+        c.arg("--name=ovl")
+            .arg(format!("--data-dir={}", data.display()))
+            .arg(format!("--listen-client-urls={listen}"))
+            .arg(format!("--advertise-client-urls={endpoint}"))
+            .arg(format!("--listen-peer-urls={peer}"))
+            .arg(format!("--initial-advertise-peer-urls={peer}"))
+            .arg(format!("--initial-cluster=ovl={peer}"))
+            .arg("--initial-cluster-state=new")
+            .arg("--logger=zap")
+            .arg("--log-outputs=stderr")
+            .arg("--log-level=warn")
+            .env_remove("ETCD_DATA_DIR");
+        let log = File::create(&log_path).context("creating etcd log")?;
+        c.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
+        die_with_parent(&mut c);
+        let child = c
+            .spawn()
+            .with_context(|| format!("starting `{}`", cmd::describe(&c)))?;
+
+        let server = Self {
+            child: Mutex::new(Some(child)),
+            ns: ns.map(|n| n.name().to_owned()),
+            endpoint,
+            log_path,
+            dir: Some(dir),
+        };
+        server.wait_healthy().inspect_err(|_| {
+            eprintln!(
+                "----- etcd log ({}) -----\n{}\n----- end of etcd log -----",
+                server.log_path.display(),
+                server.log()
+            );
+        })?;
+        Ok(server)
+    }
+
+    fn wait_healthy(&self) -> Result<()> {
+        let deadline = Instant::now() + STARTUP_TIMEOUT;
+        loop {
+            if let Some(status) = self
+                .child
+                .lock()
+                .unwrap()
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                bail!("etcd exited during startup ({status})");
+            }
+            let out = cmd::output_with(
+                self.etcdctl_command(&["endpoint", "health", "--command-timeout=1s"]),
+                None,
+                Duration::from_secs(5),
+            );
+            if out.is_ok_and(|o| o.status.success()) {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "etcd at {} not healthy within {STARTUP_TIMEOUT:?}",
+                    self.endpoint
+                );
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The client URL, e.g. `http://198.18.0.254:2379`.
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    /// The namespace etcd runs in (None: the root namespace).
+    pub fn namespace(&self) -> Option<&str> {
+        self.ns.as_deref()
+    }
+
+    /// etcd's log file.
+    pub fn log_path(&self) -> &Path {
+        &self.log_path
+    }
+
+    /// etcd's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read(&self.log_path)
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
+    }
+
+    /// A command `etcdctl --endpoints <endpoint> args...` (API v3) in etcd's namespace.
+    pub fn etcdctl_command(&self, args: &[&str]) -> Command {
+        let mut c = match &self.ns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, "etcdctl"]);
+                c
+            }
+            None => Command::new("etcdctl"),
+        };
+        c.env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={}", self.endpoint))
+            .arg("--command-timeout=10s")
+            .args(args);
+        c
+    }
+
+    /// Runs etcdctl with `args` (checked, bounded); returns stdout.
+    pub fn etcdctl(&self, args: &[&str]) -> Result<String> {
+        cmd::check_with(self.etcdctl_command(args), None, ETCDCTL_TIMEOUT)
+    }
+
+    /// Puts `key` = `value` (any bytes of text, passed on stdin).
+    pub fn put(&self, key: &str, value: &str) -> Result<()> {
+        cmd::check_with(
+            self.etcdctl_command(&["put", key]),
+            Some(value.as_bytes()),
+            ETCDCTL_TIMEOUT,
+        )
+        .with_context(|| format!("etcd put {key}"))?;
+        Ok(())
+    }
+
+    /// Puts `key` = `value` attached to a new lease of `ttl` seconds; returns the lease id.
+    pub fn put_with_ttl(&self, key: &str, value: &str, ttl: u64) -> Result<i64> {
+        let out = self.etcdctl(&["lease", "grant", &ttl.to_string(), "-w", "json"])?;
+        let id = serde_json::from_str::<serde_json::Value>(&out)
+            .ok()
+            .and_then(|v| v.get("ID").and_then(serde_json::Value::as_i64))
+            .with_context(|| format!("no lease ID in {out}"))?;
+        let lease = format!("--lease={id:x}");
+        cmd::check_with(
+            self.etcdctl_command(&["put", &lease, key]),
+            Some(value.as_bytes()),
+            ETCDCTL_TIMEOUT,
+        )
+        .with_context(|| format!("etcd put {key} with lease"))?;
+        Ok(id)
+    }
+
+    /// The value of `key`, None when absent.
+    pub fn get(&self, key: &str) -> Result<Option<String>> {
+        Ok(self.get_kv(key)?.map(|kv| kv.value))
+    }
+
+    /// `key` with its metadata, None when absent.
+    pub fn get_kv(&self, key: &str) -> Result<Option<KeyValue>> {
+        let out = self.etcdctl(&["get", key, "-w", "json"])?;
+        Ok(parse_get(&out)?.into_iter().next())
+    }
+
+    /// All keys under `prefix`, in key order.
+    pub fn get_prefix(&self, prefix: &str) -> Result<Vec<KeyValue>> {
+        let out = self.etcdctl(&["get", "--prefix", prefix, "-w", "json"])?;
+        parse_get(&out)
+    }
+
+    /// Deletes `key`; returns the number of keys deleted (0 or 1).
+    pub fn del(&self, key: &str) -> Result<u64> {
+        parse_deleted(&self.etcdctl(&["del", key])?)
+    }
+
+    /// Deletes every key under `prefix`; returns how many.
+    pub fn del_prefix(&self, prefix: &str) -> Result<u64> {
+        parse_deleted(&self.etcdctl(&["del", "--prefix", prefix])?)
+    }
+
+    /// Remaining time of lease `id`.
+    pub fn lease_ttl(&self, id: i64) -> Result<LeaseTtl> {
+        let out = self.etcdctl(&["lease", "timetolive", &format!("{id:x}"), "-w", "json"])?;
+        serde_json::from_str(&out).with_context(|| format!("parsing lease timetolive: {out}"))
+    }
+
+    /// Revokes lease `id` (its keys disappear at once, like an expiry).
+    pub fn lease_revoke(&self, id: i64) -> Result<()> {
+        self.etcdctl(&["lease", "revoke", &format!("{id:x}")])
+            .map(drop)
+    }
+
+    /// Writes the flannel network config `json` at `<prefix>/config` (prefix default
+    /// [`DEFAULT_ETCD_PREFIX`]).
+    pub fn put_network_config(&self, prefix: Option<&str>, json: &str) -> Result<()> {
+        let key = format!(
+            "{}/config",
+            prefix.unwrap_or(DEFAULT_ETCD_PREFIX).trim_end_matches('/')
+        );
+        self.put(&key, json)
+    }
+
+    /// Stops etcd (SIGTERM, then SIGKILL after 5 s). Idempotent; the data dir goes on drop.
+    pub fn stop(&self) {
+        if let Some(mut child) = self
+            .child
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+            && let Err(e) = cmd::terminate(&mut child, Duration::from_secs(5))
+        {
+            eprintln!("overlay-tests: stopping etcd: {e:#}");
+        }
+    }
+}
+
+impl Drop for EtcdServer {
+    fn drop(&mut self) {
+        self.stop();
+        drop(self.dir.take());
+    }
+}
+
+fn free_port() -> Result<u16> {
+    let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("binding a free port")?;
+    Ok(l.local_addr()?.port())
+}
+
+#[derive(Deserialize)]
+struct GetReply {
+    #[serde(default)]
+    kvs: Vec<RawKv>,
+}
+
+#[derive(Deserialize)]
+struct RawKv {
+    key: String,
+    #[serde(default)]
+    value: String,
+    #[serde(default)]
+    lease: i64,
+    #[serde(default)]
+    create_revision: i64,
+    #[serde(default)]
+    mod_revision: i64,
+    #[serde(default)]
+    version: i64,
+}
+
+pub(crate) fn parse_get(json: &str) -> Result<Vec<KeyValue>> {
+    let reply: GetReply =
+        serde_json::from_str(json).with_context(|| format!("parsing etcdctl get: {json}"))?;
+    let b64 = |s: &str| -> Result<String> {
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(s)
+            .with_context(|| format!("bad base64 {s:?}"))?;
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    };
+    reply
+        .kvs
+        .into_iter()
+        .map(|kv| {
+            Ok(KeyValue {
+                key: b64(&kv.key)?,
+                value: b64(&kv.value)?,
+                lease: kv.lease,
+                create_revision: kv.create_revision,
+                mod_revision: kv.mod_revision,
+                version: kv.version,
+            })
+        })
+        .collect()
+}
+
+fn parse_deleted(out: &str) -> Result<u64> {
+    let first = out.lines().next().unwrap_or("").trim();
+    first
+        .parse()
+        .with_context(|| format!("unexpected etcdctl del output {out:?}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_etcdctl_get_json() {
+        let json = r#"{"header":{"cluster_id":15118495548433857066,"member_id":1,"revision":3,"raft_term":2},
+            "kvs":[{"key":"L3gvaw==","create_revision":2,"mod_revision":2,"version":1,"value":"eyJhIjoKIi1iIn0="},
+                   {"key":"L3gvazI=","create_revision":3,"mod_revision":3,"version":1,"value":"LXY=","lease":7587}],"count":2}"#;
+        let kvs = parse_get(json).unwrap();
+        assert_eq!(kvs.len(), 2);
+        assert_eq!(kvs[0].key, "/x/k");
+        assert_eq!(kvs[0].value, "{\"a\":\n\"-b\"}");
+        assert_eq!(kvs[0].lease, 0);
+        assert_eq!(kvs[1].value, "-v");
+        assert_eq!(kvs[1].lease, 7587);
+        let empty = r#"{"header":{"cluster_id":1,"member_id":1,"revision":2,"raft_term":2}}"#;
+        assert!(parse_get(empty).unwrap().is_empty());
+    }
+}
