@@ -1,13 +1,16 @@
 //! The overlay agent: a flanneld-compatible node daemon whose data path runs in eBPF.
 //!
-//! `cli` holds flanneld's flags, `datapath` loads and attaches the eBPF programs; the control
-//! plane (network config, subnet leases, peer watch, subnet.env) lives in `config` and `subnet`.
+//! - `cli`: flanneld's flags; `iface`: choosing the external interface as flanneld does.
+//! - `config`: the network config at `<prefix>/config`; `subnet`: leases, peers, subnet.env.
+//! - `datapath`: loading the embedded eBPF object, attaching it, filling its maps.
+//! - `healthz`: `/healthz` and `/readyz`; `daemon`: the node daemon tying these together.
 
 pub mod cli;
+pub mod config;
+pub mod daemon;
 pub mod datapath;
 pub mod healthz;
 pub mod iface;
-pub mod config;
 pub mod subnet;
 
 mod json_ci;

@@ -1,16 +1,13 @@
-//! `overlay-agent`: the per-node daemon. See the crate docs of `overlay_agent` for the parts.
+//! `overlay-agent`: the per-node daemon. See `overlay_agent::daemon` for what it does.
 
 use std::process::ExitCode;
 
-use anyhow::Context as _;
 use clap::Parser as _;
 use overlay_agent::{
-    cli::{Cli, Command, Flags, normalize_go_flags},
-    datapath::Datapath,
-    iface,
+    cli::{Cli, Command, normalize_go_flags},
+    daemon,
 };
-use tokio::signal::unix::{SignalKind, signal};
-use tracing::{error, info};
+use tracing::error;
 use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
@@ -18,7 +15,7 @@ async fn main() -> ExitCode {
     let cli = Cli::parse_from(normalize_go_flags(std::env::args_os()));
     init_tracing(cli.flags.verbosity);
     let result = match cli.command.unwrap_or(Command::Run) {
-        Command::Run => run(cli.flags).await,
+        Command::Run => daemon::run(cli.flags).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -36,34 +33,12 @@ fn init_tracing(verbosity: u8) {
         _ => "trace",
     };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
-    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).init();
-}
-
-async fn run(flags: Flags) -> anyhow::Result<()> {
-    // Install the handlers first so a signal during start-up still ends the agent cleanly.
-    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-
-    let ext = iface::discover(&flags.iface, &flags.iface_regex, flags.public_ip)
-        .await
-        .context("choosing the external interface")?;
-    info!(
-        "using interface {} (index {}, MTU {}), address {}, public IP {}",
-        ext.name, ext.index, ext.mtu, ext.iface_addr, ext.public_ip
-    );
-
-    let mut datapath = Datapath::load()?;
-    datapath.attach_underlay(&ext.name)?;
-    info!("data path attached to {}", ext.name);
-
-    tokio::select! {
-        _ = sigterm.recv() => info!("SIGTERM received, shutting down"),
-        _ = sigint.recv() => info!("SIGINT received, shutting down"),
-    }
-    for (reason, counter) in datapath.counters()? {
-        info!("counter {}: {} packets, {} bytes", reason.name(), counter.packets, counter.bytes);
-    }
-    drop(datapath);
-    info!("programs detached; exiting");
-    Ok(())
+    // Colours only on a terminal: the logs usually go to journald or a file.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .with_ansi(ansi)
+        .with_writer(std::io::stderr)
+        .init();
 }

@@ -106,6 +106,20 @@ impl Mac {
         self.0
     }
 
+    /// The VtepMAC of the node reached at `public_ip`: a locally administered unicast address
+    /// derived from the address, so it stays the same across agent restarts (flanneld's etcd
+    /// mode picks a new one each start, leaving stale neighbour entries on peers). PublicIPs
+    /// are unique in a cluster, so the MACs are too, up to a 2^-46 hash collision.
+    pub fn for_public_ip(public_ip: Ipv4Addr) -> Self {
+        // FNV-1a 64 over a fixed tag and the address: stable across releases and platforms.
+        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+        for byte in b"overlay-vtep".iter().chain(&public_ip.octets()) {
+            hash = (hash ^ u64::from(*byte)).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        let h = hash.to_be_bytes();
+        Self([(h[0] & 0xfc) | 0x02, h[1], h[2], h[3], h[4], h[5]])
+    }
+
     /// A random locally administered unicast address, as the kernel gives a new VXLAN device.
     pub fn random() -> Self {
         let mut bytes: [u8; 6] = rand::random();

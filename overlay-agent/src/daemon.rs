@@ -1,0 +1,259 @@
+//! The node daemon: joins the cluster as flanneld does, then keeps the lease and the data path
+//! current until SIGTERM/SIGINT.
+//!
+//! Start-up order: external interface → etcd → network config (waits while missing or bad) →
+//! subnet lease → data path → subnet file → ready. After that three tasks run under this one
+//! owner: the lease keeper (renewal, re-acquisition after revocation), the peer watcher (etcd
+//! leases of the other nodes, as add/change/remove events) and the health endpoints. If either
+//! control-plane task ends unexpectedly the daemon fails rather than run half-blind.
+
+use std::{net::SocketAddr, time::Duration};
+
+use anyhow::{Context as _, Result, bail};
+use tokio::{
+    signal::unix::{Signal, SignalKind, signal},
+    sync::{mpsc, watch},
+    task::JoinHandle,
+};
+use tracing::{error, info, warn};
+
+use crate::{
+    cli::Flags,
+    config::{Backend, NetworkConfig},
+    datapath::Datapath,
+    healthz,
+    iface::{self, ExternalInterface},
+    subnet::{
+        EtcdOptions, EtcdRegistry, Lease, LeaseAttrs, Mac, ManagerOptions, PeerEvent,
+        SubnetManager,
+        file::{SubnetEnv, previous_subnet, write_subnet_file},
+    },
+};
+
+/// flannel's refusal to run host-gw behind NAT, word for word.
+pub const HOST_GW_NAT_MESSAGE: &str = "your PublicIP differs from interface IP, meaning that probably you're on a NAT, which is not supported by host-gw backend";
+
+/// Room for bursts of peer events (e.g. the initial listing of a large cluster) before the
+/// watcher waits for the data path to catch up.
+const PEER_EVENT_QUEUE: usize = 1024;
+
+/// Runs the agent until a signal arrives or something fails for good.
+pub async fn run(flags: Flags) -> Result<()> {
+    // Handlers first, so that a signal during start-up still ends the agent cleanly.
+    let mut signals = Signals::new()?;
+
+    let ext = iface::discover(&flags.iface, &flags.iface_regex, flags.public_ip)
+        .await
+        .context("choosing the external interface")?;
+    info!(
+        "using interface {} (index {}, MTU {}), address {}, public IP {}",
+        ext.name, ext.index, ext.mtu, ext.iface_addr, ext.public_ip
+    );
+
+    let (set_ready, ready) = watch::channel(false);
+    let mut healthz = start_healthz(&flags, ready).await?;
+
+    let registry = EtcdRegistry::connect(&etcd_options(&flags))
+        .await
+        .context("connecting to etcd")?;
+    let manager = SubnetManager::new(registry, &flags.etcd_prefix, manager_options(&flags)?)?;
+
+    let config = tokio::select! {
+        config = manager.wait_for_network_config() => config,
+        signal = signals.recv() => return shut_down(signal),
+    };
+    check_backend(&config.backend, &ext)?;
+
+    let attrs = lease_attrs(&config.backend, &ext);
+    let previous = previous_subnet(&flags.subnet_file);
+    let lease = tokio::select! {
+        lease = manager.acquire_lease(&config, &attrs, previous) => lease?,
+        signal = signals.recv() => return shut_down(signal),
+    };
+    info!("Lease acquired: {}", lease.subnet);
+
+    let mut datapath = Datapath::load()?;
+    datapath.attach_underlay(&ext.name)?;
+    info!("data path attached to {}", ext.name);
+
+    write_env(&flags, &config, &ext, &lease)?;
+    set_ready.send_replace(true);
+
+    let (lease_tx, mut lease_rx) = watch::channel(lease.clone());
+    let (peer_tx, mut peers) = mpsc::channel(PEER_EVENT_QUEUE);
+    let mut keeper = tokio::spawn({
+        let (manager, config) = (manager.clone(), config.clone());
+        async move { manager.run_lease_keeper(config, lease_tx).await }
+    });
+    let mut watcher = tokio::spawn({
+        let (manager, own) = (manager.clone(), lease_rx.clone());
+        let backend = config.backend.type_name().to_owned();
+        async move { manager.run_peer_watcher(backend, own, peer_tx).await }
+    });
+
+    let mut subnet = lease.subnet;
+    let outcome = loop {
+        tokio::select! {
+            signal = signals.recv() => break shut_down(signal),
+            changed = lease_rx.changed() => {
+                if changed.is_err() {
+                    break Err(anyhow::anyhow!("the lease keeper stopped"));
+                }
+                let lease = lease_rx.borrow_and_update().clone();
+                if lease.subnet != subnet {
+                    info!("subnet changed from {subnet} to {} after re-acquisition", lease.subnet);
+                    subnet = lease.subnet;
+                    if let Err(e) = write_env(&flags, &config, &ext, &lease) {
+                        error!("{e:#}");
+                    }
+                }
+            }
+            event = peers.recv() => match event {
+                Some(event) => apply_peer_event(&mut datapath, &event),
+                None => break Err(anyhow::anyhow!("the peer watcher stopped")),
+            },
+            result = &mut healthz => {
+                break Err(anyhow::anyhow!("the health endpoint server stopped: {result:?}"));
+            }
+        }
+    };
+
+    // Stop the control-plane tasks before the data path goes: dropping the receivers ends them.
+    drop(peers);
+    drop(lease_rx);
+    for (name, task) in [("lease keeper", &mut keeper), ("peer watcher", &mut watcher)] {
+        if tokio::time::timeout(Duration::from_secs(5), &mut *task).await.is_err() {
+            warn!("the {name} did not stop within 5 s; aborting it");
+            task.abort();
+        }
+    }
+    healthz.abort();
+    report_counters(&datapath);
+    drop(datapath);
+    info!("programs detached; exiting");
+    outcome
+}
+
+/// Applies one change of the set of peers to the data path.
+fn apply_peer_event(_datapath: &mut Datapath, event: &PeerEvent) {
+    match event {
+        PeerEvent::Added(peer) | PeerEvent::Changed(peer) => {
+            let kind = if matches!(event, PeerEvent::Added(_)) { "added" } else { "changed" };
+            info!(
+                "peer {kind}: subnet {} public IP {} backend {} VtepMAC {}",
+                peer.subnet,
+                peer.public_ip,
+                peer.backend_type,
+                peer.vtep_mac.map_or_else(|| "-".to_owned(), |m| m.to_string()),
+            );
+        }
+        PeerEvent::Removed(subnet) => info!("peer removed: subnet {subnet}"),
+    }
+}
+
+fn report_counters(datapath: &Datapath) {
+    match datapath.counters() {
+        Ok(counters) => {
+            for (reason, c) in counters {
+                info!("counter {}: {} packets, {} bytes", reason.name(), c.packets, c.bytes);
+            }
+        }
+        Err(e) => warn!("cannot read the data path counters: {e}"),
+    }
+}
+
+fn etcd_options(flags: &Flags) -> EtcdOptions {
+    EtcdOptions {
+        endpoints: flags.etcd_endpoints.clone(),
+        username: flags.etcd_username.clone(),
+        password: flags.etcd_password.clone(),
+        keyfile: flags.etcd_keyfile.clone(),
+        certfile: flags.etcd_certfile.clone(),
+        cafile: flags.etcd_cafile.clone(),
+        timeout: Some(Duration::from_secs(10)),
+    }
+}
+
+fn manager_options(flags: &Flags) -> Result<ManagerOptions> {
+    let mut options = ManagerOptions {
+        renew_margin: ManagerOptions::renew_margin_from_minutes(
+            flags.subnet_lease_renew_margin.into(),
+        )?,
+        ..ManagerOptions::default()
+    };
+    if let Some(ttl) = flags.dev_lease_ttl {
+        // A short developer TTL would be shorter than any margin in minutes: renew at half-life.
+        options.lease_ttl = ttl;
+        options.renew_margin = options.renew_margin.min(ttl / 2);
+        options.retry_period = options.retry_period.min(ttl / 4).max(Duration::from_millis(100));
+    }
+    Ok(options)
+}
+
+/// The backend's own start-up checks, with flannel's messages.
+fn check_backend(backend: &Backend, ext: &ExternalInterface) -> Result<()> {
+    if matches!(backend, Backend::HostGw) && ext.public_ip != ext.iface_addr {
+        bail!("{HOST_GW_NAT_MESSAGE}");
+    }
+    Ok(())
+}
+
+fn lease_attrs(backend: &Backend, ext: &ExternalInterface) -> LeaseAttrs {
+    match backend {
+        Backend::Vxlan { vni, .. } => {
+            LeaseAttrs::vxlan(ext.public_ip, *vni, Mac::for_public_ip(ext.public_ip))
+        }
+        Backend::HostGw => LeaseAttrs::host_gw(ext.public_ip),
+    }
+}
+
+fn write_env(flags: &Flags, config: &NetworkConfig, ext: &ExternalInterface, lease: &Lease) -> Result<()> {
+    let env = SubnetEnv {
+        network: config.network,
+        subnet: lease.subnet,
+        mtu: config.backend.pod_mtu(ext.mtu),
+        ip_masq: flags.ip_masq,
+    };
+    write_subnet_file(&flags.subnet_file, &env)?;
+    info!("wrote {} (subnet {}, MTU {})", flags.subnet_file.display(), lease.subnet, env.mtu);
+    Ok(())
+}
+
+async fn start_healthz(
+    flags: &Flags,
+    ready: watch::Receiver<bool>,
+) -> Result<JoinHandle<std::io::Result<()>>> {
+    if flags.healthz_port == 0 {
+        // Off, as in flanneld: a task that never ends keeps the main loop uniform.
+        return Ok(tokio::spawn(std::future::pending()));
+    }
+    let server = healthz::bind(SocketAddr::new(flags.healthz_ip, flags.healthz_port), ready).await?;
+    Ok(tokio::spawn(server))
+}
+
+/// SIGTERM and SIGINT, whichever comes first.
+struct Signals {
+    term: Signal,
+    int: Signal,
+}
+
+impl Signals {
+    fn new() -> Result<Self> {
+        Ok(Self {
+            term: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+        })
+    }
+
+    async fn recv(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        }
+    }
+}
+
+fn shut_down(signal: &str) -> Result<()> {
+    info!("{signal} received, shutting down");
+    Ok(())
+}
