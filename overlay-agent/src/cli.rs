@@ -127,6 +127,11 @@ pub struct Flags {
     #[arg(short = 'v', env = "FLANNELD_V", default_value_t = 0)]
     pub verbosity: u8,
 
+    /// Name of the pod bridge (docker0, cni0). Default: the interface holding the subnet's
+    /// gateway address (FLANNEL_SUBNET), found whenever it appears.
+    #[arg(long, env = "OVERLAY_POD_BRIDGE")]
+    pub pod_bridge: Option<String>,
+
     /// Directory under bpffs where the data path's programs and maps are pinned.
     #[arg(long, env = "OVERLAY_BPF_DIR", default_value = DEFAULT_BPF_DIR)]
     pub bpf_dir: PathBuf,

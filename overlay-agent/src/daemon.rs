@@ -17,16 +17,19 @@ use tokio::{
 };
 use tracing::{error, info, warn};
 
+use ipnet::Ipv4Net;
+
 use crate::{
     cli::Flags,
     config::{Backend, NetworkConfig},
-    datapath::Datapath,
+    datapath::{Datapath, NodeConfig},
     healthz,
     iface::{self, ExternalInterface},
+    netdev::{HOST_DEVICE, HostDeviceSpec, Netlink, find_pod_bridge},
     subnet::{
         EtcdOptions, EtcdRegistry, Lease, LeaseAttrs, Mac, ManagerOptions, PeerEvent,
         SubnetManager,
-        file::{SubnetEnv, previous_subnet, write_subnet_file},
+        file::{SubnetEnv, first_usable, previous_subnet, write_subnet_file},
     },
 };
 
@@ -72,9 +75,14 @@ pub async fn run(flags: Flags) -> Result<()> {
     };
     info!("Lease acquired: {}", lease.subnet);
 
+    let netlink = Netlink::new()?;
+    enable_ip_forwarding()?;
     let mut datapath = Datapath::load()?;
     datapath.attach_underlay(&ext.name)?;
     info!("data path attached to {}", ext.name);
+    let mut node = NodeDatapath::new(&flags, &config, &ext);
+    node.apply_lease(&mut datapath, &netlink, &lease).await?;
+    node.track_pod_bridge(&mut datapath, &netlink).await;
 
     write_env(&flags, &config, &ext, &lease)?;
     set_ready.send_replace(true);
@@ -92,9 +100,12 @@ pub async fn run(flags: Flags) -> Result<()> {
     });
 
     let mut subnet = lease.subnet;
+    let mut bridge_poll = tokio::time::interval(BRIDGE_POLL);
+    bridge_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let outcome = loop {
         tokio::select! {
             signal = signals.recv() => break shut_down(signal),
+            _ = bridge_poll.tick() => node.track_pod_bridge(&mut datapath, &netlink).await,
             changed = lease_rx.changed() => {
                 if changed.is_err() {
                     break Err(anyhow::anyhow!("the lease keeper stopped"));
@@ -103,13 +114,16 @@ pub async fn run(flags: Flags) -> Result<()> {
                 if lease.subnet != subnet {
                     info!("subnet changed from {subnet} to {} after re-acquisition", lease.subnet);
                     subnet = lease.subnet;
+                    if let Err(e) = node.apply_lease(&mut datapath, &netlink, &lease).await {
+                        error!("cannot move the data path to subnet {subnet}: {e:#}");
+                    }
                     if let Err(e) = write_env(&flags, &config, &ext, &lease) {
                         error!("{e:#}");
                     }
                 }
             }
             event = peers.recv() => match event {
-                Some(event) => apply_peer_event(&mut datapath, &event),
+                Some(event) => node.apply_peer_event(&mut datapath, &event),
                 None => break Err(anyhow::anyhow!("the peer watcher stopped")),
             },
             result = &mut healthz => {
@@ -134,21 +148,143 @@ pub async fn run(flags: Flags) -> Result<()> {
     outcome
 }
 
-/// Applies one change of the set of peers to the data path.
-fn apply_peer_event(_datapath: &mut Datapath, event: &PeerEvent) {
-    match event {
-        PeerEvent::Added(peer) | PeerEvent::Changed(peer) => {
-            let kind = if matches!(event, PeerEvent::Added(_)) { "added" } else { "changed" };
-            info!(
-                "peer {kind}: subnet {} public IP {} backend {} VtepMAC {}",
-                peer.subnet,
-                peer.public_ip,
-                peer.backend_type,
-                peer.vtep_mac.map_or_else(|| "-".to_owned(), |m| m.to_string()),
-            );
+/// How often the agent looks for the pod bridge appearing, disappearing or being re-created.
+const BRIDGE_POLL: Duration = Duration::from_secs(1);
+
+/// What the data path needs from the node's settings, and the pod bridge it currently serves.
+struct NodeDatapath {
+    backend: Backend,
+    network: Ipv4Net,
+    public_ip: std::net::Ipv4Addr,
+    vtep_mac: [u8; 6],
+    pod_mtu: u32,
+    bridge_name: Option<String>,
+    /// The gateway address of our subnet: what identifies the pod bridge.
+    gateway: std::net::Ipv4Addr,
+    /// The bridge `pod_egress` is attached to: name and interface index.
+    bridge: Option<(String, u32)>,
+}
+
+impl NodeDatapath {
+    fn new(flags: &Flags, config: &NetworkConfig, ext: &ExternalInterface) -> Self {
+        Self {
+            backend: config.backend,
+            network: config.network,
+            public_ip: ext.public_ip,
+            vtep_mac: Mac::for_public_ip(ext.public_ip).octets(),
+            pod_mtu: config.backend.pod_mtu(ext.mtu),
+            bridge_name: flags.pod_bridge.clone(),
+            gateway: std::net::Ipv4Addr::UNSPECIFIED,
+            bridge: None,
         }
-        PeerEvent::Removed(subnet) => info!("peer removed: subnet {subnet}"),
     }
+
+    /// Points the data path and the host device at `lease`'s subnet.
+    async fn apply_lease(&mut self, datapath: &mut Datapath, netlink: &Netlink, lease: &Lease) -> Result<()> {
+        self.gateway = first_usable(lease.subnet).addr();
+        let Backend::Vxlan { vni, port, direct_routing, .. } = self.backend else {
+            warn!("the host-gw data path is not implemented yet: pod traffic will not cross nodes");
+            return Ok(());
+        };
+        if direct_routing {
+            warn!("DirectRouting is not implemented yet: every peer is reached through VXLAN");
+        }
+        datapath.set_config(&NodeConfig::new(
+            vni,
+            port,
+            self.public_ip,
+            self.vtep_mac,
+            lease.subnet,
+            self.network,
+        ))?;
+        let spec = HostDeviceSpec {
+            mac: self.vtep_mac,
+            mtu: self.pod_mtu,
+            addr: lease.subnet.network(),
+            network: self.network,
+        };
+        netlink.ensure_host_device(&spec).await?;
+        datapath.attach_host_device(HOST_DEVICE)?;
+        info!("host device {HOST_DEVICE} serves {} (address {}/32)", self.network, spec.addr);
+        Ok(())
+    }
+
+    /// Attaches to the pod bridge when it appears (or was re-created) and lets go when it
+    /// disappears. Failures are logged and retried at the next poll.
+    async fn track_pod_bridge(&mut self, datapath: &mut Datapath, netlink: &Netlink) {
+        if !matches!(self.backend, Backend::Vxlan { .. }) {
+            return;
+        }
+        let found = match netlink.interfaces().await {
+            Ok(list) => find_pod_bridge(&list, self.bridge_name.as_deref(), self.gateway)
+                .map(|i| (i.name.clone(), i.index)),
+            Err(e) => {
+                warn!("cannot list interfaces to find the pod bridge: {e}");
+                return;
+            }
+        };
+        if found == self.bridge {
+            return;
+        }
+        let result = match &found {
+            Some((name, index)) => datapath.attach_pod_bridge(name).map(|()| {
+                info!("pod bridge {name} (index {index}) attached");
+            }),
+            None => datapath.detach_pod_bridge().map(|()| {
+                info!("pod bridge gone; decapsulated pod traffic is dropped until it returns");
+            }),
+        };
+        match result {
+            Ok(()) => self.bridge = found,
+            Err(e) => warn!("cannot switch the pod bridge to {found:?}: {e}"),
+        }
+    }
+
+    /// Applies one change of the set of peers to the data path. A record the data path cannot
+    /// use is logged and skipped; it never stops the agent or disturbs other peers.
+    fn apply_peer_event(&self, datapath: &mut Datapath, event: &PeerEvent) {
+        let result = match event {
+            PeerEvent::Added(peer) | PeerEvent::Changed(peer) => {
+                let kind = if matches!(event, PeerEvent::Added(_)) { "added" } else { "changed" };
+                info!(
+                    "peer {kind}: subnet {} public IP {} backend {} VtepMAC {}",
+                    peer.subnet,
+                    peer.public_ip,
+                    peer.backend_type,
+                    peer.vtep_mac.map_or_else(|| "-".to_owned(), |m| m.to_string()),
+                );
+                match (self.backend, peer.vtep_mac) {
+                    (Backend::Vxlan { .. }, Some(mac)) => {
+                        datapath.upsert_peer(peer.subnet, peer.public_ip, mac.octets()).map_err(Into::into)
+                    }
+                    (Backend::Vxlan { .. }, None) => {
+                        Err(anyhow::anyhow!("its lease has no VtepMAC; it is not reachable"))
+                    }
+                    (Backend::HostGw, _) => Ok(()),
+                }
+            }
+            PeerEvent::Removed(subnet) => {
+                info!("peer removed: subnet {subnet}");
+                datapath.remove_peer(*subnet).map_err(Into::into)
+            }
+        };
+        if let Err(e) = result {
+            error!("peer event {event:?} not applied to the data path: {e:#}");
+        }
+    }
+}
+
+/// Pods' traffic to anything outside the cluster is routed by the kernel, and the data path
+/// hands it packets it must answer with ICMP (TTL, MTU): both need forwarding on, as flanneld's
+/// users get from Docker or kubelet. The setting is per network namespace.
+fn enable_ip_forwarding() -> Result<()> {
+    const PATH: &str = "/proc/sys/net/ipv4/ip_forward";
+    let current = std::fs::read_to_string(PATH).with_context(|| format!("reading {PATH}"))?;
+    if current.trim() != "1" {
+        std::fs::write(PATH, "1").with_context(|| format!("turning on IPv4 forwarding in {PATH}"))?;
+        info!("IPv4 forwarding turned on ({PATH})");
+    }
+    Ok(())
 }
 
 fn report_counters(datapath: &Datapath) {

@@ -7,14 +7,16 @@
 //! The object is `$OVERLAY_EBPF_OBJECT` or `target/bpfel-unknown-none/release/overlay`.
 //!
 //! What `BPF_PROG_TEST_RUN` does and does not show: the program runs on a linear skb built from
-//! the frame (at least 14 bytes) in the caller's network namespace; a redirect only returns
-//! `TC_ACT_REDIRECT` (nothing is sent, the target ifindex is not reported), so the outer MACs
-//! that `bpf_redirect_neigh` would fill in are never asserted, and where a packet went is told
-//! apart by the counters. GSO packets cannot be built (no `gso_type`), so segmentation is not
-//! covered here. Two tests use network namespaces (the harness's `NetNs`, named `ovl-<pid>-…`
-//! and removed on drop): one runs the programs in a namespace with small MTUs, one sends our
+//! the frame (the kernel wants 14 bytes, 34 for IPv4) in the caller's network namespace; a
+//! redirect only returns `TC_ACT_REDIRECT` (nothing is sent, the target is not reported), so the
+//! outer MACs that `bpf_redirect_neigh` would fill in are never asserted, and where a packet
+//! went is told apart by the counters. GSO packets cannot be built (no `gso_type`), so
+//! segmentation is not covered here. Three tests use network namespaces (the harness's `NetNs`, named `ovl-<pid>-…`
+//! and removed on drop): one runs the programs in a namespace with small MTUs; one sends our
 //! encapsulated frame to a stock kernel `flannel.1` VXLAN device, built as flanneld builds it,
-//! and decapsulates the reply that device sends back.
+//! and decapsulates the reply that device sends back; one drives the agent's `Datapath` API
+//! (attach to real devices, configure, add and remove peers) and checks through the programs
+//! that the maps it wrote mean what the programs expect.
 
 use std::{
     collections::BTreeMap,
@@ -130,12 +132,13 @@ struct Run {
     out: Vec<u8>,
 }
 
-/// The eBPF object with fresh maps and every program loaded (so verified by the kernel).
-struct Datapath {
+/// The eBPF object with fresh maps and every program loaded (so verified by the kernel); the
+/// tests fill the maps directly with the shared types.
+struct Loaded {
     ebpf: Ebpf,
 }
 
-impl Datapath {
+impl Loaded {
     fn new() -> Self {
         require_root();
         let path = object_path();
@@ -199,18 +202,7 @@ impl Datapath {
     }
 
     fn run(&self, prog: &str, frame: &[u8]) -> Run {
-        let program: &SchedClassifier =
-            self.ebpf.program(prog).unwrap().try_into().unwrap();
-        let mut out = vec![0u8; frame.len() + 256];
-        let result = program
-            .test_run(TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(&mut out),
-                ..TestRunOptions::default()
-            })
-            .unwrap_or_else(|e| panic!("test run of {prog} on {} bytes: {e:?}", frame.len()));
-        out.truncate(result.data_size_out as usize);
-        Run { verdict: result.return_value, out }
+        run_prog(&self.ebpf, prog, frame)
     }
 
     /// Packets per reason, summed over the CPUs; reasons that counted nothing are left out.
@@ -241,6 +233,21 @@ impl Datapath {
             expected.iter().filter(|(_, n)| *n != 0).map(|(r, n)| (r.name(), *n)).collect();
         assert_eq!(self.counters(), expected, "counters");
     }
+}
+
+/// Runs the loaded program `prog` of `ebpf` once on `frame`.
+fn run_prog(ebpf: &Ebpf, prog: &str, frame: &[u8]) -> Run {
+    let program: &SchedClassifier = ebpf.program(prog).unwrap().try_into().unwrap();
+    let mut out = vec![0u8; frame.len() + 256];
+    let result = program
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ..TestRunOptions::default()
+        })
+        .unwrap_or_else(|e| panic!("test run of {prog} on {} bytes: {e:?}", frame.len()));
+    out.truncate(result.data_size_out as usize);
+    Run { verdict: result.return_value, out }
 }
 
 fn config_for(node: Node) -> Config {
@@ -283,7 +290,14 @@ fn be16(b: &[u8], off: usize) -> u16 {
     u16::from_be_bytes([b[off], b[off + 1]])
 }
 
-fn ipv4_packet(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, ttl: u8, tos: u8, payload: &[u8]) -> Vec<u8> {
+fn ipv4_packet(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    proto: u8,
+    ttl: u8,
+    tos: u8,
+    payload: &[u8],
+) -> Vec<u8> {
     let len = u16::try_from(20 + payload.len()).unwrap();
     let mut p = vec![0x45, tos];
     p.extend_from_slice(&len.to_be_bytes());
@@ -373,9 +387,15 @@ impl Vxlan {
     fn frame(&self, inner: &[u8]) -> Vec<u8> {
         let mut vx = self.flags.to_vec();
         vx.extend_from_slice(&(self.vni << 8 | u32::from(self.vni_reserved)).to_be_bytes());
-        vx.extend_from_slice(&ether(self.inner_dst_mac, self.inner_src_mac, self.inner_type, inner));
+        vx.extend_from_slice(&ether(
+            self.inner_dst_mac,
+            self.inner_src_mac,
+            self.inner_type,
+            inner,
+        ));
         let udp = udp_datagram(45678, self.dport, &vx);
-        let mut ip = ipv4_packet(self.outer_src, self.outer_dst, IPPROTO_UDP, 64, self.outer_tos, &udp);
+        let mut ip =
+            ipv4_packet(self.outer_src, self.outer_dst, IPPROTO_UDP, 64, self.outer_tos, &udp);
         ip[6..8].copy_from_slice(&self.frag_off.to_be_bytes());
         ip[10..12].copy_from_slice(&[0, 0]);
         let c = checksum(&ip[..20]);
@@ -460,7 +480,7 @@ const FLANNEL1_CAPTURE: &str = "
 
 #[test]
 fn every_program_passes_the_verifier() {
-    let dp = Datapath::new();
+    let dp = Loaded::new();
     for name in PROGRAMS {
         let prog: &SchedClassifier = dp.ebpf.program(name).unwrap().try_into().unwrap();
         assert!(prog.fd().is_ok(), "{name} is loaded");
@@ -472,7 +492,7 @@ fn every_program_passes_the_verifier() {
 
 #[test]
 fn pod_egress_encapsulates_for_a_peer_subnet() {
-    let dp = Datapath::node(A, &[B]);
+    let dp = Loaded::node(A, &[B]);
     let inner = udp_packet(host_addr(A, 5), host_addr(B, 7), 64, 40000, 100);
     let frame = pod_frame(&inner);
 
@@ -489,7 +509,12 @@ fn pod_egress_encapsulates_for_a_peer_subnet() {
     let ports: std::collections::BTreeSet<u16> = (0..8u16)
         .map(|i| {
             let inner = udp_packet(host_addr(A, 5), host_addr(B, 7), 64, 41000 + i, 100);
-            assert_vxlan(&dp.run(POD_EGRESS, &pod_frame(&inner)).out, A, B, &with_ttl_decremented(&inner, 1))
+            assert_vxlan(
+                &dp.run(POD_EGRESS, &pod_frame(&inner)).out,
+                A,
+                B,
+                &with_ttl_decremented(&inner, 1),
+            )
         })
         .collect();
     assert!(ports.len() >= 4, "source ports of 8 flows: {ports:?}");
@@ -501,25 +526,36 @@ fn pod_egress_encapsulates_for_a_peer_subnet() {
 
 #[test]
 fn pod_egress_uses_the_longest_prefix_and_the_peer_entry() {
-    let mut dp = Datapath::node(A, &[B]);
+    let mut dp = Loaded::node(A, &[B]);
     // A /16 catch-all to another node and a /28 inside B's subnet to a third one.
-    let c = Node { local_ip: Ipv4Addr::new(198, 18, 0, 3), subnet: Ipv4Addr::new(172, 17, 3, 0), vtep: [0x0e, 0, 0, 0, 0, 3] };
-    let d = Node { local_ip: Ipv4Addr::new(198, 18, 0, 4), subnet: Ipv4Addr::new(172, 17, 2, 16), vtep: [0x0e, 0, 0, 0, 0, 4] };
+    let c = Node {
+        local_ip: Ipv4Addr::new(198, 18, 0, 3),
+        subnet: Ipv4Addr::new(172, 17, 3, 0),
+        vtep: [0x0e, 0, 0, 0, 0, 3],
+    };
+    let d = Node {
+        local_ip: Ipv4Addr::new(198, 18, 0, 4),
+        subnet: Ipv4Addr::new(172, 17, 2, 16),
+        vtep: [0x0e, 0, 0, 0, 0, 4],
+    };
     dp.add_peer(NETWORK, 16, RemoteNode::vxlan(c.local_ip.octets(), c.vtep));
     dp.add_peer(d.subnet, 28, RemoteNode::vxlan(d.local_ip.octets(), d.vtep));
-    for (dst, to) in [
-        (host_addr(B, 7), B),
-        (host_addr(B, 20), d),
-        (Ipv4Addr::new(172, 17, 99, 1), c),
-    ] {
+    for (dst, to) in
+        [(host_addr(B, 7), B), (host_addr(B, 20), d), (Ipv4Addr::new(172, 17, 99, 1), c)]
+    {
         let inner = udp_packet(host_addr(A, 5), dst, 64, 40000, 10);
         let run = dp.run(POD_EGRESS, &pod_frame(&inner));
         assert_eq!(run.verdict, TC_ACT_REDIRECT, "{dst}");
         assert_vxlan(&run.out, A, to, &with_ttl_decremented(&inner, 1));
     }
     // A route without the VXLAN flag (reserved for direct routing) is left to the kernel.
-    dp.add_peer(Ipv4Addr::new(172, 17, 4, 0), 24, RemoteNode { public_ip: [198, 18, 0, 5], vtep_mac: [0; 6], flags: 2 });
-    let frame = pod_frame(&udp_packet(host_addr(A, 5), Ipv4Addr::new(172, 17, 4, 9), 64, 40000, 10));
+    dp.add_peer(
+        Ipv4Addr::new(172, 17, 4, 0),
+        24,
+        RemoteNode { public_ip: [198, 18, 0, 5], vtep_mac: [0; 6], flags: 2 },
+    );
+    let frame =
+        pod_frame(&udp_packet(host_addr(A, 5), Ipv4Addr::new(172, 17, 4, 9), 64, 40000, 10));
     let run = dp.run(POD_EGRESS, &frame);
     assert_eq!((run.verdict, run.out), (TC_ACT_OK, frame));
     dp.assert_counters(&[(Reason::EncapPod, 3)]);
@@ -527,7 +563,7 @@ fn pod_egress_uses_the_longest_prefix_and_the_peer_entry() {
 
 #[test]
 fn pod_egress_leaves_everything_else_to_the_kernel() {
-    let mut dp = Datapath::node(A, &[B]);
+    let mut dp = Loaded::node(A, &[B]);
     let src = host_addr(A, 5);
     let peer_bound = pod_frame(&udp_packet(src, host_addr(B, 7), 64, 40000, 10));
     let mut broadcast = peer_bound.clone();
@@ -537,7 +573,10 @@ fn pod_egress_leaves_everything_else_to_the_kernel() {
     let cases: Vec<(&str, Vec<u8>)> = vec![
         ("outside world", pod_frame(&udp_packet(src, Ipv4Addr::new(198, 19, 0, 1), 64, 1, 10))),
         ("own subnet", pod_frame(&udp_packet(src, host_addr(A, 9), 64, 1, 10))),
-        ("cluster address without a peer", pod_frame(&udp_packet(src, Ipv4Addr::new(172, 17, 9, 9), 64, 1, 10))),
+        (
+            "cluster address without a peer",
+            pod_frame(&udp_packet(src, Ipv4Addr::new(172, 17, 9, 9), 64, 1, 10)),
+        ),
         ("ARP", ether([0xff; 6], POD_MAC, ETH_P_ARP, &[0; 28])),
         ("IPv6", ether(GW_MAC, POD_MAC, ETH_P_IPV6, &[0x60; 60])),
         ("broadcast MAC", broadcast),
@@ -563,10 +602,11 @@ fn pod_egress_leaves_everything_else_to_the_kernel() {
 
 #[test]
 fn host_egress_encapsulates_without_touching_the_inner_packet() {
-    let dp = Datapath::node(A, &[B]);
+    let dp = Loaded::node(A, &[B]);
     // The host (source: the host device's address) pings a remote pod. The kernel routed it
     // already, so the TTL stays.
-    let inner = ipv4_packet(A.subnet, host_addr(B, 5), IPPROTO_ICMP, 64, 0, &icmp_echo(8, 7, 1, b"ping"));
+    let inner =
+        ipv4_packet(A.subnet, host_addr(B, 5), IPPROTO_ICMP, 64, 0, &icmp_echo(8, 7, 1, b"ping"));
     let frame = ether([0x02, 0x11, 0, 0, 0, 1], [0x02, 0x11, 0, 0, 0, 1], ETH_P_IP, &inner);
     let run = dp.run(HOST_EGRESS, &frame);
     assert_eq!(run.verdict, TC_ACT_REDIRECT);
@@ -576,11 +616,21 @@ fn host_egress_encapsulates_without_touching_the_inner_packet() {
 
 #[test]
 fn host_egress_drops_cluster_addresses_without_a_peer() {
-    let dp = Datapath::node(A, &[B]);
-    let no_peer = ether(HOST_MAC, HOST_MAC, ETH_P_IP, &udp_packet(A.subnet, Ipv4Addr::new(172, 17, 9, 9), 64, 1, 10));
+    let dp = Loaded::node(A, &[B]);
+    let no_peer = ether(
+        HOST_MAC,
+        HOST_MAC,
+        ETH_P_IP,
+        &udp_packet(A.subnet, Ipv4Addr::new(172, 17, 9, 9), 64, 1, 10),
+    );
     assert_eq!(dp.run(HOST_EGRESS, &no_peer).verdict, TC_ACT_SHOT);
     // Not a cluster address, not IPv4: not ours.
-    let outside = ether(HOST_MAC, HOST_MAC, ETH_P_IP, &udp_packet(A.subnet, Ipv4Addr::new(10, 1, 2, 3), 64, 1, 10));
+    let outside = ether(
+        HOST_MAC,
+        HOST_MAC,
+        ETH_P_IP,
+        &udp_packet(A.subnet, Ipv4Addr::new(10, 1, 2, 3), 64, 1, 10),
+    );
     let run = dp.run(HOST_EGRESS, &outside);
     assert_eq!((run.verdict, &run.out), (TC_ACT_OK, &outside));
     let ipv6 = ether(HOST_MAC, HOST_MAC, ETH_P_IPV6, &[0x60; 60]);
@@ -590,10 +640,17 @@ fn host_egress_drops_cluster_addresses_without_a_peer() {
 
 #[test]
 fn ecn_is_copied_to_the_outer_header_as_the_kernel_does() {
-    let dp = Datapath::node(A, &[B]);
+    let dp = Loaded::node(A, &[B]);
     // inner ECN -> outer ECN: Not-ECT -> 0, ECT(1) -> 1, ECT(0) -> 2, CE -> ECT(0); DSCP never.
     for (inner_tos, outer_tos) in [(0x00, 0), (0xb9, 1), (0x02, 2), (0x03, 2)] {
-        let inner = ipv4_packet(A.subnet, host_addr(B, 5), IPPROTO_UDP, 64, inner_tos, &udp_datagram(1, 2, b"x"));
+        let inner = ipv4_packet(
+            A.subnet,
+            host_addr(B, 5),
+            IPPROTO_UDP,
+            64,
+            inner_tos,
+            &udp_datagram(1, 2, b"x"),
+        );
         let run = dp.run(HOST_EGRESS, &ether(HOST_MAC, HOST_MAC, ETH_P_IP, &inner));
         assert_eq!(run.verdict, TC_ACT_REDIRECT);
         assert_eq!(run.out[15], outer_tos, "outer TOS for inner TOS {inner_tos:#x}");
@@ -609,7 +666,7 @@ fn ecn_is_copied_to_the_outer_header_as_the_kernel_does() {
 fn encapsulation_matches_the_kernel_vxlan_device() {
     let kernel = from_hex(FLANNEL1_CAPTURE);
     assert_eq!(kernel.len(), 148);
-    let dp = Datapath::node(A, &[B]);
+    let dp = Loaded::node(A, &[B]);
     let inner = &kernel[64..];
     let run = dp.run(HOST_EGRESS, &ether(HOST_MAC, HOST_MAC, ETH_P_IP, inner));
     assert_eq!(run.verdict, TC_ACT_REDIRECT);
@@ -617,10 +674,21 @@ fn encapsulation_matches_the_kernel_vxlan_device() {
     assert_eq!(run.out.len(), kernel.len());
     let differ: Vec<usize> = (14..kernel.len()).filter(|&i| run.out[i] != kernel[i]).collect();
     let allowed = [18, 19, 24, 25, 34, 35, 40, 41];
-    assert!(differ.iter().all(|i| allowed.contains(i)), "bytes differing from flannel.1: {differ:?}");
+    assert!(
+        differ.iter().all(|i| allowed.contains(i)),
+        "bytes differing from flannel.1: {differ:?}"
+    );
     // The kernel's frame passes our own frame checks too.
     assert_vxlan(
-        &[&run.out[..14], &kernel[14..34], &run.out[34..36], &kernel[36..40], &[0, 0], &kernel[42..]].concat(),
+        &[
+            &run.out[..14],
+            &kernel[14..34],
+            &run.out[34..36],
+            &kernel[36..40],
+            &[0, 0],
+            &kernel[42..],
+        ]
+        .concat(),
         A,
         B,
         inner,
@@ -634,7 +702,7 @@ fn encapsulation_matches_the_kernel_vxlan_device() {
 fn underlay_ingress_decapsulates_a_kernel_vxlan_frame_to_the_pod_bridge() {
     // The capture is A -> B (172.17.2.5); run it on node B.
     let kernel = from_hex(FLANNEL1_CAPTURE);
-    let dp = Datapath::node(B, &[A]);
+    let dp = Loaded::node(B, &[A]);
     let run = dp.run(UNDERLAY_INGRESS, &kernel);
     assert_eq!(run.verdict, TC_ACT_REDIRECT);
     assert_eq!(run.out.len(), kernel.len() - 50);
@@ -647,10 +715,17 @@ fn underlay_ingress_decapsulates_a_kernel_vxlan_frame_to_the_pod_bridge() {
 
 #[test]
 fn underlay_ingress_delivers_host_addresses_to_the_host_device() {
-    let dp = Datapath::node(A, &[B]);
+    let dp = Loaded::node(A, &[B]);
     // .0 is the host device's address, .1 the bridge's (gateway): both are the host's.
     for last in [0, 1] {
-        let inner = ipv4_packet(host_addr(B, 5), host_addr(A, last), IPPROTO_ICMP, 64, 0, &icmp_echo(8, 1, 1, b"hi"));
+        let inner = ipv4_packet(
+            host_addr(B, 5),
+            host_addr(A, last),
+            IPPROTO_ICMP,
+            64,
+            0,
+            &icmp_echo(8, 1, 1, b"hi"),
+        );
         let run = dp.run(UNDERLAY_INGRESS, &Vxlan::between(B, A).frame(&inner));
         assert_eq!(run.verdict, TC_ACT_REDIRECT, ".{last}");
         assert_eq!(&run.out[..6], &HOST_MAC, "destination MAC: the host device's");
@@ -663,7 +738,7 @@ fn underlay_ingress_delivers_host_addresses_to_the_host_device() {
 
 #[test]
 fn underlay_ingress_hands_expiring_packets_to_the_host() {
-    let dp = Datapath::node(A, &[B]);
+    let dp = Loaded::node(A, &[B]);
     let inner = udp_packet(host_addr(B, 5), host_addr(A, 7), 1, 1, 10);
     let run = dp.run(UNDERLAY_INGRESS, &Vxlan::between(B, A).frame(&inner));
     assert_eq!(run.verdict, TC_ACT_REDIRECT);
@@ -674,11 +749,18 @@ fn underlay_ingress_hands_expiring_packets_to_the_host() {
 
 #[test]
 fn underlay_ingress_copies_congestion_marks_inward() {
-    let dp = Datapath::node(A, &[B]);
+    let dp = Loaded::node(A, &[B]);
     let mut vx = Vxlan::between(B, A);
     vx.outer_tos = 0x03; // CE
     // ECT(0) inner -> CE inner (checksum patched), then the TTL hop.
-    let inner = ipv4_packet(host_addr(B, 5), host_addr(A, 7), IPPROTO_UDP, 64, 0x02, &udp_datagram(1, 2, b"x"));
+    let inner = ipv4_packet(
+        host_addr(B, 5),
+        host_addr(A, 7),
+        IPPROTO_UDP,
+        64,
+        0x02,
+        &udp_datagram(1, 2, b"x"),
+    );
     let run = dp.run(UNDERLAY_INGRESS, &vx.frame(&inner));
     assert_eq!(run.verdict, TC_ACT_REDIRECT);
     let mut expected = inner.clone();
@@ -686,7 +768,14 @@ fn underlay_ingress_copies_congestion_marks_inward() {
     assert_eq!(&run.out[14..], &with_ttl_decremented(&expected, 1)[..]);
     assert_eq!(checksum(&run.out[14..34]), 0);
     // Not-ECT inner under a CE outer: dropped (RFC 6040).
-    let not_ect = ipv4_packet(host_addr(B, 5), host_addr(A, 7), IPPROTO_UDP, 64, 0, &udp_datagram(1, 2, b"x"));
+    let not_ect = ipv4_packet(
+        host_addr(B, 5),
+        host_addr(A, 7),
+        IPPROTO_UDP,
+        64,
+        0,
+        &udp_datagram(1, 2, b"x"),
+    );
     assert_eq!(dp.run(UNDERLAY_INGRESS, &vx.frame(&not_ect)).verdict, TC_ACT_SHOT);
     // ECT outer without CE changes nothing.
     vx.outer_tos = 0x02;
@@ -711,9 +800,17 @@ fn underlay_ingress_drops_and_counts_what_fails_a_check() {
     let mut inner_ihl = good.frame(&inner);
     inner_ihl[64] = 0x44;
     let cases: Vec<(&str, Vec<u8>, Reason)> = vec![
-        ("source not a member", with(&|v| v.outer_src = Ipv4Addr::new(198, 18, 0, 99)), Reason::DropUnknownPeer),
+        (
+            "source not a member",
+            with(&|v| v.outer_src = Ipv4Addr::new(198, 18, 0, 99)),
+            Reason::DropUnknownPeer,
+        ),
         ("other VNI", with(&|v| v.vni = 2), Reason::DropWrongVni),
-        ("inner MAC not our VtepMAC", with(&|v| v.inner_dst_mac = [0x0e, 0, 0, 0, 0, 0x09]), Reason::DropWrongMac),
+        (
+            "inner MAC not our VtepMAC",
+            with(&|v| v.inner_dst_mac = [0x0e, 0, 0, 0, 0, 0x09]),
+            Reason::DropWrongMac,
+        ),
         ("inner broadcast", with(&|v| v.inner_dst_mac = [0xff; 6]), Reason::DropWrongMac),
         ("inner ARP", with(&|v| v.inner_type = ETH_P_ARP), Reason::DropNotIpv4),
         ("inner IPv6", with(&|v| v.inner_type = ETH_P_IPV6), Reason::DropNotIpv4),
@@ -727,11 +824,17 @@ fn underlay_ingress_drops_and_counts_what_fails_a_check() {
         ("first fragment", with(&|v| v.frag_off = 0x2000), Reason::DropFragment),
         (
             "inner destination outside our subnet",
-            Vxlan::between(B, A).frame(&udp_packet(host_addr(B, 5), Ipv4Addr::new(172, 17, 3, 4), 64, 1, 32)),
+            Vxlan::between(B, A).frame(&udp_packet(
+                host_addr(B, 5),
+                Ipv4Addr::new(172, 17, 3, 4),
+                64,
+                1,
+                32,
+            )),
             Reason::DropNotLocal,
         ),
     ];
-    let dp = Datapath::node(A, &[B]);
+    let dp = Loaded::node(A, &[B]);
     for (what, frame, reason) in &cases {
         let before = dp.counters();
         let run = dp.run(UNDERLAY_INGRESS, frame);
@@ -754,18 +857,24 @@ fn underlay_ingress_drops_and_counts_what_fails_a_check() {
 
 #[test]
 fn underlay_ingress_drops_when_the_target_device_is_missing() {
-    let mut dp = Datapath::node(A, &[B]);
+    let mut dp = Loaded::node(A, &[B]);
     dp.update_config(|c| {
         c.bridge_ifindex = 0;
         c.host_ifindex = 0;
     });
-    let to_pod = Vxlan::between(B, A).frame(&udp_packet(host_addr(B, 5), host_addr(A, 7), 64, 1, 10));
+    let to_pod =
+        Vxlan::between(B, A).frame(&udp_packet(host_addr(B, 5), host_addr(A, 7), 64, 1, 10));
     let to_host = Vxlan::between(B, A).frame(&udp_packet(host_addr(B, 5), A.subnet, 64, 1, 10));
-    let expiring = Vxlan::between(B, A).frame(&udp_packet(host_addr(B, 5), host_addr(A, 7), 1, 1, 10));
+    let expiring =
+        Vxlan::between(B, A).frame(&udp_packet(host_addr(B, 5), host_addr(A, 7), 1, 1, 10));
     assert_eq!(dp.run(UNDERLAY_INGRESS, &to_pod).verdict, TC_ACT_SHOT);
     assert_eq!(dp.run(UNDERLAY_INGRESS, &to_host).verdict, TC_ACT_SHOT);
     assert_eq!(dp.run(UNDERLAY_INGRESS, &expiring).verdict, TC_ACT_SHOT);
-    dp.assert_counters(&[(Reason::UnderlayRx, 3), (Reason::DropNoBridge, 1), (Reason::DropNoHostDevice, 2)]);
+    dp.assert_counters(&[
+        (Reason::UnderlayRx, 3),
+        (Reason::DropNoBridge, 1),
+        (Reason::DropNoHostDevice, 2),
+    ]);
     // The bridge appears: pods are reachable again.
     dp.update_config(|c| c.bridge_ifindex = BRIDGE_IFINDEX);
     assert_eq!(dp.run(UNDERLAY_INGRESS, &to_pod).verdict, TC_ACT_REDIRECT);
@@ -773,7 +882,7 @@ fn underlay_ingress_drops_when_the_target_device_is_missing() {
 
 #[test]
 fn underlay_ingress_drops_truncated_vxlan_at_every_length() {
-    let dp = Datapath::node(A, &[B]);
+    let dp = Loaded::node(A, &[B]);
     let inner = udp_packet(host_addr(B, 5), host_addr(A, 7), 64, 1, 16);
     let full = Vxlan::between(B, A).frame(&inner);
     // Header boundaries: 14 Ethernet | 34 IPv4 | 42 UDP | 50 VXLAN | 64 inner Ethernet |
@@ -802,7 +911,11 @@ fn underlay_ingress_drops_truncated_vxlan_at_every_length() {
         frame[24..26].copy_from_slice(&[0, 0]);
         let c = checksum(&frame[14..34]);
         frame[24..26].copy_from_slice(&c.to_be_bytes());
-        assert_eq!(dp.run(UNDERLAY_INGRESS, &frame).verdict, TC_ACT_SHOT, "consistent but ends at {end}");
+        assert_eq!(
+            dp.run(UNDERLAY_INGRESS, &frame).verdict,
+            TC_ACT_SHOT,
+            "consistent but ends at {end}"
+        );
         dropped += 1;
     }
     let runs = (full.len() - 34) as u64 + 5;
@@ -813,7 +926,7 @@ fn underlay_ingress_drops_truncated_vxlan_at_every_length() {
 
 #[test]
 fn underlay_ingress_passes_what_is_not_vxlan_for_us() {
-    let dp = Datapath::node(A, &[B]);
+    let dp = Loaded::node(A, &[B]);
     let inner = udp_packet(host_addr(B, 5), host_addr(A, 7), 64, 1, 16);
     let other_port = {
         let mut v = Vxlan::between(B, A);
@@ -832,7 +945,12 @@ fn underlay_ingress_passes_what_is_not_vxlan_for_us() {
     };
     let mut with_options = Vxlan::between(B, A).frame(&inner);
     with_options[14] = 0x46;
-    let tcp = ether(NIC_MAC, ROUTER_MAC, ETH_P_IP, &ipv4_packet(B.local_ip, A.local_ip, IPPROTO_TCP, 64, 0, &[0; 20]));
+    let tcp = ether(
+        NIC_MAC,
+        ROUTER_MAC,
+        ETH_P_IP,
+        &ipv4_packet(B.local_ip, A.local_ip, IPPROTO_TCP, 64, 0, &[0; 20]),
+    );
     let cases: Vec<(&str, Vec<u8>)> = vec![
         ("ARP", ether([0xff; 6], ROUTER_MAC, ETH_P_ARP, &[0; 28])),
         ("IPv6", ether(NIC_MAC, ROUTER_MAC, ETH_P_IPV6, &[0x60; 80])),
@@ -856,8 +974,9 @@ fn underlay_ingress_passes_what_is_not_vxlan_for_us() {
 
 #[test]
 fn underlay_ingress_without_configuration_passes_everything() {
-    let dp = Datapath::new();
-    let frame = Vxlan::between(B, A).frame(&udp_packet(host_addr(B, 5), host_addr(A, 7), 64, 1, 16));
+    let dp = Loaded::new();
+    let frame =
+        Vxlan::between(B, A).frame(&udp_packet(host_addr(B, 5), host_addr(A, 7), 64, 1, 16));
     let run = dp.run(UNDERLAY_INGRESS, &frame);
     assert_eq!((run.verdict, &run.out), (TC_ACT_OK, &frame));
     dp.assert_counters(&[(Reason::UnderlayRx, 1)]);
@@ -865,8 +984,8 @@ fn underlay_ingress_without_configuration_passes_everything() {
 
 #[test]
 fn a_pod_packet_survives_encapsulation_and_decapsulation() {
-    let a = Datapath::node(A, &[B]);
-    let b = Datapath::node(B, &[A]);
+    let a = Loaded::node(A, &[B]);
+    let b = Loaded::node(B, &[A]);
     for len in [0, 1, 100, 1372, 1422] {
         let inner = udp_packet(host_addr(A, 5), host_addr(B, 7), 64, 40000, len);
         let wire = a.run(POD_EGRESS, &pod_frame(&inner));
@@ -890,15 +1009,20 @@ fn pod_egress_hands_packets_too_big_for_the_tunnel_to_the_kernel() {
     require_root();
     let ns = NetNs::new(format!("{}-mtu", unique_id())).unwrap();
     // veth pairs (the kernel has no dummy driver); only the MTUs matter.
-    ns.ip(&["link", "add", "ovl0", "mtu", "1450", "type", "veth", "peer", "name", "ovl0p"]).unwrap();
-    ns.ip(&["link", "add", "eth0", "mtu", "1500", "type", "veth", "peer", "name", "eth0p"]).unwrap();
+    ns.ip(&["link", "add", "ovl0", "mtu", "1450", "type", "veth", "peer", "name", "ovl0p"])
+        .unwrap();
+    ns.ip(&["link", "add", "eth0", "mtu", "1500", "type", "veth", "peer", "name", "eth0p"])
+        .unwrap();
     ns.in_netns(|| {
         // SAFETY: C strings; if_nametoindex resolves in this thread's namespace.
-        let (host, underlay) =
-            unsafe { (libc::if_nametoindex(c"ovl0".as_ptr()), libc::if_nametoindex(c"eth0".as_ptr())) };
+        let (host, underlay) = unsafe {
+            (libc::if_nametoindex(c"ovl0".as_ptr()), libc::if_nametoindex(c"eth0".as_ptr()))
+        };
         assert!(host != 0 && underlay != 0);
-        let mut dp = Datapath::node(A, &[B]);
-        let frame_of = |ip_len: usize| pod_frame(&udp_packet(host_addr(A, 5), host_addr(B, 7), 64, 1, ip_len - 28));
+        let mut dp = Loaded::node(A, &[B]);
+        let frame_of = |ip_len: usize| {
+            pod_frame(&udp_packet(host_addr(A, 5), host_addr(B, 7), 64, 1, ip_len - 28))
+        };
         for (host_ifindex, via) in [(host, "host device MTU 1450"), (0, "underlay MTU 1500 - 50")] {
             dp.update_config(|c| {
                 c.host_ifindex = host_ifindex;
@@ -909,7 +1033,11 @@ fn pod_egress_hands_packets_too_big_for_the_tunnel_to_the_kernel() {
             assert_eq!(fits.out.len(), 14 + 1500);
             let too_big = frame_of(1451);
             let run = dp.run(POD_EGRESS, &too_big);
-            assert_eq!((run.verdict, &run.out), (TC_ACT_OK, &too_big), "{via}: 1451 bytes go to the kernel");
+            assert_eq!(
+                (run.verdict, &run.out),
+                (TC_ACT_OK, &too_big),
+                "{via}: 1451 bytes go to the kernel"
+            );
         }
         dp.assert_counters(&[(Reason::EncapPod, 2), (Reason::StackMtu, 2)]);
         Ok(())
@@ -946,8 +1074,22 @@ fn send_and_receive(
         }
         let tv = libc::timeval { tv_sec: 0, tv_usec: 100_000 };
         let tv_len = size_of::<libc::timeval>() as libc::socklen_t;
-        libc::setsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVTIMEO, (&raw const tv).cast(), tv_len);
-        if libc::sendto(fd.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0, (&raw const sll).cast(), len) < 0 {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&raw const tv).cast(),
+            tv_len,
+        );
+        if libc::sendto(
+            fd.as_raw_fd(),
+            frame.as_ptr().cast(),
+            frame.len(),
+            0,
+            (&raw const sll).cast(),
+            len,
+        ) < 0
+        {
             return Err(std::io::Error::last_os_error()).context("send");
         }
         let deadline = Instant::now() + timeout;
@@ -963,7 +1105,7 @@ fn send_and_receive(
                 (&raw mut from).cast(),
                 &mut from_len,
             );
-            if n < 0 || from.sll_pkttype == libc::PACKET_OUTGOING as u8 {
+            if n < 0 || from.sll_pkttype == libc::PACKET_OUTGOING {
                 continue;
             }
             let got = &buf[..n as usize];
@@ -993,21 +1135,56 @@ fn a_stock_flannel_node_accepts_our_frame_and_we_accept_its_answer() {
     // Node B as flanneld sets it up (flannel-compat.md §4).
     let vtep_a = "0e:00:00:00:00:01";
     for args in [
-        &["link", "add", "flannel.1", "type", "vxlan", "id", "1", "local", "198.18.0.2", "dev", "eth0", "dstport", "8472", "nolearning"][..],
+        &[
+            "link",
+            "add",
+            "flannel.1",
+            "type",
+            "vxlan",
+            "id",
+            "1",
+            "local",
+            "198.18.0.2",
+            "dev",
+            "eth0",
+            "dstport",
+            "8472",
+            "nolearning",
+        ][..],
         &["link", "set", "flannel.1", "address", "0e:00:00:00:00:02"],
         &["addr", "add", "172.17.2.0/32", "dev", "flannel.1"],
         &["link", "set", "flannel.1", "up"],
-        &["neigh", "replace", "172.17.1.0", "lladdr", vtep_a, "dev", "flannel.1", "nud", "permanent"],
+        &[
+            "neigh",
+            "replace",
+            "172.17.1.0",
+            "lladdr",
+            vtep_a,
+            "dev",
+            "flannel.1",
+            "nud",
+            "permanent",
+        ],
         &["route", "replace", "172.17.1.0/24", "via", "172.17.1.0", "dev", "flannel.1", "onlink"],
     ] {
         rcv.ip(args).unwrap();
     }
-    rcv.run("bridge", &["fdb", "replace", vtep_a, "dev", "flannel.1", "dst", "198.18.0.1", "self", "permanent"])
-        .unwrap();
+    rcv.run(
+        "bridge",
+        &["fdb", "replace", vtep_a, "dev", "flannel.1", "dst", "198.18.0.1", "self", "permanent"],
+    )
+    .unwrap();
 
     // Our frame: the host of A (172.17.1.0) pings B's flannel.1 address, through host_egress.
-    let a = Datapath::node(A, &[B]);
-    let inner = ipv4_packet(A.subnet, B.subnet, IPPROTO_ICMP, 64, 0, &icmp_echo(8, 0x4242, 1, b"overlay interop"));
+    let a = Loaded::node(A, &[B]);
+    let inner = ipv4_packet(
+        A.subnet,
+        B.subnet,
+        IPPROTO_ICMP,
+        64,
+        0,
+        &icmp_echo(8, 0x4242, 1, b"overlay interop"),
+    );
     let run = a.run(HOST_EGRESS, &ether(HOST_MAC, HOST_MAC, ETH_P_IP, &inner));
     assert_eq!(run.verdict, TC_ACT_REDIRECT);
     let mut frame = run.out;
@@ -1016,7 +1193,11 @@ fn a_stock_flannel_node_accepts_our_frame_and_we_accept_its_answer() {
     frame[6..12].copy_from_slice(&parse_mac(&snd.mac("eth0").unwrap()));
 
     let is_vxlan_from_b = |f: &[u8]| {
-        f.len() > 64 && be16(f, 12) == ETH_P_IP && f[23] == IPPROTO_UDP && f[26..30] == B.local_ip.octets() && be16(f, 36) == PORT
+        f.len() > 64
+            && be16(f, 12) == ETH_P_IP
+            && f[23] == IPPROTO_UDP
+            && f[26..30] == B.local_ip.octets()
+            && be16(f, 36) == PORT
     };
     let reply = snd
         .in_netns(|| send_and_receive(c"eth0", &frame, Duration::from_secs(3), is_vxlan_from_b))
@@ -1028,10 +1209,14 @@ fn a_stock_flannel_node_accepts_our_frame_and_we_accept_its_answer() {
     assert_eq!(&reply[42..50], &[0x08, 0, 0, 0, 0, 0, 1, 0], "VXLAN header from flannel.1");
     assert_eq!(&reply[50..56], &A.vtep, "to our VtepMAC");
     let reply_inner = reply[64..].to_vec();
-    assert_eq!(&reply_inner[12..20], &[172, 17, 2, 0, 172, 17, 1, 0], "reply 172.17.2.0 -> 172.17.1.0");
+    assert_eq!(
+        &reply_inner[12..20],
+        &[172, 17, 2, 0, 172, 17, 1, 0],
+        "reply 172.17.2.0 -> 172.17.1.0"
+    );
     assert_eq!((reply_inner[9], reply_inner[20]), (IPPROTO_ICMP, 0), "ICMP echo reply");
     assert_eq!(be16(&reply_inner, 24), 0x4242, "our echo id");
-    let a = Datapath::node(A, &[B]);
+    let a = Loaded::node(A, &[B]);
     let run = a.run(UNDERLAY_INGRESS, &reply);
     assert_eq!(run.verdict, TC_ACT_REDIRECT);
     assert_eq!(&run.out[..6], &HOST_MAC);
@@ -1039,3 +1224,144 @@ fn a_stock_flannel_node_accepts_our_frame_and_we_accept_its_answer() {
     a.assert_counters(&[(Reason::UnderlayRx, 1), (Reason::DecapHost, 1)]);
 }
 
+/// The agent's `Datapath` API end to end: attach to real devices in a namespace, configure,
+/// add and remove peers, and check with the programs themselves (test runs against the maps
+/// the agent wrote) that encapsulation, member checks and delivery follow.
+#[test]
+fn the_agent_datapath_drives_the_programs() {
+    use overlay_agent::datapath::{Datapath, DatapathError, NodeConfig};
+    use overlay_tests::AttachKind::{TcxEgress, TcxIngress};
+
+    require_root();
+    let ns = NetNs::new(format!("{}-dp", unique_id())).unwrap();
+    ns.ip(&["link", "add", "eth0", "type", "veth", "peer", "name", "eth0p"]).unwrap();
+    ns.ip(&["link", "add", "cni0", "type", "bridge"]).unwrap();
+    ns.ip(&[
+        "link",
+        "add",
+        "ovl0",
+        "mtu",
+        "1450",
+        "address",
+        "02:aa:00:00:00:10",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "ovl0p",
+    ])
+    .unwrap();
+    let attached = |ifname: &str| {
+        let mut progs: Vec<(overlay_tests::AttachKind, String)> =
+            overlay_tests::attached_programs(&ns, ifname)
+                .unwrap()
+                .into_iter()
+                .map(|p| (p.kind, p.name))
+                .collect();
+        progs.sort_by_key(|(k, n)| (k.to_string(), n.clone()));
+        progs
+    };
+    let net = |s: &str| -> ipnet::Ipv4Net { s.parse().unwrap() };
+
+    ns.in_netns(|| {
+        let mut dp = Datapath::load()?;
+        dp.attach_underlay("eth0")?;
+        dp.attach_pod_bridge("cni0")?;
+        dp.attach_host_device("ovl0")?;
+        assert_eq!(
+            attached("eth0"),
+            [(TcxEgress, UNDERLAY_EGRESS.to_owned()), (TcxIngress, UNDERLAY_INGRESS.to_owned())]
+        );
+        assert_eq!(attached("cni0"), [(TcxIngress, POD_EGRESS.to_owned())]);
+        assert_eq!(attached("ovl0"), [(TcxEgress, HOST_EGRESS.to_owned())]);
+
+        let to_b = pod_frame(&udp_packet(host_addr(A, 5), host_addr(B, 7), 64, 1, 10));
+        let from_b_to_pod =
+            Vxlan::between(B, A).frame(&udp_packet(host_addr(B, 5), host_addr(A, 7), 64, 1, 10));
+        let from_b_to_host =
+            Vxlan::between(B, A).frame(&udp_packet(host_addr(B, 5), A.subnet, 64, 1, 10));
+
+        // Not configured yet: everything passes.
+        assert_eq!(run_prog(dp.ebpf(), POD_EGRESS, &to_b).verdict, TC_ACT_OK);
+        let node = NodeConfig::new(
+            VNI,
+            PORT,
+            A.local_ip,
+            A.vtep,
+            net("172.17.1.1/24"),
+            net("172.17.0.0/16"),
+        );
+        dp.set_config(&node)?;
+        dp.upsert_peer(net("172.17.2.0/24"), B.local_ip, B.vtep)?;
+        let encapsulated = run_prog(dp.ebpf(), POD_EGRESS, &to_b);
+        assert_eq!(encapsulated.verdict, TC_ACT_REDIRECT);
+        assert_vxlan(&encapsulated.out, A, B, &with_ttl_decremented(&to_b[14..], 1));
+        assert_eq!(run_prog(dp.ebpf(), UNDERLAY_INGRESS, &from_b_to_pod).verdict, TC_ACT_REDIRECT);
+        let to_host = run_prog(dp.ebpf(), UNDERLAY_INGRESS, &from_b_to_host);
+        assert_eq!(to_host.verdict, TC_ACT_REDIRECT);
+        assert_eq!(
+            &to_host.out[..6],
+            &[0x02, 0xaa, 0, 0, 0, 0x10],
+            "ovl0's MAC, read by the agent"
+        );
+
+        // B also holds 172.17.5.0/24; dropping 172.17.2.0/24 keeps B a member.
+        dp.upsert_peer(net("172.17.5.0/24"), B.local_ip, B.vtep)?;
+        dp.remove_peer(net("172.17.2.0/24"))?;
+        assert_eq!(dp.peers().node_refs(B.local_ip), 1);
+        assert_eq!(
+            run_prog(dp.ebpf(), POD_EGRESS, &to_b).verdict,
+            TC_ACT_OK,
+            "no route to 172.17.2.0/24 any more"
+        );
+        let to_b5 =
+            pod_frame(&udp_packet(host_addr(A, 5), Ipv4Addr::new(172, 17, 5, 7), 64, 1, 10));
+        assert_eq!(run_prog(dp.ebpf(), POD_EGRESS, &to_b5).verdict, TC_ACT_REDIRECT);
+        assert_eq!(
+            run_prog(dp.ebpf(), UNDERLAY_INGRESS, &from_b_to_pod).verdict,
+            TC_ACT_REDIRECT,
+            "B is still a member"
+        );
+        dp.remove_peer(net("172.17.5.0/24"))?;
+        assert_eq!(
+            run_prog(dp.ebpf(), UNDERLAY_INGRESS, &from_b_to_pod).verdict,
+            TC_ACT_SHOT,
+            "B is no member any more"
+        );
+
+        // The bridge goes away: pod traffic from peers is dropped, and the program detached.
+        dp.upsert_peer(net("172.17.2.0/24"), B.local_ip, B.vtep)?;
+        dp.detach_pod_bridge()?;
+        assert_eq!(attached("cni0"), []);
+        assert_eq!(run_prog(dp.ebpf(), UNDERLAY_INGRESS, &from_b_to_pod).verdict, TC_ACT_SHOT);
+        dp.attach_pod_bridge("cni0")?;
+        assert_eq!(attached("cni0"), [(TcxIngress, POD_EGRESS.to_owned())]);
+        assert_eq!(run_prog(dp.ebpf(), UNDERLAY_INGRESS, &from_b_to_pod).verdict, TC_ACT_REDIRECT);
+
+        assert!(matches!(
+            dp.upsert_peer(net("172.17.1.0/24"), B.local_ip, B.vtep),
+            Err(DatapathError::OwnSubnet { .. })
+        ));
+        assert!(matches!(dp.attach_pod_bridge("nonexistent0"), Err(DatapathError::Device { .. })));
+
+        let counters: BTreeMap<&str, u64> = dp
+            .counters()?
+            .into_iter()
+            .filter(|(_, c)| c.packets != 0)
+            .map(|(r, c)| (r.name(), c.packets))
+            .collect();
+        let expected: BTreeMap<&str, u64> = [
+            ("underlay_rx", 6),
+            ("encap_pod", 2),
+            ("decap_pod", 3),
+            ("decap_host", 1),
+            ("drop_unknown_peer", 1),
+            ("drop_no_bridge", 1),
+        ]
+        .into_iter()
+        .collect();
+        assert_eq!(counters, expected);
+        Ok(())
+    })
+    .unwrap();
+}

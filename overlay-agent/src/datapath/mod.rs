@@ -1,15 +1,53 @@
-//! Loading the embedded eBPF object and attaching its programs.
+//! Loading the embedded eBPF object, attaching its programs and keeping its maps.
 //!
 //! The object is compiled by `cargo xtask build-ebpf` and embedded at build time (see build.rs),
-//! so the agent binary is all a node needs. Programs attach with tcx links (kernel ≥ 6.6); the
-//! links detach when the agent drops them.
+//! so the agent binary is all a node needs. [`Datapath::load`] creates the maps and loads (so
+//! verifies) every program up front; programs attach with tcx links (kernel ≥ 6.6), which
+//! detach when the agent drops them.
+//!
+//! Where each program attaches (see the design notes in `overlay-ebpf`):
+//!
+//! | program            | hook                          | does                                  |
+//! |--------------------|-------------------------------|---------------------------------------|
+//! | `underlay_ingress` | tcx ingress, external iface   | decapsulates VXLAN for this node      |
+//! | `underlay_egress`  | tcx egress, external iface    | counts                                |
+//! | `pod_egress`       | tcx ingress, pod bridge       | encapsulates pod traffic to peers     |
+//! | `host_egress`      | tcx egress, host device ovl0  | encapsulates host traffic to peers    |
+//!
+//! Maps, all written only by the agent (layouts in `overlay_common`): `CONFIG` (the node's
+//! settings and device indexes), `ROUTE_V4` (remote subnet → node), `NODE_V4` (member PublicIPs,
+//! reference-counted), `COUNTERS` (per-CPU, per reason). The agent's copy of the peer state is
+//! the [`PeerTable`]; everything else it writes is recomputed whole from [`NodeConfig`] and the
+//! attached devices, so each map has one owner (this struct) and one writer.
+//!
+//! Pinning (later): several agents in different network namespaces share one bpffs, so the
+//! maps will be pinned per node under `--bpf-dir` with
+//! `EbpfLoader::map_pin_path(name, bpf_dir/name)` for each of [`STATE_MAPS`]; the map names are
+//! unique within the object and nothing in them depends on the agent's memory: `NODE_V4`
+//! carries its own reference counts and `ROUTE_V4` can be listed to rebuild the `PeerTable`.
+
+mod config;
+mod peers;
+
+use std::{ffi::CString, io, mem, net::Ipv4Addr, os::fd::AsRawFd as _};
 
 use aya::{
     Ebpf, EbpfError,
-    maps::{MapError, PerCpuArray},
-    programs::{ProgramError, SchedClassifier, TcAttachType},
+    maps::{Array, HashMap, LpmTrie, MapError, PerCpuArray},
+    programs::{ProgramError, SchedClassifier, TcAttachType, tc::SchedClassifierLinkId},
 };
-use overlay_common::counters::{Counter, Reason};
+use ipnet::Ipv4Net;
+use overlay_common::{
+    config::{CONFIG_INDEX, Config},
+    counters::{Counter, Reason},
+    route::{MemberNode, NodeKeyV4, RemoteNode, RouteKeyV4, route_key},
+};
+
+use self::config::{Devices, encode};
+pub use self::{
+    config::NodeConfig,
+    peers::{MapOp, PeerTable},
+};
 
 /// The eBPF object, aligned for the ELF parser.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("OVERLAY_EBPF_OBJECT"));
@@ -17,7 +55,19 @@ pub static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("OVERLAY_EBPF_OBJECT
 /// Names of the TC programs on the external interface.
 pub const UNDERLAY_INGRESS: &str = "underlay_ingress";
 pub const UNDERLAY_EGRESS: &str = "underlay_egress";
-const COUNTERS_MAP: &str = "COUNTERS";
+/// Name of the TC program on the pod bridge's ingress.
+pub const POD_EGRESS: &str = "pod_egress";
+/// Name of the TC program on the host device's egress.
+pub const HOST_EGRESS: &str = "host_egress";
+/// Every program in the object.
+pub const PROGRAMS: [&str; 4] = [UNDERLAY_INGRESS, UNDERLAY_EGRESS, POD_EGRESS, HOST_EGRESS];
+
+pub const CONFIG_MAP: &str = "CONFIG";
+pub const ROUTE_V4_MAP: &str = "ROUTE_V4";
+pub const NODE_V4_MAP: &str = "NODE_V4";
+pub const COUNTERS_MAP: &str = "COUNTERS";
+/// The maps that hold state worth keeping across an agent restart (what pinning will cover).
+pub const STATE_MAPS: [&str; 4] = [CONFIG_MAP, ROUTE_V4_MAP, NODE_V4_MAP, COUNTERS_MAP];
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
@@ -33,43 +83,177 @@ pub enum DatapathError {
     Attach { prog: &'static str, iface: String, source: ProgramError },
     #[error("failed to read map {map}: {source}")]
     Map { map: &'static str, source: MapError },
+    #[error("failed to update map {map}: {source}")]
+    MapUpdate { map: &'static str, source: MapError },
+    #[error("cannot use interface {iface}: {source}")]
+    Device { iface: String, source: io::Error },
+    #[error("invalid data path configuration: {0}")]
+    InvalidConfig(String),
+    #[error("refusing to route {subnet} to a peer: it is this node's own subnet")]
+    OwnSubnet { subnet: Ipv4Net },
+}
+
+/// A device a program is attached to.
+#[derive(Debug)]
+struct Attached {
+    iface: String,
+    link: SchedClassifierLinkId,
 }
 
 /// The loaded data path. Dropping it detaches every program it attached.
 pub struct Datapath {
     ebpf: Ebpf,
+    node: Option<NodeConfig>,
+    devices: Devices,
+    bridge: Option<Attached>,
+    host: Option<Attached>,
+    peers: PeerTable,
 }
 
+// The agent owns the data path from an async task; it must be able to move there.
+const _: () = {
+    const fn assert_send<T: Send>() {}
+    assert_send::<Datapath>();
+};
+
 impl Datapath {
-    /// Loads the embedded object (maps are created; programs are loaded when attached).
+    /// Loads the embedded object: creates the maps and loads (verifies) every program.
     pub fn load() -> Result<Self, DatapathError> {
         raise_memlock_limit();
-        Ok(Self { ebpf: Ebpf::load(OBJECT)? })
+        let mut ebpf = Ebpf::load(OBJECT)?;
+        for prog in PROGRAMS {
+            classifier(&mut ebpf, prog)?
+                .load()
+                .map_err(|source| DatapathError::ProgramLoad { prog, source })?;
+        }
+        Ok(Self {
+            ebpf,
+            node: None,
+            devices: Devices::default(),
+            bridge: None,
+            host: None,
+            peers: PeerTable::default(),
+        })
     }
 
-    /// Attaches the counting programs to both directions of the external interface.
+    /// Attaches `underlay_ingress` / `underlay_egress` to the external interface, which is also
+    /// where encapsulated packets leave. Encapsulation and decapsulation start once both this
+    /// and [`Datapath::set_config`] are done.
     pub fn attach_underlay(&mut self, iface: &str) -> Result<(), DatapathError> {
+        let ifindex = ifindex(iface)?;
         self.attach_tc(UNDERLAY_INGRESS, iface, TcAttachType::Ingress)?;
-        self.attach_tc(UNDERLAY_EGRESS, iface, TcAttachType::Egress)
+        self.attach_tc(UNDERLAY_EGRESS, iface, TcAttachType::Egress)?;
+        self.devices.underlay = ifindex;
+        self.write_config()
     }
 
-    fn attach_tc(
-        &mut self,
-        prog: &'static str,
-        iface: &str,
-        direction: TcAttachType,
-    ) -> Result<(), DatapathError> {
-        let program: &mut SchedClassifier = self
-            .ebpf
-            .program_mut(prog)
-            .ok_or(DatapathError::MissingProgram(prog))?
-            .try_into()
-            .map_err(|source| DatapathError::ProgramLoad { prog, source })?;
-        program.load().map_err(|source| DatapathError::ProgramLoad { prog, source })?;
-        program
-            .attach(iface, direction)
-            .map_err(|source| DatapathError::Attach { prog, iface: iface.to_owned(), source })?;
+    /// Writes the node's settings (validated) into `CONFIG`.
+    pub fn set_config(&mut self, node: &NodeConfig) -> Result<(), DatapathError> {
+        node.validate().map_err(DatapathError::InvalidConfig)?;
+        self.node = Some(node.clone());
+        self.write_config()
+    }
+
+    /// The settings last given to [`Datapath::set_config`].
+    #[must_use]
+    pub fn node_config(&self) -> Option<&NodeConfig> {
+        self.node.as_ref()
+    }
+
+    /// Attaches `pod_egress` to the pod bridge (cni0/docker0) and delivers decapsulated pod
+    /// traffic to it. Call again when the bridge was re-created (the old link is replaced).
+    pub fn attach_pod_bridge(&mut self, iface: &str) -> Result<(), DatapathError> {
+        let ifindex = ifindex(iface)?;
+        self.detach_pod_bridge()?;
+        let link = self.attach_tc(POD_EGRESS, iface, TcAttachType::Ingress)?;
+        self.bridge = Some(Attached { iface: iface.to_owned(), link });
+        self.devices.bridge = ifindex;
+        self.write_config()
+    }
+
+    /// Stops using the pod bridge (it disappeared): decapsulated pod traffic is dropped and
+    /// counted (`drop_no_bridge`) until [`Datapath::attach_pod_bridge`] again. No-op if detached.
+    pub fn detach_pod_bridge(&mut self) -> Result<(), DatapathError> {
+        let Some(attached) = self.bridge.take() else {
+            return Ok(());
+        };
+        self.devices.bridge = 0;
+        self.write_config()?;
+        drop_link(&mut self.ebpf, POD_EGRESS, attached);
         Ok(())
+    }
+
+    /// The pod bridge `pod_egress` is attached to, if any.
+    #[must_use]
+    pub fn pod_bridge(&self) -> Option<&str> {
+        self.bridge.as_ref().map(|a| a.iface.as_str())
+    }
+
+    /// Attaches `host_egress` to the host device (`ovl0`: NOARP, `<subnet>.0/32`, MTU =
+    /// underlay MTU − 50, route `<network> dev ovl0`) and delivers decapsulated traffic for
+    /// the host there. Its MTU is also the tunnel MTU `pod_egress` checks against.
+    pub fn attach_host_device(&mut self, iface: &str) -> Result<(), DatapathError> {
+        let ifindex = ifindex(iface)?;
+        let mac = hw_addr(iface)?;
+        self.detach_host_device()?;
+        let link = self.attach_tc(HOST_EGRESS, iface, TcAttachType::Egress)?;
+        self.host = Some(Attached { iface: iface.to_owned(), link });
+        self.devices.host = ifindex;
+        self.devices.host_mac = mac;
+        self.write_config()
+    }
+
+    /// Stops using the host device. No-op if detached.
+    pub fn detach_host_device(&mut self) -> Result<(), DatapathError> {
+        let Some(attached) = self.host.take() else {
+            return Ok(());
+        };
+        self.devices.host = 0;
+        self.devices.host_mac = [0; 6];
+        self.write_config()?;
+        drop_link(&mut self.ebpf, HOST_EGRESS, attached);
+        Ok(())
+    }
+
+    /// Routes `subnet` to the VXLAN peer at `public_ip` with `vtep_mac` (from its lease), and
+    /// accepts VXLAN from `public_ip`. Replaces what was there for `subnet`.
+    pub fn upsert_peer(
+        &mut self,
+        subnet: Ipv4Net,
+        public_ip: Ipv4Addr,
+        vtep_mac: [u8; 6],
+    ) -> Result<(), DatapathError> {
+        if self.node.as_ref().is_some_and(|n| n.subnet.trunc() == subnet.trunc()) {
+            return Err(DatapathError::OwnSubnet { subnet });
+        }
+        let mut next = self.peers.clone();
+        let ops = next.upsert(subnet, RemoteNode::vxlan(public_ip.octets(), vtep_mac));
+        self.apply(&ops)?;
+        self.peers = next;
+        Ok(())
+    }
+
+    /// Forgets the peer subnet `subnet` (no-op if unknown); its node stops being accepted once
+    /// no other subnet uses its PublicIP.
+    pub fn remove_peer(&mut self, subnet: Ipv4Net) -> Result<(), DatapathError> {
+        let mut next = self.peers.clone();
+        let ops = next.remove(subnet);
+        self.apply(&ops)?;
+        self.peers = next;
+        Ok(())
+    }
+
+    /// What the peer maps hold.
+    #[must_use]
+    pub fn peers(&self) -> &PeerTable {
+        &self.peers
+    }
+
+    /// The loaded object, read-only: for diagnostics and tests (e.g. running a program on a
+    /// crafted frame with `BPF_PROG_TEST_RUN` against the maps this struct wrote).
+    #[must_use]
+    pub fn ebpf(&self) -> &Ebpf {
+        &self.ebpf
     }
 
     /// Every counter, summed over the CPUs, in [`Reason::ALL`] order.
@@ -87,6 +271,145 @@ impl Datapath {
             })
             .collect()
     }
+
+    fn attach_tc(
+        &mut self,
+        prog: &'static str,
+        iface: &str,
+        direction: TcAttachType,
+    ) -> Result<SchedClassifierLinkId, DatapathError> {
+        classifier(&mut self.ebpf, prog)?
+            .attach(iface, direction)
+            .map_err(|source| DatapathError::Attach { prog, iface: iface.to_owned(), source })
+    }
+
+    /// Rewrites `CONFIG` from the node settings and the attached devices.
+    fn write_config(&mut self) -> Result<(), DatapathError> {
+        let value = encode(self.node.as_ref(), self.devices);
+        let mut array: Array<_, Config> = map_mut(&mut self.ebpf, CONFIG_MAP)?;
+        array
+            .set(CONFIG_INDEX, value, 0)
+            .map_err(|source| DatapathError::MapUpdate { map: CONFIG_MAP, source })
+    }
+
+    fn apply(&mut self, ops: &[MapOp]) -> Result<(), DatapathError> {
+        for op in ops {
+            match *op {
+                MapOp::SetRoute { subnet, node } => {
+                    let mut trie: LpmTrie<_, RouteKeyV4, RemoteNode> =
+                        map_mut(&mut self.ebpf, ROUTE_V4_MAP)?;
+                    trie.insert(&key(subnet), node, 0)
+                        .map_err(|source| DatapathError::MapUpdate { map: ROUTE_V4_MAP, source })?;
+                }
+                MapOp::DeleteRoute { subnet } => {
+                    let mut trie: LpmTrie<_, RouteKeyV4, RemoteNode> =
+                        map_mut(&mut self.ebpf, ROUTE_V4_MAP)?;
+                    ignore_missing(trie.remove(&key(subnet)))
+                        .map_err(|source| DatapathError::MapUpdate { map: ROUTE_V4_MAP, source })?;
+                }
+                MapOp::SetNode { ip, member } => {
+                    let mut hash: HashMap<_, NodeKeyV4, MemberNode> =
+                        map_mut(&mut self.ebpf, NODE_V4_MAP)?;
+                    hash.insert(ip.octets(), member, 0)
+                        .map_err(|source| DatapathError::MapUpdate { map: NODE_V4_MAP, source })?;
+                }
+                MapOp::DeleteNode { ip } => {
+                    let mut hash: HashMap<_, NodeKeyV4, MemberNode> =
+                        map_mut(&mut self.ebpf, NODE_V4_MAP)?;
+                    ignore_missing(hash.remove(&ip.octets()))
+                        .map_err(|source| DatapathError::MapUpdate { map: NODE_V4_MAP, source })?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn key(subnet: Ipv4Net) -> aya::maps::lpm_trie::Key<RouteKeyV4> {
+    let subnet = subnet.trunc();
+    route_key(subnet.network(), subnet.prefix_len())
+}
+
+fn classifier<'a>(
+    ebpf: &'a mut Ebpf,
+    prog: &'static str,
+) -> Result<&'a mut SchedClassifier, DatapathError> {
+    ebpf.program_mut(prog)
+        .ok_or(DatapathError::MissingProgram(prog))?
+        .try_into()
+        .map_err(|source| DatapathError::ProgramLoad { prog, source })
+}
+
+/// A typed view of a map for writing.
+fn map_mut<'a, M>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<M, DatapathError>
+where
+    M: TryFrom<&'a mut aya::maps::Map, Error = MapError>,
+{
+    let map = ebpf.map_mut(name).ok_or(DatapathError::MissingMap(name))?;
+    M::try_from(map).map_err(|source| DatapathError::Map { map: name, source })
+}
+
+/// Deleting what is already gone is success (the maps converge on the mirror's state).
+fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
+    match result {
+        Err(MapError::KeyNotFound) => Ok(()),
+        other => other,
+    }
+}
+
+/// Detaches (drops) the tcx link of `prog` on a device. A link whose device is already gone
+/// was detached by the kernel; dropping it only closes the descriptor.
+fn drop_link(ebpf: &mut Ebpf, prog: &'static str, attached: Attached) {
+    match classifier(ebpf, prog).and_then(|p| {
+        p.take_link(attached.link).map_err(|source| DatapathError::Attach {
+            prog,
+            iface: attached.iface.clone(),
+            source,
+        })
+    }) {
+        Ok(link) => drop(link),
+        Err(e) => tracing::warn!("detaching {prog} from {}: {e}", attached.iface),
+    }
+}
+
+/// The interface index of `iface` in the agent's network namespace.
+fn ifindex(iface: &str) -> Result<u32, DatapathError> {
+    let device_err = |source| DatapathError::Device { iface: iface.to_owned(), source };
+    let name = CString::new(iface)
+        .map_err(|_| device_err(io::Error::from(io::ErrorKind::InvalidInput)))?;
+    // SAFETY: `name` is a valid C string for the duration of the call.
+    match unsafe { libc::if_nametoindex(name.as_ptr()) } {
+        0 => Err(device_err(io::Error::last_os_error())),
+        index => Ok(index),
+    }
+}
+
+/// The MAC address of `iface` (SIOCGIFHWADDR, which resolves in the caller's network namespace,
+/// unlike /sys, which shows the namespace it was mounted in).
+fn hw_addr(iface: &str) -> Result<[u8; 6], DatapathError> {
+    let device_err = |source| DatapathError::Device { iface: iface.to_owned(), source };
+    // SAFETY: a zeroed ifreq is a valid argument; we only read the union member SIOCGIFHWADDR
+    // fills, and the socket is closed by OwnedFd.
+    unsafe {
+        let mut req: libc::ifreq = mem::zeroed();
+        let bytes = iface.as_bytes();
+        if bytes.is_empty() || bytes.len() >= req.ifr_name.len() {
+            return Err(device_err(io::Error::from(io::ErrorKind::InvalidInput)));
+        }
+        for (dst, src) in req.ifr_name.iter_mut().zip(bytes) {
+            *dst = *src as libc::c_char;
+        }
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(device_err(io::Error::last_os_error()));
+        }
+        let sock = <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd);
+        if libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFHWADDR, &mut req) != 0 {
+            return Err(device_err(io::Error::last_os_error()));
+        }
+        let data = req.ifr_ifru.ifru_hwaddr.sa_data;
+        Ok([data[0], data[1], data[2], data[3], data[4], data[5]].map(|b| b as u8))
+    }
 }
 
 /// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; newer ones use memcg, where raising
@@ -97,7 +420,52 @@ fn raise_memlock_limit() {
     if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &limit) } != 0 {
         tracing::debug!(
             "cannot raise RLIMIT_MEMLOCK ({}); fine on kernels with memcg-based BPF accounting",
-            std::io::Error::last_os_error()
+            io::Error::last_os_error()
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn route_keys_are_prefix_length_then_network_bytes() {
+        let k = key("172.17.2.9/24".parse().unwrap());
+        assert_eq!(k.prefix_len(), 24);
+        assert_eq!(k.data(), [172, 17, 2, 0], "host bits cleared, network byte order");
+        // The kernel's struct bpf_lpm_trie_key_u8: __u32 prefixlen (host order), then data.
+        // SAFETY: Key<[u8; 4]> is a packed 8-byte POD struct.
+        let raw: [u8; 8] = unsafe { mem::transmute(k) };
+        let mut expected = 24u32.to_ne_bytes().to_vec();
+        expected.extend_from_slice(&[172, 17, 2, 0]);
+        assert_eq!(raw.to_vec(), expected);
+    }
+
+    #[test]
+    fn map_values_have_the_shared_layout() {
+        let node = RemoteNode::vxlan([198, 18, 0, 2], [0x0e, 1, 2, 3, 4, 5]);
+        assert_eq!(
+            bytemuck::bytes_of(&node),
+            &[198, 18, 0, 2, 0x0e, 1, 2, 3, 4, 5, 1, 0][..],
+            "PublicIP, VtepMAC, flags (VXLAN) in host order"
+        );
+        assert_eq!(bytemuck::bytes_of(&MemberNode { routes: 2 }), &2u32.to_ne_bytes()[..]);
+    }
+
+    #[test]
+    fn counter_names_are_unique_and_stable() {
+        let names: std::collections::BTreeSet<_> = Reason::ALL.iter().map(|r| r.name()).collect();
+        assert_eq!(names.len(), Reason::ALL.len());
+        assert_eq!(Reason::UnderlayRx.name(), "underlay_rx");
+        assert!(Reason::ALL.iter().filter(|r| r.is_drop()).all(|r| r.index() > 8));
+    }
+
+    #[test]
+    fn unknown_interfaces_are_reported() {
+        let err = ifindex("no-such-if0").unwrap_err();
+        assert!(err.to_string().contains("no-such-if0"), "{err}");
+        assert!(hw_addr("").is_err());
+        assert!(hw_addr("a-name-much-too-long").is_err());
     }
 }

@@ -116,6 +116,13 @@ impl Mac {
         for byte in b"overlay-vtep".iter().chain(&public_ip.octets()) {
             hash = (hash ^ u64::from(*byte)).wrapping_mul(0x0000_0100_0000_01b3);
         }
+        // FNV alone barely mixes the last input bytes into the high ones; finish with
+        // MurmurHash3's fmix64 so neighbouring addresses get unrelated MACs.
+        hash ^= hash >> 33;
+        hash = hash.wrapping_mul(0xff51_afd7_ed55_8ccd);
+        hash ^= hash >> 33;
+        hash = hash.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+        hash ^= hash >> 33;
         let h = hash.to_be_bytes();
         Self([(h[0] & 0xfc) | 0x02, h[1], h[2], h[3], h[4], h[5]])
     }
@@ -422,6 +429,18 @@ fn parse_vxlan_data(data: Option<&Value>) -> Result<VxlanData, RecordError> {
 #[cfg(test)]
 mod tests {
     use serde_json::json;
+
+    #[test]
+    fn vtep_mac_is_stable_unicast_local_and_distinct_per_public_ip() {
+        let ip = Ipv4Addr::new(198, 18, 0, 1);
+        assert_eq!(Mac::for_public_ip(ip), Mac::for_public_ip(ip), "same node, same MAC");
+        let mut seen = std::collections::HashSet::new();
+        for n in 0..65_536u32 {
+            let mac = Mac::for_public_ip(Ipv4Addr::from(0xc612_0000 + n)).octets();
+            assert_eq!(mac[0] & 0x03, 0x02, "{mac:02x?} must be locally administered unicast");
+            assert!(seen.insert(mac), "MAC {mac:02x?} repeats for 198.18.0.0/16 + {n}");
+        }
+    }
 
     use super::*;
 

@@ -28,7 +28,7 @@ pub fn verdict(ctx: &TcContext, result: Result<i32, Reason>) -> i32 {
         Ok(verdict) => verdict,
         Err(reason) => {
             count(reason, ctx.len());
-            TC_ACT_SHOT as i32
+            TC_ACT_SHOT
         }
     }
 }

@@ -29,9 +29,15 @@
 //! own checksums). The 50 bytes go with `bpf_skb_adjust_room(-50, BPF_ADJ_ROOM_MAC)`:
 //! `BPF_F_ADJ_ROOM_FIXED_GSO` keeps a GSO packet's MSS, which describes the inner TCP segments
 //! and must not grow by the 50 bytes removed; `BPF_F_ADJ_ROOM_DECAP_L3_IPV4` states the new
-//! network protocol. Kernel 6.18 has no flag yet to clear `SKB_GSO_UDP_TUNNEL` from a GSO
-//! packet that arrives unsegmented (veth underlays pass them through): TCP segmentation of the
-//! inner packet ignores that bit, so such packets still reach pods intact.
+//! network protocol.
+//!
+//! GSO: GSO packets arrive here when the underlay passes the sender's unsegmented, as veth does
+//! (a NIC normally delivers single frames: with no VXLAN socket, no UDP-tunnel GRO kicks in). Kernel 6.18 offers no way to
+//! clear what the sender's encapsulation left on such a packet (`skb->encapsulation`,
+//! `SKB_GSO_UDP_TUNNEL`; the `BPF_F_ADJ_ROOM_DECAP_L4_UDP` flag that does is newer), so the pod
+//! bridge, which has no encapsulation offloads, segments it in software on the way to the pod:
+//! correct, but slower than flannel.1, whose receive path clears that state. Redirecting
+//! straight into the pod (`bpf_redirect_peer` with an endpoint map) would avoid it.
 
 use core::ptr;
 
@@ -46,7 +52,10 @@ use aya_ebpf::{
 use overlay_common::{
     config::Config,
     counters::Reason,
-    wire::{ETH_HLEN, ETH_P_IP, IPPROTO_UDP, IPV4_HLEN, UDP_HLEN, VXLAN_FLAGS_I, VXLAN_HLEN, VXLAN_OVERHEAD},
+    wire::{
+        ETH_HLEN, ETH_P_IP, IPPROTO_UDP, IPV4_HLEN, UDP_HLEN, VXLAN_FLAGS_I, VXLAN_HLEN,
+        VXLAN_OVERHEAD,
+    },
 };
 
 use crate::lib::{
@@ -104,7 +113,9 @@ pub fn try_underlay_ingress(ctx: &TcContext) -> Result<i32, Reason> {
         return Ok(TC_ACT_OK);
     };
     let ip = unsafe { *ip };
-    if ip.ver_ihl != Ipv4Hdr::VER_IHL_NO_OPTIONS || ip.proto != IPPROTO_UDP || ip.daddr != cfg.local_ip
+    if ip.ver_ihl != Ipv4Hdr::VER_IHL_NO_OPTIONS
+        || ip.proto != IPPROTO_UDP
+        || ip.daddr != cfg.local_ip
     {
         return Ok(TC_ACT_OK);
     }
@@ -233,10 +244,7 @@ fn deliver_to_host(
         (*eth).dst = cfg.host_mac;
         (*eth).src = peer_vtep_mac;
     }
-    count(
-        if target == Target::HostTtl { Reason::StackTtl } else { Reason::DecapHost },
-        ctx.len(),
-    );
+    count(if target == Target::HostTtl { Reason::StackTtl } else { Reason::DecapHost }, ctx.len());
     // SAFETY: plain helper call.
     Ok(unsafe { bpf_redirect(cfg.host_ifindex, u64::from(BPF_F_INGRESS)) } as i32)
 }

@@ -61,9 +61,21 @@ pub fn fits_tunnel(ctx: &TcContext, cfg: &Config) -> bool {
     // SAFETY: plain helper calls on our own context and a stack variable.
     let ret = unsafe {
         if cfg.host_ifindex != 0 {
-            bpf_check_mtu(ctx.as_ptr(), cfg.host_ifindex, &mut mtu_len, 0, u64::from(BPF_MTU_CHK_SEGS))
+            bpf_check_mtu(
+                ctx.as_ptr(),
+                cfg.host_ifindex,
+                &mut mtu_len,
+                0,
+                u64::from(BPF_MTU_CHK_SEGS),
+            )
         } else {
-            bpf_check_mtu(ctx.as_ptr(), cfg.underlay_ifindex, &mut mtu_len, VXLAN_OVERHEAD as i32, 0)
+            bpf_check_mtu(
+                ctx.as_ptr(),
+                cfg.underlay_ifindex,
+                &mut mtu_len,
+                VXLAN_OVERHEAD as i32,
+                0,
+            )
         }
     };
     ret < 0 || ret == i64::from(BPF_MTU_CHK_RET_SUCCESS)

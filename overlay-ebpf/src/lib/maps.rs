@@ -8,17 +8,14 @@ use aya_ebpf::{
 };
 use overlay_common::{
     config::{CONFIG_INDEX, CONFIG_LEN, Config},
-    route::{
-        MemberNode, NODE_V4_CAPACITY, NodeKeyV4, ROUTE_V4_CAPACITY, RemoteNode, RouteKeyV4,
-    },
+    route::{MemberNode, NODE_V4_CAPACITY, NodeKeyV4, ROUTE_V4_CAPACITY, RemoteNode, RouteKeyV4},
 };
 
 #[map]
 static CONFIG: Array<Config> = Array::with_max_entries(CONFIG_LEN, 0);
 
 #[map]
-static ROUTE_V4: LpmTrie<RouteKeyV4, RemoteNode> =
-    LpmTrie::with_max_entries(ROUTE_V4_CAPACITY, 0);
+static ROUTE_V4: LpmTrie<RouteKeyV4, RemoteNode> = LpmTrie::with_max_entries(ROUTE_V4_CAPACITY, 0);
 
 // Not preallocated: a preallocated 64 Ki-entry hash would pin megabytes per agent whatever the
 // cluster size, and only the agent inserts (never the data path), so allocation is off the fast

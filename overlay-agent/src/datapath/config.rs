@@ -1,0 +1,197 @@
+//! The node's settings as the agent knows them ([`NodeConfig`]) and their encoding into the
+//! `CONFIG` map value (`overlay_common::config::Config`), together with the interface indexes the
+//! data path learns as it attaches.
+
+use std::net::Ipv4Addr;
+
+use ipnet::Ipv4Net;
+use overlay_common::{
+    config::{CONFIG_F_READY, Config},
+    wire::{DEFAULT_SRC_PORT_MAX, DEFAULT_SRC_PORT_MIN, MAX_VNI},
+};
+
+/// What the data path needs to know about this node, from the network config and the lease.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeConfig {
+    /// VXLAN network identifier (flannel's `VNI`, default 1).
+    pub vni: u32,
+    /// VXLAN UDP port (flannel's `Port`, default 8472).
+    pub port: u16,
+    /// Outer source address: the external interface's own address (not `--public-ip`, which
+    /// may be a NAT address; flannel's vxlan device uses the interface address too).
+    pub local_ip: Ipv4Addr,
+    /// The VtepMAC this node publishes in its lease.
+    pub vtep_mac: [u8; 6],
+    /// This node's lease (pod subnet). Its `.0` is the host device's address, `.1` the bridge's.
+    pub subnet: Ipv4Net,
+    /// The cluster network (flannel's `Network`).
+    pub network: Ipv4Net,
+    /// UDP source ports are picked from `[min, max)` by flow hash, as the kernel's VXLAN device
+    /// does with `net.ipv4.ip_local_port_range` (the default range unless told otherwise).
+    pub src_port_range: (u16, u16),
+}
+
+impl NodeConfig {
+    /// A configuration with the kernel's default source port range.
+    #[must_use]
+    pub fn new(
+        vni: u32,
+        port: u16,
+        local_ip: Ipv4Addr,
+        vtep_mac: [u8; 6],
+        subnet: Ipv4Net,
+        network: Ipv4Net,
+    ) -> Self {
+        Self {
+            vni,
+            port,
+            local_ip,
+            vtep_mac,
+            subnet,
+            network,
+            src_port_range: (DEFAULT_SRC_PORT_MIN, DEFAULT_SRC_PORT_MAX),
+        }
+    }
+
+    /// Why the data path could not work with this configuration, if it could not.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.vni > MAX_VNI {
+            return Err(format!("VNI {} does not fit in 24 bits", self.vni));
+        }
+        if self.port == 0 {
+            return Err("VXLAN port 0".to_owned());
+        }
+        // The subnet needs a .0 (host device) and a .1 (bridge) besides pods.
+        if self.subnet.prefix_len() > 30 {
+            return Err(format!("subnet {} is smaller than a /30", self.subnet));
+        }
+        if !self.network.contains(&self.subnet) {
+            return Err(format!("subnet {} is not inside network {}", self.subnet, self.network));
+        }
+        if self.vtep_mac[0] & 0x01 != 0 || self.vtep_mac == [0; 6] {
+            return Err("the VtepMAC must be a unicast, non-zero address".to_owned());
+        }
+        let (min, max) = self.src_port_range;
+        if min == 0 || max <= min {
+            return Err(format!("bad UDP source port range {min}..{max}"));
+        }
+        Ok(())
+    }
+}
+
+/// Interface indexes (0 = absent) and the host device's MAC, learnt when attaching.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Devices {
+    pub underlay: u32,
+    pub bridge: u32,
+    pub host: u32,
+    pub host_mac: [u8; 6],
+}
+
+/// The `CONFIG` value for `node` and `devices`. Without a node configuration or an underlay
+/// device, the entry is not marked ready and the programs leave every packet alone.
+pub(crate) fn encode(node: Option<&NodeConfig>, devices: Devices) -> Config {
+    let mut cfg = Config {
+        underlay_ifindex: devices.underlay,
+        bridge_ifindex: devices.bridge,
+        host_ifindex: devices.host,
+        host_mac: devices.host_mac,
+        ..Config::default()
+    };
+    let Some(node) = node else {
+        return cfg;
+    };
+    let subnet = node.subnet.trunc();
+    let network = node.network.trunc();
+    cfg.vni = node.vni;
+    cfg.port = node.port;
+    cfg.local_ip = node.local_ip.octets();
+    cfg.vtep_mac = node.vtep_mac;
+    cfg.subnet = subnet.network().octets();
+    cfg.subnet_mask = subnet.netmask().octets();
+    cfg.network = network.network().octets();
+    cfg.network_mask = network.netmask().octets();
+    (cfg.src_port_min, cfg.src_port_max) = node.src_port_range;
+    if devices.underlay != 0 {
+        cfg.flags |= CONFIG_F_READY;
+    }
+    cfg
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node() -> NodeConfig {
+        NodeConfig::new(
+            1,
+            8472,
+            Ipv4Addr::new(198, 18, 0, 1),
+            [0x0e, 0, 0, 0, 0, 1],
+            "172.17.1.0/24".parse().unwrap(),
+            "172.17.0.0/16".parse().unwrap(),
+        )
+    }
+
+    const DEVICES: Devices =
+        Devices { underlay: 2, bridge: 3, host: 4, host_mac: [0x02, 0, 0, 0, 0, 4] };
+
+    #[test]
+    fn encodes_every_field_in_its_byte_order() {
+        let cfg = encode(Some(&node()), DEVICES);
+        assert_eq!(cfg.flags, CONFIG_F_READY);
+        assert_eq!((cfg.vni, cfg.port), (1, 8472));
+        assert_eq!((cfg.underlay_ifindex, cfg.bridge_ifindex, cfg.host_ifindex), (2, 3, 4));
+        assert_eq!(cfg.local_ip, [198, 18, 0, 1]);
+        assert_eq!((cfg.subnet, cfg.subnet_mask), ([172, 17, 1, 0], [255, 255, 255, 0]));
+        assert_eq!((cfg.network, cfg.network_mask), ([172, 17, 0, 0], [255, 255, 0, 0]));
+        assert_eq!(cfg.vtep_mac, [0x0e, 0, 0, 0, 0, 1]);
+        assert_eq!(cfg.host_mac, [0x02, 0, 0, 0, 0, 4]);
+        assert_eq!((cfg.src_port_min, cfg.src_port_max), (32768, 60999));
+
+        // The raw layout the eBPF side reads: numbers in host order, addresses as on the wire.
+        let bytes = bytemuck::bytes_of(&cfg);
+        assert_eq!(bytes.len(), 60);
+        assert_eq!(&bytes[0..4], &CONFIG_F_READY.to_ne_bytes());
+        assert_eq!(&bytes[4..8], &1u32.to_ne_bytes());
+        assert_eq!(&bytes[20..24], &[198, 18, 0, 1]);
+        assert_eq!(&bytes[24..28], &[172, 17, 1, 0]);
+        assert_eq!(&bytes[40..46], &[0x0e, 0, 0, 0, 0, 1]);
+        assert_eq!(&bytes[52..54], &8472u16.to_ne_bytes());
+    }
+
+    #[test]
+    fn host_bits_are_cleared() {
+        let mut n = node();
+        n.subnet = "172.17.1.1/24".parse().unwrap(); // FLANNEL_SUBNET spelling
+        n.network = "172.17.3.4/16".parse().unwrap();
+        let cfg = encode(Some(&n), DEVICES);
+        assert_eq!(cfg.subnet, [172, 17, 1, 0]);
+        assert_eq!(cfg.network, [172, 17, 0, 0]);
+    }
+
+    #[test]
+    fn not_ready_without_node_or_underlay() {
+        let cfg = encode(None, DEVICES);
+        assert_eq!(cfg.flags, 0);
+        assert_eq!(cfg.bridge_ifindex, 3, "device indexes are kept for later");
+        let cfg = encode(Some(&node()), Devices { underlay: 0, ..DEVICES });
+        assert_eq!(cfg.flags, 0);
+    }
+
+    #[test]
+    fn validation() {
+        assert_eq!(node().validate(), Ok(()));
+        let bad = |f: fn(&mut NodeConfig)| {
+            let mut n = node();
+            f(&mut n);
+            n.validate().unwrap_err()
+        };
+        assert!(bad(|n| n.vni = 1 << 24).contains("24 bits"));
+        assert!(bad(|n| n.port = 0).contains("port"));
+        assert!(bad(|n| n.subnet = "172.17.1.0/31".parse().unwrap()).contains("/30"));
+        assert!(bad(|n| n.subnet = "10.0.0.0/24".parse().unwrap()).contains("not inside"));
+        assert!(bad(|n| n.vtep_mac = [0x01, 0, 0x5e, 0, 0, 1]).contains("unicast"));
+        assert!(bad(|n| n.src_port_range = (5, 5)).contains("range"));
+    }
+}
