@@ -31,6 +31,15 @@ pub struct Cli {
 pub enum Command {
     /// Run the node agent (the default when no subcommand is given).
     Run,
+    /// Print the data path's counters (packets and bytes per forward/drop reason), read from
+    /// the maps pinned under --bpf-dir: `<name> <packets> <bytes>` per line.
+    Counters,
+    /// Print the remote subnets the data path routes, read from the pinned maps:
+    /// `<subnet> <public IP> <VtepMAC>` per line.
+    Peers,
+    /// Remove everything the agent installed in this network namespace: detach and unpin its
+    /// programs, remove its maps, delete the host device ovl0. The subnet lease stays in etcd.
+    Cleanup,
 }
 
 /// flanneld's flags. Every flag can also be set from the environment as `FLANNELD_<NAME>`
@@ -133,7 +142,7 @@ pub struct Flags {
     pub pod_bridge: Option<String>,
 
     /// Directory under bpffs where the data path's programs and maps are pinned.
-    #[arg(long, env = "OVERLAY_BPF_DIR", default_value = DEFAULT_BPF_DIR)]
+    #[arg(long, env = "OVERLAY_BPF_DIR", default_value = DEFAULT_BPF_DIR, global = true)]
     pub bpf_dir: PathBuf,
 
     /// Developer option: TTL of the subnet lease in seconds (flannel's 24 h by default).

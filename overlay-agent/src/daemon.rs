@@ -7,7 +7,7 @@
 //! leases of the other nodes, as add/change/remove events) and the health endpoints. If either
 //! control-plane task ends unexpectedly the daemon fails rather than run half-blind.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, path::Path, time::Duration};
 
 use anyhow::{Context as _, Result, bail};
 use tokio::{
@@ -22,7 +22,7 @@ use ipnet::Ipv4Net;
 use crate::{
     cli::Flags,
     config::{Backend, NetworkConfig},
-    datapath::{Datapath, NodeConfig},
+    datapath::{Datapath, NodeConfig, pin::PinDir, pinned_counters, pinned_peers},
     healthz,
     iface::{self, ExternalInterface},
     netdev::{HOST_DEVICE, HostDeviceSpec, Netlink, find_pod_bridge},
@@ -77,7 +77,7 @@ pub async fn run(flags: Flags) -> Result<()> {
 
     let netlink = Netlink::new()?;
     enable_ip_forwarding()?;
-    let mut datapath = Datapath::load()?;
+    let mut datapath = Datapath::load_pinned(&flags.bpf_dir)?;
     datapath.attach_underlay(&ext.name)?;
     info!("data path attached to {}", ext.name);
     let mut node = NodeDatapath::new(&flags, &config, &ext);
@@ -132,7 +132,9 @@ pub async fn run(flags: Flags) -> Result<()> {
         }
     };
 
-    // Stop the control-plane tasks before the data path goes: dropping the receivers ends them.
+    // Stop the control-plane tasks; dropping the receivers ends them. The data path stays: its
+    // links and maps are pinned, so pods keep talking until the next agent takes over
+    // (`overlay-agent cleanup` removes it for good).
     drop(peers);
     drop(lease_rx);
     for (name, task) in [("lease keeper", &mut keeper), ("peer watcher", &mut watcher)] {
@@ -144,7 +146,7 @@ pub async fn run(flags: Flags) -> Result<()> {
     healthz.abort();
     report_counters(&datapath);
     drop(datapath);
-    info!("programs detached; exiting");
+    info!("exiting; the data path stays pinned under {}", flags.bpf_dir.display());
     outcome
 }
 
@@ -267,6 +269,16 @@ impl NodeDatapath {
                 info!("peer removed: subnet {subnet}");
                 datapath.remove_peer(*subnet).map_err(Into::into)
             }
+            PeerEvent::Synced(current) => {
+                // Entries an earlier agent pinned for peers that left while no agent ran.
+                let stale: Vec<Ipv4Net> =
+                    datapath.peers().subnets().filter(|s| !current.contains(s)).collect();
+                stale.into_iter().try_for_each(|subnet| {
+                    info!("peer removed: subnet {subnet} (gone while the agent was down)");
+                    datapath.remove_peer(subnet)
+                })
+                .map_err(Into::into)
+            }
         };
         if let Err(e) = result {
             error!("peer event {event:?} not applied to the data path: {e:#}");
@@ -365,6 +377,38 @@ async fn start_healthz(
     }
     let server = healthz::bind(SocketAddr::new(flags.healthz_ip, flags.healthz_port), ready).await?;
     Ok(tokio::spawn(server))
+}
+
+/// `overlay-agent counters`: the pinned counters, one `<name> <packets> <bytes>` per line.
+pub fn print_counters(bpf_dir: &Path) -> Result<()> {
+    for (reason, c) in pinned_counters(bpf_dir)? {
+        println!("{} {} {}", reason.name(), c.packets, c.bytes);
+    }
+    Ok(())
+}
+
+/// `overlay-agent peers`: the routed subnets, one `<subnet> <public IP> <VtepMAC>` per line.
+pub fn print_peers(bpf_dir: &Path) -> Result<()> {
+    for (subnet, node) in pinned_peers(bpf_dir)? {
+        println!("{subnet} {} {}", node.public_ip(), Mac::from(node.vtep_mac));
+    }
+    Ok(())
+}
+
+/// `overlay-agent cleanup`: removes the pinned data path (its programs detach as their links
+/// go) and the host device. Run it with no agent running in the namespace.
+pub async fn cleanup(bpf_dir: &Path) -> Result<()> {
+    match PinDir::existing(bpf_dir) {
+        Some(pins) => {
+            let removed = pins.remove_all()?;
+            info!("removed {} pins under {}", removed.len(), bpf_dir.display());
+        }
+        None => info!("nothing pinned under {}", bpf_dir.display()),
+    }
+    if Netlink::new()?.remove_host_device().await? {
+        info!("deleted the host device {HOST_DEVICE}");
+    }
+    Ok(())
 }
 
 /// SIGTERM and SIGINT, whichever comes first.

@@ -16,6 +16,9 @@ async fn main() -> ExitCode {
     init_tracing(cli.flags.verbosity);
     let result = match cli.command.unwrap_or(Command::Run) {
         Command::Run => daemon::run(cli.flags).await,
+        Command::Counters => daemon::print_counters(&cli.flags.bpf_dir),
+        Command::Peers => daemon::print_peers(&cli.flags.bpf_dir),
+        Command::Cleanup => daemon::cleanup(&cli.flags.bpf_dir).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -52,6 +52,20 @@ impl AgentProcess {
         log_path: PathBuf,
         label: &str,
     ) -> Result<Self> {
+        Self::spawn_with_env(ns, bin, args, &[], log_path, label)
+    }
+
+    /// [`AgentProcess::spawn`] with extra environment variables `envs`, set after the test's
+    /// own `FLANNELD_*` variables are removed (so `FLANNELD_*` given here do reach the agent,
+    /// e.g. to test flanneld's environment forms of the flags).
+    pub fn spawn_with_env(
+        ns: &NetNs,
+        bin: &Path,
+        args: &[String],
+        envs: &[(String, String)],
+        log_path: PathBuf,
+        label: &str,
+    ) -> Result<Self> {
         let log =
             File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
         let mut c = ns.command(bin);
@@ -71,6 +85,7 @@ impl AgentProcess {
         if std::env::var_os("RUST_BACKTRACE").is_none() {
             c.env("RUST_BACKTRACE", "1");
         }
+        c.envs(envs.iter().map(|(k, v)| (k, v)));
         cmd::die_with_parent(&mut c);
         let line = cmd::describe(&c);
         let child = c.spawn().with_context(|| format!("starting `{line}`"))?;

@@ -21,7 +21,7 @@ use ipnet::Ipv4Net;
 use crate::{
     agent::{AgentProcess, TERM_GRACE},
     cmd,
-    etcd::{DEFAULT_ETCD_PREFIX, EtcdServer},
+    etcd::{DEFAULT_ETCD_PREFIX, EtcdServer, TlsFiles},
     netns::{NetNs, add_veth},
     traffic::{self, PingReport, TransferReport, UdpReport},
 };
@@ -149,6 +149,7 @@ pub struct ClusterBuilder {
     agent_args: Vec<String>,
     start_agents: Option<bool>,
     underlay_mtu: u32,
+    etcd_tls: bool,
 }
 
 impl Default for ClusterBuilder {
@@ -162,6 +163,7 @@ impl Default for ClusterBuilder {
             agent_args: Vec::new(),
             start_agents: None,
             underlay_mtu: 1500,
+            etcd_tls: false,
         }
     }
 }
@@ -228,6 +230,17 @@ impl ClusterBuilder {
         self
     }
 
+    /// Serve etcd over TLS only (default false): `build` makes a throwaway CA, a server
+    /// certificate for [`UNDERLAY_GATEWAY`] and a client certificate ([`TlsFiles::generate`],
+    /// in `<cluster dir>/tls`), etcd requires client certificates, nodes reach it at
+    /// `https://198.18.0.254:2379`, and [`Node::start_agent`] passes the three `--etcd-*file`
+    /// flags.
+    #[must_use]
+    pub fn etcd_tls(mut self, yes: bool) -> Self {
+        self.etcd_tls = yes;
+        self
+    }
+
     /// Builds the cluster: checks for root and tools ([`crate::require_root`], panics if
     /// missing), removes leftovers of crashed runs, creates the underlay, etcd, the outside host
     /// and the nodes; then, if agents are to start, starts them, waits for their subnet files and
@@ -264,8 +277,14 @@ impl ClusterBuilder {
         ul.set_mtu("br0", mtu)?;
         ul.add_addr("br0", &format!("{UNDERLAY_GATEWAY}/{UNDERLAY_PREFIX_LEN}"))?;
         ul.sysctl("net.ipv4.ip_forward", "1")?;
-        let etcd = EtcdServer::start_in(&ul, UNDERLAY_GATEWAY)
-            .context("starting etcd in the underlay namespace")?;
+        let etcd = if self.etcd_tls {
+            let tls = TlsFiles::generate(&dir.path().join("tls"), UNDERLAY_GATEWAY)?;
+            EtcdServer::start_in_tls(&ul, UNDERLAY_GATEWAY, tls)
+                .context("starting etcd with TLS in the underlay namespace")?
+        } else {
+            EtcdServer::start_in(&ul, UNDERLAY_GATEWAY)
+                .context("starting etcd in the underlay namespace")?
+        };
         if let Some(cfg) = &self.network_config {
             etcd.put_network_config(self.etcd_prefix.as_deref(), cfg)?;
         }
@@ -352,7 +371,8 @@ impl Cluster {
             .map_or(Path::new("/nonexistent"), tempfile::TempDir::path)
     }
 
-    /// The etcd server (in the underlay namespace at `http://198.18.0.254:2379`).
+    /// The etcd server (in the underlay namespace at `http://198.18.0.254:2379`, or `https://`
+    /// with [`ClusterBuilder::etcd_tls`]).
     pub fn etcd(&self) -> &EtcdServer {
         &self.etcd
     }
@@ -466,6 +486,8 @@ impl Cluster {
             // Drops the cluster's agent handles: logs are printed here when panicking.
             node.state().agents.clear();
             warn(node.ns.delete());
+            // After the namespace: its devices (and so the pinned links' hooks) are gone.
+            warn(crate::unmount(&node.dir.join(BPFFS_DIR)));
         }
         if let Some(h) = &self.outside {
             warn(h.ns.delete());
@@ -502,6 +524,9 @@ struct Bridge {
     mtu: u32,
 }
 
+/// Directory in a node's dir where its bpffs is mounted.
+const BPFFS_DIR: &str = "bpffs";
+
 /// A node: a namespace with `eth0` on the underlay, where an agent runs and pods attach.
 #[derive(Debug)]
 pub struct Node {
@@ -513,6 +538,7 @@ pub struct Node {
     cluster_id: String,
     etcd_endpoint: String,
     etcd_prefix: Option<String>,
+    etcd_tls: Option<TlsFiles>,
     state: Mutex<NodeState>,
 }
 
@@ -533,6 +559,10 @@ impl Node {
         ns.sysctl("net.ipv4.ip_forward", "1")?;
         let dir = cluster.dir().join(&name);
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        // The agent pins its data path under --bpf-dir. `ip netns exec` gives every agent a
+        // private /sys, so /sys/fs/bpf would vanish with the agent process: a bpffs of the
+        // node's own, mounted here, lets pins outlive one agent as they do on a real host.
+        crate::mount_bpffs(&dir.join(BPFFS_DIR))?;
         Ok(Self {
             index,
             name,
@@ -540,8 +570,9 @@ impl Node {
             ip,
             dir,
             cluster_id: cluster.id.clone(),
-            etcd_endpoint: format!("http://{UNDERLAY_GATEWAY}:{ETCD_PORT}"),
+            etcd_endpoint: cluster.etcd.endpoint().to_owned(),
             etcd_prefix: cluster.etcd_prefix.clone(),
+            etcd_tls: cluster.etcd.tls().cloned(),
             state: Mutex::new(NodeState {
                 bridge: None,
                 pods: Vec::new(),
@@ -580,6 +611,11 @@ impl Node {
         &self.dir
     }
 
+    /// The `--bpf-dir` given to its agents: on the node's own bpffs.
+    pub fn bpf_dir(&self) -> PathBuf {
+        self.dir.join(BPFFS_DIR).join("overlay")
+    }
+
     /// The `--subnet-file` given to its agents.
     pub fn subnet_file(&self) -> PathBuf {
         self.dir.join("subnet.env")
@@ -592,14 +628,33 @@ impl Node {
 
     /// Starts the agent in this node: `--etcd-endpoints http://198.18.0.254:2379 --iface eth0
     /// --subnet-file <dir>/subnet.env` (and `--etcd-prefix` when the cluster has one), each
-    /// left out when `extra_args` gives that flag itself, then `extra_args`. Log in
-    /// `<dir>/agent-<k>.log`. The cluster stops it on drop; the returned handle can stop it
-    /// earlier.
+    /// left out when `extra_args` gives that flag itself, then `extra_args`. With
+    /// [`ClusterBuilder::etcd_tls`] the endpoint is `https://` and `--etcd-cafile`,
+    /// `--etcd-certfile`, `--etcd-keyfile` are added as a group, unless `extra_args` gives any
+    /// of the three. Log in `<dir>/agent-<k>.log`. The cluster stops it on drop; the returned
+    /// handle can stop it earlier.
     pub fn start_agent(&self, extra_args: &[&str]) -> Result<AgentProcess> {
+        self.start_agent_env(extra_args, &[])
+    }
+
+    /// [`Node::start_agent`] with environment variables `envs` for the agent (e.g. flanneld's
+    /// `FLANNELD_ETCD_PREFIX`). A default flag is also left out when `envs` sets its
+    /// `FLANNELD_<NAME>` variable, so that the variable is what the agent sees.
+    pub fn start_agent_env(
+        &self,
+        extra_args: &[&str],
+        envs: &[(&str, &str)],
+    ) -> Result<AgentProcess> {
         let extra: Vec<String> = extra_args.iter().map(|s| (*s).to_owned()).collect();
+        let envs: Vec<(String, String)> = envs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        let given =
+            |flag: &str| has_flag(&extra, flag) || envs.iter().any(|(k, _)| *k == env_name(flag));
         let mut args = Vec::new();
         let mut default = |flag: &str, value: String| {
-            if !has_flag(&extra, flag) {
+            if !given(flag) {
                 args.push(flag.to_owned());
                 args.push(value);
             }
@@ -607,25 +662,43 @@ impl Node {
         default("--etcd-endpoints", self.etcd_endpoint.clone());
         default("--iface", "eth0".to_owned());
         default("--subnet-file", self.subnet_file().display().to_string());
+        default("--bpf-dir", self.bpf_dir().display().to_string());
         if let Some(p) = &self.etcd_prefix {
             default("--etcd-prefix", p.clone());
         }
+        let tls_flags = ["--etcd-cafile", "--etcd-certfile", "--etcd-keyfile"];
+        if let Some(tls) = &self.etcd_tls
+            && !tls_flags.iter().any(|f| given(f))
+        {
+            for (flag, path) in tls_flags
+                .iter()
+                .zip([&tls.ca, &tls.client_cert, &tls.client_key])
+            {
+                args.push((*flag).to_owned());
+                args.push(path.display().to_string());
+            }
+        }
         args.extend(extra);
-        self.spawn_agent(&args)
+        self.spawn_agent(&args, &envs)
     }
 
     /// Starts the agent with exactly `args` (no defaults).
     pub fn start_agent_raw(&self, args: &[&str]) -> Result<AgentProcess> {
         let args: Vec<String> = args.iter().map(|s| (*s).to_owned()).collect();
-        self.spawn_agent(&args)
+        self.spawn_agent(&args, &[])
     }
 
-    fn spawn_agent(&self, args: &[String]) -> Result<AgentProcess> {
+    /// The TLS files when the cluster's etcd serves over TLS ([`ClusterBuilder::etcd_tls`]).
+    pub fn etcd_tls(&self) -> Option<&TlsFiles> {
+        self.etcd_tls.as_ref()
+    }
+
+    fn spawn_agent(&self, args: &[String], envs: &[(String, String)]) -> Result<AgentProcess> {
         let bin = crate::agent_bin()?;
         let mut state = self.state();
         let log = self.dir.join(format!("agent-{}.log", state.agents.len()));
         let label = format!("{}#{}", self.name, state.agents.len());
-        let agent = AgentProcess::spawn(&self.ns, &bin, args, log, &label)?;
+        let agent = AgentProcess::spawn_with_env(&self.ns, &bin, args, envs, log, &label)?;
         state.agents.push(agent.clone());
         Ok(agent)
     }
@@ -699,8 +772,9 @@ impl Node {
     }
 
     /// Adds pod `name` on bridge `cni0` whose address is `gateway` (e.g. 172.16.5.1/24) with MTU
-    /// `mtu`; the bridge is created by the first pod, later pods must give the same values. The
-    /// pod gets the next free address of the subnet. Works without an agent.
+    /// `mtu`; the bridge is created by the first pod (and re-created by the next pod if it was
+    /// deleted), later pods must give the same values. The pod gets the next free address of the
+    /// subnet. Works without an agent.
     pub fn add_pod_in(&self, name: &str, gateway: Ipv4Net, mtu: u32) -> Result<Pod> {
         ensure!(
             !name.is_empty()
@@ -720,20 +794,31 @@ impl Node {
             "node {} already has pod {name}",
             self.name
         );
+        let create_bridge = || -> Result<()> {
+            self.ns.add_bridge("cni0")?;
+            self.ns.set_mtu("cni0", mtu)?;
+            self.ns.add_addr("cni0", &gateway.to_string())
+        };
         match state.bridge {
             None => {
-                self.ns.add_bridge("cni0")?;
-                self.ns.set_mtu("cni0", mtu)?;
-                self.ns.add_addr("cni0", &gateway.to_string())?;
+                create_bridge()?;
                 state.bridge = Some(Bridge { gateway, mtu });
             }
-            Some(b) => ensure!(
-                b.gateway == gateway && b.mtu == mtu,
-                "node {} bridge cni0 is {} mtu {}, not {gateway} mtu {mtu} (did the subnet change?)",
-                self.name,
-                b.gateway,
-                b.mtu
-            ),
+            Some(b) => {
+                ensure!(
+                    b.gateway == gateway && b.mtu == mtu,
+                    "node {} bridge cni0 is {} mtu {}, not {gateway} mtu {mtu} (did the subnet change?)",
+                    self.name,
+                    b.gateway,
+                    b.mtu
+                );
+                // Deleted behind the harness's back (`ip link del cni0` in a test): re-created
+                // as the first pod created it, as the CNI bridge plugin does. Earlier pods stay
+                // detached from it.
+                if self.ns.ip(&["link", "show", "dev", "cni0"]).is_err() {
+                    create_bridge()?;
+                }
+            }
         }
         let ip = gateway
             .hosts()
@@ -903,6 +988,16 @@ impl fmt::Display for Pod {
     }
 }
 
+/// flanneld's environment variable for `flag`: `--etcd-prefix` → `FLANNELD_ETCD_PREFIX`.
+fn env_name(flag: &str) -> String {
+    format!(
+        "FLANNELD_{}",
+        flag.trim_start_matches('-')
+            .replace('-', "_")
+            .to_uppercase()
+    )
+}
+
 /// Whether `args` set `flag` (`--flag value` or `--flag=value`).
 fn has_flag(args: &[String], flag: &str) -> bool {
     args.iter().any(|a| {
@@ -947,5 +1042,6 @@ mod tests {
         assert!(has_flag(&args, "--public-ip"));
         assert!(!has_flag(&args, "--ip"));
         assert!(!has_flag(&args, "--etcd-endpoints"));
+        assert_eq!(env_name("--etcd-prefix"), "FLANNELD_ETCD_PREFIX");
     }
 }

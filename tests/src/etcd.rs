@@ -34,6 +34,8 @@ pub struct EtcdServer {
     /// Namespace where etcd runs and where etcdctl must run to reach it (None: root namespace).
     ns: Option<String>,
     endpoint: String,
+    /// Certificates when etcd serves clients over TLS (etcdctl then uses the client cert).
+    tls: Option<TlsFiles>,
     log_path: PathBuf,
     dir: Option<tempfile::TempDir>,
 }
@@ -59,6 +61,142 @@ pub struct LeaseTtl {
     pub granted_ttl: i64,
 }
 
+/// PEM files for etcd over TLS: a throwaway CA, a server certificate and a client
+/// certificate signed by it (all P-256 keys, valid for two days), made by
+/// [`TlsFiles::generate`] with `openssl`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// The CA certificate (etcd's `--trusted-ca-file`, the agent's `--etcd-cafile`).
+    pub ca: PathBuf,
+    /// The server certificate (subjectAltName: the server IP and 127.0.0.1; serverAuth, and
+    /// clientAuth because etcd's gRPC gateway presents it when it calls etcd itself).
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    /// The client certificate (clientAuth): the agent's `--etcd-certfile`, also used by etcdctl.
+    pub client_cert: PathBuf,
+    /// The client key: the agent's `--etcd-keyfile`.
+    pub client_key: PathBuf,
+}
+
+/// The openssl config used by [`TlsFiles::generate`]; `{ip}` is the server address.
+const OPENSSL_CNF: &str = "\
+[req]
+distinguished_name = dn
+prompt = no
+[dn]
+CN = overlay-test
+[ca_ext]
+basicConstraints = critical,CA:TRUE
+keyUsage = critical,keyCertSign,cRLSign
+subjectKeyIdentifier = hash
+[server_ext]
+basicConstraints = critical,CA:FALSE
+keyUsage = critical,digitalSignature
+extendedKeyUsage = serverAuth,clientAuth
+subjectAltName = IP:{ip},IP:127.0.0.1
+authorityKeyIdentifier = keyid
+[client_ext]
+basicConstraints = critical,CA:FALSE
+keyUsage = critical,digitalSignature
+extendedKeyUsage = clientAuth
+authorityKeyIdentifier = keyid
+";
+
+impl TlsFiles {
+    /// Makes a CA, a server certificate for `server_ip` (IP subjectAltName) and a client
+    /// certificate in `dir` (created if needed) with `openssl`.
+    pub fn generate(dir: &Path, server_ip: Ipv4Addr) -> Result<Self> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let cnf = dir.join("openssl.cnf");
+        std::fs::write(&cnf, OPENSSL_CNF.replace("{ip}", &server_ip.to_string()))
+            .with_context(|| format!("writing {}", cnf.display()))?;
+        let files = Self {
+            ca: dir.join("ca.pem"),
+            server_cert: dir.join("server.pem"),
+            server_key: dir.join("server-key.pem"),
+            client_cert: dir.join("client.pem"),
+            client_key: dir.join("client-key.pem"),
+        };
+        let ca_key = dir.join("ca-key.pem");
+        let p = |p: &Path| p.display().to_string();
+        let openssl = |args: &[String]| -> Result<()> {
+            cmd::check(cmd::command("openssl", args))
+                .context("running openssl (Debian package openssl) to make test certificates")
+                .map(drop)
+        };
+        let new_key = |key: &Path| -> Vec<String> {
+            [
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+                "-keyout",
+            ]
+            .iter()
+            .map(|s| (*s).to_owned())
+            .chain([p(key)])
+            .collect()
+        };
+        let s = |v: &[&str]| -> Vec<String> { v.iter().map(|s| (*s).to_owned()).collect() };
+
+        let mut args = s(&["req", "-x509", "-new", "-days", "2", "-config", &p(&cnf)]);
+        args.extend(new_key(&ca_key));
+        args.extend(s(&[
+            "-extensions",
+            "ca_ext",
+            "-subj",
+            "/CN=overlay-test-ca",
+            "-out",
+            &p(&files.ca),
+        ]));
+        openssl(&args)?;
+
+        for (name, cert, key, ext) in [
+            ("etcd", &files.server_cert, &files.server_key, "server_ext"),
+            (
+                "overlay-agent",
+                &files.client_cert,
+                &files.client_key,
+                "client_ext",
+            ),
+        ] {
+            let csr = dir.join(format!("{name}.csr"));
+            let mut args = s(&[
+                "req",
+                "-new",
+                "-config",
+                &p(&cnf),
+                "-subj",
+                &format!("/CN={name}"),
+            ]);
+            args.extend(new_key(key));
+            args.extend(s(&["-out", &p(&csr)]));
+            openssl(&args)?;
+            openssl(&s(&[
+                "x509",
+                "-req",
+                "-in",
+                &p(&csr),
+                "-CA",
+                &p(&files.ca),
+                "-CAkey",
+                &p(&ca_key),
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-extfile",
+                &p(&cnf),
+                "-extensions",
+                ext,
+                "-out",
+                &p(cert),
+            ]))?;
+        }
+        Ok(files)
+    }
+}
+
 impl EtcdServer {
     /// Starts etcd in the root namespace on 127.0.0.1 with random free ports (listening on the
     /// root namespace's loopback only).
@@ -69,7 +207,7 @@ impl EtcdServer {
         for _ in 0..3 {
             let client = free_port()?;
             let peer = free_port()?;
-            match Self::start(None, Ipv4Addr::LOCALHOST, client, peer) {
+            match Self::start(None, Ipv4Addr::LOCALHOST, client, peer, None) {
                 Ok(s) => return Ok(s),
                 Err(e) => last = Some(e),
             }
@@ -80,19 +218,33 @@ impl EtcdServer {
     /// Starts etcd inside `ns`, serving clients on `ip:2379` (and `127.0.0.1:2379` of that
     /// namespace); peers on the namespace's loopback. `ip` must already be on a link in `ns`.
     pub fn start_in(ns: &NetNs, ip: Ipv4Addr) -> Result<Self> {
-        Self::start(Some(ns), ip, 2379, 2380)
+        Self::start(Some(ns), ip, 2379, 2380, None)
     }
 
-    fn start(ns: Option<&NetNs>, ip: Ipv4Addr, client_port: u16, peer_port: u16) -> Result<Self> {
+    /// [`EtcdServer::start_in`] serving clients over TLS only (`https://<ip>:2379`), with
+    /// `tls`'s server certificate, and requiring a client certificate signed by `tls.ca`
+    /// (`--client-cert-auth`). The harness's etcdctl calls present `tls`'s client certificate.
+    pub fn start_in_tls(ns: &NetNs, ip: Ipv4Addr, tls: TlsFiles) -> Result<Self> {
+        Self::start(Some(ns), ip, 2379, 2380, Some(tls))
+    }
+
+    fn start(
+        ns: Option<&NetNs>,
+        ip: Ipv4Addr,
+        client_port: u16,
+        peer_port: u16,
+        tls: Option<TlsFiles>,
+    ) -> Result<Self> {
         let id = crate::unique_id();
         let dir = crate::temp_dir(&format!("{id}-etcd"))?;
         let data = dir.path().join("data");
         let log_path = dir.path().join("etcd.log");
-        let endpoint = format!("http://{ip}:{client_port}");
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let endpoint = format!("{scheme}://{ip}:{client_port}");
         let listen = if ip == Ipv4Addr::LOCALHOST {
             endpoint.clone()
         } else {
-            format!("{endpoint},http://127.0.0.1:{client_port}")
+            format!("{endpoint},{scheme}://127.0.0.1:{client_port}")
         };
         let peer = format!("http://127.0.0.1:{peer_port}");
 
@@ -112,6 +264,12 @@ impl EtcdServer {
             .arg("--log-outputs=stderr")
             .arg("--log-level=warn")
             .env_remove("ETCD_DATA_DIR");
+        if let Some(tls) = &tls {
+            c.arg(format!("--cert-file={}", tls.server_cert.display()))
+                .arg(format!("--key-file={}", tls.server_key.display()))
+                .arg(format!("--trusted-ca-file={}", tls.ca.display()))
+                .arg("--client-cert-auth");
+        }
         let log = File::create(&log_path).context("creating etcd log")?;
         c.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
         die_with_parent(&mut c);
@@ -123,6 +281,7 @@ impl EtcdServer {
             child: Mutex::new(Some(child)),
             ns: ns.map(|n| n.name().to_owned()),
             endpoint,
+            tls,
             log_path,
             dir: Some(dir),
         };
@@ -171,6 +330,11 @@ impl EtcdServer {
         &self.endpoint
     }
 
+    /// The certificates when etcd serves over TLS ([`EtcdServer::start_in_tls`]).
+    pub fn tls(&self) -> Option<&TlsFiles> {
+        self.tls.as_ref()
+    }
+
     /// The namespace etcd runs in (None: the root namespace).
     pub fn namespace(&self) -> Option<&str> {
         self.ns.as_deref()
@@ -188,7 +352,8 @@ impl EtcdServer {
             .unwrap_or_default()
     }
 
-    /// A command `etcdctl --endpoints <endpoint> args...` (API v3) in etcd's namespace.
+    /// A command `etcdctl --endpoints <endpoint> args...` (API v3) in etcd's namespace (with
+    /// the client certificate when etcd serves over TLS).
     pub fn etcdctl_command(&self, args: &[&str]) -> Command {
         let mut c = match &self.ns {
             Some(ns) => {
@@ -200,8 +365,13 @@ impl EtcdServer {
         };
         c.env("ETCDCTL_API", "3")
             .arg(format!("--endpoints={}", self.endpoint))
-            .arg("--command-timeout=10s")
-            .args(args);
+            .arg("--command-timeout=10s");
+        if let Some(tls) = &self.tls {
+            c.arg(format!("--cacert={}", tls.ca.display()))
+                .arg(format!("--cert={}", tls.client_cert.display()))
+                .arg(format!("--key={}", tls.client_key.display()));
+        }
+        c.args(args);
         c
     }
 

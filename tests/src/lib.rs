@@ -79,7 +79,7 @@ pub use crate::{
         Cluster, ClusterBuilder, Endpoint, Host, Node, OUTSIDE_IP, Pod, SubnetEnv, UNDERLAY_GATEWAY,
     },
     cmd::ChildGuard,
-    etcd::{DEFAULT_ETCD_PREFIX, EtcdServer, KeyValue},
+    etcd::{DEFAULT_ETCD_PREFIX, EtcdServer, KeyValue, TlsFiles},
     netns::{NetNs, add_veth},
     traffic::{PingReport, TransferReport, UdpReport},
 };
@@ -171,6 +171,11 @@ pub fn cleanup_leftovers() -> Result<Vec<String>> {
             let name = entry.file_name().to_string_lossy().into_owned();
             let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
             if is_dir && owner_is_dead(&name) {
+                for mount in mounts_below(&entry.path()) {
+                    if let Err(e) = unmount(&mount) {
+                        errors.push(format!("{}: {e:#}", mount.display()));
+                    }
+                }
                 match std::fs::remove_dir_all(entry.path()) {
                     Ok(()) => removed.push(entry.path().display().to_string()),
                     Err(e) => errors.push(format!("{}: {e}", entry.path().display())),
@@ -182,6 +187,41 @@ pub fn cleanup_leftovers() -> Result<Vec<String>> {
         bail!("could not remove some leftovers: {}", errors.join("; "));
     }
     Ok(removed)
+}
+
+/// Mounts a fresh bpffs on `dir` (created if missing).
+pub fn mount_bpffs(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let dir = dir.display().to_string();
+    let mut mount = std::process::Command::new("mount");
+    mount.args(["-t", "bpf", "bpf", &dir]);
+    cmd::check(mount)?;
+    Ok(())
+}
+
+/// Unmounts `dir` (lazily: a process may still hold a file there) if something is mounted.
+pub fn unmount(dir: &Path) -> Result<()> {
+    if mounts_below(dir).is_empty() {
+        return Ok(());
+    }
+    let dir = dir.display().to_string();
+    let mut umount = std::process::Command::new("umount");
+    umount.args(["-l", &dir]);
+    cmd::check(umount)?;
+    Ok(())
+}
+
+/// Mount points at or below `dir`, deepest first, from /proc/self/mounts.
+fn mounts_below(dir: &Path) -> Vec<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    let mut found: Vec<PathBuf> = mounts
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .map(PathBuf::from)
+        .filter(|m| m.starts_with(dir))
+        .collect();
+    found.sort_by_key(|m| std::cmp::Reverse(m.components().count()));
+    found
 }
 
 /// The pid in a name `ovl-<pid>-...`, if it has that shape.

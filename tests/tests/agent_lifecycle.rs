@@ -18,21 +18,18 @@ fn attached(node: &overlay_tests::Node) -> Vec<(String, AttachKind)> {
 }
 
 #[test]
-fn agent_attaches_to_the_external_interface_and_detaches_on_sigterm() {
+fn agent_attaches_keeps_its_pinned_data_path_after_sigterm_and_cleanup_removes_it() {
     let cluster = Cluster::builder().nodes(2).network_config(VXLAN_CONFIG).build().unwrap();
     let node = cluster.node(0);
     assert!(attached(node).is_empty(), "eth0 must start without programs");
 
     let agent = node.start_agent(&[]).unwrap();
     agent.wait_for_log("data path attached to eth0", Duration::from_secs(30)).unwrap();
-    assert_eq!(
-        attached(node),
-        [
-            ("underlay_egress".to_owned(), AttachKind::TcxEgress),
-            ("underlay_ingress".to_owned(), AttachKind::TcxIngress),
-        ],
-        "the kernel must report both programs on eth0"
-    );
+    let expected = [
+        ("underlay_egress".to_owned(), AttachKind::TcxEgress),
+        ("underlay_ingress".to_owned(), AttachKind::TcxIngress),
+    ];
+    assert_eq!(attached(node), expected, "the kernel must report both programs on eth0");
     // The other node's interface is untouched: attachments are per namespace.
     assert!(attached(cluster.node(1)).is_empty());
 
@@ -42,10 +39,27 @@ fn agent_attaches_to_the_external_interface_and_detaches_on_sigterm() {
 
     let status = agent.kill().unwrap();
     assert!(status.success(), "SIGTERM must end the agent cleanly, got {status}");
-    let log = agent.log();
-    let rx = log.lines().find(|l| l.contains("counter underlay_rx:")).expect("rx counter in log");
-    assert!(!rx.contains(" 0 packets"), "the ingress program counted nothing: {rx}");
-    assert!(attached(node).is_empty(), "programs must be detached after exit");
+    // The data path is pinned: it outlives the agent so pods keep talking across restarts.
+    assert_eq!(attached(node), expected, "pinned programs must stay attached after exit");
+    let counters = agent_cmd(node, "counters");
+    let rx = counters.lines().find(|l| l.starts_with("underlay_rx ")).expect("underlay_rx line");
+    let packets: u64 = rx.split_whitespace().nth(1).unwrap().parse().unwrap();
+    assert!(packets >= 3, "the ingress program must have counted the pings: {rx}");
+
+    agent_cmd(node, "cleanup");
+    assert!(attached(node).is_empty(), "cleanup must detach every program");
+    let links = node.ns().run("ip", &["-o", "link", "show"]).unwrap();
+    assert!(!links.contains("ovl0"), "cleanup must delete the host device:\n{links}");
+    assert!(!node.bpf_dir().exists(), "cleanup must remove the pins");
+}
+
+/// Runs `overlay-agent <subcommand> --bpf-dir <node's>` in the node; returns its stdout.
+fn agent_cmd(node: &overlay_tests::Node, subcommand: &str) -> String {
+    let bin = agent_bin().unwrap().display().to_string();
+    let dir = node.bpf_dir().display().to_string();
+    node.ns()
+        .run(&bin, &[subcommand, "--bpf-dir", &dir])
+        .unwrap_or_else(|e| panic!("overlay-agent {subcommand} failed: {e:#}"))
 }
 
 #[test]

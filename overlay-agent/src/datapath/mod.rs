@@ -27,14 +27,27 @@
 //! carries its own reference counts and `ROUTE_V4` can be listed to rebuild the `PeerTable`.
 
 mod config;
+mod inspect;
 mod peers;
+pub mod pin;
 
-use std::{ffi::CString, io, mem, net::Ipv4Addr, os::fd::AsRawFd as _};
+use std::{
+    collections::BTreeMap,
+    ffi::CString,
+    io, mem,
+    net::Ipv4Addr,
+    os::fd::AsRawFd as _,
+    path::{Path, PathBuf},
+};
 
 use aya::{
-    Ebpf, EbpfError,
+    Ebpf, EbpfError, EbpfLoader,
     maps::{Array, HashMap, LpmTrie, MapError, PerCpuArray},
-    programs::{ProgramError, SchedClassifier, TcAttachType, tc::SchedClassifierLinkId},
+    programs::{
+        ProgramError, SchedClassifier, TcAttachType,
+        links::{FdLink, LinkError, PinnedLink},
+        tc::SchedClassifierLink,
+    },
 };
 use ipnet::Ipv4Net;
 use overlay_common::{
@@ -43,9 +56,13 @@ use overlay_common::{
     route::{MemberNode, NodeKeyV4, RemoteNode, RouteKeyV4, route_key},
 };
 
-use self::config::{Devices, encode};
+use self::{
+    config::{Devices, encode},
+    pin::{PinDir, PinError},
+};
 pub use self::{
     config::NodeConfig,
+    inspect::{pinned_counters, pinned_peers},
     peers::{MapOp, PeerTable},
 };
 
@@ -91,22 +108,33 @@ pub enum DatapathError {
     InvalidConfig(String),
     #[error("refusing to route {subnet} to a peer: it is this node's own subnet")]
     OwnSubnet { subnet: Ipv4Net },
+    #[error("link of {prog}: {source}")]
+    Link { prog: &'static str, source: LinkError },
+    #[error("the pinned link of {prog} no longer attaches to {iface}")]
+    StaleLink { prog: &'static str, iface: String },
+    #[error("cannot pin at {path}: {reason}", path = path.display())]
+    Pin { path: PathBuf, reason: String },
+    #[error(transparent)]
+    PinDir(#[from] PinError),
 }
 
-/// A device a program is attached to.
+/// A device a program is attached to, through a tcx link this struct holds.
 #[derive(Debug)]
 struct Attached {
     iface: String,
-    link: SchedClassifierLinkId,
+    #[expect(dead_code, reason = "held for its Drop: closing an unpinned link detaches it")]
+    link: FdLink,
 }
 
-/// The loaded data path. Dropping it detaches every program it attached.
+/// The loaded data path. Dropping it detaches every program it attached, unless the data path
+/// is pinned ([`Datapath::load_pinned`]): then links and maps stay for the next agent.
 pub struct Datapath {
     ebpf: Ebpf,
+    pins: Option<PinDir>,
     node: Option<NodeConfig>,
     devices: Devices,
-    bridge: Option<Attached>,
-    host: Option<Attached>,
+    /// By program name: each program is attached to at most one device.
+    links: BTreeMap<&'static str, Attached>,
     peers: PeerTable,
 }
 
@@ -117,22 +145,43 @@ const _: () = {
 };
 
 impl Datapath {
-    /// Loads the embedded object: creates the maps and loads (verifies) every program.
+    /// Loads the embedded object: creates the maps and loads (verifies) every program. Nothing
+    /// is pinned: the data path lives as long as this struct.
     pub fn load() -> Result<Self, DatapathError> {
+        Self::open(None)
+    }
+
+    /// Like [`Datapath::load`], but the state maps and the links are pinned under `dir`: maps
+    /// already pinned there (by an earlier agent) are reused with their contents, and links
+    /// pinned there get this agent's programs swapped in without detaching.
+    pub fn load_pinned(dir: &Path) -> Result<Self, DatapathError> {
+        Self::open(Some(PinDir::prepare(dir)?))
+    }
+
+    fn open(pins: Option<PinDir>) -> Result<Self, DatapathError> {
         raise_memlock_limit();
-        let mut ebpf = Ebpf::load(OBJECT)?;
+        let mut loader = EbpfLoader::new();
+        if let Some(pins) = &pins {
+            for name in STATE_MAPS {
+                loader.map_pin_path(name, pins.map(name));
+            }
+        }
+        let mut ebpf = loader.load(OBJECT)?;
         for prog in PROGRAMS {
             classifier(&mut ebpf, prog)?
                 .load()
                 .map_err(|source| DatapathError::ProgramLoad { prog, source })?;
         }
+        // Pinned maps may hold an earlier agent's peers: mirror them, so that later changes
+        // (and the daemon's clean-up of peers that left meanwhile) start from the truth.
+        let peers = if pins.is_some() { adopt_peers(&ebpf)? } else { PeerTable::default() };
         Ok(Self {
             ebpf,
+            pins,
             node: None,
             devices: Devices::default(),
-            bridge: None,
-            host: None,
-            peers: PeerTable::default(),
+            links: BTreeMap::new(),
+            peers,
         })
     }
 
@@ -164,9 +213,10 @@ impl Datapath {
     /// traffic to it. Call again when the bridge was re-created (the old link is replaced).
     pub fn attach_pod_bridge(&mut self, iface: &str) -> Result<(), DatapathError> {
         let ifindex = ifindex(iface)?;
-        self.detach_pod_bridge()?;
-        let link = self.attach_tc(POD_EGRESS, iface, TcAttachType::Ingress)?;
-        self.bridge = Some(Attached { iface: iface.to_owned(), link });
+        if self.links.contains_key(POD_EGRESS) {
+            self.detach_pod_bridge()?;
+        }
+        self.attach_tc(POD_EGRESS, iface, TcAttachType::Ingress)?;
         self.devices.bridge = ifindex;
         self.write_config()
     }
@@ -174,19 +224,15 @@ impl Datapath {
     /// Stops using the pod bridge (it disappeared): decapsulated pod traffic is dropped and
     /// counted (`drop_no_bridge`) until [`Datapath::attach_pod_bridge`] again. No-op if detached.
     pub fn detach_pod_bridge(&mut self) -> Result<(), DatapathError> {
-        let Some(attached) = self.bridge.take() else {
-            return Ok(());
-        };
         self.devices.bridge = 0;
         self.write_config()?;
-        drop_link(&mut self.ebpf, POD_EGRESS, attached);
-        Ok(())
+        self.detach_tc(POD_EGRESS)
     }
 
     /// The pod bridge `pod_egress` is attached to, if any.
     #[must_use]
     pub fn pod_bridge(&self) -> Option<&str> {
-        self.bridge.as_ref().map(|a| a.iface.as_str())
+        self.links.get(POD_EGRESS).map(|a| a.iface.as_str())
     }
 
     /// Attaches `host_egress` to the host device (`ovl0`: NOARP, `<subnet>.0/32`, MTU =
@@ -195,9 +241,10 @@ impl Datapath {
     pub fn attach_host_device(&mut self, iface: &str) -> Result<(), DatapathError> {
         let ifindex = ifindex(iface)?;
         let mac = hw_addr(iface)?;
-        self.detach_host_device()?;
-        let link = self.attach_tc(HOST_EGRESS, iface, TcAttachType::Egress)?;
-        self.host = Some(Attached { iface: iface.to_owned(), link });
+        if self.links.get(HOST_EGRESS).is_some_and(|a| a.iface != iface) {
+            self.detach_host_device()?;
+        }
+        self.attach_tc(HOST_EGRESS, iface, TcAttachType::Egress)?;
         self.devices.host = ifindex;
         self.devices.host_mac = mac;
         self.write_config()
@@ -205,14 +252,10 @@ impl Datapath {
 
     /// Stops using the host device. No-op if detached.
     pub fn detach_host_device(&mut self) -> Result<(), DatapathError> {
-        let Some(attached) = self.host.take() else {
-            return Ok(());
-        };
         self.devices.host = 0;
         self.devices.host_mac = [0; 6];
         self.write_config()?;
-        drop_link(&mut self.ebpf, HOST_EGRESS, attached);
-        Ok(())
+        self.detach_tc(HOST_EGRESS)
     }
 
     /// Routes `subnet` to the VXLAN peer at `public_ip` with `vtep_mac` (from its lease), and
@@ -272,15 +315,58 @@ impl Datapath {
             .collect()
     }
 
+    /// Attaches `prog` to `iface` and keeps the link. With pins: a link pinned by an earlier
+    /// agent on the same device gets this program swapped in (no gap); otherwise a new link is
+    /// made and pinned.
     fn attach_tc(
         &mut self,
         prog: &'static str,
         iface: &str,
         direction: TcAttachType,
-    ) -> Result<SchedClassifierLinkId, DatapathError> {
-        classifier(&mut self.ebpf, prog)?
-            .attach(iface, direction)
-            .map_err(|source| DatapathError::Attach { prog, iface: iface.to_owned(), source })
+    ) -> Result<(), DatapathError> {
+        let attach_err = |source| DatapathError::Attach { prog, iface: iface.to_owned(), source };
+        let pin_path = self.pins.as_ref().map(|p| p.link(prog));
+        if let Some(path) = &pin_path
+            && path.exists()
+        {
+            match adopt_link(&mut self.ebpf, prog, iface, direction, path) {
+                Ok(link) => {
+                    tracing::info!("{prog}: took over the pinned link on {iface}");
+                    self.links.insert(prog, Attached { iface: iface.to_owned(), link });
+                    return Ok(());
+                }
+                Err(e) => {
+                    tracing::info!("{prog}: not reusing the pinned link ({e}); attaching anew");
+                    pin::remove_pin(path)?;
+                }
+            }
+        }
+        let program = classifier(&mut self.ebpf, prog)?;
+        let id = program.attach(iface, direction).map_err(attach_err)?;
+        let link = program.take_link(id).map_err(attach_err)?;
+        let mut link = FdLink::try_from(link).map_err(|e| DatapathError::Link { prog, source: e })?;
+        if let Some(path) = pin_path {
+            let pinned = link.pin(&path).map_err(|e| DatapathError::Pin {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
+            link = FdLink::from(pinned);
+        }
+        self.links.insert(prog, Attached { iface: iface.to_owned(), link });
+        Ok(())
+    }
+
+    /// Detaches `prog`: closes its link and removes its pin. No-op if not attached.
+    fn detach_tc(&mut self, prog: &'static str) -> Result<(), DatapathError> {
+        let Some(attached) = self.links.remove(prog) else {
+            return Ok(());
+        };
+        if let Some(pins) = &self.pins {
+            pin::remove_pin(&pins.link(prog))?;
+        }
+        // A link whose device is already gone was detached by the kernel; this only closes it.
+        drop(attached);
+        Ok(())
     }
 
     /// Rewrites `CONFIG` from the node settings and the attached devices.
@@ -357,19 +443,45 @@ fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
     }
 }
 
-/// Detaches (drops) the tcx link of `prog` on a device. A link whose device is already gone
-/// was detached by the kernel; dropping it only closes the descriptor.
-fn drop_link(ebpf: &mut Ebpf, prog: &'static str, attached: Attached) {
-    match classifier(ebpf, prog).and_then(|p| {
-        p.take_link(attached.link).map_err(|source| DatapathError::Attach {
-            prog,
-            iface: attached.iface.clone(),
-            source,
-        })
-    }) {
-        Ok(link) => drop(link),
-        Err(e) => tracing::warn!("detaching {prog} from {}: {e}", attached.iface),
+/// Swaps `prog` into the link pinned at `path`, after checking with the kernel that the link
+/// still attaches to `iface` in `direction` (a re-created device would leave it dangling).
+fn adopt_link(
+    ebpf: &mut Ebpf,
+    prog: &'static str,
+    iface: &str,
+    direction: TcAttachType,
+    path: &Path,
+) -> Result<FdLink, DatapathError> {
+    let link_err = |source| DatapathError::Link { prog, source };
+    let attach_err = |source| DatapathError::Attach { prog, iface: iface.to_owned(), source };
+    let pinned = PinnedLink::from_pin(path).map_err(link_err)?;
+    let old_prog = FdLink::from(pinned).info().map_err(link_err)?.program_id();
+    let (_, attached) = SchedClassifier::query_tcx(iface, direction).map_err(attach_err)?;
+    if !attached.iter().any(|p| p.id() == old_prog) {
+        return Err(DatapathError::StaleLink { prog, iface: iface.to_owned() });
     }
+    let link = FdLink::from(PinnedLink::from_pin(path).map_err(link_err)?);
+    let link = SchedClassifierLink::try_from(link).map_err(link_err)?;
+    let program = classifier(ebpf, prog)?;
+    let id = program.attach_to_link(link).map_err(attach_err)?;
+    let link = program.take_link(id).map_err(attach_err)?;
+    FdLink::try_from(link).map_err(link_err)
+}
+
+/// Mirrors what pinned `ROUTE_V4` holds (the node reference counts follow from the routes).
+fn adopt_peers(ebpf: &Ebpf) -> Result<PeerTable, DatapathError> {
+    let map = ebpf.map(ROUTE_V4_MAP).ok_or(DatapathError::MissingMap(ROUTE_V4_MAP))?;
+    let trie = LpmTrie::<_, RouteKeyV4, RemoteNode>::try_from(map)
+        .map_err(|source| DatapathError::Map { map: ROUTE_V4_MAP, source })?;
+    let mut table = PeerTable::default();
+    for entry in trie.iter() {
+        let (key, node) = entry.map_err(|source| DatapathError::Map { map: ROUTE_V4_MAP, source })?;
+        let data: RouteKeyV4 = key.data();
+        let subnet = Ipv4Net::new(Ipv4Addr::from(data), key.prefix_len() as u8)
+            .map_err(|_| DatapathError::InvalidConfig(format!("bad ROUTE_V4 key {data:?}/{}", key.prefix_len())))?;
+        let _ = table.upsert(subnet, node);
+    }
+    Ok(table)
 }
 
 /// The interface index of `iface` in the agent's network namespace.

@@ -63,6 +63,11 @@ impl PeerTable {
         vec![MapOp::DeleteRoute { subnet }, self.drop_ref(previous.public_ip())]
     }
 
+    /// The remote subnets held, in order.
+    pub fn subnets(&self) -> impl Iterator<Item = Ipv4Net> + '_ {
+        self.routes.keys().copied()
+    }
+
     /// The node `subnet` is routed to, if any.
     #[must_use]
     pub fn route(&self, subnet: Ipv4Net) -> Option<RemoteNode> {

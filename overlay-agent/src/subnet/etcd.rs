@@ -55,6 +55,17 @@ impl EtcdOptions {
 pub enum EtcdConnectError {
     #[error("no etcd endpoints given")]
     NoEndpoints,
+    /// Only one of the two client certificate files: flanneld (etcd's `TLSInfo`) refuses
+    /// this too, rather than connect without the certificate the user meant to present.
+    #[error(
+        "KeyFile and CertFile must both be present (--etcd-keyfile: {key}, --etcd-certfile: {cert})",
+        key = show(.key.as_deref()),
+        cert = show(.cert.as_deref())
+    )]
+    HalfClientCert {
+        key: Option<PathBuf>,
+        cert: Option<PathBuf>,
+    },
     #[error("cannot read {what} {path}: {source}", path = path.display())]
     ReadFile {
         what: &'static str,
@@ -84,6 +95,10 @@ impl std::fmt::Debug for EtcdRegistry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("EtcdRegistry").finish_non_exhaustive()
     }
+}
+
+fn show(path: Option<&Path>) -> String {
+    path.map_or_else(|| "not given".to_owned(), |p| p.display().to_string())
 }
 
 fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, EtcdConnectError> {
@@ -128,7 +143,13 @@ impl EtcdRegistry {
         }
         let client_cert = match (&options.keyfile, &options.certfile) {
             (Some(key), Some(cert)) => Some((key, cert)),
-            _ => None,
+            (None, None) => None,
+            (key, cert) => {
+                return Err(EtcdConnectError::HalfClientCert {
+                    key: key.clone(),
+                    cert: cert.clone(),
+                });
+            }
         };
         let (tls_endpoints, plain_endpoints): (Vec<&String>, Vec<&String>) =
             options.endpoints.iter().partition(|ep| {
@@ -164,6 +185,13 @@ impl EtcdRegistry {
                     read("certificate file", cert)?,
                     read("key file", key)?,
                 ));
+            } else {
+                // etcd refuses such clients only inside the TLS handshake, which reaches us as
+                // a bare "connection closed" or "broken pipe": say up front what is missing.
+                warn!(
+                    endpoints = %join(&tls_endpoints),
+                    "connecting to etcd over TLS without a client certificate (--etcd-certfile and --etcd-keyfile not given): an etcd that requires client certificates will refuse every request"
+                );
             }
             connect = connect.with_tls(tls);
         } else if client_cert.is_some() {

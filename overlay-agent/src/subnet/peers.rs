@@ -51,6 +51,10 @@ pub enum PeerEvent {
     /// A known peer's record changed (new PublicIP or VtepMAC, typically after a restart).
     Changed(Peer),
     Removed(Ipv4Net),
+    /// A full listing was applied: these are all the peers there are now. Sent after each
+    /// (re-)listing, so a consumer that had state of its own (e.g. pinned maps from an earlier
+    /// agent) can drop what no longer exists.
+    Synced(Vec<Ipv4Net>),
 }
 
 /// What one lease key means to the watcher.
@@ -187,7 +191,7 @@ impl PeerState<'_> {
                 Some(_) => {}
             }
         }
-        Ok(())
+        self.send(PeerEvent::Synced(self.known.keys().copied().collect())).await
     }
 
     /// Our subnet changed (re-acquired after a revocation): a peer known under the new

@@ -1,0 +1,62 @@
+//! Read-only views of a pinned data path, for the `counters` and `peers` subcommands: they
+//! open the maps under `--bpf-dir` directly, so they work whether or not an agent runs.
+
+use std::{net::Ipv4Addr, path::Path};
+
+use aya::maps::{LpmTrie, Map, MapData, PerCpuArray};
+use ipnet::Ipv4Net;
+use overlay_common::{
+    counters::{Counter, Reason},
+    route::{RemoteNode, RouteKeyV4},
+};
+
+use super::{COUNTERS_MAP, DatapathError, ROUTE_V4_MAP, pin::PinDir};
+
+fn open(dir: &PinDir, name: &'static str) -> Result<MapData, DatapathError> {
+    MapData::from_pin(dir.map(name)).map_err(|source| DatapathError::Map { map: name, source })
+}
+
+/// Every counter of the pinned data path, summed over the CPUs, in [`Reason::ALL`] order.
+pub fn pinned_counters(dir: &Path) -> Result<Vec<(Reason, Counter)>, DatapathError> {
+    let dir = existing(dir)?;
+    let map = Map::PerCpuArray(open(&dir, COUNTERS_MAP)?);
+    let array = PerCpuArray::<_, Counter>::try_from(&map)
+        .map_err(|source| DatapathError::Map { map: COUNTERS_MAP, source })?;
+    Reason::ALL
+        .iter()
+        .map(|&reason| {
+            let per_cpu = array
+                .get(&reason.index(), 0)
+                .map_err(|source| DatapathError::Map { map: COUNTERS_MAP, source })?;
+            Ok((reason, per_cpu.iter().fold(Counter::default(), |sum, c| sum.add(*c))))
+        })
+        .collect()
+}
+
+/// The remote subnets the pinned data path routes, with their node's PublicIP and VtepMAC.
+pub fn pinned_peers(dir: &Path) -> Result<Vec<(Ipv4Net, RemoteNode)>, DatapathError> {
+    let dir = existing(dir)?;
+    let map = Map::LpmTrie(open(&dir, ROUTE_V4_MAP)?);
+    let trie = LpmTrie::<_, RouteKeyV4, RemoteNode>::try_from(&map)
+        .map_err(|source| DatapathError::Map { map: ROUTE_V4_MAP, source })?;
+    let mut peers = Vec::new();
+    for entry in trie.iter() {
+        let (key, node) = entry.map_err(|source| DatapathError::Map { map: ROUTE_V4_MAP, source })?;
+        let len = u8::try_from(key.prefix_len()).unwrap_or(u8::MAX);
+        let subnet = Ipv4Net::new(Ipv4Addr::from(key.data()), len).map_err(|_| {
+            DatapathError::InvalidConfig(format!("bad ROUTE_V4 key {:?}/{len}", key.data()))
+        })?;
+        peers.push((subnet, node));
+    }
+    peers.sort_by_key(|(subnet, _)| *subnet);
+    Ok(peers)
+}
+
+fn existing(dir: &Path) -> Result<PinDir, DatapathError> {
+    PinDir::existing(dir).ok_or_else(|| {
+        DatapathError::InvalidConfig(format!(
+            "no pinned data path under {} (is --bpf-dir right, and did an agent run here?)",
+            dir.display()
+        ))
+    })
+}

@@ -1,0 +1,161 @@
+//! Pinning under `--bpf-dir`, so the data path outlives the agent.
+//!
+//! Layout: `<dir>/maps/<MAP>` for the state maps and `<dir>/links/<program>` for the tcx links.
+//! A pinned link keeps its program attached while no process holds it, so traffic flows on
+//! while the agent is dead or restarting; the next agent opens the same maps and swaps its own
+//! programs into the pinned links atomically (BPF_LINK_UPDATE), so there is no gap. Several
+//! agents in different network namespaces can share one bpffs: each needs its own `--bpf-dir`.
+
+use std::{
+    ffi::CString,
+    io,
+    os::unix::ffi::OsStrExt as _,
+    path::{Path, PathBuf},
+};
+
+/// `BPF_FS_MAGIC` from linux/magic.h: what statfs reports for a bpffs.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+/// Where systemd mounts bpffs, and what the agent mounts when nothing is there.
+const BPFFS_ROOT: &str = "/sys/fs/bpf";
+
+#[derive(Debug, thiserror::Error)]
+pub enum PinError {
+    #[error("--bpf-dir {dir} is not on a bpffs (mount one there: mount -t bpf bpf <dir>)")]
+    NotBpffs { dir: PathBuf },
+    #[error("cannot mount a bpffs on {BPFFS_ROOT}: {source}")]
+    Mount { source: io::Error },
+    #[error("cannot {action} {path}: {source}")]
+    Io { action: &'static str, path: PathBuf, source: io::Error },
+}
+
+/// A prepared pin directory.
+#[derive(Debug, Clone)]
+pub struct PinDir {
+    root: PathBuf,
+}
+
+impl PinDir {
+    /// Makes sure `root` lies on a bpffs (mounting one on /sys/fs/bpf when the directory is
+    /// under it and nothing is mounted there) and creates `maps/` and `links/` below it.
+    pub fn prepare(root: &Path) -> Result<Self, PinError> {
+        if !on_bpffs(root) {
+            if root.starts_with(BPFFS_ROOT) && !on_bpffs(Path::new(BPFFS_ROOT)) {
+                mount_bpffs(Path::new(BPFFS_ROOT))?;
+                tracing::info!("mounted a bpffs on {BPFFS_ROOT}");
+            }
+            if !on_bpffs(root) {
+                return Err(PinError::NotBpffs { dir: root.to_owned() });
+            }
+        }
+        let dir = Self { root: root.to_owned() };
+        for sub in [dir.maps_dir(), dir.links_dir()] {
+            std::fs::create_dir_all(&sub)
+                .map_err(|source| PinError::Io { action: "create", path: sub.clone(), source })?;
+        }
+        Ok(dir)
+    }
+
+    /// An existing pin directory, for the subcommands that read it; `None` if absent.
+    pub fn existing(root: &Path) -> Option<Self> {
+        root.join("maps").is_dir().then(|| Self { root: root.to_owned() })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn map(&self, name: &str) -> PathBuf {
+        self.maps_dir().join(name)
+    }
+
+    pub fn link(&self, program: &str) -> PathBuf {
+        self.links_dir().join(program)
+    }
+
+    fn maps_dir(&self) -> PathBuf {
+        self.root.join("maps")
+    }
+
+    fn links_dir(&self) -> PathBuf {
+        self.root.join("links")
+    }
+
+    /// Removes every pin: links first (their programs detach as the last reference goes), then
+    /// maps, then the directories. Returns what was removed.
+    pub fn remove_all(&self) -> Result<Vec<PathBuf>, PinError> {
+        let mut removed = Vec::new();
+        for sub in [self.links_dir(), self.maps_dir()] {
+            let Ok(entries) = std::fs::read_dir(&sub) else { continue };
+            for entry in entries.flatten() {
+                let path = entry.path();
+                remove_pin(&path)?;
+                removed.push(path);
+            }
+            remove_dir(&sub)?;
+        }
+        remove_dir(&self.root)?;
+        Ok(removed)
+    }
+}
+
+/// Unlinks one pin; a pin that is already gone is fine.
+pub fn remove_pin(path: &Path) -> Result<(), PinError> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => {
+            Err(PinError::Io { action: "remove", path: path.to_owned(), source: e })
+        }
+        _ => Ok(()),
+    }
+}
+
+fn remove_dir(path: &Path) -> Result<(), PinError> {
+    match std::fs::remove_dir(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => {
+            Err(PinError::Io { action: "remove", path: path.to_owned(), source: e })
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Whether `path`, or its nearest existing ancestor, is on a bpffs.
+fn on_bpffs(path: &Path) -> bool {
+    let Some(existing) = path.ancestors().find(|p| p.exists()) else { return false };
+    let Ok(c_path) = CString::new(existing.as_os_str().as_bytes()) else { return false };
+    // SAFETY: statfs writes into the zeroed struct we own; the path is a valid C string.
+    unsafe {
+        let mut stat: libc::statfs = std::mem::zeroed();
+        libc::statfs(c_path.as_ptr(), &mut stat) == 0 && i64::from(stat.f_type) == BPF_FS_MAGIC
+    }
+}
+
+fn mount_bpffs(target: &Path) -> Result<(), PinError> {
+    let c = |s: &[u8]| CString::new(s).expect("no NUL in mount arguments");
+    let (source, target, fstype) = (c(b"bpf"), c(target.as_os_str().as_bytes()), c(b"bpf"));
+    // SAFETY: all pointers are valid C strings for the duration of the call; no data argument.
+    let rc = unsafe {
+        libc::mount(source.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, std::ptr::null())
+    };
+    if rc != 0 {
+        return Err(PinError::Mount { source: io::Error::last_os_error() });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_plain_directory_is_refused_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = PinDir::prepare(&dir.path().join("overlay")).unwrap_err();
+        assert!(err.to_string().contains(&dir.path().display().to_string()), "{err}");
+    }
+
+    #[test]
+    fn layout_is_maps_and_links_under_the_root() {
+        let dir = PinDir { root: PathBuf::from("/sys/fs/bpf/overlay") };
+        assert_eq!(dir.map("ROUTE_V4"), Path::new("/sys/fs/bpf/overlay/maps/ROUTE_V4"));
+        assert_eq!(dir.link("pod_egress"), Path::new("/sys/fs/bpf/overlay/links/pod_egress"));
+    }
+}
