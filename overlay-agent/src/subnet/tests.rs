@@ -834,6 +834,8 @@ struct Peers {
     rx: mpsc::Receiver<PeerEvent>,
     own: watch::Sender<Lease>,
     task: JoinHandle<()>,
+    /// `Synced` events, set aside by `next`/`quiet` so the tests of changes read only changes.
+    synced: Vec<Vec<Ipv4Net>>,
 }
 
 fn own_lease() -> Lease {
@@ -853,15 +855,22 @@ fn start_peers(fake: &FakeRegistry, backend_type: &str) -> Peers {
     let (tx, rx) = mpsc::channel(64);
     let backend_type = backend_type.to_owned();
     let task = tokio::spawn(async move { m.run_peer_watcher(backend_type, own_rx, tx).await });
-    Peers { rx, own, task }
+    Peers { rx, own, task, synced: Vec::new() }
 }
 
 impl Peers {
+    /// The next change (Added, Changed, Removed); `Synced` events are recorded on the way.
     async fn next(&mut self) -> PeerEvent {
-        timeout(Duration::from_secs(30), self.rx.recv())
-            .await
-            .expect("peer event in time")
-            .expect("peer watcher running")
+        loop {
+            let event = timeout(Duration::from_secs(30), self.rx.recv())
+                .await
+                .expect("peer event in time")
+                .expect("peer watcher running");
+            match event {
+                PeerEvent::Synced(subnets) => self.synced.push(subnets),
+                change => return change,
+            }
+        }
     }
 
     async fn next_n(&mut self, n: usize) -> Vec<PeerEvent> {
@@ -874,8 +883,11 @@ impl Peers {
 
     /// Asserts that nothing more comes within a few (paused) seconds.
     async fn quiet(&mut self) {
-        if let Ok(event) = timeout(Duration::from_secs(5), self.rx.recv()).await {
-            panic!("unexpected peer event {event:?}");
+        while let Ok(event) = timeout(Duration::from_secs(5), self.rx.recv()).await {
+            match event {
+                Some(PeerEvent::Synced(subnets)) => self.synced.push(subnets),
+                other => panic!("unexpected peer event {other:?}"),
+            }
         }
     }
 }
@@ -1022,6 +1034,25 @@ async fn malformed_records_are_logged_and_ignored() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn every_listing_ends_with_synced_naming_all_current_peers() {
+    let fake = FakeRegistry::new();
+    add_peer(&fake, "10.10.1.0/24", "198.18.0.2", 2);
+    add_peer(&fake, "10.10.2.0/24", "198.18.0.3", 3);
+    fake.set(&key(OWN_SUBNET), &ours().to_json());
+    let mut peers = start_peers(&fake, "vxlan");
+    peers.next_n(2).await;
+    peers.quiet().await;
+    assert_eq!(peers.synced, [vec![net("10.10.1.0/24"), net("10.10.2.0/24")]]);
+    // After compaction the re-listing is followed by a Synced of its own.
+    fake.remove(&key("10.10.1.0/24"));
+    fake.compact();
+    assert_eq!(peers.next().await, PeerEvent::Removed(net("10.10.1.0/24")));
+    peers.quiet().await;
+    assert_eq!(peers.synced.last(), Some(&vec![net("10.10.2.0/24")]));
+    peers.task.abort();
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_peer_switching_backend_is_removed() {
     let fake = FakeRegistry::new();
     add_peer(&fake, "10.10.1.0/24", "198.18.0.2", 2);
@@ -1159,7 +1190,7 @@ async fn peer_watcher_stops_when_nobody_listens() {
         .expect("peer watcher stopped")
         .unwrap();
     // It keeps working without the lease keeper too (own sender dropped).
-    let Peers { mut rx, own, task } = start_peers(&fake, "vxlan");
+    let Peers { mut rx, own, task, .. } = start_peers(&fake, "vxlan");
     drop(own);
     add_peer(&fake, "10.10.1.0/24", "198.18.0.2", 2);
     let event = timeout(Duration::from_secs(30), rx.recv()).await.unwrap();
