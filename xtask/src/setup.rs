@@ -171,3 +171,25 @@ fn llvm_dylib(lib_dir: &Path) -> Result<(String, String)> {
     }
     bail!("no libLLVM-<major>-rust-*.so in {}", lib_dir.display())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn llvm_dylib_is_found_by_its_versioned_name() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in ["librustc_driver-abc.so", "libLLVM.so.22.1-rust-1.97.0-nightly", "libLLVM-22-rust-1.97.0-nightly.so"] {
+            std::fs::write(dir.path().join(name), b"").unwrap();
+        }
+        let (lib, major) = llvm_dylib(dir.path()).unwrap();
+        assert_eq!((lib.as_str(), major.as_str()), ("LLVM-22-rust-1.97.0-nightly", "22"));
+    }
+
+    #[test]
+    fn a_sysroot_without_llvm_names_the_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = llvm_dylib(dir.path()).unwrap_err().to_string();
+        assert!(err.contains(&dir.path().display().to_string()), "{err}");
+    }
+}
