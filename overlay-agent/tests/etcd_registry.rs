@@ -595,6 +595,10 @@ async fn manager_end_to_end_with_short_ttl() {
         }
     });
 
+    // The initial listing holds no peer: the watcher says so before any change.
+    let event = timeout(Duration::from_secs(10), peer_rx.recv()).await.unwrap();
+    assert_eq!(event, Some(PeerEvent::Synced(Vec::new())));
+
     // A stock node joins, with a short lease it lets lapse.
     let peer_key = subnet_key(PREFIX, "172.17.44.0/24".parse().unwrap());
     registry
@@ -717,4 +721,22 @@ async fn tls_with_client_certificate() {
     };
     let err = EtcdRegistry::connect(&missing).await.unwrap_err();
     assert!(err.to_string().contains("client.missing"), "{err}");
+
+    // Only one of key and cert: refused up front, as flanneld (etcd's TLSInfo) refuses it.
+    let half = EtcdOptions {
+        keyfile: None,
+        ..etcd.options()
+    };
+    let err = EtcdRegistry::connect(&half).await.unwrap_err();
+    assert!(
+        matches!(err, EtcdConnectError::HalfClientCert { .. }),
+        "{err}"
+    );
+    let text = err.to_string();
+    assert!(
+        text.starts_with("KeyFile and CertFile must both be present")
+            && text.contains("--etcd-keyfile: not given")
+            && text.contains(&certs.client_cert.display().to_string()),
+        "{text}"
+    );
 }

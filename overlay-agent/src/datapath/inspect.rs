@@ -19,15 +19,17 @@ fn open(dir: &PinDir, name: &'static str) -> Result<MapData, DatapathError> {
 /// Every counter of the pinned data path, summed over the CPUs, in [`Reason::ALL`] order.
 pub fn pinned_counters(dir: &Path) -> Result<Vec<(Reason, Counter)>, DatapathError> {
     let dir = existing(dir)?;
-    let map = Map::PerCpuArray(open(&dir, COUNTERS_MAP)?);
-    let array = PerCpuArray::<_, Counter>::try_from(&map)
-        .map_err(|source| DatapathError::Map { map: COUNTERS_MAP, source })?;
+    sum_counters(&Map::PerCpuArray(open(&dir, COUNTERS_MAP)?))
+}
+
+/// Reads `COUNTERS` (loaded or pinned), summing each reason over the CPUs.
+pub(super) fn sum_counters(map: &Map) -> Result<Vec<(Reason, Counter)>, DatapathError> {
+    let err = |source| DatapathError::Map { map: COUNTERS_MAP, source };
+    let array = PerCpuArray::<_, Counter>::try_from(map).map_err(err)?;
     Reason::ALL
         .iter()
         .map(|&reason| {
-            let per_cpu = array
-                .get(&reason.index(), 0)
-                .map_err(|source| DatapathError::Map { map: COUNTERS_MAP, source })?;
+            let per_cpu = array.get(&reason.index(), 0).map_err(err)?;
             Ok((reason, per_cpu.iter().fold(Counter::default(), |sum, c| sum.add(*c))))
         })
         .collect()

@@ -42,7 +42,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfError, EbpfLoader,
-    maps::{Array, HashMap, LpmTrie, MapError, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, MapError},
     programs::{
         ProgramError, SchedClassifier, TcAttachType,
         links::{FdLink, LinkError, PinnedLink},
@@ -301,18 +301,9 @@ impl Datapath {
 
     /// Every counter, summed over the CPUs, in [`Reason::ALL`] order.
     pub fn counters(&self) -> Result<Vec<(Reason, Counter)>, DatapathError> {
-        let map = self.ebpf.map(COUNTERS_MAP).ok_or(DatapathError::MissingMap(COUNTERS_MAP))?;
-        let array = PerCpuArray::<_, Counter>::try_from(map)
-            .map_err(|source| DatapathError::Map { map: COUNTERS_MAP, source })?;
-        Reason::ALL
-            .iter()
-            .map(|&reason| {
-                let per_cpu = array
-                    .get(&reason.index(), 0)
-                    .map_err(|source| DatapathError::Map { map: COUNTERS_MAP, source })?;
-                Ok((reason, per_cpu.iter().fold(Counter::default(), |sum, c| sum.add(*c))))
-            })
-            .collect()
+        inspect::sum_counters(
+            self.ebpf.map(COUNTERS_MAP).ok_or(DatapathError::MissingMap(COUNTERS_MAP))?,
+        )
     }
 
     /// Attaches `prog` to `iface` and keeps the link. With pins: a link pinned by an earlier

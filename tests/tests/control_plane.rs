@@ -1,0 +1,1365 @@
+//! The control plane end to end (issue 3): the real agent against a real etcd, in namespace
+//! clusters. Leases, the subnet file, restarts, reservations, races, revocation, peer events,
+//! bad input, etcd over TLS, health endpoints and flanneld's environment variables.
+//!
+//! Root only; run one at a time:
+//! `cargo test -p overlay-tests --test control_plane -- --test-threads=1`.
+
+use std::{
+    collections::BTreeSet,
+    io::{Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddr, TcpStream},
+    os::unix::fs::PermissionsExt as _,
+    thread,
+    time::{Duration, Instant},
+};
+
+use ipnet::Ipv4Net;
+use overlay_agent::subnet::Mac;
+use overlay_tests::{
+    AgentProcess, AttachKind, Cluster, DEFAULT_ETCD_PREFIX, KeyValue, NetNs, Node,
+    attached_programs,
+};
+
+const VXLAN_CONFIG: &str = r#"{"Network": "172.17.0.0/16", "Backend": {"Type": "vxlan"}}"#;
+const NETWORK: &str = "172.17.0.0/16";
+/// Generous bound for an agent to start, reach etcd and write its subnet file.
+const START: Duration = Duration::from_secs(20);
+/// flannel's lease TTL.
+const DAY_SECS: i64 = 86_400;
+
+// ----- helpers -----------------------------------------------------------------------------
+
+fn net(s: &str) -> Ipv4Net {
+    s.parse().unwrap()
+}
+
+/// `<prefix>/subnets/172.17.5.0-24`.
+fn lease_key(prefix: &str, subnet: Ipv4Net) -> String {
+    format!(
+        "{prefix}/subnets/{}-{}",
+        subnet.network(),
+        subnet.prefix_len()
+    )
+}
+
+/// The VtepMAC our agent publishes for a node with this PublicIP.
+fn vtep_mac(public_ip: Ipv4Addr) -> String {
+    Mac::for_public_ip(public_ip).to_string()
+}
+
+/// flannel's vxlan lease record, byte for byte.
+fn vxlan_record(public_ip: Ipv4Addr, mac: &str) -> String {
+    format!(
+        r#"{{"PublicIP":"{public_ip}","PublicIPv6":null,"BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{mac}"}}}}"#
+    )
+}
+
+/// The subnet file flanneld writes for `subnet` (the lease, e.g. 172.17.5.0/24).
+fn subnet_env_text(network: &str, subnet: Ipv4Net, mtu: u32, ipmasq: bool) -> String {
+    let first = Ipv4Addr::from(u32::from(subnet.network()) + 1);
+    format!(
+        "FLANNEL_NETWORK={network}\nFLANNEL_SUBNET={first}/{}\nFLANNEL_MTU={mtu}\nFLANNEL_IPMASQ={ipmasq}\n",
+        subnet.prefix_len()
+    )
+}
+
+/// Reads the node's subnet file as text (it must exist).
+fn subnet_file_text(node: &Node) -> String {
+    std::fs::read_to_string(node.subnet_file())
+        .unwrap_or_else(|e| panic!("reading {}: {e}", node.subnet_file().display()))
+}
+
+/// Waits for the node's subnet file and returns the lease it names (FLANNEL_SUBNET truncated).
+fn leased_subnet(node: &Node) -> Ipv4Net {
+    node.subnet_env()
+        .unwrap_or_else(|e| panic!("{}: no subnet file: {e:#}", node.name()))
+        .subnet
+        .trunc()
+}
+
+/// The key `key` in etcd; panics when it is absent.
+fn must_get(cluster: &Cluster, key: &str) -> KeyValue {
+    cluster
+        .etcd()
+        .get_kv(key)
+        .unwrap()
+        .unwrap_or_else(|| panic!("expected key {key} in etcd, it is absent"))
+}
+
+/// Asserts that `kv` carries an etcd lease granted for 24 h that has (almost) all of it left.
+fn assert_day_ttl(cluster: &Cluster, kv: &KeyValue) {
+    assert_ne!(
+        kv.lease, 0,
+        "{} must carry an etcd lease, it has none",
+        kv.key
+    );
+    let ttl = cluster.etcd().lease_ttl(kv.lease).unwrap();
+    assert_eq!(
+        ttl.granted_ttl, DAY_SECS,
+        "{}: lease {:x} must be granted for 24 h (86400 s), got {ttl:?}",
+        kv.key, kv.lease
+    );
+    assert!(
+        (DAY_SECS - 120..=DAY_SECS).contains(&ttl.ttl),
+        "{}: lease {:x} must have nearly 24 h left, got {ttl:?}",
+        kv.key,
+        kv.lease
+    );
+}
+
+/// Waits until the part of the agent's log after byte `mark` contains `pattern`, at most
+/// `timeout`; fails at once if the agent exits. Returns the time it took.
+fn wait_log_since(agent: &AgentProcess, mark: usize, pattern: &str, timeout: Duration) -> Duration {
+    let start = Instant::now();
+    loop {
+        let exited = agent.exit_status();
+        let log = agent.log();
+        if log.get(mark..).unwrap_or("").contains(pattern) {
+            return start.elapsed();
+        }
+        assert!(
+            exited.is_none(),
+            "agent {} exited ({exited:?}) without logging {pattern:?}; log:\n{log}",
+            agent.label()
+        );
+        assert!(
+            start.elapsed() < timeout,
+            "agent {} did not log {pattern:?} within {timeout:?}; log after the mark:\n{}",
+            agent.label(),
+            log.get(mark..).unwrap_or("")
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits until a line of the agent's log after byte `mark` contains every one of `parts`;
+/// returns that line. Same limits as [`wait_log_since`].
+fn wait_line_since(agent: &AgentProcess, mark: usize, parts: &[&str], timeout: Duration) -> String {
+    let start = Instant::now();
+    loop {
+        let exited = agent.exit_status();
+        let log = agent.log();
+        let since = log.get(mark..).unwrap_or("");
+        if let Some(line) = since.lines().find(|l| parts.iter().all(|p| l.contains(p))) {
+            return line.to_owned();
+        }
+        assert!(
+            exited.is_none(),
+            "agent {} exited ({exited:?}) without logging a line with {parts:?}; log:\n{log}",
+            agent.label()
+        );
+        assert!(
+            start.elapsed() < timeout,
+            "agent {} logged no line with all of {parts:?} within {timeout:?}; log after the mark:\n{since}",
+            agent.label()
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Polls `check` every 50 ms until it returns true, at most `timeout`; panics naming `what`.
+fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !check() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn count(haystack: &str, needle: &str) -> usize {
+    haystack.matches(needle).count()
+}
+
+/// The programs attached to the node's eth0, sorted by name.
+fn attached(node: &Node) -> Vec<(String, AttachKind)> {
+    let mut progs: Vec<_> = attached_programs(node.ns(), "eth0")
+        .expect("query the kernel for eth0's programs")
+        .into_iter()
+        .map(|p| (p.name, p.kind))
+        .collect();
+    progs.sort_by_key(|(name, _)| name.clone());
+    progs
+}
+
+fn assert_data_path_attached(node: &Node) {
+    assert_eq!(
+        attached(node),
+        [
+            ("underlay_egress".to_owned(), AttachKind::TcxEgress),
+            ("underlay_ingress".to_owned(), AttachKind::TcxIngress),
+        ],
+        "{}: the kernel must report both data path programs on eth0",
+        node.name()
+    );
+}
+
+/// `GET path` over plain HTTP/1.1 from inside `ns`; returns the status code. Bounded: 2 s to
+/// connect, 2 s per read or write.
+fn http_status(ns: &NetNs, addr: SocketAddr, path: &str) -> anyhow::Result<u16> {
+    let path = path.to_owned();
+    ns.in_netns(move || {
+        let limit = Duration::from_secs(2);
+        let mut stream = TcpStream::connect_timeout(&addr, limit)?;
+        stream.set_read_timeout(Some(limit))?;
+        stream.set_write_timeout(Some(limit))?;
+        write!(
+            stream,
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        )?;
+        let mut response = Vec::new();
+        stream.take(64 * 1024).read_to_end(&mut response)?;
+        let response = String::from_utf8_lossy(&response);
+        let status = response
+            .lines()
+            .next()
+            .and_then(|line| line.strip_prefix("HTTP/1.1 "))
+            .and_then(|rest| rest.get(..3))
+            .and_then(|code| code.parse().ok())
+            .ok_or_else(|| anyhow::anyhow!("no HTTP status line in {response:?}"))?;
+        Ok(status)
+    })
+}
+
+// ----- 1. leases, subnet file, records ----------------------------------------------------
+
+#[test]
+fn two_nodes_get_distinct_subnets_flannel_subnet_files_and_lease_records() {
+    let cluster = Cluster::builder()
+        .nodes(2)
+        .network_config(VXLAN_CONFIG)
+        .build()
+        .unwrap();
+    let (n0, n1) = (cluster.node(0), cluster.node(1));
+    let a0 = n0.start_agent(&[]).unwrap();
+    let a1 = n1.start_agent(&["--ip-masq"]).unwrap();
+    for a in [&a0, &a1] {
+        a.wait_for_log("Found network config - Backend type: vxlan", START)
+            .unwrap();
+        a.wait_for_log("data path attached to eth0", START).unwrap();
+    }
+    let s0 = leased_subnet(n0);
+    let s1 = leased_subnet(n1);
+    assert_ne!(s0, s1, "the two nodes must get distinct subnets");
+    let network = net(NETWORK);
+    for (node, agent, subnet, ipmasq) in [(n0, &a0, s0, false), (n1, &a1, s1, true)] {
+        assert_eq!(
+            subnet.prefix_len(),
+            24,
+            "{}: default SubnetLen is 24",
+            node.name()
+        );
+        assert!(
+            network.contains(&subnet),
+            "{}: {subnet} must lie in {network}",
+            node.name()
+        );
+        // flannel skips the first subnet of the network (SubnetMin default).
+        assert_ne!(
+            subnet,
+            net("172.17.0.0/24"),
+            "{}: SubnetMin skips 172.17.0.0/24",
+            node.name()
+        );
+        agent
+            .wait_for_log(&format!("Lease acquired: {subnet}"), START)
+            .unwrap();
+        agent
+            .wait_for_log(
+                &format!(
+                    "wrote {} (subnet {subnet}, MTU 1450)",
+                    node.subnet_file().display()
+                ),
+                START,
+            )
+            .unwrap();
+
+        // The whole file, in flannel's order, MTU = 1500 - 50 for vxlan.
+        assert_eq!(
+            subnet_file_text(node),
+            subnet_env_text(NETWORK, subnet, 1450, ipmasq),
+            "{}: subnet file must be flannel's exact text",
+            node.name()
+        );
+        let mode = std::fs::metadata(node.subnet_file())
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o644, "{}: subnet file mode", node.name());
+
+        // The record in etcd: flannel's exact JSON with the VtepMAC derived from the PublicIP,
+        // under a 24 h etcd lease.
+        let kv = must_get(&cluster, &lease_key(DEFAULT_ETCD_PREFIX, subnet));
+        let ip = node.underlay_ip();
+        assert_eq!(
+            kv.value,
+            vxlan_record(ip, &vtep_mac(ip)),
+            "{}: lease record",
+            node.name()
+        );
+        assert_day_ttl(&cluster, &kv);
+    }
+    // Exactly the two leases exist.
+    let keys: Vec<String> = cluster
+        .etcd()
+        .get_prefix(&format!("{DEFAULT_ETCD_PREFIX}/subnets/"))
+        .unwrap()
+        .into_iter()
+        .map(|kv| kv.key)
+        .collect();
+    let mut want = vec![
+        lease_key(DEFAULT_ETCD_PREFIX, s0),
+        lease_key(DEFAULT_ETCD_PREFIX, s1),
+    ];
+    want.sort();
+    assert_eq!(keys, want, "the leases in etcd");
+
+    // Each node sees the other as a peer, with the VtepMAC the other published.
+    for (agent, peer, subnet) in [(&a0, n1, s1), (&a1, n0, s0)] {
+        let ip = peer.underlay_ip();
+        agent
+            .wait_for_log(
+                &format!(
+                    "peer added: subnet {subnet} public IP {ip} backend vxlan VtepMAC {}",
+                    vtep_mac(ip)
+                ),
+                Duration::from_secs(5),
+            )
+            .unwrap();
+    }
+}
+
+// ----- 2. restarts --------------------------------------------------------------------------
+
+#[test]
+fn restart_keeps_subnet_and_vtep_mac_after_sigterm_and_after_kill9() {
+    let cluster = Cluster::builder()
+        .nodes(1)
+        .network_config(VXLAN_CONFIG)
+        .build()
+        .unwrap();
+    let node = cluster.node(0);
+    let ip = node.underlay_ip();
+    let record = vxlan_record(ip, &vtep_mac(ip));
+
+    let first = node.start_agent(&[]).unwrap();
+    let subnet = leased_subnet(node);
+    let key = lease_key(DEFAULT_ETCD_PREFIX, subnet);
+    let text = subnet_file_text(node);
+    assert_eq!(must_get(&cluster, &key).value, record);
+
+    // SIGTERM: a clean exit that leaves the lease in etcd (flanneld does not give it up).
+    let status = first.kill().unwrap();
+    assert!(
+        status.success(),
+        "SIGTERM must end the agent cleanly, got {status}"
+    );
+    let kept = must_get(&cluster, &key);
+    assert!(
+        cluster.etcd().lease_ttl(kept.lease).unwrap().ttl > 0,
+        "the lease must survive a clean stop"
+    );
+    let second = node.start_agent(&[]).unwrap();
+    second
+        .wait_for_log(&format!("Lease acquired: {subnet}"), START)
+        .unwrap();
+    second
+        .wait_for_log(
+            &format!("Found lease ({subnet}) for current IP ({ip}), reusing"),
+            START,
+        )
+        .unwrap();
+    second.wait_for_log("wrote ", START).unwrap();
+    assert_eq!(
+        subnet_file_text(node),
+        text,
+        "subnet file after the SIGTERM restart"
+    );
+    let kv = must_get(&cluster, &key);
+    assert_eq!(
+        kv.value, record,
+        "record (VtepMAC) after the SIGTERM restart"
+    );
+    assert_day_ttl(&cluster, &kv);
+
+    // kill -9: no clean-up at all; the old etcd lease still holds the key. The subnet file is
+    // removed too, so that only etcd can give the subnet back.
+    second.kill9().unwrap();
+    let before = must_get(&cluster, &key);
+    let old_ttl = cluster.etcd().lease_ttl(before.lease).unwrap();
+    assert!(
+        old_ttl.ttl > 0,
+        "the old etcd lease must still exist after kill -9: {old_ttl:?}"
+    );
+    std::fs::remove_file(node.subnet_file()).unwrap();
+    let third = node.start_agent(&[]).unwrap();
+    third
+        .wait_for_log(&format!("Lease acquired: {subnet}"), START)
+        .unwrap();
+    third
+        .wait_for_log(
+            &format!("Found lease ({subnet}) for current IP ({ip}), reusing"),
+            START,
+        )
+        .unwrap();
+    assert_eq!(leased_subnet(node), subnet);
+    assert_eq!(
+        subnet_file_text(node),
+        text,
+        "subnet file after the kill -9 restart"
+    );
+    let kv = must_get(&cluster, &key);
+    assert_eq!(
+        kv.value, record,
+        "record (VtepMAC) after the kill -9 restart"
+    );
+    assert_day_ttl(&cluster, &kv);
+    let all = cluster
+        .etcd()
+        .get_prefix(&format!("{DEFAULT_ETCD_PREFIX}/subnets/"))
+        .unwrap();
+    assert_eq!(
+        all.len(),
+        1,
+        "restarts must not leave extra leases: {all:?}"
+    );
+    third
+        .wait_for_log("data path attached to eth0", START)
+        .unwrap();
+}
+
+// ----- 3. subnet-file fallback --------------------------------------------------------------
+
+#[test]
+fn subnet_file_of_a_previous_run_chooses_the_subnet() {
+    let cluster = Cluster::builder()
+        .nodes(1)
+        .network_config(VXLAN_CONFIG)
+        .build()
+        .unwrap();
+    let node = cluster.node(0);
+    std::fs::write(
+        node.subnet_file(),
+        "FLANNEL_NETWORK=172.17.0.0/16\nFLANNEL_SUBNET=172.17.77.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=false\n",
+    )
+    .unwrap();
+    let agent = node.start_agent(&[]).unwrap();
+    let want = net("172.17.77.0/24");
+    agent
+        .wait_for_log(
+            &format!("Found previously leased subnet ({want}), reusing"),
+            START,
+        )
+        .unwrap();
+    agent
+        .wait_for_log(&format!("Lease acquired: {want}"), START)
+        .unwrap();
+    agent.wait_for_log("wrote ", START).unwrap();
+    assert_eq!(
+        subnet_file_text(node),
+        subnet_env_text(NETWORK, want, 1450, false)
+    );
+    let kv = must_get(&cluster, &lease_key(DEFAULT_ETCD_PREFIX, want));
+    let ip = node.underlay_ip();
+    assert_eq!(kv.value, vxlan_record(ip, &vtep_mac(ip)));
+    assert_day_ttl(&cluster, &kv);
+}
+
+// ----- 4. reservations, out of subnets ------------------------------------------------------
+
+#[test]
+fn reservation_is_left_alone_and_a_fully_reserved_range_is_out_of_subnets() {
+    // Two candidates: 172.17.1.0/24 and 172.17.2.0/24.
+    let config = r#"{"Network": "172.17.0.0/16", "SubnetMin": "172.17.1.0", "SubnetMax": "172.17.2.0", "Backend": {"Type": "vxlan"}}"#;
+    let cluster = Cluster::builder()
+        .nodes(2)
+        .network_config(config)
+        .build()
+        .unwrap();
+    let etcd = cluster.etcd();
+    let other = Ipv4Addr::new(198, 18, 0, 77);
+    let reserved = net("172.17.1.0/24");
+    let reserved_key = lease_key(DEFAULT_ETCD_PREFIX, reserved);
+    let reserved_value = vxlan_record(other, &vtep_mac(other));
+    etcd.put(&reserved_key, &reserved_value).unwrap();
+    let before = must_get(&cluster, &reserved_key);
+    assert_eq!(
+        before.lease, 0,
+        "a reservation is a key without an etcd lease"
+    );
+
+    let node = cluster.node(0);
+    let agent = node.start_agent(&[]).unwrap();
+    let free = net("172.17.2.0/24");
+    assert_eq!(
+        leased_subnet(node),
+        free,
+        "the agent must take the one unreserved subnet"
+    );
+    agent
+        .wait_for_log(&format!("Lease acquired: {free}"), START)
+        .unwrap();
+    // The reservation is a peer like any other node (it is a node's record), and untouched.
+    agent
+        .wait_for_log(
+            &format!("peer added: subnet {reserved} public IP {other}"),
+            Duration::from_secs(5),
+        )
+        .unwrap();
+    let after = must_get(&cluster, &reserved_key);
+    assert_eq!(
+        after, before,
+        "the reservation must stay exactly as it was (value, no lease, revision)"
+    );
+    let ours = must_get(&cluster, &lease_key(DEFAULT_ETCD_PREFIX, free));
+    assert_day_ttl(&cluster, &ours);
+
+    // Everything reserved (under another prefix): the agent fails with flannel's message,
+    // once, and exits non-zero without writing anything.
+    let full = "/full/network";
+    etcd.put_network_config(Some(full), config).unwrap();
+    for (subnet, ip) in [("172.17.1.0/24", 77), ("172.17.2.0/24", 78)] {
+        let ip = Ipv4Addr::new(198, 18, 0, ip);
+        etcd.put(
+            &lease_key(full, net(subnet)),
+            &vxlan_record(ip, &vtep_mac(ip)),
+        )
+        .unwrap();
+    }
+    let reservations = etcd.get_prefix(&format!("{full}/")).unwrap();
+    let n1 = cluster.node(1);
+    let agent = n1.start_agent(&["--etcd-prefix", full]).unwrap();
+    let status = agent.wait_exit(START).unwrap();
+    let log = agent.log();
+    assert!(
+        !status.success(),
+        "out of subnets must end the agent with an error, got {status}; log:\n{log}"
+    );
+    assert!(
+        log.contains("out of subnets"),
+        "the log must name the cause (out of subnets):\n{log}"
+    );
+    assert_eq!(
+        count(&log, "out of subnets"),
+        1,
+        "reported once, not in a loop:\n{log}"
+    );
+    assert!(
+        !log.contains("Lease acquired"),
+        "no lease may be acquired:\n{log}"
+    );
+    assert!(
+        !log.contains("data path attached"),
+        "no data path without a lease:\n{log}"
+    );
+    assert!(
+        n1.try_subnet_env().unwrap().is_none(),
+        "no subnet file without a lease"
+    );
+    assert_eq!(
+        etcd.get_prefix(&format!("{full}/")).unwrap(),
+        reservations,
+        "the reservations and config under {full} must be untouched"
+    );
+
+    // A reservation holding the node's own PublicIP is the node's (flannel: "Found
+    // reservation"): used, its record brought up to date (our VtepMAC), and still no lease.
+    let own = "/own/network";
+    etcd.put_network_config(Some(own), config).unwrap();
+    let ip1 = n1.underlay_ip();
+    let mine = net("172.17.1.0/24");
+    let mine_key = lease_key(own, mine);
+    etcd.put(&mine_key, &vxlan_record(ip1, "0a:00:00:00:00:01"))
+        .unwrap();
+    let agent = n1.start_agent(&["--etcd-prefix", own]).unwrap();
+    agent
+        .wait_for_log(
+            &format!("Found reservation ({mine}) for current IP ({ip1}), reusing"),
+            START,
+        )
+        .unwrap();
+    assert_eq!(leased_subnet(n1), mine);
+    let kv = must_get(&cluster, &mine_key);
+    assert_eq!(
+        kv.value,
+        vxlan_record(ip1, &vtep_mac(ip1)),
+        "the reservation carries our record"
+    );
+    assert_eq!(
+        kv.lease, 0,
+        "a reservation taken by its node still has no etcd lease"
+    );
+    assert_eq!(
+        etcd.get_prefix(&format!("{own}/subnets/")).unwrap().len(),
+        1
+    );
+}
+
+// ----- 5. ten agents at once --------------------------------------------------------------
+
+#[test]
+fn ten_agents_started_together_get_the_ten_free_subnets() {
+    let config = r#"{"Network": "172.17.0.0/16", "SubnetMin": "172.17.1.0", "SubnetMax": "172.17.10.0", "Backend": {"Type": "vxlan"}}"#;
+    let cluster = Cluster::builder()
+        .nodes(10)
+        .network_config(config)
+        .build()
+        .unwrap();
+    // All ten started back to back, no waiting in between.
+    let agents = cluster.start_agents(&[]).unwrap();
+    let mut subnets = BTreeSet::new();
+    for node in cluster.nodes() {
+        let subnet = leased_subnet(node);
+        assert!(
+            subnets.insert(subnet),
+            "{} got {subnet}, which another node has too",
+            node.name()
+        );
+    }
+    let want: BTreeSet<Ipv4Net> = (1..=10).map(|i| net(&format!("172.17.{i}.0/24"))).collect();
+    assert_eq!(
+        subnets, want,
+        "the ten nodes must hold exactly the ten free subnets"
+    );
+
+    let kvs = cluster
+        .etcd()
+        .get_prefix(&format!("{DEFAULT_ETCD_PREFIX}/subnets/"))
+        .unwrap();
+    assert_eq!(kvs.len(), 10, "ten leases in etcd: {kvs:?}");
+    for node in cluster.nodes() {
+        let subnet = leased_subnet(node);
+        let kv = must_get(&cluster, &lease_key(DEFAULT_ETCD_PREFIX, subnet));
+        let ip = node.underlay_ip();
+        assert_eq!(
+            kv.value,
+            vxlan_record(ip, &vtep_mac(ip)),
+            "{}'s record",
+            node.name()
+        );
+        assert_ne!(
+            kv.lease,
+            0,
+            "{}'s key must carry an etcd lease",
+            node.name()
+        );
+    }
+    let races: usize = agents
+        .iter()
+        .map(|a| count(&a.log(), "another node took the subnet we picked"))
+        .sum();
+    eprintln!("ten agents: {races} lost create race(s), all retried successfully");
+    for a in &agents {
+        assert!(
+            a.is_running(),
+            "agent {} must keep running; log:\n{}",
+            a.label(),
+            a.log()
+        );
+    }
+}
+
+// ----- 6. revocation ------------------------------------------------------------------------
+
+#[test]
+fn deleted_or_revoked_lease_is_acquired_again_and_the_data_path_stays() {
+    let cluster = Cluster::builder()
+        .nodes(1)
+        .network_config(VXLAN_CONFIG)
+        .build()
+        .unwrap();
+    let node = cluster.node(0);
+    let agent = node.start_agent(&[]).unwrap();
+    agent
+        .wait_for_log("data path attached to eth0", START)
+        .unwrap();
+    let subnet = leased_subnet(node);
+    let key = lease_key(DEFAULT_ETCD_PREFIX, subnet);
+    let ip = node.underlay_ip();
+    let text = subnet_file_text(node);
+    let first = must_get(&cluster, &key);
+
+    // Both ways of losing the lease end the same: flannel's message, the same subnet again,
+    // the record as it was, under a new etcd lease with a full day's TTL.
+    let reacquired = |mark: usize| {
+        let revoked = "Lease has been revoked. Shutting down daemon.";
+        wait_log_since(&agent, mark, revoked, Duration::from_secs(5));
+        let again = format!("Acquired lease {subnet} again after revocation");
+        wait_log_since(&agent, mark, &again, Duration::from_secs(10));
+        let back = must_get(&cluster, &key);
+        assert_eq!(back.value, vxlan_record(ip, &vtep_mac(ip)), "the record is back as it was");
+        assert_day_ttl(&cluster, &back);
+        back
+    };
+
+    // 1) etcdctl del of our key.
+    let mark = agent.log().len();
+    assert_eq!(cluster.etcd().del(&key).unwrap(), 1);
+    let back = reacquired(mark);
+    assert_ne!(back.lease, first.lease, "the key is back under a new etcd lease");
+
+    // 2) The etcd lease revoked (as an expiry would): the same again.
+    let mark = agent.log().len();
+    cluster.etcd().lease_revoke(back.lease).unwrap();
+    let again = reacquired(mark);
+    assert_ne!(again.lease, back.lease, "the key is back under a new etcd lease");
+
+    // The agent keeps running with the same subnet file and its programs still attached.
+    thread::sleep(Duration::from_millis(500));
+    assert!(
+        agent.is_running(),
+        "the agent must keep running after a revocation; log:\n{}",
+        agent.log()
+    );
+    assert_eq!(subnet_file_text(node), text, "the subnet file is unchanged");
+    assert!(
+        !agent.log().contains("subnet changed from"),
+        "the subnet must not change"
+    );
+    assert_data_path_attached(node);
+    assert_eq!(
+        count(&agent.log(), "data path attached"),
+        1,
+        "the data path is never re-attached"
+    );
+}
+
+// ----- 7. peer events -----------------------------------------------------------------------
+
+#[test]
+fn peer_lease_put_change_and_delete_reach_the_agent_within_a_second() {
+    let cluster = Cluster::builder()
+        .nodes(1)
+        .network_config(VXLAN_CONFIG)
+        .build()
+        .unwrap();
+    let node = cluster.node(0);
+    let agent = node.start_agent(&[]).unwrap();
+    agent
+        .wait_for_log("data path attached to eth0", START)
+        .unwrap();
+    leased_subnet(node);
+    let etcd = cluster.etcd();
+    let one_second = Duration::from_secs(1);
+    let peer_ip = Ipv4Addr::new(198, 18, 0, 99);
+    let subnet = net("172.17.200.0/24");
+    let key = lease_key(DEFAULT_ETCD_PREFIX, subnet);
+    let mac1 = "0a:58:c6:12:00:63";
+    let mac2 = "0a:58:c6:12:00:64";
+
+    // A put (timed from before etcdctl starts).
+    let start = Instant::now();
+    etcd.put(&key, &vxlan_record(peer_ip, mac1)).unwrap();
+    let line =
+        format!("peer added: subnet {subnet} public IP {peer_ip} backend vxlan VtepMAC {mac1}");
+    agent
+        .wait_for_log(&line, one_second.saturating_sub(start.elapsed()))
+        .unwrap();
+    eprintln!("peer added after {:?}", start.elapsed());
+
+    // A changed record (a new VtepMAC, as after a stock flanneld's restart).
+    let start = Instant::now();
+    etcd.put(&key, &vxlan_record(peer_ip, mac2)).unwrap();
+    let line =
+        format!("peer changed: subnet {subnet} public IP {peer_ip} backend vxlan VtepMAC {mac2}");
+    agent
+        .wait_for_log(&line, one_second.saturating_sub(start.elapsed()))
+        .unwrap();
+    eprintln!("peer changed after {:?}", start.elapsed());
+
+    // The same record again (what a renewal looks like): no event.
+    let mark = agent.log().len();
+    etcd.put(&key, &vxlan_record(peer_ip, mac2)).unwrap();
+
+    // A delete.
+    let start = Instant::now();
+    assert_eq!(etcd.del(&key).unwrap(), 1);
+    let line = format!("peer removed: subnet {subnet}");
+    agent
+        .wait_for_log(&line, one_second.saturating_sub(start.elapsed()))
+        .unwrap();
+    eprintln!("peer removed after {:?}", start.elapsed());
+    let since = agent.log().split_off(mark);
+    assert!(
+        !since.contains("peer changed") && !since.contains("peer added"),
+        "re-putting the same record must not produce an event:\n{since}"
+    );
+
+    // A lease that expires (revoked here) is a removal too.
+    let subnet2 = net("172.17.201.0/24");
+    let peer2 = Ipv4Addr::new(198, 18, 0, 98);
+    let start = Instant::now();
+    let lease = etcd
+        .put_with_ttl(
+            &lease_key(DEFAULT_ETCD_PREFIX, subnet2),
+            &vxlan_record(peer2, mac1),
+            600,
+        )
+        .unwrap();
+    agent
+        .wait_for_log(
+            &format!("peer added: subnet {subnet2} public IP {peer2}"),
+            Duration::from_secs(2).saturating_sub(start.elapsed()),
+        )
+        .unwrap();
+    let start = Instant::now();
+    etcd.lease_revoke(lease).unwrap();
+    agent
+        .wait_for_log(
+            &format!("peer removed: subnet {subnet2}"),
+            one_second.saturating_sub(start.elapsed()),
+        )
+        .unwrap();
+
+    // A host-gw lease is not a vxlan peer: skipped. The vxlan one put after it proves the
+    // host-gw put was processed (events arrive in order).
+    let mark = agent.log().len();
+    etcd.put(
+        &lease_key(DEFAULT_ETCD_PREFIX, net("172.17.202.0/24")),
+        r#"{"PublicIP":"198.18.0.97","PublicIPv6":null,"BackendType":"host-gw"}"#,
+    )
+    .unwrap();
+    etcd.put(
+        &lease_key(DEFAULT_ETCD_PREFIX, net("172.17.203.0/24")),
+        &vxlan_record(peer2, mac1),
+    )
+    .unwrap();
+    wait_log_since(
+        &agent,
+        mark,
+        "peer added: subnet 172.17.203.0/24",
+        Duration::from_secs(2),
+    );
+    let since = agent.log().split_off(mark);
+    assert!(
+        !since.contains("172.17.202.0/24"),
+        "a host-gw lease must not become a vxlan peer:\n{since}"
+    );
+    assert!(agent.is_running());
+}
+
+// ----- 8. bad config, malformed records -----------------------------------------------------
+
+#[test]
+fn bad_network_configs_are_reported_and_waited_out() {
+    let cluster = Cluster::builder().nodes(1).build().unwrap();
+    let node = cluster.node(0);
+    let agent = node.start_agent(&[]).unwrap();
+    agent
+        .wait_for_log(
+            "Couldn't fetch network config: flannel config not found in etcd store. Did you create your config using etcdv3 API?",
+            START,
+        )
+        .unwrap();
+
+    for (config, message) in [
+        (
+            r#"{"Network": "172.17.0.0/16", "SubnetLen": 31}"#,
+            "SubnetLen must be less than /31",
+        ),
+        (
+            r#"{"SubnetLen": 24}"#,
+            "please define a correct Network parameter in the flannel config",
+        ),
+        (
+            r#"{"Network": "172.17.0.0/16", "Backend": {"Type": "udp"}}"#,
+            "unknown backend type: udp",
+        ),
+    ] {
+        let mark = agent.log().len();
+        cluster.put_network_config(config).unwrap();
+        let line = format!("Couldn't fetch network config: {message}");
+        wait_log_since(&agent, mark, &line, Duration::from_secs(5));
+        // flanneld retries every second and so do we: the error repeats, the agent waits.
+        let t = Instant::now();
+        while count(agent.log().get(mark..).unwrap_or(""), &line) < 2 {
+            assert!(
+                t.elapsed() < Duration::from_secs(5),
+                "the config error must be retried every second:\n{}",
+                agent.log()
+            );
+            thread::sleep(Duration::from_millis(100));
+        }
+        assert!(
+            agent.is_running(),
+            "a bad config must not end the agent; log:\n{}",
+            agent.log()
+        );
+    }
+    let log = agent.log();
+    assert!(
+        !log.contains("Lease acquired"),
+        "no lease while the config is bad:\n{log}"
+    );
+    assert!(
+        node.try_subnet_env().unwrap().is_none(),
+        "no subnet file while the config is bad"
+    );
+    assert!(
+        cluster
+            .etcd()
+            .get_prefix(&format!("{DEFAULT_ETCD_PREFIX}/subnets/"))
+            .unwrap()
+            .is_empty(),
+        "no lease in etcd while the config is bad"
+    );
+
+    cluster.put_network_config(VXLAN_CONFIG).unwrap();
+    agent
+        .wait_for_log(
+            "Found network config - Backend type: vxlan",
+            Duration::from_secs(5),
+        )
+        .unwrap();
+    let subnet = leased_subnet(node);
+    agent
+        .wait_for_log(&format!("Lease acquired: {subnet}"), START)
+        .unwrap();
+    agent
+        .wait_for_log("data path attached to eth0", START)
+        .unwrap();
+}
+
+#[test]
+fn malformed_peer_records_are_logged_with_their_key_and_ignored() {
+    let cluster = Cluster::builder()
+        .nodes(1)
+        .network_config(VXLAN_CONFIG)
+        .build()
+        .unwrap();
+    let node = cluster.node(0);
+    let agent = node.start_agent(&[]).unwrap();
+    agent
+        .wait_for_log("data path attached to eth0", START)
+        .unwrap();
+    leased_subnet(node);
+    let etcd = cluster.etcd();
+    let key = |s: &str| lease_key(DEFAULT_ETCD_PREFIX, net(s));
+    let peer_ip = Ipv4Addr::new(198, 18, 0, 99);
+    let good = vxlan_record(peer_ip, "0a:58:c6:12:00:63");
+    let wait = Duration::from_secs(2);
+
+    // A known good peer first.
+    etcd.put(&key("172.17.210.0/24"), &good).unwrap();
+    agent
+        .wait_for_log(
+            "peer added: subnet 172.17.210.0/24 public IP 198.18.0.99",
+            wait,
+        )
+        .unwrap();
+
+    // Garbage JSON under a new key.
+    let mark = agent.log().len();
+    etcd.put(&key("172.17.211.0/24"), "this is {not json")
+        .unwrap();
+    wait_line_since(
+        &agent,
+        mark,
+        &[
+            "WARN",
+            "ignoring a malformed subnet lease: not valid JSON",
+            &format!("key={}", key("172.17.211.0/24")),
+        ],
+        wait,
+    );
+
+    // A record with a bad PublicIP.
+    let mark = agent.log().len();
+    let bad_ip = good.replace("198.18.0.99", "198.18.0.999");
+    etcd.put(&key("172.17.212.0/24"), &bad_ip).unwrap();
+    wait_line_since(
+        &agent,
+        mark,
+        &[
+            "ignoring a malformed subnet lease: invalid PublicIP: 198.18.0.999",
+            &format!("key={}", key("172.17.212.0/24")),
+        ],
+        wait,
+    );
+
+    // A key under subnets/ that names no subnet.
+    let mark = agent.log().len();
+    let odd = format!("{DEFAULT_ETCD_PREFIX}/subnets/not-a-subnet");
+    etcd.put(&odd, &good).unwrap();
+    wait_line_since(
+        &agent,
+        mark,
+        &[
+            "ignoring a key that is not a subnet lease",
+            &format!("{odd:?} is not a subnet lease key"),
+        ],
+        wait,
+    );
+
+    // The known good peer's record turns malformed: logged, and the last good record stays
+    // in force (no removal).
+    let mark = agent.log().len();
+    etcd.put(&key("172.17.210.0/24"), r#"{"PublicIP": 7}"#)
+        .unwrap();
+    wait_line_since(
+        &agent,
+        mark,
+        &[
+            "ignoring a malformed subnet lease: invalid PublicIP",
+            "keeping the last good record",
+            &format!("key={}", key("172.17.210.0/24")),
+        ],
+        wait,
+    );
+
+    // A valid peer put afterwards still arrives, in time.
+    let start = Instant::now();
+    etcd.put(
+        &key("172.17.213.0/24"),
+        &vxlan_record(Ipv4Addr::new(198, 18, 0, 98), "0a:58:c6:12:00:62"),
+    )
+    .unwrap();
+    wait_log_since(
+        &agent,
+        mark,
+        "peer added: subnet 172.17.213.0/24 public IP 198.18.0.98 backend vxlan VtepMAC 0a:58:c6:12:00:62",
+        Duration::from_secs(1).saturating_sub(start.elapsed()),
+    );
+    let log = agent.log();
+    assert!(
+        !log.contains("peer removed: subnet 172.17.210.0/24"),
+        "a good peer must not be removed because its record turned malformed:\n{log}"
+    );
+    for bad in ["172.17.211.0/24", "172.17.212.0/24"] {
+        assert!(
+            !log.contains(&format!("peer added: subnet {bad}")),
+            "malformed {bad} must not become a peer:\n{log}"
+        );
+    }
+    assert!(
+        agent.is_running(),
+        "malformed records must not end the agent; log:\n{log}"
+    );
+
+    // The peer kept from its last good record is still known: deleting its key removes it.
+    let mark = agent.log().len();
+    etcd.del(&key("172.17.210.0/24")).unwrap();
+    wait_log_since(&agent, mark, "peer removed: subnet 172.17.210.0/24", wait);
+    // Deleting keys that never were peers produces no event.
+    etcd.del(&key("172.17.211.0/24")).unwrap();
+    etcd.del(&odd).unwrap();
+    etcd.del(&key("172.17.213.0/24")).unwrap();
+    wait_log_since(&agent, mark, "peer removed: subnet 172.17.213.0/24", wait);
+    let since = agent.log().split_off(mark);
+    assert!(
+        !since.contains("peer removed: subnet 172.17.211.0/24"),
+        "{since}"
+    );
+    assert!(agent.is_running());
+}
+
+// ----- 9. etcd over TLS ---------------------------------------------------------------------
+
+#[test]
+fn etcd_over_tls_with_client_certificates() {
+    let cluster = Cluster::builder()
+        .nodes(2)
+        .etcd_tls(true)
+        .network_config(VXLAN_CONFIG)
+        .build()
+        .unwrap();
+    assert!(
+        cluster
+            .etcd()
+            .endpoint()
+            .starts_with("https://198.18.0.254:")
+    );
+    let n0 = cluster.node(0);
+    let tls = n0.etcd_tls().expect("TLS files").clone();
+
+    // With CA, certificate and key, the agent gets its lease over TLS.
+    let agent = n0.start_agent(&[]).unwrap();
+    let args = agent.args().join(" ");
+    assert!(
+        args.contains("--etcd-endpoints https://198.18.0.254:2379")
+            && args.contains(&format!("--etcd-certfile {}", tls.client_cert.display())),
+        "agent args: {args}"
+    );
+    let subnet = leased_subnet(n0);
+    agent
+        .wait_for_log(&format!("Lease acquired: {subnet}"), START)
+        .unwrap();
+    let kv = must_get(&cluster, &lease_key(DEFAULT_ETCD_PREFIX, subnet));
+    let ip = n0.underlay_ip();
+    assert_eq!(kv.value, vxlan_record(ip, &vtep_mac(ip)));
+    assert_day_ttl(&cluster, &kv);
+
+    // Plain http to the TLS-only etcd does not work either (the harness is not fooling us).
+    let n1 = cluster.node(1);
+    let ca = tls.ca.display().to_string();
+    let plain = n1
+        .start_agent(&[
+            "--etcd-endpoints",
+            "http://198.18.0.254:2379",
+            "--etcd-cafile",
+            &ca,
+        ])
+        .unwrap();
+
+    // Without the client certificate etcd refuses the connection inside the TLS handshake: the
+    // agent says up front that it has no client certificate, then reports the failing requests
+    // and keeps trying (as for any etcd error) without getting a lease.
+    let no_cert = n1.start_agent(&["--etcd-cafile", &ca]).unwrap();
+    let warning = wait_line_since(
+        &no_cert,
+        0,
+        &[
+            "WARN",
+            "connecting to etcd over TLS without a client certificate",
+            "198.18.0.254:2379",
+        ],
+        START,
+    );
+    eprintln!("without a client certificate: {warning}");
+    no_cert
+        .wait_for_log(
+            "Couldn't fetch network config: etcd get on /coreos.com/network/config failed",
+            START,
+        )
+        .unwrap();
+    thread::sleep(Duration::from_secs(3));
+    for a in [&no_cert, &plain] {
+        let log = a.log();
+        assert!(
+            !log.contains("Lease acquired"),
+            "no lease without a client certificate:\n{log}"
+        );
+        assert!(
+            a.is_running(),
+            "{}: an unreachable etcd is retried; log:\n{log}",
+            a.label()
+        );
+        assert!(
+            count(&log, "Couldn't fetch network config:") >= 2,
+            "{}: the error must be retried:\n{log}",
+            a.label()
+        );
+    }
+    assert!(n1.try_subnet_env().unwrap().is_none());
+
+    // A certificate without its key (or the reverse) is refused at start, as flanneld does.
+    let cert = tls.client_cert.display().to_string();
+    let half = n1
+        .start_agent(&["--etcd-cafile", &ca, "--etcd-certfile", &cert])
+        .unwrap();
+    let status = half.wait_exit(START).unwrap();
+    let log = half.log();
+    assert!(
+        !status.success(),
+        "a certificate without a key must end the agent, got {status}:\n{log}"
+    );
+    assert!(
+        log.lines().any(|l| l.contains("ERROR")
+            && l.contains("KeyFile and CertFile must both be present")
+            && l.contains("--etcd-keyfile: not given")
+            && l.contains(&cert)),
+        "the error must name the missing key file:\n{log}"
+    );
+    assert_eq!(
+        cluster
+            .etcd()
+            .get_prefix(&format!("{DEFAULT_ETCD_PREFIX}/subnets/"))
+            .unwrap()
+            .len(),
+        1
+    );
+}
+
+// ----- 10. health endpoints -----------------------------------------------------------------
+
+#[test]
+fn health_endpoints_report_alive_and_ready() {
+    let cluster = Cluster::builder().nodes(2).build().unwrap();
+    let node = cluster.node(0);
+    let port = 8471;
+    let agent = node
+        .start_agent(&["--healthz-port", "8471", "--healthz-ip", "0.0.0.0"])
+        .unwrap();
+    agent
+        .wait_for_log("health endpoints on http://0.0.0.0:8471/healthz", START)
+        .unwrap();
+    agent
+        .wait_for_log(
+            "Couldn't fetch network config: flannel config not found",
+            START,
+        )
+        .unwrap();
+    let local = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    // Waiting for a config: alive, not ready.
+    assert_eq!(
+        http_status(node.ns(), local, "/healthz").unwrap(),
+        200,
+        "/healthz while waiting"
+    );
+    assert_eq!(
+        http_status(node.ns(), local, "/readyz").unwrap(),
+        503,
+        "/readyz while the config is missing"
+    );
+
+    cluster.put_network_config(VXLAN_CONFIG).unwrap();
+    node.subnet_env().unwrap();
+    let mut last = None;
+    wait_until(
+        "/readyz to answer 200 after the subnet file",
+        Duration::from_secs(3),
+        || {
+            last = http_status(node.ns(), local, "/readyz").ok();
+            last == Some(200)
+        },
+    );
+    assert_eq!(http_status(node.ns(), local, "/healthz").unwrap(), 200);
+    // 0.0.0.0: also reachable over the underlay from another node; unknown paths are 404.
+    let remote = SocketAddr::from((node.underlay_ip(), port));
+    assert_eq!(
+        http_status(cluster.node(1).ns(), remote, "/readyz").unwrap(),
+        200
+    );
+    assert_eq!(http_status(node.ns(), local, "/nope").unwrap(), 404);
+    agent.kill().unwrap();
+
+    // --healthz-ip 127.0.0.1 listens on the node's loopback only.
+    let agent = node
+        .start_agent(&["--healthz-port", "8471", "--healthz-ip", "127.0.0.1"])
+        .unwrap();
+    agent
+        .wait_for_log("health endpoints on http://127.0.0.1:8471/healthz", START)
+        .unwrap();
+    agent.wait_for_log("wrote ", START).unwrap();
+    wait_until("/readyz 200 on 127.0.0.1", Duration::from_secs(3), || {
+        http_status(node.ns(), local, "/readyz").ok() == Some(200)
+    });
+    assert!(
+        http_status(cluster.node(1).ns(), remote, "/healthz").is_err(),
+        "with --healthz-ip 127.0.0.1 the endpoint must not answer on the underlay"
+    );
+}
+
+// ----- 11. flags from the environment -------------------------------------------------------
+
+#[test]
+fn flanneld_environment_variables_set_the_flags() {
+    let cluster = Cluster::builder().nodes(2).build().unwrap();
+    let prefix = "/other/network";
+    cluster
+        .etcd()
+        .put_network_config(Some(prefix), VXLAN_CONFIG)
+        .unwrap();
+
+    // FLANNELD_ETCD_PREFIX, the rest as flags.
+    let n0 = cluster.node(0);
+    let a0 = n0
+        .start_agent_env(&[], &[("FLANNELD_ETCD_PREFIX", prefix)])
+        .unwrap();
+    assert!(
+        !a0.args().iter().any(|a| a.contains("etcd-prefix")),
+        "{:?}",
+        a0.args()
+    );
+    let s0 = leased_subnet(n0);
+    a0.wait_for_log(&format!("Lease acquired: {s0}"), START)
+        .unwrap();
+
+    // Everything from the environment, no flags at all.
+    let n1 = cluster.node(1);
+    let file = n1.subnet_file().display().to_string();
+    let a1 = n1
+        .start_agent_env(
+            &[],
+            &[
+                ("FLANNELD_ETCD_ENDPOINTS", n1.etcd_endpoint()),
+                ("FLANNELD_ETCD_PREFIX", prefix),
+                ("FLANNELD_IFACE", "eth0"),
+                ("FLANNELD_SUBNET_FILE", &file),
+                ("FLANNELD_IP_MASQ", "true"),
+            ],
+        )
+        .unwrap();
+    // No flanneld flag on the command line (the harness's own --bpf-dir may be there).
+    let flanneld_flags = [
+        "--etcd",
+        "--iface",
+        "--subnet-file",
+        "--ip-masq",
+        "--public-ip",
+    ];
+    assert!(
+        !a1.args()
+            .iter()
+            .any(|a| flanneld_flags.iter().any(|f| a.starts_with(f))),
+        "no flanneld flags expected, only their FLANNELD_* variables: {:?}",
+        a1.args()
+    );
+    let s1 = leased_subnet(n1);
+    assert_ne!(s0, s1);
+    assert_eq!(
+        subnet_file_text(n1),
+        subnet_env_text(NETWORK, s1, 1450, true),
+        "FLANNELD_IP_MASQ=true"
+    );
+
+    let etcd = cluster.etcd();
+    for (node, subnet) in [(n0, s0), (n1, s1)] {
+        let kv = must_get(&cluster, &lease_key(prefix, subnet));
+        let ip = node.underlay_ip();
+        assert_eq!(kv.value, vxlan_record(ip, &vtep_mac(ip)));
+    }
+    assert!(
+        etcd.get_prefix(&format!("{DEFAULT_ETCD_PREFIX}/"))
+            .unwrap()
+            .is_empty(),
+        "nothing may be written under the default prefix"
+    );
+}
+
+// ----- renewal ------------------------------------------------------------------------------
+
+#[test]
+fn lease_is_renewed_before_it_expires() {
+    let cluster = Cluster::builder()
+        .nodes(1)
+        .network_config(VXLAN_CONFIG)
+        .build()
+        .unwrap();
+    let node = cluster.node(0);
+    // A 4 s TTL (developer option): renewal at half-life.
+    let agent = node.start_agent(&["--dev-lease-ttl", "4"]).unwrap();
+    let subnet = leased_subnet(node);
+    let key = lease_key(DEFAULT_ETCD_PREFIX, subnet);
+    let first = must_get(&cluster, &key);
+    assert_eq!(
+        cluster.etcd().lease_ttl(first.lease).unwrap().granted_ttl,
+        4
+    );
+    let mark = agent.log().len();
+    wait_log_since(&agent, mark, "Lease renewed", Duration::from_secs(5));
+    // Past the first lease's life the key is still there, under a newer lease.
+    thread::sleep(Duration::from_secs(5));
+    let now = must_get(&cluster, &key);
+    assert_ne!(
+        now.lease, first.lease,
+        "the key must have moved to a new etcd lease"
+    );
+    assert_eq!(now.value, first.value);
+    assert!(cluster.etcd().lease_ttl(now.lease).unwrap().ttl > 0);
+    assert!(
+        count(&agent.log(), "Lease renewed") >= 2,
+        "renewed every ~2 s:\n{}",
+        agent.log()
+    );
+    assert!(
+        !agent.log().contains("Lease has been revoked"),
+        "{}",
+        agent.log()
+    );
+    assert_eq!(leased_subnet(node), subnet);
+}
