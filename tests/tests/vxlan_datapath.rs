@@ -1,0 +1,1248 @@
+//! The VXLAN data path end to end (issue 4): the real agent binary in node namespaces against a
+//! real etcd holding the seeds' config `{"Network": "172.17.0.0/16", "Backend": {"Type":
+//! "vxlan"}}`, with pods behind a `cni0` bridge, checked with real traffic and captures:
+//!
+//! - 3 nodes × 2 pods: ping, checksummed TCP and UDP echo between pods on different nodes, both
+//!   ways, with the real pod source address at the server; host → remote pod; the underlay
+//!   capture decodes as flannel's VXLAN (VNI 1, port 8472, PublicIPs outside, pods inside, the
+//!   receiver's VtepMAC from its etcd lease as inner destination).
+//! - FORWARD policy DROP and no iptables rules: everything still flows, nothing of ours appears
+//!   in `iptables-save` or `nft list ruleset`.
+//! - The pod bridge appears after the agent started, and is deleted and re-created.
+//! - A node whose lease goes away stops being reachable from the others.
+//! - A stock flannel node (kernel `flannel.1` built from the lease records) in the cluster.
+//! - Crafted VXLAN frames from a non-member, with a wrong VNI or a wrong inner MAC are dropped
+//!   and counted; a member's correct frame arrives.
+//!
+//! Root only (fails, never skips, without it); each test builds its own cluster. Run:
+//! `cargo xtask build && OVERLAY_AGENT_BIN=target/debug/overlay-agent cargo test -p
+//! overlay-tests --test vxlan_datapath -- --test-threads=1`.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, Ipv4Addr, UdpSocket},
+    thread,
+    time::{Duration, Instant},
+};
+
+use ipnet::Ipv4Net;
+use overlay_tests::{
+    AgentProcess, AttachKind, Capture, Cluster, Endpoint, NetNs, Node, Pod, add_veth,
+    attached_programs, tshark_fields,
+};
+
+const CONFIG: &str = r#"{"Network": "172.17.0.0/16", "Backend": {"Type": "vxlan"}}"#;
+const NETWORK: &str = "172.17.0.0/16";
+/// flannel's defaults for this config.
+const VNI: u32 = 1;
+const VXLAN_PORT: u16 = 8472;
+/// Pod MTU: the underlay's 1500 − 50.
+const POD_MTU: u32 = 1450;
+/// Bytes per checked TCP transfer.
+const TCP_BYTES: u64 = 1 << 20;
+/// Bound for the first echo between two endpoints (neighbour resolution on both sides).
+const FIRST_ECHO: Duration = Duration::from_secs(10);
+/// Bound for an agent to notice something in etcd or on the node and log it.
+const AGENT_REACTS: Duration = Duration::from_secs(5);
+
+// ----- helpers -----------------------------------------------------------------------------
+
+/// A subnet lease record as read from etcd (flannel-compat.md §2).
+#[derive(Debug, Clone)]
+struct LeaseRecord {
+    key: String,
+    subnet: Ipv4Net,
+    public_ip: Ipv4Addr,
+    backend_type: String,
+    vni: u64,
+    vtep_mac: String,
+}
+
+/// Every lease under `<prefix>/subnets/`, parsed; panics on a record that is not flannel's.
+fn leases(cluster: &Cluster) -> Vec<LeaseRecord> {
+    let prefix = format!("{}/subnets/", cluster.etcd_prefix());
+    cluster
+        .etcd()
+        .get_prefix(&prefix)
+        .expect("listing the subnet leases in etcd")
+        .into_iter()
+        .map(|kv| {
+            let name = kv.key.strip_prefix(&prefix).unwrap_or(&kv.key);
+            let (addr, len) = name.split_once('-').unwrap_or_else(|| {
+                panic!("lease key {} is not <prefix>/subnets/a.b.c.d-len", kv.key)
+            });
+            let subnet = Ipv4Net::new(
+                addr.parse()
+                    .unwrap_or_else(|_| panic!("lease key {}: bad address", kv.key)),
+                len.parse()
+                    .unwrap_or_else(|_| panic!("lease key {}: bad length", kv.key)),
+            )
+            .unwrap();
+            let v: serde_json::Value = serde_json::from_str(&kv.value)
+                .unwrap_or_else(|e| panic!("lease {} holds no JSON ({e}): {}", kv.key, kv.value));
+            let s = |k: &str| {
+                v.get(k)
+                    .and_then(serde_json::Value::as_str)
+                    .map(str::to_owned)
+            };
+            let data = v.get("BackendData");
+            LeaseRecord {
+                subnet,
+                public_ip: s("PublicIP")
+                    .and_then(|ip| ip.parse().ok())
+                    .unwrap_or_else(|| panic!("lease {} has no PublicIP: {}", kv.key, kv.value)),
+                backend_type: s("BackendType").unwrap_or_default(),
+                vni: data
+                    .and_then(|d| d.get("VNI"))
+                    .and_then(serde_json::Value::as_u64)
+                    .unwrap_or(0),
+                vtep_mac: data
+                    .and_then(|d| d.get("VtepMAC"))
+                    .and_then(serde_json::Value::as_str)
+                    .unwrap_or_default()
+                    .to_ascii_lowercase(),
+                key: kv.key,
+            }
+        })
+        .collect()
+}
+
+/// The lease of the node whose PublicIP is `ip`; panics unless exactly one exists.
+fn lease_of(cluster: &Cluster, ip: Ipv4Addr) -> LeaseRecord {
+    let all = leases(cluster);
+    let mine: Vec<&LeaseRecord> = all.iter().filter(|l| l.public_ip == ip).collect();
+    assert_eq!(
+        mine.len(),
+        1,
+        "expected exactly one lease with PublicIP {ip} in etcd, found {all:#?}"
+    );
+    let lease = mine[0].clone();
+    assert_eq!(
+        (lease.backend_type.as_str(), lease.vni),
+        ("vxlan", u64::from(VNI)),
+        "lease {} must be a vxlan lease with VNI {VNI}: {lease:?}",
+        lease.key
+    );
+    assert_eq!(
+        lease.vtep_mac.len(),
+        17,
+        "lease {} has no VtepMAC: {lease:?}",
+        lease.key
+    );
+    lease
+}
+
+/// The node's lease as its subnet file says (`FLANNEL_SUBNET` truncated).
+fn subnet_of(node: &Node) -> Ipv4Net {
+    node.subnet_env()
+        .unwrap_or_else(|e| panic!("{}: no subnet file: {e:#}", node.name()))
+        .subnet
+        .trunc()
+}
+
+fn agent_of(node: &Node) -> AgentProcess {
+    node.agent()
+        .unwrap_or_else(|| panic!("{} has no agent", node.name()))
+}
+
+/// `a` reaches `b`: a first echo within [`FIRST_ECHO`], then 3 of 3 echoes answered.
+fn assert_ping(from: &dyn Endpoint, to: &dyn Endpoint) {
+    let (a, b) = (from.label(), to.label());
+    overlay_tests::traffic::ping_until(from.ns(), to.ip(), FIRST_ECHO).unwrap_or_else(|e| {
+        panic!(
+            "ping {a} -> {b} ({}): expected an echo reply: {e:#}",
+            to.ip()
+        )
+    });
+    let r = overlay_tests::traffic::ping(from.ns(), to.ip(), 3).unwrap();
+    assert!(
+        r.all_received(),
+        "ping {a} -> {b} ({}): expected 3 of 3 echoes answered, got {} of {}:\n{}",
+        to.ip(),
+        r.received,
+        r.transmitted,
+        r.output
+    );
+}
+
+/// `a` does not reach `to`: 3 echoes, none answered.
+fn assert_no_ping(from: &dyn Endpoint, to: Ipv4Addr, why: &str) {
+    let r = overlay_tests::traffic::ping(from.ns(), to, 3).unwrap();
+    assert_eq!(
+        r.received,
+        0,
+        "ping {} -> {to} must fail ({why}), but {} of {} echoes were answered:\n{}",
+        from.label(),
+        r.received,
+        r.transmitted,
+        r.output
+    );
+}
+
+/// A checksummed TCP transfer `from` → `to`; returns the source address the server saw.
+fn assert_tcp(from: &dyn Endpoint, to: &dyn Endpoint) -> Ipv4Addr {
+    let t = overlay_tests::traffic::tcp_transfer(from, to, TCP_BYTES).unwrap_or_else(|e| {
+        panic!(
+            "TCP {} -> {}: expected {TCP_BYTES} bytes to arrive intact: {e:#}",
+            from.label(),
+            to.label()
+        )
+    });
+    assert_eq!(t.bytes, TCP_BYTES);
+    match t.server_peer.ip() {
+        IpAddr::V4(ip) => ip,
+        IpAddr::V6(ip) => panic!(
+            "TCP {} -> {}: server saw IPv6 peer {ip}",
+            from.label(),
+            to.label()
+        ),
+    }
+}
+
+/// Ping and TCP between two pods, with the real pod source address at the server.
+fn assert_pods_talk(a: &Pod, b: &Pod) {
+    assert_ping(a, b);
+    let seen = assert_tcp(a, b);
+    assert_eq!(
+        seen,
+        a.ip(),
+        "TCP {a} -> {b}: the server must see the real pod source address {}, saw {seen}",
+        a.ip()
+    );
+}
+
+/// 20 UDP datagrams `a` → `b`, each echoed back intact, the server seeing `a`'s address.
+fn assert_udp_echo(a: &Pod, b: &Pod) {
+    let r = overlay_tests::traffic::udp_echo(a, b, 20)
+        .unwrap_or_else(|e| panic!("UDP echo {a} -> {b}: {e:#}"));
+    assert_eq!(
+        (r.sent, r.received, r.bad),
+        (20, 20, 0),
+        "UDP echo {a} -> {b}: expected 20 sent, 20 echoed intact, 0 bad; got {r:?}"
+    );
+    assert!(
+        !r.server_peers.is_empty() && r.server_peers.iter().all(|p| p.ip() == IpAddr::V4(a.ip())),
+        "UDP echo {a} -> {b}: the server must see only {} as source, saw {:?}",
+        a.ip(),
+        r.server_peers
+    );
+}
+
+/// The host's address towards the cluster: `<its subnet>.0` (flannel.1's, our ovl0's).
+fn host_overlay_ip(subnet: Ipv4Net) -> Ipv4Addr {
+    subnet.network()
+}
+
+/// Waits until the agent's log after byte `mark` has a line containing all of `parts`; returns
+/// that line. Panics after `timeout` or when the agent exits.
+fn wait_line_since(agent: &AgentProcess, mark: usize, parts: &[&str], timeout: Duration) -> String {
+    let start = Instant::now();
+    loop {
+        let exited = agent.exit_status();
+        let log = agent.log();
+        let since = log.get(mark..).unwrap_or("");
+        if let Some(line) = since.lines().find(|l| parts.iter().all(|p| l.contains(p))) {
+            return line.to_owned();
+        }
+        assert!(
+            exited.is_none(),
+            "agent {} exited ({exited:?}) without logging a line with {parts:?}; log:\n{log}",
+            agent.label()
+        );
+        assert!(
+            start.elapsed() < timeout,
+            "agent {} logged no line with all of {parts:?} within {timeout:?}; log after the mark:\n{since}",
+            agent.label()
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Runs `overlay-agent <sub> --bpf-dir <node's dir>` inside the node; returns its stdout.
+fn agent_tool(node: &Node, sub: &str) -> String {
+    let bin = overlay_tests::agent_bin().unwrap();
+    let dir = node.bpf_dir().display().to_string();
+    node.ns()
+        .run(&bin, &[sub, "--bpf-dir", dir.as_str()])
+        .unwrap_or_else(|e| {
+            panic!(
+                "`overlay-agent {sub} --bpf-dir {dir}` in {}: {e:#}",
+                node.name()
+            )
+        })
+}
+
+/// The node's data path counters (`overlay-agent counters`): name → packets.
+fn counters(node: &Node) -> BTreeMap<String, u64> {
+    let out = agent_tool(node, "counters");
+    let counters: BTreeMap<String, u64> = out
+        .lines()
+        .map(|l| match l.split_whitespace().collect::<Vec<_>>()[..] {
+            [name, packets, bytes] if bytes.parse::<u64>().is_ok() => (
+                name.to_owned(),
+                packets
+                    .parse()
+                    .unwrap_or_else(|_| panic!("bad counters line {l:?}")),
+            ),
+            _ => panic!(
+                "`overlay-agent counters` line {l:?} is not `<name> <packets> <bytes>`:\n{out}"
+            ),
+        })
+        .collect();
+    for name in [
+        "underlay_rx",
+        "decap_pod",
+        "drop_no_route",
+        "drop_unknown_peer",
+        "drop_wrong_vni",
+        "drop_wrong_mac",
+    ] {
+        assert!(
+            counters.contains_key(name),
+            "`overlay-agent counters` lacks {name}:\n{out}"
+        );
+    }
+    counters
+}
+
+/// How much each counter grew from `before` to `after`.
+fn grown(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>) -> BTreeMap<String, u64> {
+    after
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.clone(),
+                v.saturating_sub(before.get(k).copied().unwrap_or(0)),
+            )
+        })
+        .filter(|(_, d)| *d > 0)
+        .collect()
+}
+
+/// The node's ROUTE_V4 entries (`overlay-agent peers`): (subnet, PublicIP, VtepMAC).
+fn peers(node: &Node) -> Vec<(Ipv4Net, Ipv4Addr, String)> {
+    let out = agent_tool(node, "peers");
+    out.lines()
+        .map(|l| match l.split_whitespace().collect::<Vec<_>>()[..] {
+            [subnet, ip, mac] => match (subnet.parse(), ip.parse()) {
+                (Ok(subnet), Ok(ip)) => (subnet, ip, mac.to_ascii_lowercase()),
+                _ => panic!("bad `overlay-agent peers` line {l:?}"),
+            },
+            _ => panic!(
+                "`overlay-agent peers` line {l:?} is not `<subnet> <public ip> <vtep mac>`:\n{out}"
+            ),
+        })
+        .collect()
+}
+
+/// The entry `overlay-agent peers` must show for a lease.
+fn peer_entry(lease: &LeaseRecord) -> (Ipv4Net, Ipv4Addr, String) {
+    (lease.subnet, lease.public_ip, lease.vtep_mac.clone())
+}
+
+/// The node's iptables and nftables state must be exactly the FORWARD DROP policy the test set:
+/// no table, chain or rule of the agent's.
+fn assert_only_forward_drop_policy(node: &Node) {
+    let save = node.ns().run("iptables-save", &[] as &[&str]).unwrap();
+    let lines: Vec<String> = save
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        // Policy lines carry packet counters: `:FORWARD DROP [0:0]`.
+        .map(|l| l.split(" [").next().unwrap_or(l).to_owned())
+        .collect();
+    assert_eq!(
+        lines,
+        [
+            "*filter",
+            ":INPUT ACCEPT",
+            ":FORWARD DROP",
+            ":OUTPUT ACCEPT",
+            "COMMIT"
+        ],
+        "{}: iptables-save must show only the FORWARD DROP policy set by the test, got:\n{save}",
+        node.name()
+    );
+    let ruleset = node.ns().run("nft", &["list", "ruleset"]).unwrap();
+    let lines: Vec<&str> = ruleset
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    assert_eq!(
+        lines,
+        [
+            "table ip filter {",
+            "chain FORWARD {",
+            "type filter hook forward priority filter; policy drop;",
+            "}",
+            "}",
+        ],
+        "{}: nft list ruleset must show only the FORWARD chain with policy drop, got:\n{ruleset}",
+        node.name()
+    );
+}
+
+/// One's complement checksum of an IPv4 header.
+fn ipv4_checksum(header: &[u8]) -> u16 {
+    let mut sum: u32 = header
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+fn parse_mac(s: &str) -> [u8; 6] {
+    let bytes: Vec<u8> = s
+        .split(':')
+        .map(|b| u8::from_str_radix(b, 16).unwrap_or_else(|_| panic!("bad MAC {s}")))
+        .collect();
+    bytes.try_into().unwrap_or_else(|_| panic!("bad MAC {s}"))
+}
+
+/// The UDP payload of a VXLAN frame (what goes to port 8472): VXLAN header with `vni`, inner
+/// Ethernet `src_mac` → `dst_mac`, inner IPv4/UDP `src` → `dst:dport` carrying `data`.
+fn vxlan_payload(
+    vni: u32,
+    dst_mac: [u8; 6],
+    src_mac: [u8; 6],
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    dport: u16,
+    data: &[u8],
+) -> Vec<u8> {
+    let mut f = vec![0x08, 0, 0, 0];
+    f.extend_from_slice(&(vni << 8).to_be_bytes());
+    f.extend_from_slice(&dst_mac);
+    f.extend_from_slice(&src_mac);
+    f.extend_from_slice(&0x0800u16.to_be_bytes());
+    let udp_len = 8 + data.len();
+    let total = u16::try_from(20 + udp_len).unwrap();
+    let mut ip = vec![0x45, 0];
+    ip.extend_from_slice(&total.to_be_bytes());
+    ip.extend_from_slice(&[0x12, 0x34, 0, 0, 64, 17, 0, 0]);
+    ip.extend_from_slice(&src.octets());
+    ip.extend_from_slice(&dst.octets());
+    let csum = ipv4_checksum(&ip);
+    ip[10..12].copy_from_slice(&csum.to_be_bytes());
+    f.extend_from_slice(&ip);
+    f.extend_from_slice(&40000u16.to_be_bytes());
+    f.extend_from_slice(&dport.to_be_bytes());
+    f.extend_from_slice(&u16::try_from(udp_len).unwrap().to_be_bytes());
+    f.extend_from_slice(&[0, 0]); // no UDP checksum (allowed for IPv4)
+    f.extend_from_slice(data);
+    f
+}
+
+/// Sends `count` copies of `payload` from `src` (an address of `ns`) to `dst`:8472 over a plain
+/// UDP socket inside `ns`: the kernel builds correct outer headers.
+fn send_vxlan(ns: &NetNs, src: Ipv4Addr, dst: Ipv4Addr, payload: &[u8], count: usize) {
+    let payload = payload.to_vec();
+    ns.in_netns(move || {
+        let sock = UdpSocket::bind((src, 0))?;
+        for _ in 0..count {
+            sock.send_to(&payload, (dst, VXLAN_PORT))?;
+            thread::sleep(Duration::from_millis(10));
+        }
+        Ok(())
+    })
+    .unwrap_or_else(|e| {
+        panic!(
+            "sending crafted VXLAN from {src} in {} to {dst}: {e:#}",
+            ns.name()
+        )
+    });
+}
+
+/// Everything that arrives on `sock` until it has been quiet for 1 s (at most 100 datagrams).
+fn drain(sock: &UdpSocket) -> Vec<Vec<u8>> {
+    sock.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 2048];
+    while got.len() < 100 {
+        match sock.recv(&mut buf) {
+            Ok(n) => got.push(buf[..n].to_vec()),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                break;
+            }
+            Err(e) => panic!("receiving in the pod: {e}"),
+        }
+    }
+    got
+}
+
+// ----- 1. three nodes, two pods each -----------------------------------------------------------
+
+/// Every pod reaches every pod on another node both ways (ping, checksummed TCP with the real
+/// source address, UDP echo), every host reaches the remote pods, and the underlay carries
+/// flannel's VXLAN: VNI 1, UDP to 8472, outer = the nodes' PublicIPs, inner = the pods, inner
+/// Ethernet from the sender's to the receiver's VtepMAC as published in etcd.
+#[test]
+fn three_nodes_two_pods_talk_across_nodes_over_flannel_vxlan() {
+    let cluster = Cluster::builder()
+        .nodes(3)
+        .pods_per_node(2)
+        .network_config(CONFIG)
+        .build()
+        .unwrap();
+    let pods: Vec<Pod> = cluster.nodes().iter().flat_map(Node::pods).collect();
+    assert_eq!(pods.len(), 6);
+    let subnets: Vec<Ipv4Net> = cluster.nodes().iter().map(subnet_of).collect();
+    for (node, subnet) in cluster.nodes().iter().zip(&subnets) {
+        let env = node.subnet_env().unwrap();
+        assert_eq!(
+            (env.network.to_string(), env.mtu),
+            (NETWORK.to_owned(), POD_MTU),
+            "{}: subnet file",
+            node.name()
+        );
+        let lease = lease_of(&cluster, node.underlay_ip());
+        assert_eq!(
+            lease.subnet,
+            *subnet,
+            "{}: subnet file and etcd lease disagree",
+            node.name()
+        );
+        for pod in node.pods() {
+            assert!(
+                subnet.contains(&pod.ip()),
+                "{pod} must be addressed from {subnet}"
+            );
+        }
+    }
+
+    // The wire, captured on node 0's port of the underlay bridge while pod n0/p0 pings n1/p0
+    // and host n2 pings n0/p1 (requests and replies cross that port).
+    let (p00, p01, p10) = (cluster.pod(0, 0), cluster.pod(0, 1), cluster.pod(1, 0));
+    assert_ping(&p00, &p10);
+    assert_ping(cluster.node(2), &p01);
+    let pcap = cluster.dir().join("underlay-n0.pcap");
+    let capture = Capture::start(
+        cluster.underlay(),
+        "n0",
+        &format!("udp port {VXLAN_PORT}"),
+        &pcap,
+    )
+    .unwrap();
+    let r1 = p00.ping(p10.ip(), 3).unwrap();
+    let r2 = cluster.node(2).ping(p01.ip(), 3).unwrap();
+    let pcap = capture.stop().unwrap();
+    assert!(
+        r1.all_received() && r2.all_received(),
+        "pings during the capture:\n{}\n{}",
+        r1.output,
+        r2.output
+    );
+    check_capture(&cluster, &pcap, &subnets, &[(&p00, &p10)]);
+
+    // Every ordered pair of pods on different nodes: ping, TCP with checksum, real source.
+    for a in &pods {
+        for b in pods.iter().filter(|b| b.node_name() != a.node_name()) {
+            assert_pods_talk(a, b);
+        }
+    }
+    // UDP echo across every ordered pair of nodes.
+    for i in 0..3 {
+        for j in (0..3).filter(|&j| j != i) {
+            assert_udp_echo(&cluster.pod(i, 0), &cluster.pod(j, 1));
+        }
+    }
+    // Each host (node namespace) to a pod on each other node: ping and TCP; the pod sees the
+    // host's overlay address <subnet>.0, as with flannel.1.
+    for (i, node) in cluster.nodes().iter().enumerate() {
+        for j in (0..3).filter(|&j| j != i) {
+            let pod = cluster.pod(j, 1);
+            assert_ping(node, &pod);
+            let seen = assert_tcp(node, &pod);
+            assert_eq!(
+                seen,
+                host_overlay_ip(subnets[i]),
+                "TCP {} -> {pod}: the pod must see the host's overlay address {}",
+                node.name(),
+                host_overlay_ip(subnets[i])
+            );
+        }
+    }
+    for node in cluster.nodes() {
+        assert!(
+            agent_of(node).is_running(),
+            "{}'s agent died during the traffic",
+            node.name()
+        );
+    }
+}
+
+/// Decodes the capture and checks every VXLAN packet in it against the leases in etcd; requires
+/// echo requests and replies between each pair in `pod_pairs` and from host n2 (`<subnet>.0`).
+fn check_capture(
+    cluster: &Cluster,
+    pcap: &std::path::Path,
+    subnets: &[Ipv4Net],
+    pod_pairs: &[(&Pod, &Pod)],
+) {
+    let rows = tshark_fields(
+        pcap,
+        "vxlan && icmp",
+        &[
+            "ip.src",
+            "ip.dst",
+            "udp.dstport",
+            "vxlan.vni",
+            "eth.src",
+            "eth.dst",
+            "icmp.type",
+        ],
+    )
+    .unwrap();
+    let everything = tshark_fields(
+        pcap,
+        "",
+        &["frame.protocols", "ip.src", "ip.dst", "udp.dstport"],
+    )
+    .unwrap();
+    assert!(
+        !rows.is_empty(),
+        "the capture must decode as VXLAN with ICMP inside; tshark saw:\n{everything:?}"
+    );
+    let node_of = |ip: Ipv4Addr| -> usize {
+        subnets
+            .iter()
+            .position(|s| s.contains(&ip))
+            .unwrap_or_else(|| panic!("inner address {ip} is in no node's subnet {subnets:?}"))
+    };
+    let mut seen: BTreeSet<(Ipv4Addr, Ipv4Addr, String)> = BTreeSet::new();
+    for row in &rows {
+        let field =
+            |i: usize| -> Vec<&str> { row.get(i).map_or(vec![], |f| f.split(',').collect()) };
+        let (ips_src, ips_dst, macs_src, macs_dst) = (field(0), field(1), field(4), field(5));
+        assert!(
+            ips_src.len() == 2 && ips_dst.len() == 2 && macs_src.len() == 2 && macs_dst.len() == 2,
+            "a VXLAN packet must have outer and inner IPv4 and Ethernet headers: {row:?}"
+        );
+        let ip = |s: &str| -> Ipv4Addr {
+            s.parse()
+                .unwrap_or_else(|_| panic!("bad address {s} in {row:?}"))
+        };
+        let (outer_src, inner_src, outer_dst, inner_dst) = (
+            ip(ips_src[0]),
+            ip(ips_src[1]),
+            ip(ips_dst[0]),
+            ip(ips_dst[1]),
+        );
+        assert_eq!(
+            field(2),
+            [VXLAN_PORT.to_string().as_str()],
+            "UDP destination port must be {VXLAN_PORT}: {row:?}"
+        );
+        assert_eq!(
+            field(3),
+            [VNI.to_string().as_str()],
+            "VNI must be {VNI}: {row:?}"
+        );
+        let (from, to) = (node_of(inner_src), node_of(inner_dst));
+        let (sender, receiver) = (cluster.node(from), cluster.node(to));
+        assert_eq!(
+            (outer_src, outer_dst),
+            (sender.underlay_ip(), receiver.underlay_ip()),
+            "outer addresses must be the underlay IPs of the nodes holding {inner_src} and {inner_dst}: {row:?}"
+        );
+        let (lease_tx, lease_rx) = (
+            lease_of(cluster, sender.underlay_ip()),
+            lease_of(cluster, receiver.underlay_ip()),
+        );
+        assert_eq!(
+            macs_dst[1].to_ascii_lowercase(),
+            lease_rx.vtep_mac,
+            "inner Ethernet destination must be the receiver {}'s VtepMAC from its lease {}: {row:?}",
+            receiver.name(),
+            lease_rx.key
+        );
+        assert_eq!(
+            macs_src[1].to_ascii_lowercase(),
+            lease_tx.vtep_mac,
+            "inner Ethernet source must be the sender {}'s VtepMAC from its lease {}: {row:?}",
+            sender.name(),
+            lease_tx.key
+        );
+        assert_eq!(
+            macs_dst[0].to_ascii_lowercase(),
+            receiver.ns().mac("eth0").unwrap(),
+            "outer Ethernet destination must be the receiver's eth0: {row:?}"
+        );
+        seen.insert((
+            inner_src,
+            inner_dst,
+            row.get(6).cloned().unwrap_or_default(),
+        ));
+    }
+    eprintln!(
+        "capture: {} VXLAN packets checked, e.g. {:?}",
+        rows.len(),
+        rows.first()
+    );
+    let host2 = host_overlay_ip(subnets[2]);
+    let mut wanted: Vec<(Ipv4Addr, Ipv4Addr, &str)> = Vec::new();
+    for (a, b) in pod_pairs {
+        wanted.push((a.ip(), b.ip(), "8"));
+        wanted.push((b.ip(), a.ip(), "0"));
+    }
+    let p01 = cluster.pod(0, 1);
+    wanted.push((host2, p01.ip(), "8"));
+    wanted.push((p01.ip(), host2, "0"));
+    for (src, dst, icmp_type) in wanted {
+        assert!(
+            seen.contains(&(src, dst, icmp_type.to_owned())),
+            "the capture lacks a VXLAN-encapsulated ICMP type {icmp_type} {src} -> {dst}; it has {seen:?}"
+        );
+    }
+}
+
+// ----- 2. FORWARD DROP, no iptables rules -----------------------------------------------------
+
+/// With `iptables -P FORWARD DROP` in every node (as Docker leaves it) and no rules at all, pods
+/// and hosts still reach remote pods: the data path never goes through the kernel's forwarding.
+/// The agent adds nothing to iptables or nftables. A control shows the policy is in force: a
+/// pod's packet the kernel must forward (to another node's underlay address) is dropped, and
+/// passes once the policy is ACCEPT again.
+#[test]
+fn forward_policy_drop_and_no_iptables_rules() {
+    let cluster = Cluster::builder()
+        .nodes(3)
+        .pods_per_node(1)
+        .network_config(CONFIG)
+        .build()
+        .unwrap();
+    for node in cluster.nodes() {
+        node.ns()
+            .run("iptables", &["-P", "FORWARD", "DROP"])
+            .unwrap();
+        assert_only_forward_drop_policy(node);
+    }
+    let subnets: Vec<Ipv4Net> = cluster.nodes().iter().map(subnet_of).collect();
+    for (i, subnet) in subnets.iter().enumerate() {
+        for j in (0..3).filter(|&j| j != i) {
+            let (a, b) = (cluster.pod(i, 0), cluster.pod(j, 0));
+            assert_pods_talk(&a, &b);
+            let node = cluster.node(i);
+            assert_ping(node, &b);
+            assert_eq!(
+                assert_tcp(node, &b),
+                host_overlay_ip(*subnet),
+                "TCP {} -> {b}: source",
+                node.name()
+            );
+        }
+    }
+    assert_udp_echo(&cluster.pod(0, 0), &cluster.pod(1, 0));
+    assert_udp_echo(&cluster.pod(2, 0), &cluster.pod(0, 0));
+    for node in cluster.nodes() {
+        assert_only_forward_drop_policy(node);
+    }
+
+    // Control: pod n0/p0 -> n1's underlay address is forwarded by n0's kernel: dropped.
+    let (pod, n1) = (cluster.pod(0, 0), cluster.node(1).underlay_ip());
+    assert_no_ping(
+        &pod,
+        n1,
+        "n0's kernel forwards it and its FORWARD policy is DROP",
+    );
+    cluster
+        .node(0)
+        .ns()
+        .run("iptables", &["-P", "FORWARD", "ACCEPT"])
+        .unwrap();
+    overlay_tests::traffic::ping_until(pod.ns(), n1, FIRST_ECHO).unwrap_or_else(|e| {
+        panic!("with FORWARD ACCEPT again, {pod} must reach {n1} through n0's forwarding: {e:#}")
+    });
+}
+
+// ----- 3. the pod bridge comes late and is re-created ------------------------------------------
+
+/// The bridge is created after the agent wrote its subnet file (the harness adds pods then) and
+/// the agent attaches to it; deleted, the agent lets go; re-created by the next pod, the agent
+/// attaches to the new one within its 1 s poll and traffic flows again.
+#[test]
+fn pod_bridge_appearing_late_and_recreated_is_attached() {
+    let cluster = Cluster::builder()
+        .nodes(2)
+        .pods_per_node(1)
+        .network_config(CONFIG)
+        .build()
+        .unwrap();
+    let (n0, n1) = (cluster.node(0), cluster.node(1));
+    let agent = agent_of(n1);
+    let first = wait_line_since(
+        &agent,
+        0,
+        &["pod bridge cni0 (index ", ") attached"],
+        AGENT_REACTS,
+    );
+    let log = agent.log();
+    let wrote = log
+        .find("wrote ")
+        .expect("the agent logs writing the subnet file");
+    assert!(
+        log.find(&first).unwrap() > wrote,
+        "the bridge appeared after the subnet file was written, so the agent attaches after it:\n{log}"
+    );
+    let index = |line: &str| -> u32 {
+        let rest = &line[line.find("(index ").unwrap() + 7..];
+        rest[..rest.find(')').unwrap()].parse().unwrap()
+    };
+    let old_index = index(&first);
+    let (a, b) = (cluster.pod(0, 0), cluster.pod(1, 0));
+    assert_pods_talk(&a, &b);
+    assert_pods_talk(&b, &a);
+
+    // Delete the bridge.
+    let mark = agent.log().len();
+    n1.ns().ip(&["link", "del", "cni0"]).unwrap();
+    wait_line_since(&agent, mark, &["pod bridge gone"], AGENT_REACTS);
+    assert_no_ping(&a, b.ip(), "n1 has no pod bridge any more");
+
+    // A new pod re-creates it (as the CNI bridge plugin would).
+    let mark = agent.log().len();
+    let start = Instant::now();
+    let c = n1.add_pod("p1").unwrap();
+    let line = wait_line_since(
+        &agent,
+        mark,
+        &["pod bridge cni0 (index ", ") attached"],
+        AGENT_REACTS,
+    );
+    let new_index = index(&line);
+    assert_ne!(
+        new_index, old_index,
+        "the re-created bridge is a new interface: {line}"
+    );
+    assert!(
+        attached_programs(n1.ns(), "cni0")
+            .unwrap()
+            .iter()
+            .any(|p| p.name == "pod_egress" && p.kind == AttachKind::TcxIngress),
+        "the kernel must report pod_egress on the new cni0"
+    );
+    overlay_tests::traffic::ping_until(a.ns(), c.ip(), FIRST_ECHO)
+        .unwrap_or_else(|e| panic!("{a} -> {c} after the bridge came back: {e:#}"));
+    let took = start.elapsed();
+    eprintln!("traffic to the re-created bridge after {took:?}");
+    assert!(
+        took < Duration::from_secs(5),
+        "traffic must work within a few seconds, took {took:?}"
+    );
+    assert_pods_talk(&a, &c);
+    assert_pods_talk(&c, &a);
+    assert_ping(n0, &c);
+    assert_tcp(n0, &c);
+}
+
+// ----- 4. a node's lease goes away -------------------------------------------------------------
+
+/// Node n2's agent crashes (SIGKILL: it cannot clean up, and its pinned data path stays) and its
+/// lease is deleted: the other agents log the removal, their ROUTE_V4 entries for n2's subnet go
+/// (`overlay-agent peers`), their pods and hosts stop reaching n2's pods (counted as
+/// `drop_no_route`), n2's still-running data path is no longer accepted (`drop_unknown_peer`),
+/// and n0 ↔ n1 keep working.
+#[test]
+fn removed_lease_stops_traffic_to_that_node() {
+    let cluster = Cluster::builder()
+        .nodes(3)
+        .pods_per_node(1)
+        .network_config(CONFIG)
+        .build()
+        .unwrap();
+    let (p0, p1, p2) = (cluster.pod(0, 0), cluster.pod(1, 0), cluster.pod(2, 0));
+    assert_pods_talk(&p0, &p2);
+    assert_pods_talk(&p1, &p2);
+    assert_pods_talk(&p2, &p0);
+    assert_ping(cluster.node(0), &p2);
+
+    let n2 = cluster.node(2);
+    let lease = lease_of(&cluster, n2.underlay_ip());
+    for i in 0..2 {
+        let node = cluster.node(i);
+        let mut want: Vec<_> = (0..3)
+            .filter(|&j| j != i)
+            .map(|j| peer_entry(&lease_of(&cluster, cluster.node(j).underlay_ip())))
+            .collect();
+        want.sort();
+        assert_eq!(
+            peers(node),
+            want,
+            "{}: ROUTE_V4 must hold the other two nodes' leases",
+            node.name()
+        );
+    }
+
+    let marks: Vec<usize> = (0..2)
+        .map(|i| agent_of(cluster.node(i)).log().len())
+        .collect();
+    agent_of(n2).kill9().unwrap();
+    assert_eq!(
+        cluster.etcd().del(&lease.key).unwrap(),
+        1,
+        "deleting {}",
+        lease.key
+    );
+    for (i, &mark) in marks.iter().enumerate() {
+        wait_line_since(
+            &agent_of(cluster.node(i)),
+            mark,
+            &[&format!("peer removed: subnet {}", lease.subnet)],
+            AGENT_REACTS,
+        );
+    }
+    for i in 0..2 {
+        let node = cluster.node(i);
+        let other = lease_of(&cluster, cluster.node(1 - i).underlay_ip());
+        assert_eq!(
+            peers(node),
+            [peer_entry(&other)],
+            "{}: ROUTE_V4 must have lost {} and kept only the other node",
+            node.name(),
+            lease.subnet
+        );
+    }
+
+    let before = counters(cluster.node(0));
+    assert_no_ping(&p0, p2.ip(), "n2's lease is gone");
+    assert_no_ping(cluster.node(0), p2.ip(), "n2's lease is gone");
+    assert_no_ping(&p1, p2.ip(), "n2's lease is gone");
+    assert!(
+        overlay_tests::traffic::tcp_transfer_to(&p0, &p2, p2.ip(), 1024, Duration::from_secs(3))
+            .is_err(),
+        "TCP {p0} -> {p2} must fail once n2's lease is gone"
+    );
+    // n2's pinned data path still sends, but n0 no longer takes n2 for a member.
+    assert_no_ping(&p2, p0.ip(), "n0 no longer accepts VXLAN from n2");
+    let grew = grown(&before, &counters(cluster.node(0)));
+    assert!(
+        grew.get("drop_no_route").copied().unwrap_or(0) >= 6,
+        "n0 must count its pod's and host's packets to {} as drop_no_route (>= 6); counters grew by {grew:?}",
+        lease.subnet
+    );
+    assert!(
+        grew.get("drop_unknown_peer").copied().unwrap_or(0) >= 3,
+        "n0 must count n2's frames as drop_unknown_peer (>= 3); counters grew by {grew:?}"
+    );
+    assert_eq!(
+        grew.get("decap_pod"),
+        None,
+        "nothing from n2 may reach n0's pods: {grew:?}"
+    );
+
+    // The remaining nodes are unaffected.
+    assert_pods_talk(&p0, &p1);
+    assert_pods_talk(&p1, &p0);
+}
+
+// ----- 5. a stock flannel node in the cluster --------------------------------------------------
+
+/// Node n2 runs no agent: it is built as flanneld builds a node, from the lease records in
+/// etcd (kernel `flannel.1`, neighbour, fdb and route entries per peer), and announces itself
+/// with a lease in flannel's exact format. Pods on our nodes and on the stock node reach each
+/// other both ways (ping, TCP with checksum, real source), and the stock host reaches our pods.
+#[test]
+fn stock_flannel_node_interoperates() {
+    let cluster = Cluster::builder()
+        .nodes(3)
+        .start_agents(false)
+        .network_config(CONFIG)
+        .build()
+        .unwrap();
+    for i in 0..2 {
+        cluster.node(i).start_agent(&[]).unwrap();
+    }
+    for i in 0..2 {
+        cluster.node(i).add_pod("p0").unwrap();
+        cluster.node(i).add_pod("p1").unwrap();
+    }
+
+    // The stock node, flannel-compat.md §4.
+    let stock = cluster.node(2);
+    let stock_subnet: Ipv4Net = "172.17.250.0/24".parse().unwrap();
+    let stock_mac = "0e:fa:00:00:00:03";
+    let ours: Vec<LeaseRecord> = leases(&cluster);
+    assert_eq!(ours.len(), 2, "our two agents hold leases: {ours:#?}");
+    assert!(
+        ours.iter()
+            .all(|l| !l.subnet.contains(&stock_subnet.network())),
+        "{stock_subnet} must be free"
+    );
+    let ns = stock.ns();
+    let local = stock.underlay_ip().to_string();
+    ns.ip(&[
+        "link",
+        "add",
+        "flannel.1",
+        "type",
+        "vxlan",
+        "id",
+        "1",
+        "local",
+        &local,
+        "dev",
+        "eth0",
+        "dstport",
+        "8472",
+        "nolearning",
+    ])
+    .unwrap();
+    ns.ip(&[
+        "link",
+        "set",
+        "flannel.1",
+        "mtu",
+        "1450",
+        "address",
+        stock_mac,
+    ])
+    .unwrap();
+    ns.ip(&[
+        "addr",
+        "add",
+        &format!("{}/32", stock_subnet.network()),
+        "dev",
+        "flannel.1",
+    ])
+    .unwrap();
+    ns.ip(&["link", "set", "flannel.1", "up"]).unwrap();
+    for l in &ours {
+        let gw = l.subnet.network().to_string();
+        ns.ip(&[
+            "neigh",
+            "replace",
+            &gw,
+            "lladdr",
+            &l.vtep_mac,
+            "dev",
+            "flannel.1",
+            "nud",
+            "permanent",
+        ])
+        .unwrap();
+        ns.run(
+            "bridge",
+            &[
+                "fdb",
+                "append",
+                &l.vtep_mac,
+                "dev",
+                "flannel.1",
+                "dst",
+                &l.public_ip.to_string(),
+                "self",
+                "permanent",
+            ],
+        )
+        .unwrap();
+        ns.ip(&[
+            "route",
+            "replace",
+            &l.subnet.to_string(),
+            "via",
+            &gw,
+            "dev",
+            "flannel.1",
+            "onlink",
+        ])
+        .unwrap();
+    }
+    let stock_pod = stock
+        .add_pod_in(
+            "p0",
+            Ipv4Net::new(Ipv4Addr::from(u32::from(stock_subnet.network()) + 1), 24).unwrap(),
+            POD_MTU,
+        )
+        .unwrap();
+
+    // Its lease, in flannel's exact JSON, with a 24 h etcd lease.
+    let marks: Vec<usize> = (0..2)
+        .map(|i| agent_of(cluster.node(i)).log().len())
+        .collect();
+    let key = format!(
+        "{}/subnets/{}-{}",
+        cluster.etcd_prefix(),
+        stock_subnet.network(),
+        stock_subnet.prefix_len()
+    );
+    let record = format!(
+        r#"{{"PublicIP":"{local}","PublicIPv6":null,"BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{stock_mac}"}}}}"#
+    );
+    cluster.etcd().put_with_ttl(&key, &record, 86_400).unwrap();
+    for (i, &mark) in marks.iter().enumerate() {
+        wait_line_since(
+            &agent_of(cluster.node(i)),
+            mark,
+            &[&format!(
+                "peer added: subnet {stock_subnet} public IP {local} backend vxlan VtepMAC {stock_mac}"
+            )],
+            AGENT_REACTS,
+        );
+    }
+
+    for i in 0..2 {
+        let entry = (stock_subnet, stock.underlay_ip(), stock_mac.to_owned());
+        let routed = peers(cluster.node(i));
+        assert!(
+            routed.contains(&entry),
+            "n{i}: ROUTE_V4 must hold the stock node {entry:?}: {routed:?}"
+        );
+    }
+    for i in 0..2 {
+        for j in 0..2 {
+            let pod = cluster.pod(i, j);
+            assert_pods_talk(&pod, &stock_pod);
+            assert_pods_talk(&stock_pod, &pod);
+        }
+        // Hosts both ways: stock host -> our pod (source flannel.1's address), ours -> stock pod.
+        let pod = cluster.pod(i, 0);
+        assert_ping(stock, &pod);
+        assert_eq!(
+            assert_tcp(stock, &pod),
+            stock_subnet.network(),
+            "TCP stock host -> {pod}: source"
+        );
+        assert_ping(cluster.node(i), &stock_pod);
+        assert_tcp(cluster.node(i), &stock_pod);
+    }
+    // And our nodes still talk among themselves.
+    assert_pods_talk(&cluster.pod(0, 0), &cluster.pod(1, 1));
+    let rx: u64 = ns
+        .run("cat", &["/sys/class/net/flannel.1/statistics/rx_packets"])
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        rx > 0,
+        "the stock node's flannel.1 must have received our frames"
+    );
+}
+
+// ----- 6. crafted frames: non-member, wrong VNI, wrong MAC --------------------------------------
+
+/// VXLAN frames sent to n0's eth0 that fail a check are dropped before the pod and counted by
+/// reason (`overlay-agent counters`): from a host on the underlay that is no member
+/// (198.18.0.200), from member n1 with VNI 2, from member n1 to another inner MAC. The same frame
+/// from member n1 with VNI 1 and n0's VtepMAC arrives in the pod, counted as `decap_pod`.
+#[test]
+fn foreign_and_wrong_vni_frames_are_dropped_and_counted() {
+    let cluster = Cluster::builder()
+        .nodes(2)
+        .pods_per_node(1)
+        .network_config(CONFIG)
+        .build()
+        .unwrap();
+    let (n0, n1) = (cluster.node(0), cluster.node(1));
+    let (target, sender_pod) = (cluster.pod(0, 0), cluster.pod(1, 0));
+    assert_pods_talk(&sender_pod, &target); // neighbours resolved, n1 known to n0 as a member
+    let vtep0 = parse_mac(&lease_of(&cluster, n0.underlay_ip()).vtep_mac);
+    let vtep1 = parse_mac(&lease_of(&cluster, n1.underlay_ip()).vtep_mac);
+
+    // A stranger on the underlay bridge.
+    let stranger_ip = Ipv4Addr::new(198, 18, 0, 200);
+    let stranger = NetNs::new(format!("{}-x", cluster.id())).unwrap();
+    add_veth(&stranger, "eth0", cluster.underlay(), "x0").unwrap();
+    cluster.underlay().set_master("x0", "br0").unwrap();
+    cluster.underlay().link_up("x0").unwrap();
+    stranger
+        .add_addr("eth0", &format!("{stranger_ip}/24"))
+        .unwrap();
+    stranger.link_up("eth0").unwrap();
+    overlay_tests::traffic::ping_until(&stranger, n0.underlay_ip(), FIRST_ECHO).unwrap();
+
+    let port = 7777;
+    let sock = target
+        .ns()
+        .in_netns(move || Ok(UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port))?))
+        .unwrap();
+    let frame = |vni: u32, dst_mac: [u8; 6], data: &[u8]| {
+        vxlan_payload(
+            vni,
+            dst_mac,
+            vtep1,
+            sender_pod.ip(),
+            target.ip(),
+            port,
+            data,
+        )
+    };
+    const N: u64 = 5;
+    let cases: [(&str, &NetNs, Ipv4Addr, Vec<u8>, &str); 3] = [
+        (
+            "from non-member 198.18.0.200",
+            &stranger,
+            stranger_ip,
+            frame(VNI, vtep0, b"stranger"),
+            "drop_unknown_peer",
+        ),
+        (
+            "from member n1 with VNI 2",
+            n1.ns(),
+            n1.underlay_ip(),
+            frame(2, vtep0, b"wrong vni"),
+            "drop_wrong_vni",
+        ),
+        (
+            "from member n1 to n1's own VtepMAC",
+            n1.ns(),
+            n1.underlay_ip(),
+            frame(VNI, vtep1, b"wrong mac"),
+            "drop_wrong_mac",
+        ),
+    ];
+    for (what, ns, src, payload, reason) in cases {
+        let before = counters(n0);
+        send_vxlan(ns, src, n0.underlay_ip(), &payload, N as usize);
+        let got = drain(&sock);
+        assert!(
+            got.is_empty(),
+            "VXLAN {what} must not reach {target}: it received {got:?}"
+        );
+        let grew = grown(&before, &counters(n0));
+        assert_eq!(
+            grew.get(reason).copied(),
+            Some(N),
+            "n0 must count the {N} frames {what} as {reason}; counters grew by {grew:?}"
+        );
+        assert_eq!(
+            grew.get("decap_pod"),
+            None,
+            "frames {what} must not be decapsulated: {grew:?}"
+        );
+    }
+
+    let before = counters(n0);
+    send_vxlan(
+        n1.ns(),
+        n1.underlay_ip(),
+        n0.underlay_ip(),
+        &frame(VNI, vtep0, b"from a member"),
+        N as usize,
+    );
+    let got = drain(&sock);
+    assert_eq!(
+        got,
+        vec![b"from a member".to_vec(); N as usize],
+        "all {N} correct frames from member n1 must arrive in {target}"
+    );
+    let grew = grown(&before, &counters(n0));
+    assert!(
+        grew.get("decap_pod").copied().unwrap_or(0) >= N,
+        "n0 must count the member's {N} frames as decap_pod; counters grew by {grew:?}"
+    );
+    let drops: Vec<_> = grew.keys().filter(|k| k.starts_with("drop_")).collect();
+    assert!(
+        drops.is_empty(),
+        "no drop counter may grow for the member's correct frames: {grew:?}"
+    );
+}
