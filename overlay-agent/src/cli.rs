@@ -37,6 +37,9 @@ pub enum Command {
     /// Print the remote subnets the data path routes, read from the pinned maps:
     /// `<subnet> <public IP> <VtepMAC>` per line.
     Peers,
+    /// Print the masqueraded flows (`--ip-masq`), read from the pinned maps: `<proto> <pod>
+    /// <remote> via <translated> <state> idle=<s>` per line, then `entries <n> capacity <max>`.
+    Nat,
     /// Remove everything the agent installed in this network namespace: detach and unpin its
     /// programs, remove its maps, delete the host device ovl0. The subnet lease stays in etcd.
     Cleanup,
@@ -118,6 +121,11 @@ pub struct Flags {
           default_missing_value = "true", value_parser = BoolishValueParser::new())]
     pub ip_masq_fully_random_disable: bool,
 
+    /// Beyond flanneld (like Kubernetes' ip-masq-agent nonMasqueradeCIDRs): a destination CIDR
+    /// that --ip-masq never masquerades, besides the cluster network; repeatable.
+    #[arg(long, env = "OVERLAY_IP_MASQ_EXCLUDE", value_delimiter = ',', value_name = "CIDR")]
+    pub ip_masq_exclude: Vec<ipnet::Ipv4Net>,
+
     /// Address the health endpoints listen on.
     #[arg(long, env = "FLANNELD_HEALTHZ_IP", default_value = "0.0.0.0")]
     pub healthz_ip: IpAddr,
@@ -148,6 +156,11 @@ pub struct Flags {
     /// Developer option: TTL of the subnet lease in seconds (flannel's 24 h by default).
     #[arg(long, env = "OVERLAY_DEV_LEASE_TTL", hide = true, value_parser = parse_seconds)]
     pub dev_lease_ttl: Option<Duration>,
+
+    /// Developer option: every masquerade idle timeout (TCP, UDP, ICMP) in seconds, instead of
+    /// conntrack's defaults (for expiry tests).
+    #[arg(long, env = "OVERLAY_DEV_NAT_TIMEOUT", hide = true, value_parser = parse_seconds)]
+    pub dev_nat_timeout: Option<Duration>,
 }
 
 fn parse_seconds(value: &str) -> Result<Duration, String> {
@@ -203,6 +216,8 @@ mod tests {
         assert_eq!(f.healthz_ip, IpAddr::from([0, 0, 0, 0]));
         assert_eq!(f.healthz_port, 0);
         assert_eq!(f.dev_lease_ttl, None);
+        assert!(f.ip_masq_exclude.is_empty());
+        assert_eq!(f.dev_nat_timeout, None);
     }
 
     #[test]
@@ -221,6 +236,25 @@ mod tests {
         assert!(f.ip_masq);
         assert!(!f.iptables_forward_rules);
         assert_eq!(f.verbosity, 2);
+    }
+
+    #[test]
+    fn ip_masq_exclude_is_repeatable_and_comma_separated() {
+        let f = parse(&[
+            "--ip-masq",
+            "--ip-masq-exclude",
+            "10.96.0.0/12",
+            "--ip-masq-exclude=192.168.0.0/16,100.64.0.0/10",
+            "--dev-nat-timeout",
+            "2",
+        ])
+        .flags;
+        assert!(f.ip_masq);
+        let nets: Vec<String> = f.ip_masq_exclude.iter().map(ToString::to_string).collect();
+        assert_eq!(nets, ["10.96.0.0/12", "192.168.0.0/16", "100.64.0.0/10"]);
+        assert_eq!(f.dev_nat_timeout, Some(Duration::from_secs(2)));
+        let argv = ["overlay-agent", "--ip-masq-exclude", "10.96.0.0"].map(OsString::from);
+        assert!(Cli::try_parse_from(argv).is_err(), "a CIDR needs its prefix length");
     }
 
     #[test]
@@ -243,5 +277,7 @@ mod tests {
             assert!(help.contains(flag), "--help lacks {flag}");
         }
         assert!(!help.contains("--dev-lease-ttl"), "developer option must stay hidden");
+        assert!(!help.contains("--dev-nat-timeout"), "developer option must stay hidden");
+        assert!(help.contains("--ip-masq-exclude"), "--help lacks --ip-masq-exclude");
     }
 }

@@ -18,11 +18,17 @@ use tokio::{
 use tracing::{error, info, warn};
 
 use ipnet::Ipv4Net;
+use overlay_common::route::RemoteNode;
 
 use crate::{
     cli::Flags,
-    config::{Backend, NetworkConfig},
-    datapath::{Datapath, NodeConfig, pin::PinDir, pinned_counters, pinned_peers},
+    config::{Backend, DEFAULT_VNI, DEFAULT_VXLAN_PORT, NetworkConfig},
+    datapath::{
+        Datapath, NodeConfig, Routing,
+        nat::{NatSettings, pinned_nat_flows},
+        pin::PinDir,
+        pinned_counters, pinned_peers,
+    },
     healthz,
     iface::{self, ExternalInterface},
     netdev::{HOST_DEVICE, HostDeviceSpec, Netlink, find_pod_bridge},
@@ -84,6 +90,14 @@ pub async fn run(flags: Flags) -> Result<()> {
     node.apply_lease(&mut datapath, &netlink, &lease).await?;
     node.track_pod_bridge(&mut datapath, &netlink).await;
 
+    // Masquerade (`--ip-masq`) in the data path; off means off (flows forgotten).
+    let nat = NatSettings::from_flags(&flags);
+    datapath.set_nat(&nat)?;
+    if nat.enabled {
+        info!("masquerading {} to outside (ports {}..={}, except {:?})", config.network, nat.ports.0, nat.ports.1, nat.exclude);
+    }
+    let mut nat_sweep = tokio::time::interval(nat.timeouts.sweep_interval());
+
     write_env(&flags, &config, &ext, &lease)?;
     set_ready.send_replace(true);
 
@@ -106,6 +120,7 @@ pub async fn run(flags: Flags) -> Result<()> {
         tokio::select! {
             signal = signals.recv() => break shut_down(signal),
             _ = bridge_poll.tick() => node.track_pod_bridge(&mut datapath, &netlink).await,
+            _ = nat_sweep.tick(), if nat.enabled => sweep_nat(&mut datapath),
             changed = lease_rx.changed() => {
                 if changed.is_err() {
                     break Err(anyhow::anyhow!("the lease keeper stopped"));
@@ -123,7 +138,7 @@ pub async fn run(flags: Flags) -> Result<()> {
                 }
             }
             event = peers.recv() => match event {
-                Some(event) => node.apply_peer_event(&mut datapath, &event),
+                Some(event) => node.apply_peer_event(&mut datapath, &netlink, &event).await,
                 None => break Err(anyhow::anyhow!("the peer watcher stopped")),
             },
             result = &mut healthz => {
@@ -184,21 +199,16 @@ impl NodeDatapath {
     /// Points the data path and the host device at `lease`'s subnet.
     async fn apply_lease(&mut self, datapath: &mut Datapath, netlink: &Netlink, lease: &Lease) -> Result<()> {
         self.gateway = first_usable(lease.subnet).addr();
-        let Backend::Vxlan { vni, port, direct_routing, .. } = self.backend else {
-            warn!("the host-gw data path is not implemented yet: pod traffic will not cross nodes");
-            return Ok(());
+        // host-gw has no VNI or port; the defaults only keep the (unused) VXLAN fields valid.
+        let (vni, port, routing) = match self.backend {
+            Backend::Vxlan { vni, port, direct_routing: false, .. } => (vni, port, Routing::Vxlan),
+            Backend::Vxlan { vni, port, direct_routing: true, .. } => (vni, port, Routing::VxlanDirect),
+            Backend::HostGw => (DEFAULT_VNI, DEFAULT_VXLAN_PORT, Routing::HostGw),
         };
-        if direct_routing {
-            warn!("DirectRouting is not implemented yet: every peer is reached through VXLAN");
-        }
-        datapath.set_config(&NodeConfig::new(
-            vni,
-            port,
-            self.public_ip,
-            self.vtep_mac,
-            lease.subnet,
-            self.network,
-        ))?;
+        datapath.set_config(
+            &NodeConfig::new(vni, port, self.public_ip, self.vtep_mac, lease.subnet, self.network)
+                .with_routing(routing),
+        )?;
         let spec = HostDeviceSpec {
             mac: self.vtep_mac,
             mtu: self.pod_mtu,
@@ -214,9 +224,6 @@ impl NodeDatapath {
     /// Attaches to the pod bridge when it appears (or was re-created) and lets go when it
     /// disappears. Failures are logged and retried at the next poll.
     async fn track_pod_bridge(&mut self, datapath: &mut Datapath, netlink: &Netlink) {
-        if !matches!(self.backend, Backend::Vxlan { .. }) {
-            return;
-        }
         let found = match netlink.interfaces().await {
             Ok(list) => find_pod_bridge(&list, self.bridge_name.as_deref(), self.gateway)
                 .map(|i| (i.name.clone(), i.index)),
@@ -244,7 +251,7 @@ impl NodeDatapath {
 
     /// Applies one change of the set of peers to the data path. A record the data path cannot
     /// use is logged and skipped; it never stops the agent or disturbs other peers.
-    fn apply_peer_event(&self, datapath: &mut Datapath, event: &PeerEvent) {
+    async fn apply_peer_event(&self, datapath: &mut Datapath, netlink: &Netlink, event: &PeerEvent) {
         let result = match event {
             PeerEvent::Added(peer) | PeerEvent::Changed(peer) => {
                 let kind = if matches!(event, PeerEvent::Added(_)) { "added" } else { "changed" };
@@ -255,15 +262,35 @@ impl NodeDatapath {
                     peer.backend_type,
                     peer.vtep_mac.map_or_else(|| "-".to_owned(), |m| m.to_string()),
                 );
-                match (self.backend, peer.vtep_mac) {
-                    (Backend::Vxlan { .. }, Some(mac)) => {
-                        datapath.upsert_peer(peer.subnet, peer.public_ip, mac.octets()).map_err(Into::into)
+                let ip = peer.public_ip.octets();
+                let route = match (self.backend, peer.vtep_mac) {
+                    (Backend::HostGw, _) => Ok(RemoteNode::direct(ip, [0; 6])),
+                    (Backend::Vxlan { direct_routing, .. }, Some(mac)) => {
+                        // flannel's DirectRouting test, per peer as its event arrives: the
+                        // kernel's route to the PublicIP has no gateway (same L2 segment).
+                        let direct = direct_routing
+                            && match netlink.route_is_on_link(peer.public_ip).await {
+                                Ok(on_link) => on_link,
+                                Err(e) => {
+                                    warn!("{e}; reaching {} through VXLAN", peer.subnet);
+                                    false
+                                }
+                            };
+                        if direct_routing {
+                            info!(
+                                "peer {} at {}: {}",
+                                peer.subnet,
+                                peer.public_ip,
+                                if direct { "on our L2 segment, routed directly" } else { "behind a gateway, through VXLAN" }
+                            );
+                        }
+                        Ok(if direct { RemoteNode::direct(ip, mac.octets()) } else { RemoteNode::vxlan(ip, mac.octets()) })
                     }
                     (Backend::Vxlan { .. }, None) => {
                         Err(anyhow::anyhow!("its lease has no VtepMAC; it is not reachable"))
                     }
-                    (Backend::HostGw, _) => Ok(()),
-                }
+                };
+                route.and_then(|node| datapath.upsert_route(peer.subnet, node).map_err(Into::into))
             }
             PeerEvent::Removed(subnet) => {
                 info!("peer removed: subnet {subnet}");
@@ -387,10 +414,36 @@ pub fn print_counters(bpf_dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// `overlay-agent peers`: the routed subnets, one `<subnet> <public IP> <VtepMAC>` per line.
+/// Frees idle masqueraded flows; failures are logged (the next sweep retries).
+fn sweep_nat(datapath: &mut Datapath) {
+    match datapath.sweep_nat() {
+        Ok(r) if r.removed > 0 => {
+            tracing::debug!("masquerade: {} idle entries removed, {} flows left", r.removed, r.flows);
+        }
+        Ok(_) => {}
+        Err(e) => warn!("cannot sweep the masquerade table: {e}"),
+    }
+}
+
+/// `overlay-agent nat`: the masqueraded flows, then `entries <n> capacity <max>`.
+pub fn print_nat(bpf_dir: &Path) -> Result<()> {
+    let (flows, capacity) = pinned_nat_flows(bpf_dir)?;
+    for flow in &flows {
+        println!("{flow}");
+    }
+    println!("entries {} capacity {capacity}", flows.len());
+    Ok(())
+}
+
+/// `overlay-agent peers`: the routed subnets, one `<subnet> <public IP> <VtepMAC>` per line
+/// (`direct` in place of the VtepMAC for peers routed without encapsulation).
 pub fn print_peers(bpf_dir: &Path) -> Result<()> {
     for (subnet, node) in pinned_peers(bpf_dir)? {
-        println!("{subnet} {} {}", node.public_ip(), Mac::from(node.vtep_mac));
+        if node.is_direct() {
+            println!("{subnet} {} direct", node.public_ip());
+        } else {
+            println!("{subnet} {} {}", node.public_ip(), Mac::from(node.vtep_mac));
+        }
     }
     Ok(())
 }

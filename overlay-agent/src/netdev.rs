@@ -2,8 +2,9 @@
 //!
 //! - The host device `ovl0`: one end of a veth pair, ARP off, carrying `<our subnet>.0/32`
 //!   (as flanneld gives `flannel.<VNI>`) and the route to the cluster network, so that traffic
-//!   the host itself sends to remote pods reaches `host_egress`, which encapsulates it. Its MAC
-//!   is our VtepMAC; its MTU leaves room for the 50 bytes of VXLAN. The peer end only exists
+//!   the host itself sends to remote pods reaches `host_egress`, which encapsulates it (or, for
+//!   direct peers, sends it on unencapsulated). Its MAC is our VtepMAC; its MTU is the pod MTU
+//!   (room for the 50 bytes of VXLAN, or the interface's MTU with host-gw). The peer end only exists
 //!   so the device has a carrier: nothing is ever sent to it.
 //! - The pod bridge (docker0, cni0), which the container runtime creates from the subnet file,
 //!   possibly after the agent started: found as the interface holding the subnet's gateway
@@ -13,7 +14,7 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use futures_util::TryStreamExt as _;
 use ipnet::Ipv4Net;
-use netlink_packet_route::address::AddressAttribute;
+use netlink_packet_route::{address::AddressAttribute, route::RouteAttribute};
 use rtnetlink::{Handle, LinkUnspec, LinkVeth, RouteMessageBuilder};
 use tokio::task::JoinHandle;
 
@@ -140,6 +141,27 @@ impl Netlink {
             .build();
         self.handle.route().add(route).replace().execute().await.map_err(|e| err("route into", e))?;
         Ok(device.index)
+    }
+
+    /// Whether the kernel's route to `ip` has no gateway (`ip route get <ip>` shows no `via`):
+    /// flannel's test that a DirectRouting peer is on our L2 segment. A multipath route counts
+    /// as one with gateways.
+    pub async fn route_is_on_link(&self, ip: Ipv4Addr) -> Result<bool, NetdevError> {
+        let msg = RouteMessageBuilder::<Ipv4Addr>::new().destination_prefix(ip, 32).build();
+        let mut routes = self.handle.route().get(msg).execute();
+        let (mut found, mut via) = (false, false);
+        while let Some(route) = routes.try_next().await.map_err(|source| NetdevError::Netlink {
+            action: "look up the route to",
+            device: ip.to_string(),
+            source,
+        })? {
+            found = true;
+            via |= route
+                .attributes
+                .iter()
+                .any(|a| matches!(a, RouteAttribute::Gateway(_) | RouteAttribute::MultiPath(_)));
+        }
+        Ok(found && !via)
     }
 
     /// Removes the host device (its peer and routes go with it).

@@ -16,6 +16,11 @@ pub const CONFIG_LEN: u32 = 1;
 
 /// The entry is complete; without it the programs pass everything.
 pub const CONFIG_F_READY: u32 = 1 << 0;
+/// Some peers are routed directly (host-gw, or VXLAN with DirectRouting): accept unencapsulated
+/// traffic for local pods from direct peers on the external interface (see `ROUTE_F_DIRECT`).
+pub const CONFIG_F_DIRECT: u32 = 1 << 1;
+/// No VXLAN at all (host-gw): decapsulation leaves VXLAN-looking frames to the kernel.
+pub const CONFIG_F_NO_VXLAN: u32 = 1 << 2;
 
 /// Value of `CONFIG`.
 #[repr(C)]
@@ -63,6 +68,16 @@ impl Config {
     #[must_use]
     pub const fn is_ready(&self) -> bool {
         self.flags & CONFIG_F_READY != 0
+    }
+
+    #[must_use]
+    pub const fn accepts_direct(&self) -> bool {
+        self.flags & CONFIG_F_DIRECT != 0
+    }
+
+    #[must_use]
+    pub const fn vxlan_enabled(&self) -> bool {
+        self.flags & CONFIG_F_NO_VXLAN == 0
     }
 }
 

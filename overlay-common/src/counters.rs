@@ -56,6 +56,27 @@ pub enum Reason {
     /// A packet's TTL would expire on this hop: handed to the kernel, which answers ICMP
     /// "time exceeded".
     StackTtl = 7,
+    // Slots 8..=12 (and drop 31): host-gw / DirectRouting (issue 5).
+    /// A packet from a local pod was sent unencapsulated to a direct peer (host-gw, or a
+    /// DirectRouting peer on our L2 segment), next hop its PublicIP.
+    DirectPod = 8,
+    /// A packet from the host (the host device) was sent unencapsulated to a direct peer.
+    DirectHost = 9,
+    /// An unencapsulated packet from a direct peer was delivered to a local pod (bridge).
+    DeliverDirectPod = 10,
+    /// An unencapsulated packet from a direct peer was delivered to the host device (for the
+    /// host's overlay address or the bridge's gateway address, or because its TTL expires here).
+    DeliverDirectHost = 11,
+    /// An unencapsulated packet for a local pod from a source that is not a direct peer (nor a
+    /// member node's PublicIP): left to the kernel, whose forwarding rules decide (FORWARD).
+    StackNotPeer = 12,
+    // Slots 13..=15 and drops 61..=63: masquerade (issue 6), taken from the top of each range.
+    /// A new masqueraded flow was created (an entry in `SNAT_V4_CT` / `SNAT_V4_REV`).
+    NatNewFlow = 13,
+    /// A reply (or an ICMP error about a flow) was translated back to the pod's address.
+    NatRev = 14,
+    /// A packet from a pod to outside the cluster was masqueraded (source translated).
+    NatSnat = 15,
 
     /// The host sent to a cluster address that no peer's subnet covers.
     DropNoRoute = FIRST_DROP,
@@ -91,11 +112,21 @@ pub enum Reason {
     /// The outer header says "congestion experienced" but the inner packet is not ECN-capable
     /// (RFC 6040: drop, as the kernel's tunnels do).
     DropEcn = 30,
+    /// An unencapsulated packet from a direct peer for a local pod with a bad IPv4 header
+    /// (checksum, or a total length the frame does not hold): the kernel would drop it too.
+    DropDirectMalformed = 31,
+    /// A packet to masquerade whose TCP/UDP/ICMP header is cut short (it would leak the pod's
+    /// address untranslated).
+    DropNatMalformed = 61,
+    /// Rewriting a packet for masquerade failed (the kernel refused a checksum or store helper).
+    DropNatFailed = 62,
+    /// No free translated port for a new flow after `NAT_PORT_TRIES` attempts.
+    DropNatExhausted = 63,
 }
 
 impl Reason {
     /// Every reason, in index order (what the agent reports).
-    pub const ALL: [Self; 23] = [
+    pub const ALL: [Self; 35] = [
         Self::UnderlayRx,
         Self::UnderlayTx,
         Self::EncapPod,
@@ -104,6 +135,14 @@ impl Reason {
         Self::DecapHost,
         Self::StackMtu,
         Self::StackTtl,
+        Self::DirectPod,
+        Self::DirectHost,
+        Self::DeliverDirectPod,
+        Self::DeliverDirectHost,
+        Self::StackNotPeer,
+        Self::NatNewFlow,
+        Self::NatRev,
+        Self::NatSnat,
         Self::DropNoRoute,
         Self::DropEncapFailed,
         Self::DropTruncated,
@@ -119,6 +158,10 @@ impl Reason {
         Self::DropNoHostDevice,
         Self::DropDecapFailed,
         Self::DropEcn,
+        Self::DropDirectMalformed,
+        Self::DropNatMalformed,
+        Self::DropNatFailed,
+        Self::DropNatExhausted,
     ];
 
     /// The stable name a user sees in the agent's counter report.
@@ -133,6 +176,11 @@ impl Reason {
             Self::DecapHost => "decap_host",
             Self::StackMtu => "to_stack_mtu",
             Self::StackTtl => "to_stack_ttl",
+            Self::DirectPod => "direct_pod",
+            Self::DirectHost => "direct_host",
+            Self::DeliverDirectPod => "deliver_direct_pod",
+            Self::DeliverDirectHost => "deliver_direct_host",
+            Self::StackNotPeer => "to_stack_not_peer",
             Self::DropNoRoute => "drop_no_route",
             Self::DropEncapFailed => "drop_encap_failed",
             Self::DropTruncated => "drop_truncated",
@@ -148,6 +196,13 @@ impl Reason {
             Self::DropNoHostDevice => "drop_no_host_device",
             Self::DropDecapFailed => "drop_decap_failed",
             Self::DropEcn => "drop_ecn",
+            Self::DropDirectMalformed => "drop_direct_malformed",
+            Self::NatNewFlow => "nat_new_flow",
+            Self::NatRev => "nat_rev",
+            Self::NatSnat => "nat_snat",
+            Self::DropNatMalformed => "drop_nat_malformed",
+            Self::DropNatFailed => "drop_nat_failed",
+            Self::DropNatExhausted => "drop_nat_exhausted",
         }
     }
 

@@ -5,7 +5,8 @@
 //! turns on the `user` feature, which adds `aya::Pod` so the types can be used in aya maps.
 //!
 //! One module per concept: `config` (the node's settings, `CONFIG`), `route` (remote subnets and
-//! member nodes, `ROUTE_V4` / `NODE_V4`), `counters` (`COUNTERS`), `wire` (VXLAN constants).
+//! member nodes, `ROUTE_V4` / `NODE_V4`), `counters` (`COUNTERS`), `nat` (masquerade: `NAT_CONFIG`, `NAT_EXCLUDE_V4`,
+//! `SNAT_V4_CT`, `SNAT_V4_REV`), `wire` (VXLAN constants).
 #![no_std]
 
 #[cfg(feature = "user")]
@@ -13,5 +14,6 @@ extern crate std;
 
 pub mod config;
 pub mod counters;
+pub mod nat;
 pub mod route;
 pub mod wire;

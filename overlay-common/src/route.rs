@@ -28,8 +28,9 @@ pub type RouteKeyV4 = [u8; 4];
 /// Reach the subnet through a VXLAN tunnel to `public_ip`.
 pub const ROUTE_F_VXLAN: u16 = 1 << 0;
 /// Reach the subnet by routing it to `public_ip` without encapsulation (host-gw, or VXLAN's
-/// DirectRouting for an L2-adjacent peer). Reserved: the programs pass such packets to the
-/// kernel for now.
+/// DirectRouting for an L2-adjacent peer): packets keep their IP header and leave through the
+/// external interface with `public_ip` as the L2 next hop. `vtep_mac` is then informational
+/// (the peer's VtepMAC under DirectRouting, zero for host-gw).
 pub const ROUTE_F_DIRECT: u16 = 1 << 1;
 
 /// Value of `ROUTE_V4`: the node that holds a remote subnet's lease.
@@ -52,9 +53,20 @@ impl RemoteNode {
         Self { public_ip, vtep_mac, flags: ROUTE_F_VXLAN }
     }
 
+    /// A peer reached without encapsulation, next hop `public_ip` (host-gw, DirectRouting).
+    #[must_use]
+    pub const fn direct(public_ip: [u8; 4], vtep_mac: [u8; 6]) -> Self {
+        Self { public_ip, vtep_mac, flags: ROUTE_F_DIRECT }
+    }
+
     #[must_use]
     pub const fn is_vxlan(&self) -> bool {
         self.flags & ROUTE_F_VXLAN != 0
+    }
+
+    #[must_use]
+    pub const fn is_direct(&self) -> bool {
+        self.flags & ROUTE_F_DIRECT != 0
     }
 }
 

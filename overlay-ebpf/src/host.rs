@@ -8,7 +8,8 @@
 //! device. The kernel has already routed it (TTL decremented if forwarded, MTU applied), so it
 //! is sent as it is. A cluster address no peer covers has nowhere to go: dropped and counted
 //! (`drop_no_route`) instead of leaving through the device's other end. Non-IPv4 and
-//! non-cluster packets go on untouched.
+//! non-cluster packets go on untouched. A peer with the DIRECT flag (host-gw, DirectRouting)
+//! gets the packet unencapsulated, next hop its PublicIP (`lib::direct`).
 
 use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
 use overlay_common::{
@@ -18,6 +19,7 @@ use overlay_common::{
 
 use crate::lib::{
     counters::{count, verdict},
+    direct::redirect_direct,
     encap::{encapsulate, redirect_to_underlay},
     hdr::{EthHdr, Ipv4Hdr},
     maps::{config, in_subnet, route_v4},
@@ -54,6 +56,10 @@ fn try_host_egress(ctx: &TcContext) -> Result<i32, Reason> {
         }
         return Ok(TC_ACT_OK);
     };
+    if peer.is_direct() {
+        count(Reason::DirectHost, ctx.len());
+        return Ok(redirect_direct(cfg, &peer));
+    }
     if !peer.is_vxlan() {
         return Ok(TC_ACT_OK);
     }

@@ -5,7 +5,8 @@
 //! - `host`: tcx egress on the host device (encapsulation of host traffic to peers).
 //!
 //! `lib/`: `maps` (CONFIG, ROUTE_V4, NODE_V4), `counters` (COUNTERS and the verdict/drop-reason
-//! plumbing), `encap`/`decap` (VXLAN), `hdr`, `ptr`, `csum`, `ipv4` (packet access and rewrites).
+//! plumbing), `encap`/`decap` (VXLAN), `direct` (host-gw and DirectRouting), `hdr`, `ptr`,
+//! `csum`, `ipv4` (packet access and rewrites).
 #![no_std]
 #![no_main]
 
@@ -13,10 +14,12 @@ mod lib {
     pub mod counters;
     pub mod csum;
     pub mod decap;
+    pub mod direct;
     pub mod encap;
     pub mod hdr;
     pub mod ipv4;
     pub mod maps;
+    pub mod nat;
     pub mod ptr;
 }
 mod host;

@@ -13,6 +13,8 @@
 //! (ICMP time exceeded) and a packet too big for the tunnel (fragmentation, or ICMP
 //! "fragmentation needed"; it then reaches the peer through the host device and `host_egress`).
 //! Pods are expected to use the tunnel MTU (FLANNEL_MTU = underlay MTU − 50).
+//! A peer with the DIRECT flag (host-gw, DirectRouting) is sent to unencapsulated instead
+//! (`lib::direct`), with the same TTL and MTU hand-backs against the external interface's MTU.
 
 use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
 use overlay_common::{
@@ -22,10 +24,12 @@ use overlay_common::{
 
 use crate::lib::{
     counters::{count, verdict},
+    direct,
     encap::{encapsulate, fits_tunnel, redirect_to_underlay},
     hdr::{EthHdr, Ipv4Hdr},
     ipv4::decrement_ttl,
     maps::{config, route_v4},
+    nat,
     ptr::ptr_at,
 };
 
@@ -56,8 +60,12 @@ fn try_pod_egress(ctx: &TcContext) -> Result<i32, Reason> {
         return Ok(TC_ACT_OK);
     }
     let Some(peer) = route_v4(daddr) else {
-        return Ok(TC_ACT_OK);
+        // Not for a peer: masquerade (if on and flannel's rules say so), else the kernel's.
+        return nat::snat_from_pod(ctx, cfg);
     };
+    if peer.is_direct() {
+        return direct::forward_from_pod(ctx, cfg, &peer, ip, ttl);
+    }
     if !peer.is_vxlan() {
         return Ok(TC_ACT_OK);
     }

@@ -3,9 +3,13 @@
 //! Hook: tcx ingress and egress of the interface that carries inter-node traffic.
 //! - `underlay_ingress` counts every packet (`underlay_rx`), decapsulates VXLAN for this node
 //!   and delivers it to the pod bridge or the host device (see `lib::decap`), drops VXLAN that
-//!   fails a check (counted by reason), and lets everything else go on (`TC_ACT_OK`).
+//!   fails a check (counted by reason); what is not VXLAN for us may be unencapsulated traffic
+//!   from a direct peer (host-gw, DirectRouting), delivered likewise (see `lib::direct`);
+//!   everything else goes on (`TC_ACT_OK`).
+//!   Last, replies to masqueraded flows are translated back to their pod (`lib::nat`).
 //! - `underlay_egress` counts what leaves (`underlay_tx`), our encapsulated packets included
-//!   (`bpf_redirect_neigh` transmits through this hook), and rewrites nothing.
+//!   (`bpf_redirect_neigh` transmits through this hook); with `--ip-masq` it masquerades pod
+//!   traffic the kernel routed out of here itself (`lib::nat`), and rewrites nothing else.
 
 use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
 use overlay_common::counters::Reason;
@@ -13,16 +17,30 @@ use overlay_common::counters::Reason;
 use crate::lib::{
     counters::{count, verdict},
     decap::try_underlay_ingress,
+    direct::try_direct_ingress,
+    nat,
 };
 
 #[classifier]
 pub fn underlay_ingress(ctx: TcContext) -> i32 {
     count(Reason::UnderlayRx, ctx.len());
-    verdict(&ctx, try_underlay_ingress(&ctx))
+    // VXLAN for us never has a pod subnet as outer destination, so only what decapsulation
+    // passed on can be direct traffic.
+    let result = match try_underlay_ingress(&ctx) {
+        Ok(TC_ACT_OK) => try_direct_ingress(&ctx),
+        other => other,
+    };
+    // Then replies to masqueraded flows (`lib::nat`), addressed to this node.
+    let result = match result {
+        Ok(TC_ACT_OK) => nat::reverse(&ctx),
+        other => other,
+    };
+    verdict(&ctx, result)
 }
 
 #[classifier]
 pub fn underlay_egress(ctx: TcContext) -> i32 {
     count(Reason::UnderlayTx, ctx.len());
-    TC_ACT_OK
+    // Masquerades what the kernel routed out of here itself (`lib::nat`).
+    verdict(&ctx, nat::snat_egress(&ctx))
 }

@@ -5,6 +5,9 @@
 //! outside host `198.19.0.1`). Nodes have a default route via `198.18.0.254` (the agent picks the
 //! default route's interface unless `--iface` says otherwise) and `ip_forward=1`. Pods hang off a
 //! bridge `cni0` in their node, addressed from the node's `FLANNEL_SUBNET` like Docker's `--bip`.
+//! Optionally ([`ClusterBuilder::second_segment`]) some nodes sit on a second segment
+//! `198.18.1.0/24` (bridge `br1`, gateway `198.18.1.254`), routed to the first by the underlay
+//! namespace.
 
 use std::{
     fmt,
@@ -30,6 +33,9 @@ use crate::{
 pub const UNDERLAY_GATEWAY: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 254);
 /// Prefix length of the node network 198.18.0.0/24.
 pub const UNDERLAY_PREFIX_LEN: u8 = 24;
+/// The underlay namespace's address on the second segment's bridge `br1` (198.18.1.0/24, see
+/// [`ClusterBuilder::second_segment`]): the default gateway of the nodes there.
+pub const SECOND_SEGMENT_GATEWAY: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 254);
 /// The outside host's address.
 pub const OUTSIDE_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 1);
 /// The underlay namespace's address towards the outside host.
@@ -150,6 +156,7 @@ pub struct ClusterBuilder {
     start_agents: Option<bool>,
     underlay_mtu: u32,
     etcd_tls: bool,
+    second_segment: Vec<usize>,
 }
 
 impl Default for ClusterBuilder {
@@ -164,6 +171,7 @@ impl Default for ClusterBuilder {
             start_agents: None,
             underlay_mtu: 1500,
             etcd_tls: false,
+            second_segment: Vec::new(),
         }
     }
 }
@@ -223,6 +231,18 @@ impl ClusterBuilder {
         self
     }
 
+    /// Puts the nodes with these indexes on a second L2 segment, 198.18.1.0/24: bridge `br1` in
+    /// the underlay namespace, which routes between the two segments (it has `ip_forward=1`)
+    /// and holds [`SECOND_SEGMENT_GATEWAY`], the default gateway of those nodes. Node `i` there
+    /// is `198.18.1.<i+1>`; etcd stays at 198.18.0.254, reached through that router. Default:
+    /// every node on the first segment. Nodes added later with [`Cluster::add_node`] follow
+    /// the same list.
+    #[must_use]
+    pub fn second_segment(mut self, nodes: &[usize]) -> Self {
+        self.second_segment = nodes.to_vec();
+        self
+    }
+
     /// MTU of the underlay links (default 1500).
     #[must_use]
     pub fn underlay_mtu(mut self, mtu: u32) -> Self {
@@ -277,6 +297,11 @@ impl ClusterBuilder {
         ul.set_mtu("br0", mtu)?;
         ul.add_addr("br0", &format!("{UNDERLAY_GATEWAY}/{UNDERLAY_PREFIX_LEN}"))?;
         ul.sysctl("net.ipv4.ip_forward", "1")?;
+        if !self.second_segment.is_empty() {
+            ul.add_bridge("br1")?;
+            ul.set_mtu("br1", mtu)?;
+            ul.add_addr("br1", &format!("{SECOND_SEGMENT_GATEWAY}/{UNDERLAY_PREFIX_LEN}"))?;
+        }
         let etcd = if self.etcd_tls {
             let tls = TlsFiles::generate(&dir.path().join("tls"), UNDERLAY_GATEWAY)?;
             EtcdServer::start_in_tls(&ul, UNDERLAY_GATEWAY, tls)
@@ -315,6 +340,7 @@ impl ClusterBuilder {
             outside,
             etcd_prefix: self.etcd_prefix,
             underlay_mtu: mtu,
+            second_segment: self.second_segment,
             dir: Some(dir),
         };
         for _ in 0..self.nodes {
@@ -350,6 +376,7 @@ pub struct Cluster {
     outside: Option<Host>,
     etcd_prefix: Option<String>,
     underlay_mtu: u32,
+    second_segment: Vec<usize>,
     dir: Option<tempfile::TempDir>,
 }
 
@@ -545,17 +572,22 @@ pub struct Node {
 impl Node {
     fn create(cluster: &Cluster, index: usize) -> Result<Self> {
         let name = format!("n{index}");
-        let ip = Ipv4Addr::new(198, 18, 0, u8::try_from(index + 1)?);
+        let (bridge, segment, gateway) = if cluster.second_segment.contains(&index) {
+            ("br1", 1, SECOND_SEGMENT_GATEWAY)
+        } else {
+            ("br0", 0, UNDERLAY_GATEWAY)
+        };
+        let ip = Ipv4Addr::new(198, 18, segment, u8::try_from(index + 1)?);
         let ns = Arc::new(NetNs::new(format!("{}-{name}", cluster.id))?);
         let mtu = cluster.underlay_mtu;
         add_veth(&ns, "eth0", &cluster.ul, &name)?;
         cluster.ul.set_mtu(&name, mtu)?;
-        cluster.ul.set_master(&name, "br0")?;
+        cluster.ul.set_master(&name, bridge)?;
         cluster.ul.link_up(&name)?;
         ns.set_mtu("eth0", mtu)?;
         ns.add_addr("eth0", &format!("{ip}/{UNDERLAY_PREFIX_LEN}"))?;
         ns.link_up("eth0")?;
-        ns.add_default_route(&UNDERLAY_GATEWAY.to_string(), "eth0")?;
+        ns.add_default_route(&gateway.to_string(), "eth0")?;
         ns.sysctl("net.ipv4.ip_forward", "1")?;
         let dir = cluster.dir().join(&name);
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -601,7 +633,8 @@ impl Node {
         &self.ns
     }
 
-    /// Its address on the underlay (`198.18.0.<index+1>`, on `eth0`).
+    /// Its address on the underlay (`198.18.0.<index+1>`, or `198.18.1.<index+1>` on the second
+    /// segment; on `eth0`).
     pub fn underlay_ip(&self) -> Ipv4Addr {
         self.ip
     }

@@ -76,7 +76,8 @@ pub use crate::{
     bpf::{AttachKind, AttachedProg, attached_programs},
     capture::{Capture, tshark_fields},
     cluster::{
-        Cluster, ClusterBuilder, Endpoint, Host, Node, OUTSIDE_IP, Pod, SubnetEnv, UNDERLAY_GATEWAY,
+        Cluster, ClusterBuilder, Endpoint, Host, Node, OUTSIDE_IP, Pod, SECOND_SEGMENT_GATEWAY,
+        SubnetEnv, UNDERLAY_GATEWAY,
     },
     cmd::ChildGuard,
     etcd::{DEFAULT_ETCD_PREFIX, EtcdServer, KeyValue, TlsFiles},

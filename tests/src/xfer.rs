@@ -10,6 +10,8 @@
 //! - `tcp-send`: `sent local=A:P bytes=N hash=H`
 //! - `udp-serve`: `listening port=P`, then `done received=N peers=A:P,...`
 //! - `udp-send`: `done local=A:P sent=N received=M bad=K`
+//! - `tcp-many-serve`: `listening port=P`, then `done accepted=N verified=M peers=IP,...`
+//! - `tcp-many-send`: `done connected=N ok=M`
 //!
 //! Errors go to stderr with exit status 1.
 
@@ -141,6 +143,8 @@ pub fn main_with_args(args: Vec<String>) -> i32 {
             "tcp-send" => tcp_send(&a),
             "udp-serve" => udp_serve(&a),
             "udp-send" => udp_send(&a),
+            "tcp-many-serve" => tcp_many_serve(&a),
+            "tcp-many-send" => tcp_many_send(&a),
             other => bail!("unknown subcommand {other:?}"),
         }),
         None => Err(anyhow::anyhow!(
@@ -325,7 +329,7 @@ fn udp_serve(a: &Args) -> Result<()> {
     Ok(())
 }
 
-/// `udp-send --to IP:PORT --count N --size B --seed S [--wait-ms MS]`: sends `count` datagrams
+/// `udp-send --to IP:PORT --count N --size B --seed S [--wait-ms MS] [--sport P]`: sends `count` datagrams
 /// one at a time (sequence number + stream bytes), waiting up to `wait-ms` for each echo.
 fn udp_send(a: &Args) -> Result<()> {
     let to: SocketAddr = a.get("to")?;
@@ -336,7 +340,10 @@ fn udp_send(a: &Args) -> Result<()> {
     if !(8..=65000).contains(&size) {
         bail!("--size must be 8..=65000");
     }
-    let sock = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+    // `--sport` fixes the source port (e.g. to make two clients collide behind a NAT).
+    let sport: u16 = a.get_or("sport", 0)?;
+    let sock = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, sport))
+        .with_context(|| format!("bind udp source port {sport}"))?;
     // Connected: only datagrams from `to` are accepted (as a real client would see them).
     sock.connect(to).with_context(|| format!("connect {to}"))?;
     let local = sock.local_addr()?;
@@ -382,6 +389,111 @@ fn udp_send(a: &Args) -> Result<()> {
     say(&format!(
         "done local={local} sent={count} received={received} bad={bad}"
     ));
+    Ok(())
+}
+
+/// `tcp-many-serve --port P --count N --bytes B --seed S --timeout-ms MS`: accepts `count`
+/// connections, each verified on its own thread (the stream of `seed`, `bytes` long), and
+/// answers each with its verdict byte before closing. Reports the distinct peer addresses.
+fn tcp_many_serve(a: &Args) -> Result<()> {
+    let port: u16 = a.get("port")?;
+    let count: usize = a.get("count")?;
+    let bytes: u64 = a.get("bytes")?;
+    let seed: u64 = a.get("seed")?;
+    let deadline = Instant::now() + Duration::from_millis(a.get("timeout-ms")?);
+    let listener = TcpListener::bind((Ipv4Addr::UNSPECIFIED, port))
+        .with_context(|| format!("bind port {port}"))?;
+    listener.set_nonblocking(true)?;
+    say(&format!("listening port={port}"));
+    let (tx, rx) = std::sync::mpsc::channel::<bool>();
+    let mut peers = BTreeSet::new();
+    let mut accepted = 0;
+    while accepted < count {
+        match listener.accept() {
+            Ok((mut stream, peer)) => {
+                accepted += 1;
+                peers.insert(peer.ip());
+                let tx = tx.clone();
+                let limit = remaining(deadline)?;
+                std::thread::Builder::new().stack_size(64 * 1024).spawn(move || {
+                    let ok = (|| -> Result<bool> {
+                        stream.set_nonblocking(false)?;
+                        stream.set_read_timeout(Some(limit))?;
+                        let mut buf = vec![0u8; bytes as usize + 1];
+                        let mut got = 0;
+                        loop {
+                            let n = stream.read(&mut buf[got..])?;
+                            if n == 0 {
+                                break;
+                            }
+                            got += n;
+                            if got > bytes as usize {
+                                return Ok(false);
+                            }
+                        }
+                        let mut expect = vec![0u8; bytes as usize];
+                        fill(seed, 0, &mut expect);
+                        let ok = got == bytes as usize && buf[..got] == expect[..];
+                        stream.write_all(&[u8::from(ok)])?;
+                        Ok(ok)
+                    })()
+                    .unwrap_or(false);
+                    let _ = tx.send(ok);
+                })?;
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                remaining(deadline).with_context(|| format!("{accepted} of {count} accepted"))?;
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Err(e) => return Err(e).context("accept"),
+        }
+    }
+    drop(tx);
+    let mut verified = 0;
+    for _ in 0..count {
+        match rx.recv_timeout(remaining(deadline).unwrap_or(Duration::from_millis(1))) {
+            Ok(true) => verified += 1,
+            Ok(false) => {}
+            Err(_) => break,
+        }
+    }
+    let peers: Vec<String> = peers.iter().map(ToString::to_string).collect();
+    say(&format!("done accepted={accepted} verified={verified} peers={}", peers.join(",")));
+    Ok(())
+}
+
+/// `tcp-many-send --to IP:PORT --count N --bytes B --seed S --timeout-ms MS`: opens `count`
+/// connections and keeps them all open at once, then sends the stream of `seed` on each,
+/// half-closes, and reads each one's verdict byte.
+fn tcp_many_send(a: &Args) -> Result<()> {
+    let to: SocketAddr = a.get("to")?;
+    let count: usize = a.get("count")?;
+    let bytes: u64 = a.get("bytes")?;
+    let seed: u64 = a.get("seed")?;
+    let deadline = Instant::now() + Duration::from_millis(a.get("timeout-ms")?);
+    let mut data = vec![0u8; bytes as usize];
+    fill(seed, 0, &mut data);
+    let mut streams = Vec::with_capacity(count);
+    for i in 0..count {
+        let s = TcpStream::connect_timeout(&to, remaining(deadline)?.min(Duration::from_secs(10)))
+            .with_context(|| format!("connection #{i} to {to}"))?;
+        streams.push(s);
+    }
+    let connected = streams.len();
+    for s in &mut streams {
+        s.set_write_timeout(Some(remaining(deadline)?))?;
+        s.write_all(&data)?;
+        s.shutdown(Shutdown::Write)?;
+    }
+    let mut ok = 0;
+    for s in &mut streams {
+        s.set_read_timeout(Some(remaining(deadline)?))?;
+        let mut verdict = [0u8; 1];
+        if s.read_exact(&mut verdict).is_ok() && verdict[0] == 1 {
+            ok += 1;
+        }
+    }
+    say(&format!("done connected={connected} ok={ok}"));
     Ok(())
 }
 

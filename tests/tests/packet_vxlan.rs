@@ -548,11 +548,12 @@ fn pod_egress_uses_the_longest_prefix_and_the_peer_entry() {
         assert_eq!(run.verdict, TC_ACT_REDIRECT, "{dst}");
         assert_vxlan(&run.out, A, to, &with_ttl_decremented(&inner, 1));
     }
-    // A route without the VXLAN flag (reserved for direct routing) is left to the kernel.
+    // A route with neither the VXLAN nor the DIRECT flag is left to the kernel (DIRECT routes:
+    // packet_direct.rs).
     dp.add_peer(
         Ipv4Addr::new(172, 17, 4, 0),
         24,
-        RemoteNode { public_ip: [198, 18, 0, 5], vtep_mac: [0; 6], flags: 2 },
+        RemoteNode { public_ip: [198, 18, 0, 5], vtep_mac: [0; 6], flags: 0 },
     );
     let frame =
         pod_frame(&udp_packet(host_addr(A, 5), Ipv4Addr::new(172, 17, 4, 9), 64, 40000, 10));

@@ -6,7 +6,7 @@ use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
 use overlay_common::{
-    config::{CONFIG_F_READY, Config},
+    config::{CONFIG_F_DIRECT, CONFIG_F_NO_VXLAN, CONFIG_F_READY, Config},
     wire::{DEFAULT_SRC_PORT_MAX, DEFAULT_SRC_PORT_MIN, MAX_VNI},
 };
 
@@ -29,6 +29,22 @@ pub struct NodeConfig {
     /// UDP source ports are picked from `[min, max)` by flow hash, as the kernel's VXLAN device
     /// does with `net.ipv4.ip_local_port_range` (the default range unless told otherwise).
     pub src_port_range: (u16, u16),
+    /// How peers are reached (default VXLAN only).
+    pub routing: Routing,
+}
+
+/// How this node reaches its peers, which decides what the programs accept on the external
+/// interface besides VXLAN.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Routing {
+    /// Every peer through VXLAN; nothing unencapsulated is accepted.
+    #[default]
+    Vxlan,
+    /// VXLAN with DirectRouting: peers on our L2 segment are routed directly, so direct traffic
+    /// from them is accepted too.
+    VxlanDirect,
+    /// host-gw: every peer directly, no VXLAN at all.
+    HostGw,
 }
 
 impl NodeConfig {
@@ -50,7 +66,15 @@ impl NodeConfig {
             subnet,
             network,
             src_port_range: (DEFAULT_SRC_PORT_MIN, DEFAULT_SRC_PORT_MAX),
+            routing: Routing::Vxlan,
         }
+    }
+
+    /// The same configuration with `routing`.
+    #[must_use]
+    pub fn with_routing(mut self, routing: Routing) -> Self {
+        self.routing = routing;
+        self
     }
 
     /// Why the data path could not work with this configuration, if it could not.
@@ -112,6 +136,11 @@ pub(crate) fn encode(node: Option<&NodeConfig>, devices: Devices) -> Config {
     cfg.network = network.network().octets();
     cfg.network_mask = network.netmask().octets();
     (cfg.src_port_min, cfg.src_port_max) = node.src_port_range;
+    match node.routing {
+        Routing::Vxlan => {}
+        Routing::VxlanDirect => cfg.flags |= CONFIG_F_DIRECT,
+        Routing::HostGw => cfg.flags |= CONFIG_F_DIRECT | CONFIG_F_NO_VXLAN,
+    }
     if devices.underlay != 0 {
         cfg.flags |= CONFIG_F_READY;
     }
@@ -158,6 +187,17 @@ mod tests {
         assert_eq!(&bytes[24..28], &[172, 17, 1, 0]);
         assert_eq!(&bytes[40..46], &[0x0e, 0, 0, 0, 0, 1]);
         assert_eq!(&bytes[52..54], &8472u16.to_ne_bytes());
+    }
+
+    #[test]
+    fn routing_sets_the_direct_and_no_vxlan_flags() {
+        let flags = |r| encode(Some(&node().with_routing(r)), DEVICES).flags;
+        assert_eq!(flags(Routing::Vxlan), CONFIG_F_READY);
+        assert_eq!(flags(Routing::VxlanDirect), CONFIG_F_READY | CONFIG_F_DIRECT);
+        assert_eq!(flags(Routing::HostGw), CONFIG_F_READY | CONFIG_F_DIRECT | CONFIG_F_NO_VXLAN);
+        // Without an underlay the entry stays not ready, whatever the routing.
+        let cfg = encode(Some(&node().with_routing(Routing::HostGw)), Devices { underlay: 0, ..DEVICES });
+        assert_eq!(cfg.flags & CONFIG_F_READY, 0);
     }
 
     #[test]

@@ -9,10 +9,12 @@
 //!
 //! | program            | hook                          | does                                  |
 //! |--------------------|-------------------------------|---------------------------------------|
-//! | `underlay_ingress` | tcx ingress, external iface   | decapsulates VXLAN for this node      |
+//! | `underlay_ingress` | tcx ingress, external iface   | decapsulates VXLAN for this node;     |
+//! |                    |                               | delivers direct traffic (host-gw)     |
 //! | `underlay_egress`  | tcx egress, external iface    | counts                                |
-//! | `pod_egress`       | tcx ingress, pod bridge       | encapsulates pod traffic to peers     |
-//! | `host_egress`      | tcx egress, host device ovl0  | encapsulates host traffic to peers    |
+//! | `pod_egress`       | tcx ingress, pod bridge       | encapsulates (or routes directly) pod |
+//! |                    |                               | traffic to peers                      |
+//! | `host_egress`      | tcx egress, host device ovl0  | the same for host traffic             |
 //!
 //! Maps, all written only by the agent (layouts in `overlay_common`): `CONFIG` (the node's
 //! settings and device indexes), `ROUTE_V4` (remote subnet → node), `NODE_V4` (member PublicIPs,
@@ -28,6 +30,7 @@
 
 mod config;
 mod inspect;
+pub mod nat;
 mod peers;
 pub mod pin;
 
@@ -61,7 +64,7 @@ use self::{
     pin::{PinDir, PinError},
 };
 pub use self::{
-    config::NodeConfig,
+    config::{NodeConfig, Routing},
     inspect::{pinned_counters, pinned_peers},
     peers::{MapOp, PeerTable},
 };
@@ -84,7 +87,17 @@ pub const ROUTE_V4_MAP: &str = "ROUTE_V4";
 pub const NODE_V4_MAP: &str = "NODE_V4";
 pub const COUNTERS_MAP: &str = "COUNTERS";
 /// The maps that hold state worth keeping across an agent restart (what pinning will cover).
-pub const STATE_MAPS: [&str; 4] = [CONFIG_MAP, ROUTE_V4_MAP, NODE_V4_MAP, COUNTERS_MAP];
+pub const STATE_MAPS: [&str; 8] = [
+    CONFIG_MAP,
+    ROUTE_V4_MAP,
+    NODE_V4_MAP,
+    COUNTERS_MAP,
+    // Masquerade (`nat`): its settings and the flow table, so connections survive a restart.
+    nat::NAT_MAPS[0],
+    nat::NAT_MAPS[1],
+    nat::NAT_MAPS[2],
+    nat::NAT_MAPS[3],
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
@@ -266,11 +279,17 @@ impl Datapath {
         public_ip: Ipv4Addr,
         vtep_mac: [u8; 6],
     ) -> Result<(), DatapathError> {
+        self.upsert_route(subnet, RemoteNode::vxlan(public_ip.octets(), vtep_mac))
+    }
+
+    /// Routes `subnet` to `node` (VXLAN or direct, as its flags say) and accepts its PublicIP
+    /// as a member. Replaces what was there for `subnet`.
+    pub fn upsert_route(&mut self, subnet: Ipv4Net, node: RemoteNode) -> Result<(), DatapathError> {
         if self.node.as_ref().is_some_and(|n| n.subnet.trunc() == subnet.trunc()) {
             return Err(DatapathError::OwnSubnet { subnet });
         }
         let mut next = self.peers.clone();
-        let ops = next.upsert(subnet, RemoteNode::vxlan(public_ip.octets(), vtep_mac));
+        let ops = next.upsert(subnet, node);
         self.apply(&ops)?;
         self.peers = next;
         Ok(())

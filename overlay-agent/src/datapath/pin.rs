@@ -122,6 +122,7 @@ fn on_bpffs(path: &Path) -> bool {
     let Some(existing) = path.ancestors().find(|p| p.exists()) else { return false };
     let Ok(c_path) = CString::new(existing.as_os_str().as_bytes()) else { return false };
     // SAFETY: statfs writes into the zeroed struct we own; the path is a valid C string.
+    #[allow(clippy::useless_conversion, reason = "f_type is i64 only on some architectures")]
     unsafe {
         let mut stat: libc::statfs = std::mem::zeroed();
         libc::statfs(c_path.as_ptr(), &mut stat) == 0 && i64::from(stat.f_type) == BPF_FS_MAGIC

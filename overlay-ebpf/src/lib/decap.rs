@@ -95,6 +95,10 @@ pub fn try_underlay_ingress(ctx: &TcContext) -> Result<i32, Reason> {
     let Some(cfg) = config() else {
         return Ok(TC_ACT_OK);
     };
+    if !cfg.vxlan_enabled() {
+        // host-gw: no VXLAN on this node; the kernel has no socket for it either.
+        return Ok(TC_ACT_OK);
+    }
     // Direct packet access sees only the linear part; make sure the headers are in it (paged
     // or GRO-built packets may keep them in fragments). Short packets fail the checks below.
     if ctx.data() + HEADERS_LEN > ctx.data_end() && ctx.len() as usize >= HEADERS_LEN {

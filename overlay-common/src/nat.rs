@@ -1,0 +1,216 @@
+//! Masquerade (`--ip-masq`): source NAT of pod traffic leaving the cluster, in eBPF.
+//!
+//! Maps (all pinned under `--bpf-dir`, so translated connections survive an agent restart):
+//! - `NAT_CONFIG`: a one-entry array ([`NatConfig`]): on/off, the port range, idle timeouts.
+//!   Without [`NAT_F_ENABLED`] the programs translate nothing.
+//! - `NAT_EXCLUDE_V4`: an LPM trie of extra destinations never to masquerade
+//!   (`--ip-masq-exclude`, like ip-masq-agent's nonMasqueradeCIDRs); key data = network address.
+//! - `SNAT_V4_CT`: LRU hash, key = the flow as the pod sends it ([`NatKeyV4`]: pod address and
+//!   port → remote address and port), value = the translated source ([`NatEntryV4`]).
+//! - `SNAT_V4_REV`: LRU hash, key = the reply as it arrives (remote address and port → the
+//!   node's address and the translated port), value = the pod's address and port.
+//!
+//! Both entries of a flow carry the same state and last-seen time (the data path updates both
+//! on every packet of either direction), so either can be expired alone. ICMP echo uses the
+//! identifier as the local "port" and 0 as the remote one.
+//!
+//! Byte orders: addresses and ports as on the wire (`[u8; N]`), everything else host order.
+//! Times are `bpf_ktime_get_ns()` values (CLOCK_MONOTONIC), timeouts seconds.
+
+use bytemuck::{Pod, Zeroable};
+
+/// Index of the single `NAT_CONFIG` entry, and the array's capacity.
+pub const NAT_CONFIG_INDEX: u32 = 0;
+pub const NAT_CONFIG_LEN: u32 = 1;
+
+/// Capacity of each of `SNAT_V4_CT` and `SNAT_V4_REV` (flows; LRU, so the least recently used
+/// flow is evicted when full).
+pub const SNAT_V4_CAPACITY: u32 = 65_536;
+/// Capacity of `NAT_EXCLUDE_V4`.
+pub const NAT_EXCLUDE_V4_CAPACITY: u32 = 1024;
+/// How many ports the data path tries for a new flow before giving up (counted as
+/// `drop_nat_exhausted`).
+pub const NAT_PORT_TRIES: u32 = 32;
+
+/// Masquerade is on (`--ip-masq`).
+pub const NAT_F_ENABLED: u32 = 1 << 0;
+/// Keep the pod's source port when it is free (`--ip-masq-fully-random-disable`); otherwise
+/// ports are random in the range (iptables' `--random-fully`).
+pub const NAT_F_KEEP_PORT: u32 = 1 << 1;
+
+/// kube-proxy's "masquerade this" mark: flannel never NATs such packets (kube-proxy does).
+pub const KUBE_MASQ_MARK: u32 = 0x4000;
+
+/// Value of `NAT_CONFIG`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct NatConfig {
+    /// `NAT_F_*` bits.
+    pub flags: u32,
+    /// Translated ports (and ICMP identifiers) are chosen in `[port_min, port_max]`.
+    pub port_min: u16,
+    pub port_max: u16,
+    /// Idle timeouts in seconds: TCP once both sides have sent and before any FIN/RST;
+    /// TCP otherwise (opening, closing, reset); UDP before and after a reply; ICMP echo.
+    pub tcp_established: u32,
+    pub tcp_transient: u32,
+    pub udp: u32,
+    pub udp_stream: u32,
+    pub icmp: u32,
+    pub _reserved: u32,
+}
+const _: () = assert!(size_of::<NatConfig>() == 32);
+
+impl NatConfig {
+    #[must_use]
+    pub const fn enabled(&self) -> bool {
+        self.flags & NAT_F_ENABLED != 0
+    }
+
+    /// The idle timeout in seconds for a flow of `proto` in `state` (`NAT_S_*`).
+    #[must_use]
+    pub const fn timeout(&self, proto: u8, state: u8) -> u32 {
+        match proto {
+            IPPROTO_TCP => {
+                if state & (NAT_S_FIN | NAT_S_RST) == 0 && state & NAT_S_REPLIED != 0 {
+                    self.tcp_established
+                } else {
+                    self.tcp_transient
+                }
+            }
+            IPPROTO_UDP => {
+                if state & NAT_S_REPLIED != 0 {
+                    self.udp_stream
+                } else {
+                    self.udp
+                }
+            }
+            _ => self.icmp,
+        }
+    }
+}
+
+/// Protocols the NAT handles.
+pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+
+/// A flow's 5-tuple in the direction of the packet it is looked up for.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct NatKeyV4 {
+    pub saddr: [u8; 4],
+    pub daddr: [u8; 4],
+    /// Ports, or (ICMP echo) the identifier on the local side and 0 on the remote side.
+    pub sport: [u8; 2],
+    pub dport: [u8; 2],
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(size_of::<NatKeyV4>() == 16);
+
+/// The reply has been seen (the remote side sent something back).
+pub const NAT_S_REPLIED: u8 = 1 << 0;
+/// A TCP FIN was seen (either side).
+pub const NAT_S_FIN: u8 = 1 << 1;
+/// A TCP RST was seen (either side).
+pub const NAT_S_RST: u8 = 1 << 2;
+
+/// The flow was translated at the external interface's egress after the kernel routed it:
+/// replies are translated back and handed to the kernel (which may hold its own state for the
+/// flow, e.g. a Service DNAT), instead of being sent to the pod bridge directly.
+pub const NAT_E_KERNEL: u8 = 1 << 0;
+
+/// Value of `SNAT_V4_CT` (the translated source) and `SNAT_V4_REV` (the pod's address).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct NatEntryV4 {
+    pub addr: [u8; 4],
+    pub port: [u8; 2],
+    /// `NAT_S_*` bits.
+    pub state: u8,
+    /// `NAT_E_*` bits.
+    pub flags: u8,
+    /// When a packet of the flow was last seen (`bpf_ktime_get_ns`).
+    pub last_seen: u64,
+}
+const _: () = assert!(size_of::<NatEntryV4>() == 16);
+
+impl NatKeyV4 {
+    /// The `SNAT_V4_REV` key of a flow whose pod-side key is `self`, translated to
+    /// `nat_addr:nat_port`: the reply's tuple.
+    #[must_use]
+    pub const fn reply(&self, nat_addr: [u8; 4], nat_port: [u8; 2]) -> Self {
+        Self {
+            saddr: self.daddr,
+            daddr: nat_addr,
+            sport: self.dport,
+            dport: nat_port,
+            proto: self.proto,
+            _pad: [0; 3],
+        }
+    }
+
+    /// The `SNAT_V4_CT` key of a flow whose reply key is `self` and pod side is `orig`.
+    #[must_use]
+    pub const fn original(&self, orig_addr: [u8; 4], orig_port: [u8; 2]) -> Self {
+        Self {
+            saddr: orig_addr,
+            daddr: self.saddr,
+            sport: orig_port,
+            dport: self.sport,
+            proto: self.proto,
+            _pad: [0; 3],
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: `#[repr(C)]`, `Pod` by bytemuck's derive (no padding, any bit pattern).
+    unsafe impl aya::Pod for super::NatConfig {}
+    unsafe impl aya::Pod for super::NatKeyV4 {}
+    unsafe impl aya::Pod for super::NatEntryV4 {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reply_and_original_are_inverse() {
+        let k = NatKeyV4 {
+            saddr: [172, 17, 1, 2],
+            daddr: [198, 19, 0, 1],
+            sport: 40000u16.to_be_bytes(),
+            dport: 80u16.to_be_bytes(),
+            proto: IPPROTO_TCP,
+            _pad: [0; 3],
+        };
+        let r = k.reply([198, 18, 0, 1], 1234u16.to_be_bytes());
+        assert_eq!(r.saddr, [198, 19, 0, 1]);
+        assert_eq!(r.daddr, [198, 18, 0, 1]);
+        assert_eq!(r.sport, 80u16.to_be_bytes());
+        assert_eq!(r.dport, 1234u16.to_be_bytes());
+        assert_eq!(r.original(k.saddr, k.sport), k);
+    }
+
+    #[test]
+    fn timeouts_follow_the_state() {
+        let c = NatConfig {
+            tcp_established: 1000,
+            tcp_transient: 10,
+            udp: 30,
+            udp_stream: 120,
+            icmp: 5,
+            ..NatConfig::default()
+        };
+        assert_eq!(c.timeout(IPPROTO_TCP, 0), 10, "SYN sent");
+        assert_eq!(c.timeout(IPPROTO_TCP, NAT_S_REPLIED), 1000);
+        assert_eq!(c.timeout(IPPROTO_TCP, NAT_S_REPLIED | NAT_S_FIN), 10);
+        assert_eq!(c.timeout(IPPROTO_TCP, NAT_S_REPLIED | NAT_S_RST), 10);
+        assert_eq!(c.timeout(IPPROTO_UDP, 0), 30);
+        assert_eq!(c.timeout(IPPROTO_UDP, NAT_S_REPLIED), 120);
+        assert_eq!(c.timeout(IPPROTO_ICMP, 0), 5);
+    }
+}

@@ -1,0 +1,210 @@
+//! Direct routing (host-gw, and VXLAN's DirectRouting for peers on our L2 segment): pod traffic
+//! crosses the underlay unencapsulated, the peer's PublicIP being the L2 next hop.
+//!
+//! Sending (`pod_egress`, `host_egress`), for a `ROUTE_V4` entry with `ROUTE_F_DIRECT`: the
+//! packet keeps its IP header and goes out of the external interface with
+//! `bpf_redirect_neigh(underlay, nh = PublicIP)`, so the kernel fills both MACs from its
+//! neighbour table for that address (resolving it with ARP if needed), exactly the next hop of
+//! flannel's `ip route replace <subnet> via <PublicIP> dev <iface>`, but without that route and
+//! without the kernel's forwarding (FORWARD chain, policy DROP as Docker sets it). From a pod this
+//! replaces the kernel's forwarding hop, so the TTL is decremented; a TTL that would expire or a
+//! packet larger than the external interface's MTU is handed to the kernel instead (ICMP time
+//! exceeded, fragmentation / "fragmentation needed"; it then comes back through the host device
+//! and `host_egress`). From the host device the kernel has already routed the packet (TTL, MTU,
+//! source address `<subnet>.0`), so it is sent as it is.
+//!
+//! Receiving (`underlay_ingress`, when `CONFIG_F_DIRECT` is set): what is accepted, and what is
+//! not. flannel accepts anything the kernel routes to a pod (its FORWARD rules accept every
+//! cluster destination); we deliver, bypassing the kernel's forwarding, only an IPv4 packet that
+//! - was addressed to this host at L2 (`PACKET_HOST`, not overheard by a promiscuous NIC),
+//! - is for this node's subnet (not its broadcast address), without IP options,
+//! - comes from a direct peer: its source lies in the subnet of a `ROUTE_F_DIRECT` entry (a
+//!   peer's pod, or its host device `<subnet>.0`), or is a member node's PublicIP (`NODE_V4`:
+//!   host traffic of a stock host-gw node, which uses its interface address as source),
+//! - has a valid IPv4 header checksum and a total length the frame holds (the checks of the
+//!   kernel's `ip_rcv` that redirecting skips; failures are dropped, `drop_direct_malformed`).
+//!
+//! Anything else for a local pod is left to the kernel (`to_stack_not_peer`), whose forwarding
+//! rules decide (with FORWARD policy DROP and no rules: dropped). Source addresses are not
+//! authenticated: a host on the L2 segment can claim a peer's pod address, as it can with
+//! flannel's kernel routes. Accepted packets go to the pod bridge (`bpf_redirect_neigh`, TTL
+//! decremented as the kernel's forwarding would), or, for the host device's address, the
+//! bridge's gateway address or a TTL that expires here, to the host device's ingress, as
+//! decapsulated VXLAN does (the host stack answers; replies go out through `host_egress`).
+
+use core::ptr;
+
+use aya_ebpf::{
+    EbpfContext as _,
+    bindings::{
+        BPF_F_INGRESS, TC_ACT_OK, bpf_check_mtu_flags::BPF_MTU_CHK_SEGS,
+        bpf_check_mtu_ret::BPF_MTU_CHK_RET_SUCCESS, bpf_redir_neigh, bpf_redir_neigh__bindgen_ty_1,
+    },
+    helpers::{bpf_check_mtu, bpf_redirect, bpf_redirect_neigh},
+    programs::TcContext,
+};
+use overlay_common::{
+    config::Config,
+    counters::Reason,
+    route::RemoteNode,
+    wire::{ETH_HLEN, ETH_P_IP, IPV4_HLEN},
+};
+
+use crate::lib::{
+    counters::count,
+    csum::ipv4_checksum_ok,
+    hdr::{EthHdr, Ipv4Hdr},
+    ipv4::decrement_ttl,
+    maps::{config, in_subnet, is_member, route_v4},
+    ptr::ptr_at,
+};
+
+/// `AF_INET`, the `nh_family` of an IPv4 next hop.
+const AF_INET: u32 = 2;
+/// `skb->pkt_type` of a frame addressed to this host.
+const PACKET_HOST: u32 = 0;
+
+/// Sends the packet (IPv4 behind an Ethernet header) out of the external interface with the
+/// peer's PublicIP as the next hop; the kernel writes the MACs from its neighbour table.
+#[inline(always)]
+pub fn redirect_direct(cfg: &Config, peer: &RemoteNode) -> i32 {
+    let mut nh = bpf_redir_neigh {
+        nh_family: AF_INET,
+        __bindgen_anon_1: bpf_redir_neigh__bindgen_ty_1 {
+            ipv4_nh: u32::from_ne_bytes(peer.public_ip),
+        },
+    };
+    // SAFETY: `nh` is a valid parameter block of the size passed.
+    unsafe {
+        bpf_redirect_neigh(
+            cfg.underlay_ifindex,
+            &mut nh,
+            size_of::<bpf_redir_neigh>() as i32,
+            0,
+        ) as i32
+    }
+}
+
+/// Whether the packet fits the external interface's MTU as it is (GSO packets segment by
+/// segment). If the check itself fails (a device just vanished) the redirect decides.
+#[inline(always)]
+fn fits_underlay(ctx: &TcContext, cfg: &Config) -> bool {
+    let mut mtu_len: u32 = 0;
+    // SAFETY: plain helper call on our own context and a stack variable.
+    let ret = unsafe {
+        bpf_check_mtu(
+            ctx.as_ptr(),
+            cfg.underlay_ifindex,
+            &mut mtu_len,
+            0,
+            u64::from(BPF_MTU_CHK_SEGS),
+        )
+    };
+    ret < 0 || ret == i64::from(BPF_MTU_CHK_RET_SUCCESS)
+}
+
+/// `pod_egress` for a direct peer: forwards the pod's packet at `ip` (a checked pointer, valid:
+/// no helper has moved data yet) whose TTL is `ttl`.
+#[inline(always)]
+pub fn forward_from_pod(
+    ctx: &TcContext,
+    cfg: &Config,
+    peer: &RemoteNode,
+    ip: *mut Ipv4Hdr,
+    ttl: u8,
+) -> Result<i32, Reason> {
+    if ttl <= 1 {
+        count(Reason::StackTtl, ctx.len());
+        return Ok(TC_ACT_OK);
+    }
+    if !fits_underlay(ctx, cfg) {
+        count(Reason::StackMtu, ctx.len());
+        return Ok(TC_ACT_OK);
+    }
+    // SAFETY: the caller's pointer is still valid; ttl > 1.
+    unsafe { decrement_ttl(ip) };
+    count(Reason::DirectPod, ctx.len());
+    Ok(redirect_direct(cfg, peer))
+}
+
+/// Whether an unencapsulated packet from `saddr` comes from a direct peer (see the module note).
+#[inline(always)]
+fn from_direct_peer(saddr: [u8; 4]) -> bool {
+    route_v4(saddr).is_some_and(|peer| peer.is_direct()) || is_member(saddr)
+}
+
+/// `underlay_ingress` for what is not VXLAN for us: delivers unencapsulated traffic from direct
+/// peers to local pods and the host (see the module note); everything else goes on.
+#[inline(always)]
+pub fn try_direct_ingress(ctx: &TcContext) -> Result<i32, Reason> {
+    let Some(cfg) = config() else {
+        return Ok(TC_ACT_OK);
+    };
+    if !cfg.accepts_direct() {
+        return Ok(TC_ACT_OK);
+    }
+    // SAFETY: reading a field of our own context's skb.
+    if unsafe { (*ctx.skb.skb).pkt_type } != PACKET_HOST {
+        return Ok(TC_ACT_OK);
+    }
+    const HEADERS_LEN: usize = ETH_HLEN + IPV4_HLEN;
+    if ctx.data() + HEADERS_LEN > ctx.data_end() && ctx.len() as usize >= HEADERS_LEN {
+        let _ = ctx.pull_data(HEADERS_LEN as u32);
+    }
+    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
+        return Ok(TC_ACT_OK);
+    };
+    // SAFETY (reads below): pointers come from `ptr_at`, used before any helper moves data.
+    if unsafe { (*eth).proto } != ETH_P_IP {
+        return Ok(TC_ACT_OK);
+    }
+    let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, ETH_HLEN) else {
+        return Ok(TC_ACT_OK);
+    };
+    let hdr = unsafe { *ip };
+    let daddr = hdr.daddr;
+    if !in_subnet(daddr, cfg.subnet, cfg.subnet_mask) {
+        return Ok(TC_ACT_OK);
+    }
+    let broadcast = u32::from_ne_bytes(cfg.subnet) | !u32::from_ne_bytes(cfg.subnet_mask);
+    if hdr.ver_ihl != Ipv4Hdr::VER_IHL_NO_OPTIONS || u32::from_ne_bytes(daddr) == broadcast {
+        return Ok(TC_ACT_OK);
+    }
+    if !from_direct_peer(hdr.saddr) {
+        count(Reason::StackNotPeer, ctx.len());
+        return Ok(TC_ACT_OK);
+    }
+    let tot_len = usize::from(u16::from_be_bytes(hdr.tot_len));
+    if !ipv4_checksum_ok(&hdr) || tot_len < IPV4_HLEN || tot_len + ETH_HLEN > ctx.len() as usize {
+        return Err(Reason::DropDirectMalformed);
+    }
+
+    let gateway = (u32::from_be_bytes(cfg.subnet).wrapping_add(1)).to_be_bytes();
+    let to_host = daddr == cfg.subnet || daddr == gateway;
+    if !to_host && hdr.ttl > 1 {
+        if cfg.bridge_ifindex == 0 {
+            return Err(Reason::DropNoBridge);
+        }
+        // SAFETY: `ip` is still valid (no helper moved data since `ptr_at`); ttl > 1.
+        unsafe { decrement_ttl(ip) };
+        count(Reason::DeliverDirectPod, ctx.len());
+        // SAFETY: NULL parameters are allowed (the kernel does the FIB lookup).
+        return Ok(unsafe { bpf_redirect_neigh(cfg.bridge_ifindex, ptr::null_mut(), 0, 0) } as i32);
+    }
+    if cfg.host_ifindex == 0 {
+        return Err(Reason::DropNoHostDevice);
+    }
+    // The stack must take the frame as addressed to the host device (PACKET_HOST there).
+    // SAFETY: checked pointer, still valid.
+    unsafe { (*eth).dst = cfg.host_mac };
+    count(
+        if to_host {
+            Reason::DeliverDirectHost
+        } else {
+            Reason::StackTtl
+        },
+        ctx.len(),
+    );
+    // SAFETY: plain helper call.
+    Ok(unsafe { bpf_redirect(cfg.host_ifindex, u64::from(BPF_F_INGRESS)) } as i32)
+}

@@ -1,0 +1,801 @@
+//! Masquerade (`--ip-masq`): flannel's six nat POSTROUTING rules as a source NAT in eBPF.
+//!
+//! Which packets are masqueraded ([`masquerades`]): `NAT_CONFIG` on, not marked 0x4000/0x4000
+//! (kube-proxy masquerades those itself), source inside the cluster network, destination
+//! outside it, not multicast (224.0.0.0/4) nor broadcast, not in `NAT_EXCLUDE_V4`. Everything
+//! else (pod ↔ cluster, outside → local pod) is never touched, so pods see real pod addresses.
+//!
+//! Where (layouts in `overlay_common::nat`):
+//! - `pod_egress` (tcx ingress of the pod bridge) calls [`snat_from_pod`] for what no peer
+//!   route covers. A packet that the kernel would route out of the external interface
+//!   (`bpf_fib_lookup`) gets its source rewritten to that interface's address, its TTL
+//!   decremented (we replace the forwarding hop) and is sent with `bpf_redirect_neigh`: the
+//!   kernel's FORWARD chain (which Docker sets to DROP) is bypassed, as flannel's FORWARD
+//!   ACCEPT rules would let it through. What the FIB routes elsewhere (or not at all, a local
+//!   address, "fragmentation needed", TTL expiring) goes on to the kernel untouched.
+//! - `underlay_egress` (tcx egress of the external interface) calls [`snat_egress`] for what
+//!   the kernel routed there itself (e.g. Service traffic after kube-proxy's DNAT): translated
+//!   in place, flagged `NAT_E_KERNEL` so the replies go back through the kernel.
+//! - `underlay_ingress` calls [`reverse`] for what decapsulation left alone: a reply to the
+//!   node's address matching `SNAT_V4_REV` (TCP, UDP, ICMP echo reply, or an ICMP error whose
+//!   inner header is a translated flow) gets the pod's address and port back (inner header and
+//!   every checksum too, for errors) and goes to the pod bridge with `bpf_redirect_neigh`
+//!   (or to the kernel for `NAT_E_KERNEL` flows).
+//!
+//! Flows: a new one gets a port (ICMP: identifier) in `[port_min, port_max]`, at random, or its
+//! own first with `NAT_F_KEEP_PORT`; the reply tuple is claimed with `BPF_NOEXIST`, so two flows
+//! never share one, retrying up to `NAT_PORT_TRIES` times (then dropped, `drop_nat_exhausted`).
+//! Both entries of a flow are refreshed on every packet; an entry idle longer than its timeout
+//! (by protocol and TCP state) is dead for the data path at once and swept by the agent.
+//!
+//! Checksums: the L4 checksum through `bpf_l4_csum_replace` (`BPF_F_PSEUDO_HDR` for addresses,
+//! so CHECKSUM_PARTIAL packets from pods — GSO included — stay right; `BPF_F_MARK_MANGLED_0`
+//! for UDP, so a zero checksum stays zero), the IPv4 header's with `bpf_l3_csum_replace`; stores
+//! do not touch `skb->csum`, each change being compensated by its checksum field. Inside ICMP
+//! errors the inner headers' checksums are patched by hand (RFC 1624) and the ICMP checksum
+//! follows every changed word (the inner IPv4 header's sum is unchanged by construction).
+//!
+//! Limits: IPv4 only; protocols other than TCP, UDP and ICMP echo/errors are not translated
+//! (they go on to the kernel untouched); later fragments of a pod's datagram get the address
+//! only (they carry no ports), later fragments of replies are not translated back.
+
+use core::ptr;
+
+use aya_ebpf::{
+    EbpfContext as _,
+    bindings::{
+        BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_FIB_LKUP_RET_SUCCESS,
+        BPF_FIB_LOOKUP_SKIP_NEIGH, BPF_NOEXIST, TC_ACT_OK, bpf_check_mtu_flags::BPF_MTU_CHK_SEGS,
+        bpf_fib_lookup as FibLookup,
+    },
+    helpers::{
+        bpf_check_mtu, bpf_fib_lookup, bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_redirect_neigh,
+    },
+    macros::map,
+    maps::{Array, LpmTrie, LruHashMap, lpm_trie::Key},
+    programs::TcContext,
+};
+use overlay_common::{
+    config::Config,
+    counters::Reason,
+    nat::{
+        IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, KUBE_MASQ_MARK, NAT_CONFIG_INDEX, NAT_CONFIG_LEN,
+        NAT_E_KERNEL, NAT_EXCLUDE_V4_CAPACITY, NAT_F_KEEP_PORT, NAT_PORT_TRIES, NAT_S_FIN,
+        NAT_S_REPLIED, NAT_S_RST, NatConfig, NatEntryV4, NatKeyV4, SNAT_V4_CAPACITY,
+    },
+    wire::{ETH_HLEN, ETH_P_IP},
+};
+
+use crate::lib::{
+    counters::count,
+    csum::replace16,
+    hdr::{EthHdr, Ipv4Hdr},
+    maps::{config, in_subnet},
+};
+
+#[map]
+static NAT_CONFIG: Array<NatConfig> = Array::with_max_entries(NAT_CONFIG_LEN, 0);
+
+#[map]
+static NAT_EXCLUDE_V4: LpmTrie<[u8; 4], u8> = LpmTrie::with_max_entries(NAT_EXCLUDE_V4_CAPACITY, 0);
+
+#[map]
+static SNAT_V4_CT: LruHashMap<NatKeyV4, NatEntryV4> =
+    LruHashMap::with_max_entries(SNAT_V4_CAPACITY, 0);
+
+#[map]
+static SNAT_V4_REV: LruHashMap<NatKeyV4, NatEntryV4> =
+    LruHashMap::with_max_entries(SNAT_V4_CAPACITY, 0);
+
+const IP_OFF: usize = ETH_HLEN;
+const IP_CHECK_OFF: usize = IP_OFF + 10;
+const IP_TTL_OFF: usize = IP_OFF + 8;
+const IP_SADDR_OFF: usize = IP_OFF + 12;
+const IP_DADDR_OFF: usize = IP_OFF + 16;
+const AF_INET: u8 = 2;
+const TCP_FIN: u8 = 0x01;
+const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
+const TCP_ACK: u8 = 0x10;
+const ICMP_ECHO_REPLY: u8 = 0;
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_ECHO: u8 = 8;
+const ICMP_TIME_EXCEEDED: u8 = 11;
+const ICMP_PARAMETERPROB: u8 = 12;
+const NS_PER_S: u64 = 1_000_000_000;
+
+/// The masquerade settings, when masquerade is on.
+#[inline(always)]
+fn nat_config() -> Option<&'static NatConfig> {
+    NAT_CONFIG.get(NAT_CONFIG_INDEX).filter(|c| c.enabled())
+}
+
+/// flannel's rules for a packet from `saddr` to `daddr` carrying `mark`.
+#[inline(always)]
+fn masquerades(cfg: &Config, saddr: [u8; 4], daddr: [u8; 4], mark: u32) -> bool {
+    mark & KUBE_MASQ_MARK == 0
+        && in_subnet(saddr, cfg.network, cfg.network_mask)
+        && !in_subnet(daddr, cfg.network, cfg.network_mask)
+        && daddr[0] & 0xf0 != 0xe0
+        && daddr != [0xff; 4]
+        && NAT_EXCLUDE_V4.get(Key::new(32, daddr)).is_none()
+}
+
+/// The IPv4 header behind an Ethernet header, with its length in bytes; `None` for anything
+/// else (the caller lets it pass).
+#[inline(always)]
+fn ipv4(ctx: &TcContext) -> Option<(Ipv4Hdr, usize)> {
+    let eth: EthHdr = ctx.load(0).ok()?;
+    if eth.proto != ETH_P_IP {
+        return None;
+    }
+    let ip: Ipv4Hdr = ctx.load(IP_OFF).ok()?;
+    let ihl = usize::from(ip.ver_ihl & 0x0f) * 4;
+    if ip.ver_ihl >> 4 != 4 || ihl < 20 {
+        return None;
+    }
+    Some((ip, ihl))
+}
+
+#[inline(always)]
+fn mark(ctx: &TcContext) -> u32 {
+    // SAFETY: the context's skb pointer is valid for the program's run.
+    unsafe { (*ctx.skb.skb).mark }
+}
+
+#[inline(always)]
+fn frag_offset(ip: &Ipv4Hdr) -> u16 {
+    u16::from_be_bytes(ip.frag_off) & Ipv4Hdr::OFFSET_MASK
+}
+
+/// The pod bridge's tcx ingress: masquerades `ip` when it leaves through the external
+/// interface. `Ok(TC_ACT_OK)` when the packet is not for us.
+#[inline(always)]
+pub fn snat_from_pod(ctx: &TcContext, cfg: &Config) -> Result<i32, Reason> {
+    let Some(nat) = nat_config() else {
+        return Ok(TC_ACT_OK);
+    };
+    let Some((ip, ihl)) = ipv4(ctx) else {
+        return Ok(TC_ACT_OK);
+    };
+    if !masquerades(cfg, ip.saddr, ip.daddr, mark(ctx)) {
+        return Ok(TC_ACT_OK);
+    }
+    // Only what the kernel would send out of the external interface: that is the address we
+    // translate to and the interface whose ingress sees the replies.
+    // SAFETY: a zeroed bpf_fib_lookup is a valid argument.
+    let mut fib: FibLookup = unsafe { core::mem::zeroed() };
+    fib.family = AF_INET;
+    fib.l4_protocol = ip.proto;
+    fib.ifindex = cfg.bridge_ifindex;
+    fib.__bindgen_anon_2.tos = ip.tos;
+    fib.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(ip.saddr);
+    fib.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(ip.daddr);
+    // SAFETY: helper call with our context and a stack struct of the right size.
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.as_ptr(),
+            &mut fib,
+            size_of::<FibLookup>() as i32,
+            BPF_FIB_LOOKUP_SKIP_NEIGH,
+        )
+    };
+    if rc != i64::from(BPF_FIB_LKUP_RET_SUCCESS) || fib.ifindex != cfg.underlay_ifindex {
+        return Ok(TC_ACT_OK);
+    }
+    if ip.ttl <= 1 {
+        count(Reason::StackTtl, ctx.len());
+        return Ok(TC_ACT_OK);
+    }
+    let translated = translate_out(ctx, nat, cfg, &ip, ihl, 0, true)?;
+    if !translated {
+        return Ok(TC_ACT_OK);
+    }
+    count(Reason::NatSnat, ctx.len());
+    // SAFETY: NULL parameters are allowed (the kernel does the FIB lookup).
+    Ok(unsafe { bpf_redirect_neigh(cfg.underlay_ifindex, ptr::null_mut(), 0, 0) } as i32)
+}
+
+/// The external interface's tcx egress: masquerades what the kernel routed there itself.
+#[inline(always)]
+pub fn snat_egress(ctx: &TcContext) -> Result<i32, Reason> {
+    let Some(cfg) = config() else {
+        return Ok(TC_ACT_OK);
+    };
+    let Some(nat) = nat_config() else {
+        return Ok(TC_ACT_OK);
+    };
+    let Some((ip, ihl)) = ipv4(ctx) else {
+        return Ok(TC_ACT_OK);
+    };
+    if !masquerades(cfg, ip.saddr, ip.daddr, mark(ctx)) {
+        return Ok(TC_ACT_OK);
+    }
+    if translate_out(ctx, nat, cfg, &ip, ihl, NAT_E_KERNEL, false)? {
+        count(Reason::NatSnat, ctx.len());
+    }
+    Ok(TC_ACT_OK)
+}
+
+/// Whether the entry has been idle longer than its timeout.
+#[inline(always)]
+fn expired(nat: &NatConfig, proto: u8, e: &NatEntryV4, now: u64) -> bool {
+    now.saturating_sub(e.last_seen) > u64::from(nat.timeout(proto, e.state)) * NS_PER_S
+}
+
+/// State bits a TCP packet with `flags` adds; a bare SYN starts the flow over.
+#[inline(always)]
+fn tcp_state(old: u8, flags: u8) -> u8 {
+    let mut state = old;
+    if flags & TCP_SYN != 0 && flags & TCP_ACK == 0 {
+        state = 0;
+    }
+    if flags & TCP_FIN != 0 {
+        state |= NAT_S_FIN;
+    }
+    if flags & TCP_RST != 0 {
+        state |= NAT_S_RST;
+    }
+    state
+}
+
+/// A random port in the configured range (multiply-shift, no division).
+#[inline(always)]
+fn random_port(nat: &NatConfig) -> u16 {
+    let span = u64::from(nat.port_max.saturating_sub(nat.port_min)) + 1;
+    // SAFETY: no arguments.
+    let r = u64::from(unsafe { bpf_get_prandom_u32() });
+    nat.port_min.wrapping_add(((r * span) >> 32) as u16)
+}
+
+/// The outbound translation of one packet: finds or creates the flow, then rewrites source
+/// address and port (and the TTL with `hop`). `Ok(false)`: not a protocol we translate.
+#[inline(always)]
+fn translate_out(
+    ctx: &TcContext,
+    nat: &NatConfig,
+    cfg: &Config,
+    ip: &Ipv4Hdr,
+    ihl: usize,
+    eflags: u8,
+    hop: bool,
+) -> Result<bool, Reason> {
+    let nat_addr = cfg.local_ip;
+    let l4 = IP_OFF + ihl;
+    if frag_offset(ip) != 0 {
+        // A later fragment: no ports; every masqueraded flow has the same address.
+        rewrite_addr(ctx, IP_SADDR_OFF, ip.saddr, nat_addr, None, hop, ip)?;
+        return Ok(true);
+    }
+    // Ports (ICMP: identifier) and where the L4 checksum is.
+    let (sport, dport, csum_off, tcp_flags) = match ip.proto {
+        IPPROTO_TCP => {
+            let h: [u8; 14] = ctx.load(l4).map_err(|_| Reason::DropNatMalformed)?;
+            ([h[0], h[1]], [h[2], h[3]], l4 + 16, h[13])
+        }
+        IPPROTO_UDP => {
+            let h: [u8; 8] = ctx.load(l4).map_err(|_| Reason::DropNatMalformed)?;
+            ([h[0], h[1]], [h[2], h[3]], l4 + 6, 0)
+        }
+        IPPROTO_ICMP => {
+            let h: [u8; 8] = ctx.load(l4).map_err(|_| Reason::DropNatMalformed)?;
+            if h[0] != ICMP_ECHO {
+                return Ok(false);
+            }
+            ([h[4], h[5]], [0, 0], l4 + 2, 0)
+        }
+        _ => return Ok(false),
+    };
+    let key = NatKeyV4 {
+        saddr: ip.saddr,
+        daddr: ip.daddr,
+        sport,
+        dport,
+        proto: ip.proto,
+        _pad: [0; 3],
+    };
+    // SAFETY: no arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let nat_port = flow_out(nat, cfg, &key, nat_addr, tcp_flags, eflags, now)?;
+
+    // Rewrites, by offset (no packet pointer survives these helpers).
+    let port_off = if ip.proto == IPPROTO_ICMP { l4 + 4 } else { l4 };
+    let (pseudo, mangled) = match ip.proto {
+        IPPROTO_TCP => (BPF_F_PSEUDO_HDR, 0),
+        IPPROTO_UDP => (BPF_F_PSEUDO_HDR, BPF_F_MARK_MANGLED_0),
+        _ => (0, 0),
+    };
+    let flags = u64::from(mangled);
+    if pseudo != 0 {
+        ctx.l4_csum_replace(
+            csum_off,
+            u64::from(u32::from_ne_bytes(ip.saddr)),
+            u64::from(u32::from_ne_bytes(nat_addr)),
+            flags | u64::from(pseudo) | 4,
+        )
+        .map_err(|_| Reason::DropNatFailed)?;
+    }
+    if nat_port != sport {
+        ctx.l4_csum_replace(
+            csum_off,
+            u64::from(u16::from_ne_bytes(sport)),
+            u64::from(u16::from_ne_bytes(nat_port)),
+            flags | 2,
+        )
+        .map_err(|_| Reason::DropNatFailed)?;
+        ctx.store(port_off, &nat_port, 0)
+            .map_err(|_| Reason::DropNatFailed)?;
+    }
+    rewrite_addr(ctx, IP_SADDR_OFF, ip.saddr, nat_addr, None, hop, ip)?;
+    Ok(true)
+}
+
+/// Finds the live flow for `key` (refreshing both of its entries) or creates one; returns the
+/// translated port.
+#[inline(always)]
+fn flow_out(
+    nat: &NatConfig,
+    cfg: &Config,
+    key: &NatKeyV4,
+    nat_addr: [u8; 4],
+    tcp_flags: u8,
+    eflags: u8,
+    now: u64,
+) -> Result<[u8; 2], Reason> {
+    let proto = key.proto;
+    let mut state = 0;
+    if let Some(ct) = SNAT_V4_CT.get_ptr_mut(key) {
+        // SAFETY: a map value pointer, valid during this program run.
+        let e = unsafe { *ct };
+        if !expired(nat, proto, &e, now) && e.addr == nat_addr {
+            let st = if proto == IPPROTO_TCP {
+                tcp_state(e.state, tcp_flags)
+            } else {
+                e.state
+            };
+            let rev_key = key.reply(e.addr, e.port);
+            let mine = NatEntryV4 {
+                addr: key.saddr,
+                port: key.sport,
+                state: st,
+                flags: e.flags,
+                last_seen: now,
+            };
+            let rev_ok = match SNAT_V4_REV.get_ptr_mut(&rev_key) {
+                // SAFETY: as above.
+                Some(rev) => unsafe {
+                    if (*rev).addr == key.saddr && (*rev).port == key.sport {
+                        (*rev).state = st;
+                        (*rev).last_seen = now;
+                        true
+                    } else {
+                        false
+                    }
+                },
+                // Evicted (LRU) while the flow lived: claim the reply tuple again.
+                None => SNAT_V4_REV
+                    .insert(&rev_key, &mine, u64::from(BPF_NOEXIST))
+                    .is_ok(),
+            };
+            if rev_ok {
+                // SAFETY: as above.
+                unsafe {
+                    (*ct).state = st;
+                    (*ct).last_seen = now;
+                }
+                return Ok(e.port);
+            }
+            // The reply tuple went to another flow: this one needs a new port.
+        } else {
+            // Dead: free its reply tuple if still ours, then start over.
+            let rev_key = key.reply(e.addr, e.port);
+            if let Some(rev) = SNAT_V4_REV.get_ptr(&rev_key) {
+                // SAFETY: as above.
+                if unsafe { (*rev).addr == key.saddr && (*rev).port == key.sport } {
+                    let _ = SNAT_V4_REV.remove(&rev_key);
+                }
+            }
+        }
+        let _ = SNAT_V4_CT.remove(key);
+    }
+    if proto == IPPROTO_TCP {
+        state = tcp_state(0, tcp_flags);
+    }
+
+    let keep = nat.flags & NAT_F_KEEP_PORT != 0;
+    let mut chosen: Option<[u8; 2]> = None;
+    let mut rev_entry = NatEntryV4 {
+        addr: key.saddr,
+        port: key.sport,
+        state,
+        flags: eflags,
+        last_seen: now,
+    };
+    for i in 0..NAT_PORT_TRIES {
+        let port = if i == 0 && keep {
+            u16::from_be_bytes(key.sport)
+        } else {
+            random_port(nat)
+        };
+        // The VXLAN port is decapsulation's; 0 is no port.
+        if port == 0 || (proto == IPPROTO_UDP && port == cfg.port) {
+            continue;
+        }
+        let port = port.to_be_bytes();
+        rev_entry.last_seen = now;
+        if SNAT_V4_REV
+            .insert(
+                &key.reply(nat_addr, port),
+                &rev_entry,
+                u64::from(BPF_NOEXIST),
+            )
+            .is_ok()
+        {
+            chosen = Some(port);
+            break;
+        }
+    }
+    let Some(port) = chosen else {
+        return Err(Reason::DropNatExhausted);
+    };
+    let ct_entry = NatEntryV4 {
+        addr: nat_addr,
+        port,
+        state,
+        flags: eflags,
+        last_seen: now,
+    };
+    if SNAT_V4_CT
+        .insert(key, &ct_entry, u64::from(BPF_NOEXIST))
+        .is_err()
+    {
+        // Another CPU created the flow meanwhile: use its port, give ours back.
+        let _ = SNAT_V4_REV.remove(&key.reply(nat_addr, port));
+        return match SNAT_V4_CT.get_ptr(key) {
+            // SAFETY: as above.
+            Some(ct) => Ok(unsafe { (*ct).port }),
+            None => Err(Reason::DropNatFailed),
+        };
+    }
+    count(Reason::NatNewFlow, 0);
+    Ok(port)
+}
+
+/// Rewrites the address at `off` (source or destination) from `old` to `new` with the IPv4
+/// checksum, the L4 checksum at `l4_csum` (`(offset, flags)`, pseudo-header) if given, and
+/// decrements the TTL when `hop`.
+#[inline(always)]
+fn rewrite_addr(
+    ctx: &TcContext,
+    off: usize,
+    old: [u8; 4],
+    new: [u8; 4],
+    l4_csum: Option<(usize, u64)>,
+    hop: bool,
+    ip: &Ipv4Hdr,
+) -> Result<(), Reason> {
+    let (old32, new32) = (
+        u64::from(u32::from_ne_bytes(old)),
+        u64::from(u32::from_ne_bytes(new)),
+    );
+    if let Some((csum_off, flags)) = l4_csum {
+        ctx.l4_csum_replace(
+            csum_off,
+            old32,
+            new32,
+            flags | u64::from(BPF_F_PSEUDO_HDR) | 4,
+        )
+        .map_err(|_| Reason::DropNatFailed)?;
+    }
+    ctx.l3_csum_replace(IP_CHECK_OFF, old32, new32, 4)
+        .map_err(|_| Reason::DropNatFailed)?;
+    ctx.store(off, &new, 0).map_err(|_| Reason::DropNatFailed)?;
+    if hop {
+        let old_w = [ip.ttl, ip.proto];
+        let new_w = [ip.ttl - 1, ip.proto];
+        ctx.l3_csum_replace(
+            IP_CHECK_OFF,
+            u64::from(u16::from_ne_bytes(old_w)),
+            u64::from(u16::from_ne_bytes(new_w)),
+            2,
+        )
+        .map_err(|_| Reason::DropNatFailed)?;
+        ctx.store(IP_TTL_OFF, &new_w[0], 0)
+            .map_err(|_| Reason::DropNatFailed)?;
+    }
+    Ok(())
+}
+
+/// `underlay_ingress`, for what decapsulation left to the kernel: translates replies (and ICMP
+/// errors about flows) back to the pod. `Ok(TC_ACT_OK)` when the packet is not ours.
+#[inline(always)]
+pub fn reverse(ctx: &TcContext) -> Result<i32, Reason> {
+    let Some(cfg) = config() else {
+        return Ok(TC_ACT_OK);
+    };
+    let Some(nat) = nat_config() else {
+        return Ok(TC_ACT_OK);
+    };
+    let Some((ip, ihl)) = ipv4(ctx) else {
+        return Ok(TC_ACT_OK);
+    };
+    if ip.daddr != cfg.local_ip || frag_offset(&ip) != 0 {
+        return Ok(TC_ACT_OK);
+    }
+    let l4 = IP_OFF + ihl;
+    let (sport, dport, csum_off, tcp_flags) = match ip.proto {
+        IPPROTO_TCP => {
+            let Ok(h) = ctx.load::<[u8; 14]>(l4) else {
+                return Ok(TC_ACT_OK);
+            };
+            ([h[0], h[1]], [h[2], h[3]], l4 + 16, h[13])
+        }
+        IPPROTO_UDP => {
+            let Ok(h) = ctx.load::<[u8; 8]>(l4) else {
+                return Ok(TC_ACT_OK);
+            };
+            ([h[0], h[1]], [h[2], h[3]], l4 + 6, 0)
+        }
+        IPPROTO_ICMP => {
+            let Ok(h) = ctx.load::<[u8; 8]>(l4) else {
+                return Ok(TC_ACT_OK);
+            };
+            match h[0] {
+                ICMP_ECHO_REPLY => ([0, 0], [h[4], h[5]], l4 + 2, 0),
+                ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETERPROB => {
+                    return icmp_error_reverse(ctx, nat, cfg, &ip, l4);
+                }
+                _ => return Ok(TC_ACT_OK),
+            }
+        }
+        _ => return Ok(TC_ACT_OK),
+    };
+    let key = NatKeyV4 {
+        saddr: ip.saddr,
+        daddr: ip.daddr,
+        sport,
+        dport,
+        proto: ip.proto,
+        _pad: [0; 3],
+    };
+    let Some(orig) = flow_in(nat, &key, tcp_flags) else {
+        return Ok(TC_ACT_OK);
+    };
+
+    let port_off = if ip.proto == IPPROTO_ICMP {
+        l4 + 4
+    } else {
+        l4 + 2
+    };
+    let mangled = if ip.proto == IPPROTO_UDP {
+        u64::from(BPF_F_MARK_MANGLED_0)
+    } else {
+        0
+    };
+    if orig.port != dport {
+        ctx.l4_csum_replace(
+            csum_off,
+            u64::from(u16::from_ne_bytes(dport)),
+            u64::from(u16::from_ne_bytes(orig.port)),
+            mangled | 2,
+        )
+        .map_err(|_| Reason::DropNatFailed)?;
+        ctx.store(port_off, &orig.port, 0)
+            .map_err(|_| Reason::DropNatFailed)?;
+    }
+    let l4_csum = if ip.proto == IPPROTO_ICMP {
+        None
+    } else {
+        Some((csum_off, mangled))
+    };
+    deliver(ctx, cfg, &ip, orig, l4_csum)
+}
+
+/// Rewrites the destination to the pod and sends the packet to it (or to the kernel).
+#[inline(always)]
+fn deliver(
+    ctx: &TcContext,
+    cfg: &Config,
+    ip: &Ipv4Hdr,
+    orig: NatEntryV4,
+    l4_csum: Option<(usize, u64)>,
+) -> Result<i32, Reason> {
+    // Through the kernel: `NAT_E_KERNEL` flows, an expiring TTL (it answers "time exceeded"),
+    // no bridge, or a packet too big for it (the kernel fragments or answers).
+    let to_kernel = orig.flags & NAT_E_KERNEL != 0
+        || ip.ttl <= 1
+        || cfg.bridge_ifindex == 0
+        || !fits(ctx, cfg.bridge_ifindex);
+    rewrite_addr(
+        ctx,
+        IP_DADDR_OFF,
+        ip.daddr,
+        orig.addr,
+        l4_csum,
+        !to_kernel,
+        ip,
+    )?;
+    count(Reason::NatRev, ctx.len());
+    if to_kernel {
+        return Ok(TC_ACT_OK);
+    }
+    // SAFETY: NULL parameters are allowed (the kernel does the FIB lookup).
+    Ok(unsafe { bpf_redirect_neigh(cfg.bridge_ifindex, ptr::null_mut(), 0, 0) } as i32)
+}
+
+#[inline(always)]
+fn fits(ctx: &TcContext, ifindex: u32) -> bool {
+    let mut mtu_len: u32 = 0;
+    // SAFETY: plain helper call on our own context and a stack variable.
+    let ret = unsafe {
+        bpf_check_mtu(
+            ctx.as_ptr(),
+            ifindex,
+            &mut mtu_len,
+            0,
+            u64::from(BPF_MTU_CHK_SEGS),
+        )
+    };
+    ret <= 0
+}
+
+/// Looks up the reply tuple `key`; refreshes both entries of a live flow and returns the pod's
+/// side. A dead flow is removed (the packet then goes to the kernel, as without an entry).
+#[inline(always)]
+fn flow_in(nat: &NatConfig, key: &NatKeyV4, tcp_flags: u8) -> Option<NatEntryV4> {
+    let rev = SNAT_V4_REV.get_ptr_mut(key)?;
+    // SAFETY: a map value pointer, valid during this program run.
+    let e = unsafe { *rev };
+    // SAFETY: no arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let ct_key = key.original(e.addr, e.port);
+    if expired(nat, key.proto, &e, now) {
+        let _ = SNAT_V4_REV.remove(key);
+        if let Some(ct) = SNAT_V4_CT.get_ptr(&ct_key) {
+            // SAFETY: as above.
+            if unsafe { (*ct).port == key.dport } {
+                let _ = SNAT_V4_CT.remove(&ct_key);
+            }
+        }
+        return None;
+    }
+    let mut state = e.state | NAT_S_REPLIED;
+    if key.proto == IPPROTO_TCP {
+        state = tcp_state(state, tcp_flags) | NAT_S_REPLIED;
+    }
+    // SAFETY: as above.
+    unsafe {
+        (*rev).state = state;
+        (*rev).last_seen = now;
+    }
+    if let Some(ct) = SNAT_V4_CT.get_ptr_mut(&ct_key) {
+        // SAFETY: as above.
+        unsafe {
+            if (*ct).port == key.dport {
+                (*ct).state = state;
+                (*ct).last_seen = now;
+            }
+        }
+    }
+    Some(e)
+}
+
+/// An ICMP error to the node's address about a translated flow: the embedded header (what we
+/// sent: node address and translated port → remote) is given the pod's address and port back,
+/// with its own checksums, the ICMP checksum and the outer destination.
+#[inline(always)]
+fn icmp_error_reverse(
+    ctx: &TcContext,
+    nat: &NatConfig,
+    cfg: &Config,
+    ip: &Ipv4Hdr,
+    l4: usize,
+) -> Result<i32, Reason> {
+    let icmp_csum_off = l4 + 2;
+    let inner = l4 + 8;
+    let Ok(iip) = ctx.load::<Ipv4Hdr>(inner) else {
+        return Ok(TC_ACT_OK);
+    };
+    if iip.ver_ihl != Ipv4Hdr::VER_IHL_NO_OPTIONS || iip.saddr != cfg.local_ip {
+        return Ok(TC_ACT_OK);
+    }
+    let il4 = inner + 20;
+    let Ok(ih) = ctx.load::<[u8; 8]>(il4) else {
+        return Ok(TC_ACT_OK);
+    };
+    // The inner packet went from us to the remote: its reply tuple is the reverse.
+    let (key, port_off, inner_csum_off) = match iip.proto {
+        IPPROTO_TCP => (
+            NatKeyV4 {
+                saddr: iip.daddr,
+                daddr: iip.saddr,
+                sport: [ih[2], ih[3]],
+                dport: [ih[0], ih[1]],
+                proto: IPPROTO_TCP,
+                _pad: [0; 3],
+            },
+            il4,
+            il4 + 16,
+        ),
+        IPPROTO_UDP => (
+            NatKeyV4 {
+                saddr: iip.daddr,
+                daddr: iip.saddr,
+                sport: [ih[2], ih[3]],
+                dport: [ih[0], ih[1]],
+                proto: IPPROTO_UDP,
+                _pad: [0; 3],
+            },
+            il4,
+            il4 + 6,
+        ),
+        IPPROTO_ICMP if ih[0] == ICMP_ECHO => (
+            NatKeyV4 {
+                saddr: iip.daddr,
+                daddr: iip.saddr,
+                sport: [0, 0],
+                dport: [ih[4], ih[5]],
+                proto: IPPROTO_ICMP,
+                _pad: [0; 3],
+            },
+            il4 + 4,
+            il4 + 2,
+        ),
+        _ => return Ok(TC_ACT_OK),
+    };
+    let Some(orig) = flow_in(nat, &key, 0) else {
+        return Ok(TC_ACT_OK);
+    };
+    let old_port = key.dport;
+    let (old_a, new_a) = (iip.saddr, orig.addr);
+    let w = |a: [u8; 4], i: usize| u16::from_be_bytes([a[i], a[i + 1]]);
+
+    // Inner IPv4 header: source and checksum (their sum is unchanged, so is the ICMP one).
+    let mut icheck = replace16(iip.check, w(old_a, 0), w(new_a, 0));
+    icheck = replace16(icheck, w(old_a, 2), w(new_a, 2));
+    ctx.store(inner + 12, &new_a, 0)
+        .map_err(|_| Reason::DropNatFailed)?;
+    ctx.store(inner + 10, &icheck, 0)
+        .map_err(|_| Reason::DropNatFailed)?;
+
+    // Inner port and, where the error carries it, the inner L4 checksum (pseudo-header for
+    // TCP/UDP; a zero UDP checksum stays zero). Each changed word moves the ICMP checksum.
+    if let Ok(old_c) = ctx.load::<[u8; 2]>(inner_csum_off) {
+        let udp_zero = iip.proto == IPPROTO_UDP && old_c == [0, 0];
+        if !udp_zero {
+            let mut c = replace16(
+                old_c,
+                u16::from_be_bytes(old_port),
+                u16::from_be_bytes(orig.port),
+            );
+            if iip.proto != IPPROTO_ICMP {
+                c = replace16(c, w(old_a, 0), w(new_a, 0));
+                c = replace16(c, w(old_a, 2), w(new_a, 2));
+            }
+            if iip.proto == IPPROTO_UDP && c == [0, 0] {
+                c = [0xff, 0xff];
+            }
+            ctx.l4_csum_replace(
+                icmp_csum_off,
+                u64::from(u16::from_ne_bytes(old_c)),
+                u64::from(u16::from_ne_bytes(c)),
+                2,
+            )
+            .map_err(|_| Reason::DropNatFailed)?;
+            ctx.store(inner_csum_off, &c, 0)
+                .map_err(|_| Reason::DropNatFailed)?;
+        }
+    }
+    ctx.l4_csum_replace(
+        icmp_csum_off,
+        u64::from(u16::from_ne_bytes(old_port)),
+        u64::from(u16::from_ne_bytes(orig.port)),
+        2,
+    )
+    .map_err(|_| Reason::DropNatFailed)?;
+    ctx.store(port_off, &orig.port, 0)
+        .map_err(|_| Reason::DropNatFailed)?;
+
+    // The outer destination (ICMP has no pseudo-header).
+    deliver(ctx, cfg, ip, orig, None)
+}

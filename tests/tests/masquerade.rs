@@ -1,0 +1,436 @@
+//! `--ip-masq` end to end: the real agent and etcd, namespace nodes, an outside host
+//! (198.19.0.1, its own namespace) that has no route to the pod network, so only masqueraded
+//! traffic can come back. The masquerade is the data path's (no iptables or nftables rule is
+//! ever written: checked in the node).
+
+use std::{
+    collections::BTreeSet,
+    io::{BufRead, BufReader},
+    net::IpAddr,
+    process::Stdio,
+    thread,
+    time::{Duration, Instant},
+};
+
+use overlay_tests::{
+    ChildGuard, Cluster, Endpoint, Node, OUTSIDE_IP, agent_bin, traffic, xfer_bin,
+};
+
+const VXLAN_CONFIG: &str = r#"{"Network": "172.17.0.0/16", "Backend": {"Type": "vxlan"}}"#;
+
+fn masq_cluster(nodes: usize, pods: usize, extra: &[&str]) -> Cluster {
+    let mut args = vec!["--ip-masq"];
+    args.extend_from_slice(extra);
+    Cluster::builder()
+        .nodes(nodes)
+        .pods_per_node(pods)
+        .outside(true)
+        .network_config(VXLAN_CONFIG)
+        .agent_args(&args)
+        .build()
+        .unwrap()
+}
+
+/// Runs `overlay-agent <args> --bpf-dir <node's>` in the node; returns its stdout.
+fn agent_tool(node: &Node, args: &[&str]) -> String {
+    let bin = agent_bin().unwrap().display().to_string();
+    let dir = node.bpf_dir().display().to_string();
+    let mut all: Vec<&str> = args.to_vec();
+    all.extend(["--bpf-dir", &dir]);
+    node.ns().run(&bin, &all).unwrap()
+}
+
+/// The node's counters (`overlay-agent counters`): name → packets.
+fn counter(node: &Node, name: &str) -> u64 {
+    let out = agent_tool(node, &["counters"]);
+    out.lines()
+        .find_map(|l| {
+            let mut f = l.split_whitespace();
+            (f.next() == Some(name)).then(|| f.next().unwrap().parse().unwrap())
+        })
+        .unwrap_or_else(|| panic!("`overlay-agent counters` lacks {name}:\n{out}"))
+}
+
+/// Flows in the node's masquerade table (`overlay-agent nat`, last line).
+fn nat_entries(node: &Node) -> usize {
+    let out = agent_tool(node, &["nat"]);
+    let last = out.lines().last().unwrap_or_default();
+    let n = last
+        .strip_prefix("entries ")
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or_else(|| panic!("`overlay-agent nat` ends with {last:?}:\n{out}"));
+    n.parse().unwrap()
+}
+
+/// Neither iptables nor nftables holds a rule of ours in the node.
+fn assert_no_firewall_rules(node: &Node) {
+    let saved = node
+        .ns()
+        .run("iptables-save", &[] as &[&str])
+        .unwrap_or_default();
+    assert!(
+        !saved.contains("MASQUERADE") && !saved.contains("172.17."),
+        "iptables in {} holds rules:\n{saved}",
+        node.name()
+    );
+    let nft = node
+        .ns()
+        .run("nft", &["list", "ruleset"])
+        .unwrap_or_default();
+    assert!(
+        !nft.contains("masquerade") && !nft.contains("172.17."),
+        "nftables in {}:\n{nft}",
+        node.name()
+    );
+}
+
+#[test]
+fn pods_reach_the_outside_host_as_the_node_by_tcp_udp_and_ping() {
+    let cluster = masq_cluster(2, 1, &[]);
+    let out = cluster.outside();
+    let pod = cluster.pod(0, 0);
+    let node = cluster.node(0);
+    // The outside host really has no way back to the pods but through masquerade.
+    let routes = out
+        .ns()
+        .run("ip", &["route", "get", &pod.ip().to_string()])
+        .unwrap();
+    assert!(routes.contains("via 198.19.0.254"), "{routes}");
+
+    let ping = pod.ping(OUTSIDE_IP, 3).unwrap();
+    assert!(ping.all_received(), "ping pod -> outside:\n{}", ping.output);
+
+    let t = pod.tcp_transfer(out, 8 << 20).unwrap();
+    assert_eq!(
+        t.server_peer.ip(),
+        IpAddr::V4(node.underlay_ip()),
+        "outside sees the node"
+    );
+    assert_eq!(
+        t.client_local.ip(),
+        IpAddr::V4(pod.ip()),
+        "the pod keeps its own address"
+    );
+
+    let u = pod.udp_echo(out, 20).unwrap();
+    assert_eq!(u.received, 20, "UDP echoes: {u:?}");
+    assert_eq!(u.bad, 0);
+    assert!(
+        u.server_peers
+            .iter()
+            .all(|p| p.ip() == IpAddr::V4(node.underlay_ip())),
+        "outside sees only the node: {:?}",
+        u.server_peers
+    );
+    // Big datagrams too (fragmented by the pod: the first fragment carries the port).
+    let big = traffic::udp_echo_to(&pod, out, OUTSIDE_IP, 5, 1400).unwrap();
+    assert_eq!(big.received, 5, "{big:?}");
+
+    assert!(counter(node, "nat_snat") > 0);
+    assert!(counter(node, "nat_rev") > 0);
+    assert!(counter(node, "nat_new_flow") >= 3);
+    assert_eq!(counter(node, "drop_nat_exhausted"), 0);
+    assert!(nat_entries(node) >= 3, "{}", agent_tool(node, &["nat"]));
+    for n in cluster.nodes() {
+        assert_no_firewall_rules(n);
+    }
+}
+
+#[test]
+fn without_ip_masq_pod_traffic_is_not_translated() {
+    let cluster = Cluster::builder()
+        .nodes(1)
+        .pods_per_node(1)
+        .outside(true)
+        .network_config(VXLAN_CONFIG)
+        .build()
+        .unwrap();
+    let pod = cluster.pod(0, 0);
+    // No masquerade: the outside host cannot answer the pod.
+    assert!(
+        !pod.ping(OUTSIDE_IP, 2).unwrap().any_received(),
+        "must not be masqueraded"
+    );
+    assert_eq!(counter(cluster.node(0), "nat_snat"), 0);
+}
+
+#[test]
+fn pods_see_real_pod_addresses_across_nodes_and_excluded_destinations_keep_them() {
+    let cluster = masq_cluster(2, 1, &["--ip-masq-exclude", "198.19.0.0/24"]);
+    let (a, b) = (cluster.pod(0, 0), cluster.pod(1, 0));
+    a.ping_until(b.ip(), Duration::from_secs(10)).unwrap();
+    let t = a.tcp_transfer(&b, 1 << 20).unwrap();
+    assert_eq!(
+        t.server_peer.ip(),
+        IpAddr::V4(a.ip()),
+        "pod -> pod: the real pod address"
+    );
+    let u = b.udp_echo(&a, 5).unwrap();
+    assert_eq!(
+        u.server_peers.iter().map(|p| p.ip()).collect::<Vec<_>>(),
+        [IpAddr::V4(b.ip())]
+    );
+    // Host -> remote pod: the host's sockets reach the cluster through ovl0 and take its
+    // address (the lease's .0, as flannel.1's), a cluster source: the remote pod sees it as is.
+    let host_addr = cluster
+        .node(0)
+        .subnet_env()
+        .unwrap()
+        .subnet
+        .trunc()
+        .network();
+    let t = cluster.node(0).tcp_transfer(&b, 1 << 20).unwrap();
+    assert_eq!(
+        t.server_peer.ip(),
+        IpAddr::V4(host_addr),
+        "host -> remote pod source"
+    );
+    // The outside host is excluded: the pod's own address leaves, and no reply can come back.
+    assert!(
+        !a.ping(OUTSIDE_IP, 2).unwrap().any_received(),
+        "excluded destination was masqueraded"
+    );
+    assert_eq!(counter(cluster.node(0), "nat_snat"), 0);
+    assert_eq!(nat_entries(cluster.node(0)), 0);
+}
+
+#[test]
+fn two_pods_with_the_same_source_port_to_the_same_service_both_work() {
+    let cluster = masq_cluster(1, 2, &["--ip-masq-fully-random-disable"]);
+    let out = cluster.outside();
+    let (p0, p1) = (cluster.pod(0, 0), cluster.pod(0, 1));
+    // A UDP server on the outside host; both pods send from port 40000 (kept when free, so the
+    // second must be moved).
+    let port = 7777u16;
+    let mut srv = out.ns().command(xfer_bin().unwrap());
+    srv.args([
+        "udp-serve",
+        "--port",
+        &port.to_string(),
+        "--timeout-ms",
+        "20000",
+        "--count",
+        "6",
+        "--idle-ms",
+        "5000",
+    ])
+    .stdout(Stdio::piped());
+    let mut srv = ChildGuard::spawn(srv).unwrap();
+    let stdout = srv.child_mut().stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    assert!(lines.next().unwrap().unwrap().starts_with("listening"));
+    for pod in [&p0, &p1] {
+        let r = pod
+            .ns()
+            .run(
+                xfer_bin().unwrap(),
+                &[
+                    "udp-send",
+                    "--to",
+                    &format!("{OUTSIDE_IP}:{port}"),
+                    "--count",
+                    "3",
+                    "--size",
+                    "64",
+                    "--seed",
+                    "1",
+                    "--sport",
+                    "40000",
+                ],
+            )
+            .unwrap();
+        assert!(
+            r.contains(&format!("local={}:40000 ", pod.ip())) && r.contains("received=3"),
+            "{}: {r}",
+            pod.label()
+        );
+    }
+    let done = lines.next().unwrap().unwrap();
+    assert!(done.contains("received=6"), "{done}");
+    let seen: BTreeSet<&str> = done.split("peers=").nth(1).unwrap().split(',').collect();
+    assert_eq!(
+        seen.len(),
+        2,
+        "two translated flows with distinct ports: {done}"
+    );
+    assert!(seen.iter().all(|p| p.starts_with("198.18.0.1:")), "{done}");
+    assert!(
+        seen.contains("198.18.0.1:40000"),
+        "the first flow keeps its port: {done}"
+    );
+}
+
+/// Runs `count` concurrent connections from `pod` to `server:port` (server started by caller).
+fn many_connections(
+    pod: &overlay_tests::Pod,
+    port: u16,
+    count: usize,
+    seed: u64,
+) -> (usize, usize) {
+    let mut c = pod.ns().command(xfer_bin().unwrap());
+    c.args([
+        "tcp-many-send",
+        "--to",
+        &format!("{OUTSIDE_IP}:{port}"),
+        "--count",
+        &count.to_string(),
+        "--bytes",
+        "4096",
+        "--seed",
+        &seed.to_string(),
+        "--timeout-ms",
+        "90000",
+    ]);
+    let out = c.output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}: {text} {}",
+        pod.label(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (_, kv) = overlay_tests::xfer::parse_line(text.lines().last().unwrap());
+    (kv["connected"].parse().unwrap(), kv["ok"].parse().unwrap())
+}
+
+#[test]
+fn two_thousand_concurrent_connections_from_several_pods_complete_intact() {
+    const PODS: usize = 4;
+    const PER_POD: usize = 500;
+    let cluster = masq_cluster(1, PODS, &[]);
+    let out = cluster.outside();
+    let port = 7788u16;
+    let seed = 99u64;
+    let mut srv = out.ns().command(xfer_bin().unwrap());
+    srv.args([
+        "tcp-many-serve",
+        "--port",
+        &port.to_string(),
+        "--count",
+        &(PODS * PER_POD).to_string(),
+        "--bytes",
+        "4096",
+        "--seed",
+        &seed.to_string(),
+        "--timeout-ms",
+        "120000",
+    ])
+    .stdout(Stdio::piped());
+    let mut srv = ChildGuard::spawn(srv).unwrap();
+    let mut lines = BufReader::new(srv.child_mut().stdout.take().unwrap()).lines();
+    assert!(lines.next().unwrap().unwrap().starts_with("listening"));
+    let started = Instant::now();
+    let pods = cluster.node(0).pods();
+    let results: Vec<(usize, usize)> = thread::scope(|s| {
+        let handles: Vec<_> = pods
+            .iter()
+            .map(|p| s.spawn(move || many_connections(p, port, PER_POD, seed)))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let done = lines.next().unwrap().unwrap();
+    eprintln!(
+        "{} connections in {:?}: {done}",
+        PODS * PER_POD,
+        started.elapsed()
+    );
+    for (connected, ok) in &results {
+        assert_eq!(
+            (*connected, *ok),
+            (PER_POD, PER_POD),
+            "per pod: {results:?}"
+        );
+    }
+    assert!(
+        done.contains(&format!("verified={}", PODS * PER_POD)),
+        "{done}"
+    );
+    assert!(
+        done.ends_with("peers=198.18.0.1"),
+        "the outside saw only the node: {done}"
+    );
+    let node = cluster.node(0);
+    assert!(
+        nat_entries(node) >= PODS * PER_POD,
+        "{} flows",
+        nat_entries(node)
+    );
+    assert_eq!(counter(node, "drop_nat_exhausted"), 0);
+}
+
+#[test]
+fn idle_flows_expire_and_the_table_shrinks() {
+    let cluster = masq_cluster(1, 1, &["--dev-nat-timeout", "2"]);
+    let out = cluster.outside();
+    let pod = cluster.pod(0, 0);
+    let node = cluster.node(0);
+    for _ in 0..5 {
+        let u = pod.udp_echo(out, 1).unwrap();
+        assert_eq!(u.received, 1);
+    }
+    assert!(pod.ping(OUTSIDE_IP, 1).unwrap().all_received());
+    let busy = nat_entries(node);
+    assert!(
+        busy >= 6,
+        "five UDP flows and one ping: {}",
+        agent_tool(node, &["nat"])
+    );
+    // Idle for 2 s, swept every second: gone within a few seconds.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while nat_entries(node) > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "not expired:\n{}",
+            agent_tool(node, &["nat"])
+        );
+        thread::sleep(Duration::from_millis(250));
+    }
+    let dir = node
+        .bpf_dir()
+        .join("maps/SNAT_V4_REV")
+        .display()
+        .to_string();
+    let dump = node
+        .ns()
+        .run("bpftool", &["map", "dump", "pinned", &dir])
+        .unwrap();
+    assert!(
+        dump.contains("Found 0 elements") || dump.trim() == "[]",
+        "SNAT_V4_REV not empty:\n{dump}"
+    );
+    // And new flows still work afterwards.
+    assert_eq!(pod.udp_echo(out, 2).unwrap().received, 2);
+}
+
+#[test]
+fn a_masqueraded_transfer_survives_kill_9_of_the_agent() {
+    let cluster = masq_cluster(1, 1, &[]);
+    let out = cluster.outside();
+    let pod = cluster.pod(0, 0);
+    let node = cluster.node(0);
+    const BYTES: u64 = 256 << 20;
+    let report = thread::scope(|s| {
+        let transfer = s.spawn(|| pod.tcp_transfer(out, BYTES));
+        thread::sleep(Duration::from_millis(300));
+        node.agent().unwrap().kill9().unwrap();
+        assert!(
+            !transfer.is_finished(),
+            "the transfer ended before the kill: make BYTES larger"
+        );
+        thread::sleep(Duration::from_millis(500));
+        let agent = node.start_agent(&["--ip-masq"]).unwrap();
+        agent
+            .wait_for_log("took over the pinned link on eth0", Duration::from_secs(30))
+            .unwrap();
+        transfer
+            .join()
+            .expect("transfer thread")
+            .expect("transfer intact")
+    });
+    assert_eq!(report.bytes, BYTES);
+    assert_eq!(report.server_peer.ip(), IpAddr::V4(node.underlay_ip()));
+    assert!(
+        pod.ping(OUTSIDE_IP, 2).unwrap().all_received(),
+        "after the restart"
+    );
+}

@@ -1,0 +1,673 @@
+//! Packet tests of the masquerade (`--ip-masq`) data path: `pod_egress`, `underlay_ingress`
+//! and `underlay_egress` run on crafted frames through `BPF_PROG_TEST_RUN`, and the tests check
+//! the bytes (addresses, ports, every checksum), the verdicts, the flow maps and the counters.
+//!
+//! The programs look up routes (`bpf_fib_lookup`) in the network namespace they run in, so every
+//! test runs them from a thread inside a namespace of its own (`ovl-<pid>-…`, removed on drop)
+//! set up as a node: `eth0` (a veth whose peer stays in the namespace) 198.18.0.1/24 with the default route via 198.18.0.254,
+//! the pod bridge `cni0` 172.17.1.1/24, forwarding on. Root only; fails, never skips, without it.
+//! The object is `$OVERLAY_EBPF_OBJECT` or `target/bpfel-unknown-none/release/overlay`.
+
+use std::{collections::BTreeMap, net::Ipv4Addr, path::PathBuf};
+
+use aya::{
+    Ebpf, EbpfLoader, TestRun, TestRunOptions,
+    maps::{Array, HashMap, LpmTrie, PerCpuArray},
+    programs::SchedClassifier,
+};
+use overlay_common::{
+    config::{CONFIG_F_READY, Config},
+    counters::{Counter, Reason},
+    nat::{NAT_F_ENABLED, NAT_F_KEEP_PORT, NatConfig, NatEntryV4, NatKeyV4},
+};
+use overlay_tests::{NetNs, unique_id};
+
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_SHOT: u32 = 2;
+const TC_ACT_REDIRECT: u32 = 7;
+const PROGRAMS: [&str; 4] = [
+    "pod_egress",
+    "host_egress",
+    "underlay_ingress",
+    "underlay_egress",
+];
+
+const NODE_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+const POD: Ipv4Addr = Ipv4Addr::new(172, 17, 1, 5);
+const POD2: Ipv4Addr = Ipv4Addr::new(172, 17, 1, 6);
+const OUTSIDE: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 1);
+const PORT_MIN: u16 = 1024;
+const PORT_MAX: u16 = 32767;
+
+const IPPROTO_ICMP: u8 = 1;
+const IPPROTO_TCP: u8 = 6;
+const IPPROTO_UDP: u8 = 17;
+
+// ---------------------------------------------------------------------------------------------
+// A node namespace with the object loaded
+
+struct Node {
+    ns: NetNs,
+    ebpf: Ebpf,
+    eth0: u32,
+    cni0: u32,
+}
+
+fn object_path() -> PathBuf {
+    std::env::var_os("OVERLAY_EBPF_OBJECT").map_or_else(
+        || {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("../target/bpfel-unknown-none/release/overlay")
+        },
+        PathBuf::from,
+    )
+}
+
+fn ifindex(ns: &NetNs, dev: &str) -> u32 {
+    let out = ns.ip(&["-o", "link", "show", "dev", dev]).unwrap();
+    out.split(':').next().unwrap().trim().parse().unwrap()
+}
+
+impl Node {
+    fn new(nat: NatConfig) -> Self {
+        // SAFETY: geteuid has no preconditions.
+        assert!(
+            unsafe { libc::geteuid() } == 0,
+            "packet_nat: these tests load eBPF programs and create namespaces: run them as root \
+             (CI does): cargo test -p overlay-tests --test packet_nat -- --test-threads=1"
+        );
+        let path = object_path();
+        assert!(
+            path.is_file(),
+            "eBPF object {} missing: run `cargo xtask build-ebpf`",
+            path.display()
+        );
+        let ns = NetNs::new(format!("{}-pkt", unique_id())).unwrap();
+        ns.ip(&[
+            "link", "add", "eth0", "type", "veth", "peer", "name", "eth0p",
+        ])
+        .unwrap();
+        ns.link_up("eth0p").unwrap();
+        ns.add_addr("eth0", &format!("{NODE_IP}/24")).unwrap();
+        ns.link_up("eth0").unwrap();
+        ns.add_default_route("198.18.0.254", "eth0").unwrap();
+        ns.add_bridge("cni0").unwrap();
+        ns.set_mtu("cni0", 1450).unwrap();
+        ns.add_addr("cni0", "172.17.1.1/24").unwrap();
+        ns.link_up("cni0").unwrap();
+        ns.sysctl("net.ipv4.ip_forward", "1").unwrap();
+        let (eth0, cni0) = (ifindex(&ns, "eth0"), ifindex(&ns, "cni0"));
+
+        let mut ebpf = EbpfLoader::new().load_file(&path).unwrap();
+        for name in PROGRAMS {
+            let prog: &mut SchedClassifier = ebpf.program_mut(name).unwrap().try_into().unwrap();
+            prog.load()
+                .unwrap_or_else(|e| panic!("verifier rejected {name}: {e:?}"));
+        }
+        let mut node = Self {
+            ns,
+            ebpf,
+            eth0,
+            cni0,
+        };
+        let cfg = Config {
+            flags: CONFIG_F_READY,
+            vni: 1,
+            underlay_ifindex: eth0,
+            bridge_ifindex: cni0,
+            host_ifindex: 0,
+            local_ip: NODE_IP.octets(),
+            subnet: [172, 17, 1, 0],
+            subnet_mask: [255, 255, 255, 0],
+            network: [172, 17, 0, 0],
+            network_mask: [255, 255, 0, 0],
+            vtep_mac: [0x0e, 0, 0, 0, 0, 1],
+            host_mac: [0; 6],
+            port: 8472,
+            src_port_min: 32768,
+            src_port_max: 60999,
+            _reserved: [0; 2],
+        };
+        let mut a: Array<_, Config> =
+            Array::try_from(node.ebpf.map_mut("CONFIG").unwrap()).unwrap();
+        a.set(0, cfg, 0).unwrap();
+        node.set_nat(nat);
+        node
+    }
+
+    fn set_nat(&mut self, nat: NatConfig) {
+        let mut a: Array<_, NatConfig> =
+            Array::try_from(self.ebpf.map_mut("NAT_CONFIG").unwrap()).unwrap();
+        a.set(0, nat, 0).unwrap();
+    }
+
+    fn exclude(&mut self, net: Ipv4Addr, len: u32) {
+        let mut t: LpmTrie<_, [u8; 4], u8> =
+            LpmTrie::try_from(self.ebpf.map_mut("NAT_EXCLUDE_V4").unwrap()).unwrap();
+        t.insert(&aya::maps::lpm_trie::Key::new(len, net.octets()), 1, 0)
+            .unwrap();
+    }
+
+    /// Runs `prog` on `frame` (with `mark` in the skb) from a thread in the node namespace.
+    fn run_marked(&self, prog: &str, frame: &[u8], mark: u32) -> (u32, Vec<u8>) {
+        let program: &SchedClassifier = self.ebpf.program(prog).unwrap().try_into().unwrap();
+        self.ns
+            .in_netns(|| {
+                let mut out = vec![0u8; frame.len() + 256];
+                // struct __sk_buff up to `mark`: len, pkt_type (must be 0), mark.
+                let mut ctx = [0u8; 12];
+                ctx[8..12].copy_from_slice(&mark.to_ne_bytes());
+                let r = program
+                    .test_run(TestRunOptions {
+                        data_in: Some(frame),
+                        data_out: Some(&mut out),
+                        ctx_in: Some(&ctx),
+                        ..TestRunOptions::default()
+                    })
+                    .map_err(|e| anyhow::anyhow!("test run of {prog}: {e:?}"))?;
+                out.truncate(r.data_size_out as usize);
+                Ok((r.return_value, out))
+            })
+            .unwrap()
+    }
+
+    fn run(&self, prog: &str, frame: &[u8]) -> (u32, Vec<u8>) {
+        self.run_marked(prog, frame, 0)
+    }
+
+    fn counters(&self) -> BTreeMap<&'static str, u64> {
+        let map: PerCpuArray<_, Counter> =
+            PerCpuArray::try_from(self.ebpf.map("COUNTERS").unwrap()).unwrap();
+        Reason::ALL
+            .iter()
+            .filter_map(|&r| {
+                let n: u64 = map
+                    .get(&r.index(), 0)
+                    .unwrap()
+                    .iter()
+                    .map(|c| c.packets)
+                    .sum();
+                (n != 0).then_some((r.name(), n))
+            })
+            .collect()
+    }
+
+    fn flows(&self, map: &str) -> Vec<(NatKeyV4, NatEntryV4)> {
+        let m: HashMap<_, NatKeyV4, NatEntryV4> =
+            HashMap::try_from(self.ebpf.map(map).unwrap()).unwrap();
+        m.iter().map(Result::unwrap).collect()
+    }
+}
+
+fn nat_on(flags: u32) -> NatConfig {
+    NatConfig {
+        flags: NAT_F_ENABLED | flags,
+        port_min: PORT_MIN,
+        port_max: PORT_MAX,
+        tcp_established: 3600,
+        tcp_transient: 120,
+        udp: 30,
+        udp_stream: 120,
+        icmp: 30,
+        _reserved: 0,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Frames and checksums
+
+fn checksum(data: &[u8]) -> u16 {
+    let mut sum: u32 = data
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// The L4 checksum over the pseudo-header and `seg` (whose checksum field is included).
+fn l4_sum(src: [u8; 4], dst: [u8; 4], proto: u8, seg: &[u8]) -> u16 {
+    let mut p = Vec::new();
+    p.extend_from_slice(&src);
+    p.extend_from_slice(&dst);
+    p.extend_from_slice(&[0, proto]);
+    p.extend_from_slice(&u16::try_from(seg.len()).unwrap().to_be_bytes());
+    p.extend_from_slice(seg);
+    checksum(&p)
+}
+
+fn be16(b: &[u8], off: usize) -> u16 {
+    u16::from_be_bytes([b[off], b[off + 1]])
+}
+
+fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, ttl: u8, payload: &[u8]) -> Vec<u8> {
+    let len = u16::try_from(20 + payload.len()).unwrap();
+    let mut p = vec![0x45, 0];
+    p.extend_from_slice(&len.to_be_bytes());
+    p.extend_from_slice(&[0x12, 0x34, 0x40, 0x00, ttl, proto, 0, 0]);
+    p.extend_from_slice(&src.octets());
+    p.extend_from_slice(&dst.octets());
+    let c = checksum(&p);
+    p[10..12].copy_from_slice(&c.to_be_bytes());
+    p.extend_from_slice(payload);
+    p
+}
+
+fn tcp(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, flags: u8, data: &[u8]) -> Vec<u8> {
+    let mut s = Vec::new();
+    s.extend_from_slice(&sport.to_be_bytes());
+    s.extend_from_slice(&dport.to_be_bytes());
+    s.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, flags, 0xff, 0xff, 0, 0, 0, 0]);
+    s.extend_from_slice(data);
+    let c = l4_sum(src.octets(), dst.octets(), IPPROTO_TCP, &s);
+    s[16..18].copy_from_slice(&c.to_be_bytes());
+    ipv4(src, dst, IPPROTO_TCP, 64, &s)
+}
+
+fn udp(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    sport: u16,
+    dport: u16,
+    data: &[u8],
+    zero_csum: bool,
+) -> Vec<u8> {
+    let mut s = Vec::new();
+    s.extend_from_slice(&sport.to_be_bytes());
+    s.extend_from_slice(&dport.to_be_bytes());
+    s.extend_from_slice(&u16::try_from(8 + data.len()).unwrap().to_be_bytes());
+    s.extend_from_slice(&[0, 0]);
+    s.extend_from_slice(data);
+    if !zero_csum {
+        let c = l4_sum(src.octets(), dst.octets(), IPPROTO_UDP, &s);
+        s[6..8].copy_from_slice(&c.to_be_bytes());
+    }
+    ipv4(src, dst, IPPROTO_UDP, 64, &s)
+}
+
+fn icmp(src: Ipv4Addr, dst: Ipv4Addr, kind: u8, code: u8, rest: [u8; 4], data: &[u8]) -> Vec<u8> {
+    let mut s = vec![kind, code, 0, 0];
+    s.extend_from_slice(&rest);
+    s.extend_from_slice(data);
+    let c = checksum(&s);
+    s[2..4].copy_from_slice(&c.to_be_bytes());
+    ipv4(src, dst, IPPROTO_ICMP, 64, &s)
+}
+
+fn frame(ip: &[u8]) -> Vec<u8> {
+    let mut f = vec![0x02, 0xbb, 0, 0, 0, 1, 0x02, 0xcc, 0, 0, 0, 5, 0x08, 0x00];
+    f.extend_from_slice(ip);
+    f
+}
+
+/// The IPv4 packet of an output frame, with its header and L4 checksums verified.
+#[track_caller]
+fn check_ip(out: &[u8]) -> Vec<u8> {
+    let ip = out[14..].to_vec();
+    assert_eq!(checksum(&ip[..20]), 0, "IPv4 header checksum must verify");
+    let seg = &ip[20..];
+    let (src, dst) = (
+        ip[12..16].try_into().unwrap(),
+        ip[16..20].try_into().unwrap(),
+    );
+    match ip[9] {
+        IPPROTO_TCP => assert_eq!(l4_sum(src, dst, IPPROTO_TCP, seg), 0, "TCP checksum"),
+        IPPROTO_UDP if be16(seg, 6) != 0 => {
+            assert_eq!(l4_sum(src, dst, IPPROTO_UDP, seg), 0, "UDP checksum")
+        }
+        IPPROTO_ICMP => assert_eq!(checksum(seg), 0, "ICMP checksum"),
+        _ => {}
+    }
+    ip
+}
+
+fn addr(ip: &[u8], off: usize) -> Ipv4Addr {
+    Ipv4Addr::new(ip[off], ip[off + 1], ip[off + 2], ip[off + 3])
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tests
+
+#[test]
+fn tcp_is_masqueraded_and_the_reply_translated_back_with_valid_checksums() {
+    let node = Node::new(nat_on(0));
+    let syn = tcp(POD, OUTSIDE, 40000, 80, 0x02, b"");
+    let (v, out) = node.run("pod_egress", &frame(&syn));
+    assert_eq!(v, TC_ACT_REDIRECT, "sent out of eth0 by bpf_redirect_neigh");
+    let ip = check_ip(&out);
+    assert_eq!(
+        addr(&ip, 12),
+        NODE_IP,
+        "source = the external interface's address"
+    );
+    assert_eq!(addr(&ip, 16), OUTSIDE);
+    assert_eq!(ip[8], 63, "TTL decremented (we are the forwarding hop)");
+    let nat_port = be16(&ip, 20);
+    assert!(
+        (PORT_MIN..=PORT_MAX).contains(&nat_port),
+        "random port in range: {nat_port}"
+    );
+    assert_eq!(be16(&ip, 22), 80);
+    assert_eq!(node.flows("SNAT_V4_CT").len(), 1);
+    assert_eq!(node.flows("SNAT_V4_REV").len(), 1);
+
+    // The reply, to the node's address and the translated port, with data.
+    let synack = tcp(OUTSIDE, NODE_IP, 80, nat_port, 0x12, b"hello from outside");
+    let (v, out) = node.run("underlay_ingress", &frame(&synack));
+    assert_eq!(v, TC_ACT_REDIRECT, "sent to the pod bridge");
+    let ip = check_ip(&out);
+    assert_eq!(addr(&ip, 16), POD, "destination = the pod again");
+    assert_eq!(be16(&ip, 22), 40000, "destination port = the pod's");
+    assert_eq!(
+        (addr(&ip, 12), be16(&ip, 20)),
+        (OUTSIDE, 80),
+        "source untouched"
+    );
+    assert_eq!(ip[8], 63);
+    assert_eq!(&ip[40..], b"hello from outside");
+
+    // The same flow again uses the same port.
+    let (_, out) = node.run(
+        "pod_egress",
+        &frame(&tcp(POD, OUTSIDE, 40000, 80, 0x10, b"x")),
+    );
+    assert_eq!(be16(&check_ip(&out), 20), nat_port);
+    let c = node.counters();
+    assert_eq!(
+        (c["nat_snat"], c["nat_rev"], c["nat_new_flow"]),
+        (2, 1, 1),
+        "{c:?}"
+    );
+}
+
+#[test]
+fn udp_with_and_without_checksum_and_icmp_echo_are_translated() {
+    let node = Node::new(nat_on(NAT_F_KEEP_PORT));
+    // UDP with a checksum; the port is kept (fully-random disabled) since it is free.
+    let (v, out) = node.run(
+        "pod_egress",
+        &frame(&udp(POD, OUTSIDE, 5353, 53, b"query", false)),
+    );
+    assert_eq!(v, TC_ACT_REDIRECT);
+    let ip = check_ip(&out);
+    assert_eq!((addr(&ip, 12), be16(&ip, 20)), (NODE_IP, 5353), "port kept");
+    assert_ne!(be16(&ip, 26), 0);
+    let (v, out) = node.run(
+        "underlay_ingress",
+        &frame(&udp(OUTSIDE, NODE_IP, 53, 5353, b"answer", false)),
+    );
+    assert_eq!(v, TC_ACT_REDIRECT);
+    let ip = check_ip(&out);
+    assert_eq!((addr(&ip, 16), be16(&ip, 22)), (POD, 5353));
+
+    // UDP without a checksum: it must stay zero both ways.
+    let (_, out) = node.run(
+        "pod_egress",
+        &frame(&udp(POD, OUTSIDE, 6000, 9999, b"no csum", true)),
+    );
+    let ip = check_ip(&out);
+    assert_eq!(addr(&ip, 12), NODE_IP);
+    assert_eq!(be16(&ip, 26), 0, "a zero UDP checksum stays zero");
+    let port = be16(&ip, 20);
+    let (_, out) = node.run(
+        "underlay_ingress",
+        &frame(&udp(OUTSIDE, NODE_IP, 9999, port, b"r", true)),
+    );
+    let ip = check_ip(&out);
+    assert_eq!(
+        (addr(&ip, 16), be16(&ip, 22), be16(&ip, 26)),
+        (POD, 6000, 0)
+    );
+
+    // ICMP echo: the identifier is the port.
+    let req = icmp(POD, OUTSIDE, 8, 0, [0x12, 0x34, 0, 1], b"ping data");
+    let (v, out) = node.run("pod_egress", &frame(&req));
+    assert_eq!(v, TC_ACT_REDIRECT);
+    let ip = check_ip(&out);
+    assert_eq!(addr(&ip, 12), NODE_IP);
+    let id = be16(&ip, 24);
+    assert_eq!(id, 0x1234, "identifier kept while free");
+    let (v, out) = node.run(
+        "underlay_ingress",
+        &frame(&icmp(
+            OUTSIDE,
+            NODE_IP,
+            0,
+            0,
+            [0x12, 0x34, 0, 1],
+            b"ping data",
+        )),
+    );
+    assert_eq!(v, TC_ACT_REDIRECT);
+    let ip = check_ip(&out);
+    assert_eq!((addr(&ip, 16), be16(&ip, 24)), (POD, 0x1234));
+
+    // A second pod with the same source port to the same service gets another port.
+    let (_, out) = node.run(
+        "pod_egress",
+        &frame(&udp(POD2, OUTSIDE, 5353, 53, b"query", false)),
+    );
+    let ip = check_ip(&out);
+    assert_eq!(addr(&ip, 12), NODE_IP);
+    let other = be16(&ip, 20);
+    assert_ne!(other, 5353, "collision resolved");
+    let (_, out) = node.run(
+        "underlay_ingress",
+        &frame(&udp(OUTSIDE, NODE_IP, 53, other, b"a2", false)),
+    );
+    assert_eq!(addr(&check_ip(&out), 16), POD2, "each reply to its own pod");
+    let (_, out) = node.run(
+        "underlay_ingress",
+        &frame(&udp(OUTSIDE, NODE_IP, 53, 5353, b"a1", false)),
+    );
+    assert_eq!(addr(&check_ip(&out), 16), POD);
+}
+
+#[test]
+fn icmp_errors_about_a_flow_are_translated_back_inner_header_and_checksums_included() {
+    let node = Node::new(nat_on(0));
+    for proto in [IPPROTO_UDP, IPPROTO_TCP, IPPROTO_ICMP] {
+        let sent = match proto {
+            IPPROTO_UDP => udp(POD, OUTSIDE, 7000, 7001, b"datagram payload", false),
+            IPPROTO_TCP => tcp(POD, OUTSIDE, 7000, 7001, 0x02, b""),
+            _ => icmp(POD, OUTSIDE, 8, 0, [0x77, 0x77, 0, 1], b"echo"),
+        };
+        let (_, out) = node.run("pod_egress", &frame(&sent));
+        let on_wire = check_ip(&out);
+        // What a router or the remote sends back: port unreachable / fragmentation needed,
+        // quoting the packet as it saw it (translated).
+        let (kind, code, rest) = if proto == IPPROTO_TCP {
+            (3, 4, [0, 0, 0x05, 0x78])
+        } else {
+            (3, 3, [0; 4])
+        };
+        let err = icmp(OUTSIDE, NODE_IP, kind, code, rest, &on_wire);
+        let (v, out) = node.run("underlay_ingress", &frame(&err));
+        assert_eq!(v, TC_ACT_REDIRECT, "proto {proto}");
+        let ip = check_ip(&out);
+        assert_eq!(addr(&ip, 16), POD, "outer destination = the pod");
+        let inner = &ip[28..];
+        assert_eq!(
+            checksum(&inner[..20]),
+            0,
+            "inner IPv4 checksum (proto {proto})"
+        );
+        assert_eq!(addr(inner, 12), POD, "inner source = the pod");
+        assert_eq!(addr(inner, 16), OUTSIDE);
+        let seg = &inner[20..];
+        match proto {
+            IPPROTO_ICMP => {
+                assert_eq!(be16(seg, 4), 0x7777, "inner identifier = the pod's");
+                assert_eq!(checksum(seg), 0, "inner ICMP checksum");
+            }
+            _ => {
+                assert_eq!(
+                    be16(seg, 0),
+                    7000,
+                    "inner source port = the pod's (proto {proto})"
+                );
+                let sum = l4_sum(POD.octets(), OUTSIDE.octets(), proto, seg);
+                assert_eq!(sum, 0, "inner L4 checksum (proto {proto})");
+            }
+        }
+        // Everything else in the quote is unchanged: it is the pod's original packet.
+        let mut original = sent.clone();
+        original[8] -= 1; // it left with the TTL we decremented
+        original[10..12].copy_from_slice(&[0, 0]);
+        let c = checksum(&original[..20]);
+        original[10..12].copy_from_slice(&c.to_be_bytes());
+        assert_eq!(
+            inner,
+            &original[..],
+            "the quote is the pod's packet again (proto {proto})"
+        );
+    }
+}
+
+#[test]
+fn what_flannel_does_not_masquerade_is_left_alone() {
+    let mut node = Node::new(nat_on(0));
+    node.exclude(Ipv4Addr::new(10, 96, 0, 0), 12);
+    let cases: [(&str, Vec<u8>, u32); 5] = [
+        (
+            "marked 0x4000 by kube-proxy",
+            tcp(POD, OUTSIDE, 1000, 80, 0x02, b""),
+            0x4000,
+        ),
+        (
+            "to the cluster network",
+            tcp(POD, Ipv4Addr::new(172, 17, 9, 9), 1000, 80, 0x02, b""),
+            0,
+        ),
+        (
+            "multicast",
+            udp(
+                POD,
+                Ipv4Addr::new(224, 0, 0, 251),
+                5353,
+                5353,
+                b"mdns",
+                false,
+            ),
+            0,
+        ),
+        (
+            "an excluded CIDR",
+            tcp(POD, Ipv4Addr::new(10, 96, 0, 1), 1000, 443, 0x02, b""),
+            0,
+        ),
+        (
+            "from outside the cluster",
+            tcp(Ipv4Addr::new(198, 19, 0, 7), OUTSIDE, 1000, 80, 0x02, b""),
+            0,
+        ),
+    ];
+    for (what, ip, mark) in &cases {
+        let f = frame(ip);
+        let (v, out) = node.run_marked("pod_egress", &f, *mark);
+        assert_eq!((v, &out), (TC_ACT_OK, &f), "{what}: passed on untouched");
+        let (v, out) = node.run_marked("underlay_egress", &f, *mark);
+        assert_eq!(
+            (v, &out),
+            (TC_ACT_OK, &f),
+            "{what}: not translated at egress either"
+        );
+    }
+    // A reply for no flow goes on to the kernel untouched.
+    let stray = frame(&tcp(OUTSIDE, NODE_IP, 80, 2000, 0x12, b""));
+    assert_eq!(
+        node.run("underlay_ingress", &stray),
+        (TC_ACT_OK, stray.clone())
+    );
+    assert!(node.flows("SNAT_V4_CT").is_empty());
+
+    // Masquerade off: nothing is translated at all.
+    let mut off = nat_on(0);
+    off.flags = 0;
+    node.set_nat(off);
+    let f = frame(&tcp(POD, OUTSIDE, 1000, 80, 0x02, b""));
+    assert_eq!(node.run("pod_egress", &f), (TC_ACT_OK, f.clone()));
+    assert!(
+        node.counters().keys().all(|k| !k.starts_with("nat_")),
+        "{:?}",
+        node.counters()
+    );
+}
+
+#[test]
+fn kernel_routed_traffic_is_masqueraded_at_egress_and_replies_go_back_to_the_kernel() {
+    let node = Node::new(nat_on(0));
+    let f = frame(&udp(POD, OUTSIDE, 4444, 53, b"routed by the kernel", false));
+    let (v, out) = node.run("underlay_egress", &f);
+    assert_eq!(v, TC_ACT_OK, "translated in place");
+    let ip = check_ip(&out);
+    assert_eq!(addr(&ip, 12), NODE_IP);
+    assert_eq!(ip[8], 64, "the kernel already decremented the TTL");
+    let port = be16(&ip, 20);
+    let (v, out) = node.run(
+        "underlay_ingress",
+        &frame(&udp(OUTSIDE, NODE_IP, 53, port, b"r", false)),
+    );
+    assert_eq!(
+        v, TC_ACT_OK,
+        "a kernel flow's reply goes back through the kernel"
+    );
+    let ip = check_ip(&out);
+    assert_eq!((addr(&ip, 16), be16(&ip, 22), ip[8]), (POD, 4444, 64));
+}
+
+#[test]
+fn port_exhaustion_is_dropped_and_counted_without_disturbing_the_flow_that_holds_the_port() {
+    let mut nat = nat_on(0);
+    (nat.port_min, nat.port_max) = (2000, 2000);
+    let node = Node::new(nat);
+    let (_, out) = node.run(
+        "pod_egress",
+        &frame(&tcp(POD, OUTSIDE, 1111, 80, 0x02, b"")),
+    );
+    assert_eq!(be16(&check_ip(&out), 20), 2000);
+    let (v, _) = node.run(
+        "pod_egress",
+        &frame(&tcp(POD2, OUTSIDE, 2222, 80, 0x02, b"")),
+    );
+    assert_eq!(v, TC_ACT_SHOT, "no port left: dropped");
+    assert_eq!(node.counters()["drop_nat_exhausted"], 1);
+    // The first flow is intact, both ways; to another service the port is free again.
+    let (_, out) = node.run(
+        "underlay_ingress",
+        &frame(&tcp(OUTSIDE, NODE_IP, 80, 2000, 0x12, b"")),
+    );
+    let ip = check_ip(&out);
+    assert_eq!((addr(&ip, 16), be16(&ip, 22)), (POD, 1111));
+    let (v, out) = node.run(
+        "pod_egress",
+        &frame(&tcp(POD2, OUTSIDE, 2222, 443, 0x02, b"")),
+    );
+    assert_eq!((v, be16(&check_ip(&out), 20)), (TC_ACT_REDIRECT, 2000));
+    assert_eq!(node.flows("SNAT_V4_REV").len(), 2);
+}
+
+#[test]
+fn an_idle_flow_is_dead_for_the_data_path() {
+    let mut nat = nat_on(0);
+    nat.tcp_transient = 1;
+    let node = Node::new(nat);
+    let (_, out) = node.run(
+        "pod_egress",
+        &frame(&tcp(POD, OUTSIDE, 1111, 80, 0x02, b"")),
+    );
+    let port = be16(&check_ip(&out), 20);
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+    // The SYN was never answered and has been idle for longer than its timeout: the late
+    // answer is not translated, and the entries are gone.
+    let late = frame(&tcp(OUTSIDE, NODE_IP, 80, port, 0x12, b""));
+    assert_eq!(
+        node.run("underlay_ingress", &late),
+        (TC_ACT_OK, late.clone())
+    );
+    assert!(node.flows("SNAT_V4_REV").is_empty());
+    assert!(node.flows("SNAT_V4_CT").is_empty());
+    let _ = (node.eth0, node.cni0);
+}
