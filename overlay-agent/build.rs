@@ -24,7 +24,12 @@ fn main() {
 /// `<target dir>/bpfel-unknown-none/release/overlay`, where the xtask puts it.
 fn default_object() -> PathBuf {
     let workspace = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let target = env::var_os("CARGO_TARGET_DIR")
-        .map_or_else(|| workspace.join("target"), |t| workspace.join(PathBuf::from(t)));
-    target.join("bpfel-unknown-none").join("release").join("overlay")
+    let target = env::var_os("CARGO_TARGET_DIR").map_or_else(
+        || workspace.join("target"),
+        |t| workspace.join(PathBuf::from(t)),
+    );
+    target
+        .join("bpfel-unknown-none")
+        .join("release")
+        .join("overlay")
 }

@@ -59,7 +59,11 @@ pub struct Flags {
     pub etcd_endpoints: Vec<String>,
 
     /// etcd prefix under which the network config and subnet leases live.
-    #[arg(long, env = "FLANNELD_ETCD_PREFIX", default_value = "/coreos.com/network")]
+    #[arg(
+        long,
+        env = "FLANNELD_ETCD_PREFIX",
+        default_value = "/coreos.com/network"
+    )]
     pub etcd_prefix: String,
 
     /// TLS client key file for etcd (TLS is used when both key and cert file are given).
@@ -96,7 +100,11 @@ pub struct Flags {
     pub public_ip: Option<Ipv4Addr>,
 
     /// File to write the leased subnet to, for the container runtime (Docker, CNI).
-    #[arg(long, env = "FLANNELD_SUBNET_FILE", default_value = "/run/flannel/subnet.env")]
+    #[arg(
+        long,
+        env = "FLANNELD_SUBNET_FILE",
+        default_value = "/run/flannel/subnet.env"
+    )]
     pub subnet_file: PathBuf,
 
     /// Renew the subnet lease this many minutes before it expires (1..1439).
@@ -123,7 +131,12 @@ pub struct Flags {
 
     /// Beyond flanneld (like Kubernetes' ip-masq-agent nonMasqueradeCIDRs): a destination CIDR
     /// that --ip-masq never masquerades, besides the cluster network; repeatable.
-    #[arg(long, env = "OVERLAY_IP_MASQ_EXCLUDE", value_delimiter = ',', value_name = "CIDR")]
+    #[arg(
+        long,
+        env = "OVERLAY_IP_MASQ_EXCLUDE",
+        value_delimiter = ',',
+        value_name = "CIDR"
+    )]
     pub ip_masq_exclude: Vec<ipnet::Ipv4Net>,
 
     /// Address the health endpoints listen on.
@@ -166,7 +179,9 @@ pub struct Flags {
 fn parse_seconds(value: &str) -> Result<Duration, String> {
     match value.parse::<u64>() {
         Ok(secs) if secs > 0 => Ok(Duration::from_secs(secs)),
-        _ => Err(format!("expected a positive number of seconds, got {value:?}")),
+        _ => Err(format!(
+            "expected a positive number of seconds, got {value:?}"
+        )),
     }
 }
 
@@ -195,7 +210,9 @@ mod tests {
     use super::*;
 
     fn parse(args: &[&str]) -> Cli {
-        let argv = std::iter::once("overlay-agent").chain(args.iter().copied()).map(OsString::from);
+        let argv = std::iter::once("overlay-agent")
+            .chain(args.iter().copied())
+            .map(OsString::from);
         Cli::try_parse_from(normalize_go_flags(argv)).expect("flags parse")
     }
 
@@ -207,7 +224,10 @@ mod tests {
     #[test]
     fn defaults_are_flanneld_defaults() {
         let f = parse(&[]).flags;
-        assert_eq!(f.etcd_endpoints, ["http://127.0.0.1:4001", "http://127.0.0.1:2379"]);
+        assert_eq!(
+            f.etcd_endpoints,
+            ["http://127.0.0.1:4001", "http://127.0.0.1:2379"]
+        );
         assert_eq!(f.etcd_prefix, "/coreos.com/network");
         assert_eq!(f.subnet_file, PathBuf::from("/run/flannel/subnet.env"));
         assert_eq!(f.subnet_lease_renew_margin, 60);
@@ -254,7 +274,10 @@ mod tests {
         assert_eq!(nets, ["10.96.0.0/12", "192.168.0.0/16", "100.64.0.0/10"]);
         assert_eq!(f.dev_nat_timeout, Some(Duration::from_secs(2)));
         let argv = ["overlay-agent", "--ip-masq-exclude", "10.96.0.0"].map(OsString::from);
-        assert!(Cli::try_parse_from(argv).is_err(), "a CIDR needs its prefix length");
+        assert!(
+            Cli::try_parse_from(argv).is_err(),
+            "a CIDR needs its prefix length"
+        );
     }
 
     #[test]
@@ -268,16 +291,38 @@ mod tests {
     fn help_lists_flanneld_flags() {
         let help = Cli::command().render_long_help().to_string();
         for flag in [
-            "--etcd-endpoints", "--etcd-prefix", "--etcd-keyfile", "--etcd-certfile",
-            "--etcd-cafile", "--etcd-username", "--etcd-password", "--iface", "--iface-regex",
-            "--public-ip", "--subnet-file", "--subnet-lease-renew-margin", "--ip-masq",
-            "--ip-masq-fully-random-disable", "--healthz-ip", "--healthz-port",
-            "--iptables-forward-rules", "--version",
+            "--etcd-endpoints",
+            "--etcd-prefix",
+            "--etcd-keyfile",
+            "--etcd-certfile",
+            "--etcd-cafile",
+            "--etcd-username",
+            "--etcd-password",
+            "--iface",
+            "--iface-regex",
+            "--public-ip",
+            "--subnet-file",
+            "--subnet-lease-renew-margin",
+            "--ip-masq",
+            "--ip-masq-fully-random-disable",
+            "--healthz-ip",
+            "--healthz-port",
+            "--iptables-forward-rules",
+            "--version",
         ] {
             assert!(help.contains(flag), "--help lacks {flag}");
         }
-        assert!(!help.contains("--dev-lease-ttl"), "developer option must stay hidden");
-        assert!(!help.contains("--dev-nat-timeout"), "developer option must stay hidden");
-        assert!(help.contains("--ip-masq-exclude"), "--help lacks --ip-masq-exclude");
+        assert!(
+            !help.contains("--dev-lease-ttl"),
+            "developer option must stay hidden"
+        );
+        assert!(
+            !help.contains("--dev-nat-timeout"),
+            "developer option must stay hidden"
+        );
+        assert!(
+            help.contains("--ip-masq-exclude"),
+            "--help lacks --ip-masq-exclude"
+        );
     }
 }

@@ -94,7 +94,10 @@ pub async fn run(flags: Flags) -> Result<()> {
     let nat = NatSettings::from_flags(&flags);
     datapath.set_nat(&nat)?;
     if nat.enabled {
-        info!("masquerading {} to outside (ports {}..={}, except {:?})", config.network, nat.ports.0, nat.ports.1, nat.exclude);
+        info!(
+            "masquerading {} to outside (ports {}..={}, except {:?})",
+            config.network, nat.ports.0, nat.ports.1, nat.exclude
+        );
     }
     let mut nat_sweep = tokio::time::interval(nat.timeouts.sweep_interval());
 
@@ -152,8 +155,14 @@ pub async fn run(flags: Flags) -> Result<()> {
     // (`overlay-agent cleanup` removes it for good).
     drop(peers);
     drop(lease_rx);
-    for (name, task) in [("lease keeper", &mut keeper), ("peer watcher", &mut watcher)] {
-        if tokio::time::timeout(Duration::from_secs(5), &mut *task).await.is_err() {
+    for (name, task) in [
+        ("lease keeper", &mut keeper),
+        ("peer watcher", &mut watcher),
+    ] {
+        if tokio::time::timeout(Duration::from_secs(5), &mut *task)
+            .await
+            .is_err()
+        {
             warn!("the {name} did not stop within 5 s; aborting it");
             task.abort();
         }
@@ -161,7 +170,10 @@ pub async fn run(flags: Flags) -> Result<()> {
     healthz.abort();
     report_counters(&datapath);
     drop(datapath);
-    info!("exiting; the data path stays pinned under {}", flags.bpf_dir.display());
+    info!(
+        "exiting; the data path stays pinned under {}",
+        flags.bpf_dir.display()
+    );
     outcome
 }
 
@@ -197,17 +209,39 @@ impl NodeDatapath {
     }
 
     /// Points the data path and the host device at `lease`'s subnet.
-    async fn apply_lease(&mut self, datapath: &mut Datapath, netlink: &Netlink, lease: &Lease) -> Result<()> {
+    async fn apply_lease(
+        &mut self,
+        datapath: &mut Datapath,
+        netlink: &Netlink,
+        lease: &Lease,
+    ) -> Result<()> {
         self.gateway = first_usable(lease.subnet).addr();
         // host-gw has no VNI or port; the defaults only keep the (unused) VXLAN fields valid.
         let (vni, port, routing) = match self.backend {
-            Backend::Vxlan { vni, port, direct_routing: false, .. } => (vni, port, Routing::Vxlan),
-            Backend::Vxlan { vni, port, direct_routing: true, .. } => (vni, port, Routing::VxlanDirect),
+            Backend::Vxlan {
+                vni,
+                port,
+                direct_routing: false,
+                ..
+            } => (vni, port, Routing::Vxlan),
+            Backend::Vxlan {
+                vni,
+                port,
+                direct_routing: true,
+                ..
+            } => (vni, port, Routing::VxlanDirect),
             Backend::HostGw => (DEFAULT_VNI, DEFAULT_VXLAN_PORT, Routing::HostGw),
         };
         datapath.set_config(
-            &NodeConfig::new(vni, port, self.public_ip, self.vtep_mac, lease.subnet, self.network)
-                .with_routing(routing),
+            &NodeConfig::new(
+                vni,
+                port,
+                self.public_ip,
+                self.vtep_mac,
+                lease.subnet,
+                self.network,
+            )
+            .with_routing(routing),
         )?;
         let spec = HostDeviceSpec {
             mac: self.vtep_mac,
@@ -217,7 +251,10 @@ impl NodeDatapath {
         };
         netlink.ensure_host_device(&spec).await?;
         datapath.attach_host_device(HOST_DEVICE)?;
-        info!("host device {HOST_DEVICE} serves {} (address {}/32)", self.network, spec.addr);
+        info!(
+            "host device {HOST_DEVICE} serves {} (address {}/32)",
+            self.network, spec.addr
+        );
         Ok(())
     }
 
@@ -251,16 +288,26 @@ impl NodeDatapath {
 
     /// Applies one change of the set of peers to the data path. A record the data path cannot
     /// use is logged and skipped; it never stops the agent or disturbs other peers.
-    async fn apply_peer_event(&self, datapath: &mut Datapath, netlink: &Netlink, event: &PeerEvent) {
+    async fn apply_peer_event(
+        &self,
+        datapath: &mut Datapath,
+        netlink: &Netlink,
+        event: &PeerEvent,
+    ) {
         let result = match event {
             PeerEvent::Added(peer) | PeerEvent::Changed(peer) => {
-                let kind = if matches!(event, PeerEvent::Added(_)) { "added" } else { "changed" };
+                let kind = if matches!(event, PeerEvent::Added(_)) {
+                    "added"
+                } else {
+                    "changed"
+                };
                 info!(
                     "peer {kind}: subnet {} public IP {} backend {} VtepMAC {}",
                     peer.subnet,
                     peer.public_ip,
                     peer.backend_type,
-                    peer.vtep_mac.map_or_else(|| "-".to_owned(), |m| m.to_string()),
+                    peer.vtep_mac
+                        .map_or_else(|| "-".to_owned(), |m| m.to_string()),
                 );
                 let ip = peer.public_ip.octets();
                 let route = match (self.backend, peer.vtep_mac) {
@@ -281,14 +328,22 @@ impl NodeDatapath {
                                 "peer {} at {}: {}",
                                 peer.subnet,
                                 peer.public_ip,
-                                if direct { "on our L2 segment, routed directly" } else { "behind a gateway, through VXLAN" }
+                                if direct {
+                                    "on our L2 segment, routed directly"
+                                } else {
+                                    "behind a gateway, through VXLAN"
+                                }
                             );
                         }
-                        Ok(if direct { RemoteNode::direct(ip, mac.octets()) } else { RemoteNode::vxlan(ip, mac.octets()) })
+                        Ok(if direct {
+                            RemoteNode::direct(ip, mac.octets())
+                        } else {
+                            RemoteNode::vxlan(ip, mac.octets())
+                        })
                     }
-                    (Backend::Vxlan { .. }, None) => {
-                        Err(anyhow::anyhow!("its lease has no VtepMAC; it is not reachable"))
-                    }
+                    (Backend::Vxlan { .. }, None) => Err(anyhow::anyhow!(
+                        "its lease has no VtepMAC; it is not reachable"
+                    )),
                 };
                 route.and_then(|node| datapath.upsert_route(peer.subnet, node).map_err(Into::into))
             }
@@ -298,13 +353,18 @@ impl NodeDatapath {
             }
             PeerEvent::Synced(current) => {
                 // Entries an earlier agent pinned for peers that left while no agent ran.
-                let stale: Vec<Ipv4Net> =
-                    datapath.peers().subnets().filter(|s| !current.contains(s)).collect();
-                stale.into_iter().try_for_each(|subnet| {
-                    info!("peer removed: subnet {subnet} (gone while the agent was down)");
-                    datapath.remove_peer(subnet)
-                })
-                .map_err(Into::into)
+                let stale: Vec<Ipv4Net> = datapath
+                    .peers()
+                    .subnets()
+                    .filter(|s| !current.contains(s))
+                    .collect();
+                stale
+                    .into_iter()
+                    .try_for_each(|subnet| {
+                        info!("peer removed: subnet {subnet} (gone while the agent was down)");
+                        datapath.remove_peer(subnet)
+                    })
+                    .map_err(Into::into)
             }
         };
         if let Err(e) = result {
@@ -320,7 +380,8 @@ fn enable_ip_forwarding() -> Result<()> {
     const PATH: &str = "/proc/sys/net/ipv4/ip_forward";
     let current = std::fs::read_to_string(PATH).with_context(|| format!("reading {PATH}"))?;
     if current.trim() != "1" {
-        std::fs::write(PATH, "1").with_context(|| format!("turning on IPv4 forwarding in {PATH}"))?;
+        std::fs::write(PATH, "1")
+            .with_context(|| format!("turning on IPv4 forwarding in {PATH}"))?;
         info!("IPv4 forwarding turned on ({PATH})");
     }
     Ok(())
@@ -330,7 +391,12 @@ fn report_counters(datapath: &Datapath) {
     match datapath.counters() {
         Ok(counters) => {
             for (reason, c) in counters {
-                info!("counter {}: {} packets, {} bytes", reason.name(), c.packets, c.bytes);
+                info!(
+                    "counter {}: {} packets, {} bytes",
+                    reason.name(),
+                    c.packets,
+                    c.bytes
+                );
             }
         }
         Err(e) => warn!("cannot read the data path counters: {e}"),
@@ -360,7 +426,10 @@ fn manager_options(flags: &Flags) -> Result<ManagerOptions> {
         // A short developer TTL would be shorter than any margin in minutes: renew at half-life.
         options.lease_ttl = ttl;
         options.renew_margin = options.renew_margin.min(ttl / 2);
-        options.retry_period = options.retry_period.min(ttl / 4).max(Duration::from_millis(100));
+        options.retry_period = options
+            .retry_period
+            .min(ttl / 4)
+            .max(Duration::from_millis(100));
     }
     Ok(options)
 }
@@ -382,7 +451,12 @@ fn lease_attrs(backend: &Backend, ext: &ExternalInterface) -> LeaseAttrs {
     }
 }
 
-fn write_env(flags: &Flags, config: &NetworkConfig, ext: &ExternalInterface, lease: &Lease) -> Result<()> {
+fn write_env(
+    flags: &Flags,
+    config: &NetworkConfig,
+    ext: &ExternalInterface,
+    lease: &Lease,
+) -> Result<()> {
     let env = SubnetEnv {
         network: config.network,
         subnet: lease.subnet,
@@ -390,7 +464,12 @@ fn write_env(flags: &Flags, config: &NetworkConfig, ext: &ExternalInterface, lea
         ip_masq: flags.ip_masq,
     };
     write_subnet_file(&flags.subnet_file, &env)?;
-    info!("wrote {} (subnet {}, MTU {})", flags.subnet_file.display(), lease.subnet, env.mtu);
+    info!(
+        "wrote {} (subnet {}, MTU {})",
+        flags.subnet_file.display(),
+        lease.subnet,
+        env.mtu
+    );
     Ok(())
 }
 
@@ -402,7 +481,8 @@ async fn start_healthz(
         // Off, as in flanneld: a task that never ends keeps the main loop uniform.
         return Ok(tokio::spawn(std::future::pending()));
     }
-    let server = healthz::bind(SocketAddr::new(flags.healthz_ip, flags.healthz_port), ready).await?;
+    let server =
+        healthz::bind(SocketAddr::new(flags.healthz_ip, flags.healthz_port), ready).await?;
     Ok(tokio::spawn(server))
 }
 
@@ -418,7 +498,11 @@ pub fn print_counters(bpf_dir: &Path) -> Result<()> {
 fn sweep_nat(datapath: &mut Datapath) {
     match datapath.sweep_nat() {
         Ok(r) if r.removed > 0 => {
-            tracing::debug!("masquerade: {} idle entries removed, {} flows left", r.removed, r.flows);
+            tracing::debug!(
+                "masquerade: {} idle entries removed, {} flows left",
+                r.removed,
+                r.flows
+            );
         }
         Ok(_) => {}
         Err(e) => warn!("cannot sweep the masquerade table: {e}"),

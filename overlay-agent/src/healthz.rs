@@ -22,7 +22,9 @@ pub async fn bind(
     addr: SocketAddr,
     ready: Readiness,
 ) -> Result<impl Future<Output = std::io::Result<()>>, HealthzError> {
-    let listener = TcpListener::bind(addr).await.map_err(|source| HealthzError { addr, source })?;
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| HealthzError { addr, source })?;
     tracing::info!("health endpoints on http://{addr}/healthz and /readyz");
     let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
@@ -35,7 +37,10 @@ async fn readyz(State(ready): State<Readiness>) -> (StatusCode, &'static str) {
     if *ready.borrow() {
         (StatusCode::OK, "ready\n")
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready: data path or subnet file not in place yet\n")
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: data path or subnet file not in place yet\n",
+        )
     }
 }
 
@@ -63,7 +68,10 @@ mod tests {
         let (set_ready, ready) = watch::channel(false);
         let server = tokio::spawn(bind(addr, ready).await.unwrap());
         assert_eq!(status(addr, "/healthz").await, "HTTP/1.1 200 OK");
-        assert_eq!(status(addr, "/readyz").await, "HTTP/1.1 503 Service Unavailable");
+        assert_eq!(
+            status(addr, "/readyz").await,
+            "HTTP/1.1 503 Service Unavailable"
+        );
         set_ready.send(true).unwrap();
         assert_eq!(status(addr, "/readyz").await, "HTTP/1.1 200 OK");
         server.abort();
@@ -73,7 +81,10 @@ mod tests {
     async fn a_busy_address_names_itself() {
         let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = taken.local_addr().unwrap();
-        let err = bind(addr, watch::channel(false).1).await.err().expect("bind must fail");
+        let err = bind(addr, watch::channel(false).1)
+            .await
+            .err()
+            .expect("bind must fail");
         assert!(err.to_string().contains(&addr.to_string()), "{err}");
     }
 }

@@ -44,8 +44,13 @@ pub struct ExternalInterface {
 pub enum IfaceError {
     #[error("invalid --iface-regex {regex:?}: {source}")]
     BadRegex { regex: String, source: regex::Error },
-    #[error("failed to find interface to use that matches the interfaces and/or regexes provided: --iface {ifaces:?} --iface-regex {regexes:?}")]
-    NoMatch { ifaces: Vec<String>, regexes: Vec<String> },
+    #[error(
+        "failed to find interface to use that matches the interfaces and/or regexes provided: --iface {ifaces:?} --iface-regex {regexes:?}"
+    )]
+    NoMatch {
+        ifaces: Vec<String>,
+        regexes: Vec<String>,
+    },
     #[error("failed to get default interface: no default route (give --iface)")]
     NoDefaultRoute,
     #[error("failed to find IPv4 address for interface {name}")]
@@ -53,7 +58,10 @@ pub enum IfaceError {
     #[error("interface {name} has MTU 0")]
     ZeroMtu { name: String },
     #[error("netlink request failed while listing {what}: {source}")]
-    Netlink { what: &'static str, source: rtnetlink::Error },
+    Netlink {
+        what: &'static str,
+        source: rtnetlink::Error,
+    },
     #[error("cannot open a netlink socket: {0}")]
     Connection(std::io::Error),
 }
@@ -67,24 +75,48 @@ pub fn select(
     public_ip: Option<Ipv4Addr>,
 ) -> Result<ExternalInterface, IfaceError> {
     let chosen = if !ifaces.is_empty() {
-        ifaces.iter().find_map(|want| match want.parse::<Ipv4Addr>() {
-            Ok(ip) => interfaces.iter().find(|i| i.ipv4.contains(&ip)).map(|i| (i, Some(ip))),
-            Err(_) => interfaces.iter().find(|i| i.name == *want).map(|i| (i, None)),
-        })
+        ifaces
+            .iter()
+            .find_map(|want| match want.parse::<Ipv4Addr>() {
+                Ok(ip) => interfaces
+                    .iter()
+                    .find(|i| i.ipv4.contains(&ip))
+                    .map(|i| (i, Some(ip))),
+                Err(_) => interfaces
+                    .iter()
+                    .find(|i| i.name == *want)
+                    .map(|i| (i, None)),
+            })
     } else if !regexes.is_empty() {
         let compiled = regexes
             .iter()
-            .map(|r| Regex::new(r).map_err(|source| IfaceError::BadRegex { regex: r.clone(), source }))
+            .map(|r| {
+                Regex::new(r).map_err(|source| IfaceError::BadRegex {
+                    regex: r.clone(),
+                    source,
+                })
+            })
             .collect::<Result<Vec<_>, _>>()?;
         compiled.iter().find_map(|re| {
             let by_addr = interfaces.iter().find_map(|i| {
-                i.ipv4.iter().find(|a| re.is_match(&a.to_string())).map(|a| (i, Some(*a)))
+                i.ipv4
+                    .iter()
+                    .find(|a| re.is_match(&a.to_string()))
+                    .map(|a| (i, Some(*a)))
             });
-            by_addr.or_else(|| interfaces.iter().find(|i| re.is_match(&i.name)).map(|i| (i, None)))
+            by_addr.or_else(|| {
+                interfaces
+                    .iter()
+                    .find(|i| re.is_match(&i.name))
+                    .map(|i| (i, None))
+            })
         })
     } else {
         let index = default_route_index.ok_or(IfaceError::NoDefaultRoute)?;
-        interfaces.iter().find(|i| i.index == index).map(|i| (i, None))
+        interfaces
+            .iter()
+            .find(|i| i.index == index)
+            .map(|i| (i, None))
     };
     let (iface, addr) = chosen.ok_or_else(|| IfaceError::NoMatch {
         ifaces: ifaces.to_vec(),
@@ -92,9 +124,13 @@ pub fn select(
     })?;
     let iface_addr = addr
         .or_else(|| iface.ipv4.first().copied())
-        .ok_or_else(|| IfaceError::NoIpv4 { name: iface.name.clone() })?;
+        .ok_or_else(|| IfaceError::NoIpv4 {
+            name: iface.name.clone(),
+        })?;
     if iface.mtu == 0 {
-        return Err(IfaceError::ZeroMtu { name: iface.name.clone() });
+        return Err(IfaceError::ZeroMtu {
+            name: iface.name.clone(),
+        });
     }
     Ok(ExternalInterface {
         index: iface.index,
@@ -151,11 +187,17 @@ pub async fn list_interfaces(handle: &Handle) -> Result<Vec<Interface>, IfaceErr
 
 /// The output interface of the IPv4 default route in the main table, if there is one.
 pub async fn default_route_index(handle: &Handle) -> Result<Option<u32>, IfaceError> {
-    let mut routes = handle.route().get(RouteMessageBuilder::<Ipv4Addr>::new().build()).execute();
+    let mut routes = handle
+        .route()
+        .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+        .execute();
     while let Some(route) = routes
         .try_next()
         .await
-        .map_err(|source| IfaceError::Netlink { what: "routes", source })?
+        .map_err(|source| IfaceError::Netlink {
+            what: "routes",
+            source,
+        })?
     {
         if is_main_default(&route)
             && let Some(oif) = route.attributes.iter().find_map(|a| match a {
@@ -225,13 +267,19 @@ mod tests {
     #[test]
     fn default_route_interface_is_the_default() {
         let e = select(&node(), Some(3), &[], &[], None).unwrap();
-        assert_eq!((e.name.as_str(), e.iface_addr), ("eth1", Ipv4Addr::new(198, 19, 0, 7)));
+        assert_eq!(
+            (e.name.as_str(), e.iface_addr),
+            ("eth1", Ipv4Addr::new(198, 19, 0, 7))
+        );
         assert_eq!(e.public_ip, e.iface_addr);
     }
 
     #[test]
     fn no_default_route_and_no_flags_is_an_error() {
-        assert!(matches!(select(&node(), None, &[], &[], None), Err(IfaceError::NoDefaultRoute)));
+        assert!(matches!(
+            select(&node(), None, &[], &[], None),
+            Err(IfaceError::NoDefaultRoute)
+        ));
     }
 
     #[test]
@@ -239,7 +287,10 @@ mod tests {
         let e = select(&node(), Some(3), &s(&["nope", "eth0"]), &[], None).unwrap();
         assert_eq!(e.name, "eth0");
         let e = select(&node(), None, &s(&["198.19.0.8"]), &[], None).unwrap();
-        assert_eq!((e.name.as_str(), e.iface_addr), ("eth1", Ipv4Addr::new(198, 19, 0, 8)));
+        assert_eq!(
+            (e.name.as_str(), e.iface_addr),
+            ("eth1", Ipv4Addr::new(198, 19, 0, 8))
+        );
     }
 
     #[test]
@@ -262,7 +313,10 @@ mod tests {
     fn public_ip_overrides_the_published_address_only() {
         let public = Ipv4Addr::new(198, 18, 9, 9);
         let e = select(&node(), None, &s(&["eth0"]), &[], Some(public)).unwrap();
-        assert_eq!((e.iface_addr, e.public_ip), (Ipv4Addr::new(198, 18, 0, 1), public));
+        assert_eq!(
+            (e.iface_addr, e.public_ip),
+            (Ipv4Addr::new(198, 18, 0, 1), public)
+        );
     }
 
     #[test]
@@ -270,6 +324,9 @@ mod tests {
         let mut n = node();
         n[1].ipv4.clear();
         let err = select(&n, None, &s(&["eth0"]), &[], None).unwrap_err();
-        assert_eq!(err.to_string(), "failed to find IPv4 address for interface eth0");
+        assert_eq!(
+            err.to_string(),
+            "failed to find IPv4 address for interface eth0"
+        );
     }
 }

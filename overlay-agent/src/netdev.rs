@@ -29,7 +29,11 @@ pub enum NetdevError {
     #[error("cannot open a netlink socket: {0}")]
     Connection(std::io::Error),
     #[error("failed to {action} {device}: {source}")]
-    Netlink { action: &'static str, device: String, source: rtnetlink::Error },
+    Netlink {
+        action: &'static str,
+        device: String,
+        source: rtnetlink::Error,
+    },
     #[error("{device} is missing right after it was created")]
     Vanished { device: String },
     #[error(transparent)]
@@ -61,8 +65,12 @@ impl Drop for Netlink {
 
 impl Netlink {
     pub fn new() -> Result<Self, NetdevError> {
-        let (connection, handle, _) = rtnetlink::new_connection().map_err(NetdevError::Connection)?;
-        Ok(Self { handle, connection: tokio::spawn(connection) })
+        let (connection, handle, _) =
+            rtnetlink::new_connection().map_err(NetdevError::Connection)?;
+        Ok(Self {
+            handle,
+            connection: tokio::spawn(connection),
+        })
     }
 
     pub async fn interfaces(&self) -> Result<Vec<Interface>, NetdevError> {
@@ -88,7 +96,9 @@ impl Netlink {
             interfaces = self.interfaces().await?;
         }
         let find = |name: &str| interfaces.iter().find(|i| i.name == name).cloned();
-        let device = find(HOST_DEVICE).ok_or(NetdevError::Vanished { device: HOST_DEVICE.into() })?;
+        let device = find(HOST_DEVICE).ok_or(NetdevError::Vanished {
+            device: HOST_DEVICE.into(),
+        })?;
         let peer = find(HOST_DEVICE_PEER);
 
         if device.mac != Some(spec.mac) || device.mtu != spec.mtu || !device.up {
@@ -98,22 +108,44 @@ impl Netlink {
                 .arp(false)
                 .up()
                 .build();
-            self.handle.link().set(msg).execute().await.map_err(|e| err("configure", e))?;
+            self.handle
+                .link()
+                .set(msg)
+                .execute()
+                .await
+                .map_err(|e| err("configure", e))?;
         }
         if let Some(peer) = peer.filter(|p| !p.up || p.mtu != spec.mtu) {
-            let msg = LinkUnspec::new_with_index(peer.index).mtu(spec.mtu).arp(false).up().build();
-            self.handle.link().set(msg).execute().await.map_err(|e| err("bring up the peer of", e))?;
+            let msg = LinkUnspec::new_with_index(peer.index)
+                .mtu(spec.mtu)
+                .arp(false)
+                .up()
+                .build();
+            self.handle
+                .link()
+                .set(msg)
+                .execute()
+                .await
+                .map_err(|e| err("bring up the peer of", e))?;
         }
 
         // Exactly one address: ours. An old one (from before a re-acquisition) goes.
-        let mut addrs = self.handle.address().get().set_link_index_filter(device.index).execute();
+        let mut addrs = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(device.index)
+            .execute();
         let mut stale = Vec::new();
         let mut present = false;
-        while let Some(msg) = addrs.try_next().await.map_err(|e| err("list addresses of", e))? {
+        while let Some(msg) = addrs
+            .try_next()
+            .await
+            .map_err(|e| err("list addresses of", e))?
+        {
             let v4 = msg.attributes.iter().find_map(|a| match a {
-                AddressAttribute::Local(IpAddr::V4(a)) | AddressAttribute::Address(IpAddr::V4(a)) => {
-                    Some(*a)
-                }
+                AddressAttribute::Local(IpAddr::V4(a))
+                | AddressAttribute::Address(IpAddr::V4(a)) => Some(*a),
                 _ => None,
             });
             match v4 {
@@ -123,7 +155,12 @@ impl Netlink {
             }
         }
         for msg in stale {
-            self.handle.address().del(msg).execute().await.map_err(|e| err("remove an address of", e))?;
+            self.handle
+                .address()
+                .del(msg)
+                .execute()
+                .await
+                .map_err(|e| err("remove an address of", e))?;
         }
         if !present {
             self.handle
@@ -139,7 +176,13 @@ impl Netlink {
             .destination_prefix(spec.network.network(), spec.network.prefix_len())
             .output_interface(device.index)
             .build();
-        self.handle.route().add(route).replace().execute().await.map_err(|e| err("route into", e))?;
+        self.handle
+            .route()
+            .add(route)
+            .replace()
+            .execute()
+            .await
+            .map_err(|e| err("route into", e))?;
         Ok(device.index)
     }
 
@@ -147,14 +190,20 @@ impl Netlink {
     /// flannel's test that a DirectRouting peer is on our L2 segment. A multipath route counts
     /// as one with gateways.
     pub async fn route_is_on_link(&self, ip: Ipv4Addr) -> Result<bool, NetdevError> {
-        let msg = RouteMessageBuilder::<Ipv4Addr>::new().destination_prefix(ip, 32).build();
+        let msg = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(ip, 32)
+            .build();
         let mut routes = self.handle.route().get(msg).execute();
         let (mut found, mut via) = (false, false);
-        while let Some(route) = routes.try_next().await.map_err(|source| NetdevError::Netlink {
-            action: "look up the route to",
-            device: ip.to_string(),
-            source,
-        })? {
+        while let Some(route) = routes
+            .try_next()
+            .await
+            .map_err(|source| NetdevError::Netlink {
+                action: "look up the route to",
+                device: ip.to_string(),
+                source,
+            })?
+        {
             found = true;
             via |= route
                 .attributes
@@ -166,12 +215,24 @@ impl Netlink {
 
     /// Removes the host device (its peer and routes go with it).
     pub async fn remove_host_device(&self) -> Result<bool, NetdevError> {
-        let Some(device) = self.interfaces().await?.into_iter().find(|i| i.name == HOST_DEVICE) else {
+        let Some(device) = self
+            .interfaces()
+            .await?
+            .into_iter()
+            .find(|i| i.name == HOST_DEVICE)
+        else {
             return Ok(false);
         };
-        self.handle.link().del(device.index).execute().await.map_err(|source| {
-            NetdevError::Netlink { action: "delete", device: HOST_DEVICE.to_owned(), source }
-        })?;
+        self.handle
+            .link()
+            .del(device.index)
+            .execute()
+            .await
+            .map_err(|source| NetdevError::Netlink {
+                action: "delete",
+                device: HOST_DEVICE.to_owned(),
+                source,
+            })?;
         Ok(true)
     }
 }
@@ -194,7 +255,14 @@ mod tests {
     use super::*;
 
     fn iface(index: u32, name: &str, addrs: &[Ipv4Addr]) -> Interface {
-        Interface { index, name: name.into(), mtu: 1450, mac: None, up: true, ipv4: addrs.to_vec() }
+        Interface {
+            index,
+            name: name.into(),
+            mtu: 1450,
+            mac: None,
+            up: true,
+            ipv4: addrs.to_vec(),
+        }
     }
 
     #[test]
@@ -207,7 +275,10 @@ mod tests {
             iface(5, "cni0", &[]),
         ];
         assert_eq!(find_pod_bridge(&list, None, gw).map(|i| i.index), Some(4));
-        assert_eq!(find_pod_bridge(&list, Some("cni0"), gw).map(|i| i.index), Some(5));
+        assert_eq!(
+            find_pod_bridge(&list, Some("cni0"), gw).map(|i| i.index),
+            Some(5)
+        );
         assert_eq!(find_pod_bridge(&list[..2], None, gw), None, "no holder yet");
     }
 }

@@ -596,7 +596,9 @@ async fn manager_end_to_end_with_short_ttl() {
     });
 
     // The initial listing holds no peer: the watcher says so before any change.
-    let event = timeout(Duration::from_secs(10), peer_rx.recv()).await.unwrap();
+    let event = timeout(Duration::from_secs(10), peer_rx.recv())
+        .await
+        .unwrap();
     assert_eq!(event, Some(PeerEvent::Synced(Vec::new())));
 
     // A stock node joins, with a short lease it lets lapse.

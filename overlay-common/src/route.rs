@@ -50,13 +50,21 @@ impl RemoteNode {
     /// A peer reached through VXLAN, as a stock flannel vxlan lease describes it.
     #[must_use]
     pub const fn vxlan(public_ip: [u8; 4], vtep_mac: [u8; 6]) -> Self {
-        Self { public_ip, vtep_mac, flags: ROUTE_F_VXLAN }
+        Self {
+            public_ip,
+            vtep_mac,
+            flags: ROUTE_F_VXLAN,
+        }
     }
 
     /// A peer reached without encapsulation, next hop `public_ip` (host-gw, DirectRouting).
     #[must_use]
     pub const fn direct(public_ip: [u8; 4], vtep_mac: [u8; 6]) -> Self {
-        Self { public_ip, vtep_mac, flags: ROUTE_F_DIRECT }
+        Self {
+            public_ip,
+            vtep_mac,
+            flags: ROUTE_F_DIRECT,
+        }
     }
 
     #[must_use]

@@ -300,7 +300,10 @@ impl ClusterBuilder {
         if !self.second_segment.is_empty() {
             ul.add_bridge("br1")?;
             ul.set_mtu("br1", mtu)?;
-            ul.add_addr("br1", &format!("{SECOND_SEGMENT_GATEWAY}/{UNDERLAY_PREFIX_LEN}"))?;
+            ul.add_addr(
+                "br1",
+                &format!("{SECOND_SEGMENT_GATEWAY}/{UNDERLAY_PREFIX_LEN}"),
+            )?;
         }
         let etcd = if self.etcd_tls {
             let tls = TlsFiles::generate(&dir.path().join("tls"), UNDERLAY_GATEWAY)?;

@@ -415,31 +415,33 @@ fn tcp_many_serve(a: &Args) -> Result<()> {
                 peers.insert(peer.ip());
                 let tx = tx.clone();
                 let limit = remaining(deadline)?;
-                std::thread::Builder::new().stack_size(64 * 1024).spawn(move || {
-                    let ok = (|| -> Result<bool> {
-                        stream.set_nonblocking(false)?;
-                        stream.set_read_timeout(Some(limit))?;
-                        let mut buf = vec![0u8; bytes as usize + 1];
-                        let mut got = 0;
-                        loop {
-                            let n = stream.read(&mut buf[got..])?;
-                            if n == 0 {
-                                break;
+                std::thread::Builder::new()
+                    .stack_size(64 * 1024)
+                    .spawn(move || {
+                        let ok = (|| -> Result<bool> {
+                            stream.set_nonblocking(false)?;
+                            stream.set_read_timeout(Some(limit))?;
+                            let mut buf = vec![0u8; bytes as usize + 1];
+                            let mut got = 0;
+                            loop {
+                                let n = stream.read(&mut buf[got..])?;
+                                if n == 0 {
+                                    break;
+                                }
+                                got += n;
+                                if got > bytes as usize {
+                                    return Ok(false);
+                                }
                             }
-                            got += n;
-                            if got > bytes as usize {
-                                return Ok(false);
-                            }
-                        }
-                        let mut expect = vec![0u8; bytes as usize];
-                        fill(seed, 0, &mut expect);
-                        let ok = got == bytes as usize && buf[..got] == expect[..];
-                        stream.write_all(&[u8::from(ok)])?;
-                        Ok(ok)
-                    })()
-                    .unwrap_or(false);
-                    let _ = tx.send(ok);
-                })?;
+                            let mut expect = vec![0u8; bytes as usize];
+                            fill(seed, 0, &mut expect);
+                            let ok = got == bytes as usize && buf[..got] == expect[..];
+                            stream.write_all(&[u8::from(ok)])?;
+                            Ok(ok)
+                        })()
+                        .unwrap_or(false);
+                        let _ = tx.send(ok);
+                    })?;
             }
             Err(e) if e.kind() == ErrorKind::WouldBlock => {
                 remaining(deadline).with_context(|| format!("{accepted} of {count} accepted"))?;
@@ -458,7 +460,10 @@ fn tcp_many_serve(a: &Args) -> Result<()> {
         }
     }
     let peers: Vec<String> = peers.iter().map(ToString::to_string).collect();
-    say(&format!("done accepted={accepted} verified={verified} peers={}", peers.join(",")));
+    say(&format!(
+        "done accepted={accepted} verified={verified} peers={}",
+        peers.join(",")
+    ));
     Ok(())
 }
 

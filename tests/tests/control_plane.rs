@@ -691,7 +691,11 @@ fn deleted_or_revoked_lease_is_acquired_again_and_the_data_path_stays() {
         let again = format!("Acquired lease {subnet} again after revocation");
         wait_log_since(&agent, mark, &again, Duration::from_secs(10));
         let back = must_get(&cluster, &key);
-        assert_eq!(back.value, vxlan_record(ip, &vtep_mac(ip)), "the record is back as it was");
+        assert_eq!(
+            back.value,
+            vxlan_record(ip, &vtep_mac(ip)),
+            "the record is back as it was"
+        );
         assert_day_ttl(&cluster, &back);
         back
     };
@@ -700,13 +704,19 @@ fn deleted_or_revoked_lease_is_acquired_again_and_the_data_path_stays() {
     let mark = agent.log().len();
     assert_eq!(cluster.etcd().del(&key).unwrap(), 1);
     let back = reacquired(mark);
-    assert_ne!(back.lease, first.lease, "the key is back under a new etcd lease");
+    assert_ne!(
+        back.lease, first.lease,
+        "the key is back under a new etcd lease"
+    );
 
     // 2) The etcd lease revoked (as an expiry would): the same again.
     let mark = agent.log().len();
     cluster.etcd().lease_revoke(back.lease).unwrap();
     let again = reacquired(mark);
-    assert_ne!(again.lease, back.lease, "the key is back under a new etcd lease");
+    assert_ne!(
+        again.lease, back.lease,
+        "the key is back under a new etcd lease"
+    );
 
     // The agent keeps running with the same subnet file and its programs still attached.
     thread::sleep(Duration::from_millis(500));

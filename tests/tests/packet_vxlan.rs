@@ -156,7 +156,8 @@ impl Loaded {
                 .unwrap_or_else(|| panic!("no program {name}"))
                 .try_into()
                 .unwrap();
-            prog.load().unwrap_or_else(|e| panic!("verifier rejected {name}: {e:?}"));
+            prog.load()
+                .unwrap_or_else(|e| panic!("verifier rejected {name}: {e:?}"));
         }
         Self { ebpf }
     }
@@ -166,7 +167,11 @@ impl Loaded {
         let mut dp = Self::new();
         dp.set_config(config_for(node));
         for peer in peers {
-            dp.add_peer(peer.subnet, 24, RemoteNode::vxlan(peer.local_ip.octets(), peer.vtep));
+            dp.add_peer(
+                peer.subnet,
+                24,
+                RemoteNode::vxlan(peer.local_ip.octets(), peer.vtep),
+            );
             dp.add_member(peer.local_ip);
         }
         dp
@@ -198,7 +203,8 @@ impl Loaded {
     fn add_member(&mut self, ip: Ipv4Addr) {
         let mut map: HashMap<_, [u8; 4], MemberNode> =
             HashMap::try_from(self.ebpf.map_mut("NODE_V4").unwrap()).unwrap();
-        map.insert(ip.octets(), MemberNode { routes: 1 }, 0).unwrap();
+        map.insert(ip.octets(), MemberNode { routes: 1 }, 0)
+            .unwrap();
     }
 
     fn run(&self, prog: &str, frame: &[u8]) -> Run {
@@ -207,7 +213,10 @@ impl Loaded {
 
     /// Packets per reason, summed over the CPUs; reasons that counted nothing are left out.
     fn counters(&self) -> BTreeMap<&'static str, u64> {
-        self.counters_full().into_iter().map(|(r, c)| (r, c.packets)).collect()
+        self.counters_full()
+            .into_iter()
+            .map(|(r, c)| (r, c.packets))
+            .collect()
     }
 
     fn counters_full(&self) -> BTreeMap<&'static str, Counter> {
@@ -229,8 +238,11 @@ impl Loaded {
     /// Asserts exactly these counters (every other reason counted nothing).
     #[track_caller]
     fn assert_counters(&self, expected: &[(Reason, u64)]) {
-        let expected: BTreeMap<&'static str, u64> =
-            expected.iter().filter(|(_, n)| *n != 0).map(|(r, n)| (r.name(), *n)).collect();
+        let expected: BTreeMap<&'static str, u64> = expected
+            .iter()
+            .filter(|(_, n)| *n != 0)
+            .map(|(r, n)| (r.name(), *n))
+            .collect();
         assert_eq!(self.counters(), expected, "counters");
     }
 }
@@ -247,7 +259,10 @@ fn run_prog(ebpf: &Ebpf, prog: &str, frame: &[u8]) -> Run {
         })
         .unwrap_or_else(|e| panic!("test run of {prog} on {} bytes: {e:?}", frame.len()));
     out.truncate(result.data_size_out as usize);
-    Run { verdict: result.return_value, out }
+    Run {
+        verdict: result.return_value,
+        out,
+    }
 }
 
 fn config_for(node: Node) -> Config {
@@ -342,7 +357,14 @@ fn ether(dst: [u8; 6], src: [u8; 6], ethertype: u16, payload: &[u8]) -> Vec<u8> 
 /// An inner IPv4/UDP packet of `data_len` payload bytes.
 fn udp_packet(src: Ipv4Addr, dst: Ipv4Addr, ttl: u8, sport: u16, data_len: usize) -> Vec<u8> {
     let data: Vec<u8> = (0..data_len).map(|i| i as u8).collect();
-    ipv4_packet(src, dst, IPPROTO_UDP, ttl, 0, &udp_datagram(sport, 5201, &data))
+    ipv4_packet(
+        src,
+        dst,
+        IPPROTO_UDP,
+        ttl,
+        0,
+        &udp_datagram(sport, 5201, &data),
+    )
 }
 
 /// A frame a pod sends to its gateway.
@@ -394,8 +416,14 @@ impl Vxlan {
             inner,
         ));
         let udp = udp_datagram(45678, self.dport, &vx);
-        let mut ip =
-            ipv4_packet(self.outer_src, self.outer_dst, IPPROTO_UDP, 64, self.outer_tos, &udp);
+        let mut ip = ipv4_packet(
+            self.outer_src,
+            self.outer_dst,
+            IPPROTO_UDP,
+            64,
+            self.outer_tos,
+            &udp,
+        );
         ip[6..8].copy_from_slice(&self.frag_off.to_be_bytes());
         ip[10..12].copy_from_slice(&[0, 0]);
         let c = checksum(&ip[..20]);
@@ -423,8 +451,16 @@ fn assert_vxlan(out: &[u8], from: Node, to: Node, inner: &[u8]) -> u16 {
     let ip = &out[14..34];
     assert_eq!(ip[0], 0x45, "outer version/IHL");
     assert_eq!(ip[1] & 0xfc, 0, "outer DSCP (flannel.1 sends tos 0)");
-    assert_eq!(usize::from(be16(ip, 2)), 20 + 8 + 8 + 14 + inner.len(), "outer total length");
-    assert_eq!(be16(ip, 6), 0, "outer flags/fragment offset: DF clear, as flannel.1 sends");
+    assert_eq!(
+        usize::from(be16(ip, 2)),
+        20 + 8 + 8 + 14 + inner.len(),
+        "outer total length"
+    );
+    assert_eq!(
+        be16(ip, 6),
+        0,
+        "outer flags/fragment offset: DF clear, as flannel.1 sends"
+    );
     assert_eq!(ip[8], 64, "outer TTL");
     assert_eq!(ip[9], IPPROTO_UDP, "outer protocol");
     assert_eq!(checksum(ip), 0, "outer IPv4 header checksum must verify");
@@ -432,12 +468,27 @@ fn assert_vxlan(out: &[u8], from: Node, to: Node, inner: &[u8]) -> u16 {
     assert_eq!(&ip[16..20], &to.local_ip.octets(), "outer destination");
     let udp = &out[34..42];
     let sport = be16(udp, 0);
-    assert!((SRC_PORT_MIN..SRC_PORT_MAX).contains(&sport), "UDP source port {sport}");
+    assert!(
+        (SRC_PORT_MIN..SRC_PORT_MAX).contains(&sport),
+        "UDP source port {sport}"
+    );
     assert_eq!(be16(udp, 2), PORT, "UDP destination port");
-    assert_eq!(usize::from(be16(udp, 4)), 8 + 8 + 14 + inner.len(), "UDP length");
+    assert_eq!(
+        usize::from(be16(udp, 4)),
+        8 + 8 + 14 + inner.len(),
+        "UDP length"
+    );
     assert_eq!(be16(udp, 6), 0, "UDP checksum");
-    assert_eq!(&out[42..50], &[0x08, 0, 0, 0, 0, 0, VNI as u8, 0], "VXLAN header");
-    assert_eq!(&out[50..56], &to.vtep, "inner destination MAC = peer VtepMAC");
+    assert_eq!(
+        &out[42..50],
+        &[0x08, 0, 0, 0, 0, 0, VNI as u8, 0],
+        "VXLAN header"
+    );
+    assert_eq!(
+        &out[50..56],
+        &to.vtep,
+        "inner destination MAC = peer VtepMAC"
+    );
     assert_eq!(&out[56..62], &from.vtep, "inner source MAC = our VtepMAC");
     assert_eq!(be16(out, 62), ETH_P_IP, "inner EtherType");
     assert_eq!(&out[64..], inner, "inner packet");
@@ -445,7 +496,11 @@ fn assert_vxlan(out: &[u8], from: Node, to: Node, inner: &[u8]) -> u16 {
 }
 
 fn parse_mac(s: &str) -> [u8; 6] {
-    let bytes: Vec<u8> = s.trim().split(':').map(|h| u8::from_str_radix(h, 16).unwrap()).collect();
+    let bytes: Vec<u8> = s
+        .trim()
+        .split(':')
+        .map(|h| u8::from_str_radix(h, 16).unwrap())
+        .collect();
     bytes.try_into().unwrap()
 }
 
@@ -504,7 +559,10 @@ fn pod_egress_encapsulates_for_a_peer_subnet() {
     let sport = assert_vxlan(&run.out, A, B, &expected_inner);
 
     // Same flow, same source port.
-    assert_eq!(assert_vxlan(&dp.run(POD_EGRESS, &frame).out, A, B, &expected_inner), sport);
+    assert_eq!(
+        assert_vxlan(&dp.run(POD_EGRESS, &frame).out, A, B, &expected_inner),
+        sport
+    );
     // The port comes from the flow hash: different flows spread over the range.
     let ports: std::collections::BTreeSet<u16> = (0..8u16)
         .map(|i| {
@@ -521,7 +579,11 @@ fn pod_egress_encapsulates_for_a_peer_subnet() {
 
     dp.assert_counters(&[(Reason::EncapPod, 10)]);
     let bytes = dp.counters_full()["encap_pod"].bytes;
-    assert_eq!(bytes, 10 * run.out.len() as u64, "encap_pod counts the encapsulated size");
+    assert_eq!(
+        bytes,
+        10 * run.out.len() as u64,
+        "encap_pod counts the encapsulated size"
+    );
 }
 
 #[test]
@@ -540,9 +602,11 @@ fn pod_egress_uses_the_longest_prefix_and_the_peer_entry() {
     };
     dp.add_peer(NETWORK, 16, RemoteNode::vxlan(c.local_ip.octets(), c.vtep));
     dp.add_peer(d.subnet, 28, RemoteNode::vxlan(d.local_ip.octets(), d.vtep));
-    for (dst, to) in
-        [(host_addr(B, 7), B), (host_addr(B, 20), d), (Ipv4Addr::new(172, 17, 99, 1), c)]
-    {
+    for (dst, to) in [
+        (host_addr(B, 7), B),
+        (host_addr(B, 20), d),
+        (Ipv4Addr::new(172, 17, 99, 1), c),
+    ] {
         let inner = udp_packet(host_addr(A, 5), dst, 64, 40000, 10);
         let run = dp.run(POD_EGRESS, &pod_frame(&inner));
         assert_eq!(run.verdict, TC_ACT_REDIRECT, "{dst}");
@@ -553,10 +617,19 @@ fn pod_egress_uses_the_longest_prefix_and_the_peer_entry() {
     dp.add_peer(
         Ipv4Addr::new(172, 17, 4, 0),
         24,
-        RemoteNode { public_ip: [198, 18, 0, 5], vtep_mac: [0; 6], flags: 0 },
+        RemoteNode {
+            public_ip: [198, 18, 0, 5],
+            vtep_mac: [0; 6],
+            flags: 0,
+        },
     );
-    let frame =
-        pod_frame(&udp_packet(host_addr(A, 5), Ipv4Addr::new(172, 17, 4, 9), 64, 40000, 10));
+    let frame = pod_frame(&udp_packet(
+        host_addr(A, 5),
+        Ipv4Addr::new(172, 17, 4, 9),
+        64,
+        40000,
+        10,
+    ));
     let run = dp.run(POD_EGRESS, &frame);
     assert_eq!((run.verdict, run.out), (TC_ACT_OK, frame));
     dp.assert_counters(&[(Reason::EncapPod, 3)]);
@@ -572,8 +645,14 @@ fn pod_egress_leaves_everything_else_to_the_kernel() {
     let mut bad_ihl = peer_bound.clone();
     bad_ihl[14] = 0x44;
     let cases: Vec<(&str, Vec<u8>)> = vec![
-        ("outside world", pod_frame(&udp_packet(src, Ipv4Addr::new(198, 19, 0, 1), 64, 1, 10))),
-        ("own subnet", pod_frame(&udp_packet(src, host_addr(A, 9), 64, 1, 10))),
+        (
+            "outside world",
+            pod_frame(&udp_packet(src, Ipv4Addr::new(198, 19, 0, 1), 64, 1, 10)),
+        ),
+        (
+            "own subnet",
+            pod_frame(&udp_packet(src, host_addr(A, 9), 64, 1, 10)),
+        ),
         (
             "cluster address without a peer",
             pod_frame(&udp_packet(src, Ipv4Addr::new(172, 17, 9, 9), 64, 1, 10)),
@@ -606,9 +685,20 @@ fn host_egress_encapsulates_without_touching_the_inner_packet() {
     let dp = Loaded::node(A, &[B]);
     // The host (source: the host device's address) pings a remote pod. The kernel routed it
     // already, so the TTL stays.
-    let inner =
-        ipv4_packet(A.subnet, host_addr(B, 5), IPPROTO_ICMP, 64, 0, &icmp_echo(8, 7, 1, b"ping"));
-    let frame = ether([0x02, 0x11, 0, 0, 0, 1], [0x02, 0x11, 0, 0, 0, 1], ETH_P_IP, &inner);
+    let inner = ipv4_packet(
+        A.subnet,
+        host_addr(B, 5),
+        IPPROTO_ICMP,
+        64,
+        0,
+        &icmp_echo(8, 7, 1, b"ping"),
+    );
+    let frame = ether(
+        [0x02, 0x11, 0, 0, 0, 1],
+        [0x02, 0x11, 0, 0, 0, 1],
+        ETH_P_IP,
+        &inner,
+    );
     let run = dp.run(HOST_EGRESS, &frame);
     assert_eq!(run.verdict, TC_ACT_REDIRECT);
     assert_vxlan(&run.out, A, B, &inner);
@@ -654,7 +744,10 @@ fn ecn_is_copied_to_the_outer_header_as_the_kernel_does() {
         );
         let run = dp.run(HOST_EGRESS, &ether(HOST_MAC, HOST_MAC, ETH_P_IP, &inner));
         assert_eq!(run.verdict, TC_ACT_REDIRECT);
-        assert_eq!(run.out[15], outer_tos, "outer TOS for inner TOS {inner_tos:#x}");
+        assert_eq!(
+            run.out[15], outer_tos,
+            "outer TOS for inner TOS {inner_tos:#x}"
+        );
         assert_eq!(checksum(&run.out[14..34]), 0);
     }
 }
@@ -673,7 +766,9 @@ fn encapsulation_matches_the_kernel_vxlan_device() {
     assert_eq!(run.verdict, TC_ACT_REDIRECT);
     assert_vxlan(&run.out, A, B, inner);
     assert_eq!(run.out.len(), kernel.len());
-    let differ: Vec<usize> = (14..kernel.len()).filter(|&i| run.out[i] != kernel[i]).collect();
+    let differ: Vec<usize> = (14..kernel.len())
+        .filter(|&i| run.out[i] != kernel[i])
+        .collect();
     let allowed = [18, 19, 24, 25, 34, 35, 40, 41];
     assert!(
         differ.iter().all(|i| allowed.contains(i)),
@@ -729,10 +824,18 @@ fn underlay_ingress_delivers_host_addresses_to_the_host_device() {
         );
         let run = dp.run(UNDERLAY_INGRESS, &Vxlan::between(B, A).frame(&inner));
         assert_eq!(run.verdict, TC_ACT_REDIRECT, ".{last}");
-        assert_eq!(&run.out[..6], &HOST_MAC, "destination MAC: the host device's");
+        assert_eq!(
+            &run.out[..6],
+            &HOST_MAC,
+            "destination MAC: the host device's"
+        );
         assert_eq!(&run.out[6..12], &B.vtep, "source MAC: the sender's VtepMAC");
         assert_eq!(be16(&run.out, 12), ETH_P_IP);
-        assert_eq!(&run.out[14..], &inner[..], "the host stack forwards it, if at all: TTL kept");
+        assert_eq!(
+            &run.out[14..],
+            &inner[..],
+            "the host stack forwards it, if at all: TTL kept"
+        );
     }
     dp.assert_counters(&[(Reason::UnderlayRx, 2), (Reason::DecapHost, 2)]);
 }
@@ -744,7 +847,11 @@ fn underlay_ingress_hands_expiring_packets_to_the_host() {
     let run = dp.run(UNDERLAY_INGRESS, &Vxlan::between(B, A).frame(&inner));
     assert_eq!(run.verdict, TC_ACT_REDIRECT);
     assert_eq!(&run.out[..6], &HOST_MAC);
-    assert_eq!(&run.out[14..], &inner[..], "TTL 1 kept: the kernel answers time exceeded");
+    assert_eq!(
+        &run.out[14..],
+        &inner[..],
+        "TTL 1 kept: the kernel answers time exceeded"
+    );
     dp.assert_counters(&[(Reason::UnderlayRx, 1), (Reason::StackTtl, 1)]);
 }
 
@@ -777,12 +884,19 @@ fn underlay_ingress_copies_congestion_marks_inward() {
         0,
         &udp_datagram(1, 2, b"x"),
     );
-    assert_eq!(dp.run(UNDERLAY_INGRESS, &vx.frame(&not_ect)).verdict, TC_ACT_SHOT);
+    assert_eq!(
+        dp.run(UNDERLAY_INGRESS, &vx.frame(&not_ect)).verdict,
+        TC_ACT_SHOT
+    );
     // ECT outer without CE changes nothing.
     vx.outer_tos = 0x02;
     let run = dp.run(UNDERLAY_INGRESS, &vx.frame(&not_ect));
     assert_eq!(&run.out[14..], &with_ttl_decremented(&not_ect, 1)[..]);
-    dp.assert_counters(&[(Reason::UnderlayRx, 3), (Reason::DecapPod, 2), (Reason::DropEcn, 1)]);
+    dp.assert_counters(&[
+        (Reason::UnderlayRx, 3),
+        (Reason::DecapPod, 2),
+        (Reason::DropEcn, 1),
+    ]);
 }
 
 #[test]
@@ -812,17 +926,49 @@ fn underlay_ingress_drops_and_counts_what_fails_a_check() {
             with(&|v| v.inner_dst_mac = [0x0e, 0, 0, 0, 0, 0x09]),
             Reason::DropWrongMac,
         ),
-        ("inner broadcast", with(&|v| v.inner_dst_mac = [0xff; 6]), Reason::DropWrongMac),
-        ("inner ARP", with(&|v| v.inner_type = ETH_P_ARP), Reason::DropNotIpv4),
-        ("inner IPv6", with(&|v| v.inner_type = ETH_P_IPV6), Reason::DropNotIpv4),
-        ("VXLAN flags with G bit", with(&|v| v.flags = [0x88, 0, 0, 0]), Reason::DropMalformed),
-        ("VXLAN flags without I bit", with(&|v| v.flags = [0, 0, 0, 0]), Reason::DropMalformed),
-        ("VXLAN reserved bytes", with(&|v| v.flags = [0x08, 0, 1, 0]), Reason::DropMalformed),
-        ("VXLAN reserved byte after VNI", with(&|v| v.vni_reserved = 1), Reason::DropMalformed),
+        (
+            "inner broadcast",
+            with(&|v| v.inner_dst_mac = [0xff; 6]),
+            Reason::DropWrongMac,
+        ),
+        (
+            "inner ARP",
+            with(&|v| v.inner_type = ETH_P_ARP),
+            Reason::DropNotIpv4,
+        ),
+        (
+            "inner IPv6",
+            with(&|v| v.inner_type = ETH_P_IPV6),
+            Reason::DropNotIpv4,
+        ),
+        (
+            "VXLAN flags with G bit",
+            with(&|v| v.flags = [0x88, 0, 0, 0]),
+            Reason::DropMalformed,
+        ),
+        (
+            "VXLAN flags without I bit",
+            with(&|v| v.flags = [0, 0, 0, 0]),
+            Reason::DropMalformed,
+        ),
+        (
+            "VXLAN reserved bytes",
+            with(&|v| v.flags = [0x08, 0, 1, 0]),
+            Reason::DropMalformed,
+        ),
+        (
+            "VXLAN reserved byte after VNI",
+            with(&|v| v.vni_reserved = 1),
+            Reason::DropMalformed,
+        ),
         ("UDP length mismatch", udp_len, Reason::DropMalformed),
         ("inner IPv4 header length", inner_ihl, Reason::DropMalformed),
         ("outer checksum", bad_checksum, Reason::DropBadChecksum),
-        ("first fragment", with(&|v| v.frag_off = 0x2000), Reason::DropFragment),
+        (
+            "first fragment",
+            with(&|v| v.frag_off = 0x2000),
+            Reason::DropFragment,
+        ),
         (
             "inner destination outside our subnet",
             Vxlan::between(B, A).frame(&udp_packet(
@@ -970,7 +1116,10 @@ fn underlay_ingress_passes_what_is_not_vxlan_for_us() {
     // underlay_egress only counts.
     let run = dp.run(UNDERLAY_EGRESS, &cases[0].1);
     assert_eq!((run.verdict, &run.out), (TC_ACT_OK, &cases[0].1));
-    dp.assert_counters(&[(Reason::UnderlayRx, cases.len() as u64), (Reason::UnderlayTx, 1)]);
+    dp.assert_counters(&[
+        (Reason::UnderlayRx, cases.len() as u64),
+        (Reason::UnderlayTx, 1),
+    ]);
 }
 
 #[test]
@@ -994,7 +1143,11 @@ fn a_pod_packet_survives_encapsulation_and_decapsulation() {
         let delivered = b.run(UNDERLAY_INGRESS, &wire.out);
         assert_eq!(delivered.verdict, TC_ACT_REDIRECT, "{len}");
         // Two forwarding hops, as between two stock flannel nodes.
-        assert_eq!(&delivered.out[14..], &with_ttl_decremented(&inner, 2)[..], "{len}");
+        assert_eq!(
+            &delivered.out[14..],
+            &with_ttl_decremented(&inner, 2)[..],
+            "{len}"
+        );
     }
     a.assert_counters(&[(Reason::EncapPod, 5)]);
     b.assert_counters(&[(Reason::UnderlayRx, 5), (Reason::DecapPod, 5)]);
@@ -1010,21 +1163,37 @@ fn pod_egress_hands_packets_too_big_for_the_tunnel_to_the_kernel() {
     require_root();
     let ns = NetNs::new(format!("{}-mtu", unique_id())).unwrap();
     // veth pairs (the kernel has no dummy driver); only the MTUs matter.
-    ns.ip(&["link", "add", "ovl0", "mtu", "1450", "type", "veth", "peer", "name", "ovl0p"])
-        .unwrap();
-    ns.ip(&["link", "add", "eth0", "mtu", "1500", "type", "veth", "peer", "name", "eth0p"])
-        .unwrap();
+    ns.ip(&[
+        "link", "add", "ovl0", "mtu", "1450", "type", "veth", "peer", "name", "ovl0p",
+    ])
+    .unwrap();
+    ns.ip(&[
+        "link", "add", "eth0", "mtu", "1500", "type", "veth", "peer", "name", "eth0p",
+    ])
+    .unwrap();
     ns.in_netns(|| {
         // SAFETY: C strings; if_nametoindex resolves in this thread's namespace.
         let (host, underlay) = unsafe {
-            (libc::if_nametoindex(c"ovl0".as_ptr()), libc::if_nametoindex(c"eth0".as_ptr()))
+            (
+                libc::if_nametoindex(c"ovl0".as_ptr()),
+                libc::if_nametoindex(c"eth0".as_ptr()),
+            )
         };
         assert!(host != 0 && underlay != 0);
         let mut dp = Loaded::node(A, &[B]);
         let frame_of = |ip_len: usize| {
-            pod_frame(&udp_packet(host_addr(A, 5), host_addr(B, 7), 64, 1, ip_len - 28))
+            pod_frame(&udp_packet(
+                host_addr(A, 5),
+                host_addr(B, 7),
+                64,
+                1,
+                ip_len - 28,
+            ))
         };
-        for (host_ifindex, via) in [(host, "host device MTU 1450"), (0, "underlay MTU 1500 - 50")] {
+        for (host_ifindex, via) in [
+            (host, "host device MTU 1450"),
+            (0, "underlay MTU 1500 - 50"),
+        ] {
             dp.update_config(|c| {
                 c.host_ifindex = host_ifindex;
                 c.underlay_ifindex = underlay;
@@ -1073,7 +1242,10 @@ fn send_and_receive(
         if libc::bind(fd.as_raw_fd(), (&raw const sll).cast(), len) != 0 {
             return Err(std::io::Error::last_os_error()).context("bind");
         }
-        let tv = libc::timeval { tv_sec: 0, tv_usec: 100_000 };
+        let tv = libc::timeval {
+            tv_sec: 0,
+            tv_usec: 100_000,
+        };
         let tv_len = size_of::<libc::timeval>() as libc::socklen_t;
         libc::setsockopt(
             fd.as_raw_fd(),
@@ -1129,9 +1301,11 @@ fn a_stock_flannel_node_accepts_our_frame_and_we_accept_its_answer() {
     let snd = NetNs::new(format!("{id}-a")).unwrap();
     let rcv = NetNs::new(format!("{id}-b")).unwrap();
     add_veth(&snd, "eth0", &rcv, "eth0").unwrap();
-    snd.ip(&["addr", "add", "198.18.0.1/24", "dev", "eth0"]).unwrap();
+    snd.ip(&["addr", "add", "198.18.0.1/24", "dev", "eth0"])
+        .unwrap();
     snd.ip(&["link", "set", "eth0", "up"]).unwrap();
-    rcv.ip(&["addr", "add", "198.18.0.2/24", "dev", "eth0"]).unwrap();
+    rcv.ip(&["addr", "add", "198.18.0.2/24", "dev", "eth0"])
+        .unwrap();
     rcv.ip(&["link", "set", "eth0", "up"]).unwrap();
     // Node B as flanneld sets it up (flannel-compat.md §4).
     let vtep_a = "0e:00:00:00:00:01";
@@ -1166,13 +1340,32 @@ fn a_stock_flannel_node_accepts_our_frame_and_we_accept_its_answer() {
             "nud",
             "permanent",
         ],
-        &["route", "replace", "172.17.1.0/24", "via", "172.17.1.0", "dev", "flannel.1", "onlink"],
+        &[
+            "route",
+            "replace",
+            "172.17.1.0/24",
+            "via",
+            "172.17.1.0",
+            "dev",
+            "flannel.1",
+            "onlink",
+        ],
     ] {
         rcv.ip(args).unwrap();
     }
     rcv.run(
         "bridge",
-        &["fdb", "replace", vtep_a, "dev", "flannel.1", "dst", "198.18.0.1", "self", "permanent"],
+        &[
+            "fdb",
+            "replace",
+            vtep_a,
+            "dev",
+            "flannel.1",
+            "dst",
+            "198.18.0.1",
+            "self",
+            "permanent",
+        ],
     )
     .unwrap();
 
@@ -1203,11 +1396,17 @@ fn a_stock_flannel_node_accepts_our_frame_and_we_accept_its_answer() {
     let reply = snd
         .in_netns(|| send_and_receive(c"eth0", &frame, Duration::from_secs(3), is_vxlan_from_b))
         .expect("the stock node answers our VXLAN ping with VXLAN");
-    let rx = rcv.run("cat", &["/sys/class/net/flannel.1/statistics/rx_packets"]).unwrap();
+    let rx = rcv
+        .run("cat", &["/sys/class/net/flannel.1/statistics/rx_packets"])
+        .unwrap();
     assert_eq!(rx.trim(), "1", "flannel.1 received our frame");
 
     // The kernel's answer, as our decapsulation sees it.
-    assert_eq!(&reply[42..50], &[0x08, 0, 0, 0, 0, 0, 1, 0], "VXLAN header from flannel.1");
+    assert_eq!(
+        &reply[42..50],
+        &[0x08, 0, 0, 0, 0, 0, 1, 0],
+        "VXLAN header from flannel.1"
+    );
     assert_eq!(&reply[50..56], &A.vtep, "to our VtepMAC");
     let reply_inner = reply[64..].to_vec();
     assert_eq!(
@@ -1215,7 +1414,11 @@ fn a_stock_flannel_node_accepts_our_frame_and_we_accept_its_answer() {
         &[172, 17, 2, 0, 172, 17, 1, 0],
         "reply 172.17.2.0 -> 172.17.1.0"
     );
-    assert_eq!((reply_inner[9], reply_inner[20]), (IPPROTO_ICMP, 0), "ICMP echo reply");
+    assert_eq!(
+        (reply_inner[9], reply_inner[20]),
+        (IPPROTO_ICMP, 0),
+        "ICMP echo reply"
+    );
     assert_eq!(be16(&reply_inner, 24), 0x4242, "our echo id");
     let a = Loaded::node(A, &[B]);
     let run = a.run(UNDERLAY_INGRESS, &reply);
@@ -1235,7 +1438,10 @@ fn the_agent_datapath_drives_the_programs() {
 
     require_root();
     let ns = NetNs::new(format!("{}-dp", unique_id())).unwrap();
-    ns.ip(&["link", "add", "eth0", "type", "veth", "peer", "name", "eth0p"]).unwrap();
+    ns.ip(&[
+        "link", "add", "eth0", "type", "veth", "peer", "name", "eth0p",
+    ])
+    .unwrap();
     ns.ip(&["link", "add", "cni0", "type", "bridge"]).unwrap();
     ns.ip(&[
         "link",
@@ -1271,7 +1477,10 @@ fn the_agent_datapath_drives_the_programs() {
         dp.attach_host_device("ovl0")?;
         assert_eq!(
             attached("eth0"),
-            [(TcxEgress, UNDERLAY_EGRESS.to_owned()), (TcxIngress, UNDERLAY_INGRESS.to_owned())]
+            [
+                (TcxEgress, UNDERLAY_EGRESS.to_owned()),
+                (TcxIngress, UNDERLAY_INGRESS.to_owned())
+            ]
         );
         assert_eq!(attached("cni0"), [(TcxIngress, POD_EGRESS.to_owned())]);
         assert_eq!(attached("ovl0"), [(TcxEgress, HOST_EGRESS.to_owned())]);
@@ -1296,8 +1505,16 @@ fn the_agent_datapath_drives_the_programs() {
         dp.upsert_peer(net("172.17.2.0/24"), B.local_ip, B.vtep)?;
         let encapsulated = run_prog(dp.ebpf(), POD_EGRESS, &to_b);
         assert_eq!(encapsulated.verdict, TC_ACT_REDIRECT);
-        assert_vxlan(&encapsulated.out, A, B, &with_ttl_decremented(&to_b[14..], 1));
-        assert_eq!(run_prog(dp.ebpf(), UNDERLAY_INGRESS, &from_b_to_pod).verdict, TC_ACT_REDIRECT);
+        assert_vxlan(
+            &encapsulated.out,
+            A,
+            B,
+            &with_ttl_decremented(&to_b[14..], 1),
+        );
+        assert_eq!(
+            run_prog(dp.ebpf(), UNDERLAY_INGRESS, &from_b_to_pod).verdict,
+            TC_ACT_REDIRECT
+        );
         let to_host = run_prog(dp.ebpf(), UNDERLAY_INGRESS, &from_b_to_host);
         assert_eq!(to_host.verdict, TC_ACT_REDIRECT);
         assert_eq!(
@@ -1315,9 +1532,17 @@ fn the_agent_datapath_drives_the_programs() {
             TC_ACT_OK,
             "no route to 172.17.2.0/24 any more"
         );
-        let to_b5 =
-            pod_frame(&udp_packet(host_addr(A, 5), Ipv4Addr::new(172, 17, 5, 7), 64, 1, 10));
-        assert_eq!(run_prog(dp.ebpf(), POD_EGRESS, &to_b5).verdict, TC_ACT_REDIRECT);
+        let to_b5 = pod_frame(&udp_packet(
+            host_addr(A, 5),
+            Ipv4Addr::new(172, 17, 5, 7),
+            64,
+            1,
+            10,
+        ));
+        assert_eq!(
+            run_prog(dp.ebpf(), POD_EGRESS, &to_b5).verdict,
+            TC_ACT_REDIRECT
+        );
         assert_eq!(
             run_prog(dp.ebpf(), UNDERLAY_INGRESS, &from_b_to_pod).verdict,
             TC_ACT_REDIRECT,
@@ -1334,16 +1559,25 @@ fn the_agent_datapath_drives_the_programs() {
         dp.upsert_peer(net("172.17.2.0/24"), B.local_ip, B.vtep)?;
         dp.detach_pod_bridge()?;
         assert_eq!(attached("cni0"), []);
-        assert_eq!(run_prog(dp.ebpf(), UNDERLAY_INGRESS, &from_b_to_pod).verdict, TC_ACT_SHOT);
+        assert_eq!(
+            run_prog(dp.ebpf(), UNDERLAY_INGRESS, &from_b_to_pod).verdict,
+            TC_ACT_SHOT
+        );
         dp.attach_pod_bridge("cni0")?;
         assert_eq!(attached("cni0"), [(TcxIngress, POD_EGRESS.to_owned())]);
-        assert_eq!(run_prog(dp.ebpf(), UNDERLAY_INGRESS, &from_b_to_pod).verdict, TC_ACT_REDIRECT);
+        assert_eq!(
+            run_prog(dp.ebpf(), UNDERLAY_INGRESS, &from_b_to_pod).verdict,
+            TC_ACT_REDIRECT
+        );
 
         assert!(matches!(
             dp.upsert_peer(net("172.17.1.0/24"), B.local_ip, B.vtep),
             Err(DatapathError::OwnSubnet { .. })
         ));
-        assert!(matches!(dp.attach_pod_bridge("nonexistent0"), Err(DatapathError::Device { .. })));
+        assert!(matches!(
+            dp.attach_pod_bridge("nonexistent0"),
+            Err(DatapathError::Device { .. })
+        ));
 
         let counters: BTreeMap<&str, u64> = dp
             .counters()?

@@ -43,26 +43,54 @@ fn tcp_transfer_survives_kill_9_and_restart_of_both_agents() {
         for node in cluster.nodes() {
             node.agent().unwrap().kill9().unwrap();
         }
-        assert!(!transfer.is_finished(), "the transfer ended before the kill: make BYTES larger");
+        assert!(
+            !transfer.is_finished(),
+            "the transfer ended before the kill: make BYTES larger"
+        );
         thread::sleep(Duration::from_millis(500));
         // While no agent runs, new traffic flows too.
-        assert!(a.ping(b.ip(), 2).unwrap().all_received(), "ping with both agents dead");
+        assert!(
+            a.ping(b.ip(), 2).unwrap().all_received(),
+            "ping with both agents dead"
+        );
         for node in cluster.nodes() {
             let agent = node.start_agent(&[]).unwrap();
-            agent.wait_for_log("took over the pinned link on eth0", Duration::from_secs(30)).unwrap();
+            agent
+                .wait_for_log("took over the pinned link on eth0", Duration::from_secs(30))
+                .unwrap();
         }
-        let report = transfer.join().expect("transfer thread").expect("transfer intact");
-        eprintln!("{BYTES} bytes in {:?} across kill -9 and restart", started.elapsed());
+        let report = transfer
+            .join()
+            .expect("transfer thread")
+            .expect("transfer intact");
+        eprintln!(
+            "{BYTES} bytes in {:?} across kill -9 and restart",
+            started.elapsed()
+        );
         report
     });
     assert_eq!(report.bytes, BYTES);
-    assert_eq!(report.server_peer.ip(), std::net::IpAddr::V4(a.ip()), "real pod source address");
+    assert_eq!(
+        report.server_peer.ip(),
+        std::net::IpAddr::V4(a.ip()),
+        "real pod source address"
+    );
 
     // The new agent's programs sit in the same links: the kernel reports new program ids.
     let after = prog_ids(cluster.node(0), "eth0");
-    assert_eq!(after.len(), 2, "still exactly two programs on eth0: {after:?}");
-    assert!(after.iter().all(|id| !before.contains(id)), "programs replaced: {before:?} -> {after:?}");
-    assert!(a.tcp_transfer(&b, 1 << 20).is_ok(), "traffic after the restart");
+    assert_eq!(
+        after.len(),
+        2,
+        "still exactly two programs on eth0: {after:?}"
+    );
+    assert!(
+        after.iter().all(|id| !before.contains(id)),
+        "programs replaced: {before:?} -> {after:?}"
+    );
+    assert!(
+        a.tcp_transfer(&b, 1 << 20).is_ok(),
+        "traffic after the restart"
+    );
 }
 
 #[test]
@@ -78,17 +106,31 @@ fn a_peer_that_left_while_the_agent_was_down_is_removed_on_restart() {
     node.agent().unwrap().kill9().unwrap();
     // Node 2 leaves for good while node 0 has no agent.
     cluster.node(2).agent().unwrap().kill9().unwrap();
-    let key = format!("{}/subnets/{}-{}", cluster.etcd_prefix(), gone.addr(), gone.prefix_len());
+    let key = format!(
+        "{}/subnets/{}-{}",
+        cluster.etcd_prefix(),
+        gone.addr(),
+        gone.prefix_len()
+    );
     cluster.etcd().del(&key).unwrap();
 
     let agent = node.start_agent(&[]).unwrap();
     agent
-        .wait_for_log(&format!("peer removed: subnet {gone} (gone while"), Duration::from_secs(10))
+        .wait_for_log(
+            &format!("peer removed: subnet {gone} (gone while"),
+            Duration::from_secs(10),
+        )
         .unwrap();
     let bin = overlay_tests::agent_bin().unwrap().display().to_string();
     let dir = node.bpf_dir().display().to_string();
     let peers = node.ns().run(&bin, &["peers", "--bpf-dir", &dir]).unwrap();
-    assert!(!peers.contains(&gone.to_string()), "{gone} must be gone from ROUTE_V4:\n{peers}");
+    assert!(
+        !peers.contains(&gone.to_string()),
+        "{gone} must be gone from ROUTE_V4:\n{peers}"
+    );
     let staying = cluster.node(1).subnet_env().unwrap().subnet.trunc();
-    assert!(peers.contains(&staying.to_string()), "{staying} must stay in ROUTE_V4:\n{peers}");
+    assert!(
+        peers.contains(&staying.to_string()),
+        "{staying} must stay in ROUTE_V4:\n{peers}"
+    );
 }

@@ -16,7 +16,10 @@ use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "cargo xtask", about = "Build, demo and test the overlay network")]
+#[command(
+    name = "cargo xtask",
+    about = "Build, demo and test the overlay network"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -67,7 +70,10 @@ fn run_cli(cli: Cli) -> Result<()> {
 }
 
 fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_owned()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_owned()
 }
 
 fn target_dir(root: &Path) -> PathBuf {
@@ -78,19 +84,41 @@ fn target_dir(root: &Path) -> PathBuf {
 /// returns the object's path. Always release: debug eBPF objects do not load.
 fn build_ebpf(root: &Path) -> Result<PathBuf> {
     let mut cmd = Command::new("rustup");
-    cmd.args(["run", "nightly", "cargo", "build", "--package", "overlay-ebpf"])
-        .args(["-Z", "build-std=core", "--target", "bpfel-unknown-none", "--release"])
-        // BTF lets the loader and bpftool see map and program types.
-        .env("RUSTFLAGS", "-C debuginfo=2 -C link-arg=--btf")
-        .current_dir(root);
+    cmd.args([
+        "run",
+        "nightly",
+        "cargo",
+        "build",
+        "--package",
+        "overlay-ebpf",
+    ])
+    .args([
+        "-Z",
+        "build-std=core",
+        "--target",
+        "bpfel-unknown-none",
+        "--release",
+    ])
+    // BTF lets the loader and bpftool see map and program types.
+    .env("RUSTFLAGS", "-C debuginfo=2 -C link-arg=--btf")
+    .current_dir(root);
     // The outer `cargo run` sets these for the stable toolchain; the nightly must pick its own.
-    for var in ["RUSTC", "RUSTC_WRAPPER", "RUSTC_WORKSPACE_WRAPPER", "RUSTUP_TOOLCHAIN", "CARGO"] {
+    for var in [
+        "RUSTC",
+        "RUSTC_WRAPPER",
+        "RUSTC_WORKSPACE_WRAPPER",
+        "RUSTUP_TOOLCHAIN",
+        "CARGO",
+    ] {
         cmd.env_remove(var);
     }
     run(&mut cmd, "building the eBPF object")?;
     let object = target_dir(root).join("bpfel-unknown-none/release/overlay");
     if !object.is_file() {
-        bail!("the eBPF build succeeded but {} is missing", object.display());
+        bail!(
+            "the eBPF build succeeded but {} is missing",
+            object.display()
+        );
     }
     println!("eBPF object: {}", object.display());
     Ok(object)
@@ -106,13 +134,22 @@ struct Built {
 fn build(root: &Path, release: bool) -> Result<Built> {
     let object = build_ebpf(root)?;
     let mut cmd = cargo();
-    cmd.args(["build", "--package", "overlay-agent", "--package", "overlay-tests", "--bins"]);
+    cmd.args([
+        "build",
+        "--package",
+        "overlay-agent",
+        "--package",
+        "overlay-tests",
+        "--bins",
+    ]);
     if release {
         cmd.arg("--release");
     }
     cmd.env("OVERLAY_EBPF_OBJECT", &object);
     run(&mut cmd, "building the agent")?;
-    let agent = target_dir(root).join(if release { "release" } else { "debug" }).join("overlay-agent");
+    let agent = target_dir(root)
+        .join(if release { "release" } else { "debug" })
+        .join("overlay-agent");
     println!("agent: {}", agent.display());
     Ok(Built { object, agent })
 }
@@ -121,8 +158,16 @@ fn demo(root: &Path) -> Result<()> {
     require_root("the demo creates network namespaces")?;
     let Built { agent, .. } = build(root, true)?;
     let mut cmd = cargo();
-    cmd.args(["run", "--quiet", "--release", "--package", "overlay-tests", "--bin", "overlay-demo"])
-        .env("OVERLAY_AGENT_BIN", &agent);
+    cmd.args([
+        "run",
+        "--quiet",
+        "--release",
+        "--package",
+        "overlay-tests",
+        "--bin",
+        "overlay-demo",
+    ])
+    .env("OVERLAY_AGENT_BIN", &agent);
     run(&mut cmd, "running the demo")
 }
 
@@ -131,16 +176,29 @@ fn test(root: &Path, filter: Option<&str>) -> Result<()> {
 
     println!("== unit tests (no root needed)");
     let mut unit = cargo();
-    unit.args(["test", "--workspace", "--exclude", "overlay-ebpf", "--exclude", "overlay-tests"])
-        .env("OVERLAY_EBPF_OBJECT", &object);
+    unit.args([
+        "test",
+        "--workspace",
+        "--exclude",
+        "overlay-ebpf",
+        "--exclude",
+        "overlay-tests",
+    ])
+    .env("OVERLAY_EBPF_OBJECT", &object);
     run(&mut unit, "unit tests")?;
 
     println!("== root tests: namespaces, etcd, the real agent (one at a time)");
     require_root("the root tests create network namespaces and load eBPF programs")?;
     let mut e2e = cargo();
-    e2e.args(["test", "--package", "overlay-tests", "--", "--test-threads=1"])
-        .env("OVERLAY_AGENT_BIN", &agent)
-        .env("OVERLAY_EBPF_OBJECT", &object);
+    e2e.args([
+        "test",
+        "--package",
+        "overlay-tests",
+        "--",
+        "--test-threads=1",
+    ])
+    .env("OVERLAY_AGENT_BIN", &agent)
+    .env("OVERLAY_EBPF_OBJECT", &object);
     if let Some(filter) = filter {
         e2e.arg(filter);
     }
@@ -161,7 +219,9 @@ fn require_root(why: &str) -> Result<()> {
 
 /// Runs a command, failing with the step's name when it does not succeed.
 fn run(cmd: &mut Command, step: &str) -> Result<()> {
-    let status = cmd.status().with_context(|| format!("{step}: cannot start {cmd:?}"))?;
+    let status = cmd
+        .status()
+        .with_context(|| format!("{step}: cannot start {cmd:?}"))?;
     if !status.success() {
         bail!("{step} failed ({status}): {cmd:?}");
     }

@@ -11,19 +11,34 @@ use anyhow::{Context as _, Result, bail};
 /// Debian packages and why the project needs each.
 const APT_PACKAGES: &[(&str, &str)] = &[
     ("etcd-server", "etcd for the demo and the end-to-end tests"),
-    ("etcd-client", "etcdctl, used by the tests to write and delete records"),
+    (
+        "etcd-client",
+        "etcdctl, used by the tests to write and delete records",
+    ),
     ("iproute2", "ip and bridge, to build the namespace clusters"),
-    ("iptables", "the stock flannel node of the interop tests and the iptables baseline"),
+    (
+        "iptables",
+        "the stock flannel node of the interop tests and the iptables baseline",
+    ),
     ("nftables", "nft, to show that the agent adds no rules"),
-    ("conntrack", "inspecting the kernel's connection tracking in the baseline"),
+    (
+        "conntrack",
+        "inspecting the kernel's connection tracking in the baseline",
+    ),
     ("iperf3", "TCP throughput benchmarks"),
     ("sockperf", "request/response latency benchmarks"),
     ("iputils-ping", "ping between pods"),
     ("tcpdump", "captures on the underlay"),
     ("tshark", "decoding captures as VXLAN"),
     ("bpftool", "inspecting programs and maps"),
-    ("ethtool", "recording the devices' offload settings in benchmarks"),
-    ("protobuf-compiler", "protoc, which etcd-client's build script needs"),
+    (
+        "ethtool",
+        "recording the devices' offload settings in benchmarks",
+    ),
+    (
+        "protobuf-compiler",
+        "protoc, which etcd-client's build script needs",
+    ),
 ];
 
 const NIGHTLY: &str = "nightly";
@@ -42,8 +57,11 @@ fn step(name: &str, f: fn() -> Result<()>) -> Result<()> {
 }
 
 fn apt_packages() -> Result<()> {
-    let missing: Vec<&str> =
-        APT_PACKAGES.iter().map(|(p, _)| *p).filter(|p| !dpkg_installed(p)).collect();
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .map(|(p, _)| *p)
+        .filter(|p| !dpkg_installed(p))
+        .collect();
     if missing.is_empty() {
         return Ok(());
     }
@@ -97,7 +115,10 @@ fn rust_src() -> Result<()> {
         .args(["component", "list", "--installed", "--toolchain", NIGHTLY])
         .output()
         .context("cannot run rustup")?;
-    if String::from_utf8_lossy(&out.stdout).lines().any(|l| l.starts_with("rust-src")) {
+    if String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .any(|l| l.starts_with("rust-src"))
+    {
         return Ok(());
     }
     println!("set-up: adding rust-src to the {NIGHTLY} toolchain");
@@ -131,7 +152,13 @@ fn bpf_linker() -> Result<()> {
         dir = lib_dir.display()
     );
     let status = Command::new("cargo")
-        .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--locked"])
+        .args([
+            "install",
+            "bpf-linker",
+            "--version",
+            BPF_LINKER_VERSION,
+            "--locked",
+        ])
         .args(["--no-default-features", "--features"])
         .arg(format!("llvm-{major},no-llvm-linking"))
         .env("RUSTFLAGS", rustflags)
@@ -159,7 +186,9 @@ fn nightly_sysroot() -> Result<PathBuf> {
 /// Finds `libLLVM-<major>-rust-<version>.so` in the sysroot: returns the name to link
 /// (`LLVM-<major>-rust-<version>`) and the LLVM major version (for bpf-linker's feature).
 fn llvm_dylib(lib_dir: &Path) -> Result<(String, String)> {
-    for entry in std::fs::read_dir(lib_dir).with_context(|| format!("reading {}", lib_dir.display()))? {
+    for entry in
+        std::fs::read_dir(lib_dir).with_context(|| format!("reading {}", lib_dir.display()))?
+    {
         let name = entry?.file_name().to_string_lossy().into_owned();
         if let Some(stem) = name.strip_prefix("lib").and_then(|n| n.strip_suffix(".so"))
             && let Some(rest) = stem.strip_prefix("LLVM-")
@@ -179,11 +208,18 @@ mod tests {
     #[test]
     fn llvm_dylib_is_found_by_its_versioned_name() {
         let dir = tempfile::tempdir().unwrap();
-        for name in ["librustc_driver-abc.so", "libLLVM.so.22.1-rust-1.97.0-nightly", "libLLVM-22-rust-1.97.0-nightly.so"] {
+        for name in [
+            "librustc_driver-abc.so",
+            "libLLVM.so.22.1-rust-1.97.0-nightly",
+            "libLLVM-22-rust-1.97.0-nightly.so",
+        ] {
             std::fs::write(dir.path().join(name), b"").unwrap();
         }
         let (lib, major) = llvm_dylib(dir.path()).unwrap();
-        assert_eq!((lib.as_str(), major.as_str()), ("LLVM-22-rust-1.97.0-nightly", "22"));
+        assert_eq!(
+            (lib.as_str(), major.as_str()),
+            ("LLVM-22-rust-1.97.0-nightly", "22")
+        );
     }
 
     #[test]

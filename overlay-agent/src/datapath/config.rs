@@ -90,7 +90,10 @@ impl NodeConfig {
             return Err(format!("subnet {} is smaller than a /30", self.subnet));
         }
         if !self.network.contains(&self.subnet) {
-            return Err(format!("subnet {} is not inside network {}", self.subnet, self.network));
+            return Err(format!(
+                "subnet {} is not inside network {}",
+                self.subnet, self.network
+            ));
         }
         if self.vtep_mac[0] & 0x01 != 0 || self.vtep_mac == [0; 6] {
             return Err("the VtepMAC must be a unicast, non-zero address".to_owned());
@@ -162,18 +165,31 @@ mod tests {
         )
     }
 
-    const DEVICES: Devices =
-        Devices { underlay: 2, bridge: 3, host: 4, host_mac: [0x02, 0, 0, 0, 0, 4] };
+    const DEVICES: Devices = Devices {
+        underlay: 2,
+        bridge: 3,
+        host: 4,
+        host_mac: [0x02, 0, 0, 0, 0, 4],
+    };
 
     #[test]
     fn encodes_every_field_in_its_byte_order() {
         let cfg = encode(Some(&node()), DEVICES);
         assert_eq!(cfg.flags, CONFIG_F_READY);
         assert_eq!((cfg.vni, cfg.port), (1, 8472));
-        assert_eq!((cfg.underlay_ifindex, cfg.bridge_ifindex, cfg.host_ifindex), (2, 3, 4));
+        assert_eq!(
+            (cfg.underlay_ifindex, cfg.bridge_ifindex, cfg.host_ifindex),
+            (2, 3, 4)
+        );
         assert_eq!(cfg.local_ip, [198, 18, 0, 1]);
-        assert_eq!((cfg.subnet, cfg.subnet_mask), ([172, 17, 1, 0], [255, 255, 255, 0]));
-        assert_eq!((cfg.network, cfg.network_mask), ([172, 17, 0, 0], [255, 255, 0, 0]));
+        assert_eq!(
+            (cfg.subnet, cfg.subnet_mask),
+            ([172, 17, 1, 0], [255, 255, 255, 0])
+        );
+        assert_eq!(
+            (cfg.network, cfg.network_mask),
+            ([172, 17, 0, 0], [255, 255, 0, 0])
+        );
         assert_eq!(cfg.vtep_mac, [0x0e, 0, 0, 0, 0, 1]);
         assert_eq!(cfg.host_mac, [0x02, 0, 0, 0, 0, 4]);
         assert_eq!((cfg.src_port_min, cfg.src_port_max), (32768, 60999));
@@ -193,10 +209,22 @@ mod tests {
     fn routing_sets_the_direct_and_no_vxlan_flags() {
         let flags = |r| encode(Some(&node().with_routing(r)), DEVICES).flags;
         assert_eq!(flags(Routing::Vxlan), CONFIG_F_READY);
-        assert_eq!(flags(Routing::VxlanDirect), CONFIG_F_READY | CONFIG_F_DIRECT);
-        assert_eq!(flags(Routing::HostGw), CONFIG_F_READY | CONFIG_F_DIRECT | CONFIG_F_NO_VXLAN);
+        assert_eq!(
+            flags(Routing::VxlanDirect),
+            CONFIG_F_READY | CONFIG_F_DIRECT
+        );
+        assert_eq!(
+            flags(Routing::HostGw),
+            CONFIG_F_READY | CONFIG_F_DIRECT | CONFIG_F_NO_VXLAN
+        );
         // Without an underlay the entry stays not ready, whatever the routing.
-        let cfg = encode(Some(&node().with_routing(Routing::HostGw)), Devices { underlay: 0, ..DEVICES });
+        let cfg = encode(
+            Some(&node().with_routing(Routing::HostGw)),
+            Devices {
+                underlay: 0,
+                ..DEVICES
+            },
+        );
         assert_eq!(cfg.flags & CONFIG_F_READY, 0);
     }
 
@@ -215,7 +243,13 @@ mod tests {
         let cfg = encode(None, DEVICES);
         assert_eq!(cfg.flags, 0);
         assert_eq!(cfg.bridge_ifindex, 3, "device indexes are kept for later");
-        let cfg = encode(Some(&node()), Devices { underlay: 0, ..DEVICES });
+        let cfg = encode(
+            Some(&node()),
+            Devices {
+                underlay: 0,
+                ..DEVICES
+            },
+        );
         assert_eq!(cfg.flags, 0);
     }
 

@@ -24,13 +24,21 @@ pub fn pinned_counters(dir: &Path) -> Result<Vec<(Reason, Counter)>, DatapathErr
 
 /// Reads `COUNTERS` (loaded or pinned), summing each reason over the CPUs.
 pub(super) fn sum_counters(map: &Map) -> Result<Vec<(Reason, Counter)>, DatapathError> {
-    let err = |source| DatapathError::Map { map: COUNTERS_MAP, source };
+    let err = |source| DatapathError::Map {
+        map: COUNTERS_MAP,
+        source,
+    };
     let array = PerCpuArray::<_, Counter>::try_from(map).map_err(err)?;
     Reason::ALL
         .iter()
         .map(|&reason| {
             let per_cpu = array.get(&reason.index(), 0).map_err(err)?;
-            Ok((reason, per_cpu.iter().fold(Counter::default(), |sum, c| sum.add(*c))))
+            Ok((
+                reason,
+                per_cpu
+                    .iter()
+                    .fold(Counter::default(), |sum, c| sum.add(*c)),
+            ))
         })
         .collect()
 }
@@ -39,11 +47,18 @@ pub(super) fn sum_counters(map: &Map) -> Result<Vec<(Reason, Counter)>, Datapath
 pub fn pinned_peers(dir: &Path) -> Result<Vec<(Ipv4Net, RemoteNode)>, DatapathError> {
     let dir = existing(dir)?;
     let map = Map::LpmTrie(open(&dir, ROUTE_V4_MAP)?);
-    let trie = LpmTrie::<_, RouteKeyV4, RemoteNode>::try_from(&map)
-        .map_err(|source| DatapathError::Map { map: ROUTE_V4_MAP, source })?;
+    let trie = LpmTrie::<_, RouteKeyV4, RemoteNode>::try_from(&map).map_err(|source| {
+        DatapathError::Map {
+            map: ROUTE_V4_MAP,
+            source,
+        }
+    })?;
     let mut peers = Vec::new();
     for entry in trie.iter() {
-        let (key, node) = entry.map_err(|source| DatapathError::Map { map: ROUTE_V4_MAP, source })?;
+        let (key, node) = entry.map_err(|source| DatapathError::Map {
+            map: ROUTE_V4_MAP,
+            source,
+        })?;
         let len = u8::try_from(key.prefix_len()).unwrap_or(u8::MAX);
         let subnet = Ipv4Net::new(Ipv4Addr::from(key.data()), len).map_err(|_| {
             DatapathError::InvalidConfig(format!("bad ROUTE_V4 key {:?}/{len}", key.data()))

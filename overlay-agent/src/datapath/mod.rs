@@ -108,9 +108,16 @@ pub enum DatapathError {
     #[error("the eBPF object has no map {0}")]
     MissingMap(&'static str),
     #[error("failed to load program {prog} into the kernel: {source}")]
-    ProgramLoad { prog: &'static str, source: ProgramError },
+    ProgramLoad {
+        prog: &'static str,
+        source: ProgramError,
+    },
     #[error("failed to attach {prog} to {iface}: {source}")]
-    Attach { prog: &'static str, iface: String, source: ProgramError },
+    Attach {
+        prog: &'static str,
+        iface: String,
+        source: ProgramError,
+    },
     #[error("failed to read map {map}: {source}")]
     Map { map: &'static str, source: MapError },
     #[error("failed to update map {map}: {source}")]
@@ -122,7 +129,10 @@ pub enum DatapathError {
     #[error("refusing to route {subnet} to a peer: it is this node's own subnet")]
     OwnSubnet { subnet: Ipv4Net },
     #[error("link of {prog}: {source}")]
-    Link { prog: &'static str, source: LinkError },
+    Link {
+        prog: &'static str,
+        source: LinkError,
+    },
     #[error("the pinned link of {prog} no longer attaches to {iface}")]
     StaleLink { prog: &'static str, iface: String },
     #[error("cannot pin at {path}: {reason}", path = path.display())]
@@ -135,7 +145,10 @@ pub enum DatapathError {
 #[derive(Debug)]
 struct Attached {
     iface: String,
-    #[expect(dead_code, reason = "held for its Drop: closing an unpinned link detaches it")]
+    #[expect(
+        dead_code,
+        reason = "held for its Drop: closing an unpinned link detaches it"
+    )]
     link: FdLink,
 }
 
@@ -187,7 +200,11 @@ impl Datapath {
         }
         // Pinned maps may hold an earlier agent's peers: mirror them, so that later changes
         // (and the daemon's clean-up of peers that left meanwhile) start from the truth.
-        let peers = if pins.is_some() { adopt_peers(&ebpf)? } else { PeerTable::default() };
+        let peers = if pins.is_some() {
+            adopt_peers(&ebpf)?
+        } else {
+            PeerTable::default()
+        };
         Ok(Self {
             ebpf,
             pins,
@@ -254,7 +271,11 @@ impl Datapath {
     pub fn attach_host_device(&mut self, iface: &str) -> Result<(), DatapathError> {
         let ifindex = ifindex(iface)?;
         let mac = hw_addr(iface)?;
-        if self.links.get(HOST_EGRESS).is_some_and(|a| a.iface != iface) {
+        if self
+            .links
+            .get(HOST_EGRESS)
+            .is_some_and(|a| a.iface != iface)
+        {
             self.detach_host_device()?;
         }
         self.attach_tc(HOST_EGRESS, iface, TcAttachType::Egress)?;
@@ -285,7 +306,11 @@ impl Datapath {
     /// Routes `subnet` to `node` (VXLAN or direct, as its flags say) and accepts its PublicIP
     /// as a member. Replaces what was there for `subnet`.
     pub fn upsert_route(&mut self, subnet: Ipv4Net, node: RemoteNode) -> Result<(), DatapathError> {
-        if self.node.as_ref().is_some_and(|n| n.subnet.trunc() == subnet.trunc()) {
+        if self
+            .node
+            .as_ref()
+            .is_some_and(|n| n.subnet.trunc() == subnet.trunc())
+        {
             return Err(DatapathError::OwnSubnet { subnet });
         }
         let mut next = self.peers.clone();
@@ -321,7 +346,9 @@ impl Datapath {
     /// Every counter, summed over the CPUs, in [`Reason::ALL`] order.
     pub fn counters(&self) -> Result<Vec<(Reason, Counter)>, DatapathError> {
         inspect::sum_counters(
-            self.ebpf.map(COUNTERS_MAP).ok_or(DatapathError::MissingMap(COUNTERS_MAP))?,
+            self.ebpf
+                .map(COUNTERS_MAP)
+                .ok_or(DatapathError::MissingMap(COUNTERS_MAP))?,
         )
     }
 
@@ -334,7 +361,11 @@ impl Datapath {
         iface: &str,
         direction: TcAttachType,
     ) -> Result<(), DatapathError> {
-        let attach_err = |source| DatapathError::Attach { prog, iface: iface.to_owned(), source };
+        let attach_err = |source| DatapathError::Attach {
+            prog,
+            iface: iface.to_owned(),
+            source,
+        };
         let pin_path = self.pins.as_ref().map(|p| p.link(prog));
         if let Some(path) = &pin_path
             && path.exists()
@@ -342,7 +373,13 @@ impl Datapath {
             match adopt_link(&mut self.ebpf, prog, iface, direction, path) {
                 Ok(link) => {
                     tracing::info!("{prog}: took over the pinned link on {iface}");
-                    self.links.insert(prog, Attached { iface: iface.to_owned(), link });
+                    self.links.insert(
+                        prog,
+                        Attached {
+                            iface: iface.to_owned(),
+                            link,
+                        },
+                    );
                     return Ok(());
                 }
                 Err(e) => {
@@ -354,7 +391,8 @@ impl Datapath {
         let program = classifier(&mut self.ebpf, prog)?;
         let id = program.attach(iface, direction).map_err(attach_err)?;
         let link = program.take_link(id).map_err(attach_err)?;
-        let mut link = FdLink::try_from(link).map_err(|e| DatapathError::Link { prog, source: e })?;
+        let mut link =
+            FdLink::try_from(link).map_err(|e| DatapathError::Link { prog, source: e })?;
         if let Some(path) = pin_path {
             let pinned = link.pin(&path).map_err(|e| DatapathError::Pin {
                 path: path.clone(),
@@ -362,7 +400,13 @@ impl Datapath {
             })?;
             link = FdLink::from(pinned);
         }
-        self.links.insert(prog, Attached { iface: iface.to_owned(), link });
+        self.links.insert(
+            prog,
+            Attached {
+                iface: iface.to_owned(),
+                link,
+            },
+        );
         Ok(())
     }
 
@@ -385,7 +429,10 @@ impl Datapath {
         let mut array: Array<_, Config> = map_mut(&mut self.ebpf, CONFIG_MAP)?;
         array
             .set(CONFIG_INDEX, value, 0)
-            .map_err(|source| DatapathError::MapUpdate { map: CONFIG_MAP, source })
+            .map_err(|source| DatapathError::MapUpdate {
+                map: CONFIG_MAP,
+                source,
+            })
     }
 
     fn apply(&mut self, ops: &[MapOp]) -> Result<(), DatapathError> {
@@ -394,26 +441,42 @@ impl Datapath {
                 MapOp::SetRoute { subnet, node } => {
                     let mut trie: LpmTrie<_, RouteKeyV4, RemoteNode> =
                         map_mut(&mut self.ebpf, ROUTE_V4_MAP)?;
-                    trie.insert(&key(subnet), node, 0)
-                        .map_err(|source| DatapathError::MapUpdate { map: ROUTE_V4_MAP, source })?;
+                    trie.insert(&key(subnet), node, 0).map_err(|source| {
+                        DatapathError::MapUpdate {
+                            map: ROUTE_V4_MAP,
+                            source,
+                        }
+                    })?;
                 }
                 MapOp::DeleteRoute { subnet } => {
                     let mut trie: LpmTrie<_, RouteKeyV4, RemoteNode> =
                         map_mut(&mut self.ebpf, ROUTE_V4_MAP)?;
-                    ignore_missing(trie.remove(&key(subnet)))
-                        .map_err(|source| DatapathError::MapUpdate { map: ROUTE_V4_MAP, source })?;
+                    ignore_missing(trie.remove(&key(subnet))).map_err(|source| {
+                        DatapathError::MapUpdate {
+                            map: ROUTE_V4_MAP,
+                            source,
+                        }
+                    })?;
                 }
                 MapOp::SetNode { ip, member } => {
                     let mut hash: HashMap<_, NodeKeyV4, MemberNode> =
                         map_mut(&mut self.ebpf, NODE_V4_MAP)?;
-                    hash.insert(ip.octets(), member, 0)
-                        .map_err(|source| DatapathError::MapUpdate { map: NODE_V4_MAP, source })?;
+                    hash.insert(ip.octets(), member, 0).map_err(|source| {
+                        DatapathError::MapUpdate {
+                            map: NODE_V4_MAP,
+                            source,
+                        }
+                    })?;
                 }
                 MapOp::DeleteNode { ip } => {
                     let mut hash: HashMap<_, NodeKeyV4, MemberNode> =
                         map_mut(&mut self.ebpf, NODE_V4_MAP)?;
-                    ignore_missing(hash.remove(&ip.octets()))
-                        .map_err(|source| DatapathError::MapUpdate { map: NODE_V4_MAP, source })?;
+                    ignore_missing(hash.remove(&ip.octets())).map_err(|source| {
+                        DatapathError::MapUpdate {
+                            map: NODE_V4_MAP,
+                            source,
+                        }
+                    })?;
                 }
             }
         }
@@ -463,12 +526,19 @@ fn adopt_link(
     path: &Path,
 ) -> Result<FdLink, DatapathError> {
     let link_err = |source| DatapathError::Link { prog, source };
-    let attach_err = |source| DatapathError::Attach { prog, iface: iface.to_owned(), source };
+    let attach_err = |source| DatapathError::Attach {
+        prog,
+        iface: iface.to_owned(),
+        source,
+    };
     let pinned = PinnedLink::from_pin(path).map_err(link_err)?;
     let old_prog = FdLink::from(pinned).info().map_err(link_err)?.program_id();
     let (_, attached) = SchedClassifier::query_tcx(iface, direction).map_err(attach_err)?;
     if !attached.iter().any(|p| p.id() == old_prog) {
-        return Err(DatapathError::StaleLink { prog, iface: iface.to_owned() });
+        return Err(DatapathError::StaleLink {
+            prog,
+            iface: iface.to_owned(),
+        });
     }
     let link = FdLink::from(PinnedLink::from_pin(path).map_err(link_err)?);
     let link = SchedClassifierLink::try_from(link).map_err(link_err)?;
@@ -480,15 +550,25 @@ fn adopt_link(
 
 /// Mirrors what pinned `ROUTE_V4` holds (the node reference counts follow from the routes).
 fn adopt_peers(ebpf: &Ebpf) -> Result<PeerTable, DatapathError> {
-    let map = ebpf.map(ROUTE_V4_MAP).ok_or(DatapathError::MissingMap(ROUTE_V4_MAP))?;
-    let trie = LpmTrie::<_, RouteKeyV4, RemoteNode>::try_from(map)
-        .map_err(|source| DatapathError::Map { map: ROUTE_V4_MAP, source })?;
+    let map = ebpf
+        .map(ROUTE_V4_MAP)
+        .ok_or(DatapathError::MissingMap(ROUTE_V4_MAP))?;
+    let trie = LpmTrie::<_, RouteKeyV4, RemoteNode>::try_from(map).map_err(|source| {
+        DatapathError::Map {
+            map: ROUTE_V4_MAP,
+            source,
+        }
+    })?;
     let mut table = PeerTable::default();
     for entry in trie.iter() {
-        let (key, node) = entry.map_err(|source| DatapathError::Map { map: ROUTE_V4_MAP, source })?;
+        let (key, node) = entry.map_err(|source| DatapathError::Map {
+            map: ROUTE_V4_MAP,
+            source,
+        })?;
         let data: RouteKeyV4 = key.data();
-        let subnet = Ipv4Net::new(Ipv4Addr::from(data), key.prefix_len() as u8)
-            .map_err(|_| DatapathError::InvalidConfig(format!("bad ROUTE_V4 key {data:?}/{}", key.prefix_len())))?;
+        let subnet = Ipv4Net::new(Ipv4Addr::from(data), key.prefix_len() as u8).map_err(|_| {
+            DatapathError::InvalidConfig(format!("bad ROUTE_V4 key {data:?}/{}", key.prefix_len()))
+        })?;
         let _ = table.upsert(subnet, node);
     }
     Ok(table)
@@ -496,7 +576,10 @@ fn adopt_peers(ebpf: &Ebpf) -> Result<PeerTable, DatapathError> {
 
 /// The interface index of `iface` in the agent's network namespace.
 fn ifindex(iface: &str) -> Result<u32, DatapathError> {
-    let device_err = |source| DatapathError::Device { iface: iface.to_owned(), source };
+    let device_err = |source| DatapathError::Device {
+        iface: iface.to_owned(),
+        source,
+    };
     let name = CString::new(iface)
         .map_err(|_| device_err(io::Error::from(io::ErrorKind::InvalidInput)))?;
     // SAFETY: `name` is a valid C string for the duration of the call.
@@ -509,7 +592,10 @@ fn ifindex(iface: &str) -> Result<u32, DatapathError> {
 /// The MAC address of `iface` (SIOCGIFHWADDR, which resolves in the caller's network namespace,
 /// unlike /sys, which shows the namespace it was mounted in).
 fn hw_addr(iface: &str) -> Result<[u8; 6], DatapathError> {
-    let device_err = |source| DatapathError::Device { iface: iface.to_owned(), source };
+    let device_err = |source| DatapathError::Device {
+        iface: iface.to_owned(),
+        source,
+    };
     // SAFETY: a zeroed ifreq is a valid argument; we only read the union member SIOCGIFHWADDR
     // fills, and the socket is closed by OwnedFd.
     unsafe {
@@ -537,7 +623,10 @@ fn hw_addr(iface: &str) -> Result<[u8; 6], DatapathError> {
 /// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; newer ones use memcg, where raising
 /// the limit is unnecessary (and may be refused without CAP_SYS_RESOURCE), so failure only warns.
 fn raise_memlock_limit() {
-    let limit = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    let limit = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
     // SAFETY: setrlimit reads the struct we pass and has no other effect on memory.
     if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &limit) } != 0 {
         tracing::debug!(
@@ -555,7 +644,11 @@ mod tests {
     fn route_keys_are_prefix_length_then_network_bytes() {
         let k = key("172.17.2.9/24".parse().unwrap());
         assert_eq!(k.prefix_len(), 24);
-        assert_eq!(k.data(), [172, 17, 2, 0], "host bits cleared, network byte order");
+        assert_eq!(
+            k.data(),
+            [172, 17, 2, 0],
+            "host bits cleared, network byte order"
+        );
         // The kernel's struct bpf_lpm_trie_key_u8: __u32 prefixlen (host order), then data.
         // SAFETY: Key<[u8; 4]> is a packed 8-byte POD struct.
         let raw: [u8; 8] = unsafe { mem::transmute(k) };
@@ -572,7 +665,10 @@ mod tests {
             &[198, 18, 0, 2, 0x0e, 1, 2, 3, 4, 5, 1, 0][..],
             "PublicIP, VtepMAC, flags (VXLAN) in host order"
         );
-        assert_eq!(bytemuck::bytes_of(&MemberNode { routes: 2 }), &2u32.to_ne_bytes()[..]);
+        assert_eq!(
+            bytemuck::bytes_of(&MemberNode { routes: 2 }),
+            &2u32.to_ne_bytes()[..]
+        );
     }
 
     #[test]
@@ -580,7 +676,12 @@ mod tests {
         let names: std::collections::BTreeSet<_> = Reason::ALL.iter().map(|r| r.name()).collect();
         assert_eq!(names.len(), Reason::ALL.len());
         assert_eq!(Reason::UnderlayRx.name(), "underlay_rx");
-        assert!(Reason::ALL.iter().filter(|r| r.is_drop()).all(|r| r.index() > 8));
+        assert!(
+            Reason::ALL
+                .iter()
+                .filter(|r| r.is_drop())
+                .all(|r| r.index() > 8)
+        );
     }
 
     #[test]

@@ -60,7 +60,10 @@ impl PeerTable {
         let Some(previous) = self.routes.remove(&subnet) else {
             return Vec::new();
         };
-        vec![MapOp::DeleteRoute { subnet }, self.drop_ref(previous.public_ip())]
+        vec![
+            MapOp::DeleteRoute { subnet },
+            self.drop_ref(previous.public_ip()),
+        ]
     }
 
     /// The remote subnets held, in order.
@@ -94,14 +97,20 @@ impl PeerTable {
     fn add_ref(&mut self, ip: Ipv4Addr) -> MapOp {
         let refs = self.nodes.entry(ip).or_default();
         *refs += 1;
-        MapOp::SetNode { ip, member: MemberNode { routes: *refs } }
+        MapOp::SetNode {
+            ip,
+            member: MemberNode { routes: *refs },
+        }
     }
 
     fn drop_ref(&mut self, ip: Ipv4Addr) -> MapOp {
         match self.nodes.get_mut(&ip) {
             Some(refs) if *refs > 1 => {
                 *refs -= 1;
-                MapOp::SetNode { ip, member: MemberNode { routes: *refs } }
+                MapOp::SetNode {
+                    ip,
+                    member: MemberNode { routes: *refs },
+                }
             }
             _ => {
                 self.nodes.remove(&ip);
@@ -128,7 +137,10 @@ mod tests {
     }
 
     fn set_node(last: u8, routes: u32) -> MapOp {
-        MapOp::SetNode { ip: ip(last), member: MemberNode { routes } }
+        MapOp::SetNode {
+            ip: ip(last),
+            member: MemberNode { routes },
+        }
     }
 
     #[test]
@@ -137,14 +149,26 @@ mod tests {
         let s = net("172.17.2.0/24");
         assert_eq!(
             t.upsert(s, node(2)),
-            [set_node(2, 1), MapOp::SetRoute { subnet: s, node: node(2) }]
+            [
+                set_node(2, 1),
+                MapOp::SetRoute {
+                    subnet: s,
+                    node: node(2)
+                }
+            ]
         );
         assert_eq!(t.upsert(s, node(2)), [], "unchanged: nothing to write");
 
         // Same node, new VtepMAC: only the route changes.
         let mut new_mac = node(2);
         new_mac.vtep_mac[5] = 0x22;
-        assert_eq!(t.upsert(s, new_mac), [MapOp::SetRoute { subnet: s, node: new_mac }]);
+        assert_eq!(
+            t.upsert(s, new_mac),
+            [MapOp::SetRoute {
+                subnet: s,
+                node: new_mac
+            }]
+        );
         assert_eq!(t.node_refs(ip(2)), 1);
 
         // The subnet moves to another node: new member first, old one last.
@@ -152,13 +176,19 @@ mod tests {
             t.upsert(s, node(3)),
             [
                 set_node(3, 1),
-                MapOp::SetRoute { subnet: s, node: node(3) },
+                MapOp::SetRoute {
+                    subnet: s,
+                    node: node(3)
+                },
                 MapOp::DeleteNode { ip: ip(2) }
             ]
         );
         assert_eq!(
             t.remove(s),
-            [MapOp::DeleteRoute { subnet: s }, MapOp::DeleteNode { ip: ip(3) }]
+            [
+                MapOp::DeleteRoute { subnet: s },
+                MapOp::DeleteNode { ip: ip(3) }
+            ]
         );
         assert_eq!(t.remove(s), [], "already gone");
         assert!(t.is_empty());
@@ -172,14 +202,26 @@ mod tests {
         t.upsert(s1, node(2));
         assert_eq!(
             t.upsert(s2, node(2)),
-            [set_node(2, 2), MapOp::SetRoute { subnet: s2, node: node(2) }]
+            [
+                set_node(2, 2),
+                MapOp::SetRoute {
+                    subnet: s2,
+                    node: node(2)
+                }
+            ]
         );
-        assert_eq!(t.remove(s1), [MapOp::DeleteRoute { subnet: s1 }, set_node(2, 1)]);
+        assert_eq!(
+            t.remove(s1),
+            [MapOp::DeleteRoute { subnet: s1 }, set_node(2, 1)]
+        );
         assert_eq!(t.node_refs(ip(2)), 1);
         assert_eq!(t.route(s2), Some(node(2)));
         assert_eq!(
             t.remove(s2),
-            [MapOp::DeleteRoute { subnet: s2 }, MapOp::DeleteNode { ip: ip(2) }]
+            [
+                MapOp::DeleteRoute { subnet: s2 },
+                MapOp::DeleteNode { ip: ip(2) }
+            ]
         );
         assert_eq!(t.node_refs(ip(2)), 0);
     }
@@ -188,7 +230,10 @@ mod tests {
     fn subnets_are_normalised() {
         let mut t = PeerTable::default();
         let ops = t.upsert(net("172.17.2.1/24"), node(2));
-        assert!(ops.contains(&MapOp::SetRoute { subnet: net("172.17.2.0/24"), node: node(2) }));
+        assert!(ops.contains(&MapOp::SetRoute {
+            subnet: net("172.17.2.0/24"),
+            node: node(2)
+        }));
         assert_eq!(t.route(net("172.17.2.0/24")), Some(node(2)));
         assert_eq!(t.remove(net("172.17.2.9/24")).len(), 2);
         assert_eq!(t.len(), 0);

@@ -25,7 +25,11 @@ pub enum PinError {
     #[error("cannot mount a bpffs on {BPFFS_ROOT}: {source}")]
     Mount { source: io::Error },
     #[error("cannot {action} {path}: {source}")]
-    Io { action: &'static str, path: PathBuf, source: io::Error },
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
 }
 
 /// A prepared pin directory.
@@ -44,20 +48,29 @@ impl PinDir {
                 tracing::info!("mounted a bpffs on {BPFFS_ROOT}");
             }
             if !on_bpffs(root) {
-                return Err(PinError::NotBpffs { dir: root.to_owned() });
+                return Err(PinError::NotBpffs {
+                    dir: root.to_owned(),
+                });
             }
         }
-        let dir = Self { root: root.to_owned() };
+        let dir = Self {
+            root: root.to_owned(),
+        };
         for sub in [dir.maps_dir(), dir.links_dir()] {
-            std::fs::create_dir_all(&sub)
-                .map_err(|source| PinError::Io { action: "create", path: sub.clone(), source })?;
+            std::fs::create_dir_all(&sub).map_err(|source| PinError::Io {
+                action: "create",
+                path: sub.clone(),
+                source,
+            })?;
         }
         Ok(dir)
     }
 
     /// An existing pin directory, for the subcommands that read it; `None` if absent.
     pub fn existing(root: &Path) -> Option<Self> {
-        root.join("maps").is_dir().then(|| Self { root: root.to_owned() })
+        root.join("maps").is_dir().then(|| Self {
+            root: root.to_owned(),
+        })
     }
 
     pub fn root(&self) -> &Path {
@@ -85,7 +98,9 @@ impl PinDir {
     pub fn remove_all(&self) -> Result<Vec<PathBuf>, PinError> {
         let mut removed = Vec::new();
         for sub in [self.links_dir(), self.maps_dir()] {
-            let Ok(entries) = std::fs::read_dir(&sub) else { continue };
+            let Ok(entries) = std::fs::read_dir(&sub) else {
+                continue;
+            };
             for entry in entries.flatten() {
                 let path = entry.path();
                 remove_pin(&path)?;
@@ -101,28 +116,39 @@ impl PinDir {
 /// Unlinks one pin; a pin that is already gone is fine.
 pub fn remove_pin(path: &Path) -> Result<(), PinError> {
     match std::fs::remove_file(path) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => {
-            Err(PinError::Io { action: "remove", path: path.to_owned(), source: e })
-        }
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(PinError::Io {
+            action: "remove",
+            path: path.to_owned(),
+            source: e,
+        }),
         _ => Ok(()),
     }
 }
 
 fn remove_dir(path: &Path) -> Result<(), PinError> {
     match std::fs::remove_dir(path) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => {
-            Err(PinError::Io { action: "remove", path: path.to_owned(), source: e })
-        }
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(PinError::Io {
+            action: "remove",
+            path: path.to_owned(),
+            source: e,
+        }),
         _ => Ok(()),
     }
 }
 
 /// Whether `path`, or its nearest existing ancestor, is on a bpffs.
 fn on_bpffs(path: &Path) -> bool {
-    let Some(existing) = path.ancestors().find(|p| p.exists()) else { return false };
-    let Ok(c_path) = CString::new(existing.as_os_str().as_bytes()) else { return false };
+    let Some(existing) = path.ancestors().find(|p| p.exists()) else {
+        return false;
+    };
+    let Ok(c_path) = CString::new(existing.as_os_str().as_bytes()) else {
+        return false;
+    };
     // SAFETY: statfs writes into the zeroed struct we own; the path is a valid C string.
-    #[allow(clippy::useless_conversion, reason = "f_type is i64 only on some architectures")]
+    #[allow(
+        clippy::useless_conversion,
+        reason = "f_type is i64 only on some architectures"
+    )]
     unsafe {
         let mut stat: libc::statfs = std::mem::zeroed();
         libc::statfs(c_path.as_ptr(), &mut stat) == 0 && i64::from(stat.f_type) == BPF_FS_MAGIC
@@ -134,10 +160,18 @@ fn mount_bpffs(target: &Path) -> Result<(), PinError> {
     let (source, target, fstype) = (c(b"bpf"), c(target.as_os_str().as_bytes()), c(b"bpf"));
     // SAFETY: all pointers are valid C strings for the duration of the call; no data argument.
     let rc = unsafe {
-        libc::mount(source.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, std::ptr::null())
+        libc::mount(
+            source.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
     };
     if rc != 0 {
-        return Err(PinError::Mount { source: io::Error::last_os_error() });
+        return Err(PinError::Mount {
+            source: io::Error::last_os_error(),
+        });
     }
     Ok(())
 }
@@ -150,13 +184,24 @@ mod tests {
     fn a_plain_directory_is_refused_naming_it() {
         let dir = tempfile::tempdir().unwrap();
         let err = PinDir::prepare(&dir.path().join("overlay")).unwrap_err();
-        assert!(err.to_string().contains(&dir.path().display().to_string()), "{err}");
+        assert!(
+            err.to_string().contains(&dir.path().display().to_string()),
+            "{err}"
+        );
     }
 
     #[test]
     fn layout_is_maps_and_links_under_the_root() {
-        let dir = PinDir { root: PathBuf::from("/sys/fs/bpf/overlay") };
-        assert_eq!(dir.map("ROUTE_V4"), Path::new("/sys/fs/bpf/overlay/maps/ROUTE_V4"));
-        assert_eq!(dir.link("pod_egress"), Path::new("/sys/fs/bpf/overlay/links/pod_egress"));
+        let dir = PinDir {
+            root: PathBuf::from("/sys/fs/bpf/overlay"),
+        };
+        assert_eq!(
+            dir.map("ROUTE_V4"),
+            Path::new("/sys/fs/bpf/overlay/maps/ROUTE_V4")
+        );
+        assert_eq!(
+            dir.link("pod_egress"),
+            Path::new("/sys/fs/bpf/overlay/links/pod_egress")
+        );
     }
 }

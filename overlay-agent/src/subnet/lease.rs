@@ -433,12 +433,23 @@ mod tests {
     #[test]
     fn vtep_mac_is_stable_unicast_local_and_distinct_per_public_ip() {
         let ip = Ipv4Addr::new(198, 18, 0, 1);
-        assert_eq!(Mac::for_public_ip(ip), Mac::for_public_ip(ip), "same node, same MAC");
+        assert_eq!(
+            Mac::for_public_ip(ip),
+            Mac::for_public_ip(ip),
+            "same node, same MAC"
+        );
         let mut seen = std::collections::HashSet::new();
         for n in 0..65_536u32 {
             let mac = Mac::for_public_ip(Ipv4Addr::from(0xc612_0000 + n)).octets();
-            assert_eq!(mac[0] & 0x03, 0x02, "{mac:02x?} must be locally administered unicast");
-            assert!(seen.insert(mac), "MAC {mac:02x?} repeats for 198.18.0.0/16 + {n}");
+            assert_eq!(
+                mac[0] & 0x03,
+                0x02,
+                "{mac:02x?} must be locally administered unicast"
+            );
+            assert!(
+                seen.insert(mac),
+                "MAC {mac:02x?} repeats for 198.18.0.0/16 + {n}"
+            );
         }
     }
 

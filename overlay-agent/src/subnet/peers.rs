@@ -191,7 +191,8 @@ impl PeerState<'_> {
                 Some(_) => {}
             }
         }
-        self.send(PeerEvent::Synced(self.known.keys().copied().collect())).await
+        self.send(PeerEvent::Synced(self.known.keys().copied().collect()))
+            .await
     }
 
     /// Our subnet changed (re-acquired after a revocation): a peer known under the new

@@ -855,7 +855,12 @@ fn start_peers(fake: &FakeRegistry, backend_type: &str) -> Peers {
     let (tx, rx) = mpsc::channel(64);
     let backend_type = backend_type.to_owned();
     let task = tokio::spawn(async move { m.run_peer_watcher(backend_type, own_rx, tx).await });
-    Peers { rx, own, task, synced: Vec::new() }
+    Peers {
+        rx,
+        own,
+        task,
+        synced: Vec::new(),
+    }
 }
 
 impl Peers {
@@ -1042,7 +1047,10 @@ async fn every_listing_ends_with_synced_naming_all_current_peers() {
     let mut peers = start_peers(&fake, "vxlan");
     peers.next_n(2).await;
     peers.quiet().await;
-    assert_eq!(peers.synced, [vec![net("10.10.1.0/24"), net("10.10.2.0/24")]]);
+    assert_eq!(
+        peers.synced,
+        [vec![net("10.10.1.0/24"), net("10.10.2.0/24")]]
+    );
     // After compaction the re-listing is followed by a Synced of its own.
     fake.remove(&key("10.10.1.0/24"));
     fake.compact();
@@ -1190,7 +1198,9 @@ async fn peer_watcher_stops_when_nobody_listens() {
         .expect("peer watcher stopped")
         .unwrap();
     // It keeps working without the lease keeper too (own sender dropped).
-    let Peers { mut rx, own, task, .. } = start_peers(&fake, "vxlan");
+    let Peers {
+        mut rx, own, task, ..
+    } = start_peers(&fake, "vxlan");
     drop(own);
     add_peer(&fake, "10.10.1.0/24", "198.18.0.2", 2);
     let event = timeout(Duration::from_secs(30), rx.recv()).await.unwrap();

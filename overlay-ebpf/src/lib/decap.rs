@@ -176,8 +176,14 @@ pub fn try_underlay_ingress(ctx: &TcContext) -> Result<i32, Reason> {
     let Some(inner_ip) = ptr_at::<Ipv4Hdr>(ctx, INNER_IP_OFF) else {
         return Err(Reason::DropTruncated);
     };
-    let (ver_ihl, tos, ttl, daddr) =
-        unsafe { ((*inner_ip).ver_ihl, (*inner_ip).tos, (*inner_ip).ttl, (*inner_ip).daddr) };
+    let (ver_ihl, tos, ttl, daddr) = unsafe {
+        (
+            (*inner_ip).ver_ihl,
+            (*inner_ip).tos,
+            (*inner_ip).ttl,
+            (*inner_ip).daddr,
+        )
+    };
     if ver_ihl >> 4 != 4 || ver_ihl & 0x0f < 5 {
         return Err(Reason::DropMalformed);
     }
@@ -224,7 +230,11 @@ fn target(cfg: &Config, daddr: [u8; 4], ttl: u8) -> Result<Target, Reason> {
     if daddr == host_addr || daddr == gateway {
         Ok(Target::Host)
     } else if in_subnet(daddr, cfg.subnet, cfg.subnet_mask) {
-        Ok(if ttl <= 1 { Target::HostTtl } else { Target::Pod })
+        Ok(if ttl <= 1 {
+            Target::HostTtl
+        } else {
+            Target::Pod
+        })
     } else {
         Err(Reason::DropNotLocal)
     }
@@ -248,7 +258,14 @@ fn deliver_to_host(
         (*eth).dst = cfg.host_mac;
         (*eth).src = peer_vtep_mac;
     }
-    count(if target == Target::HostTtl { Reason::StackTtl } else { Reason::DecapHost }, ctx.len());
+    count(
+        if target == Target::HostTtl {
+            Reason::StackTtl
+        } else {
+            Reason::DecapHost
+        },
+        ctx.len(),
+    );
     // SAFETY: plain helper call.
     Ok(unsafe { bpf_redirect(cfg.host_ifindex, u64::from(BPF_F_INGRESS)) } as i32)
 }

@@ -139,13 +139,18 @@ pub fn encapsulate(
             flags: [VXLAN_FLAGS_I, 0, 0, 0],
             vni: ((cfg.vni & 0x00ff_ffff) << 8).to_be_bytes(),
         },
-        eth: EthHdr { dst: peer.vtep_mac, src: cfg.vtep_mac, proto: ETH_P_IP },
+        eth: EthHdr {
+            dst: peer.vtep_mac,
+            src: cfg.vtep_mac,
+            proto: ETH_P_IP,
+        },
     };
     hdr.ip.check = ipv4_checksum(&hdr.ip);
 
     ctx.adjust_room(VXLAN_OVERHEAD as i32, BPF_ADJ_ROOM_MAC, ENCAP_FLAGS)
         .map_err(|_| Reason::DropEncapFailed)?;
-    ctx.store(ETH_HLEN, &hdr, 0).map_err(|_| Reason::DropEncapFailed)
+    ctx.store(ETH_HLEN, &hdr, 0)
+        .map_err(|_| Reason::DropEncapFailed)
 }
 
 /// Sends the encapsulated packet out of the underlay device; the kernel routes the outer
