@@ -272,11 +272,10 @@ fn find_bin(env: &str, name: &str, hint: &str) -> Result<PathBuf> {
         );
     }
     let mut candidates = Vec::new();
-    // Test binaries live in target/<profile>/deps/.
-    if let Ok(exe) = std::env::current_exe()
-        && let Some(profile_dir) = exe.parent().and_then(Path::parent)
-    {
-        candidates.push(profile_dir.join(name));
+    // Binaries of this package (the demo) live in target/<profile>/, test binaries in
+    // target/<profile>/deps/: look beside the running executable, then one level up.
+    if let Ok(exe) = std::env::current_exe() {
+        candidates.extend(exe.ancestors().skip(1).take(2).map(|dir| dir.join(name)));
     }
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()

@@ -167,7 +167,8 @@ fn demo(root: &Path) -> Result<()> {
         "--bin",
         "overlay-demo",
     ])
-    .env("OVERLAY_AGENT_BIN", &agent);
+    .env("OVERLAY_AGENT_BIN", &agent)
+    .env("OVL_XFER_BIN", agent.with_file_name("ovl-xfer"));
     run(&mut cmd, "running the demo")
 }
 
