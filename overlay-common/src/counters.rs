@@ -73,9 +73,11 @@ pub enum Reason {
     // Slots 13..=15 and drops 61..=63: masquerade (issue 6), taken from the top of each range.
     /// A new masqueraded flow was created (an entry in `SNAT_V4_CT` / `SNAT_V4_REV`).
     NatNewFlow = 13,
-    /// A reply (or an ICMP error about a flow) was translated back to the pod's address.
+    /// A reply (or an ICMP error about a flow) was translated back to the originator's address
+    /// (the pod's, or the outside source's).
     NatRev = 14,
-    /// A packet from a pod to outside the cluster was masqueraded (source translated).
+    /// A packet was masqueraded (source translated): from a pod to outside the cluster, or from
+    /// outside the cluster network to a remote pod.
     NatSnat = 15,
 
     /// The host sent to a cluster address that no peer's subnet covers.

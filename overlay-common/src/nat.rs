@@ -1,14 +1,21 @@
-//! Masquerade (`--ip-masq`): source NAT of pod traffic leaving the cluster, in eBPF.
+//! Masquerade (`--ip-masq`): source NAT of pod traffic leaving the cluster, and of traffic from
+//! outside the cluster network to remote pods (flannel's last rule), in eBPF.
 //!
 //! Maps (all pinned under `--bpf-dir`, so translated connections survive an agent restart):
 //! - `NAT_CONFIG`: a one-entry array ([`NatConfig`]): on/off, the port range, idle timeouts.
 //!   Without [`NAT_F_ENABLED`] the programs translate nothing.
 //! - `NAT_EXCLUDE_V4`: an LPM trie of extra destinations never to masquerade
 //!   (`--ip-masq-exclude`, like ip-masq-agent's nonMasqueradeCIDRs); key data = network address.
-//! - `SNAT_V4_CT`: LRU hash, key = the flow as the pod sends it ([`NatKeyV4`]: pod address and
-//!   port → remote address and port), value = the translated source ([`NatEntryV4`]).
+//! - `SNAT_V4_CT`: LRU hash, key = the flow as its originator sends it ([`NatKeyV4`]: pod
+//!   address and port → remote address and port; or, with [`NAT_E_TO_CLUSTER`], outside
+//!   address and port → remote pod), value = the translated source ([`NatEntryV4`]).
 //! - `SNAT_V4_REV`: LRU hash, key = the reply as it arrives (remote address and port → the
-//!   node's address and the translated port), value = the pod's address and port.
+//!   translated address and port), value = the originator's address and port.
+//!
+//! The two kinds of flows never share a key: one has a cluster source and an outside
+//! destination, the other the reverse. Translated addresses: the external interface's address
+//! for pod flows and for flows to direct (host-gw, DirectRouting) peers, the host device's
+//! `<subnet>.0` for flows to VXLAN peers.
 //!
 //! Both entries of a flow carry the same state and last-seen time (the data path updates both
 //! on every packet of either direction), so either can be expired alone. ICMP echo uses the
@@ -120,8 +127,15 @@ pub const NAT_S_RST: u8 = 1 << 2;
 /// replies are translated back and handed to the kernel (which may hold its own state for the
 /// flow, e.g. a Service DNAT), instead of being sent to the pod bridge directly.
 pub const NAT_E_KERNEL: u8 = 1 << 0;
+/// The flow goes from outside the cluster network (a host socket bound to a non-cluster
+/// address, or a host the node routes for) to a remote pod, masqueraded on its way out through
+/// the host device (flannel's `! -s <cluster> -d <cluster> -j MASQUERADE`). Its key's source is
+/// the outside address; replies are translated back and routed to it (the host stack, or out
+/// again), never to the pod bridge.
+pub const NAT_E_TO_CLUSTER: u8 = 1 << 1;
 
-/// Value of `SNAT_V4_CT` (the translated source) and `SNAT_V4_REV` (the pod's address).
+/// Value of `SNAT_V4_CT` (the translated source) and `SNAT_V4_REV` (the originator's address:
+/// the pod's, or the outside source's for [`NAT_E_TO_CLUSTER`] flows).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct NatEntryV4 {

@@ -10,6 +10,11 @@
 //! (`drop_no_route`) instead of leaving through the device's other end. Non-IPv4 and
 //! non-cluster packets go on untouched. A peer with the DIRECT flag (host-gw, DirectRouting)
 //! gets the packet unencapsulated, next hop its PublicIP (`lib::direct`).
+//!
+//! With `--ip-masq`, a packet from outside the cluster network to a peer's pod (a host socket
+//! bound to a non-cluster address, or traffic the kernel forwards for an outside host) is
+//! masqueraded first (`lib::nat`, flannel's `! -s <cluster> -d <cluster>` rule): to
+//! `<subnet>.0` towards a VXLAN peer, to the external interface's address towards a direct one.
 
 use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
 use overlay_common::{
@@ -23,6 +28,7 @@ use crate::lib::{
     encap::{encapsulate, redirect_to_underlay},
     hdr::{EthHdr, Ipv4Hdr},
     maps::{config, in_subnet, route_v4},
+    nat,
     ptr::ptr_at,
 };
 
@@ -57,6 +63,7 @@ fn try_host_egress(ctx: &TcContext) -> Result<i32, Reason> {
         return Ok(TC_ACT_OK);
     };
     if peer.is_direct() {
+        nat::snat_to_cluster(ctx, cfg, true)?;
         count(Reason::DirectHost, ctx.len());
         return Ok(redirect_direct(cfg, &peer));
     }
@@ -64,6 +71,8 @@ fn try_host_egress(ctx: &TcContext) -> Result<i32, Reason> {
         return Ok(TC_ACT_OK);
     }
 
+    // Before encapsulation: the NAT works on the packet as the kernel routed it.
+    nat::snat_to_cluster(ctx, cfg, false)?;
     encapsulate(ctx, cfg, &peer, tos)?;
     count(Reason::EncapHost, ctx.len());
     Ok(redirect_to_underlay(cfg))

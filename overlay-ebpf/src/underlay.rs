@@ -6,10 +6,13 @@
 //!   fails a check (counted by reason); what is not VXLAN for us may be unencapsulated traffic
 //!   from a direct peer (host-gw, DirectRouting), delivered likewise (see `lib::direct`);
 //!   everything else goes on (`TC_ACT_OK`).
-//!   Last, replies to masqueraded flows are translated back to their pod (`lib::nat`).
+//!   Last, replies to masqueraded flows are translated back to their pod (`lib::nat`), or, for
+//!   flows masqueraded into the cluster towards a direct peer, to their outside source.
 //! - `underlay_egress` counts what leaves (`underlay_tx`), our encapsulated packets included
 //!   (`bpf_redirect_neigh` transmits through this hook); with `--ip-masq` it masquerades pod
-//!   traffic the kernel routed out of here itself (`lib::nat`), and rewrites nothing else.
+//!   traffic the kernel routed out of here itself (`lib::nat`; a remote pod's reply to an
+//!   outside host that we route back is not a new flow and keeps its source), and rewrites
+//!   nothing else.
 
 use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
 use overlay_common::counters::Reason;

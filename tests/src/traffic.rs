@@ -250,6 +250,20 @@ pub fn tcp_transfer_to(
     bytes: u64,
     timeout: Duration,
 ) -> Result<TransferReport> {
+    tcp_transfer_bound(from, None, server, dst, bytes, timeout)
+}
+
+/// Like [`tcp_transfer_to`], with the client's socket bound to the source address `bind` (one
+/// of `from`'s addresses) when given, e.g. a node's underlay address for traffic the kernel
+/// sends into the cluster through the host device.
+pub fn tcp_transfer_bound(
+    from: &dyn Endpoint,
+    bind: Option<Ipv4Addr>,
+    server: &dyn Endpoint,
+    dst: Ipv4Addr,
+    bytes: u64,
+    timeout: Duration,
+) -> Result<TransferReport> {
     let timeout_ms = timeout.as_millis().max(1).to_string();
     let port = next_port();
     let seed = seed();
@@ -283,6 +297,9 @@ pub fn tcp_transfer_to(
         &bytes.to_string(),
     ])
     .args(["--seed", &seed.to_string(), "--timeout-ms", &timeout_ms]);
+    if let Some(ip) = bind {
+        c.args(["--bind", &ip.to_string()]);
+    }
     let line = cmd::describe(&c);
     let out = cmd::output_with(c, None, timeout + Duration::from_secs(5))
         .with_context(|| what.clone())?;

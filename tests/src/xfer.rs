@@ -7,7 +7,7 @@
 //! Output: one line per event, `<event> key=value ...`:
 //! - `tcp-serve`: `listening port=P`, then `received peer=A:P bytes=N hash=H verified=true|false
 //!   [mismatch_at=OFF]`
-//! - `tcp-send`: `sent local=A:P bytes=N hash=H`
+//! - `tcp-send [--bind IP]`: `sent local=A:P bytes=N hash=H`
 //! - `udp-serve`: `listening port=P`, then `done received=N peers=A:P,...`
 //! - `udp-send`: `done local=A:P sent=N received=M bad=K`
 //! - `tcp-many-serve`: `listening port=P`, then `done accepted=N verified=M peers=IP,...`
@@ -235,16 +235,73 @@ fn tcp_serve(a: &Args) -> Result<()> {
     Ok(())
 }
 
-/// `tcp-send --to IP:PORT --bytes N --seed S --timeout-ms MS`: sends the stream, half-closes,
-/// waits for the server to close.
+/// Connects to `to` from a socket bound to `bind` (port chosen by the kernel), waiting at most
+/// `timeout` (the socket's send timeout bounds a blocking connect).
+fn connect_from(bind: Ipv4Addr, to: SocketAddr, timeout: Duration) -> std::io::Result<TcpStream> {
+    use std::os::fd::{FromRawFd as _, OwnedFd};
+    let SocketAddr::V4(to) = to else {
+        return Err(std::io::Error::other("IPv4 only"));
+    };
+    let sockaddr = |ip: Ipv4Addr, port: u16| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: port.to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(ip.octets()),
+        },
+        sin_zero: [0; 8],
+    };
+    let len = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: plain socket call; the descriptor is owned right away.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh descriptor nobody else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
+    let tv = libc::timeval {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_usec: libc::suseconds_t::from(timeout.subsec_micros()),
+    };
+    let local = sockaddr(bind, 0);
+    let remote = sockaddr(*to.ip(), to.port());
+    // SAFETY: valid descriptor, pointers to live structs of the sizes given.
+    unsafe {
+        if libc::setsockopt(
+            raw,
+            libc::SOL_SOCKET,
+            libc::SO_SNDTIMEO,
+            (&raw const tv).cast(),
+            size_of::<libc::timeval>() as libc::socklen_t,
+        ) != 0
+            || libc::bind(raw, (&raw const local).cast(), len) != 0
+            || libc::connect(raw, (&raw const remote).cast(), len) != 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(TcpStream::from(fd))
+}
+
+/// `tcp-send --to IP:PORT --bytes N --seed S --timeout-ms MS [--bind IP]`: sends the stream,
+/// half-closes, waits for the server to close. `--bind` binds the client socket to a source
+/// address first.
 fn tcp_send(a: &Args) -> Result<()> {
     let to: SocketAddr = a.get("to")?;
     let bytes: u64 = a.get("bytes")?;
     let seed: u64 = a.get("seed")?;
     let deadline = Instant::now() + Duration::from_millis(a.get("timeout-ms")?);
-    let mut stream =
-        TcpStream::connect_timeout(&to, remaining(deadline)?.min(Duration::from_secs(10)))
-            .with_context(|| format!("connect {to}"))?;
+    let bind: Option<Ipv4Addr> =
+        a.0.contains_key("bind")
+            .then(|| a.get("bind"))
+            .transpose()?;
+    let wait = remaining(deadline)?.min(Duration::from_secs(10));
+    let mut stream = match bind {
+        Some(ip) => connect_from(ip, to, wait),
+        None => TcpStream::connect_timeout(&to, wait),
+    }
+    .with_context(|| format!("connect {to}"))?;
+    // The send timeout set for the connect is replaced below before each write.
     let local = stream.local_addr()?;
     let mut hash = Fnv64::default();
     let mut buf = vec![0u8; 128 * 1024];

@@ -2,6 +2,12 @@
 //! (198.19.0.1, its own namespace) that has no route to the pod network, so only masqueraded
 //! traffic can come back. The masquerade is the data path's (no iptables or nftables rule is
 //! ever written: checked in the node).
+//!
+//! flannel's last rule (`! -s <cluster> -d <cluster> -j MASQUERADE`) is covered from both of its
+//! sources: a host socket bound to the node's underlay address, and the outside host routing
+//! the cluster network through node 0 (the underlay namespace, its next hop, gets the route
+//! `172.17.0.0/16 via 198.18.0.1`; a route on the outside host itself could not name a gateway
+//! that is not on its own link).
 
 use std::{
     collections::BTreeSet,
@@ -432,5 +438,164 @@ fn a_masqueraded_transfer_survives_kill_9_of_the_agent() {
     assert!(
         pod.ping(OUTSIDE_IP, 2).unwrap().all_received(),
         "after the restart"
+    );
+}
+
+/// The host device's address of `node` (`<lease>.0`, as flannel.1's): what flannel's
+/// MASQUERADE picks for traffic into the cluster through VXLAN.
+fn host_device_ip(node: &Node) -> std::net::Ipv4Addr {
+    node.subnet_env().unwrap().subnet.trunc().network()
+}
+
+/// `ping -I <source> <dst>` in `node`, bounded; whether every echo came back.
+fn ping_from(node: &Node, source: std::net::Ipv4Addr, dst: std::net::Ipv4Addr) -> (bool, String) {
+    let out = node
+        .ns()
+        .exec(
+            "ping",
+            &[
+                "-n",
+                "-c",
+                "3",
+                "-W",
+                "1",
+                "-i",
+                "0.2",
+                "-I",
+                &source.to_string(),
+                &dst.to_string(),
+            ],
+        )
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    (text.contains("3 received"), text)
+}
+
+#[test]
+fn a_host_socket_on_the_node_address_reaches_a_remote_pod_as_the_host_device_address() {
+    let cluster = masq_cluster(2, 1, &[]);
+    let (node, pod) = (cluster.node(0), cluster.pod(1, 0));
+    let masq = host_device_ip(node);
+    // The peer is known once the host reaches the pod from its own (cluster) address.
+    node.ping_until(pod.ip(), Duration::from_secs(10)).unwrap();
+
+    let (ok, text) = ping_from(node, node.underlay_ip(), pod.ip());
+    assert!(ok, "ping -I {} {}:\n{text}", node.underlay_ip(), pod.ip());
+    let t = traffic::tcp_transfer_bound(
+        node,
+        Some(node.underlay_ip()),
+        &pod,
+        pod.ip(),
+        4 << 20,
+        traffic::TCP_TIMEOUT,
+    )
+    .unwrap();
+    assert_eq!(
+        t.client_local.ip(),
+        IpAddr::V4(node.underlay_ip()),
+        "the client is bound to the underlay address"
+    );
+    assert_eq!(
+        t.server_peer.ip(),
+        IpAddr::V4(masq),
+        "the pod sees node 0's host device address, not {}",
+        node.underlay_ip()
+    );
+    assert!(counter(node, "nat_snat") > 0);
+    assert!(counter(node, "nat_rev") > 0);
+    let flows = agent_tool(node, &["nat"]);
+    assert!(
+        flows
+            .lines()
+            .any(|l| l.contains("to-cluster") && l.contains(&format!("via {masq}:"))),
+        "{flows}"
+    );
+    // The pod's node translated nothing: the pod answered .0, a cluster address.
+    assert_eq!(counter(cluster.node(1), "nat_snat"), 0);
+    for n in cluster.nodes() {
+        assert_no_firewall_rules(n);
+    }
+}
+
+/// Without `--ip-masq` the pod sees the underlay address itself. It still works, over an
+/// asymmetric path: the request goes encapsulated through ovl0, the pod's answer to
+/// 198.18.0.1 (not a cluster address) leaves node 1 unencapsulated through its kernel's
+/// forwarding (so node 1's FORWARD chain sees it) straight to node 0 on the shared segment.
+#[test]
+fn without_ip_masq_a_host_socket_on_the_node_address_is_seen_as_it_is() {
+    let cluster = Cluster::builder()
+        .nodes(2)
+        .pods_per_node(1)
+        .network_config(VXLAN_CONFIG)
+        .build()
+        .unwrap();
+    let (node, pod) = (cluster.node(0), cluster.pod(1, 0));
+    node.ping_until(pod.ip(), Duration::from_secs(10)).unwrap();
+    let t = traffic::tcp_transfer_bound(
+        node,
+        Some(node.underlay_ip()),
+        &pod,
+        pod.ip(),
+        1 << 20,
+        traffic::TCP_TIMEOUT,
+    )
+    .unwrap();
+    assert_eq!(t.server_peer.ip(), IpAddr::V4(node.underlay_ip()));
+    assert_eq!(counter(node, "nat_snat"), 0);
+    assert_eq!(counter(cluster.node(1), "nat_snat"), 0);
+}
+
+#[test]
+fn an_outside_host_routing_the_cluster_through_a_node_reaches_remote_pods_as_that_node() {
+    let cluster = masq_cluster(2, 1, &[]);
+    let (out, node, pod) = (cluster.outside(), cluster.node(0), cluster.pod(1, 0));
+    let masq = host_device_ip(node);
+    cluster
+        .underlay()
+        .ip(&[
+            "route",
+            "add",
+            "172.17.0.0/16",
+            "via",
+            &node.underlay_ip().to_string(),
+        ])
+        .unwrap();
+    out.ping_until(pod.ip(), Duration::from_secs(10)).unwrap();
+    let t = out.tcp_transfer(&pod, 4 << 20).unwrap();
+    assert_eq!(
+        t.server_peer.ip(),
+        IpAddr::V4(masq),
+        "the pod sees node 0's host device address, not the outside host"
+    );
+    let u = out.udp_echo(&pod, 10).unwrap();
+    assert_eq!((u.received, u.bad), (10, 0), "{u:?}");
+    assert!(
+        u.server_peers.iter().all(|p| p.ip() == IpAddr::V4(masq)),
+        "{:?}",
+        u.server_peers
+    );
+    // The pod's node translated nothing; node 0 translated both ways.
+    assert_eq!(counter(cluster.node(1), "nat_snat"), 0);
+    assert!(counter(node, "nat_rev") > 0);
+    for n in cluster.nodes() {
+        assert_no_firewall_rules(n);
+    }
+
+    // Documented limit: the outside host's packets reach ovl0 only through node 0's kernel
+    // forwarding. Under FORWARD policy DROP (as Docker sets it), without flannel's
+    // `-d <cluster> -j ACCEPT` rule, they are dropped there; the replies would bypass it.
+    node.ns()
+        .run("iptables", &["-P", "FORWARD", "DROP"])
+        .unwrap();
+    assert!(
+        !out.ping(pod.ip(), 2).unwrap().any_received(),
+        "FORWARD DROP must stop the forward direction"
+    );
+    node.ns()
+        .run("iptables", &["-P", "FORWARD", "ACCEPT"])
+        .unwrap();
+    assert!(
+        out.ping(pod.ip(), 2).unwrap().all_received(),
+        "ACCEPT again"
     );
 }

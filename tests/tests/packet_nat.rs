@@ -1,11 +1,13 @@
-//! Packet tests of the masquerade (`--ip-masq`) data path: `pod_egress`, `underlay_ingress`
-//! and `underlay_egress` run on crafted frames through `BPF_PROG_TEST_RUN`, and the tests check
+//! Packet tests of the masquerade (`--ip-masq`) data path: `pod_egress`, `host_egress`,
+//! `underlay_ingress` and `underlay_egress` run on crafted frames through `BPF_PROG_TEST_RUN`, and the tests check
 //! the bytes (addresses, ports, every checksum), the verdicts, the flow maps and the counters.
 //!
 //! The programs look up routes (`bpf_fib_lookup`) in the network namespace they run in, so every
 //! test runs them from a thread inside a namespace of its own (`ovl-<pid>-…`, removed on drop)
 //! set up as a node: `eth0` (a veth whose peer stays in the namespace) 198.18.0.1/24 with the default route via 198.18.0.254,
-//! the pod bridge `cni0` 172.17.1.1/24, forwarding on. Root only; fails, never skips, without it.
+//! the pod bridge `cni0` 172.17.1.1/24, forwarding on; for flannel's last rule (outside →
+//! remote pod) also the host device `ovl0` 172.17.1.0/32 with the route to the cluster network
+//! and two peers, one VXLAN and one direct. Root only; fails, never skips, without it.
 //! The object is `$OVERLAY_EBPF_OBJECT` or `target/bpfel-unknown-none/release/overlay`.
 
 use std::{collections::BTreeMap, net::Ipv4Addr, path::PathBuf};
@@ -16,9 +18,10 @@ use aya::{
     programs::SchedClassifier,
 };
 use overlay_common::{
-    config::{CONFIG_F_READY, Config},
+    config::{CONFIG_F_DIRECT, CONFIG_F_READY, Config},
     counters::{Counter, Reason},
-    nat::{NAT_F_ENABLED, NAT_F_KEEP_PORT, NatConfig, NatEntryV4, NatKeyV4},
+    nat::{NAT_E_TO_CLUSTER, NAT_F_ENABLED, NAT_F_KEEP_PORT, NatConfig, NatEntryV4, NatKeyV4},
+    route::{MemberNode, RemoteNode, route_key},
 };
 use overlay_tests::{NetNs, unique_id};
 
@@ -38,6 +41,19 @@ const POD2: Ipv4Addr = Ipv4Addr::new(172, 17, 1, 6);
 const OUTSIDE: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 1);
 const PORT_MIN: u16 = 1024;
 const PORT_MAX: u16 = 32767;
+/// The host device's address (`<subnet>.0`): the masquerade address towards VXLAN peers.
+const HOST_DEV_IP: Ipv4Addr = Ipv4Addr::new(172, 17, 1, 0);
+const HOST_MAC: [u8; 6] = [0x02, 0x0d, 0, 0, 0, 1];
+const VTEP_MAC: [u8; 6] = [0x0e, 0, 0, 0, 0, 1];
+/// A VXLAN peer (PublicIP 198.18.0.2, subnet 172.17.2.0/24) and one of its pods.
+const VXLAN_PEER: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+const VXLAN_PEER_MAC: [u8; 6] = [0x0e, 0, 0, 0, 0, 2];
+const REMOTE_POD: Ipv4Addr = Ipv4Addr::new(172, 17, 2, 5);
+/// A direct peer (host-gw / DirectRouting; PublicIP 198.18.0.3, subnet 172.17.3.0/24), its pod.
+const DIRECT_PEER: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 3);
+const DIRECT_POD: Ipv4Addr = Ipv4Addr::new(172, 17, 3, 7);
+/// Where the VXLAN payload (the inner Ethernet frame) starts in an encapsulated frame.
+const INNER_ETH: usize = 14 + 20 + 8 + 8;
 
 const IPPROTO_ICMP: u8 = 1;
 const IPPROTO_TCP: u8 = 6;
@@ -132,6 +148,53 @@ impl Node {
             Array::try_from(node.ebpf.map_mut("CONFIG").unwrap()).unwrap();
         a.set(0, cfg, 0).unwrap();
         node.set_nat(nat);
+        node
+    }
+
+    /// [`Node::new`] plus the host device `ovl0` (172.17.1.0/32, route to 172.17.0.0/16), a
+    /// VXLAN peer and a direct peer: the setting of flannel's last rule.
+    fn with_peers(nat: NatConfig) -> Self {
+        let mut node = Self::new(nat);
+        node.ns
+            .ip(&[
+                "link", "add", "ovl0", "type", "veth", "peer", "name", "ovl0p",
+            ])
+            .unwrap();
+        node.ns.link_up("ovl0p").unwrap();
+        node.ns
+            .add_addr("ovl0", &format!("{HOST_DEV_IP}/32"))
+            .unwrap();
+        node.ns.link_up("ovl0").unwrap();
+        node.ns
+            .ip(&["route", "add", "172.17.0.0/16", "dev", "ovl0"])
+            .unwrap();
+        let ovl0 = ifindex(&node.ns, "ovl0");
+        let mut a: Array<_, Config> =
+            Array::try_from(node.ebpf.map_mut("CONFIG").unwrap()).unwrap();
+        let mut cfg = a.get(&0, 0).unwrap();
+        cfg.flags |= CONFIG_F_DIRECT;
+        cfg.host_ifindex = ovl0;
+        cfg.host_mac = HOST_MAC;
+        a.set(0, cfg, 0).unwrap();
+        for (subnet, peer) in [
+            (
+                Ipv4Addr::new(172, 17, 2, 0),
+                RemoteNode::vxlan(VXLAN_PEER.octets(), VXLAN_PEER_MAC),
+            ),
+            (
+                Ipv4Addr::new(172, 17, 3, 0),
+                RemoteNode::direct(DIRECT_PEER.octets(), [0; 6]),
+            ),
+        ] {
+            let mut routes: LpmTrie<_, [u8; 4], RemoteNode> =
+                LpmTrie::try_from(node.ebpf.map_mut("ROUTE_V4").unwrap()).unwrap();
+            routes.insert(&route_key(subnet, 24), peer, 0).unwrap();
+            let mut nodes: HashMap<_, [u8; 4], MemberNode> =
+                HashMap::try_from(node.ebpf.map_mut("NODE_V4").unwrap()).unwrap();
+            nodes
+                .insert(peer.public_ip, MemberNode { routes: 1 }, 0)
+                .unwrap();
+        }
         node
     }
 
@@ -300,6 +363,22 @@ fn frame(ip: &[u8]) -> Vec<u8> {
     let mut f = vec![0x02, 0xbb, 0, 0, 0, 1, 0x02, 0xcc, 0, 0, 0, 5, 0x08, 0x00];
     f.extend_from_slice(ip);
     f
+}
+
+/// `inner` (an IPv4 packet) as the VXLAN peer sends it to us: outer IPv4/UDP to port 8472,
+/// VNI 1, inner Ethernet from its VtepMAC to ours.
+fn vxlan_from_peer(inner: &[u8]) -> Vec<u8> {
+    let mut payload = vec![0u8; 8];
+    payload[..2].copy_from_slice(&40000u16.to_be_bytes());
+    payload[2..4].copy_from_slice(&8472u16.to_be_bytes());
+    let udp_len = u16::try_from(8 + 8 + 14 + inner.len()).unwrap();
+    payload[4..6].copy_from_slice(&udp_len.to_be_bytes());
+    payload.extend_from_slice(&[0x08, 0, 0, 0, 0, 0, 1, 0]);
+    payload.extend_from_slice(&VTEP_MAC);
+    payload.extend_from_slice(&VXLAN_PEER_MAC);
+    payload.extend_from_slice(&[0x08, 0x00]);
+    payload.extend_from_slice(inner);
+    frame(&ipv4(VXLAN_PEER, NODE_IP, IPPROTO_UDP, 64, &payload))
 }
 
 /// The IPv4 packet of an output frame, with its header and L4 checksums verified.
@@ -670,4 +749,233 @@ fn an_idle_flow_is_dead_for_the_data_path() {
     assert!(node.flows("SNAT_V4_REV").is_empty());
     assert!(node.flows("SNAT_V4_CT").is_empty());
     let _ = (node.eth0, node.cni0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// flannel's last rule: `! -s <cluster> -d <cluster> -j MASQUERADE` (outside → remote pod)
+
+#[test]
+fn outside_to_a_remote_vxlan_pod_is_masqueraded_to_the_host_device_address_and_routed_back() {
+    let node = Node::with_peers(nat_on(0));
+    // An outside host's SYN that the kernel forwarded into ovl0 (case b).
+    let syn = tcp(OUTSIDE, REMOTE_POD, 5555, 80, 0x02, b"");
+    let (v, out) = node.run("host_egress", &frame(&syn));
+    assert_eq!(v, TC_ACT_REDIRECT, "encapsulated and sent to the peer");
+    assert_eq!(addr(&out, 14 + 16), VXLAN_PEER, "outer destination");
+    let inner = check_ip(&out[INNER_ETH..]);
+    assert_eq!(
+        addr(&inner, 12),
+        HOST_DEV_IP,
+        "source = the host device's address, as flannel.1's"
+    );
+    assert_eq!(addr(&inner, 16), REMOTE_POD);
+    assert_eq!(inner[8], 64, "the kernel routed it: TTL left alone");
+    let nat_port = be16(&inner, 20);
+    assert!((PORT_MIN..=PORT_MAX).contains(&nat_port), "{nat_port}");
+    assert_eq!(be16(&inner, 22), 80);
+    let flows = node.flows("SNAT_V4_CT");
+    assert_eq!(flows.len(), 1);
+    assert_eq!(
+        flows[0].0.saddr,
+        OUTSIDE.octets(),
+        "keyed by the outside source"
+    );
+    assert_eq!(flows[0].1.flags & NAT_E_TO_CLUSTER, NAT_E_TO_CLUSTER);
+
+    // The pod's answer, encapsulated by the peer, to .0 and the translated port.
+    let synack = tcp(
+        REMOTE_POD,
+        HOST_DEV_IP,
+        80,
+        nat_port,
+        0x12,
+        b"hello from a pod",
+    );
+    let (v, out) = node.run("underlay_ingress", &vxlan_from_peer(&synack));
+    assert_eq!(v, TC_ACT_REDIRECT, "routed back out");
+    assert_ne!(&out[..6], &HOST_MAC, "not handed to the host device");
+    let ip = check_ip(&out);
+    assert_eq!(
+        (addr(&ip, 16), be16(&ip, 22)),
+        (OUTSIDE, 5555),
+        "the outside host again"
+    );
+    assert_eq!(
+        (addr(&ip, 12), be16(&ip, 20)),
+        (REMOTE_POD, 80),
+        "source untouched"
+    );
+    assert_eq!(ip[8], 63, "we are the forwarding hop");
+    assert_eq!(&ip[40..], b"hello from a pod");
+
+    // Leaving through the external interface, that reply is not a new pod flow to masquerade.
+    let (v, again) = node.run("underlay_egress", &out);
+    assert_eq!(
+        (v, &again),
+        (TC_ACT_OK, &out),
+        "the reply keeps the pod's source"
+    );
+    // Whereas a remote pod's packet that belongs to no flow still is (rule 5, unchanged).
+    let other = frame(&tcp(REMOTE_POD, OUTSIDE, 81, 5555, 0x02, b""));
+    let (v, out) = node.run("underlay_egress", &other);
+    assert_eq!((v, addr(&check_ip(&out), 12)), (TC_ACT_OK, NODE_IP));
+
+    // An ICMP error from the pod about the flow (UDP to a closed port) goes back too, its
+    // quote translated with every checksum.
+    let (_, out) = node.run(
+        "host_egress",
+        &frame(&udp(
+            OUTSIDE,
+            REMOTE_POD,
+            7000,
+            9,
+            b"to a closed port",
+            false,
+        )),
+    );
+    let quoted = check_ip(&out[INNER_ETH..]);
+    assert_eq!(addr(&quoted, 12), HOST_DEV_IP);
+    let err = icmp(REMOTE_POD, HOST_DEV_IP, 3, 3, [0; 4], &quoted);
+    let (v, out) = node.run("underlay_ingress", &vxlan_from_peer(&err));
+    assert_eq!(v, TC_ACT_REDIRECT);
+    let ip = check_ip(&out);
+    assert_eq!(addr(&ip, 16), OUTSIDE);
+    let q = &ip[28..];
+    assert_eq!(checksum(&q[..20]), 0, "quoted IPv4 checksum");
+    assert_eq!(
+        (addr(q, 12), be16(q, 20)),
+        (OUTSIDE, 7000),
+        "quote = what it sent"
+    );
+    assert_eq!(
+        l4_sum(OUTSIDE.octets(), REMOTE_POD.octets(), IPPROTO_UDP, &q[20..]),
+        0
+    );
+
+    let c = node.counters();
+    assert_eq!((c["nat_snat"], c["nat_rev"]), (3, 2), "{c:?}");
+    assert_eq!(c["encap_host"], 2, "{c:?}");
+}
+
+#[test]
+fn a_host_socket_bound_to_the_node_address_is_masqueraded_and_answered_locally() {
+    let node = Node::with_peers(nat_on(0));
+    // `ping -I 198.18.0.1 <remote pod>` (case a): the kernel sends it through ovl0.
+    let req = icmp(NODE_IP, REMOTE_POD, 8, 0, [0x42, 0x42, 0, 1], b"ping -I");
+    let (v, out) = node.run("host_egress", &frame(&req));
+    assert_eq!(v, TC_ACT_REDIRECT);
+    let inner = check_ip(&out[INNER_ETH..]);
+    assert_eq!(addr(&inner, 12), HOST_DEV_IP);
+    let id = be16(&inner, 24);
+    let [hi, lo] = id.to_be_bytes();
+    let reply = icmp(REMOTE_POD, HOST_DEV_IP, 0, 0, [hi, lo, 0, 1], b"ping -I");
+    let (v, out) = node.run("underlay_ingress", &vxlan_from_peer(&reply));
+    assert_eq!(v, TC_ACT_REDIRECT, "to the host device's ingress");
+    assert_eq!(&out[..6], &HOST_MAC, "addressed to the host device");
+    let ip = check_ip(&out);
+    assert_eq!((addr(&ip, 16), be16(&ip, 24)), (NODE_IP, 0x4242));
+    assert_eq!(ip[8], 64, "delivered locally: no forwarding hop");
+
+    // TCP with data, both ways.
+    let (_, out) = node.run(
+        "host_egress",
+        &frame(&tcp(NODE_IP, REMOTE_POD, 45000, 80, 0x18, b"request")),
+    );
+    let inner = check_ip(&out[INNER_ETH..]);
+    assert_eq!(addr(&inner, 12), HOST_DEV_IP);
+    assert_eq!(&inner[40..], b"request");
+    let port = be16(&inner, 20);
+    let (_, out) = node.run(
+        "underlay_ingress",
+        &vxlan_from_peer(&tcp(REMOTE_POD, HOST_DEV_IP, 80, port, 0x18, b"response")),
+    );
+    let ip = check_ip(&out);
+    assert_eq!((addr(&ip, 16), be16(&ip, 22)), (NODE_IP, 45000));
+    assert_eq!(&ip[40..], b"response");
+
+    // The host's own traffic from .0 (a cluster source) is not translated, nor a reply to .0
+    // that belongs to no flow: both as before.
+    let own = tcp(HOST_DEV_IP, REMOTE_POD, 46000, 80, 0x02, b"");
+    let (_, out) = node.run("host_egress", &frame(&own));
+    assert_eq!(&out[INNER_ETH + 14..], &own[..], "inner packet untouched");
+    let back = tcp(REMOTE_POD, HOST_DEV_IP, 80, 46000, 0x12, b"");
+    let (v, out) = node.run("underlay_ingress", &vxlan_from_peer(&back));
+    assert_eq!((v, &out[..6]), (TC_ACT_REDIRECT, &HOST_MAC[..]));
+    assert_eq!(&out[14..], &back[..], "untouched");
+}
+
+#[test]
+fn what_the_last_rule_does_not_masquerade_is_left_alone() {
+    let mut node = Node::with_peers(nat_on(0));
+    let to_pod = tcp(OUTSIDE, REMOTE_POD, 1000, 80, 0x02, b"");
+    let (_, out) = node.run_marked("host_egress", &frame(&to_pod), 0x4000);
+    assert_eq!(
+        &out[INNER_ETH + 14..],
+        &to_pod[..],
+        "marked 0x4000 by kube-proxy"
+    );
+    node.exclude(Ipv4Addr::new(172, 17, 2, 0), 24);
+    let (_, out) = node.run("host_egress", &frame(&to_pod));
+    assert_eq!(
+        &out[INNER_ETH + 14..],
+        &to_pod[..],
+        "an excluded destination"
+    );
+    let mut off = nat_on(0);
+    off.flags = 0;
+    node.set_nat(off);
+    let direct = udp(OUTSIDE, DIRECT_POD, 1000, 53, b"q", false);
+    let (v, out) = node.run("host_egress", &frame(&direct));
+    assert_eq!(
+        (v, &out[14..]),
+        (TC_ACT_REDIRECT, &direct[..]),
+        "masquerade off"
+    );
+    assert!(node.flows("SNAT_V4_CT").is_empty());
+    assert!(
+        node.counters().keys().all(|k| !k.starts_with("nat_")),
+        "{:?}",
+        node.counters()
+    );
+}
+
+#[test]
+fn outside_to_a_direct_peer_pod_is_masqueraded_to_the_external_address_and_routed_back() {
+    let node = Node::with_peers(nat_on(0));
+    // Case b towards a host-gw / DirectRouting peer: unencapsulated, the node's address.
+    let (v, out) = node.run(
+        "host_egress",
+        &frame(&udp(OUTSIDE, DIRECT_POD, 6000, 53, b"query", false)),
+    );
+    assert_eq!(v, TC_ACT_REDIRECT, "forwarded to the direct peer");
+    let ip = check_ip(&out);
+    assert_eq!(addr(&ip, 12), NODE_IP, "the external interface's address");
+    assert_eq!((addr(&ip, 16), ip[8]), (DIRECT_POD, 64));
+    let port = be16(&ip, 20);
+    let (v, out) = node.run(
+        "underlay_ingress",
+        &frame(&udp(DIRECT_POD, NODE_IP, 53, port, b"answer", false)),
+    );
+    assert_eq!(v, TC_ACT_REDIRECT, "routed back out");
+    let ip = check_ip(&out);
+    assert_eq!((addr(&ip, 16), be16(&ip, 22), ip[8]), (OUTSIDE, 6000, 63));
+    assert_eq!(&ip[28..], b"answer");
+
+    // Case a: a host socket on the node's address keeps the address, gets a translated port,
+    // and the answer goes to the host stack with the socket's port.
+    let (_, out) = node.run(
+        "host_egress",
+        &frame(&tcp(NODE_IP, DIRECT_POD, 45000, 80, 0x02, b"")),
+    );
+    let ip = check_ip(&out);
+    assert_eq!(addr(&ip, 12), NODE_IP);
+    let port = be16(&ip, 20);
+    assert_ne!(port, 45000, "random port (fully random)");
+    let (v, out) = node.run(
+        "underlay_ingress",
+        &frame(&tcp(DIRECT_POD, NODE_IP, 80, port, 0x12, b"")),
+    );
+    assert_eq!(v, TC_ACT_OK, "to the host stack");
+    let ip = check_ip(&out);
+    assert_eq!((addr(&ip, 16), be16(&ip, 22), ip[8]), (NODE_IP, 45000, 64));
 }

@@ -10,11 +10,16 @@
 //! | program            | hook                          | does                                  |
 //! |--------------------|-------------------------------|---------------------------------------|
 //! | `underlay_ingress` | tcx ingress, external iface   | decapsulates VXLAN for this node;     |
-//! |                    |                               | delivers direct traffic (host-gw)     |
-//! | `underlay_egress`  | tcx egress, external iface    | counts                                |
+//! |                    |                               | delivers direct traffic (host-gw);    |
+//! |                    |                               | translates masquerade replies back    |
+//! | `underlay_egress`  | tcx egress, external iface    | counts; masquerades kernel-routed pod |
+//! |                    |                               | traffic (`--ip-masq`)                 |
 //! | `pod_egress`       | tcx ingress, pod bridge       | encapsulates (or routes directly) pod |
-//! |                    |                               | traffic to peers                      |
-//! | `host_egress`      | tcx egress, host device ovl0  | the same for host traffic             |
+//! |                    |                               | traffic to peers; masquerades pod     |
+//! |                    |                               | traffic leaving the cluster           |
+//! | `host_egress`      | tcx egress, host device ovl0  | the same for host traffic; masquer-   |
+//! |                    |                               | ades non-cluster sources to remote    |
+//! |                    |                               | pods (flannel's last rule)            |
 //!
 //! Maps, all written only by the agent (layouts in `overlay_common`): `CONFIG` (the node's
 //! settings and device indexes), `ROUTE_V4` (remote subnet → node), `NODE_V4` (member PublicIPs,

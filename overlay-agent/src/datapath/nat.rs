@@ -1,4 +1,6 @@
-//! Masquerade (`--ip-masq`) on the agent's side: the settings written to `NAT_CONFIG` and
+//! Masquerade (`--ip-masq`: pod traffic leaving the cluster, and traffic from outside the
+//! cluster network to remote pods, flannel's last rule) on the agent's side: the settings
+//! written to `NAT_CONFIG` and
 //! `NAT_EXCLUDE_V4`, the sweeper that frees idle flows from `SNAT_V4_CT` / `SNAT_V4_REV`, and a
 //! read-only view of the pinned flow table (`overlay-agent nat`). The translation itself is in
 //! the data path (`overlay-ebpf/src/lib/nat.rs`); layouts in `overlay_common::nat`.
@@ -17,9 +19,9 @@ use std::{
 use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, MapError};
 use ipnet::Ipv4Net;
 use overlay_common::nat::{
-    IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, NAT_CONFIG_INDEX, NAT_E_KERNEL, NAT_F_ENABLED,
-    NAT_F_KEEP_PORT, NAT_S_FIN, NAT_S_REPLIED, NAT_S_RST, NatConfig, NatEntryV4, NatKeyV4,
-    SNAT_V4_CAPACITY,
+    IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, NAT_CONFIG_INDEX, NAT_E_KERNEL, NAT_E_TO_CLUSTER,
+    NAT_F_ENABLED, NAT_F_KEEP_PORT, NAT_S_FIN, NAT_S_REPLIED, NAT_S_RST, NatConfig, NatEntryV4,
+    NatKeyV4, SNAT_V4_CAPACITY,
 };
 
 use super::{Datapath, DatapathError, map_mut, pin::PinDir};
@@ -316,11 +318,15 @@ fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NatFlow {
     pub proto: u8,
+    /// The originator: a local pod, or (`to_cluster`) an address outside the cluster network.
     pub pod: SocketAddrV4,
+    /// The destination: outside the cluster, or (`to_cluster`) a remote pod.
     pub remote: SocketAddrV4,
     pub translated: SocketAddrV4,
     pub state: u8,
     pub via_kernel: bool,
+    /// Masqueraded into the cluster (flannel's `! -s <cluster> -d <cluster>` rule).
+    pub to_cluster: bool,
     pub idle: Duration,
 }
 
@@ -347,12 +353,13 @@ impl std::fmt::Display for NatFlow {
         }
         write!(
             f,
-            "{proto} {} {} via {} {}{} idle={}s",
+            "{proto} {} {} via {} {}{}{} idle={}s",
             self.pod,
             self.remote,
             self.translated,
             state.join(","),
             if self.via_kernel { " kernel" } else { "" },
+            if self.to_cluster { " to-cluster" } else { "" },
             self.idle.as_secs()
         )
     }
@@ -387,6 +394,7 @@ pub fn pinned_nat_flows(dir: &Path) -> Result<(Vec<NatFlow>, u32), DatapathError
             translated: SocketAddrV4::new(e.addr.into(), port(e.port)),
             state: e.state,
             via_kernel: e.flags & NAT_E_KERNEL != 0,
+            to_cluster: e.flags & NAT_E_TO_CLUSTER != 0,
             idle: Duration::from_nanos(now.saturating_sub(e.last_seen)),
         })
         .collect();

@@ -16,7 +16,10 @@
 //! - `d` = our subnet's `.0` (the host device's address, which flannel gives flannel.1) or its
 //!   gateway `.1` (the bridge's own address, which `bpf_redirect_neigh` cannot reach: it would
 //!   ARP for it on the bridge) → ingress of the host device, MACs rewritten so the stack takes it
-//!   as addressed to that device; the host stack does the rest, as after flannel.1.
+//!   as addressed to that device; the host stack does the rest, as after flannel.1. With
+//!   `--ip-masq`, a reply to `.0` of a flow masqueraded into the cluster (`lib::nat`,
+//!   `NAT_E_TO_CLUSTER`) is first translated back to its original destination: a host socket's
+//!   address goes on to the host device likewise, an outside host's is routed out directly.
 //! - other `d` in our subnet → `bpf_redirect_neigh` to the pod bridge: the kernel resolves the
 //!   pod's MAC and the bridge forwards to its port. This replaces the kernel's forwarding hop, so
 //!   the inner TTL is decremented here (a packet whose TTL would expire goes to the host device
@@ -64,6 +67,7 @@ use crate::lib::{
     hdr::{EthHdr, Ipv4Hdr, UdpHdr, VxlanHdr},
     ipv4::{ECN_CE, ECN_MASK, ECN_NOT_ECT, decrement_ttl, set_ce},
     maps::{config, in_subnet, is_member},
+    nat,
     ptr::ptr_at,
 };
 
@@ -218,6 +222,14 @@ pub fn try_underlay_ingress(ctx: &TcContext) -> Result<i32, Reason> {
         count(Reason::DecapPod, ctx.len());
         // SAFETY: NULL parameters are allowed (the kernel does the FIB lookup).
         return Ok(unsafe { bpf_redirect_neigh(cfg.bridge_ifindex, ptr::null_mut(), 0, 0) } as i32);
+    }
+    if target == Target::Host && daddr == cfg.subnet {
+        // A reply to a flow masqueraded into the cluster: translated back, and either routed
+        // out (a verdict) or left for the host stack.
+        let verdict = nat::reverse_decapsulated(ctx, cfg)?;
+        if verdict != TC_ACT_OK {
+            return Ok(verdict);
+        }
     }
     deliver_to_host(ctx, cfg, inner_eth.src, target)
 }

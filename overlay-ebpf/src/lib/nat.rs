@@ -1,9 +1,14 @@
 //! Masquerade (`--ip-masq`): flannel's six nat POSTROUTING rules as a source NAT in eBPF.
 //!
-//! Which packets are masqueraded ([`masquerades`]): `NAT_CONFIG` on, not marked 0x4000/0x4000
-//! (kube-proxy masquerades those itself), source inside the cluster network, destination
-//! outside it, not multicast (224.0.0.0/4) nor broadcast, not in `NAT_EXCLUDE_V4`. Everything
-//! else (pod ↔ cluster, outside → local pod) is never touched, so pods see real pod addresses.
+//! Which packets are masqueraded: `NAT_CONFIG` on, not marked 0x4000/0x4000 (kube-proxy
+//! masquerades those itself), not to a destination in `NAT_EXCLUDE_V4`, and either
+//! - ([`masquerades`], rule 5) source inside the cluster network, destination outside it, not
+//!   multicast (224.0.0.0/4) nor broadcast; or
+//! - ([`masquerades_to_cluster`], rule 6, `! -s <cluster> -d <cluster>`) source outside the
+//!   cluster network, destination a remote pod (a peer's subnet, so leaving this node).
+//!
+//! Everything else (pod ↔ cluster, outside → local pod) is never touched, so pods see real pod
+//! addresses.
 //!
 //! Where (layouts in `overlay_common::nat`):
 //! - `pod_egress` (tcx ingress of the pod bridge) calls [`snat_from_pod`] for what no peer
@@ -15,12 +20,29 @@
 //!   address, "fragmentation needed", TTL expiring) goes on to the kernel untouched.
 //! - `underlay_egress` (tcx egress of the external interface) calls [`snat_egress`] for what
 //!   the kernel routed there itself (e.g. Service traffic after kube-proxy's DNAT): translated
-//!   in place, flagged `NAT_E_KERNEL` so the replies go back through the kernel.
+//!   in place, flagged `NAT_E_KERNEL` so the replies go back through the kernel. A reply of a
+//!   `NAT_E_TO_CLUSTER` flow (a remote pod answering an outside host, see below) is not a new
+//!   flow and is left alone, as conntrack would.
+//! - `host_egress` (tcx egress of the host device ovl0) calls [`snat_to_cluster`] for rule 6:
+//!   what the kernel sends into the cluster from a non-cluster source, i.e. a host socket bound
+//!   to another address (`ping -I <node IP>`) or traffic the node forwards for an outside host
+//!   that routes the cluster network through it (the kernel's FORWARD chain has seen that one:
+//!   under policy DROP without flannel's `-d <cluster> -j ACCEPT` rule it never gets here). The
+//!   source becomes the address flannel's MASQUERADE would pick on the egress device: the host
+//!   device's `<subnet>.0` (flannel.1's address) for a VXLAN peer, the external interface's
+//!   address for a direct (host-gw, DirectRouting) peer. Flagged `NAT_E_TO_CLUSTER`; the kernel
+//!   has routed it already, so the TTL is left alone.
 //! - `underlay_ingress` calls [`reverse`] for what decapsulation left alone: a reply to the
 //!   node's address matching `SNAT_V4_REV` (TCP, UDP, ICMP echo reply, or an ICMP error whose
 //!   inner header is a translated flow) gets the pod's address and port back (inner header and
 //!   every checksum too, for errors) and goes to the pod bridge with `bpf_redirect_neigh`
-//!   (or to the kernel for `NAT_E_KERNEL` flows).
+//!   (or to the kernel for `NAT_E_KERNEL` flows). Decapsulation calls
+//!   [`reverse_decapsulated`] for VXLAN packets to `<subnet>.0` before it hands them to the host
+//!   device. A `NAT_E_TO_CLUSTER` reply gets its original destination back and is routed
+//!   (`bpf_fib_lookup`): to a local address (a host socket) it goes on to the host stack; to
+//!   anything else (the outside host) it is sent out with `bpf_redirect_neigh`, TTL
+//!   decremented, bypassing the kernel's FORWARD chain as `pod_egress` does; an expiring TTL, a
+//!   packet too big or no route go to the kernel instead.
 //!
 //! Flows: a new one gets a port (ICMP: identifier) in `[port_min, port_max]`, at random, or its
 //! own first with `NAT_F_KEEP_PORT`; the reply tuple is claimed with `BPF_NOEXIST`, so two flows
@@ -37,7 +59,10 @@
 //!
 //! Limits: IPv4 only; protocols other than TCP, UDP and ICMP echo/errors are not translated
 //! (they go on to the kernel untouched); later fragments of a pod's datagram get the address
-//! only (they carry no ports), later fragments of replies are not translated back.
+//! only (they carry no ports), later fragments of replies are not translated back. Traffic from
+//! outside into the cluster is masqueraded only where the kernel hands it to ovl0: under a
+//! FORWARD policy DROP, forwarded traffic from an outside host never gets there (flannel's
+//! `-d <cluster> -j ACCEPT` FORWARD rule is not written).
 
 use core::ptr;
 
@@ -60,8 +85,8 @@ use overlay_common::{
     counters::Reason,
     nat::{
         IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, KUBE_MASQ_MARK, NAT_CONFIG_INDEX, NAT_CONFIG_LEN,
-        NAT_E_KERNEL, NAT_EXCLUDE_V4_CAPACITY, NAT_F_KEEP_PORT, NAT_PORT_TRIES, NAT_S_FIN,
-        NAT_S_REPLIED, NAT_S_RST, NatConfig, NatEntryV4, NatKeyV4, SNAT_V4_CAPACITY,
+        NAT_E_KERNEL, NAT_E_TO_CLUSTER, NAT_EXCLUDE_V4_CAPACITY, NAT_F_KEEP_PORT, NAT_PORT_TRIES,
+        NAT_S_FIN, NAT_S_REPLIED, NAT_S_RST, NatConfig, NatEntryV4, NatKeyV4, SNAT_V4_CAPACITY,
     },
     wire::{ETH_HLEN, ETH_P_IP},
 };
@@ -110,7 +135,7 @@ fn nat_config() -> Option<&'static NatConfig> {
     NAT_CONFIG.get(NAT_CONFIG_INDEX).filter(|c| c.enabled())
 }
 
-/// flannel's rules for a packet from `saddr` to `daddr` carrying `mark`.
+/// flannel's rules for a packet from `saddr` to `daddr` carrying `mark`, leaving the cluster.
 #[inline(always)]
 fn masquerades(cfg: &Config, saddr: [u8; 4], daddr: [u8; 4], mark: u32) -> bool {
     mark & KUBE_MASQ_MARK == 0
@@ -118,6 +143,16 @@ fn masquerades(cfg: &Config, saddr: [u8; 4], daddr: [u8; 4], mark: u32) -> bool 
         && !in_subnet(daddr, cfg.network, cfg.network_mask)
         && daddr[0] & 0xf0 != 0xe0
         && daddr != [0xff; 4]
+        && NAT_EXCLUDE_V4.get(Key::new(32, daddr)).is_none()
+}
+
+/// flannel's last rule (`! -s <cluster> -d <cluster>`) for a packet from `saddr` to `daddr`
+/// (a remote pod: the caller found its peer) carrying `mark`.
+#[inline(always)]
+fn masquerades_to_cluster(cfg: &Config, saddr: [u8; 4], daddr: [u8; 4], mark: u32) -> bool {
+    mark & KUBE_MASQ_MARK == 0
+        && !in_subnet(saddr, cfg.network, cfg.network_mask)
+        && in_subnet(daddr, cfg.network, cfg.network_mask)
         && NAT_EXCLUDE_V4.get(Key::new(32, daddr)).is_none()
 }
 
@@ -163,23 +198,7 @@ pub fn snat_from_pod(ctx: &TcContext, cfg: &Config) -> Result<i32, Reason> {
     }
     // Only what the kernel would send out of the external interface: that is the address we
     // translate to and the interface whose ingress sees the replies.
-    // SAFETY: a zeroed bpf_fib_lookup is a valid argument.
-    let mut fib: FibLookup = unsafe { core::mem::zeroed() };
-    fib.family = AF_INET;
-    fib.l4_protocol = ip.proto;
-    fib.ifindex = cfg.bridge_ifindex;
-    fib.__bindgen_anon_2.tos = ip.tos;
-    fib.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(ip.saddr);
-    fib.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(ip.daddr);
-    // SAFETY: helper call with our context and a stack struct of the right size.
-    let rc = unsafe {
-        bpf_fib_lookup(
-            ctx.as_ptr(),
-            &mut fib,
-            size_of::<FibLookup>() as i32,
-            BPF_FIB_LOOKUP_SKIP_NEIGH,
-        )
-    };
+    let (rc, fib) = fib_lookup(ctx, cfg.bridge_ifindex, &ip, ip.daddr);
     if rc != i64::from(BPF_FIB_LKUP_RET_SUCCESS) || fib.ifindex != cfg.underlay_ifindex {
         return Ok(TC_ACT_OK);
     }
@@ -187,7 +206,7 @@ pub fn snat_from_pod(ctx: &TcContext, cfg: &Config) -> Result<i32, Reason> {
         count(Reason::StackTtl, ctx.len());
         return Ok(TC_ACT_OK);
     }
-    let translated = translate_out(ctx, nat, cfg, &ip, ihl, 0, true)?;
+    let translated = translate_out(ctx, nat, cfg, &ip, ihl, cfg.local_ip, 0, true)?;
     if !translated {
         return Ok(TC_ACT_OK);
     }
@@ -211,10 +230,55 @@ pub fn snat_egress(ctx: &TcContext) -> Result<i32, Reason> {
     if !masquerades(cfg, ip.saddr, ip.daddr, mark(ctx)) {
         return Ok(TC_ACT_OK);
     }
-    if translate_out(ctx, nat, cfg, &ip, ihl, NAT_E_KERNEL, false)? {
+    if translate_out(ctx, nat, cfg, &ip, ihl, cfg.local_ip, NAT_E_KERNEL, false)? {
         count(Reason::NatSnat, ctx.len());
     }
     Ok(TC_ACT_OK)
+}
+
+/// The host device's tcx egress, for a packet the kernel sends to a remote pod (`ROUTE_V4` has
+/// its peer): masquerades it when its source is outside the cluster network (flannel's last
+/// rule), to `<subnet>.0` towards a VXLAN peer or to the external interface's address towards
+/// a `direct` one. The caller then encapsulates or forwards it.
+#[inline(always)]
+pub fn snat_to_cluster(ctx: &TcContext, cfg: &Config, direct: bool) -> Result<(), Reason> {
+    let Some(nat) = nat_config() else {
+        return Ok(());
+    };
+    let Some((ip, ihl)) = ipv4(ctx) else {
+        return Ok(());
+    };
+    if !masquerades_to_cluster(cfg, ip.saddr, ip.daddr, mark(ctx)) {
+        return Ok(());
+    }
+    let nat_addr = if direct { cfg.local_ip } else { cfg.subnet };
+    if translate_out(ctx, nat, cfg, &ip, ihl, nat_addr, NAT_E_TO_CLUSTER, false)? {
+        count(Reason::NatSnat, ctx.len());
+    }
+    Ok(())
+}
+
+/// Whether `key` (a packet about to be masqueraded at the external interface) is the reply of a
+/// live `NAT_E_TO_CLUSTER` flow: a remote pod answering the outside host, after [`reverse`]
+/// routed it out (or handed it to the kernel). Such a packet belongs to that flow, as in
+/// conntrack, and must keep its pod source.
+#[inline(always)]
+fn replies_to_cluster_flow(nat: &NatConfig, key: &NatKeyV4, now: u64) -> bool {
+    let orig = NatKeyV4 {
+        saddr: key.daddr,
+        daddr: key.saddr,
+        sport: key.dport,
+        dport: key.sport,
+        proto: key.proto,
+        _pad: [0; 3],
+    };
+    match SNAT_V4_CT.get_ptr(&orig) {
+        // SAFETY: a map value pointer, valid during this program run.
+        Some(ct) => unsafe {
+            (*ct).flags & NAT_E_TO_CLUSTER != 0 && !expired(nat, key.proto, &*ct, now)
+        },
+        None => false,
+    }
 }
 
 /// Whether the entry has been idle longer than its timeout.
@@ -249,18 +313,21 @@ fn random_port(nat: &NatConfig) -> u16 {
 }
 
 /// The outbound translation of one packet: finds or creates the flow, then rewrites source
-/// address and port (and the TTL with `hop`). `Ok(false)`: not a protocol we translate.
+/// address (to `nat_addr`) and port (and the TTL with `hop`). `Ok(false)`: not a protocol we
+/// translate, or (at the external interface, `NAT_E_KERNEL`) the reply of a
+/// `NAT_E_TO_CLUSTER` flow.
 #[inline(always)]
+#[expect(clippy::too_many_arguments, reason = "inlined into three call sites")]
 fn translate_out(
     ctx: &TcContext,
     nat: &NatConfig,
     cfg: &Config,
     ip: &Ipv4Hdr,
     ihl: usize,
+    nat_addr: [u8; 4],
     eflags: u8,
     hop: bool,
 ) -> Result<bool, Reason> {
-    let nat_addr = cfg.local_ip;
     let l4 = IP_OFF + ihl;
     if frag_offset(ip) != 0 {
         // A later fragment: no ports; every masqueraded flow has the same address.
@@ -296,6 +363,9 @@ fn translate_out(
     };
     // SAFETY: no arguments.
     let now = unsafe { bpf_ktime_get_ns() };
+    if eflags & NAT_E_KERNEL != 0 && replies_to_cluster_flow(nat, &key, now) {
+        return Ok(false);
+    }
     let nat_port = flow_out(nat, cfg, &key, nat_addr, tcp_flags, eflags, now)?;
 
     // Rewrites, by offset (no packet pointer survives these helpers).
@@ -507,19 +577,35 @@ fn rewrite_addr(
 }
 
 /// `underlay_ingress`, for what decapsulation left to the kernel: translates replies (and ICMP
-/// errors about flows) back to the pod. `Ok(TC_ACT_OK)` when the packet is not ours.
+/// errors about flows) to the node's address back to the pod (or the outside source).
+/// `Ok(TC_ACT_OK)` when the packet is not ours, or is translated and goes on to the kernel.
 #[inline(always)]
 pub fn reverse(ctx: &TcContext) -> Result<i32, Reason> {
     let Some(cfg) = config() else {
         return Ok(TC_ACT_OK);
     };
+    reverse_to(ctx, cfg, cfg.local_ip)
+}
+
+/// Decapsulation, for a packet to the host device's address `<subnet>.0` (after the outer
+/// headers are gone): translates replies of `NAT_E_TO_CLUSTER` flows back. `Ok(TC_ACT_OK)`:
+/// not ours, or translated for the host stack: the caller hands it to the host device either
+/// way.
+#[inline(always)]
+pub fn reverse_decapsulated(ctx: &TcContext, cfg: &Config) -> Result<i32, Reason> {
+    reverse_to(ctx, cfg, cfg.subnet)
+}
+
+/// Translates back a reply to `nat_addr` (a translated source address of ours).
+#[inline(always)]
+fn reverse_to(ctx: &TcContext, cfg: &Config, nat_addr: [u8; 4]) -> Result<i32, Reason> {
     let Some(nat) = nat_config() else {
         return Ok(TC_ACT_OK);
     };
     let Some((ip, ihl)) = ipv4(ctx) else {
         return Ok(TC_ACT_OK);
     };
-    if ip.daddr != cfg.local_ip || frag_offset(&ip) != 0 {
+    if ip.daddr != nat_addr || frag_offset(&ip) != 0 {
         return Ok(TC_ACT_OK);
     }
     let l4 = IP_OFF + ihl;
@@ -600,6 +686,9 @@ fn deliver(
     orig: NatEntryV4,
     l4_csum: Option<(usize, u64)>,
 ) -> Result<i32, Reason> {
+    if orig.flags & NAT_E_TO_CLUSTER != 0 {
+        return route_back(ctx, cfg, ip, orig, l4_csum);
+    }
     // Through the kernel: `NAT_E_KERNEL` flows, an expiring TTL (it answers "time exceeded"),
     // no bridge, or a packet too big for it (the kernel fragments or answers).
     let to_kernel = orig.flags & NAT_E_KERNEL != 0
@@ -621,6 +710,55 @@ fn deliver(
     }
     // SAFETY: NULL parameters are allowed (the kernel does the FIB lookup).
     Ok(unsafe { bpf_redirect_neigh(cfg.bridge_ifindex, ptr::null_mut(), 0, 0) } as i32)
+}
+
+/// The kernel's route for `ip` sent to `daddr` as if it arrived on `ifindex` (no neighbour
+/// resolution: `bpf_redirect_neigh` does that): the helper's return code and its result.
+#[inline(always)]
+fn fib_lookup(ctx: &TcContext, ifindex: u32, ip: &Ipv4Hdr, daddr: [u8; 4]) -> (i64, FibLookup) {
+    // SAFETY: a zeroed bpf_fib_lookup is a valid argument.
+    let mut fib: FibLookup = unsafe { core::mem::zeroed() };
+    fib.family = AF_INET;
+    fib.l4_protocol = ip.proto;
+    fib.ifindex = ifindex;
+    fib.__bindgen_anon_2.tos = ip.tos;
+    fib.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(ip.saddr);
+    fib.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(daddr);
+    // SAFETY: helper call with our context and a stack struct of the right size.
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.as_ptr(),
+            &mut fib,
+            size_of::<FibLookup>() as i32,
+            BPF_FIB_LOOKUP_SKIP_NEIGH,
+        )
+    };
+    (rc, fib)
+}
+
+/// A reply of a `NAT_E_TO_CLUSTER` flow: rewrites the destination to the original source and
+/// routes it there. A local address (a host socket) goes on to the host stack (`TC_ACT_OK`);
+/// anything else is forwarded with `bpf_redirect_neigh` (TTL decremented: we are the
+/// forwarding hop, so the kernel's FORWARD chain is bypassed), or handed to the kernel when the
+/// TTL expires, the packet is too big for the egress device or the FIB has no route.
+#[inline(always)]
+fn route_back(
+    ctx: &TcContext,
+    cfg: &Config,
+    ip: &Ipv4Hdr,
+    orig: NatEntryV4,
+    l4_csum: Option<(usize, u64)>,
+) -> Result<i32, Reason> {
+    let (rc, fib) = fib_lookup(ctx, cfg.underlay_ifindex, ip, orig.addr);
+    // NOT_FWDED (a local destination) and every failure: the kernel's.
+    let forward = rc == i64::from(BPF_FIB_LKUP_RET_SUCCESS) && ip.ttl > 1 && fits(ctx, fib.ifindex);
+    rewrite_addr(ctx, IP_DADDR_OFF, ip.daddr, orig.addr, l4_csum, forward, ip)?;
+    count(Reason::NatRev, ctx.len());
+    if !forward {
+        return Ok(TC_ACT_OK);
+    }
+    // SAFETY: NULL parameters are allowed (the kernel does the FIB lookup).
+    Ok(unsafe { bpf_redirect_neigh(fib.ifindex, ptr::null_mut(), 0, 0) } as i32)
 }
 
 #[inline(always)]
@@ -680,9 +818,9 @@ fn flow_in(nat: &NatConfig, key: &NatKeyV4, tcp_flags: u8) -> Option<NatEntryV4>
     Some(e)
 }
 
-/// An ICMP error to the node's address about a translated flow: the embedded header (what we
-/// sent: node address and translated port → remote) is given the pod's address and port back,
-/// with its own checksums, the ICMP checksum and the outer destination.
+/// An ICMP error to a translated address of ours about a translated flow: the embedded header
+/// (what we sent: translated address and port → remote) is given the originator's address and
+/// port back, with its own checksums, the ICMP checksum and the outer destination.
 #[inline(always)]
 fn icmp_error_reverse(
     ctx: &TcContext,
@@ -696,7 +834,7 @@ fn icmp_error_reverse(
     let Ok(iip) = ctx.load::<Ipv4Hdr>(inner) else {
         return Ok(TC_ACT_OK);
     };
-    if iip.ver_ihl != Ipv4Hdr::VER_IHL_NO_OPTIONS || iip.saddr != cfg.local_ip {
+    if iip.ver_ihl != Ipv4Hdr::VER_IHL_NO_OPTIONS || iip.saddr != ip.daddr {
         return Ok(TC_ACT_OK);
     }
     let il4 = inner + 20;
