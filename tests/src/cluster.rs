@@ -739,6 +739,23 @@ impl Node {
         Ok(agent)
     }
 
+    /// Runs `overlay-agent <args> --bpf-dir <`[`Node::bpf_dir`]`>` in the node (the agent's
+    /// inspection and maintenance subcommands: `counters`, `peers`, `nat`, `cleanup`, …) and
+    /// returns its stdout; fails when it exits non-zero.
+    pub fn agent_cmd(&self, args: &[&str]) -> Result<String> {
+        let bin = crate::agent_bin()?;
+        let dir = self.bpf_dir().display().to_string();
+        let mut all = args.to_vec();
+        all.extend(["--bpf-dir", dir.as_str()]);
+        self.ns.run(&bin, &all).with_context(|| {
+            format!(
+                "`overlay-agent {} --bpf-dir {dir}` in {}",
+                args.join(" "),
+                self.name
+            )
+        })
+    }
+
     /// The agent started last on this node, if any.
     pub fn agent(&self) -> Option<AgentProcess> {
         self.state().agents.last().cloned()

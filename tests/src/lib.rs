@@ -54,10 +54,12 @@
 pub mod agent;
 pub mod bpf;
 pub mod capture;
+pub mod checks;
 pub mod cluster;
 pub mod cmd;
 pub mod etcd;
 pub mod netns;
+pub mod packet;
 pub mod traffic;
 pub mod xfer;
 

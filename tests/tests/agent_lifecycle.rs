@@ -3,19 +3,12 @@
 
 use std::{process::Command, time::Duration};
 
-use overlay_tests::{AttachKind, Cluster, agent_bin, attached_programs};
+use overlay_tests::{
+    AttachKind, Cluster, agent_bin,
+    checks::{agent_cmd, eth0_programs},
+};
 
 const VXLAN_CONFIG: &str = r#"{"Network": "172.17.0.0/16", "Backend": {"Type": "vxlan"}}"#;
-
-fn attached(node: &overlay_tests::Node) -> Vec<(String, AttachKind)> {
-    let mut progs: Vec<_> = attached_programs(node.ns(), "eth0")
-        .expect("query the kernel for eth0's programs")
-        .into_iter()
-        .map(|p| (p.name, p.kind))
-        .collect();
-    progs.sort_by_key(|(name, _)| name.clone());
-    progs
-}
 
 #[test]
 fn agent_attaches_keeps_its_pinned_data_path_after_sigterm_and_cleanup_removes_it() {
@@ -26,7 +19,7 @@ fn agent_attaches_keeps_its_pinned_data_path_after_sigterm_and_cleanup_removes_i
         .unwrap();
     let node = cluster.node(0);
     assert!(
-        attached(node).is_empty(),
+        eth0_programs(node).is_empty(),
         "eth0 must start without programs"
     );
 
@@ -39,12 +32,12 @@ fn agent_attaches_keeps_its_pinned_data_path_after_sigterm_and_cleanup_removes_i
         ("underlay_ingress".to_owned(), AttachKind::TcxIngress),
     ];
     assert_eq!(
-        attached(node),
+        eth0_programs(node),
         expected,
         "the kernel must report both programs on eth0"
     );
     // The other node's interface is untouched: attachments are per namespace.
-    assert!(attached(cluster.node(1)).is_empty());
+    assert!(eth0_programs(cluster.node(1)).is_empty());
 
     // Traffic still flows through the attached programs, and they count it.
     let peer = cluster.node(1).underlay_ip();
@@ -60,11 +53,11 @@ fn agent_attaches_keeps_its_pinned_data_path_after_sigterm_and_cleanup_removes_i
     );
     // The data path is pinned: it outlives the agent so pods keep talking across restarts.
     assert_eq!(
-        attached(node),
+        eth0_programs(node),
         expected,
         "pinned programs must stay attached after exit"
     );
-    let counters = agent_cmd(node, "counters");
+    let counters = agent_cmd(node, &["counters"]);
     let rx = counters
         .lines()
         .find(|l| l.starts_with("underlay_rx "))
@@ -75,9 +68,9 @@ fn agent_attaches_keeps_its_pinned_data_path_after_sigterm_and_cleanup_removes_i
         "the ingress program must have counted the pings: {rx}"
     );
 
-    agent_cmd(node, "cleanup");
+    agent_cmd(node, &["cleanup"]);
     assert!(
-        attached(node).is_empty(),
+        eth0_programs(node).is_empty(),
         "cleanup must detach every program"
     );
     let links = node.ns().run("ip", &["-o", "link", "show"]).unwrap();
@@ -86,15 +79,6 @@ fn agent_attaches_keeps_its_pinned_data_path_after_sigterm_and_cleanup_removes_i
         "cleanup must delete the host device:\n{links}"
     );
     assert!(!node.bpf_dir().exists(), "cleanup must remove the pins");
-}
-
-/// Runs `overlay-agent <subcommand> --bpf-dir <node's>` in the node; returns its stdout.
-fn agent_cmd(node: &overlay_tests::Node, subcommand: &str) -> String {
-    let bin = agent_bin().unwrap().display().to_string();
-    let dir = node.bpf_dir().display().to_string();
-    node.ns()
-        .run(&bin, &[subcommand, "--bpf-dir", &dir])
-        .unwrap_or_else(|e| panic!("overlay-agent {subcommand} failed: {e:#}"))
 }
 
 #[test]

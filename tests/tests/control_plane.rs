@@ -18,7 +18,7 @@ use ipnet::Ipv4Net;
 use overlay_agent::subnet::Mac;
 use overlay_tests::{
     AgentProcess, AttachKind, Cluster, DEFAULT_ETCD_PREFIX, KeyValue, NetNs, Node,
-    attached_programs,
+    checks::{eth0_programs, subnet_of, wait_line_since, wait_log_since},
 };
 
 const VXLAN_CONFIG: &str = r#"{"Network": "172.17.0.0/16", "Backend": {"Type": "vxlan"}}"#;
@@ -70,14 +70,6 @@ fn subnet_file_text(node: &Node) -> String {
         .unwrap_or_else(|e| panic!("reading {}: {e}", node.subnet_file().display()))
 }
 
-/// Waits for the node's subnet file and returns the lease it names (FLANNEL_SUBNET truncated).
-fn leased_subnet(node: &Node) -> Ipv4Net {
-    node.subnet_env()
-        .unwrap_or_else(|e| panic!("{}: no subnet file: {e:#}", node.name()))
-        .subnet
-        .trunc()
-}
-
 /// The key `key` in etcd; panics when it is absent.
 fn must_get(cluster: &Cluster, key: &str) -> KeyValue {
     cluster
@@ -108,54 +100,20 @@ fn assert_day_ttl(cluster: &Cluster, kv: &KeyValue) {
     );
 }
 
-/// Waits until the part of the agent's log after byte `mark` contains `pattern`, at most
-/// `timeout`; fails at once if the agent exits. Returns the time it took.
-fn wait_log_since(agent: &AgentProcess, mark: usize, pattern: &str, timeout: Duration) -> Duration {
-    let start = Instant::now();
-    loop {
-        let exited = agent.exit_status();
-        let log = agent.log();
-        if log.get(mark..).unwrap_or("").contains(pattern) {
-            return start.elapsed();
-        }
-        assert!(
-            exited.is_none(),
-            "agent {} exited ({exited:?}) without logging {pattern:?}; log:\n{log}",
-            agent.label()
-        );
-        assert!(
-            start.elapsed() < timeout,
-            "agent {} did not log {pattern:?} within {timeout:?}; log after the mark:\n{}",
-            agent.label(),
-            log.get(mark..).unwrap_or("")
-        );
-        thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// Waits until a line of the agent's log after byte `mark` contains every one of `parts`;
-/// returns that line. Same limits as [`wait_log_since`].
-fn wait_line_since(agent: &AgentProcess, mark: usize, parts: &[&str], timeout: Duration) -> String {
-    let start = Instant::now();
-    loop {
-        let exited = agent.exit_status();
-        let log = agent.log();
-        let since = log.get(mark..).unwrap_or("");
-        if let Some(line) = since.lines().find(|l| parts.iter().all(|p| l.contains(p))) {
-            return line.to_owned();
-        }
-        assert!(
-            exited.is_none(),
-            "agent {} exited ({exited:?}) without logging a line with {parts:?}; log:\n{log}",
-            agent.label()
-        );
-        assert!(
-            start.elapsed() < timeout,
-            "agent {} logged no line with all of {parts:?} within {timeout:?}; log after the mark:\n{since}",
-            agent.label()
-        );
-        thread::sleep(Duration::from_millis(20));
-    }
+/// A one-node VXLAN cluster whose agent has attached its data path and taken a lease.
+fn one_node_with_agent() -> (Cluster, AgentProcess, Ipv4Net) {
+    let cluster = Cluster::builder()
+        .nodes(1)
+        .network_config(VXLAN_CONFIG)
+        .build()
+        .unwrap();
+    let node = cluster.node(0);
+    let agent = node.start_agent(&[]).unwrap();
+    agent
+        .wait_for_log("data path attached to eth0", START)
+        .unwrap();
+    let subnet = subnet_of(node);
+    (cluster, agent, subnet)
 }
 
 /// Polls `check` every 50 ms until it returns true, at most `timeout`; panics naming `what`.
@@ -174,20 +132,9 @@ fn count(haystack: &str, needle: &str) -> usize {
     haystack.matches(needle).count()
 }
 
-/// The programs attached to the node's eth0, sorted by name.
-fn attached(node: &Node) -> Vec<(String, AttachKind)> {
-    let mut progs: Vec<_> = attached_programs(node.ns(), "eth0")
-        .expect("query the kernel for eth0's programs")
-        .into_iter()
-        .map(|p| (p.name, p.kind))
-        .collect();
-    progs.sort_by_key(|(name, _)| name.clone());
-    progs
-}
-
 fn assert_data_path_attached(node: &Node) {
     assert_eq!(
-        attached(node),
+        eth0_programs(node),
         [
             ("underlay_egress".to_owned(), AttachKind::TcxEgress),
             ("underlay_ingress".to_owned(), AttachKind::TcxIngress),
@@ -241,8 +188,8 @@ fn two_nodes_get_distinct_subnets_flannel_subnet_files_and_lease_records() {
             .unwrap();
         a.wait_for_log("data path attached to eth0", START).unwrap();
     }
-    let s0 = leased_subnet(n0);
-    let s1 = leased_subnet(n1);
+    let s0 = subnet_of(n0);
+    let s1 = subnet_of(n1);
     assert_ne!(s0, s1, "the two nodes must get distinct subnets");
     let network = net(NETWORK);
     for (node, agent, subnet, ipmasq) in [(n0, &a0, s0, false), (n1, &a1, s1, true)] {
@@ -347,7 +294,7 @@ fn restart_keeps_subnet_and_vtep_mac_after_sigterm_and_after_kill9() {
     let record = vxlan_record(ip, &vtep_mac(ip));
 
     let first = node.start_agent(&[]).unwrap();
-    let subnet = leased_subnet(node);
+    let subnet = subnet_of(node);
     let key = lease_key(DEFAULT_ETCD_PREFIX, subnet);
     let text = subnet_file_text(node);
     assert_eq!(must_get(&cluster, &key).value, record);
@@ -406,7 +353,7 @@ fn restart_keeps_subnet_and_vtep_mac_after_sigterm_and_after_kill9() {
             START,
         )
         .unwrap();
-    assert_eq!(leased_subnet(node), subnet);
+    assert_eq!(subnet_of(node), subnet);
     assert_eq!(
         subnet_file_text(node),
         text,
@@ -496,7 +443,7 @@ fn reservation_is_left_alone_and_a_fully_reserved_range_is_out_of_subnets() {
     let agent = node.start_agent(&[]).unwrap();
     let free = net("172.17.2.0/24");
     assert_eq!(
-        leased_subnet(node),
+        subnet_of(node),
         free,
         "the agent must take the one unreserved subnet"
     );
@@ -582,7 +529,7 @@ fn reservation_is_left_alone_and_a_fully_reserved_range_is_out_of_subnets() {
             START,
         )
         .unwrap();
-    assert_eq!(leased_subnet(n1), mine);
+    assert_eq!(subnet_of(n1), mine);
     let kv = must_get(&cluster, &mine_key);
     assert_eq!(
         kv.value,
@@ -613,7 +560,7 @@ fn ten_agents_started_together_get_the_ten_free_subnets() {
     let agents = cluster.start_agents(&[]).unwrap();
     let mut subnets = BTreeSet::new();
     for node in cluster.nodes() {
-        let subnet = leased_subnet(node);
+        let subnet = subnet_of(node);
         assert!(
             subnets.insert(subnet),
             "{} got {subnet}, which another node has too",
@@ -632,7 +579,7 @@ fn ten_agents_started_together_get_the_ten_free_subnets() {
         .unwrap();
     assert_eq!(kvs.len(), 10, "ten leases in etcd: {kvs:?}");
     for node in cluster.nodes() {
-        let subnet = leased_subnet(node);
+        let subnet = subnet_of(node);
         let kv = must_get(&cluster, &lease_key(DEFAULT_ETCD_PREFIX, subnet));
         let ip = node.underlay_ip();
         assert_eq!(
@@ -667,17 +614,8 @@ fn ten_agents_started_together_get_the_ten_free_subnets() {
 
 #[test]
 fn deleted_or_revoked_lease_is_acquired_again_and_the_data_path_stays() {
-    let cluster = Cluster::builder()
-        .nodes(1)
-        .network_config(VXLAN_CONFIG)
-        .build()
-        .unwrap();
+    let (cluster, agent, subnet) = one_node_with_agent();
     let node = cluster.node(0);
-    let agent = node.start_agent(&[]).unwrap();
-    agent
-        .wait_for_log("data path attached to eth0", START)
-        .unwrap();
-    let subnet = leased_subnet(node);
     let key = lease_key(DEFAULT_ETCD_PREFIX, subnet);
     let ip = node.underlay_ip();
     let text = subnet_file_text(node);
@@ -742,17 +680,7 @@ fn deleted_or_revoked_lease_is_acquired_again_and_the_data_path_stays() {
 
 #[test]
 fn peer_lease_put_change_and_delete_reach_the_agent_within_a_second() {
-    let cluster = Cluster::builder()
-        .nodes(1)
-        .network_config(VXLAN_CONFIG)
-        .build()
-        .unwrap();
-    let node = cluster.node(0);
-    let agent = node.start_agent(&[]).unwrap();
-    agent
-        .wait_for_log("data path attached to eth0", START)
-        .unwrap();
-    leased_subnet(node);
+    let (cluster, agent, _) = one_node_with_agent();
     let etcd = cluster.etcd();
     let one_second = Duration::from_secs(1);
     let peer_ip = Ipv4Addr::new(198, 18, 0, 99);
@@ -925,7 +853,7 @@ fn bad_network_configs_are_reported_and_waited_out() {
             Duration::from_secs(5),
         )
         .unwrap();
-    let subnet = leased_subnet(node);
+    let subnet = subnet_of(node);
     agent
         .wait_for_log(&format!("Lease acquired: {subnet}"), START)
         .unwrap();
@@ -936,17 +864,7 @@ fn bad_network_configs_are_reported_and_waited_out() {
 
 #[test]
 fn malformed_peer_records_are_logged_with_their_key_and_ignored() {
-    let cluster = Cluster::builder()
-        .nodes(1)
-        .network_config(VXLAN_CONFIG)
-        .build()
-        .unwrap();
-    let node = cluster.node(0);
-    let agent = node.start_agent(&[]).unwrap();
-    agent
-        .wait_for_log("data path attached to eth0", START)
-        .unwrap();
-    leased_subnet(node);
+    let (cluster, agent, _) = one_node_with_agent();
     let etcd = cluster.etcd();
     let key = |s: &str| lease_key(DEFAULT_ETCD_PREFIX, net(s));
     let peer_ip = Ipv4Addr::new(198, 18, 0, 99);
@@ -1094,7 +1012,7 @@ fn etcd_over_tls_with_client_certificates() {
             && args.contains(&format!("--etcd-certfile {}", tls.client_cert.display())),
         "agent args: {args}"
     );
-    let subnet = leased_subnet(n0);
+    let subnet = subnet_of(n0);
     agent
         .wait_for_log(&format!("Lease acquired: {subnet}"), START)
         .unwrap();
@@ -1275,7 +1193,7 @@ fn flanneld_environment_variables_set_the_flags() {
         "{:?}",
         a0.args()
     );
-    let s0 = leased_subnet(n0);
+    let s0 = subnet_of(n0);
     a0.wait_for_log(&format!("Lease acquired: {s0}"), START)
         .unwrap();
 
@@ -1309,7 +1227,7 @@ fn flanneld_environment_variables_set_the_flags() {
         "no flanneld flags expected, only their FLANNELD_* variables: {:?}",
         a1.args()
     );
-    let s1 = leased_subnet(n1);
+    let s1 = subnet_of(n1);
     assert_ne!(s0, s1);
     assert_eq!(
         subnet_file_text(n1),
@@ -1343,7 +1261,7 @@ fn lease_is_renewed_before_it_expires() {
     let node = cluster.node(0);
     // A 4 s TTL (developer option): renewal at half-life.
     let agent = node.start_agent(&["--dev-lease-ttl", "4"]).unwrap();
-    let subnet = leased_subnet(node);
+    let subnet = subnet_of(node);
     let key = lease_key(DEFAULT_ETCD_PREFIX, subnet);
     let first = must_get(&cluster, &key);
     assert_eq!(
@@ -1371,5 +1289,5 @@ fn lease_is_renewed_before_it_expires() {
         "{}",
         agent.log()
     );
-    assert_eq!(leased_subnet(node), subnet);
+    assert_eq!(subnet_of(node), subnet);
 }

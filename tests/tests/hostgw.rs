@@ -24,34 +24,26 @@ use std::{
 };
 
 use ipnet::Ipv4Net;
-use overlay_tests::{AgentProcess, Capture, Cluster, Endpoint, Node, Pod, tshark_fields};
+use overlay_tests::{
+    Capture, Cluster, Node, Pod,
+    checks::{
+        agent_cmd, agent_of, assert_host_reaches, assert_no_ping, assert_ping, assert_pods_talk,
+        assert_pods_talk_across_nodes, assert_tcp, grown, subnet_of, transfer_across_agent_kill9,
+        wait_line_since,
+    },
+    tshark_fields,
+};
 
 const HOST_GW: &str = r#"{"Network": "172.7.0.0/16", "Backend": {"Type": "host-gw"}}"#;
 const DIRECT_ROUTING: &str =
     r#"{"Network": "172.7.0.0/16", "Backend": {"Type": "vxlan", "Directrouting": true}}"#;
 const NETWORK: &str = "172.7.0.0/16";
-/// Bytes per checked TCP transfer.
-const TCP_BYTES: u64 = 1 << 20;
-/// Bound for the first echo between two endpoints (neighbour resolution on both sides).
-const FIRST_ECHO: Duration = Duration::from_secs(10);
 /// Bound for an agent to notice something in etcd and log it.
 const AGENT_REACTS: Duration = Duration::from_secs(5);
 /// flannel's refusal, word for word (flannel-compat.md §5).
 const NAT_MESSAGE: &str = "your PublicIP differs from interface IP, meaning that probably you're on a NAT, which is not supported by host-gw backend";
 
 // ----- helpers -----------------------------------------------------------------------------
-
-fn subnet_of(node: &Node) -> Ipv4Net {
-    node.subnet_env()
-        .unwrap_or_else(|e| panic!("{}: no subnet file: {e:#}", node.name()))
-        .subnet
-        .trunc()
-}
-
-fn agent_of(node: &Node) -> AgentProcess {
-    node.agent()
-        .unwrap_or_else(|| panic!("{} has no agent", node.name()))
-}
 
 fn forward_drop(node: &Node) {
     node.ns()
@@ -65,87 +57,9 @@ fn forward_drop(node: &Node) {
     );
 }
 
-/// `a` reaches `b`: a first echo within [`FIRST_ECHO`], then 3 of 3 echoes answered.
-fn assert_ping(from: &dyn Endpoint, to: &dyn Endpoint) {
-    let (a, b) = (from.label(), to.label());
-    overlay_tests::traffic::ping_until(from.ns(), to.ip(), FIRST_ECHO).unwrap_or_else(|e| {
-        panic!(
-            "ping {a} -> {b} ({}): expected an echo reply: {e:#}",
-            to.ip()
-        )
-    });
-    let r = overlay_tests::traffic::ping(from.ns(), to.ip(), 3).unwrap();
-    assert!(
-        r.all_received(),
-        "ping {a} -> {b} ({}): expected 3 of 3 echoes answered, got {} of {}:\n{}",
-        to.ip(),
-        r.received,
-        r.transmitted,
-        r.output
-    );
-}
-
-fn assert_no_ping(from: &dyn Endpoint, to: Ipv4Addr, why: &str) {
-    let r = overlay_tests::traffic::ping(from.ns(), to, 3).unwrap();
-    assert_eq!(
-        r.received,
-        0,
-        "ping {} -> {to} must fail ({why}), but {} of {} echoes were answered:\n{}",
-        from.label(),
-        r.received,
-        r.transmitted,
-        r.output
-    );
-}
-
-/// A checksummed TCP transfer `from` → `to`; returns the source address the server saw.
-fn assert_tcp(from: &dyn Endpoint, to: &dyn Endpoint) -> Ipv4Addr {
-    let t = overlay_tests::traffic::tcp_transfer(from, to, TCP_BYTES).unwrap_or_else(|e| {
-        panic!(
-            "TCP {} -> {}: expected {TCP_BYTES} bytes to arrive intact: {e:#}",
-            from.label(),
-            to.label()
-        )
-    });
-    assert_eq!(t.bytes, TCP_BYTES);
-    match t.server_peer.ip() {
-        IpAddr::V4(ip) => ip,
-        IpAddr::V6(ip) => panic!(
-            "TCP {} -> {}: server saw IPv6 peer {ip}",
-            from.label(),
-            to.label()
-        ),
-    }
-}
-
-/// Ping and TCP between two pods, with the real pod source address at the server.
-fn assert_pods_talk(a: &Pod, b: &Pod) {
-    assert_ping(a, b);
-    let seen = assert_tcp(a, b);
-    assert_eq!(
-        seen,
-        a.ip(),
-        "TCP {a} -> {b}: the server must see the real pod source address"
-    );
-}
-
-/// Runs `overlay-agent <sub> --bpf-dir <node's dir>` inside the node; returns its stdout.
-fn agent_tool(node: &Node, sub: &str) -> String {
-    let bin = overlay_tests::agent_bin().unwrap();
-    let dir = node.bpf_dir().display().to_string();
-    node.ns()
-        .run(&bin, &[sub, "--bpf-dir", dir.as_str()])
-        .unwrap_or_else(|e| {
-            panic!(
-                "`overlay-agent {sub} --bpf-dir {dir}` in {}: {e:#}",
-                node.name()
-            )
-        })
-}
-
 /// The node's data path counters: name → packets.
 fn counters(node: &Node) -> BTreeMap<String, u64> {
-    agent_tool(node, "counters")
+    agent_cmd(node, &["counters"])
         .lines()
         .map(|l| match l.split_whitespace().collect::<Vec<_>>()[..] {
             [name, packets, _] => (name.to_owned(), packets.parse().unwrap()),
@@ -154,22 +68,9 @@ fn counters(node: &Node) -> BTreeMap<String, u64> {
         .collect()
 }
 
-fn grown(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>) -> BTreeMap<String, u64> {
-    after
-        .iter()
-        .map(|(k, v)| {
-            (
-                k.clone(),
-                v.saturating_sub(before.get(k).copied().unwrap_or(0)),
-            )
-        })
-        .filter(|(_, d)| *d > 0)
-        .collect()
-}
-
 /// `overlay-agent peers`: subnet → (PublicIP, VtepMAC or `direct`).
 fn peers(node: &Node) -> BTreeMap<Ipv4Net, (Ipv4Addr, String)> {
-    let out = agent_tool(node, "peers");
+    let out = agent_cmd(node, &["peers"]);
     out.lines()
         .map(|l| match l.split_whitespace().collect::<Vec<_>>()[..] {
             [subnet, ip, how] => (
@@ -181,33 +82,6 @@ fn peers(node: &Node) -> BTreeMap<Ipv4Net, (Ipv4Addr, String)> {
             ),
         })
         .collect()
-}
-
-/// Waits until the agent's log after byte `mark` has a line containing all of `parts`.
-fn wait_line_since(agent: &AgentProcess, mark: usize, parts: &[&str], timeout: Duration) {
-    let start = Instant::now();
-    loop {
-        let log = agent.log();
-        if log
-            .get(mark..)
-            .unwrap_or("")
-            .lines()
-            .any(|l| parts.iter().all(|p| l.contains(p)))
-        {
-            return;
-        }
-        assert!(
-            agent.is_running(),
-            "agent {} exited without logging {parts:?}; log:\n{log}",
-            agent.label()
-        );
-        assert!(
-            start.elapsed() < timeout,
-            "agent {} logged no line with {parts:?} within {timeout:?}:\n{log}",
-            agent.label()
-        );
-        thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// The node's IPv4 routes: none may lead to a peer (no per-peer kernel route for pod traffic).
@@ -280,20 +154,10 @@ fn host_gw_three_nodes_forward_drop_and_node_leave() {
     let capture = Capture::start(cluster.underlay(), "n0", "", &pcap).unwrap();
     let before: Vec<_> = cluster.nodes().iter().map(counters).collect();
     let pods: Vec<Pod> = cluster.nodes().iter().flat_map(Node::pods).collect();
-    for a in &pods {
-        for b in pods.iter().filter(|b| b.node_name() != a.node_name()) {
-            assert_pods_talk(a, b);
-        }
-    }
-    for (i, node) in cluster.nodes().iter().enumerate() {
+    assert_pods_talk_across_nodes(&pods);
+    for node in cluster.nodes() {
         for b in pods.iter().filter(|b| b.node_name() != node.name()) {
-            assert_ping(node, b);
-            assert_eq!(
-                assert_tcp(node, b),
-                subnets[i].network(),
-                "TCP {} -> {b}: host source",
-                node.name()
-            );
+            assert_host_reaches(node, b);
         }
     }
     let pcap = capture.stop().unwrap();
@@ -576,31 +440,11 @@ fn host_gw_transfer_survives_kill_9_of_both_agents() {
     }
     let (a, b) = (cluster.pod(0, 0), cluster.pod(1, 0));
     assert_ping(&a, &b);
-    let report = thread::scope(|s| {
-        let transfer = s.spawn(|| a.tcp_transfer(&b, BYTES));
-        thread::sleep(Duration::from_millis(300));
-        for node in cluster.nodes() {
-            agent_of(node).kill9().unwrap();
-        }
-        assert!(
-            !transfer.is_finished(),
-            "the transfer ended before the kill: make BYTES larger"
-        );
-        thread::sleep(Duration::from_millis(500));
+    let report = transfer_across_agent_kill9(cluster.nodes(), &a, &b, BYTES, &[], || {
         assert!(
             a.ping(b.ip(), 2).unwrap().all_received(),
             "ping with both agents dead"
         );
-        for node in cluster.nodes() {
-            let agent = node.start_agent(&[]).unwrap();
-            agent
-                .wait_for_log("took over the pinned link on eth0", Duration::from_secs(30))
-                .unwrap();
-        }
-        transfer
-            .join()
-            .expect("transfer thread")
-            .expect("transfer intact")
     });
     assert_eq!(report.bytes, BYTES);
     assert_eq!(

@@ -19,7 +19,9 @@ use std::{
 };
 
 use overlay_tests::{
-    ChildGuard, Cluster, Endpoint, Node, OUTSIDE_IP, agent_bin, traffic, xfer_bin,
+    ChildGuard, Cluster, Endpoint, Node, OUTSIDE_IP,
+    checks::{agent_cmd, transfer_across_agent_kill9},
+    traffic, xfer_bin,
 };
 
 const VXLAN_CONFIG: &str = r#"{"Network": "172.17.0.0/16", "Backend": {"Type": "vxlan"}}"#;
@@ -37,18 +39,9 @@ fn masq_cluster(nodes: usize, pods: usize, extra: &[&str]) -> Cluster {
         .unwrap()
 }
 
-/// Runs `overlay-agent <args> --bpf-dir <node's>` in the node; returns its stdout.
-fn agent_tool(node: &Node, args: &[&str]) -> String {
-    let bin = agent_bin().unwrap().display().to_string();
-    let dir = node.bpf_dir().display().to_string();
-    let mut all: Vec<&str> = args.to_vec();
-    all.extend(["--bpf-dir", &dir]);
-    node.ns().run(&bin, &all).unwrap()
-}
-
 /// The node's counters (`overlay-agent counters`): name → packets.
 fn counter(node: &Node, name: &str) -> u64 {
-    let out = agent_tool(node, &["counters"]);
+    let out = agent_cmd(node, &["counters"]);
     out.lines()
         .find_map(|l| {
             let mut f = l.split_whitespace();
@@ -59,7 +52,7 @@ fn counter(node: &Node, name: &str) -> u64 {
 
 /// Flows in the node's masquerade table (`overlay-agent nat`, last line).
 fn nat_entries(node: &Node) -> usize {
-    let out = agent_tool(node, &["nat"]);
+    let out = agent_cmd(node, &["nat"]);
     let last = out.lines().last().unwrap_or_default();
     let n = last
         .strip_prefix("entries ")
@@ -136,7 +129,7 @@ fn pods_reach_the_outside_host_as_the_node_by_tcp_udp_and_ping() {
     assert!(counter(node, "nat_rev") > 0);
     assert!(counter(node, "nat_new_flow") >= 3);
     assert_eq!(counter(node, "drop_nat_exhausted"), 0);
-    assert!(nat_entries(node) >= 3, "{}", agent_tool(node, &["nat"]));
+    assert!(nat_entries(node) >= 3, "{}", agent_cmd(node, &["nat"]));
     for n in cluster.nodes() {
         assert_no_firewall_rules(n);
     }
@@ -379,7 +372,7 @@ fn idle_flows_expire_and_the_table_shrinks() {
     assert!(
         busy >= 6,
         "five UDP flows and one ping: {}",
-        agent_tool(node, &["nat"])
+        agent_cmd(node, &["nat"])
     );
     // Idle for 2 s, swept every second: gone within a few seconds.
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -387,7 +380,7 @@ fn idle_flows_expire_and_the_table_shrinks() {
         assert!(
             Instant::now() < deadline,
             "not expired:\n{}",
-            agent_tool(node, &["nat"])
+            agent_cmd(node, &["nat"])
         );
         thread::sleep(Duration::from_millis(250));
     }
@@ -415,24 +408,8 @@ fn a_masqueraded_transfer_survives_kill_9_of_the_agent() {
     let pod = cluster.pod(0, 0);
     let node = cluster.node(0);
     const BYTES: u64 = 256 << 20;
-    let report = thread::scope(|s| {
-        let transfer = s.spawn(|| pod.tcp_transfer(out, BYTES));
-        thread::sleep(Duration::from_millis(300));
-        node.agent().unwrap().kill9().unwrap();
-        assert!(
-            !transfer.is_finished(),
-            "the transfer ended before the kill: make BYTES larger"
-        );
-        thread::sleep(Duration::from_millis(500));
-        let agent = node.start_agent(&["--ip-masq"]).unwrap();
-        agent
-            .wait_for_log("took over the pinned link on eth0", Duration::from_secs(30))
-            .unwrap();
-        transfer
-            .join()
-            .expect("transfer thread")
-            .expect("transfer intact")
-    });
+    let report =
+        transfer_across_agent_kill9(cluster.nodes(), &pod, out, BYTES, &["--ip-masq"], || {});
     assert_eq!(report.bytes, BYTES);
     assert_eq!(report.server_peer.ip(), IpAddr::V4(node.underlay_ip()));
     assert!(
@@ -503,7 +480,7 @@ fn a_host_socket_on_the_node_address_reaches_a_remote_pod_as_the_host_device_add
     );
     assert!(counter(node, "nat_snat") > 0);
     assert!(counter(node, "nat_rev") > 0);
-    let flows = agent_tool(node, &["nat"]);
+    let flows = agent_cmd(node, &["nat"]);
     assert!(
         flows
             .lines()

@@ -12,29 +12,21 @@
 //! The test run builds its skb on the namespace's loopback device, whose MAC is all zeros: a
 //! frame to 00:00:00:00:00:00 is `PACKET_HOST`, any other unicast MAC `PACKET_OTHERHOST`.
 
-use std::{collections::BTreeMap, net::Ipv4Addr, path::PathBuf};
+use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use aya::{
-    Ebpf, EbpfLoader, TestRun, TestRunOptions,
-    maps::{Array, HashMap, LpmTrie, PerCpuArray},
-    programs::SchedClassifier,
+    Ebpf,
+    maps::{Array, HashMap, LpmTrie},
 };
 use overlay_common::{
     config::{CONFIG_F_DIRECT, CONFIG_F_NO_VXLAN, CONFIG_F_READY, Config},
-    counters::{Counter, Reason},
+    counters::Reason,
     route::{MemberNode, RemoteNode, route_key},
 };
-
-const TC_ACT_OK: u32 = 0;
-const TC_ACT_SHOT: u32 = 2;
-const TC_ACT_REDIRECT: u32 = 7;
-
-const PROGRAMS: [&str; 4] = [
-    "pod_egress",
-    "host_egress",
-    "underlay_ingress",
-    "underlay_egress",
-];
+use overlay_tests::packet::{
+    self, ETH_P_IP, IPPROTO_UDP, Run, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, checksum, counters,
+    ipv4_packet, load_object, run_prog, udp_datagram, with_ttl_decremented,
+};
 
 const HOST_MAC: [u8; 6] = [0x02, 0xaa, 0, 0, 0, 0x10];
 const GW_MAC: [u8; 6] = [0x02, 0xbb, 0, 0, 0, 0x01];
@@ -63,33 +55,6 @@ const BRIDGE_IFINDEX: u32 = 12;
 /// `lo`: `bpf_check_mtu` looks the host device up (MTU 65536).
 const HOST_IFINDEX: u32 = 1;
 
-const ETH_P_IP: u16 = 0x0800;
-const IPPROTO_UDP: u8 = 17;
-
-fn require_root() {
-    // SAFETY: geteuid has no preconditions.
-    assert!(
-        unsafe { libc::geteuid() } == 0,
-        "packet_direct: these tests load eBPF programs and need root; run them as root (CI does)"
-    );
-}
-
-fn object_path() -> PathBuf {
-    std::env::var_os("OVERLAY_EBPF_OBJECT").map_or_else(
-        || {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                .join("../target/bpfel-unknown-none/release/overlay")
-        },
-        PathBuf::from,
-    )
-}
-
-#[derive(Debug)]
-struct Run {
-    verdict: u32,
-    out: Vec<u8>,
-}
-
 /// The object, configured as node A with `flags`, B routed directly, C through VXLAN.
 struct Loaded {
     ebpf: Ebpf,
@@ -97,22 +62,9 @@ struct Loaded {
 
 impl Loaded {
     fn node_a(flags: u32) -> Self {
-        require_root();
-        let path = object_path();
-        assert!(
-            path.is_file(),
-            "eBPF object {} missing: run `cargo xtask build-ebpf` first",
-            path.display()
-        );
-        let mut ebpf = EbpfLoader::new()
-            .load_file(&path)
-            .unwrap_or_else(|e| panic!("loading {}: {e}", path.display()));
-        for name in PROGRAMS {
-            let prog: &mut SchedClassifier = ebpf.program_mut(name).unwrap().try_into().unwrap();
-            prog.load()
-                .unwrap_or_else(|e| panic!("verifier rejected {name}: {e:?}"));
-        }
-        let mut dp = Self { ebpf };
+        let mut dp = Self {
+            ebpf: load_object("packet_direct"),
+        };
         dp.set_config(Config {
             flags: CONFIG_F_READY | flags,
             vni: 1,
@@ -161,37 +113,12 @@ impl Loaded {
     }
 
     fn run(&self, prog: &str, frame: &[u8]) -> Run {
-        let program: &SchedClassifier = self.ebpf.program(prog).unwrap().try_into().unwrap();
-        let mut out = vec![0u8; frame.len() + 256];
-        let result = program
-            .test_run(TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(&mut out),
-                ..TestRunOptions::default()
-            })
-            .unwrap_or_else(|e| panic!("test run of {prog}: {e:?}"));
-        out.truncate(result.data_size_out as usize);
-        Run {
-            verdict: result.return_value,
-            out,
-        }
+        run_prog(&self.ebpf, prog, frame)
     }
 
     /// Packets per reason that counted something.
     fn counters(&self) -> BTreeMap<&'static str, u64> {
-        let map: PerCpuArray<_, Counter> =
-            PerCpuArray::try_from(self.ebpf.map("COUNTERS").unwrap()).unwrap();
-        Reason::ALL
-            .iter()
-            .filter_map(|&r| {
-                let sum = map
-                    .get(&r.index(), 0)
-                    .unwrap()
-                    .iter()
-                    .fold(Counter::default(), |s, c| s.add(*c));
-                (sum.packets != 0).then_some((r.name(), sum.packets))
-            })
-            .collect()
+        counters(&self.ebpf)
     }
 
     #[track_caller]
@@ -205,51 +132,27 @@ impl Loaded {
 // ---------------------------------------------------------------------------------------------
 // Frames
 
-fn checksum(data: &[u8]) -> u16 {
-    let mut sum: u32 = data
-        .chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
-
 /// IPv4/UDP `src` → `dst` with `ttl` and 64 bytes of payload.
 fn packet(src: Ipv4Addr, dst: Ipv4Addr, ttl: u8) -> Vec<u8> {
     let data: Vec<u8> = (0..64u8).collect();
-    let mut udp = vec![0x9c, 0x40, 0x14, 0x51];
-    udp.extend_from_slice(&u16::try_from(8 + data.len()).unwrap().to_be_bytes());
-    udp.extend_from_slice(&[0, 0]);
-    udp.extend_from_slice(&data);
-    let mut p = vec![0x45, 0];
-    p.extend_from_slice(&u16::try_from(20 + udp.len()).unwrap().to_be_bytes());
-    p.extend_from_slice(&[0x12, 0x34, 0x40, 0x00, ttl, IPPROTO_UDP, 0, 0]);
-    p.extend_from_slice(&src.octets());
-    p.extend_from_slice(&dst.octets());
-    let c = checksum(&p);
-    p[10..12].copy_from_slice(&c.to_be_bytes());
-    p.extend_from_slice(&udp);
-    p
+    ipv4_packet(
+        src,
+        dst,
+        IPPROTO_UDP,
+        ttl,
+        0,
+        &udp_datagram(40000, 5201, &data),
+    )
 }
 
+/// An IPv4 frame `src` → `dst`.
 fn ether(dst: [u8; 6], src: [u8; 6], payload: &[u8]) -> Vec<u8> {
-    let mut f = dst.to_vec();
-    f.extend_from_slice(&src);
-    f.extend_from_slice(&ETH_P_IP.to_be_bytes());
-    f.extend_from_slice(payload);
-    f
+    packet::ether(dst, src, ETH_P_IP, payload)
 }
 
 /// `ip` with its TTL lowered by one and the header checksum recomputed from scratch.
 fn ttl_minus_one(ip: &[u8]) -> Vec<u8> {
-    let mut p = ip.to_vec();
-    p[8] -= 1;
-    p[10..12].copy_from_slice(&[0, 0]);
-    let c = checksum(&p[..20]);
-    p[10..12].copy_from_slice(&c.to_be_bytes());
-    p
+    with_ttl_decremented(ip, 1)
 }
 
 /// A VXLAN frame from C to A carrying `inner` for A's VtepMAC.

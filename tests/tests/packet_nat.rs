@@ -10,30 +10,26 @@
 //! and two peers, one VXLAN and one direct. Root only; fails, never skips, without it.
 //! The object is `$OVERLAY_EBPF_OBJECT` or `target/bpfel-unknown-none/release/overlay`.
 
-use std::{collections::BTreeMap, net::Ipv4Addr, path::PathBuf};
+use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use aya::{
-    Ebpf, EbpfLoader, TestRun, TestRunOptions,
-    maps::{Array, HashMap, LpmTrie, PerCpuArray},
+    Ebpf, TestRun, TestRunOptions,
+    maps::{Array, HashMap, LpmTrie},
     programs::SchedClassifier,
 };
 use overlay_common::{
     config::{CONFIG_F_DIRECT, CONFIG_F_READY, Config},
-    counters::{Counter, Reason},
     nat::{NAT_E_TO_CLUSTER, NAT_F_ENABLED, NAT_F_KEEP_PORT, NatConfig, NatEntryV4, NatKeyV4},
     route::{MemberNode, RemoteNode, route_key},
 };
-use overlay_tests::{NetNs, unique_id};
-
-const TC_ACT_OK: u32 = 0;
-const TC_ACT_SHOT: u32 = 2;
-const TC_ACT_REDIRECT: u32 = 7;
-const PROGRAMS: [&str; 4] = [
-    "pod_egress",
-    "host_egress",
-    "underlay_ingress",
-    "underlay_egress",
-];
+use overlay_tests::{
+    NetNs,
+    packet::{
+        IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, be16,
+        checksum, counters, ipv4_packet, load_object, require_root,
+    },
+    unique_id,
+};
 
 const NODE_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 const POD: Ipv4Addr = Ipv4Addr::new(172, 17, 1, 5);
@@ -55,10 +51,6 @@ const DIRECT_POD: Ipv4Addr = Ipv4Addr::new(172, 17, 3, 7);
 /// Where the VXLAN payload (the inner Ethernet frame) starts in an encapsulated frame.
 const INNER_ETH: usize = 14 + 20 + 8 + 8;
 
-const IPPROTO_ICMP: u8 = 1;
-const IPPROTO_TCP: u8 = 6;
-const IPPROTO_UDP: u8 = 17;
-
 // ---------------------------------------------------------------------------------------------
 // A node namespace with the object loaded
 
@@ -69,16 +61,6 @@ struct Node {
     cni0: u32,
 }
 
-fn object_path() -> PathBuf {
-    std::env::var_os("OVERLAY_EBPF_OBJECT").map_or_else(
-        || {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                .join("../target/bpfel-unknown-none/release/overlay")
-        },
-        PathBuf::from,
-    )
-}
-
 fn ifindex(ns: &NetNs, dev: &str) -> u32 {
     let out = ns.ip(&["-o", "link", "show", "dev", dev]).unwrap();
     out.split(':').next().unwrap().trim().parse().unwrap()
@@ -86,18 +68,7 @@ fn ifindex(ns: &NetNs, dev: &str) -> u32 {
 
 impl Node {
     fn new(nat: NatConfig) -> Self {
-        // SAFETY: geteuid has no preconditions.
-        assert!(
-            unsafe { libc::geteuid() } == 0,
-            "packet_nat: these tests load eBPF programs and create namespaces: run them as root \
-             (CI does): cargo test -p overlay-tests --test packet_nat -- --test-threads=1"
-        );
-        let path = object_path();
-        assert!(
-            path.is_file(),
-            "eBPF object {} missing: run `cargo xtask build-ebpf`",
-            path.display()
-        );
+        require_root("packet_nat");
         let ns = NetNs::new(format!("{}-pkt", unique_id())).unwrap();
         ns.ip(&[
             "link", "add", "eth0", "type", "veth", "peer", "name", "eth0p",
@@ -114,12 +85,7 @@ impl Node {
         ns.sysctl("net.ipv4.ip_forward", "1").unwrap();
         let (eth0, cni0) = (ifindex(&ns, "eth0"), ifindex(&ns, "cni0"));
 
-        let mut ebpf = EbpfLoader::new().load_file(&path).unwrap();
-        for name in PROGRAMS {
-            let prog: &mut SchedClassifier = ebpf.program_mut(name).unwrap().try_into().unwrap();
-            prog.load()
-                .unwrap_or_else(|e| panic!("verifier rejected {name}: {e:?}"));
-        }
+        let ebpf = load_object("packet_nat");
         let mut node = Self {
             ns,
             ebpf,
@@ -239,20 +205,7 @@ impl Node {
     }
 
     fn counters(&self) -> BTreeMap<&'static str, u64> {
-        let map: PerCpuArray<_, Counter> =
-            PerCpuArray::try_from(self.ebpf.map("COUNTERS").unwrap()).unwrap();
-        Reason::ALL
-            .iter()
-            .filter_map(|&r| {
-                let n: u64 = map
-                    .get(&r.index(), 0)
-                    .unwrap()
-                    .iter()
-                    .map(|c| c.packets)
-                    .sum();
-                (n != 0).then_some((r.name(), n))
-            })
-            .collect()
+        counters(&self.ebpf)
     }
 
     fn flows(&self, map: &str) -> Vec<(NatKeyV4, NatEntryV4)> {
@@ -279,17 +232,6 @@ fn nat_on(flags: u32) -> NatConfig {
 // ---------------------------------------------------------------------------------------------
 // Frames and checksums
 
-fn checksum(data: &[u8]) -> u16 {
-    let mut sum: u32 = data
-        .chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
-
 /// The L4 checksum over the pseudo-header and `seg` (whose checksum field is included).
 fn l4_sum(src: [u8; 4], dst: [u8; 4], proto: u8, seg: &[u8]) -> u16 {
     let mut p = Vec::new();
@@ -301,21 +243,8 @@ fn l4_sum(src: [u8; 4], dst: [u8; 4], proto: u8, seg: &[u8]) -> u16 {
     checksum(&p)
 }
 
-fn be16(b: &[u8], off: usize) -> u16 {
-    u16::from_be_bytes([b[off], b[off + 1]])
-}
-
 fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, ttl: u8, payload: &[u8]) -> Vec<u8> {
-    let len = u16::try_from(20 + payload.len()).unwrap();
-    let mut p = vec![0x45, 0];
-    p.extend_from_slice(&len.to_be_bytes());
-    p.extend_from_slice(&[0x12, 0x34, 0x40, 0x00, ttl, proto, 0, 0]);
-    p.extend_from_slice(&src.octets());
-    p.extend_from_slice(&dst.octets());
-    let c = checksum(&p);
-    p[10..12].copy_from_slice(&c.to_be_bytes());
-    p.extend_from_slice(payload);
-    p
+    ipv4_packet(src, dst, proto, ttl, 0, payload)
 }
 
 fn tcp(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, flags: u8, data: &[u8]) -> Vec<u8> {

@@ -23,14 +23,13 @@ use std::{
     mem::{size_of, zeroed},
     net::Ipv4Addr,
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
-    path::PathBuf,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, bail};
 use aya::{
-    Ebpf, EbpfLoader, TestRun, TestRunOptions,
-    maps::{Array, HashMap, LpmTrie, PerCpuArray},
+    Ebpf,
+    maps::{Array, HashMap, LpmTrie},
     programs::SchedClassifier,
 };
 use overlay_common::{
@@ -38,18 +37,20 @@ use overlay_common::{
     counters::{Counter, Reason},
     route::{MemberNode, RemoteNode, route_key},
 };
-use overlay_tests::{NetNs, add_veth, unique_id};
-
-// TC verdicts (include/uapi/linux/pkt_cls.h).
-const TC_ACT_OK: u32 = 0;
-const TC_ACT_SHOT: u32 = 2;
-const TC_ACT_REDIRECT: u32 = 7;
+use overlay_tests::{
+    NetNs, add_veth,
+    packet::{
+        ETH_P_IP, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, Run, TC_ACT_OK, TC_ACT_REDIRECT,
+        TC_ACT_SHOT, be16, checksum, counters, counters_full, ether, ipv4_packet, load_object,
+        parse_mac, require_root, run_prog, udp_datagram, with_ttl_decremented,
+    },
+    unique_id,
+};
 
 const POD_EGRESS: &str = "pod_egress";
 const HOST_EGRESS: &str = "host_egress";
 const UNDERLAY_INGRESS: &str = "underlay_ingress";
 const UNDERLAY_EGRESS: &str = "underlay_egress";
-const PROGRAMS: [&str; 4] = [POD_EGRESS, HOST_EGRESS, UNDERLAY_INGRESS, UNDERLAY_EGRESS];
 
 const VNI: u32 = 1;
 const PORT: u16 = 8472;
@@ -72,12 +73,8 @@ const UNDERLAY_IFINDEX: u32 = 11;
 const BRIDGE_IFINDEX: u32 = 12;
 const HOST_IFINDEX: u32 = 1;
 
-const ETH_P_IP: u16 = 0x0800;
 const ETH_P_ARP: u16 = 0x0806;
 const ETH_P_IPV6: u16 = 0x86dd;
-const IPPROTO_ICMP: u8 = 1;
-const IPPROTO_TCP: u8 = 6;
-const IPPROTO_UDP: u8 = 17;
 
 /// A node of the test cluster.
 #[derive(Clone, Copy)]
@@ -106,32 +103,6 @@ fn host_addr(node: Node, last: u8) -> Ipv4Addr {
 // ---------------------------------------------------------------------------------------------
 // The loaded object
 
-fn require_root() {
-    // SAFETY: geteuid has no preconditions.
-    assert!(
-        unsafe { libc::geteuid() } == 0,
-        "packet_vxlan: these tests load eBPF programs and need root; run them as root \
-         (CI does): cargo test -p overlay-tests --test packet_vxlan -- --test-threads=1"
-    );
-}
-
-fn object_path() -> PathBuf {
-    std::env::var_os("OVERLAY_EBPF_OBJECT").map_or_else(
-        || {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                .join("../target/bpfel-unknown-none/release/overlay")
-        },
-        PathBuf::from,
-    )
-}
-
-/// A result of one program run.
-#[derive(Debug)]
-struct Run {
-    verdict: u32,
-    out: Vec<u8>,
-}
-
 /// The eBPF object with fresh maps and every program loaded (so verified by the kernel); the
 /// tests fill the maps directly with the shared types.
 struct Loaded {
@@ -140,28 +111,10 @@ struct Loaded {
 
 impl Loaded {
     fn new() -> Self {
-        require_root();
-        let path = object_path();
-        assert!(
-            path.is_file(),
-            "eBPF object {} missing: run `cargo xtask build-ebpf` first",
-            path.display()
-        );
-        let mut ebpf = EbpfLoader::new()
-            .load_file(&path)
-            .unwrap_or_else(|e| panic!("loading {}: {e}", path.display()));
-        for name in PROGRAMS {
-            let prog: &mut SchedClassifier = ebpf
-                .program_mut(name)
-                .unwrap_or_else(|| panic!("no program {name}"))
-                .try_into()
-                .unwrap();
-            prog.load()
-                .unwrap_or_else(|e| panic!("verifier rejected {name}: {e:?}"));
+        Self {
+            ebpf: load_object("packet_vxlan"),
         }
-        Self { ebpf }
     }
-
     /// Configured as `node` with `peers` as members and their /24 subnets routed over VXLAN.
     fn node(node: Node, peers: &[Node]) -> Self {
         let mut dp = Self::new();
@@ -213,26 +166,11 @@ impl Loaded {
 
     /// Packets per reason, summed over the CPUs; reasons that counted nothing are left out.
     fn counters(&self) -> BTreeMap<&'static str, u64> {
-        self.counters_full()
-            .into_iter()
-            .map(|(r, c)| (r, c.packets))
-            .collect()
+        counters(&self.ebpf)
     }
 
     fn counters_full(&self) -> BTreeMap<&'static str, Counter> {
-        let map: PerCpuArray<_, Counter> =
-            PerCpuArray::try_from(self.ebpf.map("COUNTERS").unwrap()).unwrap();
-        Reason::ALL
-            .iter()
-            .filter_map(|&reason| {
-                let sum = map
-                    .get(&reason.index(), 0)
-                    .unwrap()
-                    .iter()
-                    .fold(Counter::default(), |sum, c| sum.add(*c));
-                (sum.packets != 0).then_some((reason.name(), sum))
-            })
-            .collect()
+        counters_full(&self.ebpf)
     }
 
     /// Asserts exactly these counters (every other reason counted nothing).
@@ -244,24 +182,6 @@ impl Loaded {
             .map(|(r, n)| (r.name(), *n))
             .collect();
         assert_eq!(self.counters(), expected, "counters");
-    }
-}
-
-/// Runs the loaded program `prog` of `ebpf` once on `frame`.
-fn run_prog(ebpf: &Ebpf, prog: &str, frame: &[u8]) -> Run {
-    let program: &SchedClassifier = ebpf.program(prog).unwrap().try_into().unwrap();
-    let mut out = vec![0u8; frame.len() + 256];
-    let result = program
-        .test_run(TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(&mut out),
-            ..TestRunOptions::default()
-        })
-        .unwrap_or_else(|e| panic!("test run of {prog} on {} bytes: {e:?}", frame.len()));
-    out.truncate(result.data_size_out as usize);
-    Run {
-        verdict: result.return_value,
-        out,
     }
 }
 
@@ -289,42 +209,6 @@ fn config_for(node: Node) -> Config {
 // ---------------------------------------------------------------------------------------------
 // Building frames (independent of the data path's own header definitions)
 
-/// RFC 1071 checksum field value of `data`.
-fn checksum(data: &[u8]) -> u16 {
-    let mut sum: u32 = data
-        .chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
-
-fn be16(b: &[u8], off: usize) -> u16 {
-    u16::from_be_bytes([b[off], b[off + 1]])
-}
-
-fn ipv4_packet(
-    src: Ipv4Addr,
-    dst: Ipv4Addr,
-    proto: u8,
-    ttl: u8,
-    tos: u8,
-    payload: &[u8],
-) -> Vec<u8> {
-    let len = u16::try_from(20 + payload.len()).unwrap();
-    let mut p = vec![0x45, tos];
-    p.extend_from_slice(&len.to_be_bytes());
-    p.extend_from_slice(&[0x12, 0x34, 0x40, 0x00, ttl, proto, 0, 0]); // id, DF, ttl, proto
-    p.extend_from_slice(&src.octets());
-    p.extend_from_slice(&dst.octets());
-    let c = checksum(&p);
-    p[10..12].copy_from_slice(&c.to_be_bytes());
-    p.extend_from_slice(payload);
-    p
-}
-
 fn icmp_echo(kind: u8, id: u16, seq: u16, data: &[u8]) -> Vec<u8> {
     let mut p = vec![kind, 0, 0, 0];
     p.extend_from_slice(&id.to_be_bytes());
@@ -333,25 +217,6 @@ fn icmp_echo(kind: u8, id: u16, seq: u16, data: &[u8]) -> Vec<u8> {
     let c = checksum(&p);
     p[2..4].copy_from_slice(&c.to_be_bytes());
     p
-}
-
-fn udp_datagram(sport: u16, dport: u16, data: &[u8]) -> Vec<u8> {
-    let mut p = Vec::new();
-    p.extend_from_slice(&sport.to_be_bytes());
-    p.extend_from_slice(&dport.to_be_bytes());
-    p.extend_from_slice(&u16::try_from(8 + data.len()).unwrap().to_be_bytes());
-    p.extend_from_slice(&[0, 0]);
-    p.extend_from_slice(data);
-    p
-}
-
-fn ether(dst: [u8; 6], src: [u8; 6], ethertype: u16, payload: &[u8]) -> Vec<u8> {
-    let mut f = Vec::with_capacity(14 + payload.len());
-    f.extend_from_slice(&dst);
-    f.extend_from_slice(&src);
-    f.extend_from_slice(&ethertype.to_be_bytes());
-    f.extend_from_slice(payload);
-    f
 }
 
 /// An inner IPv4/UDP packet of `data_len` payload bytes.
@@ -432,16 +297,6 @@ impl Vxlan {
     }
 }
 
-/// `inner` with its TTL lowered by `by` and the header checksum recomputed.
-fn with_ttl_decremented(inner: &[u8], by: u8) -> Vec<u8> {
-    let mut p = inner.to_vec();
-    p[8] -= by;
-    p[10..12].copy_from_slice(&[0, 0]);
-    let c = checksum(&p[..20]);
-    p[10..12].copy_from_slice(&c.to_be_bytes());
-    p
-}
-
 /// Checks an encapsulated frame from node `from` to node `to` carrying `inner` (as it must
 /// appear inside), and returns the UDP source port. The outer MACs are the kernel's business.
 #[track_caller]
@@ -495,15 +350,6 @@ fn assert_vxlan(out: &[u8], from: Node, to: Node, inner: &[u8]) -> u16 {
     sport
 }
 
-fn parse_mac(s: &str) -> [u8; 6] {
-    let bytes: Vec<u8> = s
-        .trim()
-        .split(':')
-        .map(|h| u8::from_str_radix(h, 16).unwrap())
-        .collect();
-    bytes.try_into().unwrap()
-}
-
 fn from_hex(s: &str) -> Vec<u8> {
     let digits: Vec<u8> = s.bytes().filter(u8::is_ascii_hexdigit).collect();
     digits
@@ -536,7 +382,7 @@ const FLANNEL1_CAPTURE: &str = "
 #[test]
 fn every_program_passes_the_verifier() {
     let dp = Loaded::new();
-    for name in PROGRAMS {
+    for name in [POD_EGRESS, HOST_EGRESS, UNDERLAY_INGRESS, UNDERLAY_EGRESS] {
         let prog: &SchedClassifier = dp.ebpf.program(name).unwrap().try_into().unwrap();
         assert!(prog.fd().is_ok(), "{name} is loaded");
     }
@@ -1160,7 +1006,7 @@ fn a_pod_packet_survives_encapsulation_and_decapsulation() {
 /// else the underlay MTU minus the overhead. A namespace provides devices with those MTUs.
 #[test]
 fn pod_egress_hands_packets_too_big_for_the_tunnel_to_the_kernel() {
-    require_root();
+    require_root("packet_vxlan");
     let ns = NetNs::new(format!("{}-mtu", unique_id())).unwrap();
     // veth pairs (the kernel has no dummy driver); only the MTUs matter.
     ns.ip(&[
@@ -1296,7 +1142,7 @@ fn send_and_receive(
 /// VXLAN frame, must decapsulate through `underlay_ingress` to the ping reply.
 #[test]
 fn a_stock_flannel_node_accepts_our_frame_and_we_accept_its_answer() {
-    require_root();
+    require_root("packet_vxlan");
     let id = unique_id();
     let snd = NetNs::new(format!("{id}-a")).unwrap();
     let rcv = NetNs::new(format!("{id}-b")).unwrap();
@@ -1436,7 +1282,7 @@ fn the_agent_datapath_drives_the_programs() {
     use overlay_agent::datapath::{Datapath, DatapathError, NodeConfig};
     use overlay_tests::AttachKind::{TcxEgress, TcxIngress};
 
-    require_root();
+    require_root("packet_vxlan");
     let ns = NetNs::new(format!("{}-dp", unique_id())).unwrap();
     ns.ip(&[
         "link", "add", "eth0", "type", "veth", "peer", "name", "eth0p",

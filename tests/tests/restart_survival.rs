@@ -1,12 +1,9 @@
 //! The data path outlives the agent: its links and maps are pinned under --bpf-dir, so pods keep
 //! talking while the agent is dead, and the next agent adopts the pinned state without a gap.
 
-use std::{
-    thread,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
-use overlay_tests::{Cluster, attached_programs};
+use overlay_tests::{Cluster, attached_programs, checks::transfer_across_agent_kill9};
 
 const VXLAN_CONFIG: &str = r#"{"Network": "172.17.0.0/16", "Backend": {"Type": "vxlan"}}"#;
 /// Large enough that the transfer is still running when the agent is killed.
@@ -34,41 +31,20 @@ fn tcp_transfer_survives_kill_9_and_restart_of_both_agents() {
     a.ping_until(b.ip(), Duration::from_secs(10)).unwrap();
     let before = prog_ids(cluster.node(0), "eth0");
 
-    let report = thread::scope(|s| {
-        let started = Instant::now();
-        let transfer = s.spawn(|| a.tcp_transfer(&b, BYTES));
-        thread::sleep(Duration::from_millis(300));
-        // Both ends lose their agent: the sender's encapsulation and the receiver's
-        // decapsulation must go on from the pinned programs and maps alone.
-        for node in cluster.nodes() {
-            node.agent().unwrap().kill9().unwrap();
-        }
-        assert!(
-            !transfer.is_finished(),
-            "the transfer ended before the kill: make BYTES larger"
-        );
-        thread::sleep(Duration::from_millis(500));
-        // While no agent runs, new traffic flows too.
+    let started = Instant::now();
+    // Both ends lose their agent: the sender's encapsulation and the receiver's decapsulation
+    // must go on from the pinned programs and maps alone; while no agent runs, new traffic flows
+    // too.
+    let report = transfer_across_agent_kill9(cluster.nodes(), &a, &b, BYTES, &[], || {
         assert!(
             a.ping(b.ip(), 2).unwrap().all_received(),
             "ping with both agents dead"
         );
-        for node in cluster.nodes() {
-            let agent = node.start_agent(&[]).unwrap();
-            agent
-                .wait_for_log("took over the pinned link on eth0", Duration::from_secs(30))
-                .unwrap();
-        }
-        let report = transfer
-            .join()
-            .expect("transfer thread")
-            .expect("transfer intact");
-        eprintln!(
-            "{BYTES} bytes in {:?} across kill -9 and restart",
-            started.elapsed()
-        );
-        report
     });
+    eprintln!(
+        "{BYTES} bytes in {:?} across kill -9 and restart",
+        started.elapsed()
+    );
     assert_eq!(report.bytes, BYTES);
     assert_eq!(
         report.server_peer.ip(),
@@ -121,9 +97,7 @@ fn a_peer_that_left_while_the_agent_was_down_is_removed_on_restart() {
             Duration::from_secs(10),
         )
         .unwrap();
-    let bin = overlay_tests::agent_bin().unwrap().display().to_string();
-    let dir = node.bpf_dir().display().to_string();
-    let peers = node.ns().run(&bin, &["peers", "--bpf-dir", &dir]).unwrap();
+    let peers = node.agent_cmd(&["peers"]).unwrap();
     assert!(
         !peers.contains(&gone.to_string()),
         "{gone} must be gone from ROUTE_V4:\n{peers}"

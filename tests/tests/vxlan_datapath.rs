@@ -27,8 +27,14 @@ use std::{
 
 use ipnet::Ipv4Net;
 use overlay_tests::{
-    AgentProcess, AttachKind, Capture, Cluster, Endpoint, NetNs, Node, Pod, add_veth,
-    attached_programs, tshark_fields,
+    AttachKind, Capture, Cluster, NetNs, Node, Pod, add_veth, attached_programs,
+    checks::{
+        FIRST_ECHO, agent_cmd, agent_of, assert_host_reaches, assert_no_ping, assert_ping,
+        assert_pods_talk, assert_pods_talk_across_nodes, assert_tcp, grown, subnet_of,
+        wait_line_since,
+    },
+    packet::{checksum, parse_mac},
+    tshark_fields,
 };
 
 const CONFIG: &str = r#"{"Network": "172.17.0.0/16", "Backend": {"Type": "vxlan"}}"#;
@@ -38,10 +44,6 @@ const VNI: u32 = 1;
 const VXLAN_PORT: u16 = 8472;
 /// Pod MTU: the underlay's 1500 − 50.
 const POD_MTU: u32 = 1450;
-/// Bytes per checked TCP transfer.
-const TCP_BYTES: u64 = 1 << 20;
-/// Bound for the first echo between two endpoints (neighbour resolution on both sides).
-const FIRST_ECHO: Duration = Duration::from_secs(10);
 /// Bound for an agent to notice something in etcd or on the node and log it.
 const AGENT_REACTS: Duration = Duration::from_secs(5);
 
@@ -132,85 +134,6 @@ fn lease_of(cluster: &Cluster, ip: Ipv4Addr) -> LeaseRecord {
     lease
 }
 
-/// The node's lease as its subnet file says (`FLANNEL_SUBNET` truncated).
-fn subnet_of(node: &Node) -> Ipv4Net {
-    node.subnet_env()
-        .unwrap_or_else(|e| panic!("{}: no subnet file: {e:#}", node.name()))
-        .subnet
-        .trunc()
-}
-
-fn agent_of(node: &Node) -> AgentProcess {
-    node.agent()
-        .unwrap_or_else(|| panic!("{} has no agent", node.name()))
-}
-
-/// `a` reaches `b`: a first echo within [`FIRST_ECHO`], then 3 of 3 echoes answered.
-fn assert_ping(from: &dyn Endpoint, to: &dyn Endpoint) {
-    let (a, b) = (from.label(), to.label());
-    overlay_tests::traffic::ping_until(from.ns(), to.ip(), FIRST_ECHO).unwrap_or_else(|e| {
-        panic!(
-            "ping {a} -> {b} ({}): expected an echo reply: {e:#}",
-            to.ip()
-        )
-    });
-    let r = overlay_tests::traffic::ping(from.ns(), to.ip(), 3).unwrap();
-    assert!(
-        r.all_received(),
-        "ping {a} -> {b} ({}): expected 3 of 3 echoes answered, got {} of {}:\n{}",
-        to.ip(),
-        r.received,
-        r.transmitted,
-        r.output
-    );
-}
-
-/// `a` does not reach `to`: 3 echoes, none answered.
-fn assert_no_ping(from: &dyn Endpoint, to: Ipv4Addr, why: &str) {
-    let r = overlay_tests::traffic::ping(from.ns(), to, 3).unwrap();
-    assert_eq!(
-        r.received,
-        0,
-        "ping {} -> {to} must fail ({why}), but {} of {} echoes were answered:\n{}",
-        from.label(),
-        r.received,
-        r.transmitted,
-        r.output
-    );
-}
-
-/// A checksummed TCP transfer `from` → `to`; returns the source address the server saw.
-fn assert_tcp(from: &dyn Endpoint, to: &dyn Endpoint) -> Ipv4Addr {
-    let t = overlay_tests::traffic::tcp_transfer(from, to, TCP_BYTES).unwrap_or_else(|e| {
-        panic!(
-            "TCP {} -> {}: expected {TCP_BYTES} bytes to arrive intact: {e:#}",
-            from.label(),
-            to.label()
-        )
-    });
-    assert_eq!(t.bytes, TCP_BYTES);
-    match t.server_peer.ip() {
-        IpAddr::V4(ip) => ip,
-        IpAddr::V6(ip) => panic!(
-            "TCP {} -> {}: server saw IPv6 peer {ip}",
-            from.label(),
-            to.label()
-        ),
-    }
-}
-
-/// Ping and TCP between two pods, with the real pod source address at the server.
-fn assert_pods_talk(a: &Pod, b: &Pod) {
-    assert_ping(a, b);
-    let seen = assert_tcp(a, b);
-    assert_eq!(
-        seen,
-        a.ip(),
-        "TCP {a} -> {b}: the server must see the real pod source address {}, saw {seen}",
-        a.ip()
-    );
-}
-
 /// 20 UDP datagrams `a` → `b`, each echoed back intact, the server seeing `a`'s address.
 fn assert_udp_echo(a: &Pod, b: &Pod) {
     let r = overlay_tests::traffic::udp_echo(a, b, 20)
@@ -233,48 +156,9 @@ fn host_overlay_ip(subnet: Ipv4Net) -> Ipv4Addr {
     subnet.network()
 }
 
-/// Waits until the agent's log after byte `mark` has a line containing all of `parts`; returns
-/// that line. Panics after `timeout` or when the agent exits.
-fn wait_line_since(agent: &AgentProcess, mark: usize, parts: &[&str], timeout: Duration) -> String {
-    let start = Instant::now();
-    loop {
-        let exited = agent.exit_status();
-        let log = agent.log();
-        let since = log.get(mark..).unwrap_or("");
-        if let Some(line) = since.lines().find(|l| parts.iter().all(|p| l.contains(p))) {
-            return line.to_owned();
-        }
-        assert!(
-            exited.is_none(),
-            "agent {} exited ({exited:?}) without logging a line with {parts:?}; log:\n{log}",
-            agent.label()
-        );
-        assert!(
-            start.elapsed() < timeout,
-            "agent {} logged no line with all of {parts:?} within {timeout:?}; log after the mark:\n{since}",
-            agent.label()
-        );
-        thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// Runs `overlay-agent <sub> --bpf-dir <node's dir>` inside the node; returns its stdout.
-fn agent_tool(node: &Node, sub: &str) -> String {
-    let bin = overlay_tests::agent_bin().unwrap();
-    let dir = node.bpf_dir().display().to_string();
-    node.ns()
-        .run(&bin, &[sub, "--bpf-dir", dir.as_str()])
-        .unwrap_or_else(|e| {
-            panic!(
-                "`overlay-agent {sub} --bpf-dir {dir}` in {}: {e:#}",
-                node.name()
-            )
-        })
-}
-
 /// The node's data path counters (`overlay-agent counters`): name → packets.
 fn counters(node: &Node) -> BTreeMap<String, u64> {
-    let out = agent_tool(node, "counters");
+    let out = agent_cmd(node, &["counters"]);
     let counters: BTreeMap<String, u64> = out
         .lines()
         .map(|l| match l.split_whitespace().collect::<Vec<_>>()[..] {
@@ -305,23 +189,9 @@ fn counters(node: &Node) -> BTreeMap<String, u64> {
     counters
 }
 
-/// How much each counter grew from `before` to `after`.
-fn grown(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>) -> BTreeMap<String, u64> {
-    after
-        .iter()
-        .map(|(k, v)| {
-            (
-                k.clone(),
-                v.saturating_sub(before.get(k).copied().unwrap_or(0)),
-            )
-        })
-        .filter(|(_, d)| *d > 0)
-        .collect()
-}
-
 /// The node's ROUTE_V4 entries (`overlay-agent peers`): (subnet, PublicIP, VtepMAC).
 fn peers(node: &Node) -> Vec<(Ipv4Net, Ipv4Addr, String)> {
-    let out = agent_tool(node, "peers");
+    let out = agent_cmd(node, &["peers"]);
     out.lines()
         .map(|l| match l.split_whitespace().collect::<Vec<_>>()[..] {
             [subnet, ip, mac] => match (subnet.parse(), ip.parse()) {
@@ -383,26 +253,6 @@ fn assert_only_forward_drop_policy(node: &Node) {
     );
 }
 
-/// One's complement checksum of an IPv4 header.
-fn ipv4_checksum(header: &[u8]) -> u16 {
-    let mut sum: u32 = header
-        .chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
-
-fn parse_mac(s: &str) -> [u8; 6] {
-    let bytes: Vec<u8> = s
-        .split(':')
-        .map(|b| u8::from_str_radix(b, 16).unwrap_or_else(|_| panic!("bad MAC {s}")))
-        .collect();
-    bytes.try_into().unwrap_or_else(|_| panic!("bad MAC {s}"))
-}
-
 /// The UDP payload of a VXLAN frame (what goes to port 8472): VXLAN header with `vni`, inner
 /// Ethernet `src_mac` → `dst_mac`, inner IPv4/UDP `src` → `dst:dport` carrying `data`.
 fn vxlan_payload(
@@ -426,7 +276,7 @@ fn vxlan_payload(
     ip.extend_from_slice(&[0x12, 0x34, 0, 0, 64, 17, 0, 0]);
     ip.extend_from_slice(&src.octets());
     ip.extend_from_slice(&dst.octets());
-    let csum = ipv4_checksum(&ip);
+    let csum = checksum(&ip);
     ip[10..12].copy_from_slice(&csum.to_be_bytes());
     f.extend_from_slice(&ip);
     f.extend_from_slice(&40000u16.to_be_bytes());
@@ -544,11 +394,7 @@ fn three_nodes_two_pods_talk_across_nodes_over_flannel_vxlan() {
     check_capture(&cluster, &pcap, &subnets, &[(&p00, &p10)]);
 
     // Every ordered pair of pods on different nodes: ping, TCP with checksum, real source.
-    for a in &pods {
-        for b in pods.iter().filter(|b| b.node_name() != a.node_name()) {
-            assert_pods_talk(a, b);
-        }
-    }
+    assert_pods_talk_across_nodes(&pods);
     // UDP echo across every ordered pair of nodes.
     for i in 0..3 {
         for j in (0..3).filter(|&j| j != i) {
@@ -559,16 +405,7 @@ fn three_nodes_two_pods_talk_across_nodes_over_flannel_vxlan() {
     // host's overlay address <subnet>.0, as with flannel.1.
     for (i, node) in cluster.nodes().iter().enumerate() {
         for j in (0..3).filter(|&j| j != i) {
-            let pod = cluster.pod(j, 1);
-            assert_ping(node, &pod);
-            let seen = assert_tcp(node, &pod);
-            assert_eq!(
-                seen,
-                host_overlay_ip(subnets[i]),
-                "TCP {} -> {pod}: the pod must see the host's overlay address {}",
-                node.name(),
-                host_overlay_ip(subnets[i])
-            );
+            assert_host_reaches(node, &cluster.pod(j, 1));
         }
     }
     for node in cluster.nodes() {
@@ -726,19 +563,11 @@ fn forward_policy_drop_and_no_iptables_rules() {
             .unwrap();
         assert_only_forward_drop_policy(node);
     }
-    let subnets: Vec<Ipv4Net> = cluster.nodes().iter().map(subnet_of).collect();
-    for (i, subnet) in subnets.iter().enumerate() {
+    for i in 0..3 {
         for j in (0..3).filter(|&j| j != i) {
             let (a, b) = (cluster.pod(i, 0), cluster.pod(j, 0));
             assert_pods_talk(&a, &b);
-            let node = cluster.node(i);
-            assert_ping(node, &b);
-            assert_eq!(
-                assert_tcp(node, &b),
-                host_overlay_ip(*subnet),
-                "TCP {} -> {b}: source",
-                node.name()
-            );
+            assert_host_reaches(cluster.node(i), &b);
         }
     }
     assert_udp_echo(&cluster.pod(0, 0), &cluster.pod(1, 0));

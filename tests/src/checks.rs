@@ -1,0 +1,259 @@
+//! Assertions shared by the end-to-end tests: reachability with real traffic, the agent's log,
+//! its inspection subcommands and the programs the kernel reports attached.
+//!
+//! Unlike the rest of the harness these panic (with a message naming both ends and what was
+//! seen) instead of returning errors: they are the tests' own checks, written once.
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr},
+    thread,
+    time::{Duration, Instant},
+};
+
+use ipnet::Ipv4Net;
+
+use crate::{
+    AgentProcess, AttachKind, Endpoint, Node, Pod, TransferReport, attached_programs, traffic,
+};
+
+/// Bytes per checked TCP transfer.
+pub const TCP_BYTES: u64 = 1 << 20;
+/// Bound for the first echo between two endpoints (neighbour resolution on both sides).
+pub const FIRST_ECHO: Duration = Duration::from_secs(10);
+
+/// The node's lease as its subnet file says (`FLANNEL_SUBNET` truncated); waits for the file.
+pub fn subnet_of(node: &Node) -> Ipv4Net {
+    node.subnet_env()
+        .unwrap_or_else(|e| panic!("{}: no subnet file: {e:#}", node.name()))
+        .subnet
+        .trunc()
+}
+
+/// The agent started last on `node`; panics when none was.
+pub fn agent_of(node: &Node) -> AgentProcess {
+    node.agent()
+        .unwrap_or_else(|| panic!("{} has no agent", node.name()))
+}
+
+/// `from` reaches `to`: a first echo within [`FIRST_ECHO`], then 3 of 3 echoes answered.
+pub fn assert_ping(from: &dyn Endpoint, to: &dyn Endpoint) {
+    let (a, b) = (from.label(), to.label());
+    traffic::ping_until(from.ns(), to.ip(), FIRST_ECHO).unwrap_or_else(|e| {
+        panic!(
+            "ping {a} -> {b} ({}): expected an echo reply: {e:#}",
+            to.ip()
+        )
+    });
+    let r = traffic::ping(from.ns(), to.ip(), 3).unwrap();
+    assert!(
+        r.all_received(),
+        "ping {a} -> {b} ({}): expected 3 of 3 echoes answered, got {} of {}:\n{}",
+        to.ip(),
+        r.received,
+        r.transmitted,
+        r.output
+    );
+}
+
+/// `from` does not reach `to`: 3 echoes, none answered.
+pub fn assert_no_ping(from: &dyn Endpoint, to: Ipv4Addr, why: &str) {
+    let r = traffic::ping(from.ns(), to, 3).unwrap();
+    assert_eq!(
+        r.received,
+        0,
+        "ping {} -> {to} must fail ({why}), but {} of {} echoes were answered:\n{}",
+        from.label(),
+        r.received,
+        r.transmitted,
+        r.output
+    );
+}
+
+/// A checksummed TCP transfer of [`TCP_BYTES`] `from` → `to`; returns the source address the
+/// server saw.
+pub fn assert_tcp(from: &dyn Endpoint, to: &dyn Endpoint) -> Ipv4Addr {
+    let t = traffic::tcp_transfer(from, to, TCP_BYTES).unwrap_or_else(|e| {
+        panic!(
+            "TCP {} -> {}: expected {TCP_BYTES} bytes to arrive intact: {e:#}",
+            from.label(),
+            to.label()
+        )
+    });
+    assert_eq!(t.bytes, TCP_BYTES);
+    match t.server_peer.ip() {
+        IpAddr::V4(ip) => ip,
+        IpAddr::V6(ip) => panic!(
+            "TCP {} -> {}: server saw IPv6 peer {ip}",
+            from.label(),
+            to.label()
+        ),
+    }
+}
+
+/// Ping and TCP `a` → `b`, with the real pod source address at the server.
+pub fn assert_pods_talk(a: &Pod, b: &Pod) {
+    assert_ping(a, b);
+    let seen = assert_tcp(a, b);
+    assert_eq!(
+        seen,
+        a.ip(),
+        "TCP {a} -> {b}: the server must see the real pod source address {}, saw {seen}",
+        a.ip()
+    );
+}
+
+/// [`assert_pods_talk`] for every ordered pair of `pods` on different nodes.
+pub fn assert_pods_talk_across_nodes(pods: &[Pod]) {
+    for a in pods {
+        for b in pods.iter().filter(|b| b.node_name() != a.node_name()) {
+            assert_pods_talk(a, b);
+        }
+    }
+}
+
+/// Ping and TCP from the host (node namespace) `node` to a remote `pod`: the pod sees the host's
+/// overlay address `<its subnet>.0` (flannel.1's, our `ovl0`'s).
+pub fn assert_host_reaches(node: &Node, pod: &Pod) {
+    let host = subnet_of(node).network();
+    assert_ping(node, pod);
+    let seen = assert_tcp(node, pod);
+    assert_eq!(
+        seen,
+        host,
+        "TCP {} -> {pod}: the pod must see the host's overlay address {host}, saw {seen}",
+        node.name()
+    );
+}
+
+/// A TCP transfer of `bytes` `from` → `to` across a `kill -9` of the agents of `nodes`: 300 ms
+/// into the transfer every agent is killed (the transfer must still be running: else `bytes` is
+/// too small), 500 ms later `while_down` runs with no agent alive (e.g. a ping that must pass),
+/// then each node gets a new agent with `agent_args`, which must take over the pinned link on
+/// eth0 within 30 s. Returns the transfer's report; panics unless every byte arrived intact.
+pub fn transfer_across_agent_kill9(
+    nodes: &[Node],
+    from: &(dyn Endpoint + Sync),
+    to: &(dyn Endpoint + Sync),
+    bytes: u64,
+    agent_args: &[&str],
+    while_down: impl FnOnce(),
+) -> TransferReport {
+    thread::scope(|s| {
+        let transfer = s.spawn(|| traffic::tcp_transfer(from, to, bytes));
+        thread::sleep(Duration::from_millis(300));
+        for node in nodes {
+            agent_of(node).kill9().unwrap();
+        }
+        assert!(
+            !transfer.is_finished(),
+            "the transfer ended before the kill: make BYTES larger"
+        );
+        thread::sleep(Duration::from_millis(500));
+        while_down();
+        for node in nodes {
+            let agent = node.start_agent(agent_args).unwrap();
+            agent
+                .wait_for_log("took over the pinned link on eth0", Duration::from_secs(30))
+                .unwrap();
+        }
+        transfer
+            .join()
+            .expect("transfer thread")
+            .expect("transfer intact")
+    })
+}
+
+/// Waits until the part of the agent's log after byte `mark` contains `pattern`, at most
+/// `timeout`; fails at once if the agent exits. Returns the time it took.
+pub fn wait_log_since(
+    agent: &AgentProcess,
+    mark: usize,
+    pattern: &str,
+    timeout: Duration,
+) -> Duration {
+    let start = Instant::now();
+    loop {
+        let exited = agent.exit_status();
+        let log = agent.log();
+        if log.get(mark..).unwrap_or("").contains(pattern) {
+            return start.elapsed();
+        }
+        assert!(
+            exited.is_none(),
+            "agent {} exited ({exited:?}) without logging {pattern:?}; log:\n{log}",
+            agent.label()
+        );
+        assert!(
+            start.elapsed() < timeout,
+            "agent {} did not log {pattern:?} within {timeout:?}; log after the mark:\n{}",
+            agent.label(),
+            log.get(mark..).unwrap_or("")
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits until a line of the agent's log after byte `mark` contains every one of `parts`;
+/// returns that line. Same limits as [`wait_log_since`].
+pub fn wait_line_since(
+    agent: &AgentProcess,
+    mark: usize,
+    parts: &[&str],
+    timeout: Duration,
+) -> String {
+    let start = Instant::now();
+    loop {
+        let exited = agent.exit_status();
+        let log = agent.log();
+        let since = log.get(mark..).unwrap_or("");
+        if let Some(line) = since.lines().find(|l| parts.iter().all(|p| l.contains(p))) {
+            return line.to_owned();
+        }
+        assert!(
+            exited.is_none(),
+            "agent {} exited ({exited:?}) without logging a line with {parts:?}; log:\n{log}",
+            agent.label()
+        );
+        assert!(
+            start.elapsed() < timeout,
+            "agent {} logged no line with all of {parts:?} within {timeout:?}; log after the \
+             mark:\n{since}",
+            agent.label()
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `overlay-agent <args>` in the node ([`Node::agent_cmd`]); panics when it fails.
+pub fn agent_cmd(node: &Node, args: &[&str]) -> String {
+    node.agent_cmd(args).unwrap_or_else(|e| panic!("{e:#}"))
+}
+
+/// How much each counter grew from `before` to `after` (counters that did not grow left out).
+pub fn grown(
+    before: &BTreeMap<String, u64>,
+    after: &BTreeMap<String, u64>,
+) -> BTreeMap<String, u64> {
+    after
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.clone(),
+                v.saturating_sub(before.get(k).copied().unwrap_or(0)),
+            )
+        })
+        .filter(|(_, d)| *d > 0)
+        .collect()
+}
+
+/// The programs the kernel reports attached to the node's `eth0`, (name, kind) sorted by name.
+pub fn eth0_programs(node: &Node) -> Vec<(String, AttachKind)> {
+    let mut progs: Vec<_> = attached_programs(node.ns(), "eth0")
+        .expect("query the kernel for eth0's programs")
+        .into_iter()
+        .map(|p| (p.name, p.kind))
+        .collect();
+    progs.sort_by_key(|(name, _)| name.clone());
+    progs
+}

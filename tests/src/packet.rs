@@ -1,0 +1,220 @@
+//! Shared pieces of the packet tests (`packet_vxlan`, `packet_direct`, `packet_nat`) and of the
+//! crafted frames in `vxlan_datapath`: loading the eBPF object with every program verified,
+//! running a program once through `BPF_PROG_TEST_RUN` (aya's `TestRun`), reading the per-reason
+//! counters, and building frames byte by byte, independent of the data path's own header
+//! definitions.
+//!
+//! Like [`crate::checks`], the loading and running helpers panic with a clear message instead
+//! of returning errors: a packet test cannot go on without them.
+
+use std::{collections::BTreeMap, net::Ipv4Addr, path::PathBuf};
+
+use aya::{
+    Ebpf, EbpfLoader, TestRun, TestRunOptions, maps::PerCpuArray, programs::SchedClassifier,
+};
+use overlay_common::counters::{Counter, Reason};
+
+// TC verdicts (include/uapi/linux/pkt_cls.h).
+/// `TC_ACT_OK`: the kernel goes on with the packet.
+pub const TC_ACT_OK: u32 = 0;
+/// `TC_ACT_SHOT`: dropped.
+pub const TC_ACT_SHOT: u32 = 2;
+/// `TC_ACT_REDIRECT`: redirected (the target is not visible in a test run).
+pub const TC_ACT_REDIRECT: u32 = 7;
+
+/// The data path's programs, all `SchedClassifier`s.
+pub const PROGRAMS: [&str; 4] = [
+    "pod_egress",
+    "host_egress",
+    "underlay_ingress",
+    "underlay_egress",
+];
+
+/// EtherType IPv4.
+pub const ETH_P_IP: u16 = 0x0800;
+/// IPv4 protocol numbers.
+pub const IPPROTO_ICMP: u8 = 1;
+/// See [`IPPROTO_ICMP`].
+pub const IPPROTO_TCP: u8 = 6;
+/// See [`IPPROTO_ICMP`].
+pub const IPPROTO_UDP: u8 = 17;
+
+/// Panics unless the process runs as root, naming the test file `test` and how to run it.
+pub fn require_root(test: &str) {
+    // SAFETY: geteuid has no preconditions.
+    assert!(
+        unsafe { libc::geteuid() } == 0,
+        "{test}: these tests load eBPF programs and need root; run them as root (CI does): \
+         cargo test -p overlay-tests --test {test} -- --test-threads=1"
+    );
+}
+
+/// The eBPF object: `$OVERLAY_EBPF_OBJECT`, else `target/bpfel-unknown-none/release/overlay`.
+pub fn object_path() -> PathBuf {
+    std::env::var_os("OVERLAY_EBPF_OBJECT").map_or_else(
+        || {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("../target/bpfel-unknown-none/release/overlay")
+        },
+        PathBuf::from,
+    )
+}
+
+/// The object with fresh maps and every one of [`PROGRAMS`] loaded (so verified by the
+/// kernel). Checks for root first ([`require_root`] with `test`).
+pub fn load_object(test: &str) -> Ebpf {
+    require_root(test);
+    let path = object_path();
+    assert!(
+        path.is_file(),
+        "eBPF object {} missing: run `cargo xtask build-ebpf` first",
+        path.display()
+    );
+    let mut ebpf = EbpfLoader::new()
+        .load_file(&path)
+        .unwrap_or_else(|e| panic!("loading {}: {e}", path.display()));
+    for name in PROGRAMS {
+        let prog: &mut SchedClassifier = ebpf
+            .program_mut(name)
+            .unwrap_or_else(|| panic!("no program {name}"))
+            .try_into()
+            .unwrap();
+        prog.load()
+            .unwrap_or_else(|e| panic!("verifier rejected {name}: {e:?}"));
+    }
+    ebpf
+}
+
+/// A result of one program run.
+#[derive(Debug)]
+pub struct Run {
+    /// The program's return value (a TC verdict).
+    pub verdict: u32,
+    /// The frame as the program left it.
+    pub out: Vec<u8>,
+}
+
+/// Runs the loaded program `prog` of `ebpf` once on `frame` (in the caller's namespace).
+pub fn run_prog(ebpf: &Ebpf, prog: &str, frame: &[u8]) -> Run {
+    let program: &SchedClassifier = ebpf.program(prog).unwrap().try_into().unwrap();
+    let mut out = vec![0u8; frame.len() + 256];
+    let result = program
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ..TestRunOptions::default()
+        })
+        .unwrap_or_else(|e| panic!("test run of {prog} on {} bytes: {e:?}", frame.len()));
+    out.truncate(result.data_size_out as usize);
+    Run {
+        verdict: result.return_value,
+        out,
+    }
+}
+
+/// The `COUNTERS` map per reason, summed over the CPUs; reasons that counted nothing are left
+/// out.
+pub fn counters_full(ebpf: &Ebpf) -> BTreeMap<&'static str, Counter> {
+    let map: PerCpuArray<_, Counter> =
+        PerCpuArray::try_from(ebpf.map("COUNTERS").unwrap()).unwrap();
+    Reason::ALL
+        .iter()
+        .filter_map(|&reason| {
+            let sum = map
+                .get(&reason.index(), 0)
+                .unwrap()
+                .iter()
+                .fold(Counter::default(), |sum, c| sum.add(*c));
+            (sum.packets != 0).then_some((reason.name(), sum))
+        })
+        .collect()
+}
+
+/// Packets per reason of [`counters_full`].
+pub fn counters(ebpf: &Ebpf) -> BTreeMap<&'static str, u64> {
+    counters_full(ebpf)
+        .into_iter()
+        .map(|(r, c)| (r, c.packets))
+        .collect()
+}
+
+/// RFC 1071 checksum field value of `data` (0 when `data` holds a correct checksum).
+pub fn checksum(data: &[u8]) -> u16 {
+    let mut sum: u32 = data
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// The big-endian `u16` at `off`.
+pub fn be16(b: &[u8], off: usize) -> u16 {
+    u16::from_be_bytes([b[off], b[off + 1]])
+}
+
+/// An IPv4 packet `src` → `dst` carrying `payload`: no options, id 0x1234, DF, header checksum
+/// filled in.
+pub fn ipv4_packet(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    proto: u8,
+    ttl: u8,
+    tos: u8,
+    payload: &[u8],
+) -> Vec<u8> {
+    let len = u16::try_from(20 + payload.len()).unwrap();
+    let mut p = vec![0x45, tos];
+    p.extend_from_slice(&len.to_be_bytes());
+    p.extend_from_slice(&[0x12, 0x34, 0x40, 0x00, ttl, proto, 0, 0]); // id, DF, ttl, proto
+    p.extend_from_slice(&src.octets());
+    p.extend_from_slice(&dst.octets());
+    let c = checksum(&p);
+    p[10..12].copy_from_slice(&c.to_be_bytes());
+    p.extend_from_slice(payload);
+    p
+}
+
+/// A UDP header and `data`, checksum 0 (none, allowed for IPv4).
+pub fn udp_datagram(sport: u16, dport: u16, data: &[u8]) -> Vec<u8> {
+    let mut p = Vec::new();
+    p.extend_from_slice(&sport.to_be_bytes());
+    p.extend_from_slice(&dport.to_be_bytes());
+    p.extend_from_slice(&u16::try_from(8 + data.len()).unwrap().to_be_bytes());
+    p.extend_from_slice(&[0, 0]);
+    p.extend_from_slice(data);
+    p
+}
+
+/// An Ethernet frame `src` → `dst` of `ethertype` carrying `payload`.
+pub fn ether(dst: [u8; 6], src: [u8; 6], ethertype: u16, payload: &[u8]) -> Vec<u8> {
+    let mut f = Vec::with_capacity(14 + payload.len());
+    f.extend_from_slice(&dst);
+    f.extend_from_slice(&src);
+    f.extend_from_slice(&ethertype.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// The IPv4 packet `ip` with its TTL lowered by `by` and the header checksum recomputed from
+/// scratch.
+pub fn with_ttl_decremented(ip: &[u8], by: u8) -> Vec<u8> {
+    let mut p = ip.to_vec();
+    p[8] -= by;
+    p[10..12].copy_from_slice(&[0, 0]);
+    let c = checksum(&p[..20]);
+    p[10..12].copy_from_slice(&c.to_be_bytes());
+    p
+}
+
+/// `aa:bb:cc:dd:ee:ff` (surrounding white space ignored); panics on anything else.
+pub fn parse_mac(s: &str) -> [u8; 6] {
+    let bytes: Vec<u8> = s
+        .trim()
+        .split(':')
+        .map(|b| u8::from_str_radix(b, 16).unwrap_or_else(|_| panic!("bad MAC {s}")))
+        .collect();
+    bytes.try_into().unwrap_or_else(|_| panic!("bad MAC {s}"))
+}
