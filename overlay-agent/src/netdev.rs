@@ -102,29 +102,12 @@ impl Netlink {
         let peer = find(HOST_DEVICE_PEER);
 
         if device.mac != Some(spec.mac) || device.mtu != spec.mtu || !device.up {
-            let msg = LinkUnspec::new_with_index(device.index)
-                .address(spec.mac.to_vec())
-                .mtu(spec.mtu)
-                .arp(false)
-                .up()
-                .build();
-            self.handle
-                .link()
-                .set(msg)
-                .execute()
+            self.configure_link(device.index, Some(spec.mac), spec.mtu)
                 .await
                 .map_err(|e| err("configure", e))?;
         }
         if let Some(peer) = peer.filter(|p| !p.up || p.mtu != spec.mtu) {
-            let msg = LinkUnspec::new_with_index(peer.index)
-                .mtu(spec.mtu)
-                .arp(false)
-                .up()
-                .build();
-            self.handle
-                .link()
-                .set(msg)
-                .execute()
+            self.configure_link(peer.index, None, spec.mtu)
                 .await
                 .map_err(|e| err("bring up the peer of", e))?;
         }
@@ -184,6 +167,21 @@ impl Netlink {
             .await
             .map_err(|e| err("route into", e))?;
         Ok(device.index)
+    }
+
+    /// Sets the link's MAC (when given) and MTU, turns ARP off and brings it up.
+    async fn configure_link(
+        &self,
+        index: u32,
+        mac: Option<[u8; 6]>,
+        mtu: u32,
+    ) -> Result<(), rtnetlink::Error> {
+        let mut msg = LinkUnspec::new_with_index(index);
+        if let Some(mac) = mac {
+            msg = msg.address(mac.to_vec());
+        }
+        let msg = msg.mtu(mtu).arp(false).up().build();
+        self.handle.link().set(msg).execute().await
     }
 
     /// Whether the kernel's route to `ip` has no gateway (`ip route get <ip>` shows no `via`):

@@ -17,19 +17,15 @@
 //! `<subnet>.0` towards a VXLAN peer, to the external interface's address towards a direct one.
 
 use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
-use overlay_common::{
-    counters::Reason,
-    wire::{ETH_HLEN, ETH_P_IP},
-};
+use overlay_common::counters::Reason;
 
 use crate::lib::{
     counters::{count, verdict},
     direct::redirect_direct,
     encap::{encapsulate, redirect_to_underlay},
-    hdr::{EthHdr, Ipv4Hdr},
+    ipv4::eth_ipv4,
     maps::{config, in_subnet, route_v4},
     nat,
-    ptr::ptr_at,
 };
 
 #[classifier]
@@ -42,20 +38,11 @@ fn try_host_egress(ctx: &TcContext) -> Result<i32, Reason> {
     let Some(cfg) = config() else {
         return Ok(TC_ACT_OK);
     };
-    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
+    let Some((_, ip)) = eth_ipv4(ctx) else {
         return Ok(TC_ACT_OK);
     };
-    // SAFETY (reads below): pointers come from `ptr_at`, used before any helper moves data.
-    if unsafe { (*eth).proto } != ETH_P_IP {
-        return Ok(TC_ACT_OK);
-    }
-    let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, ETH_HLEN) else {
-        return Ok(TC_ACT_OK);
-    };
-    let (ver_ihl, tos, daddr) = unsafe { ((*ip).ver_ihl, (*ip).tos, (*ip).daddr) };
-    if ver_ihl >> 4 != 4 || ver_ihl & 0x0f < 5 {
-        return Ok(TC_ACT_OK);
-    }
+    // SAFETY: a checked pointer from `eth_ipv4`, read before any helper moves data.
+    let (tos, daddr) = unsafe { ((*ip).tos, (*ip).daddr) };
     let Some(peer) = route_v4(daddr) else {
         if in_subnet(daddr, cfg.network, cfg.network_mask) {
             return Err(Reason::DropNoRoute);

@@ -17,20 +17,15 @@
 //! (`lib::direct`), with the same TTL and MTU hand-backs against the external interface's MTU.
 
 use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
-use overlay_common::{
-    counters::Reason,
-    wire::{ETH_HLEN, ETH_P_IP},
-};
+use overlay_common::counters::Reason;
 
 use crate::lib::{
     counters::{count, verdict},
     direct,
     encap::{encapsulate, fits_tunnel, redirect_to_underlay},
-    hdr::{EthHdr, Ipv4Hdr},
-    ipv4::decrement_ttl,
+    ipv4::{decrement_ttl, eth_ipv4},
     maps::{config, route_v4},
     nat,
-    ptr::ptr_at,
 };
 
 #[classifier]
@@ -43,22 +38,15 @@ fn try_pod_egress(ctx: &TcContext) -> Result<i32, Reason> {
     let Some(cfg) = config() else {
         return Ok(TC_ACT_OK);
     };
-    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
+    let Some((eth, ip)) = eth_ipv4(ctx) else {
         return Ok(TC_ACT_OK);
     };
-    // SAFETY (reads below): pointers come from `ptr_at`, used before any helper moves data.
-    let (proto, dst0) = unsafe { ((*eth).proto, (*eth).dst[0]) };
+    // SAFETY (reads below): checked pointers from `eth_ipv4`, used before any helper moves data.
     // Broadcast and multicast frames are not routed by the kernel either.
-    if proto != ETH_P_IP || dst0 & 0x01 != 0 {
+    if unsafe { (*eth).dst[0] } & 0x01 != 0 {
         return Ok(TC_ACT_OK);
     }
-    let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, ETH_HLEN) else {
-        return Ok(TC_ACT_OK);
-    };
-    let (ver_ihl, tos, ttl, daddr) = unsafe { ((*ip).ver_ihl, (*ip).tos, (*ip).ttl, (*ip).daddr) };
-    if ver_ihl >> 4 != 4 || ver_ihl & 0x0f < 5 {
-        return Ok(TC_ACT_OK);
-    }
+    let (tos, ttl, daddr) = unsafe { ((*ip).tos, (*ip).ttl, (*ip).daddr) };
     let Some(peer) = route_v4(daddr) else {
         // Not for a peer: masquerade (if on and flannel's rules say so), else the kernel's.
         return nat::snat_from_pod(ctx, cfg);

@@ -65,10 +65,10 @@ use crate::lib::{
     counters::count,
     csum::ipv4_checksum_ok,
     hdr::{EthHdr, Ipv4Hdr, UdpHdr, VxlanHdr},
-    ipv4::{ECN_CE, ECN_MASK, ECN_NOT_ECT, decrement_ttl, set_ce},
+    ipv4::{ECN_CE, ECN_MASK, ECN_NOT_ECT, decrement_ttl, eth_ipv4, set_ce},
     maps::{config, in_subnet, is_member},
     nat,
-    ptr::ptr_at,
+    ptr::{ptr_at, pull_headers},
 };
 
 const UDP_OFF: usize = ETH_HLEN + IPV4_HLEN;
@@ -103,23 +103,15 @@ pub fn try_underlay_ingress(ctx: &TcContext) -> Result<i32, Reason> {
         // host-gw: no VXLAN on this node; the kernel has no socket for it either.
         return Ok(TC_ACT_OK);
     }
-    // Direct packet access sees only the linear part; make sure the headers are in it (paged
-    // or GRO-built packets may keep them in fragments). Short packets fail the checks below.
-    if ctx.data() + HEADERS_LEN > ctx.data_end() && ctx.len() as usize >= HEADERS_LEN {
-        let _ = ctx.pull_data(HEADERS_LEN as u32);
-    }
+    // Short packets fail the checks below.
+    pull_headers(ctx, HEADERS_LEN);
 
     // Recognise VXLAN for us; pass everything else.
-    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
+    let Some((_, ip)) = eth_ipv4(ctx) else {
         return Ok(TC_ACT_OK);
     };
-    // SAFETY (all reads below): pointers come from `ptr_at`, used before any helper moves data.
-    if unsafe { (*eth).proto } != ETH_P_IP {
-        return Ok(TC_ACT_OK);
-    }
-    let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, ETH_HLEN) else {
-        return Ok(TC_ACT_OK);
-    };
+    // SAFETY (all reads below): pointers come from `eth_ipv4` or `ptr_at`, used before any
+    // helper moves data.
     let ip = unsafe { *ip };
     if ip.ver_ihl != Ipv4Hdr::VER_IHL_NO_OPTIONS
         || ip.proto != IPPROTO_UDP

@@ -47,16 +47,16 @@ use overlay_common::{
     config::Config,
     counters::Reason,
     route::RemoteNode,
-    wire::{ETH_HLEN, ETH_P_IP, IPV4_HLEN},
+    wire::{ETH_HLEN, IPV4_HLEN},
 };
 
 use crate::lib::{
     counters::count,
     csum::ipv4_checksum_ok,
-    hdr::{EthHdr, Ipv4Hdr},
-    ipv4::decrement_ttl,
+    hdr::Ipv4Hdr,
+    ipv4::{decrement_ttl, eth_ipv4},
     maps::{config, in_subnet, is_member, route_v4},
-    ptr::ptr_at,
+    ptr::pull_headers,
 };
 
 /// `AF_INET`, the `nh_family` of an IPv4 next hop.
@@ -147,20 +147,11 @@ pub fn try_direct_ingress(ctx: &TcContext) -> Result<i32, Reason> {
     if unsafe { (*ctx.skb.skb).pkt_type } != PACKET_HOST {
         return Ok(TC_ACT_OK);
     }
-    const HEADERS_LEN: usize = ETH_HLEN + IPV4_HLEN;
-    if ctx.data() + HEADERS_LEN > ctx.data_end() && ctx.len() as usize >= HEADERS_LEN {
-        let _ = ctx.pull_data(HEADERS_LEN as u32);
-    }
-    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
+    pull_headers(ctx, ETH_HLEN + IPV4_HLEN);
+    let Some((eth, ip)) = eth_ipv4(ctx) else {
         return Ok(TC_ACT_OK);
     };
-    // SAFETY (reads below): pointers come from `ptr_at`, used before any helper moves data.
-    if unsafe { (*eth).proto } != ETH_P_IP {
-        return Ok(TC_ACT_OK);
-    }
-    let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, ETH_HLEN) else {
-        return Ok(TC_ACT_OK);
-    };
+    // SAFETY: a checked pointer from `eth_ipv4`, read before any helper moves data.
     let hdr = unsafe { *ip };
     let daddr = hdr.daddr;
     if !in_subnet(daddr, cfg.subnet, cfg.subnet_mask) {
@@ -185,7 +176,7 @@ pub fn try_direct_ingress(ctx: &TcContext) -> Result<i32, Reason> {
         if cfg.bridge_ifindex == 0 {
             return Err(Reason::DropNoBridge);
         }
-        // SAFETY: `ip` is still valid (no helper moved data since `ptr_at`); ttl > 1.
+        // SAFETY: `ip` is still valid (no helper moved data since `eth_ipv4`); ttl > 1.
         unsafe { decrement_ttl(ip) };
         count(Reason::DeliverDirectPod, ctx.len());
         // SAFETY: NULL parameters are allowed (the kernel does the FIB lookup).

@@ -1,11 +1,39 @@
-//! In-place rewrites of an inner IPv4 header (TTL, ECN) with incremental checksum updates.
+//! The IPv4 header of a packet, and in-place rewrites of it (TTL, ECN) with incremental
+//! checksum updates.
 
-use crate::lib::{csum::replace16, hdr::Ipv4Hdr};
+use aya_ebpf::programs::TcContext;
+use overlay_common::wire::{ETH_HLEN, ETH_P_IP};
+
+use crate::lib::{
+    csum::replace16,
+    hdr::{EthHdr, Ipv4Hdr},
+    ptr::ptr_at,
+};
 
 /// ECN codepoints (the low two bits of the TOS byte).
 pub const ECN_MASK: u8 = 0b11;
 pub const ECN_NOT_ECT: u8 = 0b00;
 pub const ECN_CE: u8 = 0b11;
+
+/// The Ethernet and IPv4 headers at the start of the packet, as checked pointers (valid until
+/// the next helper call that moves packet data): `None` unless the frame is IPv4 (Ethernet type
+/// and version 4, header length of at least five words) and both headers lie in the linear
+/// part. Callers let `None` pass; a pull of the headers into the linear part, where wanted,
+/// comes before (`ptr::pull_headers`).
+#[inline(always)]
+pub fn eth_ipv4(ctx: &TcContext) -> Option<(*mut EthHdr, *mut Ipv4Hdr)> {
+    let eth = ptr_at::<EthHdr>(ctx, 0)?;
+    // SAFETY (reads below): pointers come from `ptr_at`, used before any helper moves data.
+    if unsafe { (*eth).proto } != ETH_P_IP {
+        return None;
+    }
+    let ip = ptr_at::<Ipv4Hdr>(ctx, ETH_HLEN)?;
+    let ver_ihl = unsafe { (*ip).ver_ihl };
+    if ver_ihl >> 4 != 4 || ver_ihl & 0x0f < 5 {
+        return None;
+    }
+    Some((eth, ip))
+}
 
 /// Decrements the TTL (the caller has checked it is > 1) and patches the checksum.
 ///

@@ -172,6 +172,15 @@ fn ipv4(ctx: &TcContext) -> Option<(Ipv4Hdr, usize)> {
     Some((ip, ihl))
 }
 
+/// The masquerade settings and the packet's IPv4 header with its length, when masquerade is on
+/// and the packet is IPv4; `None` for anything else (the caller lets it pass).
+#[inline(always)]
+fn nat_ipv4(ctx: &TcContext) -> Option<(&'static NatConfig, Ipv4Hdr, usize)> {
+    let nat = nat_config()?;
+    let (ip, ihl) = ipv4(ctx)?;
+    Some((nat, ip, ihl))
+}
+
 #[inline(always)]
 fn mark(ctx: &TcContext) -> u32 {
     // SAFETY: the context's skb pointer is valid for the program's run.
@@ -187,10 +196,7 @@ fn frag_offset(ip: &Ipv4Hdr) -> u16 {
 /// interface. `Ok(TC_ACT_OK)` when the packet is not for us.
 #[inline(always)]
 pub fn snat_from_pod(ctx: &TcContext, cfg: &Config) -> Result<i32, Reason> {
-    let Some(nat) = nat_config() else {
-        return Ok(TC_ACT_OK);
-    };
-    let Some((ip, ihl)) = ipv4(ctx) else {
+    let Some((nat, ip, ihl)) = nat_ipv4(ctx) else {
         return Ok(TC_ACT_OK);
     };
     if !masquerades(cfg, ip.saddr, ip.daddr, mark(ctx)) {
@@ -221,10 +227,7 @@ pub fn snat_egress(ctx: &TcContext) -> Result<i32, Reason> {
     let Some(cfg) = config() else {
         return Ok(TC_ACT_OK);
     };
-    let Some(nat) = nat_config() else {
-        return Ok(TC_ACT_OK);
-    };
-    let Some((ip, ihl)) = ipv4(ctx) else {
+    let Some((nat, ip, ihl)) = nat_ipv4(ctx) else {
         return Ok(TC_ACT_OK);
     };
     if !masquerades(cfg, ip.saddr, ip.daddr, mark(ctx)) {
@@ -242,10 +245,7 @@ pub fn snat_egress(ctx: &TcContext) -> Result<i32, Reason> {
 /// a `direct` one. The caller then encapsulates or forwards it.
 #[inline(always)]
 pub fn snat_to_cluster(ctx: &TcContext, cfg: &Config, direct: bool) -> Result<(), Reason> {
-    let Some(nat) = nat_config() else {
-        return Ok(());
-    };
-    let Some((ip, ihl)) = ipv4(ctx) else {
+    let Some((nat, ip, ihl)) = nat_ipv4(ctx) else {
         return Ok(());
     };
     if !masquerades_to_cluster(cfg, ip.saddr, ip.daddr, mark(ctx)) {
@@ -599,10 +599,7 @@ pub fn reverse_decapsulated(ctx: &TcContext, cfg: &Config) -> Result<i32, Reason
 /// Translates back a reply to `nat_addr` (a translated source address of ours).
 #[inline(always)]
 fn reverse_to(ctx: &TcContext, cfg: &Config, nat_addr: [u8; 4]) -> Result<i32, Reason> {
-    let Some(nat) = nat_config() else {
-        return Ok(TC_ACT_OK);
-    };
-    let Some((ip, ihl)) = ipv4(ctx) else {
+    let Some((nat, ip, ihl)) = nat_ipv4(ctx) else {
         return Ok(TC_ACT_OK);
     };
     if ip.daddr != nat_addr || frag_offset(&ip) != 0 {
@@ -842,44 +839,19 @@ fn icmp_error_reverse(
         return Ok(TC_ACT_OK);
     };
     // The inner packet went from us to the remote: its reply tuple is the reverse.
-    let (key, port_off, inner_csum_off) = match iip.proto {
-        IPPROTO_TCP => (
-            NatKeyV4 {
-                saddr: iip.daddr,
-                daddr: iip.saddr,
-                sport: [ih[2], ih[3]],
-                dport: [ih[0], ih[1]],
-                proto: IPPROTO_TCP,
-                _pad: [0; 3],
-            },
-            il4,
-            il4 + 16,
-        ),
-        IPPROTO_UDP => (
-            NatKeyV4 {
-                saddr: iip.daddr,
-                daddr: iip.saddr,
-                sport: [ih[2], ih[3]],
-                dport: [ih[0], ih[1]],
-                proto: IPPROTO_UDP,
-                _pad: [0; 3],
-            },
-            il4,
-            il4 + 6,
-        ),
-        IPPROTO_ICMP if ih[0] == ICMP_ECHO => (
-            NatKeyV4 {
-                saddr: iip.daddr,
-                daddr: iip.saddr,
-                sport: [0, 0],
-                dport: [ih[4], ih[5]],
-                proto: IPPROTO_ICMP,
-                _pad: [0; 3],
-            },
-            il4 + 4,
-            il4 + 2,
-        ),
+    let (sport, dport, port_off, inner_csum_off) = match iip.proto {
+        IPPROTO_TCP => ([ih[2], ih[3]], [ih[0], ih[1]], il4, il4 + 16),
+        IPPROTO_UDP => ([ih[2], ih[3]], [ih[0], ih[1]], il4, il4 + 6),
+        IPPROTO_ICMP if ih[0] == ICMP_ECHO => ([0, 0], [ih[4], ih[5]], il4 + 4, il4 + 2),
         _ => return Ok(TC_ACT_OK),
+    };
+    let key = NatKeyV4 {
+        saddr: iip.daddr,
+        daddr: iip.saddr,
+        sport,
+        dport,
+        proto: iip.proto,
+        _pad: [0; 3],
     };
     let Some(orig) = flow_in(nat, &key, 0) else {
         return Ok(TC_ACT_OK);

@@ -19,3 +19,13 @@ pub fn ptr_at<T>(ctx: &TcContext, offset: usize) -> Option<*mut T> {
     }
     Some((start + offset) as *mut T)
 }
+
+/// Makes sure the packet's first `len` bytes are in the linear part, which is all direct packet
+/// access sees (paged or GRO-built packets may keep headers in fragments). A packet shorter
+/// than `len` is left as it is: the bounds checks after this turn it away.
+#[inline(always)]
+pub fn pull_headers(ctx: &TcContext, len: usize) {
+    if ctx.data() + len > ctx.data_end() && ctx.len() as usize >= len {
+        let _ = ctx.pull_data(len as u32);
+    }
+}
