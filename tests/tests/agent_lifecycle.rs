@@ -107,6 +107,7 @@ fn help_lists_flanneld_flags_and_version_prints() {
         "--healthz-ip",
         "--healthz-port",
         "--iptables-forward-rules",
+        "--ip-masq-exclude",
         "--version",
         "FLANNELD_ETCD_ENDPOINTS",
     ] {
