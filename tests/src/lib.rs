@@ -60,6 +60,7 @@ pub mod cmd;
 pub mod etcd;
 pub mod netns;
 pub mod packet;
+pub mod stock;
 pub mod traffic;
 pub mod xfer;
 

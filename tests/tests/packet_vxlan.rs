@@ -44,6 +44,7 @@ use overlay_tests::{
         TC_ACT_SHOT, be16, checksum, counters, counters_full, ether, ipv4_packet, load_object,
         parse_mac, require_root, run_prog, udp_datagram, with_ttl_decremented,
     },
+    stock::{StockPeer, stock_vxlan_node},
     unique_id,
 };
 
@@ -1155,65 +1156,16 @@ fn a_stock_flannel_node_accepts_our_frame_and_we_accept_its_answer() {
     rcv.ip(&["link", "set", "eth0", "up"]).unwrap();
     // Node B as flanneld sets it up (flannel-compat.md §4).
     let vtep_a = "0e:00:00:00:00:01";
-    for args in [
-        &[
-            "link",
-            "add",
-            "flannel.1",
-            "type",
-            "vxlan",
-            "id",
-            "1",
-            "local",
-            "198.18.0.2",
-            "dev",
-            "eth0",
-            "dstport",
-            "8472",
-            "nolearning",
-        ][..],
-        &["link", "set", "flannel.1", "address", "0e:00:00:00:00:02"],
-        &["addr", "add", "172.17.2.0/32", "dev", "flannel.1"],
-        &["link", "set", "flannel.1", "up"],
-        &[
-            "neigh",
-            "replace",
-            "172.17.1.0",
-            "lladdr",
-            vtep_a,
-            "dev",
-            "flannel.1",
-            "nud",
-            "permanent",
-        ],
-        &[
-            "route",
-            "replace",
-            "172.17.1.0/24",
-            "via",
-            "172.17.1.0",
-            "dev",
-            "flannel.1",
-            "onlink",
-        ],
-    ] {
-        rcv.ip(args).unwrap();
-    }
-    rcv.run(
-        "bridge",
-        &[
-            "fdb",
-            "replace",
-            vtep_a,
-            "dev",
-            "flannel.1",
-            "dst",
-            "198.18.0.1",
-            "self",
-            "permanent",
-        ],
-    )
-    .unwrap();
+    let a_lease = StockPeer {
+        subnet: "172.17.1.0/24".parse().unwrap(),
+        public_ip: Ipv4Addr::new(198, 18, 0, 1),
+        vtep_mac: vtep_a,
+    };
+    let (local_b, subnet_b) = (
+        Ipv4Addr::new(198, 18, 0, 2),
+        "172.17.2.0/24".parse().unwrap(),
+    );
+    stock_vxlan_node(&rcv, local_b, subnet_b, "0e:00:00:00:00:02", &[a_lease]).unwrap();
 
     // Our frame: the host of A (172.17.1.0) pings B's flannel.1 address, through host_egress.
     let a = Loaded::node(A, &[B]);

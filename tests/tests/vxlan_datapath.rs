@@ -34,6 +34,7 @@ use overlay_tests::{
         wait_line_since,
     },
     packet::{checksum, parse_mac},
+    stock::{StockPeer, stock_vxlan_node},
     tshark_fields,
 };
 
@@ -806,85 +807,23 @@ fn stock_flannel_node_interoperates() {
             .all(|l| !l.subnet.contains(&stock_subnet.network())),
         "{stock_subnet} must be free"
     );
-    let ns = stock.ns();
-    let local = stock.underlay_ip().to_string();
-    ns.ip(&[
-        "link",
-        "add",
-        "flannel.1",
-        "type",
-        "vxlan",
-        "id",
-        "1",
-        "local",
-        &local,
-        "dev",
-        "eth0",
-        "dstport",
-        "8472",
-        "nolearning",
-    ])
-    .unwrap();
-    ns.ip(&[
-        "link",
-        "set",
-        "flannel.1",
-        "mtu",
-        "1450",
-        "address",
+    let (ns, local) = (stock.ns(), stock.underlay_ip().to_string());
+    let stock_peers: Vec<StockPeer<'_>> = ours
+        .iter()
+        .map(|l| StockPeer {
+            subnet: l.subnet,
+            public_ip: l.public_ip,
+            vtep_mac: &l.vtep_mac,
+        })
+        .collect();
+    stock_vxlan_node(
+        ns,
+        stock.underlay_ip(),
+        stock_subnet,
         stock_mac,
-    ])
+        &stock_peers,
+    )
     .unwrap();
-    ns.ip(&[
-        "addr",
-        "add",
-        &format!("{}/32", stock_subnet.network()),
-        "dev",
-        "flannel.1",
-    ])
-    .unwrap();
-    ns.ip(&["link", "set", "flannel.1", "up"]).unwrap();
-    for l in &ours {
-        let gw = l.subnet.network().to_string();
-        ns.ip(&[
-            "neigh",
-            "replace",
-            &gw,
-            "lladdr",
-            &l.vtep_mac,
-            "dev",
-            "flannel.1",
-            "nud",
-            "permanent",
-        ])
-        .unwrap();
-        ns.run(
-            "bridge",
-            &[
-                "fdb",
-                "append",
-                &l.vtep_mac,
-                "dev",
-                "flannel.1",
-                "dst",
-                &l.public_ip.to_string(),
-                "self",
-                "permanent",
-            ],
-        )
-        .unwrap();
-        ns.ip(&[
-            "route",
-            "replace",
-            &l.subnet.to_string(),
-            "via",
-            &gw,
-            "dev",
-            "flannel.1",
-            "onlink",
-        ])
-        .unwrap();
-    }
     let stock_pod = stock
         .add_pod_in(
             "p0",
