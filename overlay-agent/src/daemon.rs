@@ -73,7 +73,9 @@ pub async fn run(flags: Flags) -> Result<()> {
     };
     check_backend(&config.backend, &ext)?;
 
-    let attrs = lease_attrs(&config.backend, &ext);
+    // The node's settings for the data path, among them the VtepMAC its lease publishes.
+    let mut node = NodeDatapath::new(&flags, &config, &ext);
+    let attrs = lease_attrs(&config.backend, &ext, node.vtep_mac);
     let previous = previous_subnet(&flags.subnet_file);
     let lease = tokio::select! {
         lease = manager.acquire_lease(&config, &attrs, previous) => lease?,
@@ -86,7 +88,6 @@ pub async fn run(flags: Flags) -> Result<()> {
     let mut datapath = Datapath::load_pinned(&flags.bpf_dir)?;
     datapath.attach_underlay(&ext.name)?;
     info!("data path attached to {}", ext.name);
-    let mut node = NodeDatapath::new(&flags, &config, &ext);
     node.apply_lease(&mut datapath, &netlink, &lease).await?;
     node.track_pod_bridge(&mut datapath, &netlink).await;
 
@@ -442,11 +443,9 @@ fn check_backend(backend: &Backend, ext: &ExternalInterface) -> Result<()> {
     Ok(())
 }
 
-fn lease_attrs(backend: &Backend, ext: &ExternalInterface) -> LeaseAttrs {
+fn lease_attrs(backend: &Backend, ext: &ExternalInterface, vtep_mac: [u8; 6]) -> LeaseAttrs {
     match backend {
-        Backend::Vxlan { vni, .. } => {
-            LeaseAttrs::vxlan(ext.public_ip, *vni, Mac::for_public_ip(ext.public_ip))
-        }
+        Backend::Vxlan { vni, .. } => LeaseAttrs::vxlan(ext.public_ip, *vni, Mac::from(vtep_mac)),
         Backend::HostGw => LeaseAttrs::host_gw(ext.public_ip),
     }
 }
