@@ -27,8 +27,14 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Install what is missing: Debian packages, rust-src for the nightly, bpf-linker.
-    Setup,
+    /// Install what is missing (Debian packages, rust-src for the nightly, bpf-linker) and
+    /// verify each step's result.
+    Setup {
+        /// Instead: remove everything set-up installs (Debian packages beyond a fresh
+        /// machine's, rust-src, bpf-linker), to prove set-up again from nothing.
+        #[arg(long)]
+        uninstall: bool,
+    },
     /// Build the eBPF object (nightly, release, with BTF) that the agent embeds.
     BuildEbpf,
     /// Build the eBPF object, then the agent binary that embeds it.
@@ -59,9 +65,12 @@ fn main() -> ExitCode {
 fn run_cli(cli: Cli) -> Result<()> {
     let root = workspace_root();
     env::set_current_dir(&root).with_context(|| format!("cd {}", root.display()))?;
+    if let Cmd::Setup { uninstall: true } = cli.command {
+        return setup::uninstall();
+    }
     setup::run().context("set-up failed")?;
     match cli.command {
-        Cmd::Setup => Ok(()),
+        Cmd::Setup { .. } => Ok(()),
         Cmd::BuildEbpf => build_ebpf(&root).map(|_| ()),
         Cmd::Build { release } => build(&root, release).map(|_| ()),
         Cmd::Demo => demo(&root),
@@ -155,7 +164,7 @@ fn build(root: &Path, release: bool) -> Result<Built> {
 }
 
 fn demo(root: &Path) -> Result<()> {
-    require_root("the demo creates network namespaces")?;
+    setup::require_root("the demo creates network namespaces")?;
     let Built { agent, .. } = build(root, true)?;
     let mut cmd = cargo();
     cmd.args([
@@ -189,7 +198,7 @@ fn test(root: &Path, filter: Option<&str>) -> Result<()> {
     run(&mut unit, "unit tests")?;
 
     println!("== root tests: namespaces, etcd, the real agent (one at a time)");
-    require_root("the root tests create network namespaces and load eBPF programs")?;
+    setup::require_root("the root tests create network namespaces and load eBPF programs")?;
     let mut e2e = cargo();
     e2e.args([
         "test",
@@ -208,14 +217,6 @@ fn test(root: &Path, filter: Option<&str>) -> Result<()> {
 
 fn cargo() -> Command {
     Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
-}
-
-fn require_root(why: &str) -> Result<()> {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
-        bail!("must run as root: {why}");
-    }
-    Ok(())
 }
 
 /// Runs a command, failing with the step's name when it does not succeed.
