@@ -40,6 +40,9 @@ pub enum Command {
     /// Print the masqueraded flows (`--ip-masq`), read from the pinned maps: `<proto> <pod>
     /// <remote> via <translated> <state> idle=<s>` per line, then `entries <n> capacity <max>`.
     Nat,
+    /// Print the local pods the data path delivers to directly (read from the pinned maps):
+    /// `<pod address> <host-side veth index> <pod MAC>` per line.
+    Endpoints,
     /// Remove everything the agent installed in this network namespace: detach and unpin its
     /// programs, remove its maps, delete the host device ovl0. The subnet lease stays in etcd.
     Cleanup,
@@ -162,6 +165,18 @@ pub struct Flags {
     #[arg(long, env = "OVERLAY_POD_BRIDGE")]
     pub pod_bridge: Option<String>,
 
+    /// XDP decapsulation on the external interface, before GRO (ours): `auto` attaches it where
+    /// frames arrive MTU-sized (a physical NIC, or a veth without TSO) and falls back to TC
+    /// decapsulation where the driver has no native XDP; `on` requires it; `off` never uses it.
+    #[arg(long, env = "OVERLAY_XDP", value_enum, default_value_t = XdpPolicy::Auto)]
+    pub xdp: XdpPolicy,
+
+    /// Where pods' traffic is picked up (ours): `bridge`, the pod bridge's tcx ingress only;
+    /// `port`, also each pod's host-side veth, in front of the bridge (as Cilium does), which
+    /// skips the bridge for what leaves the node.
+    #[arg(long, env = "OVERLAY_POD_HOOK", value_enum, default_value_t = PodHook::Bridge)]
+    pub pod_hook: PodHook,
+
     /// Directory under bpffs where the data path's programs and maps are pinned.
     #[arg(long, env = "OVERLAY_BPF_DIR", default_value = DEFAULT_BPF_DIR, global = true)]
     pub bpf_dir: PathBuf,
@@ -174,6 +189,28 @@ pub struct Flags {
     /// conntrack's defaults (for expiry tests).
     #[arg(long, env = "OVERLAY_DEV_NAT_TIMEOUT", hide = true, value_parser = parse_seconds)]
     pub dev_nat_timeout: Option<Duration>,
+}
+
+/// Where pods' traffic is picked up (`--pod-hook`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PodHook {
+    /// The pod bridge's tcx ingress.
+    Bridge,
+    /// Each pod's host-side veth too (the bridge's hook stays, for the rest).
+    Port,
+}
+
+/// When the agent decapsulates in XDP (`--xdp`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum XdpPolicy {
+    /// Where it pays: frames arrive MTU-sized, so GRO can aggregate the inner flow only if the
+    /// outer headers are gone before it. On a veth passing TSO super-packets it would cost the
+    /// peer its TSO (the kernel turns it off) and gain nothing.
+    Auto,
+    /// Always; the agent fails to start if native XDP cannot be attached.
+    On,
+    /// Never: TC decapsulates everything.
+    Off,
 }
 
 fn parse_seconds(value: &str) -> Result<Duration, String> {

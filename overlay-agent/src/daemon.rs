@@ -2,12 +2,15 @@
 //! current until SIGTERM/SIGINT.
 //!
 //! Start-up order: external interface → etcd → network config (waits while missing or bad) →
-//! subnet lease → data path → subnet file → ready. After that three tasks run under this one
+//! subnet lease → data path → subnet file → ready. After that four tasks run under this one
 //! owner: the lease keeper (renewal, re-acquisition after revocation), the peer watcher (etcd
-//! leases of the other nodes, as add/change/remove events) and the health endpoints. If either
-//! control-plane task ends unexpectedly the daemon fails rather than run half-blind.
+//! leases of the other nodes, as add/change/remove events), the endpoint watcher (the pods on
+//! the bridge, from netlink, for delivery straight into them) and the health endpoints. If
+//! either control-plane task ends unexpectedly the daemon fails rather than run half-blind; if
+//! the endpoint watcher fails, its endpoints are withdrawn (pods are then reached through the
+//! bridge) and it is restarted.
 
-use std::{net::SocketAddr, path::Path, time::Duration};
+use std::{collections::BTreeMap, net::SocketAddr, path::Path, time::Duration};
 
 use anyhow::{Context as _, Result, bail};
 use tokio::{
@@ -18,17 +21,18 @@ use tokio::{
 use tracing::{error, info, warn};
 
 use ipnet::Ipv4Net;
-use overlay_common::route::RemoteNode;
+use overlay_common::{endpoint::Endpoint, route::RemoteNode};
 
 use crate::{
-    cli::Flags,
+    cli::{Flags, PodHook, XdpPolicy},
     config::{Backend, DEFAULT_VNI, DEFAULT_VXLAN_PORT, NetworkConfig},
     datapath::{
         Datapath, NodeConfig, Routing,
         nat::{NatSettings, pinned_nat_flows},
         pin::PinDir,
-        pinned_counters, pinned_peers,
+        pinned_counters, pinned_endpoints, pinned_peers,
     },
+    endpoints::{BridgeScope, run_watcher},
     healthz,
     iface::{self, ExternalInterface},
     netdev::{HOST_DEVICE, HostDeviceSpec, Netlink, find_pod_bridge},
@@ -88,6 +92,17 @@ pub async fn run(flags: Flags) -> Result<()> {
     let mut datapath = Datapath::load_pinned(&flags.bpf_dir)?;
     datapath.attach_underlay(&ext.name)?;
     info!("data path attached to {}", ext.name);
+    if datapath.decap_clears_tunnel_gso() {
+        info!(
+            "decapsulation: the kernel accepts BPF_F_ADJ_ROOM_DECAP_L4_UDP; the sender's tunnel GSO state is cleared"
+        );
+    } else {
+        info!(
+            "decapsulation: the kernel lacks BPF_F_ADJ_ROOM_DECAP_L4_UDP; the sender's tunnel GSO state stays \
+             (harmless for delivery straight into pods; the bridge fallback segments in software)"
+        );
+    }
+    attach_xdp(flags.xdp, &mut datapath, &netlink, &ext).await?;
     node.apply_lease(&mut datapath, &netlink, &lease).await?;
     node.track_pod_bridge(&mut datapath, &netlink).await;
 
@@ -117,6 +132,9 @@ pub async fn run(flags: Flags) -> Result<()> {
         async move { manager.run_peer_watcher(backend, own, peer_tx).await }
     });
 
+    let (endpoints_tx, mut endpoints) = watch::channel(BTreeMap::new());
+    let mut endpoint_watcher = tokio::spawn(run_watcher(node.scope.subscribe(), endpoints_tx));
+
     let mut subnet = lease.subnet;
     let mut bridge_poll = tokio::time::interval(BRIDGE_POLL);
     bridge_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -140,6 +158,26 @@ pub async fn run(flags: Flags) -> Result<()> {
                         error!("{e:#}");
                     }
                 }
+            }
+            changed = endpoints.changed() => {
+                if changed.is_ok() {
+                    let desired = endpoints.borrow_and_update().clone();
+                    sync_endpoints(&mut datapath, &desired);
+                    if flags.pod_hook == PodHook::Port {
+                        sync_pod_ports(&mut datapath, &desired);
+                    }
+                }
+            }
+            result = &mut endpoint_watcher => {
+                match result {
+                    Ok(Err(e)) => error!("endpoint watcher: {e}; pods are reached through the bridge until it is back"),
+                    other => error!("endpoint watcher stopped ({other:?}); restarting it"),
+                }
+                sync_endpoints(&mut datapath, &BTreeMap::new());
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let (tx, rx) = watch::channel(BTreeMap::new());
+                endpoints = rx;
+                endpoint_watcher = tokio::spawn(run_watcher(node.scope.subscribe(), tx));
             }
             event = peers.recv() => match event {
                 Some(event) => node.apply_peer_event(&mut datapath, &netlink, &event).await,
@@ -169,6 +207,7 @@ pub async fn run(flags: Flags) -> Result<()> {
         }
     }
     healthz.abort();
+    endpoint_watcher.abort();
     report_counters(&datapath);
     drop(datapath);
     info!(
@@ -191,8 +230,12 @@ struct NodeDatapath {
     bridge_name: Option<String>,
     /// The gateway address of our subnet: what identifies the pod bridge.
     gateway: std::net::Ipv4Addr,
+    /// Our subnet (the lease).
+    subnet: Ipv4Net,
     /// The bridge `pod_egress` is attached to: name and interface index.
     bridge: Option<(String, u32)>,
+    /// The bridge and subnet the endpoint watcher looks at.
+    scope: watch::Sender<Option<BridgeScope>>,
 }
 
 impl NodeDatapath {
@@ -205,8 +248,23 @@ impl NodeDatapath {
             pod_mtu: config.backend.pod_mtu(ext.mtu),
             bridge_name: flags.pod_bridge.clone(),
             gateway: std::net::Ipv4Addr::UNSPECIFIED,
+            subnet: config.network,
             bridge: None,
+            scope: watch::Sender::new(None),
         }
+    }
+
+    /// Points the endpoint watcher at the current bridge and subnet.
+    fn update_scope(&self) {
+        let scope = self.bridge.as_ref().map(|(_, ifindex)| BridgeScope {
+            ifindex: *ifindex,
+            subnet: self.subnet,
+        });
+        self.scope.send_if_modified(|current| {
+            let changed = *current != scope;
+            *current = scope;
+            changed
+        });
     }
 
     /// Points the data path and the host device at `lease`'s subnet.
@@ -217,6 +275,8 @@ impl NodeDatapath {
         lease: &Lease,
     ) -> Result<()> {
         self.gateway = first_usable(lease.subnet).addr();
+        self.subnet = lease.subnet;
+        self.update_scope();
         // host-gw has no VNI or port; the defaults only keep the (unused) VXLAN fields valid.
         let (vni, port, routing) = match self.backend {
             Backend::Vxlan {
@@ -270,7 +330,10 @@ impl NodeDatapath {
                 return;
             }
         };
-        if found == self.bridge {
+        // Nothing to do when the data path already serves what was found (after a restart it
+        // may still hold the earlier agent's bridge, which must then be attached or dropped).
+        let serving = found.as_ref().map_or(0, |(_, index)| *index);
+        if found == self.bridge && datapath.bridge_ifindex() == serving {
             return;
         }
         let result = match &found {
@@ -282,7 +345,10 @@ impl NodeDatapath {
             }),
         };
         match result {
-            Ok(()) => self.bridge = found,
+            Ok(()) => {
+                self.bridge = found;
+                self.update_scope();
+            }
             Err(e) => warn!("cannot switch the pod bridge to {found:?}: {e}"),
         }
     }
@@ -370,6 +436,100 @@ impl NodeDatapath {
         };
         if let Err(e) = result {
             error!("peer event {event:?} not applied to the data path: {e:#}");
+        }
+    }
+}
+
+/// Attaches the XDP decapsulation as `policy` says (see `XdpPolicy`).
+async fn attach_xdp(
+    policy: XdpPolicy,
+    datapath: &mut Datapath,
+    netlink: &Netlink,
+    ext: &ExternalInterface,
+) -> Result<()> {
+    let wanted = match policy {
+        XdpPolicy::Off => false,
+        XdpPolicy::On => true,
+        XdpPolicy::Auto => netlink
+            .receives_mtu_sized_frames(ext.index, &ext.name)
+            .await
+            .unwrap_or_else(|e| {
+                warn!("{e}; not using XDP decapsulation");
+                false
+            }),
+    };
+    if !wanted {
+        datapath.detach_underlay_xdp()?;
+        info!(
+            "XDP decapsulation off on {} ({}): VXLAN is decapsulated in TC",
+            ext.name,
+            if policy == XdpPolicy::Off {
+                "--xdp off"
+            } else {
+                "its frames may arrive as TSO super-packets"
+            }
+        );
+        return Ok(());
+    }
+    match datapath.attach_underlay_xdp(&ext.name) {
+        Ok(()) => {
+            info!(
+                "XDP decapsulation on {}: VXLAN is decapsulated before GRO",
+                ext.name
+            );
+            Ok(())
+        }
+        Err(e) if policy == XdpPolicy::Auto => {
+            warn!("{e}; VXLAN is decapsulated in TC (no native XDP here)");
+            Ok(())
+        }
+        Err(e) => Err(e).context("--xdp on"),
+    }
+}
+
+/// Writes `desired` into the data path's endpoint map, removing what is not in it. Failures
+/// are logged; the next change retries.
+fn sync_endpoints(datapath: &mut Datapath, desired: &BTreeMap<std::net::Ipv4Addr, Endpoint>) {
+    let stale: Vec<_> = datapath
+        .endpoints()
+        .keys()
+        .filter(|addr| !desired.contains_key(addr))
+        .copied()
+        .collect();
+    for addr in stale {
+        match datapath.remove_endpoint(addr) {
+            Ok(()) => tracing::debug!("endpoint {addr} removed"),
+            Err(e) => warn!("cannot remove endpoint {addr}: {e}"),
+        }
+    }
+    for (addr, endpoint) in desired {
+        if datapath.endpoints().get(addr) == Some(endpoint) {
+            continue;
+        }
+        match datapath.set_endpoint(*addr, *endpoint) {
+            Ok(()) => tracing::debug!(
+                "endpoint {addr}: ifindex {} MAC {}",
+                endpoint.ifindex,
+                Mac::from(endpoint.mac)
+            ),
+            Err(e) => warn!("cannot add endpoint {addr}: {e}"),
+        }
+    }
+}
+
+/// Attaches `pod_port_egress` to the veth of every endpoint and lets go of the others.
+fn sync_pod_ports(datapath: &mut Datapath, endpoints: &BTreeMap<std::net::Ipv4Addr, Endpoint>) {
+    let wanted: std::collections::BTreeSet<u32> = endpoints.values().map(|e| e.ifindex).collect();
+    let gone: Vec<u32> = datapath
+        .pod_ports()
+        .filter(|i| !wanted.contains(i))
+        .collect();
+    for ifindex in gone {
+        datapath.detach_pod_port(ifindex);
+    }
+    for ifindex in wanted {
+        if let Err(e) = datapath.attach_pod_port(ifindex) {
+            warn!("{e}; that pod's traffic is picked up on the bridge");
         }
     }
 }
@@ -515,6 +675,15 @@ pub fn print_nat(bpf_dir: &Path) -> Result<()> {
         println!("{flow}");
     }
     println!("entries {} capacity {capacity}", flows.len());
+    Ok(())
+}
+
+/// `overlay-agent endpoints`: the local pods delivered to directly, one
+/// `<pod address> <host-side veth index> <pod MAC>` per line.
+pub fn print_endpoints(bpf_dir: &Path) -> Result<()> {
+    for (addr, ep) in pinned_endpoints(bpf_dir)? {
+        println!("{addr} {} {}", ep.ifindex, Mac::from(ep.mac));
+    }
     Ok(())
 }
 

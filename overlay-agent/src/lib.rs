@@ -10,6 +10,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod datapath;
+pub mod endpoints;
 pub mod healthz;
 pub mod iface;
 pub mod netdev;

@@ -19,6 +19,7 @@ async fn main() -> ExitCode {
         Command::Counters => daemon::print_counters(&cli.flags.bpf_dir),
         Command::Peers => daemon::print_peers(&cli.flags.bpf_dir),
         Command::Nat => daemon::print_nat(&cli.flags.bpf_dir),
+        Command::Endpoints => daemon::print_endpoints(&cli.flags.bpf_dir),
         Command::Cleanup => daemon::cleanup(&cli.flags.bpf_dir).await,
     };
     match result {

@@ -14,7 +14,11 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use futures_util::TryStreamExt as _;
 use ipnet::Ipv4Net;
-use netlink_packet_route::{address::AddressAttribute, route::RouteAttribute};
+use netlink_packet_route::{
+    address::AddressAttribute,
+    link::{InfoKind, LinkAttribute, LinkInfo},
+    route::RouteAttribute,
+};
 use rtnetlink::{Handle, LinkUnspec, LinkVeth, RouteMessageBuilder};
 use tokio::task::JoinHandle;
 
@@ -33,6 +37,11 @@ pub enum NetdevError {
         action: &'static str,
         device: String,
         source: rtnetlink::Error,
+    },
+    #[error("cannot read the offload settings of {device}: {source}")]
+    Ethtool {
+        device: String,
+        source: std::io::Error,
     },
     #[error("{device} is missing right after it was created")]
     Vanished { device: String },
@@ -211,6 +220,37 @@ impl Netlink {
         Ok(found && !via)
     }
 
+    /// Whether frames arrive on the interface `index` (named `name`) at most MTU-sized, so that
+    /// only GRO can aggregate them: true for anything but a veth, whose peer hands over TSO
+    /// super-packets whole unless TSO is off on the link (`ethtool -K <dev> tso off`, as on
+    /// both ends of a NIC-like veth).
+    pub async fn receives_mtu_sized_frames(
+        &self,
+        index: u32,
+        name: &str,
+    ) -> Result<bool, NetdevError> {
+        let err = |source| NetdevError::Netlink {
+            action: "look up",
+            device: name.to_owned(),
+            source,
+        };
+        let mut links = self.handle.link().get().match_index(index).execute();
+        let mut veth = false;
+        while let Some(msg) = links.try_next().await.map_err(err)? {
+            veth |= msg.attributes.iter().any(|a| {
+                matches!(a, LinkAttribute::LinkInfo(infos)
+                    if infos.iter().any(|i| matches!(i, LinkInfo::Kind(InfoKind::Veth))))
+            });
+        }
+        if !veth {
+            return Ok(true);
+        }
+        Ok(!tso_enabled(name).map_err(|source| NetdevError::Ethtool {
+            device: name.to_owned(),
+            source,
+        })?)
+    }
+
     /// Removes the host device (its peer and routes go with it).
     pub async fn remove_host_device(&self) -> Result<bool, NetdevError> {
         let Some(device) = self
@@ -233,6 +273,51 @@ impl Netlink {
             })?;
         Ok(true)
     }
+}
+
+/// Whether TCP segmentation offload is on for `iface` (`ETHTOOL_GTSO`).
+fn tso_enabled(iface: &str) -> std::io::Result<bool> {
+    /// `struct ethtool_value` of linux/ethtool.h.
+    #[repr(C)]
+    struct EthtoolValue {
+        cmd: u32,
+        data: u32,
+    }
+    const ETHTOOL_GTSO: u32 = 0x1e;
+    let bytes = iface.as_bytes();
+    // SAFETY: a zeroed ifreq is a valid argument.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    if bytes.is_empty() || bytes.len() >= req.ifr_name.len() {
+        return Err(std::io::ErrorKind::InvalidInput.into());
+    }
+    for (dst, src) in req.ifr_name.iter_mut().zip(bytes) {
+        *dst = *src as libc::c_char;
+    }
+    let mut value = EthtoolValue {
+        cmd: ETHTOOL_GTSO,
+        data: 0,
+    };
+    req.ifr_ifru.ifru_data = (&raw mut value).cast();
+    // SAFETY: socket() has no preconditions; the descriptor is owned (and closed) at once.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh descriptor nobody else owns.
+    let sock = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    // SAFETY: SIOCETHTOOL reads the name and the command from `req` and writes `value`, which
+    // outlives the call.
+    let rc = unsafe {
+        libc::ioctl(
+            std::os::fd::AsRawFd::as_raw_fd(&sock),
+            libc::SIOCETHTOOL,
+            &mut req,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(value.data != 0)
 }
 
 /// The pod bridge among `interfaces`: the one named `name` if given, else the one holding the

@@ -21,6 +21,10 @@ pub const CONFIG_F_READY: u32 = 1 << 0;
 pub const CONFIG_F_DIRECT: u32 = 1 << 1;
 /// No VXLAN at all (host-gw): decapsulation leaves VXLAN-looking frames to the kernel.
 pub const CONFIG_F_NO_VXLAN: u32 = 1 << 2;
+/// The running kernel accepts `BPF_F_ADJ_ROOM_DECAP_L4_UDP` (probed by the agent at load time):
+/// decapsulation then also clears the sender's UDP-tunnel GSO state, as the kernel's own tunnel
+/// receive does.
+pub const CONFIG_F_DECAP_L4_UDP: u32 = 1 << 3;
 
 /// Value of `CONFIG`.
 #[repr(C)]
@@ -60,9 +64,16 @@ pub struct Config {
     /// UDP source port range for the flow hash, host order (`[min, max)`, as the kernel does).
     pub src_port_min: u16,
     pub src_port_max: u16,
-    pub _reserved: [u8; 2],
+    /// MAC address of the pod bridge: the source MAC of frames delivered straight into a pod
+    /// (what the pod would see from its gateway).
+    pub bridge_mac: [u8; 6],
+    /// Non-zero while the XDP program decapsulates on the external interface: it writes this
+    /// value into the metadata of each frame it decapsulated, and `underlay_ingress` takes a
+    /// frame as decapsulated only with it (a random value per load, so no other source of
+    /// metadata can pass for it). Host order.
+    pub xdp_cookie: u32,
 }
-const _: () = assert!(size_of::<Config>() == 60);
+const _: () = assert!(size_of::<Config>() == 68);
 
 impl Config {
     #[must_use]
@@ -78,6 +89,11 @@ impl Config {
     #[must_use]
     pub const fn vxlan_enabled(&self) -> bool {
         self.flags & CONFIG_F_NO_VXLAN == 0
+    }
+
+    #[must_use]
+    pub const fn decap_clears_tunnel_gso(&self) -> bool {
+        self.flags & CONFIG_F_DECAP_L4_UDP != 0
     }
 }
 

@@ -1,10 +1,11 @@
 //! Per-reason packet counters: one slot per [`Reason`] in a per-CPU array (`COUNTERS`), so the
 //! data path counts without atomics and the agent sums the CPUs when it reports.
 //!
-//! Reasons below [`FIRST_DROP`] count what happened to packets that went on (received, sent,
-//! encapsulated, handed to the kernel); reasons from [`FIRST_DROP`] on are drop reasons. Drop
-//! reasons start above every TC verdict (`TC_ACT_*` are -1..=8), so a drop reason can never be
-//! mistaken for a verdict, and the values are stable: they are the counter indexes.
+//! Reasons in `0..16` and `32..48` count what happened to packets that went on (received, sent,
+//! encapsulated, delivered, handed to the kernel); reasons in `16..32` and `48..64` are drop
+//! reasons (see [`Reason::is_drop`]). Drop reasons start above every TC verdict (`TC_ACT_*` are
+//! -1..=8), so a drop reason can never be mistaken for a verdict, and the values are stable:
+//! they are the counter indexes.
 
 use bytemuck::{Pod, Zeroable};
 
@@ -33,6 +34,10 @@ pub const COUNTERS_LEN: u32 = 64;
 
 /// The first drop reason's value.
 pub const FIRST_DROP: u32 = 16;
+/// The first value of the second range of non-drop reasons (`32..48`).
+pub const SECOND_NON_DROP: u32 = 32;
+/// The first value of the second range of drop reasons (`48..64`).
+pub const SECOND_DROP: u32 = 48;
 
 /// Why a packet was counted. The value is the index into `COUNTERS`.
 #[repr(u32)]
@@ -117,6 +122,19 @@ pub enum Reason {
     /// An unencapsulated packet from a direct peer for a local pod with a bad IPv4 header
     /// (checksum, or a total length the frame does not hold): the kernel would drop it too.
     DropDirectMalformed = 31,
+    // Slots 32..=35: delivery straight into pods and XDP decapsulation (issue 11).
+    /// A VXLAN packet was decapsulated and delivered straight into a local pod (`ENDPOINT_V4`,
+    /// `bpf_redirect_peer`); `decap_pod` counts those that took the bridge instead.
+    DecapEndpoint = 32,
+    /// An unencapsulated packet from a direct peer was delivered straight into a local pod;
+    /// `deliver_direct_pod` counts those that took the bridge instead.
+    DeliverDirectEndpoint = 33,
+    /// A reply to a masqueraded flow was delivered straight into its pod (of those counted in
+    /// `nat_rev`).
+    NatRevEndpoint = 34,
+    /// A VXLAN frame was decapsulated by the XDP program, before GRO (counted per frame; the
+    /// frames then reach `underlay_ingress`, possibly aggregated).
+    XdpDecap = 35,
     /// A packet to masquerade whose TCP/UDP/ICMP header is cut short (it would leak the pod's
     /// address untranslated).
     DropNatMalformed = 61,
@@ -128,7 +146,7 @@ pub enum Reason {
 
 impl Reason {
     /// Every reason, in index order (what the agent reports).
-    pub const ALL: [Self; 35] = [
+    pub const ALL: [Self; 39] = [
         Self::UnderlayRx,
         Self::UnderlayTx,
         Self::EncapPod,
@@ -161,6 +179,10 @@ impl Reason {
         Self::DropDecapFailed,
         Self::DropEcn,
         Self::DropDirectMalformed,
+        Self::DecapEndpoint,
+        Self::DeliverDirectEndpoint,
+        Self::NatRevEndpoint,
+        Self::XdpDecap,
         Self::DropNatMalformed,
         Self::DropNatFailed,
         Self::DropNatExhausted,
@@ -199,6 +221,10 @@ impl Reason {
             Self::DropDecapFailed => "drop_decap_failed",
             Self::DropEcn => "drop_ecn",
             Self::DropDirectMalformed => "drop_direct_malformed",
+            Self::DecapEndpoint => "decap_endpoint",
+            Self::DeliverDirectEndpoint => "deliver_direct_endpoint",
+            Self::NatRevEndpoint => "nat_rev_endpoint",
+            Self::XdpDecap => "xdp_decap",
             Self::NatNewFlow => "nat_new_flow",
             Self::NatRev => "nat_rev",
             Self::NatSnat => "nat_snat",
@@ -215,7 +241,8 @@ impl Reason {
 
     #[must_use]
     pub const fn is_drop(self) -> bool {
-        self.index() >= FIRST_DROP
+        let i = self.index();
+        (i >= FIRST_DROP && i < SECOND_NON_DROP) || i >= SECOND_DROP
     }
 }
 

@@ -5,7 +5,7 @@
 //! turns on the `user` feature, which adds `aya::Pod` so the types can be used in aya maps.
 //!
 //! One module per concept: `config` (the node's settings, `CONFIG`), `route` (remote subnets and
-//! member nodes, `ROUTE_V4` / `NODE_V4`), `counters` (`COUNTERS`), `nat` (masquerade: `NAT_CONFIG`, `NAT_EXCLUDE_V4`,
+//! member nodes, `ROUTE_V4` / `NODE_V4`), `endpoint` (local pods, `ENDPOINT_V4`), `counters` (`COUNTERS`), `nat` (masquerade: `NAT_CONFIG`, `NAT_EXCLUDE_V4`,
 //! `SNAT_V4_CT`, `SNAT_V4_REV`), `wire` (VXLAN constants).
 #![no_std]
 
@@ -14,6 +14,7 @@ extern crate std;
 
 pub mod config;
 pub mod counters;
+pub mod endpoint;
 pub mod nat;
 pub mod route;
 pub mod wire;

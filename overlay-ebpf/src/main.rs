@@ -3,9 +3,10 @@
 //! - `underlay`: tcx ingress and egress on the node's external interface (decapsulation).
 //! - `pod`: tcx ingress on the pod bridge (encapsulation of pod traffic to peers).
 //! - `host`: tcx egress on the host device (encapsulation of host traffic to peers).
+//! - `probe`: not attached; run once by the agent to learn what the kernel supports.
 //!
 //! `lib/`: `maps` (CONFIG, ROUTE_V4, NODE_V4), `counters` (COUNTERS and the verdict/drop-reason
-//! plumbing), `encap`/`decap` (VXLAN), `direct` (host-gw and DirectRouting), `hdr`, `ptr`,
+//! plumbing), `encap`/`decap` (VXLAN, XDP decapsulation), `endpoint` (delivery into local pods), `direct` (host-gw and DirectRouting), `hdr`, `ptr`,
 //! `csum`, `ipv4` (packet access and rewrites).
 #![no_std]
 #![no_main]
@@ -16,6 +17,7 @@ mod lib {
     pub mod decap;
     pub mod direct;
     pub mod encap;
+    pub mod endpoint;
     pub mod hdr;
     pub mod ipv4;
     pub mod maps;
@@ -24,6 +26,7 @@ mod lib {
 }
 mod host;
 mod pod;
+mod probe;
 mod underlay;
 
 #[cfg(not(test))]

@@ -15,12 +15,18 @@
 //! Pods are expected to use the tunnel MTU (FLANNEL_MTU = underlay MTU − 50).
 //! A peer with the DIRECT flag (host-gw, DirectRouting) is sent to unencapsulated instead
 //! (`lib::direct`), with the same TTL and MTU hand-backs against the external interface's MTU.
+//!
+//! `pod_port_egress` is the same body on the tcx ingress of a pod's host-side veth, in front of
+//! the bridge (where the agent runs with `--pod-hook port`): it takes only frames the pod
+//! addresses to its gateway (the bridge's MAC; the rest is the bridge's to switch), redirects
+//! what it can finish (encapsulation, direct routing, masquerade) and passes everything else on
+//! to the bridge uncounted, where `pod_egress` decides and counts as without it (`Role`).
 
 use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
 use overlay_common::counters::Reason;
 
 use crate::lib::{
-    counters::{count, verdict},
+    counters::{Role, count, count_handback, verdict},
     direct,
     encap::{encapsulate, fits_tunnel, redirect_to_underlay},
     ipv4::{decrement_ttl, eth_ipv4},
@@ -30,11 +36,16 @@ use crate::lib::{
 
 #[classifier]
 pub fn pod_egress(ctx: TcContext) -> i32 {
-    verdict(&ctx, try_pod_egress(&ctx))
+    verdict(&ctx, try_pod_egress(&ctx, Role::Authority))
+}
+
+#[classifier]
+pub fn pod_port_egress(ctx: TcContext) -> i32 {
+    verdict(&ctx, try_pod_egress(&ctx, Role::Accelerator))
 }
 
 #[inline(always)]
-fn try_pod_egress(ctx: &TcContext) -> Result<i32, Reason> {
+fn try_pod_egress(ctx: &TcContext, role: Role) -> Result<i32, Reason> {
     let Some(cfg) = config() else {
         return Ok(TC_ACT_OK);
     };
@@ -42,27 +53,29 @@ fn try_pod_egress(ctx: &TcContext) -> Result<i32, Reason> {
         return Ok(TC_ACT_OK);
     };
     // SAFETY (reads below): checked pointers from `eth_ipv4`, used before any helper moves data.
-    // Broadcast and multicast frames are not routed by the kernel either.
-    if unsafe { (*eth).dst[0] } & 0x01 != 0 {
+    let dst_mac = unsafe { (*eth).dst };
+    // Broadcast and multicast frames are not routed by the kernel either; on a port, frames to
+    // other pods are the bridge's.
+    if dst_mac[0] & 0x01 != 0 || (role == Role::Accelerator && dst_mac != cfg.bridge_mac) {
         return Ok(TC_ACT_OK);
     }
     let (tos, ttl, daddr) = unsafe { ((*ip).tos, (*ip).ttl, (*ip).daddr) };
     let Some(peer) = route_v4(daddr) else {
         // Not for a peer: masquerade (if on and flannel's rules say so), else the kernel's.
-        return nat::snat_from_pod(ctx, cfg);
+        return nat::snat_from_pod(ctx, cfg, role);
     };
     if peer.is_direct() {
-        return direct::forward_from_pod(ctx, cfg, &peer, ip, ttl);
+        return direct::forward_from_pod(ctx, cfg, role, &peer, ip, ttl);
     }
     if !peer.is_vxlan() {
         return Ok(TC_ACT_OK);
     }
     if ttl <= 1 {
-        count(Reason::StackTtl, ctx.len());
+        count_handback(role, Reason::StackTtl, ctx.len());
         return Ok(TC_ACT_OK);
     }
     if !fits_tunnel(ctx, cfg) {
-        count(Reason::StackMtu, ctx.len());
+        count_handback(role, Reason::StackMtu, ctx.len());
         return Ok(TC_ACT_OK);
     }
 

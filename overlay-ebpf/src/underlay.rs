@@ -8,18 +8,25 @@
 //!   everything else goes on (`TC_ACT_OK`).
 //!   Last, replies to masqueraded flows are translated back to their pod (`lib::nat`), or, for
 //!   flows masqueraded into the cluster towards a direct peer, to their outside source.
+//! - `underlay_xdp` (native XDP, attached where frames arrive MTU-sized: real NICs, a veth
+//!   without TSO) decapsulates VXLAN for us before GRO, so GRO aggregates the inner flow, and
+//!   marks what it decapsulated for `underlay_ingress` (see `lib::decap`). It never drops.
 //! - `underlay_egress` counts what leaves (`underlay_tx`), our encapsulated packets included
 //!   (`bpf_redirect_neigh` transmits through this hook); with `--ip-masq` it masquerades pod
 //!   traffic the kernel routed out of here itself (`lib::nat`; a remote pod's reply to an
 //!   outside host that we route back is not a new flow and keeps its source), and rewrites
 //!   nothing else.
 
-use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
+use aya_ebpf::{
+    bindings::TC_ACT_OK,
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
 use overlay_common::counters::Reason;
 
 use crate::lib::{
     counters::{count, verdict},
-    decap::try_underlay_ingress,
+    decap::{try_underlay_ingress, xdp_decapsulate},
     direct::try_direct_ingress,
     nat,
 };
@@ -46,4 +53,9 @@ pub fn underlay_egress(ctx: TcContext) -> i32 {
     count(Reason::UnderlayTx, ctx.len());
     // Masquerades what the kernel routed out of here itself (`lib::nat`).
     verdict(&ctx, nat::snat_egress(&ctx))
+}
+
+#[xdp]
+pub fn underlay_xdp(ctx: XdpContext) -> u32 {
+    xdp_decapsulate(&ctx)
 }

@@ -230,6 +230,60 @@ pub fn agent_cmd(node: &Node, args: &[&str]) -> String {
     node.agent_cmd(args).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
+/// The node's data path counters (`overlay-agent counters`): name → packets. Panics unless
+/// every line is `<name> <packets> <bytes>` and the well-known names are there.
+pub fn counters(node: &Node) -> BTreeMap<String, u64> {
+    let out = agent_cmd(node, &["counters"]);
+    let counters: BTreeMap<String, u64> = out
+        .lines()
+        .map(|l| match l.split_whitespace().collect::<Vec<_>>()[..] {
+            [name, packets, bytes] if bytes.parse::<u64>().is_ok() => (
+                name.to_owned(),
+                packets
+                    .parse()
+                    .unwrap_or_else(|_| panic!("bad counters line {l:?}")),
+            ),
+            _ => panic!(
+                "`overlay-agent counters` line {l:?} is not `<name> <packets> <bytes>`:\n{out}"
+            ),
+        })
+        .collect();
+    for name in [
+        "underlay_rx",
+        "decap_pod",
+        "decap_endpoint",
+        "drop_no_route",
+    ] {
+        assert!(
+            counters.contains_key(name),
+            "`overlay-agent counters` lacks {name}:\n{out}"
+        );
+    }
+    counters
+}
+
+/// `overlay-agent endpoints`: pod address → (host-side veth index, pod MAC).
+pub fn endpoints(node: &Node) -> BTreeMap<Ipv4Addr, (u32, String)> {
+    let out = agent_cmd(node, &["endpoints"]);
+    out.lines()
+        .map(|l| match l.split_whitespace().collect::<Vec<_>>()[..] {
+            [addr, ifindex, mac] => (
+                addr.parse()
+                    .unwrap_or_else(|_| panic!("bad address in {l:?}")),
+                (
+                    ifindex
+                        .parse()
+                        .unwrap_or_else(|_| panic!("bad ifindex in {l:?}")),
+                    mac.to_owned(),
+                ),
+            ),
+            _ => panic!(
+                "`overlay-agent endpoints` line {l:?} is not `<address> <ifindex> <mac>`:\n{out}"
+            ),
+        })
+        .collect()
+}
+
 /// How much each counter grew from `before` to `after` (counters that did not grow left out).
 pub fn grown(
     before: &BTreeMap<String, u64>,

@@ -544,6 +544,8 @@ fn warn(r: Result<()>) {
 struct NodeState {
     bridge: Option<Bridge>,
     pods: Vec<Pod>,
+    /// Addresses of removed pods, never handed out again (so tests can tell old from new).
+    retired: Vec<Ipv4Addr>,
     agents: Vec<AgentProcess>,
     veths: u32,
 }
@@ -611,6 +613,7 @@ impl Node {
             state: Mutex::new(NodeState {
                 bridge: None,
                 pods: Vec::new(),
+                retired: Vec::new(),
                 agents: Vec::new(),
                 veths: 0,
             }),
@@ -829,6 +832,40 @@ impl Node {
     /// deleted), later pods must give the same values. The pod gets the next free address of the
     /// subnet. Works without an agent.
     pub fn add_pod_in(&self, name: &str, gateway: Ipv4Net, mtu: u32) -> Result<Pod> {
+        self.add_pod_at(name, gateway, mtu, None)
+    }
+
+    /// Adds pod `name` as [`Node::add_pod`] does, its host-side veth created with the interface
+    /// index `ifindex` (as a runtime may get an index back that a removed pod had).
+    pub fn add_pod_with_ifindex(&self, name: &str, ifindex: u32) -> Result<Pod> {
+        let env = self.subnet_env()?;
+        self.add_pod_at(name, env.subnet, env.mtu, Some(ifindex))
+    }
+
+    /// Removes pod `name`: its namespace goes, and with it both ends of its veth, as when a
+    /// container runtime deletes a container. Its address is not given to later pods.
+    pub fn remove_pod(&self, name: &str) -> Result<()> {
+        let pod = {
+            let mut state = self.state();
+            let at = state
+                .pods
+                .iter()
+                .position(|p| p.name == name)
+                .with_context(|| format!("node {} has no pod {name}", self.name))?;
+            let pod = state.pods.remove(at);
+            state.retired.push(pod.ip);
+            pod
+        };
+        pod.ns.delete()
+    }
+
+    fn add_pod_at(
+        &self,
+        name: &str,
+        gateway: Ipv4Net,
+        mtu: u32,
+        ifindex: Option<u32>,
+    ) -> Result<Pod> {
         ensure!(
             !name.is_empty()
                 && name.len() <= 32
@@ -875,7 +912,11 @@ impl Node {
         }
         let ip = gateway
             .hosts()
-            .find(|a| *a != gateway.addr() && !state.pods.iter().any(|p| p.ip == *a))
+            .find(|a| {
+                *a != gateway.addr()
+                    && !state.pods.iter().any(|p| p.ip == *a)
+                    && !state.retired.contains(a)
+            })
             .with_context(|| format!("no free address left in {gateway} on {}", self.name))?;
 
         let ns = Arc::new(NetNs::new(format!(
@@ -884,7 +925,26 @@ impl Node {
         ))?);
         let veth = format!("veth{}", state.veths);
         state.veths += 1;
-        add_veth(&ns, "eth0", &self.ns, &veth)?;
+        match ifindex {
+            None => add_veth(&ns, "eth0", &self.ns, &veth)?,
+            Some(index) => {
+                let index = index.to_string();
+                self.ns.ip(&[
+                    "link",
+                    "add",
+                    &veth,
+                    "index",
+                    &index,
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    "eth0",
+                    "netns",
+                    ns.name(),
+                ])?;
+            }
+        }
         self.ns.set_mtu(&veth, mtu)?;
         self.ns.set_master(&veth, "cni0")?;
         self.ns.link_up(&veth)?;

@@ -10,9 +10,14 @@
 use std::{collections::BTreeMap, net::Ipv4Addr, path::PathBuf};
 
 use aya::{
-    Ebpf, EbpfLoader, TestRun, TestRunOptions, maps::PerCpuArray, programs::SchedClassifier,
+    Ebpf, EbpfLoader, TestRun, TestRunOptions,
+    maps::{HashMap, PerCpuArray},
+    programs::{SchedClassifier, Xdp},
 };
-use overlay_common::counters::{Counter, Reason};
+use overlay_common::{
+    counters::{Counter, Reason},
+    endpoint::{Endpoint, EndpointKeyV4},
+};
 
 // TC verdicts (include/uapi/linux/pkt_cls.h).
 /// `TC_ACT_OK`: the kernel goes on with the packet.
@@ -22,13 +27,23 @@ pub const TC_ACT_SHOT: u32 = 2;
 /// `TC_ACT_REDIRECT`: redirected (the target is not visible in a test run).
 pub const TC_ACT_REDIRECT: u32 = 7;
 
-/// The data path's programs, all `SchedClassifier`s.
-pub const PROGRAMS: [&str; 4] = [
+/// The data path's TC programs (`SchedClassifier`s), the load-time probe among them.
+pub const PROGRAMS: [&str; 6] = [
     "pod_egress",
+    "pod_port_egress",
     "host_egress",
     "underlay_ingress",
     "underlay_egress",
+    "probe_decap_l4_udp",
 ];
+/// The data path's XDP programs.
+pub const XDP_PROGRAMS: [&str; 1] = ["underlay_xdp"];
+/// `XDP_PASS`.
+pub const XDP_PASS: u32 = 2;
+
+/// The pod bridge's MAC in the packet tests' `CONFIG`: the source MAC of frames delivered
+/// straight into a pod.
+pub const BRIDGE_MAC: [u8; 6] = [0x02, 0xbb, 0, 0, 0, 0x01];
 
 /// EtherType IPv4.
 pub const ETH_P_IP: u16 = 0x0800;
@@ -60,8 +75,8 @@ pub fn object_path() -> PathBuf {
     )
 }
 
-/// The object with fresh maps and every one of [`PROGRAMS`] loaded (so verified by the
-/// kernel). Checks for root first ([`require_root`] with `test`).
+/// The object with fresh maps and every one of [`PROGRAMS`] and [`XDP_PROGRAMS`] loaded (so
+/// verified by the kernel). Checks for root first ([`require_root`] with `test`).
 pub fn load_object(test: &str) -> Ebpf {
     require_root(test);
     let path = object_path();
@@ -82,7 +97,33 @@ pub fn load_object(test: &str) -> Ebpf {
         prog.load()
             .unwrap_or_else(|e| panic!("verifier rejected {name}: {e:?}"));
     }
+    for name in XDP_PROGRAMS {
+        let prog: &mut Xdp = ebpf
+            .program_mut(name)
+            .unwrap_or_else(|| panic!("no program {name}"))
+            .try_into()
+            .unwrap();
+        prog.load()
+            .unwrap_or_else(|e| panic!("verifier rejected {name}: {e:?}"));
+    }
     ebpf
+}
+
+/// Runs the loaded XDP program `prog` once on `frame`: its action and what it left, from the
+/// start of the metadata it wrote (if any) to the end of the frame.
+pub fn run_xdp(ebpf: &Ebpf, prog: &str, frame: &[u8]) -> Run {
+    let program: &Xdp = ebpf.program(prog).unwrap().try_into().unwrap();
+    run_once(program, prog, frame)
+}
+
+/// Sets (`Some`) or removes (`None`) the `ENDPOINT_V4` entry of the local pod `addr`.
+pub fn set_endpoint(ebpf: &mut Ebpf, addr: Ipv4Addr, endpoint: Option<Endpoint>) {
+    let mut map: HashMap<_, EndpointKeyV4, Endpoint> =
+        HashMap::try_from(ebpf.map_mut("ENDPOINT_V4").unwrap()).unwrap();
+    match endpoint {
+        Some(ep) => map.insert(addr.octets(), ep, 0).unwrap(),
+        None => map.remove(&addr.octets()).unwrap(),
+    }
 }
 
 /// A result of one program run.
@@ -97,6 +138,14 @@ pub struct Run {
 /// Runs the loaded program `prog` of `ebpf` once on `frame` (in the caller's namespace).
 pub fn run_prog(ebpf: &Ebpf, prog: &str, frame: &[u8]) -> Run {
     let program: &SchedClassifier = ebpf.program(prog).unwrap().try_into().unwrap();
+    run_once(program, prog, frame)
+}
+
+/// One `BPF_PROG_TEST_RUN` of `program` (named `prog`, for messages) on `frame`.
+fn run_once<P>(program: &P, prog: &str, frame: &[u8]) -> Run
+where
+    P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = aya::programs::TestRunResult>,
+{
     let mut out = vec![0u8; frame.len() + 256];
     let result = program
         .test_run(TestRunOptions {

@@ -28,8 +28,8 @@ use overlay_tests::{
     Capture, Cluster, Node, Pod,
     checks::{
         agent_cmd, agent_of, assert_host_reaches, assert_no_ping, assert_ping, assert_pods_talk,
-        assert_pods_talk_across_nodes, assert_tcp, grown, subnet_of, transfer_across_agent_kill9,
-        wait_line_since,
+        assert_pods_talk_across_nodes, assert_tcp, counters, grown, subnet_of,
+        transfer_across_agent_kill9, wait_line_since,
     },
     tshark_fields,
 };
@@ -55,17 +55,6 @@ fn forward_drop(node: &Node) {
         "{}: FORWARD policy must be DROP:\n{save}",
         node.name()
     );
-}
-
-/// The node's data path counters: name → packets.
-fn counters(node: &Node) -> BTreeMap<String, u64> {
-    agent_cmd(node, &["counters"])
-        .lines()
-        .map(|l| match l.split_whitespace().collect::<Vec<_>>()[..] {
-            [name, packets, _] => (name.to_owned(), packets.parse().unwrap()),
-            _ => panic!("bad counters line {l:?}"),
-        })
-        .collect()
 }
 
 /// `overlay-agent peers`: subnet → (PublicIP, VtepMAC or `direct`).

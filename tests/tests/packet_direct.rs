@@ -21,11 +21,13 @@ use aya::{
 use overlay_common::{
     config::{CONFIG_F_DIRECT, CONFIG_F_NO_VXLAN, CONFIG_F_READY, Config},
     counters::Reason,
+    endpoint::Endpoint,
     route::{MemberNode, RemoteNode, route_key},
 };
 use overlay_tests::packet::{
-    self, ETH_P_IP, IPPROTO_UDP, Run, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, checksum, counters,
-    ipv4_packet, load_object, run_prog, udp_datagram, with_ttl_decremented,
+    self, BRIDGE_MAC, ETH_P_IP, IPPROTO_UDP, Run, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT,
+    checksum, counters, ipv4_packet, load_object, run_prog, set_endpoint, udp_datagram,
+    with_ttl_decremented,
 };
 
 const HOST_MAC: [u8; 6] = [0x02, 0xaa, 0, 0, 0, 0x10];
@@ -81,7 +83,8 @@ impl Loaded {
             port: 8472,
             src_port_min: 32768,
             src_port_max: 60999,
-            _reserved: [0; 2],
+            bridge_mac: BRIDGE_MAC,
+            xdp_cookie: 0,
         });
         dp.add_peer(B_SUBNET, RemoteNode::direct(B_IP.octets(), [0; 6]), B_IP);
         dp.add_peer(C_SUBNET, RemoteNode::vxlan(C_IP.octets(), VTEP_C), C_IP);
@@ -257,6 +260,32 @@ fn direct_peer_pod_to_local_pod_is_delivered() {
         assert_eq!(r.verdict, TC_ACT_REDIRECT);
         assert_eq!(&r.out[14..], &ttl_minus_one(&ip)[..]);
         dp.assert_counters(&[(Reason::UnderlayRx, 1), (Reason::DeliverDirectPod, 1)]);
+    }
+}
+
+/// A local pod the agent knows (`ENDPOINT_V4`) gets direct traffic straight into its namespace,
+/// MACs those of its gateway and itself; one it no longer knows takes the bridge again.
+#[test]
+fn direct_peer_pod_to_a_known_local_pod_goes_straight_in() {
+    for flags in [HOST_GW, DIRECT_ROUTING] {
+        let mut dp = Loaded::node_a(flags);
+        let ep = Endpoint::new(21, POD_MAC);
+        set_endpoint(&mut dp.ebpf, A_POD, Some(ep));
+        let ip = packet(B_POD, A_POD, 63);
+        let r = dp.run("underlay_ingress", &ether(TO_US, PEER_MAC, &ip));
+        assert_eq!(r.verdict, TC_ACT_REDIRECT);
+        assert_eq!(&r.out[..6], &POD_MAC);
+        assert_eq!(&r.out[6..12], &BRIDGE_MAC);
+        assert_eq!(&r.out[14..], &ttl_minus_one(&ip)[..]);
+        set_endpoint(&mut dp.ebpf, A_POD, None);
+        let r = dp.run("underlay_ingress", &ether(TO_US, PEER_MAC, &ip));
+        assert_eq!(r.verdict, TC_ACT_REDIRECT);
+        assert_eq!(&r.out[..6], &TO_US, "left to bpf_redirect_neigh");
+        dp.assert_counters(&[
+            (Reason::UnderlayRx, 2),
+            (Reason::DeliverDirectEndpoint, 1),
+            (Reason::DeliverDirectPod, 1),
+        ]);
     }
 }
 

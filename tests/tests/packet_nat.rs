@@ -19,14 +19,16 @@ use aya::{
 };
 use overlay_common::{
     config::{CONFIG_F_DIRECT, CONFIG_F_READY, Config},
+    endpoint::Endpoint,
     nat::{NAT_E_TO_CLUSTER, NAT_F_ENABLED, NAT_F_KEEP_PORT, NatConfig, NatEntryV4, NatKeyV4},
     route::{MemberNode, RemoteNode, route_key},
 };
 use overlay_tests::{
     NetNs,
     packet::{
-        IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, be16,
-        checksum, counters, ipv4_packet, load_object, require_root,
+        BRIDGE_MAC, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, TC_ACT_OK, TC_ACT_REDIRECT,
+        TC_ACT_SHOT, be16, checksum, counters, ipv4_packet, load_object, require_root,
+        set_endpoint,
     },
     unique_id,
 };
@@ -108,7 +110,8 @@ impl Node {
             port: 8472,
             src_port_min: 32768,
             src_port_max: 60999,
-            _reserved: [0; 2],
+            bridge_mac: BRIDGE_MAC,
+            xdp_cookie: 0,
         };
         let mut a: Array<_, Config> =
             Array::try_from(node.ebpf.map_mut("CONFIG").unwrap()).unwrap();
@@ -388,6 +391,30 @@ fn tcp_is_masqueraded_and_the_reply_translated_back_with_valid_checksums() {
         (2, 1, 1),
         "{c:?}"
     );
+}
+
+#[test]
+fn a_reply_for_a_known_pod_goes_straight_into_it() {
+    let mut node = Node::new(nat_on(0));
+    const POD_MAC: [u8; 6] = [0x02, 0xcc, 0, 0, 0, 0x05];
+    // The endpoint's veth must exist for the MTU check: any device of the namespace will do.
+    let veth = node.cni0;
+    set_endpoint(&mut node.ebpf, POD, Some(Endpoint::new(veth, POD_MAC)));
+    let (_, out) = node.run(
+        "pod_egress",
+        &frame(&tcp(POD, OUTSIDE, 40001, 80, 0x02, b"")),
+    );
+    let nat_port = be16(&check_ip(&out), 20);
+    let synack = tcp(OUTSIDE, NODE_IP, 80, nat_port, 0x12, b"");
+    let (v, out) = node.run("underlay_ingress", &frame(&synack));
+    assert_eq!(v, TC_ACT_REDIRECT);
+    assert_eq!(&out[..6], &POD_MAC, "destination MAC: the pod's");
+    assert_eq!(&out[6..12], &BRIDGE_MAC, "source MAC: the bridge's");
+    let ip = check_ip(&out);
+    assert_eq!((addr(&ip, 16), be16(&ip, 22)), (POD, 40001));
+    assert_eq!(ip[8], 63);
+    let c = node.counters();
+    assert_eq!((c["nat_rev"], c["nat_rev_endpoint"]), (1, 1), "{c:?}");
 }
 
 #[test]

@@ -35,14 +35,16 @@ use aya::{
 use overlay_common::{
     config::{CONFIG_F_READY, Config},
     counters::{Counter, Reason},
+    endpoint::Endpoint,
     route::{MemberNode, RemoteNode, route_key},
 };
 use overlay_tests::{
     NetNs, add_veth,
     packet::{
-        ETH_P_IP, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, Run, TC_ACT_OK, TC_ACT_REDIRECT,
-        TC_ACT_SHOT, be16, checksum, counters, counters_full, ether, ipv4_packet, load_object,
-        parse_mac, require_root, run_prog, udp_datagram, with_ttl_decremented,
+        BRIDGE_MAC, ETH_P_IP, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, Run, TC_ACT_OK,
+        TC_ACT_REDIRECT, TC_ACT_SHOT, XDP_PASS, be16, checksum, counters, counters_full, ether,
+        ipv4_packet, load_object, parse_mac, require_root, run_prog, run_xdp, set_endpoint,
+        udp_datagram, with_ttl_decremented,
     },
     stock::{StockPeer, stock_vxlan_node},
     unique_id,
@@ -52,6 +54,8 @@ const POD_EGRESS: &str = "pod_egress";
 const HOST_EGRESS: &str = "host_egress";
 const UNDERLAY_INGRESS: &str = "underlay_ingress";
 const UNDERLAY_EGRESS: &str = "underlay_egress";
+const UNDERLAY_XDP: &str = "underlay_xdp";
+const PROBE_DECAP_L4_UDP: &str = "probe_decap_l4_udp";
 
 const VNI: u32 = 1;
 const PORT: u16 = 8472;
@@ -203,7 +207,8 @@ fn config_for(node: Node) -> Config {
         port: PORT,
         src_port_min: SRC_PORT_MIN,
         src_port_max: SRC_PORT_MAX,
-        _reserved: [0; 2],
+        bridge_mac: BRIDGE_MAC,
+        xdp_cookie: 0,
     }
 }
 
@@ -383,13 +388,281 @@ const FLANNEL1_CAPTURE: &str = "
 #[test]
 fn every_program_passes_the_verifier() {
     let dp = Loaded::new();
-    for name in [POD_EGRESS, HOST_EGRESS, UNDERLAY_INGRESS, UNDERLAY_EGRESS] {
+    for name in [
+        POD_EGRESS,
+        HOST_EGRESS,
+        UNDERLAY_INGRESS,
+        UNDERLAY_EGRESS,
+        PROBE_DECAP_L4_UDP,
+    ] {
         let prog: &SchedClassifier = dp.ebpf.program(name).unwrap().try_into().unwrap();
         assert!(prog.fd().is_ok(), "{name} is loaded");
     }
-    for map in ["CONFIG", "ROUTE_V4", "NODE_V4", "COUNTERS"] {
+    let xdp: &aya::programs::Xdp = dp.ebpf.program(UNDERLAY_XDP).unwrap().try_into().unwrap();
+    assert!(xdp.fd().is_ok(), "{UNDERLAY_XDP} is loaded");
+    for map in ["CONFIG", "ROUTE_V4", "NODE_V4", "ENDPOINT_V4", "COUNTERS"] {
         assert!(dp.ebpf.map(map).is_some(), "map {map}");
     }
+}
+
+#[test]
+fn the_decap_probe_decapsulates_its_frame_and_answers_for_the_new_flag() {
+    // The agent's probe frame: Ethernet, then room for two rounds of 50 bytes and an IPv4
+    // header. Bit 0: the flags decapsulation always uses worked; bit 1: the kernel also took
+    // BPF_F_ADJ_ROOM_DECAP_L4_UDP (not on 6.18; it must never be set without bit 0).
+    let dp = Loaded::new();
+    let mut frame = vec![0u8; 14 + 100 + 40];
+    frame[12..14].copy_from_slice(&ETH_P_IP.to_be_bytes());
+    frame[14] = 0x45;
+    let run = dp.run(PROBE_DECAP_L4_UDP, &frame);
+    assert_eq!(
+        run.verdict & 1,
+        1,
+        "the plain decapsulation of the probe frame failed"
+    );
+    assert!(run.verdict <= 3, "answer {}", run.verdict);
+    let shrunk = if run.verdict & 2 != 0 { 100 } else { 50 };
+    assert_eq!(
+        run.out.len(),
+        frame.len() - shrunk,
+        "bytes removed match the answer"
+    );
+    // A frame too short for even the first round is refused, so bit 0 means something.
+    let short = &frame[..14 + 20 + 20];
+    assert_eq!(dp.run(PROBE_DECAP_L4_UDP, short).verdict & 1, 0);
+}
+
+const POD_IFINDEX: u32 = 21;
+const OTHER_POD_MAC: [u8; 6] = [0x02, 0xcc, 0, 0, 0, 0x09];
+
+#[test]
+fn underlay_ingress_delivers_a_known_pod_straight_into_it() {
+    let mut dp = Loaded::node(A, &[B]);
+    let pod = host_addr(A, 7);
+    set_endpoint(&mut dp.ebpf, pod, Some(Endpoint::new(POD_IFINDEX, POD_MAC)));
+    let inner = udp_packet(host_addr(B, 5), pod, 64, 1, 100);
+    let run = dp.run(UNDERLAY_INGRESS, &Vxlan::between(B, A).frame(&inner));
+    assert_eq!(run.verdict, TC_ACT_REDIRECT);
+    assert_eq!(&run.out[..6], &POD_MAC, "destination MAC: the pod's");
+    assert_eq!(
+        &run.out[6..12],
+        &BRIDGE_MAC,
+        "source MAC: the bridge's (its gateway)"
+    );
+    assert_eq!(be16(&run.out, 12), ETH_P_IP);
+    assert_eq!(&run.out[14..], &with_ttl_decremented(&inner, 1)[..]);
+    dp.assert_counters(&[(Reason::UnderlayRx, 1), (Reason::DecapEndpoint, 1)]);
+    assert_eq!(
+        dp.counters_full()["decap_endpoint"].bytes,
+        run.out.len() as u64
+    );
+
+    // Without a bridge (the runtime deleted it) a known pod is still reached.
+    dp.update_config(|c| c.bridge_ifindex = 0);
+    let run = dp.run(UNDERLAY_INGRESS, &Vxlan::between(B, A).frame(&inner));
+    assert_eq!(run.verdict, TC_ACT_REDIRECT);
+    assert_eq!(&run.out[..6], &POD_MAC);
+    // An unknown one then has nowhere to go.
+    let unknown = udp_packet(host_addr(B, 5), host_addr(A, 8), 64, 1, 100);
+    let run = dp.run(UNDERLAY_INGRESS, &Vxlan::between(B, A).frame(&unknown));
+    assert_eq!(run.verdict, TC_ACT_SHOT);
+    dp.assert_counters(&[
+        (Reason::UnderlayRx, 3),
+        (Reason::DecapEndpoint, 2),
+        (Reason::DropNoBridge, 1),
+    ]);
+}
+
+#[test]
+fn underlay_ingress_takes_the_bridge_for_a_pod_without_an_endpoint() {
+    let mut dp = Loaded::node(A, &[B]);
+    // Another pod's entry does not make this one known.
+    set_endpoint(
+        &mut dp.ebpf,
+        host_addr(A, 9),
+        Some(Endpoint::new(POD_IFINDEX, OTHER_POD_MAC)),
+    );
+    let inner = udp_packet(host_addr(B, 5), host_addr(A, 7), 64, 1, 100);
+    let frame = Vxlan::between(B, A).frame(&inner);
+    let run = dp.run(UNDERLAY_INGRESS, &frame);
+    assert_eq!(run.verdict, TC_ACT_REDIRECT);
+    assert_eq!(
+        &run.out[..12],
+        &frame[..12],
+        "the MACs are left to bpf_redirect_neigh on the bridge"
+    );
+    assert_eq!(&run.out[14..], &with_ttl_decremented(&inner, 1)[..]);
+    dp.assert_counters(&[(Reason::UnderlayRx, 1), (Reason::DecapPod, 1)]);
+}
+
+#[test]
+fn underlay_ingress_follows_an_endpoint_that_changed_or_went_away() {
+    let mut dp = Loaded::node(A, &[B]);
+    let pod = host_addr(A, 7);
+    let inner = udp_packet(host_addr(B, 5), pod, 64, 1, 100);
+    let frame = Vxlan::between(B, A).frame(&inner);
+    set_endpoint(&mut dp.ebpf, pod, Some(Endpoint::new(POD_IFINDEX, POD_MAC)));
+    assert_eq!(&dp.run(UNDERLAY_INGRESS, &frame).out[..6], &POD_MAC);
+    // The address moved to another pod (another MAC, another veth): the next packet follows.
+    set_endpoint(
+        &mut dp.ebpf,
+        pod,
+        Some(Endpoint::new(POD_IFINDEX + 1, OTHER_POD_MAC)),
+    );
+    assert_eq!(&dp.run(UNDERLAY_INGRESS, &frame).out[..6], &OTHER_POD_MAC);
+    // The pod went (the agent removed its entry): back to the bridge, never the old veth.
+    set_endpoint(&mut dp.ebpf, pod, None);
+    let run = dp.run(UNDERLAY_INGRESS, &frame);
+    assert_eq!(run.verdict, TC_ACT_REDIRECT);
+    assert_eq!(&run.out[..12], &frame[..12]);
+    dp.assert_counters(&[
+        (Reason::UnderlayRx, 3),
+        (Reason::DecapEndpoint, 2),
+        (Reason::DecapPod, 1),
+    ]);
+}
+
+#[test]
+fn underlay_ingress_never_sends_host_addresses_to_an_endpoint() {
+    // Entries for .0 and .1 cannot come from the agent, but even then the host gets them.
+    let mut dp = Loaded::node(A, &[B]);
+    for last in [0, 1] {
+        set_endpoint(
+            &mut dp.ebpf,
+            host_addr(A, last),
+            Some(Endpoint::new(POD_IFINDEX, POD_MAC)),
+        );
+        let inner = udp_packet(host_addr(B, 5), host_addr(A, last), 64, 1, 10);
+        let run = dp.run(UNDERLAY_INGRESS, &Vxlan::between(B, A).frame(&inner));
+        assert_eq!(&run.out[..6], &HOST_MAC, ".{last}");
+    }
+    dp.assert_counters(&[(Reason::UnderlayRx, 2), (Reason::DecapHost, 2)]);
+}
+
+const XDP_COOKIE: u32 = 0xc0ff_ee01;
+
+/// The 8 bytes of metadata `underlay_xdp` puts in front of a frame it decapsulated.
+fn xdp_mark(cookie: u32) -> Vec<u8> {
+    let mut mark = cookie.to_ne_bytes().to_vec();
+    mark.extend_from_slice(&[0; 4]);
+    mark
+}
+
+#[test]
+fn underlay_xdp_decapsulates_and_marks_what_passes_every_check() {
+    let mut dp = Loaded::node(A, &[B]);
+    dp.update_config(|c| c.xdp_cookie = XDP_COOKIE);
+    let inner = udp_packet(host_addr(B, 5), host_addr(A, 7), 64, 1, 300);
+    let vx = Vxlan::between(B, A);
+    let run = run_xdp(&dp.ebpf, UNDERLAY_XDP, &vx.frame(&inner));
+    assert_eq!(run.verdict, XDP_PASS);
+    let mut expected = xdp_mark(XDP_COOKIE);
+    // The inner Ethernet frame, untouched: TC decides the delivery and the TTL.
+    expected.extend_from_slice(&ether(A.vtep, B.vtep, ETH_P_IP, &inner));
+    assert_eq!(run.out, expected);
+    dp.assert_counters(&[(Reason::XdpDecap, 1)]);
+    assert_eq!(
+        dp.counters_full()["xdp_decap"].bytes,
+        (14 + inner.len()) as u64
+    );
+}
+
+#[test]
+fn underlay_xdp_applies_ecn_as_tc_decapsulation_does() {
+    let mut dp = Loaded::node(A, &[B]);
+    dp.update_config(|c| c.xdp_cookie = XDP_COOKIE);
+    let vx = Vxlan {
+        outer_tos: 0b11,
+        ..Vxlan::between(B, A)
+    };
+    let mut inner = udp_packet(host_addr(B, 5), host_addr(A, 7), 64, 1, 30);
+    inner[1] = 0b10; // ECT(0)
+    inner[10..12].copy_from_slice(&[0, 0]);
+    let c = checksum(&inner[..20]);
+    inner[10..12].copy_from_slice(&c.to_be_bytes());
+    let run = run_xdp(&dp.ebpf, UNDERLAY_XDP, &vx.frame(&inner));
+    let ip = &run.out[8 + 14..8 + 14 + 20];
+    assert_eq!(ip[1] & 0b11, 0b11, "CE copied inward");
+    assert_eq!(checksum(ip), 0, "inner checksum patched");
+
+    // CE over a not-ECT inner packet must be dropped: XDP leaves that to TC, unchanged.
+    inner[1] = 0;
+    inner[10..12].copy_from_slice(&[0, 0]);
+    let c = checksum(&inner[..20]);
+    inner[10..12].copy_from_slice(&c.to_be_bytes());
+    let frame = vx.frame(&inner);
+    let run = run_xdp(&dp.ebpf, UNDERLAY_XDP, &frame);
+    assert_eq!((run.verdict, &run.out), (XDP_PASS, &frame));
+    assert_eq!(dp.run(UNDERLAY_INGRESS, &frame).verdict, TC_ACT_SHOT);
+    dp.assert_counters(&[
+        (Reason::XdpDecap, 1),
+        (Reason::UnderlayRx, 1),
+        (Reason::DropEcn, 1),
+    ]);
+}
+
+#[test]
+fn underlay_xdp_leaves_everything_else_unchanged_for_tc() {
+    let mut dp = Loaded::node(A, &[B]);
+    dp.update_config(|c| c.xdp_cookie = XDP_COOKIE);
+    let inner = udp_packet(host_addr(B, 5), host_addr(A, 7), 64, 1, 50);
+    let c = Node {
+        local_ip: Ipv4Addr::new(198, 18, 0, 3),
+        ..B
+    };
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "wrong VNI",
+            Vxlan {
+                vni: 7,
+                ..Vxlan::between(B, A)
+            }
+            .frame(&inner),
+        ),
+        ("not a member", Vxlan::between(c, A).frame(&inner)),
+        (
+            "wrong inner MAC",
+            Vxlan {
+                inner_dst_mac: B.vtep,
+                ..Vxlan::between(B, A)
+            }
+            .frame(&inner),
+        ),
+        (
+            "fragment",
+            Vxlan {
+                frag_off: 0x2000,
+                ..Vxlan::between(B, A)
+            }
+            .frame(&inner),
+        ),
+        (
+            "another port",
+            Vxlan {
+                dport: 4789,
+                ..Vxlan::between(B, A)
+            }
+            .frame(&inner),
+        ),
+        (
+            "truncated",
+            Vxlan::between(B, A).frame(&inner)[..14 + 20 + 8 + 8 + 14 + 10].to_vec(),
+        ),
+        (
+            "plain traffic",
+            ether(NIC_MAC, ROUTER_MAC, ETH_P_IP, &inner),
+        ),
+    ];
+    for (what, frame) in &cases {
+        let run = run_xdp(&dp.ebpf, UNDERLAY_XDP, frame);
+        assert_eq!((run.verdict, &run.out), (XDP_PASS, frame), "{what}");
+    }
+    // Without a cookie (XDP not in use by the agent) nothing is decapsulated either.
+    dp.update_config(|c| c.xdp_cookie = 0);
+    let frame = Vxlan::between(B, A).frame(&inner);
+    let run = run_xdp(&dp.ebpf, UNDERLAY_XDP, &frame);
+    assert_eq!((run.verdict, &run.out), (XDP_PASS, &frame));
+    dp.assert_counters(&[]);
 }
 
 #[test]

@@ -19,7 +19,7 @@
 //! overlay-tests --test vxlan_datapath -- --test-threads=1`.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeSet,
     net::{IpAddr, Ipv4Addr, UdpSocket},
     thread,
     time::{Duration, Instant},
@@ -30,7 +30,7 @@ use overlay_tests::{
     AttachKind, Capture, Cluster, NetNs, Node, Pod, add_veth, attached_programs,
     checks::{
         FIRST_ECHO, agent_cmd, agent_of, assert_host_reaches, assert_no_ping, assert_ping,
-        assert_pods_talk, assert_pods_talk_across_nodes, assert_tcp, grown, subnet_of,
+        assert_pods_talk, assert_pods_talk_across_nodes, assert_tcp, counters, grown, subnet_of,
         wait_line_since,
     },
     packet::{checksum, parse_mac},
@@ -155,39 +155,6 @@ fn assert_udp_echo(a: &Pod, b: &Pod) {
 /// The host's address towards the cluster: `<its subnet>.0` (flannel.1's, our ovl0's).
 fn host_overlay_ip(subnet: Ipv4Net) -> Ipv4Addr {
     subnet.network()
-}
-
-/// The node's data path counters (`overlay-agent counters`): name → packets.
-fn counters(node: &Node) -> BTreeMap<String, u64> {
-    let out = agent_cmd(node, &["counters"]);
-    let counters: BTreeMap<String, u64> = out
-        .lines()
-        .map(|l| match l.split_whitespace().collect::<Vec<_>>()[..] {
-            [name, packets, bytes] if bytes.parse::<u64>().is_ok() => (
-                name.to_owned(),
-                packets
-                    .parse()
-                    .unwrap_or_else(|_| panic!("bad counters line {l:?}")),
-            ),
-            _ => panic!(
-                "`overlay-agent counters` line {l:?} is not `<name> <packets> <bytes>`:\n{out}"
-            ),
-        })
-        .collect();
-    for name in [
-        "underlay_rx",
-        "decap_pod",
-        "drop_no_route",
-        "drop_unknown_peer",
-        "drop_wrong_vni",
-        "drop_wrong_mac",
-    ] {
-        assert!(
-            counters.contains_key(name),
-            "`overlay-agent counters` lacks {name}:\n{out}"
-        );
-    }
-    counters
 }
 
 /// The node's ROUTE_V4 entries (`overlay-agent peers`): (subnet, PublicIP, VtepMAC).

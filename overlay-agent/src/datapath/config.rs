@@ -6,7 +6,7 @@ use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
 use overlay_common::{
-    config::{CONFIG_F_DIRECT, CONFIG_F_NO_VXLAN, CONFIG_F_READY, Config},
+    config::{CONFIG_F_DECAP_L4_UDP, CONFIG_F_DIRECT, CONFIG_F_NO_VXLAN, CONFIG_F_READY, Config},
     wire::{DEFAULT_SRC_PORT_MAX, DEFAULT_SRC_PORT_MIN, MAX_VNI},
 };
 
@@ -106,13 +106,19 @@ impl NodeConfig {
     }
 }
 
-/// Interface indexes (0 = absent) and the host device's MAC, learnt when attaching.
+/// Interface indexes (0 = absent), the host device's and the bridge's MACs, learnt when
+/// attaching, and what the data path found out about the kernel and its XDP program.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) struct Devices {
     pub underlay: u32,
     pub bridge: u32,
+    pub bridge_mac: [u8; 6],
     pub host: u32,
     pub host_mac: [u8; 6],
+    /// The cookie `underlay_xdp` marks decapsulated frames with; 0 while it is not attached.
+    pub xdp_cookie: u32,
+    /// The kernel accepts `BPF_F_ADJ_ROOM_DECAP_L4_UDP` (probed at load).
+    pub decap_l4_udp: bool,
 }
 
 /// The `CONFIG` value for `node` and `devices`. Without a node configuration or an underlay
@@ -121,10 +127,15 @@ pub(crate) fn encode(node: Option<&NodeConfig>, devices: Devices) -> Config {
     let mut cfg = Config {
         underlay_ifindex: devices.underlay,
         bridge_ifindex: devices.bridge,
+        bridge_mac: devices.bridge_mac,
         host_ifindex: devices.host,
         host_mac: devices.host_mac,
+        xdp_cookie: devices.xdp_cookie,
         ..Config::default()
     };
+    if devices.decap_l4_udp {
+        cfg.flags |= CONFIG_F_DECAP_L4_UDP;
+    }
     let Some(node) = node else {
         return cfg;
     };
@@ -168,8 +179,11 @@ mod tests {
     const DEVICES: Devices = Devices {
         underlay: 2,
         bridge: 3,
+        bridge_mac: [0x02, 0, 0, 0, 0, 3],
         host: 4,
         host_mac: [0x02, 0, 0, 0, 0, 4],
+        xdp_cookie: 0x1234_5678,
+        decap_l4_udp: false,
     };
 
     #[test]
@@ -192,11 +206,15 @@ mod tests {
         );
         assert_eq!(cfg.vtep_mac, [0x0e, 0, 0, 0, 0, 1]);
         assert_eq!(cfg.host_mac, [0x02, 0, 0, 0, 0, 4]);
+        assert_eq!(cfg.bridge_mac, [0x02, 0, 0, 0, 0, 3]);
+        assert_eq!(cfg.xdp_cookie, 0x1234_5678);
         assert_eq!((cfg.src_port_min, cfg.src_port_max), (32768, 60999));
 
         // The raw layout the eBPF side reads: numbers in host order, addresses as on the wire.
         let bytes = bytemuck::bytes_of(&cfg);
-        assert_eq!(bytes.len(), 60);
+        assert_eq!(bytes.len(), 68);
+        assert_eq!(&bytes[58..64], &[0x02, 0, 0, 0, 0, 3]);
+        assert_eq!(&bytes[64..68], &0x1234_5678u32.to_ne_bytes());
         assert_eq!(&bytes[0..4], &CONFIG_F_READY.to_ne_bytes());
         assert_eq!(&bytes[4..8], &1u32.to_ne_bytes());
         assert_eq!(&bytes[20..24], &[198, 18, 0, 1]);
@@ -226,6 +244,17 @@ mod tests {
             },
         );
         assert_eq!(cfg.flags & CONFIG_F_READY, 0);
+    }
+
+    #[test]
+    fn the_decap_probe_sets_its_flag() {
+        let devices = Devices {
+            decap_l4_udp: true,
+            ..DEVICES
+        };
+        let cfg = encode(Some(&node()), devices);
+        assert_eq!(cfg.flags, CONFIG_F_READY | CONFIG_F_DECAP_L4_UDP);
+        assert!(cfg.decap_clears_tunnel_gso());
     }
 
     #[test]

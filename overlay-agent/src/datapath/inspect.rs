@@ -1,16 +1,17 @@
-//! Read-only views of a pinned data path, for the `counters` and `peers` subcommands: they
+//! Read-only views of a pinned data path, for the `counters`, `peers` and `endpoints` subcommands: they
 //! open the maps under `--bpf-dir` directly, so they work whether or not an agent runs.
 
 use std::{net::Ipv4Addr, path::Path};
 
-use aya::maps::{LpmTrie, Map, MapData, PerCpuArray};
+use aya::maps::{HashMap, LpmTrie, Map, MapData, PerCpuArray};
 use ipnet::Ipv4Net;
 use overlay_common::{
     counters::{Counter, Reason},
+    endpoint::{Endpoint, EndpointKeyV4},
     route::{RemoteNode, RouteKeyV4},
 };
 
-use super::{COUNTERS_MAP, DatapathError, ROUTE_V4_MAP, pin::PinDir};
+use super::{COUNTERS_MAP, DatapathError, ENDPOINT_V4_MAP, ROUTE_V4_MAP, pin::PinDir};
 
 fn open(dir: &PinDir, name: &'static str) -> Result<MapData, DatapathError> {
     MapData::from_pin(dir.map(name)).map_err(|source| DatapathError::Map { map: name, source })
@@ -67,6 +68,23 @@ pub fn pinned_peers(dir: &Path) -> Result<Vec<(Ipv4Net, RemoteNode)>, DatapathEr
     }
     peers.sort_by_key(|(subnet, _)| *subnet);
     Ok(peers)
+}
+
+/// The local pods the pinned data path delivers to directly, by address.
+pub fn pinned_endpoints(dir: &Path) -> Result<Vec<(Ipv4Addr, Endpoint)>, DatapathError> {
+    let dir = existing(dir)?;
+    let map = Map::HashMap(open(&dir, ENDPOINT_V4_MAP)?);
+    let err = |source| DatapathError::Map {
+        map: ENDPOINT_V4_MAP,
+        source,
+    };
+    let hash = HashMap::<_, EndpointKeyV4, Endpoint>::try_from(&map).map_err(err)?;
+    let mut endpoints = hash
+        .iter()
+        .map(|entry| entry.map(|(k, v)| (Ipv4Addr::from(k), v)).map_err(err))
+        .collect::<Result<Vec<_>, _>>()?;
+    endpoints.sort_by_key(|(addr, _)| *addr);
+    Ok(endpoints)
 }
 
 fn existing(dir: &Path) -> Result<PinDir, DatapathError> {

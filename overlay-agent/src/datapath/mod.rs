@@ -12,8 +12,13 @@
 //! | `underlay_ingress` | tcx ingress, external iface   | decapsulates VXLAN for this node;     |
 //! |                    |                               | delivers direct traffic (host-gw);    |
 //! |                    |                               | translates masquerade replies back    |
+//! | `underlay_xdp`     | native XDP, external iface    | decapsulates VXLAN before GRO, marks  |
+//! |                    | (where frames arrive MTU-     | it for `underlay_ingress` (optional,  |
+//! |                    | sized, see `XdpPolicy`)       | never drops)                          |
 //! | `underlay_egress`  | tcx egress, external iface    | counts; masquerades kernel-routed pod |
 //! |                    |                               | traffic (`--ip-masq`)                 |
+//! | `pod_port_egress`  | tcx ingress, pods' host-side  | the same in front of the bridge, for  |
+//! |                    | veths (`--pod-hook port`)     | what it can finish (unpinned links)   |
 //! | `pod_egress`       | tcx ingress, pod bridge       | encapsulates (or routes directly) pod |
 //! |                    |                               | traffic to peers; masquerades pod     |
 //! |                    |                               | traffic leaving the cluster           |
@@ -23,15 +28,18 @@
 //!
 //! Maps, all written only by the agent (layouts in `overlay_common`): `CONFIG` (the node's
 //! settings and device indexes), `ROUTE_V4` (remote subnet → node), `NODE_V4` (member PublicIPs,
-//! reference-counted), `COUNTERS` (per-CPU, per reason). The agent's copy of the peer state is
+//! reference-counted), `ENDPOINT_V4` (local pod → host-side veth and MAC, kept by
+//! `crate::endpoints`), `COUNTERS` (per-CPU, per reason). The agent's copy of the peer state is
 //! the [`PeerTable`]; everything else it writes is recomputed whole from [`NodeConfig`] and the
 //! attached devices, so each map has one owner (this struct) and one writer.
 //!
-//! Pinning (later): several agents in different network namespaces share one bpffs, so the
-//! maps will be pinned per node under `--bpf-dir` with
-//! `EbpfLoader::map_pin_path(name, bpf_dir/name)` for each of [`STATE_MAPS`]; the map names are
-//! unique within the object and nothing in them depends on the agent's memory: `NODE_V4`
-//! carries its own reference counts and `ROUTE_V4` can be listed to rebuild the `PeerTable`.
+//! Pinning: several agents in different network namespaces share one bpffs, so the maps are
+//! pinned per node under `--bpf-dir` (see `pin`) for each of [`STATE_MAPS`]; nothing in them
+//! depends on the agent's memory: `NODE_V4` carries its own reference counts, `ROUTE_V4` and
+//! `ENDPOINT_V4` can be listed to rebuild the agent's mirrors.
+//!
+//! At load the agent runs `probe_decap_l4_udp` once (`BPF_PROG_TEST_RUN`) to learn whether the
+//! kernel accepts `BPF_F_ADJ_ROOM_DECAP_L4_UDP` ([`Datapath::decap_clears_tunnel_gso`]).
 
 mod config;
 mod inspect;
@@ -52,15 +60,17 @@ use aya::{
     Ebpf, EbpfError, EbpfLoader,
     maps::{Array, HashMap, LpmTrie, MapError},
     programs::{
-        ProgramError, SchedClassifier, TcAttachType,
+        ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{FdLink, LinkError, PinnedLink},
         tc::SchedClassifierLink,
+        xdp::XdpLink,
     },
 };
 use ipnet::Ipv4Net;
 use overlay_common::{
     config::{CONFIG_INDEX, Config},
     counters::{Counter, Reason},
+    endpoint::{Endpoint, EndpointKeyV4},
     route::{MemberNode, NodeKeyV4, RemoteNode, RouteKeyV4, route_key},
 };
 
@@ -70,7 +80,7 @@ use self::{
 };
 pub use self::{
     config::{NodeConfig, Routing},
-    inspect::{pinned_counters, pinned_peers},
+    inspect::{pinned_counters, pinned_endpoints, pinned_peers},
     peers::{MapOp, PeerTable},
 };
 
@@ -84,18 +94,32 @@ pub const UNDERLAY_EGRESS: &str = "underlay_egress";
 pub const POD_EGRESS: &str = "pod_egress";
 /// Name of the TC program on the host device's egress.
 pub const HOST_EGRESS: &str = "host_egress";
-/// Every program in the object.
-pub const PROGRAMS: [&str; 4] = [UNDERLAY_INGRESS, UNDERLAY_EGRESS, POD_EGRESS, HOST_EGRESS];
+/// Name of the TC program on a pod's host-side veth (`--pod-hook port`).
+pub const POD_PORT_EGRESS: &str = "pod_port_egress";
+/// Every TC program in the object.
+pub const PROGRAMS: [&str; 5] = [
+    UNDERLAY_INGRESS,
+    UNDERLAY_EGRESS,
+    POD_EGRESS,
+    POD_PORT_EGRESS,
+    HOST_EGRESS,
+];
+/// Name of the XDP program on the external interface.
+pub const UNDERLAY_XDP: &str = "underlay_xdp";
+/// Name of the probe of `BPF_F_ADJ_ROOM_DECAP_L4_UDP` (loaded, run once, never attached).
+pub const PROBE_DECAP_L4_UDP: &str = "probe_decap_l4_udp";
 
 pub const CONFIG_MAP: &str = "CONFIG";
 pub const ROUTE_V4_MAP: &str = "ROUTE_V4";
 pub const NODE_V4_MAP: &str = "NODE_V4";
+pub const ENDPOINT_V4_MAP: &str = "ENDPOINT_V4";
 pub const COUNTERS_MAP: &str = "COUNTERS";
-/// The maps that hold state worth keeping across an agent restart (what pinning will cover).
-pub const STATE_MAPS: [&str; 8] = [
+/// The maps that hold state worth keeping across an agent restart (all pinned).
+pub const STATE_MAPS: [&str; 9] = [
     CONFIG_MAP,
     ROUTE_V4_MAP,
     NODE_V4_MAP,
+    ENDPOINT_V4_MAP,
     COUNTERS_MAP,
     // Masquerade (`nat`): its settings and the flow table, so connections survive a restart.
     nat::NAT_MAPS[0],
@@ -114,6 +138,11 @@ pub enum DatapathError {
     MissingMap(&'static str),
     #[error("failed to load program {prog} into the kernel: {source}")]
     ProgramLoad {
+        prog: &'static str,
+        source: ProgramError,
+    },
+    #[error("the probe {prog} failed: {source}")]
+    Probe {
         prog: &'static str,
         source: ProgramError,
     },
@@ -167,6 +196,15 @@ pub struct Datapath {
     /// By program name: each program is attached to at most one device.
     links: BTreeMap<&'static str, Attached>,
     peers: PeerTable,
+    /// What `ENDPOINT_V4` holds.
+    endpoints: BTreeMap<Ipv4Addr, Endpoint>,
+    /// `pod_port_egress` on pods' host-side veths, by interface index. Not pinned: without
+    /// them `pod_egress` on the bridge does the same work, so a dead agent loses nothing.
+    port_links: BTreeMap<u32, FdLink>,
+    /// A ready `CONFIG` pinned by an earlier agent stays in force, untouched, until this agent
+    /// knows its own node settings ([`Datapath::set_config`]): rewriting it without them would
+    /// turn the data path off (not ready) in the middle of a restart.
+    pinned_config_in_force: bool,
 }
 
 // The agent owns the data path from an async task; it must be able to move there.
@@ -198,26 +236,208 @@ impl Datapath {
             }
         }
         let mut ebpf = loader.load(OBJECT)?;
-        for prog in PROGRAMS {
+        for prog in PROGRAMS.into_iter().chain([PROBE_DECAP_L4_UDP]) {
             classifier(&mut ebpf, prog)?
                 .load()
                 .map_err(|source| DatapathError::ProgramLoad { prog, source })?;
         }
-        // Pinned maps may hold an earlier agent's peers: mirror them, so that later changes
-        // (and the daemon's clean-up of peers that left meanwhile) start from the truth.
-        let peers = if pins.is_some() {
-            adopt_peers(&ebpf)?
+        xdp_program(&mut ebpf)?
+            .load()
+            .map_err(|source| DatapathError::ProgramLoad {
+                prog: UNDERLAY_XDP,
+                source,
+            })?;
+        let pinned = pins.is_some().then(|| pinned_config(&ebpf)).flatten();
+        let devices = Devices {
+            decap_l4_udp: probe_decap_l4_udp(&ebpf)?,
+            ..pinned.map(adopt_devices).unwrap_or_default()
+        };
+        // Pinned maps may hold an earlier agent's peers and endpoints: mirror them, so that
+        // later changes (and the daemon's clean-up of what left meanwhile) start from the truth.
+        let (peers, endpoints) = if pins.is_some() {
+            (adopt_peers(&ebpf)?, adopt_endpoints(&ebpf)?)
         } else {
-            PeerTable::default()
+            (PeerTable::default(), BTreeMap::new())
         };
         Ok(Self {
             ebpf,
             pins,
             node: None,
-            devices: Devices::default(),
+            devices,
             links: BTreeMap::new(),
             peers,
+            endpoints,
+            port_links: BTreeMap::new(),
+            pinned_config_in_force: pinned.is_some(),
         })
+    }
+
+    /// Whether decapsulation also clears the sender's UDP-tunnel GSO state
+    /// (`BPF_F_ADJ_ROOM_DECAP_L4_UDP`, probed at load).
+    #[must_use]
+    pub fn decap_clears_tunnel_gso(&self) -> bool {
+        self.devices.decap_l4_udp
+    }
+
+    /// Attaches `underlay_xdp` (native XDP) to the external interface: VXLAN for us is then
+    /// decapsulated before GRO. Fails where the driver has no native XDP; the TC programs then
+    /// decapsulate everything, as without this call.
+    pub fn attach_underlay_xdp(&mut self, iface: &str) -> Result<(), DatapathError> {
+        let attach_err = |source| DatapathError::Attach {
+            prog: UNDERLAY_XDP,
+            iface: iface.to_owned(),
+            source,
+        };
+        let link_err = |source| DatapathError::Link {
+            prog: UNDERLAY_XDP,
+            source,
+        };
+        let pin_path = self.pins.as_ref().map(|p| p.link(UNDERLAY_XDP));
+        // A link pinned by an earlier agent gets this program swapped in; one whose device is
+        // gone refuses the update and is replaced.
+        let mut link = None;
+        if let Some(path) = pin_path.as_ref().filter(|p| p.exists()) {
+            let adopted = PinnedLink::from_pin(path)
+                .map_err(link_err)
+                .and_then(|pinned| XdpLink::try_from(FdLink::from(pinned)).map_err(link_err))
+                .and_then(|old| {
+                    let program = xdp_program(&mut self.ebpf)?;
+                    let id = program.attach_to_link(old).map_err(attach_err)?;
+                    program.take_link(id).map_err(attach_err)
+                });
+            match adopted {
+                Ok(l) => {
+                    tracing::info!("{UNDERLAY_XDP}: took over the pinned link on {iface}");
+                    link = Some(l);
+                }
+                Err(e) => {
+                    tracing::info!(
+                        "{UNDERLAY_XDP}: not reusing the pinned link ({e}); attaching anew"
+                    );
+                    pin::remove_pin(path)?;
+                }
+            }
+        }
+        let link = match link {
+            Some(l) => l,
+            None => {
+                let program = xdp_program(&mut self.ebpf)?;
+                let id = program.attach(iface, XdpMode::Driver).map_err(attach_err)?;
+                program.take_link(id).map_err(attach_err)?
+            }
+        };
+        let mut link = FdLink::try_from(link).map_err(link_err)?;
+        if let Some(path) = pin_path.filter(|p| !p.exists()) {
+            let pinned = link.pin(&path).map_err(|e| DatapathError::Pin {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
+            link = FdLink::from(pinned);
+        }
+        self.links.insert(
+            UNDERLAY_XDP,
+            Attached {
+                iface: iface.to_owned(),
+                link,
+            },
+        );
+        // Keep the cookie an earlier agent wrote: frames it marked may still be in flight.
+        if self.devices.xdp_cookie == 0 {
+            self.devices.xdp_cookie = pinned_xdp_cookie(&self.ebpf).unwrap_or_else(new_cookie);
+        }
+        self.write_config()
+    }
+
+    /// Detaches `underlay_xdp`; the TC programs then decapsulate everything. No-op if detached.
+    pub fn detach_underlay_xdp(&mut self) -> Result<(), DatapathError> {
+        // Detach first, so that every frame marked so far still meets its cookie in TC.
+        self.detach_tc(UNDERLAY_XDP)?;
+        self.devices.xdp_cookie = 0;
+        self.write_config()
+    }
+
+    /// The device `underlay_xdp` is attached to, if any.
+    #[must_use]
+    pub fn underlay_xdp(&self) -> Option<&str> {
+        self.links.get(UNDERLAY_XDP).map(|a| a.iface.as_str())
+    }
+
+    /// Delivers traffic for the local pod `addr` straight into it: through its host-side veth
+    /// `endpoint.ifindex`, to its MAC. Replaces what was there for `addr`.
+    pub fn set_endpoint(
+        &mut self,
+        addr: Ipv4Addr,
+        endpoint: Endpoint,
+    ) -> Result<(), DatapathError> {
+        if self.endpoints.get(&addr) == Some(&endpoint) {
+            return Ok(());
+        }
+        let mut hash: HashMap<_, EndpointKeyV4, Endpoint> =
+            map_mut(&mut self.ebpf, ENDPOINT_V4_MAP)?;
+        hash.insert(addr.octets(), endpoint, 0)
+            .map_err(|source| DatapathError::MapUpdate {
+                map: ENDPOINT_V4_MAP,
+                source,
+            })?;
+        self.endpoints.insert(addr, endpoint);
+        Ok(())
+    }
+
+    /// Forgets the local pod `addr`: its traffic takes the bridge again. No-op if unknown.
+    pub fn remove_endpoint(&mut self, addr: Ipv4Addr) -> Result<(), DatapathError> {
+        let mut hash: HashMap<_, EndpointKeyV4, Endpoint> =
+            map_mut(&mut self.ebpf, ENDPOINT_V4_MAP)?;
+        ignore_missing(hash.remove(&addr.octets())).map_err(|source| DatapathError::MapUpdate {
+            map: ENDPOINT_V4_MAP,
+            source,
+        })?;
+        self.endpoints.remove(&addr);
+        Ok(())
+    }
+
+    /// What `ENDPOINT_V4` holds.
+    #[must_use]
+    pub fn endpoints(&self) -> &BTreeMap<Ipv4Addr, Endpoint> {
+        &self.endpoints
+    }
+
+    /// Attaches `pod_port_egress` to the tcx ingress of the pod's host-side veth `ifindex`.
+    /// No-op if attached already.
+    pub fn attach_pod_port(&mut self, ifindex: u32) -> Result<(), DatapathError> {
+        if self.port_links.contains_key(&ifindex) {
+            return Ok(());
+        }
+        let iface = ifname(ifindex).ok_or_else(|| DatapathError::Device {
+            iface: format!("#{ifindex}"),
+            source: io::Error::from(io::ErrorKind::NotFound),
+        })?;
+        let attach_err = |source| DatapathError::Attach {
+            prog: POD_PORT_EGRESS,
+            iface: iface.clone(),
+            source,
+        };
+        let program = classifier(&mut self.ebpf, POD_PORT_EGRESS)?;
+        let id = program
+            .attach(&iface, TcAttachType::Ingress)
+            .map_err(attach_err)?;
+        let link = program.take_link(id).map_err(attach_err)?;
+        let link = FdLink::try_from(link).map_err(|source| DatapathError::Link {
+            prog: POD_PORT_EGRESS,
+            source,
+        })?;
+        self.port_links.insert(ifindex, link);
+        Ok(())
+    }
+
+    /// Detaches `pod_port_egress` from the veth `ifindex` (a deleted device has detached it
+    /// already; this closes the link). No-op if not attached.
+    pub fn detach_pod_port(&mut self, ifindex: u32) {
+        self.port_links.remove(&ifindex);
+    }
+
+    /// The veths `pod_port_egress` is attached to, by interface index.
+    pub fn pod_ports(&self) -> impl Iterator<Item = u32> + '_ {
+        self.port_links.keys().copied()
     }
 
     /// Attaches `underlay_ingress` / `underlay_egress` to the external interface, which is also
@@ -248,11 +468,13 @@ impl Datapath {
     /// traffic to it. Call again when the bridge was re-created (the old link is replaced).
     pub fn attach_pod_bridge(&mut self, iface: &str) -> Result<(), DatapathError> {
         let ifindex = ifindex(iface)?;
+        let mac = hw_addr(iface)?;
         if self.links.contains_key(POD_EGRESS) {
             self.detach_pod_bridge()?;
         }
         self.attach_tc(POD_EGRESS, iface, TcAttachType::Ingress)?;
         self.devices.bridge = ifindex;
+        self.devices.bridge_mac = mac;
         self.write_config()
     }
 
@@ -260,8 +482,16 @@ impl Datapath {
     /// counted (`drop_no_bridge`) until [`Datapath::attach_pod_bridge`] again. No-op if detached.
     pub fn detach_pod_bridge(&mut self) -> Result<(), DatapathError> {
         self.devices.bridge = 0;
+        self.devices.bridge_mac = [0; 6];
         self.write_config()?;
         self.detach_tc(POD_EGRESS)
+    }
+
+    /// The interface index decapsulated pod traffic goes to (0: none), which may be an earlier
+    /// agent's bridge until this agent attaches its own.
+    #[must_use]
+    pub fn bridge_ifindex(&self) -> u32 {
+        self.devices.bridge
     }
 
     /// The pod bridge `pod_egress` is attached to, if any.
@@ -428,8 +658,13 @@ impl Datapath {
         Ok(())
     }
 
-    /// Rewrites `CONFIG` from the node settings and the attached devices.
+    /// Rewrites `CONFIG` from the node settings and the attached devices (not while an earlier
+    /// agent's ready `CONFIG` is still in force and this agent has no node settings yet).
     fn write_config(&mut self) -> Result<(), DatapathError> {
+        if self.node.is_none() && self.pinned_config_in_force {
+            return Ok(());
+        }
+        self.pinned_config_in_force = false;
         let value = encode(self.node.as_ref(), self.devices);
         let mut array: Array<_, Config> = map_mut(&mut self.ebpf, CONFIG_MAP)?;
         array
@@ -492,6 +727,141 @@ impl Datapath {
 fn key(subnet: Ipv4Net) -> aya::maps::lpm_trie::Key<RouteKeyV4> {
     let subnet = subnet.trunc();
     route_key(subnet.network(), subnet.prefix_len())
+}
+
+fn xdp_program(ebpf: &mut Ebpf) -> Result<&mut Xdp, DatapathError> {
+    ebpf.program_mut(UNDERLAY_XDP)
+        .ok_or(DatapathError::MissingProgram(UNDERLAY_XDP))?
+        .try_into()
+        .map_err(|source| DatapathError::ProgramLoad {
+            prog: UNDERLAY_XDP,
+            source,
+        })
+}
+
+/// Runs `probe_decap_l4_udp` on a VXLAN-sized IPv4 frame: bit 0 of its answer says the plain
+/// decapsulation flags worked (so the frame was fit for the test), bit 1 that the kernel also
+/// accepted `BPF_F_ADJ_ROOM_DECAP_L4_UDP`.
+fn probe_decap_l4_udp(ebpf: &Ebpf) -> Result<bool, DatapathError> {
+    let prog: &SchedClassifier = ebpf
+        .program(PROBE_DECAP_L4_UDP)
+        .ok_or(DatapathError::MissingProgram(PROBE_DECAP_L4_UDP))?
+        .try_into()
+        .map_err(|source| DatapathError::ProgramLoad {
+            prog: PROBE_DECAP_L4_UDP,
+            source,
+        })?;
+    let mut frame = [0u8; PROBE_FRAME_LEN];
+    frame[12..14].copy_from_slice(&[0x08, 0x00]);
+    frame[14] = 0x45;
+    frame[16..18].copy_from_slice(&((PROBE_FRAME_LEN - 14) as u16).to_be_bytes());
+    frame[22] = 64;
+    frame[23] = 17;
+    let mut out = [0u8; PROBE_FRAME_LEN];
+    let result = aya::TestRun::test_run(
+        prog,
+        aya::TestRunOptions {
+            data_in: Some(&frame),
+            data_out: Some(&mut out),
+            ..Default::default()
+        },
+    )
+    .map_err(|source| DatapathError::Probe {
+        prog: PROBE_DECAP_L4_UDP,
+        source,
+    })?;
+    if result.return_value & 1 == 0 {
+        return Err(DatapathError::InvalidConfig(format!(
+            "{PROBE_DECAP_L4_UDP} could not decapsulate its test frame (answer {})",
+            result.return_value
+        )));
+    }
+    Ok(result.return_value & 2 != 0)
+}
+
+/// The probe's frame: two rounds of 50 bytes to remove and an IPv4 header left over.
+const PROBE_FRAME_LEN: usize = 14 + 2 * 50 + 40;
+
+/// The ready `CONFIG` an earlier agent pinned, if any.
+fn pinned_config(ebpf: &Ebpf) -> Option<Config> {
+    let array = Array::<_, Config>::try_from(ebpf.map(CONFIG_MAP)?).ok()?;
+    array.get(&CONFIG_INDEX, 0).ok().filter(Config::is_ready)
+}
+
+/// The XDP cookie an earlier agent left in the pinned `CONFIG`, if any.
+fn pinned_xdp_cookie(ebpf: &Ebpf) -> Option<u32> {
+    let cookie = pinned_config(ebpf)?.xdp_cookie;
+    (cookie != 0).then_some(cookie)
+}
+
+/// The devices of an earlier agent's `CONFIG` that still exist (by interface index), so that
+/// a restarted agent goes on delivering to them until it has found them again itself.
+fn adopt_devices(cfg: Config) -> Devices {
+    let exists = |index: u32| index != 0 && ifname(index).is_some();
+    let (bridge, bridge_mac) = if exists(cfg.bridge_ifindex) {
+        (cfg.bridge_ifindex, cfg.bridge_mac)
+    } else {
+        (0, [0; 6])
+    };
+    let (host, host_mac) = if exists(cfg.host_ifindex) {
+        (cfg.host_ifindex, cfg.host_mac)
+    } else {
+        (0, [0; 6])
+    };
+    Devices {
+        underlay: if exists(cfg.underlay_ifindex) {
+            cfg.underlay_ifindex
+        } else {
+            0
+        },
+        bridge,
+        bridge_mac,
+        host,
+        host_mac,
+        xdp_cookie: cfg.xdp_cookie,
+        decap_l4_udp: false,
+    }
+}
+
+/// The name of the interface with index `index` in the agent's namespace, if there is one.
+fn ifname(index: u32) -> Option<String> {
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: `buf` has the IF_NAMESIZE bytes if_indextoname may write.
+    let name = unsafe { libc::if_indextoname(index, buf.as_mut_ptr()) };
+    if name.is_null() {
+        return None;
+    }
+    // SAFETY: on success the buffer holds a NUL-terminated name.
+    Some(
+        unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }
+            .to_string_lossy()
+            .into_owned(),
+    )
+}
+
+/// A random non-zero cookie for `underlay_xdp`'s mark.
+fn new_cookie() -> u32 {
+    loop {
+        let cookie: u32 = rand::random();
+        if cookie != 0 {
+            return cookie;
+        }
+    }
+}
+
+/// Mirrors what pinned `ENDPOINT_V4` holds.
+fn adopt_endpoints(ebpf: &Ebpf) -> Result<BTreeMap<Ipv4Addr, Endpoint>, DatapathError> {
+    let map = ebpf
+        .map(ENDPOINT_V4_MAP)
+        .ok_or(DatapathError::MissingMap(ENDPOINT_V4_MAP))?;
+    let err = |source| DatapathError::Map {
+        map: ENDPOINT_V4_MAP,
+        source,
+    };
+    let hash = HashMap::<_, EndpointKeyV4, Endpoint>::try_from(map).map_err(err)?;
+    hash.iter()
+        .map(|entry| entry.map(|(k, v)| (Ipv4Addr::from(k), v)).map_err(err))
+        .collect()
 }
 
 fn classifier<'a>(

@@ -20,6 +20,25 @@ pub fn count(reason: Reason, len: u32) {
     }
 }
 
+/// Which of two hooks that share a program body runs it. `pod_egress` runs on the pod bridge
+/// (the authority: it sees every routed frame from every pod) and, where the agent attaches it,
+/// also on a pod's host-side veth in front of the bridge (an accelerator: what it can finish it
+/// redirects, everything else it passes on to the bridge, uncounted, so nothing is counted
+/// twice).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Authority,
+    Accelerator,
+}
+
+/// Counts a packet handed to the kernel (`to_stack_*`), where `role` is the authority.
+#[inline(always)]
+pub fn count_handback(role: Role, reason: Reason, len: u32) {
+    if role == Role::Authority {
+        count(reason, len);
+    }
+}
+
 /// Turns a program body's result into its verdict: `Ok` carries the verdict (already counted
 /// where it is decided), `Err` a drop reason, counted here before the packet is dropped.
 #[inline(always)]

@@ -1,4 +1,5 @@
-//! VXLAN decapsulation on the underlay's ingress (`underlay_ingress`).
+//! VXLAN decapsulation on the underlay's ingress: `underlay_ingress` (tcx) and, where the
+//! external interface runs it, `underlay_xdp` (native XDP, before GRO).
 //!
 //! Hook: tcx ingress of the external interface, before the IP stack. A frame is ours when it is
 //! option-less IPv4 to our interface address, UDP to the configured VXLAN port; everything else
@@ -6,11 +7,12 @@
 //! puts on VXLAN) goes on to the kernel untouched. Ours is then either delivered or dropped and
 //! counted: there is no VXLAN socket on this node, so the kernel would only drop it anyway.
 //!
-//! Checks, in order: not a fragment (no reassembly here), outer IPv4 checksum (the IP layer that
-//! would verify it runs after us), lengths (the frame holds what IP and UDP announce, which
-//! holds VXLAN + inner Ethernet + an IPv4 header), VXLAN flags exactly 0x08 with zero reserved
-//! bits (as the kernel's VXLAN device demands without GBP/GPE), our VNI, an outer source that is
-//! a member node's PublicIP (`NODE_V4`), inner destination MAC = our VtepMAC, inner IPv4.
+//! Checks, in order ([`check_vxlan`]): not a fragment (no reassembly here), outer IPv4 checksum
+//! (the IP layer that would verify it runs after us), lengths (the frame holds what IP and UDP
+//! announce, which holds VXLAN + inner Ethernet + an IPv4 header), VXLAN flags exactly 0x08
+//! with zero reserved bits (as the kernel's VXLAN device demands without GBP/GPE), our VNI, an
+//! outer source that is a member node's PublicIP (`NODE_V4`), inner destination MAC = our
+//! VtepMAC, inner IPv4.
 //!
 //! Delivery of the inner packet `d`:
 //! - `d` = our subnet's `.0` (the host device's address, which flannel gives flannel.1) or its
@@ -20,41 +22,50 @@
 //!   `--ip-masq`, a reply to `.0` of a flow masqueraded into the cluster (`lib::nat`,
 //!   `NAT_E_TO_CLUSTER`) is first translated back to its original destination: a host socket's
 //!   address goes on to the host device likewise, an outside host's is routed out directly.
-//! - other `d` in our subnet → `bpf_redirect_neigh` to the pod bridge: the kernel resolves the
-//!   pod's MAC and the bridge forwards to its port. This replaces the kernel's forwarding hop, so
-//!   the inner TTL is decremented here (a packet whose TTL would expire goes to the host device
-//!   instead, so the kernel answers ICMP time exceeded).
+//! - other `d` in our subnet: a pod. With an entry in `ENDPOINT_V4` (`lib::endpoint`) it goes
+//!   straight into the pod's namespace (`bpf_redirect_peer`, `decap_endpoint`); without one
+//!   (a pod the agent has not seen yet) `bpf_redirect_neigh` to the pod bridge, where the kernel
+//!   resolves the pod's MAC and the bridge forwards to its port (`decap_pod`). This replaces
+//!   the kernel's forwarding hop, so the inner TTL is decremented here (a packet whose TTL would
+//!   expire goes to the host device instead, so the kernel answers ICMP time exceeded).
 //! - anything else → dropped (`DropNotLocal`): peers only send us our subnet.
 //!
-//! ECN follows RFC 6040 as the kernel's `INET_ECN_decapsulate`: an outer CE mark is copied into
-//! an ECN-capable inner packet; a CE-marked frame whose inner packet is not ECN-capable is
-//! dropped. The outer UDP checksum is not verified (zero is allowed; the inner packet carries its
-//! own checksums). The 50 bytes go with `bpf_skb_adjust_room(-50, BPF_ADJ_ROOM_MAC)`:
+//! ECN follows RFC 6040 as the kernel's `INET_ECN_decapsulate` (`ipv4::decapsulate_ecn`). The
+//! outer UDP checksum is not verified (zero is allowed; the inner packet carries its own
+//! checksums). The 50 bytes go with `bpf_skb_adjust_room(-50, BPF_ADJ_ROOM_MAC)`:
 //! `BPF_F_ADJ_ROOM_FIXED_GSO` keeps a GSO packet's MSS, which describes the inner TCP segments
 //! and must not grow by the 50 bytes removed; `BPF_F_ADJ_ROOM_DECAP_L3_IPV4` states the new
-//! network protocol.
+//! network protocol; where the kernel accepts `BPF_F_ADJ_ROOM_DECAP_L4_UDP` (the agent probes
+//! it at load time, `CONFIG_F_DECAP_L4_UDP`), it also clears the sender's UDP-tunnel GSO state.
 //!
-//! GSO: GSO packets arrive here when the underlay passes the sender's unsegmented, as veth does
-//! (a NIC normally delivers single frames: with no VXLAN socket, no UDP-tunnel GRO kicks in). Kernel 6.18 offers no way to
-//! clear what the sender's encapsulation left on such a packet (`skb->encapsulation`,
-//! `SKB_GSO_UDP_TUNNEL`; the `BPF_F_ADJ_ROOM_DECAP_L4_UDP` flag that does is newer), so the pod
-//! bridge, which has no encapsulation offloads, segments it in software on the way to the pod:
-//! correct, but slower than flannel.1, whose receive path clears that state. Redirecting
-//! straight into the pod (`bpf_redirect_peer` with an endpoint map) would avoid it.
+//! GSO: GSO packets arrive here when the underlay passes the sender's super-packets whole, as
+//! veth does. Without `DECAP_L4_UDP` (kernel 6.18) the decapsulated packet keeps the sender's
+//! tunnel GSO type; a transmit through the pod bridge (which has no encapsulation offloads)
+//! would then segment and checksum it in software. Delivery into the pod with
+//! `bpf_redirect_peer` has no transmit path, so the pod's TCP receives the super-packet whole.
+//!
+//! XDP (`underlay_xdp`, [`xdp_decapsulate`]): with frames arriving MTU-sized (real NICs, or a
+//! veth underlay without TSO), GRO runs before TC and cannot aggregate VXLAN without a tunnel
+//! socket, so TC would see every segment alone. Native XDP runs before GRO: it makes every check
+//! above, strips the 50 bytes (and applies ECN) so GRO aggregates the inner flow, and marks the
+//! frame in its metadata with the per-load cookie of `CONFIG`. `underlay_ingress` delivers a
+//! frame with that mark as decapsulated ([`deliver_decapsulated`]); XDP never drops: what fails
+//! a check goes on unchanged and `underlay_ingress` drops and counts it as above.
 
 use core::ptr;
 
 use aya_ebpf::{
     bindings::{
         BPF_F_ADJ_ROOM_DECAP_L3_IPV4, BPF_F_ADJ_ROOM_FIXED_GSO, BPF_F_INGRESS, TC_ACT_OK,
-        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
+        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, xdp_action,
     },
-    helpers::{bpf_redirect, bpf_redirect_neigh},
-    programs::TcContext,
+    helpers::{bpf_redirect, bpf_redirect_neigh, bpf_xdp_adjust_head, bpf_xdp_adjust_meta},
+    programs::{TcContext, XdpContext},
 };
 use overlay_common::{
     config::Config,
     counters::Reason,
+    endpoint::Endpoint,
     wire::{
         ETH_HLEN, ETH_P_IP, IPPROTO_UDP, IPV4_HLEN, UDP_HLEN, VXLAN_FLAGS_I, VXLAN_HLEN,
         VXLAN_OVERHEAD,
@@ -64,11 +75,12 @@ use overlay_common::{
 use crate::lib::{
     counters::count,
     csum::ipv4_checksum_ok,
+    endpoint::{endpoint_v4, redirect_to_endpoint},
     hdr::{EthHdr, Ipv4Hdr, UdpHdr, VxlanHdr},
-    ipv4::{ECN_CE, ECN_MASK, ECN_NOT_ECT, decrement_ttl, eth_ipv4, set_ce},
+    ipv4::{decapsulate_ecn, decrement_ttl, eth_ipv4},
     maps::{config, in_subnet, is_member},
     nat,
-    ptr::{ptr_at, pull_headers},
+    ptr::{Packet, ptr_at, pull_headers},
 };
 
 const UDP_OFF: usize = ETH_HLEN + IPV4_HLEN;
@@ -80,17 +92,37 @@ const HEADERS_LEN: usize = INNER_IP_OFF + IPV4_HLEN;
 /// The smallest outer IPv4 total length that holds VXLAN and an inner IPv4 header.
 const MIN_OUTER_IP_LEN: usize = IPV4_HLEN + UDP_HLEN + VXLAN_HLEN + ETH_HLEN + IPV4_HLEN;
 
+/// `BPF_F_ADJ_ROOM_DECAP_L4_UDP` (uapi `1 << 10`), newer than the bindings: used only where
+/// the agent's probe found the running kernel accepts it.
+pub const BPF_F_ADJ_ROOM_DECAP_L4_UDP: u64 = 1 << 10;
 const DECAP_FLAGS: u64 = (BPF_F_ADJ_ROOM_FIXED_GSO | BPF_F_ADJ_ROOM_DECAP_L3_IPV4) as u64;
+
+/// What `underlay_xdp` writes into the metadata in front of a frame it decapsulated.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct XdpMark {
+    /// `Config::xdp_cookie` of the load that decapsulated the frame.
+    cookie: u32,
+    _reserved: u32,
+}
+const XDP_MARK_LEN: i32 = size_of::<XdpMark>() as i32;
 
 /// Where a decapsulated packet goes.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Target {
-    /// A local pod, through the bridge.
+    /// A local pod: straight in (with an endpoint) or through the bridge.
     Pod,
     /// The host stack, through the host device's ingress.
     Host,
     /// The host stack because the TTL expires here (the kernel answers ICMP time exceeded).
     HostTtl,
+}
+
+/// The delivery decided for a decapsulated packet, before the packet is changed.
+#[derive(Clone, Copy)]
+struct Plan {
+    target: Target,
+    endpoint: Option<Endpoint>,
 }
 
 /// The body of `underlay_ingress`: `Ok(verdict)` or the drop reason.
@@ -103,53 +135,81 @@ pub fn try_underlay_ingress(ctx: &TcContext) -> Result<i32, Reason> {
         // host-gw: no VXLAN on this node; the kernel has no socket for it either.
         return Ok(TC_ACT_OK);
     }
+    if marked_by_xdp(ctx, cfg) {
+        return deliver_decapsulated(ctx, cfg);
+    }
     // Short packets fail the checks below.
     pull_headers(ctx, HEADERS_LEN);
 
-    // Recognise VXLAN for us; pass everything else.
-    let Some((_, ip)) = eth_ipv4(ctx) else {
+    let Some((ip, _)) = vxlan_for_us(ctx, cfg) else {
         return Ok(TC_ACT_OK);
     };
-    // SAFETY (all reads below): pointers come from `eth_ipv4` or `ptr_at`, used before any
-    // helper moves data.
+    // VXLAN to our port: from here on, deliver or drop.
+    let (inner_eth, inner_ip) = check_vxlan(ctx, cfg, &ip, ctx.len() as usize)?;
+    // SAFETY (reads and rewrites below): `inner_ip` is a checked pointer, valid until the
+    // packet shrinks.
+    let (ttl, daddr) = unsafe { ((*inner_ip).ttl, (*inner_ip).daddr) };
+    let plan = plan(cfg, daddr, ttl)?;
+    unsafe { decapsulate_ecn(ip.tos, inner_ip)? };
+    if plan.target == Target::Pod {
+        // SAFETY: as above; `plan` guarantees ttl > 1.
+        unsafe { decrement_ttl(inner_ip) };
+    }
+
+    let flags = if cfg.decap_clears_tunnel_gso() {
+        DECAP_FLAGS | BPF_F_ADJ_ROOM_DECAP_L4_UDP
+    } else {
+        DECAP_FLAGS
+    };
+    ctx.adjust_room(-(VXLAN_OVERHEAD as i32), BPF_ADJ_ROOM_MAC, flags)
+        .map_err(|_| Reason::DropDecapFailed)?;
+    deliver(ctx, cfg, plan, daddr, inner_eth.src)
+}
+
+/// The outer IPv4 and UDP headers when the frame is VXLAN for us: option-less IPv4 to our
+/// interface address, not a later fragment (no UDP header to recognise), UDP to our port.
+#[inline(always)]
+fn vxlan_for_us(ctx: &impl Packet, cfg: &Config) -> Option<(Ipv4Hdr, UdpHdr)> {
+    let (_, ip) = eth_ipv4(ctx)?;
+    // SAFETY (both reads): checked pointers, read before any helper moves data.
     let ip = unsafe { *ip };
     if ip.ver_ihl != Ipv4Hdr::VER_IHL_NO_OPTIONS
         || ip.proto != IPPROTO_UDP
         || ip.daddr != cfg.local_ip
+        || u16::from_be_bytes(ip.frag_off) & Ipv4Hdr::OFFSET_MASK != 0
     {
-        return Ok(TC_ACT_OK);
+        return None;
     }
-    let frag = u16::from_be_bytes(ip.frag_off);
-    if frag & Ipv4Hdr::OFFSET_MASK != 0 {
-        // A later fragment has no UDP header to recognise.
-        return Ok(TC_ACT_OK);
-    }
-    let Some(udp) = ptr_at::<UdpHdr>(ctx, UDP_OFF) else {
-        return Ok(TC_ACT_OK);
-    };
-    let udp = unsafe { *udp };
-    if udp.dest != cfg.port.to_be_bytes() {
-        return Ok(TC_ACT_OK);
-    }
+    let udp = unsafe { *ptr_at::<UdpHdr>(ctx, UDP_OFF)? };
+    (udp.dest == cfg.port.to_be_bytes()).then_some((ip, udp))
+}
 
-    // VXLAN to our port: from here on, deliver or drop.
-    if frag & Ipv4Hdr::MF_OFFSET_MASK != 0 {
+/// Every check of VXLAN for us (see the module note), on a frame of `frame_len` bytes whose
+/// outer IPv4 header is `ip`: the inner Ethernet header and a checked pointer to the inner
+/// IPv4 header (valid until a helper moves packet data), or why the frame must be dropped.
+#[inline(always)]
+fn check_vxlan(
+    ctx: &impl Packet,
+    cfg: &Config,
+    ip: &Ipv4Hdr,
+    frame_len: usize,
+) -> Result<(EthHdr, *mut Ipv4Hdr), Reason> {
+    if u16::from_be_bytes(ip.frag_off) & Ipv4Hdr::MF_OFFSET_MASK != 0 {
         return Err(Reason::DropFragment);
     }
-    if !ipv4_checksum_ok(&ip) {
+    if !ipv4_checksum_ok(ip) {
         return Err(Reason::DropBadChecksum);
     }
     let tot_len = usize::from(u16::from_be_bytes(ip.tot_len));
-    if tot_len + ETH_HLEN > ctx.len() as usize || tot_len < MIN_OUTER_IP_LEN {
+    if tot_len + ETH_HLEN > frame_len || tot_len < MIN_OUTER_IP_LEN {
         return Err(Reason::DropTruncated);
     }
-    if usize::from(u16::from_be_bytes(udp.len)) != tot_len - IPV4_HLEN {
+    let udp = ptr_at::<UdpHdr>(ctx, UDP_OFF).ok_or(Reason::DropTruncated)?;
+    // SAFETY (all reads below): checked pointers, read before any helper moves data.
+    if usize::from(u16::from_be_bytes(unsafe { (*udp).len })) != tot_len - IPV4_HLEN {
         return Err(Reason::DropMalformed);
     }
-    let Some(vxlan) = ptr_at::<VxlanHdr>(ctx, VXLAN_OFF) else {
-        return Err(Reason::DropTruncated);
-    };
-    let vxlan = unsafe { *vxlan };
+    let vxlan = unsafe { *ptr_at::<VxlanHdr>(ctx, VXLAN_OFF).ok_or(Reason::DropTruncated)? };
     if vxlan.flags != [VXLAN_FLAGS_I, 0, 0, 0] || vxlan.vni[3] != 0 {
         return Err(Reason::DropMalformed);
     }
@@ -159,63 +219,67 @@ pub fn try_underlay_ingress(ctx: &TcContext) -> Result<i32, Reason> {
     if !is_member(ip.saddr) {
         return Err(Reason::DropUnknownPeer);
     }
-    let Some(inner_eth) = ptr_at::<EthHdr>(ctx, INNER_ETH_OFF) else {
-        return Err(Reason::DropTruncated);
-    };
-    let inner_eth = unsafe { *inner_eth };
+    let inner_eth = unsafe { *ptr_at::<EthHdr>(ctx, INNER_ETH_OFF).ok_or(Reason::DropTruncated)? };
     if inner_eth.dst != cfg.vtep_mac {
         return Err(Reason::DropWrongMac);
     }
     if inner_eth.proto != ETH_P_IP {
         return Err(Reason::DropNotIpv4);
     }
-    let Some(inner_ip) = ptr_at::<Ipv4Hdr>(ctx, INNER_IP_OFF) else {
-        return Err(Reason::DropTruncated);
-    };
-    let (ver_ihl, tos, ttl, daddr) = unsafe {
-        (
-            (*inner_ip).ver_ihl,
-            (*inner_ip).tos,
-            (*inner_ip).ttl,
-            (*inner_ip).daddr,
-        )
-    };
+    let inner_ip = ptr_at::<Ipv4Hdr>(ctx, INNER_IP_OFF).ok_or(Reason::DropTruncated)?;
+    let ver_ihl = unsafe { (*inner_ip).ver_ihl };
     if ver_ihl >> 4 != 4 || ver_ihl & 0x0f < 5 {
         return Err(Reason::DropMalformed);
     }
+    Ok((inner_eth, inner_ip))
+}
 
-    let target = target(cfg, daddr, ttl)?;
+/// Where the inner destination `daddr` (network order) with TTL `ttl` is delivered, or why it
+/// is dropped (including a missing bridge or host device).
+#[inline(always)]
+fn plan(cfg: &Config, daddr: [u8; 4], ttl: u8) -> Result<Plan, Reason> {
+    let gateway = (u32::from_be_bytes(cfg.subnet).wrapping_add(1)).to_be_bytes();
+    let target = if daddr == cfg.subnet || daddr == gateway {
+        Target::Host
+    } else if !in_subnet(daddr, cfg.subnet, cfg.subnet_mask) {
+        return Err(Reason::DropNotLocal);
+    } else if ttl <= 1 {
+        Target::HostTtl
+    } else {
+        Target::Pod
+    };
+    let endpoint = if target == Target::Pod {
+        endpoint_v4(daddr)
+    } else {
+        None
+    };
     match target {
-        Target::Pod if cfg.bridge_ifindex == 0 => return Err(Reason::DropNoBridge),
-        Target::Host | Target::HostTtl if cfg.host_ifindex == 0 => {
-            return Err(Reason::DropNoHostDevice);
+        Target::Pod if endpoint.is_none() && cfg.bridge_ifindex == 0 => Err(Reason::DropNoBridge),
+        Target::Host | Target::HostTtl if cfg.host_ifindex == 0 => Err(Reason::DropNoHostDevice),
+        _ => Ok(Plan { target, endpoint }),
+    }
+}
+
+/// Sends the decapsulated packet (an IPv4 packet behind an Ethernet header) where `plan` says.
+/// `peer_vtep_mac` is the sender's VtepMAC, the source MAC of what the host device receives.
+#[inline(always)]
+fn deliver(
+    ctx: &TcContext,
+    cfg: &Config,
+    plan: Plan,
+    daddr: [u8; 4],
+    peer_vtep_mac: [u8; 6],
+) -> Result<i32, Reason> {
+    if plan.target == Target::Pod {
+        if let Some(ep) = plan.endpoint {
+            count(Reason::DecapEndpoint, ctx.len());
+            return redirect_to_endpoint(ctx, cfg, &ep).ok_or(Reason::DropDecapFailed);
         }
-        _ => {}
-    }
-
-    // Inner header rewrites, while the pointer is valid (before the packet shrinks).
-    if ip.tos & ECN_MASK == ECN_CE {
-        match tos & ECN_MASK {
-            ECN_NOT_ECT => return Err(Reason::DropEcn),
-            ECN_CE => {}
-            // SAFETY: `inner_ip` is a checked pointer, still valid.
-            _ => unsafe { set_ce(inner_ip) },
-        }
-    }
-    if target == Target::Pod {
-        // SAFETY: as above; `target` guarantees ttl > 1.
-        unsafe { decrement_ttl(inner_ip) };
-    }
-
-    ctx.adjust_room(-(VXLAN_OVERHEAD as i32), BPF_ADJ_ROOM_MAC, DECAP_FLAGS)
-        .map_err(|_| Reason::DropDecapFailed)?;
-
-    if target == Target::Pod {
         count(Reason::DecapPod, ctx.len());
         // SAFETY: NULL parameters are allowed (the kernel does the FIB lookup).
         return Ok(unsafe { bpf_redirect_neigh(cfg.bridge_ifindex, ptr::null_mut(), 0, 0) } as i32);
     }
-    if target == Target::Host && daddr == cfg.subnet {
+    if plan.target == Target::Host && daddr == cfg.subnet {
         // A reply to a flow masqueraded into the cluster: translated back, and either routed
         // out (a verdict) or left for the host stack.
         let verdict = nat::reverse_decapsulated(ctx, cfg)?;
@@ -223,25 +287,7 @@ pub fn try_underlay_ingress(ctx: &TcContext) -> Result<i32, Reason> {
             return Ok(verdict);
         }
     }
-    deliver_to_host(ctx, cfg, inner_eth.src, target)
-}
-
-/// Where the inner destination `daddr` (network order) is delivered, or why it is dropped.
-#[inline(always)]
-fn target(cfg: &Config, daddr: [u8; 4], ttl: u8) -> Result<Target, Reason> {
-    let host_addr = cfg.subnet;
-    let gateway = (u32::from_be_bytes(cfg.subnet).wrapping_add(1)).to_be_bytes();
-    if daddr == host_addr || daddr == gateway {
-        Ok(Target::Host)
-    } else if in_subnet(daddr, cfg.subnet, cfg.subnet_mask) {
-        Ok(if ttl <= 1 {
-            Target::HostTtl
-        } else {
-            Target::Pod
-        })
-    } else {
-        Err(Reason::DropNotLocal)
-    }
+    deliver_to_host(ctx, cfg, peer_vtep_mac, plan.target)
 }
 
 /// Hands the decapsulated packet to the host stack as if the host device had received it: the
@@ -272,4 +318,98 @@ fn deliver_to_host(
     );
     // SAFETY: plain helper call.
     Ok(unsafe { bpf_redirect(cfg.host_ifindex, u64::from(BPF_F_INGRESS)) } as i32)
+}
+
+/// Whether `underlay_xdp` of this load decapsulated the frame: its metadata holds our cookie.
+#[inline(always)]
+fn marked_by_xdp(ctx: &TcContext, cfg: &Config) -> bool {
+    if cfg.xdp_cookie == 0 {
+        return false;
+    }
+    // SAFETY: reading a field of our own context; the verifier turns it into the metadata
+    // pointer, which may only be dereferenced after the bounds check below.
+    let meta = unsafe { (*ctx.skb.skb).data_meta } as usize;
+    if meta + size_of::<XdpMark>() > ctx.data() {
+        return false;
+    }
+    // SAFETY: the metadata holds a whole mark (checked against the start of the data).
+    let mark = unsafe { *(meta as *const XdpMark) };
+    mark.cookie == cfg.xdp_cookie
+}
+
+/// `underlay_ingress` for a frame `underlay_xdp` decapsulated (every check made, ECN applied):
+/// the frame is the inner Ethernet frame, delivered as in [`try_underlay_ingress`].
+#[inline(always)]
+fn deliver_decapsulated(ctx: &TcContext, cfg: &Config) -> Result<i32, Reason> {
+    pull_headers(ctx, ETH_HLEN + IPV4_HLEN);
+    let (eth, ip) = eth_ipv4(ctx).ok_or(Reason::DropMalformed)?;
+    // SAFETY: checked pointers, used before any helper moves data.
+    let (src_mac, ttl, daddr) = unsafe { ((*eth).src, (*ip).ttl, (*ip).daddr) };
+    let plan = plan(cfg, daddr, ttl)?;
+    if plan.target == Target::Pod {
+        // SAFETY: as above; `plan` guarantees ttl > 1.
+        unsafe { decrement_ttl(ip) };
+    }
+    deliver(ctx, cfg, plan, daddr, src_mac)
+}
+
+/// The body of `underlay_xdp`: decapsulates VXLAN for us that passes every check, before GRO,
+/// and marks it for `underlay_ingress` (see the module note). Always `XDP_PASS`.
+#[inline(always)]
+pub fn xdp_decapsulate(ctx: &XdpContext) -> u32 {
+    const PASS: u32 = xdp_action::XDP_PASS;
+    let Some(cfg) = config() else {
+        return PASS;
+    };
+    if !cfg.vxlan_enabled() || cfg.xdp_cookie == 0 {
+        return PASS;
+    }
+    let Some((ip, _)) = vxlan_for_us(ctx, cfg) else {
+        return PASS;
+    };
+    let frame_len = ctx.data_end() - ctx.data();
+    // A frame that fails a check goes on whole: `underlay_ingress` drops and counts it.
+    let Ok((_, inner_ip)) = check_vxlan(ctx, cfg, &ip, frame_len) else {
+        return PASS;
+    };
+    // SAFETY: `inner_ip` is a checked pointer, valid until the head moves.
+    if unsafe { decapsulate_ecn(ip.tos, inner_ip) }.is_err() {
+        return PASS;
+    }
+    // Room for the mark first, zeroed, so that a failure to strip leaves an unmarked frame.
+    // SAFETY: helper calls on our own context.
+    if unsafe { bpf_xdp_adjust_meta(ctx.ctx, -XDP_MARK_LEN) } != 0 {
+        return PASS;
+    }
+    let Some(mark) = meta_mark(ctx) else {
+        return PASS;
+    };
+    // SAFETY: `mark` is a checked pointer into the metadata.
+    unsafe {
+        *mark = XdpMark {
+            cookie: 0,
+            _reserved: 0,
+        };
+    }
+    // The metadata moves along with the data.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, VXLAN_OVERHEAD as i32) } != 0 {
+        return PASS;
+    }
+    let Some(mark) = meta_mark(ctx) else {
+        return PASS;
+    };
+    // SAFETY: as above, fresh after the move.
+    unsafe { (*mark).cookie = cfg.xdp_cookie };
+    count(Reason::XdpDecap, (ctx.data_end() - ctx.data()) as u32);
+    PASS
+}
+
+/// The mark in front of the frame's data, as a checked pointer.
+#[inline(always)]
+fn meta_mark(ctx: &XdpContext) -> Option<*mut XdpMark> {
+    let meta = ctx.metadata();
+    if meta + size_of::<XdpMark>() > ctx.data() {
+        return None;
+    }
+    Some(meta as *mut XdpMark)
 }

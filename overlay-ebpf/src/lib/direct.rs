@@ -27,8 +27,9 @@
 //! Anything else for a local pod is left to the kernel (`to_stack_not_peer`), whose forwarding
 //! rules decide (with FORWARD policy DROP and no rules: dropped). Source addresses are not
 //! authenticated: a host on the L2 segment can claim a peer's pod address, as it can with
-//! flannel's kernel routes. Accepted packets go to the pod bridge (`bpf_redirect_neigh`, TTL
-//! decremented as the kernel's forwarding would), or, for the host device's address, the
+//! flannel's kernel routes. Accepted packets go straight into the pod when `ENDPOINT_V4` knows
+//! it (`lib::endpoint`, `bpf_redirect_peer`), else to the pod bridge (`bpf_redirect_neigh`),
+//! TTL decremented as the kernel's forwarding would; or, for the host device's address, the
 //! bridge's gateway address or a TTL that expires here, to the host device's ingress, as
 //! decapsulated VXLAN does (the host stack answers; replies go out through `host_egress`).
 
@@ -51,8 +52,9 @@ use overlay_common::{
 };
 
 use crate::lib::{
-    counters::count,
+    counters::{Role, count, count_handback},
     csum::ipv4_checksum_ok,
+    endpoint::{endpoint_v4, redirect_to_endpoint},
     hdr::Ipv4Hdr,
     ipv4::{decrement_ttl, eth_ipv4},
     maps::{config, in_subnet, is_member, route_v4},
@@ -109,16 +111,17 @@ fn fits_underlay(ctx: &TcContext, cfg: &Config) -> bool {
 pub fn forward_from_pod(
     ctx: &TcContext,
     cfg: &Config,
+    role: Role,
     peer: &RemoteNode,
     ip: *mut Ipv4Hdr,
     ttl: u8,
 ) -> Result<i32, Reason> {
     if ttl <= 1 {
-        count(Reason::StackTtl, ctx.len());
+        count_handback(role, Reason::StackTtl, ctx.len());
         return Ok(TC_ACT_OK);
     }
     if !fits_underlay(ctx, cfg) {
-        count(Reason::StackMtu, ctx.len());
+        count_handback(role, Reason::StackMtu, ctx.len());
         return Ok(TC_ACT_OK);
     }
     // SAFETY: the caller's pointer is still valid; ttl > 1.
@@ -173,11 +176,16 @@ pub fn try_direct_ingress(ctx: &TcContext) -> Result<i32, Reason> {
     let gateway = (u32::from_be_bytes(cfg.subnet).wrapping_add(1)).to_be_bytes();
     let to_host = daddr == cfg.subnet || daddr == gateway;
     if !to_host && hdr.ttl > 1 {
-        if cfg.bridge_ifindex == 0 {
+        let endpoint = endpoint_v4(daddr);
+        if endpoint.is_none() && cfg.bridge_ifindex == 0 {
             return Err(Reason::DropNoBridge);
         }
         // SAFETY: `ip` is still valid (no helper moved data since `eth_ipv4`); ttl > 1.
         unsafe { decrement_ttl(ip) };
+        if let Some(ep) = endpoint {
+            count(Reason::DeliverDirectEndpoint, ctx.len());
+            return redirect_to_endpoint(ctx, cfg, &ep).ok_or(Reason::DropDirectMalformed);
+        }
         count(Reason::DeliverDirectPod, ctx.len());
         // SAFETY: NULL parameters are allowed (the kernel does the FIB lookup).
         return Ok(unsafe { bpf_redirect_neigh(cfg.bridge_ifindex, ptr::null_mut(), 0, 0) } as i32);

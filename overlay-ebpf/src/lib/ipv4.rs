@@ -1,13 +1,15 @@
 //! The IPv4 header of a packet, and in-place rewrites of it (TTL, ECN) with incremental
 //! checksum updates.
 
-use aya_ebpf::programs::TcContext;
-use overlay_common::wire::{ETH_HLEN, ETH_P_IP};
+use overlay_common::{
+    counters::Reason,
+    wire::{ETH_HLEN, ETH_P_IP},
+};
 
 use crate::lib::{
     csum::replace16,
     hdr::{EthHdr, Ipv4Hdr},
-    ptr::ptr_at,
+    ptr::{Packet, ptr_at},
 };
 
 /// ECN codepoints (the low two bits of the TOS byte).
@@ -21,7 +23,7 @@ pub const ECN_CE: u8 = 0b11;
 /// part. Callers let `None` pass; a pull of the headers into the linear part, where wanted,
 /// comes before (`ptr::pull_headers`).
 #[inline(always)]
-pub fn eth_ipv4(ctx: &TcContext) -> Option<(*mut EthHdr, *mut Ipv4Hdr)> {
+pub fn eth_ipv4(ctx: &impl Packet) -> Option<(*mut EthHdr, *mut Ipv4Hdr)> {
     let eth = ptr_at::<EthHdr>(ctx, 0)?;
     // SAFETY (reads below): pointers come from `ptr_at`, used before any helper moves data.
     if unsafe { (*eth).proto } != ETH_P_IP {
@@ -63,6 +65,30 @@ pub unsafe fn set_ce(ip: *mut Ipv4Hdr) {
         (*ip).tos |= ECN_CE;
         let new = u16::from_be_bytes([(*ip).ver_ihl, (*ip).tos]);
         (*ip).check = replace16((*ip).check, old, new);
+    }
+}
+
+/// RFC 6040 on decapsulation, as the kernel's `INET_ECN_decapsulate`: an outer CE mark is copied
+/// into an ECN-capable inner packet (checksum patched); a CE-marked frame whose inner packet is
+/// not ECN-capable must be dropped (`DropEcn`).
+///
+/// # Safety
+/// As for [`decrement_ttl`].
+#[inline(always)]
+pub unsafe fn decapsulate_ecn(outer_tos: u8, inner: *mut Ipv4Hdr) -> Result<(), Reason> {
+    if outer_tos & ECN_MASK != ECN_CE {
+        return Ok(());
+    }
+    // SAFETY: the caller guarantees `inner` points at a whole header in the packet.
+    unsafe {
+        match (*inner).tos & ECN_MASK {
+            ECN_NOT_ECT => Err(Reason::DropEcn),
+            ECN_CE => Ok(()),
+            _ => {
+                set_ce(inner);
+                Ok(())
+            }
+        }
     }
 }
 

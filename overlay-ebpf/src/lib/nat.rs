@@ -92,8 +92,9 @@ use overlay_common::{
 };
 
 use crate::lib::{
-    counters::count,
+    counters::{Role, count, count_handback},
     csum::replace16,
+    endpoint::{endpoint_v4, redirect_to_endpoint},
     hdr::{EthHdr, Ipv4Hdr},
     maps::{config, in_subnet},
 };
@@ -195,7 +196,7 @@ fn frag_offset(ip: &Ipv4Hdr) -> u16 {
 /// The pod bridge's tcx ingress: masquerades `ip` when it leaves through the external
 /// interface. `Ok(TC_ACT_OK)` when the packet is not for us.
 #[inline(always)]
-pub fn snat_from_pod(ctx: &TcContext, cfg: &Config) -> Result<i32, Reason> {
+pub fn snat_from_pod(ctx: &TcContext, cfg: &Config, role: Role) -> Result<i32, Reason> {
     let Some((nat, ip, ihl)) = nat_ipv4(ctx) else {
         return Ok(TC_ACT_OK);
     };
@@ -209,7 +210,7 @@ pub fn snat_from_pod(ctx: &TcContext, cfg: &Config) -> Result<i32, Reason> {
         return Ok(TC_ACT_OK);
     }
     if ip.ttl <= 1 {
-        count(Reason::StackTtl, ctx.len());
+        count_handback(role, Reason::StackTtl, ctx.len());
         return Ok(TC_ACT_OK);
     }
     let translated = translate_out(ctx, nat, cfg, &ip, ihl, cfg.local_ip, 0, true)?;
@@ -686,12 +687,13 @@ fn deliver(
     if orig.flags & NAT_E_TO_CLUSTER != 0 {
         return route_back(ctx, cfg, ip, orig, l4_csum);
     }
+    // Straight into the pod when its endpoint is known, else through the bridge.
+    let endpoint = endpoint_v4(orig.addr);
+    let egress = endpoint.map_or(cfg.bridge_ifindex, |ep| ep.ifindex);
     // Through the kernel: `NAT_E_KERNEL` flows, an expiring TTL (it answers "time exceeded"),
-    // no bridge, or a packet too big for it (the kernel fragments or answers).
-    let to_kernel = orig.flags & NAT_E_KERNEL != 0
-        || ip.ttl <= 1
-        || cfg.bridge_ifindex == 0
-        || !fits(ctx, cfg.bridge_ifindex);
+    // no bridge, or a packet too big for the pod (the kernel fragments or answers).
+    let to_kernel =
+        orig.flags & NAT_E_KERNEL != 0 || ip.ttl <= 1 || egress == 0 || !fits(ctx, egress);
     rewrite_addr(
         ctx,
         IP_DADDR_OFF,
@@ -704,6 +706,10 @@ fn deliver(
     count(Reason::NatRev, ctx.len());
     if to_kernel {
         return Ok(TC_ACT_OK);
+    }
+    if let Some(ep) = endpoint {
+        count(Reason::NatRevEndpoint, ctx.len());
+        return redirect_to_endpoint(ctx, cfg, &ep).ok_or(Reason::DropNatFailed);
     }
     // SAFETY: NULL parameters are allowed (the kernel does the FIB lookup).
     Ok(unsafe { bpf_redirect_neigh(cfg.bridge_ifindex, ptr::null_mut(), 0, 0) } as i32)

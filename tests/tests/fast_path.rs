@@ -1,0 +1,304 @@
+//! The fast delivery paths end to end: straight into pods (`ENDPOINT_V4`, `bpf_redirect_peer`)
+//! as the runtime adds and removes them on the bridge after the agent started, never to an
+//! interface index a removed pod left behind; the same for host-gw; and XDP decapsulation before
+//! GRO where frames cross the underlay MTU-sized (TSO/GSO off on the underlay veths, GRO on at
+//! the receivers: what a real NIC does), surviving `kill -9` of the agents.
+//!
+//! Root only; the harness builds everything in `ovl-<pid>-…` namespaces and removes it.
+
+use std::{
+    collections::BTreeMap,
+    net::Ipv4Addr,
+    thread,
+    time::{Duration, Instant},
+};
+
+use overlay_tests::{
+    AttachKind, Capture, Cluster, Node, Pod,
+    checks::{
+        agent_of, assert_ping, assert_tcp, counters, endpoints, eth0_programs, grown,
+        transfer_across_agent_kill9,
+    },
+    tshark_fields,
+};
+
+const VXLAN: &str = r#"{"Network": "172.17.0.0/16", "Backend": {"Type": "vxlan"}}"#;
+const HOST_GW: &str = r#"{"Network": "172.7.0.0/16", "Backend": {"Type": "host-gw"}}"#;
+
+/// Two nodes with one pod each, agents running with `config`.
+fn two_nodes(config: &str) -> Cluster {
+    Cluster::builder()
+        .nodes(2)
+        .pods_per_node(1)
+        .network_config(config)
+        .build()
+        .unwrap()
+}
+
+/// How long the agent may take to reflect a netlink event in its endpoint map.
+const EVENT_BOUND: Duration = Duration::from_secs(5);
+
+/// Waits until `node`'s endpoint map satisfies `ok`, at most [`EVENT_BOUND`]; returns it.
+fn wait_endpoints(
+    node: &Node,
+    what: &str,
+    ok: impl Fn(&BTreeMap<Ipv4Addr, (u32, String)>) -> bool,
+) -> BTreeMap<Ipv4Addr, (u32, String)> {
+    let start = Instant::now();
+    loop {
+        let eps = endpoints(node);
+        if ok(&eps) {
+            return eps;
+        }
+        assert!(
+            start.elapsed() < EVENT_BOUND,
+            "{}: endpoints never {what} within {EVENT_BOUND:?}: {eps:?}",
+            node.name()
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The pod's MAC as its own namespace reports it.
+fn pod_mac(pod: &Pod) -> String {
+    pod.ns().mac("eth0").unwrap()
+}
+
+/// The host-side veth's interface index of `pod` on `node`.
+fn host_ifindex(node: &Node, pod: &Pod) -> u32 {
+    let out = node
+        .ns()
+        .ip(&["-o", "link", "show", "dev", pod.host_veth()])
+        .unwrap();
+    out.split(':').next().unwrap().trim().parse().unwrap()
+}
+
+/// A counter of the `Ip:` line of `/proc/net/snmp` in the pod's namespace.
+fn ip_stat(pod: &Pod, name: &str) -> u64 {
+    let snmp = pod.ns().run("cat", &["/proc/net/snmp"]).unwrap();
+    let mut ip = snmp.lines().filter(|l| l.starts_with("Ip: "));
+    let (names, values) = (ip.next().unwrap(), ip.next().unwrap());
+    let at = names
+        .split_whitespace()
+        .position(|n| n == name)
+        .unwrap_or_else(|| panic!("no {name} in {names}"));
+    values.split_whitespace().nth(at).unwrap().parse().unwrap()
+}
+
+/// Sends `count` UDP datagrams from `from` to `to` (which need not exist), one per 10 ms.
+fn udp_to(from: &Pod, to: Ipv4Addr, count: u32) {
+    let script = format!("for i in $(seq {count}); do echo x > /dev/udp/{to}/9; sleep 0.01; done");
+    from.ns().run("bash", &["-c", &script]).unwrap();
+}
+
+#[test]
+fn pods_added_after_start_are_reached_straight_and_a_reused_ifindex_gets_nothing_of_the_old() {
+    let cluster = two_nodes(VXLAN);
+    let (n0, n1) = (cluster.node(0), cluster.node(1));
+    let a = cluster.pod(0, 0);
+
+    // A pod added to node 1 after its agent started: known once it has talked.
+    let b = n1.add_pod("late").unwrap();
+    assert_ping(&a, &b);
+    let eps = wait_endpoints(n1, "listed the late pod", |e| e.contains_key(&b.ip()));
+    assert_eq!(
+        eps[&b.ip()],
+        (host_ifindex(n1, &b), pod_mac(&b)),
+        "the late pod's veth and MAC"
+    );
+    // Now its traffic goes straight in: a transfer moves decap_endpoint, never decap_pod.
+    let before = counters(n1);
+    assert_tcp(&a, &b);
+    let d = grown(&before, &counters(n1));
+    assert!(d.get("decap_endpoint").copied().unwrap_or(0) >= 10, "{d:?}");
+    assert_eq!(d.get("decap_pod"), None, "nothing took the bridge: {d:?}");
+    // And the pods of node 0 (added when the cluster was built) too, the other way.
+    let before = counters(n0);
+    assert_tcp(&b, &a);
+    let d = grown(&before, &counters(n0));
+    assert!(d.get("decap_endpoint").copied().unwrap_or(0) >= 10, "{d:?}");
+    assert_eq!(d.get("decap_pod"), None, "{d:?}");
+
+    // The pod goes: its entry goes with its veth.
+    let (old_ip, old_ifindex) = (b.ip(), host_ifindex(n1, &b));
+    n1.remove_pod("late").unwrap();
+    wait_endpoints(n1, "dropped the removed pod", |e| !e.contains_key(&old_ip));
+
+    // Another pod gets a veth with the very same interface index (and its own address).
+    let c = n1.add_pod_with_ifindex("reuse", old_ifindex).unwrap();
+    assert_eq!(host_ifindex(n1, &c), old_ifindex);
+    assert_ne!(c.ip(), old_ip);
+    assert_ping(&a, &c);
+    let eps = wait_endpoints(n1, "listed the new pod", |e| e.contains_key(&c.ip()));
+    assert_eq!(eps[&c.ip()], (old_ifindex, pod_mac(&c)));
+    assert!(!eps.contains_key(&old_ip), "{eps:?}");
+
+    // Traffic for the old address is not delivered to the new pod: it takes the bridge, whose
+    // neighbour entry for it is stale. The bridge may flood such a frame (its MAC is unknown
+    // now, as with any bridge), but never addressed to the new pod, whose stack drops it
+    // before IP; a delivery into the pod would reach its IP layer and count as an address
+    // error there.
+    let before = counters(n1);
+    let addr_errors_before = ip_stat(&c, "InAddrErrors");
+    let capture = Capture::start(
+        c.ns(),
+        "eth0",
+        &format!("dst host {old_ip}"),
+        cluster.dir().join("reuse.pcap"),
+    )
+    .unwrap();
+    udp_to(&a, old_ip, 20);
+    let seen = tshark_fields(&capture.stop().unwrap(), "", &["eth.dst"]).unwrap();
+    let new_mac = pod_mac(&c);
+    assert!(
+        seen.iter().all(|f| f[0] != new_mac),
+        "a frame for {old_ip} was addressed to the new pod: {seen:?}"
+    );
+    assert_eq!(
+        ip_stat(&c, "InAddrErrors"),
+        addr_errors_before,
+        "the new pod's IP layer received traffic for {old_ip}"
+    );
+    let d = grown(&before, &counters(n1));
+    assert_eq!(d.get("decap_endpoint"), None, "{d:?}");
+    assert!(d.get("decap_pod").copied().unwrap_or(0) >= 20, "{d:?}");
+    // The new pod itself is reached straight.
+    let before = counters(n1);
+    assert_tcp(&a, &c);
+    let d = grown(&before, &counters(n1));
+    assert!(d.get("decap_endpoint").copied().unwrap_or(0) >= 10, "{d:?}");
+}
+
+#[test]
+fn host_gw_delivers_known_pods_straight() {
+    let cluster = two_nodes(HOST_GW);
+    let (a, b) = (cluster.pod(0, 0), cluster.pod(1, 0));
+    assert_ping(&a, &b);
+    wait_endpoints(cluster.node(1), "listed the pod", |e| {
+        e.contains_key(&b.ip())
+    });
+    let before = counters(cluster.node(1));
+    assert_tcp(&a, &b);
+    let d = grown(&before, &counters(cluster.node(1)));
+    assert!(
+        d.get("deliver_direct_endpoint").copied().unwrap_or(0) >= 10,
+        "{d:?}"
+    );
+    assert_eq!(d.get("deliver_direct_pod"), None, "{d:?}");
+}
+
+/// Underlay veths that behave like NICs: TSO and GSO off on both ends of every node's link, so
+/// frames cross MTU-sized, and GRO on at the receivers.
+fn nic_like(cluster: &Cluster, node: &Node) {
+    for (ns, dev) in [(node.ns(), "eth0"), (cluster.underlay(), node.name())] {
+        ns.run(
+            "ethtool",
+            &["-K", dev, "tso", "off", "gso", "off", "gro", "on"],
+        )
+        .unwrap();
+    }
+}
+
+#[test]
+fn xdp_decapsulates_before_gro_where_frames_arrive_mtu_sized_and_survives_kill9() {
+    let cluster = Cluster::builder()
+        .nodes(3)
+        .pods_per_node(0)
+        .network_config(VXLAN)
+        .start_agents(false)
+        .build()
+        .unwrap();
+    for node in cluster.nodes() {
+        nic_like(&cluster, node);
+    }
+    // Nodes 0 and 1 decide by themselves (`--xdp auto`); node 2 is told not to.
+    for node in &cluster.nodes()[..2] {
+        node.start_agent(&[]).unwrap();
+    }
+    cluster.node(2).start_agent(&["--xdp", "off"]).unwrap();
+    for node in cluster.nodes() {
+        node.subnet_env().unwrap();
+        node.add_pod("p0").unwrap();
+    }
+    let xdp_on = |node: &Node| {
+        eth0_programs(node)
+            .iter()
+            .any(|(name, kind)| name == "underlay_xdp" && *kind == AttachKind::Xdp)
+    };
+    assert!(xdp_on(cluster.node(0)) && xdp_on(cluster.node(1)));
+    assert!(!xdp_on(cluster.node(2)), "--xdp off");
+    agent_of(cluster.node(0))
+        .wait_for_log("XDP decapsulation on eth0", Duration::from_secs(5))
+        .unwrap();
+
+    let pods: Vec<Pod> = (0..3).map(|i| cluster.pod(i, 0)).collect();
+    for (i, from) in pods.iter().enumerate() {
+        for (j, to) in pods.iter().enumerate() {
+            if i != j {
+                assert_ping(from, to);
+            }
+        }
+    }
+    // Node 1 receives a checked transfer: decapsulated in XDP, then aggregated by GRO (fewer
+    // packets reach TC than frames XDP saw) and delivered straight into the pod.
+    let before = counters(cluster.node(1));
+    assert_tcp(&pods[0], &pods[1]);
+    let d = grown(&before, &counters(cluster.node(1)));
+    let (xdp, delivered) = (
+        d.get("xdp_decap").copied().unwrap_or(0),
+        d.get("decap_endpoint").copied().unwrap_or(0),
+    );
+    assert!(xdp > 500, "{d:?}");
+    assert!(
+        delivered > 0 && delivered < xdp / 2,
+        "GRO aggregated nothing: {d:?}"
+    );
+    assert!(d.keys().all(|k| !k.starts_with("drop_")), "{d:?}");
+    // Node 2 (TC only) receives from an XDP node and sends to one: both work.
+    assert_tcp(&pods[0], &pods[2]);
+    let before = counters(cluster.node(2));
+    assert_tcp(&pods[1], &pods[2]);
+    let d = grown(&before, &counters(cluster.node(2)));
+    assert_eq!(d.get("xdp_decap"), None, "{d:?}");
+    assert!(d.get("decap_endpoint").copied().unwrap_or(0) >= 10, "{d:?}");
+
+    // kill -9 of both agents in the middle of a transfer: the pinned XDP link keeps working,
+    // the next agents take it over.
+    let r = transfer_across_agent_kill9(
+        &cluster.nodes()[..2],
+        &pods[0],
+        &pods[1],
+        256 << 20,
+        &[],
+        || {},
+    );
+    assert_eq!(r.bytes, 256 << 20);
+    for node in &cluster.nodes()[..2] {
+        agent_of(node)
+            .wait_for_log(
+                "underlay_xdp: took over the pinned link on eth0",
+                Duration::from_secs(10),
+            )
+            .unwrap();
+        assert!(xdp_on(node));
+    }
+}
+
+#[test]
+fn a_veth_underlay_passing_tso_keeps_tc_decapsulation() {
+    let cluster = two_nodes(VXLAN);
+    for node in cluster.nodes() {
+        assert!(
+            eth0_programs(node)
+                .iter()
+                .all(|(_, kind)| *kind != AttachKind::Xdp),
+            "{}: {:?}",
+            node.name(),
+            eth0_programs(node)
+        );
+        agent_of(node)
+            .wait_for_log("XDP decapsulation off on eth0", Duration::from_secs(5))
+            .unwrap();
+    }
+    assert_tcp(&cluster.pod(0, 0), &cluster.pod(1, 0));
+}
