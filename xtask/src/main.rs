@@ -45,6 +45,14 @@ enum Cmd {
     },
     /// Run the demo: a local etcd and a namespace cluster with pods on several nodes.
     Demo,
+    /// Benchmark this data path against flannel's kernel paths (release build; writes
+    /// docs/bench/ unless --out says otherwise). `cargo xtask bench --help` lists the options.
+    #[command(disable_help_flag = true)]
+    Bench {
+        /// Options of `overlay-bench run` (e.g. --quick, --paths D,K,E, --out /tmp/x).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Run the whole test suite: unit tests, then the root tests one at a time.
     Test {
         /// Only run root tests whose name contains this filter (unit tests still run all).
@@ -74,6 +82,7 @@ fn run_cli(cli: Cli) -> Result<()> {
         Cmd::BuildEbpf => build_ebpf(&root).map(|_| ()),
         Cmd::Build { release } => build(&root, release).map(|_| ()),
         Cmd::Demo => demo(&root),
+        Cmd::Bench { args } => bench(&root, &args),
         Cmd::Test { filter } => test(&root, filter.as_deref()),
     }
 }
@@ -165,20 +174,38 @@ fn build(root: &Path, release: bool) -> Result<Built> {
 
 fn demo(root: &Path) -> Result<()> {
     setup::require_root("the demo creates network namespaces")?;
+    let no_args: [String; 0] = [];
+    run_release(
+        root,
+        &["overlay-tests", "--bin", "overlay-demo"],
+        &no_args,
+        "running the demo",
+    )
+}
+
+fn bench(root: &Path, args: &[String]) -> Result<()> {
+    if !args.iter().any(|a| a == "--help" || a == "-h") {
+        setup::require_root("the benchmark creates network namespaces")?;
+    }
+    run_release(
+        root,
+        &["overlay-bench", "--", "run"],
+        args,
+        "running the benchmark",
+    )
+}
+
+/// Builds the agent in release, then `cargo run --release --package <package_args> <args>`
+/// with the release agent (and `ovl-xfer`) for the harness to find.
+fn run_release(root: &Path, package_args: &[&str], args: &[String], step: &str) -> Result<()> {
     let Built { agent, .. } = build(root, true)?;
     let mut cmd = cargo();
-    cmd.args([
-        "run",
-        "--quiet",
-        "--release",
-        "--package",
-        "overlay-tests",
-        "--bin",
-        "overlay-demo",
-    ])
-    .env("OVERLAY_AGENT_BIN", &agent)
-    .env("OVL_XFER_BIN", agent.with_file_name("ovl-xfer"));
-    run(&mut cmd, "running the demo")
+    cmd.args(["run", "--quiet", "--release", "--package"])
+        .args(package_args)
+        .args(args)
+        .env("OVERLAY_AGENT_BIN", &agent)
+        .env("OVL_XFER_BIN", agent.with_file_name("ovl-xfer"));
+    run(&mut cmd, step)
 }
 
 fn test(root: &Path, filter: Option<&str>) -> Result<()> {
@@ -193,17 +220,23 @@ fn test(root: &Path, filter: Option<&str>) -> Result<()> {
         "overlay-ebpf",
         "--exclude",
         "overlay-tests",
+        "--exclude",
+        "overlay-bench",
     ])
     .env("OVERLAY_EBPF_OBJECT", &object);
     run(&mut unit, "unit tests")?;
 
-    println!("== root tests: namespaces, etcd, the real agent (one at a time)");
+    println!(
+        "== root tests: namespaces, etcd, the real agent, the quick benchmark (one at a time)"
+    );
     setup::require_root("the root tests create network namespaces and load eBPF programs")?;
     let mut e2e = cargo();
     e2e.args([
         "test",
         "--package",
         "overlay-tests",
+        "--package",
+        "overlay-bench",
         "--",
         "--test-threads=1",
     ])

@@ -115,6 +115,11 @@ pub const APT_PACKAGES: &[AptPackage] = &[
         verify: &[&["fc-match", "DejaVu Sans"]],
     },
     AptPackage {
+        name: "linux-perf",
+        why: "perf, for the benchmark's --profile (top kernel symbols per path)",
+        verify: &[&["perf", "--version"]],
+    },
+    AptPackage {
         name: "pkg-config",
         why: "finds fontconfig for the benchmark's chart crate",
         verify: &[&["pkg-config", "--version"]],
