@@ -5,7 +5,7 @@
 //! - `host`: tcx egress on the host device (encapsulation of host traffic to peers).
 //!
 //! `lib/`: `maps` (CONFIG, ROUTE_V4, NODE_V4), `counters` (COUNTERS and the verdict/drop-reason
-//! plumbing), `encap`/`decap` (VXLAN), `direct` (host-gw and DirectRouting), `hdr`, `ptr`,
+//! plumbing), `events` (sampled drop events, DROP_EVENTS), `encap`/`decap` (VXLAN), `direct` (host-gw and DirectRouting), `hdr`, `ptr`,
 //! `csum`, `ipv4` (packet access and rewrites).
 #![no_std]
 #![no_main]
@@ -16,6 +16,7 @@ mod lib {
     pub mod decap;
     pub mod direct;
     pub mod encap;
+    pub mod events;
     pub mod hdr;
     pub mod ipv4;
     pub mod maps;

@@ -657,6 +657,11 @@ impl Node {
         self.dir.join("subnet.env")
     }
 
+    /// The `--status-file` given to its agents (and to [`Node::agent_cmd`]).
+    pub fn status_file(&self) -> PathBuf {
+        self.dir.join("status.json")
+    }
+
     /// The etcd URL reachable from the node.
     pub fn etcd_endpoint(&self) -> &str {
         &self.etcd_endpoint
@@ -699,6 +704,7 @@ impl Node {
         default("--iface", "eth0".to_owned());
         default("--subnet-file", self.subnet_file().display().to_string());
         default("--bpf-dir", self.bpf_dir().display().to_string());
+        default("--status-file", self.status_file().display().to_string());
         if let Some(p) = &self.etcd_prefix {
             default("--etcd-prefix", p.clone());
         }
@@ -739,14 +745,16 @@ impl Node {
         Ok(agent)
     }
 
-    /// Runs `overlay-agent <args> --bpf-dir <`[`Node::bpf_dir`]`>` in the node (the agent's
-    /// inspection and maintenance subcommands: `counters`, `peers`, `nat`, `cleanup`, …) and
-    /// returns its stdout; fails when it exits non-zero.
+    /// Runs `overlay-agent <args> --bpf-dir <`[`Node::bpf_dir`]`> --status-file
+    /// <`[`Node::status_file`]`>` in the node (the agent's inspection and maintenance
+    /// subcommands: `counters`, `peers`, `nat`, `status`, `cleanup`, …) and returns its stdout;
+    /// fails when it exits non-zero.
     pub fn agent_cmd(&self, args: &[&str]) -> Result<String> {
         let bin = crate::agent_bin()?;
         let dir = self.bpf_dir().display().to_string();
+        let status = self.status_file().display().to_string();
         let mut all = args.to_vec();
-        all.extend(["--bpf-dir", dir.as_str()]);
+        all.extend(["--bpf-dir", dir.as_str(), "--status-file", status.as_str()]);
         self.ns.run(&bin, &all).with_context(|| {
             format!(
                 "`overlay-agent {} --bpf-dir {dir}` in {}",
