@@ -306,12 +306,13 @@ pub fn normalize_go_flags<I: IntoIterator<Item = OsString>>(args: I) -> Vec<OsSt
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use clap::CommandFactory;
 
     use super::*;
 
-    fn parse(args: &[&str]) -> Cli {
+    /// Parses `args` as the agent's command line (Go spellings included); panics on error.
+    pub(crate) fn parse(args: &[&str]) -> Cli {
         let argv = std::iter::once("overlay-agent")
             .chain(args.iter().copied())
             .map(OsString::from);

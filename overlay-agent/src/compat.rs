@@ -310,18 +310,7 @@ impl Flags {
 
 #[cfg(test)]
 mod tests {
-    use std::ffi::OsString;
-
-    use clap::Parser as _;
-
-    use crate::cli::{Cli, normalize_go_flags};
-
-    fn parse(args: &[&str]) -> Cli {
-        let argv = std::iter::once("overlay-agent")
-            .chain(args.iter().copied())
-            .map(OsString::from);
-        Cli::try_parse_from(normalize_go_flags(argv)).expect("flags parse")
-    }
+    use crate::cli::tests::parse;
 
     /// Every flag `flanneld -help` lists in v0.28 (main.go's flag set, with klog's v, vmodule,
     /// log_backtrace_at), each with a value of its type, in Go's single-dash form.

@@ -184,7 +184,7 @@ pub async fn run(
     loop {
         {
             while let Some(item) = ring.next() {
-                let Ok(event) = bytemuck::try_pod_read_unaligned::<DropEvent>(&*item) else {
+                let Ok(event) = bytemuck::try_pod_read_unaligned::<DropEvent>(&item) else {
                     continue;
                 };
                 if i128::from(event.ktime_ns) < start_mono {

@@ -60,7 +60,7 @@ pub struct DropEvent {
 }
 const _: () = assert!(size_of::<DropEvent>() == 56);
 // The ring buffer hands out 8-byte aligned records.
-const _: () = assert!(size_of::<DropEvent>() % 8 == 0);
+const _: () = assert!(size_of::<DropEvent>().is_multiple_of(8));
 
 /// The per-CPU rate limit's state (`DROP_EVENT_BUDGET`).
 #[repr(C)]

@@ -296,3 +296,15 @@ pub fn http_get(ns: &NetNs, addr: SocketAddr, path: &str) -> anyhow::Result<(u16
         Ok((status, body))
     })
 }
+
+/// Polls `check` every 50 ms until it holds; panics naming `what` after `timeout`.
+pub fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !check() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+}

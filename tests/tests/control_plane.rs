@@ -17,7 +17,7 @@ use ipnet::Ipv4Net;
 use overlay_agent::subnet::Mac;
 use overlay_tests::{
     AgentProcess, AttachKind, Cluster, DEFAULT_ETCD_PREFIX, KeyValue, NetNs, Node,
-    checks::{eth0_programs, http_get, subnet_of, wait_line_since, wait_log_since},
+    checks::{eth0_programs, http_get, subnet_of, wait_line_since, wait_log_since, wait_until},
 };
 
 const VXLAN_CONFIG: &str = r#"{"Network": "172.17.0.0/16", "Backend": {"Type": "vxlan"}}"#;
@@ -116,16 +116,6 @@ fn one_node_with_agent() -> (Cluster, AgentProcess, Ipv4Net) {
 }
 
 /// Polls `check` every 50 ms until it returns true, at most `timeout`; panics naming `what`.
-fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !check() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        thread::sleep(Duration::from_millis(50));
-    }
-}
 
 fn count(haystack: &str, needle: &str) -> usize {
     haystack.matches(needle).count()

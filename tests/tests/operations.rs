@@ -23,7 +23,7 @@ use overlay_tests::{
     agent_bin,
     checks::{
         agent_cmd, assert_host_reaches, assert_pods_talk, eth0_programs, http_get, programs_on,
-        subnet_of,
+        subnet_of, wait_until,
     },
 };
 use serde_json::Value;
@@ -36,17 +36,6 @@ const START: Duration = Duration::from_secs(30);
 const REPAIR: Duration = Duration::from_secs(5);
 
 // ----- helpers -----------------------------------------------------------------------------
-
-fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !check() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        thread::sleep(Duration::from_millis(100));
-    }
-}
 
 fn healthz_addr(node: &Node) -> SocketAddr {
     SocketAddr::new(node.underlay_ip().into(), HEALTHZ_PORT)
@@ -110,6 +99,16 @@ fn vxlan_payload(vni: u32, src: Ipv4Addr, dst: Ipv4Addr, port: u16, data: &[u8])
     f.extend_from_slice(&[0, 0]);
     f.extend_from_slice(data);
     f
+}
+
+/// A cluster whose agents the test starts itself.
+fn cluster_without_agents(nodes: usize) -> Cluster {
+    Cluster::builder()
+        .nodes(nodes)
+        .start_agents(false)
+        .network_config(VXLAN_CONFIG)
+        .build()
+        .unwrap()
 }
 
 fn cluster(nodes: usize, pods: usize, args: &[&str]) -> Cluster {
@@ -584,12 +583,7 @@ fn a_distribution_flanneld_command_line_starts_the_agent() {
 /// before it touches anything.
 #[test]
 fn unimplemented_flanneld_flags_stop_the_agent_with_a_message() {
-    let cluster = Cluster::builder()
-        .nodes(1)
-        .start_agents(false)
-        .network_config(VXLAN_CONFIG)
-        .build()
-        .unwrap();
+    let cluster = cluster_without_agents(1);
     let n0 = cluster.node(0);
     for flag in ["--kube-subnet-mgr", "--public-ipv6=2001:db8::1"] {
         let agent = n0.start_agent(&[flag]).unwrap();
@@ -612,12 +606,7 @@ fn unimplemented_flanneld_flags_stop_the_agent_with_a_message() {
 /// `STOPPING=1` on SIGTERM.
 #[test]
 fn the_agent_notifies_systemd_when_ready_and_pets_the_watchdog() {
-    let cluster = Cluster::builder()
-        .nodes(2)
-        .start_agents(false)
-        .network_config(VXLAN_CONFIG)
-        .build()
-        .unwrap();
+    let cluster = cluster_without_agents(2);
     let n0 = cluster.node(0);
     let socket_path = n0.dir().join("notify.sock");
     let socket = UnixDatagram::bind(&socket_path).unwrap();
@@ -678,12 +667,7 @@ fn the_agent_notifies_systemd_when_ready_and_pets_the_watchdog() {
 /// replaces the settings maps. Restarts with the same layout replace nothing.
 #[test]
 fn pinned_maps_of_another_layout_are_refused_or_migrated_never_reused() {
-    let cluster = Cluster::builder()
-        .nodes(2)
-        .start_agents(false)
-        .network_config(VXLAN_CONFIG)
-        .build()
-        .unwrap();
+    let cluster = cluster_without_agents(2);
     let (n0, n1) = (cluster.node(0), cluster.node(1));
     n1.start_agent(&[]).unwrap();
     let remote = n1.add_pod("p0").unwrap();
