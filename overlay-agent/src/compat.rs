@@ -409,6 +409,22 @@ mod tests {
     }
 
     #[test]
+    fn help_lists_every_flanneld_flag() {
+        use clap::CommandFactory as _;
+        let help = crate::cli::Cli::command().render_long_help().to_string();
+        for arg in FLANNELD_V028 {
+            let name = arg.trim_start_matches('-').split('=').next().unwrap();
+            let flag = if name == "v" {
+                "-v, --v".to_owned()
+            } else {
+                format!("--{name}")
+            };
+            assert!(help.contains(&flag), "--help lacks {flag}");
+        }
+        assert!(help.contains("Accepted for flanneld compatibility"));
+    }
+
+    #[test]
     fn nothing_given_means_no_warning() {
         assert!(parse(&[]).flags.compat.check().unwrap().is_empty());
     }

@@ -186,6 +186,8 @@ pub async fn run(flags: Flags) -> Result<()> {
                     || datapath.pod_bridge() == Some(event.name.as_str());
                 if ours {
                     tracing::debug!("link event: {event:?}");
+                    // The bridge first: one that went away is let go, not "repaired".
+                    node.track_pod_bridge(&mut datapath, &netlink).await;
                     let lease = lease_rx.borrow().clone();
                     check_and_repair(&mut node, &mut datapath, &netlink, &ext, &lease, &telemetry).await;
                 }

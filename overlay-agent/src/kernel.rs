@@ -70,12 +70,17 @@ pub fn check() -> Result<String, MissingFeatures> {
     if !std::path::Path::new(BTF_PATH).exists() {
         missing.push(format!("kernel BTF ({BTF_PATH})"));
     }
-    if !is_program_supported(ProgramType::SchedClassifier).unwrap_or(false) {
-        missing.push("TC (sched_cls) programs".to_owned());
-    } else {
-        for (helper, name) in HELPERS {
-            if !is_helper_supported(ProgramType::SchedClassifier, *helper).unwrap_or(false) {
-                missing.push(format!("the helper {name}"));
+    match is_program_supported(ProgramType::SchedClassifier) {
+        // Without the right to load programs every probe fails: say that, not "missing".
+        Err(e) => missing.push(format!(
+            "the right to load BPF programs ({e}; run as root, or with CAP_BPF and CAP_NET_ADMIN)"
+        )),
+        Ok(false) => missing.push("TC (sched_cls) programs".to_owned()),
+        Ok(true) => {
+            for (helper, name) in HELPERS {
+                if !is_helper_supported(ProgramType::SchedClassifier, *helper).unwrap_or(false) {
+                    missing.push(format!("the helper {name}"));
+                }
             }
         }
     }

@@ -243,6 +243,7 @@ pub fn print_status(bpf_dir: &Path, status_file: &Path, json: bool) -> Result<()
                 &a.object_sha256[..a.object_sha256.len().min(12)]
             );
             match &a.not_ready_reason {
+                _ if !s.agent_running => println!("ready:      NO: the agent is not running"),
                 None => println!("ready:      yes"),
                 Some(why) => println!("ready:      NO: {why}"),
             }

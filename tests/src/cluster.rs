@@ -464,6 +464,19 @@ impl Cluster {
     }
 
     /// Starts an agent on every node with `extra_args`; returns them in node order.
+    /// Deletes node `i`'s `eth0` (and with it its port on the underlay bridge), as an
+    /// operator's mistake or a driver reset does to the agent's external interface.
+    pub fn remove_underlay_link(&self, i: usize) -> Result<()> {
+        self.node(i).ns().ip(&["link", "del", "eth0"]).map(drop)
+    }
+
+    /// Creates node `i`'s `eth0` again as the cluster built it (same name, address, route; a
+    /// new interface index), after [`Cluster::remove_underlay_link`].
+    pub fn restore_underlay_link(&self, i: usize) -> Result<()> {
+        let node = self.node(i);
+        Node::connect_underlay(self, node.ns(), i, node.underlay_ip())
+    }
+
     pub fn start_agents(&self, extra_args: &[&str]) -> Result<Vec<AgentProcess>> {
         self.nodes
             .iter()
@@ -575,22 +588,10 @@ pub struct Node {
 impl Node {
     fn create(cluster: &Cluster, index: usize) -> Result<Self> {
         let name = format!("n{index}");
-        let (bridge, segment, gateway) = if cluster.second_segment.contains(&index) {
-            ("br1", 1, SECOND_SEGMENT_GATEWAY)
-        } else {
-            ("br0", 0, UNDERLAY_GATEWAY)
-        };
+        let segment = u8::from(cluster.second_segment.contains(&index));
         let ip = Ipv4Addr::new(198, 18, segment, u8::try_from(index + 1)?);
         let ns = Arc::new(NetNs::new(format!("{}-{name}", cluster.id))?);
-        let mtu = cluster.underlay_mtu;
-        add_veth(&ns, "eth0", &cluster.ul, &name)?;
-        cluster.ul.set_mtu(&name, mtu)?;
-        cluster.ul.set_master(&name, bridge)?;
-        cluster.ul.link_up(&name)?;
-        ns.set_mtu("eth0", mtu)?;
-        ns.add_addr("eth0", &format!("{ip}/{UNDERLAY_PREFIX_LEN}"))?;
-        ns.link_up("eth0")?;
-        ns.add_default_route(&gateway.to_string(), "eth0")?;
+        Self::connect_underlay(cluster, &ns, index, ip)?;
         ns.sysctl("net.ipv4.ip_forward", "1")?;
         let dir = cluster.dir().join(&name);
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -615,6 +616,26 @@ impl Node {
                 veths: 0,
             }),
         })
+    }
+
+    /// The node's `eth0` (address `ip`), a veth whose other end `n<index>` is a port of the
+    /// underlay bridge of its segment, and the default route through that segment's gateway.
+    fn connect_underlay(cluster: &Cluster, ns: &NetNs, index: usize, ip: Ipv4Addr) -> Result<()> {
+        let name = format!("n{index}");
+        let (bridge, gateway) = if cluster.second_segment.contains(&index) {
+            ("br1", SECOND_SEGMENT_GATEWAY)
+        } else {
+            ("br0", UNDERLAY_GATEWAY)
+        };
+        let mtu = cluster.underlay_mtu;
+        add_veth(ns, "eth0", &cluster.ul, &name)?;
+        cluster.ul.set_mtu(&name, mtu)?;
+        cluster.ul.set_master(&name, bridge)?;
+        cluster.ul.link_up(&name)?;
+        ns.set_mtu("eth0", mtu)?;
+        ns.add_addr("eth0", &format!("{ip}/{UNDERLAY_PREFIX_LEN}"))?;
+        ns.link_up("eth0")?;
+        ns.add_default_route(&gateway.to_string(), "eth0")
     }
 
     fn state(&self) -> MutexGuard<'_, NodeState> {

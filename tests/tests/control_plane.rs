@@ -115,8 +115,6 @@ fn one_node_with_agent() -> (Cluster, AgentProcess, Ipv4Net) {
     (cluster, agent, subnet)
 }
 
-/// Polls `check` every 50 ms until it returns true, at most `timeout`; panics naming `what`.
-
 fn count(haystack: &str, needle: &str) -> usize {
     haystack.matches(needle).count()
 }

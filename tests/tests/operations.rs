@@ -456,6 +456,42 @@ fn deleted_ovl0_and_a_detached_underlay_link_are_repaired_and_traffic_resumes() 
     assert!(agent.is_running());
 }
 
+/// The external interface deleted: `/readyz` says 503 naming the detached programs and the
+/// device, for as long as it is gone; re-created (a new interface index), the agent hears the
+/// link event, attaches to it again, `/readyz` is 200 and pods talk again.
+#[test]
+fn a_deleted_external_interface_is_not_ready_and_its_recreation_is_repaired() {
+    let port = HEALTHZ_PORT.to_string();
+    let cluster = cluster(2, 1, &["--healthz-port", &port]);
+    let (n0, a, b) = (cluster.node(0), cluster.pod(0, 0), cluster.pod(1, 0));
+    assert_pods_talk(&a, &b);
+    // Over the node's loopback: eth0 is about to go.
+    let local = SocketAddr::from(([127, 0, 0, 1], HEALTHZ_PORT));
+    let readyz = || http_get(n0.ns(), local, "/readyz").unwrap();
+    wait_until("/readyz 200", START, || readyz().0 == 200);
+
+    cluster.remove_underlay_link(0).unwrap();
+    wait_until("/readyz 503 without eth0", REPAIR, || readyz().0 == 503);
+    let (_, body) = readyz();
+    assert!(
+        body.contains("data path detached") && body.contains("underlay_ingress on eth0"),
+        "{body}"
+    );
+    thread::sleep(Duration::from_secs(2));
+    assert_eq!(readyz().0, 503, "not ready for as long as eth0 is gone");
+
+    cluster.restore_underlay_link(0).unwrap();
+    wait_until("/readyz 200 with eth0 back", REPAIR, || readyz().0 == 200);
+    assert_eq!(
+        eth0_programs(n0),
+        [
+            ("underlay_egress".to_owned(), AttachKind::TcxEgress),
+            ("underlay_ingress".to_owned(), AttachKind::TcxIngress),
+        ]
+    );
+    assert_pods_talk(&a, &b);
+}
+
 // ----- readiness ---------------------------------------------------------------------------
 
 /// `/readyz` turns 503 with the reason when etcd has been unreachable for longer than
