@@ -10,8 +10,13 @@ use std::{
 
 use clap::{ArgAction, Args as ClapArgs, Parser, Subcommand, builder::BoolishValueParser};
 
+use crate::compat::FlanneldCompat;
+
 /// Where programs and maps are pinned so that a restarted agent adopts them.
 pub const DEFAULT_BPF_DIR: &str = "/sys/fs/bpf/overlay";
+/// Where the agent keeps its runtime state for `overlay-agent status`: beside flannel's
+/// subnet file, on the tmpfs /run.
+pub const DEFAULT_STATUS_FILE: &str = "/run/flannel/overlay-status.json";
 
 /// flannel-compatible overlay network agent with an eBPF data path.
 ///
@@ -19,7 +24,13 @@ pub const DEFAULT_BPF_DIR: &str = "/sys/fs/bpf/overlay";
 /// flanneld uses), writes the subnet file for the container runtime, and forwards pod traffic
 /// between nodes with eBPF programs instead of a kernel VXLAN device and iptables.
 #[derive(Debug, Parser)]
-#[command(name = "overlay-agent", version, about, long_about)]
+#[command(
+    name = "overlay-agent",
+    version,
+    about,
+    long_about,
+    args_override_self = true
+)]
 pub struct Cli {
     #[command(flatten)]
     pub flags: Flags,
@@ -33,19 +44,86 @@ pub enum Command {
     Run,
     /// Print the data path's counters (packets and bytes per forward/drop reason), read from
     /// the maps pinned under --bpf-dir: `<name> <packets> <bytes>` per line.
-    Counters,
+    Counters {
+        #[arg(short = 'o', long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
     /// Print the remote subnets the data path routes, read from the pinned maps:
     /// `<subnet> <public IP> <VtepMAC>` per line.
-    Peers,
+    Peers {
+        #[arg(short = 'o', long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
     /// Print the masqueraded flows (`--ip-masq`), read from the pinned maps: `<proto> <pod>
     /// <remote> via <translated> <state> idle=<s>` per line, then `entries <n> capacity <max>`.
-    Nat,
+    Nat {
+        #[arg(short = 'o', long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// The node at a glance: the agent's lease and its expiry, etcd reachability, readiness,
+    /// the interfaces and the programs the kernel has attached to them, the pod bridge, the
+    /// peers and how each is reached, NAT pressure. Reads the agent's --status-file and asks
+    /// the kernel; works while the agent is down too.
+    Status {
+        #[arg(short = 'o', long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// Show sampled drop events from the data path live (reason, device, addresses, ports,
+    /// and for VXLAN the outer addresses), until interrupted or --count events were shown.
+    Monitor {
+        /// Which events: only `drop` exists.
+        #[arg(long = "type", value_enum, default_value_t = EventType::Drop)]
+        event_type: EventType,
+        #[arg(short = 'o', long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+        /// Stop after this many events.
+        #[arg(long)]
+        count: Option<u64>,
+        /// Stop after this many seconds.
+        #[arg(long, value_parser = parse_seconds)]
+        timeout: Option<Duration>,
+    },
     /// Print the local pods the data path delivers to directly (read from the pinned maps):
     /// `<pod address> <host-side veth index> <pod MAC>` per line.
     Endpoints,
     /// Remove everything the agent installed in this network namespace: detach and unpin its
     /// programs, remove its maps, delete the host device ovl0. The subnet lease stays in etcd.
     Cleanup,
+}
+
+/// How the inspection subcommands print.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Output {
+    /// Lines for people.
+    Text,
+    /// One JSON document (`monitor`: one JSON object per line).
+    Json,
+}
+
+/// The event types `monitor` shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum EventType {
+    Drop,
+}
+
+/// What to do when the maps pinned under --bpf-dir have another layout than this agent's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LayoutMismatch {
+    /// Replace the maps whose layout differs (their state is rebuilt from etcd; their
+    /// counters or masqueraded flows start empty); keep the others.
+    Migrate,
+    /// Stop with a message naming the maps and the command that clears them.
+    Refuse,
+}
+
+impl LayoutMismatch {
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Migrate => "migrate",
+            Self::Refuse => "refuse",
+        }
+    }
 }
 
 /// flanneld's flags. Every flag can also be set from the environment as `FLANNELD_<NAME>`
@@ -157,7 +235,7 @@ pub struct Flags {
     pub iptables_forward_rules: bool,
 
     /// Log verbosity as flanneld's glog level: 0 info, 1+ debug, 5+ trace (RUST_LOG overrides).
-    #[arg(short = 'v', env = "FLANNELD_V", default_value_t = 0)]
+    #[arg(short = 'v', long = "v", env = "FLANNELD_V", default_value_t = 0)]
     pub verbosity: u8,
 
     /// Name of the pod bridge (docker0, cni0). Default: the interface holding the subnet's
@@ -180,6 +258,30 @@ pub struct Flags {
     /// Directory under bpffs where the data path's programs and maps are pinned.
     #[arg(long, env = "OVERLAY_BPF_DIR", default_value = DEFAULT_BPF_DIR, global = true)]
     pub bpf_dir: PathBuf,
+
+    /// Where the agent keeps its runtime state (lease, etcd reachability, readiness) for
+    /// `overlay-agent status`, rewritten every second.
+    #[arg(
+        long,
+        env = "OVERLAY_STATUS_FILE",
+        default_value = DEFAULT_STATUS_FILE,
+        global = true
+    )]
+    pub status_file: PathBuf,
+
+    /// /readyz answers 503 once etcd has been unreachable for this many seconds.
+    #[arg(long, env = "OVERLAY_HEALTH_ETCD_TIMEOUT", default_value = "60",
+          value_parser = parse_seconds)]
+    pub health_etcd_timeout: Duration,
+
+    /// What to do when the maps pinned under --bpf-dir have another layout than this agent's.
+    #[arg(long, env = "OVERLAY_PINNED_LAYOUT_MISMATCH", value_enum,
+          default_value_t = LayoutMismatch::Migrate)]
+    pub pinned_layout_mismatch: LayoutMismatch,
+
+    /// The rest of flanneld's flags (accepted with a warning, or refused for now).
+    #[command(flatten)]
+    pub compat: FlanneldCompat,
 
     /// Developer option: TTL of the subnet lease in seconds (flannel's 24 h by default).
     #[arg(long, env = "OVERLAY_DEV_LEASE_TTL", hide = true, value_parser = parse_seconds)]
@@ -241,12 +343,13 @@ pub fn normalize_go_flags<I: IntoIterator<Item = OsString>>(args: I) -> Vec<OsSt
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use clap::CommandFactory;
 
     use super::*;
 
-    fn parse(args: &[&str]) -> Cli {
+    /// Parses `args` as the agent's command line (Go spellings included); panics on error.
+    pub(crate) fn parse(args: &[&str]) -> Cli {
         let argv = std::iter::once("overlay-agent")
             .chain(args.iter().copied())
             .map(OsString::from);

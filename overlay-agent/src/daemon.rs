@@ -9,8 +9,16 @@
 //! either control-plane task ends unexpectedly the daemon fails rather than run half-blind; if
 //! the endpoint watcher fails, its endpoints are withdrawn (pods are then reached through the
 //! bridge) and it is restarted.
+//!
+//! Operations: the effective flags are logged and flanneld's other flags checked
+//! (`compat`), the kernel's features checked (`kernel`) before anything is touched; systemd
+//! hears `READY=1` once the node is ready and `WATCHDOG=1` while the main loop runs
+//! (`notify`). Every second the main loop checks the data path's attachments against the
+//! kernel and repairs them (also at once on netlink link events, `linkwatch`), and writes the
+//! status file; an etcd prober task records reachability. All of it feeds `telemetry`, which
+//! `/readyz`, `/metrics` and `overlay-agent status` report.
 
-use std::{collections::BTreeMap, net::SocketAddr, path::Path, time::Duration};
+use std::{collections::BTreeMap, net::SocketAddr, path::Path, sync::Arc, time::Duration};
 
 use anyhow::{Context as _, Result, bail};
 use tokio::{
@@ -26,6 +34,7 @@ use overlay_common::{endpoint::Endpoint, route::RemoteNode};
 use crate::{
     cli::{Flags, PodHook, XdpPolicy},
     config::{Backend, DEFAULT_VNI, DEFAULT_VXLAN_PORT, NetworkConfig},
+    datapath::repair,
     datapath::{
         Datapath, NodeConfig, Routing,
         nat::{NatSettings, pinned_nat_flows},
@@ -35,12 +44,16 @@ use crate::{
     endpoints::{BridgeScope, run_watcher},
     healthz,
     iface::{self, ExternalInterface},
+    kernel, linkwatch,
     netdev::{HOST_DEVICE, HostDeviceSpec, Netlink, find_pod_bridge},
+    notify::Notifier,
+    subnet::lease::config_key,
     subnet::{
         EtcdOptions, EtcdRegistry, Lease, LeaseAttrs, Mac, ManagerOptions, PeerEvent,
         SubnetManager,
         file::{SubnetEnv, first_usable, previous_subnet, write_subnet_file},
     },
+    telemetry::Telemetry,
 };
 
 /// flannel's refusal to run host-gw behind NAT, word for word.
@@ -55,6 +68,19 @@ pub async fn run(flags: Flags) -> Result<()> {
     // Handlers first, so that a signal during start-up still ends the agent cleanly.
     let mut signals = Signals::new()?;
 
+    info!("CLI flags config: {}", flags.effective());
+    for warning in flags.compat.check()? {
+        warn!("{warning}");
+    }
+    let release = kernel::check()?;
+    info!("kernel {release}: tcx, BTF and every helper the data path uses are available");
+    let notifier = Notifier::from_env().context("systemd notification socket")?;
+    let telemetry = Arc::new(Telemetry::new(
+        flags.health_etcd_timeout,
+        flags.etcd_endpoints.clone(),
+    ));
+    let mut healthz = start_healthz(&flags, telemetry.clone()).await?;
+
     let ext = iface::discover(&flags.iface, &flags.iface_regex, flags.public_ip)
         .await
         .context("choosing the external interface")?;
@@ -62,20 +88,22 @@ pub async fn run(flags: Flags) -> Result<()> {
         "using interface {} (index {}, MTU {}), address {}, public IP {}",
         ext.name, ext.index, ext.mtu, ext.iface_addr, ext.public_ip
     );
+    telemetry.set_interface(&ext.name, ext.public_ip);
 
-    let (set_ready, ready) = watch::channel(false);
-    let mut healthz = start_healthz(&flags, ready).await?;
-
+    telemetry.phase("connecting to etcd");
     let registry = EtcdRegistry::connect(&etcd_options(&flags))
         .await
         .context("connecting to etcd")?;
     let manager = SubnetManager::new(registry, &flags.etcd_prefix, manager_options(&flags)?)?;
+    let mut prober = tokio::spawn(probe_etcd(manager.clone(), telemetry.clone()));
+    telemetry.phase("waiting for the network config in etcd");
 
     let config = tokio::select! {
         config = manager.wait_for_network_config() => config,
         signal = signals.recv() => return shut_down(signal),
     };
     check_backend(&config.backend, &ext)?;
+    telemetry.phase("acquiring a subnet lease");
 
     // The node's settings for the data path, among them the VtepMAC its lease publishes.
     let mut node = NodeDatapath::new(&flags, &config, &ext);
@@ -86,10 +114,18 @@ pub async fn run(flags: Flags) -> Result<()> {
         signal = signals.recv() => return shut_down(signal),
     };
     info!("Lease acquired: {}", lease.subnet);
+    telemetry.set_lease(
+        lease.subnet,
+        lease.expiration.map(tokio::time::Instant::into_std),
+        manager.options().renew_margin,
+    );
+    telemetry.phase("attaching the data path");
 
     let netlink = Netlink::new()?;
+    // Subscribed before the first attachment, so no deletion goes unheard.
+    let mut links = linkwatch::subscribe().context("subscribing to netlink link events")?;
     enable_ip_forwarding()?;
-    let mut datapath = Datapath::load_pinned(&flags.bpf_dir)?;
+    let mut datapath = Datapath::load_pinned_checked(&flags.bpf_dir, flags.pinned_layout_mismatch)?;
     datapath.attach_underlay(&ext.name)?;
     info!("data path attached to {}", ext.name);
     if datapath.decap_clears_tunnel_gso() {
@@ -102,8 +138,9 @@ pub async fn run(flags: Flags) -> Result<()> {
              (harmless for delivery straight into pods; the bridge fallback segments in software)"
         );
     }
-    attach_xdp(flags.xdp, &mut datapath, &netlink, &ext).await?;
+    attach_xdp(node.xdp, &mut datapath, &netlink, &ext).await?;
     node.apply_lease(&mut datapath, &netlink, &lease).await?;
+    telemetry.set_host_device(Some(HOST_DEVICE));
     node.track_pod_bridge(&mut datapath, &netlink).await;
 
     // Masquerade (`--ip-masq`) in the data path; off means off (flows forgotten).
@@ -117,8 +154,20 @@ pub async fn run(flags: Flags) -> Result<()> {
     }
     let mut nat_sweep = tokio::time::interval(nat.timeouts.sweep_interval());
 
+    telemetry.set_network(config.backend.type_name(), config.network, nat.enabled);
     write_env(&flags, &config, &ext, &lease)?;
-    set_ready.send_replace(true);
+    telemetry.set_bridge(datapath.pod_bridge());
+    telemetry.started();
+    write_status(&telemetry, &flags.status_file);
+    notifier.ready(&format!("serving {} on {}", lease.subnet, ext.name));
+    if let Some(every) = notifier.watchdog_interval() {
+        info!("systemd watchdog: notifying every {every:?}");
+    }
+    let mut watchdog = tokio::time::interval(
+        notifier
+            .watchdog_interval()
+            .unwrap_or(Duration::from_secs(3600)),
+    );
 
     let (lease_tx, mut lease_rx) = watch::channel(lease.clone());
     let (peer_tx, mut peers) = mpsc::channel(PEER_EVENT_QUEUE);
@@ -141,13 +190,37 @@ pub async fn run(flags: Flags) -> Result<()> {
     let outcome = loop {
         tokio::select! {
             signal = signals.recv() => break shut_down(signal),
-            _ = bridge_poll.tick() => node.track_pod_bridge(&mut datapath, &netlink).await,
+            _ = bridge_poll.tick() => {
+                node.track_pod_bridge(&mut datapath, &netlink).await;
+                let lease = lease_rx.borrow().clone();
+                check_and_repair(&mut node, &mut datapath, &netlink, &ext, &lease, &telemetry).await;
+                telemetry.set_bridge(datapath.pod_bridge());
+                write_status(&telemetry, &flags.status_file);
+            }
+            _ = watchdog.tick(), if notifier.watchdog_interval().is_some() => notifier.watchdog(),
+            Some(event) = links.events.recv() => {
+                let ours = event.name == ext.name
+                    || event.name == HOST_DEVICE
+                    || datapath.pod_bridge() == Some(event.name.as_str());
+                if ours {
+                    tracing::debug!("link event: {event:?}");
+                    // The bridge first: one that went away is let go, not "repaired".
+                    node.track_pod_bridge(&mut datapath, &netlink).await;
+                    let lease = lease_rx.borrow().clone();
+                    check_and_repair(&mut node, &mut datapath, &netlink, &ext, &lease, &telemetry).await;
+                }
+            }
             _ = nat_sweep.tick(), if nat.enabled => sweep_nat(&mut datapath),
             changed = lease_rx.changed() => {
                 if changed.is_err() {
                     break Err(anyhow::anyhow!("the lease keeper stopped"));
                 }
                 let lease = lease_rx.borrow_and_update().clone();
+                telemetry.set_lease(
+                    lease.subnet,
+                    lease.expiration.map(tokio::time::Instant::into_std),
+                    manager.options().renew_margin,
+                );
                 if lease.subnet != subnet {
                     info!("subnet changed from {subnet} to {} after re-acquisition", lease.subnet);
                     subnet = lease.subnet;
@@ -208,6 +281,9 @@ pub async fn run(flags: Flags) -> Result<()> {
     }
     healthz.abort();
     endpoint_watcher.abort();
+    prober.abort();
+    let _ = (&mut prober).await;
+    notifier.stopping();
     report_counters(&datapath);
     drop(datapath);
     info!(
@@ -236,6 +312,8 @@ struct NodeDatapath {
     bridge: Option<(String, u32)>,
     /// The bridge and subnet the endpoint watcher looks at.
     scope: watch::Sender<Option<BridgeScope>>,
+    /// `--xdp`, for re-attaching after a repair.
+    xdp: XdpPolicy,
 }
 
 impl NodeDatapath {
@@ -251,6 +329,7 @@ impl NodeDatapath {
             subnet: config.network,
             bridge: None,
             scope: watch::Sender::new(None),
+            xdp: flags.xdp,
         }
     }
 
@@ -634,15 +713,105 @@ fn write_env(
 
 async fn start_healthz(
     flags: &Flags,
-    ready: watch::Receiver<bool>,
+    telemetry: Arc<Telemetry>,
 ) -> Result<JoinHandle<std::io::Result<()>>> {
     if flags.healthz_port == 0 {
         // Off, as in flanneld: a task that never ends keeps the main loop uniform.
         return Ok(tokio::spawn(std::future::pending()));
     }
+    let ready = healthz::Readiness {
+        telemetry,
+        bpf_dir: flags.bpf_dir.clone(),
+    };
     let server =
         healthz::bind(SocketAddr::new(flags.healthz_ip, flags.healthz_port), ready).await?;
     Ok(tokio::spawn(server))
+}
+
+/// How often the prober asks etcd, and how long it waits for an answer.
+const ETCD_PROBE_PERIOD: Duration = Duration::from_secs(1);
+const ETCD_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Asks etcd for the network config key every second and records whether it answered, so
+/// that readiness and metrics know etcd's reachability (the lease keeper and the peer watcher
+/// only notice on their own schedule). Runs until aborted.
+async fn probe_etcd(manager: SubnetManager<EtcdRegistry>, telemetry: Arc<Telemetry>) {
+    use crate::subnet::Registry as _;
+    let key = config_key(manager.prefix());
+    loop {
+        let result =
+            match tokio::time::timeout(ETCD_PROBE_TIMEOUT, manager.registry().get(&key)).await {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err(format!("no answer within {ETCD_PROBE_TIMEOUT:?}")),
+            };
+        if let Err(e) = &result
+            && telemetry.etcd_reachable()
+        {
+            warn!("etcd became unreachable: {e}");
+        } else if result.is_ok() && !telemetry.etcd_reachable() {
+            info!("etcd is reachable");
+        }
+        telemetry.etcd_probe(result);
+        tokio::time::sleep(ETCD_PROBE_PERIOD).await;
+    }
+}
+
+fn write_status(telemetry: &Telemetry, path: &Path) {
+    if let Err(e) = telemetry.write_status_file(path) {
+        tracing::debug!("cannot write the status file {}: {e}", path.display());
+    }
+}
+
+/// Asks the kernel whether every program is still attached where the agent put it, and
+/// re-attaches what is not: the underlay programs on the external interface, `ovl0` recreated
+/// with its program (through the lease's settings), `pod_egress` on the bridge. What cannot be
+/// repaired is reported as not ready until a later check succeeds.
+async fn check_and_repair(
+    node: &mut NodeDatapath,
+    datapath: &mut Datapath,
+    netlink: &Netlink,
+    ext: &ExternalInterface,
+    lease: &Lease,
+    telemetry: &Telemetry,
+) {
+    let problems = datapath.attachment_problems();
+    if problems.is_empty() {
+        telemetry.set_datapath_problem(None);
+        return;
+    }
+    for p in &problems {
+        warn!("data path: {p}; repairing");
+    }
+    let (underlay, host, pod) = repair::affects(&problems);
+    if underlay {
+        if let Err(e) = datapath.attach_underlay(&ext.name) {
+            warn!("cannot re-attach to {}: {e}", ext.name);
+        } else if let Err(e) = attach_xdp(node.xdp, datapath, netlink, ext).await {
+            warn!("cannot re-attach XDP to {}: {e:#}", ext.name);
+        }
+    }
+    if host && let Err(e) = node.apply_lease(datapath, netlink, lease).await {
+        warn!("cannot recreate {HOST_DEVICE}: {e:#}");
+    }
+    if pod
+        && let Some(bridge) = datapath
+            .attached_to(crate::datapath::POD_EGRESS)
+            .map(str::to_owned)
+        && let Err(e) = datapath.attach_pod_bridge(&bridge)
+    {
+        warn!("cannot re-attach to the pod bridge {bridge}: {e}");
+    }
+    let left = datapath.attachment_problems();
+    if left.is_empty() {
+        let what: Vec<String> = problems.iter().map(ToString::to_string).collect();
+        info!("data path repaired ({})", what.join("; "));
+        telemetry.count_repair();
+        telemetry.set_datapath_problem(None);
+    } else {
+        let what: Vec<String> = left.iter().map(ToString::to_string).collect();
+        telemetry.set_datapath_problem(Some(what.join("; ")));
+    }
 }
 
 /// `overlay-agent counters`: the pinned counters, one `<name> <packets> <bytes>` per line.

@@ -4,8 +4,8 @@ use std::process::ExitCode;
 
 use clap::Parser as _;
 use overlay_agent::{
-    cli::{Cli, Command, normalize_go_flags},
-    daemon,
+    cli::{Cli, Command, EventType, Output, normalize_go_flags},
+    daemon, monitor, status,
 };
 use tracing::error;
 use tracing_subscriber::EnvFilter;
@@ -14,13 +14,27 @@ use tracing_subscriber::EnvFilter;
 async fn main() -> ExitCode {
     let cli = Cli::parse_from(normalize_go_flags(std::env::args_os()));
     init_tracing(cli.flags.verbosity);
+    let dir = cli.flags.bpf_dir.clone();
+    let json = |o: Output| o == Output::Json;
     let result = match cli.command.unwrap_or(Command::Run) {
         Command::Run => daemon::run(cli.flags).await,
-        Command::Counters => daemon::print_counters(&cli.flags.bpf_dir),
-        Command::Peers => daemon::print_peers(&cli.flags.bpf_dir),
-        Command::Nat => daemon::print_nat(&cli.flags.bpf_dir),
-        Command::Endpoints => daemon::print_endpoints(&cli.flags.bpf_dir),
-        Command::Cleanup => daemon::cleanup(&cli.flags.bpf_dir).await,
+        Command::Counters { output } if json(output) => status::print_counters_json(&dir),
+        Command::Counters { .. } => daemon::print_counters(&dir),
+        Command::Peers { output } if json(output) => status::print_peers_json(&dir),
+        Command::Peers { .. } => daemon::print_peers(&dir),
+        Command::Nat { output } if json(output) => status::print_nat_json(&dir),
+        Command::Nat { .. } => daemon::print_nat(&dir),
+        Command::Status { output } => {
+            status::print_status(&dir, &cli.flags.status_file, json(output))
+        }
+        Command::Monitor {
+            event_type: EventType::Drop,
+            output,
+            count,
+            timeout,
+        } => monitor::run(&dir, json(output), count, timeout).await,
+        Command::Endpoints => daemon::print_endpoints(&dir),
+        Command::Cleanup => daemon::cleanup(&dir).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -6,7 +6,8 @@
 //!
 //! One module per concept: `config` (the node's settings, `CONFIG`), `route` (remote subnets and
 //! member nodes, `ROUTE_V4` / `NODE_V4`), `endpoint` (local pods, `ENDPOINT_V4`), `counters` (`COUNTERS`), `nat` (masquerade: `NAT_CONFIG`, `NAT_EXCLUDE_V4`,
-//! `SNAT_V4_CT`, `SNAT_V4_REV`), `wire` (VXLAN constants).
+//! `SNAT_V4_CT`, `SNAT_V4_REV`), `events` (sampled drop events, `DROP_EVENTS`), `wire` (VXLAN
+//! constants), `layout` (the fingerprint of the pinned maps' layouts).
 #![no_std]
 
 #[cfg(feature = "user")]
@@ -15,6 +16,8 @@ extern crate std;
 pub mod config;
 pub mod counters;
 pub mod endpoint;
+pub mod events;
+pub mod layout;
 pub mod nat;
 pub mod route;
 pub mod wire;

@@ -6,7 +6,7 @@
 //! - `probe`: not attached; run once by the agent to learn what the kernel supports.
 //!
 //! `lib/`: `maps` (CONFIG, ROUTE_V4, NODE_V4), `counters` (COUNTERS and the verdict/drop-reason
-//! plumbing), `encap`/`decap` (VXLAN, XDP decapsulation), `endpoint` (delivery into local pods), `direct` (host-gw and DirectRouting), `hdr`, `ptr`,
+//! plumbing), `events` (sampled drop events, DROP_EVENTS), `encap`/`decap` (VXLAN, XDP decapsulation), `endpoint` (delivery into local pods), `direct` (host-gw and DirectRouting), `hdr`, `ptr`,
 //! `csum`, `ipv4` (packet access and rewrites).
 #![no_std]
 #![no_main]
@@ -18,6 +18,7 @@ mod lib {
     pub mod direct;
     pub mod encap;
     pub mod endpoint;
+    pub mod events;
     pub mod hdr;
     pub mod ipv4;
     pub mod maps;

@@ -6,7 +6,8 @@
 
 use std::{
     collections::BTreeMap,
-    net::{IpAddr, Ipv4Addr},
+    io::{Read as _, Write as _},
+    net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream},
     thread,
     time::{Duration, Instant},
 };
@@ -14,7 +15,8 @@ use std::{
 use ipnet::Ipv4Net;
 
 use crate::{
-    AgentProcess, AttachKind, Endpoint, Node, Pod, TransferReport, attached_programs, traffic,
+    AgentProcess, AttachKind, Endpoint, NetNs, Node, Pod, TransferReport, attached_programs,
+    traffic,
 };
 
 /// Bytes per checked TCP transfer.
@@ -303,11 +305,60 @@ pub fn grown(
 
 /// The programs the kernel reports attached to the node's `eth0`, (name, kind) sorted by name.
 pub fn eth0_programs(node: &Node) -> Vec<(String, AttachKind)> {
-    let mut progs: Vec<_> = attached_programs(node.ns(), "eth0")
-        .expect("query the kernel for eth0's programs")
+    programs_on(node, "eth0")
+}
+
+/// The programs the kernel reports attached to `ifname` in the node, (name, kind) sorted by
+/// name.
+pub fn programs_on(node: &Node, ifname: &str) -> Vec<(String, AttachKind)> {
+    let mut progs: Vec<_> = attached_programs(node.ns(), ifname)
+        .unwrap_or_else(|e| panic!("query the kernel for {ifname}'s programs: {e:#}"))
         .into_iter()
         .map(|p| (p.name, p.kind))
         .collect();
     progs.sort_by_key(|(name, _)| name.clone());
     progs
+}
+
+/// `GET path` over plain HTTP/1.1 from inside `ns`: the status code and the body. Bounded: 2 s
+/// to connect, 2 s per read or write, 1 MiB.
+pub fn http_get(ns: &NetNs, addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
+    let path = path.to_owned();
+    ns.in_netns(move || {
+        let limit = Duration::from_secs(2);
+        let mut stream = TcpStream::connect_timeout(&addr, limit)?;
+        stream.set_read_timeout(Some(limit))?;
+        stream.set_write_timeout(Some(limit))?;
+        write!(
+            stream,
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        )?;
+        let mut response = Vec::new();
+        stream.take(1 << 20).read_to_end(&mut response)?;
+        let response = String::from_utf8_lossy(&response).into_owned();
+        let status = response
+            .lines()
+            .next()
+            .and_then(|line| line.strip_prefix("HTTP/1.1 "))
+            .and_then(|rest| rest.get(..3))
+            .and_then(|code| code.parse().ok())
+            .ok_or_else(|| anyhow::anyhow!("no HTTP status line in {response:?}"))?;
+        let body = response
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
+        Ok((status, body))
+    })
+}
+
+/// Polls `check` every 50 ms until it holds; panics naming `what` after `timeout`.
+pub fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !check() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
 }

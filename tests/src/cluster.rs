@@ -464,6 +464,19 @@ impl Cluster {
     }
 
     /// Starts an agent on every node with `extra_args`; returns them in node order.
+    /// Deletes node `i`'s `eth0` (and with it its port on the underlay bridge), as an
+    /// operator's mistake or a driver reset does to the agent's external interface.
+    pub fn remove_underlay_link(&self, i: usize) -> Result<()> {
+        self.node(i).ns().ip(&["link", "del", "eth0"]).map(drop)
+    }
+
+    /// Creates node `i`'s `eth0` again as the cluster built it (same name, address, route; a
+    /// new interface index), after [`Cluster::remove_underlay_link`].
+    pub fn restore_underlay_link(&self, i: usize) -> Result<()> {
+        let node = self.node(i);
+        Node::connect_underlay(self, node.ns(), i, node.underlay_ip())
+    }
+
     pub fn start_agents(&self, extra_args: &[&str]) -> Result<Vec<AgentProcess>> {
         self.nodes
             .iter()
@@ -577,22 +590,10 @@ pub struct Node {
 impl Node {
     fn create(cluster: &Cluster, index: usize) -> Result<Self> {
         let name = format!("n{index}");
-        let (bridge, segment, gateway) = if cluster.second_segment.contains(&index) {
-            ("br1", 1, SECOND_SEGMENT_GATEWAY)
-        } else {
-            ("br0", 0, UNDERLAY_GATEWAY)
-        };
+        let segment = u8::from(cluster.second_segment.contains(&index));
         let ip = Ipv4Addr::new(198, 18, segment, u8::try_from(index + 1)?);
         let ns = Arc::new(NetNs::new(format!("{}-{name}", cluster.id))?);
-        let mtu = cluster.underlay_mtu;
-        add_veth(&ns, "eth0", &cluster.ul, &name)?;
-        cluster.ul.set_mtu(&name, mtu)?;
-        cluster.ul.set_master(&name, bridge)?;
-        cluster.ul.link_up(&name)?;
-        ns.set_mtu("eth0", mtu)?;
-        ns.add_addr("eth0", &format!("{ip}/{UNDERLAY_PREFIX_LEN}"))?;
-        ns.link_up("eth0")?;
-        ns.add_default_route(&gateway.to_string(), "eth0")?;
+        Self::connect_underlay(cluster, &ns, index, ip)?;
         ns.sysctl("net.ipv4.ip_forward", "1")?;
         let dir = cluster.dir().join(&name);
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -618,6 +619,26 @@ impl Node {
                 veths: 0,
             }),
         })
+    }
+
+    /// The node's `eth0` (address `ip`), a veth whose other end `n<index>` is a port of the
+    /// underlay bridge of its segment, and the default route through that segment's gateway.
+    fn connect_underlay(cluster: &Cluster, ns: &NetNs, index: usize, ip: Ipv4Addr) -> Result<()> {
+        let name = format!("n{index}");
+        let (bridge, gateway) = if cluster.second_segment.contains(&index) {
+            ("br1", SECOND_SEGMENT_GATEWAY)
+        } else {
+            ("br0", UNDERLAY_GATEWAY)
+        };
+        let mtu = cluster.underlay_mtu;
+        add_veth(ns, "eth0", &cluster.ul, &name)?;
+        cluster.ul.set_mtu(&name, mtu)?;
+        cluster.ul.set_master(&name, bridge)?;
+        cluster.ul.link_up(&name)?;
+        ns.set_mtu("eth0", mtu)?;
+        ns.add_addr("eth0", &format!("{ip}/{UNDERLAY_PREFIX_LEN}"))?;
+        ns.link_up("eth0")?;
+        ns.add_default_route(&gateway.to_string(), "eth0")
     }
 
     fn state(&self) -> MutexGuard<'_, NodeState> {
@@ -658,6 +679,11 @@ impl Node {
     /// The `--subnet-file` given to its agents.
     pub fn subnet_file(&self) -> PathBuf {
         self.dir.join("subnet.env")
+    }
+
+    /// The `--status-file` given to its agents (and to [`Node::agent_cmd`]).
+    pub fn status_file(&self) -> PathBuf {
+        self.dir.join("status.json")
     }
 
     /// The etcd URL reachable from the node.
@@ -702,6 +728,7 @@ impl Node {
         default("--iface", "eth0".to_owned());
         default("--subnet-file", self.subnet_file().display().to_string());
         default("--bpf-dir", self.bpf_dir().display().to_string());
+        default("--status-file", self.status_file().display().to_string());
         if let Some(p) = &self.etcd_prefix {
             default("--etcd-prefix", p.clone());
         }
@@ -742,14 +769,16 @@ impl Node {
         Ok(agent)
     }
 
-    /// Runs `overlay-agent <args> --bpf-dir <`[`Node::bpf_dir`]`>` in the node (the agent's
-    /// inspection and maintenance subcommands: `counters`, `peers`, `nat`, `cleanup`, …) and
-    /// returns its stdout; fails when it exits non-zero.
+    /// Runs `overlay-agent <args> --bpf-dir <`[`Node::bpf_dir`]`> --status-file
+    /// <`[`Node::status_file`]`>` in the node (the agent's inspection and maintenance
+    /// subcommands: `counters`, `peers`, `nat`, `status`, `cleanup`, …) and returns its stdout;
+    /// fails when it exits non-zero.
     pub fn agent_cmd(&self, args: &[&str]) -> Result<String> {
         let bin = crate::agent_bin()?;
         let dir = self.bpf_dir().display().to_string();
+        let status = self.status_file().display().to_string();
         let mut all = args.to_vec();
-        all.extend(["--bpf-dir", dir.as_str()]);
+        all.extend(["--bpf-dir", dir.as_str(), "--status-file", status.as_str()]);
         self.ns.run(&bin, &all).with_context(|| {
             format!(
                 "`overlay-agent {} --bpf-dir {dir}` in {}",

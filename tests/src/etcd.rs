@@ -38,6 +38,8 @@ pub struct EtcdServer {
     tls: Option<TlsFiles>,
     log_path: PathBuf,
     dir: Option<tempfile::TempDir>,
+    /// The command line it was started with, for [`EtcdServer::restart`].
+    argv: Vec<std::ffi::OsString>,
 }
 
 /// One key as returned by `etcdctl get -w json`.
@@ -270,6 +272,10 @@ impl EtcdServer {
                 .arg(format!("--trusted-ca-file={}", tls.ca.display()))
                 .arg("--client-cert-auth");
         }
+        let argv: Vec<std::ffi::OsString> = std::iter::once(c.get_program())
+            .chain(c.get_args())
+            .map(ToOwned::to_owned)
+            .collect();
         let log = File::create(&log_path).context("creating etcd log")?;
         c.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
         die_with_parent(&mut c);
@@ -284,6 +290,7 @@ impl EtcdServer {
             tls,
             log_path,
             dir: Some(dir),
+            argv,
         };
         server.wait_healthy().inspect_err(|_| {
             eprintln!(
@@ -455,6 +462,35 @@ impl EtcdServer {
             prefix.unwrap_or(DEFAULT_ETCD_PREFIX).trim_end_matches('/')
         );
         self.put(&key, json)
+    }
+
+    /// Starts etcd again after [`EtcdServer::stop`], with the same command line and data dir
+    /// (so the same keys), and waits until it is healthy. Fails if it is running.
+    pub fn restart(&self) -> Result<()> {
+        if self
+            .child
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .is_some()
+        {
+            bail!("etcd at {} is still running", self.endpoint);
+        }
+        let mut c = Command::new(&self.argv[0]);
+        c.args(&self.argv[1..]).env_remove("ETCD_DATA_DIR");
+        let log = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&self.log_path)
+            .context("opening etcd log")?;
+        c.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
+        die_with_parent(&mut c);
+        let child = c
+            .spawn()
+            .with_context(|| format!("restarting `{}`", cmd::describe(&c)))?;
+        *self
+            .child
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(child);
+        self.wait_healthy()
     }
 
     /// Stops etcd (SIGTERM, then SIGKILL after 5 s). Idempotent; the data dir goes on drop.

@@ -7,8 +7,7 @@
 
 use std::{
     collections::BTreeSet,
-    io::{Read as _, Write as _},
-    net::{Ipv4Addr, SocketAddr, TcpStream},
+    net::{Ipv4Addr, SocketAddr},
     os::unix::fs::PermissionsExt as _,
     thread,
     time::{Duration, Instant},
@@ -18,7 +17,7 @@ use ipnet::Ipv4Net;
 use overlay_agent::subnet::Mac;
 use overlay_tests::{
     AgentProcess, AttachKind, Cluster, DEFAULT_ETCD_PREFIX, KeyValue, NetNs, Node,
-    checks::{eth0_programs, subnet_of, wait_line_since, wait_log_since},
+    checks::{eth0_programs, http_get, subnet_of, wait_line_since, wait_log_since, wait_until},
 };
 
 const VXLAN_CONFIG: &str = r#"{"Network": "172.17.0.0/16", "Backend": {"Type": "vxlan"}}"#;
@@ -116,18 +115,6 @@ fn one_node_with_agent() -> (Cluster, AgentProcess, Ipv4Net) {
     (cluster, agent, subnet)
 }
 
-/// Polls `check` every 50 ms until it returns true, at most `timeout`; panics naming `what`.
-fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !check() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        thread::sleep(Duration::from_millis(50));
-    }
-}
-
 fn count(haystack: &str, needle: &str) -> usize {
     haystack.matches(needle).count()
 }
@@ -144,31 +131,9 @@ fn assert_data_path_attached(node: &Node) {
     );
 }
 
-/// `GET path` over plain HTTP/1.1 from inside `ns`; returns the status code. Bounded: 2 s to
-/// connect, 2 s per read or write.
+/// `GET path` over plain HTTP/1.1 from inside `ns`; returns the status code.
 fn http_status(ns: &NetNs, addr: SocketAddr, path: &str) -> anyhow::Result<u16> {
-    let path = path.to_owned();
-    ns.in_netns(move || {
-        let limit = Duration::from_secs(2);
-        let mut stream = TcpStream::connect_timeout(&addr, limit)?;
-        stream.set_read_timeout(Some(limit))?;
-        stream.set_write_timeout(Some(limit))?;
-        write!(
-            stream,
-            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-        )?;
-        let mut response = Vec::new();
-        stream.take(64 * 1024).read_to_end(&mut response)?;
-        let response = String::from_utf8_lossy(&response);
-        let status = response
-            .lines()
-            .next()
-            .and_then(|line| line.strip_prefix("HTTP/1.1 "))
-            .and_then(|rest| rest.get(..3))
-            .and_then(|code| code.parse().ok())
-            .ok_or_else(|| anyhow::anyhow!("no HTTP status line in {response:?}"))?;
-        Ok(status)
-    })
+    http_get(ns, addr, path).map(|(status, _)| status)
 }
 
 // ----- 1. leases, subnet file, records ----------------------------------------------------

@@ -124,6 +124,12 @@ pub const APT_PACKAGES: &[AptPackage] = &[
         why: "finds fontconfig for the benchmark's chart crate",
         verify: &[&["pkg-config", "--version"]],
     },
+    AptPackage {
+        // On a fresh machine already; named so the dist tests' need is on record.
+        name: "systemd",
+        why: "systemd-analyze, which checks dist/'s unit file (tests/dist.rs)",
+        verify: &[&["systemd-analyze", "--version"]],
+    },
 ];
 
 const NIGHTLY: &str = "nightly";

@@ -43,9 +43,11 @@
 
 mod config;
 mod inspect;
+pub mod layout;
 pub mod nat;
 mod peers;
 pub mod pin;
+pub mod repair;
 
 use std::{
     collections::BTreeMap,
@@ -114,8 +116,10 @@ pub const ROUTE_V4_MAP: &str = "ROUTE_V4";
 pub const NODE_V4_MAP: &str = "NODE_V4";
 pub const ENDPOINT_V4_MAP: &str = "ENDPOINT_V4";
 pub const COUNTERS_MAP: &str = "COUNTERS";
+/// Sampled drop events (a ring buffer), read by `overlay-agent monitor`.
+pub const DROP_EVENTS_MAP: &str = "DROP_EVENTS";
 /// The maps that hold state worth keeping across an agent restart (all pinned).
-pub const STATE_MAPS: [&str; 9] = [
+pub const STATE_MAPS: [&str; 10] = [
     CONFIG_MAP,
     ROUTE_V4_MAP,
     NODE_V4_MAP,
@@ -126,6 +130,8 @@ pub const STATE_MAPS: [&str; 9] = [
     nat::NAT_MAPS[1],
     nat::NAT_MAPS[2],
     nat::NAT_MAPS[3],
+    // Pinned so that `monitor`, another process, can read it.
+    DROP_EVENTS_MAP,
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -173,6 +179,8 @@ pub enum DatapathError {
     Pin { path: PathBuf, reason: String },
     #[error(transparent)]
     PinDir(#[from] PinError),
+    #[error(transparent)]
+    Layout(#[from] layout::LayoutError),
 }
 
 /// A device a program is attached to, through a tcx link this struct holds.
@@ -224,7 +232,24 @@ impl Datapath {
     /// already pinned there (by an earlier agent) are reused with their contents, and links
     /// pinned there get this agent's programs swapped in without detaching.
     pub fn load_pinned(dir: &Path) -> Result<Self, DatapathError> {
-        Self::open(Some(PinDir::prepare(dir)?))
+        Self::load_pinned_checked(dir, crate::cli::LayoutMismatch::Refuse)
+    }
+
+    /// [`Datapath::load_pinned`], first reconciling the pinned maps' layout with this agent's
+    /// (`layout`): maps of another shape are never reused; by `policy` they are replaced or
+    /// the load is refused.
+    pub fn load_pinned_checked(
+        dir: &Path,
+        policy: crate::cli::LayoutMismatch,
+    ) -> Result<Self, DatapathError> {
+        let pins = PinDir::prepare(dir)?;
+        let reconciled = layout::reconcile(&pins, policy)?;
+        for (map, why) in &reconciled.replaced {
+            tracing::warn!("pinned map {map} replaced by a new, empty one ({why})");
+        }
+        let datapath = Self::open(Some(pins.clone()))?;
+        layout::mark(pins.root(), &reconciled.fingerprint)?;
+        Ok(datapath)
     }
 
     fn open(pins: Option<PinDir>) -> Result<Self, DatapathError> {

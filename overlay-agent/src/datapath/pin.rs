@@ -108,6 +108,14 @@ impl PinDir {
             }
             remove_dir(&sub)?;
         }
+        // The layout version marker (`datapath::layout`): empty directories only.
+        let layout = self.root.join("layout");
+        if let Ok(entries) = std::fs::read_dir(&layout) {
+            for entry in entries.flatten() {
+                remove_dir(&entry.path())?;
+            }
+            remove_dir(&layout)?;
+        }
         remove_dir(&self.root)?;
         Ok(removed)
     }

@@ -299,15 +299,18 @@ impl<R: Registry> SubnetManager<R> {
                                     compact_revision,
                                     "watch of subnet leases fell behind compaction; listing them again"
                                 );
+                                crate::telemetry::WATCH_RESYNCS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                                 break 'watch;
                             }
                             Ok(None) => {
                                 debug!("watch of subnet leases ended; watching again from revision {}", last_revision + 1);
+                                crate::telemetry::WATCH_RESYNCS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                                 self.pause(state, retry).await?;
                                 continue 'watch;
                             }
                             Err(e) => {
                                 warn!("watch of subnet leases failed (retrying in {retry:?}): {e}");
+                                crate::telemetry::WATCH_RESYNCS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                                 self.pause(state, retry).await?;
                                 continue 'watch;
                             }

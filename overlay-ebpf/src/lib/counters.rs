@@ -4,6 +4,8 @@
 use aya_ebpf::{bindings::TC_ACT_SHOT, macros::map, maps::PerCpuArray, programs::TcContext};
 use overlay_common::counters::{COUNTERS_LEN, Counter, Reason};
 
+use crate::lib::events::drop_event;
+
 #[map]
 static COUNTERS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(COUNTERS_LEN, 0);
 
@@ -40,13 +42,15 @@ pub fn count_handback(role: Role, reason: Reason, len: u32) {
 }
 
 /// Turns a program body's result into its verdict: `Ok` carries the verdict (already counted
-/// where it is decided), `Err` a drop reason, counted here before the packet is dropped.
+/// where it is decided), `Err` a drop reason, counted here before the packet is dropped, and
+/// sampled into the drop events (`lib::events`).
 #[inline(always)]
 pub fn verdict(ctx: &TcContext, result: Result<i32, Reason>) -> i32 {
     match result {
         Ok(verdict) => verdict,
         Err(reason) => {
             count(reason, ctx.len());
+            drop_event(ctx, reason);
             TC_ACT_SHOT
         }
     }
