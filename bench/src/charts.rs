@@ -117,6 +117,11 @@ pub fn write(plan: &Plan, r: &Results) -> Result<Vec<(&'static str, &'static str
     Ok(written)
 }
 
+/// An axis label: like the tables' numbers, but a plain 0.
+fn axis(v: f64) -> String {
+    if v == 0.0 { "0".to_owned() } else { num(v) }
+}
+
 fn err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
     anyhow!("drawing a chart: {e:?}")
 }
@@ -144,7 +149,7 @@ fn bars(file: &Path, title: &str, unit: &str, groups: &[Group]) -> Result<()> {
         .disable_x_mesh()
         .x_labels(0)
         .y_desc(unit)
-        .y_label_formatter(&|v| num(*v))
+        .y_label_formatter(&|v| axis(*v))
         .draw()
         .map_err(err)?;
     let mut legend_done = Vec::new();
@@ -295,7 +300,7 @@ fn line_panel(
             }
         })
         .x_desc("peers")
-        .y_label_formatter(&|v| num(*v))
+        .y_label_formatter(&|v| axis(*v))
         .draw()
         .map_err(err)?;
     for (p, pts) in series {

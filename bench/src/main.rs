@@ -42,6 +42,16 @@ struct Cli {
 enum Command {
     /// Build the paths' topologies in namespaces, measure, write the report.
     Run(Box<RunArgs>),
+    /// Write report.md and the charts again from a results.json (e.g. after a change to the
+    /// report's layout), without measuring.
+    Report {
+        /// The results.json of a run.
+        #[arg(long)]
+        results: PathBuf,
+        /// Where report.md and the charts go [default: beside results.json].
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Connection-rate server (one accept loop; read 1 byte, answer 1 byte, wait for close).
     CrrServer {
         #[arg(long)]
@@ -215,7 +225,7 @@ pub struct RunArgs {
 }
 
 /// [`RunArgs`] with the defaults resolved.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Plan {
     pub quick: bool,
     pub paths: Vec<PathId>,
@@ -326,6 +336,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => args.plan().and_then(|plan| run::run(&plan)),
+        Command::Report { results, out } => run::rerender(&results, out),
         Command::CrrServer { port } => crr::server(port),
         Command::CrrClient { to, secs } => crr::client(to, secs),
     };

@@ -60,12 +60,10 @@ impl RouteMap {
         })
     }
 
-    /// Whether the trie holds exactly `subnet` (the host address `subnet.network()` is looked
-    /// up with /32; the entry found must be this subnet's, not a covering one).
+    /// Whether the trie routes `subnet`: its network address, looked up as a /32, matches an
+    /// entry. The agent's entries are one per lease and none covers another, so a match is
+    /// that lease's own entry.
     pub fn has(&self, subnet: Ipv4Net) -> Result<bool> {
-        // An LPM lookup returns the longest match; to tell "this subnet" from a covering entry,
-        // the agent's entries are per-lease /24s (or whatever SubnetLen is) and nothing covers
-        // them, so any match of the network address is the subnet's own entry.
         let key = LpmKeyV4 {
             prefix_len: 32,
             addr: subnet.network().octets(),

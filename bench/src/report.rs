@@ -46,6 +46,11 @@ pub fn write(plan: &Plan, r: &Results, charts: &[(&str, &str)]) -> Result<()> {
     let json = serde_json::to_string_pretty(r)?;
     let path = plan.out.join("results.json");
     std::fs::write(&path, json).with_context(|| format!("writing {}", path.display()))?;
+    write_markdown(plan, r, charts)
+}
+
+/// Only `report.md`.
+pub fn write_markdown(plan: &Plan, r: &Results, charts: &[(&str, &str)]) -> Result<()> {
     let md = markdown(plan, r, charts);
     let path = plan.out.join("report.md");
     std::fs::write(&path, md).with_context(|| format!("writing {}", path.display()))?;
@@ -95,7 +100,10 @@ fn markdown(plan: &Plan, r: &Results, charts: &[(&str, &str)]) -> String {
          **E/K** and **EH/H** are medians of ratios taken inside each round, oriented so that \
          > 1 means ours is better (higher throughput/rate, lower CPU/latency); *of D* is each \
          path against the ceiling D in the same round, oriented the same way (1 = as good as \
-         two namespaces joined by one veth).\n"
+         two namespaces joined by one veth). CPU figures are the whole machine's busy time \
+         (user + system + irq + softirq from `/proc/stat`, steal apart) during the load, \
+         divided by what was delivered: for UDP that includes the sender's work on datagrams \
+         dropped on the way.\n"
     );
     paths_section(&mut s);
     headline(&mut s, r);
@@ -333,7 +341,9 @@ fn scale_section(s: &mut String, r: &Results) {
         "## Scale: peer leases\n\nThe same loads with 10, 1,000, … peers: fake leases in etcd \
          that our agents turn into map entries (E, EH), and for the stock paths the kernel \
          state flanneld would build for them (K: neigh + fdb + route on flannel.1 per peer; H: \
-         a route per peer). Each count includes the real peer.\n"
+         a route per peer, `onlink` because the fake PublicIPs lie outside the nodes' /24; the \
+         lookup is the same). Each count includes the real peer. Scale runs in one mode only \
+         (`--scale-mode`): per-peer lookups do not depend on how frames cross the underlay.\n"
     );
     let rows: [(&str, &str, &str); 4] = [
         ("tcp1", "gbps", "1-stream Gbit/s"),
@@ -446,12 +456,21 @@ fn fairness_section(s: &mut String, r: &Results) {
          builds it, not a strawman: `flannel.1` (VNI 1, port 8472, `nolearning`, MTU 1450, the \
          device's default offloads) with a permanent neigh, fdb and onlink route per peer (K); \
          a route `<peer subnet> via <peer PublicIP> dev eth0` per peer (H); on both, flanneld's \
-         iptables rules (`iptables` {}, the nf_tables backend Debian uses), applied on node n0 \
-         as:\n\n```",
+         iptables rules (`{}`, Debian's default backend), as applied on node n0:\n\n```",
         m.tools.get("iptables").map_or("", String::as_str)
     );
     for rule in flannel_rule_commands(crate::topo::node_subnet(0)) {
-        let _ = writeln!(s, "iptables {}", rule.join(" "));
+        let words: Vec<String> = rule
+            .iter()
+            .map(|w| {
+                if w.contains(' ') {
+                    format!("\"{w}\"")
+                } else {
+                    w.clone()
+                }
+            })
+            .collect();
+        let _ = writeln!(s, "iptables {}", words.join(" "));
     }
     let _ = writeln!(
         s,

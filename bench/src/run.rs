@@ -21,10 +21,49 @@ use crate::{
 pub struct Results {
     pub meta: Meta,
     pub samples: Vec<Sample>,
-    /// Summaries, as in report.md.
+    /// Summaries, as in report.md (recomputed from the samples when read back).
     pub summary: Vec<crate::stats::MetricSummary>,
     /// Failed measurements: what, and the error.
     pub failures: Vec<String>,
+}
+
+/// What [`rerender`] reads back from `results.json`.
+#[derive(Deserialize)]
+struct Stored {
+    meta: Meta,
+    samples: Vec<Sample>,
+    failures: Vec<String>,
+}
+
+/// `overlay-bench report`: report.md and the charts from an earlier run's results.json.
+pub fn rerender(results: &std::path::Path, out: Option<std::path::PathBuf>) -> Result<()> {
+    let text = std::fs::read_to_string(results)
+        .with_context(|| format!("reading {}", results.display()))?;
+    let stored: Stored = serde_json::from_str(&text).with_context(|| {
+        format!(
+            "{} is not a results.json of overlay-bench",
+            results.display()
+        )
+    })?;
+    let mut plan: Plan =
+        serde_json::from_value(stored.meta.plan.clone()).context("results.json: meta.plan")?;
+    plan.out = out.unwrap_or_else(|| {
+        results
+            .parent()
+            .map_or_else(|| ".".into(), std::path::Path::to_path_buf)
+    });
+    std::fs::create_dir_all(&plan.out)?;
+    let summary = crate::stats::summarize(&stored.samples);
+    let r = Results {
+        meta: stored.meta,
+        samples: stored.samples,
+        summary,
+        failures: stored.failures,
+    };
+    let charts = crate::charts::write(&plan, &r)?;
+    crate::report::write_markdown(&plan, &r, &charts)?;
+    println!("wrote {}/report.md and the charts", plan.out.display());
+    Ok(())
 }
 
 /// Offload features (`ethtool -k`: feature → on/off) per device label.

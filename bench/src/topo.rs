@@ -399,28 +399,19 @@ fn finish(id: PathId, cluster: Cluster) -> Result<PathTopo> {
             );
         }
     }
-    let devices = vec![
-        (
-            "n0 eth0 (underlay, sender)".into(),
-            n0.ns().name().to_owned(),
-            "eth0".into(),
-        ),
-        (
-            "underlay port of n0".into(),
-            cluster.underlay().name().to_owned(),
-            n0.name().to_owned(),
-        ),
-        (
-            "n1 eth0 (underlay, receiver)".into(),
-            n1.ns().name().to_owned(),
-            "eth0".into(),
-        ),
-        (
-            "client pod eth0".into(),
-            client.ns().name().to_owned(),
-            "eth0".into(),
-        ),
-    ];
+    let mut devices: Vec<(String, String, String)> = [
+        ("n0 eth0 (underlay, sender)", n0.ns().name(), "eth0"),
+        ("underlay port of n0", cluster.underlay().name(), n0.name()),
+        ("n1 eth0 (underlay, receiver)", n1.ns().name(), "eth0"),
+        ("client pod eth0", client.ns().name(), "eth0"),
+    ]
+    .into_iter()
+    .map(|(label, ns, dev)| (label.to_owned(), ns.to_owned(), dev.to_owned()))
+    .collect();
+    if id == PathId::K {
+        let (ns, dev) = (n1.ns().name().to_owned(), "flannel.1".to_owned());
+        devices.push(("n1 flannel.1".to_owned(), ns, dev));
+    }
     let outside = cluster.outside();
     Ok(PathTopo {
         id,

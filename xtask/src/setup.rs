@@ -597,7 +597,10 @@ mod tests {
         candidates.into_iter().find_map(|p| {
             let out = Command::new("dpkg-query").arg("-S").arg(&p).output().ok()?;
             let text = String::from_utf8_lossy(&out.stdout);
-            let pkg = text.lines().next()?.split(':').next()?.trim().to_owned();
+            // A diverted file (linux-perf diverts /usr/bin/perf to its wrapper) is listed first
+            // as "diversion by <pkg> from: <path>"; the owner's line follows.
+            let line = text.lines().find(|l| !l.starts_with("diversion by "))?;
+            let pkg = line.split(':').next()?.trim().to_owned();
             (out.status.success() && !pkg.is_empty()).then_some(pkg)
         })
     }
