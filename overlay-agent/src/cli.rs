@@ -249,10 +249,10 @@ pub struct Flags {
     #[arg(long, env = "OVERLAY_XDP", value_enum, default_value_t = XdpPolicy::Auto)]
     pub xdp: XdpPolicy,
 
-    /// Where pods' traffic is picked up (ours): `bridge`, the pod bridge's tcx ingress only;
-    /// `port`, also each pod's host-side veth, in front of the bridge (as Cilium does), which
-    /// skips the bridge for what leaves the node.
-    #[arg(long, env = "OVERLAY_POD_HOOK", value_enum, default_value_t = PodHook::Bridge)]
+    /// Where pods' traffic is picked up (ours): `port`, each pod's host-side veth (as Cilium
+    /// does) in front of the pod bridge's tcx ingress, which skips the bridge for what leaves
+    /// the node (measured: CPU per GB −9 %, small packets +9 %); `bridge`, the bridge only.
+    #[arg(long, env = "OVERLAY_POD_HOOK", value_enum, default_value_t = PodHook::Port)]
     pub pod_hook: PodHook,
 
     /// Directory under bpffs where the data path's programs and maps are pinned.

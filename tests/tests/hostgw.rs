@@ -164,7 +164,13 @@ fn host_gw_three_nodes_forward_drop_and_node_leave() {
                 node.name()
             );
         }
-        for name in ["encap_pod", "encap_host", "decap_pod", "to_stack_not_peer"] {
+        for name in [
+            "encap_pod",
+            "encap_host",
+            "decap_pod",
+            "decap_endpoint",
+            "to_stack_not_peer",
+        ] {
             assert_eq!(
                 grew.get(name),
                 None,
