@@ -53,7 +53,10 @@ fn trim_prefix(prefix: &str) -> &str {
 
 /// A key under `<prefix>/subnets/` that does not name a subnet.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{key:?} is not a subnet lease key (expected <prefix>/subnets/a.b.c.d-len): {reason}")]
+#[error(
+    "{key:?} is not a subnet lease key (expected <prefix>/subnets/a.b.c.d-len): {reason}",
+    key = super::registry::cut_for_log(.key)
+)]
 pub struct KeyError {
     pub key: String,
     pub reason: &'static str,
