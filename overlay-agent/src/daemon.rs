@@ -27,9 +27,9 @@ use crate::{
     cli::{Flags, PodHook, XdpPolicy},
     config::{Backend, DEFAULT_VNI, DEFAULT_VXLAN_PORT, NetworkConfig},
     datapath::{
-        Datapath, NodeConfig, Routing,
+        Datapath, DatapathError, NodeConfig, Routing,
         nat::{NatSettings, pinned_nat_flows},
-        pin::PinDir,
+        pin::{PinDir, PinError},
         pinned_counters, pinned_endpoints, pinned_peers,
     },
     endpoints::{BridgeScope, run_watcher},
@@ -39,7 +39,7 @@ use crate::{
     subnet::{
         EtcdOptions, EtcdRegistry, Lease, LeaseAttrs, Mac, ManagerOptions, PeerEvent,
         SubnetManager,
-        file::{SubnetEnv, first_usable, previous_subnet, write_subnet_file},
+        file::{SubnetEnv, check_writable, first_usable, previous_subnet, write_subnet_file},
     },
 };
 
@@ -51,10 +51,100 @@ pub const HOST_GW_NAT_MESSAGE: &str = "your PublicIP differs from interface IP, 
 const PEER_EVENT_QUEUE: usize = 1024;
 
 /// Runs the agent until a signal arrives or something fails for good.
+///
+/// What can be checked without taking anything from the cluster is checked first: the subnet
+/// file's location can be written, the pin directory is on a bpffs that outlives the agent and
+/// no other agent holds it, the programs load. A start-up that fails later, before the node is
+/// ready, undoes what it created ([`Undo`]): the lease it created (peers would route the
+/// subnet to a node that never came up) and a data path that no agent had pinned before.
 pub async fn run(flags: Flags) -> Result<()> {
     // Handlers first, so that a signal during start-up still ends the agent cleanly.
-    let mut signals = Signals::new()?;
+    let signals = Signals::new()?;
+    check_writable(&flags.subnet_file).context("--subnet-file cannot be written")?;
+    let mut undo = Undo {
+        fresh_datapath: PinDir::existing(&flags.bpf_dir).is_none(),
+        bpf_dir: flags.bpf_dir.clone(),
+        lease: None,
+        ready: false,
+    };
+    let datapath = load_datapath(&flags.bpf_dir).await?;
+    let outcome = serve(flags, signals, datapath, &mut undo).await;
+    if outcome.is_err() && !undo.ready {
+        undo.run().await;
+    }
+    outcome
+}
 
+/// How long a starting agent waits for the agent that holds its `--bpf-dir` to exit (a
+/// restart whose predecessor is still shutting down).
+const PIN_LOCK_WAIT: Duration = Duration::from_secs(10);
+
+/// Loads the data path pinned under `bpf_dir`, waiting up to [`PIN_LOCK_WAIT`] while another
+/// agent holds the directory.
+async fn load_datapath(bpf_dir: &Path) -> Result<Datapath> {
+    let deadline = tokio::time::Instant::now() + PIN_LOCK_WAIT;
+    let mut said = false;
+    loop {
+        match Datapath::load_pinned(bpf_dir) {
+            Err(DatapathError::PinDir(PinError::Locked { .. }))
+                if tokio::time::Instant::now() < deadline =>
+            {
+                if !said {
+                    info!(
+                        "waiting up to {PIN_LOCK_WAIT:?} for the agent holding {} to exit",
+                        bpf_dir.display()
+                    );
+                    said = true;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            other => return other.map_err(Into::into),
+        }
+    }
+}
+
+/// What a start-up created that must not outlive a failure before the node is ready.
+struct Undo {
+    /// No data path was pinned under `bpf_dir` before this agent.
+    fresh_datapath: bool,
+    bpf_dir: std::path::PathBuf,
+    /// The lease acquired, with the manager to give it up.
+    lease: Option<(SubnetManager<EtcdRegistry>, Lease)>,
+    /// The node became ready: nothing to undo any more.
+    ready: bool,
+}
+
+impl Undo {
+    /// Gives up a lease created by this start and removes a data path no agent had before
+    /// (pins, links, host device); a reused lease and an adopted data path stay, as they were.
+    async fn run(self) {
+        if let Some((manager, lease)) = &self.lease
+            && lease.created
+        {
+            match manager.release_lease(lease).await {
+                Ok(()) => info!("start-up failed: gave up the lease of {}", lease.subnet),
+                Err(e) => warn!(
+                    "start-up failed, and the lease of {} could not be given up (it expires by itself): {e}",
+                    lease.subnet
+                ),
+            }
+        }
+        if self.fresh_datapath {
+            match cleanup(&self.bpf_dir).await {
+                Ok(()) => info!("start-up failed: removed the data path it had installed"),
+                Err(e) => warn!("start-up failed, and its data path could not be removed: {e:#}"),
+            }
+        }
+    }
+}
+
+/// The agent once the data path is loaded: joins the cluster, installs, serves.
+async fn serve(
+    flags: Flags,
+    mut signals: Signals,
+    mut datapath: Datapath,
+    undo: &mut Undo,
+) -> Result<()> {
     let ext = iface::discover(&flags.iface, &flags.iface_regex, flags.public_ip)
         .await
         .context("choosing the external interface")?;
@@ -86,10 +176,10 @@ pub async fn run(flags: Flags) -> Result<()> {
         signal = signals.recv() => return shut_down(signal),
     };
     info!("Lease acquired: {}", lease.subnet);
+    undo.lease = Some((manager.clone(), lease.clone()));
 
     let netlink = Netlink::new()?;
     enable_ip_forwarding()?;
-    let mut datapath = Datapath::load_pinned(&flags.bpf_dir)?;
     datapath.attach_underlay(&ext.name)?;
     info!("data path attached to {}", ext.name);
     if datapath.decap_clears_tunnel_gso() {
@@ -119,6 +209,7 @@ pub async fn run(flags: Flags) -> Result<()> {
 
     write_env(&flags, &config, &ext, &lease)?;
     set_ready.send_replace(true);
+    undo.ready = true;
 
     let (lease_tx, mut lease_rx) = watch::channel(lease.clone());
     let (peer_tx, mut peers) = mpsc::channel(PEER_EVENT_QUEUE);
@@ -127,9 +218,8 @@ pub async fn run(flags: Flags) -> Result<()> {
         async move { manager.run_lease_keeper(config, lease_tx).await }
     });
     let mut watcher = tokio::spawn({
-        let (manager, own) = (manager.clone(), lease_rx.clone());
-        let backend = config.backend.type_name().to_owned();
-        async move { manager.run_peer_watcher(backend, own, peer_tx).await }
+        let (manager, own, config) = (manager.clone(), lease_rx.clone(), config.clone());
+        async move { manager.run_peer_watcher(config, own, peer_tx).await }
     });
 
     let (endpoints_tx, mut endpoints) = watch::channel(BTreeMap::new());
@@ -701,10 +791,14 @@ pub fn print_peers(bpf_dir: &Path) -> Result<()> {
 }
 
 /// `overlay-agent cleanup`: removes the pinned data path (its programs detach as their links
-/// go) and the host device. Run it with no agent running in the namespace.
+/// go) and the host device. Refuses, removing nothing, while an agent runs with `bpf_dir`
+/// (it holds the directory's lock): that agent would go on without its data path.
 pub async fn cleanup(bpf_dir: &Path) -> Result<()> {
     match PinDir::existing(bpf_dir) {
         Some(pins) => {
+            let _lock = pins
+                .lock()
+                .context("cleanup removes the data path of a stopped agent only")?;
             let removed = pins.remove_all()?;
             info!("removed {} pins under {}", removed.len(), bpf_dir.display());
         }

@@ -205,6 +205,9 @@ pub struct Datapath {
     /// knows its own node settings ([`Datapath::set_config`]): rewriting it without them would
     /// turn the data path off (not ready) in the middle of a restart.
     pinned_config_in_force: bool,
+    /// The pin directory's lock (`pin::PinDir::lock`), held while this struct lives: one agent
+    /// per `--bpf-dir`, and no `cleanup` under a running agent.
+    _pin_lock: Option<std::os::fd::OwnedFd>,
 }
 
 // The agent owns the data path from an async task; it must be able to move there.
@@ -222,12 +225,14 @@ impl Datapath {
 
     /// Like [`Datapath::load`], but the state maps and the links are pinned under `dir`: maps
     /// already pinned there (by an earlier agent) are reused with their contents, and links
-    /// pinned there get this agent's programs swapped in without detaching.
+    /// pinned there get this agent's programs swapped in without detaching. Holds the
+    /// directory's lock while it lives (`PinError::Locked` while another agent holds it).
     pub fn load_pinned(dir: &Path) -> Result<Self, DatapathError> {
         Self::open(Some(PinDir::prepare(dir)?))
     }
 
     fn open(pins: Option<PinDir>) -> Result<Self, DatapathError> {
+        let pin_lock = pins.as_ref().map(PinDir::lock).transpose()?;
         raise_memlock_limit();
         let mut loader = EbpfLoader::new();
         if let Some(pins) = &pins {
@@ -269,6 +274,7 @@ impl Datapath {
             endpoints,
             port_links: BTreeMap::new(),
             pinned_config_in_force: pinned.is_some(),
+            _pin_lock: pin_lock,
         })
     }
 
