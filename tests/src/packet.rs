@@ -267,3 +267,34 @@ pub fn parse_mac(s: &str) -> [u8; 6] {
         .collect();
     bytes.try_into().unwrap_or_else(|_| panic!("bad MAC {s}"))
 }
+
+/// The UDP payload of a VXLAN frame (what goes to port 8472): VXLAN header with `vni`, inner
+/// Ethernet `src_mac` → `dst_mac`, inner IPv4/UDP `src` → `dst:dport` (source port 40000, no
+/// UDP checksum) carrying `data`.
+pub fn vxlan_payload(
+    vni: u32,
+    dst_mac: [u8; 6],
+    src_mac: [u8; 6],
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    dport: u16,
+    data: &[u8],
+) -> Vec<u8> {
+    let mut f = vec![0x08, 0, 0, 0];
+    f.extend_from_slice(&(vni << 8).to_be_bytes());
+    let mut ip = ipv4_packet(
+        src,
+        dst,
+        IPPROTO_UDP,
+        64,
+        0,
+        &udp_datagram(40000, dport, data),
+    );
+    // No DF, as the kernel's VXLAN frames from flannel.1 carry pods' packets as they were.
+    ip[6] = 0;
+    ip[10..12].copy_from_slice(&[0, 0]);
+    let c = checksum(&ip[..20]);
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    f.extend_from_slice(&ether(dst_mac, src_mac, ETH_P_IP, &ip));
+    f
+}
