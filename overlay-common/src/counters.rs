@@ -39,9 +39,9 @@ pub const SECOND_NON_DROP: u32 = 32;
 /// The first value of the second range of drop reasons (`48..64`).
 pub const SECOND_DROP: u32 = 48;
 
-/// Why a packet was counted. The value is the index into `COUNTERS`.
+/// Why a packet was counted. The value is the index into `COUNTERS` (and the order).
 #[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Reason {
     /// A packet arrived on the external (underlay) interface.
     UnderlayRx = 0,

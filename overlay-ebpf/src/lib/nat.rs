@@ -380,7 +380,8 @@ fn translate_out(
     // Ports (ICMP: identifier) and where the L4 checksum is.
     let (sport, dport, csum_off, tcp_flags) = match ip.proto {
         IPPROTO_TCP => {
-            let h: [u8; 14] = ctx.load(l4).map_err(|_| Reason::DropNatMalformed)?;
+            // Through the checksum: a header cut before it could not be rewritten.
+            let h: [u8; 18] = ctx.load(l4).map_err(|_| Reason::DropNatMalformed)?;
             ([h[0], h[1]], [h[2], h[3]], l4 + 16, h[13])
         }
         IPPROTO_UDP => {
@@ -664,7 +665,7 @@ fn reverse_to(ctx: &TcContext, cfg: &Config, nat_addr: [u8; 4]) -> Result<i32, R
     let l4 = IP_OFF + ihl;
     let (sport, dport, csum_off, tcp_flags) = match ip.proto {
         IPPROTO_TCP => {
-            let Ok(h) = ctx.load::<[u8; 14]>(l4) else {
+            let Ok(h) = ctx.load::<[u8; 18]>(l4) else {
                 return Ok(TC_ACT_OK);
             };
             ([h[0], h[1]], [h[2], h[3]], l4 + 16, h[13])
