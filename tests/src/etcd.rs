@@ -311,6 +311,12 @@ impl EtcdServer {
             .path()
             .join("data");
         std::fs::remove_dir_all(&data).with_context(|| format!("removing {}", data.display()))?;
+        self.start_again()
+    }
+
+    /// Starts etcd again after [`EtcdServer::stop`], with its data (an outage that ends);
+    /// waits until it is healthy.
+    pub fn start_again(&self) -> Result<()> {
         let child = spawn(&self.launch, &self.log_path)?;
         *self
             .child

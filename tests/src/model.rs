@@ -16,6 +16,8 @@ use std::{collections::BTreeMap, net::Ipv4Addr};
 use ipnet::Ipv4Net;
 use overlay_common::{config::Config, counters::Reason, endpoint::Endpoint, route::RemoteNode};
 
+use crate::packet::checksum;
+
 /// `TC_ACT_OK`, `TC_ACT_SHOT`, `TC_ACT_REDIRECT`; `XDP_PASS`.
 pub const TC_OK: u32 = 0;
 pub const TC_SHOT: u32 = 2;
@@ -83,21 +85,9 @@ fn addr(f: &[u8], off: usize) -> [u8; 4] {
     [f[off], f[off + 1], f[off + 2], f[off + 3]]
 }
 
-/// RFC 1071 sum of `data` (even length) folded to 16 bits.
-fn sum16(data: &[u8]) -> u16 {
-    let mut sum: u32 = data
-        .chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    sum as u16
-}
-
 /// Whether the IPv4 header in `h` verifies.
 fn header_ok(h: &[u8]) -> bool {
-    sum16(h) == 0xffff
+    checksum(h) == 0
 }
 
 /// RFC 1624 eqn. 3, the incremental update the programs use for a changed 16-bit word.
@@ -598,7 +588,7 @@ mod tests {
         let mut h = vec![
             0x45, 0, 0, 40, 0x12, 0x34, 0x40, 0, 64, 17, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2,
         ];
-        let c = !sum16(&h);
+        let c = checksum(&h);
         h[10..12].copy_from_slice(&c.to_be_bytes());
         assert!(header_ok(&h));
         let mut f = vec![0u8; 14];
@@ -607,7 +597,7 @@ mod tests {
         assert_eq!(f[22], 63);
         assert!(header_ok(&f[14..34]));
         f[15] = 0b10;
-        let c = !sum16(&{
+        let c = checksum(&{
             let mut x = f[14..34].to_vec();
             x[10] = 0;
             x[11] = 0;

@@ -161,21 +161,30 @@ where
     }
 }
 
-/// The `COUNTERS` map per reason, summed over the CPUs; reasons that counted nothing are left
-/// out.
-pub fn counters_full(ebpf: &Ebpf) -> BTreeMap<&'static str, Counter> {
+/// Every reason's counter in the `COUNTERS` map, summed over the CPUs.
+pub fn counters_by_reason(ebpf: &Ebpf) -> BTreeMap<Reason, Counter> {
     let map: PerCpuArray<_, Counter> =
         PerCpuArray::try_from(ebpf.map("COUNTERS").unwrap()).unwrap();
     Reason::ALL
         .iter()
-        .filter_map(|&reason| {
+        .map(|&reason| {
             let sum = map
                 .get(&reason.index(), 0)
                 .unwrap()
                 .iter()
                 .fold(Counter::default(), |sum, c| sum.add(*c));
-            (sum.packets != 0).then_some((reason.name(), sum))
+            (reason, sum)
         })
+        .collect()
+}
+
+/// The `COUNTERS` map per reason name, summed over the CPUs; reasons that counted nothing are
+/// left out.
+pub fn counters_full(ebpf: &Ebpf) -> BTreeMap<&'static str, Counter> {
+    counters_by_reason(ebpf)
+        .into_iter()
+        .filter(|(_, sum)| sum.packets != 0)
+        .map(|(reason, sum)| (reason.name(), sum))
         .collect()
 }
 

@@ -345,17 +345,15 @@ fn tcp_send(a: &Args) -> Result<()> {
     Ok(())
 }
 
-/// `udp-serve --port P --timeout-ms MS [--count N] [--idle-ms MS]`: echoes datagrams until
-/// `count` were echoed, nothing arrived for `idle-ms` after the first one, or `timeout-ms`.
-fn udp_serve(a: &Args) -> Result<()> {
-    let port: u16 = a.get("port")?;
-    let deadline = Instant::now() + Duration::from_millis(a.get("timeout-ms")?);
-    let count: u64 = a.get_or("count", u64::MAX)?;
-    let idle = Duration::from_millis(a.get_or("idle-ms", 3000)?);
-    let sock = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port))
-        .with_context(|| format!("bind udp {port}"))?;
-    say(&format!("listening port={port}"));
-    let mut peers = BTreeSet::new();
+/// Hands each datagram that arrives on `sock` to `each` until `count` arrived, nothing
+/// arrived for `idle` after the first one, or `deadline`; returns how many arrived.
+fn receive(
+    sock: &UdpSocket,
+    deadline: Instant,
+    idle: Duration,
+    count: u64,
+    mut each: impl FnMut(&[u8], SocketAddr) -> Result<()>,
+) -> Result<u64> {
     let mut received = 0u64;
     let mut buf = vec![0u8; 65536];
     while received < count {
@@ -369,9 +367,7 @@ fn udp_serve(a: &Args) -> Result<()> {
         match sock.recv_from(&mut buf) {
             Ok((n, peer)) => {
                 received += 1;
-                peers.insert(peer);
-                sock.send_to(&buf[..n], peer)
-                    .with_context(|| format!("echo to {peer}"))?;
+                each(&buf[..n], peer)?;
             }
             Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
                 if received > 0 {
@@ -382,6 +378,26 @@ fn udp_serve(a: &Args) -> Result<()> {
             Err(e) => return Err(e).context("recv"),
         }
     }
+    Ok(received)
+}
+
+/// `udp-serve --port P --timeout-ms MS [--count N] [--idle-ms MS]`: echoes datagrams until
+/// `count` were echoed, nothing arrived for `idle-ms` after the first one, or `timeout-ms`.
+fn udp_serve(a: &Args) -> Result<()> {
+    let port: u16 = a.get("port")?;
+    let deadline = Instant::now() + Duration::from_millis(a.get("timeout-ms")?);
+    let count: u64 = a.get_or("count", u64::MAX)?;
+    let idle = Duration::from_millis(a.get_or("idle-ms", 3000)?);
+    let sock = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port))
+        .with_context(|| format!("bind udp {port}"))?;
+    say(&format!("listening port={port}"));
+    let mut peers = BTreeSet::new();
+    let received = receive(&sock, deadline, idle, count, |data, peer| {
+        peers.insert(peer);
+        sock.send_to(data, peer)
+            .with_context(|| format!("echo to {peer}"))?;
+        Ok(())
+    })?;
     let peers: Vec<String> = peers.iter().map(ToString::to_string).collect();
     say(&format!(
         "done received={received} peers={}",
@@ -601,32 +617,13 @@ fn udp_sink(a: &Args) -> Result<()> {
     let sock = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port))
         .with_context(|| format!("bind udp {port}"))?;
     say(&format!("listening port={port}"));
-    let (mut received, mut seen) = (0u64, BTreeSet::new());
-    let mut buf = vec![0u8; 65536];
-    loop {
-        let Ok(mut wait) = remaining(deadline) else {
-            break;
-        };
-        if received > 0 {
-            wait = wait.min(idle);
+    let mut seen = BTreeSet::new();
+    let received = receive(&sock, deadline, idle, u64::MAX, |data, _| {
+        if let Some(seq) = data.get(..8) {
+            seen.insert(u64::from_be_bytes(seq.try_into().unwrap_or_default()));
         }
-        sock.set_read_timeout(Some(wait))?;
-        match sock.recv_from(&mut buf) {
-            Ok((n, _)) => {
-                received += 1;
-                if n >= 8 {
-                    seen.insert(u64::from_be_bytes(buf[..8].try_into().unwrap_or_default()));
-                }
-            }
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
-                if received > 0 {
-                    break;
-                }
-            }
-            Err(e) if e.kind() == ErrorKind::Interrupted => {}
-            Err(e) => return Err(e).context("recv"),
-        }
-    }
+        Ok(())
+    })?;
     say(&format!("done received={received} distinct={}", seen.len()));
     Ok(())
 }

@@ -63,11 +63,6 @@ struct Node {
     cni0: u32,
 }
 
-fn ifindex(ns: &NetNs, dev: &str) -> u32 {
-    let out = ns.ip(&["-o", "link", "show", "dev", dev]).unwrap();
-    out.split(':').next().unwrap().trim().parse().unwrap()
-}
-
 impl Node {
     fn new(nat: NatConfig) -> Self {
         require_root("packet_nat");
@@ -85,7 +80,7 @@ impl Node {
         ns.add_addr("cni0", "172.17.1.1/24").unwrap();
         ns.link_up("cni0").unwrap();
         ns.sysctl("net.ipv4.ip_forward", "1").unwrap();
-        let (eth0, cni0) = (ifindex(&ns, "eth0"), ifindex(&ns, "cni0"));
+        let (eth0, cni0) = (ns.ifindex("eth0").unwrap(), ns.ifindex("cni0").unwrap());
 
         let ebpf = load_object("packet_nat");
         let mut node = Self {
@@ -137,7 +132,7 @@ impl Node {
         node.ns
             .ip(&["route", "add", "172.17.0.0/16", "dev", "ovl0"])
             .unwrap();
-        let ovl0 = ifindex(&node.ns, "ovl0");
+        let ovl0 = node.ns.ifindex("ovl0").unwrap();
         let mut a: Array<_, Config> =
             Array::try_from(node.ebpf.map_mut("CONFIG").unwrap()).unwrap();
         let mut cfg = a.get(&0, 0).unwrap();

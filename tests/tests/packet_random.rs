@@ -21,15 +21,11 @@
 //! The programs run in a namespace of their own (`ovl-<pid>-…`, removed on drop) set up as a
 //! node, so the MTU checks see real devices: `eth0` (MTU 1500), `cni0` and `ovl0` (MTU 1450).
 
-use std::{
-    collections::BTreeMap,
-    net::Ipv4Addr,
-    time::{Duration, Instant},
-};
+use std::{collections::BTreeMap, net::Ipv4Addr, time::Instant};
 
 use aya::{
     Ebpf, TestRun, TestRunOptions,
-    maps::{Array, HashMap, LpmTrie, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie},
     programs::{SchedClassifier, Xdp},
 };
 use ipnet::Ipv4Net;
@@ -43,7 +39,7 @@ use overlay_common::{
 use overlay_tests::{
     NetNs,
     model::{self, Node, Outcome},
-    packet::{BRIDGE_MAC, checksum, load_object},
+    packet::{BRIDGE_MAC, checksum, counters_by_reason, load_object},
     unique_id,
 };
 
@@ -426,11 +422,6 @@ struct Bench {
     ovl0: u32,
 }
 
-fn ifindex(ns: &NetNs, dev: &str) -> u32 {
-    let out = ns.ip(&["-o", "link", "show", "dev", dev]).unwrap();
-    out.split(':').next().unwrap().trim().parse().unwrap()
-}
-
 impl Bench {
     fn new() -> Self {
         let ns = NetNs::new(format!("{}-rnd", unique_id())).unwrap();
@@ -451,9 +442,9 @@ impl Bench {
         ns.link_up("cni0").unwrap();
         ns.sysctl("net.ipv4.ip_forward", "1").unwrap();
         let (eth0, cni0, ovl0) = (
-            ifindex(&ns, "eth0"),
-            ifindex(&ns, "cni0"),
-            ifindex(&ns, "ovl0"),
+            ns.ifindex("eth0").unwrap(),
+            ns.ifindex("cni0").unwrap(),
+            ns.ifindex("ovl0").unwrap(),
         );
         Self {
             ebpf: load_object("packet_random"),
@@ -540,21 +531,6 @@ fn setting(bench: &Bench, routing: u8, devices: bool) -> Node {
 
 // ---------------------------------------------------------------------------------------------
 // Running and comparing
-
-/// Every counter, summed over the CPUs.
-fn read_counters(map: &PerCpuArray<&aya::maps::MapData, Counter>) -> BTreeMap<Reason, Counter> {
-    Reason::ALL
-        .iter()
-        .map(|&r| {
-            let sum = map
-                .get(&r.index(), 0)
-                .unwrap()
-                .iter()
-                .fold(Counter::default(), |s, c| s.add(*c));
-            (r, sum)
-        })
-        .collect()
-}
 
 fn delta(
     before: &BTreeMap<Reason, Counter>,
@@ -646,8 +622,6 @@ fn run_program(
     batch: usize,
     tally: &mut Tally,
 ) {
-    let counters: PerCpuArray<_, Counter> =
-        PerCpuArray::try_from(bench.ebpf.map("COUNTERS").unwrap()).unwrap();
     let xdp: Option<&Xdp> =
         (prog == XDP_PROGRAM).then(|| bench.ebpf.program(prog).unwrap().try_into().unwrap());
     let tc: Option<&SchedClassifier> =
@@ -692,7 +666,7 @@ fn run_program(
                         f
                     })
                     .collect();
-                let before = read_counters(&counters);
+                let before = counters_by_reason(&bench.ebpf);
                 let mut expected = Vec::with_capacity(n);
                 for f in &batch_frames {
                     let (verdict, out) = run(f);
@@ -716,13 +690,13 @@ fn run_program(
                     }
                     expected.push(want);
                 }
-                let seen = delta(&before, &read_counters(&counters));
+                let seen = delta(&before, &counters_by_reason(&bench.ebpf));
                 if seen != sum_counts(&expected) {
                     // Find the frame: again, one at a time.
                     for (f, want) in batch_frames.iter().zip(&expected) {
-                        let before = read_counters(&counters);
+                        let before = counters_by_reason(&bench.ebpf);
                         let (verdict, _) = run(f);
-                        let seen = delta(&before, &read_counters(&counters));
+                        let seen = delta(&before, &counters_by_reason(&bench.ebpf));
                         let model_counts = sum_counts(std::slice::from_ref(want));
                         assert_eq!(
                             seen,
@@ -758,17 +732,22 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
         .unwrap_or(default)
 }
 
-#[test]
-fn every_program_accounts_for_every_frame_as_the_model_says() {
-    let frames: u64 = env_or("OVERLAY_RANDOM_FRAMES", 3000);
-    let batch: usize = env_or("OVERLAY_RANDOM_BATCH", 1).max(1);
-    let seed: u64 = env_or(
+/// `OVERLAY_RANDOM_SEED`, else one from the clock (printed by the tests, to repeat a run).
+fn seed() -> u64 {
+    env_or(
         "OVERLAY_RANDOM_SEED",
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
             .as_nanos() as u64,
-    );
+    )
+}
+
+#[test]
+fn every_program_accounts_for_every_frame_as_the_model_says() {
+    let frames: u64 = env_or("OVERLAY_RANDOM_FRAMES", 3000);
+    let batch: usize = env_or("OVERLAY_RANDOM_BATCH", 1).max(1);
+    let seed = seed();
     eprintln!(
         "packet_random: seed {seed} ({frames} frames per program and setting, counters per \
          {batch} frames; OVERLAY_RANDOM_SEED={seed} repeats it)"
@@ -815,7 +794,6 @@ fn every_program_accounts_for_every_frame_as_the_model_says() {
         assert_eq!(t.frames, 4 * frames);
     }
     eprintln!("packet_random: done in {:?}", started.elapsed());
-    let _ = Duration::ZERO;
 }
 
 /// What with masquerade on counts besides a frame's fate: the translations (a frame may be
@@ -926,13 +904,7 @@ fn to_outside(rng: &mut Rng) -> Vec<u8> {
 #[test]
 fn with_masquerade_on_every_frame_is_accounted_once_and_translations_hold() {
     let frames: u64 = env_or("OVERLAY_RANDOM_FRAMES", 3000);
-    let seed: u64 = env_or(
-        "OVERLAY_RANDOM_SEED",
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos() as u64,
-    );
+    let seed = seed();
     eprintln!("packet_random (masquerade): seed {seed}, {frames} frames per program");
     let mut rng = Rng(seed);
     let mut bench = Bench::new();
@@ -956,12 +928,10 @@ fn with_masquerade_on_every_frame_is_accounted_once_and_translations_hold() {
         0,
     )
     .unwrap();
-    let counters: PerCpuArray<_, Counter> =
-        PerCpuArray::try_from(bench.ebpf.map("COUNTERS").unwrap()).unwrap();
     let program =
         |name: &str| -> &SchedClassifier { bench.ebpf.program(name).unwrap().try_into().unwrap() };
     let run = |name: &str, frame: &[u8]| -> (u32, Vec<u8>, BTreeMap<Reason, (u64, u64)>) {
-        let before = read_counters(&counters);
+        let before = counters_by_reason(&bench.ebpf);
         let mut out = vec![0u8; frame.len() + 256];
         let result = program(name)
             .test_run(TestRunOptions {
@@ -971,7 +941,7 @@ fn with_masquerade_on_every_frame_is_accounted_once_and_translations_hold() {
             })
             .unwrap_or_else(|e| panic!("{name}: test run of {}: {e:?}", hex(frame)));
         out.truncate(result.data_size_out as usize);
-        let seen = delta(&before, &read_counters(&counters));
+        let seen = delta(&before, &counters_by_reason(&bench.ebpf));
         assert_accounted_nat(name, result.return_value, &seen, &hex(frame));
         (result.return_value, out, seen)
     };

@@ -26,7 +26,8 @@ use super::lease::{
     LeaseAttrs, RecordError, config_key, parse_subnet_key, subnet_key, subnets_prefix,
 };
 use super::registry::{
-    CreateOutcome, KeyValue, LeaseId, Registry, RegistryError, RenewOutcome, WatchEvent, Watcher,
+    CreateOutcome, Granted, KeyValue, LeaseId, Registry, RegistryError, RenewOutcome, WatchEvent,
+    Watcher,
 };
 use crate::config::{ConfigError, NetworkConfig};
 
@@ -135,6 +136,17 @@ pub struct Lease {
 impl Lease {
     pub fn is_reservation(&self) -> bool {
         self.lease_id.is_none()
+    }
+
+    /// The same lease, now held by the etcd lease `granted` (a renewal, or our record
+    /// written back).
+    fn held_by(&self, granted: Granted) -> Self {
+        Self {
+            lease_id: Some(granted.lease),
+            expiration: Some(Instant::now() + granted.ttl),
+            revision: granted.revision,
+            ..self.clone()
+        }
     }
 }
 
@@ -450,12 +462,7 @@ impl<R: Registry> SubnetManager<R> {
             )
             .await?;
         match outcome {
-            RenewOutcome::Renewed(granted) => Ok(Lease {
-                lease_id: Some(granted.lease),
-                expiration: Some(Instant::now() + granted.ttl),
-                revision: granted.revision,
-                ..lease.clone()
-            }),
+            RenewOutcome::Renewed(granted) => Ok(lease.held_by(granted)),
             RenewOutcome::Lost => Err(ManagerError::LeaseLost {
                 key: lease.key.clone(),
             }),
@@ -687,12 +694,7 @@ impl<R: Registry> SubnetManager<R> {
             .renew(&lease.key, &value, self.options.lease_ttl, None)
             .await?
         {
-            RenewOutcome::Renewed(granted) => Ok(Lease {
-                lease_id: Some(granted.lease),
-                expiration: Some(Instant::now() + granted.ttl),
-                revision: granted.revision,
-                ..lease.clone()
-            }),
+            RenewOutcome::Renewed(granted) => Ok(lease.held_by(granted)),
             RenewOutcome::Lost => Err(ManagerError::LeaseLost {
                 key: lease.key.clone(),
             }),

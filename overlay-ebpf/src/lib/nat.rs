@@ -925,7 +925,6 @@ fn icmp_error_reverse(
     ip: &Ipv4Hdr,
     l4: usize,
 ) -> Result<i32, Reason> {
-    let icmp_csum_off = l4 + 2;
     let inner = l4 + 8;
     let Ok(iip) = ctx.load::<Ipv4Hdr>(inner) else {
         return Ok(TC_ACT_OK);
@@ -955,55 +954,16 @@ fn icmp_error_reverse(
     let Some(orig) = flow_in(nat, &key, 0) else {
         return Ok(TC_ACT_OK);
     };
-    let old_port = key.dport;
-    let (old_a, new_a) = (iip.saddr, orig.addr);
-    let w = |a: [u8; 4], i: usize| u16::from_be_bytes([a[i], a[i + 1]]);
-
-    // Inner IPv4 header: source and checksum (their sum is unchanged, so is the ICMP one).
-    let mut icheck = replace16(iip.check, w(old_a, 0), w(new_a, 0));
-    icheck = replace16(icheck, w(old_a, 2), w(new_a, 2));
-    ctx.store(inner + 12, &new_a, 0)
-        .map_err(|_| Reason::DropNatFailed)?;
-    ctx.store(inner + 10, &icheck, 0)
-        .map_err(|_| Reason::DropNatFailed)?;
-
-    // Inner port and, where the error carries it, the inner L4 checksum (pseudo-header for
-    // TCP/UDP; a zero UDP checksum stays zero). Each changed word moves the ICMP checksum.
-    if let Ok(old_c) = ctx.load::<[u8; 2]>(inner_csum_off) {
-        let udp_zero = iip.proto == IPPROTO_UDP && old_c == [0, 0];
-        if !udp_zero {
-            let mut c = replace16(
-                old_c,
-                u16::from_be_bytes(old_port),
-                u16::from_be_bytes(orig.port),
-            );
-            if iip.proto != IPPROTO_ICMP {
-                c = replace16(c, w(old_a, 0), w(new_a, 0));
-                c = replace16(c, w(old_a, 2), w(new_a, 2));
-            }
-            if iip.proto == IPPROTO_UDP && c == [0, 0] {
-                c = [0xff, 0xff];
-            }
-            ctx.l4_csum_replace(
-                icmp_csum_off,
-                u64::from(u16::from_ne_bytes(old_c)),
-                u64::from(u16::from_ne_bytes(c)),
-                2,
-            )
-            .map_err(|_| Reason::DropNatFailed)?;
-            ctx.store(inner_csum_off, &c, 0)
-                .map_err(|_| Reason::DropNatFailed)?;
-        }
-    }
-    ctx.l4_csum_replace(
-        icmp_csum_off,
-        u64::from(u16::from_ne_bytes(old_port)),
-        u64::from(u16::from_ne_bytes(orig.port)),
-        2,
-    )
-    .map_err(|_| Reason::DropNatFailed)?;
-    ctx.store(port_off, &orig.port, 0)
-        .map_err(|_| Reason::DropNatFailed)?;
+    // The quoted packet's source (us, translated) and port become the originator's again.
+    let side = QuotedSide {
+        addr_off: 12,
+        old_addr: iip.saddr,
+        new_addr: orig.addr,
+        port_off,
+        old_port: key.dport,
+        new_port: orig.port,
+    };
+    rewrite_quote(ctx, l4, inner_csum_off, &iip, &side)?;
 
     // The outer destination (ICMP has no pseudo-header).
     deliver(ctx, cfg, ip, orig, NO_L4_CSUM)
@@ -1025,7 +985,6 @@ fn icmp_error_out(
     nat_addr: [u8; 4],
     hop: bool,
 ) -> Result<bool, Reason> {
-    let icmp_csum_off = l4 + 2;
     let inner = l4 + 8;
     let Ok(iip) = ctx.load::<Ipv4Hdr>(inner) else {
         return Ok(false);
@@ -1063,27 +1022,66 @@ fn icmp_error_out(
     if flow.addr != nat_addr || expired(nat, key.proto, &flow, now) {
         return Ok(false);
     }
-    let (old_a, new_a) = (iip.daddr, nat_addr);
-    let (old_port, new_port) = (sport, flow.port);
+    // The quoted packet's destination (the originator) and port become the translated ones.
+    let side = QuotedSide {
+        addr_off: 16,
+        old_addr: iip.daddr,
+        new_addr: nat_addr,
+        port_off,
+        old_port: sport,
+        new_port: flow.port,
+    };
+    rewrite_quote(ctx, l4, inner_csum_off, &iip, &side)?;
+
+    // The outer source (ICMP has no pseudo-header).
+    rewrite_addr(ctx, IP_SADDR_OFF, ip.saddr, nat_addr, NO_L4_CSUM, hop, ip)?;
+    Ok(true)
+}
+
+/// The side of a packet quoted by an ICMP error that a translation rewrites: the address at
+/// `addr_off` in the quoted IPv4 header (12 source, 16 destination) and the port (ICMP: the
+/// identifier) at `port_off` in the packet.
+struct QuotedSide {
+    addr_off: usize,
+    old_addr: [u8; 4],
+    new_addr: [u8; 4],
+    port_off: usize,
+    old_port: [u8; 2],
+    new_port: [u8; 2],
+}
+
+/// Rewrites `side` of the packet quoted by the ICMP error whose header is at `l4` (`iip`, the
+/// quoted IPv4 header, read before): the address with the quoted header's checksum (their sum
+/// stays the same, so does the ICMP checksum), the port, and, where the error carries it, the
+/// quoted L4 checksum at `inner_csum_off` (pseudo-header for TCP/UDP; a zero UDP checksum stays
+/// zero). Every other changed word moves the ICMP checksum.
+#[inline(always)]
+fn rewrite_quote(
+    ctx: &TcContext,
+    l4: usize,
+    inner_csum_off: usize,
+    iip: &Ipv4Hdr,
+    side: &QuotedSide,
+) -> Result<(), Reason> {
+    let icmp_csum_off = l4 + 2;
+    let inner = l4 + 8;
+    let (old_a, new_a) = (side.old_addr, side.new_addr);
     let w = |a: [u8; 4], i: usize| u16::from_be_bytes([a[i], a[i + 1]]);
 
-    // Quoted IPv4 header: destination and checksum (their sum is unchanged, so is the ICMP one).
     let mut icheck = replace16(iip.check, w(old_a, 0), w(new_a, 0));
     icheck = replace16(icheck, w(old_a, 2), w(new_a, 2));
-    ctx.store(inner + 16, &new_a, 0)
+    ctx.store(inner + side.addr_off, &new_a, 0)
         .map_err(|_| Reason::DropNatFailed)?;
     ctx.store(inner + 10, &icheck, 0)
         .map_err(|_| Reason::DropNatFailed)?;
 
-    // Quoted port and, where the error carries it, the quoted L4 checksum (pseudo-header for
-    // TCP/UDP; a zero UDP checksum stays zero). Each changed word moves the ICMP checksum.
     if let Ok(old_c) = ctx.load::<[u8; 2]>(inner_csum_off) {
         let udp_zero = iip.proto == IPPROTO_UDP && old_c == [0, 0];
         if !udp_zero {
             let mut c = replace16(
                 old_c,
-                u16::from_be_bytes(old_port),
-                u16::from_be_bytes(new_port),
+                u16::from_be_bytes(side.old_port),
+                u16::from_be_bytes(side.new_port),
             );
             if iip.proto != IPPROTO_ICMP {
                 c = replace16(c, w(old_a, 0), w(new_a, 0));
@@ -1105,15 +1103,11 @@ fn icmp_error_out(
     }
     ctx.l4_csum_replace(
         icmp_csum_off,
-        u64::from(u16::from_ne_bytes(old_port)),
-        u64::from(u16::from_ne_bytes(new_port)),
+        u64::from(u16::from_ne_bytes(side.old_port)),
+        u64::from(u16::from_ne_bytes(side.new_port)),
         2,
     )
     .map_err(|_| Reason::DropNatFailed)?;
-    ctx.store(port_off, &new_port, 0)
-        .map_err(|_| Reason::DropNatFailed)?;
-
-    // The outer source (ICMP has no pseudo-header).
-    rewrite_addr(ctx, IP_SADDR_OFF, ip.saddr, nat_addr, NO_L4_CSUM, hop, ip)?;
-    Ok(true)
+    ctx.store(side.port_off, &side.new_port, 0)
+        .map_err(|_| Reason::DropNatFailed)
 }
