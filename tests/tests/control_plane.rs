@@ -1472,3 +1472,108 @@ fn conflicting_peer_records_are_refused_and_an_overwritten_lease_is_written_back
         assert!(longest < 2048, "{name}: a log line of {longest} bytes");
     }
 }
+
+/// What held before issue 12 and must go on holding (docs/reliability.md): etcd down for a
+/// while (here 20 s) costs no packet between pods on different nodes, and once it is back the
+/// agents follow changes again (a node joining is seen).
+#[test]
+fn an_etcd_outage_loses_no_packet_and_the_agents_catch_up() {
+    const PPS: u32 = 500;
+    let cluster = Cluster::builder()
+        .nodes(2)
+        .pods_per_node(1)
+        .network_config(VXLAN_CONFIG)
+        .build()
+        .unwrap();
+    let (a, b) = (cluster.pod(0, 0), cluster.pod(1, 0));
+    overlay_tests::checks::assert_pods_talk(&a, &b);
+    let agent = cluster.node(0).agent().unwrap();
+    let sink = overlay_tests::traffic::udp_sink(b.ns(), Duration::from_secs(90)).unwrap();
+    let to = (b.ip(), sink.port()).into();
+    let count = PPS * 30;
+    thread::scope(|s| {
+        let stream = s.spawn(|| overlay_tests::traffic::udp_stream(a.ns(), to, PPS, count));
+        thread::sleep(Duration::from_secs(2));
+        cluster.etcd().stop();
+        thread::sleep(Duration::from_secs(20));
+        cluster.etcd().start_again().unwrap();
+        let mark = agent.log().len();
+        let put_at = Instant::now();
+        let subnet = net("172.17.222.0/24");
+        cluster
+            .etcd()
+            .put(
+                &lease_key(DEFAULT_ETCD_PREFIX, subnet),
+                &vxlan_record(Ipv4Addr::new(198, 18, 0, 99), "0a:58:c6:12:00:63"),
+            )
+            .unwrap();
+        wait_log_since(
+            &agent,
+            mark,
+            &format!("peer added: subnet {subnet}"),
+            Duration::from_secs(20),
+        );
+        eprintln!(
+            "a peer added after the outage reached the agent {:?} after the put began",
+            put_at.elapsed()
+        );
+        stream.join().expect("stream").unwrap();
+    });
+    let report = sink.finish(Duration::from_secs(10)).unwrap();
+    assert_eq!(
+        report.distinct,
+        u64::from(count),
+        "datagrams lost across a 20 s etcd outage: {report:?}"
+    );
+    assert!(agent.is_running(), "the agent rode out the outage");
+}
+
+/// What held before issue 12 (docs/reliability.md): 4,000 peers in etcd reach a starting
+/// agent's data path. The time and the agent's memory are printed (figures, not a bound).
+#[test]
+fn four_thousand_peers_reach_the_data_path() {
+    const PEERS: u32 = 4000;
+    let cluster = Cluster::builder()
+        .nodes(1)
+        .network_config(r#"{"Network": "172.16.0.0/12", "Backend": {"Type": "vxlan"}}"#)
+        .build()
+        .unwrap();
+    // In transactions of 100 puts (etcd allows 128 operations per transaction).
+    let record = |i: u32| {
+        let ip = Ipv4Addr::new(198, 19, (i / 250) as u8, (1 + i % 250) as u8);
+        vxlan_record(ip, &vtep_mac(ip))
+    };
+    let ids: Vec<u32> = (1..=PEERS).collect();
+    for chunk in ids.chunks(100) {
+        let mut ops = String::from("\n");
+        for &i in chunk {
+            let subnet = Ipv4Net::new(Ipv4Addr::from(0xac10_0000 + (i << 8)), 24).unwrap();
+            let key = lease_key(DEFAULT_ETCD_PREFIX, subnet);
+            ops.push_str(&format!(
+                "put {key} {}\n",
+                serde_json::to_string(&record(i)).unwrap()
+            ));
+        }
+        // An empty failure section, ended by a blank line too.
+        ops.push_str("\n\n");
+        let c = cluster.etcd().etcdctl_command(&["txn"]);
+        let out = overlay_tests::cmd::check_with(c, Some(ops.as_bytes()), Duration::from_secs(30))
+            .unwrap();
+        assert!(out.starts_with("SUCCESS"), "etcdctl txn: {out}");
+    }
+    let node = cluster.node(0);
+    let start = Instant::now();
+    let agent = node.start_agent(&[]).unwrap();
+    wait_until("4,000 peers in ROUTE_V4", Duration::from_secs(60), || {
+        node.agent_cmd(&["peers"])
+            .is_ok_and(|out| out.lines().count() == PEERS as usize)
+    });
+    let took = start.elapsed();
+    let status = std::fs::read_to_string(format!("/proc/{}/status", agent.pid())).unwrap();
+    let rss = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .unwrap_or("VmRSS: ?");
+    eprintln!("{PEERS} peers in the data path {took:?} after the agent started; {rss}");
+    assert!(agent.is_running());
+}
