@@ -542,6 +542,8 @@ impl<R: Registry> SubnetManager<R> {
         let mut rewatch_at = Instant::now();
         // Read our key again before the next watch.
         let mut reread = false;
+        // A renewal found the key no longer held by our etcd lease: the read decides.
+        let mut renewal_lost = false;
         // When to write our record back over a foreign one.
         let mut restore_at: Option<Instant> = None;
         // Stands in for "never" in disabled select branches.
@@ -564,11 +566,15 @@ impl<R: Registry> SubnetManager<R> {
                                     warn_overwritten(&kv);
                                     restore_at = Some(Instant::now());
                                 }
+                                // Our record, but not under the etcd lease we hold: write
+                                // it again under one we hold.
+                                Some(_) if renewal_lost => restore_at = Some(Instant::now()),
                                 Some(_) => {}
                             }
                             // The store's revision now, which may be below what we saw.
                             last_revision = fetched.revision;
                             reread = false;
+                            renewal_lost = false;
                         }
                         Err(e) => {
                             warn!("cannot re-read our lease {} (retrying): {e}", lease.key);
@@ -601,11 +607,18 @@ impl<R: Registry> SubnetManager<R> {
                             );
                             updates.send_replace(lease.clone());
                         }
-                        // Our record is being restored: that renews too.
-                        Err(ManagerError::LeaseLost { .. }) if restore_at.is_some() => {
+                        // Our record is being restored: that renews too. Otherwise the key
+                        // is gone, or overwritten before the watch told us: read it again
+                        // to know which (a foreign record is written back, not a loss).
+                        Err(ManagerError::LeaseLost { .. }) => {
                             renew_at = None;
+                            if restore_at.is_none() {
+                                renewal_lost = true;
+                                reread = true;
+                                watcher = None;
+                                rewatch_at = Instant::now();
+                            }
                         }
-                        Err(ManagerError::LeaseLost { .. }) => return KeepOutcome::Lost,
                         Err(e) => {
                             error!(
                                 "Error renewing lease (trying again in {:?}): {e}",

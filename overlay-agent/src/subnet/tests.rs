@@ -792,6 +792,22 @@ async fn an_overwritten_lease_is_written_back_and_the_subnet_kept() {
     keeper.task.abort();
 }
 
+/// An overwrite that the renewal finds before any watch event (the watch is down) is written
+/// back too, not taken for a loss.
+#[tokio::test(start_paused = true)]
+async fn an_overwrite_found_by_the_renewal_is_written_back() {
+    let fake = FakeRegistry::new();
+    fake.fail_next(FakeOp::Watch, 1_000_000);
+    let mut keeper = start_keeper(&fake, tiny_config(2), None).await;
+    let first = keeper.lease();
+    fake.set(&first.key, &attrs("198.18.0.2", 2).to_json());
+    let restored = keeper.changed(TTL).await;
+    assert_eq!(restored.subnet, first.subnet);
+    assert_eq!(fake.value(&first.key).unwrap(), ours().to_json());
+    assert_eq!(fake.entry(&first.key).unwrap().lease, restored.lease_id);
+    keeper.task.abort();
+}
+
 /// Issue 12, item 5: etcd restored from nothing (revisions start over, our key gone): the
 /// keeper notices when its watch breaks, and takes the same subnet again.
 #[tokio::test(start_paused = true)]
