@@ -76,6 +76,10 @@ impl Outcome {
     }
 }
 
+/// Where a frame a program took over goes: the verdict, the counter (and bytes) it counts
+/// the frame under, and the frame that comes out.
+type Delivery = (u32, Option<(Reason, u64)>, Expected);
+
 /// Big-endian u16 at `off`.
 fn be16(f: &[u8], off: usize) -> u16 {
     u16::from_be_bytes([f[off], f[off + 1]])
@@ -255,7 +259,7 @@ impl Node {
     }
 
     /// Decapsulates VXLAN for us: the verdict, the counter, and the frame.
-    fn decapsulate(&self, f: &[u8]) -> Result<(u32, Option<(Reason, u64)>, Expected), Reason> {
+    fn decapsulate(&self, f: &[u8]) -> Result<Delivery, Reason> {
         self.check_vxlan(f)?;
         let mut out = f.to_vec();
         let ip = 64;
@@ -315,11 +319,7 @@ impl Node {
     }
 
     /// Unencapsulated traffic for local pods from direct peers (host-gw, DirectRouting).
-    #[allow(clippy::type_complexity)]
-    fn direct_ingress(
-        &self,
-        f: &[u8],
-    ) -> Option<Result<(u32, Option<(Reason, u64)>, Expected), Reason>> {
+    fn direct_ingress(&self, f: &[u8]) -> Option<Result<Delivery, Reason>> {
         let len = f.len() as u64;
         // PACKET_HOST in a test run: addressed to loopback's MAC.
         if !self.ready() || !self.cfg.accepts_direct() || f[0..6] != [0; 6] || !is_ipv4(f) {

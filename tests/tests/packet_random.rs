@@ -612,7 +612,6 @@ struct Tally {
 
 /// Runs `frames` generated frames (half mutated) through `prog` in the node namespace, in
 /// batches of `batch`, comparing each with `model`.
-#[allow(clippy::too_many_arguments)]
 fn run_program(
     bench: &Bench,
     node: &Node,
