@@ -284,6 +284,7 @@ fn an_unwritable_subnet_file_leaves_no_lease_and_no_data_path_behind() {
     let agent = node.start_agent(&["--subnet-file", &path]).unwrap();
     let status = agent.wait_exit(Duration::from_secs(30)).unwrap();
     assert!(!status.success(), "the agent must fail: {status}");
+    assert_nothing_left(&cluster, node, "unwritable location");
     let log = agent.log();
     let line = log
         .lines()
@@ -299,7 +300,6 @@ fn an_unwritable_subnet_file_leaves_no_lease_and_no_data_path_behind() {
         "the cause once: {line}"
     );
     assert!(!log.contains("Lease acquired"), "{log}");
-    assert_nothing_left(&cluster, node, "unwritable location");
 
     // Writable directory, a file that cannot be replaced: found only at the write.
     let file = node.dir().join("subnet.env");
