@@ -544,6 +544,17 @@ mod tests {
     }
 
     #[test]
+    fn foreign_backend_data_comes_back_exactly() {
+        // Found by fuzzing (lease_record): a number beyond u64 came back as another float.
+        let text = br#"{"PublicIP":"10.0.0.1","BackendType":"udp","BackendData":{"n":18282222222222222222222,"f":0.1}}"#;
+        let attrs = LeaseAttrs::from_json(text).unwrap();
+        assert_eq!(
+            LeaseAttrs::from_json(attrs.to_json().as_bytes()).unwrap(),
+            attrs
+        );
+    }
+
+    #[test]
     fn missing_backend_type_is_empty_and_omitted() {
         let attrs = LeaseAttrs::from_json(br#"{"PublicIP":"10.0.0.1"}"#).unwrap();
         assert_eq!(attrs.backend_type, "");
