@@ -4,11 +4,18 @@
 //! or values, and is idempotent.
 #![no_main]
 
-use std::{ffi::OsString, os::unix::ffi::OsStringExt as _};
+use std::{ffi::OsString, os::unix::ffi::OsStringExt as _, sync::LazyLock};
 
-use clap::Parser as _;
+use clap::{CommandFactory as _, FromArgMatches as _};
 use libfuzzer_sys::fuzz_target;
 use overlay_agent::cli::{Cli, normalize_go_flags};
+
+/// The agent's command line definition, built once.
+static COMMAND: LazyLock<clap::Command> = LazyLock::new(|| {
+    let mut command = Cli::command();
+    command.build();
+    command
+});
 
 fuzz_target!(|data: &[u8]| {
     let args: Vec<OsString> = std::iter::once(OsString::from("overlay-agent"))
@@ -36,7 +43,11 @@ fuzz_target!(|data: &[u8]| {
         normalized,
         "idempotent"
     );
-    if let Ok(cli) = Cli::try_parse_from(normalized) {
+    // What `Cli::try_parse_from` does, with the command built (and clap's debug checks of
+    // it run) once rather than for every input.
+    if let Ok(matches) = COMMAND.clone().try_get_matches_from(normalized)
+        && let Ok(cli) = Cli::from_arg_matches(&matches)
+    {
         let _ = format!("{cli:?}");
     }
 });
