@@ -52,11 +52,12 @@ const PEER_EVENT_QUEUE: usize = 1024;
 
 /// Runs the agent until a signal arrives or something fails for good.
 ///
-/// What can be checked without taking anything from the cluster is checked first: the subnet
-/// file's location can be written, the pin directory is on a bpffs that outlives the agent and
-/// no other agent holds it, the programs load. A start-up that fails later, before the node is
-/// ready, undoes what it created ([`Undo`]): the lease it created (peers would route the
-/// subnet to a node that never came up) and a data path that no agent had pinned before.
+/// What can be checked without taking anything from the cluster is checked before the lease:
+/// the subnet file's location can be written (first of all), the pin directory is on a bpffs
+/// that outlives the agent and no other agent holds it, the programs load (once the network
+/// config is known). A start-up that fails later, before the node is ready, undoes what it
+/// created ([`Undo`]): the lease it created (peers would route the subnet to a node that never
+/// came up) and a data path that no agent had pinned before.
 pub async fn run(flags: Flags) -> Result<()> {
     // Handlers first, so that a signal during start-up still ends the agent cleanly.
     let signals = Signals::new()?;
@@ -67,8 +68,7 @@ pub async fn run(flags: Flags) -> Result<()> {
         lease: None,
         ready: false,
     };
-    let datapath = load_datapath(&flags.bpf_dir).await?;
-    let outcome = serve(flags, signals, datapath, &mut undo).await;
+    let outcome = serve(flags, signals, &mut undo).await;
     if outcome.is_err() && !undo.ready {
         undo.run().await;
     }
@@ -138,13 +138,8 @@ impl Undo {
     }
 }
 
-/// The agent once the data path is loaded: joins the cluster, installs, serves.
-async fn serve(
-    flags: Flags,
-    mut signals: Signals,
-    mut datapath: Datapath,
-    undo: &mut Undo,
-) -> Result<()> {
+/// The agent: joins the cluster, installs the data path, serves.
+async fn serve(flags: Flags, mut signals: Signals, undo: &mut Undo) -> Result<()> {
     let ext = iface::discover(&flags.iface, &flags.iface_regex, flags.public_ip)
         .await
         .context("choosing the external interface")?;
@@ -171,6 +166,7 @@ async fn serve(
     let mut node = NodeDatapath::new(&flags, &config, &ext);
     let attrs = lease_attrs(&config.backend, &ext, node.vtep_mac);
     let previous = previous_subnet(&flags.subnet_file);
+    let mut datapath = load_datapath(&flags.bpf_dir).await?;
     let lease = tokio::select! {
         lease = manager.acquire_lease(&config, &attrs, previous) => lease?,
         signal = signals.recv() => return shut_down(signal),
