@@ -32,13 +32,13 @@ use ipnet::Ipv4Net;
 use overlay_common::{endpoint::Endpoint, route::RemoteNode};
 
 use crate::{
-    cli::{Flags, PodHook, XdpPolicy},
+    cli::{Flags, LayoutMismatch, PodHook, XdpPolicy},
     config::{Backend, DEFAULT_VNI, DEFAULT_VXLAN_PORT, NetworkConfig},
     datapath::repair,
     datapath::{
-        Datapath, NodeConfig, Routing,
+        Datapath, DatapathError, NodeConfig, Routing,
         nat::{NatSettings, pinned_nat_flows},
-        pin::PinDir,
+        pin::{PinDir, PinError},
         pinned_counters, pinned_endpoints, pinned_peers,
     },
     endpoints::{BridgeScope, run_watcher},
@@ -51,7 +51,7 @@ use crate::{
     subnet::{
         EtcdOptions, EtcdRegistry, Lease, LeaseAttrs, Mac, ManagerOptions, PeerEvent,
         SubnetManager,
-        file::{SubnetEnv, first_usable, previous_subnet, write_subnet_file},
+        file::{SubnetEnv, check_writable, first_usable, previous_subnet, write_subnet_file},
     },
     telemetry::Telemetry,
 };
@@ -64,10 +64,96 @@ pub const HOST_GW_NAT_MESSAGE: &str = "your PublicIP differs from interface IP, 
 const PEER_EVENT_QUEUE: usize = 1024;
 
 /// Runs the agent until a signal arrives or something fails for good.
+///
+/// What can be checked without taking anything from the cluster is checked before the lease:
+/// the subnet file's location can be written (first of all), the pin directory is on a bpffs
+/// that outlives the agent and no other agent holds it, the programs load (once the network
+/// config is known). A start-up that fails later, before the node is ready, undoes what it
+/// created ([`Undo`]): the lease it created (peers would route the subnet to a node that never
+/// came up) and a data path that no agent had pinned before.
 pub async fn run(flags: Flags) -> Result<()> {
     // Handlers first, so that a signal during start-up still ends the agent cleanly.
-    let mut signals = Signals::new()?;
+    let signals = Signals::new()?;
+    check_writable(&flags.subnet_file).context("--subnet-file cannot be written")?;
+    let mut undo = Undo {
+        fresh_datapath: PinDir::existing(&flags.bpf_dir).is_none(),
+        bpf_dir: flags.bpf_dir.clone(),
+        lease: None,
+        ready: false,
+    };
+    let outcome = serve(flags, signals, &mut undo).await;
+    if outcome.is_err() && !undo.ready {
+        undo.run().await;
+    }
+    outcome
+}
 
+/// How long a starting agent waits for the agent that holds its `--bpf-dir` to exit (a
+/// restart whose predecessor is still shutting down).
+const PIN_LOCK_WAIT: Duration = Duration::from_secs(10);
+
+/// Loads the data path pinned under `bpf_dir`, waiting up to [`PIN_LOCK_WAIT`] while another
+/// agent holds the directory. Pinned maps of another layout are replaced or refused by
+/// `layout` (`--pinned-layout-mismatch`).
+async fn load_datapath(bpf_dir: &Path, layout: LayoutMismatch) -> Result<Datapath> {
+    let deadline = tokio::time::Instant::now() + PIN_LOCK_WAIT;
+    let mut said = false;
+    loop {
+        match Datapath::load_pinned_checked(bpf_dir, layout) {
+            Err(DatapathError::PinDir(PinError::Locked { .. }))
+                if tokio::time::Instant::now() < deadline =>
+            {
+                if !said {
+                    info!(
+                        "waiting up to {PIN_LOCK_WAIT:?} for the agent holding {} to exit",
+                        bpf_dir.display()
+                    );
+                    said = true;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            other => return other.map_err(Into::into),
+        }
+    }
+}
+
+/// What a start-up created that must not outlive a failure before the node is ready.
+struct Undo {
+    /// No data path was pinned under `bpf_dir` before this agent.
+    fresh_datapath: bool,
+    bpf_dir: std::path::PathBuf,
+    /// The lease acquired, with the manager to give it up.
+    lease: Option<(SubnetManager<EtcdRegistry>, Lease)>,
+    /// The node became ready: nothing to undo any more.
+    ready: bool,
+}
+
+impl Undo {
+    /// Gives up a lease created by this start and removes a data path no agent had before
+    /// (pins, links, host device); a reused lease and an adopted data path stay, as they were.
+    async fn run(self) {
+        if let Some((manager, lease)) = &self.lease
+            && lease.created
+        {
+            match manager.release_lease(lease).await {
+                Ok(()) => info!("start-up failed: gave up the lease of {}", lease.subnet),
+                Err(e) => warn!(
+                    "start-up failed, and the lease of {} could not be given up (it expires by itself): {e}",
+                    lease.subnet
+                ),
+            }
+        }
+        if self.fresh_datapath {
+            match cleanup(&self.bpf_dir).await {
+                Ok(()) => info!("start-up failed: removed the data path it had installed"),
+                Err(e) => warn!("start-up failed, and its data path could not be removed: {e:#}"),
+            }
+        }
+    }
+}
+
+/// The agent: joins the cluster, installs the data path, serves.
+async fn serve(flags: Flags, mut signals: Signals, undo: &mut Undo) -> Result<()> {
     info!("CLI flags config: {}", flags.effective());
     for warning in flags.compat.check()? {
         warn!("{warning}");
@@ -109,6 +195,7 @@ pub async fn run(flags: Flags) -> Result<()> {
     let mut node = NodeDatapath::new(&flags, &config, &ext);
     let attrs = lease_attrs(&config.backend, &ext, node.vtep_mac);
     let previous = previous_subnet(&flags.subnet_file);
+    let mut datapath = load_datapath(&flags.bpf_dir, flags.pinned_layout_mismatch).await?;
     let lease = tokio::select! {
         lease = manager.acquire_lease(&config, &attrs, previous) => lease?,
         signal = signals.recv() => return shut_down(signal),
@@ -120,12 +207,12 @@ pub async fn run(flags: Flags) -> Result<()> {
         manager.options().renew_margin,
     );
     telemetry.phase("attaching the data path");
+    undo.lease = Some((manager.clone(), lease.clone()));
 
     let netlink = Netlink::new()?;
     // Subscribed before the first attachment, so no deletion goes unheard.
     let mut links = linkwatch::subscribe().context("subscribing to netlink link events")?;
     enable_ip_forwarding()?;
-    let mut datapath = Datapath::load_pinned_checked(&flags.bpf_dir, flags.pinned_layout_mismatch)?;
     datapath.attach_underlay(&ext.name)?;
     info!("data path attached to {}", ext.name);
     if datapath.decap_clears_tunnel_gso() {
@@ -160,6 +247,7 @@ pub async fn run(flags: Flags) -> Result<()> {
     telemetry.started();
     write_status(&telemetry, &flags.status_file);
     notifier.ready(&format!("serving {} on {}", lease.subnet, ext.name));
+    undo.ready = true;
     if let Some(every) = notifier.watchdog_interval() {
         info!("systemd watchdog: notifying every {every:?}");
     }
@@ -176,9 +264,8 @@ pub async fn run(flags: Flags) -> Result<()> {
         async move { manager.run_lease_keeper(config, lease_tx).await }
     });
     let mut watcher = tokio::spawn({
-        let (manager, own) = (manager.clone(), lease_rx.clone());
-        let backend = config.backend.type_name().to_owned();
-        async move { manager.run_peer_watcher(backend, own, peer_tx).await }
+        let (manager, own, config) = (manager.clone(), lease_rx.clone(), config.clone());
+        async move { manager.run_peer_watcher(config, own, peer_tx).await }
     });
 
     let (endpoints_tx, mut endpoints) = watch::channel(BTreeMap::new());
@@ -870,10 +957,14 @@ pub fn print_peers(bpf_dir: &Path) -> Result<()> {
 }
 
 /// `overlay-agent cleanup`: removes the pinned data path (its programs detach as their links
-/// go) and the host device. Run it with no agent running in the namespace.
+/// go) and the host device. Refuses, removing nothing, while an agent runs with `bpf_dir`
+/// (it holds the directory's lock): that agent would go on without its data path.
 pub async fn cleanup(bpf_dir: &Path) -> Result<()> {
     match PinDir::existing(bpf_dir) {
         Some(pins) => {
+            let _lock = pins
+                .lock()
+                .context("cleanup removes the data path of a stopped agent only")?;
             let removed = pins.remove_all()?;
             info!("removed {} pins under {}", removed.len(), bpf_dir.display());
         }

@@ -39,10 +39,28 @@ async fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            error!("{err:#}");
+            error!("{}", error_chain(&err));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes, `: `-separated as anyhow's `{:#}` prints them, without a cause
+/// that the text before it already ends with: several error types name their source in
+/// their own message (`cannot write X: <io error>`) and also return it as their source, which
+/// `{:#}` would print twice.
+fn error_chain(err: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in err.chain() {
+        let cause = cause.to_string();
+        if text.is_empty() {
+            text = cause;
+        } else if !text.ends_with(&cause) {
+            text.push_str(": ");
+            text.push_str(&cause);
+        }
+    }
+    text
 }
 
 fn init_tracing(verbosity: u8) {
@@ -60,4 +78,34 @@ fn init_tracing(verbosity: u8) {
         .with_ansi(ansi)
         .with_writer(std::io::stderr)
         .init();
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io;
+
+    use super::error_chain;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("cannot write /x/subnet.env: {source}")]
+    struct Names {
+        source: io::Error,
+    }
+
+    #[test]
+    fn a_cause_named_in_the_message_is_not_repeated() {
+        let err = anyhow::Error::new(Names {
+            source: io::Error::from(io::ErrorKind::PermissionDenied),
+        })
+        .context("writing the subnet file");
+        assert_eq!(
+            error_chain(&err),
+            "writing the subnet file: cannot write /x/subnet.env: permission denied"
+        );
+        // Causes that the message does not name are all there.
+        let err = anyhow::Error::new(io::Error::from(io::ErrorKind::NotFound))
+            .context("reading")
+            .context("starting");
+        assert_eq!(error_chain(&err), "starting: reading: entity not found");
+    }
 }

@@ -586,13 +586,9 @@ async fn manager_end_to_end_with_short_ttl() {
     });
     let (peer_tx, mut peer_rx) = mpsc::channel(16);
     let peers = tokio::spawn({
-        let manager = manager.clone();
+        let (manager, config) = (manager.clone(), config.clone());
         let own = lease_rx.clone();
-        async move {
-            manager
-                .run_peer_watcher("vxlan".to_owned(), own, peer_tx)
-                .await
-        }
+        async move { manager.run_peer_watcher(config, own, peer_tx).await }
     });
 
     // The initial listing holds no peer: the watcher says so before any change.

@@ -39,9 +39,9 @@ pub const SECOND_NON_DROP: u32 = 32;
 /// The first value of the second range of drop reasons (`48..64`).
 pub const SECOND_DROP: u32 = 48;
 
-/// Why a packet was counted. The value is the index into `COUNTERS`.
+/// Why a packet was counted. The value is the index into `COUNTERS` (and the order).
 #[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Reason {
     /// A packet arrived on the external (underlay) interface.
     UnderlayRx = 0,
@@ -93,8 +93,10 @@ pub enum Reason {
     /// A VXLAN frame (UDP to our port, for our address) ends before its inner IPv4 header:
     /// cut short, or IP/UDP lengths too small for VXLAN.
     DropTruncated = 18,
-    /// A VXLAN frame with inconsistent headers: IP options, UDP length not matching the IP
-    /// length, VXLAN flags or reserved bits set, inner IPv4 header invalid.
+    /// A VXLAN frame with inconsistent headers: UDP length not matching the IP length, VXLAN
+    /// flags or reserved bits set, or an inner IPv4 header the kernel would refuse (version,
+    /// header length, header checksum, a total length shorter than the header or longer than
+    /// what the frame carries).
     DropMalformed = 19,
     /// A fragment of a VXLAN frame (the data path does not reassemble).
     DropFragment = 20,
@@ -135,6 +137,17 @@ pub enum Reason {
     /// A VXLAN frame was decapsulated by the XDP program, before GRO (counted per frame; the
     /// frames then reach `underlay_ingress`, possibly aggregated).
     XdpDecap = 35,
+    // Drops 48..=60: what a member node, a pod or a hostile underlay must not get through
+    // (issue 12), taken from the bottom of the second drop range.
+    /// A VXLAN frame from a member node whose inner source address is in the cluster network
+    /// but not in that node's own subnet (another node's pods, this node's own pods, or a
+    /// subnet no node holds): a member only speaks for its own subnet, and for sources outside
+    /// the cluster network that it forwards.
+    DropInnerSource = 48,
+    /// A pod's UDP datagram to a member node's VXLAN port: masqueraded, it would carry that
+    /// node's own address and pass for this node's tunnel traffic (a pod injecting packets
+    /// into other nodes), so it is never translated.
+    DropPodVxlan = 49,
     /// A packet to masquerade whose TCP/UDP/ICMP header is cut short (it would leak the pod's
     /// address untranslated).
     DropNatMalformed = 61,
@@ -146,7 +159,7 @@ pub enum Reason {
 
 impl Reason {
     /// Every reason, in index order (what the agent reports).
-    pub const ALL: [Self; 39] = [
+    pub const ALL: [Self; 41] = [
         Self::UnderlayRx,
         Self::UnderlayTx,
         Self::EncapPod,
@@ -183,6 +196,8 @@ impl Reason {
         Self::DeliverDirectEndpoint,
         Self::NatRevEndpoint,
         Self::XdpDecap,
+        Self::DropInnerSource,
+        Self::DropPodVxlan,
         Self::DropNatMalformed,
         Self::DropNatFailed,
         Self::DropNatExhausted,
@@ -225,6 +240,8 @@ impl Reason {
             Self::DeliverDirectEndpoint => "deliver_direct_endpoint",
             Self::NatRevEndpoint => "nat_rev_endpoint",
             Self::XdpDecap => "xdp_decap",
+            Self::DropInnerSource => "drop_inner_source",
+            Self::DropPodVxlan => "drop_pod_vxlan",
             Self::NatNewFlow => "nat_new_flow",
             Self::NatRev => "nat_rev",
             Self::NatSnat => "nat_snat",

@@ -11,6 +11,11 @@
 //!   address and port → remote pod), value = the translated source ([`NatEntryV4`]).
 //! - `SNAT_V4_REV`: LRU hash, key = the reply as it arrives (remote address and port → the
 //!   translated address and port), value = the originator's address and port.
+//! - `SNAT_V4_FRAG` (not pinned: in-flight state only): LRU hash of fragmented replies whose
+//!   first fragment was translated back, key = the reply's reassembly identity (remote address
+//!   → translated address, protocol, the IP identifier in `sport`, `dport` zero), value = the
+//!   originator's side as in `SNAT_V4_REV`, so the later fragments (which carry no ports) get
+//!   the same destination.
 //!
 //! The two kinds of flows never share a key: one has a cluster source and an outside
 //! destination, the other the reverse. Translated addresses: the external interface's address
@@ -33,6 +38,11 @@ pub const NAT_CONFIG_LEN: u32 = 1;
 /// Capacity of each of `SNAT_V4_CT` and `SNAT_V4_REV` (flows; LRU, so the least recently used
 /// flow is evicted when full).
 pub const SNAT_V4_CAPACITY: u32 = 65_536;
+/// Capacity of `SNAT_V4_FRAG` (fragmented replies in flight; LRU).
+pub const SNAT_V4_FRAG_CAPACITY: u32 = 4096;
+/// How long a fragmented reply's later fragments are translated after its first one, in
+/// seconds (the kernel's `ipfrag_time`).
+pub const NAT_FRAG_TIMEOUT: u32 = 30;
 /// Capacity of `NAT_EXCLUDE_V4`.
 pub const NAT_EXCLUDE_V4_CAPACITY: u32 = 1024;
 /// How many ports the data path tries for a new flow before giving up (counted as

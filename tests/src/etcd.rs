@@ -38,8 +38,8 @@ pub struct EtcdServer {
     tls: Option<TlsFiles>,
     log_path: PathBuf,
     dir: Option<tempfile::TempDir>,
-    /// The command line it was started with, for [`EtcdServer::restart`].
-    argv: Vec<std::ffi::OsString>,
+    /// The command line that started it, to start it again ([`EtcdServer::restart_empty`]).
+    launch: Vec<String>,
 }
 
 /// One key as returned by `etcdctl get -w json`.
@@ -250,38 +250,34 @@ impl EtcdServer {
         };
         let peer = format!("http://127.0.0.1:{peer_port}");
 
-        let mut c = match ns {
-            Some(ns) => ns.command("etcd"),
-            None => Command::new("etcd"),
+        let mut launch: Vec<String> = match ns {
+            Some(ns) => ["ip", "netns", "exec", ns.name(), "etcd"]
+                .map(String::from)
+                .to_vec(),
+            None => vec!["etcd".to_owned()],
         };
-        c.arg("--name=ovl")
-            .arg(format!("--data-dir={}", data.display()))
-            .arg(format!("--listen-client-urls={listen}"))
-            .arg(format!("--advertise-client-urls={endpoint}"))
-            .arg(format!("--listen-peer-urls={peer}"))
-            .arg(format!("--initial-advertise-peer-urls={peer}"))
-            .arg(format!("--initial-cluster=ovl={peer}"))
-            .arg("--initial-cluster-state=new")
-            .arg("--logger=zap")
-            .arg("--log-outputs=stderr")
-            .arg("--log-level=warn")
-            .env_remove("ETCD_DATA_DIR");
+        launch.extend([
+            "--name=ovl".to_owned(),
+            format!("--data-dir={}", data.display()),
+            format!("--listen-client-urls={listen}"),
+            format!("--advertise-client-urls={endpoint}"),
+            format!("--listen-peer-urls={peer}"),
+            format!("--initial-advertise-peer-urls={peer}"),
+            format!("--initial-cluster=ovl={peer}"),
+            "--initial-cluster-state=new".to_owned(),
+            "--logger=zap".to_owned(),
+            "--log-outputs=stderr".to_owned(),
+            "--log-level=warn".to_owned(),
+        ]);
         if let Some(tls) = &tls {
-            c.arg(format!("--cert-file={}", tls.server_cert.display()))
-                .arg(format!("--key-file={}", tls.server_key.display()))
-                .arg(format!("--trusted-ca-file={}", tls.ca.display()))
-                .arg("--client-cert-auth");
+            launch.extend([
+                format!("--cert-file={}", tls.server_cert.display()),
+                format!("--key-file={}", tls.server_key.display()),
+                format!("--trusted-ca-file={}", tls.ca.display()),
+                "--client-cert-auth".to_owned(),
+            ]);
         }
-        let argv: Vec<std::ffi::OsString> = std::iter::once(c.get_program())
-            .chain(c.get_args())
-            .map(ToOwned::to_owned)
-            .collect();
-        let log = File::create(&log_path).context("creating etcd log")?;
-        c.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
-        die_with_parent(&mut c);
-        let child = c
-            .spawn()
-            .with_context(|| format!("starting `{}`", cmd::describe(&c)))?;
+        let child = spawn(&launch, &log_path)?;
 
         let server = Self {
             child: Mutex::new(Some(child)),
@@ -290,7 +286,7 @@ impl EtcdServer {
             tls,
             log_path,
             dir: Some(dir),
-            argv,
+            launch,
         };
         server.wait_healthy().inspect_err(|_| {
             eprintln!(
@@ -300,6 +296,33 @@ impl EtcdServer {
             );
         })?;
         Ok(server)
+    }
+
+    /// Replaces etcd by an empty one at the same address, as an operator restoring etcd from
+    /// nothing would (stop, remove the data directory, start again): every key and lease is
+    /// gone, and the revision counter starts over, below what clients saw before. The network
+    /// config must be written again. Waits until the new etcd is healthy.
+    pub fn restart_empty(&self) -> Result<()> {
+        self.stop();
+        let data = self
+            .dir
+            .as_ref()
+            .context("etcd has no data directory")?
+            .path()
+            .join("data");
+        std::fs::remove_dir_all(&data).with_context(|| format!("removing {}", data.display()))?;
+        self.start_again()
+    }
+
+    /// Starts etcd again after [`EtcdServer::stop`], with its data (an outage that ends);
+    /// waits until it is healthy.
+    pub fn start_again(&self) -> Result<()> {
+        let child = spawn(&self.launch, &self.log_path)?;
+        *self
+            .child
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(child);
+        self.wait_healthy()
     }
 
     fn wait_healthy(&self) -> Result<()> {
@@ -464,8 +487,8 @@ impl EtcdServer {
         self.put(&key, json)
     }
 
-    /// Starts etcd again after [`EtcdServer::stop`], with the same command line and data dir
-    /// (so the same keys), and waits until it is healthy. Fails if it is running.
+    /// Starts etcd again after [`EtcdServer::stop`] with its data ([`EtcdServer::start_again`]);
+    /// fails if it is running.
     pub fn restart(&self) -> Result<()> {
         if self
             .child
@@ -475,22 +498,7 @@ impl EtcdServer {
         {
             bail!("etcd at {} is still running", self.endpoint);
         }
-        let mut c = Command::new(&self.argv[0]);
-        c.args(&self.argv[1..]).env_remove("ETCD_DATA_DIR");
-        let log = std::fs::OpenOptions::new()
-            .append(true)
-            .open(&self.log_path)
-            .context("opening etcd log")?;
-        c.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
-        die_with_parent(&mut c);
-        let child = c
-            .spawn()
-            .with_context(|| format!("restarting `{}`", cmd::describe(&c)))?;
-        *self
-            .child
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(child);
-        self.wait_healthy()
+        self.start_again()
     }
 
     /// Stops etcd (SIGTERM, then SIGKILL after 5 s). Idempotent; the data dir goes on drop.
@@ -512,6 +520,24 @@ impl Drop for EtcdServer {
         self.stop();
         drop(self.dir.take());
     }
+}
+
+/// Starts the etcd command line `launch`, output appended to `log_path`.
+fn spawn(launch: &[String], log_path: &Path) -> Result<Child> {
+    let log = File::options()
+        .create(true)
+        .append(true)
+        .open(log_path)
+        .context("opening etcd log")?;
+    let mut c = Command::new(&launch[0]);
+    c.args(&launch[1..])
+        .env_remove("ETCD_DATA_DIR")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    die_with_parent(&mut c);
+    c.spawn()
+        .with_context(|| format!("starting `{}`", cmd::describe(&c)))
 }
 
 fn free_port() -> Result<u16> {

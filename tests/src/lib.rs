@@ -58,6 +58,7 @@ pub mod checks;
 pub mod cluster;
 pub mod cmd;
 pub mod etcd;
+pub mod model;
 pub mod netns;
 pub mod packet;
 pub mod stock;

@@ -175,6 +175,17 @@ impl NetNs {
             .with_context(|| format!("no mtu for {dev} in {out}"))
     }
 
+    /// The link's interface index.
+    pub fn ifindex(&self, dev: &str) -> Result<u32> {
+        let out = self.ip(&["-j", "link", "show", "dev", dev])?;
+        let v: serde_json::Value = serde_json::from_str(&out).context("parsing `ip -j link`")?;
+        v.get(0)
+            .and_then(|l| l.get("ifindex"))
+            .and_then(serde_json::Value::as_u64)
+            .and_then(|i| u32::try_from(i).ok())
+            .with_context(|| format!("no ifindex for {dev} in {out}"))
+    }
+
     /// The link's MAC address.
     pub fn mac(&self, dev: &str) -> Result<String> {
         let out = self.ip(&["-j", "link", "show", "dev", dev])?;

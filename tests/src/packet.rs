@@ -161,21 +161,30 @@ where
     }
 }
 
-/// The `COUNTERS` map per reason, summed over the CPUs; reasons that counted nothing are left
-/// out.
-pub fn counters_full(ebpf: &Ebpf) -> BTreeMap<&'static str, Counter> {
+/// Every reason's counter in the `COUNTERS` map, summed over the CPUs.
+pub fn counters_by_reason(ebpf: &Ebpf) -> BTreeMap<Reason, Counter> {
     let map: PerCpuArray<_, Counter> =
         PerCpuArray::try_from(ebpf.map("COUNTERS").unwrap()).unwrap();
     Reason::ALL
         .iter()
-        .filter_map(|&reason| {
+        .map(|&reason| {
             let sum = map
                 .get(&reason.index(), 0)
                 .unwrap()
                 .iter()
                 .fold(Counter::default(), |sum, c| sum.add(*c));
-            (sum.packets != 0).then_some((reason.name(), sum))
+            (reason, sum)
         })
+        .collect()
+}
+
+/// The `COUNTERS` map per reason name, summed over the CPUs; reasons that counted nothing are
+/// left out.
+pub fn counters_full(ebpf: &Ebpf) -> BTreeMap<&'static str, Counter> {
+    counters_by_reason(ebpf)
+        .into_iter()
+        .filter(|(_, sum)| sum.packets != 0)
+        .map(|(reason, sum)| (reason.name(), sum))
         .collect()
 }
 
@@ -266,4 +275,35 @@ pub fn parse_mac(s: &str) -> [u8; 6] {
         .map(|b| u8::from_str_radix(b, 16).unwrap_or_else(|_| panic!("bad MAC {s}")))
         .collect();
     bytes.try_into().unwrap_or_else(|_| panic!("bad MAC {s}"))
+}
+
+/// The UDP payload of a VXLAN frame (what goes to port 8472): VXLAN header with `vni`, inner
+/// Ethernet `src_mac` → `dst_mac`, inner IPv4/UDP `src` → `dst:dport` (source port 40000, no
+/// UDP checksum) carrying `data`.
+pub fn vxlan_payload(
+    vni: u32,
+    dst_mac: [u8; 6],
+    src_mac: [u8; 6],
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    dport: u16,
+    data: &[u8],
+) -> Vec<u8> {
+    let mut f = vec![0x08, 0, 0, 0];
+    f.extend_from_slice(&(vni << 8).to_be_bytes());
+    let mut ip = ipv4_packet(
+        src,
+        dst,
+        IPPROTO_UDP,
+        64,
+        0,
+        &udp_datagram(40000, dport, data),
+    );
+    // No DF, as the kernel's VXLAN frames from flannel.1 carry pods' packets as they were.
+    ip[6] = 0;
+    ip[10..12].copy_from_slice(&[0, 0]);
+    let c = checksum(&ip[..20]);
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    f.extend_from_slice(&ether(dst_mac, src_mac, ETH_P_IP, &ip));
+    f
 }

@@ -442,6 +442,115 @@ pub fn udp_echo_to(
     })
 }
 
+/// Sends `count` copies of `payload` from `src` (an address of `ns`) to `dst` over a plain UDP
+/// socket inside `ns`, 10 ms apart: the kernel builds correct headers around crafted contents
+/// (e.g. VXLAN from a pod or a node).
+pub fn send_udp(
+    ns: &NetNs,
+    src: Ipv4Addr,
+    dst: SocketAddr,
+    payload: &[u8],
+    count: usize,
+) -> Result<()> {
+    let payload = payload.to_vec();
+    ns.in_netns(move || {
+        let sock = std::net::UdpSocket::bind((src, 0))?;
+        for _ in 0..count {
+            sock.send_to(&payload, dst)?;
+            thread::sleep(Duration::from_millis(10));
+        }
+        Ok(())
+    })
+    .with_context(|| format!("sending UDP from {src} in {} to {dst}", ns.name()))
+}
+
+/// Everything that arrives on `sock` until it has been quiet for 1 s (at most 100 datagrams).
+pub fn drain(sock: &std::net::UdpSocket) -> Result<Vec<Vec<u8>>> {
+    sock.set_read_timeout(Some(Duration::from_secs(1)))?;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 2048];
+    while got.len() < 100 {
+        match sock.recv(&mut buf) {
+            Ok(n) => got.push(buf[..n].to_vec()),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                break;
+            }
+            Err(e) => return Err(e).context("receiving UDP"),
+        }
+    }
+    Ok(got)
+}
+
+/// Sends `count` numbered datagrams from `ns` to `to` at `pps` per second (blocks until sent).
+pub fn udp_stream(ns: &NetNs, to: SocketAddr, pps: u32, count: u32) -> Result<()> {
+    let mut c = ns.command(crate::xfer_bin()?);
+    c.args(["udp-stream", "--to", &to.to_string()]).args([
+        "--pps",
+        &pps.to_string(),
+        "--count",
+        &count.to_string(),
+    ]);
+    let secs = u64::from(count / pps.max(1)) + 30;
+    cmd::check_with(c, None, Duration::from_secs(secs))
+        .with_context(|| format!("udp-stream from {} to {to}", ns.name()))?;
+    Ok(())
+}
+
+/// A UDP listener in a namespace that counts what arrives ([`udp_sink`]).
+pub struct UdpSink {
+    server: Server,
+    port: u16,
+}
+
+/// What a [`UdpSink`] counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SinkReport {
+    /// Datagrams received.
+    pub received: u64,
+    /// Distinct sequence numbers among them (the first 8 bytes).
+    pub distinct: u64,
+}
+
+/// Starts counting UDP datagrams to a free port in `ns`, for at most `timeout`; stops 2 s after
+/// the last one that arrived.
+pub fn udp_sink(ns: &NetNs, timeout: Duration) -> Result<UdpSink> {
+    let port = next_port();
+    let args: Vec<String> = [
+        "udp-sink",
+        "--port",
+        &port.to_string(),
+        "--timeout-ms",
+        &timeout.as_millis().to_string(),
+    ]
+    .map(String::from)
+    .to_vec();
+    Ok(UdpSink {
+        server: Server::start(ns, &args)?,
+        port,
+    })
+}
+
+impl UdpSink {
+    /// The port it listens on.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Waits (at most `wait`) for its report; nothing arriving at all ends at its timeout.
+    pub fn finish(mut self, wait: Duration) -> Result<SinkReport> {
+        let kv = self.server.expect("done", wait)?;
+        Ok(SinkReport {
+            received: field(&kv, "received")?,
+            distinct: field(&kv, "distinct")?,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

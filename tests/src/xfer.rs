@@ -12,6 +12,8 @@
 //! - `udp-send`: `done local=A:P sent=N received=M bad=K`
 //! - `tcp-many-serve`: `listening port=P`, then `done accepted=N verified=M peers=IP,...`
 //! - `tcp-many-send`: `done connected=N ok=M`
+//! - `udp-stream`: `done sent=N` (numbered datagrams at a fixed rate)
+//! - `udp-sink`: `listening port=P`, then `done received=N distinct=M`
 //!
 //! Errors go to stderr with exit status 1.
 
@@ -145,6 +147,8 @@ pub fn main_with_args(args: Vec<String>) -> i32 {
             "udp-send" => udp_send(&a),
             "tcp-many-serve" => tcp_many_serve(&a),
             "tcp-many-send" => tcp_many_send(&a),
+            "udp-stream" => udp_stream(&a),
+            "udp-sink" => udp_sink(&a),
             other => bail!("unknown subcommand {other:?}"),
         }),
         None => Err(anyhow::anyhow!(
@@ -341,17 +345,15 @@ fn tcp_send(a: &Args) -> Result<()> {
     Ok(())
 }
 
-/// `udp-serve --port P --timeout-ms MS [--count N] [--idle-ms MS]`: echoes datagrams until
-/// `count` were echoed, nothing arrived for `idle-ms` after the first one, or `timeout-ms`.
-fn udp_serve(a: &Args) -> Result<()> {
-    let port: u16 = a.get("port")?;
-    let deadline = Instant::now() + Duration::from_millis(a.get("timeout-ms")?);
-    let count: u64 = a.get_or("count", u64::MAX)?;
-    let idle = Duration::from_millis(a.get_or("idle-ms", 3000)?);
-    let sock = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port))
-        .with_context(|| format!("bind udp {port}"))?;
-    say(&format!("listening port={port}"));
-    let mut peers = BTreeSet::new();
+/// Hands each datagram that arrives on `sock` to `each` until `count` arrived, nothing
+/// arrived for `idle` after the first one, or `deadline`; returns how many arrived.
+fn receive(
+    sock: &UdpSocket,
+    deadline: Instant,
+    idle: Duration,
+    count: u64,
+    mut each: impl FnMut(&[u8], SocketAddr) -> Result<()>,
+) -> Result<u64> {
     let mut received = 0u64;
     let mut buf = vec![0u8; 65536];
     while received < count {
@@ -365,9 +367,7 @@ fn udp_serve(a: &Args) -> Result<()> {
         match sock.recv_from(&mut buf) {
             Ok((n, peer)) => {
                 received += 1;
-                peers.insert(peer);
-                sock.send_to(&buf[..n], peer)
-                    .with_context(|| format!("echo to {peer}"))?;
+                each(&buf[..n], peer)?;
             }
             Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
                 if received > 0 {
@@ -378,6 +378,26 @@ fn udp_serve(a: &Args) -> Result<()> {
             Err(e) => return Err(e).context("recv"),
         }
     }
+    Ok(received)
+}
+
+/// `udp-serve --port P --timeout-ms MS [--count N] [--idle-ms MS]`: echoes datagrams until
+/// `count` were echoed, nothing arrived for `idle-ms` after the first one, or `timeout-ms`.
+fn udp_serve(a: &Args) -> Result<()> {
+    let port: u16 = a.get("port")?;
+    let deadline = Instant::now() + Duration::from_millis(a.get("timeout-ms")?);
+    let count: u64 = a.get_or("count", u64::MAX)?;
+    let idle = Duration::from_millis(a.get_or("idle-ms", 3000)?);
+    let sock = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port))
+        .with_context(|| format!("bind udp {port}"))?;
+    say(&format!("listening port={port}"));
+    let mut peers = BTreeSet::new();
+    let received = receive(&sock, deadline, idle, count, |data, peer| {
+        peers.insert(peer);
+        sock.send_to(data, peer)
+            .with_context(|| format!("echo to {peer}"))?;
+        Ok(())
+    })?;
     let peers: Vec<String> = peers.iter().map(ToString::to_string).collect();
     say(&format!(
         "done received={received} peers={}",
@@ -556,6 +576,55 @@ fn tcp_many_send(a: &Args) -> Result<()> {
         }
     }
     say(&format!("done connected={connected} ok={ok}"));
+    Ok(())
+}
+
+/// `udp-stream --to IP:PORT --pps R --count N`: sends `count` datagrams numbered 0.. (8-byte
+/// sequence number, 56 bytes of padding) at `pps` per second, paced against the clock.
+fn udp_stream(a: &Args) -> Result<()> {
+    let to: SocketAddr = a.get("to")?;
+    let pps: u64 = a.get("pps")?;
+    let count: u64 = a.get("count")?;
+    if !(1..=100_000).contains(&pps) || count > 10_000_000 {
+        bail!("--pps must be 1..=100000 and --count at most 10000000");
+    }
+    let sock = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).context("bind udp")?;
+    let start = Instant::now();
+    let mut msg = [0u8; 64];
+    for seq in 0..count {
+        let due = start + Duration::from_nanos(seq * 1_000_000_000 / pps);
+        let now = Instant::now();
+        if due > now {
+            std::thread::sleep(due - now);
+        }
+        msg[..8].copy_from_slice(&seq.to_be_bytes());
+        if let Err(e) = sock.send_to(&msg, to) {
+            // e.g. a transient ENOBUFS: counts as lost at the sink.
+            eprintln!("ovl-xfer: send #{seq}: {e}");
+        }
+    }
+    say(&format!("done sent={count}"));
+    Ok(())
+}
+
+/// `udp-sink --port P --timeout-ms MS [--idle-ms MS]`: counts the datagrams that arrive, and
+/// the distinct sequence numbers among them (first 8 bytes), until nothing arrived for
+/// `idle-ms` after the first one (default 2000) or `timeout-ms`.
+fn udp_sink(a: &Args) -> Result<()> {
+    let port: u16 = a.get("port")?;
+    let deadline = Instant::now() + Duration::from_millis(a.get("timeout-ms")?);
+    let idle = Duration::from_millis(a.get_or("idle-ms", 2000)?);
+    let sock = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port))
+        .with_context(|| format!("bind udp {port}"))?;
+    say(&format!("listening port={port}"));
+    let mut seen = BTreeSet::new();
+    let received = receive(&sock, deadline, idle, u64::MAX, |data, _| {
+        if let Some(seq) = data.get(..8) {
+            seen.insert(u64::from_be_bytes(seq.try_into().unwrap_or_default()));
+        }
+        Ok(())
+    })?;
+    say(&format!("done received={received} distinct={}", seen.len()));
     Ok(())
 }
 

@@ -66,11 +66,7 @@ fn pod_mac(pod: &Pod) -> String {
 
 /// The host-side veth's interface index of `pod` on `node`.
 fn host_ifindex(node: &Node, pod: &Pod) -> u32 {
-    let out = node
-        .ns()
-        .ip(&["-o", "link", "show", "dev", pod.host_veth()])
-        .unwrap();
-    out.split(':').next().unwrap().trim().parse().unwrap()
+    node.ns().ifindex(pod.host_veth()).unwrap()
 }
 
 /// A counter of the `Ip:` line of `/proc/net/snmp` in the pod's namespace.

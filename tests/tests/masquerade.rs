@@ -12,16 +12,18 @@
 use std::{
     collections::BTreeSet,
     io::{BufRead, BufReader},
-    net::IpAddr,
+    net::{IpAddr, Ipv4Addr, UdpSocket},
     process::Stdio,
     thread,
     time::{Duration, Instant},
 };
 
+use overlay_agent::subnet::Mac;
 use overlay_tests::{
-    ChildGuard, Cluster, Endpoint, Node, OUTSIDE_IP,
-    checks::{agent_cmd, transfer_across_agent_kill9},
-    traffic, xfer_bin,
+    Capture, ChildGuard, Cluster, Endpoint, Node, OUTSIDE_IP,
+    checks::{self, agent_cmd, transfer_across_agent_kill9},
+    packet::vxlan_payload,
+    traffic, tshark_fields, xfer_bin,
 };
 
 const VXLAN_CONFIG: &str = r#"{"Network": "172.17.0.0/16", "Backend": {"Type": "vxlan"}}"#;
@@ -575,4 +577,132 @@ fn an_outside_host_routing_the_cluster_through_a_node_reaches_remote_pods_as_tha
         out.ping(pod.ip(), 2).unwrap().all_received(),
         "ACCEPT again"
     );
+}
+
+/// Issue 12, item 1: with `--ip-masq`, a pod sends VXLAN to a member node's UDP 8472 whose
+/// inner packet is for that node's pod. Masqueraded, it would carry its node's PublicIP and be
+/// decapsulated there as member traffic; it is dropped at the pod's node and counted instead,
+/// and the target pod receives nothing.
+#[test]
+fn a_pod_cannot_pass_vxlan_off_as_its_nodes_through_the_masquerade() {
+    let cluster = masq_cluster(2, 1, &[]);
+    let (n0, n1) = (cluster.node(0), cluster.node(1));
+    let (attacker, target) = (cluster.pod(0, 0), cluster.pod(1, 0));
+    checks::assert_ping(&attacker, &target);
+    let port = 7777;
+    let sock = target
+        .ns()
+        .in_netns(move || Ok(UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port))?))
+        .unwrap();
+    // What n1 accepts from n0: n1's VtepMAC (public, in etcd), an inner source of n0's subnet.
+    let vtep1 = Mac::for_public_ip(n1.underlay_ip()).octets();
+    let payload = vxlan_payload(
+        1,
+        vtep1,
+        [0x02, 0, 0, 0, 0, 0x66],
+        attacker.ip(),
+        target.ip(),
+        port,
+        b"injected",
+    );
+    const N: usize = 5;
+    let (before0, before1) = (checks::counters(n0), checks::counters(n1));
+    traffic::send_udp(
+        attacker.ns(),
+        attacker.ip(),
+        (n1.underlay_ip(), 8472).into(),
+        &payload,
+        N,
+    )
+    .unwrap();
+    let got = traffic::drain(&sock).unwrap();
+    assert!(got.is_empty(), "the target pod received {got:?}");
+    let grew0 = checks::grown(&before0, &checks::counters(n0));
+    assert_eq!(
+        grew0.get("drop_pod_vxlan"),
+        Some(&(N as u64)),
+        "n0 drops and counts the pod's VXLAN: {grew0:?}"
+    );
+    let grew1 = checks::grown(&before1, &checks::counters(n1));
+    for decap in ["decap_pod", "decap_endpoint", "xdp_decap"] {
+        assert_eq!(grew1.get(decap), None, "n1 decapsulated nothing: {grew1:?}");
+    }
+    // The pod's ordinary traffic to the outside is masqueraded as before.
+    assert!(attacker.ping(OUTSIDE_IP, 2).unwrap().all_received());
+}
+
+/// Issue 12, item 3: replies of a masqueraded flow that the outside host fragments reach the
+/// pod whole (the later fragments follow the first, translated back), and an ICMP error the
+/// pod sends about a reply of its flow leaves translated: from the node's address, quoting the
+/// reply as the outside host sent it (so its socket gets the error), never the pod's address.
+#[test]
+fn fragmented_replies_and_a_pods_icmp_errors_cross_the_masquerade_translated() {
+    let cluster = masq_cluster(1, 1, &[]);
+    let (node, pod, out) = (cluster.node(0), cluster.pod(0, 0), cluster.outside());
+    assert_eq!(out.ns().mtu("eth0").unwrap(), 1500);
+    let big = traffic::udp_echo_to(&pod, out, OUTSIDE_IP, 5, 3000).unwrap();
+    assert_eq!(
+        big.received, 5,
+        "3000-byte echoes, fragmented both ways: {big:?}"
+    );
+    assert_eq!(big.bad, 0);
+
+    // A flow from the pod; the outside host answers after the pod's socket is gone.
+    let pod_sock = pod
+        .ns()
+        .in_netns({
+            let ip = pod.ip();
+            move || Ok(UdpSocket::bind((ip, 0))?)
+        })
+        .unwrap();
+    let out_sock = out
+        .ns()
+        .in_netns(|| Ok(UdpSocket::bind((OUTSIDE_IP, 0))?))
+        .unwrap();
+    pod_sock
+        .send_to(b"request", out_sock.local_addr().unwrap())
+        .unwrap();
+    out_sock
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let (_, seen) = out_sock.recv_from(&mut buf).unwrap();
+    assert_eq!(seen.ip(), IpAddr::V4(node.underlay_ip()), "masqueraded");
+    drop(pod_sock);
+
+    let capture = Capture::start(
+        out.ns(),
+        "eth0",
+        "icmp",
+        cluster.dir().join("outside-icmp.pcap"),
+    )
+    .unwrap();
+    out_sock.connect(seen).unwrap();
+    out_sock.send(b"late answer").unwrap();
+    // The pod's "port unreachable" quotes what it received; translated, it quotes what the
+    // outside host sent, so the kernel there reports it on the connected socket.
+    let err = out_sock.recv(&mut buf).map(|n| buf[..n].to_vec());
+    let pcap = capture.stop().unwrap();
+    let sources = tshark_fields(&pcap, "icmp", &["ip.src"]).unwrap();
+    assert!(
+        !sources.is_empty(),
+        "no ICMP error reached the outside host"
+    );
+    let pod_ip = pod.ip().to_string();
+    for fields in &sources {
+        let outer = fields[0].split(',').next().unwrap_or_default();
+        assert_eq!(
+            outer,
+            node.underlay_ip().to_string(),
+            "the ICMP error's source: {sources:?}"
+        );
+        assert!(
+            !fields[0].contains(&pod_ip),
+            "the pod's address leaked in an ICMP error: {sources:?}"
+        );
+    }
+    match err {
+        Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}"),
+        Ok(data) => panic!("an answer came back instead of an error: {data:?}"),
+    }
 }

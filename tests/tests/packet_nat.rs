@@ -63,11 +63,6 @@ struct Node {
     cni0: u32,
 }
 
-fn ifindex(ns: &NetNs, dev: &str) -> u32 {
-    let out = ns.ip(&["-o", "link", "show", "dev", dev]).unwrap();
-    out.split(':').next().unwrap().trim().parse().unwrap()
-}
-
 impl Node {
     fn new(nat: NatConfig) -> Self {
         require_root("packet_nat");
@@ -85,7 +80,7 @@ impl Node {
         ns.add_addr("cni0", "172.17.1.1/24").unwrap();
         ns.link_up("cni0").unwrap();
         ns.sysctl("net.ipv4.ip_forward", "1").unwrap();
-        let (eth0, cni0) = (ifindex(&ns, "eth0"), ifindex(&ns, "cni0"));
+        let (eth0, cni0) = (ns.ifindex("eth0").unwrap(), ns.ifindex("cni0").unwrap());
 
         let ebpf = load_object("packet_nat");
         let mut node = Self {
@@ -137,7 +132,7 @@ impl Node {
         node.ns
             .ip(&["route", "add", "172.17.0.0/16", "dev", "ovl0"])
             .unwrap();
-        let ovl0 = ifindex(&node.ns, "ovl0");
+        let ovl0 = node.ns.ifindex("ovl0").unwrap();
         let mut a: Array<_, Config> =
             Array::try_from(node.ebpf.map_mut("CONFIG").unwrap()).unwrap();
         let mut cfg = a.get(&0, 0).unwrap();
@@ -934,4 +929,198 @@ fn outside_to_a_direct_peer_pod_is_masqueraded_to_the_external_address_and_route
     assert_eq!(v, TC_ACT_OK, "to the host stack");
     let ip = check_ip(&out);
     assert_eq!((addr(&ip, 16), be16(&ip, 22), ip[8]), (NODE_IP, 45000, 64));
+}
+
+/// Issue 12, item 1: with masquerade on, a pod's UDP to a member node's VXLAN port would leave
+/// with this node's address and pass for this node's tunnel traffic at the member (which then
+/// delivers whatever it carries). It is dropped and counted instead, at both places where pod
+/// traffic is masqueraded; UDP to that port elsewhere is masqueraded as usual.
+#[test]
+fn a_pods_vxlan_to_a_member_node_is_dropped_not_masqueraded() {
+    let node = Node::with_peers(nat_on(0));
+    let vxlan = udp(
+        POD,
+        VXLAN_PEER,
+        40000,
+        8472,
+        &[0x08, 0, 0, 0, 0, 0, 1, 0],
+        false,
+    );
+    for prog in ["pod_egress", "underlay_egress"] {
+        let (v, _) = node.run(prog, &frame(&vxlan));
+        assert_eq!(v, TC_ACT_SHOT, "{prog}: a pod's VXLAN to a member");
+    }
+    assert_eq!(node.counters()["drop_pod_vxlan"], 2);
+    assert!(node.flows("SNAT_V4_CT").is_empty(), "no flow created");
+
+    // Another port of the member, and the VXLAN port of a host that is no member: as usual.
+    for ip in [
+        udp(POD, VXLAN_PEER, 40000, 8473, b"x", false),
+        udp(POD, OUTSIDE, 40000, 8472, b"x", false),
+    ] {
+        let (v, out) = node.run("pod_egress", &frame(&ip));
+        assert_eq!(v, TC_ACT_REDIRECT);
+        assert_eq!(addr(&check_ip(&out), 12), NODE_IP, "masqueraded");
+    }
+    assert_eq!(node.counters()["drop_pod_vxlan"], 2);
+}
+
+/// The IPv4 packet `ip` as fragment `(offset in 8-byte units, more fragments)` with identifier
+/// `id`, its header checksum recomputed.
+fn as_fragment(ip: &[u8], id: u16, offset: u16, more: bool) -> Vec<u8> {
+    let mut p = ip.to_vec();
+    p[4..6].copy_from_slice(&id.to_be_bytes());
+    let flags = offset | if more { 0x2000 } else { 0 };
+    p[6..8].copy_from_slice(&flags.to_be_bytes());
+    let len = u16::try_from(p.len()).unwrap();
+    p[2..4].copy_from_slice(&len.to_be_bytes());
+    p[10..12].copy_from_slice(&[0, 0]);
+    let c = checksum(&p[..20]);
+    p[10..12].copy_from_slice(&c.to_be_bytes());
+    p
+}
+
+/// Issue 12, item 3: a fragmented reply of a masqueraded flow reaches the pod whole: the first
+/// fragment (which has the ports) is translated back and leaves the datagram's identity, and
+/// the later fragments (which have none) follow it. Later fragments of datagrams never
+/// translated, or arriving before their first, go on to the kernel untouched.
+#[test]
+fn later_fragments_of_a_reply_follow_the_first_one_to_the_pod() {
+    let node = Node::new(nat_on(0));
+    let (_, out) = node.run(
+        "pod_egress",
+        &frame(&udp(POD, OUTSIDE, 7100, 9000, b"big question", false)),
+    );
+    let port = be16(&check_ip(&out), 20);
+
+    // A 64-byte reply (8 + 56 data) cut into 32 + 32 bytes of IP payload.
+    let data: Vec<u8> = (0..56u8).collect();
+    let whole = udp(OUTSIDE, NODE_IP, 9000, port, &data, false);
+    let (head, tail) = (&whole[20..52], &whole[52..]);
+    let first = as_fragment(&[&whole[..20], head].concat(), 0x4242, 0, true);
+    let second = as_fragment(&[&whole[..20], tail].concat(), 0x4242, 4, false);
+
+    let (v, out) = node.run("underlay_ingress", &frame(&first));
+    assert_eq!(v, TC_ACT_REDIRECT, "first fragment: to the pod");
+    let ip = out[14..].to_vec();
+    assert_eq!(checksum(&ip[..20]), 0);
+    assert_eq!((addr(&ip, 16), be16(&ip, 22)), (POD, 7100));
+    let (v, out) = node.run("underlay_ingress", &frame(&second));
+    assert_eq!(v, TC_ACT_REDIRECT, "later fragment: to the pod too");
+    let ip2 = out[14..].to_vec();
+    assert_eq!(
+        checksum(&ip2[..20]),
+        0,
+        "header checksum of the later fragment"
+    );
+    assert_eq!(addr(&ip2, 16), POD, "later fragment's destination");
+    assert_eq!(&ip2[20..], tail, "its payload untouched");
+    // Put together again, the datagram's UDP checksum verifies at the pod.
+    let mut seg = ip[20..].to_vec();
+    seg.extend_from_slice(&ip2[20..]);
+    assert_eq!(
+        l4_sum(OUTSIDE.octets(), POD.octets(), IPPROTO_UDP, &seg),
+        0,
+        "UDP checksum of the reassembled datagram"
+    );
+    assert_eq!(node.counters()["nat_rev"], 2);
+
+    // A later fragment of another datagram (its first never seen): untouched, to the kernel.
+    let stray = frame(&as_fragment(
+        &[&whole[..20], tail].concat(),
+        0x4343,
+        4,
+        false,
+    ));
+    assert_eq!(
+        node.run("underlay_ingress", &stray),
+        (TC_ACT_OK, stray.clone())
+    );
+    assert_eq!(node.counters()["nat_rev"], 2);
+}
+
+/// Issue 12, item 3: an ICMP error a pod sends about a reply of its masqueraded flow (the
+/// socket is gone: "port unreachable") is related to the flow, as conntrack says: it leaves
+/// with the node's address, and the reply it quotes gets the translated address and port
+/// back, every checksum valid, so the pod's address never leaks. An error about a packet of
+/// no flow is left alone.
+#[test]
+fn icmp_errors_a_pod_sends_about_a_flow_leave_translated() {
+    let node = Node::new(nat_on(0));
+    for proto in [IPPROTO_UDP, IPPROTO_TCP, IPPROTO_ICMP] {
+        let sent = match proto {
+            IPPROTO_UDP => udp(POD, OUTSIDE, 7200, 41111, b"request", false),
+            IPPROTO_TCP => tcp(POD, OUTSIDE, 7200, 41111, 0x02, b""),
+            _ => icmp(POD, OUTSIDE, 8, 0, [0x72, 0x72, 0, 1], b"echo"),
+        };
+        let (_, out) = node.run("pod_egress", &frame(&sent));
+        let on_wire = check_ip(&out);
+        let nat_port = if proto == IPPROTO_ICMP {
+            be16(&on_wire, 24)
+        } else {
+            be16(&on_wire, 20)
+        };
+        // The reply as the remote sends it, and as it reaches the pod.
+        let reply = match proto {
+            IPPROTO_UDP => udp(OUTSIDE, NODE_IP, 41111, nat_port, b"answer", false),
+            IPPROTO_TCP => tcp(OUTSIDE, NODE_IP, 41111, nat_port, 0x12, b""),
+            _ => {
+                let mut rest = nat_port.to_be_bytes().to_vec();
+                rest.extend_from_slice(&[0, 1]);
+                icmp(OUTSIDE, NODE_IP, 0, 0, rest.try_into().unwrap(), b"echo")
+            }
+        };
+        let (_, delivered) = node.run("underlay_ingress", &frame(&reply));
+        let at_pod = check_ip(&delivered);
+        assert_eq!(addr(&at_pod, 16), POD);
+
+        // The pod answers with an error quoting what it received.
+        let err = icmp(POD, OUTSIDE, 3, 3, [0; 4], &at_pod);
+        let (v, out) = node.run("pod_egress", &frame(&err));
+        assert_eq!(v, TC_ACT_REDIRECT, "proto {proto}: sent out");
+        let ip = check_ip(&out);
+        assert_eq!(
+            addr(&ip, 12),
+            NODE_IP,
+            "proto {proto}: outer source = the node"
+        );
+        assert_eq!(addr(&ip, 16), OUTSIDE);
+        let quote = &ip[28..];
+        assert_eq!(
+            checksum(&quote[..20]),
+            0,
+            "proto {proto}: quoted IPv4 checksum"
+        );
+        assert_eq!(
+            (addr(quote, 12), addr(quote, 16)),
+            (OUTSIDE, NODE_IP),
+            "proto {proto}: the quote is the reply as the remote sent it"
+        );
+        let seg = &quote[20..];
+        match proto {
+            IPPROTO_ICMP => {
+                assert_eq!(be16(seg, 4), nat_port, "quoted identifier");
+                assert_eq!(checksum(seg), 0, "quoted ICMP checksum");
+            }
+            _ => {
+                assert_eq!(be16(seg, 2), nat_port, "proto {proto}: quoted port");
+                let sum = l4_sum(OUTSIDE.octets(), NODE_IP.octets(), proto, seg);
+                assert_eq!(sum, 0, "proto {proto}: quoted L4 checksum");
+            }
+        }
+        // Apart from the TTL the pod saw (we forwarded it), the quote is the reply as sent.
+        assert_eq!(&quote[20..], &reply[20..], "proto {proto}: quoted payload");
+        assert!(
+            !out.windows(4).any(|w| w == POD.octets()),
+            "proto {proto}: the pod's address appears nowhere in what leaves"
+        );
+    }
+    let snat = node.counters()["nat_snat"];
+
+    // An error about a packet of no flow (an outside host that reached the pod directly):
+    // nothing to translate, it goes on as it is.
+    let unrelated = udp(OUTSIDE, POD, 41111, 7300, b"direct", false);
+    let err = frame(&icmp(POD, OUTSIDE, 3, 3, [0; 4], &unrelated));
+    assert_eq!(node.run("pod_egress", &err), (TC_ACT_OK, err.clone()));
+    assert_eq!(node.counters()["nat_snat"], snat);
 }

@@ -1122,6 +1122,194 @@ fn underlay_ingress_drops_and_counts_what_fails_a_check() {
     assert_eq!(dp.counters(), expected);
 }
 
+/// Runs `frame` through `underlay_xdp` and then `underlay_ingress` on a node with XDP in use,
+/// as the kernel would: XDP first, then TC on what XDP left. Returns TC's verdict, after
+/// asserting that XDP either decapsulated and marked the frame (`decapsulated`) or left it
+/// unchanged for TC to drop and count (XDP never drops).
+#[track_caller]
+fn xdp_then_tc(dp: &Loaded, frame: &[u8], decapsulated: bool, what: &str) -> u32 {
+    let xdp = run_xdp(&dp.ebpf, UNDERLAY_XDP, frame);
+    assert_eq!(xdp.verdict, XDP_PASS, "{what}: XDP passes everything");
+    if decapsulated {
+        let mut expected = xdp_mark(XDP_COOKIE);
+        expected.extend_from_slice(&frame[14 + 50 - 14..]);
+        assert_eq!(xdp.out, expected, "{what}: XDP decapsulates and marks");
+    } else {
+        assert_eq!(
+            xdp.out, frame,
+            "{what}: XDP leaves the frame unchanged for TC"
+        );
+    }
+    dp.run(UNDERLAY_INGRESS, frame).verdict
+}
+
+/// Issue 12, item 2: a member node speaks only for its own subnet, and for sources outside the
+/// cluster network that it forwards; anything else is dropped and counted, in TC and (by
+/// leaving it for TC) in XDP.
+#[test]
+fn a_member_cannot_claim_inner_sources_of_other_nodes_or_of_ours() {
+    let c = Node {
+        local_ip: Ipv4Addr::new(198, 18, 0, 3),
+        subnet: Ipv4Addr::new(172, 17, 3, 0),
+        vtep: [0x0e, 0, 0, 0, 0, 0x03],
+    };
+    let mut dp = Loaded::node(A, &[B, c]);
+    dp.update_config(|cfg| cfg.xdp_cookie = XDP_COOKIE);
+    let from_b = |src| Vxlan::between(B, A).frame(&udp_packet(src, host_addr(A, 7), 64, 1, 32));
+    let refused = [
+        ("another member's pod", host_addr(c, 5)),
+        ("another member's host device", c.subnet),
+        ("one of our own pods", host_addr(A, 9)),
+        ("our own host device", A.subnet),
+        (
+            "a cluster address no node holds",
+            Ipv4Addr::new(172, 17, 200, 1),
+        ),
+    ];
+    let accepted = [
+        ("its own pod", host_addr(B, 5)),
+        ("its own host device", B.subnet),
+        (
+            "an outside host it forwards for",
+            Ipv4Addr::new(198, 19, 0, 1),
+        ),
+    ];
+    for (what, src) in refused {
+        let before = dp.counters();
+        assert_eq!(
+            xdp_then_tc(&dp, &from_b(src), false, what),
+            TC_ACT_SHOT,
+            "{what}"
+        );
+        let grown = |r: Reason| {
+            dp.counters().get(r.name()).copied().unwrap_or(0)
+                - before.get(r.name()).copied().unwrap_or(0)
+        };
+        assert_eq!(grown(Reason::DropInnerSource), 1, "{what}: counted");
+    }
+    for (what, src) in accepted {
+        assert_eq!(
+            xdp_then_tc(&dp, &from_b(src), true, what),
+            TC_ACT_REDIRECT,
+            "{what}"
+        );
+    }
+    dp.assert_counters(&[
+        (Reason::UnderlayRx, 8),
+        (Reason::DropInnerSource, 5),
+        (Reason::XdpDecap, 3),
+        (Reason::DecapPod, 3),
+    ]);
+}
+
+/// The inner IPv4 header with a recomputed checksum after `f` changed it.
+fn inner_with(inner: &[u8], f: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
+    let mut p = inner.to_vec();
+    f(&mut p);
+    let ihl = usize::from(p[0] & 0x0f) * 4;
+    if p.len() >= ihl && ihl >= 20 {
+        p[10..12].copy_from_slice(&[0, 0]);
+        let c = checksum(&p[..ihl]);
+        p[10..12].copy_from_slice(&c.to_be_bytes());
+    }
+    p
+}
+
+/// Issue 12, item 10: an inner IPv4 header the kernel's `ip_rcv` would refuse is dropped and
+/// counted (`drop_malformed`), as the direct path does (`drop_direct_malformed`), instead of
+/// being delivered by redirect; a valid header with options still passes.
+#[test]
+fn malformed_inner_ipv4_headers_are_dropped_and_counted() {
+    let mut dp = Loaded::node(A, &[B]);
+    dp.update_config(|cfg| cfg.xdp_cookie = XDP_COOKIE);
+    let inner = udp_packet(host_addr(B, 5), host_addr(A, 7), 64, 1, 40);
+    let vx = Vxlan::between(B, A);
+    let mut bad_checksum = inner.clone();
+    bad_checksum[10] ^= 0x5a;
+    // One option word (a NOP and three END bytes), lengths and checksum consistent.
+    let with_options = {
+        let mut p = inner[..20].to_vec();
+        p.extend_from_slice(&[1, 0, 0, 0]);
+        p.extend_from_slice(&inner[20..]);
+        inner_with(&p, |p| {
+            p[0] = 0x46;
+            let len = u16::try_from(p.len()).unwrap();
+            p[2..4].copy_from_slice(&len.to_be_bytes());
+        })
+    };
+    let mut options_bad_checksum = with_options.clone();
+    options_bad_checksum[21] = 7;
+    let refused: Vec<(&str, Vec<u8>)> = vec![
+        ("header checksum", bad_checksum),
+        ("checksum over the options", options_bad_checksum),
+        (
+            "header length beyond the total length",
+            inner_with(
+                &udp_packet(host_addr(B, 5), host_addr(A, 7), 64, 1, 4),
+                |p| p[0] = 0x4f,
+            ),
+        ),
+        (
+            "header length beyond the packet",
+            inner_with(&inner[..20], |p| {
+                p[0] = 0x46;
+                p[2..4].copy_from_slice(&24u16.to_be_bytes());
+            }),
+        ),
+        (
+            "total length beyond the frame",
+            inner_with(&inner, |p| {
+                let len = u16::try_from(p.len() + 1).unwrap();
+                p[2..4].copy_from_slice(&len.to_be_bytes());
+            }),
+        ),
+        (
+            "total length below the header",
+            inner_with(&inner, |p| p[2..4].copy_from_slice(&19u16.to_be_bytes())),
+        ),
+        ("version 6", inner_with(&inner, |p| p[0] = 0x65)),
+    ];
+    for (what, packet) in &refused {
+        let before = dp.counters();
+        let frame = vx.frame(packet);
+        assert_eq!(xdp_then_tc(&dp, &frame, false, what), TC_ACT_SHOT, "{what}");
+        assert_eq!(
+            dp.counters().get("drop_malformed").copied().unwrap_or(0),
+            before.get("drop_malformed").copied().unwrap_or(0) + 1,
+            "{what}: counted as drop_malformed"
+        );
+    }
+    // Shorter than the frame (Ethernet padding) is fine, as for the kernel; so are options.
+    let padded = {
+        let mut f = vx.frame(&inner);
+        let outer_len = be16(&f, 16) + 6;
+        f[16..18].copy_from_slice(&outer_len.to_be_bytes());
+        f[14 + 10..14 + 12].copy_from_slice(&[0, 0]);
+        let c = checksum(&f[14..34]);
+        f[14 + 10..14 + 12].copy_from_slice(&c.to_be_bytes());
+        let udp_len = be16(&f, 38) + 6;
+        f[38..40].copy_from_slice(&udp_len.to_be_bytes());
+        f.extend_from_slice(&[0; 6]);
+        f
+    };
+    for (what, frame) in [
+        ("padded", padded),
+        ("with options", vx.frame(&with_options)),
+    ] {
+        assert_eq!(
+            xdp_then_tc(&dp, &frame, true, what),
+            TC_ACT_REDIRECT,
+            "{what}"
+        );
+    }
+    dp.assert_counters(&[
+        (Reason::UnderlayRx, refused.len() as u64 + 2),
+        (Reason::DropMalformed, refused.len() as u64),
+        (Reason::XdpDecap, 2),
+        (Reason::DecapPod, 2),
+    ]);
+}
+
 #[test]
 fn underlay_ingress_drops_when_the_target_device_is_missing() {
     let mut dp = Loaded::node(A, &[B]);
@@ -1614,8 +1802,16 @@ fn the_agent_datapath_drives_the_programs() {
             run_prog(dp.ebpf(), POD_EGRESS, &to_b5).verdict,
             TC_ACT_REDIRECT
         );
+        // B speaks for its remaining subnet only (drop_inner_source otherwise).
+        let from_b5_to_pod = Vxlan::between(B, A).frame(&udp_packet(
+            Ipv4Addr::new(172, 17, 5, 5),
+            host_addr(A, 7),
+            64,
+            1,
+            10,
+        ));
         assert_eq!(
-            run_prog(dp.ebpf(), UNDERLAY_INGRESS, &from_b_to_pod).verdict,
+            run_prog(dp.ebpf(), UNDERLAY_INGRESS, &from_b5_to_pod).verdict,
             TC_ACT_REDIRECT,
             "B is still a member"
         );

@@ -12,7 +12,7 @@ use std::{
     process::{Command, ExitCode},
 };
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result, bail, ensure};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -31,7 +31,7 @@ enum Cmd {
     /// verify each step's result.
     Setup {
         /// Instead: remove everything set-up installs (Debian packages beyond a fresh
-        /// machine's, rust-src, bpf-linker), to prove set-up again from nothing.
+        /// machine's, rust-src, bpf-linker, cargo-fuzz), to prove set-up again from nothing.
         #[arg(long)]
         uninstall: bool,
     },
@@ -58,7 +58,27 @@ enum Cmd {
         /// Only run root tests whose name contains this filter (unit tests still run all).
         filter: Option<String>,
     },
+    /// Fuzz one parser of outside input with libFuzzer (cargo-fuzz on the nightly, installed
+    /// if missing), starting from its corpus in fuzz/corpus/<target>; prints executions, time
+    /// and crashes. Targets: network_config, lease_record, subnet_file, go_flags.
+    Fuzz {
+        /// The fuzz target.
+        target: String,
+        /// How long to fuzz, in seconds.
+        #[arg(long, default_value_t = 60)]
+        time: u64,
+        /// Stop after this many executions instead (whichever comes first).
+        #[arg(long)]
+        runs: Option<u64>,
+        /// cargo-fuzz's sanitizer: `address` (the default) or `none` (several times faster,
+        /// for targets that are safe Rust only).
+        #[arg(long, default_value = "address")]
+        sanitizer: String,
+    },
 }
+
+/// The fuzz targets in fuzz/fuzz_targets/, one per parser of outside input.
+const FUZZ_TARGETS: [&str; 4] = ["network_config", "lease_record", "subnet_file", "go_flags"];
 
 fn main() -> ExitCode {
     match run_cli(Cli::parse()) {
@@ -84,6 +104,12 @@ fn run_cli(cli: Cli) -> Result<()> {
         Cmd::Demo => demo(&root),
         Cmd::Bench { args } => bench(&root, &args),
         Cmd::Test { filter } => test(&root, filter.as_deref()),
+        Cmd::Fuzz {
+            target,
+            time,
+            runs,
+            sanitizer,
+        } => fuzz(&root, &target, time, runs, &sanitizer),
     }
 }
 
@@ -98,13 +124,25 @@ fn target_dir(root: &Path) -> PathBuf {
     env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), |t| root.join(t))
 }
 
+/// What the outer `cargo run` sets for the stable toolchain: a nightly cargo must pick its own.
+const NIGHTLY_CLEAN_ENV: [&str; 5] = [
+    "RUSTC",
+    "RUSTC_WRAPPER",
+    "RUSTC_WORKSPACE_WRAPPER",
+    "RUSTUP_TOOLCHAIN",
+    "CARGO",
+];
+
+/// The nightly the eBPF build and the fuzz targets use (see setup).
+const NIGHTLY: &str = "nightly";
+
 /// Builds the eBPF crate with the nightly (`-Z build-std=core`, bpf-linker as linker) and
 /// returns the object's path. Always release: debug eBPF objects do not load.
 fn build_ebpf(root: &Path) -> Result<PathBuf> {
     let mut cmd = Command::new("rustup");
     cmd.args([
         "run",
-        "nightly",
+        NIGHTLY,
         "cargo",
         "build",
         "--package",
@@ -120,14 +158,7 @@ fn build_ebpf(root: &Path) -> Result<PathBuf> {
     // BTF lets the loader and bpftool see map and program types.
     .env("RUSTFLAGS", "-C debuginfo=2 -C link-arg=--btf")
     .current_dir(root);
-    // The outer `cargo run` sets these for the stable toolchain; the nightly must pick its own.
-    for var in [
-        "RUSTC",
-        "RUSTC_WRAPPER",
-        "RUSTC_WORKSPACE_WRAPPER",
-        "RUSTUP_TOOLCHAIN",
-        "CARGO",
-    ] {
+    for var in NIGHTLY_CLEAN_ENV {
         cmd.env_remove(var);
     }
     run(&mut cmd, "building the eBPF object")?;
@@ -246,6 +277,96 @@ fn test(root: &Path, filter: Option<&str>) -> Result<()> {
         e2e.arg(filter);
     }
     run(&mut e2e, "root tests")
+}
+
+/// Runs the fuzz target `target` for `time` seconds: new inputs go to a work corpus under the
+/// target directory, the repository's corpus is read as seeds; libFuzzer's log goes to
+/// `<target dir>/fuzz-<target>.log`. Fails on a crash (libFuzzer writes the input under
+/// fuzz/artifacts/<target>/).
+fn fuzz(root: &Path, target: &str, time: u64, runs: Option<u64>, sanitizer: &str) -> Result<()> {
+    ensure!(
+        FUZZ_TARGETS.contains(&target),
+        "unknown fuzz target {target:?}: one of {}",
+        FUZZ_TARGETS.join(", ")
+    );
+    setup::cargo_fuzz().context("set-up of cargo-fuzz failed")?;
+    // The agent library the targets call embeds the eBPF object.
+    let object = build_ebpf(root)?;
+    let work = target_dir(root).join("fuzz-corpus").join(target);
+    std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
+    let seeds = root.join("fuzz/corpus").join(target);
+    let log_path = target_dir(root).join(format!("fuzz-{target}.log"));
+    let log = std::fs::File::create(&log_path)
+        .with_context(|| format!("creating {}", log_path.display()))?;
+    let mut cmd = Command::new("rustup");
+    cmd.args([
+        "run",
+        NIGHTLY,
+        "cargo",
+        "fuzz",
+        "run",
+        "--sanitizer",
+        sanitizer,
+        target,
+    ])
+    .arg(&work)
+    .arg(&seeds)
+    .args([
+        "--",
+        &format!("-max_total_time={time}"),
+        "-print_final_stats=1",
+    ])
+    .args(runs.map(|n| format!("-runs={n}")))
+    .env("OVERLAY_EBPF_OBJECT", &object)
+    .stderr(log)
+    .current_dir(root);
+    for var in NIGHTLY_CLEAN_ENV {
+        cmd.env_remove(var);
+    }
+    println!(
+        "fuzzing {target} for {time} s (libFuzzer's log: {})",
+        log_path.display()
+    );
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot start {cmd:?}"))?;
+    let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+    // libFuzzer's own summary: `Done <runs> runs in <seconds> second(s)`.
+    let seconds = text
+        .lines()
+        .rev()
+        .find_map(|l| l.strip_prefix("Done "))
+        .and_then(|l| l.split(" runs in ").nth(1))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap_or("?");
+    let stat = |name: &str| {
+        text.lines()
+            .rev()
+            .find_map(|l| l.strip_prefix(&format!("stat::{name}:")))
+            .map_or_else(|| "?".to_owned(), |v| v.trim().to_owned())
+    };
+    let crashes: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("Test unit written to"))
+        .collect();
+    println!(
+        "fuzz {target}: {} executions in {seconds} s ({} per s), {} crashes, corpus {} inputs",
+        stat("number_of_executed_units"),
+        stat("average_exec_per_sec"),
+        crashes.len(),
+        std::fs::read_dir(&work).map_or(0, Iterator::count),
+    );
+    if !status.success() {
+        let tail: Vec<&str> = text.lines().rev().take(40).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        bail!(
+            "fuzzing {target} failed ({status}){}:
+{}",
+            if crashes.is_empty() { "" } else { ", a crash" },
+            tail.join("\n")
+        );
+    }
+    Ok(())
 }
 
 fn cargo() -> Command {

@@ -105,6 +105,16 @@ pub const APT_PACKAGES: &[AptPackage] = &[
         verify: &[],
     },
     AptPackage {
+        name: "e2fsprogs",
+        why: "chattr, to make a subnet file unreplaceable in the start-up fault test",
+        verify: &[],
+    },
+    AptPackage {
+        name: "g++",
+        why: "compiles libFuzzer's runtime (libfuzzer-sys) for `cargo xtask fuzz`",
+        verify: &[&["g++", "--version"]],
+    },
+    AptPackage {
         name: "libfontconfig1-dev",
         why: "fontconfig for the benchmark charts (plotters finds its font through it)",
         verify: &[&["pkg-config", "--exists", "fontconfig"]],
@@ -134,6 +144,7 @@ pub const APT_PACKAGES: &[AptPackage] = &[
 
 const NIGHTLY: &str = "nightly";
 const BPF_LINKER_VERSION: &str = "0.13.0";
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
 /// Runs every step in order; each installs what is missing, then checks its result.
 pub fn run() -> Result<()> {
@@ -331,6 +342,48 @@ fn bpf_linker() -> Result<()> {
     bpf_linker_links().context("bpf-linker was installed but cannot link a BPF object")
 }
 
+/// cargo-fuzz, for `cargo xtask fuzz` only (the other commands do not need it): installed when
+/// `cargo fuzz --version` does not say the pinned version, then checked the same way.
+pub fn cargo_fuzz() -> Result<()> {
+    if cargo_fuzz_version().as_deref() == Some(CARGO_FUZZ_VERSION) {
+        return Ok(());
+    }
+    println!("set-up: installing cargo-fuzz {CARGO_FUZZ_VERSION} (takes ~1 min)");
+    let status = Command::new("cargo")
+        .args([
+            "install",
+            "cargo-fuzz",
+            "--version",
+            CARGO_FUZZ_VERSION,
+            "--locked",
+            "--force",
+        ])
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .env_remove("RUSTC")
+        .status()
+        .context("cannot run cargo install")?;
+    ensure!(status.success(), "cargo install cargo-fuzz failed");
+    let installed = cargo_fuzz_version();
+    ensure!(
+        installed.as_deref() == Some(CARGO_FUZZ_VERSION),
+        "cargo-fuzz was installed but `cargo fuzz --version` says {installed:?}"
+    );
+    Ok(())
+}
+
+/// The version `cargo fuzz --version` prints (`cargo-fuzz 0.13.2`), if it runs.
+fn cargo_fuzz_version() -> Option<String> {
+    let out = Command::new("cargo")
+        .args(["fuzz", "--version"])
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .output()
+        .ok()?;
+    let text = String::from_utf8(out.stdout).ok()?;
+    (out.status.success())
+        .then(|| text.split_whitespace().nth(1).map(str::to_owned))
+        .flatten()
+}
+
 /// Compiles a `no_core` crate for the BPF target to LLVM bitcode with the nightly and links it
 /// with bpf-linker: proves the linker runs, loads the nightly's LLVM and writes a BPF ELF.
 fn bpf_linker_links() -> Result<()> {
@@ -448,7 +501,7 @@ fn fresh_packages() -> std::collections::BTreeSet<&'static str> {
 
 /// Undoes set-up so that it can be proven on a used machine: purges every Debian package that
 /// is installed and not on the fresh machine's list (the set-up's packages and what they pulled
-/// in), removes the nightly's rust-src and bpf-linker. The README's commands then have to
+/// in), removes the nightly's rust-src, bpf-linker and cargo-fuzz. The README's commands then have to
 /// install all of it again.
 pub fn uninstall() -> Result<()> {
     require_root("removing Debian packages")?;
@@ -480,12 +533,14 @@ pub fn uninstall() -> Result<()> {
             .context("cannot run rustup")?;
         ensure!(status.success(), "rustup component remove rust-src failed");
     }
-    let linker = Command::new("cargo")
-        .args(["uninstall", "bpf-linker"])
-        .status()
-        .context("cannot run cargo uninstall")?;
-    if !linker.success() {
-        println!("uninstall: bpf-linker was not installed by cargo");
+    for tool in ["bpf-linker", "cargo-fuzz"] {
+        let removed = Command::new("cargo")
+            .args(["uninstall", tool])
+            .status()
+            .context("cannot run cargo uninstall")?;
+        if !removed.success() {
+            println!("uninstall: {tool} was not installed by cargo");
+        }
     }
     Ok(())
 }

@@ -213,6 +213,9 @@ pub struct Datapath {
     /// knows its own node settings ([`Datapath::set_config`]): rewriting it without them would
     /// turn the data path off (not ready) in the middle of a restart.
     pinned_config_in_force: bool,
+    /// The pin directory's lock (`pin::PinDir::lock`), held while this struct lives: one agent
+    /// per `--bpf-dir`, and no `cleanup` under a running agent.
+    _pin_lock: Option<std::os::fd::OwnedFd>,
 }
 
 // The agent owns the data path from an async task; it must be able to move there.
@@ -230,7 +233,8 @@ impl Datapath {
 
     /// Like [`Datapath::load`], but the state maps and the links are pinned under `dir`: maps
     /// already pinned there (by an earlier agent) are reused with their contents, and links
-    /// pinned there get this agent's programs swapped in without detaching.
+    /// pinned there get this agent's programs swapped in without detaching. Holds the
+    /// directory's lock while it lives (`PinError::Locked` while another agent holds it).
     pub fn load_pinned(dir: &Path) -> Result<Self, DatapathError> {
         Self::load_pinned_checked(dir, crate::cli::LayoutMismatch::Refuse)
     }
@@ -243,16 +247,21 @@ impl Datapath {
         policy: crate::cli::LayoutMismatch,
     ) -> Result<Self, DatapathError> {
         let pins = PinDir::prepare(dir)?;
+        // Locked before the layout is looked at: a running agent's maps are never replaced.
+        let lock = pins.lock()?;
         let reconciled = layout::reconcile(&pins, policy)?;
         for (map, why) in &reconciled.replaced {
             tracing::warn!("pinned map {map} replaced by a new, empty one ({why})");
         }
-        let datapath = Self::open(Some(pins.clone()))?;
+        let datapath = Self::open(Some((pins.clone(), lock)))?;
         layout::mark(pins.root(), &reconciled.fingerprint)?;
         Ok(datapath)
     }
 
-    fn open(pins: Option<PinDir>) -> Result<Self, DatapathError> {
+    /// Loads the object; with `pins` (the directory and its lock, held while this lives) its
+    /// state maps are pinned there.
+    fn open(pins: Option<(PinDir, std::os::fd::OwnedFd)>) -> Result<Self, DatapathError> {
+        let (pins, pin_lock) = pins.unzip();
         raise_memlock_limit();
         let mut loader = EbpfLoader::new();
         if let Some(pins) = &pins {
@@ -294,6 +303,7 @@ impl Datapath {
             endpoints,
             port_links: BTreeMap::new(),
             pinned_config_in_force: pinned.is_some(),
+            _pin_lock: pin_lock,
         })
     }
 

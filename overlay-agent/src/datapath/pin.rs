@@ -5,11 +5,25 @@
 //! while the agent is dead or restarting; the next agent opens the same maps and swaps its own
 //! programs into the pinned links atomically (BPF_LINK_UPDATE), so there is no gap. Several
 //! agents in different network namespaces can share one bpffs: each needs its own `--bpf-dir`.
+//!
+//! One agent per directory: the agent holds an exclusive `flock` on the directory for its
+//! life ([`PinDir::lock`]), so a second agent, or `overlay-agent cleanup`, cannot take the
+//! data path from under a running one. The lock goes with the process (also on `kill -9`).
+//!
+//! The pins must outlive the agent, so the bpffs must too: where `--bpf-dir` is not on a bpffs
+//! the agent mounts one on `/sys/fs/bpf` only when that mount outlives it, i.e. when its mount
+//! namespace is shared with other processes. Alone in a mount namespace of its own (as under
+//! `ip netns exec`, or as the only process of a container), a bpffs it mounted would be gone
+//! with it, and with it the whole data path at a `kill -9`: it refuses to start and says so.
 
 use std::{
     ffi::CString,
+    fs::File,
     io,
-    os::unix::ffi::OsStrExt as _,
+    os::{
+        fd::{AsRawFd as _, OwnedFd},
+        unix::ffi::OsStrExt as _,
+    },
     path::{Path, PathBuf},
 };
 
@@ -24,6 +38,20 @@ pub enum PinError {
     NotBpffs { dir: PathBuf },
     #[error("cannot mount a bpffs on {BPFFS_ROOT}: {source}")]
     Mount { source: io::Error },
+    #[error(
+        "--bpf-dir {dir} is not on a bpffs, and a bpffs this agent mounted itself would live only \
+         in its private mount namespace (as under `ip netns exec`) and vanish with the agent, \
+         taking the data path with it: mount a bpffs that outlives the agent (e.g. \
+         `mount -t bpf bpf /run/overlay/bpf` in the host's mount namespace) and pass that \
+         directory with --bpf-dir",
+        dir = dir.display()
+    )]
+    PrivateMountNamespace { dir: PathBuf },
+    #[error(
+        "another agent is running with --bpf-dir {dir} (it holds its lock): stop it first",
+        dir = dir.display()
+    )]
+    Locked { dir: PathBuf },
     #[error("cannot {action} {path}: {source}")]
     Io {
         action: &'static str,
@@ -44,6 +72,11 @@ impl PinDir {
     pub fn prepare(root: &Path) -> Result<Self, PinError> {
         if !on_bpffs(root) {
             if root.starts_with(BPFFS_ROOT) && !on_bpffs(Path::new(BPFFS_ROOT)) {
+                if alone_in_mount_namespace() {
+                    return Err(PinError::PrivateMountNamespace {
+                        dir: root.to_owned(),
+                    });
+                }
                 mount_bpffs(Path::new(BPFFS_ROOT))?;
                 tracing::info!("mounted a bpffs on {BPFFS_ROOT}");
             }
@@ -75,6 +108,28 @@ impl PinDir {
 
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// Takes the directory's lock (see the module note) without waiting: the returned
+    /// descriptor holds it until it is closed. [`PinError::Locked`] when a running agent has it.
+    pub fn lock(&self) -> Result<OwnedFd, PinError> {
+        let io_err = |source| PinError::Io {
+            action: "lock",
+            path: self.root.clone(),
+            source,
+        };
+        let dir = File::open(&self.root).map_err(io_err)?;
+        // SAFETY: flock on a descriptor we own; no memory is passed.
+        if unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let err = io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                return Err(PinError::Locked {
+                    dir: self.root.clone(),
+                });
+            }
+            return Err(io_err(err));
+        }
+        Ok(OwnedFd::from(dir))
     }
 
     pub fn map(&self, name: &str) -> PathBuf {
@@ -163,6 +218,25 @@ fn on_bpffs(path: &Path) -> bool {
     }
 }
 
+/// Whether no other process shares this process's mount namespace: a mount made here ends
+/// with the process (under `ip netns exec`, which unshares one per command, or as the only
+/// process of a container). Unknown (no /proc) counts as shared, as before this check.
+fn alone_in_mount_namespace() -> bool {
+    let ns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/mnt")).ok();
+    let Some(ours) = ns("self") else {
+        return false;
+    };
+    let me = std::process::id().to_string();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    !entries.flatten().any(|entry| {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        name.bytes().all(|b| b.is_ascii_digit()) && name != me && ns(&name).as_ref() == Some(&ours)
+    })
+}
+
 fn mount_bpffs(target: &Path) -> Result<(), PinError> {
     let c = |s: &[u8]| CString::new(s).expect("no NUL in mount arguments");
     let (source, target, fstype) = (c(b"bpf"), c(target.as_os_str().as_bytes()), c(b"bpf"));
@@ -196,6 +270,27 @@ mod tests {
             err.to_string().contains(&dir.path().display().to_string()),
             "{err}"
         );
+    }
+
+    #[test]
+    fn one_lock_per_directory_released_when_closed() {
+        let dir = tempfile::tempdir().unwrap();
+        let pins = PinDir {
+            root: dir.path().to_owned(),
+        };
+        let held = pins.lock().unwrap();
+        let err = pins.lock().unwrap_err();
+        assert!(matches!(err, PinError::Locked { .. }), "{err}");
+        assert!(err.to_string().contains(&dir.path().display().to_string()));
+        drop(held);
+        pins.lock().unwrap();
+    }
+
+    #[test]
+    fn the_test_process_shares_its_mount_namespace() {
+        // cargo's test harness runs in the namespace of the shell that started it (and of
+        // cargo itself), never alone in one of its own.
+        assert!(!alone_in_mount_namespace());
     }
 
     #[test]

@@ -6,7 +6,8 @@
 //! operation and on [`FakeRegistry::expire_leases`]; nothing runs in the background.
 //!
 //! Test hooks: injected failures per operation, a competing create that wins the next race,
-//! compaction that cancels running watches, broken watch streams, and call counters.
+//! compaction that cancels running watches, broken watch streams, a store restored from
+//! nothing (revisions start over), and call counters.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -67,6 +68,8 @@ struct LeaseState {
 
 struct WatchSlot {
     prefix: String,
+    /// Events below this revision are not for this watch (etcd's start revision).
+    from_revision: i64,
     tx: mpsc::UnboundedSender<WatchEvent>,
 }
 
@@ -119,8 +122,12 @@ impl State {
 
     fn emit(&mut self, event: WatchEvent) {
         let key = event.key().unwrap_or_default().to_owned();
-        self.watchers
-            .retain(|slot| !key.starts_with(&slot.prefix) || slot.tx.send(event.clone()).is_ok());
+        let revision = event.revision().unwrap_or_default();
+        self.watchers.retain(|slot| {
+            !key.starts_with(&slot.prefix)
+                || revision < slot.from_revision
+                || slot.tx.send(event.clone()).is_ok()
+        });
         self.history.push(event);
     }
 
@@ -340,6 +347,20 @@ impl FakeRegistry {
     pub fn break_watches(&self) {
         self.state().watchers.clear();
     }
+
+    /// Replaces the store with an empty one whose revision starts again at 1, as an etcd
+    /// restored from nothing (a fresh data directory): every key, lease and bit of history is
+    /// gone, and the running watches break (the server restarted). A watch from a revision
+    /// above the new one then waits, as etcd's does, for history that does not come.
+    pub fn restore_empty(&self) {
+        let mut state = self.state();
+        state.kvs.clear();
+        state.leases.clear();
+        state.history.clear();
+        state.watchers.clear();
+        state.revision = 1;
+        state.compact_revision = 0;
+    }
 }
 
 /// A watch on a [`FakeRegistry`].
@@ -459,6 +480,7 @@ impl Registry for FakeRegistry {
         }
         state.watchers.push(WatchSlot {
             prefix: prefix.to_owned(),
+            from_revision,
             tx,
         });
         Ok(FakeWatcher { rx })

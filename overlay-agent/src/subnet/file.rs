@@ -78,6 +78,8 @@ pub enum SubnetFileError {
     },
     #[error("{path} has no usable file name", path = path.display())]
     BadPath { path: PathBuf },
+    #[error("{path} is a directory, not a file", path = path.display())]
+    IsADirectory { path: PathBuf },
 }
 
 impl SubnetEnv {
@@ -102,27 +104,7 @@ pub fn first_usable(subnet: Ipv4Net) -> Ipv4Net {
 
 /// Writes the subnet file atomically with mode 0644, creating its directory (0755) if needed.
 pub fn write_subnet_file(path: &Path, env: &SubnetEnv) -> Result<(), SubnetFileError> {
-    let name =
-        path.file_name()
-            .and_then(|n| n.to_str())
-            .ok_or_else(|| SubnetFileError::BadPath {
-                path: path.to_owned(),
-            })?;
-    let dir = match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir.to_owned(),
-        _ => PathBuf::from("."),
-    };
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(DIR_MODE)
-        .create(&dir)
-        .map_err(|source| SubnetFileError::CreateDir {
-            path: dir.clone(),
-            source,
-        })?;
-
-    // Same directory, so the rename is atomic; the pid keeps two agents from sharing a temp.
-    let temp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    let (dir, temp) = prepare(path)?;
     let result = write_temp(&temp, env.render().as_bytes());
     if let Err(source) = result {
         let _ = fs::remove_file(&temp);
@@ -141,6 +123,47 @@ pub fn write_subnet_file(path: &Path, env: &SubnetEnv) -> Result<(), SubnetFileE
         let _ = dir.sync_all();
     }
     Ok(())
+}
+
+/// Checks that the subnet file can be written at `path`, the way [`write_subnet_file`] writes
+/// it (directory created, a temporary file beside it, then renamed over a file that is no
+/// directory), without writing it: the agent calls this before it leases a subnet or installs
+/// anything, so a location it cannot write stops it before there is anything to undo.
+pub fn check_writable(path: &Path) -> Result<(), SubnetFileError> {
+    let (_, temp) = prepare(path)?;
+    if path.is_dir() {
+        return Err(SubnetFileError::IsADirectory {
+            path: path.to_owned(),
+        });
+    }
+    let result = write_temp(&temp, b"");
+    let _ = fs::remove_file(&temp);
+    result.map_err(|source| SubnetFileError::Write { path: temp, source })
+}
+
+/// Creates the subnet file's directory; returns it and the temporary file to write first
+/// (same directory, so the rename is atomic; the pid keeps two agents from sharing it).
+fn prepare(path: &Path) -> Result<(PathBuf, PathBuf), SubnetFileError> {
+    let name =
+        path.file_name()
+            .and_then(|n| n.to_str())
+            .ok_or_else(|| SubnetFileError::BadPath {
+                path: path.to_owned(),
+            })?;
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.to_owned(),
+        _ => PathBuf::from("."),
+    };
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(DIR_MODE)
+        .create(&dir)
+        .map_err(|source| SubnetFileError::CreateDir {
+            path: dir.clone(),
+            source,
+        })?;
+    let temp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    Ok((dir, temp))
 }
 
 fn write_temp(temp: &Path, bytes: &[u8]) -> io::Result<()> {
@@ -375,6 +398,31 @@ mod tests {
         let path = dir.path().join("subnet.env");
         fs::write(&path, "FLANNEL_SUBNET=nonsense\n").unwrap();
         assert_eq!(previous_subnet(&path), None);
+    }
+
+    #[test]
+    fn check_writable_finds_what_the_write_would_fail_on_and_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run/flannel/subnet.env");
+        check_writable(&path).unwrap();
+        assert!(!path.exists(), "the check writes no subnet file");
+        let left: Vec<_> = fs::read_dir(path.parent().unwrap()).unwrap().collect();
+        assert!(left.is_empty(), "no temporary file left: {left:?}");
+        write_subnet_file(&path, &env()).unwrap();
+        check_writable(&path).unwrap();
+        assert_eq!(
+            fs::read_to_string(&path).unwrap(),
+            env().render(),
+            "untouched"
+        );
+
+        let blocker = dir.path().join("file");
+        fs::write(&blocker, "").unwrap();
+        let err = check_writable(&blocker.join("subnet.env")).unwrap_err();
+        assert!(matches!(err, SubnetFileError::CreateDir { .. }), "{err}");
+        let err = check_writable(dir.path()).unwrap_err();
+        assert!(matches!(err, SubnetFileError::IsADirectory { .. }), "{err}");
+        assert!(err.to_string().contains(&dir.path().display().to_string()));
     }
 
     #[test]

@@ -53,7 +53,10 @@ fn trim_prefix(prefix: &str) -> &str {
 
 /// A key under `<prefix>/subnets/` that does not name a subnet.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{key:?} is not a subnet lease key (expected <prefix>/subnets/a.b.c.d-len): {reason}")]
+#[error(
+    "{key:?} is not a subnet lease key (expected <prefix>/subnets/a.b.c.d-len): {reason}",
+    key = super::registry::cut_for_log(.key)
+)]
 pub struct KeyError {
     pub key: String,
     pub reason: &'static str,
@@ -537,6 +540,17 @@ mod tests {
         assert_eq!(
             attrs.to_json(),
             r#"{"PublicIP":"10.0.0.1","PublicIPv6":null,"BackendType":"udp","BackendData":{"Port":8285}}"#
+        );
+    }
+
+    #[test]
+    fn foreign_backend_data_comes_back_exactly() {
+        // Found by fuzzing (lease_record): a number beyond u64 came back as another float.
+        let text = br#"{"PublicIP":"10.0.0.1","BackendType":"udp","BackendData":{"n":18282222222222222222222,"f":0.1}}"#;
+        let attrs = LeaseAttrs::from_json(text).unwrap();
+        assert_eq!(
+            LeaseAttrs::from_json(attrs.to_json().as_bytes()).unwrap(),
+            attrs
         );
     }
 

@@ -6,7 +6,8 @@
 //!   "version is 0" transaction, retried when another node wins the race.
 //! * [`SubnetManager::run_lease_keeper`]: renews before expiry and, when our lease is deleted
 //!   by someone else, logs flannel's `Lease has been revoked. Shutting down daemon.` and
-//!   acquires a lease again (our choice: the node keeps running), preferring the same subnet.
+//!   acquires a lease again (our choice: the node keeps running), preferring the same subnet;
+//!   when it is overwritten with another node's record, writes ours back.
 //! * [`SubnetManager::run_peer_watcher`] (in `peers.rs`) streams the other nodes' leases.
 //!
 //! Keys without an etcd lease are reservations made by an administrator: never deleted,
@@ -25,7 +26,8 @@ use super::lease::{
     LeaseAttrs, RecordError, config_key, parse_subnet_key, subnet_key, subnets_prefix,
 };
 use super::registry::{
-    CreateOutcome, KeyValue, LeaseId, Registry, RegistryError, RenewOutcome, WatchEvent, Watcher,
+    CreateOutcome, Granted, KeyValue, LeaseId, Registry, RegistryError, RenewOutcome, WatchEvent,
+    Watcher,
 };
 use crate::config::{ConfigError, NetworkConfig};
 
@@ -125,11 +127,26 @@ pub struct Lease {
     pub expiration: Option<Instant>,
     /// The store revision of our last write or read of the key.
     pub revision: i64,
+    /// This acquisition created the key (rather than reusing a lease or reservation of ours):
+    /// a start-up that fails before the node is ready deletes it again, so no node routes to
+    /// a subnet nobody serves.
+    pub created: bool,
 }
 
 impl Lease {
     pub fn is_reservation(&self) -> bool {
         self.lease_id.is_none()
+    }
+
+    /// The same lease, now held by the etcd lease `granted` (a renewal, or our record
+    /// written back).
+    fn held_by(&self, granted: Granted) -> Self {
+        Self {
+            lease_id: Some(granted.lease),
+            expiration: Some(Instant::now() + granted.ttl),
+            revision: granted.revision,
+            ..self.clone()
+        }
     }
 }
 
@@ -320,6 +337,7 @@ impl<R: Registry> SubnetManager<R> {
                         lease_id: Some(granted.lease),
                         expiration: Some(Instant::now() + granted.ttl),
                         revision: granted.revision,
+                        created: false,
                     }),
                     // It expired or changed hands between the listing and now: start over.
                     RenewOutcome::Lost => Attempt::LostRace,
@@ -384,6 +402,7 @@ impl<R: Registry> SubnetManager<R> {
                     lease_id: Some(granted.lease),
                     expiration: Some(Instant::now() + granted.ttl),
                     revision: granted.revision,
+                    created: true,
                 }))
             }
             CreateOutcome::AlreadyExists => Ok(Attempt::LostRace),
@@ -409,7 +428,21 @@ impl<R: Registry> SubnetManager<R> {
             lease_id: None,
             expiration: None,
             revision,
+            created: false,
         })
+    }
+
+    /// Gives up `lease` (a start-up that failed before the node was ready): deletes the key
+    /// when it still holds our record, so peers stop routing our subnet to us.
+    pub async fn release_lease(&self, lease: &Lease) -> Result<(), ManagerError> {
+        let fetched = self.registry.get(&lease.key).await?;
+        if fetched
+            .kv
+            .is_some_and(|kv| holds_our_ip(&kv, lease.attrs.public_ip))
+        {
+            self.registry.delete(&lease.key).await?;
+        }
+        Ok(())
     }
 
     /// Renews `lease` once: a new etcd lease of the configured TTL, and our record written
@@ -429,12 +462,7 @@ impl<R: Registry> SubnetManager<R> {
             )
             .await?;
         match outcome {
-            RenewOutcome::Renewed(granted) => Ok(Lease {
-                lease_id: Some(granted.lease),
-                expiration: Some(Instant::now() + granted.ttl),
-                revision: granted.revision,
-                ..lease.clone()
-            }),
+            RenewOutcome::Renewed(granted) => Ok(lease.held_by(granted)),
             RenewOutcome::Lost => Err(ManagerError::LeaseLost {
                 key: lease.key.clone(),
             }),
@@ -444,10 +472,12 @@ impl<R: Registry> SubnetManager<R> {
     /// Keeps the lease in `updates` alive until every receiver of `updates` is dropped.
     ///
     /// Renews at expiry minus the renew margin (retrying every `retry_period` on errors) and
-    /// watches our key. When the key is deleted or taken over by someone else, logs
+    /// watches our key. When the key is deleted (or gone after etcd was restored), logs
     /// [`LEASE_REVOKED_MESSAGE`] and acquires a lease again with `config`, asking for the same
-    /// subnet first. Every new or renewed lease is published through `updates`; the subnet
-    /// in it changes only after a revocation.
+    /// subnet first. When someone overwrites it with another node's record, writes ours back
+    /// (we hold the subnet's etcd lease; moving would leave our pods with addresses of a
+    /// subnet that is no longer ours). Every new, renewed or restored lease is published
+    /// through `updates`; the subnet in it changes only after a revocation.
     pub async fn run_lease_keeper(&self, config: NetworkConfig, updates: watch::Sender<Lease>) {
         let mut lease = updates.borrow().clone();
         loop {
@@ -495,6 +525,13 @@ impl<R: Registry> SubnetManager<R> {
     }
 
     /// Renews and watches `lease` until it is lost or nobody listens any more.
+    ///
+    /// Our key overwritten with a record of another node is not a loss: we hold the subnet's
+    /// etcd lease, so our record is written back (`restore`), and the node keeps its subnet
+    /// (its pods keep their addresses). After the watch breaks or falls behind compaction, the
+    /// key is read again before watching from the store's revision of that read: the store may
+    /// have been restored from a backup or emptied (revisions start over), and a key that is
+    /// gone then is a lost lease.
     async fn keep(&self, lease: &mut Lease, updates: &watch::Sender<Lease>) -> KeepOutcome {
         let mut renew_at = self.renew_deadline(lease);
         if let Some(at) = renew_at {
@@ -503,16 +540,55 @@ impl<R: Registry> SubnetManager<R> {
         let mut last_revision = lease.revision;
         let mut watcher: Option<R::Watcher> = None;
         let mut rewatch_at = Instant::now();
+        // Read our key again before the next watch.
+        let mut reread = false;
+        // A renewal found the key no longer held by our etcd lease: the read decides.
+        let mut renewal_lost = false;
+        // When to write our record back over a foreign one.
+        let mut restore_at: Option<Instant> = None;
         // Stands in for "never" in disabled select branches.
         let far = Instant::now() + Duration::from_secs(100 * 365 * 24 * 3600);
 
         loop {
             if watcher.is_none() && Instant::now() >= rewatch_at {
-                match self.registry.watch(&lease.key, last_revision + 1).await {
-                    Ok(w) => watcher = Some(w),
-                    Err(e) => {
-                        warn!("cannot watch our lease {} (retrying): {e}", lease.key);
-                        rewatch_at = Instant::now() + self.options.watch_retry_period;
+                if reread {
+                    match self.registry.get(&lease.key).await {
+                        Ok(fetched) => {
+                            match fetched.kv {
+                                None => {
+                                    warn!(
+                                        "our lease {} is no longer in etcd (deleted, expired, or etcd restored from a backup or emptied)",
+                                        lease.key
+                                    );
+                                    return KeepOutcome::Lost;
+                                }
+                                Some(kv) if !holds_our_ip(&kv, lease.attrs.public_ip) => {
+                                    warn_overwritten(&kv);
+                                    restore_at = Some(Instant::now());
+                                }
+                                // Our record, but not under the etcd lease we hold: write
+                                // it again under one we hold.
+                                Some(_) if renewal_lost => restore_at = Some(Instant::now()),
+                                Some(_) => {}
+                            }
+                            // The store's revision now, which may be below what we saw.
+                            last_revision = fetched.revision;
+                            reread = false;
+                            renewal_lost = false;
+                        }
+                        Err(e) => {
+                            warn!("cannot re-read our lease {} (retrying): {e}", lease.key);
+                            rewatch_at = Instant::now() + self.options.watch_retry_period;
+                        }
+                    }
+                }
+                if !reread {
+                    match self.registry.watch(&lease.key, last_revision + 1).await {
+                        Ok(w) => watcher = Some(w),
+                        Err(e) => {
+                            warn!("cannot watch our lease {} (retrying): {e}", lease.key);
+                            rewatch_at = Instant::now() + self.options.watch_retry_period;
+                        }
                     }
                 }
             }
@@ -531,13 +607,44 @@ impl<R: Registry> SubnetManager<R> {
                             );
                             updates.send_replace(lease.clone());
                         }
-                        Err(ManagerError::LeaseLost { .. }) => return KeepOutcome::Lost,
+                        // Our record is being restored: that renews too. Otherwise the key
+                        // is gone, or overwritten before the watch told us: read it again
+                        // to know which (a foreign record is written back, not a loss).
+                        Err(ManagerError::LeaseLost { .. }) => {
+                            renew_at = None;
+                            if restore_at.is_none() {
+                                renewal_lost = true;
+                                reread = true;
+                                watcher = None;
+                                rewatch_at = Instant::now();
+                            }
+                        }
                         Err(e) => {
                             error!(
                                 "Error renewing lease (trying again in {:?}): {e}",
                                 self.options.retry_period
                             );
                             renew_at = Some(Instant::now() + self.options.retry_period);
+                        }
+                    }
+                }
+
+                () = sleep_until(restore_at.unwrap_or(far)), if restore_at.is_some() => {
+                    match self.restore(lease).await {
+                        Ok(restored) => {
+                            *lease = restored;
+                            last_revision = last_revision.max(lease.revision);
+                            renew_at = self.renew_deadline(lease);
+                            restore_at = None;
+                            info!("our lease {} holds our record again", lease.key);
+                            updates.send_replace(lease.clone());
+                        }
+                        Err(e) => {
+                            error!(
+                                "cannot write our lease {} back (trying again in {:?}): {e}",
+                                lease.key, self.options.retry_period
+                            );
+                            restore_at = Some(Instant::now() + self.options.retry_period);
                         }
                     }
                 }
@@ -556,40 +663,25 @@ impl<R: Registry> SubnetManager<R> {
                         Ok(Some(WatchEvent::Put(kv))) => {
                             last_revision = last_revision.max(kv.mod_revision);
                             if kv.key == lease.key && !holds_our_ip(&kv, lease.attrs.public_ip) {
-                                warn!(
-                                    key = %kv.key,
-                                    value = %kv.value_lossy(),
-                                    "our lease was overwritten by another node"
-                                );
-                                return KeepOutcome::Lost;
+                                warn_overwritten(&kv);
+                                restore_at = Some(Instant::now());
                             }
                         }
                         Ok(Some(WatchEvent::Compacted { compact_revision })) => {
                             debug!(compact_revision, "watch on our lease compacted; re-reading it");
                             watcher = None;
-                            match self.registry.get(&lease.key).await {
-                                Ok(fetched) => match fetched.kv {
-                                    Some(kv) if holds_our_ip(&kv, lease.attrs.public_ip) => {
-                                        last_revision = fetched.revision;
-                                    }
-                                    _ => return KeepOutcome::Lost,
-                                },
-                                Err(e) => {
-                                    warn!("cannot re-read our lease {} (retrying): {e}", lease.key);
-                                    rewatch_at = Instant::now() + self.options.watch_retry_period;
-                                    // Re-watching from the old revision fails the same way, and
-                                    // lands back here to try the read again.
-                                }
-                            }
+                            reread = true;
                         }
                         Ok(None) => {
-                            debug!("watch on our lease ended; watching again");
+                            debug!("watch on our lease ended; re-reading it, then watching again");
                             watcher = None;
+                            reread = true;
                             rewatch_at = Instant::now() + self.options.watch_retry_period;
                         }
                         Err(e) => {
                             warn!("watch on our lease failed (retrying): {e}");
                             watcher = None;
+                            reread = true;
                             rewatch_at = Instant::now() + self.options.watch_retry_period;
                         }
                     }
@@ -597,6 +689,39 @@ impl<R: Registry> SubnetManager<R> {
             }
         }
     }
+
+    /// Writes our record back over a foreign one: with a new etcd lease of the configured TTL
+    /// (the foreign write may have detached the key from ours), or without one for a
+    /// reservation.
+    async fn restore(&self, lease: &Lease) -> Result<Lease, ManagerError> {
+        let value = lease.attrs.to_json();
+        if lease.is_reservation() {
+            let revision = self.registry.put(&lease.key, &value).await?;
+            return Ok(Lease {
+                revision,
+                ..lease.clone()
+            });
+        }
+        match self
+            .registry
+            .renew(&lease.key, &value, self.options.lease_ttl, None)
+            .await?
+        {
+            RenewOutcome::Renewed(granted) => Ok(lease.held_by(granted)),
+            RenewOutcome::Lost => Err(ManagerError::LeaseLost {
+                key: lease.key.clone(),
+            }),
+        }
+    }
+}
+
+/// Logs a foreign record found on our key (cut for the log).
+fn warn_overwritten(kv: &KeyValue) {
+    warn!(
+        key = %kv.key_for_log(),
+        value = %kv.value_lossy(),
+        "our lease was overwritten with another node's record; writing ours back (this node holds the subnet)"
+    );
 }
 
 /// Whether `kv` holds a record with our PublicIP (our own renewal, seen through the watch).

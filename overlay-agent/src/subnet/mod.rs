@@ -1,6 +1,6 @@
 //! Subnet leases in etcd, the flannel way: the registry seam, its etcd and in-memory
 //! implementations, the lease records and keys, allocation, the lease manager, the peer
-//! watcher, and the subnet file.
+//! watcher with the checks of what it installs (`validate`), and the subnet file.
 
 pub mod alloc;
 pub mod etcd;
@@ -10,6 +10,7 @@ pub mod lease;
 pub mod manager;
 pub mod peers;
 pub mod registry;
+pub mod validate;
 
 pub use etcd::{EtcdOptions, EtcdRegistry};
 pub use fake::FakeRegistry;

@@ -2,10 +2,13 @@
 //!
 //! List `<prefix>/subnets/` at a revision, then watch from revision + 1: a put adds or
 //! changes a peer, a delete (or an expiry, which etcd reports as a delete) removes it. When
-//! the watch falls behind compaction, list again and emit the difference. Our own subnet and
-//! leases of another backend type are skipped. A record that cannot be parsed is logged with
-//! its key and value and otherwise ignored; if it replaces a good record, the last good one
-//! stays in force.
+//! the watch falls behind compaction, list again and emit the difference; so too when the
+//! store's revision went back while the watch was broken (etcd restored from a backup or
+//! emptied: watching from the old revision would wait for history that never comes). Our own
+//! subnet is skipped; leases of another backend type are skipped with a warning. A record
+//! that cannot be parsed, or that this node refuses to route (`super::validate`), is logged
+//! once with its key and value (cut to a few hundred bytes) and otherwise ignored; if it
+//! replaces a good record, the last good one stays in force.
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -18,6 +21,8 @@ use tracing::{debug, info, warn};
 use super::lease::{LeaseAttrs, Mac, parse_subnet_key, subnets_prefix};
 use super::manager::{Lease, SubnetManager, next_event};
 use super::registry::{KeyValue, Registry, WatchEvent};
+use super::validate::{Installed, check_peer, check_replacement};
+use crate::config::NetworkConfig;
 
 /// Another node, as its lease describes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,20 +64,32 @@ pub enum PeerEvent {
 
 /// What one lease key means to the watcher.
 enum Record {
-    Peer(Peer),
-    /// Ours, or of another backend type: not a peer.
+    Peer(Peer, Installed),
+    /// Ours: not a peer.
     Skip,
-    /// Unparseable: keep whatever we knew.
-    Malformed,
+    /// Of another backend type: not ours to route (a known peer that switched goes).
+    Other,
+    /// Unparseable or refused (logged): keep whatever we knew.
+    Refused,
 }
 
 /// Receivers are gone: stop.
 struct Closed;
 
+/// A peer installed from a record, and what the record was.
+#[derive(Clone)]
+struct Known {
+    peer: Peer,
+    installed: Installed,
+}
+
 struct PeerState<'a> {
-    backend_type: &'a str,
+    config: &'a NetworkConfig,
     own: Ipv4Net,
-    known: BTreeMap<Ipv4Net, Peer>,
+    known: BTreeMap<Ipv4Net, Known>,
+    /// The last warning logged about each subnet's record: a bad record renewed every day
+    /// (or listed again) is reported once, not at every sight.
+    warned: BTreeMap<Ipv4Net, String>,
     events: &'a mpsc::Sender<PeerEvent>,
 }
 
@@ -82,35 +99,67 @@ impl PeerState<'_> {
         self.events.send(event).await.map_err(|_| Closed)
     }
 
-    /// Interprets one lease record; logs the malformed ones.
-    fn classify(&self, subnet: Ipv4Net, kv: &KeyValue) -> Record {
+    /// Logs `message` about the record `kv` of `subnet`, unless it is what was logged last.
+    fn warn_once(&mut self, subnet: Ipv4Net, kv: &KeyValue, message: String) {
+        if self.warned.get(&subnet) != Some(&message) {
+            warn!(key = %kv.key_for_log(), value = %kv.value_lossy(), "{message}");
+            self.warned.insert(subnet, message);
+        }
+    }
+
+    /// Interprets one lease record; logs the ones it does not install.
+    fn classify(&mut self, subnet: Ipv4Net, kv: &KeyValue) -> Record {
         if subnet == self.own {
             return Record::Skip;
         }
-        match LeaseAttrs::from_json(&kv.value) {
-            Ok(attrs) if attrs.backend_type != self.backend_type => {
-                debug!(
-                    key = %kv.key,
-                    backend_type = %attrs.backend_type,
-                    "skipping a lease of another backend type"
-                );
-                Record::Skip
-            }
-            Ok(attrs) => Record::Peer(Peer::from_attrs(subnet, attrs)),
+        let kept = if self.known.contains_key(&subnet) {
+            "; keeping the last good record"
+        } else {
+            ""
+        };
+        let attrs = match LeaseAttrs::from_json(&kv.value) {
+            Ok(attrs) => attrs,
             Err(e) => {
-                let kept = if self.known.contains_key(&subnet) {
-                    "; keeping the last good record"
-                } else {
-                    ""
-                };
-                warn!(
-                    key = %kv.key,
-                    value = %kv.value_lossy(),
-                    "ignoring a malformed subnet lease: {e}{kept}"
+                self.warn_once(
+                    subnet,
+                    kv,
+                    format!("ignoring a malformed subnet lease: {e}{kept}"),
                 );
-                Record::Malformed
+                return Record::Refused;
             }
+        };
+        let ours = self.config.backend.type_name();
+        if attrs.backend_type != ours {
+            self.warn_once(
+                subnet,
+                kv,
+                format!(
+                    "skipping the subnet lease of a node with backend type {:?}: this node runs {ours}",
+                    attrs.backend_type
+                ),
+            );
+            return Record::Other;
         }
+        let checked = check_peer(self.config, subnet, attrs.public_ip).and_then(|()| {
+            self.known.get(&subnet).map_or(Ok(()), |known| {
+                check_replacement(&known.installed, kv.create_revision, attrs.public_ip)
+            })
+        });
+        if let Err(refusal) = checked {
+            self.warn_once(
+                subnet,
+                kv,
+                format!("refusing a subnet lease: {refusal}{kept}"),
+            );
+            return Record::Refused;
+        }
+        self.warned.remove(&subnet);
+        let installed = Installed {
+            public_ip: attrs.public_ip,
+            create_revision: kv.create_revision,
+            leased: kv.lease.is_some(),
+        };
+        Record::Peer(Peer::from_attrs(subnet, attrs), installed)
     }
 
     async fn put(&mut self, kv: &KeyValue) -> Result<(), Closed> {
@@ -122,20 +171,26 @@ impl PeerState<'_> {
             }
         };
         match self.classify(subnet, kv) {
-            Record::Malformed => Ok(()),
-            Record::Skip => {
+            Record::Refused | Record::Skip => Ok(()),
+            Record::Other => {
                 // A known peer that switched backend is no longer reachable our way.
-                if subnet != self.own && self.known.remove(&subnet).is_some() {
+                if self.known.remove(&subnet).is_some() {
                     self.send(PeerEvent::Removed(subnet)).await?;
                 }
                 Ok(())
             }
-            Record::Peer(peer) => match self.known.insert(subnet, peer.clone()) {
-                None => self.send(PeerEvent::Added(peer)).await,
-                Some(old) if old != peer => self.send(PeerEvent::Changed(peer)).await,
-                // A renewal: same record, nothing to tell.
-                Some(_) => Ok(()),
-            },
+            Record::Peer(peer, installed) => {
+                let known = Known {
+                    peer: peer.clone(),
+                    installed,
+                };
+                match self.known.insert(subnet, known) {
+                    None => self.send(PeerEvent::Added(peer)).await,
+                    Some(old) if old.peer != peer => self.send(PeerEvent::Changed(peer)).await,
+                    // A renewal: same record, nothing to tell.
+                    Some(_) => Ok(()),
+                }
+            }
         }
     }
 
@@ -143,6 +198,7 @@ impl PeerState<'_> {
         let Ok(subnet) = parse_subnet_key(key) else {
             return Ok(());
         };
+        self.warned.remove(&subnet);
         if self.known.remove(&subnet).is_some() {
             self.send(PeerEvent::Removed(subnet)).await?;
         }
@@ -152,6 +208,7 @@ impl PeerState<'_> {
     /// Replaces what we know with a fresh listing and emits the difference.
     async fn reset(&mut self, kvs: &[KeyValue]) -> Result<(), Closed> {
         let mut fresh = BTreeMap::new();
+        let mut listed = Vec::new();
         for kv in kvs {
             let subnet = match parse_subnet_key(&kv.key) {
                 Ok(subnet) => subnet,
@@ -160,18 +217,20 @@ impl PeerState<'_> {
                     continue;
                 }
             };
+            listed.push(subnet);
             match self.classify(subnet, kv) {
-                Record::Peer(peer) => {
-                    fresh.insert(subnet, peer);
+                Record::Peer(peer, installed) => {
+                    fresh.insert(subnet, Known { peer, installed });
                 }
-                Record::Malformed => {
+                Record::Refused => {
                     if let Some(old) = self.known.get(&subnet) {
                         fresh.insert(subnet, old.clone());
                     }
                 }
-                Record::Skip => {}
+                Record::Skip | Record::Other => {}
             }
         }
+        self.warned.retain(|subnet, _| listed.contains(subnet));
         let gone: Vec<Ipv4Net> = self
             .known
             .keys()
@@ -182,11 +241,11 @@ impl PeerState<'_> {
         for subnet in gone {
             self.send(PeerEvent::Removed(subnet)).await?;
         }
-        for (subnet, peer) in &self.known {
+        for (subnet, known) in &self.known {
             match old.get(subnet) {
-                None => self.send(PeerEvent::Added(peer.clone())).await?,
-                Some(before) if before != peer => {
-                    self.send(PeerEvent::Changed(peer.clone())).await?;
+                None => self.send(PeerEvent::Added(known.peer.clone())).await?,
+                Some(before) if before.peer != known.peer => {
+                    self.send(PeerEvent::Changed(known.peer.clone())).await?;
                 }
                 Some(_) => {}
             }
@@ -210,23 +269,24 @@ impl PeerState<'_> {
 }
 
 impl<R: Registry> SubnetManager<R> {
-    /// Streams the peers of `backend_type` (`"vxlan"`, `"host-gw"`) to `events` until its
-    /// receiver is dropped.
+    /// Streams the peers of `config`'s network and backend type to `events` until its
+    /// receiver is dropped; records this node refuses to route are logged (`super::validate`).
     ///
     /// First every current peer comes as [`PeerEvent::Added`], then the changes. `own`
     /// carries our lease (from [`SubnetManager::run_lease_keeper`]'s channel); its subnet is
     /// never reported. Registry errors are logged and retried every `watch_retry_period`.
     pub async fn run_peer_watcher(
         &self,
-        backend_type: String,
+        config: NetworkConfig,
         mut own: watch::Receiver<Lease>,
         events: mpsc::Sender<PeerEvent>,
     ) {
         let own_subnet = own.borrow_and_update().subnet;
         let mut state = PeerState {
-            backend_type: &backend_type,
+            config: &config,
             own: own_subnet,
             known: BTreeMap::new(),
+            warned: BTreeMap::new(),
             events: &events,
         };
         let _ = self.watch_peers(&mut state, &mut own).await;
@@ -259,8 +319,22 @@ impl<R: Registry> SubnetManager<R> {
             state.reset(&listing.kvs).await?;
             let mut last_revision = listing.revision;
 
-            // Follow the watch; come back here only to re-list after compaction.
+            // Follow the watch; come back here only to re-list after compaction, or when the
+            // store went back in time while the watch was broken.
+            let mut resumed = false;
             'watch: loop {
+                if resumed {
+                    match self.store_went_back(&prefix, last_revision).await {
+                        Ok(false) => {}
+                        Ok(true) => break 'watch,
+                        Err(e) => {
+                            warn!("cannot read the store's revision (retrying in {retry:?}): {e}");
+                            self.pause(state, retry).await?;
+                            continue 'watch;
+                        }
+                    }
+                }
+                resumed = true;
                 let watcher = tokio::select! {
                     () = state.events.closed() => return Err(Closed),
                     watcher = self.registry.watch(&prefix, last_revision + 1) => watcher,
@@ -319,6 +393,25 @@ impl<R: Registry> SubnetManager<R> {
                 }
             }
         }
+    }
+
+    /// Whether the store's revision is now below `last_revision`, the last one this watch saw:
+    /// etcd was restored from a backup or emptied while the watch was down. A watch from the
+    /// old revision would wait for history that never comes (etcd accepts a start revision in
+    /// the future), so the caller lists again. Reads `key` (any key) for the revision.
+    async fn store_went_back(
+        &self,
+        key: &str,
+        last_revision: i64,
+    ) -> Result<bool, super::registry::RegistryError> {
+        let now = self.registry.get(key).await?.revision;
+        if now < last_revision {
+            warn!(
+                "etcd's revision went back from {last_revision} to {now} while the watch was \
+                 down (restored from a backup, or emptied?): listing the subnet leases again"
+            );
+        }
+        Ok(now < last_revision)
     }
 
     /// Sleeps, unless the receiver goes away first.

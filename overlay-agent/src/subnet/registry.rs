@@ -26,10 +26,36 @@ pub struct KeyValue {
 }
 
 impl KeyValue {
-    /// The value for log messages.
+    /// The value for log messages: lossily decoded, and cut to [`LOG_TEXT_MAX`] bytes (the
+    /// store accepts values of megabytes, which must not go whole into the log).
     pub fn value_lossy(&self) -> std::borrow::Cow<'_, str> {
-        String::from_utf8_lossy(&self.value)
+        if self.value.len() <= LOG_TEXT_MAX {
+            return String::from_utf8_lossy(&self.value);
+        }
+        // A character cut in two shows as U+FFFD: fine for a log line.
+        let head = String::from_utf8_lossy(&self.value[..LOG_TEXT_MAX]);
+        std::borrow::Cow::Owned(format!("{head}… ({} bytes)", self.value.len()))
     }
+
+    /// The key for log messages, cut as [`KeyValue::value_lossy`] cuts values.
+    pub fn key_for_log(&self) -> std::borrow::Cow<'_, str> {
+        cut_for_log(&self.key)
+    }
+}
+
+/// How much of a key or value from the store goes into a log message.
+pub const LOG_TEXT_MAX: usize = 256;
+
+/// `text` cut to [`LOG_TEXT_MAX`] bytes (at a character boundary), with its full length.
+pub fn cut_for_log(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.len() <= LOG_TEXT_MAX {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut end = LOG_TEXT_MAX;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    std::borrow::Cow::Owned(format!("{}… ({} bytes)", &text[..end], text.len()))
 }
 
 /// The keys under a prefix, as of one revision.

@@ -281,6 +281,34 @@ async fn fresh_node_gets_a_random_free_subnet_with_a_ttl() {
     assert_eq!(fake.expiry(&lease.key), Some(Instant::now() + TTL));
 }
 
+/// Issue 12, item 7: a start-up that fails after the lease gives up the lease it created
+/// (no peer routes to a node that never came up), but never one it reused or someone else's.
+#[tokio::test(start_paused = true)]
+async fn a_created_lease_is_released_a_reused_one_is_marked_as_such() {
+    let fake = FakeRegistry::new();
+    let m = manager(&fake);
+    let lease = m
+        .acquire_lease(&default_config(), &ours(), None)
+        .await
+        .unwrap();
+    assert!(lease.created);
+    m.release_lease(&lease).await.unwrap();
+    assert_eq!(fake.value(&lease.key), None, "released");
+
+    // Reused: not created by this acquisition.
+    fake.set_with_ttl(&key("10.10.42.0/24"), &ours().to_json(), TTL);
+    let reused = m
+        .acquire_lease(&default_config(), &ours(), None)
+        .await
+        .unwrap();
+    assert_eq!(reused.subnet, net("10.10.42.0/24"));
+    assert!(!reused.created);
+    // A key that holds another node's record by now is not ours to delete.
+    fake.set_with_ttl(&reused.key, &attrs("198.18.0.2", 2).to_json(), TTL);
+    m.release_lease(&reused).await.unwrap();
+    assert!(fake.value(&reused.key).is_some());
+}
+
 #[tokio::test(start_paused = true)]
 async fn own_lease_is_reused_and_rewritten() {
     let fake = FakeRegistry::new();
@@ -714,14 +742,93 @@ async fn revoked_lease_whose_subnet_was_taken_moves_elsewhere() {
     keeper.task.abort();
 }
 
+/// Issue 12, item 6: a node whose key someone overwrites with another node's record keeps its
+/// subnet (its pods keep their addresses) and writes its record back, with or without an etcd
+/// lease on the foreign write; the log says so once per overwrite, value cut to size.
 #[tokio::test(start_paused = true)]
-async fn overwritten_lease_counts_as_revoked() {
+async fn an_overwritten_lease_is_written_back_and_the_subnet_kept() {
     let fake = FakeRegistry::new();
+    let (logs, _guard) = Logs::capture();
     let mut keeper = start_keeper(&fake, tiny_config(2), None).await;
     let first = keeper.lease();
-    fake.set_with_ttl(&first.key, &attrs("198.18.0.2", 2).to_json(), TTL);
-    let moved = keeper.changed(Duration::from_secs(5)).await;
-    assert_ne!(moved.subnet, first.subnet);
+    for (n, foreign) in [
+        attrs("198.18.0.2", 2).to_json(),
+        format!(
+            r#"{{"PublicIP":"198.18.0.3","BackendType":"vxlan","BackendData":{{"VtepMAC":"02:00:00:00:00:03"}},"Pad":"{}"}}"#,
+            "x".repeat(1 << 20)
+        ),
+    ]
+    .iter()
+    .enumerate()
+    {
+        if n == 0 {
+            fake.set_with_ttl(&first.key, foreign, TTL);
+        } else {
+            fake.set(&first.key, foreign);
+        }
+        let restored = keeper.changed(Duration::from_secs(5)).await;
+        assert_eq!(restored.subnet, first.subnet, "overwrite {n}: subnet kept");
+        assert_ne!(restored.lease_id, first.lease_id, "overwrite {n}: new lease");
+        let kv = fake.entry(&first.key).unwrap();
+        assert_eq!(kv.value, ours().to_json().into_bytes(), "overwrite {n}");
+        assert_eq!(kv.lease, restored.lease_id, "overwrite {n}: held by our lease");
+    }
+    let text = logs.text();
+    assert_eq!(
+        text.matches("our lease was overwritten").count(),
+        2,
+        "{text}"
+    );
+    assert!(!text.contains(LEASE_REVOKED_MESSAGE), "{text}");
+    assert!(text.len() < 16 * 1024, "a 1 MiB value went into the log");
+    assert!(
+        text.contains("(1048"),
+        "the value's length is given: {text}"
+    );
+
+    // The restored lease is renewed as before.
+    let renewed = keeper.changed(TTL).await;
+    assert_eq!(renewed.subnet, first.subnet);
+    keeper.task.abort();
+}
+
+/// An overwrite that the renewal finds before any watch event (the watch is down) is written
+/// back too, not taken for a loss.
+#[tokio::test(start_paused = true)]
+async fn an_overwrite_found_by_the_renewal_is_written_back() {
+    let fake = FakeRegistry::new();
+    fake.fail_next(FakeOp::Watch, 1_000_000);
+    let mut keeper = start_keeper(&fake, tiny_config(2), None).await;
+    let first = keeper.lease();
+    fake.set(&first.key, &attrs("198.18.0.2", 2).to_json());
+    let restored = keeper.changed(TTL).await;
+    assert_eq!(restored.subnet, first.subnet);
+    assert_eq!(fake.value(&first.key).unwrap(), ours().to_json());
+    assert_eq!(fake.entry(&first.key).unwrap().lease, restored.lease_id);
+    keeper.task.abort();
+}
+
+/// Issue 12, item 5: etcd restored from nothing (revisions start over, our key gone): the
+/// keeper notices when its watch breaks, and takes the same subnet again.
+#[tokio::test(start_paused = true)]
+async fn a_store_restored_from_nothing_gets_our_lease_back() {
+    let fake = FakeRegistry::new();
+    // Enough history that the old revision is well above the new store's.
+    for n in 0..20 {
+        fake.set(&format!("{PREFIX}/other/{n}"), "x");
+    }
+    let mut keeper = start_keeper(&fake, default_config(), None).await;
+    let first = keeper.lease();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    fake.restore_empty();
+    let again = keeper.changed(Duration::from_secs(10)).await;
+    assert_eq!(again.subnet, first.subnet);
+    assert_eq!(fake.value(&first.key).unwrap(), ours().to_json());
+    // And the new store's changes reach it: a delete is seen again.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    fake.remove(&first.key);
+    let third = keeper.changed(Duration::from_secs(10)).await;
+    assert_eq!(third.subnet, first.subnet);
     keeper.task.abort();
 }
 
@@ -846,6 +953,7 @@ fn own_lease() -> Lease {
         lease_id: Some(1),
         expiration: None,
         revision: 0,
+        created: false,
     }
 }
 
@@ -853,8 +961,10 @@ fn start_peers(fake: &FakeRegistry, backend_type: &str) -> Peers {
     let m = manager(fake);
     let (own, own_rx) = watch::channel(own_lease());
     let (tx, rx) = mpsc::channel(64);
-    let backend_type = backend_type.to_owned();
-    let task = tokio::spawn(async move { m.run_peer_watcher(backend_type, own_rx, tx).await });
+    let config = config(&format!(
+        r#"{{"Network": "10.10.0.0/16", "Backend": {{"Type": "{backend_type}"}}}}"#
+    ));
+    let task = tokio::spawn(async move { m.run_peer_watcher(config, own_rx, tx).await });
     Peers {
         rx,
         own,
@@ -1206,4 +1316,124 @@ async fn peer_watcher_stops_when_nobody_listens() {
     let event = timeout(Duration::from_secs(30), rx.recv()).await.unwrap();
     assert!(matches!(event, Some(PeerEvent::Added(_))), "{event:?}");
     task.abort();
+}
+
+/// Issue 12, item 5: etcd restored from nothing while the watch was down: the watcher sees
+/// the revision went back, lists again (the peers are gone until they write again) and
+/// follows the new store, instead of waiting at its old revision for history that never comes.
+#[tokio::test(start_paused = true)]
+async fn a_store_restored_from_nothing_is_listed_again_and_followed() {
+    let fake = FakeRegistry::new();
+    let (logs, _guard) = Logs::capture();
+    for n in 0..20 {
+        add_peer(&fake, &format!("10.10.{}.0/24", 100 + n), "198.18.0.2", 2);
+    }
+    add_peer(&fake, "10.10.1.0/24", "198.18.0.3", 3);
+    let mut peers = start_peers(&fake, "vxlan");
+    assert_eq!(peers.next_n(21).await.len(), 21);
+    peers.quiet().await;
+
+    fake.restore_empty();
+    add_peer(&fake, "10.10.1.0/24", "198.18.0.3", 3);
+    let mut events = peers.next_n(20).await;
+    events.sort_by_key(|e| format!("{e:?}"));
+    assert!(
+        events.iter().all(|e| matches!(e, PeerEvent::Removed(_))),
+        "{events:?}"
+    );
+    peers.quiet().await;
+    assert_eq!(peers.synced.last().map(Vec::len), Some(1));
+    assert!(
+        logs.text().contains("etcd's revision went back"),
+        "{}",
+        logs.text()
+    );
+    // A node that joins the new store is seen.
+    add_peer(&fake, "10.10.2.0/24", "198.18.0.4", 4);
+    assert_eq!(
+        peers.next().await,
+        PeerEvent::Added(peer("10.10.2.0/24", "198.18.0.4", 4))
+    );
+    peers.task.abort();
+}
+
+/// Issue 12, item 6: records this network cannot route are refused with one warning naming
+/// the key and the reason, and never reach the data path; an overwrite of a live node's lease
+/// with another PublicIP keeps the last good record; another backend type is skipped with a
+/// warning too. Values go into the log cut to size.
+#[tokio::test(start_paused = true)]
+async fn conflicting_records_are_refused_once_with_their_key_and_reason() {
+    let fake = FakeRegistry::new();
+    let (logs, _guard) = Logs::capture();
+    add_peer(&fake, "10.10.1.0/24", "198.18.0.2", 2);
+    let mut peers = start_peers(&fake, "vxlan");
+    assert!(matches!(peers.next().await, PeerEvent::Added(_)));
+
+    let refused = [
+        ("10.11.5.0/24", "outside the network 10.10.0.0/16"),
+        ("10.10.1.128/25", "is not a /24"),
+        ("10.10.1.7/32", "is not a /24"),
+        ("10.10.0.0/20", "is not a /24"),
+    ];
+    for (subnet, _) in refused {
+        add_peer(&fake, subnet, "198.18.0.66", 66);
+    }
+    // A live node's lease overwritten with another PublicIP (no etcd lease, as etcdctl put).
+    fake.set(&key("10.10.1.0/24"), &attrs("198.18.0.66", 66).to_json());
+    // A node of another backend; a record with a PublicIP nobody lives at; a huge value.
+    fake.set_with_ttl(
+        &key("10.10.7.0/24"),
+        &LeaseAttrs::host_gw(ip("198.18.0.7")).to_json(),
+        TTL,
+    );
+    add_peer(&fake, "10.10.8.0/24", "0.0.0.0", 8);
+    let huge = format!(
+        r#"{{"PublicIP":"198.18.0.9","BackendType":"vxlan","BackendData":{{}},"x":"{}"}}"#,
+        "y".repeat(1 << 20)
+    );
+    fake.set(&key("10.10.19.0/24"), &huge);
+    peers.quiet().await;
+
+    // The same records renewed, and listed again after compaction: no new warnings.
+    for (subnet, _) in refused {
+        add_peer(&fake, subnet, "198.18.0.66", 66);
+    }
+    fake.compact();
+    peers.quiet().await;
+
+    let text = logs.text();
+    for (subnet, reason) in refused {
+        let key = key(subnet);
+        let lines: Vec<&str> = text.lines().filter(|l| l.contains(&key)).collect();
+        assert_eq!(lines.len(), 1, "{subnet}: one warning: {lines:?}");
+        assert!(
+            lines[0].contains("WARN") && lines[0].contains(reason),
+            "{subnet}: {}",
+            lines[0]
+        );
+    }
+    let one = |needle: &str| {
+        let lines: Vec<&str> = text.lines().filter(|l| l.contains(needle)).collect();
+        assert_eq!(lines.len(), 1, "{needle}: {lines:?}");
+        lines[0].to_owned()
+    };
+    let overwrite = one("overwrites the live lease of 198.18.0.2 with PublicIP 198.18.0.66");
+    assert!(
+        overwrite.contains(&key("10.10.1.0/24"))
+            && overwrite.contains("keeping the last good record"),
+        "{overwrite}"
+    );
+    let other = one("backend type \"host-gw\"");
+    assert!(other.contains(&key("10.10.7.0/24")), "{other}");
+    assert!(one("PublicIP 0.0.0.0 is not a unicast address").contains(&key("10.10.8.0/24")));
+    assert!(
+        one("no BackendData.VtepMAC").contains("bytes)"),
+        "the huge value is cut"
+    );
+    assert!(text.len() < 32 * 1024, "a 1 MiB value went into the log");
+
+    // The holder restores its record: nothing changed for the data path all along.
+    add_peer(&fake, "10.10.1.0/24", "198.18.0.2", 2);
+    peers.quiet().await;
+    peers.task.abort();
 }

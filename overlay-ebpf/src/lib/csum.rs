@@ -1,7 +1,13 @@
 //! Internet checksum helpers (RFC 1071 sums, RFC 1624 incremental updates) for IPv4 headers
 //! the programs build or patch in place. Header-only, so plain arithmetic beats a helper call.
 
-use crate::lib::hdr::Ipv4Hdr;
+use crate::lib::{
+    hdr::Ipv4Hdr,
+    ptr::{Packet, ptr_at},
+};
+
+/// Most option words an IPv4 header can carry (IHL 15 − 5).
+const MAX_OPTION_WORDS: usize = 10;
 
 /// Folds a 32-bit one's-complement accumulator to 16 bits.
 #[inline(always)]
@@ -41,6 +47,33 @@ pub fn ipv4_checksum(h: &Ipv4Hdr) -> [u8; 2] {
 #[inline(always)]
 pub fn ipv4_checksum_ok(h: &Ipv4Hdr) -> bool {
     ipv4_sum(h) == 0xffff
+}
+
+/// Whether the IPv4 header at `off` in the packet, `option_words` 32-bit words of options
+/// included (≤ 10), has a checksum that verifies. `false` when the packet ends before the
+/// header does.
+#[inline(always)]
+pub fn ipv4_header_checksum_ok(
+    ctx: &impl Packet,
+    h: &Ipv4Hdr,
+    off: usize,
+    option_words: usize,
+) -> bool {
+    let mut sum = u32::from(ipv4_sum(h));
+    // Bounded by the IHL field's range; each word checked against the packet's end.
+    for i in 0..MAX_OPTION_WORDS {
+        if i >= option_words {
+            break;
+        }
+        let Some(word) = ptr_at::<[u8; 4]>(ctx, off + size_of::<Ipv4Hdr>() + 4 * i) else {
+            return false;
+        };
+        // SAFETY: a checked pointer, read at once.
+        let w = unsafe { *word };
+        sum += u32::from(u16::from_be_bytes([w[0], w[1]]))
+            + u32::from(u16::from_be_bytes([w[2], w[3]]));
+    }
+    fold(sum) == 0xffff
 }
 
 /// The checksum after one 16-bit header word changed from `old` to `new` (RFC 1624 eqn. 3:

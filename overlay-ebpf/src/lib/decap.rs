@@ -12,7 +12,11 @@
 //! announce, which holds VXLAN + inner Ethernet + an IPv4 header), VXLAN flags exactly 0x08
 //! with zero reserved bits (as the kernel's VXLAN device demands without GBP/GPE), our VNI, an
 //! outer source that is a member node's PublicIP (`NODE_V4`), inner destination MAC = our
-//! VtepMAC, inner IPv4.
+//! VtepMAC, inner IPv4 with a header the kernel's `ip_rcv` would accept (version, header and
+//! total lengths within what the frame carries, header checksum; `drop_malformed`), and an
+//! inner source the sending member may speak for: outside the cluster network, or in one of
+//! that member's own subnets (`ROUTE_V4`; `drop_inner_source`). The TC and XDP paths share
+//! these checks, so both enforce them.
 //!
 //! Delivery of the inner packet `d`:
 //! - `d` = our subnet's `.0` (the host device's address, which flannel gives flannel.1) or its
@@ -74,11 +78,11 @@ use overlay_common::{
 
 use crate::lib::{
     counters::count,
-    csum::ipv4_checksum_ok,
+    csum::{ipv4_checksum_ok, ipv4_header_checksum_ok},
     endpoint::{endpoint_v4, redirect_to_endpoint},
     hdr::{EthHdr, Ipv4Hdr, UdpHdr, VxlanHdr},
     ipv4::{decapsulate_ecn, decrement_ttl, eth_ipv4},
-    maps::{config, in_subnet, is_member},
+    maps::{config, in_subnet, is_member, route_v4},
     nat,
     ptr::{Packet, ptr_at, pull_headers},
 };
@@ -227,11 +231,46 @@ fn check_vxlan(
         return Err(Reason::DropNotIpv4);
     }
     let inner_ip = ptr_at::<Ipv4Hdr>(ctx, INNER_IP_OFF).ok_or(Reason::DropTruncated)?;
-    let ver_ihl = unsafe { (*inner_ip).ver_ihl };
-    if ver_ihl >> 4 != 4 || ver_ihl & 0x0f < 5 {
+    let inner = unsafe { *inner_ip };
+    check_inner_ipv4(ctx, &inner, tot_len - (INNER_IP_OFF - ETH_HLEN))?;
+    check_inner_source(cfg, ip.saddr, inner.saddr)?;
+    Ok((inner_eth, inner_ip))
+}
+
+/// The checks of the kernel's `ip_rcv` that delivery by redirect skips, on the inner IPv4
+/// header `h` of a frame whose outer headers announce `carried` bytes from the inner header
+/// on: version 4, a header length of at least 20 bytes that the packet holds, a total length
+/// between the header's and `carried`, a header checksum that verifies (options included).
+/// Anything else is `DropMalformed` (the direct path refuses the same, `drop_direct_malformed`).
+#[inline(always)]
+fn check_inner_ipv4(ctx: &impl Packet, h: &Ipv4Hdr, carried: usize) -> Result<(), Reason> {
+    let ihl = usize::from(h.ver_ihl & 0x0f);
+    let tot_len = usize::from(u16::from_be_bytes(h.tot_len));
+    if h.ver_ihl >> 4 != 4
+        || ihl < 5
+        || ihl * 4 > tot_len
+        || tot_len > carried
+        || !ipv4_header_checksum_ok(ctx, h, INNER_IP_OFF, ihl - 5)
+    {
         return Err(Reason::DropMalformed);
     }
-    Ok((inner_eth, inner_ip))
+    Ok(())
+}
+
+/// A member node (`outer_saddr`, checked already) speaks only for its own subnet: an inner
+/// source inside the cluster network must lie in a `ROUTE_V4` subnet of that very node
+/// (the longest match, so a more specific subnet of another node wins). Sources outside the
+/// cluster network (what the member forwards for outside hosts) pass. This node's own subnet
+/// is never in `ROUTE_V4`, so our own pods' addresses cannot be claimed either.
+#[inline(always)]
+fn check_inner_source(cfg: &Config, outer_saddr: [u8; 4], saddr: [u8; 4]) -> Result<(), Reason> {
+    if !in_subnet(saddr, cfg.network, cfg.network_mask) {
+        return Ok(());
+    }
+    match route_v4(saddr) {
+        Some(peer) if peer.public_ip == outer_saddr => Ok(()),
+        _ => Err(Reason::DropInnerSource),
+    }
 }
 
 /// Where the inner destination `daddr` (network order) with TTL `ttl` is delivered, or why it

@@ -35,6 +35,8 @@ impl Ipv4Hdr {
     pub const VER_IHL_NO_OPTIONS: u8 = 0x45;
     /// More-fragments flag and fragment offset mask, in the host-order `frag_off` word.
     pub const MF_OFFSET_MASK: u16 = 0x3fff;
+    /// The more-fragments flag alone.
+    pub const MF: u16 = 0x2000;
     pub const OFFSET_MASK: u16 = 0x1fff;
 }
 

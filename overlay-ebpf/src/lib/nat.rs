@@ -57,9 +57,19 @@
 //! errors the inner headers' checksums are patched by hand (RFC 1624) and the ICMP checksum
 //! follows every changed word (the inner IPv4 header's sum is unchanged by construction).
 //!
+//! ICMP errors the originator of a flow sends about it (a pod's "port unreachable" for a reply
+//! whose socket is gone) are related to the flow, as conntrack says: they leave translated
+//! ([`icmp_error_out`]), the packet they quote included, so no pod address leaks out.
+//! A pod's UDP to a member node's VXLAN port is dropped instead of translated
+//! (`drop_pod_vxlan`): with the node's address it would pass for the node's tunnel traffic.
+//!
+//! Fragments: later fragments of a pod's datagram get the address only (they carry no ports);
+//! the first fragment of a reply, translated back, leaves its datagram's identity in
+//! `SNAT_V4_FRAG`, and the later fragments follow it to the same destination (within
+//! `NAT_FRAG_TIMEOUT`; fragments that arrive before the first go to the kernel untouched).
+//!
 //! Limits: IPv4 only; protocols other than TCP, UDP and ICMP echo/errors are not translated
-//! (they go on to the kernel untouched); later fragments of a pod's datagram get the address
-//! only (they carry no ports), later fragments of replies are not translated back. Traffic from
+//! (they go on to the kernel untouched). Traffic from
 //! outside into the cluster is masqueraded only where the kernel hands it to ovl0: under a
 //! FORWARD policy DROP, forwarded traffic from an outside host never gets there (flannel's
 //! `-d <cluster> -j ACCEPT` FORWARD rule is not written).
@@ -83,10 +93,12 @@ use aya_ebpf::{
 use overlay_common::{
     config::Config,
     counters::Reason,
+    endpoint::Endpoint,
     nat::{
         IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, KUBE_MASQ_MARK, NAT_CONFIG_INDEX, NAT_CONFIG_LEN,
-        NAT_E_KERNEL, NAT_E_TO_CLUSTER, NAT_EXCLUDE_V4_CAPACITY, NAT_F_KEEP_PORT, NAT_PORT_TRIES,
-        NAT_S_FIN, NAT_S_REPLIED, NAT_S_RST, NatConfig, NatEntryV4, NatKeyV4, SNAT_V4_CAPACITY,
+        NAT_E_KERNEL, NAT_E_TO_CLUSTER, NAT_EXCLUDE_V4_CAPACITY, NAT_F_KEEP_PORT, NAT_FRAG_TIMEOUT,
+        NAT_PORT_TRIES, NAT_S_FIN, NAT_S_REPLIED, NAT_S_RST, NatConfig, NatEntryV4, NatKeyV4,
+        SNAT_V4_CAPACITY, SNAT_V4_FRAG_CAPACITY,
     },
     wire::{ETH_HLEN, ETH_P_IP},
 };
@@ -96,7 +108,7 @@ use crate::lib::{
     csum::replace16,
     endpoint::{endpoint_v4, redirect_to_endpoint},
     hdr::{EthHdr, Ipv4Hdr},
-    maps::{config, in_subnet},
+    maps::{config, in_subnet, is_member},
 };
 
 #[map]
@@ -112,6 +124,10 @@ static SNAT_V4_CT: LruHashMap<NatKeyV4, NatEntryV4> =
 #[map]
 static SNAT_V4_REV: LruHashMap<NatKeyV4, NatEntryV4> =
     LruHashMap::with_max_entries(SNAT_V4_CAPACITY, 0);
+
+#[map]
+static SNAT_V4_FRAG: LruHashMap<NatKeyV4, NatEntryV4> =
+    LruHashMap::with_max_entries(SNAT_V4_FRAG_CAPACITY, 0);
 
 const IP_OFF: usize = ETH_HLEN;
 const IP_CHECK_OFF: usize = IP_OFF + 10;
@@ -129,6 +145,13 @@ const ICMP_ECHO: u8 = 8;
 const ICMP_TIME_EXCEEDED: u8 = 11;
 const ICMP_PARAMETERPROB: u8 = 12;
 const NS_PER_S: u64 = 1_000_000_000;
+
+/// Where an address rewrite also patches the L4 checksum: `(offset, bpf_l4_csum_replace flags)`.
+/// A plain pair rather than an `Option`: a `None` leaves its payload undefined, and the
+/// verifier refuses to see an uninitialised register stored (`!read_ok`).
+type L4Csum = (usize, u64);
+/// No L4 checksum to patch (offset 0 is the Ethernet header, never an L4 checksum).
+const NO_L4_CSUM: L4Csum = (0, 0);
 
 /// The masquerade settings, when masquerade is on.
 #[inline(always)]
@@ -191,6 +214,25 @@ fn mark(ctx: &TcContext) -> u32 {
 #[inline(always)]
 fn frag_offset(ip: &Ipv4Hdr) -> u16 {
     u16::from_be_bytes(ip.frag_off) & Ipv4Hdr::OFFSET_MASK
+}
+
+/// The first fragment of a fragmented datagram (offset 0, more fragments to come).
+#[inline(always)]
+fn is_first_fragment(ip: &Ipv4Hdr) -> bool {
+    u16::from_be_bytes(ip.frag_off) & Ipv4Hdr::MF_OFFSET_MASK == Ipv4Hdr::MF
+}
+
+/// The `SNAT_V4_FRAG` key of the datagram `ip` belongs to: its reassembly identity.
+#[inline(always)]
+fn frag_key(ip: &Ipv4Hdr) -> NatKeyV4 {
+    NatKeyV4 {
+        saddr: ip.saddr,
+        daddr: ip.daddr,
+        sport: ip.id,
+        dport: [0, 0],
+        proto: ip.proto,
+        _pad: [0; 3],
+    }
 }
 
 /// The pod bridge's tcx ingress: masquerades `ip` when it leaves through the external
@@ -332,25 +374,34 @@ fn translate_out(
     let l4 = IP_OFF + ihl;
     if frag_offset(ip) != 0 {
         // A later fragment: no ports; every masqueraded flow has the same address.
-        rewrite_addr(ctx, IP_SADDR_OFF, ip.saddr, nat_addr, None, hop, ip)?;
+        rewrite_addr(ctx, IP_SADDR_OFF, ip.saddr, nat_addr, NO_L4_CSUM, hop, ip)?;
         return Ok(true);
     }
     // Ports (ICMP: identifier) and where the L4 checksum is.
     let (sport, dport, csum_off, tcp_flags) = match ip.proto {
         IPPROTO_TCP => {
-            let h: [u8; 14] = ctx.load(l4).map_err(|_| Reason::DropNatMalformed)?;
+            // Through the checksum: a header cut before it could not be rewritten.
+            let h: [u8; 18] = ctx.load(l4).map_err(|_| Reason::DropNatMalformed)?;
             ([h[0], h[1]], [h[2], h[3]], l4 + 16, h[13])
         }
         IPPROTO_UDP => {
             let h: [u8; 8] = ctx.load(l4).map_err(|_| Reason::DropNatMalformed)?;
+            // Translated to our address, a datagram to a member's VXLAN port would pass for
+            // this node's own tunnel traffic there: a pod must not speak VXLAN as the node.
+            if u16::from_be_bytes([h[2], h[3]]) == cfg.port && is_member(ip.daddr) {
+                return Err(Reason::DropPodVxlan);
+            }
             ([h[0], h[1]], [h[2], h[3]], l4 + 6, 0)
         }
         IPPROTO_ICMP => {
             let h: [u8; 8] = ctx.load(l4).map_err(|_| Reason::DropNatMalformed)?;
-            if h[0] != ICMP_ECHO {
-                return Ok(false);
+            match h[0] {
+                ICMP_ECHO => ([h[4], h[5]], [0, 0], l4 + 2, 0),
+                ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETERPROB => {
+                    return icmp_error_out(ctx, nat, ip, l4, nat_addr, hop);
+                }
+                _ => return Ok(false),
             }
-            ([h[4], h[5]], [0, 0], l4 + 2, 0)
         }
         _ => return Ok(false),
     };
@@ -397,7 +448,7 @@ fn translate_out(
         ctx.store(port_off, &nat_port, 0)
             .map_err(|_| Reason::DropNatFailed)?;
     }
-    rewrite_addr(ctx, IP_SADDR_OFF, ip.saddr, nat_addr, None, hop, ip)?;
+    rewrite_addr(ctx, IP_SADDR_OFF, ip.saddr, nat_addr, NO_L4_CSUM, hop, ip)?;
     Ok(true)
 }
 
@@ -533,7 +584,8 @@ fn flow_out(
 }
 
 /// Rewrites the address at `off` (source or destination) from `old` to `new` with the IPv4
-/// checksum, the L4 checksum at `l4_csum` (`(offset, flags)`, pseudo-header) if given, and
+/// checksum, the L4 checksum at `l4_csum` (`(offset, flags)`, pseudo-header) unless it is
+/// [`NO_L4_CSUM`], and
 /// decrements the TTL when `hop`.
 #[inline(always)]
 fn rewrite_addr(
@@ -541,7 +593,7 @@ fn rewrite_addr(
     off: usize,
     old: [u8; 4],
     new: [u8; 4],
-    l4_csum: Option<(usize, u64)>,
+    l4_csum: L4Csum,
     hop: bool,
     ip: &Ipv4Hdr,
 ) -> Result<(), Reason> {
@@ -549,7 +601,8 @@ fn rewrite_addr(
         u64::from(u32::from_ne_bytes(old)),
         u64::from(u32::from_ne_bytes(new)),
     );
-    if let Some((csum_off, flags)) = l4_csum {
+    let (csum_off, flags) = l4_csum;
+    if csum_off != 0 {
         ctx.l4_csum_replace(
             csum_off,
             old32,
@@ -603,13 +656,16 @@ fn reverse_to(ctx: &TcContext, cfg: &Config, nat_addr: [u8; 4]) -> Result<i32, R
     let Some((nat, ip, ihl)) = nat_ipv4(ctx) else {
         return Ok(TC_ACT_OK);
     };
-    if ip.daddr != nat_addr || frag_offset(&ip) != 0 {
+    if ip.daddr != nat_addr {
         return Ok(TC_ACT_OK);
+    }
+    if frag_offset(&ip) != 0 {
+        return reverse_later_fragment(ctx, cfg, &ip);
     }
     let l4 = IP_OFF + ihl;
     let (sport, dport, csum_off, tcp_flags) = match ip.proto {
         IPPROTO_TCP => {
-            let Ok(h) = ctx.load::<[u8; 14]>(l4) else {
+            let Ok(h) = ctx.load::<[u8; 18]>(l4) else {
                 return Ok(TC_ACT_OK);
             };
             ([h[0], h[1]], [h[2], h[3]], l4 + 16, h[13])
@@ -645,6 +701,16 @@ fn reverse_to(ctx: &TcContext, cfg: &Config, nat_addr: [u8; 4]) -> Result<i32, R
     let Some(orig) = flow_in(nat, &key, tcp_flags) else {
         return Ok(TC_ACT_OK);
     };
+    if is_first_fragment(&ip) {
+        // The later fragments carry no ports: they follow this one by the datagram's identity.
+        // SAFETY: no arguments.
+        let now = unsafe { bpf_ktime_get_ns() };
+        let entry = NatEntryV4 {
+            last_seen: now,
+            ..orig
+        };
+        let _ = SNAT_V4_FRAG.insert(&frag_key(&ip), &entry, 0);
+    }
 
     let port_off = if ip.proto == IPPROTO_ICMP {
         l4 + 4
@@ -668,11 +734,32 @@ fn reverse_to(ctx: &TcContext, cfg: &Config, nat_addr: [u8; 4]) -> Result<i32, R
             .map_err(|_| Reason::DropNatFailed)?;
     }
     let l4_csum = if ip.proto == IPPROTO_ICMP {
-        None
+        NO_L4_CSUM
     } else {
-        Some((csum_off, mangled))
+        (csum_off, mangled)
     };
     deliver(ctx, cfg, &ip, orig, l4_csum)
+}
+
+/// A later fragment of a reply whose first fragment was translated back (`SNAT_V4_FRAG`, within
+/// `NAT_FRAG_TIMEOUT`): the same destination, delivered the same way; its ports and L4
+/// checksum are in the first fragment. Fragments that arrive before the first one, or of
+/// datagrams never translated, go on to the kernel untouched.
+#[inline(always)]
+fn reverse_later_fragment(ctx: &TcContext, cfg: &Config, ip: &Ipv4Hdr) -> Result<i32, Reason> {
+    let key = frag_key(ip);
+    let Some(entry) = SNAT_V4_FRAG.get_ptr(&key) else {
+        return Ok(TC_ACT_OK);
+    };
+    // SAFETY: a map value pointer, valid during this program run; copied at once.
+    let orig = unsafe { *entry };
+    // SAFETY: no arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if now.saturating_sub(orig.last_seen) > u64::from(NAT_FRAG_TIMEOUT) * NS_PER_S {
+        let _ = SNAT_V4_FRAG.remove(&key);
+        return Ok(TC_ACT_OK);
+    }
+    deliver(ctx, cfg, ip, orig, NO_L4_CSUM)
 }
 
 /// Rewrites the destination to the pod and sends the packet to it (or to the kernel).
@@ -682,14 +769,20 @@ fn deliver(
     cfg: &Config,
     ip: &Ipv4Hdr,
     orig: NatEntryV4,
-    l4_csum: Option<(usize, u64)>,
+    l4_csum: L4Csum,
 ) -> Result<i32, Reason> {
     if orig.flags & NAT_E_TO_CLUSTER != 0 {
         return route_back(ctx, cfg, ip, orig, l4_csum);
     }
-    // Straight into the pod when its endpoint is known, else through the bridge.
-    let endpoint = endpoint_v4(orig.addr);
-    let egress = endpoint.map_or(cfg.bridge_ifindex, |ep| ep.ifindex);
+    // Straight into the pod when its endpoint is known, else through the bridge. An unknown
+    // endpoint is all zeroes (interface index 0), not a `None` held across the helper calls
+    // below: its undefined payload would be spilled, which the verifier refuses (`!read_ok`).
+    let endpoint = endpoint_v4(orig.addr).unwrap_or(Endpoint::new(0, [0; 6]));
+    let egress = if endpoint.ifindex != 0 {
+        endpoint.ifindex
+    } else {
+        cfg.bridge_ifindex
+    };
     // Through the kernel: `NAT_E_KERNEL` flows, an expiring TTL (it answers "time exceeded"),
     // no bridge, or a packet too big for the pod (the kernel fragments or answers).
     let to_kernel =
@@ -707,9 +800,9 @@ fn deliver(
     if to_kernel {
         return Ok(TC_ACT_OK);
     }
-    if let Some(ep) = endpoint {
+    if endpoint.ifindex != 0 {
         count(Reason::NatRevEndpoint, ctx.len());
-        return redirect_to_endpoint(ctx, cfg, &ep).ok_or(Reason::DropNatFailed);
+        return redirect_to_endpoint(ctx, cfg, &endpoint).ok_or(Reason::DropNatFailed);
     }
     // SAFETY: NULL parameters are allowed (the kernel does the FIB lookup).
     Ok(unsafe { bpf_redirect_neigh(cfg.bridge_ifindex, ptr::null_mut(), 0, 0) } as i32)
@@ -750,7 +843,7 @@ fn route_back(
     cfg: &Config,
     ip: &Ipv4Hdr,
     orig: NatEntryV4,
-    l4_csum: Option<(usize, u64)>,
+    l4_csum: L4Csum,
 ) -> Result<i32, Reason> {
     let (rc, fib) = fib_lookup(ctx, cfg.underlay_ifindex, ip, orig.addr);
     // NOT_FWDED (a local destination) and every failure: the kernel's.
@@ -832,7 +925,6 @@ fn icmp_error_reverse(
     ip: &Ipv4Hdr,
     l4: usize,
 ) -> Result<i32, Reason> {
-    let icmp_csum_off = l4 + 2;
     let inner = l4 + 8;
     let Ok(iip) = ctx.load::<Ipv4Hdr>(inner) else {
         return Ok(TC_ACT_OK);
@@ -862,27 +954,134 @@ fn icmp_error_reverse(
     let Some(orig) = flow_in(nat, &key, 0) else {
         return Ok(TC_ACT_OK);
     };
-    let old_port = key.dport;
-    let (old_a, new_a) = (iip.saddr, orig.addr);
+    // The quoted packet's source (us, translated) and port become the originator's again.
+    let side = QuotedSide {
+        addr_off: 12,
+        old_addr: iip.saddr,
+        new_addr: orig.addr,
+        port_off,
+        old_port: key.dport,
+        new_port: orig.port,
+    };
+    rewrite_quote(ctx, l4, inner_csum_off, &iip, &side)?;
+
+    // The outer destination (ICMP has no pseudo-header).
+    deliver(ctx, cfg, ip, orig, NO_L4_CSUM)
+}
+
+/// An ICMP error that a masqueraded flow's originator sends about a packet of that flow it
+/// received (a pod answering "port unreachable" to a translated reply; an outside host
+/// answering a remote pod's reply): related to the flow, as conntrack would say, so it leaves
+/// translated like the flow (`nat_addr`, the outer source), and the packet it quotes (the
+/// reply, addressed to the originator) gets the translated address and port back, with its own
+/// checksums and the ICMP checksum. `Ok(false)` when the quoted packet belongs to no live flow
+/// translated to `nat_addr` (it then goes on as it is: nothing of it was translated).
+#[inline(always)]
+fn icmp_error_out(
+    ctx: &TcContext,
+    nat: &NatConfig,
+    ip: &Ipv4Hdr,
+    l4: usize,
+    nat_addr: [u8; 4],
+    hop: bool,
+) -> Result<bool, Reason> {
+    let inner = l4 + 8;
+    let Ok(iip) = ctx.load::<Ipv4Hdr>(inner) else {
+        return Ok(false);
+    };
+    if iip.ver_ihl != Ipv4Hdr::VER_IHL_NO_OPTIONS || iip.daddr != ip.saddr {
+        return Ok(false);
+    }
+    let il4 = inner + 20;
+    let Ok(ih) = ctx.load::<[u8; 8]>(il4) else {
+        return Ok(false);
+    };
+    // The quoted packet came from the remote to the originator: the reverse of the flow's key.
+    // The originator's side is its destination port (ICMP: the echo reply's identifier).
+    let (sport, dport, port_off, inner_csum_off) = match iip.proto {
+        IPPROTO_TCP => ([ih[2], ih[3]], [ih[0], ih[1]], il4 + 2, il4 + 16),
+        IPPROTO_UDP => ([ih[2], ih[3]], [ih[0], ih[1]], il4 + 2, il4 + 6),
+        IPPROTO_ICMP if ih[0] == ICMP_ECHO_REPLY => ([ih[4], ih[5]], [0, 0], il4 + 4, il4 + 2),
+        _ => return Ok(false),
+    };
+    let key = NatKeyV4 {
+        saddr: iip.daddr,
+        daddr: iip.saddr,
+        sport,
+        dport,
+        proto: iip.proto,
+        _pad: [0; 3],
+    };
+    let Some(ct) = SNAT_V4_CT.get_ptr(&key) else {
+        return Ok(false);
+    };
+    // SAFETY: a map value pointer, valid during this program run; copied at once.
+    let flow = unsafe { *ct };
+    // SAFETY: no arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if flow.addr != nat_addr || expired(nat, key.proto, &flow, now) {
+        return Ok(false);
+    }
+    // The quoted packet's destination (the originator) and port become the translated ones.
+    let side = QuotedSide {
+        addr_off: 16,
+        old_addr: iip.daddr,
+        new_addr: nat_addr,
+        port_off,
+        old_port: sport,
+        new_port: flow.port,
+    };
+    rewrite_quote(ctx, l4, inner_csum_off, &iip, &side)?;
+
+    // The outer source (ICMP has no pseudo-header).
+    rewrite_addr(ctx, IP_SADDR_OFF, ip.saddr, nat_addr, NO_L4_CSUM, hop, ip)?;
+    Ok(true)
+}
+
+/// The side of a packet quoted by an ICMP error that a translation rewrites: the address at
+/// `addr_off` in the quoted IPv4 header (12 source, 16 destination) and the port (ICMP: the
+/// identifier) at `port_off` in the packet.
+struct QuotedSide {
+    addr_off: usize,
+    old_addr: [u8; 4],
+    new_addr: [u8; 4],
+    port_off: usize,
+    old_port: [u8; 2],
+    new_port: [u8; 2],
+}
+
+/// Rewrites `side` of the packet quoted by the ICMP error whose header is at `l4` (`iip`, the
+/// quoted IPv4 header, read before): the address with the quoted header's checksum (their sum
+/// stays the same, so does the ICMP checksum), the port, and, where the error carries it, the
+/// quoted L4 checksum at `inner_csum_off` (pseudo-header for TCP/UDP; a zero UDP checksum stays
+/// zero). Every other changed word moves the ICMP checksum.
+#[inline(always)]
+fn rewrite_quote(
+    ctx: &TcContext,
+    l4: usize,
+    inner_csum_off: usize,
+    iip: &Ipv4Hdr,
+    side: &QuotedSide,
+) -> Result<(), Reason> {
+    let icmp_csum_off = l4 + 2;
+    let inner = l4 + 8;
+    let (old_a, new_a) = (side.old_addr, side.new_addr);
     let w = |a: [u8; 4], i: usize| u16::from_be_bytes([a[i], a[i + 1]]);
 
-    // Inner IPv4 header: source and checksum (their sum is unchanged, so is the ICMP one).
     let mut icheck = replace16(iip.check, w(old_a, 0), w(new_a, 0));
     icheck = replace16(icheck, w(old_a, 2), w(new_a, 2));
-    ctx.store(inner + 12, &new_a, 0)
+    ctx.store(inner + side.addr_off, &new_a, 0)
         .map_err(|_| Reason::DropNatFailed)?;
     ctx.store(inner + 10, &icheck, 0)
         .map_err(|_| Reason::DropNatFailed)?;
 
-    // Inner port and, where the error carries it, the inner L4 checksum (pseudo-header for
-    // TCP/UDP; a zero UDP checksum stays zero). Each changed word moves the ICMP checksum.
     if let Ok(old_c) = ctx.load::<[u8; 2]>(inner_csum_off) {
         let udp_zero = iip.proto == IPPROTO_UDP && old_c == [0, 0];
         if !udp_zero {
             let mut c = replace16(
                 old_c,
-                u16::from_be_bytes(old_port),
-                u16::from_be_bytes(orig.port),
+                u16::from_be_bytes(side.old_port),
+                u16::from_be_bytes(side.new_port),
             );
             if iip.proto != IPPROTO_ICMP {
                 c = replace16(c, w(old_a, 0), w(new_a, 0));
@@ -904,14 +1103,11 @@ fn icmp_error_reverse(
     }
     ctx.l4_csum_replace(
         icmp_csum_off,
-        u64::from(u16::from_ne_bytes(old_port)),
-        u64::from(u16::from_ne_bytes(orig.port)),
+        u64::from(u16::from_ne_bytes(side.old_port)),
+        u64::from(u16::from_ne_bytes(side.new_port)),
         2,
     )
     .map_err(|_| Reason::DropNatFailed)?;
-    ctx.store(port_off, &orig.port, 0)
-        .map_err(|_| Reason::DropNatFailed)?;
-
-    // The outer destination (ICMP has no pseudo-header).
-    deliver(ctx, cfg, ip, orig, None)
+    ctx.store(side.port_off, &side.new_port, 0)
+        .map_err(|_| Reason::DropNatFailed)
 }
