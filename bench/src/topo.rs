@@ -111,9 +111,10 @@ impl PathTopo {
         let topo = match id {
             PathId::D => direct()?,
             PathId::K | PathId::H => stock(id)?,
-            PathId::E | PathId::EH => ours(id)?,
+            PathId::E | PathId::EH => ours(id, mode)?,
         };
-        if mode == Mode::Nic {
+        // Our agents were started with the offloads already set (see `ours`).
+        if mode == Mode::Nic && !matches!(id, PathId::E | PathId::EH) {
             topo.nic_offloads()?;
         }
         topo.check_reachable()
@@ -130,16 +131,7 @@ impl PathTopo {
                     ethtool_k(ns, "eth0", &["tso", "off", "gso", "off", "gro", "on"])?;
                 }
             }
-            Keep::Cluster(c) => {
-                for node in c.nodes() {
-                    ethtool_k(
-                        node.ns(),
-                        "eth0",
-                        &["tso", "off", "gso", "off", "gro", "on"],
-                    )?;
-                    ethtool_k(c.underlay(), node.name(), &["tso", "off", "gso", "off"])?;
-                }
-            }
+            Keep::Cluster(c) => cluster_nic_offloads(c)?,
         }
         Ok(())
     }
@@ -167,6 +159,19 @@ fn ping_until(ns: &str, dst: Ipv4Addr, limit: Duration) -> Result<()> {
         Ok(overlay_tests::cmd::output(c)?.status.success())
     })
     .with_context(|| format!("no echo from {dst}"))
+}
+
+/// The nic mode's offloads on a cluster's underlay veths (both ends of each node's link).
+fn cluster_nic_offloads(c: &Cluster) -> Result<()> {
+    for node in c.nodes() {
+        ethtool_k(
+            node.ns(),
+            "eth0",
+            &["tso", "off", "gso", "off", "gro", "on"],
+        )?;
+        ethtool_k(c.underlay(), node.name(), &["tso", "off", "gso", "off"])?;
+    }
+    Ok(())
 }
 
 fn ethtool_k(ns: &NetNs, dev: &str, settings: &[&str]) -> Result<()> {
@@ -311,10 +316,15 @@ fn stock(id: PathId) -> Result<PathTopo> {
 }
 
 /// E or EH: our agent, subnet forced through the subnet file.
-fn ours(id: PathId) -> Result<PathTopo> {
+fn ours(id: PathId, mode: Mode) -> Result<PathTopo> {
     let backend = if id == PathId::E { "vxlan" } else { "host-gw" };
     let config = format!(r#"{{"Network": "{NETWORK}", "Backend": {{"Type": "{backend}"}}}}"#);
     let cluster = cluster_base(Some(&config))?;
+    // Offloads before the agents, as a NIC has them before its node's agent starts: `--xdp
+    // auto` decides from them once, at start (set afterwards, the agent kept TC decapsulation).
+    if mode == Mode::Nic {
+        cluster_nic_offloads(&cluster)?;
+    }
     let mtu = if id == PathId::E {
         VXLAN_MTU
     } else {
