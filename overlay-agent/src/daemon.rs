@@ -29,11 +29,15 @@ use tokio::{
 use tracing::{error, info, warn};
 
 use ipnet::Ipv4Net;
-use overlay_common::{endpoint::Endpoint, route::RemoteNode};
+use overlay_common::{
+    endpoint::Endpoint,
+    route::RemoteNode,
+    wire::{DEFAULT_VNI, DEFAULT_VXLAN_PORT},
+};
 
 use crate::{
     cli::{Flags, LayoutMismatch, PodHook, XdpPolicy},
-    config::{Backend, DEFAULT_VNI, DEFAULT_VXLAN_PORT, NetworkConfig},
+    config::{Backend, NetworkConfig},
     datapath::repair,
     datapath::{
         Datapath, DatapathError, NodeConfig, Routing,

@@ -21,7 +21,7 @@ use overlay_common::{
 };
 use serde::Serialize;
 
-use crate::datapath::{DROP_EVENTS_MAP, pin::PinDir};
+use crate::datapath::{names, pin::PinDir};
 
 const POLL: Duration = Duration::from_millis(50);
 
@@ -162,7 +162,7 @@ pub async fn run(
             bpf_dir.display()
         );
     };
-    let path = pins.map(DROP_EVENTS_MAP);
+    let path = pins.map(names::DROP_EVENTS);
     let data = MapData::from_pin(&path).with_context(|| {
         format!(
             "opening the drop events at {} (an agent of this version must have run here)",

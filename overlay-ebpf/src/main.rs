@@ -11,6 +11,21 @@
 #![no_std]
 #![no_main]
 
+/// Checks at compile time that the map or program `$item` is called as `$name` says
+/// (`overlay_common::names`, the names the agent, tests and benchmark look up). aya's macros
+/// take the name from the item itself, so this is where both spellings meet.
+macro_rules! named {
+    ($item:ident, $name:path) => {
+        const _: () = {
+            let _ = &$item;
+            assert!(
+                overlay_common::names::same(stringify!($item), $name),
+                concat!(stringify!($item), " is not named as ", stringify!($name))
+            );
+        };
+    };
+}
+
 mod lib {
     pub mod counters;
     pub mod csum;

@@ -38,11 +38,13 @@ use crate::lib::{
 pub fn pod_egress(ctx: TcContext) -> i32 {
     verdict(&ctx, try_pod_egress(&ctx, Role::Authority))
 }
+named!(pod_egress, overlay_common::names::POD_EGRESS);
 
 #[classifier]
 pub fn pod_port_egress(ctx: TcContext) -> i32 {
     verdict(&ctx, try_pod_egress(&ctx, Role::Accelerator))
 }
+named!(pod_port_egress, overlay_common::names::POD_PORT_EGRESS);
 
 #[inline(always)]
 fn try_pod_egress(ctx: &TcContext, role: Role) -> Result<i32, Reason> {

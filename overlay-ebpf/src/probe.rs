@@ -29,3 +29,7 @@ pub fn probe_decap_l4_udp(ctx: TcContext) -> i32 {
     let plain = shrink(base);
     plain | (shrink(base | BPF_F_ADJ_ROOM_DECAP_L4_UDP) << 1)
 }
+named!(
+    probe_decap_l4_udp,
+    overlay_common::names::PROBE_DECAP_L4_UDP
+);

@@ -47,6 +47,7 @@ pub fn underlay_ingress(ctx: TcContext) -> i32 {
     };
     verdict(&ctx, result)
 }
+named!(underlay_ingress, overlay_common::names::UNDERLAY_INGRESS);
 
 #[classifier]
 pub fn underlay_egress(ctx: TcContext) -> i32 {
@@ -54,8 +55,10 @@ pub fn underlay_egress(ctx: TcContext) -> i32 {
     // Masquerades what the kernel routed out of here itself (`lib::nat`).
     verdict(&ctx, nat::snat_egress(&ctx))
 }
+named!(underlay_egress, overlay_common::names::UNDERLAY_EGRESS);
 
 #[xdp]
 pub fn underlay_xdp(ctx: XdpContext) -> u32 {
     xdp_decapsulate(&ctx)
 }
+named!(underlay_xdp, overlay_common::names::UNDERLAY_XDP);

@@ -17,6 +17,7 @@ use aya::{
 use overlay_common::{
     counters::{Counter, Reason},
     endpoint::{Endpoint, EndpointKeyV4},
+    names,
 };
 
 // TC verdicts (include/uapi/linux/pkt_cls.h).
@@ -29,15 +30,15 @@ pub const TC_ACT_REDIRECT: u32 = 7;
 
 /// The data path's TC programs (`SchedClassifier`s), the load-time probe among them.
 pub const PROGRAMS: [&str; 6] = [
-    "pod_egress",
-    "pod_port_egress",
-    "host_egress",
-    "underlay_ingress",
-    "underlay_egress",
-    "probe_decap_l4_udp",
+    names::POD_EGRESS,
+    names::POD_PORT_EGRESS,
+    names::HOST_EGRESS,
+    names::UNDERLAY_INGRESS,
+    names::UNDERLAY_EGRESS,
+    names::PROBE_DECAP_L4_UDP,
 ];
 /// The data path's XDP programs.
-pub const XDP_PROGRAMS: [&str; 1] = ["underlay_xdp"];
+pub const XDP_PROGRAMS: [&str; 1] = [names::UNDERLAY_XDP];
 /// `XDP_PASS`.
 pub const XDP_PASS: u32 = 2;
 
@@ -119,7 +120,7 @@ pub fn run_xdp(ebpf: &Ebpf, prog: &str, frame: &[u8]) -> Run {
 /// Sets (`Some`) or removes (`None`) the `ENDPOINT_V4` entry of the local pod `addr`.
 pub fn set_endpoint(ebpf: &mut Ebpf, addr: Ipv4Addr, endpoint: Option<Endpoint>) {
     let mut map: HashMap<_, EndpointKeyV4, Endpoint> =
-        HashMap::try_from(ebpf.map_mut("ENDPOINT_V4").unwrap()).unwrap();
+        HashMap::try_from(ebpf.map_mut(names::ENDPOINT_V4).unwrap()).unwrap();
     match endpoint {
         Some(ep) => map.insert(addr.octets(), ep, 0).unwrap(),
         None => map.remove(&addr.octets()).unwrap(),
@@ -164,7 +165,7 @@ where
 /// Every reason's counter in the `COUNTERS` map, summed over the CPUs.
 pub fn counters_by_reason(ebpf: &Ebpf) -> BTreeMap<Reason, Counter> {
     let map: PerCpuArray<_, Counter> =
-        PerCpuArray::try_from(ebpf.map("COUNTERS").unwrap()).unwrap();
+        PerCpuArray::try_from(ebpf.map(names::COUNTERS).unwrap()).unwrap();
     Reason::ALL
         .iter()
         .map(|&reason| {

@@ -15,6 +15,7 @@ use std::{
 
 use ipnet::Ipv4Net;
 use overlay_agent::subnet::Mac;
+use overlay_common::names;
 use overlay_tests::{
     AgentProcess, AttachKind, Cluster, DEFAULT_ETCD_PREFIX, KeyValue, NetNs, Node,
     checks::{eth0_programs, http_get, subnet_of, wait_line_since, wait_log_since, wait_until},
@@ -123,8 +124,8 @@ fn assert_data_path_attached(node: &Node) {
     assert_eq!(
         eth0_programs(node),
         [
-            ("underlay_egress".to_owned(), AttachKind::TcxEgress),
-            ("underlay_ingress".to_owned(), AttachKind::TcxIngress),
+            (names::UNDERLAY_EGRESS.to_owned(), AttachKind::TcxEgress),
+            (names::UNDERLAY_INGRESS.to_owned(), AttachKind::TcxIngress),
         ],
         "{}: the kernel must report both data path programs on eth0",
         node.name()

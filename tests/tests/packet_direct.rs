@@ -18,6 +18,7 @@ use aya::{
     Ebpf,
     maps::{Array, HashMap, LpmTrie},
 };
+use overlay_common::names;
 use overlay_common::{
     config::{CONFIG_F_DIRECT, CONFIG_F_NO_VXLAN, CONFIG_F_READY, Config},
     counters::Reason,
@@ -93,12 +94,12 @@ impl Loaded {
 
     fn set_config(&mut self, cfg: Config) {
         let mut map: Array<_, Config> =
-            Array::try_from(self.ebpf.map_mut("CONFIG").unwrap()).unwrap();
+            Array::try_from(self.ebpf.map_mut(names::CONFIG).unwrap()).unwrap();
         map.set(0, cfg, 0).unwrap();
     }
 
     fn update_config(&mut self, f: impl FnOnce(&mut Config)) {
-        let map: Array<_, Config> = Array::try_from(self.ebpf.map("CONFIG").unwrap()).unwrap();
+        let map: Array<_, Config> = Array::try_from(self.ebpf.map(names::CONFIG).unwrap()).unwrap();
         let mut cfg = map.get(&0, 0).unwrap();
         f(&mut cfg);
         self.set_config(cfg);
@@ -106,10 +107,10 @@ impl Loaded {
 
     fn add_peer(&mut self, subnet: Ipv4Addr, node: RemoteNode, member: Ipv4Addr) {
         let mut routes: LpmTrie<_, [u8; 4], RemoteNode> =
-            LpmTrie::try_from(self.ebpf.map_mut("ROUTE_V4").unwrap()).unwrap();
+            LpmTrie::try_from(self.ebpf.map_mut(names::ROUTE_V4).unwrap()).unwrap();
         routes.insert(&route_key(subnet, 24), node, 0).unwrap();
         let mut nodes: HashMap<_, [u8; 4], MemberNode> =
-            HashMap::try_from(self.ebpf.map_mut("NODE_V4").unwrap()).unwrap();
+            HashMap::try_from(self.ebpf.map_mut(names::NODE_V4).unwrap()).unwrap();
         nodes
             .insert(member.octets(), MemberNode { routes: 1 }, 0)
             .unwrap();
@@ -190,7 +191,7 @@ fn pod_to_direct_peer_is_forwarded_unencapsulated_with_ttl_decremented() {
     for flags in [HOST_GW, DIRECT_ROUTING] {
         let dp = Loaded::node_a(flags);
         let ip = packet(A_POD, B_POD, 64);
-        let r = dp.run("pod_egress", &ether(GW_MAC, POD_MAC, &ip));
+        let r = dp.run(names::POD_EGRESS, &ether(GW_MAC, POD_MAC, &ip));
         assert_eq!(r.verdict, TC_ACT_REDIRECT);
         assert_eq!(
             r.out.len(),
@@ -212,7 +213,7 @@ fn pod_to_direct_peer_is_forwarded_unencapsulated_with_ttl_decremented() {
 fn direct_routing_keeps_vxlan_for_other_peers() {
     let dp = Loaded::node_a(DIRECT_ROUTING);
     let ip = packet(A_POD, C_POD, 64);
-    let r = dp.run("pod_egress", &ether(GW_MAC, POD_MAC, &ip));
+    let r = dp.run(names::POD_EGRESS, &ether(GW_MAC, POD_MAC, &ip));
     assert_eq!(r.verdict, TC_ACT_REDIRECT);
     assert_eq!(r.out.len(), 14 + 50 + ip.len(), "VXLAN adds 50 bytes");
     assert_eq!(
@@ -228,7 +229,7 @@ fn direct_routing_keeps_vxlan_for_other_peers() {
 fn pod_to_direct_peer_with_ttl_1_goes_to_the_kernel() {
     let dp = Loaded::node_a(HOST_GW);
     let frame = ether(GW_MAC, POD_MAC, &packet(A_POD, B_POD, 1));
-    let r = dp.run("pod_egress", &frame);
+    let r = dp.run(names::POD_EGRESS, &frame);
     assert_eq!((r.verdict, &r.out), (TC_ACT_OK, &frame));
     dp.assert_counters(&[(Reason::StackTtl, 1)]);
 }
@@ -242,7 +243,7 @@ fn host_to_direct_peer_is_sent_as_it_is() {
         HOST_MAC,
         &packet(A_SUBNET, B_POD, 64),
     );
-    let r = dp.run("host_egress", &frame);
+    let r = dp.run(names::HOST_EGRESS, &frame);
     assert_eq!((r.verdict, &r.out), (TC_ACT_REDIRECT, &frame));
     dp.assert_counters(&[(Reason::DirectHost, 1)]);
 }
@@ -256,7 +257,7 @@ fn direct_peer_pod_to_local_pod_is_delivered() {
     for flags in [HOST_GW, DIRECT_ROUTING] {
         let dp = Loaded::node_a(flags);
         let ip = packet(B_POD, A_POD, 63);
-        let r = dp.run("underlay_ingress", &ether(TO_US, PEER_MAC, &ip));
+        let r = dp.run(names::UNDERLAY_INGRESS, &ether(TO_US, PEER_MAC, &ip));
         assert_eq!(r.verdict, TC_ACT_REDIRECT);
         assert_eq!(&r.out[14..], &ttl_minus_one(&ip)[..]);
         dp.assert_counters(&[(Reason::UnderlayRx, 1), (Reason::DeliverDirectPod, 1)]);
@@ -272,13 +273,13 @@ fn direct_peer_pod_to_a_known_local_pod_goes_straight_in() {
         let ep = Endpoint::new(21, POD_MAC);
         set_endpoint(&mut dp.ebpf, A_POD, Some(ep));
         let ip = packet(B_POD, A_POD, 63);
-        let r = dp.run("underlay_ingress", &ether(TO_US, PEER_MAC, &ip));
+        let r = dp.run(names::UNDERLAY_INGRESS, &ether(TO_US, PEER_MAC, &ip));
         assert_eq!(r.verdict, TC_ACT_REDIRECT);
         assert_eq!(&r.out[..6], &POD_MAC);
         assert_eq!(&r.out[6..12], &BRIDGE_MAC);
         assert_eq!(&r.out[14..], &ttl_minus_one(&ip)[..]);
         set_endpoint(&mut dp.ebpf, A_POD, None);
-        let r = dp.run("underlay_ingress", &ether(TO_US, PEER_MAC, &ip));
+        let r = dp.run(names::UNDERLAY_INGRESS, &ether(TO_US, PEER_MAC, &ip));
         assert_eq!(r.verdict, TC_ACT_REDIRECT);
         assert_eq!(&r.out[..6], &TO_US, "left to bpf_redirect_neigh");
         dp.assert_counters(&[
@@ -301,7 +302,7 @@ fn direct_traffic_for_the_host_goes_to_the_host_device() {
         (B_IP, A_SUBNET),
     ] {
         let ip = packet(src, dst, 64);
-        let r = dp.run("underlay_ingress", &ether(TO_US, PEER_MAC, &ip));
+        let r = dp.run(names::UNDERLAY_INGRESS, &ether(TO_US, PEER_MAC, &ip));
         assert_eq!(r.verdict, TC_ACT_REDIRECT, "{src} -> {dst}");
         assert_eq!(
             &r.out[..6],
@@ -313,7 +314,7 @@ fn direct_traffic_for_the_host_goes_to_the_host_device() {
     }
     // A member's host to a pod is delivered to the pod.
     let r = dp.run(
-        "underlay_ingress",
+        names::UNDERLAY_INGRESS,
         &ether(TO_US, PEER_MAC, &packet(B_IP, A_POD, 64)),
     );
     assert_eq!(r.verdict, TC_ACT_REDIRECT);
@@ -329,7 +330,7 @@ fn direct_traffic_for_the_host_goes_to_the_host_device() {
 fn direct_traffic_with_ttl_1_goes_to_the_host_device() {
     let dp = Loaded::node_a(HOST_GW);
     let ip = packet(B_POD, A_POD, 1);
-    let r = dp.run("underlay_ingress", &ether(TO_US, PEER_MAC, &ip));
+    let r = dp.run(names::UNDERLAY_INGRESS, &ether(TO_US, PEER_MAC, &ip));
     assert_eq!(r.verdict, TC_ACT_REDIRECT);
     assert_eq!(&r.out[..6], &HOST_MAC);
     assert_eq!(&r.out[14..], &ip[..]);
@@ -348,7 +349,7 @@ fn traffic_not_from_direct_peers_is_left_to_the_kernel() {
     ];
     for ip in &not_peer {
         let frame = ether(TO_US, PEER_MAC, ip);
-        let r = dp.run("underlay_ingress", &frame);
+        let r = dp.run(names::UNDERLAY_INGRESS, &frame);
         assert_eq!((r.verdict, &r.out), (TC_ACT_OK, &frame));
     }
     let mut options = packet(B_POD, A_POD, 64);
@@ -374,7 +375,7 @@ fn traffic_not_from_direct_peers_is_left_to_the_kernel() {
         ),
     ];
     for frame in &untouched {
-        let r = dp.run("underlay_ingress", frame);
+        let r = dp.run(names::UNDERLAY_INGRESS, frame);
         assert_eq!((r.verdict, &r.out), (TC_ACT_OK, frame));
     }
     dp.assert_counters(&[(Reason::UnderlayRx, 7), (Reason::StackNotPeer, 2)]);
@@ -386,7 +387,7 @@ fn traffic_not_from_direct_peers_is_left_to_the_kernel() {
 fn vxlan_only_nodes_accept_nothing_unencapsulated() {
     let dp = Loaded::node_a(0);
     let frame = ether(TO_US, PEER_MAC, &packet(B_POD, A_POD, 64));
-    let r = dp.run("underlay_ingress", &frame);
+    let r = dp.run(names::UNDERLAY_INGRESS, &frame);
     assert_eq!((r.verdict, &r.out), (TC_ACT_OK, &frame));
     dp.assert_counters(&[(Reason::UnderlayRx, 1)]);
 }
@@ -406,12 +407,12 @@ fn malformed_direct_packets_and_a_missing_bridge_are_dropped() {
     };
     too_long[10..12].copy_from_slice(&c.to_be_bytes());
     for ip in [&bad_sum, &too_long] {
-        let r = dp.run("underlay_ingress", &ether(TO_US, PEER_MAC, ip));
+        let r = dp.run(names::UNDERLAY_INGRESS, &ether(TO_US, PEER_MAC, ip));
         assert_eq!(r.verdict, TC_ACT_SHOT);
     }
     dp.update_config(|c| c.bridge_ifindex = 0);
     let r = dp.run(
-        "underlay_ingress",
+        names::UNDERLAY_INGRESS,
         &ether(TO_US, PEER_MAC, &packet(B_POD, A_POD, 64)),
     );
     assert_eq!(r.verdict, TC_ACT_SHOT);
@@ -428,12 +429,12 @@ fn malformed_direct_packets_and_a_missing_bridge_are_dropped() {
 fn host_gw_does_not_decapsulate_vxlan_but_direct_routing_does() {
     let frame = vxlan_from_c(&packet(C_POD, A_POD, 63));
     let dp = Loaded::node_a(HOST_GW);
-    let r = dp.run("underlay_ingress", &frame);
+    let r = dp.run(names::UNDERLAY_INGRESS, &frame);
     assert_eq!((r.verdict, &r.out), (TC_ACT_OK, &frame));
     dp.assert_counters(&[(Reason::UnderlayRx, 1)]);
 
     let dp = Loaded::node_a(DIRECT_ROUTING);
-    let r = dp.run("underlay_ingress", &frame);
+    let r = dp.run(names::UNDERLAY_INGRESS, &frame);
     assert_eq!(r.verdict, TC_ACT_REDIRECT);
     assert_eq!(r.out.len(), frame.len() - 50);
     dp.assert_counters(&[(Reason::UnderlayRx, 1), (Reason::DecapPod, 1)]);

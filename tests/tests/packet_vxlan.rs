@@ -32,6 +32,10 @@ use aya::{
     maps::{Array, HashMap, LpmTrie},
     programs::SchedClassifier,
 };
+use overlay_common::names::{
+    self, HOST_EGRESS, POD_EGRESS, PROBE_DECAP_L4_UDP, UNDERLAY_EGRESS, UNDERLAY_INGRESS,
+    UNDERLAY_XDP,
+};
 use overlay_common::{
     config::{CONFIG_F_READY, Config},
     counters::{Counter, Reason},
@@ -49,13 +53,6 @@ use overlay_tests::{
     stock::{StockPeer, stock_vxlan_node},
     unique_id,
 };
-
-const POD_EGRESS: &str = "pod_egress";
-const HOST_EGRESS: &str = "host_egress";
-const UNDERLAY_INGRESS: &str = "underlay_ingress";
-const UNDERLAY_EGRESS: &str = "underlay_egress";
-const UNDERLAY_XDP: &str = "underlay_xdp";
-const PROBE_DECAP_L4_UDP: &str = "probe_decap_l4_udp";
 
 const VNI: u32 = 1;
 const PORT: u16 = 8472;
@@ -137,12 +134,12 @@ impl Loaded {
 
     fn set_config(&mut self, cfg: Config) {
         let mut map: Array<_, Config> =
-            Array::try_from(self.ebpf.map_mut("CONFIG").unwrap()).unwrap();
+            Array::try_from(self.ebpf.map_mut(names::CONFIG).unwrap()).unwrap();
         map.set(0, cfg, 0).unwrap();
     }
 
     fn config(&self) -> Config {
-        let map: Array<_, Config> = Array::try_from(self.ebpf.map("CONFIG").unwrap()).unwrap();
+        let map: Array<_, Config> = Array::try_from(self.ebpf.map(names::CONFIG).unwrap()).unwrap();
         map.get(&0, 0).unwrap()
     }
 
@@ -154,13 +151,13 @@ impl Loaded {
 
     fn add_peer(&mut self, subnet: Ipv4Addr, prefix_len: u8, node: RemoteNode) {
         let mut map: LpmTrie<_, [u8; 4], RemoteNode> =
-            LpmTrie::try_from(self.ebpf.map_mut("ROUTE_V4").unwrap()).unwrap();
+            LpmTrie::try_from(self.ebpf.map_mut(names::ROUTE_V4).unwrap()).unwrap();
         map.insert(&route_key(subnet, prefix_len), node, 0).unwrap();
     }
 
     fn add_member(&mut self, ip: Ipv4Addr) {
         let mut map: HashMap<_, [u8; 4], MemberNode> =
-            HashMap::try_from(self.ebpf.map_mut("NODE_V4").unwrap()).unwrap();
+            HashMap::try_from(self.ebpf.map_mut(names::NODE_V4).unwrap()).unwrap();
         map.insert(ip.octets(), MemberNode { routes: 1 }, 0)
             .unwrap();
     }
@@ -400,7 +397,13 @@ fn every_program_passes_the_verifier() {
     }
     let xdp: &aya::programs::Xdp = dp.ebpf.program(UNDERLAY_XDP).unwrap().try_into().unwrap();
     assert!(xdp.fd().is_ok(), "{UNDERLAY_XDP} is loaded");
-    for map in ["CONFIG", "ROUTE_V4", "NODE_V4", "ENDPOINT_V4", "COUNTERS"] {
+    for map in [
+        names::CONFIG,
+        names::ROUTE_V4,
+        names::NODE_V4,
+        names::ENDPOINT_V4,
+        names::COUNTERS,
+    ] {
         assert!(dp.ebpf.map(map).is_some(), "map {map}");
     }
 }

@@ -25,6 +25,7 @@ use std::{
 };
 
 use ipnet::Ipv4Net;
+use overlay_common::names;
 use overlay_tests::{
     AttachKind, Capture, Cluster, NetNs, Node, Pod, add_veth, attached_programs,
     checks::{
@@ -557,7 +558,7 @@ fn pod_bridge_appearing_late_and_recreated_is_attached() {
         attached_programs(n1.ns(), "cni0")
             .unwrap()
             .iter()
-            .any(|p| p.name == "pod_egress" && p.kind == AttachKind::TcxIngress),
+            .any(|p| p.name == names::POD_EGRESS && p.kind == AttachKind::TcxIngress),
         "the kernel must report pod_egress on the new cni0"
     );
     overlay_tests::traffic::ping_until(a.ns(), c.ip(), FIRST_ECHO)

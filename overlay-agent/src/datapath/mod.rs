@@ -89,49 +89,26 @@ pub use self::{
 /// The eBPF object, aligned for the ELF parser.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("OVERLAY_EBPF_OBJECT"));
 
-/// Names of the TC programs on the external interface.
-pub const UNDERLAY_INGRESS: &str = "underlay_ingress";
-pub const UNDERLAY_EGRESS: &str = "underlay_egress";
-/// Name of the TC program on the pod bridge's ingress.
-pub const POD_EGRESS: &str = "pod_egress";
-/// Name of the TC program on the host device's egress.
-pub const HOST_EGRESS: &str = "host_egress";
-/// Name of the TC program on a pod's host-side veth (`--pod-hook port`).
-pub const POD_PORT_EGRESS: &str = "pod_port_egress";
-/// Every TC program in the object.
-pub const PROGRAMS: [&str; 5] = [
-    UNDERLAY_INGRESS,
-    UNDERLAY_EGRESS,
-    POD_EGRESS,
-    POD_PORT_EGRESS,
-    HOST_EGRESS,
-];
-/// Name of the XDP program on the external interface.
-pub const UNDERLAY_XDP: &str = "underlay_xdp";
-/// Name of the probe of `BPF_F_ADJ_ROOM_DECAP_L4_UDP` (loaded, run once, never attached).
-pub const PROBE_DECAP_L4_UDP: &str = "probe_decap_l4_udp";
+/// Program and map names: one spelling, shared with the eBPF crate (checked there).
+pub use overlay_common::names::{
+    self, HOST_EGRESS, POD_EGRESS, POD_PORT_EGRESS, PROBE_DECAP_L4_UDP, TC_PROGRAMS as PROGRAMS,
+    UNDERLAY_EGRESS, UNDERLAY_INGRESS, UNDERLAY_XDP,
+};
 
-pub const CONFIG_MAP: &str = "CONFIG";
-pub const ROUTE_V4_MAP: &str = "ROUTE_V4";
-pub const NODE_V4_MAP: &str = "NODE_V4";
-pub const ENDPOINT_V4_MAP: &str = "ENDPOINT_V4";
-pub const COUNTERS_MAP: &str = "COUNTERS";
-/// Sampled drop events (a ring buffer), read by `overlay-agent monitor`.
-pub const DROP_EVENTS_MAP: &str = "DROP_EVENTS";
 /// The maps that hold state worth keeping across an agent restart (all pinned).
 pub const STATE_MAPS: [&str; 10] = [
-    CONFIG_MAP,
-    ROUTE_V4_MAP,
-    NODE_V4_MAP,
-    ENDPOINT_V4_MAP,
-    COUNTERS_MAP,
+    names::CONFIG,
+    names::ROUTE_V4,
+    names::NODE_V4,
+    names::ENDPOINT_V4,
+    names::COUNTERS,
     // Masquerade (`nat`): its settings and the flow table, so connections survive a restart.
-    nat::NAT_MAPS[0],
-    nat::NAT_MAPS[1],
-    nat::NAT_MAPS[2],
-    nat::NAT_MAPS[3],
+    names::NAT_MAPS[0],
+    names::NAT_MAPS[1],
+    names::NAT_MAPS[2],
+    names::NAT_MAPS[3],
     // Pinned so that `monitor`, another process, can read it.
-    DROP_EVENTS_MAP,
+    names::DROP_EVENTS,
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -408,10 +385,10 @@ impl Datapath {
             return Ok(());
         }
         let mut hash: HashMap<_, EndpointKeyV4, Endpoint> =
-            map_mut(&mut self.ebpf, ENDPOINT_V4_MAP)?;
+            map_mut(&mut self.ebpf, names::ENDPOINT_V4)?;
         hash.insert(addr.octets(), endpoint, 0)
             .map_err(|source| DatapathError::MapUpdate {
-                map: ENDPOINT_V4_MAP,
+                map: names::ENDPOINT_V4,
                 source,
             })?;
         self.endpoints.insert(addr, endpoint);
@@ -421,9 +398,9 @@ impl Datapath {
     /// Forgets the local pod `addr`: its traffic takes the bridge again. No-op if unknown.
     pub fn remove_endpoint(&mut self, addr: Ipv4Addr) -> Result<(), DatapathError> {
         let mut hash: HashMap<_, EndpointKeyV4, Endpoint> =
-            map_mut(&mut self.ebpf, ENDPOINT_V4_MAP)?;
+            map_mut(&mut self.ebpf, names::ENDPOINT_V4)?;
         ignore_missing(hash.remove(&addr.octets())).map_err(|source| DatapathError::MapUpdate {
-            map: ENDPOINT_V4_MAP,
+            map: names::ENDPOINT_V4,
             source,
         })?;
         self.endpoints.remove(&addr);
@@ -617,8 +594,8 @@ impl Datapath {
     pub fn counters(&self) -> Result<Vec<(Reason, Counter)>, DatapathError> {
         inspect::sum_counters(
             self.ebpf
-                .map(COUNTERS_MAP)
-                .ok_or(DatapathError::MissingMap(COUNTERS_MAP))?,
+                .map(names::COUNTERS)
+                .ok_or(DatapathError::MissingMap(names::COUNTERS))?,
         )
     }
 
@@ -701,11 +678,11 @@ impl Datapath {
         }
         self.pinned_config_in_force = false;
         let value = encode(self.node.as_ref(), self.devices);
-        let mut array: Array<_, Config> = map_mut(&mut self.ebpf, CONFIG_MAP)?;
+        let mut array: Array<_, Config> = map_mut(&mut self.ebpf, names::CONFIG)?;
         array
             .set(CONFIG_INDEX, value, 0)
             .map_err(|source| DatapathError::MapUpdate {
-                map: CONFIG_MAP,
+                map: names::CONFIG,
                 source,
             })
     }
@@ -715,40 +692,40 @@ impl Datapath {
             match *op {
                 MapOp::SetRoute { subnet, node } => {
                     let mut trie: LpmTrie<_, RouteKeyV4, RemoteNode> =
-                        map_mut(&mut self.ebpf, ROUTE_V4_MAP)?;
+                        map_mut(&mut self.ebpf, names::ROUTE_V4)?;
                     trie.insert(&key(subnet), node, 0).map_err(|source| {
                         DatapathError::MapUpdate {
-                            map: ROUTE_V4_MAP,
+                            map: names::ROUTE_V4,
                             source,
                         }
                     })?;
                 }
                 MapOp::DeleteRoute { subnet } => {
                     let mut trie: LpmTrie<_, RouteKeyV4, RemoteNode> =
-                        map_mut(&mut self.ebpf, ROUTE_V4_MAP)?;
+                        map_mut(&mut self.ebpf, names::ROUTE_V4)?;
                     ignore_missing(trie.remove(&key(subnet))).map_err(|source| {
                         DatapathError::MapUpdate {
-                            map: ROUTE_V4_MAP,
+                            map: names::ROUTE_V4,
                             source,
                         }
                     })?;
                 }
                 MapOp::SetNode { ip, member } => {
                     let mut hash: HashMap<_, NodeKeyV4, MemberNode> =
-                        map_mut(&mut self.ebpf, NODE_V4_MAP)?;
+                        map_mut(&mut self.ebpf, names::NODE_V4)?;
                     hash.insert(ip.octets(), member, 0).map_err(|source| {
                         DatapathError::MapUpdate {
-                            map: NODE_V4_MAP,
+                            map: names::NODE_V4,
                             source,
                         }
                     })?;
                 }
                 MapOp::DeleteNode { ip } => {
                     let mut hash: HashMap<_, NodeKeyV4, MemberNode> =
-                        map_mut(&mut self.ebpf, NODE_V4_MAP)?;
+                        map_mut(&mut self.ebpf, names::NODE_V4)?;
                     ignore_missing(hash.remove(&ip.octets())).map_err(|source| {
                         DatapathError::MapUpdate {
-                            map: NODE_V4_MAP,
+                            map: names::NODE_V4,
                             source,
                         }
                     })?;
@@ -819,7 +796,7 @@ const PROBE_FRAME_LEN: usize = 14 + 2 * 50 + 40;
 
 /// The ready `CONFIG` an earlier agent pinned, if any.
 fn pinned_config(ebpf: &Ebpf) -> Option<Config> {
-    let array = Array::<_, Config>::try_from(ebpf.map(CONFIG_MAP)?).ok()?;
+    let array = Array::<_, Config>::try_from(ebpf.map(names::CONFIG)?).ok()?;
     array.get(&CONFIG_INDEX, 0).ok().filter(Config::is_ready)
 }
 
@@ -887,10 +864,10 @@ fn new_cookie() -> u32 {
 /// Mirrors what pinned `ENDPOINT_V4` holds.
 fn adopt_endpoints(ebpf: &Ebpf) -> Result<BTreeMap<Ipv4Addr, Endpoint>, DatapathError> {
     let map = ebpf
-        .map(ENDPOINT_V4_MAP)
-        .ok_or(DatapathError::MissingMap(ENDPOINT_V4_MAP))?;
+        .map(names::ENDPOINT_V4)
+        .ok_or(DatapathError::MissingMap(names::ENDPOINT_V4))?;
     let err = |source| DatapathError::Map {
-        map: ENDPOINT_V4_MAP,
+        map: names::ENDPOINT_V4,
         source,
     };
     let hash = HashMap::<_, EndpointKeyV4, Endpoint>::try_from(map).map_err(err)?;
@@ -961,18 +938,18 @@ fn adopt_link(
 /// Mirrors what pinned `ROUTE_V4` holds (the node reference counts follow from the routes).
 fn adopt_peers(ebpf: &Ebpf) -> Result<PeerTable, DatapathError> {
     let map = ebpf
-        .map(ROUTE_V4_MAP)
-        .ok_or(DatapathError::MissingMap(ROUTE_V4_MAP))?;
+        .map(names::ROUTE_V4)
+        .ok_or(DatapathError::MissingMap(names::ROUTE_V4))?;
     let trie = LpmTrie::<_, RouteKeyV4, RemoteNode>::try_from(map).map_err(|source| {
         DatapathError::Map {
-            map: ROUTE_V4_MAP,
+            map: names::ROUTE_V4,
             source,
         }
     })?;
     let mut table = PeerTable::default();
     for entry in trie.iter() {
         let (key, node) = entry.map_err(|source| DatapathError::Map {
-            map: ROUTE_V4_MAP,
+            map: names::ROUTE_V4,
             source,
         })?;
         let data: RouteKeyV4 = key.data();

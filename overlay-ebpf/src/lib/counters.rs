@@ -8,6 +8,7 @@ use crate::lib::events::drop_event;
 
 #[map]
 static COUNTERS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(COUNTERS_LEN, 0);
+named!(COUNTERS, overlay_common::names::COUNTERS);
 
 /// Counts one packet of `len` bytes under `reason` on this CPU.
 #[inline(always)]

@@ -20,20 +20,23 @@ use overlay_common::{
         DROP_EVENT_BUDGET_LEN, DROP_EVENTS_BYTES, DROP_EVENTS_PER_SEC, DropEvent, DropEventBudget,
         EVENT_F_IPV4, EVENT_F_PORTS, EVENT_F_VXLAN,
     },
-    wire::{DEFAULT_VXLAN_PORT, ETH_HLEN, ETH_P_IP, IPPROTO_UDP, IPV4_HLEN, UDP_HLEN, VXLAN_HLEN},
+    nat::NS_PER_S,
+    wire::{
+        DEFAULT_VXLAN_PORT, ETH_HLEN, ETH_P_IP, IPPROTO_TCP, IPPROTO_UDP, IPV4_HLEN, UDP_HLEN,
+        VXLAN_HLEN,
+    },
 };
 
 use crate::lib::{hdr::Ipv4Hdr, maps::config};
 
 #[map]
 static DROP_EVENTS: RingBuf = RingBuf::with_byte_size(DROP_EVENTS_BYTES, 0);
+named!(DROP_EVENTS, overlay_common::names::DROP_EVENTS);
 
 #[map]
 static DROP_EVENT_BUDGET: PerCpuArray<DropEventBudget> =
     PerCpuArray::with_max_entries(DROP_EVENT_BUDGET_LEN, 0);
-
-const NS_PER_SEC: u64 = 1_000_000_000;
-const IPPROTO_TCP: u8 = 6;
+named!(DROP_EVENT_BUDGET, overlay_common::names::DROP_EVENT_BUDGET);
 
 /// Emits an event for a packet dropped for `reason`, if this CPU's budget allows.
 #[inline(always)]
@@ -45,7 +48,7 @@ pub fn drop_event(ctx: &TcContext, reason: Reason) {
     let budget = unsafe { &mut *budget };
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
-    if now.wrapping_sub(budget.window_start_ns) >= NS_PER_SEC {
+    if now.wrapping_sub(budget.window_start_ns) >= NS_PER_S {
         budget.window_start_ns = now;
         budget.sent = 0;
     }

@@ -98,7 +98,7 @@ use overlay_common::{
         IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, KUBE_MASQ_MARK, NAT_CONFIG_INDEX, NAT_CONFIG_LEN,
         NAT_E_KERNEL, NAT_E_TO_CLUSTER, NAT_EXCLUDE_V4_CAPACITY, NAT_F_KEEP_PORT, NAT_FRAG_TIMEOUT,
         NAT_PORT_TRIES, NAT_S_FIN, NAT_S_REPLIED, NAT_S_RST, NatConfig, NatEntryV4, NatKeyV4,
-        SNAT_V4_CAPACITY, SNAT_V4_FRAG_CAPACITY,
+        SNAT_V4_CAPACITY, SNAT_V4_FRAG_CAPACITY, idle_longer_than,
     },
     wire::{ETH_HLEN, ETH_P_IP},
 };
@@ -113,21 +113,26 @@ use crate::lib::{
 
 #[map]
 static NAT_CONFIG: Array<NatConfig> = Array::with_max_entries(NAT_CONFIG_LEN, 0);
+named!(NAT_CONFIG, overlay_common::names::NAT_CONFIG);
 
 #[map]
 static NAT_EXCLUDE_V4: LpmTrie<[u8; 4], u8> = LpmTrie::with_max_entries(NAT_EXCLUDE_V4_CAPACITY, 0);
+named!(NAT_EXCLUDE_V4, overlay_common::names::NAT_EXCLUDE_V4);
 
 #[map]
 static SNAT_V4_CT: LruHashMap<NatKeyV4, NatEntryV4> =
     LruHashMap::with_max_entries(SNAT_V4_CAPACITY, 0);
+named!(SNAT_V4_CT, overlay_common::names::SNAT_V4_CT);
 
 #[map]
 static SNAT_V4_REV: LruHashMap<NatKeyV4, NatEntryV4> =
     LruHashMap::with_max_entries(SNAT_V4_CAPACITY, 0);
+named!(SNAT_V4_REV, overlay_common::names::SNAT_V4_REV);
 
 #[map]
 static SNAT_V4_FRAG: LruHashMap<NatKeyV4, NatEntryV4> =
     LruHashMap::with_max_entries(SNAT_V4_FRAG_CAPACITY, 0);
+named!(SNAT_V4_FRAG, overlay_common::names::SNAT_V4_FRAG);
 
 const IP_OFF: usize = ETH_HLEN;
 const IP_CHECK_OFF: usize = IP_OFF + 10;
@@ -144,7 +149,6 @@ const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_ECHO: u8 = 8;
 const ICMP_TIME_EXCEEDED: u8 = 11;
 const ICMP_PARAMETERPROB: u8 = 12;
-const NS_PER_S: u64 = 1_000_000_000;
 
 /// Where an address rewrite also patches the L4 checksum: `(offset, bpf_l4_csum_replace flags)`.
 /// A plain pair rather than an `Option`: a `None` leaves its payload undefined, and the
@@ -318,16 +322,10 @@ fn replies_to_cluster_flow(nat: &NatConfig, key: &NatKeyV4, now: u64) -> bool {
     match SNAT_V4_CT.get_ptr(&orig) {
         // SAFETY: a map value pointer, valid during this program run.
         Some(ct) => unsafe {
-            (*ct).flags & NAT_E_TO_CLUSTER != 0 && !expired(nat, key.proto, &*ct, now)
+            (*ct).flags & NAT_E_TO_CLUSTER != 0 && !nat.is_expired(key.proto, &*ct, now)
         },
         None => false,
     }
-}
-
-/// Whether the entry has been idle longer than its timeout.
-#[inline(always)]
-fn expired(nat: &NatConfig, proto: u8, e: &NatEntryV4, now: u64) -> bool {
-    now.saturating_sub(e.last_seen) > u64::from(nat.timeout(proto, e.state)) * NS_PER_S
 }
 
 /// State bits a TCP packet with `flags` adds; a bare SYN starts the flow over.
@@ -469,7 +467,7 @@ fn flow_out(
     if let Some(ct) = SNAT_V4_CT.get_ptr_mut(key) {
         // SAFETY: a map value pointer, valid during this program run.
         let e = unsafe { *ct };
-        if !expired(nat, proto, &e, now) && e.addr == nat_addr {
+        if !nat.is_expired(proto, &e, now) && e.addr == nat_addr {
             let st = if proto == IPPROTO_TCP {
                 tcp_state(e.state, tcp_flags)
             } else {
@@ -755,7 +753,7 @@ fn reverse_later_fragment(ctx: &TcContext, cfg: &Config, ip: &Ipv4Hdr) -> Result
     let orig = unsafe { *entry };
     // SAFETY: no arguments.
     let now = unsafe { bpf_ktime_get_ns() };
-    if now.saturating_sub(orig.last_seen) > u64::from(NAT_FRAG_TIMEOUT) * NS_PER_S {
+    if idle_longer_than(orig.last_seen, now, NAT_FRAG_TIMEOUT) {
         let _ = SNAT_V4_FRAG.remove(&key);
         return Ok(TC_ACT_OK);
     }
@@ -883,7 +881,7 @@ fn flow_in(nat: &NatConfig, key: &NatKeyV4, tcp_flags: u8) -> Option<NatEntryV4>
     // SAFETY: no arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     let ct_key = key.original(e.addr, e.port);
-    if expired(nat, key.proto, &e, now) {
+    if nat.is_expired(key.proto, &e, now) {
         let _ = SNAT_V4_REV.remove(key);
         if let Some(ct) = SNAT_V4_CT.get_ptr(&ct_key) {
             // SAFETY: as above.
@@ -1019,7 +1017,7 @@ fn icmp_error_out(
     let flow = unsafe { *ct };
     // SAFETY: no arguments.
     let now = unsafe { bpf_ktime_get_ns() };
-    if flow.addr != nat_addr || expired(nat, key.proto, &flow, now) {
+    if flow.addr != nat_addr || nat.is_expired(key.proto, &flow, now) {
         return Ok(false);
     }
     // The quoted packet's destination (the originator) and port become the translated ones.
