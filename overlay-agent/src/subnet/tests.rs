@@ -1437,3 +1437,31 @@ async fn conflicting_records_are_refused_once_with_their_key_and_reason() {
     peers.quiet().await;
     peers.task.abort();
 }
+
+// The registry contract (`super::contract`) against the fake; `tests/etcd_registry.rs` runs the
+// same checks against a real etcd.
+
+#[tokio::test]
+async fn fake_keeps_the_contract_create_only_if_version_is_zero() {
+    super::contract::create_only_if_version_is_zero(&FakeRegistry::new(), PREFIX).await;
+}
+
+#[tokio::test]
+async fn fake_keeps_the_contract_list_returns_the_revision_to_watch_from() {
+    super::contract::list_returns_the_revision_to_watch_from(&FakeRegistry::new(), PREFIX).await;
+}
+
+#[tokio::test]
+async fn fake_keeps_the_contract_watch_reports_puts_and_deletes_under_the_prefix() {
+    super::contract::watch_reports_puts_and_deletes_under_the_prefix(&FakeRegistry::new(), PREFIX)
+        .await;
+}
+
+#[tokio::test]
+async fn fake_keeps_the_contract_renewal_moves_the_key_to_a_new_lease_only_while_it_is_ours() {
+    super::contract::renewal_moves_the_key_to_a_new_lease_only_while_it_is_ours(
+        &FakeRegistry::new(),
+        PREFIX,
+    )
+    .await;
+}
