@@ -20,7 +20,7 @@
 
 use std::{collections::BTreeMap, net::SocketAddr, path::Path, sync::Arc, time::Duration};
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result};
 use tokio::{
     signal::unix::{Signal, SignalKind, signal},
     sync::{mpsc, watch},
@@ -29,18 +29,14 @@ use tokio::{
 use tracing::{error, info, warn};
 
 use ipnet::Ipv4Net;
-use overlay_common::{
-    endpoint::Endpoint,
-    route::RemoteNode,
-    wire::{DEFAULT_VNI, DEFAULT_VXLAN_PORT},
-};
+use overlay_common::endpoint::Endpoint;
 
 use crate::{
+    backend::{self, RouteChange},
     cli::{Flags, LayoutMismatch, PodHook, XdpPolicy},
-    config::{Backend, NetworkConfig},
     datapath::repair,
     datapath::{
-        Datapath, DatapathError, NodeConfig, Routing,
+        Datapath, DatapathError, NodeConfig,
         nat::{NatSettings, pinned_nat_flows},
         pin::{PinDir, PinError},
         pinned_counters, pinned_endpoints, pinned_peers,
@@ -53,15 +49,12 @@ use crate::{
     notify::Notifier,
     subnet::lease::config_key,
     subnet::{
-        EtcdOptions, EtcdRegistry, Lease, LeaseAttrs, Mac, ManagerOptions, PeerEvent,
-        SubnetManager,
+        EtcdOptions, EtcdRegistry, Lease, Mac, ManagerOptions, PeerEvent, SubnetManager,
+        config::{Backend, NetworkConfig},
         file::{SubnetEnv, check_writable, first_usable, previous_subnet, write_subnet_file},
     },
     telemetry::Telemetry,
 };
-
-/// flannel's refusal to run host-gw behind NAT, word for word.
-pub const HOST_GW_NAT_MESSAGE: &str = "your PublicIP differs from interface IP, meaning that probably you're on a NAT, which is not supported by host-gw backend";
 
 /// Room for bursts of peer events (e.g. the initial listing of a large cluster) before the
 /// watcher waits for the data path to catch up.
@@ -192,12 +185,12 @@ async fn serve(flags: Flags, mut signals: Signals, undo: &mut Undo) -> Result<()
         config = manager.wait_for_network_config() => config,
         signal = signals.recv() => return shut_down(signal),
     };
-    check_backend(&config.backend, &ext)?;
+    backend::check(&config.backend, ext.public_ip, ext.iface_addr)?;
     telemetry.phase("acquiring a subnet lease");
 
     // The node's settings for the data path, among them the VtepMAC its lease publishes.
     let mut node = NodeDatapath::new(&flags, &config, &ext);
-    let attrs = lease_attrs(&config.backend, &ext, node.vtep_mac);
+    let attrs = backend::lease_attrs(&config.backend, ext.public_ip, node.vtep_mac);
     let previous = previous_subnet(&flags.subnet_file);
     let mut datapath = load_datapath(&flags.bpf_dir, flags.pinned_layout_mismatch).await?;
     let lease = tokio::select! {
@@ -447,22 +440,7 @@ impl NodeDatapath {
         self.gateway = first_usable(lease.subnet).addr();
         self.subnet = lease.subnet;
         self.update_scope();
-        // host-gw has no VNI or port; the defaults only keep the (unused) VXLAN fields valid.
-        let (vni, port, routing) = match self.backend {
-            Backend::Vxlan {
-                vni,
-                port,
-                direct_routing: false,
-                ..
-            } => (vni, port, Routing::Vxlan),
-            Backend::Vxlan {
-                vni,
-                port,
-                direct_routing: true,
-                ..
-            } => (vni, port, Routing::VxlanDirect),
-            Backend::HostGw => (DEFAULT_VNI, DEFAULT_VXLAN_PORT, Routing::HostGw),
-        };
+        let (vni, port, routing) = backend::tunnel(&self.backend);
         datapath.set_config(
             &NodeConfig::new(
                 vni,
@@ -523,15 +501,17 @@ impl NodeDatapath {
         }
     }
 
-    /// Applies one change of the set of peers to the data path. A record the data path cannot
-    /// use is logged and skipped; it never stops the agent or disturbs other peers.
+    /// Applies one change of the set of peers to the data path (`backend` decides the route).
+    /// A record the data path cannot use is logged and skipped; it never stops the agent or
+    /// disturbs other peers.
     async fn apply_peer_event(
         &self,
         datapath: &mut Datapath,
         netlink: &Netlink,
         event: &PeerEvent,
     ) {
-        let result = match event {
+        let mut on_link = false;
+        match event {
             PeerEvent::Added(peer) | PeerEvent::Changed(peer) => {
                 let kind = if matches!(event, PeerEvent::Added(_)) {
                     "added"
@@ -546,64 +526,55 @@ impl NodeDatapath {
                     peer.vtep_mac
                         .map_or_else(|| "-".to_owned(), |m| m.to_string()),
                 );
-                let ip = peer.public_ip.octets();
-                let route = match (self.backend, peer.vtep_mac) {
-                    (Backend::HostGw, _) => Ok(RemoteNode::direct(ip, [0; 6])),
-                    (Backend::Vxlan { direct_routing, .. }, Some(mac)) => {
-                        // flannel's DirectRouting test, per peer as its event arrives: the
-                        // kernel's route to the PublicIP has no gateway (same L2 segment).
-                        let direct = direct_routing
-                            && match netlink.route_is_on_link(peer.public_ip).await {
-                                Ok(on_link) => on_link,
-                                Err(e) => {
-                                    warn!("{e}; reaching {} through VXLAN", peer.subnet);
-                                    false
-                                }
-                            };
-                        if direct_routing {
-                            info!(
-                                "peer {} at {}: {}",
-                                peer.subnet,
-                                peer.public_ip,
-                                if direct {
-                                    "on our L2 segment, routed directly"
-                                } else {
-                                    "behind a gateway, through VXLAN"
-                                }
-                            );
+                // flannel's DirectRouting test, per peer as its event arrives: the kernel's
+                // route to the PublicIP has no gateway (same L2 segment).
+                if backend::wants_on_link(&self.backend) && peer.vtep_mac.is_some() {
+                    on_link = match netlink.route_is_on_link(peer.public_ip).await {
+                        Ok(on_link) => on_link,
+                        Err(e) => {
+                            warn!("{e}; reaching {} through VXLAN", peer.subnet);
+                            false
                         }
-                        Ok(if direct {
-                            RemoteNode::direct(ip, mac.octets())
+                    };
+                    info!(
+                        "peer {} at {}: {}",
+                        peer.subnet,
+                        peer.public_ip,
+                        if on_link {
+                            "on our L2 segment, routed directly"
                         } else {
-                            RemoteNode::vxlan(ip, mac.octets())
-                        })
-                    }
-                    (Backend::Vxlan { .. }, None) => Err(anyhow::anyhow!(
-                        "its lease has no VtepMAC; it is not reachable"
-                    )),
-                };
-                route.and_then(|node| datapath.upsert_route(peer.subnet, node).map_err(Into::into))
+                            "behind a gateway, through VXLAN"
+                        }
+                    );
+                }
             }
-            PeerEvent::Removed(subnet) => {
-                info!("peer removed: subnet {subnet}");
-                datapath.remove_peer(*subnet).map_err(Into::into)
-            }
-            PeerEvent::Synced(current) => {
-                // Entries an earlier agent pinned for peers that left while no agent ran.
-                let stale: Vec<Ipv4Net> = datapath
-                    .peers()
-                    .subnets()
-                    .filter(|s| !current.contains(s))
-                    .collect();
-                stale
+            PeerEvent::Removed(subnet) => info!("peer removed: subnet {subnet}"),
+            PeerEvent::Synced(_) => {}
+        }
+        // What is routed now matters only to a sync (and listing it per event would cost).
+        let installed: Vec<Ipv4Net> = if matches!(event, PeerEvent::Synced(_)) {
+            datapath.peers().subnets().collect()
+        } else {
+            Vec::new()
+        };
+        let result = backend::route_change(&self.backend, event, on_link, installed)
+            .map_err(anyhow::Error::from)
+            .and_then(|change| match change {
+                RouteChange::Upsert { subnet, node } => {
+                    datapath.upsert_route(subnet, node).map_err(Into::into)
+                }
+                RouteChange::Remove(subnets) => subnets
                     .into_iter()
                     .try_for_each(|subnet| {
-                        info!("peer removed: subnet {subnet} (gone while the agent was down)");
+                        if matches!(event, PeerEvent::Synced(_)) {
+                            // Entries an earlier agent pinned for peers that left while no
+                            // agent ran.
+                            info!("peer removed: subnet {subnet} (gone while the agent was down)");
+                        }
                         datapath.remove_peer(subnet)
                     })
-                    .map_err(Into::into)
-            }
-        };
+                    .map_err(Into::into),
+            });
         if let Err(e) = result {
             error!("peer event {event:?} not applied to the data path: {e:#}");
         }
@@ -763,21 +734,6 @@ fn manager_options(flags: &Flags) -> Result<ManagerOptions> {
             .max(Duration::from_millis(100));
     }
     Ok(options)
-}
-
-/// The backend's own start-up checks, with flannel's messages.
-fn check_backend(backend: &Backend, ext: &ExternalInterface) -> Result<()> {
-    if matches!(backend, Backend::HostGw) && ext.public_ip != ext.iface_addr {
-        bail!("{HOST_GW_NAT_MESSAGE}");
-    }
-    Ok(())
-}
-
-fn lease_attrs(backend: &Backend, ext: &ExternalInterface, vtep_mac: [u8; 6]) -> LeaseAttrs {
-    match backend {
-        Backend::Vxlan { vni, .. } => LeaseAttrs::vxlan(ext.public_ip, *vni, Mac::from(vtep_mac)),
-        Backend::HostGw => LeaseAttrs::host_gw(ext.public_ip),
-    }
 }
 
 fn write_env(

@@ -1,7 +1,8 @@
 //! The overlay agent: a flanneld-compatible node daemon whose data path runs in eBPF.
 //!
 //! - `cli`: flanneld's flags; `iface`: choosing the external interface as flanneld does.
-//! - `config`: the network config at `<prefix>/config`; `subnet`: leases, peers, subnet.env.
+//! The pipeline: `subnet` (etcd → the network config, leases, peer events, subnet.env) →
+//! `backend` (vxlan, host-gw: events → routes, pure) → `datapath` (routes → BPF maps).
 //! - `datapath`: loading the embedded eBPF object, attaching it, filling its maps;
 //!   `netdev`: the host device `ovl0` and finding the pod bridge.
 //! - `healthz`: `/healthz`, `/readyz` and `/metrics`; `daemon`: the node daemon tying these
@@ -11,9 +12,9 @@
 //!   file), `metrics` (Prometheus), `status` and `monitor` (the inspection subcommands),
 //!   `linkwatch` (netlink link events that trigger the data path's repair).
 
+pub mod backend;
 pub mod cli;
 pub mod compat;
-pub mod config;
 pub mod daemon;
 pub mod datapath;
 pub mod endpoints;

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use overlay_agent::config::NetworkConfig;
+use overlay_agent::subnet::config::NetworkConfig;
 use overlay_agent::subnet::etcd::EtcdConnectError;
 use overlay_agent::subnet::lease::{LeaseAttrs, Mac, subnet_key};
 use overlay_agent::subnet::registry::{CreateOutcome, Registry, WatchEvent, Watcher};

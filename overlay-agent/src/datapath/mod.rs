@@ -41,11 +41,11 @@
 //! At load the agent runs `probe_decap_l4_udp` once (`BPF_PROG_TEST_RUN`) to learn whether the
 //! kernel accepts `BPF_F_ADJ_ROOM_DECAP_L4_UDP` ([`Datapath::decap_clears_tunnel_gso`]).
 
-mod config;
 mod inspect;
 pub mod layout;
 pub mod nat;
-mod peers;
+mod node_config;
+mod peer_table;
 pub mod pin;
 pub mod repair;
 
@@ -76,14 +76,14 @@ use overlay_common::{
     route::{MemberNode, NodeKeyV4, RemoteNode, RouteKeyV4, route_key},
 };
 
-use self::{
-    config::{Devices, encode},
-    pin::{PinDir, PinError},
-};
 pub use self::{
-    config::{NodeConfig, Routing},
     inspect::{pinned_counters, pinned_endpoints, pinned_peers},
-    peers::{MapOp, PeerTable},
+    node_config::{NodeConfig, Routing},
+    peer_table::{MapOp, PeerTable},
+};
+use self::{
+    node_config::{Devices, encode},
+    pin::{PinDir, PinError},
 };
 
 /// The eBPF object, aligned for the ELF parser.

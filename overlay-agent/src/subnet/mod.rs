@@ -7,6 +7,7 @@
 //! own integration tests turn on), never into the release binary.
 
 pub mod alloc;
+pub mod config;
 #[cfg(any(test, feature = "test-util"))]
 pub mod contract;
 pub mod etcd;
@@ -15,17 +16,17 @@ pub mod fake;
 pub mod file;
 pub mod lease;
 pub mod manager;
-pub mod peers;
 pub mod registry;
 pub mod validate;
+pub mod watch;
 
 pub use etcd::{EtcdOptions, EtcdRegistry};
 #[cfg(any(test, feature = "test-util"))]
 pub use fake::FakeRegistry;
 pub use lease::{LeaseAttrs, Mac};
 pub use manager::{Lease, ManagerError, ManagerOptions, SubnetManager};
-pub use peers::{Peer, PeerEvent};
 pub use registry::{Registry, RegistryError};
+pub use watch::{Peer, PeerEvent};
 
 #[cfg(test)]
 mod tests;

@@ -14,8 +14,8 @@ use tokio::time::{Instant, timeout};
 use super::fake::{FakeOp, FakeRegistry};
 use super::lease::{LeaseAttrs, Mac, config_key, subnet_key};
 use super::manager::{LEASE_REVOKED_MESSAGE, Lease, ManagerError, ManagerOptions, SubnetManager};
-use super::peers::{Peer, PeerEvent};
-use crate::config::NetworkConfig;
+use super::watch::{Peer, PeerEvent};
+use crate::subnet::config::NetworkConfig;
 
 const PREFIX: &str = "/coreos.com/network";
 const OUR_IP: &str = "198.18.0.1";

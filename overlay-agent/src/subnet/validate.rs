@@ -25,7 +25,7 @@ use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
 
-use crate::config::NetworkConfig;
+use crate::subnet::config::NetworkConfig;
 
 /// Why a peer record is refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
