@@ -47,6 +47,7 @@ pub mod nat;
 mod node_config;
 mod peer_table;
 pub mod pin;
+pub mod print;
 pub mod repair;
 
 use std::{
