@@ -34,6 +34,7 @@ mod lib {
     pub mod encap;
     pub mod endpoint;
     pub mod events;
+    pub mod fib;
     pub mod hdr;
     pub mod ipv4;
     pub mod maps;

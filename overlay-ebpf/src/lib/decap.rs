@@ -56,14 +56,12 @@
 //! frame with that mark as decapsulated ([`deliver_decapsulated`]); XDP never drops: what fails
 //! a check goes on unchanged and `underlay_ingress` drops and counts it as above.
 
-use core::ptr;
-
 use aya_ebpf::{
     bindings::{
-        BPF_F_ADJ_ROOM_DECAP_L3_IPV4, BPF_F_ADJ_ROOM_FIXED_GSO, BPF_F_INGRESS, TC_ACT_OK,
+        BPF_F_ADJ_ROOM_DECAP_L3_IPV4, BPF_F_ADJ_ROOM_FIXED_GSO, TC_ACT_OK,
         bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, xdp_action,
     },
-    helpers::{bpf_redirect, bpf_redirect_neigh, bpf_xdp_adjust_head, bpf_xdp_adjust_meta},
+    helpers::{bpf_xdp_adjust_head, bpf_xdp_adjust_meta},
     programs::{TcContext, XdpContext},
 };
 use overlay_common::{
@@ -80,6 +78,7 @@ use crate::lib::{
     counters::count,
     csum::{ipv4_checksum_ok, ipv4_header_checksum_ok},
     endpoint::{endpoint_v4, redirect_to_endpoint},
+    fib,
     hdr::{EthHdr, Ipv4Hdr, UdpHdr, VxlanHdr},
     ipv4::{decapsulate_ecn, decrement_ttl, eth_ipv4},
     maps::{config, in_subnet, is_member, route_v4},
@@ -315,8 +314,7 @@ fn deliver(
             return redirect_to_endpoint(ctx, cfg, &ep).ok_or(Reason::DropDecapFailed);
         }
         count(Reason::DecapPod, ctx.len());
-        // SAFETY: NULL parameters are allowed (the kernel does the FIB lookup).
-        return Ok(unsafe { bpf_redirect_neigh(cfg.bridge_ifindex, ptr::null_mut(), 0, 0) } as i32);
+        return Ok(fib::redirect_neigh(cfg.bridge_ifindex));
     }
     if plan.target == Target::Host && daddr == cfg.subnet {
         // A reply to a flow masqueraded into the cluster: translated back, and either routed
@@ -355,8 +353,7 @@ fn deliver_to_host(
         },
         ctx.len(),
     );
-    // SAFETY: plain helper call.
-    Ok(unsafe { bpf_redirect(cfg.host_ifindex, u64::from(BPF_F_INGRESS)) } as i32)
+    Ok(fib::to_host_device(cfg))
 }
 
 /// Whether `underlay_xdp` of this load decapsulated the frame: its metadata holds our cookie.

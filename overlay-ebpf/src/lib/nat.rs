@@ -74,18 +74,11 @@
 //! FORWARD policy DROP, forwarded traffic from an outside host never gets there (flannel's
 //! `-d <cluster> -j ACCEPT` FORWARD rule is not written).
 
-use core::ptr;
-
 use aya_ebpf::{
-    EbpfContext as _,
     bindings::{
-        BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_FIB_LKUP_RET_SUCCESS,
-        BPF_FIB_LOOKUP_SKIP_NEIGH, BPF_NOEXIST, TC_ACT_OK, bpf_check_mtu_flags::BPF_MTU_CHK_SEGS,
-        bpf_fib_lookup as FibLookup,
+        BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_FIB_LKUP_RET_SUCCESS, BPF_NOEXIST, TC_ACT_OK,
     },
-    helpers::{
-        bpf_check_mtu, bpf_fib_lookup, bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_redirect_neigh,
-    },
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
     macros::map,
     maps::{Array, LpmTrie, LruHashMap, lpm_trie::Key},
     programs::TcContext,
@@ -107,6 +100,7 @@ use crate::lib::{
     counters::{Role, count, count_handback},
     csum::replace16,
     endpoint::{endpoint_v4, redirect_to_endpoint},
+    fib,
     hdr::{EthHdr, Ipv4Hdr},
     maps::{config, in_subnet, is_member},
 };
@@ -139,7 +133,6 @@ const IP_CHECK_OFF: usize = IP_OFF + 10;
 const IP_TTL_OFF: usize = IP_OFF + 8;
 const IP_SADDR_OFF: usize = IP_OFF + 12;
 const IP_DADDR_OFF: usize = IP_OFF + 16;
-const AF_INET: u8 = 2;
 const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
@@ -251,7 +244,7 @@ pub fn snat_from_pod(ctx: &TcContext, cfg: &Config, role: Role) -> Result<i32, R
     }
     // Only what the kernel would send out of the external interface: that is the address we
     // translate to and the interface whose ingress sees the replies.
-    let (rc, fib) = fib_lookup(ctx, cfg.bridge_ifindex, &ip, ip.daddr);
+    let (rc, fib) = fib::lookup(ctx, cfg.bridge_ifindex, &ip, ip.daddr);
     if rc != i64::from(BPF_FIB_LKUP_RET_SUCCESS) || fib.ifindex != cfg.underlay_ifindex {
         return Ok(TC_ACT_OK);
     }
@@ -264,8 +257,7 @@ pub fn snat_from_pod(ctx: &TcContext, cfg: &Config, role: Role) -> Result<i32, R
         return Ok(TC_ACT_OK);
     }
     count(Reason::NatSnat, ctx.len());
-    // SAFETY: NULL parameters are allowed (the kernel does the FIB lookup).
-    Ok(unsafe { bpf_redirect_neigh(cfg.underlay_ifindex, ptr::null_mut(), 0, 0) } as i32)
+    Ok(fib::redirect_neigh(cfg.underlay_ifindex))
 }
 
 /// The external interface's tcx egress: masquerades what the kernel routed there itself.
@@ -784,7 +776,7 @@ fn deliver(
     // Through the kernel: `NAT_E_KERNEL` flows, an expiring TTL (it answers "time exceeded"),
     // no bridge, or a packet too big for the pod (the kernel fragments or answers).
     let to_kernel =
-        orig.flags & NAT_E_KERNEL != 0 || ip.ttl <= 1 || egress == 0 || !fits(ctx, egress);
+        orig.flags & NAT_E_KERNEL != 0 || ip.ttl <= 1 || egress == 0 || !fib::fits(ctx, egress);
     rewrite_addr(
         ctx,
         IP_DADDR_OFF,
@@ -802,32 +794,7 @@ fn deliver(
         count(Reason::NatRevEndpoint, ctx.len());
         return redirect_to_endpoint(ctx, cfg, &endpoint).ok_or(Reason::DropNatFailed);
     }
-    // SAFETY: NULL parameters are allowed (the kernel does the FIB lookup).
-    Ok(unsafe { bpf_redirect_neigh(cfg.bridge_ifindex, ptr::null_mut(), 0, 0) } as i32)
-}
-
-/// The kernel's route for `ip` sent to `daddr` as if it arrived on `ifindex` (no neighbour
-/// resolution: `bpf_redirect_neigh` does that): the helper's return code and its result.
-#[inline(always)]
-fn fib_lookup(ctx: &TcContext, ifindex: u32, ip: &Ipv4Hdr, daddr: [u8; 4]) -> (i64, FibLookup) {
-    // SAFETY: a zeroed bpf_fib_lookup is a valid argument.
-    let mut fib: FibLookup = unsafe { core::mem::zeroed() };
-    fib.family = AF_INET;
-    fib.l4_protocol = ip.proto;
-    fib.ifindex = ifindex;
-    fib.__bindgen_anon_2.tos = ip.tos;
-    fib.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(ip.saddr);
-    fib.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(daddr);
-    // SAFETY: helper call with our context and a stack struct of the right size.
-    let rc = unsafe {
-        bpf_fib_lookup(
-            ctx.as_ptr(),
-            &mut fib,
-            size_of::<FibLookup>() as i32,
-            BPF_FIB_LOOKUP_SKIP_NEIGH,
-        )
-    };
-    (rc, fib)
+    Ok(fib::redirect_neigh(cfg.bridge_ifindex))
 }
 
 /// A reply of a `NAT_E_TO_CLUSTER` flow: rewrites the destination to the original source and
@@ -843,32 +810,16 @@ fn route_back(
     orig: NatEntryV4,
     l4_csum: L4Csum,
 ) -> Result<i32, Reason> {
-    let (rc, fib) = fib_lookup(ctx, cfg.underlay_ifindex, ip, orig.addr);
+    let (rc, fib) = fib::lookup(ctx, cfg.underlay_ifindex, ip, orig.addr);
     // NOT_FWDED (a local destination) and every failure: the kernel's.
-    let forward = rc == i64::from(BPF_FIB_LKUP_RET_SUCCESS) && ip.ttl > 1 && fits(ctx, fib.ifindex);
+    let forward =
+        rc == i64::from(BPF_FIB_LKUP_RET_SUCCESS) && ip.ttl > 1 && fib::fits(ctx, fib.ifindex);
     rewrite_addr(ctx, IP_DADDR_OFF, ip.daddr, orig.addr, l4_csum, forward, ip)?;
     count(Reason::NatRev, ctx.len());
     if !forward {
         return Ok(TC_ACT_OK);
     }
-    // SAFETY: NULL parameters are allowed (the kernel does the FIB lookup).
-    Ok(unsafe { bpf_redirect_neigh(fib.ifindex, ptr::null_mut(), 0, 0) } as i32)
-}
-
-#[inline(always)]
-fn fits(ctx: &TcContext, ifindex: u32) -> bool {
-    let mut mtu_len: u32 = 0;
-    // SAFETY: plain helper call on our own context and a stack variable.
-    let ret = unsafe {
-        bpf_check_mtu(
-            ctx.as_ptr(),
-            ifindex,
-            &mut mtu_len,
-            0,
-            u64::from(BPF_MTU_CHK_SEGS),
-        )
-    };
-    ret <= 0
+    Ok(fib::redirect_neigh(fib.ifindex))
 }
 
 /// Looks up the reply tuple `key`; refreshes both entries of a live flow and returns the pod's
