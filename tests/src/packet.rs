@@ -57,9 +57,8 @@ pub const IPPROTO_UDP: u8 = 17;
 
 /// Panics unless the process runs as root, naming the test file `test` and how to run it.
 pub fn require_root(test: &str) {
-    // SAFETY: geteuid has no preconditions.
     assert!(
-        unsafe { libc::geteuid() } == 0,
+        nix::unistd::geteuid().is_root(),
         "{test}: these tests load eBPF programs and need root; run them as root (CI does): \
          cargo test -p overlay-tests --test {test} -- --test-threads=1"
     );

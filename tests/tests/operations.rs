@@ -1,4 +1,4 @@
-//! Operations end to end (issue 13): the real agent in namespace clusters against a real etcd.
+//! Operations end to end: the real agent in namespace clusters against a real etcd.
 //! `/metrics` during traffic, drop events in `monitor`, `status -o json` against the kernel,
 //! repairs after `ovl0` or an underlay link is deleted by hand, `/readyz` following etcd, a
 //! distribution's flanneld command line, systemd's notify protocol, pinned maps of another

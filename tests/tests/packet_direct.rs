@@ -1,4 +1,4 @@
-//! Packet tests of the direct branches (host-gw, VXLAN DirectRouting; issue 5): the eBPF
+//! Packet tests of the direct branches (host-gw, VXLAN DirectRouting): the eBPF
 //! programs run on crafted frames through `BPF_PROG_TEST_RUN` (aya's `TestRun`) with a
 //! `ROUTE_V4` entry flagged DIRECT, and the tests check the bytes out, the verdict and the
 //! per-reason counters.

@@ -1,4 +1,4 @@
-//! The randomised test of the data path (issue 12): every program runs on generated frames,
+//! The randomised test of the data path: every program runs on generated frames,
 //! half of them mutated, through `BPF_PROG_TEST_RUN`, in four node settings (VXLAN,
 //! DirectRouting, host-gw, VXLAN with the pod bridge and host device gone). For every frame:
 //!

@@ -1,4 +1,4 @@
-//! The VXLAN data path end to end (issue 4): the real agent binary in node namespaces against a
+//! The VXLAN data path end to end: the real agent binary in node namespaces against a
 //! real etcd holding the seeds' config `{"Network": "172.17.0.0/16", "Backend": {"Type":
 //! "vxlan"}}`, with pods behind a `cni0` bridge, checked with real traffic and captures:
 //!

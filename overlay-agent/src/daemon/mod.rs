@@ -51,8 +51,7 @@ use crate::{
         pin::{PinDir, PinError},
     },
     endpoints::run_watcher,
-    iface,
-    kernel, linkwatch,
+    iface, kernel, linkwatch,
     netdev::{HOST_DEVICE, Netlink},
     notify::Notifier,
     subnet::{

@@ -52,10 +52,8 @@ pub mod repair;
 
 use std::{
     collections::BTreeMap,
-    ffi::CString,
-    io, mem,
+    io,
     net::Ipv4Addr,
-    os::fd::AsRawFd as _,
     path::{Path, PathBuf},
 };
 
@@ -838,18 +836,9 @@ fn adopt_devices(cfg: Config) -> Devices {
 
 /// The name of the interface with index `index` in the agent's namespace, if there is one.
 fn ifname(index: u32) -> Option<String> {
-    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
-    // SAFETY: `buf` has the IF_NAMESIZE bytes if_indextoname may write.
-    let name = unsafe { libc::if_indextoname(index, buf.as_mut_ptr()) };
-    if name.is_null() {
-        return None;
-    }
-    // SAFETY: on success the buffer holds a NUL-terminated name.
-    Some(
-        unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }
-            .to_string_lossy()
-            .into_owned(),
-    )
+    nix::net::if_::if_indextoname(index)
+        .ok()
+        .map(|name| name.to_string_lossy().into_owned())
 }
 
 /// A random non-zero cookie for `underlay_xdp`'s mark.
@@ -964,62 +953,34 @@ fn adopt_peers(ebpf: &Ebpf) -> Result<PeerTable, DatapathError> {
 
 /// The interface index of `iface` in the agent's network namespace.
 fn ifindex(iface: &str) -> Result<u32, DatapathError> {
-    let device_err = |source| DatapathError::Device {
+    nix::net::if_::if_nametoindex(iface).map_err(|errno| DatapathError::Device {
         iface: iface.to_owned(),
-        source,
-    };
-    let name = CString::new(iface)
-        .map_err(|_| device_err(io::Error::from(io::ErrorKind::InvalidInput)))?;
-    // SAFETY: `name` is a valid C string for the duration of the call.
-    match unsafe { libc::if_nametoindex(name.as_ptr()) } {
-        0 => Err(device_err(io::Error::last_os_error())),
-        index => Ok(index),
-    }
+        source: errno.into(),
+    })
 }
 
-/// The MAC address of `iface` (SIOCGIFHWADDR, which resolves in the caller's network namespace,
-/// unlike /sys, which shows the namespace it was mounted in).
+/// The MAC address of `iface`, from the kernel's interface list (netlink under `getifaddrs`),
+/// which resolves in the caller's network namespace, unlike /sys, which shows the namespace it
+/// was mounted in.
 fn hw_addr(iface: &str) -> Result<[u8; 6], DatapathError> {
     let device_err = |source| DatapathError::Device {
         iface: iface.to_owned(),
         source,
     };
-    // SAFETY: a zeroed ifreq is a valid argument; we only read the union member SIOCGIFHWADDR
-    // fills, and the socket is closed by OwnedFd.
-    unsafe {
-        let mut req: libc::ifreq = mem::zeroed();
-        let bytes = iface.as_bytes();
-        if bytes.is_empty() || bytes.len() >= req.ifr_name.len() {
-            return Err(device_err(io::Error::from(io::ErrorKind::InvalidInput)));
-        }
-        for (dst, src) in req.ifr_name.iter_mut().zip(bytes) {
-            *dst = *src as libc::c_char;
-        }
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
-        if fd < 0 {
-            return Err(device_err(io::Error::last_os_error()));
-        }
-        let sock = <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd);
-        if libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFHWADDR, &mut req) != 0 {
-            return Err(device_err(io::Error::last_os_error()));
-        }
-        let data = req.ifr_ifru.ifru_hwaddr.sa_data;
-        Ok([data[0], data[1], data[2], data[3], data[4], data[5]].map(|b| b as u8))
-    }
+    nix::ifaddrs::getifaddrs()
+        .map_err(|errno| device_err(errno.into()))?
+        .filter(|entry| entry.interface_name == iface)
+        .find_map(|entry| entry.address?.as_link_addr()?.addr())
+        .ok_or_else(|| device_err(io::Error::from(io::ErrorKind::NotFound)))
 }
 
 /// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; newer ones use memcg, where raising
 /// the limit is unnecessary (and may be refused without CAP_SYS_RESOURCE), so failure only warns.
 fn raise_memlock_limit() {
-    let limit = libc::rlimit {
-        rlim_cur: libc::RLIM_INFINITY,
-        rlim_max: libc::RLIM_INFINITY,
-    };
-    // SAFETY: setrlimit reads the struct we pass and has no other effect on memory.
-    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &limit) } != 0 {
+    use nix::sys::resource::{RLIM_INFINITY, Resource, setrlimit};
+    if let Err(errno) = setrlimit(Resource::RLIMIT_MEMLOCK, RLIM_INFINITY, RLIM_INFINITY) {
         tracing::debug!(
-            "cannot raise RLIMIT_MEMLOCK ({}); fine on kernels with memcg-based BPF accounting",
-            io::Error::last_os_error()
+            "cannot raise RLIMIT_MEMLOCK ({errno}); fine on kernels with memcg-based BPF accounting"
         );
     }
 }
@@ -1039,7 +1000,7 @@ mod tests {
         );
         // The kernel's struct bpf_lpm_trie_key_u8: __u32 prefixlen (host order), then data.
         // SAFETY: Key<[u8; 4]> is a packed 8-byte POD struct.
-        let raw: [u8; 8] = unsafe { mem::transmute(k) };
+        let raw: [u8; 8] = unsafe { std::mem::transmute(k) };
         let mut expected = 24u32.to_ne_bytes().to_vec();
         expected.extend_from_slice(&[172, 17, 2, 0]);
         assert_eq!(raw.to_vec(), expected);
