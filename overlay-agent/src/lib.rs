@@ -1,16 +1,22 @@
 //! The overlay agent: a flanneld-compatible node daemon whose data path runs in eBPF.
 //!
-//! - `cli`: flanneld's flags; `iface`: choosing the external interface as flanneld does.
-//! The pipeline: `subnet` (etcd → the network config, leases, peer events, subnet.env) →
-//! `backend` (vxlan, host-gw: events → routes, pure) → `datapath` (routes → BPF maps).
-//! - `datapath`: loading the embedded eBPF object, attaching it, filling its maps;
-//!   `netdev`: the host device `ovl0` and finding the pod bridge.
-//! - `healthz`: `/healthz`, `/readyz` and `/metrics`; `daemon`: the node daemon tying these
-//!   together.
-//! - Operations: `compat` (the rest of flanneld's flags), `kernel` (feature check at start),
-//!   `notify` (systemd's sd_notify), `telemetry` (runtime state, honest readiness, the status
-//!   file), `metrics` (Prometheus), `status` and `monitor` (the inspection subcommands),
-//!   `linkwatch` (netlink link events that trigger the data path's repair).
+//! The pipeline of a peer, from etcd to a BPF map, reads from the folder names:
+//! - `subnet`: etcd to the network config (`subnet::config`), this node's lease and the other
+//!   nodes' leases as peer events (`subnet::watch`), `subnet.env`. Calls only the registry
+//!   (etcd) and `json_ci`.
+//! - `backend` (`vxlan`, `host_gw`): config and peer events to lease attributes, tunnel
+//!   settings and route changes; pure functions, no I/O.
+//! - `datapath`: routes and settings to the eBPF object's maps, attachments, pinning, the
+//!   inspection of pinned state (`inspect`, `print`). Calls aya and the kernel, never etcd.
+//!
+//! Around it: `daemon` (orchestration only: start-up order, tasks, the main loop; `node`
+//! applies decisions to the data path), `cli` (flanneld's flags), `iface` (choosing the
+//! external interface), `netdev` (the host device `ovl0`, the pod bridge, netlink queries),
+//! `endpoints` (local pods for delivery straight into them), `linkwatch` (netlink link
+//! events that trigger repairs), `healthz` (`/healthz`, `/readyz`, `/metrics`).
+//! Operations: `compat` (the rest of flanneld's flags), `kernel` (feature check at start),
+//! `notify` (systemd's sd_notify), `telemetry` (runtime state, readiness, the status file),
+//! `metrics` (Prometheus), `status` and `monitor` (inspection subcommands).
 
 pub mod backend;
 pub mod cli;

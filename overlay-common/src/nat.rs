@@ -209,7 +209,9 @@ impl NatKeyV4 {
 mod user {
     // SAFETY: `#[repr(C)]`, `Pod` by bytemuck's derive (no padding, any bit pattern).
     unsafe impl aya::Pod for super::NatConfig {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::NatKeyV4 {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::NatEntryV4 {}
 }
 

@@ -10,6 +10,11 @@
 //! `csum`, `ipv4` (packet access and rewrites).
 #![no_std]
 #![no_main]
+#![expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "map keys are passed by reference, as aya's own examples do: a key is built once on \
+              the stack and never copied"
+)]
 
 /// Checks at compile time that the map or program `$item` is called as `$name` says
 /// (`overlay_common::names`, the names the agent, tests and benchmark look up). aya's macros

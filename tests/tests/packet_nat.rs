@@ -322,7 +322,7 @@ fn check_ip(out: &[u8]) -> Vec<u8> {
     match ip[9] {
         IPPROTO_TCP => assert_eq!(l4_sum(src, dst, IPPROTO_TCP, seg), 0, "TCP checksum"),
         IPPROTO_UDP if be16(seg, 6) != 0 => {
-            assert_eq!(l4_sum(src, dst, IPPROTO_UDP, seg), 0, "UDP checksum")
+            assert_eq!(l4_sum(src, dst, IPPROTO_UDP, seg), 0, "UDP checksum");
         }
         IPPROTO_ICMP => assert_eq!(checksum(seg), 0, "ICMP checksum"),
         _ => {}

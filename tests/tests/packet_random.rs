@@ -985,9 +985,8 @@ fn with_masquerade_on_every_frame_is_accounted_once_and_translations_hold() {
         })
         .unwrap();
     eprintln!(
-        "packet_random (masquerade): {} frames per TC program, {translated} pod packets \
-         translated, {back} replies translated back",
-        frames
+        "packet_random (masquerade): {frames} frames per TC program, {translated} pod packets \
+         translated, {back} replies translated back"
     );
     assert!(
         translated > 0 && back > 0,

@@ -6,11 +6,10 @@
 use std::collections::BTreeMap;
 
 use anyhow::{Context as _, Result};
-use tokio::sync::watch;
-use tracing::{error, info, warn};
-
 use ipnet::Ipv4Net;
 use overlay_common::endpoint::Endpoint;
+use tokio::sync::watch;
+use tracing::{error, info, warn};
 
 use crate::{
     backend::{self, RouteChange},

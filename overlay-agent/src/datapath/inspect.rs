@@ -55,7 +55,7 @@ pub fn pinned_peers(dir: &Path) -> Result<Vec<(Ipv4Net, RemoteNode)>, DatapathEr
         }
     })?;
     let mut peers = Vec::new();
-    for entry in trie.iter() {
+    for entry in &trie {
         let (key, node) = entry.map_err(|source| DatapathError::Map {
             map: names::ROUTE_V4,
             source,

@@ -937,7 +937,7 @@ fn adopt_peers(ebpf: &Ebpf) -> Result<PeerTable, DatapathError> {
         }
     })?;
     let mut table = PeerTable::default();
-    for entry in trie.iter() {
+    for entry in &trie {
         let (key, node) = entry.map_err(|source| DatapathError::Map {
             map: names::ROUTE_V4,
             source,

@@ -236,7 +236,9 @@ impl Registry for EtcdRegistry {
             .await
             .map_err(|e| etcd_error("get", key, e))?;
         Ok(Fetched {
-            revision: response.header().map_or(0, |h| h.revision()),
+            revision: response
+                .header()
+                .map_or(0, etcd_client::ResponseHeader::revision),
             kv: response.kvs().first().map(key_value),
         })
     }
@@ -248,7 +250,9 @@ impl Registry for EtcdRegistry {
             .await
             .map_err(|e| etcd_error("list", prefix, e))?;
         Ok(Listing {
-            revision: response.header().map_or(0, |h| h.revision()),
+            revision: response
+                .header()
+                .map_or(0, etcd_client::ResponseHeader::revision),
             kvs: response.kvs().iter().map(key_value).collect(),
         })
     }
@@ -277,7 +281,9 @@ impl Registry for EtcdRegistry {
             Ok(response) if response.succeeded() => Ok(CreateOutcome::Created(Granted {
                 lease,
                 ttl: Duration::from_secs(u64::try_from(grant.ttl()).unwrap_or(0)),
-                revision: response.header().map_or(0, |h| h.revision()),
+                revision: response
+                    .header()
+                    .map_or(0, etcd_client::ResponseHeader::revision),
             })),
             Ok(_) => {
                 self.revoke(lease).await;
@@ -314,7 +320,9 @@ impl Registry for EtcdRegistry {
             Ok(response) if response.succeeded() => Ok(RenewOutcome::Renewed(Granted {
                 lease,
                 ttl: Duration::from_secs(u64::try_from(grant.ttl()).unwrap_or(0)),
-                revision: response.header().map_or(0, |h| h.revision()),
+                revision: response
+                    .header()
+                    .map_or(0, etcd_client::ResponseHeader::revision),
             })),
             Ok(_) => {
                 self.revoke(lease).await;
@@ -334,7 +342,9 @@ impl Registry for EtcdRegistry {
             .put(key, value, None)
             .await
             .map_err(|e| etcd_error("put", key, e))?;
-        Ok(response.header().map_or(0, |h| h.revision()))
+        Ok(response
+            .header()
+            .map_or(0, etcd_client::ResponseHeader::revision))
     }
 
     async fn delete(&self, key: &str) -> Result<bool, RegistryError> {

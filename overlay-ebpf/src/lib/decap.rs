@@ -151,8 +151,10 @@ pub fn try_underlay_ingress(ctx: &TcContext) -> Result<i32, Reason> {
     let (inner_eth, inner_ip) = check_vxlan(ctx, cfg, &ip, ctx.len() as usize)?;
     // SAFETY (reads and rewrites below): `inner_ip` is a checked pointer, valid until the
     // packet shrinks.
+    // SAFETY: checked pointers, read before any helper moves data.
     let (ttl, daddr) = unsafe { ((*inner_ip).ttl, (*inner_ip).daddr) };
     let plan = plan(cfg, daddr, ttl)?;
+    // SAFETY: `inner_ip` is a checked pointer, still valid: no helper has moved data yet.
     unsafe { decapsulate_ecn(ip.tos, inner_ip)? };
     if plan.target == Target::Pod {
         // SAFETY: as above; `plan` guarantees ttl > 1.
@@ -174,7 +176,7 @@ pub fn try_underlay_ingress(ctx: &TcContext) -> Result<i32, Reason> {
 #[inline(always)]
 fn vxlan_for_us(ctx: &impl Packet, cfg: &Config) -> Option<(Ipv4Hdr, UdpHdr)> {
     let (_, ip) = eth_ipv4(ctx)?;
-    // SAFETY (both reads): checked pointers, read before any helper moves data.
+    // SAFETY: a checked pointer from `eth_ipv4`, read before any helper moves data.
     let ip = unsafe { *ip };
     if ip.ver_ihl != Ipv4Hdr::VER_IHL_NO_OPTIONS
         || ip.proto != IPPROTO_UDP
@@ -183,6 +185,7 @@ fn vxlan_for_us(ctx: &impl Packet, cfg: &Config) -> Option<(Ipv4Hdr, UdpHdr)> {
     {
         return None;
     }
+    // SAFETY: a checked pointer, read at once.
     let udp = unsafe { *ptr_at::<UdpHdr>(ctx, UDP_OFF)? };
     (udp.dest == cfg.port.to_be_bytes()).then_some((ip, udp))
 }
@@ -208,10 +211,11 @@ fn check_vxlan(
         return Err(Reason::DropTruncated);
     }
     let udp = ptr_at::<UdpHdr>(ctx, UDP_OFF).ok_or(Reason::DropTruncated)?;
-    // SAFETY (all reads below): checked pointers, read before any helper moves data.
+    // SAFETY: a checked pointer, read before any helper moves data.
     if usize::from(u16::from_be_bytes(unsafe { (*udp).len })) != tot_len - IPV4_HLEN {
         return Err(Reason::DropMalformed);
     }
+    // SAFETY: a checked pointer, read at once.
     let vxlan = unsafe { *ptr_at::<VxlanHdr>(ctx, VXLAN_OFF).ok_or(Reason::DropTruncated)? };
     if vxlan.flags != [VXLAN_FLAGS_I, 0, 0, 0] || vxlan.vni[3] != 0 {
         return Err(Reason::DropMalformed);
@@ -222,6 +226,7 @@ fn check_vxlan(
     if !is_member(ip.saddr) {
         return Err(Reason::DropUnknownPeer);
     }
+    // SAFETY: a checked pointer, read at once.
     let inner_eth = unsafe { *ptr_at::<EthHdr>(ctx, INNER_ETH_OFF).ok_or(Reason::DropTruncated)? };
     if inner_eth.dst != cfg.vtep_mac {
         return Err(Reason::DropWrongMac);
@@ -230,6 +235,7 @@ fn check_vxlan(
         return Err(Reason::DropNotIpv4);
     }
     let inner_ip = ptr_at::<Ipv4Hdr>(ctx, INNER_IP_OFF).ok_or(Reason::DropTruncated)?;
+    // SAFETY: a checked pointer, read at once.
     let inner = unsafe { *inner_ip };
     check_inner_ipv4(ctx, &inner, tot_len - (INNER_IP_OFF - ETH_HLEN))?;
     check_inner_source(cfg, ip.saddr, inner.saddr)?;
@@ -428,6 +434,7 @@ pub fn xdp_decapsulate(ctx: &XdpContext) -> u32 {
         };
     }
     // The metadata moves along with the data.
+    // SAFETY: a helper call on our own context.
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, VXLAN_OVERHEAD as i32) } != 0 {
         return PASS;
     }
