@@ -177,6 +177,31 @@ pub struct NatEntryV4 {
 const _: () = assert!(size_of::<NatEntryV4>() == 16);
 
 impl NatKeyV4 {
+    /// The key of a packet from `saddr:sport` to `daddr:dport` of `proto`.
+    #[must_use]
+    pub const fn new(
+        saddr: [u8; 4],
+        daddr: [u8; 4],
+        sport: [u8; 2],
+        dport: [u8; 2],
+        proto: u8,
+    ) -> Self {
+        Self {
+            saddr,
+            daddr,
+            sport,
+            dport,
+            proto,
+            _pad: [0; 3],
+        }
+    }
+
+    /// The same tuple seen from the other side (sources and destinations swapped).
+    #[must_use]
+    pub const fn reversed(&self) -> Self {
+        Self::new(self.daddr, self.saddr, self.dport, self.sport, self.proto)
+    }
+
     /// The `SNAT_V4_REV` key of a flow whose pod-side key is `self`, translated to
     /// `nat_addr:nat_port`: the reply's tuple.
     #[must_use]

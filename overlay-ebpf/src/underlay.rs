@@ -18,14 +18,13 @@
 //!   nothing else.
 
 use aya_ebpf::{
-    bindings::TC_ACT_OK,
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
 use overlay_common::counters::Reason;
 
 use crate::lib::{
-    counters::{count, verdict},
+    counters::{Step, count, settled, then, verdict},
     decap::{try_underlay_ingress, xdp_decapsulate},
     direct::try_direct_ingress,
     nat,
@@ -34,18 +33,13 @@ use crate::lib::{
 #[classifier]
 pub fn underlay_ingress(ctx: TcContext) -> i32 {
     count(Reason::UnderlayRx, ctx.len());
-    // VXLAN for us never has a pod subnet as outer destination, so only what decapsulation
-    // passed on can be direct traffic.
-    let result = match try_underlay_ingress(&ctx) {
-        Ok(TC_ACT_OK) => try_direct_ingress(&ctx),
-        other => other,
-    };
-    // Then replies to masqueraded flows (`lib::nat`), addressed to this node.
-    let result = match result {
-        Ok(TC_ACT_OK) => nat::reverse(&ctx),
-        other => other,
-    };
-    verdict(&ctx, result)
+    // Three stages in turn, each settling the packet or passing it on. VXLAN for us never has a
+    // pod subnet as outer destination, so only what decapsulation passed on can be direct
+    // traffic; then replies to masqueraded flows (`lib::nat`), addressed to this node.
+    let steps = Step::of(try_underlay_ingress(&ctx));
+    let steps = then(steps, || try_direct_ingress(&ctx));
+    let steps = then(steps, || nat::reverse(&ctx));
+    verdict(&ctx, settled(steps))
 }
 named!(underlay_ingress, overlay_common::names::UNDERLAY_INGRESS);
 

@@ -75,7 +75,7 @@ use overlay_common::{
 };
 
 use crate::lib::{
-    counters::count,
+    counters::{Step, count},
     csum::{ipv4_checksum_ok, ipv4_header_checksum_ok},
     endpoint::{endpoint_v4, redirect_to_endpoint},
     fib,
@@ -325,8 +325,7 @@ fn deliver(
     if plan.target == Target::Host && daddr == cfg.subnet {
         // A reply to a flow masqueraded into the cluster: translated back, and either routed
         // out (a verdict) or left for the host stack.
-        let verdict = nat::reverse_decapsulated(ctx, cfg)?;
-        if verdict != TC_ACT_OK {
+        if let Step::Done(verdict) = Step::of(nat::reverse_decapsulated(ctx, cfg))? {
             return Ok(verdict);
         }
     }

@@ -54,14 +54,7 @@ pub(super) fn is_first_fragment(ip: &Ipv4Hdr) -> bool {
 /// The `SNAT_V4_FRAG` key of the datagram `ip` belongs to: its reassembly identity.
 #[inline(always)]
 fn frag_key(ip: &Ipv4Hdr) -> NatKeyV4 {
-    NatKeyV4 {
-        saddr: ip.saddr,
-        daddr: ip.daddr,
-        sport: ip.id,
-        dport: [0, 0],
-        proto: ip.proto,
-        _pad: [0; 3],
-    }
+    NatKeyV4::new(ip.saddr, ip.daddr, ip.id, [0, 0], ip.proto)
 }
 
 /// Whether `key` (a packet about to be masqueraded at the external interface) is the reply of a
@@ -70,14 +63,7 @@ fn frag_key(ip: &Ipv4Hdr) -> NatKeyV4 {
 /// conntrack, and must keep its pod source.
 #[inline(always)]
 pub(super) fn replies_to_cluster_flow(nat: &NatConfig, key: &NatKeyV4, now: u64) -> bool {
-    let orig = NatKeyV4 {
-        saddr: key.daddr,
-        daddr: key.saddr,
-        sport: key.dport,
-        dport: key.sport,
-        proto: key.proto,
-        _pad: [0; 3],
-    };
+    let orig = key.reversed();
     match SNAT_V4_CT.get_ptr(&orig) {
         // SAFETY: a map value pointer, valid during this program run.
         Some(ct) => unsafe {

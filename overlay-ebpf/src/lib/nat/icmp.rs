@@ -36,34 +36,14 @@ pub(super) fn icmp_error_reverse(
     ip: &Ipv4Hdr,
     l4: usize,
 ) -> Result<i32, Reason> {
-    let inner = l4 + size_of::<IcmpHdr>();
-    let Ok(iip) = ctx.load::<Ipv4Hdr>(inner) else {
+    let Some(Quoted {
+        iip,
+        key,
+        port_off,
+        inner_csum_off,
+    }) = quoted(ctx, l4, ip.daddr, true)
+    else {
         return Ok(TC_ACT_OK);
-    };
-    if iip.ver_ihl != Ipv4Hdr::VER_IHL_NO_OPTIONS || iip.saddr != ip.daddr {
-        return Ok(TC_ACT_OK);
-    }
-    let il4 = inner + IPV4_HLEN;
-    let Some(t) = load_l4(ctx, iip.proto, il4, false) else {
-        return Ok(TC_ACT_OK);
-    };
-    // The inner packet went from us to the remote: its reply tuple is the reverse.
-    let (sport, dport) = if iip.proto == IPPROTO_ICMP {
-        if t.icmp_type != IcmpHdr::ECHO {
-            return Ok(TC_ACT_OK);
-        }
-        ([0, 0], t.sport)
-    } else {
-        (t.dport, t.sport)
-    };
-    let (port_off, inner_csum_off) = (L4Ports::port_off(iip.proto, il4, true), t.csum_off);
-    let key = NatKeyV4 {
-        saddr: iip.daddr,
-        daddr: iip.saddr,
-        sport,
-        dport,
-        proto: iip.proto,
-        _pad: [0; 3],
     };
     let Some(orig) = flow_in(nat, &key, 0) else {
         return Ok(TC_ACT_OK);
@@ -99,35 +79,14 @@ pub(super) fn icmp_error_out(
     nat_addr: [u8; 4],
     hop: bool,
 ) -> Result<bool, Reason> {
-    let inner = l4 + size_of::<IcmpHdr>();
-    let Ok(iip) = ctx.load::<Ipv4Hdr>(inner) else {
+    let Some(Quoted {
+        iip,
+        key,
+        port_off,
+        inner_csum_off,
+    }) = quoted(ctx, l4, ip.saddr, false)
+    else {
         return Ok(false);
-    };
-    if iip.ver_ihl != Ipv4Hdr::VER_IHL_NO_OPTIONS || iip.daddr != ip.saddr {
-        return Ok(false);
-    }
-    let il4 = inner + IPV4_HLEN;
-    let Some(t) = load_l4(ctx, iip.proto, il4, false) else {
-        return Ok(false);
-    };
-    // The quoted packet came from the remote to the originator: the reverse of the flow's key.
-    // The originator's side is its destination port (ICMP: the echo reply's identifier).
-    let (sport, dport) = if iip.proto == IPPROTO_ICMP {
-        if t.icmp_type != IcmpHdr::ECHO_REPLY {
-            return Ok(false);
-        }
-        (t.sport, [0, 0])
-    } else {
-        (t.dport, t.sport)
-    };
-    let (port_off, inner_csum_off) = (L4Ports::port_off(iip.proto, il4, false), t.csum_off);
-    let key = NatKeyV4 {
-        saddr: iip.daddr,
-        daddr: iip.saddr,
-        sport,
-        dport,
-        proto: iip.proto,
-        _pad: [0; 3],
     };
     // SAFETY: no arguments.
     let now = unsafe { bpf_ktime_get_ns() };
@@ -140,7 +99,7 @@ pub(super) fn icmp_error_out(
         old_addr: iip.daddr,
         new_addr: nat_addr,
         port_off,
-        old_port: sport,
+        old_port: key.sport,
         new_port: flow.port,
     };
     rewrite_quote(ctx, l4, inner_csum_off, &iip, &side)?;
@@ -148,6 +107,57 @@ pub(super) fn icmp_error_out(
     // The outer source (ICMP has no pseudo-header).
     rewrite_addr(ctx, IP_SADDR_OFF, ip.saddr, nat_addr, NO_L4_CSUM, hop, ip)?;
     Ok(true)
+}
+
+/// The packet an ICMP error quotes, as a translation needs it: its IPv4 header, the key of
+/// its flow (as the flow's own packets carry it: `SNAT_V4_REV`'s for what we sent,
+/// `SNAT_V4_CT`'s for what we received), where the port we translate is and where its L4
+/// checksum is.
+struct Quoted {
+    iip: Ipv4Hdr,
+    key: NatKeyV4,
+    port_off: usize,
+    inner_csum_off: usize,
+}
+
+/// Reads the packet quoted by the ICMP error whose header is at `l4`, once for both
+/// directions: `sent_by_us` when the quoted packet went out translated (its source is `ours`,
+/// the error comes back to us), else it is one the originator received (its destination is
+/// `ours`). `None` when the quote is not an option-less IPv4 packet of a protocol and ICMP
+/// type we translate, or is not about `ours`.
+#[inline(always)]
+fn quoted(ctx: &TcContext, l4: usize, ours: [u8; 4], sent_by_us: bool) -> Option<Quoted> {
+    let inner = l4 + size_of::<IcmpHdr>();
+    let iip: Ipv4Hdr = ctx.load(inner).ok()?;
+    let our_side = if sent_by_us { iip.saddr } else { iip.daddr };
+    if iip.ver_ihl != Ipv4Hdr::VER_IHL_NO_OPTIONS || our_side != ours {
+        return None;
+    }
+    let il4 = inner + IPV4_HLEN;
+    let t = load_l4(ctx, iip.proto, il4, false)?;
+    // Either way the flow's key is the quoted tuple reversed; for ICMP echo the identifier is
+    // on our side: the destination of a reply to our request, the source of our request.
+    let (sport, dport) = if iip.proto == IPPROTO_ICMP {
+        if sent_by_us {
+            if t.icmp_type != IcmpHdr::ECHO {
+                return None;
+            }
+            ([0, 0], t.sport)
+        } else {
+            if t.icmp_type != IcmpHdr::ECHO_REPLY {
+                return None;
+            }
+            (t.sport, [0, 0])
+        }
+    } else {
+        (t.dport, t.sport)
+    };
+    Some(Quoted {
+        iip,
+        key: NatKeyV4::new(iip.daddr, iip.saddr, sport, dport, iip.proto),
+        port_off: L4Ports::port_off(iip.proto, il4, sent_by_us),
+        inner_csum_off: t.csum_off,
+    })
 }
 
 /// The side of a packet quoted by an ICMP error that a translation rewrites: the address at

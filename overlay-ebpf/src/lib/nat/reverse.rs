@@ -81,14 +81,7 @@ fn reverse_to(ctx: &TcContext, cfg: &Config, nat_addr: [u8; 4]) -> Result<i32, R
         (t.sport, t.dport)
     };
     let (csum_off, tcp_flags) = (t.csum_off, t.tcp_flags);
-    let key = NatKeyV4 {
-        saddr: ip.saddr,
-        daddr: ip.daddr,
-        sport,
-        dport,
-        proto: ip.proto,
-        _pad: [0; 3],
-    };
+    let key = NatKeyV4::new(ip.saddr, ip.daddr, sport, dport, ip.proto);
     let Some(orig) = flow_in(nat, &key, tcp_flags) else {
         return Ok(TC_ACT_OK);
     };
@@ -163,16 +156,7 @@ pub(super) fn deliver(
     // no bridge, or a packet too big for the pod (the kernel fragments or answers).
     let to_kernel =
         orig.flags & NAT_E_KERNEL != 0 || ip.ttl <= 1 || egress == 0 || !fib::fits(ctx, egress);
-    rewrite_addr(
-        ctx,
-        IP_DADDR_OFF,
-        ip.daddr,
-        orig.addr,
-        l4_csum,
-        !to_kernel,
-        ip,
-    )?;
-    count(Reason::NatRev, ctx.len());
+    restore_destination(ctx, ip, orig, l4_csum, !to_kernel)?;
     if to_kernel {
         return Ok(TC_ACT_OK);
     }
@@ -200,10 +184,25 @@ fn route_back(
     // NOT_FWDED (a local destination) and every failure: the kernel's.
     let forward =
         rc == i64::from(BPF_FIB_LKUP_RET_SUCCESS) && ip.ttl > 1 && fib::fits(ctx, fib.ifindex);
-    rewrite_addr(ctx, IP_DADDR_OFF, ip.daddr, orig.addr, l4_csum, forward, ip)?;
-    count(Reason::NatRev, ctx.len());
+    restore_destination(ctx, ip, orig, l4_csum, forward)?;
     if !forward {
         return Ok(TC_ACT_OK);
     }
     Ok(fib::redirect_neigh(fib.ifindex))
+}
+
+/// Gives the reply its original destination back (`orig`, the originator), with its
+/// checksums; `hop` when we forward it ourselves (the TTL is decremented). Counted as
+/// translated back whatever the delivery.
+#[inline(always)]
+fn restore_destination(
+    ctx: &TcContext,
+    ip: &Ipv4Hdr,
+    orig: NatEntryV4,
+    l4_csum: L4Csum,
+    hop: bool,
+) -> Result<(), Reason> {
+    rewrite_addr(ctx, IP_DADDR_OFF, ip.daddr, orig.addr, l4_csum, hop, ip)?;
+    count(Reason::NatRev, ctx.len());
+    Ok(())
 }

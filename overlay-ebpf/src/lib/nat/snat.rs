@@ -141,14 +141,7 @@ pub(super) fn translate_out(
         }
     }
     let (sport, dport, csum_off, tcp_flags) = (t.sport, t.dport, t.csum_off, t.tcp_flags);
-    let key = NatKeyV4 {
-        saddr: ip.saddr,
-        daddr: ip.daddr,
-        sport,
-        dport,
-        proto: ip.proto,
-        _pad: [0; 3],
-    };
+    let key = NatKeyV4::new(ip.saddr, ip.daddr, sport, dport, ip.proto);
     // SAFETY: no arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     if eflags & NAT_E_KERNEL != 0 && replies_to_cluster_flow(nat, &key, now) {
