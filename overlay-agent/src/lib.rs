@@ -12,8 +12,8 @@
 //! Around it: `daemon` (orchestration only: start-up order, tasks, the main loop; `node`
 //! applies decisions to the data path), `cli` (flanneld's flags), `iface` (choosing the
 //! external interface), `netdev` (the host device `ovl0`, the pod bridge, netlink queries),
-//! `endpoints` (local pods for delivery straight into them), `linkwatch` (netlink link
-//! events that trigger repairs), `healthz` (`/healthz`, `/readyz`, `/metrics`).
+//! `endpoints` (local pods for delivery straight into them), `netevents` (the one netlink
+//! subscription: link events for repairs, every message for `endpoints`), `healthz` (`/healthz`, `/readyz`, `/metrics`).
 //! Operations: `compat` (the rest of flanneld's flags), `kernel` (feature check at start),
 //! `notify` (systemd's sd_notify), `telemetry` (runtime state, readiness, the status file),
 //! `metrics` (Prometheus), `status` and `monitor` (inspection subcommands).
@@ -27,10 +27,10 @@ pub mod endpoints;
 pub mod healthz;
 pub mod iface;
 pub mod kernel;
-pub mod linkwatch;
 pub mod metrics;
 pub mod monitor;
 pub mod netdev;
+pub mod netevents;
 pub mod notify;
 pub mod status;
 pub mod subnet;

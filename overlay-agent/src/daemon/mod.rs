@@ -14,7 +14,7 @@
 //! (`compat`), the kernel's features checked (`kernel`) before anything is touched; systemd
 //! hears `READY=1` once the node is ready and `WATCHDOG=1` while the main loop runs
 //! (`notify`). Every second the main loop checks the data path's attachments against the
-//! kernel and repairs them (also at once on netlink link events, `linkwatch`), and writes the
+//! kernel and repairs them (also at once on netlink link events, `netevents`), and writes the
 //! status file; an etcd prober task records reachability. All of it feeds `telemetry`, which
 //! `/readyz`, `/metrics` and `overlay-agent status` report.
 //!
@@ -51,8 +51,9 @@ use crate::{
         pin::{PinDir, PinError},
     },
     endpoints::run_watcher,
-    iface, kernel, linkwatch,
+    iface, kernel,
     netdev::{HOST_DEVICE, Netlink},
+    netevents::NetlinkEvents,
     notify::Notifier,
     subnet::{
         EtcdRegistry, Lease, SubnetManager,
@@ -213,7 +214,8 @@ async fn serve(flags: Flags, mut signals: Signals, undo: &mut Undo) -> Result<()
 
     let netlink = Netlink::new()?;
     // Subscribed before the first attachment, so no deletion goes unheard.
-    let mut links = linkwatch::subscribe().context("subscribing to netlink link events")?;
+    let mut netlink_events =
+        NetlinkEvents::subscribe().context("subscribing to netlink link and neighbour events")?;
     enable_ip_forwarding()?;
     datapath.attach_underlay(&ext.name)?;
     info!("data path attached to {}", ext.name);
@@ -271,7 +273,12 @@ async fn serve(flags: Flags, mut signals: Signals, undo: &mut Undo) -> Result<()
     });
 
     let (endpoints_tx, mut endpoints) = watch::channel(BTreeMap::new());
-    let mut endpoint_watcher = tokio::spawn(run_watcher(node.scope.subscribe(), endpoints_tx));
+    let mut endpoint_watcher = tokio::spawn(run_watcher(
+        node.scope.subscribe(),
+        endpoints_tx,
+        netlink_events.handle(),
+        netlink_events.messages(),
+    ));
 
     let mut subnet = lease.subnet;
     let mut bridge_poll = tokio::time::interval(BRIDGE_POLL);
@@ -287,7 +294,7 @@ async fn serve(flags: Flags, mut signals: Signals, undo: &mut Undo) -> Result<()
                 write_status(&telemetry, &flags.status_file);
             }
             _ = watchdog.tick(), if notifier.watchdog_interval().is_some() => notifier.watchdog(),
-            Some(event) = links.events.recv() => {
+            Some(event) = netlink_events.links.recv() => {
                 let ours = event.name == ext.name
                     || event.name == HOST_DEVICE
                     || datapath.pod_bridge() == Some(event.name.as_str());
@@ -339,7 +346,12 @@ async fn serve(flags: Flags, mut signals: Signals, undo: &mut Undo) -> Result<()
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 let (tx, rx) = watch::channel(BTreeMap::new());
                 endpoints = rx;
-                endpoint_watcher = tokio::spawn(run_watcher(node.scope.subscribe(), tx));
+                endpoint_watcher = tokio::spawn(run_watcher(
+                    node.scope.subscribe(),
+                    tx,
+                    netlink_events.handle(),
+                    netlink_events.messages(),
+                ));
             }
             event = peers.recv() => match event {
                 Some(event) => node.apply_peer_event(&mut datapath, &netlink, &event).await,
