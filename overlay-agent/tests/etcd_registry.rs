@@ -1,126 +1,30 @@
 //! `EtcdRegistry` (and the subnet manager on top of it) against a real etcd.
 //!
 //! Each test starts its own etcd (Debian's `etcd-server`, 3.4) on 127.0.0.1 with random free
-//! ports and a temporary data dir; the guard kills it and removes the dir when the test ends,
-//! also on failure. Without `/usr/bin/etcd` the tests fail with a message saying so: they are
-//! never skipped.
+//! ports and a temporary data dir, through the harness's launcher (`overlay_tests::etcd`, with
+//! its rcgen certificates for TLS); it is killed and its dir removed when the test ends, also on
+//! failure. Without etcd the tests fail with a message saying so: they are never skipped.
 
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use overlay_agent::subnet::config::NetworkConfig;
 use overlay_agent::subnet::etcd::EtcdConnectError;
 use overlay_agent::subnet::lease::{LeaseAttrs, Mac, subnet_key};
-use overlay_agent::subnet::registry::{CreateOutcome, Registry, WatchEvent, Watcher};
+use overlay_agent::subnet::registry::{CreateOutcome, Registry, WatchEvent};
 use overlay_agent::subnet::{
-    EtcdOptions, EtcdRegistry, ManagerOptions, PeerEvent, SubnetManager, contract,
+    EtcdOptions, EtcdRegistry, ManagerOptions, PeerEvent, SubnetManager,
+    contract::{self, next, record},
 };
+use overlay_tests::etcd::{EtcdServer, TlsFiles, free_port};
 use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, timeout};
 
-const ETCD: &str = "/usr/bin/etcd";
 const PREFIX: &str = "/coreos.com/network";
 
-/// A private etcd, killed on drop.
+/// A private etcd on 127.0.0.1 (the harness's launcher), killed on drop, with the registry
+/// options that reach it.
 struct EtcdGuard {
-    child: Child,
-    endpoint: String,
-    tls: Option<Certs>,
-    dir: tempfile::TempDir,
-}
-
-/// A CA, a server certificate for 127.0.0.1 and a client certificate, made with `openssl`.
-#[derive(Clone)]
-struct Certs {
-    ca: PathBuf,
-    server_cert: PathBuf,
-    server_key: PathBuf,
-    client_cert: PathBuf,
-    client_key: PathBuf,
-}
-
-fn openssl(dir: &Path, args: &[&str]) {
-    let output = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("openssl is needed for the etcd TLS test (Debian package openssl)");
-    assert!(
-        output.status.success(),
-        "openssl {args:?} failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-}
-
-impl Certs {
-    fn generate(dir: &Path) -> Self {
-        let ec = [
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-        ];
-        let mut ca = vec!["req", "-x509", "-days", "1", "-subj", "/CN=overlay-test-ca"];
-        ca.extend(ec);
-        ca.extend(["-keyout", "ca.key", "-out", "ca.crt"]);
-        openssl(dir, &ca);
-        for (name, usage) in [("server", "serverAuth"), ("client", "clientAuth")] {
-            let ext = format!("{name}.ext");
-            std::fs::write(
-                dir.join(&ext),
-                format!("subjectAltName=IP:127.0.0.1\nextendedKeyUsage={usage}\nbasicConstraints=CA:FALSE\n"),
-            )
-            .unwrap();
-            let (key, csr, crt) = (
-                format!("{name}.key"),
-                format!("{name}.csr"),
-                format!("{name}.crt"),
-            );
-            let subject = format!("/CN={name}");
-            let mut req = vec!["req", "-subj", &subject];
-            req.extend(ec);
-            req.extend(["-keyout", &key, "-out", &csr]);
-            openssl(dir, &req);
-            openssl(
-                dir,
-                &[
-                    "x509",
-                    "-req",
-                    "-days",
-                    "1",
-                    "-in",
-                    &csr,
-                    "-CA",
-                    "ca.crt",
-                    "-CAkey",
-                    "ca.key",
-                    "-CAcreateserial",
-                    "-extfile",
-                    &ext,
-                    "-out",
-                    &crt,
-                ],
-            );
-        }
-        Self {
-            ca: dir.join("ca.crt"),
-            server_cert: dir.join("server.crt"),
-            server_key: dir.join("server.key"),
-            client_cert: dir.join("client.crt"),
-            client_key: dir.join("client.key"),
-        }
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind 127.0.0.1:0")
-        .local_addr()
-        .expect("local addr")
-        .port()
+    server: EtcdServer,
 }
 
 impl EtcdGuard {
@@ -130,87 +34,32 @@ impl EtcdGuard {
 
     /// With `tls`, etcd serves https only and requires a client certificate.
     async fn start_with(tls: bool) -> Self {
-        assert!(
-            Path::new(ETCD).exists(),
-            "{ETCD} is missing: install Debian's etcd-server package (apt-get install etcd-server) to run the etcd registry tests"
-        );
-        let dir = tempfile::tempdir().expect("temp dir");
-        let certs = tls.then(|| Certs::generate(dir.path()));
-        let scheme = if tls { "https" } else { "http" };
-        let (client, peer) = (free_port(), free_port());
-        let endpoint = format!("{scheme}://127.0.0.1:{client}");
-        let peer_url = format!("http://127.0.0.1:{peer}");
-        let log = std::fs::File::create(dir.path().join("etcd.log")).expect("log file");
-        let mut command = Command::new(ETCD);
-        command
-            .arg("--name=test")
-            .arg(format!("--data-dir={}", dir.path().join("data").display()))
-            .arg(format!("--listen-client-urls={endpoint}"))
-            .arg(format!("--advertise-client-urls={endpoint}"))
-            .arg(format!("--listen-peer-urls={peer_url}"))
-            .arg(format!("--initial-advertise-peer-urls={peer_url}"))
-            .arg(format!("--initial-cluster=test={peer_url}"))
-            .arg("--logger=zap")
-            .arg("--log-level=warn");
-        if let Some(certs) = &certs {
-            command
-                .arg(format!("--cert-file={}", certs.server_cert.display()))
-                .arg(format!("--key-file={}", certs.server_key.display()))
-                .arg(format!("--trusted-ca-file={}", certs.ca.display()))
-                .arg("--client-cert-auth");
+        let server = if tls {
+            EtcdServer::start_local_tls()
+        } else {
+            EtcdServer::start_local()
         }
-        let child = command
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log file"))
-            .stderr(log)
-            .spawn()
-            .expect("start etcd");
-        let mut guard = Self {
-            child,
-            endpoint,
-            tls: certs,
-            dir,
-        };
-        guard.wait_ready().await;
-        guard
+        .unwrap_or_else(|e| panic!("starting etcd (Debian's etcd-server): {e:#}"));
+        Self { server }
     }
 
-    async fn wait_ready(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("etcd exited early with {status}: {}", self.log());
-            }
-            let error = match EtcdRegistry::connect(&self.options()).await {
-                Ok(registry) => match registry.list("/").await {
-                    Ok(_) => return,
-                    Err(e) => e.to_string(),
-                },
-                Err(e) => e.to_string(),
-            };
-            assert!(
-                Instant::now() < deadline,
-                "etcd at {} not ready within 30 s ({error}): {}",
-                self.endpoint,
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+    fn endpoint(&self) -> String {
+        self.server.endpoint().to_owned()
     }
 
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("etcd.log")).unwrap_or_default()
+    fn tls(&self) -> Option<TlsFiles> {
+        self.server.tls().cloned()
     }
 
     fn options(&self) -> EtcdOptions {
         let mut options = EtcdOptions {
             timeout: Some(Duration::from_secs(5)),
-            ..EtcdOptions::new([self.endpoint.clone()])
+            ..EtcdOptions::new([self.endpoint()])
         };
-        if let Some(certs) = &self.tls {
-            options.cafile = Some(certs.ca.clone());
-            options.certfile = Some(certs.client_cert.clone());
-            options.keyfile = Some(certs.client_key.clone());
+        if let Some(certs) = self.tls() {
+            options.cafile = Some(certs.ca);
+            options.certfile = Some(certs.client_cert);
+            options.keyfile = Some(certs.client_key);
         }
         options
     }
@@ -220,24 +69,6 @@ impl EtcdGuard {
             .await
             .expect("connect to etcd")
     }
-}
-
-impl Drop for EtcdGuard {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-async fn next(watcher: &mut impl Watcher) -> Option<WatchEvent> {
-    timeout(Duration::from_secs(15), watcher.next())
-        .await
-        .expect("watch event within 15 s")
-        .expect("watch works")
-}
-
-fn record(ip: &str, mac_last: u8) -> String {
-    LeaseAttrs::vxlan(ip.parse().unwrap(), 1, Mac([2, 0, 0, 0, 0, mac_last])).to_json()
 }
 
 #[tokio::test]
@@ -336,7 +167,7 @@ async fn watching_a_compacted_revision_reports_compaction() {
 
 #[tokio::test]
 async fn unreachable_etcd_is_an_error_not_a_hang() {
-    let port = free_port();
+    let port = free_port().expect("a free port");
     let options = EtcdOptions {
         timeout: Some(Duration::from_secs(2)),
         ..EtcdOptions::new([format!("http://127.0.0.1:{port}")])
@@ -503,14 +334,14 @@ async fn manager_end_to_end_with_short_ttl() {
 #[tokio::test]
 async fn tls_with_client_certificate() {
     let etcd = EtcdGuard::start_with(true).await;
-    let certs = etcd.tls.clone().unwrap();
+    let certs = etcd.tls().unwrap();
     // https:// endpoint with key, cert and CA.
     let registry = etcd.registry().await;
     registry.put("/tls", "ok").await.expect("put over TLS");
 
     // A scheme-less endpoint uses TLS when key and cert are given, as Go's client does.
     let bare = EtcdOptions {
-        endpoints: vec![etcd.endpoint.trim_start_matches("https://").to_owned()],
+        endpoints: vec![etcd.endpoint().trim_start_matches("https://").to_owned()],
         ..etcd.options()
     };
     let registry = EtcdRegistry::connect(&bare).await.expect("connect");
@@ -545,7 +376,7 @@ async fn tls_with_client_certificate() {
 
     // Plain and TLS endpoints cannot share a connection.
     let mixed = EtcdOptions {
-        endpoints: vec![etcd.endpoint.clone(), "http://127.0.0.1:1".to_owned()],
+        endpoints: vec![etcd.endpoint(), "http://127.0.0.1:1".to_owned()],
         ..etcd.options()
     };
     let err = EtcdRegistry::connect(&mixed).await.unwrap_err();
@@ -556,12 +387,16 @@ async fn tls_with_client_certificate() {
     assert!(err.to_string().contains("http://127.0.0.1:1"), "{err}");
 
     // Unreadable files are named.
+    let missing_key = certs.client_key.with_extension("missing");
     let missing = EtcdOptions {
-        keyfile: Some(certs.client_key.with_extension("missing")),
+        keyfile: Some(missing_key.clone()),
         ..etcd.options()
     };
     let err = EtcdRegistry::connect(&missing).await.unwrap_err();
-    assert!(err.to_string().contains("client.missing"), "{err}");
+    assert!(
+        err.to_string().contains(&missing_key.display().to_string()),
+        "{err}"
+    );
 
     // Only one of key and cert: refused up front, as flanneld (etcd's TLSInfo) refuses it.
     let half = EtcdOptions {

@@ -11,13 +11,15 @@ use std::{collections::BTreeMap, net::Ipv4Addr, path::PathBuf};
 
 use aya::{
     Ebpf, EbpfLoader, TestRun, TestRunOptions,
-    maps::{HashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, PerCpuArray},
     programs::{SchedClassifier, Xdp},
 };
 use overlay_common::{
+    config::Config,
     counters::{Counter, Reason},
     endpoint::{Endpoint, EndpointKeyV4},
     names,
+    route::{MemberNode, RemoteNode, route_key},
 };
 
 // TC verdicts (include/uapi/linux/pkt_cls.h).
@@ -41,6 +43,27 @@ pub const PROGRAMS: [&str; 6] = [
 pub const XDP_PROGRAMS: [&str; 1] = [names::UNDERLAY_XDP];
 /// `XDP_PASS`.
 pub const XDP_PASS: u32 = 2;
+
+/// Test interface indexes. `BPF_PROG_TEST_RUN` does not check redirect targets; the host
+/// device's is `lo` (1) because `bpf_check_mtu` looks it up (in the caller's namespace; MTU
+/// 65536).
+pub const UNDERLAY_IFINDEX: u32 = 11;
+/// See [`UNDERLAY_IFINDEX`].
+pub const BRIDGE_IFINDEX: u32 = 12;
+/// See [`UNDERLAY_IFINDEX`].
+pub const HOST_IFINDEX: u32 = 1;
+/// The host device's MAC in the tests (distinct from the VtepMAC, to see the rewrite).
+pub const HOST_MAC: [u8; 6] = [0x02, 0xaa, 0, 0, 0, 0x10];
+/// The pod bridge (gateway) and a pod: the MACs of frames from pods.
+pub const GW_MAC: [u8; 6] = [0x02, 0xbb, 0, 0, 0, 0x01];
+/// See [`GW_MAC`].
+pub const POD_MAC: [u8; 6] = [0x02, 0xcc, 0, 0, 0, 0x05];
+/// flannel's VXLAN port and the kernel's default source port range, as the agent sets them.
+pub const VXLAN_PORT: u16 = 8472;
+/// See [`VXLAN_PORT`].
+pub const SRC_PORT_MIN: u16 = 32768;
+/// See [`VXLAN_PORT`].
+pub const SRC_PORT_MAX: u16 = 60999;
 
 /// The pod bridge's MAC in the packet tests' `CONFIG`: the source MAC of frames delivered
 /// straight into a pod.
@@ -123,6 +146,78 @@ pub fn set_endpoint(ebpf: &mut Ebpf, addr: Ipv4Addr, endpoint: Option<Endpoint>)
     match endpoint {
         Some(ep) => map.insert(addr.octets(), ep, 0).unwrap(),
         None => map.remove(&addr.octets()).unwrap(),
+    }
+}
+
+/// The eBPF object with fresh maps and every program loaded (so verified by the kernel), and
+/// the map writes the packet tests make, with the shared types (the set-up `packet_vxlan` and
+/// `packet_direct` share).
+pub struct Loaded {
+    pub ebpf: Ebpf,
+}
+
+impl Loaded {
+    /// Loads the object for the test file `test` (checks for root first).
+    pub fn new(test: &str) -> Self {
+        Self {
+            ebpf: load_object(test),
+        }
+    }
+
+    pub fn set_config(&mut self, cfg: Config) {
+        let mut map: Array<_, Config> =
+            Array::try_from(self.ebpf.map_mut(names::CONFIG).unwrap()).unwrap();
+        map.set(0, cfg, 0).unwrap();
+    }
+
+    pub fn config(&self) -> Config {
+        let map: Array<_, Config> = Array::try_from(self.ebpf.map(names::CONFIG).unwrap()).unwrap();
+        map.get(&0, 0).unwrap()
+    }
+
+    pub fn update_config(&mut self, f: impl FnOnce(&mut Config)) {
+        let mut cfg = self.config();
+        f(&mut cfg);
+        self.set_config(cfg);
+    }
+
+    /// Routes `subnet/prefix_len` to `node` (`ROUTE_V4`).
+    pub fn add_route(&mut self, subnet: Ipv4Addr, prefix_len: u8, node: RemoteNode) {
+        let mut map: LpmTrie<_, [u8; 4], RemoteNode> =
+            LpmTrie::try_from(self.ebpf.map_mut(names::ROUTE_V4).unwrap()).unwrap();
+        map.insert(&route_key(subnet, prefix_len), node, 0).unwrap();
+    }
+
+    /// Makes `ip` a member node (`NODE_V4`).
+    pub fn add_member(&mut self, ip: Ipv4Addr) {
+        let mut map: HashMap<_, [u8; 4], MemberNode> =
+            HashMap::try_from(self.ebpf.map_mut(names::NODE_V4).unwrap()).unwrap();
+        map.insert(ip.octets(), MemberNode { routes: 1 }, 0)
+            .unwrap();
+    }
+
+    pub fn run(&self, prog: &str, frame: &[u8]) -> Run {
+        run_prog(&self.ebpf, prog, frame)
+    }
+
+    /// Packets per reason, summed over the CPUs; reasons that counted nothing are left out.
+    pub fn counters(&self) -> BTreeMap<&'static str, u64> {
+        counters(&self.ebpf)
+    }
+
+    pub fn counters_full(&self) -> BTreeMap<&'static str, Counter> {
+        counters_full(&self.ebpf)
+    }
+
+    /// Asserts exactly these counters (every other reason counted nothing).
+    #[track_caller]
+    pub fn assert_counters(&self, expected: &[(Reason, u64)]) {
+        let expected: BTreeMap<&'static str, u64> = expected
+            .iter()
+            .filter(|(_, n)| *n != 0)
+            .map(|(r, n)| (r.name(), *n))
+            .collect();
+        assert_eq!(self.counters(), expected, "counters");
     }
 }
 

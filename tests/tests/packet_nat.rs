@@ -27,9 +27,9 @@ use overlay_common::{
 use overlay_tests::{
     NetNs,
     packet::{
-        BRIDGE_MAC, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, TC_ACT_OK, TC_ACT_REDIRECT,
-        TC_ACT_SHOT, be16, checksum, counters, ipv4_packet, load_object, require_root,
-        set_endpoint,
+        BRIDGE_MAC, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, POD_MAC, SRC_PORT_MAX, SRC_PORT_MIN,
+        TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, VXLAN_PORT, be16, checksum, counters, ipv4_packet,
+        load_object, require_root, set_endpoint,
     },
     unique_id,
 };
@@ -103,9 +103,9 @@ impl Node {
             network_mask: [255, 255, 0, 0],
             vtep_mac: [0x0e, 0, 0, 0, 0, 1],
             host_mac: [0; 6],
-            port: 8472,
-            src_port_min: 32768,
-            src_port_max: 60999,
+            port: VXLAN_PORT,
+            src_port_min: SRC_PORT_MIN,
+            src_port_max: SRC_PORT_MAX,
             bridge_mac: BRIDGE_MAC,
             xdp_cookie: 0,
         };
@@ -392,7 +392,6 @@ fn tcp_is_masqueraded_and_the_reply_translated_back_with_valid_checksums() {
 #[test]
 fn a_reply_for_a_known_pod_goes_straight_into_it() {
     let mut node = Node::new(nat_on(0));
-    const POD_MAC: [u8; 6] = [0x02, 0xcc, 0, 0, 0, 0x05];
     // The endpoint's veth must exist for the MTU check: any device of the namespace will do.
     let veth = node.cni0;
     set_endpoint(&mut node.ebpf, POD, Some(Endpoint::new(veth, POD_MAC)));

@@ -40,17 +40,18 @@ use overlay_common::{
 use overlay_tests::{
     NetNs,
     model::{self, Node, Outcome},
-    packet::{BRIDGE_MAC, checksum, counters_by_reason, load_object},
+    packet::{
+        BRIDGE_MAC, HOST_MAC, POD_MAC, SRC_PORT_MAX, SRC_PORT_MIN, VXLAN_PORT, checksum,
+        counters_by_reason, load_object,
+    },
     unique_id,
 };
 
 const LOCAL_IP: [u8; 4] = [198, 18, 0, 1];
 const SUBNET: [u8; 4] = [172, 17, 1, 0];
 const VTEP: [u8; 6] = [0x0e, 0, 0, 0, 0, 1];
-const HOST_MAC: [u8; 6] = [0x02, 0xaa, 0, 0, 0, 0x10];
-const POD_MAC: [u8; 6] = [0x02, 0xcc, 0, 0, 0, 0x05];
-const PORT: u16 = 8472;
-const SRC_PORTS: (u16, u16) = (32768, 60999);
+const PORT: u16 = VXLAN_PORT;
+const SRC_PORTS: (u16, u16) = (SRC_PORT_MIN, SRC_PORT_MAX);
 /// Peers: (PublicIP, subnet, VtepMAC). B and C hold subnets; D is a member without one.
 const B: ([u8; 4], [u8; 4], [u8; 6]) = ([198, 18, 0, 2], [172, 17, 2, 0], [0x0e, 0, 0, 0, 0, 2]);
 const C: ([u8; 4], [u8; 4], [u8; 6]) = ([198, 18, 0, 3], [172, 17, 3, 0], [0x0e, 0, 0, 0, 0, 3]);

@@ -13,14 +13,16 @@ use super::{
     registry::{CreateOutcome, Registry, RenewOutcome, WatchEvent, Watcher},
 };
 
-async fn next(watcher: &mut impl Watcher) -> Option<WatchEvent> {
+/// The next watch event, within 15 s (a hung watch fails the check).
+pub async fn next(watcher: &mut impl Watcher) -> Option<WatchEvent> {
     timeout(Duration::from_secs(15), watcher.next())
         .await
         .expect("watch event within 15 s")
         .expect("watch works")
 }
 
-fn record(ip: &str, mac_last: u8) -> String {
+/// A vxlan lease record for `ip` with a VtepMAC ending in `mac_last`.
+pub fn record(ip: &str, mac_last: u8) -> String {
     LeaseAttrs::vxlan(ip.parse().unwrap(), 1, Mac([2, 0, 0, 0, 0, mac_last])).to_json()
 }
 
