@@ -1,4 +1,7 @@
-//! Loading the embedded eBPF object, attaching its programs and keeping its maps.
+//! The last step of the agent's pipeline, routes to maps: loading the embedded eBPF object,
+//! attaching its programs and keeping its maps. Owns every map write and attachment (and the
+//! inspection of pinned state: `inspect`, `print`); may call aya, the kernel's interface
+//! tables and `overlay_common`, never etcd or the backends' decisions (it is told routes).
 //!
 //! The object is compiled by `cargo xtask build-ebpf` and embedded at build time (see build.rs),
 //! so the agent binary is all a node needs. [`Datapath::load`] creates the maps and loads (so

@@ -1,6 +1,11 @@
-//! Subnet leases in etcd, the flannel way: the registry seam, its etcd and in-memory
-//! implementations, the lease records and keys, allocation, the lease manager, the peer
-//! watcher with the checks of what it installs (`validate`), and the subnet file.
+//! The first step of the agent's pipeline, etcd to peer events, the flannel way: the network
+//! config (`config`), the registry seam (`registry`) and its etcd implementation, the lease
+//! records and keys (`lease`), allocation, this node's lease (`manager`), the other nodes'
+//! leases as [`PeerEvent`]s (`watch`) with the checks of what they may install (`validate`),
+//! and the subnet file (`file`).
+//!
+//! Owns everything the agent reads from or writes to etcd. May call the registry and
+//! `json_ci`; never the data path or netlink (the daemon passes peer events on to `backend`).
 //!
 //! The in-memory registry (`fake`) and the registry contract (`contract`) are test code: they
 //! are compiled only for the unit tests and with the `test-util` feature (which the agent's
