@@ -541,7 +541,9 @@ fn readyz_turns_503_while_etcd_is_down_and_200_when_it_returns() {
 /// The command line of a typical distribution flanneld unit starts the agent as it is: TLS
 /// files relative to the working directory, Go's single-dash flags, klog's `-logtostderr` and
 /// `--v=2`, `--healthz-port`, the subnet file under /run/flannel (a private tmpfs /run here,
-/// so the machine's /run is untouched; the bpffs is the agent's own likewise).
+/// so the machine's /run is untouched) and the default `--bpf-dir` /sys/fs/bpf/overlay: the
+/// node's own bpffs is bound there, as systemd's /sys/fs/bpf would be on a host (the agent
+/// refuses a bpffs that would die with its mount namespace), so the pins outlive the agent.
 #[test]
 fn a_distribution_flanneld_command_line_starts_the_agent() {
     let cluster = Cluster::builder()
@@ -566,12 +568,14 @@ fn a_distribution_flanneld_command_line_starts_the_agent() {
                 -etcd-cafile=ca.pem -etcd-certfile=client.pem -etcd-keyfile=client-key.pem \
                 -iface=eth0 -ip-masq=true --v=2 -logtostderr --healthz-port=2401 \
                 -subnet-file=/run/flannel/subnet.env";
-    let script = "mount -t tmpfs tmpfs /run && cd \"$0\" && exec \"$@\"";
+    let script = "mount -t tmpfs tmpfs /run && mount --bind \"$1\" /sys/fs/bpf && cd \"$0\" \
+                  && shift && exec \"$@\"";
     let mut args: Vec<String> = ["--mount", "--propagation", "private", "sh", "-c", script]
         .iter()
         .map(|s| (*s).to_owned())
         .collect();
     args.push(work.display().to_string());
+    args.push(n0.bpf_dir().parent().unwrap().display().to_string());
     args.push(agent_bin().unwrap().display().to_string());
     args.extend(line.split_whitespace().map(str::to_owned));
     let agent = AgentProcess::spawn(
@@ -614,6 +618,10 @@ fn a_distribution_flanneld_command_line_starts_the_agent() {
             (names::UNDERLAY_EGRESS.to_owned(), AttachKind::TcxEgress),
             (names::UNDERLAY_INGRESS.to_owned(), AttachKind::TcxIngress),
         ]
+    );
+    assert!(
+        n0.bpf_dir().join("links").read_dir().is_ok_and(|mut d| d.next().is_some()),
+        "the default --bpf-dir must land on the node's bpffs, which outlives the agent"
     );
 }
 
