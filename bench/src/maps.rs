@@ -14,6 +14,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 use aya::maps::MapData;
 use ipnet::Ipv4Net;
+use overlay_common::names;
 
 /// The pinned `ROUTE_V4` map of one node, opened once.
 pub struct RouteMap {
@@ -43,7 +44,7 @@ const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 impl RouteMap {
     /// Opens `<bpf_dir>/maps/ROUTE_V4`.
     pub fn open(bpf_dir: &Path) -> Result<Self> {
-        let path = bpf_dir.join("maps").join("ROUTE_V4");
+        let path = bpf_dir.join("maps").join(names::ROUTE_V4);
         let map = MapData::from_pin(&path)
             .with_context(|| format!("opening the pinned map {}", path.display()))?;
         let info = map.info().context("BPF_OBJ_GET_INFO_BY_FD on ROUTE_V4")?;

@@ -6,8 +6,8 @@
 
 use libfuzzer_sys::fuzz_target;
 use overlay_agent::{
-    config::NetworkConfig,
     subnet::{
+        config::NetworkConfig,
         lease::{LeaseAttrs, parse_subnet_key},
         registry::{KeyValue, LOG_TEXT_MAX, cut_for_log},
         validate::{Installed, check_peer, check_replacement},

@@ -3,8 +3,8 @@
 //! adds and removes pods, so that traffic for a local pod is delivered straight into its
 //! namespace (`bpf_redirect_peer`) instead of crossing the bridge's transmit path.
 //!
-//! Three kernel tables say where a pod is, and each is watched (`RTMGRP_LINK`, `RTMGRP_NEIGH`)
-//! after one dump:
+//! Three kernel tables say where a pod is, and each is watched (`RTMGRP_LINK`, `RTMGRP_NEIGH`,
+//! through the agent's one subscription in `netevents`) after one dump:
 //! - links: the bridge's ports that can be endpoints: up, veth, peer in another namespace
 //!   (`bpf_redirect_peer` needs exactly that);
 //! - the bridge's forwarding database: pod MAC → port (learnt from the pod's own frames);
@@ -27,7 +27,7 @@ use std::{
     time::Duration,
 };
 
-use futures_util::{StreamExt as _, TryStreamExt as _};
+use futures_util::TryStreamExt as _;
 use ipnet::Ipv4Net;
 use netlink_packet_core::{NetlinkMessage, NetlinkPayload};
 use netlink_packet_route::{
@@ -36,8 +36,8 @@ use netlink_packet_route::{
     neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState},
 };
 use overlay_common::endpoint::Endpoint;
-use rtnetlink::{Handle, MulticastGroup};
-use tokio::sync::watch;
+use rtnetlink::Handle;
+use tokio::sync::{broadcast, watch};
 
 /// The bridge whose pods are watched, and the node's subnet (only its pod addresses count).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -224,8 +224,6 @@ pub fn observe_neigh(msg: &NeighbourMessage, bridge: u32, deleted: bool) -> Opti
 
 #[derive(Debug, thiserror::Error)]
 pub enum WatchError {
-    #[error("cannot open a netlink socket for link and neighbour events: {0}")]
-    Connection(std::io::Error),
     #[error("netlink dump of {what} failed: {source}")]
     Dump {
         what: &'static str,
@@ -240,41 +238,40 @@ pub enum WatchError {
 const RESYNC: Duration = Duration::from_secs(60);
 
 /// Watches the pod bridge named by `scope` (none: nothing to watch) and publishes its endpoints
-/// on `out` whenever they change. Runs until `out` has no receiver or netlink fails.
+/// on `out` whenever they change, from `events` (the agent's one netlink subscription,
+/// `netevents`) and dumps through `handle`. Runs until `out` has no receiver or netlink fails.
 pub async fn run_watcher(
     mut scope: watch::Receiver<Option<BridgeScope>>,
     out: watch::Sender<BTreeMap<Ipv4Addr, Endpoint>>,
+    handle: Handle,
+    mut events: broadcast::Receiver<NetlinkMessage<RouteNetlinkMessage>>,
 ) -> Result<(), WatchError> {
-    let (connection, handle, mut events) =
-        rtnetlink::new_multicast_connection(&[MulticastGroup::Link, MulticastGroup::Neigh])
-            .map_err(WatchError::Connection)?;
-    let connection = tokio::spawn(connection);
-    let result = async {
-        let mut resync = tokio::time::interval(RESYNC);
-        resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut current = *scope.borrow_and_update();
+    let mut resync = tokio::time::interval(RESYNC);
+    resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut current = *scope.borrow_and_update();
+    loop {
+        // (Re)build from a dump: after a change of bridge or subnet, after missed events, and
+        // periodically.
+        let mut table = match current {
+            Some(s) => Some(dump(&handle, s).await?),
+            None => None,
+        };
+        publish(&out, table.as_ref());
         loop {
-            // (Re)build from a dump: after a change of bridge or subnet, and periodically.
-            let mut table = match current {
-                Some(s) => Some(dump(&handle, s).await?),
-                None => None,
-            };
-            publish(&out, table.as_ref());
-            loop {
-                tokio::select! {
-                    changed = scope.changed() => {
-                        if changed.is_err() {
-                            return Ok(());
-                        }
-                        let next = *scope.borrow_and_update();
-                        if next != current {
-                            current = next;
-                            break;
-                        }
+            tokio::select! {
+                changed = scope.changed() => {
+                    if changed.is_err() {
+                        return Ok(());
                     }
-                    _ = resync.tick() => break,
-                    event = events.next() => {
-                        let (msg, _) = event.ok_or(WatchError::Closed)?;
+                    let next = *scope.borrow_and_update();
+                    if next != current {
+                        current = next;
+                        break;
+                    }
+                }
+                _ = resync.tick() => break,
+                event = events.recv() => match event {
+                    Ok(msg) => {
                         if let (Some(t), Some(s)) = (table.as_mut(), current)
                             && let Some(obs) = observe(msg, s.ifindex)
                         {
@@ -282,14 +279,14 @@ pub async fn run_watcher(
                             publish(&out, Some(t));
                         }
                     }
-                    () = out.closed() => return Ok(()),
-                }
+                    // Some events were missed: start again from a dump.
+                    Err(broadcast::error::RecvError::Lagged(_)) => break,
+                    Err(broadcast::error::RecvError::Closed) => return Err(WatchError::Closed),
+                },
+                () = out.closed() => return Ok(()),
             }
         }
     }
-    .await;
-    connection.abort();
-    result
 }
 
 /// Sends the endpoints if they differ from what was last sent.

@@ -97,16 +97,10 @@ pub fn check() -> Result<String, MissingFeatures> {
 }
 
 fn kernel_release() -> String {
-    // SAFETY: uname fills the zeroed struct we own; its fields are NUL-terminated.
-    unsafe {
-        let mut uts: libc::utsname = std::mem::zeroed();
-        if libc::uname(&mut uts) != 0 {
-            return String::from("unknown");
-        }
-        std::ffi::CStr::from_ptr(uts.release.as_ptr())
-            .to_string_lossy()
-            .into_owned()
-    }
+    nix::sys::utsname::uname().map_or_else(
+        |_| String::from("unknown"),
+        |uts| uts.release().to_string_lossy().into_owned(),
+    )
 }
 
 /// `6.18.0-1-amd64` → (6, 18).

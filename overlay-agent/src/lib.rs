@@ -1,29 +1,36 @@
 //! The overlay agent: a flanneld-compatible node daemon whose data path runs in eBPF.
 //!
-//! - `cli`: flanneld's flags; `iface`: choosing the external interface as flanneld does.
-//! - `config`: the network config at `<prefix>/config`; `subnet`: leases, peers, subnet.env.
-//! - `datapath`: loading the embedded eBPF object, attaching it, filling its maps;
-//!   `netdev`: the host device `ovl0` and finding the pod bridge.
-//! - `healthz`: `/healthz`, `/readyz` and `/metrics`; `daemon`: the node daemon tying these
-//!   together.
-//! - Operations: `compat` (the rest of flanneld's flags), `kernel` (feature check at start),
-//!   `notify` (systemd's sd_notify), `telemetry` (runtime state, honest readiness, the status
-//!   file), `metrics` (Prometheus), `status` and `monitor` (the inspection subcommands),
-//!   `linkwatch` (netlink link events that trigger the data path's repair).
+//! The pipeline of a peer, from etcd to a BPF map, reads from the folder names:
+//! - `subnet`: etcd to the network config (`subnet::config`), this node's lease and the other
+//!   nodes' leases as peer events (`subnet::watch`), `subnet.env`. Calls only the registry
+//!   (etcd) and `json_ci`.
+//! - `backend` (`vxlan`, `host_gw`): config and peer events to lease attributes, tunnel
+//!   settings and route changes; pure functions, no I/O.
+//! - `datapath`: routes and settings to the eBPF object's maps, attachments, pinning, the
+//!   inspection of pinned state (`inspect`, `print`). Calls aya and the kernel, never etcd.
+//!
+//! Around it: `daemon` (orchestration only: start-up order, tasks, the main loop; `node`
+//! applies decisions to the data path), `cli` (flanneld's flags), `iface` (choosing the
+//! external interface), `netdev` (the host device `ovl0`, the pod bridge, netlink queries),
+//! `endpoints` (local pods for delivery straight into them), `netevents` (the one netlink
+//! subscription: link events for repairs, every message for `endpoints`), `healthz` (`/healthz`, `/readyz`, `/metrics`).
+//! Operations: `compat` (the rest of flanneld's flags), `kernel` (feature check at start),
+//! `notify` (systemd's sd_notify), `telemetry` (runtime state, readiness, the status file),
+//! `metrics` (Prometheus), `status` and `monitor` (inspection subcommands).
 
+pub mod backend;
 pub mod cli;
 pub mod compat;
-pub mod config;
 pub mod daemon;
 pub mod datapath;
 pub mod endpoints;
 pub mod healthz;
 pub mod iface;
 pub mod kernel;
-pub mod linkwatch;
 pub mod metrics;
 pub mod monitor;
 pub mod netdev;
+pub mod netevents;
 pub mod notify;
 pub mod status;
 pub mod subnet;

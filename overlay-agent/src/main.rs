@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use clap::Parser as _;
 use overlay_agent::{
     cli::{Cli, Command, EventType, Output, normalize_go_flags},
-    daemon, monitor, status,
+    daemon, datapath, monitor, status,
 };
 use tracing::error;
 use tracing_subscriber::EnvFilter;
@@ -19,11 +19,11 @@ async fn main() -> ExitCode {
     let result = match cli.command.unwrap_or(Command::Run) {
         Command::Run => daemon::run(cli.flags).await,
         Command::Counters { output } if json(output) => status::print_counters_json(&dir),
-        Command::Counters { .. } => daemon::print_counters(&dir),
+        Command::Counters { .. } => datapath::print::counters(&dir),
         Command::Peers { output } if json(output) => status::print_peers_json(&dir),
-        Command::Peers { .. } => daemon::print_peers(&dir),
+        Command::Peers { .. } => datapath::print::peers(&dir),
         Command::Nat { output } if json(output) => status::print_nat_json(&dir),
-        Command::Nat { .. } => daemon::print_nat(&dir),
+        Command::Nat { .. } => datapath::print::nat(&dir),
         Command::Status { output } => {
             status::print_status(&dir, &cli.flags.status_file, json(output))
         }
@@ -33,7 +33,7 @@ async fn main() -> ExitCode {
             count,
             timeout,
         } => monitor::run(&dir, json(output), count, timeout).await,
-        Command::Endpoints => daemon::print_endpoints(&dir),
+        Command::Endpoints => datapath::print::endpoints(&dir),
         Command::Cleanup => daemon::cleanup(&dir).await,
     };
     match result {

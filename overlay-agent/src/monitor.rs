@@ -7,7 +7,6 @@
 //! share (split) the events.
 
 use std::{
-    ffi::CStr,
     net::Ipv4Addr,
     path::Path,
     time::{Duration, Instant},
@@ -15,13 +14,14 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use aya::maps::{Map, MapData, RingBuf};
+use nix::time::{ClockId, clock_gettime};
 use overlay_common::{
     counters::Reason,
     events::{DropEvent, EVENT_F_IPV4, EVENT_F_PORTS, EVENT_F_VXLAN},
 };
 use serde::Serialize;
 
-use crate::datapath::{DROP_EVENTS_MAP, pin::PinDir};
+use crate::datapath::{names, pin::PinDir};
 
 const POLL: Duration = Duration::from_millis(50);
 
@@ -125,28 +125,16 @@ fn proto_name(proto: u8) -> String {
 }
 
 fn ifname(index: u32) -> String {
-    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
-    // SAFETY: `buf` has IF_NAMESIZE bytes, as if_indextoname requires; on success it holds a
-    // NUL-terminated name.
-    let name = unsafe { libc::if_indextoname(index, buf.as_mut_ptr()) };
-    if name.is_null() {
-        format!("if{index}")
-    } else {
-        // SAFETY: see above.
-        unsafe { CStr::from_ptr(buf.as_ptr()) }
-            .to_string_lossy()
-            .into_owned()
-    }
+    nix::net::if_::if_indextoname(index).map_or_else(
+        |_| format!("if{index}"),
+        |name| name.to_string_lossy().into_owned(),
+    )
 }
 
-fn clock_ns(clock: libc::clockid_t) -> i128 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes into the struct we own.
-    unsafe { libc::clock_gettime(clock, &mut ts) };
-    i128::from(ts.tv_sec) * 1_000_000_000 + i128::from(ts.tv_nsec)
+fn clock_ns(clock: ClockId) -> i128 {
+    clock_gettime(clock).map_or(0, |ts| {
+        i128::from(ts.tv_sec()) * 1_000_000_000 + i128::from(ts.tv_nsec())
+    })
 }
 
 /// Runs the monitor until SIGINT/SIGTERM, `count` events, or `timeout`.
@@ -162,7 +150,7 @@ pub async fn run(
             bpf_dir.display()
         );
     };
-    let path = pins.map(DROP_EVENTS_MAP);
+    let path = pins.map(names::DROP_EVENTS);
     let data = MapData::from_pin(&path).with_context(|| {
         format!(
             "opening the drop events at {} (an agent of this version must have run here)",
@@ -171,8 +159,8 @@ pub async fn run(
     })?;
     let ring = RingBuf::try_from(Map::RingBuf(data)).context("DROP_EVENTS is not a ring buffer")?;
     let mut ring = ring;
-    let start_mono = clock_ns(libc::CLOCK_MONOTONIC);
-    let offset = clock_ns(libc::CLOCK_REALTIME) - start_mono;
+    let start_mono = clock_ns(ClockId::CLOCK_MONOTONIC);
+    let offset = clock_ns(ClockId::CLOCK_REALTIME) - start_mono;
     let deadline = timeout.map(|t| Instant::now() + t);
     let mut shown = 0u64;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

@@ -8,7 +8,6 @@
 
 use std::{
     collections::BTreeMap,
-    ffi::CStr,
     path::Path,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -196,24 +195,13 @@ pub fn collect(bpf_dir: &Path, status_file: &Path) -> NodeStatus {
 
 /// Every interface of this network namespace: (index, name).
 fn interface_list() -> Vec<(u32, String)> {
-    let mut out = Vec::new();
-    // SAFETY: if_nameindex returns an array ended by a zero entry, freed below; the names are
-    // NUL-terminated C strings valid until then.
-    unsafe {
-        let list = libc::if_nameindex();
-        if list.is_null() {
-            return out;
-        }
-        let mut p = list;
-        while (*p).if_index != 0 {
-            out.push((
-                (*p).if_index,
-                CStr::from_ptr((*p).if_name).to_string_lossy().into_owned(),
-            ));
-            p = p.add(1);
-        }
-        libc::if_freenameindex(list);
-    }
+    let mut out: Vec<(u32, String)> = nix::net::if_::if_nameindex()
+        .map(|list| {
+            list.iter()
+                .map(|i| (i.index(), i.name().to_string_lossy().into_owned()))
+                .collect()
+        })
+        .unwrap_or_default();
     out.sort();
     out
 }

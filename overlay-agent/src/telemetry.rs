@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
 /// Times the peer watcher listed the leases again (after compaction) or re-established its
-/// watch (after an error or a closed stream). Counted where it happens (`subnet::peers`).
+/// watch (after an error or a closed stream). Counted where it happens (`subnet::watch`).
 pub static WATCH_RESYNCS: AtomicU64 = AtomicU64::new(0);
 
 /// SHA-256 of the embedded eBPF object, hex: which data path this binary carries.

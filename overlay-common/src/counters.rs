@@ -61,7 +61,7 @@ pub enum Reason {
     /// A packet's TTL would expire on this hop: handed to the kernel, which answers ICMP
     /// "time exceeded".
     StackTtl = 7,
-    // Slots 8..=12 (and drop 31): host-gw / DirectRouting (issue 5).
+    // Slots 8..=12 (and drop 31): host-gw / DirectRouting.
     /// A packet from a local pod was sent unencapsulated to a direct peer (host-gw, or a
     /// DirectRouting peer on our L2 segment), next hop its PublicIP.
     DirectPod = 8,
@@ -75,7 +75,7 @@ pub enum Reason {
     /// An unencapsulated packet for a local pod from a source that is not a direct peer (nor a
     /// member node's PublicIP): left to the kernel, whose forwarding rules decide (FORWARD).
     StackNotPeer = 12,
-    // Slots 13..=15 and drops 61..=63: masquerade (issue 6), taken from the top of each range.
+    // Slots 13..=15 and drops 61..=63: masquerade, taken from the top of each range.
     /// A new masqueraded flow was created (an entry in `SNAT_V4_CT` / `SNAT_V4_REV`).
     NatNewFlow = 13,
     /// A reply (or an ICMP error about a flow) was translated back to the originator's address
@@ -124,7 +124,7 @@ pub enum Reason {
     /// An unencapsulated packet from a direct peer for a local pod with a bad IPv4 header
     /// (checksum, or a total length the frame does not hold): the kernel would drop it too.
     DropDirectMalformed = 31,
-    // Slots 32..=35: delivery straight into pods and XDP decapsulation (issue 11).
+    // Slots 32..=35: delivery straight into pods and XDP decapsulation.
     /// A VXLAN packet was decapsulated and delivered straight into a local pod (`ENDPOINT_V4`,
     /// `bpf_redirect_peer`); `decap_pod` counts those that took the bridge instead.
     DecapEndpoint = 32,
@@ -137,8 +137,8 @@ pub enum Reason {
     /// A VXLAN frame was decapsulated by the XDP program, before GRO (counted per frame; the
     /// frames then reach `underlay_ingress`, possibly aggregated).
     XdpDecap = 35,
-    // Drops 48..=60: what a member node, a pod or a hostile underlay must not get through
-    // (issue 12), taken from the bottom of the second drop range.
+    // Drops 48..=60: what a member node, a pod or a hostile underlay must not get through,
+    // taken from the bottom of the second drop range.
     /// A VXLAN frame from a member node whose inner source address is in the cluster network
     /// but not in that node's own subnet (another node's pods, this node's own pods, or a
     /// subnet no node holds): a member only speaks for its own subnet, and for sources outside

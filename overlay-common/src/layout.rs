@@ -8,7 +8,7 @@
 //! Each list must cover its struct exactly (checked at compile time), so a new field cannot be
 //! forgotten.
 
-use crate::{config::Config, nat::NatConfig};
+use crate::{config::Config, names, nat::NatConfig};
 
 /// One field: name, offset, size.
 pub type Field = (&'static str, usize, usize);
@@ -37,8 +37,10 @@ pub const NAT_CONFIG_FIELDS: &[Field] = fields!(NatConfig;
     _reserved);
 
 /// The settings structs whose field layout belongs to the fingerprint, by map name.
-pub const SETTINGS_LAYOUTS: &[(&str, &[Field])] =
-    &[("CONFIG", CONFIG_FIELDS), ("NAT_CONFIG", NAT_CONFIG_FIELDS)];
+pub const SETTINGS_LAYOUTS: &[(&str, &[Field])] = &[
+    (names::CONFIG, CONFIG_FIELDS),
+    (names::NAT_CONFIG, NAT_CONFIG_FIELDS),
+];
 
 const fn covers(fields: &[Field], size: usize) -> bool {
     let mut sum = 0;

@@ -105,12 +105,28 @@ impl NatConfig {
             _ => self.icmp,
         }
     }
+
+    /// Whether the flow entry `e` of `proto` has been idle longer than its timeout at `now`
+    /// (`bpf_ktime_get_ns`): the one rule by which the data path treats an entry as dead and
+    /// the agent's sweeper frees it.
+    #[must_use]
+    pub const fn is_expired(&self, proto: u8, e: &NatEntryV4, now: u64) -> bool {
+        idle_longer_than(e.last_seen, now, self.timeout(proto, e.state))
+    }
 }
 
-/// Protocols the NAT handles.
-pub const IPPROTO_ICMP: u8 = 1;
-pub const IPPROTO_TCP: u8 = 6;
-pub const IPPROTO_UDP: u8 = 17;
+/// Nanoseconds per second, for timeouts in seconds against `bpf_ktime_get_ns`.
+pub const NS_PER_S: u64 = 1_000_000_000;
+
+/// Whether something last seen at `last_seen` has been idle more than `timeout_s` seconds at
+/// `now` (both `bpf_ktime_get_ns`). A clock that seems to go back counts as no idle time.
+#[must_use]
+pub const fn idle_longer_than(last_seen: u64, now: u64, timeout_s: u32) -> bool {
+    now.saturating_sub(last_seen) > timeout_s as u64 * NS_PER_S
+}
+
+/// Protocols the NAT handles (their numbers live in [`crate::wire`]).
+pub use crate::wire::{IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP};
 
 /// A flow's 5-tuple in the direction of the packet it is looked up for.
 #[repr(C)]
@@ -161,6 +177,31 @@ pub struct NatEntryV4 {
 const _: () = assert!(size_of::<NatEntryV4>() == 16);
 
 impl NatKeyV4 {
+    /// The key of a packet from `saddr:sport` to `daddr:dport` of `proto`.
+    #[must_use]
+    pub const fn new(
+        saddr: [u8; 4],
+        daddr: [u8; 4],
+        sport: [u8; 2],
+        dport: [u8; 2],
+        proto: u8,
+    ) -> Self {
+        Self {
+            saddr,
+            daddr,
+            sport,
+            dport,
+            proto,
+            _pad: [0; 3],
+        }
+    }
+
+    /// The same tuple seen from the other side (sources and destinations swapped).
+    #[must_use]
+    pub const fn reversed(&self) -> Self {
+        Self::new(self.daddr, self.saddr, self.dport, self.sport, self.proto)
+    }
+
     /// The `SNAT_V4_REV` key of a flow whose pod-side key is `self`, translated to
     /// `nat_addr:nat_port`: the reply's tuple.
     #[must_use]
@@ -193,7 +234,9 @@ impl NatKeyV4 {
 mod user {
     // SAFETY: `#[repr(C)]`, `Pod` by bytemuck's derive (no padding, any bit pattern).
     unsafe impl aya::Pod for super::NatConfig {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::NatKeyV4 {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::NatEntryV4 {}
 }
 

@@ -100,6 +100,7 @@ mod user {
 
     // SAFETY: both are `#[repr(C)]` and `Pod` by bytemuck's derive (no padding, any bit pattern).
     unsafe impl aya::Pod for RemoteNode {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for MemberNode {}
 
     /// The `ROUTE_V4` key of `addr/prefix_len`. Host bits of `addr` must be zero (the agent

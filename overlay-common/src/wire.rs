@@ -20,7 +20,9 @@ const _: () = assert!(VXLAN_OVERHEAD == 50);
 
 /// EtherType of IPv4, as the two bytes on the wire.
 pub const ETH_P_IP: [u8; 2] = [0x08, 0x00];
-/// IP protocol number of UDP.
+/// IP protocol numbers (the only ones the data path looks into).
+pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 
 /// First byte of a VXLAN header: only the I flag ("VNI is valid"). The kernel drops frames with

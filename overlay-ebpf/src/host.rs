@@ -32,6 +32,7 @@ use crate::lib::{
 pub fn host_egress(ctx: TcContext) -> i32 {
     verdict(&ctx, try_host_egress(&ctx))
 }
+named!(host_egress, overlay_common::names::HOST_EGRESS);
 
 #[inline(always)]
 fn try_host_egress(ctx: &TcContext) -> Result<i32, Reason> {

@@ -5,11 +5,37 @@
 //! - `host`: tcx egress on the host device (encapsulation of host traffic to peers).
 //! - `probe`: not attached; run once by the agent to learn what the kernel supports.
 //!
-//! `lib/`: `maps` (CONFIG, ROUTE_V4, NODE_V4), `counters` (COUNTERS and the verdict/drop-reason
-//! plumbing), `events` (sampled drop events, DROP_EVENTS), `encap`/`decap` (VXLAN, XDP decapsulation), `endpoint` (delivery into local pods), `direct` (host-gw and DirectRouting), `hdr`, `ptr`,
-//! `csum`, `ipv4` (packet access and rewrites).
+//! `lib/`, features as small libraries (Cilium's `bpf/lib/` in miniature): `maps` (CONFIG,
+//! ROUTE_V4, NODE_V4), `counters` (COUNTERS, the one verdict point with its drop reasons, and
+//! `Step`, how a stage passes a packet on or settles it), `events` (sampled drop events,
+//! DROP_EVENTS), `encap`/`decap` (VXLAN, XDP decapsulation), `endpoint` (delivery into local
+//! pods), `direct` (host-gw and DirectRouting), `nat/` (masquerade, split by job), `fib` (MTU
+//! checks, `bpf_redirect_neigh`, the host hand-off, FIB lookups); packet access: `hdr`
+//! (header structs), `ptr`, `csum`, `ipv4`. Entry files call `lib/`; `lib/` modules call each
+//! other and `overlay_common` only. Every map and program name is checked against
+//! `overlay_common::names` (`named!`).
 #![no_std]
 #![no_main]
+#![expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "map keys are passed by reference, as aya's own examples do: a key is built once on \
+              the stack and never copied"
+)]
+
+/// Checks at compile time that the map or program `$item` is called as `$name` says
+/// (`overlay_common::names`, the names the agent, tests and benchmark look up). aya's macros
+/// take the name from the item itself, so this is where both spellings meet.
+macro_rules! named {
+    ($item:ident, $name:path) => {
+        const _: () = {
+            let _ = &$item;
+            assert!(
+                overlay_common::names::same(stringify!($item), $name),
+                concat!(stringify!($item), " is not named as ", stringify!($name))
+            );
+        };
+    };
+}
 
 mod lib {
     pub mod counters;
@@ -19,6 +45,7 @@ mod lib {
     pub mod encap;
     pub mod endpoint;
     pub mod events;
+    pub mod fib;
     pub mod hdr;
     pub mod ipv4;
     pub mod maps;

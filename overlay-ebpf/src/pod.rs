@@ -38,11 +38,13 @@ use crate::lib::{
 pub fn pod_egress(ctx: TcContext) -> i32 {
     verdict(&ctx, try_pod_egress(&ctx, Role::Authority))
 }
+named!(pod_egress, overlay_common::names::POD_EGRESS);
 
 #[classifier]
 pub fn pod_port_egress(ctx: TcContext) -> i32 {
     verdict(&ctx, try_pod_egress(&ctx, Role::Accelerator))
 }
+named!(pod_port_egress, overlay_common::names::POD_PORT_EGRESS);
 
 #[inline(always)]
 fn try_pod_egress(ctx: &TcContext, role: Role) -> Result<i32, Reason> {
@@ -52,13 +54,14 @@ fn try_pod_egress(ctx: &TcContext, role: Role) -> Result<i32, Reason> {
     let Some((eth, ip)) = eth_ipv4(ctx) else {
         return Ok(TC_ACT_OK);
     };
-    // SAFETY (reads below): checked pointers from `eth_ipv4`, used before any helper moves data.
+    // SAFETY: a checked pointer from `eth_ipv4`, read before any helper moves data.
     let dst_mac = unsafe { (*eth).dst };
     // Broadcast and multicast frames are not routed by the kernel either; on a port, frames to
     // other pods are the bridge's.
     if dst_mac[0] & 0x01 != 0 || (role == Role::Accelerator && dst_mac != cfg.bridge_mac) {
         return Ok(TC_ACT_OK);
     }
+    // SAFETY: a checked pointer from `eth_ipv4`, read before any helper moves data.
     let (tos, ttl, daddr) = unsafe { ((*ip).tos, (*ip).ttl, (*ip).daddr) };
     let Some(peer) = route_v4(daddr) else {
         // Not for a peer: masquerade (if on and flannel's rules say so), else the kernel's.

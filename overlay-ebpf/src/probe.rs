@@ -19,7 +19,7 @@ use crate::lib::decap::BPF_F_ADJ_ROOM_DECAP_L4_UDP;
 
 #[classifier]
 pub fn probe_decap_l4_udp(ctx: TcContext) -> i32 {
-    let base = (BPF_F_ADJ_ROOM_FIXED_GSO | BPF_F_ADJ_ROOM_DECAP_L3_IPV4) as u64;
+    let base = u64::from(BPF_F_ADJ_ROOM_FIXED_GSO | BPF_F_ADJ_ROOM_DECAP_L3_IPV4);
     let shrink = |flags| {
         i32::from(
             ctx.adjust_room(-(VXLAN_OVERHEAD as i32), BPF_ADJ_ROOM_MAC, flags)
@@ -29,3 +29,7 @@ pub fn probe_decap_l4_udp(ctx: TcContext) -> i32 {
     let plain = shrink(base);
     plain | (shrink(base | BPF_F_ADJ_ROOM_DECAP_L4_UDP) << 1)
 }
+named!(
+    probe_decap_l4_udp,
+    overlay_common::names::PROBE_DECAP_L4_UDP
+);

@@ -18,14 +18,13 @@
 //!   nothing else.
 
 use aya_ebpf::{
-    bindings::TC_ACT_OK,
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
 use overlay_common::counters::Reason;
 
 use crate::lib::{
-    counters::{count, verdict},
+    counters::{Step, count, settled, then, verdict},
     decap::{try_underlay_ingress, xdp_decapsulate},
     direct::try_direct_ingress,
     nat,
@@ -34,19 +33,15 @@ use crate::lib::{
 #[classifier]
 pub fn underlay_ingress(ctx: TcContext) -> i32 {
     count(Reason::UnderlayRx, ctx.len());
-    // VXLAN for us never has a pod subnet as outer destination, so only what decapsulation
-    // passed on can be direct traffic.
-    let result = match try_underlay_ingress(&ctx) {
-        Ok(TC_ACT_OK) => try_direct_ingress(&ctx),
-        other => other,
-    };
-    // Then replies to masqueraded flows (`lib::nat`), addressed to this node.
-    let result = match result {
-        Ok(TC_ACT_OK) => nat::reverse(&ctx),
-        other => other,
-    };
-    verdict(&ctx, result)
+    // Three stages in turn, each settling the packet or passing it on. VXLAN for us never has a
+    // pod subnet as outer destination, so only what decapsulation passed on can be direct
+    // traffic; then replies to masqueraded flows (`lib::nat`), addressed to this node.
+    let steps = Step::of(try_underlay_ingress(&ctx));
+    let steps = then(steps, || try_direct_ingress(&ctx));
+    let steps = then(steps, || nat::reverse(&ctx));
+    verdict(&ctx, settled(steps))
 }
+named!(underlay_ingress, overlay_common::names::UNDERLAY_INGRESS);
 
 #[classifier]
 pub fn underlay_egress(ctx: TcContext) -> i32 {
@@ -54,8 +49,10 @@ pub fn underlay_egress(ctx: TcContext) -> i32 {
     // Masquerades what the kernel routed out of here itself (`lib::nat`).
     verdict(&ctx, nat::snat_egress(&ctx))
 }
+named!(underlay_egress, overlay_common::names::UNDERLAY_EGRESS);
 
 #[xdp]
 pub fn underlay_xdp(ctx: XdpContext) -> u32 {
     xdp_decapsulate(&ctx)
 }
+named!(underlay_xdp, overlay_common::names::UNDERLAY_XDP);

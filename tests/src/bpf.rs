@@ -9,7 +9,6 @@
 //! [`DummyProg`] attaches a do-nothing program (tcx or XDP) so the harness can test itself.
 
 use std::{
-    ffi::CString,
     fmt,
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
 };
@@ -211,14 +210,9 @@ impl Attr {
 }
 
 fn ifindex(ifname: &str) -> Result<u32> {
-    let c = CString::new(ifname)?;
-    // SAFETY: c is a valid NUL-terminated string.
-    let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
-    if idx == 0 {
-        return Err(std::io::Error::last_os_error())
-            .with_context(|| format!("no interface {ifname}"));
-    }
-    Ok(idx)
+    nix::net::if_::if_nametoindex(ifname)
+        .map_err(std::io::Error::from)
+        .with_context(|| format!("no interface {ifname}"))
 }
 
 /// tcx programs on `ifname` in the calling thread's namespace, ingress then egress.

@@ -40,6 +40,8 @@ pub struct EtcdServer {
     dir: Option<tempfile::TempDir>,
     /// The command line that started it, to start it again ([`EtcdServer::restart_empty`]).
     launch: Vec<String>,
+    /// Where [`EtcdServer::start_local_tls`] made the certificates (removed with the server).
+    cert_dir: Option<tempfile::TempDir>,
 }
 
 /// One key as returned by `etcdctl get -w json`.
@@ -64,8 +66,7 @@ pub struct LeaseTtl {
 }
 
 /// PEM files for etcd over TLS: a throwaway CA, a server certificate and a client
-/// certificate signed by it (all P-256 keys, valid for two days), made by
-/// [`TlsFiles::generate`] with `openssl`.
+/// certificate signed by it (ECDSA P-256 keys), made by [`TlsFiles::generate`] with rcgen.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TlsFiles {
     /// The CA certificate (etcd's `--trusted-ca-file`, the agent's `--etcd-cafile`).
@@ -80,38 +81,16 @@ pub struct TlsFiles {
     pub client_key: PathBuf,
 }
 
-/// The openssl config used by [`TlsFiles::generate`]; `{ip}` is the server address.
-const OPENSSL_CNF: &str = "\
-[req]
-distinguished_name = dn
-prompt = no
-[dn]
-CN = overlay-test
-[ca_ext]
-basicConstraints = critical,CA:TRUE
-keyUsage = critical,keyCertSign,cRLSign
-subjectKeyIdentifier = hash
-[server_ext]
-basicConstraints = critical,CA:FALSE
-keyUsage = critical,digitalSignature
-extendedKeyUsage = serverAuth,clientAuth
-subjectAltName = IP:{ip},IP:127.0.0.1
-authorityKeyIdentifier = keyid
-[client_ext]
-basicConstraints = critical,CA:FALSE
-keyUsage = critical,digitalSignature
-extendedKeyUsage = clientAuth
-authorityKeyIdentifier = keyid
-";
-
 impl TlsFiles {
-    /// Makes a CA, a server certificate for `server_ip` (IP subjectAltName) and a client
-    /// certificate in `dir` (created if needed) with `openssl`.
+    /// Makes a CA, a server certificate for `server_ip` (IP subjectAltName, and 127.0.0.1)
+    /// and a client certificate in `dir` (created if needed).
     pub fn generate(dir: &Path, server_ip: Ipv4Addr) -> Result<Self> {
+        use rcgen::{
+            BasicConstraints, CertificateParams, DistinguishedName, DnType,
+            ExtendedKeyUsagePurpose as Usage, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+        };
+
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        let cnf = dir.join("openssl.cnf");
-        std::fs::write(&cnf, OPENSSL_CNF.replace("{ip}", &server_ip.to_string()))
-            .with_context(|| format!("writing {}", cnf.display()))?;
         let files = Self {
             ca: dir.join("ca.pem"),
             server_cert: dir.join("server.pem"),
@@ -119,81 +98,61 @@ impl TlsFiles {
             client_cert: dir.join("client.pem"),
             client_key: dir.join("client-key.pem"),
         };
-        let ca_key = dir.join("ca-key.pem");
-        let p = |p: &Path| p.display().to_string();
-        let openssl = |args: &[String]| -> Result<()> {
-            cmd::check(cmd::command("openssl", args))
-                .context("running openssl (Debian package openssl) to make test certificates")
-                .map(drop)
+        let write = |path: &Path, pem: String| {
+            std::fs::write(path, pem).with_context(|| format!("writing {}", path.display()))
         };
-        let new_key = |key: &Path| -> Vec<String> {
-            [
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:prime256v1",
-                "-nodes",
-                "-keyout",
-            ]
-            .iter()
-            .map(|s| (*s).to_owned())
-            .chain([p(key)])
-            .collect()
+        let named = |cn: &str| {
+            let mut params = CertificateParams::default();
+            let mut dn = DistinguishedName::new();
+            dn.push(DnType::CommonName, cn);
+            params.distinguished_name = dn;
+            params
         };
-        let s = |v: &[&str]| -> Vec<String> { v.iter().map(|s| (*s).to_owned()).collect() };
 
-        let mut args = s(&["req", "-x509", "-new", "-days", "2", "-config", &p(&cnf)]);
-        args.extend(new_key(&ca_key));
-        args.extend(s(&[
-            "-extensions",
-            "ca_ext",
-            "-subj",
-            "/CN=overlay-test-ca",
-            "-out",
-            &p(&files.ca),
-        ]));
-        openssl(&args)?;
+        let mut ca = named("overlay-test-ca");
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let ca_key = KeyPair::generate().context("generating the test CA's key")?;
+        write(
+            &files.ca,
+            ca.self_signed(&ca_key)
+                .context("signing the test CA")?
+                .pem(),
+        )?;
+        let issuer = Issuer::new(ca, ca_key);
 
-        for (name, cert, key, ext) in [
-            ("etcd", &files.server_cert, &files.server_key, "server_ext"),
+        let server_names = vec![
+            SanType::IpAddress(server_ip.into()),
+            SanType::IpAddress(Ipv4Addr::LOCALHOST.into()),
+        ];
+        for (cn, cert, key, usages, names) in [
+            (
+                "etcd",
+                &files.server_cert,
+                &files.server_key,
+                vec![Usage::ServerAuth, Usage::ClientAuth],
+                server_names,
+            ),
             (
                 "overlay-agent",
                 &files.client_cert,
                 &files.client_key,
-                "client_ext",
+                vec![Usage::ClientAuth],
+                Vec::new(),
             ),
         ] {
-            let csr = dir.join(format!("{name}.csr"));
-            let mut args = s(&[
-                "req",
-                "-new",
-                "-config",
-                &p(&cnf),
-                "-subj",
-                &format!("/CN={name}"),
-            ]);
-            args.extend(new_key(key));
-            args.extend(s(&["-out", &p(&csr)]));
-            openssl(&args)?;
-            openssl(&s(&[
-                "x509",
-                "-req",
-                "-in",
-                &p(&csr),
-                "-CA",
-                &p(&files.ca),
-                "-CAkey",
-                &p(&ca_key),
-                "-CAcreateserial",
-                "-days",
-                "2",
-                "-extfile",
-                &p(&cnf),
-                "-extensions",
-                ext,
-                "-out",
-                &p(cert),
-            ]))?;
+            let mut params = named(cn);
+            params.is_ca = IsCa::ExplicitNoCa;
+            params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+            params.extended_key_usages = usages;
+            params.subject_alt_names = names;
+            params.use_authority_key_identifier_extension = true;
+            let key_pair = KeyPair::generate().context("generating a test key")?;
+            let signed = params
+                .signed_by(&key_pair, &issuer)
+                .with_context(|| format!("signing the {cn} test certificate"))?;
+            write(cert, signed.pem())?;
+            write(key, key_pair.serialize_pem())?;
         }
         Ok(files)
     }
@@ -215,6 +174,22 @@ impl EtcdServer {
             }
         }
         Err(last.unwrap_or_else(|| anyhow::anyhow!("etcd did not start")))
+    }
+
+    /// [`EtcdServer::start_local`] over TLS only (`https://127.0.0.1:<port>`), requiring a
+    /// client certificate: the certificates are made in the server's own directory.
+    pub fn start_local_tls() -> Result<Self> {
+        let certs = crate::temp_dir(&format!("{}-etcd-tls", crate::unique_id()))?;
+        let tls = TlsFiles::generate(certs.path(), Ipv4Addr::LOCALHOST)?;
+        let mut server = Self::start(
+            None,
+            Ipv4Addr::LOCALHOST,
+            free_port()?,
+            free_port()?,
+            Some(tls),
+        )?;
+        server.cert_dir = Some(certs);
+        Ok(server)
     }
 
     /// Starts etcd inside `ns`, serving clients on `ip:2379` (and `127.0.0.1:2379` of that
@@ -287,6 +262,7 @@ impl EtcdServer {
             log_path,
             dir: Some(dir),
             launch,
+            cert_dir: None,
         };
         server.wait_healthy().inspect_err(|_| {
             eprintln!(
@@ -540,7 +516,8 @@ fn spawn(launch: &[String], log_path: &Path) -> Result<Child> {
         .with_context(|| format!("starting `{}`", cmd::describe(&c)))
 }
 
-fn free_port() -> Result<u16> {
+/// A TCP port on 127.0.0.1 that was free a moment ago (bound to port 0, then released).
+pub fn free_port() -> Result<u16> {
     let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("binding a free port")?;
     Ok(l.local_addr()?.port())
 }

@@ -123,8 +123,7 @@ pub fn temp_dir(id: &str) -> Result<tempfile::TempDir> {
 pub fn require_root() {
     static CHECK: OnceLock<Result<(), String>> = OnceLock::new();
     let res = CHECK.get_or_init(|| {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
+        if !nix::unistd::geteuid().is_root() {
             return Err("not running as root (namespaces, veth, BPF need it)".to_owned());
         }
         let tools: [(&str, &[&str], &str); 6] = [

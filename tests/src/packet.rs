@@ -11,12 +11,15 @@ use std::{collections::BTreeMap, net::Ipv4Addr, path::PathBuf};
 
 use aya::{
     Ebpf, EbpfLoader, TestRun, TestRunOptions,
-    maps::{HashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, PerCpuArray},
     programs::{SchedClassifier, Xdp},
 };
 use overlay_common::{
+    config::Config,
     counters::{Counter, Reason},
     endpoint::{Endpoint, EndpointKeyV4},
+    names,
+    route::{MemberNode, RemoteNode, route_key},
 };
 
 // TC verdicts (include/uapi/linux/pkt_cls.h).
@@ -29,17 +32,38 @@ pub const TC_ACT_REDIRECT: u32 = 7;
 
 /// The data path's TC programs (`SchedClassifier`s), the load-time probe among them.
 pub const PROGRAMS: [&str; 6] = [
-    "pod_egress",
-    "pod_port_egress",
-    "host_egress",
-    "underlay_ingress",
-    "underlay_egress",
-    "probe_decap_l4_udp",
+    names::POD_EGRESS,
+    names::POD_PORT_EGRESS,
+    names::HOST_EGRESS,
+    names::UNDERLAY_INGRESS,
+    names::UNDERLAY_EGRESS,
+    names::PROBE_DECAP_L4_UDP,
 ];
 /// The data path's XDP programs.
-pub const XDP_PROGRAMS: [&str; 1] = ["underlay_xdp"];
+pub const XDP_PROGRAMS: [&str; 1] = [names::UNDERLAY_XDP];
 /// `XDP_PASS`.
 pub const XDP_PASS: u32 = 2;
+
+/// Test interface indexes. `BPF_PROG_TEST_RUN` does not check redirect targets; the host
+/// device's is `lo` (1) because `bpf_check_mtu` looks it up (in the caller's namespace; MTU
+/// 65536).
+pub const UNDERLAY_IFINDEX: u32 = 11;
+/// See [`UNDERLAY_IFINDEX`].
+pub const BRIDGE_IFINDEX: u32 = 12;
+/// See [`UNDERLAY_IFINDEX`].
+pub const HOST_IFINDEX: u32 = 1;
+/// The host device's MAC in the tests (distinct from the VtepMAC, to see the rewrite).
+pub const HOST_MAC: [u8; 6] = [0x02, 0xaa, 0, 0, 0, 0x10];
+/// The pod bridge (gateway) and a pod: the MACs of frames from pods.
+pub const GW_MAC: [u8; 6] = [0x02, 0xbb, 0, 0, 0, 0x01];
+/// See [`GW_MAC`].
+pub const POD_MAC: [u8; 6] = [0x02, 0xcc, 0, 0, 0, 0x05];
+/// flannel's VXLAN port and the kernel's default source port range, as the agent sets them.
+pub const VXLAN_PORT: u16 = 8472;
+/// See [`VXLAN_PORT`].
+pub const SRC_PORT_MIN: u16 = 32768;
+/// See [`VXLAN_PORT`].
+pub const SRC_PORT_MAX: u16 = 60999;
 
 /// The pod bridge's MAC in the packet tests' `CONFIG`: the source MAC of frames delivered
 /// straight into a pod.
@@ -56,9 +80,8 @@ pub const IPPROTO_UDP: u8 = 17;
 
 /// Panics unless the process runs as root, naming the test file `test` and how to run it.
 pub fn require_root(test: &str) {
-    // SAFETY: geteuid has no preconditions.
     assert!(
-        unsafe { libc::geteuid() } == 0,
+        nix::unistd::geteuid().is_root(),
         "{test}: these tests load eBPF programs and need root; run them as root (CI does): \
          cargo test -p overlay-tests --test {test} -- --test-threads=1"
     );
@@ -119,10 +142,82 @@ pub fn run_xdp(ebpf: &Ebpf, prog: &str, frame: &[u8]) -> Run {
 /// Sets (`Some`) or removes (`None`) the `ENDPOINT_V4` entry of the local pod `addr`.
 pub fn set_endpoint(ebpf: &mut Ebpf, addr: Ipv4Addr, endpoint: Option<Endpoint>) {
     let mut map: HashMap<_, EndpointKeyV4, Endpoint> =
-        HashMap::try_from(ebpf.map_mut("ENDPOINT_V4").unwrap()).unwrap();
+        HashMap::try_from(ebpf.map_mut(names::ENDPOINT_V4).unwrap()).unwrap();
     match endpoint {
         Some(ep) => map.insert(addr.octets(), ep, 0).unwrap(),
         None => map.remove(&addr.octets()).unwrap(),
+    }
+}
+
+/// The eBPF object with fresh maps and every program loaded (so verified by the kernel), and
+/// the map writes the packet tests make, with the shared types (the set-up `packet_vxlan` and
+/// `packet_direct` share).
+pub struct Loaded {
+    pub ebpf: Ebpf,
+}
+
+impl Loaded {
+    /// Loads the object for the test file `test` (checks for root first).
+    pub fn new(test: &str) -> Self {
+        Self {
+            ebpf: load_object(test),
+        }
+    }
+
+    pub fn set_config(&mut self, cfg: Config) {
+        let mut map: Array<_, Config> =
+            Array::try_from(self.ebpf.map_mut(names::CONFIG).unwrap()).unwrap();
+        map.set(0, cfg, 0).unwrap();
+    }
+
+    pub fn config(&self) -> Config {
+        let map: Array<_, Config> = Array::try_from(self.ebpf.map(names::CONFIG).unwrap()).unwrap();
+        map.get(&0, 0).unwrap()
+    }
+
+    pub fn update_config(&mut self, f: impl FnOnce(&mut Config)) {
+        let mut cfg = self.config();
+        f(&mut cfg);
+        self.set_config(cfg);
+    }
+
+    /// Routes `subnet/prefix_len` to `node` (`ROUTE_V4`).
+    pub fn add_route(&mut self, subnet: Ipv4Addr, prefix_len: u8, node: RemoteNode) {
+        let mut map: LpmTrie<_, [u8; 4], RemoteNode> =
+            LpmTrie::try_from(self.ebpf.map_mut(names::ROUTE_V4).unwrap()).unwrap();
+        map.insert(&route_key(subnet, prefix_len), node, 0).unwrap();
+    }
+
+    /// Makes `ip` a member node (`NODE_V4`).
+    pub fn add_member(&mut self, ip: Ipv4Addr) {
+        let mut map: HashMap<_, [u8; 4], MemberNode> =
+            HashMap::try_from(self.ebpf.map_mut(names::NODE_V4).unwrap()).unwrap();
+        map.insert(ip.octets(), MemberNode { routes: 1 }, 0)
+            .unwrap();
+    }
+
+    pub fn run(&self, prog: &str, frame: &[u8]) -> Run {
+        run_prog(&self.ebpf, prog, frame)
+    }
+
+    /// Packets per reason, summed over the CPUs; reasons that counted nothing are left out.
+    pub fn counters(&self) -> BTreeMap<&'static str, u64> {
+        counters(&self.ebpf)
+    }
+
+    pub fn counters_full(&self) -> BTreeMap<&'static str, Counter> {
+        counters_full(&self.ebpf)
+    }
+
+    /// Asserts exactly these counters (every other reason counted nothing).
+    #[track_caller]
+    pub fn assert_counters(&self, expected: &[(Reason, u64)]) {
+        let expected: BTreeMap<&'static str, u64> = expected
+            .iter()
+            .filter(|(_, n)| *n != 0)
+            .map(|(r, n)| (r.name(), *n))
+            .collect();
+        assert_eq!(self.counters(), expected, "counters");
     }
 }
 
@@ -164,7 +259,7 @@ where
 /// Every reason's counter in the `COUNTERS` map, summed over the CPUs.
 pub fn counters_by_reason(ebpf: &Ebpf) -> BTreeMap<Reason, Counter> {
     let map: PerCpuArray<_, Counter> =
-        PerCpuArray::try_from(ebpf.map("COUNTERS").unwrap()).unwrap();
+        PerCpuArray::try_from(ebpf.map(names::COUNTERS).unwrap()).unwrap();
     Reason::ALL
         .iter()
         .map(|&reason| {

@@ -3,6 +3,7 @@
 
 use std::{process::Command, time::Duration};
 
+use overlay_common::names;
 use overlay_tests::{
     AttachKind, Cluster, agent_bin,
     checks::{agent_cmd, eth0_programs},
@@ -28,8 +29,8 @@ fn agent_attaches_keeps_its_pinned_data_path_after_sigterm_and_cleanup_removes_i
         .wait_for_log("data path attached to eth0", Duration::from_secs(30))
         .unwrap();
     let expected = [
-        ("underlay_egress".to_owned(), AttachKind::TcxEgress),
-        ("underlay_ingress".to_owned(), AttachKind::TcxIngress),
+        (names::UNDERLAY_EGRESS.to_owned(), AttachKind::TcxEgress),
+        (names::UNDERLAY_INGRESS.to_owned(), AttachKind::TcxIngress),
     ];
     assert_eq!(
         eth0_programs(node),

@@ -1,4 +1,4 @@
-//! The control plane end to end (issue 3): the real agent against a real etcd, in namespace
+//! The control plane end to end: the real agent against a real etcd, in namespace
 //! clusters. Leases, the subnet file, restarts, reservations, races, revocation, peer events,
 //! bad input, etcd over TLS, health endpoints and flanneld's environment variables.
 //!
@@ -15,6 +15,7 @@ use std::{
 
 use ipnet::Ipv4Net;
 use overlay_agent::subnet::Mac;
+use overlay_common::names;
 use overlay_tests::{
     AgentProcess, AttachKind, Cluster, DEFAULT_ETCD_PREFIX, KeyValue, NetNs, Node,
     checks::{eth0_programs, http_get, subnet_of, wait_line_since, wait_log_since, wait_until},
@@ -123,8 +124,8 @@ fn assert_data_path_attached(node: &Node) {
     assert_eq!(
         eth0_programs(node),
         [
-            ("underlay_egress".to_owned(), AttachKind::TcxEgress),
-            ("underlay_ingress".to_owned(), AttachKind::TcxIngress),
+            (names::UNDERLAY_EGRESS.to_owned(), AttachKind::TcxEgress),
+            (names::UNDERLAY_INGRESS.to_owned(), AttachKind::TcxIngress),
         ],
         "{}: the kernel must report both data path programs on eth0",
         node.name()
@@ -1438,7 +1439,7 @@ fn conflicting_peer_records_are_refused_and_an_overwritten_lease_is_written_back
     }
 }
 
-/// What held before issue 12 and must go on holding (docs/reliability.md): etcd down for a
+/// What held before the hardening and must go on holding (docs/reliability.md): etcd down for a
 /// while (here 20 s) costs no packet between pods on different nodes, and once it is back the
 /// agents follow changes again (a node joining is seen).
 #[test]
@@ -1493,7 +1494,7 @@ fn an_etcd_outage_loses_no_packet_and_the_agents_catch_up() {
     assert!(agent.is_running(), "the agent rode out the outage");
 }
 
-/// What held before issue 12 (docs/reliability.md): 4,000 peers in etcd reach a starting
+/// What held before the hardening (docs/reliability.md): 4,000 peers in etcd reach a starting
 /// agent's data path. The time and the agent's memory are printed (figures, not a bound).
 #[test]
 fn four_thousand_peers_reach_the_data_path() {

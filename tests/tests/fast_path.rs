@@ -13,6 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use overlay_common::names;
 use overlay_tests::{
     AttachKind, Capture, Cluster, Node, Pod,
     checks::{
@@ -219,7 +220,7 @@ fn xdp_decapsulates_before_gro_where_frames_arrive_mtu_sized_and_survives_kill9(
     let xdp_on = |node: &Node| {
         eth0_programs(node)
             .iter()
-            .any(|(name, kind)| name == "underlay_xdp" && *kind == AttachKind::Xdp)
+            .any(|(name, kind)| name == names::UNDERLAY_XDP && *kind == AttachKind::Xdp)
     };
     assert!(xdp_on(cluster.node(0)) && xdp_on(cluster.node(1)));
     assert!(!xdp_on(cluster.node(2)), "--xdp off");

@@ -1,4 +1,4 @@
-//! host-gw and VXLAN DirectRouting end to end (issue 5): the real agent binary in node
+//! host-gw and VXLAN DirectRouting end to end: the real agent binary in node
 //! namespaces against a real etcd, pods behind `cni0`, `iptables -P FORWARD DROP` in every node
 //! (as Docker leaves it), checked with real traffic, the kernel's routing tables and captures:
 //!

@@ -168,7 +168,10 @@ fn pods_see_real_pod_addresses_across_nodes_and_excluded_destinations_keep_them(
     );
     let u = b.udp_echo(&a, 5).unwrap();
     assert_eq!(
-        u.server_peers.iter().map(|p| p.ip()).collect::<Vec<_>>(),
+        u.server_peers
+            .iter()
+            .map(std::net::SocketAddr::ip)
+            .collect::<Vec<_>>(),
         [IpAddr::V4(b.ip())]
     );
     // Host -> remote pod: the host's sockets reach the cluster through ovl0 and take its
@@ -422,12 +425,12 @@ fn a_masqueraded_transfer_survives_kill_9_of_the_agent() {
 
 /// The host device's address of `node` (`<lease>.0`, as flannel.1's): what flannel's
 /// MASQUERADE picks for traffic into the cluster through VXLAN.
-fn host_device_ip(node: &Node) -> std::net::Ipv4Addr {
+fn host_device_ip(node: &Node) -> Ipv4Addr {
     node.subnet_env().unwrap().subnet.trunc().network()
 }
 
 /// `ping -I <source> <dst>` in `node`, bounded; whether every echo came back.
-fn ping_from(node: &Node, source: std::net::Ipv4Addr, dst: std::net::Ipv4Addr) -> (bool, String) {
+fn ping_from(node: &Node, source: Ipv4Addr, dst: Ipv4Addr) -> (bool, String) {
     let out = node
         .ns()
         .exec(

@@ -1,4 +1,4 @@
-//! Operations end to end (issue 13): the real agent in namespace clusters against a real etcd.
+//! Operations end to end: the real agent in namespace clusters against a real etcd.
 //! `/metrics` during traffic, drop events in `monitor`, `status -o json` against the kernel,
 //! repairs after `ovl0` or an underlay link is deleted by hand, `/readyz` following etcd, a
 //! distribution's flanneld command line, systemd's notify protocol, pinned maps of another
@@ -19,6 +19,7 @@ use std::{
 };
 
 use overlay_common::counters::Reason;
+use overlay_common::names;
 use overlay_tests::{
     AgentProcess, AttachKind, ChildGuard, Cluster, DEFAULT_ETCD_PREFIX, Node, UNDERLAY_GATEWAY,
     agent_bin,
@@ -340,8 +341,8 @@ fn status_json_parses_and_matches_the_kernel() {
     assert_eq!(
         eth0_programs(n0),
         [
-            ("underlay_egress".to_owned(), AttachKind::TcxEgress),
-            ("underlay_ingress".to_owned(), AttachKind::TcxIngress),
+            (names::UNDERLAY_EGRESS.to_owned(), AttachKind::TcxEgress),
+            (names::UNDERLAY_INGRESS.to_owned(), AttachKind::TcxIngress),
         ]
     );
 
@@ -417,7 +418,7 @@ fn deleted_ovl0_and_a_detached_underlay_link_are_repaired_and_traffic_resumes() 
     n0.ns().ip(&["link", "del", "ovl0"]).unwrap();
     wait_until("ovl0 recreated with host_egress", REPAIR, || {
         n0.ns().run("ip", &["-j", "link", "show", "ovl0"]).is_ok()
-            && programs_on(n0, "ovl0") == [("host_egress".to_owned(), AttachKind::TcxEgress)]
+            && programs_on(n0, "ovl0") == [(names::HOST_EGRESS.to_owned(), AttachKind::TcxEgress)]
     });
     let new = n0.ns().run("ip", &["-j", "link", "show", "ovl0"]).unwrap();
     assert_ne!(
@@ -447,8 +448,8 @@ fn deleted_ovl0_and_a_detached_underlay_link_are_repaired_and_traffic_resumes() 
     wait_until("underlay_ingress re-attached to eth0", REPAIR, || {
         eth0_programs(n0)
             == [
-                ("underlay_egress".to_owned(), AttachKind::TcxEgress),
-                ("underlay_ingress".to_owned(), AttachKind::TcxIngress),
+                (names::UNDERLAY_EGRESS.to_owned(), AttachKind::TcxEgress),
+                (names::UNDERLAY_INGRESS.to_owned(), AttachKind::TcxIngress),
             ]
     });
     assert_pods_talk(&a, &b);
@@ -486,8 +487,8 @@ fn a_deleted_external_interface_is_not_ready_and_its_recreation_is_repaired() {
     assert_eq!(
         eth0_programs(n0),
         [
-            ("underlay_egress".to_owned(), AttachKind::TcxEgress),
-            ("underlay_ingress".to_owned(), AttachKind::TcxIngress),
+            (names::UNDERLAY_EGRESS.to_owned(), AttachKind::TcxEgress),
+            (names::UNDERLAY_INGRESS.to_owned(), AttachKind::TcxIngress),
         ]
     );
     assert_pods_talk(&a, &b);
@@ -614,8 +615,8 @@ fn a_distribution_flanneld_command_line_starts_the_agent() {
     assert_eq!(
         eth0_programs(n0),
         [
-            ("underlay_egress".to_owned(), AttachKind::TcxEgress),
-            ("underlay_ingress".to_owned(), AttachKind::TcxIngress),
+            (names::UNDERLAY_EGRESS.to_owned(), AttachKind::TcxEgress),
+            (names::UNDERLAY_INGRESS.to_owned(), AttachKind::TcxIngress),
         ]
     );
     assert!(
@@ -718,13 +719,26 @@ fn pinned_maps_of_another_layout_are_refused_or_migrated_never_reused() {
     let remote = n1.add_pod("p0").unwrap();
     let maps = n0.bpf_dir().join("maps");
     std::fs::create_dir_all(&maps).unwrap();
-    let route = maps.join("ROUTE_V4").display().to_string();
+    let route = maps.join(names::ROUTE_V4).display().to_string();
     n0.ns()
         .run(
             "bpftool",
             &[
-                "map", "create", &route, "type", "lpm_trie", "key", "8", "value", "8", "entries",
-                "16", "name", "ROUTE_V4", "flags", "1",
+                "map",
+                "create",
+                &route,
+                "type",
+                "lpm_trie",
+                "key",
+                "8",
+                "value",
+                "8",
+                "entries",
+                "16",
+                "name",
+                names::ROUTE_V4,
+                "flags",
+                "1",
             ],
         )
         .unwrap();

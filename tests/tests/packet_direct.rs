@@ -1,4 +1,4 @@
-//! Packet tests of the direct branches (host-gw, VXLAN DirectRouting; issue 5): the eBPF
+//! Packet tests of the direct branches (host-gw, VXLAN DirectRouting): the eBPF
 //! programs run on crafted frames through `BPF_PROG_TEST_RUN` (aya's `TestRun`) with a
 //! `ROUTE_V4` entry flagged DIRECT, and the tests check the bytes out, the verdict and the
 //! per-reason counters.
@@ -12,27 +12,22 @@
 //! The test run builds its skb on the namespace's loopback device, whose MAC is all zeros: a
 //! frame to 00:00:00:00:00:00 is `PACKET_HOST`, any other unicast MAC `PACKET_OTHERHOST`.
 
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::net::Ipv4Addr;
 
-use aya::{
-    Ebpf,
-    maps::{Array, HashMap, LpmTrie},
-};
+use overlay_common::names;
 use overlay_common::{
     config::{CONFIG_F_DIRECT, CONFIG_F_NO_VXLAN, CONFIG_F_READY, Config},
     counters::Reason,
     endpoint::Endpoint,
-    route::{MemberNode, RemoteNode, route_key},
+    route::RemoteNode,
 };
 use overlay_tests::packet::{
-    self, BRIDGE_MAC, ETH_P_IP, IPPROTO_UDP, Run, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT,
-    checksum, counters, ipv4_packet, load_object, run_prog, set_endpoint, udp_datagram,
+    self, BRIDGE_IFINDEX, BRIDGE_MAC, ETH_P_IP, GW_MAC, HOST_IFINDEX, HOST_MAC, IPPROTO_UDP,
+    Loaded, POD_MAC, SRC_PORT_MAX, SRC_PORT_MIN, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT,
+    UNDERLAY_IFINDEX, VXLAN_PORT, checksum, ipv4_packet, set_endpoint, udp_datagram,
     with_ttl_decremented,
 };
 
-const HOST_MAC: [u8; 6] = [0x02, 0xaa, 0, 0, 0, 0x10];
-const GW_MAC: [u8; 6] = [0x02, 0xbb, 0, 0, 0, 0x01];
-const POD_MAC: [u8; 6] = [0x02, 0xcc, 0, 0, 0, 0x05];
 /// The destination MAC that makes a test-run frame `PACKET_HOST` (loopback's address).
 const TO_US: [u8; 6] = [0; 6];
 /// Another host's MAC: the frame was only overheard (`PACKET_OTHERHOST`).
@@ -52,84 +47,36 @@ const A_POD: Ipv4Addr = Ipv4Addr::new(172, 7, 1, 5);
 const B_POD: Ipv4Addr = Ipv4Addr::new(172, 7, 2, 5);
 const C_POD: Ipv4Addr = Ipv4Addr::new(172, 7, 3, 5);
 
-const UNDERLAY_IFINDEX: u32 = 11;
-const BRIDGE_IFINDEX: u32 = 12;
-/// `lo`: `bpf_check_mtu` looks the host device up (MTU 65536).
-const HOST_IFINDEX: u32 = 1;
-
 /// The object, configured as node A with `flags`, B routed directly, C through VXLAN.
-struct Loaded {
-    ebpf: Ebpf,
-}
-
-impl Loaded {
-    fn node_a(flags: u32) -> Self {
-        let mut dp = Self {
-            ebpf: load_object("packet_direct"),
-        };
-        dp.set_config(Config {
-            flags: CONFIG_F_READY | flags,
-            vni: 1,
-            underlay_ifindex: UNDERLAY_IFINDEX,
-            bridge_ifindex: BRIDGE_IFINDEX,
-            host_ifindex: HOST_IFINDEX,
-            local_ip: A_IP.octets(),
-            subnet: A_SUBNET.octets(),
-            subnet_mask: [255, 255, 255, 0],
-            network: [172, 7, 0, 0],
-            network_mask: [255, 255, 0, 0],
-            vtep_mac: VTEP_A,
-            host_mac: HOST_MAC,
-            port: 8472,
-            src_port_min: 32768,
-            src_port_max: 60999,
-            bridge_mac: BRIDGE_MAC,
-            xdp_cookie: 0,
-        });
-        dp.add_peer(B_SUBNET, RemoteNode::direct(B_IP.octets(), [0; 6]), B_IP);
-        dp.add_peer(C_SUBNET, RemoteNode::vxlan(C_IP.octets(), VTEP_C), C_IP);
-        dp
+fn node_a(flags: u32) -> Loaded {
+    let mut dp = Loaded::new("packet_direct");
+    dp.set_config(Config {
+        flags: CONFIG_F_READY | flags,
+        vni: 1,
+        underlay_ifindex: UNDERLAY_IFINDEX,
+        bridge_ifindex: BRIDGE_IFINDEX,
+        host_ifindex: HOST_IFINDEX,
+        local_ip: A_IP.octets(),
+        subnet: A_SUBNET.octets(),
+        subnet_mask: [255, 255, 255, 0],
+        network: [172, 7, 0, 0],
+        network_mask: [255, 255, 0, 0],
+        vtep_mac: VTEP_A,
+        host_mac: HOST_MAC,
+        port: VXLAN_PORT,
+        src_port_min: SRC_PORT_MIN,
+        src_port_max: SRC_PORT_MAX,
+        bridge_mac: BRIDGE_MAC,
+        xdp_cookie: 0,
+    });
+    for (subnet, node, member) in [
+        (B_SUBNET, RemoteNode::direct(B_IP.octets(), [0; 6]), B_IP),
+        (C_SUBNET, RemoteNode::vxlan(C_IP.octets(), VTEP_C), C_IP),
+    ] {
+        dp.add_route(subnet, 24, node);
+        dp.add_member(member);
     }
-
-    fn set_config(&mut self, cfg: Config) {
-        let mut map: Array<_, Config> =
-            Array::try_from(self.ebpf.map_mut("CONFIG").unwrap()).unwrap();
-        map.set(0, cfg, 0).unwrap();
-    }
-
-    fn update_config(&mut self, f: impl FnOnce(&mut Config)) {
-        let map: Array<_, Config> = Array::try_from(self.ebpf.map("CONFIG").unwrap()).unwrap();
-        let mut cfg = map.get(&0, 0).unwrap();
-        f(&mut cfg);
-        self.set_config(cfg);
-    }
-
-    fn add_peer(&mut self, subnet: Ipv4Addr, node: RemoteNode, member: Ipv4Addr) {
-        let mut routes: LpmTrie<_, [u8; 4], RemoteNode> =
-            LpmTrie::try_from(self.ebpf.map_mut("ROUTE_V4").unwrap()).unwrap();
-        routes.insert(&route_key(subnet, 24), node, 0).unwrap();
-        let mut nodes: HashMap<_, [u8; 4], MemberNode> =
-            HashMap::try_from(self.ebpf.map_mut("NODE_V4").unwrap()).unwrap();
-        nodes
-            .insert(member.octets(), MemberNode { routes: 1 }, 0)
-            .unwrap();
-    }
-
-    fn run(&self, prog: &str, frame: &[u8]) -> Run {
-        run_prog(&self.ebpf, prog, frame)
-    }
-
-    /// Packets per reason that counted something.
-    fn counters(&self) -> BTreeMap<&'static str, u64> {
-        counters(&self.ebpf)
-    }
-
-    #[track_caller]
-    fn assert_counters(&self, expected: &[(Reason, u64)]) {
-        let expected: BTreeMap<&'static str, u64> =
-            expected.iter().map(|(r, n)| (r.name(), *n)).collect();
-        assert_eq!(self.counters(), expected, "counters");
-    }
+    dp
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -188,9 +135,9 @@ const DIRECT_ROUTING: u32 = CONFIG_F_DIRECT;
 #[test]
 fn pod_to_direct_peer_is_forwarded_unencapsulated_with_ttl_decremented() {
     for flags in [HOST_GW, DIRECT_ROUTING] {
-        let dp = Loaded::node_a(flags);
+        let dp = node_a(flags);
         let ip = packet(A_POD, B_POD, 64);
-        let r = dp.run("pod_egress", &ether(GW_MAC, POD_MAC, &ip));
+        let r = dp.run(names::POD_EGRESS, &ether(GW_MAC, POD_MAC, &ip));
         assert_eq!(r.verdict, TC_ACT_REDIRECT);
         assert_eq!(
             r.out.len(),
@@ -210,9 +157,9 @@ fn pod_to_direct_peer_is_forwarded_unencapsulated_with_ttl_decremented() {
 /// Under DirectRouting, a peer on another segment (C) is still encapsulated.
 #[test]
 fn direct_routing_keeps_vxlan_for_other_peers() {
-    let dp = Loaded::node_a(DIRECT_ROUTING);
+    let dp = node_a(DIRECT_ROUTING);
     let ip = packet(A_POD, C_POD, 64);
-    let r = dp.run("pod_egress", &ether(GW_MAC, POD_MAC, &ip));
+    let r = dp.run(names::POD_EGRESS, &ether(GW_MAC, POD_MAC, &ip));
     assert_eq!(r.verdict, TC_ACT_REDIRECT);
     assert_eq!(r.out.len(), 14 + 50 + ip.len(), "VXLAN adds 50 bytes");
     assert_eq!(
@@ -226,9 +173,9 @@ fn direct_routing_keeps_vxlan_for_other_peers() {
 /// A TTL that would expire is the kernel's (ICMP time exceeded), unchanged.
 #[test]
 fn pod_to_direct_peer_with_ttl_1_goes_to_the_kernel() {
-    let dp = Loaded::node_a(HOST_GW);
+    let dp = node_a(HOST_GW);
     let frame = ether(GW_MAC, POD_MAC, &packet(A_POD, B_POD, 1));
-    let r = dp.run("pod_egress", &frame);
+    let r = dp.run(names::POD_EGRESS, &frame);
     assert_eq!((r.verdict, &r.out), (TC_ACT_OK, &frame));
     dp.assert_counters(&[(Reason::StackTtl, 1)]);
 }
@@ -236,13 +183,13 @@ fn pod_to_direct_peer_with_ttl_1_goes_to_the_kernel() {
 /// The host's packet (already routed by the kernel) leaves as it is.
 #[test]
 fn host_to_direct_peer_is_sent_as_it_is() {
-    let dp = Loaded::node_a(HOST_GW);
+    let dp = node_a(HOST_GW);
     let frame = ether(
         [0x0e, 0, 0, 0, 0, 0x01],
         HOST_MAC,
         &packet(A_SUBNET, B_POD, 64),
     );
-    let r = dp.run("host_egress", &frame);
+    let r = dp.run(names::HOST_EGRESS, &frame);
     assert_eq!((r.verdict, &r.out), (TC_ACT_REDIRECT, &frame));
     dp.assert_counters(&[(Reason::DirectHost, 1)]);
 }
@@ -254,9 +201,9 @@ fn host_to_direct_peer_is_sent_as_it_is() {
 #[test]
 fn direct_peer_pod_to_local_pod_is_delivered() {
     for flags in [HOST_GW, DIRECT_ROUTING] {
-        let dp = Loaded::node_a(flags);
+        let dp = node_a(flags);
         let ip = packet(B_POD, A_POD, 63);
-        let r = dp.run("underlay_ingress", &ether(TO_US, PEER_MAC, &ip));
+        let r = dp.run(names::UNDERLAY_INGRESS, &ether(TO_US, PEER_MAC, &ip));
         assert_eq!(r.verdict, TC_ACT_REDIRECT);
         assert_eq!(&r.out[14..], &ttl_minus_one(&ip)[..]);
         dp.assert_counters(&[(Reason::UnderlayRx, 1), (Reason::DeliverDirectPod, 1)]);
@@ -268,17 +215,17 @@ fn direct_peer_pod_to_local_pod_is_delivered() {
 #[test]
 fn direct_peer_pod_to_a_known_local_pod_goes_straight_in() {
     for flags in [HOST_GW, DIRECT_ROUTING] {
-        let mut dp = Loaded::node_a(flags);
+        let mut dp = node_a(flags);
         let ep = Endpoint::new(21, POD_MAC);
         set_endpoint(&mut dp.ebpf, A_POD, Some(ep));
         let ip = packet(B_POD, A_POD, 63);
-        let r = dp.run("underlay_ingress", &ether(TO_US, PEER_MAC, &ip));
+        let r = dp.run(names::UNDERLAY_INGRESS, &ether(TO_US, PEER_MAC, &ip));
         assert_eq!(r.verdict, TC_ACT_REDIRECT);
         assert_eq!(&r.out[..6], &POD_MAC);
         assert_eq!(&r.out[6..12], &BRIDGE_MAC);
         assert_eq!(&r.out[14..], &ttl_minus_one(&ip)[..]);
         set_endpoint(&mut dp.ebpf, A_POD, None);
-        let r = dp.run("underlay_ingress", &ether(TO_US, PEER_MAC, &ip));
+        let r = dp.run(names::UNDERLAY_INGRESS, &ether(TO_US, PEER_MAC, &ip));
         assert_eq!(r.verdict, TC_ACT_REDIRECT);
         assert_eq!(&r.out[..6], &TO_US, "left to bpf_redirect_neigh");
         dp.assert_counters(&[
@@ -294,14 +241,14 @@ fn direct_peer_pod_to_a_known_local_pod_goes_straight_in() {
 /// accepted as source too.
 #[test]
 fn direct_traffic_for_the_host_goes_to_the_host_device() {
-    let dp = Loaded::node_a(HOST_GW);
+    let dp = node_a(HOST_GW);
     for (src, dst) in [
         (B_POD, A_SUBNET),
         (B_POD, Ipv4Addr::new(172, 7, 1, 1)),
         (B_IP, A_SUBNET),
     ] {
         let ip = packet(src, dst, 64);
-        let r = dp.run("underlay_ingress", &ether(TO_US, PEER_MAC, &ip));
+        let r = dp.run(names::UNDERLAY_INGRESS, &ether(TO_US, PEER_MAC, &ip));
         assert_eq!(r.verdict, TC_ACT_REDIRECT, "{src} -> {dst}");
         assert_eq!(
             &r.out[..6],
@@ -313,7 +260,7 @@ fn direct_traffic_for_the_host_goes_to_the_host_device() {
     }
     // A member's host to a pod is delivered to the pod.
     let r = dp.run(
-        "underlay_ingress",
+        names::UNDERLAY_INGRESS,
         &ether(TO_US, PEER_MAC, &packet(B_IP, A_POD, 64)),
     );
     assert_eq!(r.verdict, TC_ACT_REDIRECT);
@@ -327,9 +274,9 @@ fn direct_traffic_for_the_host_goes_to_the_host_device() {
 /// A TTL that expires here goes to the host device, so the kernel answers.
 #[test]
 fn direct_traffic_with_ttl_1_goes_to_the_host_device() {
-    let dp = Loaded::node_a(HOST_GW);
+    let dp = node_a(HOST_GW);
     let ip = packet(B_POD, A_POD, 1);
-    let r = dp.run("underlay_ingress", &ether(TO_US, PEER_MAC, &ip));
+    let r = dp.run(names::UNDERLAY_INGRESS, &ether(TO_US, PEER_MAC, &ip));
     assert_eq!(r.verdict, TC_ACT_REDIRECT);
     assert_eq!(&r.out[..6], &HOST_MAC);
     assert_eq!(&r.out[14..], &ip[..]);
@@ -341,14 +288,14 @@ fn direct_traffic_with_ttl_1_goes_to_the_host_device() {
 /// broadcast address, IP options, destinations outside our subnet.
 #[test]
 fn traffic_not_from_direct_peers_is_left_to_the_kernel() {
-    let dp = Loaded::node_a(DIRECT_ROUTING);
+    let dp = node_a(DIRECT_ROUTING);
     let not_peer = [
         packet(Ipv4Addr::new(198, 19, 0, 1), A_POD, 64),
         packet(C_POD, A_POD, 64),
     ];
     for ip in &not_peer {
         let frame = ether(TO_US, PEER_MAC, ip);
-        let r = dp.run("underlay_ingress", &frame);
+        let r = dp.run(names::UNDERLAY_INGRESS, &frame);
         assert_eq!((r.verdict, &r.out), (TC_ACT_OK, &frame));
     }
     let mut options = packet(B_POD, A_POD, 64);
@@ -374,7 +321,7 @@ fn traffic_not_from_direct_peers_is_left_to_the_kernel() {
         ),
     ];
     for frame in &untouched {
-        let r = dp.run("underlay_ingress", frame);
+        let r = dp.run(names::UNDERLAY_INGRESS, frame);
         assert_eq!((r.verdict, &r.out), (TC_ACT_OK, frame));
     }
     dp.assert_counters(&[(Reason::UnderlayRx, 7), (Reason::StackNotPeer, 2)]);
@@ -384,9 +331,9 @@ fn traffic_not_from_direct_peers_is_left_to_the_kernel() {
 /// flagged DIRECT.
 #[test]
 fn vxlan_only_nodes_accept_nothing_unencapsulated() {
-    let dp = Loaded::node_a(0);
+    let dp = node_a(0);
     let frame = ether(TO_US, PEER_MAC, &packet(B_POD, A_POD, 64));
-    let r = dp.run("underlay_ingress", &frame);
+    let r = dp.run(names::UNDERLAY_INGRESS, &frame);
     assert_eq!((r.verdict, &r.out), (TC_ACT_OK, &frame));
     dp.assert_counters(&[(Reason::UnderlayRx, 1)]);
 }
@@ -395,7 +342,7 @@ fn vxlan_only_nodes_accept_nothing_unencapsulated() {
 /// would drop them; redirecting skips it). No bridge: dropped and counted.
 #[test]
 fn malformed_direct_packets_and_a_missing_bridge_are_dropped() {
-    let mut dp = Loaded::node_a(HOST_GW);
+    let mut dp = node_a(HOST_GW);
     let mut bad_sum = packet(B_POD, A_POD, 64);
     bad_sum[10] ^= 0xff;
     let mut too_long = packet(B_POD, A_POD, 64);
@@ -406,12 +353,12 @@ fn malformed_direct_packets_and_a_missing_bridge_are_dropped() {
     };
     too_long[10..12].copy_from_slice(&c.to_be_bytes());
     for ip in [&bad_sum, &too_long] {
-        let r = dp.run("underlay_ingress", &ether(TO_US, PEER_MAC, ip));
+        let r = dp.run(names::UNDERLAY_INGRESS, &ether(TO_US, PEER_MAC, ip));
         assert_eq!(r.verdict, TC_ACT_SHOT);
     }
     dp.update_config(|c| c.bridge_ifindex = 0);
     let r = dp.run(
-        "underlay_ingress",
+        names::UNDERLAY_INGRESS,
         &ether(TO_US, PEER_MAC, &packet(B_POD, A_POD, 64)),
     );
     assert_eq!(r.verdict, TC_ACT_SHOT);
@@ -427,13 +374,13 @@ fn malformed_direct_packets_and_a_missing_bridge_are_dropped() {
 #[test]
 fn host_gw_does_not_decapsulate_vxlan_but_direct_routing_does() {
     let frame = vxlan_from_c(&packet(C_POD, A_POD, 63));
-    let dp = Loaded::node_a(HOST_GW);
-    let r = dp.run("underlay_ingress", &frame);
+    let dp = node_a(HOST_GW);
+    let r = dp.run(names::UNDERLAY_INGRESS, &frame);
     assert_eq!((r.verdict, &r.out), (TC_ACT_OK, &frame));
     dp.assert_counters(&[(Reason::UnderlayRx, 1)]);
 
-    let dp = Loaded::node_a(DIRECT_ROUTING);
-    let r = dp.run("underlay_ingress", &frame);
+    let dp = node_a(DIRECT_ROUTING);
+    let r = dp.run(names::UNDERLAY_INGRESS, &frame);
     assert_eq!(r.verdict, TC_ACT_REDIRECT);
     assert_eq!(r.out.len(), frame.len() - 50);
     dp.assert_counters(&[(Reason::UnderlayRx, 1), (Reason::DecapPod, 1)]);

@@ -17,6 +17,7 @@ use aya::{
     maps::{Array, HashMap, LpmTrie},
     programs::SchedClassifier,
 };
+use overlay_common::names;
 use overlay_common::{
     config::{CONFIG_F_DIRECT, CONFIG_F_READY, Config},
     endpoint::Endpoint,
@@ -26,9 +27,9 @@ use overlay_common::{
 use overlay_tests::{
     NetNs,
     packet::{
-        BRIDGE_MAC, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, TC_ACT_OK, TC_ACT_REDIRECT,
-        TC_ACT_SHOT, be16, checksum, counters, ipv4_packet, load_object, require_root,
-        set_endpoint,
+        BRIDGE_MAC, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, POD_MAC, SRC_PORT_MAX, SRC_PORT_MIN,
+        TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, VXLAN_PORT, be16, checksum, counters, ipv4_packet,
+        load_object, require_root, set_endpoint,
     },
     unique_id,
 };
@@ -102,14 +103,14 @@ impl Node {
             network_mask: [255, 255, 0, 0],
             vtep_mac: [0x0e, 0, 0, 0, 0, 1],
             host_mac: [0; 6],
-            port: 8472,
-            src_port_min: 32768,
-            src_port_max: 60999,
+            port: VXLAN_PORT,
+            src_port_min: SRC_PORT_MIN,
+            src_port_max: SRC_PORT_MAX,
             bridge_mac: BRIDGE_MAC,
             xdp_cookie: 0,
         };
         let mut a: Array<_, Config> =
-            Array::try_from(node.ebpf.map_mut("CONFIG").unwrap()).unwrap();
+            Array::try_from(node.ebpf.map_mut(names::CONFIG).unwrap()).unwrap();
         a.set(0, cfg, 0).unwrap();
         node.set_nat(nat);
         node
@@ -134,7 +135,7 @@ impl Node {
             .unwrap();
         let ovl0 = node.ns.ifindex("ovl0").unwrap();
         let mut a: Array<_, Config> =
-            Array::try_from(node.ebpf.map_mut("CONFIG").unwrap()).unwrap();
+            Array::try_from(node.ebpf.map_mut(names::CONFIG).unwrap()).unwrap();
         let mut cfg = a.get(&0, 0).unwrap();
         cfg.flags |= CONFIG_F_DIRECT;
         cfg.host_ifindex = ovl0;
@@ -151,10 +152,10 @@ impl Node {
             ),
         ] {
             let mut routes: LpmTrie<_, [u8; 4], RemoteNode> =
-                LpmTrie::try_from(node.ebpf.map_mut("ROUTE_V4").unwrap()).unwrap();
+                LpmTrie::try_from(node.ebpf.map_mut(names::ROUTE_V4).unwrap()).unwrap();
             routes.insert(&route_key(subnet, 24), peer, 0).unwrap();
             let mut nodes: HashMap<_, [u8; 4], MemberNode> =
-                HashMap::try_from(node.ebpf.map_mut("NODE_V4").unwrap()).unwrap();
+                HashMap::try_from(node.ebpf.map_mut(names::NODE_V4).unwrap()).unwrap();
             nodes
                 .insert(peer.public_ip, MemberNode { routes: 1 }, 0)
                 .unwrap();
@@ -164,13 +165,13 @@ impl Node {
 
     fn set_nat(&mut self, nat: NatConfig) {
         let mut a: Array<_, NatConfig> =
-            Array::try_from(self.ebpf.map_mut("NAT_CONFIG").unwrap()).unwrap();
+            Array::try_from(self.ebpf.map_mut(names::NAT_CONFIG).unwrap()).unwrap();
         a.set(0, nat, 0).unwrap();
     }
 
     fn exclude(&mut self, net: Ipv4Addr, len: u32) {
         let mut t: LpmTrie<_, [u8; 4], u8> =
-            LpmTrie::try_from(self.ebpf.map_mut("NAT_EXCLUDE_V4").unwrap()).unwrap();
+            LpmTrie::try_from(self.ebpf.map_mut(names::NAT_EXCLUDE_V4).unwrap()).unwrap();
         t.insert(&aya::maps::lpm_trie::Key::new(len, net.octets()), 1, 0)
             .unwrap();
     }
@@ -321,7 +322,7 @@ fn check_ip(out: &[u8]) -> Vec<u8> {
     match ip[9] {
         IPPROTO_TCP => assert_eq!(l4_sum(src, dst, IPPROTO_TCP, seg), 0, "TCP checksum"),
         IPPROTO_UDP if be16(seg, 6) != 0 => {
-            assert_eq!(l4_sum(src, dst, IPPROTO_UDP, seg), 0, "UDP checksum")
+            assert_eq!(l4_sum(src, dst, IPPROTO_UDP, seg), 0, "UDP checksum");
         }
         IPPROTO_ICMP => assert_eq!(checksum(seg), 0, "ICMP checksum"),
         _ => {}
@@ -340,7 +341,7 @@ fn addr(ip: &[u8], off: usize) -> Ipv4Addr {
 fn tcp_is_masqueraded_and_the_reply_translated_back_with_valid_checksums() {
     let node = Node::new(nat_on(0));
     let syn = tcp(POD, OUTSIDE, 40000, 80, 0x02, b"");
-    let (v, out) = node.run("pod_egress", &frame(&syn));
+    let (v, out) = node.run(names::POD_EGRESS, &frame(&syn));
     assert_eq!(v, TC_ACT_REDIRECT, "sent out of eth0 by bpf_redirect_neigh");
     let ip = check_ip(&out);
     assert_eq!(
@@ -356,12 +357,12 @@ fn tcp_is_masqueraded_and_the_reply_translated_back_with_valid_checksums() {
         "random port in range: {nat_port}"
     );
     assert_eq!(be16(&ip, 22), 80);
-    assert_eq!(node.flows("SNAT_V4_CT").len(), 1);
-    assert_eq!(node.flows("SNAT_V4_REV").len(), 1);
+    assert_eq!(node.flows(names::SNAT_V4_CT).len(), 1);
+    assert_eq!(node.flows(names::SNAT_V4_REV).len(), 1);
 
     // The reply, to the node's address and the translated port, with data.
     let synack = tcp(OUTSIDE, NODE_IP, 80, nat_port, 0x12, b"hello from outside");
-    let (v, out) = node.run("underlay_ingress", &frame(&synack));
+    let (v, out) = node.run(names::UNDERLAY_INGRESS, &frame(&synack));
     assert_eq!(v, TC_ACT_REDIRECT, "sent to the pod bridge");
     let ip = check_ip(&out);
     assert_eq!(addr(&ip, 16), POD, "destination = the pod again");
@@ -376,7 +377,7 @@ fn tcp_is_masqueraded_and_the_reply_translated_back_with_valid_checksums() {
 
     // The same flow again uses the same port.
     let (_, out) = node.run(
-        "pod_egress",
+        names::POD_EGRESS,
         &frame(&tcp(POD, OUTSIDE, 40000, 80, 0x10, b"x")),
     );
     assert_eq!(be16(&check_ip(&out), 20), nat_port);
@@ -391,17 +392,16 @@ fn tcp_is_masqueraded_and_the_reply_translated_back_with_valid_checksums() {
 #[test]
 fn a_reply_for_a_known_pod_goes_straight_into_it() {
     let mut node = Node::new(nat_on(0));
-    const POD_MAC: [u8; 6] = [0x02, 0xcc, 0, 0, 0, 0x05];
     // The endpoint's veth must exist for the MTU check: any device of the namespace will do.
     let veth = node.cni0;
     set_endpoint(&mut node.ebpf, POD, Some(Endpoint::new(veth, POD_MAC)));
     let (_, out) = node.run(
-        "pod_egress",
+        names::POD_EGRESS,
         &frame(&tcp(POD, OUTSIDE, 40001, 80, 0x02, b"")),
     );
     let nat_port = be16(&check_ip(&out), 20);
     let synack = tcp(OUTSIDE, NODE_IP, 80, nat_port, 0x12, b"");
-    let (v, out) = node.run("underlay_ingress", &frame(&synack));
+    let (v, out) = node.run(names::UNDERLAY_INGRESS, &frame(&synack));
     assert_eq!(v, TC_ACT_REDIRECT);
     assert_eq!(&out[..6], &POD_MAC, "destination MAC: the pod's");
     assert_eq!(&out[6..12], &BRIDGE_MAC, "source MAC: the bridge's");
@@ -417,7 +417,7 @@ fn udp_with_and_without_checksum_and_icmp_echo_are_translated() {
     let node = Node::new(nat_on(NAT_F_KEEP_PORT));
     // UDP with a checksum; the port is kept (fully-random disabled) since it is free.
     let (v, out) = node.run(
-        "pod_egress",
+        names::POD_EGRESS,
         &frame(&udp(POD, OUTSIDE, 5353, 53, b"query", false)),
     );
     assert_eq!(v, TC_ACT_REDIRECT);
@@ -425,7 +425,7 @@ fn udp_with_and_without_checksum_and_icmp_echo_are_translated() {
     assert_eq!((addr(&ip, 12), be16(&ip, 20)), (NODE_IP, 5353), "port kept");
     assert_ne!(be16(&ip, 26), 0);
     let (v, out) = node.run(
-        "underlay_ingress",
+        names::UNDERLAY_INGRESS,
         &frame(&udp(OUTSIDE, NODE_IP, 53, 5353, b"answer", false)),
     );
     assert_eq!(v, TC_ACT_REDIRECT);
@@ -434,7 +434,7 @@ fn udp_with_and_without_checksum_and_icmp_echo_are_translated() {
 
     // UDP without a checksum: it must stay zero both ways.
     let (_, out) = node.run(
-        "pod_egress",
+        names::POD_EGRESS,
         &frame(&udp(POD, OUTSIDE, 6000, 9999, b"no csum", true)),
     );
     let ip = check_ip(&out);
@@ -442,7 +442,7 @@ fn udp_with_and_without_checksum_and_icmp_echo_are_translated() {
     assert_eq!(be16(&ip, 26), 0, "a zero UDP checksum stays zero");
     let port = be16(&ip, 20);
     let (_, out) = node.run(
-        "underlay_ingress",
+        names::UNDERLAY_INGRESS,
         &frame(&udp(OUTSIDE, NODE_IP, 9999, port, b"r", true)),
     );
     let ip = check_ip(&out);
@@ -453,14 +453,14 @@ fn udp_with_and_without_checksum_and_icmp_echo_are_translated() {
 
     // ICMP echo: the identifier is the port.
     let req = icmp(POD, OUTSIDE, 8, 0, [0x12, 0x34, 0, 1], b"ping data");
-    let (v, out) = node.run("pod_egress", &frame(&req));
+    let (v, out) = node.run(names::POD_EGRESS, &frame(&req));
     assert_eq!(v, TC_ACT_REDIRECT);
     let ip = check_ip(&out);
     assert_eq!(addr(&ip, 12), NODE_IP);
     let id = be16(&ip, 24);
     assert_eq!(id, 0x1234, "identifier kept while free");
     let (v, out) = node.run(
-        "underlay_ingress",
+        names::UNDERLAY_INGRESS,
         &frame(&icmp(
             OUTSIDE,
             NODE_IP,
@@ -476,7 +476,7 @@ fn udp_with_and_without_checksum_and_icmp_echo_are_translated() {
 
     // A second pod with the same source port to the same service gets another port.
     let (_, out) = node.run(
-        "pod_egress",
+        names::POD_EGRESS,
         &frame(&udp(POD2, OUTSIDE, 5353, 53, b"query", false)),
     );
     let ip = check_ip(&out);
@@ -484,12 +484,12 @@ fn udp_with_and_without_checksum_and_icmp_echo_are_translated() {
     let other = be16(&ip, 20);
     assert_ne!(other, 5353, "collision resolved");
     let (_, out) = node.run(
-        "underlay_ingress",
+        names::UNDERLAY_INGRESS,
         &frame(&udp(OUTSIDE, NODE_IP, 53, other, b"a2", false)),
     );
     assert_eq!(addr(&check_ip(&out), 16), POD2, "each reply to its own pod");
     let (_, out) = node.run(
-        "underlay_ingress",
+        names::UNDERLAY_INGRESS,
         &frame(&udp(OUTSIDE, NODE_IP, 53, 5353, b"a1", false)),
     );
     assert_eq!(addr(&check_ip(&out), 16), POD);
@@ -504,7 +504,7 @@ fn icmp_errors_about_a_flow_are_translated_back_inner_header_and_checksums_inclu
             IPPROTO_TCP => tcp(POD, OUTSIDE, 7000, 7001, 0x02, b""),
             _ => icmp(POD, OUTSIDE, 8, 0, [0x77, 0x77, 0, 1], b"echo"),
         };
-        let (_, out) = node.run("pod_egress", &frame(&sent));
+        let (_, out) = node.run(names::POD_EGRESS, &frame(&sent));
         let on_wire = check_ip(&out);
         // What a router or the remote sends back: port unreachable / fragmentation needed,
         // quoting the packet as it saw it (translated).
@@ -514,7 +514,7 @@ fn icmp_errors_about_a_flow_are_translated_back_inner_header_and_checksums_inclu
             (3, 3, [0; 4])
         };
         let err = icmp(OUTSIDE, NODE_IP, kind, code, rest, &on_wire);
-        let (v, out) = node.run("underlay_ingress", &frame(&err));
+        let (v, out) = node.run(names::UNDERLAY_INGRESS, &frame(&err));
         assert_eq!(v, TC_ACT_REDIRECT, "proto {proto}");
         let ip = check_ip(&out);
         assert_eq!(addr(&ip, 16), POD, "outer destination = the pod");
@@ -596,9 +596,9 @@ fn what_flannel_does_not_masquerade_is_left_alone() {
     ];
     for (what, ip, mark) in &cases {
         let f = frame(ip);
-        let (v, out) = node.run_marked("pod_egress", &f, *mark);
+        let (v, out) = node.run_marked(names::POD_EGRESS, &f, *mark);
         assert_eq!((v, &out), (TC_ACT_OK, &f), "{what}: passed on untouched");
-        let (v, out) = node.run_marked("underlay_egress", &f, *mark);
+        let (v, out) = node.run_marked(names::UNDERLAY_EGRESS, &f, *mark);
         assert_eq!(
             (v, &out),
             (TC_ACT_OK, &f),
@@ -608,17 +608,17 @@ fn what_flannel_does_not_masquerade_is_left_alone() {
     // A reply for no flow goes on to the kernel untouched.
     let stray = frame(&tcp(OUTSIDE, NODE_IP, 80, 2000, 0x12, b""));
     assert_eq!(
-        node.run("underlay_ingress", &stray),
+        node.run(names::UNDERLAY_INGRESS, &stray),
         (TC_ACT_OK, stray.clone())
     );
-    assert!(node.flows("SNAT_V4_CT").is_empty());
+    assert!(node.flows(names::SNAT_V4_CT).is_empty());
 
     // Masquerade off: nothing is translated at all.
     let mut off = nat_on(0);
     off.flags = 0;
     node.set_nat(off);
     let f = frame(&tcp(POD, OUTSIDE, 1000, 80, 0x02, b""));
-    assert_eq!(node.run("pod_egress", &f), (TC_ACT_OK, f.clone()));
+    assert_eq!(node.run(names::POD_EGRESS, &f), (TC_ACT_OK, f.clone()));
     assert!(
         node.counters().keys().all(|k| !k.starts_with("nat_")),
         "{:?}",
@@ -630,14 +630,14 @@ fn what_flannel_does_not_masquerade_is_left_alone() {
 fn kernel_routed_traffic_is_masqueraded_at_egress_and_replies_go_back_to_the_kernel() {
     let node = Node::new(nat_on(0));
     let f = frame(&udp(POD, OUTSIDE, 4444, 53, b"routed by the kernel", false));
-    let (v, out) = node.run("underlay_egress", &f);
+    let (v, out) = node.run(names::UNDERLAY_EGRESS, &f);
     assert_eq!(v, TC_ACT_OK, "translated in place");
     let ip = check_ip(&out);
     assert_eq!(addr(&ip, 12), NODE_IP);
     assert_eq!(ip[8], 64, "the kernel already decremented the TTL");
     let port = be16(&ip, 20);
     let (v, out) = node.run(
-        "underlay_ingress",
+        names::UNDERLAY_INGRESS,
         &frame(&udp(OUTSIDE, NODE_IP, 53, port, b"r", false)),
     );
     assert_eq!(
@@ -654,29 +654,29 @@ fn port_exhaustion_is_dropped_and_counted_without_disturbing_the_flow_that_holds
     (nat.port_min, nat.port_max) = (2000, 2000);
     let node = Node::new(nat);
     let (_, out) = node.run(
-        "pod_egress",
+        names::POD_EGRESS,
         &frame(&tcp(POD, OUTSIDE, 1111, 80, 0x02, b"")),
     );
     assert_eq!(be16(&check_ip(&out), 20), 2000);
     let (v, _) = node.run(
-        "pod_egress",
+        names::POD_EGRESS,
         &frame(&tcp(POD2, OUTSIDE, 2222, 80, 0x02, b"")),
     );
     assert_eq!(v, TC_ACT_SHOT, "no port left: dropped");
     assert_eq!(node.counters()["drop_nat_exhausted"], 1);
     // The first flow is intact, both ways; to another service the port is free again.
     let (_, out) = node.run(
-        "underlay_ingress",
+        names::UNDERLAY_INGRESS,
         &frame(&tcp(OUTSIDE, NODE_IP, 80, 2000, 0x12, b"")),
     );
     let ip = check_ip(&out);
     assert_eq!((addr(&ip, 16), be16(&ip, 22)), (POD, 1111));
     let (v, out) = node.run(
-        "pod_egress",
+        names::POD_EGRESS,
         &frame(&tcp(POD2, OUTSIDE, 2222, 443, 0x02, b"")),
     );
     assert_eq!((v, be16(&check_ip(&out), 20)), (TC_ACT_REDIRECT, 2000));
-    assert_eq!(node.flows("SNAT_V4_REV").len(), 2);
+    assert_eq!(node.flows(names::SNAT_V4_REV).len(), 2);
 }
 
 #[test]
@@ -685,7 +685,7 @@ fn an_idle_flow_is_dead_for_the_data_path() {
     nat.tcp_transient = 1;
     let node = Node::new(nat);
     let (_, out) = node.run(
-        "pod_egress",
+        names::POD_EGRESS,
         &frame(&tcp(POD, OUTSIDE, 1111, 80, 0x02, b"")),
     );
     let port = be16(&check_ip(&out), 20);
@@ -694,11 +694,11 @@ fn an_idle_flow_is_dead_for_the_data_path() {
     // answer is not translated, and the entries are gone.
     let late = frame(&tcp(OUTSIDE, NODE_IP, 80, port, 0x12, b""));
     assert_eq!(
-        node.run("underlay_ingress", &late),
+        node.run(names::UNDERLAY_INGRESS, &late),
         (TC_ACT_OK, late.clone())
     );
-    assert!(node.flows("SNAT_V4_REV").is_empty());
-    assert!(node.flows("SNAT_V4_CT").is_empty());
+    assert!(node.flows(names::SNAT_V4_REV).is_empty());
+    assert!(node.flows(names::SNAT_V4_CT).is_empty());
     let _ = (node.eth0, node.cni0);
 }
 
@@ -710,7 +710,7 @@ fn outside_to_a_remote_vxlan_pod_is_masqueraded_to_the_host_device_address_and_r
     let node = Node::with_peers(nat_on(0));
     // An outside host's SYN that the kernel forwarded into ovl0 (case b).
     let syn = tcp(OUTSIDE, REMOTE_POD, 5555, 80, 0x02, b"");
-    let (v, out) = node.run("host_egress", &frame(&syn));
+    let (v, out) = node.run(names::HOST_EGRESS, &frame(&syn));
     assert_eq!(v, TC_ACT_REDIRECT, "encapsulated and sent to the peer");
     assert_eq!(addr(&out, 14 + 16), VXLAN_PEER, "outer destination");
     let inner = check_ip(&out[INNER_ETH..]);
@@ -724,7 +724,7 @@ fn outside_to_a_remote_vxlan_pod_is_masqueraded_to_the_host_device_address_and_r
     let nat_port = be16(&inner, 20);
     assert!((PORT_MIN..=PORT_MAX).contains(&nat_port), "{nat_port}");
     assert_eq!(be16(&inner, 22), 80);
-    let flows = node.flows("SNAT_V4_CT");
+    let flows = node.flows(names::SNAT_V4_CT);
     assert_eq!(flows.len(), 1);
     assert_eq!(
         flows[0].0.saddr,
@@ -742,7 +742,7 @@ fn outside_to_a_remote_vxlan_pod_is_masqueraded_to_the_host_device_address_and_r
         0x12,
         b"hello from a pod",
     );
-    let (v, out) = node.run("underlay_ingress", &vxlan_from_peer(&synack));
+    let (v, out) = node.run(names::UNDERLAY_INGRESS, &vxlan_from_peer(&synack));
     assert_eq!(v, TC_ACT_REDIRECT, "routed back out");
     assert_ne!(&out[..6], &HOST_MAC, "not handed to the host device");
     let ip = check_ip(&out);
@@ -760,7 +760,7 @@ fn outside_to_a_remote_vxlan_pod_is_masqueraded_to_the_host_device_address_and_r
     assert_eq!(&ip[40..], b"hello from a pod");
 
     // Leaving through the external interface, that reply is not a new pod flow to masquerade.
-    let (v, again) = node.run("underlay_egress", &out);
+    let (v, again) = node.run(names::UNDERLAY_EGRESS, &out);
     assert_eq!(
         (v, &again),
         (TC_ACT_OK, &out),
@@ -768,13 +768,13 @@ fn outside_to_a_remote_vxlan_pod_is_masqueraded_to_the_host_device_address_and_r
     );
     // Whereas a remote pod's packet that belongs to no flow still is (rule 5, unchanged).
     let other = frame(&tcp(REMOTE_POD, OUTSIDE, 81, 5555, 0x02, b""));
-    let (v, out) = node.run("underlay_egress", &other);
+    let (v, out) = node.run(names::UNDERLAY_EGRESS, &other);
     assert_eq!((v, addr(&check_ip(&out), 12)), (TC_ACT_OK, NODE_IP));
 
     // An ICMP error from the pod about the flow (UDP to a closed port) goes back too, its
     // quote translated with every checksum.
     let (_, out) = node.run(
-        "host_egress",
+        names::HOST_EGRESS,
         &frame(&udp(
             OUTSIDE,
             REMOTE_POD,
@@ -787,7 +787,7 @@ fn outside_to_a_remote_vxlan_pod_is_masqueraded_to_the_host_device_address_and_r
     let quoted = check_ip(&out[INNER_ETH..]);
     assert_eq!(addr(&quoted, 12), HOST_DEV_IP);
     let err = icmp(REMOTE_POD, HOST_DEV_IP, 3, 3, [0; 4], &quoted);
-    let (v, out) = node.run("underlay_ingress", &vxlan_from_peer(&err));
+    let (v, out) = node.run(names::UNDERLAY_INGRESS, &vxlan_from_peer(&err));
     assert_eq!(v, TC_ACT_REDIRECT);
     let ip = check_ip(&out);
     assert_eq!(addr(&ip, 16), OUTSIDE);
@@ -813,14 +813,14 @@ fn a_host_socket_bound_to_the_node_address_is_masqueraded_and_answered_locally()
     let node = Node::with_peers(nat_on(0));
     // `ping -I 198.18.0.1 <remote pod>` (case a): the kernel sends it through ovl0.
     let req = icmp(NODE_IP, REMOTE_POD, 8, 0, [0x42, 0x42, 0, 1], b"ping -I");
-    let (v, out) = node.run("host_egress", &frame(&req));
+    let (v, out) = node.run(names::HOST_EGRESS, &frame(&req));
     assert_eq!(v, TC_ACT_REDIRECT);
     let inner = check_ip(&out[INNER_ETH..]);
     assert_eq!(addr(&inner, 12), HOST_DEV_IP);
     let id = be16(&inner, 24);
     let [hi, lo] = id.to_be_bytes();
     let reply = icmp(REMOTE_POD, HOST_DEV_IP, 0, 0, [hi, lo, 0, 1], b"ping -I");
-    let (v, out) = node.run("underlay_ingress", &vxlan_from_peer(&reply));
+    let (v, out) = node.run(names::UNDERLAY_INGRESS, &vxlan_from_peer(&reply));
     assert_eq!(v, TC_ACT_REDIRECT, "to the host device's ingress");
     assert_eq!(&out[..6], &HOST_MAC, "addressed to the host device");
     let ip = check_ip(&out);
@@ -829,7 +829,7 @@ fn a_host_socket_bound_to_the_node_address_is_masqueraded_and_answered_locally()
 
     // TCP with data, both ways.
     let (_, out) = node.run(
-        "host_egress",
+        names::HOST_EGRESS,
         &frame(&tcp(NODE_IP, REMOTE_POD, 45000, 80, 0x18, b"request")),
     );
     let inner = check_ip(&out[INNER_ETH..]);
@@ -837,7 +837,7 @@ fn a_host_socket_bound_to_the_node_address_is_masqueraded_and_answered_locally()
     assert_eq!(&inner[40..], b"request");
     let port = be16(&inner, 20);
     let (_, out) = node.run(
-        "underlay_ingress",
+        names::UNDERLAY_INGRESS,
         &vxlan_from_peer(&tcp(REMOTE_POD, HOST_DEV_IP, 80, port, 0x18, b"response")),
     );
     let ip = check_ip(&out);
@@ -847,10 +847,10 @@ fn a_host_socket_bound_to_the_node_address_is_masqueraded_and_answered_locally()
     // The host's own traffic from .0 (a cluster source) is not translated, nor a reply to .0
     // that belongs to no flow: both as before.
     let own = tcp(HOST_DEV_IP, REMOTE_POD, 46000, 80, 0x02, b"");
-    let (_, out) = node.run("host_egress", &frame(&own));
+    let (_, out) = node.run(names::HOST_EGRESS, &frame(&own));
     assert_eq!(&out[INNER_ETH + 14..], &own[..], "inner packet untouched");
     let back = tcp(REMOTE_POD, HOST_DEV_IP, 80, 46000, 0x12, b"");
-    let (v, out) = node.run("underlay_ingress", &vxlan_from_peer(&back));
+    let (v, out) = node.run(names::UNDERLAY_INGRESS, &vxlan_from_peer(&back));
     assert_eq!((v, &out[..6]), (TC_ACT_REDIRECT, &HOST_MAC[..]));
     assert_eq!(&out[14..], &back[..], "untouched");
 }
@@ -859,14 +859,14 @@ fn a_host_socket_bound_to_the_node_address_is_masqueraded_and_answered_locally()
 fn what_the_last_rule_does_not_masquerade_is_left_alone() {
     let mut node = Node::with_peers(nat_on(0));
     let to_pod = tcp(OUTSIDE, REMOTE_POD, 1000, 80, 0x02, b"");
-    let (_, out) = node.run_marked("host_egress", &frame(&to_pod), 0x4000);
+    let (_, out) = node.run_marked(names::HOST_EGRESS, &frame(&to_pod), 0x4000);
     assert_eq!(
         &out[INNER_ETH + 14..],
         &to_pod[..],
         "marked 0x4000 by kube-proxy"
     );
     node.exclude(Ipv4Addr::new(172, 17, 2, 0), 24);
-    let (_, out) = node.run("host_egress", &frame(&to_pod));
+    let (_, out) = node.run(names::HOST_EGRESS, &frame(&to_pod));
     assert_eq!(
         &out[INNER_ETH + 14..],
         &to_pod[..],
@@ -876,13 +876,13 @@ fn what_the_last_rule_does_not_masquerade_is_left_alone() {
     off.flags = 0;
     node.set_nat(off);
     let direct = udp(OUTSIDE, DIRECT_POD, 1000, 53, b"q", false);
-    let (v, out) = node.run("host_egress", &frame(&direct));
+    let (v, out) = node.run(names::HOST_EGRESS, &frame(&direct));
     assert_eq!(
         (v, &out[14..]),
         (TC_ACT_REDIRECT, &direct[..]),
         "masquerade off"
     );
-    assert!(node.flows("SNAT_V4_CT").is_empty());
+    assert!(node.flows(names::SNAT_V4_CT).is_empty());
     assert!(
         node.counters().keys().all(|k| !k.starts_with("nat_")),
         "{:?}",
@@ -895,7 +895,7 @@ fn outside_to_a_direct_peer_pod_is_masqueraded_to_the_external_address_and_route
     let node = Node::with_peers(nat_on(0));
     // Case b towards a host-gw / DirectRouting peer: unencapsulated, the node's address.
     let (v, out) = node.run(
-        "host_egress",
+        names::HOST_EGRESS,
         &frame(&udp(OUTSIDE, DIRECT_POD, 6000, 53, b"query", false)),
     );
     assert_eq!(v, TC_ACT_REDIRECT, "forwarded to the direct peer");
@@ -904,7 +904,7 @@ fn outside_to_a_direct_peer_pod_is_masqueraded_to_the_external_address_and_route
     assert_eq!((addr(&ip, 16), ip[8]), (DIRECT_POD, 64));
     let port = be16(&ip, 20);
     let (v, out) = node.run(
-        "underlay_ingress",
+        names::UNDERLAY_INGRESS,
         &frame(&udp(DIRECT_POD, NODE_IP, 53, port, b"answer", false)),
     );
     assert_eq!(v, TC_ACT_REDIRECT, "routed back out");
@@ -915,7 +915,7 @@ fn outside_to_a_direct_peer_pod_is_masqueraded_to_the_external_address_and_route
     // Case a: a host socket on the node's address keeps the address, gets a translated port,
     // and the answer goes to the host stack with the socket's port.
     let (_, out) = node.run(
-        "host_egress",
+        names::HOST_EGRESS,
         &frame(&tcp(NODE_IP, DIRECT_POD, 45000, 80, 0x02, b"")),
     );
     let ip = check_ip(&out);
@@ -923,7 +923,7 @@ fn outside_to_a_direct_peer_pod_is_masqueraded_to_the_external_address_and_route
     let port = be16(&ip, 20);
     assert_ne!(port, 45000, "random port (fully random)");
     let (v, out) = node.run(
-        "underlay_ingress",
+        names::UNDERLAY_INGRESS,
         &frame(&tcp(DIRECT_POD, NODE_IP, 80, port, 0x12, b"")),
     );
     assert_eq!(v, TC_ACT_OK, "to the host stack");
@@ -946,19 +946,19 @@ fn a_pods_vxlan_to_a_member_node_is_dropped_not_masqueraded() {
         &[0x08, 0, 0, 0, 0, 0, 1, 0],
         false,
     );
-    for prog in ["pod_egress", "underlay_egress"] {
+    for prog in [names::POD_EGRESS, names::UNDERLAY_EGRESS] {
         let (v, _) = node.run(prog, &frame(&vxlan));
         assert_eq!(v, TC_ACT_SHOT, "{prog}: a pod's VXLAN to a member");
     }
     assert_eq!(node.counters()["drop_pod_vxlan"], 2);
-    assert!(node.flows("SNAT_V4_CT").is_empty(), "no flow created");
+    assert!(node.flows(names::SNAT_V4_CT).is_empty(), "no flow created");
 
     // Another port of the member, and the VXLAN port of a host that is no member: as usual.
     for ip in [
         udp(POD, VXLAN_PEER, 40000, 8473, b"x", false),
         udp(POD, OUTSIDE, 40000, 8472, b"x", false),
     ] {
-        let (v, out) = node.run("pod_egress", &frame(&ip));
+        let (v, out) = node.run(names::POD_EGRESS, &frame(&ip));
         assert_eq!(v, TC_ACT_REDIRECT);
         assert_eq!(addr(&check_ip(&out), 12), NODE_IP, "masqueraded");
     }
@@ -988,7 +988,7 @@ fn as_fragment(ip: &[u8], id: u16, offset: u16, more: bool) -> Vec<u8> {
 fn later_fragments_of_a_reply_follow_the_first_one_to_the_pod() {
     let node = Node::new(nat_on(0));
     let (_, out) = node.run(
-        "pod_egress",
+        names::POD_EGRESS,
         &frame(&udp(POD, OUTSIDE, 7100, 9000, b"big question", false)),
     );
     let port = be16(&check_ip(&out), 20);
@@ -1000,12 +1000,12 @@ fn later_fragments_of_a_reply_follow_the_first_one_to_the_pod() {
     let first = as_fragment(&[&whole[..20], head].concat(), 0x4242, 0, true);
     let second = as_fragment(&[&whole[..20], tail].concat(), 0x4242, 4, false);
 
-    let (v, out) = node.run("underlay_ingress", &frame(&first));
+    let (v, out) = node.run(names::UNDERLAY_INGRESS, &frame(&first));
     assert_eq!(v, TC_ACT_REDIRECT, "first fragment: to the pod");
     let ip = out[14..].to_vec();
     assert_eq!(checksum(&ip[..20]), 0);
     assert_eq!((addr(&ip, 16), be16(&ip, 22)), (POD, 7100));
-    let (v, out) = node.run("underlay_ingress", &frame(&second));
+    let (v, out) = node.run(names::UNDERLAY_INGRESS, &frame(&second));
     assert_eq!(v, TC_ACT_REDIRECT, "later fragment: to the pod too");
     let ip2 = out[14..].to_vec();
     assert_eq!(
@@ -1033,7 +1033,7 @@ fn later_fragments_of_a_reply_follow_the_first_one_to_the_pod() {
         false,
     ));
     assert_eq!(
-        node.run("underlay_ingress", &stray),
+        node.run(names::UNDERLAY_INGRESS, &stray),
         (TC_ACT_OK, stray.clone())
     );
     assert_eq!(node.counters()["nat_rev"], 2);
@@ -1053,7 +1053,7 @@ fn icmp_errors_a_pod_sends_about_a_flow_leave_translated() {
             IPPROTO_TCP => tcp(POD, OUTSIDE, 7200, 41111, 0x02, b""),
             _ => icmp(POD, OUTSIDE, 8, 0, [0x72, 0x72, 0, 1], b"echo"),
         };
-        let (_, out) = node.run("pod_egress", &frame(&sent));
+        let (_, out) = node.run(names::POD_EGRESS, &frame(&sent));
         let on_wire = check_ip(&out);
         let nat_port = if proto == IPPROTO_ICMP {
             be16(&on_wire, 24)
@@ -1070,13 +1070,13 @@ fn icmp_errors_a_pod_sends_about_a_flow_leave_translated() {
                 icmp(OUTSIDE, NODE_IP, 0, 0, rest.try_into().unwrap(), b"echo")
             }
         };
-        let (_, delivered) = node.run("underlay_ingress", &frame(&reply));
+        let (_, delivered) = node.run(names::UNDERLAY_INGRESS, &frame(&reply));
         let at_pod = check_ip(&delivered);
         assert_eq!(addr(&at_pod, 16), POD);
 
         // The pod answers with an error quoting what it received.
         let err = icmp(POD, OUTSIDE, 3, 3, [0; 4], &at_pod);
-        let (v, out) = node.run("pod_egress", &frame(&err));
+        let (v, out) = node.run(names::POD_EGRESS, &frame(&err));
         assert_eq!(v, TC_ACT_REDIRECT, "proto {proto}: sent out");
         let ip = check_ip(&out);
         assert_eq!(
@@ -1121,6 +1121,6 @@ fn icmp_errors_a_pod_sends_about_a_flow_leave_translated() {
     // nothing to translate, it goes on as it is.
     let unrelated = udp(OUTSIDE, POD, 41111, 7300, b"direct", false);
     let err = frame(&icmp(POD, OUTSIDE, 3, 3, [0; 4], &unrelated));
-    assert_eq!(node.run("pod_egress", &err), (TC_ACT_OK, err.clone()));
+    assert_eq!(node.run(names::POD_EGRESS, &err), (TC_ACT_OK, err.clone()));
     assert_eq!(node.counters()["nat_snat"], snat);
 }

@@ -1,4 +1,4 @@
-//! The randomised test of the data path (issue 12): every program runs on generated frames,
+//! The randomised test of the data path: every program runs on generated frames,
 //! half of them mutated, through `BPF_PROG_TEST_RUN`, in four node settings (VXLAN,
 //! DirectRouting, host-gw, VXLAN with the pod bridge and host device gone). For every frame:
 //!
@@ -29,6 +29,7 @@ use aya::{
     programs::{SchedClassifier, Xdp},
 };
 use ipnet::Ipv4Net;
+use overlay_common::names;
 use overlay_common::{
     config::{CONFIG_F_DIRECT, CONFIG_F_NO_VXLAN, CONFIG_F_READY, Config},
     counters::{Counter, Reason},
@@ -39,17 +40,18 @@ use overlay_common::{
 use overlay_tests::{
     NetNs,
     model::{self, Node, Outcome},
-    packet::{BRIDGE_MAC, checksum, counters_by_reason, load_object},
+    packet::{
+        BRIDGE_MAC, HOST_MAC, POD_MAC, SRC_PORT_MAX, SRC_PORT_MIN, VXLAN_PORT, checksum,
+        counters_by_reason, load_object,
+    },
     unique_id,
 };
 
 const LOCAL_IP: [u8; 4] = [198, 18, 0, 1];
 const SUBNET: [u8; 4] = [172, 17, 1, 0];
 const VTEP: [u8; 6] = [0x0e, 0, 0, 0, 0, 1];
-const HOST_MAC: [u8; 6] = [0x02, 0xaa, 0, 0, 0, 0x10];
-const POD_MAC: [u8; 6] = [0x02, 0xcc, 0, 0, 0, 0x05];
-const PORT: u16 = 8472;
-const SRC_PORTS: (u16, u16) = (32768, 60999);
+const PORT: u16 = VXLAN_PORT;
+const SRC_PORTS: (u16, u16) = (SRC_PORT_MIN, SRC_PORT_MAX);
 /// Peers: (PublicIP, subnet, VtepMAC). B and C hold subnets; D is a member without one.
 const B: ([u8; 4], [u8; 4], [u8; 6]) = ([198, 18, 0, 2], [172, 17, 2, 0], [0x0e, 0, 0, 0, 0, 2]);
 const C: ([u8; 4], [u8; 4], [u8; 6]) = ([198, 18, 0, 3], [172, 17, 3, 0], [0x0e, 0, 0, 0, 0, 3]);
@@ -59,14 +61,8 @@ const KNOWN_POD: [u8; 4] = [172, 17, 1, 5];
 const KNOWN_POD_MAC: [u8; 6] = [0x02, 0xdd, 0, 0, 0, 0x05];
 
 /// The programs under test: TC programs and the XDP one.
-const TC_PROGRAMS: [&str; 5] = [
-    "underlay_ingress",
-    "underlay_egress",
-    "pod_egress",
-    "pod_port_egress",
-    "host_egress",
-];
-const XDP_PROGRAM: &str = "underlay_xdp";
+const TC_PROGRAMS: [&str; 5] = names::TC_PROGRAMS;
+const XDP_PROGRAM: &str = names::UNDERLAY_XDP;
 
 // ---------------------------------------------------------------------------------------------
 // Randomness (deterministic per seed)
@@ -458,22 +454,22 @@ impl Bench {
     /// Writes `node`'s settings and maps into the object's maps.
     fn apply(&mut self, node: &Node) {
         let mut config: Array<_, Config> =
-            Array::try_from(self.ebpf.map_mut("CONFIG").unwrap()).unwrap();
+            Array::try_from(self.ebpf.map_mut(names::CONFIG).unwrap()).unwrap();
         config.set(0, node.cfg, 0).unwrap();
         let mut routes: LpmTrie<_, [u8; 4], RemoteNode> =
-            LpmTrie::try_from(self.ebpf.map_mut("ROUTE_V4").unwrap()).unwrap();
+            LpmTrie::try_from(self.ebpf.map_mut(names::ROUTE_V4).unwrap()).unwrap();
         for (net, peer) in &node.routes {
             routes
                 .insert(&route_key(net.network(), net.prefix_len()), *peer, 0)
                 .unwrap();
         }
         let mut members: HashMap<_, [u8; 4], MemberNode> =
-            HashMap::try_from(self.ebpf.map_mut("NODE_V4").unwrap()).unwrap();
+            HashMap::try_from(self.ebpf.map_mut(names::NODE_V4).unwrap()).unwrap();
         for ip in &node.members {
             members.insert(*ip, MemberNode { routes: 1 }, 0).unwrap();
         }
         let mut endpoints: HashMap<_, [u8; 4], Endpoint> =
-            HashMap::try_from(self.ebpf.map_mut("ENDPOINT_V4").unwrap()).unwrap();
+            HashMap::try_from(self.ebpf.map_mut(names::ENDPOINT_V4).unwrap()).unwrap();
         for (addr, ep) in &node.endpoints {
             endpoints.insert(*addr, *ep, 0).unwrap();
         }
@@ -581,8 +577,8 @@ fn assert_accounted(prog: &str, verdict: u32, counts: &BTreeMap<Reason, (u64, u6
     let fates: Vec<Reason> = counts.keys().copied().filter(|r| is_fate(*r)).collect();
     let packets = |r: Reason| counts.get(&r).map_or(0, |c| c.0);
     let entry = match prog {
-        "underlay_ingress" => Some(Reason::UnderlayRx),
-        "underlay_egress" => Some(Reason::UnderlayTx),
+        names::UNDERLAY_INGRESS => Some(Reason::UnderlayRx),
+        names::UNDERLAY_EGRESS => Some(Reason::UnderlayTx),
         _ => None,
     };
     let ok = match verdict {
@@ -642,11 +638,11 @@ fn run_program(
         (result.return_value, out)
     };
     let model = |f: &[u8]| match prog {
-        "underlay_ingress" => node.underlay_ingress(f),
-        "underlay_egress" => node.underlay_egress(f),
-        "pod_egress" => node.pod_egress(f, false),
-        "pod_port_egress" => node.pod_egress(f, true),
-        "host_egress" => node.host_egress(f),
+        names::UNDERLAY_INGRESS => node.underlay_ingress(f),
+        names::UNDERLAY_EGRESS => node.underlay_egress(f),
+        names::POD_EGRESS => node.pod_egress(f, false),
+        names::POD_PORT_EGRESS => node.pod_egress(f, true),
+        names::HOST_EGRESS => node.host_egress(f),
         _ => node.underlay_xdp(f),
     };
     bench
@@ -910,7 +906,7 @@ fn with_masquerade_on_every_frame_is_accounted_once_and_translations_hold() {
     let node = setting(&bench, 1, true);
     bench.apply(&node);
     let mut nat: Array<_, NatConfig> =
-        Array::try_from(bench.ebpf.map_mut("NAT_CONFIG").unwrap()).unwrap();
+        Array::try_from(bench.ebpf.map_mut(names::NAT_CONFIG).unwrap()).unwrap();
     nat.set(
         0,
         NatConfig {
@@ -950,7 +946,7 @@ fn with_masquerade_on_every_frame_is_accounted_once_and_translations_hold() {
         .in_netns(|| {
             for _ in 0..frames {
                 for prog in TC_PROGRAMS {
-                    let mut f = if prog != "underlay_ingress" && rng.chance(2) {
+                    let mut f = if prog != names::UNDERLAY_INGRESS && rng.chance(2) {
                         to_outside(&mut rng)
                     } else {
                         frame(&mut rng)
@@ -960,7 +956,7 @@ fn with_masquerade_on_every_frame_is_accounted_once_and_translations_hold() {
                     }
                     let (verdict, out, seen) = run(prog, &f);
                     let snat = seen.contains_key(&Reason::NatSnat);
-                    if prog == "pod_egress" && snat && verdict == model::TC_REDIRECT {
+                    if prog == names::POD_EGRESS && snat && verdict == model::TC_REDIRECT {
                         translated += 1;
                         assert_eq!(&out[26..30], &LOCAL_IP, "translated source: {}", hex(&out));
                         // Updated incrementally: valid where the pod's header was.
@@ -975,7 +971,7 @@ fn with_masquerade_on_every_frame_is_accounted_once_and_translations_hold() {
                         if mutated {
                             mutate(&mut rng, &mut reply);
                         }
-                        let (_, back_out, seen) = run("underlay_ingress", &reply);
+                        let (_, back_out, seen) = run(names::UNDERLAY_INGRESS, &reply);
                         if !mutated && seen.contains_key(&Reason::NatRev) {
                             back += 1;
                             assert_eq!(&back_out[30..34], &f[26..30], "translated back to the pod");
@@ -990,9 +986,8 @@ fn with_masquerade_on_every_frame_is_accounted_once_and_translations_hold() {
         })
         .unwrap();
     eprintln!(
-        "packet_random (masquerade): {} frames per TC program, {translated} pod packets \
-         translated, {back} replies translated back",
-        frames
+        "packet_random (masquerade): {frames} frames per TC program, {translated} pod packets \
+         translated, {back} replies translated back"
     );
     assert!(
         translated > 0 && back > 0,

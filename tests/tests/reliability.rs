@@ -1,4 +1,4 @@
-//! Faults and hostile input of issue 12, end to end against the real agent in namespace
+//! Faults and hostile input (docs/reliability.md), end to end against the real agent in namespace
 //! clusters: a member node claiming other nodes' pod addresses or sending inner headers the
 //! kernel would refuse, restarts of both agents under a 2,000 pps stream, a subnet file the
 //! agent cannot write, `overlay-agent cleanup` while the agent runs, and a bpffs that would die

@@ -1,4 +1,4 @@
-//! The VXLAN data path end to end (issue 4): the real agent binary in node namespaces against a
+//! The VXLAN data path end to end: the real agent binary in node namespaces against a
 //! real etcd holding the seeds' config `{"Network": "172.17.0.0/16", "Backend": {"Type":
 //! "vxlan"}}`, with pods behind a `cni0` bridge, checked with real traffic and captures:
 //!
@@ -25,6 +25,7 @@ use std::{
 };
 
 use ipnet::Ipv4Net;
+use overlay_common::names;
 use overlay_tests::{
     AttachKind, Capture, Cluster, NetNs, Node, Pod, add_veth, attached_programs,
     checks::{
@@ -136,8 +137,7 @@ fn lease_of(cluster: &Cluster, ip: Ipv4Addr) -> LeaseRecord {
 
 /// 20 UDP datagrams `a` → `b`, each echoed back intact, the server seeing `a`'s address.
 fn assert_udp_echo(a: &Pod, b: &Pod) {
-    let r = overlay_tests::traffic::udp_echo(a, b, 20)
-        .unwrap_or_else(|e| panic!("UDP echo {a} -> {b}: {e:#}"));
+    let r = traffic::udp_echo(a, b, 20).unwrap_or_else(|e| panic!("UDP echo {a} -> {b}: {e:#}"));
     assert_eq!(
         (r.sent, r.received, r.bad),
         (20, 20, 0),
@@ -489,7 +489,7 @@ fn forward_policy_drop_and_no_iptables_rules() {
         .ns()
         .run("iptables", &["-P", "FORWARD", "ACCEPT"])
         .unwrap();
-    overlay_tests::traffic::ping_until(pod.ns(), n1, FIRST_ECHO).unwrap_or_else(|e| {
+    traffic::ping_until(pod.ns(), n1, FIRST_ECHO).unwrap_or_else(|e| {
         panic!("with FORWARD ACCEPT again, {pod} must reach {n1} through n0's forwarding: {e:#}")
     });
 }
@@ -557,10 +557,10 @@ fn pod_bridge_appearing_late_and_recreated_is_attached() {
         attached_programs(n1.ns(), "cni0")
             .unwrap()
             .iter()
-            .any(|p| p.name == "pod_egress" && p.kind == AttachKind::TcxIngress),
+            .any(|p| p.name == names::POD_EGRESS && p.kind == AttachKind::TcxIngress),
         "the kernel must report pod_egress on the new cni0"
     );
-    overlay_tests::traffic::ping_until(a.ns(), c.ip(), FIRST_ECHO)
+    traffic::ping_until(a.ns(), c.ip(), FIRST_ECHO)
         .unwrap_or_else(|e| panic!("{a} -> {c} after the bridge came back: {e:#}"));
     let took = start.elapsed();
     eprintln!("traffic to the re-created bridge after {took:?}");
@@ -647,8 +647,7 @@ fn removed_lease_stops_traffic_to_that_node() {
     assert_no_ping(cluster.node(0), p2.ip(), "n2's lease is gone");
     assert_no_ping(&p1, p2.ip(), "n2's lease is gone");
     assert!(
-        overlay_tests::traffic::tcp_transfer_to(&p0, &p2, p2.ip(), 1024, Duration::from_secs(3))
-            .is_err(),
+        traffic::tcp_transfer_to(&p0, &p2, p2.ip(), 1024, Duration::from_secs(3)).is_err(),
         "TCP {p0} -> {p2} must fail once n2's lease is gone"
     );
     // n2's pinned data path still sends, but n0 no longer takes n2 for a member.
@@ -825,7 +824,7 @@ fn foreign_and_wrong_vni_frames_are_dropped_and_counted() {
         .add_addr("eth0", &format!("{stranger_ip}/24"))
         .unwrap();
     stranger.link_up("eth0").unwrap();
-    overlay_tests::traffic::ping_until(&stranger, n0.underlay_ip(), FIRST_ECHO).unwrap();
+    traffic::ping_until(&stranger, n0.underlay_ip(), FIRST_ECHO).unwrap();
 
     let port = 7777;
     let sock = target

@@ -53,6 +53,9 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Check formatting (nightly rustfmt, for grouped imports) and run clippy on the host
+    /// crates and on the eBPF crate (its own target), warnings as errors.
+    Lint,
     /// Run the whole test suite: unit tests, then the root tests one at a time.
     Test {
         /// Only run root tests whose name contains this filter (unit tests still run all).
@@ -103,6 +106,7 @@ fn run_cli(cli: Cli) -> Result<()> {
         Cmd::Build { release } => build(&root, release).map(|_| ()),
         Cmd::Demo => demo(&root),
         Cmd::Bench { args } => bench(&root, &args),
+        Cmd::Lint => lint(&root),
         Cmd::Test { filter } => test(&root, filter.as_deref()),
         Cmd::Fuzz {
             target,
@@ -171,6 +175,45 @@ fn build_ebpf(root: &Path) -> Result<PathBuf> {
     }
     println!("eBPF object: {}", object.display());
     Ok(object)
+}
+
+/// `cargo +nightly fmt --check`, then clippy with `-D warnings` on the host crates (the
+/// eBPF object is built first: the agent embeds it) and on the eBPF crate for its target.
+fn lint(root: &Path) -> Result<()> {
+    let object = build_ebpf(root)?;
+    let nightly = |args: &[&str]| {
+        let mut cmd = Command::new("rustup");
+        cmd.args(["run", NIGHTLY, "cargo"])
+            .args(args)
+            .current_dir(root);
+        for var in NIGHTLY_CLEAN_ENV {
+            cmd.env_remove(var);
+        }
+        cmd
+    };
+    run(
+        &mut nightly(&["fmt", "--all", "--check"]),
+        "formatting (fix with `cargo +nightly fmt --all`)",
+    )?;
+    let mut host = cargo();
+    host.args(["clippy", "--all-targets", "--", "-D", "warnings"])
+        .env("OVERLAY_EBPF_OBJECT", &object);
+    run(&mut host, "clippy on the host crates")?;
+    let mut ebpf = nightly(&[
+        "clippy",
+        "--package",
+        "overlay-ebpf",
+        "-Z",
+        "build-std=core",
+        "--target",
+        "bpfel-unknown-none",
+        "--release",
+        "--",
+        "-D",
+        "warnings",
+    ]);
+    ebpf.env("RUSTFLAGS", "-C debuginfo=2 -C link-arg=--btf");
+    run(&mut ebpf, "clippy on the eBPF crate")
 }
 
 /// The built artifacts: the eBPF object and the agent binary that embeds it.

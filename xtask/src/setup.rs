@@ -577,7 +577,7 @@ mod tests {
     fn the_fresh_list_is_a_real_package_list() {
         let fresh = fresh_packages();
         assert!(fresh.len() > 500, "only {} fresh packages", fresh.len());
-        // What a fresh machine is known to lack and to have (toolchain.md, the bug of issue 9).
+        // What a fresh machine is known to lack and to have (toolchain.md).
         for absent in [
             "protobuf-compiler",
             "libprotobuf-dev",

@@ -11,7 +11,7 @@ use overlay_common::{
     route::{RemoteNode, RouteKeyV4},
 };
 
-use super::{COUNTERS_MAP, DatapathError, ENDPOINT_V4_MAP, ROUTE_V4_MAP, pin::PinDir};
+use super::{DatapathError, names, pin::PinDir};
 
 fn open(dir: &PinDir, name: &'static str) -> Result<MapData, DatapathError> {
     MapData::from_pin(dir.map(name)).map_err(|source| DatapathError::Map { map: name, source })
@@ -20,13 +20,13 @@ fn open(dir: &PinDir, name: &'static str) -> Result<MapData, DatapathError> {
 /// Every counter of the pinned data path, summed over the CPUs, in [`Reason::ALL`] order.
 pub fn pinned_counters(dir: &Path) -> Result<Vec<(Reason, Counter)>, DatapathError> {
     let dir = existing(dir)?;
-    sum_counters(&Map::PerCpuArray(open(&dir, COUNTERS_MAP)?))
+    sum_counters(&Map::PerCpuArray(open(&dir, names::COUNTERS)?))
 }
 
 /// Reads `COUNTERS` (loaded or pinned), summing each reason over the CPUs.
 pub(super) fn sum_counters(map: &Map) -> Result<Vec<(Reason, Counter)>, DatapathError> {
     let err = |source| DatapathError::Map {
-        map: COUNTERS_MAP,
+        map: names::COUNTERS,
         source,
     };
     let array = PerCpuArray::<_, Counter>::try_from(map).map_err(err)?;
@@ -47,17 +47,17 @@ pub(super) fn sum_counters(map: &Map) -> Result<Vec<(Reason, Counter)>, Datapath
 /// The remote subnets the pinned data path routes, with their node's PublicIP and VtepMAC.
 pub fn pinned_peers(dir: &Path) -> Result<Vec<(Ipv4Net, RemoteNode)>, DatapathError> {
     let dir = existing(dir)?;
-    let map = Map::LpmTrie(open(&dir, ROUTE_V4_MAP)?);
+    let map = Map::LpmTrie(open(&dir, names::ROUTE_V4)?);
     let trie = LpmTrie::<_, RouteKeyV4, RemoteNode>::try_from(&map).map_err(|source| {
         DatapathError::Map {
-            map: ROUTE_V4_MAP,
+            map: names::ROUTE_V4,
             source,
         }
     })?;
     let mut peers = Vec::new();
-    for entry in trie.iter() {
+    for entry in &trie {
         let (key, node) = entry.map_err(|source| DatapathError::Map {
-            map: ROUTE_V4_MAP,
+            map: names::ROUTE_V4,
             source,
         })?;
         let len = u8::try_from(key.prefix_len()).unwrap_or(u8::MAX);
@@ -73,9 +73,9 @@ pub fn pinned_peers(dir: &Path) -> Result<Vec<(Ipv4Net, RemoteNode)>, DatapathEr
 /// The local pods the pinned data path delivers to directly, by address.
 pub fn pinned_endpoints(dir: &Path) -> Result<Vec<(Ipv4Addr, Endpoint)>, DatapathError> {
     let dir = existing(dir)?;
-    let map = Map::HashMap(open(&dir, ENDPOINT_V4_MAP)?);
+    let map = Map::HashMap(open(&dir, names::ENDPOINT_V4)?);
     let err = |source| DatapathError::Map {
-        map: ENDPOINT_V4_MAP,
+        map: names::ENDPOINT_V4,
         source,
     };
     let hash = HashMap::<_, EndpointKeyV4, Endpoint>::try_from(&map).map_err(err)?;

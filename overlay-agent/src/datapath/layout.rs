@@ -23,13 +23,16 @@ use aya::maps::MapInfo;
 use overlay_common::layout::SETTINGS_LAYOUTS;
 use sha2::{Digest as _, Sha256};
 
-use super::{OBJECT, STATE_MAPS, pin::PinDir};
+use super::{OBJECT, STATE_MAPS, names, pin::PinDir};
 use crate::cli::LayoutMismatch;
 
 /// Maps replaced together (see the module comment).
-const GROUPS: &[&[&str]] = &[&["ROUTE_V4", "NODE_V4"], &["SNAT_V4_CT", "SNAT_V4_REV"]];
+const GROUPS: &[&[&str]] = &[
+    &[names::ROUTE_V4, names::NODE_V4],
+    &[names::SNAT_V4_CT, names::SNAT_V4_REV],
+];
 /// Maps rewritten whole at every start: replacing them loses nothing.
-const SETTINGS: &[&str] = &["CONFIG", "NAT_CONFIG", "NAT_EXCLUDE_V4"];
+const SETTINGS: &[&str] = &[names::CONFIG, names::NAT_CONFIG, names::NAT_EXCLUDE_V4];
 
 /// A map's shape as the kernel sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -250,14 +253,14 @@ mod tests {
         assert_eq!(a.len(), 16);
         assert_eq!(a, fingerprint(&shapes));
         let mut changed = shapes.clone();
-        changed.get_mut("ROUTE_V4").unwrap().value_size += 4;
+        changed.get_mut(names::ROUTE_V4).unwrap().value_size += 4;
         assert_ne!(
             a,
             fingerprint(&changed),
             "a value size is part of the version"
         );
         let mut changed = shapes;
-        changed.get_mut("SNAT_V4_CT").unwrap().max_entries *= 2;
+        changed.get_mut(names::SNAT_V4_CT).unwrap().max_entries *= 2;
         assert_ne!(
             a,
             fingerprint(&changed),

@@ -1,4 +1,7 @@
-//! Loading the embedded eBPF object, attaching its programs and keeping its maps.
+//! The last step of the agent's pipeline, routes to maps: loading the embedded eBPF object,
+//! attaching its programs and keeping its maps. Owns every map write and attachment (and the
+//! inspection of pinned state: `inspect`, `print`); may call aya, the kernel's interface
+//! tables and `overlay_common`, never etcd or the backends' decisions (it is told routes).
 //!
 //! The object is compiled by `cargo xtask build-ebpf` and embedded at build time (see build.rs),
 //! so the agent binary is all a node needs. [`Datapath::load`] creates the maps and loads (so
@@ -41,20 +44,19 @@
 //! At load the agent runs `probe_decap_l4_udp` once (`BPF_PROG_TEST_RUN`) to learn whether the
 //! kernel accepts `BPF_F_ADJ_ROOM_DECAP_L4_UDP` ([`Datapath::decap_clears_tunnel_gso`]).
 
-mod config;
 mod inspect;
 pub mod layout;
 pub mod nat;
-mod peers;
+mod node_config;
+mod peer_table;
 pub mod pin;
+pub mod print;
 pub mod repair;
 
 use std::{
     collections::BTreeMap,
-    ffi::CString,
-    io, mem,
+    io,
     net::Ipv4Addr,
-    os::fd::AsRawFd as _,
     path::{Path, PathBuf},
 };
 
@@ -76,62 +78,39 @@ use overlay_common::{
     route::{MemberNode, NodeKeyV4, RemoteNode, RouteKeyV4, route_key},
 };
 
-use self::{
-    config::{Devices, encode},
-    pin::{PinDir, PinError},
-};
 pub use self::{
-    config::{NodeConfig, Routing},
     inspect::{pinned_counters, pinned_endpoints, pinned_peers},
-    peers::{MapOp, PeerTable},
+    node_config::{NodeConfig, Routing},
+    peer_table::{MapOp, PeerTable},
+};
+use self::{
+    node_config::{Devices, encode},
+    pin::{PinDir, PinError},
 };
 
 /// The eBPF object, aligned for the ELF parser.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("OVERLAY_EBPF_OBJECT"));
 
-/// Names of the TC programs on the external interface.
-pub const UNDERLAY_INGRESS: &str = "underlay_ingress";
-pub const UNDERLAY_EGRESS: &str = "underlay_egress";
-/// Name of the TC program on the pod bridge's ingress.
-pub const POD_EGRESS: &str = "pod_egress";
-/// Name of the TC program on the host device's egress.
-pub const HOST_EGRESS: &str = "host_egress";
-/// Name of the TC program on a pod's host-side veth (`--pod-hook port`).
-pub const POD_PORT_EGRESS: &str = "pod_port_egress";
-/// Every TC program in the object.
-pub const PROGRAMS: [&str; 5] = [
-    UNDERLAY_INGRESS,
-    UNDERLAY_EGRESS,
-    POD_EGRESS,
-    POD_PORT_EGRESS,
-    HOST_EGRESS,
-];
-/// Name of the XDP program on the external interface.
-pub const UNDERLAY_XDP: &str = "underlay_xdp";
-/// Name of the probe of `BPF_F_ADJ_ROOM_DECAP_L4_UDP` (loaded, run once, never attached).
-pub const PROBE_DECAP_L4_UDP: &str = "probe_decap_l4_udp";
+/// Program and map names: one spelling, shared with the eBPF crate (checked there).
+pub use overlay_common::names::{
+    self, HOST_EGRESS, POD_EGRESS, POD_PORT_EGRESS, PROBE_DECAP_L4_UDP, TC_PROGRAMS as PROGRAMS,
+    UNDERLAY_EGRESS, UNDERLAY_INGRESS, UNDERLAY_XDP,
+};
 
-pub const CONFIG_MAP: &str = "CONFIG";
-pub const ROUTE_V4_MAP: &str = "ROUTE_V4";
-pub const NODE_V4_MAP: &str = "NODE_V4";
-pub const ENDPOINT_V4_MAP: &str = "ENDPOINT_V4";
-pub const COUNTERS_MAP: &str = "COUNTERS";
-/// Sampled drop events (a ring buffer), read by `overlay-agent monitor`.
-pub const DROP_EVENTS_MAP: &str = "DROP_EVENTS";
 /// The maps that hold state worth keeping across an agent restart (all pinned).
 pub const STATE_MAPS: [&str; 10] = [
-    CONFIG_MAP,
-    ROUTE_V4_MAP,
-    NODE_V4_MAP,
-    ENDPOINT_V4_MAP,
-    COUNTERS_MAP,
+    names::CONFIG,
+    names::ROUTE_V4,
+    names::NODE_V4,
+    names::ENDPOINT_V4,
+    names::COUNTERS,
     // Masquerade (`nat`): its settings and the flow table, so connections survive a restart.
-    nat::NAT_MAPS[0],
-    nat::NAT_MAPS[1],
-    nat::NAT_MAPS[2],
-    nat::NAT_MAPS[3],
+    names::NAT_MAPS[0],
+    names::NAT_MAPS[1],
+    names::NAT_MAPS[2],
+    names::NAT_MAPS[3],
     // Pinned so that `monitor`, another process, can read it.
-    DROP_EVENTS_MAP,
+    names::DROP_EVENTS,
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -408,10 +387,10 @@ impl Datapath {
             return Ok(());
         }
         let mut hash: HashMap<_, EndpointKeyV4, Endpoint> =
-            map_mut(&mut self.ebpf, ENDPOINT_V4_MAP)?;
+            map_mut(&mut self.ebpf, names::ENDPOINT_V4)?;
         hash.insert(addr.octets(), endpoint, 0)
             .map_err(|source| DatapathError::MapUpdate {
-                map: ENDPOINT_V4_MAP,
+                map: names::ENDPOINT_V4,
                 source,
             })?;
         self.endpoints.insert(addr, endpoint);
@@ -421,9 +400,9 @@ impl Datapath {
     /// Forgets the local pod `addr`: its traffic takes the bridge again. No-op if unknown.
     pub fn remove_endpoint(&mut self, addr: Ipv4Addr) -> Result<(), DatapathError> {
         let mut hash: HashMap<_, EndpointKeyV4, Endpoint> =
-            map_mut(&mut self.ebpf, ENDPOINT_V4_MAP)?;
+            map_mut(&mut self.ebpf, names::ENDPOINT_V4)?;
         ignore_missing(hash.remove(&addr.octets())).map_err(|source| DatapathError::MapUpdate {
-            map: ENDPOINT_V4_MAP,
+            map: names::ENDPOINT_V4,
             source,
         })?;
         self.endpoints.remove(&addr);
@@ -617,8 +596,8 @@ impl Datapath {
     pub fn counters(&self) -> Result<Vec<(Reason, Counter)>, DatapathError> {
         inspect::sum_counters(
             self.ebpf
-                .map(COUNTERS_MAP)
-                .ok_or(DatapathError::MissingMap(COUNTERS_MAP))?,
+                .map(names::COUNTERS)
+                .ok_or(DatapathError::MissingMap(names::COUNTERS))?,
         )
     }
 
@@ -701,11 +680,11 @@ impl Datapath {
         }
         self.pinned_config_in_force = false;
         let value = encode(self.node.as_ref(), self.devices);
-        let mut array: Array<_, Config> = map_mut(&mut self.ebpf, CONFIG_MAP)?;
+        let mut array: Array<_, Config> = map_mut(&mut self.ebpf, names::CONFIG)?;
         array
             .set(CONFIG_INDEX, value, 0)
             .map_err(|source| DatapathError::MapUpdate {
-                map: CONFIG_MAP,
+                map: names::CONFIG,
                 source,
             })
     }
@@ -715,40 +694,40 @@ impl Datapath {
             match *op {
                 MapOp::SetRoute { subnet, node } => {
                     let mut trie: LpmTrie<_, RouteKeyV4, RemoteNode> =
-                        map_mut(&mut self.ebpf, ROUTE_V4_MAP)?;
+                        map_mut(&mut self.ebpf, names::ROUTE_V4)?;
                     trie.insert(&key(subnet), node, 0).map_err(|source| {
                         DatapathError::MapUpdate {
-                            map: ROUTE_V4_MAP,
+                            map: names::ROUTE_V4,
                             source,
                         }
                     })?;
                 }
                 MapOp::DeleteRoute { subnet } => {
                     let mut trie: LpmTrie<_, RouteKeyV4, RemoteNode> =
-                        map_mut(&mut self.ebpf, ROUTE_V4_MAP)?;
+                        map_mut(&mut self.ebpf, names::ROUTE_V4)?;
                     ignore_missing(trie.remove(&key(subnet))).map_err(|source| {
                         DatapathError::MapUpdate {
-                            map: ROUTE_V4_MAP,
+                            map: names::ROUTE_V4,
                             source,
                         }
                     })?;
                 }
                 MapOp::SetNode { ip, member } => {
                     let mut hash: HashMap<_, NodeKeyV4, MemberNode> =
-                        map_mut(&mut self.ebpf, NODE_V4_MAP)?;
+                        map_mut(&mut self.ebpf, names::NODE_V4)?;
                     hash.insert(ip.octets(), member, 0).map_err(|source| {
                         DatapathError::MapUpdate {
-                            map: NODE_V4_MAP,
+                            map: names::NODE_V4,
                             source,
                         }
                     })?;
                 }
                 MapOp::DeleteNode { ip } => {
                     let mut hash: HashMap<_, NodeKeyV4, MemberNode> =
-                        map_mut(&mut self.ebpf, NODE_V4_MAP)?;
+                        map_mut(&mut self.ebpf, names::NODE_V4)?;
                     ignore_missing(hash.remove(&ip.octets())).map_err(|source| {
                         DatapathError::MapUpdate {
-                            map: NODE_V4_MAP,
+                            map: names::NODE_V4,
                             source,
                         }
                     })?;
@@ -819,7 +798,7 @@ const PROBE_FRAME_LEN: usize = 14 + 2 * 50 + 40;
 
 /// The ready `CONFIG` an earlier agent pinned, if any.
 fn pinned_config(ebpf: &Ebpf) -> Option<Config> {
-    let array = Array::<_, Config>::try_from(ebpf.map(CONFIG_MAP)?).ok()?;
+    let array = Array::<_, Config>::try_from(ebpf.map(names::CONFIG)?).ok()?;
     array.get(&CONFIG_INDEX, 0).ok().filter(Config::is_ready)
 }
 
@@ -860,18 +839,9 @@ fn adopt_devices(cfg: Config) -> Devices {
 
 /// The name of the interface with index `index` in the agent's namespace, if there is one.
 fn ifname(index: u32) -> Option<String> {
-    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
-    // SAFETY: `buf` has the IF_NAMESIZE bytes if_indextoname may write.
-    let name = unsafe { libc::if_indextoname(index, buf.as_mut_ptr()) };
-    if name.is_null() {
-        return None;
-    }
-    // SAFETY: on success the buffer holds a NUL-terminated name.
-    Some(
-        unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }
-            .to_string_lossy()
-            .into_owned(),
-    )
+    nix::net::if_::if_indextoname(index)
+        .ok()
+        .map(|name| name.to_string_lossy().into_owned())
 }
 
 /// A random non-zero cookie for `underlay_xdp`'s mark.
@@ -887,10 +857,10 @@ fn new_cookie() -> u32 {
 /// Mirrors what pinned `ENDPOINT_V4` holds.
 fn adopt_endpoints(ebpf: &Ebpf) -> Result<BTreeMap<Ipv4Addr, Endpoint>, DatapathError> {
     let map = ebpf
-        .map(ENDPOINT_V4_MAP)
-        .ok_or(DatapathError::MissingMap(ENDPOINT_V4_MAP))?;
+        .map(names::ENDPOINT_V4)
+        .ok_or(DatapathError::MissingMap(names::ENDPOINT_V4))?;
     let err = |source| DatapathError::Map {
-        map: ENDPOINT_V4_MAP,
+        map: names::ENDPOINT_V4,
         source,
     };
     let hash = HashMap::<_, EndpointKeyV4, Endpoint>::try_from(map).map_err(err)?;
@@ -961,18 +931,18 @@ fn adopt_link(
 /// Mirrors what pinned `ROUTE_V4` holds (the node reference counts follow from the routes).
 fn adopt_peers(ebpf: &Ebpf) -> Result<PeerTable, DatapathError> {
     let map = ebpf
-        .map(ROUTE_V4_MAP)
-        .ok_or(DatapathError::MissingMap(ROUTE_V4_MAP))?;
+        .map(names::ROUTE_V4)
+        .ok_or(DatapathError::MissingMap(names::ROUTE_V4))?;
     let trie = LpmTrie::<_, RouteKeyV4, RemoteNode>::try_from(map).map_err(|source| {
         DatapathError::Map {
-            map: ROUTE_V4_MAP,
+            map: names::ROUTE_V4,
             source,
         }
     })?;
     let mut table = PeerTable::default();
-    for entry in trie.iter() {
+    for entry in &trie {
         let (key, node) = entry.map_err(|source| DatapathError::Map {
-            map: ROUTE_V4_MAP,
+            map: names::ROUTE_V4,
             source,
         })?;
         let data: RouteKeyV4 = key.data();
@@ -986,62 +956,34 @@ fn adopt_peers(ebpf: &Ebpf) -> Result<PeerTable, DatapathError> {
 
 /// The interface index of `iface` in the agent's network namespace.
 fn ifindex(iface: &str) -> Result<u32, DatapathError> {
-    let device_err = |source| DatapathError::Device {
+    nix::net::if_::if_nametoindex(iface).map_err(|errno| DatapathError::Device {
         iface: iface.to_owned(),
-        source,
-    };
-    let name = CString::new(iface)
-        .map_err(|_| device_err(io::Error::from(io::ErrorKind::InvalidInput)))?;
-    // SAFETY: `name` is a valid C string for the duration of the call.
-    match unsafe { libc::if_nametoindex(name.as_ptr()) } {
-        0 => Err(device_err(io::Error::last_os_error())),
-        index => Ok(index),
-    }
+        source: errno.into(),
+    })
 }
 
-/// The MAC address of `iface` (SIOCGIFHWADDR, which resolves in the caller's network namespace,
-/// unlike /sys, which shows the namespace it was mounted in).
+/// The MAC address of `iface`, from the kernel's interface list (netlink under `getifaddrs`),
+/// which resolves in the caller's network namespace, unlike /sys, which shows the namespace it
+/// was mounted in.
 fn hw_addr(iface: &str) -> Result<[u8; 6], DatapathError> {
     let device_err = |source| DatapathError::Device {
         iface: iface.to_owned(),
         source,
     };
-    // SAFETY: a zeroed ifreq is a valid argument; we only read the union member SIOCGIFHWADDR
-    // fills, and the socket is closed by OwnedFd.
-    unsafe {
-        let mut req: libc::ifreq = mem::zeroed();
-        let bytes = iface.as_bytes();
-        if bytes.is_empty() || bytes.len() >= req.ifr_name.len() {
-            return Err(device_err(io::Error::from(io::ErrorKind::InvalidInput)));
-        }
-        for (dst, src) in req.ifr_name.iter_mut().zip(bytes) {
-            *dst = *src as libc::c_char;
-        }
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
-        if fd < 0 {
-            return Err(device_err(io::Error::last_os_error()));
-        }
-        let sock = <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd);
-        if libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFHWADDR, &mut req) != 0 {
-            return Err(device_err(io::Error::last_os_error()));
-        }
-        let data = req.ifr_ifru.ifru_hwaddr.sa_data;
-        Ok([data[0], data[1], data[2], data[3], data[4], data[5]].map(|b| b as u8))
-    }
+    nix::ifaddrs::getifaddrs()
+        .map_err(|errno| device_err(errno.into()))?
+        .filter(|entry| entry.interface_name == iface)
+        .find_map(|entry| entry.address?.as_link_addr()?.addr())
+        .ok_or_else(|| device_err(io::Error::from(io::ErrorKind::NotFound)))
 }
 
 /// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; newer ones use memcg, where raising
 /// the limit is unnecessary (and may be refused without CAP_SYS_RESOURCE), so failure only warns.
 fn raise_memlock_limit() {
-    let limit = libc::rlimit {
-        rlim_cur: libc::RLIM_INFINITY,
-        rlim_max: libc::RLIM_INFINITY,
-    };
-    // SAFETY: setrlimit reads the struct we pass and has no other effect on memory.
-    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &limit) } != 0 {
+    use nix::sys::resource::{RLIM_INFINITY, Resource, setrlimit};
+    if let Err(errno) = setrlimit(Resource::RLIMIT_MEMLOCK, RLIM_INFINITY, RLIM_INFINITY) {
         tracing::debug!(
-            "cannot raise RLIMIT_MEMLOCK ({}); fine on kernels with memcg-based BPF accounting",
-            io::Error::last_os_error()
+            "cannot raise RLIMIT_MEMLOCK ({errno}); fine on kernels with memcg-based BPF accounting"
         );
     }
 }
@@ -1061,7 +1003,7 @@ mod tests {
         );
         // The kernel's struct bpf_lpm_trie_key_u8: __u32 prefixlen (host order), then data.
         // SAFETY: Key<[u8; 4]> is a packed 8-byte POD struct.
-        let raw: [u8; 8] = unsafe { mem::transmute(k) };
+        let raw: [u8; 8] = unsafe { std::mem::transmute(k) };
         let mut expected = 24u32.to_ne_bytes().to_vec();
         expected.extend_from_slice(&[172, 17, 2, 0]);
         assert_eq!(raw.to_vec(), expected);

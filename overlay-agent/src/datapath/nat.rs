@@ -24,19 +24,7 @@ use overlay_common::nat::{
     NatKeyV4, SNAT_V4_CAPACITY,
 };
 
-use super::{Datapath, DatapathError, map_mut, pin::PinDir};
-
-pub const NAT_CONFIG_MAP: &str = "NAT_CONFIG";
-pub const NAT_EXCLUDE_V4_MAP: &str = "NAT_EXCLUDE_V4";
-pub const SNAT_V4_CT_MAP: &str = "SNAT_V4_CT";
-pub const SNAT_V4_REV_MAP: &str = "SNAT_V4_REV";
-/// The masquerade maps, all pinned (the flows survive an agent restart).
-pub const NAT_MAPS: [&str; 4] = [
-    NAT_CONFIG_MAP,
-    NAT_EXCLUDE_V4_MAP,
-    SNAT_V4_CT_MAP,
-    SNAT_V4_REV_MAP,
-];
+use super::{Datapath, DatapathError, map_mut, names, pin::PinDir};
 
 /// Idle timeouts, as the kernel's conntrack defaults (`nf_conntrack_*_timeout*`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -205,17 +193,10 @@ pub struct SweepReport {
 
 /// `CLOCK_MONOTONIC` in nanoseconds: the clock of `bpf_ktime_get_ns`.
 fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes the struct we own.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
-}
-
-fn is_expired(cfg: &NatConfig, proto: u8, e: &NatEntryV4, now: u64) -> bool {
-    now.saturating_sub(e.last_seen) > u64::from(cfg.timeout(proto, e.state)) * 1_000_000_000
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_or(0, |ts| {
+        u64::try_from(ts.tv_sec()).unwrap_or(0) * 1_000_000_000
+            + u64::try_from(ts.tv_nsec()).unwrap_or(0)
+    })
 }
 
 impl Datapath {
@@ -228,20 +209,20 @@ impl Datapath {
                 settings.ports.0, settings.ports.1
             )));
         }
-        let mut trie: LpmTrie<_, [u8; 4], u8> = map_mut(&mut self.ebpf, NAT_EXCLUDE_V4_MAP)?;
+        let mut trie: LpmTrie<_, [u8; 4], u8> = map_mut(&mut self.ebpf, names::NAT_EXCLUDE_V4)?;
         let want: Vec<Ipv4Net> = settings.exclude.iter().map(Ipv4Net::trunc).collect();
         let have: Vec<_> =
             trie.keys()
                 .collect::<Result<_, _>>()
                 .map_err(|source| DatapathError::Map {
-                    map: NAT_EXCLUDE_V4_MAP,
+                    map: names::NAT_EXCLUDE_V4,
                     source,
                 })?;
         for key in have {
             let net = Ipv4Net::new(Ipv4Addr::from(key.data()), key.prefix_len() as u8);
             if !net.is_ok_and(|n| want.contains(&n)) {
                 ignore_missing(trie.remove(&key)).map_err(|source| DatapathError::MapUpdate {
-                    map: NAT_EXCLUDE_V4_MAP,
+                    map: names::NAT_EXCLUDE_V4,
                     source,
                 })?;
             }
@@ -251,15 +232,15 @@ impl Datapath {
                 aya::maps::lpm_trie::Key::new(u32::from(net.prefix_len()), net.network().octets());
             trie.insert(&key, 1, 0)
                 .map_err(|source| DatapathError::MapUpdate {
-                    map: NAT_EXCLUDE_V4_MAP,
+                    map: names::NAT_EXCLUDE_V4,
                     source,
                 })?;
         }
-        let mut array: Array<_, NatConfig> = map_mut(&mut self.ebpf, NAT_CONFIG_MAP)?;
+        let mut array: Array<_, NatConfig> = map_mut(&mut self.ebpf, names::NAT_CONFIG)?;
         array
             .set(NAT_CONFIG_INDEX, settings.encode(), 0)
             .map_err(|source| DatapathError::MapUpdate {
-                map: NAT_CONFIG_MAP,
+                map: names::NAT_CONFIG,
                 source,
             })?;
         if !settings.enabled {
@@ -270,15 +251,15 @@ impl Datapath {
 
     /// Removes the idle flows (by the timeouts in `NAT_CONFIG`).
     pub fn sweep_nat(&mut self) -> Result<SweepReport, DatapathError> {
-        let array: Array<_, NatConfig> = map_mut(&mut self.ebpf, NAT_CONFIG_MAP)?;
+        let array: Array<_, NatConfig> = map_mut(&mut self.ebpf, names::NAT_CONFIG)?;
         let cfg = array
             .get(&NAT_CONFIG_INDEX, 0)
             .map_err(|source| DatapathError::Map {
-                map: NAT_CONFIG_MAP,
+                map: names::NAT_CONFIG,
                 source,
             })?;
         let now = monotonic_ns();
-        self.sweep_nat_with(|proto, e, _| is_expired(&cfg, proto, e, now))
+        self.sweep_nat_with(|proto, e, _| cfg.is_expired(proto, e, now))
     }
 
     fn sweep_nat_with(
@@ -286,7 +267,7 @@ impl Datapath {
         dead: impl Fn(u8, &NatEntryV4, &NatKeyV4) -> bool,
     ) -> Result<SweepReport, DatapathError> {
         let mut report = SweepReport::default();
-        for name in [SNAT_V4_CT_MAP, SNAT_V4_REV_MAP] {
+        for name in [names::SNAT_V4_CT, names::SNAT_V4_REV] {
             let mut map: HashMap<_, NatKeyV4, NatEntryV4> = map_mut(&mut self.ebpf, name)?;
             let entries: Vec<(NatKeyV4, NatEntryV4)> = map.iter().filter_map(Result::ok).collect();
             let mut left = 0;
@@ -299,7 +280,7 @@ impl Datapath {
                     left += 1;
                 }
             }
-            if name == SNAT_V4_CT_MAP {
+            if name == names::SNAT_V4_CT {
                 report.flows = left;
             }
         }
@@ -371,14 +352,14 @@ pub fn pinned_nat_flows(dir: &Path) -> Result<(Vec<NatFlow>, u32), DatapathError
         DatapathError::InvalidConfig(format!("no pinned data path under {}", dir.display()))
     })?;
     let data =
-        MapData::from_pin(pins.map(SNAT_V4_CT_MAP)).map_err(|source| DatapathError::Map {
-            map: SNAT_V4_CT_MAP,
+        MapData::from_pin(pins.map(names::SNAT_V4_CT)).map_err(|source| DatapathError::Map {
+            map: names::SNAT_V4_CT,
             source,
         })?;
     let map = Map::LruHashMap(data);
     let hash = HashMap::<_, NatKeyV4, NatEntryV4>::try_from(&map).map_err(|source| {
         DatapathError::Map {
-            map: SNAT_V4_CT_MAP,
+            map: names::SNAT_V4_CT,
             source,
         }
     })?;
@@ -459,14 +440,14 @@ mod tests {
             ..NatEntryV4::default()
         };
         let s = 1_000_000_000;
-        assert!(!is_expired(&cfg, IPPROTO_UDP, &e, 30 * s));
-        assert!(is_expired(&cfg, IPPROTO_UDP, &e, 31 * s));
+        assert!(!cfg.is_expired(IPPROTO_UDP, &e, 30 * s));
+        assert!(cfg.is_expired(IPPROTO_UDP, &e, 31 * s));
         let replied = NatEntryV4 {
             state: NAT_S_REPLIED,
             ..e
         };
-        assert!(!is_expired(&cfg, IPPROTO_UDP, &replied, 100 * s));
-        assert!(!is_expired(&cfg, IPPROTO_TCP, &replied, 3600 * s));
-        assert!(is_expired(&cfg, IPPROTO_TCP, &e, 121 * s), "unanswered SYN");
+        assert!(!cfg.is_expired(IPPROTO_UDP, &replied, 100 * s));
+        assert!(!cfg.is_expired(IPPROTO_TCP, &replied, 3600 * s));
+        assert!(cfg.is_expired(IPPROTO_TCP, &e, 121 * s), "unanswered SYN");
     }
 }

@@ -17,18 +17,12 @@
 //! with it, and with it the whole data path at a `kill -9`: it refuses to start and says so.
 
 use std::{
-    ffi::CString,
     fs::File,
     io,
-    os::{
-        fd::{AsRawFd as _, OwnedFd},
-        unix::ffi::OsStrExt as _,
-    },
+    os::fd::{AsRawFd as _, OwnedFd},
     path::{Path, PathBuf},
 };
 
-/// `BPF_FS_MAGIC` from linux/magic.h: what statfs reports for a bpffs.
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 /// Where systemd mounts bpffs, and what the agent mounts when nothing is there.
 const BPFFS_ROOT: &str = "/sys/fs/bpf";
 
@@ -204,18 +198,8 @@ fn on_bpffs(path: &Path) -> bool {
     let Some(existing) = path.ancestors().find(|p| p.exists()) else {
         return false;
     };
-    let Ok(c_path) = CString::new(existing.as_os_str().as_bytes()) else {
-        return false;
-    };
-    // SAFETY: statfs writes into the zeroed struct we own; the path is a valid C string.
-    #[allow(
-        clippy::useless_conversion,
-        reason = "f_type is i64 only on some architectures"
-    )]
-    unsafe {
-        let mut stat: libc::statfs = std::mem::zeroed();
-        libc::statfs(c_path.as_ptr(), &mut stat) == 0 && i64::from(stat.f_type) == BPF_FS_MAGIC
-    }
+    nix::sys::statfs::statfs(existing)
+        .is_ok_and(|fs| fs.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC)
 }
 
 /// Whether no other process shares this process's mount namespace: a mount made here ends
@@ -238,24 +222,16 @@ fn alone_in_mount_namespace() -> bool {
 }
 
 fn mount_bpffs(target: &Path) -> Result<(), PinError> {
-    let c = |s: &[u8]| CString::new(s).expect("no NUL in mount arguments");
-    let (source, target, fstype) = (c(b"bpf"), c(target.as_os_str().as_bytes()), c(b"bpf"));
-    // SAFETY: all pointers are valid C strings for the duration of the call; no data argument.
-    let rc = unsafe {
-        libc::mount(
-            source.as_ptr(),
-            target.as_ptr(),
-            fstype.as_ptr(),
-            0,
-            std::ptr::null(),
-        )
-    };
-    if rc != 0 {
-        return Err(PinError::Mount {
-            source: io::Error::last_os_error(),
-        });
-    }
-    Ok(())
+    nix::mount::mount(
+        Some("bpf"),
+        target,
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(|errno| PinError::Mount {
+        source: errno.into(),
+    })
 }
 
 #[cfg(test)]

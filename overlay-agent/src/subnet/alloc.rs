@@ -7,7 +7,7 @@ use std::net::Ipv4Addr;
 use ipnet::Ipv4Net;
 use rand::Rng;
 
-use crate::config::NetworkConfig;
+use crate::subnet::config::NetworkConfig;
 
 /// How many free subnets flannel collects before choosing among them.
 pub const CANDIDATES: usize = 100;

@@ -236,7 +236,9 @@ impl Registry for EtcdRegistry {
             .await
             .map_err(|e| etcd_error("get", key, e))?;
         Ok(Fetched {
-            revision: response.header().map_or(0, |h| h.revision()),
+            revision: response
+                .header()
+                .map_or(0, etcd_client::ResponseHeader::revision),
             kv: response.kvs().first().map(key_value),
         })
     }
@@ -248,7 +250,9 @@ impl Registry for EtcdRegistry {
             .await
             .map_err(|e| etcd_error("list", prefix, e))?;
         Ok(Listing {
-            revision: response.header().map_or(0, |h| h.revision()),
+            revision: response
+                .header()
+                .map_or(0, etcd_client::ResponseHeader::revision),
             kvs: response.kvs().iter().map(key_value).collect(),
         })
     }
@@ -259,35 +263,16 @@ impl Registry for EtcdRegistry {
         value: &str,
         ttl: Duration,
     ) -> Result<CreateOutcome, RegistryError> {
-        let mut lease_client = self.client.lease_client();
-        let grant = lease_client
-            .grant(seconds(ttl), None)
-            .await
-            .map_err(|e| etcd_error("lease grant", key, e))?;
-        let lease = grant.id();
-        let txn = Txn::new()
-            .when([Compare::version(key, CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(
-                key,
-                value,
-                Some(PutOptions::new().with_lease(lease)),
-            )]);
-        let outcome = self.client.kv_client().txn(txn).await;
-        match outcome {
-            Ok(response) if response.succeeded() => Ok(CreateOutcome::Created(Granted {
-                lease,
-                ttl: Duration::from_secs(u64::try_from(grant.ttl()).unwrap_or(0)),
-                revision: response.header().map_or(0, |h| h.revision()),
-            })),
-            Ok(_) => {
-                self.revoke(lease).await;
-                Ok(CreateOutcome::AlreadyExists)
-            }
-            Err(e) => {
-                self.revoke(lease).await;
-                Err(etcd_error("create", key, e))
-            }
-        }
+        let absent = Compare::version(key, CompareOp::Equal, 0);
+        Ok(
+            match self
+                .put_with_new_lease("create", key, value, ttl, Some(absent))
+                .await?
+            {
+                Some(granted) => CreateOutcome::Created(granted),
+                None => CreateOutcome::AlreadyExists,
+            },
+        )
     }
 
     async fn renew(
@@ -297,34 +282,16 @@ impl Registry for EtcdRegistry {
         ttl: Duration,
         expected: Option<LeaseId>,
     ) -> Result<RenewOutcome, RegistryError> {
-        let mut lease_client = self.client.lease_client();
-        let grant = lease_client
-            .grant(seconds(ttl), None)
-            .await
-            .map_err(|e| etcd_error("lease grant", key, e))?;
-        let lease = grant.id();
-        let put = TxnOp::put(key, value, Some(PutOptions::new().with_lease(lease)));
-        let txn = match expected {
-            Some(expected) => Txn::new()
-                .when([Compare::lease(key, CompareOp::Equal, expected)])
-                .and_then([put]),
-            None => Txn::new().and_then([put]),
-        };
-        match self.client.kv_client().txn(txn).await {
-            Ok(response) if response.succeeded() => Ok(RenewOutcome::Renewed(Granted {
-                lease,
-                ttl: Duration::from_secs(u64::try_from(grant.ttl()).unwrap_or(0)),
-                revision: response.header().map_or(0, |h| h.revision()),
-            })),
-            Ok(_) => {
-                self.revoke(lease).await;
-                Ok(RenewOutcome::Lost)
-            }
-            Err(e) => {
-                self.revoke(lease).await;
-                Err(etcd_error("renew", key, e))
-            }
-        }
+        let still_ours = expected.map(|lease| Compare::lease(key, CompareOp::Equal, lease));
+        Ok(
+            match self
+                .put_with_new_lease("renew", key, value, ttl, still_ours)
+                .await?
+            {
+                Some(granted) => RenewOutcome::Renewed(granted),
+                None => RenewOutcome::Lost,
+            },
+        )
     }
 
     async fn put(&self, key: &str, value: &str) -> Result<i64, RegistryError> {
@@ -334,7 +301,9 @@ impl Registry for EtcdRegistry {
             .put(key, value, None)
             .await
             .map_err(|e| etcd_error("put", key, e))?;
-        Ok(response.header().map_or(0, |h| h.revision()))
+        Ok(response
+            .header()
+            .map_or(0, etcd_client::ResponseHeader::revision))
     }
 
     async fn delete(&self, key: &str) -> Result<bool, RegistryError> {
@@ -368,6 +337,48 @@ impl Registry for EtcdRegistry {
 
 impl EtcdRegistry {
     /// Best-effort revoke of a lease we granted but did not use; etcd expires it anyway.
+    /// Grants a lease of `ttl` and writes `key` with it in one transaction, if `condition`
+    /// holds (always without one). `None` when it did not: the lease is revoked again, as it is
+    /// when the transaction fails.
+    async fn put_with_new_lease(
+        &self,
+        op: &'static str,
+        key: &str,
+        value: &str,
+        ttl: Duration,
+        condition: Option<Compare>,
+    ) -> Result<Option<Granted>, RegistryError> {
+        let grant = self
+            .client
+            .lease_client()
+            .grant(seconds(ttl), None)
+            .await
+            .map_err(|e| etcd_error("lease grant", key, e))?;
+        let lease = grant.id();
+        let put = TxnOp::put(key, value, Some(PutOptions::new().with_lease(lease)));
+        let txn = match condition {
+            Some(condition) => Txn::new().when([condition]).and_then([put]),
+            None => Txn::new().and_then([put]),
+        };
+        match self.client.kv_client().txn(txn).await {
+            Ok(response) if response.succeeded() => Ok(Some(Granted {
+                lease,
+                ttl: Duration::from_secs(u64::try_from(grant.ttl()).unwrap_or(0)),
+                revision: response
+                    .header()
+                    .map_or(0, etcd_client::ResponseHeader::revision),
+            })),
+            Ok(_) => {
+                self.revoke(lease).await;
+                Ok(None)
+            }
+            Err(e) => {
+                self.revoke(lease).await;
+                Err(etcd_error(op, key, e))
+            }
+        }
+    }
+
     async fn revoke(&self, lease: LeaseId) {
         if let Err(e) = self.client.lease_client().revoke(lease).await {
             debug!(lease, error = %e, "could not revoke an unused etcd lease; it will expire");

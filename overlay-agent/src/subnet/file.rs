@@ -36,7 +36,7 @@ pub struct SubnetEnv {
     pub network: Ipv4Net,
     /// This node's lease; written as its first usable address (`FLANNEL_SUBNET=…1/24`).
     pub subnet: Ipv4Net,
-    /// `FLANNEL_MTU`: see [`crate::config::Backend::pod_mtu`].
+    /// `FLANNEL_MTU`: see [`crate::subnet::config::Backend::pod_mtu`].
     pub mtu: u32,
     /// `FLANNEL_IPMASQ`: whether the agent masquerades, so Docker must not (`--ip-masq=false`).
     pub ip_masq: bool,

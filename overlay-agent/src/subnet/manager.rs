@@ -8,7 +8,7 @@
 //!   by someone else, logs flannel's `Lease has been revoked. Shutting down daemon.` and
 //!   acquires a lease again (our choice: the node keeps running), preferring the same subnet;
 //!   when it is overwritten with another node's record, writes ours back.
-//! * [`SubnetManager::run_peer_watcher`] (in `peers.rs`) streams the other nodes' leases.
+//! * [`SubnetManager::run_peer_watcher`] (in `watch.rs`) streams the other nodes' leases.
 //!
 //! Keys without an etcd lease are reservations made by an administrator: never deleted,
 //! never allocated, never given a TTL; a reservation holding our PublicIP is ours to use.
@@ -29,7 +29,7 @@ use super::registry::{
     CreateOutcome, Granted, KeyValue, LeaseId, Registry, RegistryError, RenewOutcome, WatchEvent,
     Watcher,
 };
-use crate::config::{ConfigError, NetworkConfig};
+use crate::subnet::config::{ConfigError, NetworkConfig};
 
 /// flannel's lease TTL.
 pub const DEFAULT_LEASE_TTL: Duration = Duration::from_hours(24);

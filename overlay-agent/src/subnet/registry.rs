@@ -2,7 +2,7 @@
 //!
 //! Only the few etcd v3 operations flannel relies on are exposed, in etcd's own terms
 //! (revisions, lease ids, "version 0" creates), so that [`super::etcd::EtcdRegistry`] stays a
-//! thin translation and [`super::fake::FakeRegistry`] can reproduce the semantics in memory
+//! thin translation and the in-memory fake (`super::fake`, test code only) can reproduce the semantics in memory
 //! for the manager's unit tests.
 
 use std::future::Future;
@@ -147,7 +147,8 @@ pub enum RegistryError {
     },
     #[error("etcd canceled the watch on {prefix}: {reason}")]
     WatchCanceled { prefix: String, reason: String },
-    /// A failure injected by [`super::fake::FakeRegistry`].
+    /// A failure injected by `super::fake::FakeRegistry` (test code only).
+    #[cfg(any(test, feature = "test-util"))]
     #[error("{op} on {key} failed: injected failure")]
     Injected { op: &'static str, key: String },
 }

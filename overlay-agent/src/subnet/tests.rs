@@ -14,8 +14,8 @@ use tokio::time::{Instant, timeout};
 use super::fake::{FakeOp, FakeRegistry};
 use super::lease::{LeaseAttrs, Mac, config_key, subnet_key};
 use super::manager::{LEASE_REVOKED_MESSAGE, Lease, ManagerError, ManagerOptions, SubnetManager};
-use super::peers::{Peer, PeerEvent};
-use crate::config::NetworkConfig;
+use super::watch::{Peer, PeerEvent};
+use crate::subnet::config::NetworkConfig;
 
 const PREFIX: &str = "/coreos.com/network";
 const OUR_IP: &str = "198.18.0.1";
@@ -1436,4 +1436,32 @@ async fn conflicting_records_are_refused_once_with_their_key_and_reason() {
     add_peer(&fake, "10.10.1.0/24", "198.18.0.2", 2);
     peers.quiet().await;
     peers.task.abort();
+}
+
+// The registry contract (`super::contract`) against the fake; `tests/etcd_registry.rs` runs the
+// same checks against a real etcd.
+
+#[tokio::test]
+async fn fake_keeps_the_contract_create_only_if_version_is_zero() {
+    super::contract::create_only_if_version_is_zero(&FakeRegistry::new(), PREFIX).await;
+}
+
+#[tokio::test]
+async fn fake_keeps_the_contract_list_returns_the_revision_to_watch_from() {
+    super::contract::list_returns_the_revision_to_watch_from(&FakeRegistry::new(), PREFIX).await;
+}
+
+#[tokio::test]
+async fn fake_keeps_the_contract_watch_reports_puts_and_deletes_under_the_prefix() {
+    super::contract::watch_reports_puts_and_deletes_under_the_prefix(&FakeRegistry::new(), PREFIX)
+        .await;
+}
+
+#[tokio::test]
+async fn fake_keeps_the_contract_renewal_moves_the_key_to_a_new_lease_only_while_it_is_ours() {
+    super::contract::renewal_moves_the_key_to_a_new_lease_only_while_it_is_ours(
+        &FakeRegistry::new(),
+        PREFIX,
+    )
+    .await;
 }

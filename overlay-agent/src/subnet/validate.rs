@@ -1,4 +1,4 @@
-//! Which peer records this node installs (issue 12): a lease record from etcd is written by
+//! Which peer records this node installs: a lease record from etcd is written by
 //! another node, or by anyone with write access to the prefix, so before its subnet is routed
 //! it must make sense for this network. flannel installs whatever it reads; we refuse, with one
 //! warning naming the key and the reason:
@@ -25,7 +25,7 @@ use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
 
-use crate::config::NetworkConfig;
+use crate::subnet::config::NetworkConfig;
 
 /// Why a peer record is refused.
 #[derive(Debug, Clone, PartialEq, Eq)]

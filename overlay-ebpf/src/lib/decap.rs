@@ -56,14 +56,12 @@
 //! frame with that mark as decapsulated ([`deliver_decapsulated`]); XDP never drops: what fails
 //! a check goes on unchanged and `underlay_ingress` drops and counts it as above.
 
-use core::ptr;
-
 use aya_ebpf::{
     bindings::{
-        BPF_F_ADJ_ROOM_DECAP_L3_IPV4, BPF_F_ADJ_ROOM_FIXED_GSO, BPF_F_INGRESS, TC_ACT_OK,
+        BPF_F_ADJ_ROOM_DECAP_L3_IPV4, BPF_F_ADJ_ROOM_FIXED_GSO, TC_ACT_OK,
         bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, xdp_action,
     },
-    helpers::{bpf_redirect, bpf_redirect_neigh, bpf_xdp_adjust_head, bpf_xdp_adjust_meta},
+    helpers::{bpf_xdp_adjust_head, bpf_xdp_adjust_meta},
     programs::{TcContext, XdpContext},
 };
 use overlay_common::{
@@ -77,9 +75,10 @@ use overlay_common::{
 };
 
 use crate::lib::{
-    counters::count,
+    counters::{Step, count},
     csum::{ipv4_checksum_ok, ipv4_header_checksum_ok},
     endpoint::{endpoint_v4, redirect_to_endpoint},
+    fib,
     hdr::{EthHdr, Ipv4Hdr, UdpHdr, VxlanHdr},
     ipv4::{decapsulate_ecn, decrement_ttl, eth_ipv4},
     maps::{config, in_subnet, is_member, route_v4},
@@ -152,8 +151,10 @@ pub fn try_underlay_ingress(ctx: &TcContext) -> Result<i32, Reason> {
     let (inner_eth, inner_ip) = check_vxlan(ctx, cfg, &ip, ctx.len() as usize)?;
     // SAFETY (reads and rewrites below): `inner_ip` is a checked pointer, valid until the
     // packet shrinks.
+    // SAFETY: checked pointers, read before any helper moves data.
     let (ttl, daddr) = unsafe { ((*inner_ip).ttl, (*inner_ip).daddr) };
     let plan = plan(cfg, daddr, ttl)?;
+    // SAFETY: `inner_ip` is a checked pointer, still valid: no helper has moved data yet.
     unsafe { decapsulate_ecn(ip.tos, inner_ip)? };
     if plan.target == Target::Pod {
         // SAFETY: as above; `plan` guarantees ttl > 1.
@@ -175,7 +176,7 @@ pub fn try_underlay_ingress(ctx: &TcContext) -> Result<i32, Reason> {
 #[inline(always)]
 fn vxlan_for_us(ctx: &impl Packet, cfg: &Config) -> Option<(Ipv4Hdr, UdpHdr)> {
     let (_, ip) = eth_ipv4(ctx)?;
-    // SAFETY (both reads): checked pointers, read before any helper moves data.
+    // SAFETY: a checked pointer from `eth_ipv4`, read before any helper moves data.
     let ip = unsafe { *ip };
     if ip.ver_ihl != Ipv4Hdr::VER_IHL_NO_OPTIONS
         || ip.proto != IPPROTO_UDP
@@ -184,6 +185,7 @@ fn vxlan_for_us(ctx: &impl Packet, cfg: &Config) -> Option<(Ipv4Hdr, UdpHdr)> {
     {
         return None;
     }
+    // SAFETY: a checked pointer, read at once.
     let udp = unsafe { *ptr_at::<UdpHdr>(ctx, UDP_OFF)? };
     (udp.dest == cfg.port.to_be_bytes()).then_some((ip, udp))
 }
@@ -209,10 +211,11 @@ fn check_vxlan(
         return Err(Reason::DropTruncated);
     }
     let udp = ptr_at::<UdpHdr>(ctx, UDP_OFF).ok_or(Reason::DropTruncated)?;
-    // SAFETY (all reads below): checked pointers, read before any helper moves data.
+    // SAFETY: a checked pointer, read before any helper moves data.
     if usize::from(u16::from_be_bytes(unsafe { (*udp).len })) != tot_len - IPV4_HLEN {
         return Err(Reason::DropMalformed);
     }
+    // SAFETY: a checked pointer, read at once.
     let vxlan = unsafe { *ptr_at::<VxlanHdr>(ctx, VXLAN_OFF).ok_or(Reason::DropTruncated)? };
     if vxlan.flags != [VXLAN_FLAGS_I, 0, 0, 0] || vxlan.vni[3] != 0 {
         return Err(Reason::DropMalformed);
@@ -223,6 +226,7 @@ fn check_vxlan(
     if !is_member(ip.saddr) {
         return Err(Reason::DropUnknownPeer);
     }
+    // SAFETY: a checked pointer, read at once.
     let inner_eth = unsafe { *ptr_at::<EthHdr>(ctx, INNER_ETH_OFF).ok_or(Reason::DropTruncated)? };
     if inner_eth.dst != cfg.vtep_mac {
         return Err(Reason::DropWrongMac);
@@ -231,6 +235,7 @@ fn check_vxlan(
         return Err(Reason::DropNotIpv4);
     }
     let inner_ip = ptr_at::<Ipv4Hdr>(ctx, INNER_IP_OFF).ok_or(Reason::DropTruncated)?;
+    // SAFETY: a checked pointer, read at once.
     let inner = unsafe { *inner_ip };
     check_inner_ipv4(ctx, &inner, tot_len - (INNER_IP_OFF - ETH_HLEN))?;
     check_inner_source(cfg, ip.saddr, inner.saddr)?;
@@ -315,14 +320,12 @@ fn deliver(
             return redirect_to_endpoint(ctx, cfg, &ep).ok_or(Reason::DropDecapFailed);
         }
         count(Reason::DecapPod, ctx.len());
-        // SAFETY: NULL parameters are allowed (the kernel does the FIB lookup).
-        return Ok(unsafe { bpf_redirect_neigh(cfg.bridge_ifindex, ptr::null_mut(), 0, 0) } as i32);
+        return Ok(fib::redirect_neigh(cfg.bridge_ifindex));
     }
     if plan.target == Target::Host && daddr == cfg.subnet {
         // A reply to a flow masqueraded into the cluster: translated back, and either routed
         // out (a verdict) or left for the host stack.
-        let verdict = nat::reverse_decapsulated(ctx, cfg)?;
-        if verdict != TC_ACT_OK {
+        if let Step::Done(verdict) = Step::of(nat::reverse_decapsulated(ctx, cfg))? {
             return Ok(verdict);
         }
     }
@@ -355,8 +358,7 @@ fn deliver_to_host(
         },
         ctx.len(),
     );
-    // SAFETY: plain helper call.
-    Ok(unsafe { bpf_redirect(cfg.host_ifindex, u64::from(BPF_F_INGRESS)) } as i32)
+    Ok(fib::to_host_device(cfg))
 }
 
 /// Whether `underlay_xdp` of this load decapsulated the frame: its metadata holds our cookie.
@@ -431,6 +433,7 @@ pub fn xdp_decapsulate(ctx: &XdpContext) -> u32 {
         };
     }
     // The metadata moves along with the data.
+    // SAFETY: a helper call on our own context.
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, VXLAN_OVERHEAD as i32) } != 0 {
         return PASS;
     }

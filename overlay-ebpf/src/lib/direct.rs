@@ -33,17 +33,7 @@
 //! bridge's gateway address or a TTL that expires here, to the host device's ingress, as
 //! decapsulated VXLAN does (the host stack answers; replies go out through `host_egress`).
 
-use core::ptr;
-
-use aya_ebpf::{
-    EbpfContext as _,
-    bindings::{
-        BPF_F_INGRESS, TC_ACT_OK, bpf_check_mtu_flags::BPF_MTU_CHK_SEGS,
-        bpf_check_mtu_ret::BPF_MTU_CHK_RET_SUCCESS, bpf_redir_neigh, bpf_redir_neigh__bindgen_ty_1,
-    },
-    helpers::{bpf_check_mtu, bpf_redirect, bpf_redirect_neigh},
-    programs::TcContext,
-};
+use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
 use overlay_common::{
     config::Config,
     counters::Reason,
@@ -55,14 +45,13 @@ use crate::lib::{
     counters::{Role, count, count_handback},
     csum::ipv4_checksum_ok,
     endpoint::{endpoint_v4, redirect_to_endpoint},
+    fib,
     hdr::Ipv4Hdr,
     ipv4::{decrement_ttl, eth_ipv4},
     maps::{config, in_subnet, is_member, route_v4},
     ptr::pull_headers,
 };
 
-/// `AF_INET`, the `nh_family` of an IPv4 next hop.
-const AF_INET: u32 = 2;
 /// `skb->pkt_type` of a frame addressed to this host.
 const PACKET_HOST: u32 = 0;
 
@@ -70,39 +59,7 @@ const PACKET_HOST: u32 = 0;
 /// peer's PublicIP as the next hop; the kernel writes the MACs from its neighbour table.
 #[inline(always)]
 pub fn redirect_direct(cfg: &Config, peer: &RemoteNode) -> i32 {
-    let mut nh = bpf_redir_neigh {
-        nh_family: AF_INET,
-        __bindgen_anon_1: bpf_redir_neigh__bindgen_ty_1 {
-            ipv4_nh: u32::from_ne_bytes(peer.public_ip),
-        },
-    };
-    // SAFETY: `nh` is a valid parameter block of the size passed.
-    unsafe {
-        bpf_redirect_neigh(
-            cfg.underlay_ifindex,
-            &mut nh,
-            size_of::<bpf_redir_neigh>() as i32,
-            0,
-        ) as i32
-    }
-}
-
-/// Whether the packet fits the external interface's MTU as it is (GSO packets segment by
-/// segment). If the check itself fails (a device just vanished) the redirect decides.
-#[inline(always)]
-fn fits_underlay(ctx: &TcContext, cfg: &Config) -> bool {
-    let mut mtu_len: u32 = 0;
-    // SAFETY: plain helper call on our own context and a stack variable.
-    let ret = unsafe {
-        bpf_check_mtu(
-            ctx.as_ptr(),
-            cfg.underlay_ifindex,
-            &mut mtu_len,
-            0,
-            u64::from(BPF_MTU_CHK_SEGS),
-        )
-    };
-    ret < 0 || ret == i64::from(BPF_MTU_CHK_RET_SUCCESS)
+    fib::redirect_neigh_via(cfg.underlay_ifindex, peer.public_ip)
 }
 
 /// `pod_egress` for a direct peer: forwards the pod's packet at `ip` (a checked pointer, valid:
@@ -120,7 +77,7 @@ pub fn forward_from_pod(
         count_handback(role, Reason::StackTtl, ctx.len());
         return Ok(TC_ACT_OK);
     }
-    if !fits_underlay(ctx, cfg) {
+    if !fib::fits(ctx, cfg.underlay_ifindex) {
         count_handback(role, Reason::StackMtu, ctx.len());
         return Ok(TC_ACT_OK);
     }
@@ -187,8 +144,7 @@ pub fn try_direct_ingress(ctx: &TcContext) -> Result<i32, Reason> {
             return redirect_to_endpoint(ctx, cfg, &ep).ok_or(Reason::DropDirectMalformed);
         }
         count(Reason::DeliverDirectPod, ctx.len());
-        // SAFETY: NULL parameters are allowed (the kernel does the FIB lookup).
-        return Ok(unsafe { bpf_redirect_neigh(cfg.bridge_ifindex, ptr::null_mut(), 0, 0) } as i32);
+        return Ok(fib::redirect_neigh(cfg.bridge_ifindex));
     }
     if cfg.host_ifindex == 0 {
         return Err(Reason::DropNoHostDevice);
@@ -204,6 +160,5 @@ pub fn try_direct_ingress(ctx: &TcContext) -> Result<i32, Reason> {
         },
         ctx.len(),
     );
-    // SAFETY: plain helper call.
-    Ok(unsafe { bpf_redirect(cfg.host_ifindex, u64::from(BPF_F_INGRESS)) } as i32)
+    Ok(fib::to_host_device(cfg))
 }

@@ -17,17 +17,13 @@
 //! The outer Ethernet header is left as it is: `bpf_redirect_neigh` fills both MACs from the
 //! kernel's FIB and neighbour tables for the underlay device.
 
-use core::ptr;
-
 use aya_ebpf::{
-    EbpfContext as _,
     bindings::{
         BPF_ADJ_ROOM_ENCAP_L2_MASK, BPF_ADJ_ROOM_ENCAP_L2_SHIFT, BPF_F_ADJ_ROOM_ENCAP_L2_ETH,
         BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_UDP, BPF_F_ADJ_ROOM_FIXED_GSO,
-        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_check_mtu_flags::BPF_MTU_CHK_SEGS,
-        bpf_check_mtu_ret::BPF_MTU_CHK_RET_SUCCESS,
+        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
     },
-    helpers::{bpf_check_mtu, bpf_get_hash_recalc, bpf_get_prandom_u32, bpf_redirect_neigh},
+    helpers::{bpf_get_hash_recalc, bpf_get_prandom_u32},
     programs::TcContext,
 };
 use overlay_common::{
@@ -39,6 +35,7 @@ use overlay_common::{
 
 use crate::lib::{
     csum::ipv4_checksum,
+    fib,
     hdr::{EthHdr, Ipv4Hdr, UdpHdr, VxlanEncap, VxlanHdr},
     ipv4::ecn_encapsulate,
 };
@@ -57,28 +54,11 @@ const ENCAP_FLAGS: u64 = (BPF_F_ADJ_ROOM_FIXED_GSO
 /// just vanished) the packet goes ahead and the redirect decides.
 #[inline(always)]
 pub fn fits_tunnel(ctx: &TcContext, cfg: &Config) -> bool {
-    let mut mtu_len: u32 = 0;
-    // SAFETY: plain helper calls on our own context and a stack variable.
-    let ret = unsafe {
-        if cfg.host_ifindex != 0 {
-            bpf_check_mtu(
-                ctx.as_ptr(),
-                cfg.host_ifindex,
-                &mut mtu_len,
-                0,
-                u64::from(BPF_MTU_CHK_SEGS),
-            )
-        } else {
-            bpf_check_mtu(
-                ctx.as_ptr(),
-                cfg.underlay_ifindex,
-                &mut mtu_len,
-                VXLAN_OVERHEAD as i32,
-                0,
-            )
-        }
-    };
-    ret < 0 || ret == i64::from(BPF_MTU_CHK_RET_SUCCESS)
+    if cfg.host_ifindex != 0 {
+        fib::fits(ctx, cfg.host_ifindex)
+    } else {
+        fib::fits_with(ctx, cfg.underlay_ifindex, VXLAN_OVERHEAD as i32, 0)
+    }
 }
 
 /// The UDP source port for a flow, as the kernel's `udp_flow_src_port` derives it: spread the
@@ -157,6 +137,5 @@ pub fn encapsulate(
 /// destination and fills the outer MACs from its neighbour table (resolving it if needed).
 #[inline(always)]
 pub fn redirect_to_underlay(cfg: &Config) -> i32 {
-    // SAFETY: NULL parameters are allowed (the kernel does the FIB lookup).
-    unsafe { bpf_redirect_neigh(cfg.underlay_ifindex, ptr::null_mut(), 0, 0) as i32 }
+    fib::redirect_neigh(cfg.underlay_ifindex)
 }

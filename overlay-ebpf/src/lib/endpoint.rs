@@ -29,6 +29,7 @@ use crate::lib::{hdr::EthHdr, ptr::ptr_at};
 #[map]
 static ENDPOINT_V4: HashMap<EndpointKeyV4, Endpoint> =
     HashMap::with_max_entries(ENDPOINT_V4_CAPACITY, BPF_F_NO_PREALLOC);
+named!(ENDPOINT_V4, overlay_common::names::ENDPOINT_V4);
 
 /// The local pod with address `addr` (network order), if the agent knows where it is.
 #[inline(always)]

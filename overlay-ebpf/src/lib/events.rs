@@ -8,6 +8,8 @@
 //! whether or not the headers are in the linear part. A full ring (nobody reading) loses the
 //! event, never the verdict.
 
+use core::mem::offset_of;
+
 use aya_ebpf::{
     helpers::bpf_ktime_get_ns,
     macros::map,
@@ -20,20 +22,26 @@ use overlay_common::{
         DROP_EVENT_BUDGET_LEN, DROP_EVENTS_BYTES, DROP_EVENTS_PER_SEC, DropEvent, DropEventBudget,
         EVENT_F_IPV4, EVENT_F_PORTS, EVENT_F_VXLAN,
     },
-    wire::{DEFAULT_VXLAN_PORT, ETH_HLEN, ETH_P_IP, IPPROTO_UDP, IPV4_HLEN, UDP_HLEN, VXLAN_HLEN},
+    nat::NS_PER_S,
+    wire::{
+        DEFAULT_VXLAN_PORT, ETH_HLEN, ETH_P_IP, IPPROTO_TCP, IPPROTO_UDP, IPV4_HLEN, UDP_HLEN,
+        VXLAN_HLEN,
+    },
 };
 
-use crate::lib::{hdr::Ipv4Hdr, maps::config};
+use crate::lib::{
+    hdr::{EthHdr, Ipv4Hdr, UdpHdr, VxlanHdr},
+    maps::config,
+};
 
 #[map]
 static DROP_EVENTS: RingBuf = RingBuf::with_byte_size(DROP_EVENTS_BYTES, 0);
+named!(DROP_EVENTS, overlay_common::names::DROP_EVENTS);
 
 #[map]
 static DROP_EVENT_BUDGET: PerCpuArray<DropEventBudget> =
     PerCpuArray::with_max_entries(DROP_EVENT_BUDGET_LEN, 0);
-
-const NS_PER_SEC: u64 = 1_000_000_000;
-const IPPROTO_TCP: u8 = 6;
+named!(DROP_EVENT_BUDGET, overlay_common::names::DROP_EVENT_BUDGET);
 
 /// Emits an event for a packet dropped for `reason`, if this CPU's budget allows.
 #[inline(always)]
@@ -45,7 +53,7 @@ pub fn drop_event(ctx: &TcContext, reason: Reason) {
     let budget = unsafe { &mut *budget };
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
-    if now.wrapping_sub(budget.window_start_ns) >= NS_PER_SEC {
+    if now.wrapping_sub(budget.window_start_ns) >= NS_PER_S {
         budget.window_start_ns = now;
         budget.sent = 0;
     }
@@ -73,7 +81,7 @@ pub fn drop_event(ctx: &TcContext, reason: Reason) {
 /// packet). Leaves fields zero where the packet ends early or is not IPv4.
 #[inline(always)]
 fn describe(ctx: &TcContext, event: &mut DropEvent) {
-    let Ok(proto) = ctx.load::<[u8; 2]>(12) else {
+    let Ok(proto) = ctx.load::<[u8; 2]>(offset_of!(EthHdr, proto)) else {
         return;
     };
     if proto != ETH_P_IP {
@@ -87,17 +95,20 @@ fn describe(ctx: &TcContext, event: &mut DropEvent) {
     let mut l4 = ETH_HLEN + IPV4_HLEN;
     if ip.ver_ihl == Ipv4Hdr::VER_IHL_NO_OPTIONS
         && ip.proto == IPPROTO_UDP
-        && let Ok(dport) = ctx.load::<[u8; 2]>(l4 + 2)
+        && let Ok(dport) = ctx.load::<[u8; 2]>(l4 + offset_of!(UdpHdr, dest))
         && dport == port.to_be_bytes()
     {
         event.flags |= EVENT_F_VXLAN;
         event.outer_saddr = ip.saddr;
         event.outer_daddr = ip.daddr;
-        if let Ok(vni) = ctx.load::<[u8; 4]>(l4 + UDP_HLEN + 4) {
+        if let Ok(vni) = ctx.load::<[u8; 4]>(l4 + UDP_HLEN + offset_of!(VxlanHdr, vni)) {
             event.vni = u32::from_be_bytes([0, vni[0], vni[1], vni[2]]);
         }
         let inner = l4 + UDP_HLEN + VXLAN_HLEN + ETH_HLEN;
-        match (ctx.load::<[u8; 2]>(inner - 2), ctx.load::<Ipv4Hdr>(inner)) {
+        match (
+            ctx.load::<[u8; 2]>(inner - ETH_HLEN + offset_of!(EthHdr, proto)),
+            ctx.load::<Ipv4Hdr>(inner),
+        ) {
             (Ok(inner_proto), Ok(inner_ip)) if inner_proto == ETH_P_IP => {
                 ip = inner_ip;
                 l4 = inner + IPV4_HLEN;

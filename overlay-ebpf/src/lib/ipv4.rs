@@ -25,11 +25,12 @@ pub const ECN_CE: u8 = 0b11;
 #[inline(always)]
 pub fn eth_ipv4(ctx: &impl Packet) -> Option<(*mut EthHdr, *mut Ipv4Hdr)> {
     let eth = ptr_at::<EthHdr>(ctx, 0)?;
-    // SAFETY (reads below): pointers come from `ptr_at`, used before any helper moves data.
+    // SAFETY: a pointer from `ptr_at`, read before any helper moves data.
     if unsafe { (*eth).proto } != ETH_P_IP {
         return None;
     }
     let ip = ptr_at::<Ipv4Hdr>(ctx, ETH_HLEN)?;
+    // SAFETY: a pointer from `ptr_at`, read before any helper moves data.
     let ver_ihl = unsafe { (*ip).ver_ihl };
     if ver_ihl >> 4 != 4 || ver_ihl & 0x0f < 5 {
         return None;

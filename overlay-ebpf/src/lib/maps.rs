@@ -13,9 +13,11 @@ use overlay_common::{
 
 #[map]
 static CONFIG: Array<Config> = Array::with_max_entries(CONFIG_LEN, 0);
+named!(CONFIG, overlay_common::names::CONFIG);
 
 #[map]
 static ROUTE_V4: LpmTrie<RouteKeyV4, RemoteNode> = LpmTrie::with_max_entries(ROUTE_V4_CAPACITY, 0);
+named!(ROUTE_V4, overlay_common::names::ROUTE_V4);
 
 // Not preallocated: a preallocated 64 Ki-entry hash would pin megabytes per agent whatever the
 // cluster size, and only the agent inserts (never the data path), so allocation is off the fast
@@ -23,6 +25,7 @@ static ROUTE_V4: LpmTrie<RouteKeyV4, RemoteNode> = LpmTrie::with_max_entries(ROU
 #[map]
 static NODE_V4: HashMap<NodeKeyV4, MemberNode> =
     HashMap::with_max_entries(NODE_V4_CAPACITY, BPF_F_NO_PREALLOC);
+named!(NODE_V4, overlay_common::names::NODE_V4);
 
 /// The node's configuration, once the agent has written a complete one.
 #[inline(always)]

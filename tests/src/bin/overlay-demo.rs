@@ -75,7 +75,11 @@ fn demo() -> Result<bool> {
         println!("{}  {}", kv.key, kv.value);
     }
 
-    let pods: Vec<Pod> = cluster.nodes().iter().flat_map(|n| n.pods()).collect();
+    let pods: Vec<Pod> = cluster
+        .nodes()
+        .iter()
+        .flat_map(overlay_tests::Node::pods)
+        .collect();
     // Let neighbours settle before the first measured packet.
     if let (Some(a), Some(b)) = (pods.first(), pods.last()) {
         let _ = a.ping_until(b.ip(), Duration::from_secs(5));

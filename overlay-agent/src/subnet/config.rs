@@ -11,19 +11,14 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use std::str::FromStr;
 
 use ipnet::Ipv4Net;
+use overlay_common::wire::{DEFAULT_VNI, DEFAULT_VXLAN_PORT, MAX_VNI};
 use serde_json::Value;
 
 use crate::json_ci::{Fields, describe};
 
-/// VNI used when the vxlan backend does not set one.
-pub const DEFAULT_VNI: u32 = 1;
-/// UDP port used when the vxlan backend does not set one (the Linux kernel's default).
-pub const DEFAULT_VXLAN_PORT: u16 = 8472;
-/// Bytes VXLAN adds in front of the inner frame: outer IPv4 (20) + UDP (8) + VXLAN (8) +
-/// inner Ethernet (14).
-pub const VXLAN_OVERHEAD: u32 = 50;
-/// Largest VNI: the field is 24 bits wide.
-pub const MAX_VNI: u32 = (1 << 24) - 1;
+/// Bytes VXLAN adds in front of the inner frame ([`overlay_common::wire::VXLAN_OVERHEAD`], 50),
+/// as an MTU.
+const VXLAN_OVERHEAD: u32 = overlay_common::wire::VXLAN_OVERHEAD as u32;
 /// Smallest `MTU` option we accept: room for the overhead plus IPv4's minimum MTU of 68.
 const MIN_VXLAN_MTU: u32 = VXLAN_OVERHEAD + 68;
 

@@ -22,7 +22,7 @@ use super::lease::{LeaseAttrs, Mac, parse_subnet_key, subnets_prefix};
 use super::manager::{Lease, SubnetManager, next_event};
 use super::registry::{KeyValue, Registry, WatchEvent};
 use super::validate::{Installed, check_peer, check_replacement};
-use crate::config::NetworkConfig;
+use crate::subnet::config::NetworkConfig;
 
 /// Another node, as its lease describes it.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,0 +1,445 @@
+//! The node daemon: joins the cluster as flanneld does, then keeps the lease and the data path
+//! current until SIGTERM/SIGINT.
+//!
+//! Start-up order: external interface → etcd → network config (waits while missing or bad) →
+//! subnet lease → data path → subnet file → ready. After that four tasks run under this one
+//! owner: the lease keeper (renewal, re-acquisition after revocation), the peer watcher (etcd
+//! leases of the other nodes, as add/change/remove events), the endpoint watcher (the pods on
+//! the bridge, from netlink, for delivery straight into them) and the health endpoints. If
+//! either control-plane task ends unexpectedly the daemon fails rather than run half-blind; if
+//! the endpoint watcher fails, its endpoints are withdrawn (pods are then reached through the
+//! bridge) and it is restarted.
+//!
+//! Operations: the effective flags are logged and flanneld's other flags checked
+//! (`compat`), the kernel's features checked (`kernel`) before anything is touched; systemd
+//! hears `READY=1` once the node is ready and `WATCHDOG=1` while the main loop runs
+//! (`notify`). Every second the main loop checks the data path's attachments against the
+//! kernel and repairs them (also at once on netlink link events, `netevents`), and writes the
+//! status file; an etcd prober task records reachability. All of it feeds `telemetry`, which
+//! `/readyz`, `/metrics` and `overlay-agent status` report.
+//!
+//! This module is orchestration only: start-up order, the tasks and their shutdown, the main
+//! loop. Applying decisions to the data path (lease, peer routes from `backend`, endpoints,
+//! the pod bridge, repairs) is in `node`; options, the subnet file, health and status in
+//! `setup`. The daemon may call every other module; nothing calls it but `main`.
+
+mod node;
+mod setup;
+
+use std::{collections::BTreeMap, path::Path, sync::Arc, time::Duration};
+
+use anyhow::{Context as _, Result};
+use tokio::{
+    signal::unix::{Signal, SignalKind, signal},
+    sync::{mpsc, watch},
+};
+use tracing::{error, info, warn};
+
+use self::{
+    node::{
+        NodeDatapath, attach_xdp, check_and_repair, enable_ip_forwarding, report_counters,
+        sweep_nat, sync_endpoints, sync_pod_ports,
+    },
+    setup::{etcd_options, manager_options, probe_etcd, start_healthz, write_env, write_status},
+};
+use crate::{
+    backend,
+    cli::{Flags, LayoutMismatch, PodHook},
+    datapath::{
+        Datapath, DatapathError,
+        nat::NatSettings,
+        pin::{PinDir, PinError},
+    },
+    endpoints::run_watcher,
+    iface, kernel,
+    netdev::{HOST_DEVICE, Netlink},
+    netevents::NetlinkEvents,
+    notify::Notifier,
+    subnet::{
+        EtcdRegistry, Lease, SubnetManager,
+        file::{check_writable, previous_subnet},
+    },
+    telemetry::Telemetry,
+};
+
+/// Room for bursts of peer events (e.g. the initial listing of a large cluster) before the
+/// watcher waits for the data path to catch up.
+const PEER_EVENT_QUEUE: usize = 1024;
+
+/// Runs the agent until a signal arrives or something fails for good.
+///
+/// What can be checked without taking anything from the cluster is checked before the lease:
+/// the subnet file's location can be written (first of all), the pin directory is on a bpffs
+/// that outlives the agent and no other agent holds it, the programs load (once the network
+/// config is known). A start-up that fails later, before the node is ready, undoes what it
+/// created ([`Undo`]): the lease it created (peers would route the subnet to a node that never
+/// came up) and a data path that no agent had pinned before.
+pub async fn run(flags: Flags) -> Result<()> {
+    // Handlers first, so that a signal during start-up still ends the agent cleanly.
+    let signals = Signals::new()?;
+    check_writable(&flags.subnet_file).context("--subnet-file cannot be written")?;
+    let mut undo = Undo {
+        fresh_datapath: PinDir::existing(&flags.bpf_dir).is_none(),
+        bpf_dir: flags.bpf_dir.clone(),
+        lease: None,
+        ready: false,
+    };
+    let outcome = serve(flags, signals, &mut undo).await;
+    if outcome.is_err() && !undo.ready {
+        undo.run().await;
+    }
+    outcome
+}
+
+/// How long a starting agent waits for the agent that holds its `--bpf-dir` to exit (a
+/// restart whose predecessor is still shutting down).
+const PIN_LOCK_WAIT: Duration = Duration::from_secs(10);
+
+/// Loads the data path pinned under `bpf_dir`, waiting up to [`PIN_LOCK_WAIT`] while another
+/// agent holds the directory. Pinned maps of another layout are replaced or refused by
+/// `layout` (`--pinned-layout-mismatch`).
+async fn load_datapath(bpf_dir: &Path, layout: LayoutMismatch) -> Result<Datapath> {
+    let deadline = tokio::time::Instant::now() + PIN_LOCK_WAIT;
+    let mut said = false;
+    loop {
+        match Datapath::load_pinned_checked(bpf_dir, layout) {
+            Err(DatapathError::PinDir(PinError::Locked { .. }))
+                if tokio::time::Instant::now() < deadline =>
+            {
+                if !said {
+                    info!(
+                        "waiting up to {PIN_LOCK_WAIT:?} for the agent holding {} to exit",
+                        bpf_dir.display()
+                    );
+                    said = true;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            other => return other.map_err(Into::into),
+        }
+    }
+}
+
+/// What a start-up created that must not outlive a failure before the node is ready.
+struct Undo {
+    /// No data path was pinned under `bpf_dir` before this agent.
+    fresh_datapath: bool,
+    bpf_dir: std::path::PathBuf,
+    /// The lease acquired, with the manager to give it up.
+    lease: Option<(SubnetManager<EtcdRegistry>, Lease)>,
+    /// The node became ready: nothing to undo any more.
+    ready: bool,
+}
+
+impl Undo {
+    /// Gives up a lease created by this start and removes a data path no agent had before
+    /// (pins, links, host device); a reused lease and an adopted data path stay, as they were.
+    async fn run(self) {
+        if let Some((manager, lease)) = &self.lease
+            && lease.created
+        {
+            match manager.release_lease(lease).await {
+                Ok(()) => info!("start-up failed: gave up the lease of {}", lease.subnet),
+                Err(e) => warn!(
+                    "start-up failed, and the lease of {} could not be given up (it expires by itself): {e}",
+                    lease.subnet
+                ),
+            }
+        }
+        if self.fresh_datapath {
+            match cleanup(&self.bpf_dir).await {
+                Ok(()) => info!("start-up failed: removed the data path it had installed"),
+                Err(e) => warn!("start-up failed, and its data path could not be removed: {e:#}"),
+            }
+        }
+    }
+}
+
+/// The agent: joins the cluster, installs the data path, serves.
+async fn serve(flags: Flags, mut signals: Signals, undo: &mut Undo) -> Result<()> {
+    info!("CLI flags config: {}", flags.effective());
+    for warning in flags.compat.check()? {
+        warn!("{warning}");
+    }
+    let release = kernel::check()?;
+    info!("kernel {release}: tcx, BTF and every helper the data path uses are available");
+    let notifier = Notifier::from_env().context("systemd notification socket")?;
+    let telemetry = Arc::new(Telemetry::new(
+        flags.health_etcd_timeout,
+        flags.etcd_endpoints.clone(),
+    ));
+    let mut healthz = start_healthz(&flags, telemetry.clone()).await?;
+
+    let ext = iface::discover(&flags.iface, &flags.iface_regex, flags.public_ip)
+        .await
+        .context("choosing the external interface")?;
+    info!(
+        "using interface {} (index {}, MTU {}), address {}, public IP {}",
+        ext.name, ext.index, ext.mtu, ext.iface_addr, ext.public_ip
+    );
+    telemetry.set_interface(&ext.name, ext.public_ip);
+
+    telemetry.phase("connecting to etcd");
+    let registry = EtcdRegistry::connect(&etcd_options(&flags))
+        .await
+        .context("connecting to etcd")?;
+    let manager = SubnetManager::new(registry, &flags.etcd_prefix, manager_options(&flags)?)?;
+    let mut prober = tokio::spawn(probe_etcd(manager.clone(), telemetry.clone()));
+    telemetry.phase("waiting for the network config in etcd");
+
+    let config = tokio::select! {
+        config = manager.wait_for_network_config() => config,
+        signal = signals.recv() => return shut_down(signal),
+    };
+    backend::check(&config.backend, ext.public_ip, ext.iface_addr)?;
+    telemetry.phase("acquiring a subnet lease");
+
+    // The node's settings for the data path, among them the VtepMAC its lease publishes.
+    let mut node = NodeDatapath::new(&flags, &config, &ext);
+    let attrs = backend::lease_attrs(&config.backend, ext.public_ip, node.vtep_mac);
+    let previous = previous_subnet(&flags.subnet_file);
+    let mut datapath = load_datapath(&flags.bpf_dir, flags.pinned_layout_mismatch).await?;
+    let lease = tokio::select! {
+        lease = manager.acquire_lease(&config, &attrs, previous) => lease?,
+        signal = signals.recv() => return shut_down(signal),
+    };
+    info!("Lease acquired: {}", lease.subnet);
+    telemetry.set_lease(
+        lease.subnet,
+        lease.expiration.map(tokio::time::Instant::into_std),
+        manager.options().renew_margin,
+    );
+    telemetry.phase("attaching the data path");
+    undo.lease = Some((manager.clone(), lease.clone()));
+
+    let netlink = Netlink::new()?;
+    // Subscribed before the first attachment, so no deletion goes unheard.
+    let mut netlink_events =
+        NetlinkEvents::subscribe().context("subscribing to netlink link and neighbour events")?;
+    enable_ip_forwarding()?;
+    datapath.attach_underlay(&ext.name)?;
+    info!("data path attached to {}", ext.name);
+    if datapath.decap_clears_tunnel_gso() {
+        info!(
+            "decapsulation: the kernel accepts BPF_F_ADJ_ROOM_DECAP_L4_UDP; the sender's tunnel GSO state is cleared"
+        );
+    } else {
+        info!(
+            "decapsulation: the kernel lacks BPF_F_ADJ_ROOM_DECAP_L4_UDP; the sender's tunnel GSO state stays \
+             (harmless for delivery straight into pods; the bridge fallback segments in software)"
+        );
+    }
+    attach_xdp(node.xdp, &mut datapath, &netlink, &ext).await?;
+    node.apply_lease(&mut datapath, &netlink, &lease).await?;
+    telemetry.set_host_device(Some(HOST_DEVICE));
+    node.track_pod_bridge(&mut datapath, &netlink).await;
+
+    // Masquerade (`--ip-masq`) in the data path; off means off (flows forgotten).
+    let nat = NatSettings::from_flags(&flags);
+    datapath.set_nat(&nat)?;
+    if nat.enabled {
+        info!(
+            "masquerading {} to outside (ports {}..={}, except {:?})",
+            config.network, nat.ports.0, nat.ports.1, nat.exclude
+        );
+    }
+    let mut nat_sweep = tokio::time::interval(nat.timeouts.sweep_interval());
+
+    telemetry.set_network(config.backend.type_name(), config.network, nat.enabled);
+    write_env(&flags, &config, &ext, &lease)?;
+    telemetry.set_bridge(datapath.pod_bridge());
+    telemetry.started();
+    write_status(&telemetry, &flags.status_file);
+    notifier.ready(&format!("serving {} on {}", lease.subnet, ext.name));
+    undo.ready = true;
+    if let Some(every) = notifier.watchdog_interval() {
+        info!("systemd watchdog: notifying every {every:?}");
+    }
+    let mut watchdog = tokio::time::interval(
+        notifier
+            .watchdog_interval()
+            .unwrap_or(Duration::from_secs(3600)),
+    );
+
+    let (lease_tx, mut lease_rx) = watch::channel(lease.clone());
+    let (peer_tx, mut peers) = mpsc::channel(PEER_EVENT_QUEUE);
+    let mut keeper = tokio::spawn({
+        let (manager, config) = (manager.clone(), config.clone());
+        async move { manager.run_lease_keeper(config, lease_tx).await }
+    });
+    let mut watcher = tokio::spawn({
+        let (manager, own, config) = (manager.clone(), lease_rx.clone(), config.clone());
+        async move { manager.run_peer_watcher(config, own, peer_tx).await }
+    });
+
+    let (endpoints_tx, mut endpoints) = watch::channel(BTreeMap::new());
+    let mut endpoint_watcher = tokio::spawn(run_watcher(
+        node.scope.subscribe(),
+        endpoints_tx,
+        netlink_events.handle(),
+        netlink_events.messages(),
+    ));
+
+    let mut subnet = lease.subnet;
+    let mut bridge_poll = tokio::time::interval(BRIDGE_POLL);
+    bridge_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let outcome = loop {
+        tokio::select! {
+            signal = signals.recv() => break shut_down(signal),
+            _ = bridge_poll.tick() => {
+                node.track_pod_bridge(&mut datapath, &netlink).await;
+                let lease = lease_rx.borrow().clone();
+                check_and_repair(&mut node, &mut datapath, &netlink, &ext, &lease, &telemetry).await;
+                telemetry.set_bridge(datapath.pod_bridge());
+                write_status(&telemetry, &flags.status_file);
+            }
+            _ = watchdog.tick(), if notifier.watchdog_interval().is_some() => notifier.watchdog(),
+            Some(event) = netlink_events.links.recv() => {
+                let ours = event.name == ext.name
+                    || event.name == HOST_DEVICE
+                    || datapath.pod_bridge() == Some(event.name.as_str());
+                if ours {
+                    tracing::debug!("link event: {event:?}");
+                    // The bridge first: one that went away is let go, not "repaired".
+                    node.track_pod_bridge(&mut datapath, &netlink).await;
+                    let lease = lease_rx.borrow().clone();
+                    check_and_repair(&mut node, &mut datapath, &netlink, &ext, &lease, &telemetry).await;
+                }
+            }
+            _ = nat_sweep.tick(), if nat.enabled => sweep_nat(&mut datapath),
+            changed = lease_rx.changed() => {
+                if changed.is_err() {
+                    break Err(anyhow::anyhow!("the lease keeper stopped"));
+                }
+                let lease = lease_rx.borrow_and_update().clone();
+                telemetry.set_lease(
+                    lease.subnet,
+                    lease.expiration.map(tokio::time::Instant::into_std),
+                    manager.options().renew_margin,
+                );
+                if lease.subnet != subnet {
+                    info!("subnet changed from {subnet} to {} after re-acquisition", lease.subnet);
+                    subnet = lease.subnet;
+                    if let Err(e) = node.apply_lease(&mut datapath, &netlink, &lease).await {
+                        error!("cannot move the data path to subnet {subnet}: {e:#}");
+                    }
+                    if let Err(e) = write_env(&flags, &config, &ext, &lease) {
+                        error!("{e:#}");
+                    }
+                }
+            }
+            changed = endpoints.changed() => {
+                if changed.is_ok() {
+                    let desired = endpoints.borrow_and_update().clone();
+                    sync_endpoints(&mut datapath, &desired);
+                    if flags.pod_hook == PodHook::Port {
+                        sync_pod_ports(&mut datapath, &desired);
+                    }
+                }
+            }
+            result = &mut endpoint_watcher => {
+                match result {
+                    Ok(Err(e)) => error!("endpoint watcher: {e}; pods are reached through the bridge until it is back"),
+                    other => error!("endpoint watcher stopped ({other:?}); restarting it"),
+                }
+                sync_endpoints(&mut datapath, &BTreeMap::new());
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let (tx, rx) = watch::channel(BTreeMap::new());
+                endpoints = rx;
+                endpoint_watcher = tokio::spawn(run_watcher(
+                    node.scope.subscribe(),
+                    tx,
+                    netlink_events.handle(),
+                    netlink_events.messages(),
+                ));
+            }
+            event = peers.recv() => match event {
+                Some(event) => node.apply_peer_event(&mut datapath, &netlink, &event).await,
+                None => break Err(anyhow::anyhow!("the peer watcher stopped")),
+            },
+            result = &mut healthz => {
+                break Err(anyhow::anyhow!("the health endpoint server stopped: {result:?}"));
+            }
+        }
+    };
+
+    // Stop the control-plane tasks; dropping the receivers ends them. The data path stays: its
+    // links and maps are pinned, so pods keep talking until the next agent takes over
+    // (`overlay-agent cleanup` removes it for good).
+    drop(peers);
+    drop(lease_rx);
+    for (name, task) in [
+        ("lease keeper", &mut keeper),
+        ("peer watcher", &mut watcher),
+    ] {
+        if tokio::time::timeout(Duration::from_secs(5), &mut *task)
+            .await
+            .is_err()
+        {
+            warn!("the {name} did not stop within 5 s; aborting it");
+            task.abort();
+        }
+    }
+    healthz.abort();
+    endpoint_watcher.abort();
+    prober.abort();
+    let _ = (&mut prober).await;
+    notifier.stopping();
+    report_counters(&datapath);
+    drop(datapath);
+    info!(
+        "exiting; the data path stays pinned under {}",
+        flags.bpf_dir.display()
+    );
+    outcome
+}
+
+/// How often the agent looks for the pod bridge appearing, disappearing or being re-created.
+const BRIDGE_POLL: Duration = Duration::from_secs(1);
+
+/// `overlay-agent cleanup`: removes the pinned data path (its programs detach as their links
+/// go) and the host device. Refuses, removing nothing, while an agent runs with `bpf_dir`
+/// (it holds the directory's lock): that agent would go on without its data path.
+pub async fn cleanup(bpf_dir: &Path) -> Result<()> {
+    match PinDir::existing(bpf_dir) {
+        Some(pins) => {
+            let _lock = pins
+                .lock()
+                .context("cleanup removes the data path of a stopped agent only")?;
+            let removed = pins.remove_all()?;
+            info!("removed {} pins under {}", removed.len(), bpf_dir.display());
+        }
+        None => info!("nothing pinned under {}", bpf_dir.display()),
+    }
+    if Netlink::new()?.remove_host_device().await? {
+        info!("deleted the host device {HOST_DEVICE}");
+    }
+    Ok(())
+}
+
+/// SIGTERM and SIGINT, whichever comes first.
+struct Signals {
+    term: Signal,
+    int: Signal,
+}
+
+impl Signals {
+    fn new() -> Result<Self> {
+        Ok(Self {
+            term: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+        })
+    }
+
+    async fn recv(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        }
+    }
+}
+
+fn shut_down(signal: &str) -> Result<()> {
+    info!("{signal} received, shutting down");
+    Ok(())
+}

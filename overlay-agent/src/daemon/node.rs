@@ -1,0 +1,425 @@
+//! The node's side of the pipeline's last step: applies what the control plane decided (the
+//! lease, peer route changes from `backend`, the pods from the endpoint watcher, the pod
+//! bridge) to the `datapath`, and keeps the attachments repaired. Called by the daemon's main
+//! loop only; it may call `backend` (pure decisions), `datapath` and `netdev` (netlink).
+
+use std::collections::BTreeMap;
+
+use anyhow::{Context as _, Result};
+use ipnet::Ipv4Net;
+use overlay_common::endpoint::Endpoint;
+use tokio::sync::watch;
+use tracing::{error, info, warn};
+
+use crate::{
+    backend::{self, RouteChange},
+    cli::{Flags, XdpPolicy},
+    datapath::repair,
+    datapath::{Datapath, NodeConfig},
+    endpoints::BridgeScope,
+    iface::ExternalInterface,
+    netdev::{HOST_DEVICE, HostDeviceSpec, Netlink, find_pod_bridge},
+    subnet::{
+        Lease, Mac, PeerEvent,
+        config::{Backend, NetworkConfig},
+        file::first_usable,
+    },
+    telemetry::Telemetry,
+};
+
+/// What the data path needs from the node's settings, and the pod bridge it currently serves.
+pub(super) struct NodeDatapath {
+    pub(super) backend: Backend,
+    pub(super) network: Ipv4Net,
+    pub(super) public_ip: std::net::Ipv4Addr,
+    pub(super) vtep_mac: [u8; 6],
+    pub(super) pod_mtu: u32,
+    pub(super) bridge_name: Option<String>,
+    /// The gateway address of our subnet: what identifies the pod bridge.
+    pub(super) gateway: std::net::Ipv4Addr,
+    /// Our subnet (the lease).
+    pub(super) subnet: Ipv4Net,
+    /// The bridge `pod_egress` is attached to: name and interface index.
+    pub(super) bridge: Option<(String, u32)>,
+    /// The bridge and subnet the endpoint watcher looks at.
+    pub(super) scope: watch::Sender<Option<BridgeScope>>,
+    /// `--xdp`, for re-attaching after a repair.
+    pub(super) xdp: XdpPolicy,
+}
+
+impl NodeDatapath {
+    pub(super) fn new(flags: &Flags, config: &NetworkConfig, ext: &ExternalInterface) -> Self {
+        Self {
+            backend: config.backend,
+            network: config.network,
+            public_ip: ext.public_ip,
+            vtep_mac: Mac::for_public_ip(ext.public_ip).octets(),
+            pod_mtu: config.backend.pod_mtu(ext.mtu),
+            bridge_name: flags.pod_bridge.clone(),
+            gateway: std::net::Ipv4Addr::UNSPECIFIED,
+            subnet: config.network,
+            bridge: None,
+            scope: watch::Sender::new(None),
+            xdp: flags.xdp,
+        }
+    }
+
+    /// Points the endpoint watcher at the current bridge and subnet.
+    pub(super) fn update_scope(&self) {
+        let scope = self.bridge.as_ref().map(|(_, ifindex)| BridgeScope {
+            ifindex: *ifindex,
+            subnet: self.subnet,
+        });
+        self.scope.send_if_modified(|current| {
+            let changed = *current != scope;
+            *current = scope;
+            changed
+        });
+    }
+
+    /// Points the data path and the host device at `lease`'s subnet.
+    pub(super) async fn apply_lease(
+        &mut self,
+        datapath: &mut Datapath,
+        netlink: &Netlink,
+        lease: &Lease,
+    ) -> Result<()> {
+        self.gateway = first_usable(lease.subnet).addr();
+        self.subnet = lease.subnet;
+        self.update_scope();
+        let (vni, port, routing) = backend::tunnel(&self.backend);
+        datapath.set_config(
+            &NodeConfig::new(
+                vni,
+                port,
+                self.public_ip,
+                self.vtep_mac,
+                lease.subnet,
+                self.network,
+            )
+            .with_routing(routing),
+        )?;
+        let spec = HostDeviceSpec {
+            mac: self.vtep_mac,
+            mtu: self.pod_mtu,
+            addr: lease.subnet.network(),
+            network: self.network,
+        };
+        netlink.ensure_host_device(&spec).await?;
+        datapath.attach_host_device(HOST_DEVICE)?;
+        info!(
+            "host device {HOST_DEVICE} serves {} (address {}/32)",
+            self.network, spec.addr
+        );
+        Ok(())
+    }
+
+    /// Attaches to the pod bridge when it appears (or was re-created) and lets go when it
+    /// disappears. Failures are logged and retried at the next poll.
+    pub(super) async fn track_pod_bridge(&mut self, datapath: &mut Datapath, netlink: &Netlink) {
+        let found = match netlink.interfaces().await {
+            Ok(list) => find_pod_bridge(&list, self.bridge_name.as_deref(), self.gateway)
+                .map(|i| (i.name.clone(), i.index)),
+            Err(e) => {
+                warn!("cannot list interfaces to find the pod bridge: {e}");
+                return;
+            }
+        };
+        // Nothing to do when the data path already serves what was found (after a restart it
+        // may still hold the earlier agent's bridge, which must then be attached or dropped).
+        let serving = found.as_ref().map_or(0, |(_, index)| *index);
+        if found == self.bridge && datapath.bridge_ifindex() == serving {
+            return;
+        }
+        let result = match &found {
+            Some((name, index)) => datapath.attach_pod_bridge(name).map(|()| {
+                info!("pod bridge {name} (index {index}) attached");
+            }),
+            None => datapath.detach_pod_bridge().map(|()| {
+                info!("pod bridge gone; decapsulated pod traffic is dropped until it returns");
+            }),
+        };
+        match result {
+            Ok(()) => {
+                self.bridge = found;
+                self.update_scope();
+            }
+            Err(e) => warn!("cannot switch the pod bridge to {found:?}: {e}"),
+        }
+    }
+
+    /// Applies one change of the set of peers to the data path (`backend` decides the route).
+    /// A record the data path cannot use is logged and skipped; it never stops the agent or
+    /// disturbs other peers.
+    pub(super) async fn apply_peer_event(
+        &self,
+        datapath: &mut Datapath,
+        netlink: &Netlink,
+        event: &PeerEvent,
+    ) {
+        let mut on_link = false;
+        match event {
+            PeerEvent::Added(peer) | PeerEvent::Changed(peer) => {
+                let kind = if matches!(event, PeerEvent::Added(_)) {
+                    "added"
+                } else {
+                    "changed"
+                };
+                info!(
+                    "peer {kind}: subnet {} public IP {} backend {} VtepMAC {}",
+                    peer.subnet,
+                    peer.public_ip,
+                    peer.backend_type,
+                    peer.vtep_mac
+                        .map_or_else(|| "-".to_owned(), |m| m.to_string()),
+                );
+                // flannel's DirectRouting test, per peer as its event arrives: the kernel's
+                // route to the PublicIP has no gateway (same L2 segment).
+                if backend::wants_on_link(&self.backend) && peer.vtep_mac.is_some() {
+                    on_link = match netlink.route_is_on_link(peer.public_ip).await {
+                        Ok(on_link) => on_link,
+                        Err(e) => {
+                            warn!("{e}; reaching {} through VXLAN", peer.subnet);
+                            false
+                        }
+                    };
+                    info!(
+                        "peer {} at {}: {}",
+                        peer.subnet,
+                        peer.public_ip,
+                        if on_link {
+                            "on our L2 segment, routed directly"
+                        } else {
+                            "behind a gateway, through VXLAN"
+                        }
+                    );
+                }
+            }
+            PeerEvent::Removed(subnet) => info!("peer removed: subnet {subnet}"),
+            PeerEvent::Synced(_) => {}
+        }
+        // What is routed now matters only to a sync (and listing it per event would cost).
+        let installed: Vec<Ipv4Net> = if matches!(event, PeerEvent::Synced(_)) {
+            datapath.peers().subnets().collect()
+        } else {
+            Vec::new()
+        };
+        let result = backend::route_change(&self.backend, event, on_link, installed)
+            .map_err(anyhow::Error::from)
+            .and_then(|change| match change {
+                RouteChange::Upsert { subnet, node } => {
+                    datapath.upsert_route(subnet, node).map_err(Into::into)
+                }
+                RouteChange::Remove(subnets) => subnets
+                    .into_iter()
+                    .try_for_each(|subnet| {
+                        if matches!(event, PeerEvent::Synced(_)) {
+                            // Entries an earlier agent pinned for peers that left while no
+                            // agent ran.
+                            info!("peer removed: subnet {subnet} (gone while the agent was down)");
+                        }
+                        datapath.remove_peer(subnet)
+                    })
+                    .map_err(Into::into),
+            });
+        if let Err(e) = result {
+            error!("peer event {event:?} not applied to the data path: {e:#}");
+        }
+    }
+}
+
+/// Attaches the XDP decapsulation as `policy` says (see `XdpPolicy`).
+pub(super) async fn attach_xdp(
+    policy: XdpPolicy,
+    datapath: &mut Datapath,
+    netlink: &Netlink,
+    ext: &ExternalInterface,
+) -> Result<()> {
+    let wanted = match policy {
+        XdpPolicy::Off => false,
+        XdpPolicy::On => true,
+        XdpPolicy::Auto => netlink
+            .receives_mtu_sized_frames(ext.index, &ext.name)
+            .await
+            .unwrap_or_else(|e| {
+                warn!("{e}; not using XDP decapsulation");
+                false
+            }),
+    };
+    if !wanted {
+        datapath.detach_underlay_xdp()?;
+        info!(
+            "XDP decapsulation off on {} ({}): VXLAN is decapsulated in TC",
+            ext.name,
+            if policy == XdpPolicy::Off {
+                "--xdp off"
+            } else {
+                "its frames may arrive as TSO super-packets"
+            }
+        );
+        return Ok(());
+    }
+    match datapath.attach_underlay_xdp(&ext.name) {
+        Ok(()) => {
+            info!(
+                "XDP decapsulation on {}: VXLAN is decapsulated before GRO",
+                ext.name
+            );
+            Ok(())
+        }
+        Err(e) if policy == XdpPolicy::Auto => {
+            warn!("{e}; VXLAN is decapsulated in TC (no native XDP here)");
+            Ok(())
+        }
+        Err(e) => Err(e).context("--xdp on"),
+    }
+}
+
+/// Writes `desired` into the data path's endpoint map, removing what is not in it. Failures
+/// are logged; the next change retries.
+pub(super) fn sync_endpoints(
+    datapath: &mut Datapath,
+    desired: &BTreeMap<std::net::Ipv4Addr, Endpoint>,
+) {
+    let stale: Vec<_> = datapath
+        .endpoints()
+        .keys()
+        .filter(|addr| !desired.contains_key(addr))
+        .copied()
+        .collect();
+    for addr in stale {
+        match datapath.remove_endpoint(addr) {
+            Ok(()) => tracing::debug!("endpoint {addr} removed"),
+            Err(e) => warn!("cannot remove endpoint {addr}: {e}"),
+        }
+    }
+    for (addr, endpoint) in desired {
+        if datapath.endpoints().get(addr) == Some(endpoint) {
+            continue;
+        }
+        match datapath.set_endpoint(*addr, *endpoint) {
+            Ok(()) => tracing::debug!(
+                "endpoint {addr}: ifindex {} MAC {}",
+                endpoint.ifindex,
+                Mac::from(endpoint.mac)
+            ),
+            Err(e) => warn!("cannot add endpoint {addr}: {e}"),
+        }
+    }
+}
+
+/// Attaches `pod_port_egress` to the veth of every endpoint and lets go of the others.
+pub(super) fn sync_pod_ports(
+    datapath: &mut Datapath,
+    endpoints: &BTreeMap<std::net::Ipv4Addr, Endpoint>,
+) {
+    let wanted: std::collections::BTreeSet<u32> = endpoints.values().map(|e| e.ifindex).collect();
+    let gone: Vec<u32> = datapath
+        .pod_ports()
+        .filter(|i| !wanted.contains(i))
+        .collect();
+    for ifindex in gone {
+        datapath.detach_pod_port(ifindex);
+    }
+    for ifindex in wanted {
+        if let Err(e) = datapath.attach_pod_port(ifindex) {
+            warn!("{e}; that pod's traffic is picked up on the bridge");
+        }
+    }
+}
+
+/// Pods' traffic to anything outside the cluster is routed by the kernel, and the data path
+/// hands it packets it must answer with ICMP (TTL, MTU): both need forwarding on, as flanneld's
+/// users get from Docker or kubelet. The setting is per network namespace.
+pub(super) fn enable_ip_forwarding() -> Result<()> {
+    const PATH: &str = "/proc/sys/net/ipv4/ip_forward";
+    let current = std::fs::read_to_string(PATH).with_context(|| format!("reading {PATH}"))?;
+    if current.trim() != "1" {
+        std::fs::write(PATH, "1")
+            .with_context(|| format!("turning on IPv4 forwarding in {PATH}"))?;
+        info!("IPv4 forwarding turned on ({PATH})");
+    }
+    Ok(())
+}
+
+pub(super) fn report_counters(datapath: &Datapath) {
+    match datapath.counters() {
+        Ok(counters) => {
+            for (reason, c) in counters {
+                info!(
+                    "counter {}: {} packets, {} bytes",
+                    reason.name(),
+                    c.packets,
+                    c.bytes
+                );
+            }
+        }
+        Err(e) => warn!("cannot read the data path counters: {e}"),
+    }
+}
+
+/// Asks the kernel whether every program is still attached where the agent put it, and
+/// re-attaches what is not: the underlay programs on the external interface, `ovl0` recreated
+/// with its program (through the lease's settings), `pod_egress` on the bridge. What cannot be
+/// repaired is reported as not ready until a later check succeeds.
+pub(super) async fn check_and_repair(
+    node: &mut NodeDatapath,
+    datapath: &mut Datapath,
+    netlink: &Netlink,
+    ext: &ExternalInterface,
+    lease: &Lease,
+    telemetry: &Telemetry,
+) {
+    let problems = datapath.attachment_problems();
+    if problems.is_empty() {
+        telemetry.set_datapath_problem(None);
+        return;
+    }
+    for p in &problems {
+        warn!("data path: {p}; repairing");
+    }
+    let (underlay, host, pod) = repair::affects(&problems);
+    if underlay {
+        if let Err(e) = datapath.attach_underlay(&ext.name) {
+            warn!("cannot re-attach to {}: {e}", ext.name);
+        } else if let Err(e) = attach_xdp(node.xdp, datapath, netlink, ext).await {
+            warn!("cannot re-attach XDP to {}: {e:#}", ext.name);
+        }
+    }
+    if host && let Err(e) = node.apply_lease(datapath, netlink, lease).await {
+        warn!("cannot recreate {HOST_DEVICE}: {e:#}");
+    }
+    if pod
+        && let Some(bridge) = datapath
+            .attached_to(crate::datapath::POD_EGRESS)
+            .map(str::to_owned)
+        && let Err(e) = datapath.attach_pod_bridge(&bridge)
+    {
+        warn!("cannot re-attach to the pod bridge {bridge}: {e}");
+    }
+    let left = datapath.attachment_problems();
+    if left.is_empty() {
+        let what: Vec<String> = problems.iter().map(ToString::to_string).collect();
+        info!("data path repaired ({})", what.join("; "));
+        telemetry.count_repair();
+        telemetry.set_datapath_problem(None);
+    } else {
+        let what: Vec<String> = left.iter().map(ToString::to_string).collect();
+        telemetry.set_datapath_problem(Some(what.join("; ")));
+    }
+}
+
+/// Frees idle masqueraded flows; failures are logged (the next sweep retries).
+pub(super) fn sweep_nat(datapath: &mut Datapath) {
+    match datapath.sweep_nat() {
+        Ok(r) if r.removed > 0 => {
+            tracing::debug!(
+                "masquerade: {} idle entries removed, {} flows left",
+                r.removed,
+                r.flows
+            );
+        }
+        Ok(_) => {}
+        Err(e) => warn!("cannot sweep the masquerade table: {e}"),
+    }
+}

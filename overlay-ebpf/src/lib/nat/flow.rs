@@ -1,0 +1,314 @@
+//! The flow table: `SNAT_V4_CT` (original direction → translated source), `SNAT_V4_REV`
+//! (reply tuple → originator) and `SNAT_V4_FRAG` (datagram identity → originator, for later
+//! fragments). Finds, creates, refreshes and expires flows (the idle rule is
+//! `NatConfig::is_expired`, shared with the agent's sweeper); rewrites nothing. Called by
+//! `snat`, `reverse` and `icmp`.
+
+use aya_ebpf::{
+    bindings::BPF_NOEXIST,
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
+    macros::map,
+    maps::LruHashMap,
+};
+use overlay_common::{
+    config::Config,
+    counters::Reason,
+    nat::{
+        IPPROTO_TCP, IPPROTO_UDP, NAT_E_TO_CLUSTER, NAT_F_KEEP_PORT, NAT_FRAG_TIMEOUT,
+        NAT_PORT_TRIES, NAT_S_FIN, NAT_S_REPLIED, NAT_S_RST, NatConfig, NatEntryV4, NatKeyV4,
+        SNAT_V4_CAPACITY, SNAT_V4_FRAG_CAPACITY, idle_longer_than,
+    },
+};
+
+use crate::lib::{
+    counters::count,
+    hdr::{Ipv4Hdr, TcpHdr},
+};
+
+#[map]
+static SNAT_V4_CT: LruHashMap<NatKeyV4, NatEntryV4> =
+    LruHashMap::with_max_entries(SNAT_V4_CAPACITY, 0);
+named!(SNAT_V4_CT, overlay_common::names::SNAT_V4_CT);
+
+#[map]
+static SNAT_V4_REV: LruHashMap<NatKeyV4, NatEntryV4> =
+    LruHashMap::with_max_entries(SNAT_V4_CAPACITY, 0);
+named!(SNAT_V4_REV, overlay_common::names::SNAT_V4_REV);
+
+#[map]
+static SNAT_V4_FRAG: LruHashMap<NatKeyV4, NatEntryV4> =
+    LruHashMap::with_max_entries(SNAT_V4_FRAG_CAPACITY, 0);
+named!(SNAT_V4_FRAG, overlay_common::names::SNAT_V4_FRAG);
+
+#[inline(always)]
+pub(super) fn frag_offset(ip: &Ipv4Hdr) -> u16 {
+    u16::from_be_bytes(ip.frag_off) & Ipv4Hdr::OFFSET_MASK
+}
+
+/// The first fragment of a fragmented datagram (offset 0, more fragments to come).
+#[inline(always)]
+pub(super) fn is_first_fragment(ip: &Ipv4Hdr) -> bool {
+    u16::from_be_bytes(ip.frag_off) & Ipv4Hdr::MF_OFFSET_MASK == Ipv4Hdr::MF
+}
+
+/// The `SNAT_V4_FRAG` key of the datagram `ip` belongs to: its reassembly identity.
+#[inline(always)]
+fn frag_key(ip: &Ipv4Hdr) -> NatKeyV4 {
+    NatKeyV4::new(ip.saddr, ip.daddr, ip.id, [0, 0], ip.proto)
+}
+
+/// Whether `key` (a packet about to be masqueraded at the external interface) is the reply of a
+/// live `NAT_E_TO_CLUSTER` flow: a remote pod answering the outside host, after [`reverse`]
+/// routed it out (or handed it to the kernel). Such a packet belongs to that flow, as in
+/// conntrack, and must keep its pod source.
+#[inline(always)]
+pub(super) fn replies_to_cluster_flow(nat: &NatConfig, key: &NatKeyV4, now: u64) -> bool {
+    let orig = key.reversed();
+    match SNAT_V4_CT.get_ptr(&orig) {
+        // SAFETY: a map value pointer, valid during this program run.
+        Some(ct) => unsafe {
+            (*ct).flags & NAT_E_TO_CLUSTER != 0 && !nat.is_expired(key.proto, &*ct, now)
+        },
+        None => false,
+    }
+}
+
+/// State bits a TCP packet with `flags` adds; a bare SYN starts the flow over.
+#[inline(always)]
+fn tcp_state(old: u8, flags: u8) -> u8 {
+    let mut state = old;
+    if flags & TcpHdr::SYN != 0 && flags & TcpHdr::ACK == 0 {
+        state = 0;
+    }
+    if flags & TcpHdr::FIN != 0 {
+        state |= NAT_S_FIN;
+    }
+    if flags & TcpHdr::RST != 0 {
+        state |= NAT_S_RST;
+    }
+    state
+}
+
+/// A random port in the configured range (multiply-shift, no division).
+#[inline(always)]
+fn random_port(nat: &NatConfig) -> u16 {
+    let span = u64::from(nat.port_max.saturating_sub(nat.port_min)) + 1;
+    // SAFETY: no arguments.
+    let r = u64::from(unsafe { bpf_get_prandom_u32() });
+    nat.port_min.wrapping_add(((r * span) >> 32) as u16)
+}
+
+/// Finds the live flow for `key` (refreshing both of its entries) or creates one; returns the
+/// translated port.
+#[inline(always)]
+pub(super) fn flow_out(
+    nat: &NatConfig,
+    cfg: &Config,
+    key: &NatKeyV4,
+    nat_addr: [u8; 4],
+    tcp_flags: u8,
+    eflags: u8,
+    now: u64,
+) -> Result<[u8; 2], Reason> {
+    let proto = key.proto;
+    let mut state = 0;
+    if let Some(ct) = SNAT_V4_CT.get_ptr_mut(key) {
+        // SAFETY: a map value pointer, valid during this program run.
+        let e = unsafe { *ct };
+        if !nat.is_expired(proto, &e, now) && e.addr == nat_addr {
+            let st = if proto == IPPROTO_TCP {
+                tcp_state(e.state, tcp_flags)
+            } else {
+                e.state
+            };
+            let rev_key = key.reply(e.addr, e.port);
+            let mine = NatEntryV4 {
+                addr: key.saddr,
+                port: key.sport,
+                state: st,
+                flags: e.flags,
+                last_seen: now,
+            };
+            let rev_ok = match SNAT_V4_REV.get_ptr_mut(&rev_key) {
+                // SAFETY: as above.
+                Some(rev) => unsafe {
+                    if (*rev).addr == key.saddr && (*rev).port == key.sport {
+                        (*rev).state = st;
+                        (*rev).last_seen = now;
+                        true
+                    } else {
+                        false
+                    }
+                },
+                // Evicted (LRU) while the flow lived: claim the reply tuple again.
+                None => SNAT_V4_REV
+                    .insert(&rev_key, &mine, u64::from(BPF_NOEXIST))
+                    .is_ok(),
+            };
+            if rev_ok {
+                // SAFETY: as above.
+                unsafe {
+                    (*ct).state = st;
+                    (*ct).last_seen = now;
+                }
+                return Ok(e.port);
+            }
+            // The reply tuple went to another flow: this one needs a new port.
+        } else {
+            // Dead: free its reply tuple if still ours, then start over.
+            let rev_key = key.reply(e.addr, e.port);
+            if let Some(rev) = SNAT_V4_REV.get_ptr(&rev_key) {
+                // SAFETY: as above.
+                if unsafe { (*rev).addr == key.saddr && (*rev).port == key.sport } {
+                    let _ = SNAT_V4_REV.remove(&rev_key);
+                }
+            }
+        }
+        let _ = SNAT_V4_CT.remove(key);
+    }
+    if proto == IPPROTO_TCP {
+        state = tcp_state(0, tcp_flags);
+    }
+
+    let keep = nat.flags & NAT_F_KEEP_PORT != 0;
+    let mut chosen: Option<[u8; 2]> = None;
+    let mut rev_entry = NatEntryV4 {
+        addr: key.saddr,
+        port: key.sport,
+        state,
+        flags: eflags,
+        last_seen: now,
+    };
+    for i in 0..NAT_PORT_TRIES {
+        let port = if i == 0 && keep {
+            u16::from_be_bytes(key.sport)
+        } else {
+            random_port(nat)
+        };
+        // The VXLAN port is decapsulation's; 0 is no port.
+        if port == 0 || (proto == IPPROTO_UDP && port == cfg.port) {
+            continue;
+        }
+        let port = port.to_be_bytes();
+        rev_entry.last_seen = now;
+        if SNAT_V4_REV
+            .insert(
+                &key.reply(nat_addr, port),
+                &rev_entry,
+                u64::from(BPF_NOEXIST),
+            )
+            .is_ok()
+        {
+            chosen = Some(port);
+            break;
+        }
+    }
+    let Some(port) = chosen else {
+        return Err(Reason::DropNatExhausted);
+    };
+    let ct_entry = NatEntryV4 {
+        addr: nat_addr,
+        port,
+        state,
+        flags: eflags,
+        last_seen: now,
+    };
+    if SNAT_V4_CT
+        .insert(key, &ct_entry, u64::from(BPF_NOEXIST))
+        .is_err()
+    {
+        // Another CPU created the flow meanwhile: use its port, give ours back.
+        let _ = SNAT_V4_REV.remove(&key.reply(nat_addr, port));
+        return match SNAT_V4_CT.get_ptr(key) {
+            // SAFETY: as above.
+            Some(ct) => Ok(unsafe { (*ct).port }),
+            None => Err(Reason::DropNatFailed),
+        };
+    }
+    count(Reason::NatNewFlow, 0);
+    Ok(port)
+}
+
+/// Looks up the reply tuple `key`; refreshes both entries of a live flow and returns the pod's
+/// side. A dead flow is removed (the packet then goes to the kernel, as without an entry).
+#[inline(always)]
+pub(super) fn flow_in(nat: &NatConfig, key: &NatKeyV4, tcp_flags: u8) -> Option<NatEntryV4> {
+    let rev = SNAT_V4_REV.get_ptr_mut(key)?;
+    // SAFETY: a map value pointer, valid during this program run.
+    let e = unsafe { *rev };
+    // SAFETY: no arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let ct_key = key.original(e.addr, e.port);
+    if nat.is_expired(key.proto, &e, now) {
+        let _ = SNAT_V4_REV.remove(key);
+        if let Some(ct) = SNAT_V4_CT.get_ptr(&ct_key) {
+            // SAFETY: as above.
+            if unsafe { (*ct).port == key.dport } {
+                let _ = SNAT_V4_CT.remove(&ct_key);
+            }
+        }
+        return None;
+    }
+    let mut state = e.state | NAT_S_REPLIED;
+    if key.proto == IPPROTO_TCP {
+        state = tcp_state(state, tcp_flags) | NAT_S_REPLIED;
+    }
+    // SAFETY: as above.
+    unsafe {
+        (*rev).state = state;
+        (*rev).last_seen = now;
+    }
+    if let Some(ct) = SNAT_V4_CT.get_ptr_mut(&ct_key) {
+        // SAFETY: as above.
+        unsafe {
+            if (*ct).port == key.dport {
+                (*ct).state = state;
+                (*ct).last_seen = now;
+            }
+        }
+    }
+    Some(e)
+}
+
+/// Remembers where the later fragments of the datagram whose first fragment `ip` is go: to
+/// `orig`, as of `now`.
+#[inline(always)]
+pub(super) fn remember_fragments(ip: &Ipv4Hdr, orig: NatEntryV4, now: u64) {
+    let entry = NatEntryV4 {
+        last_seen: now,
+        ..orig
+    };
+    let _ = SNAT_V4_FRAG.insert(&frag_key(ip), &entry, 0);
+}
+
+/// Where a later fragment `ip` goes: the originator its first fragment was translated back to,
+/// within `NAT_FRAG_TIMEOUT` (an older entry is removed).
+#[inline(always)]
+pub(super) fn fragment_flow(ip: &Ipv4Hdr, now: u64) -> Option<NatEntryV4> {
+    let key = frag_key(ip);
+    let entry = SNAT_V4_FRAG.get_ptr(&key)?;
+    // SAFETY: a map value pointer, valid during this program run; copied at once.
+    let orig = unsafe { *entry };
+    if idle_longer_than(orig.last_seen, now, NAT_FRAG_TIMEOUT) {
+        let _ = SNAT_V4_FRAG.remove(&key);
+        return None;
+    }
+    Some(orig)
+}
+
+/// The live flow whose original-direction key is `key`, translated to `nat_addr`.
+#[inline(always)]
+pub(super) fn live_flow(
+    nat: &NatConfig,
+    key: &NatKeyV4,
+    nat_addr: [u8; 4],
+    now: u64,
+) -> Option<NatEntryV4> {
+    let ct = SNAT_V4_CT.get_ptr(key)?;
+    // SAFETY: a map value pointer, valid during this program run; copied at once.
+    let flow = unsafe { *ct };
+    if flow.addr != nat_addr || nat.is_expired(key.proto, &flow, now) {
+        return None;
+    }
+    Some(flow)
+}

@@ -1,0 +1,182 @@
+//! Outbound translation at the three hooks that masquerade (see the parent module):
+//! `pod_egress` ([`snat_from_pod`], forwarded out of the external interface), the external
+//! interface's egress ([`snat_egress`], what the kernel routed) and the host device's egress
+//! ([`snat_to_cluster`], flannel's last rule). Calls `policy`, `flow`, `rewrite`, `icmp` and
+//! `lib::fib`.
+
+use aya_ebpf::{
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK},
+    helpers::bpf_ktime_get_ns,
+    programs::TcContext,
+};
+use overlay_common::{
+    config::Config,
+    counters::Reason,
+    nat::{
+        IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, NAT_E_KERNEL, NAT_E_TO_CLUSTER, NatConfig, NatKeyV4,
+    },
+};
+
+use super::{
+    IP_OFF, IP_SADDR_OFF, L4Ports,
+    flow::{flow_out, frag_offset, replies_to_cluster_flow},
+    icmp::icmp_error_out,
+    is_icmp_error, load_l4,
+    policy::{mark, masquerades, masquerades_to_cluster, nat_ipv4},
+    rewrite::{NO_L4_CSUM, rewrite_addr},
+};
+use crate::lib::{
+    counters::{Role, count, count_handback},
+    fib,
+    hdr::{IcmpHdr, Ipv4Hdr},
+    maps::{config, is_member},
+};
+
+/// The pod bridge's tcx ingress: masquerades `ip` when it leaves through the external
+/// interface. `Ok(TC_ACT_OK)` when the packet is not for us.
+#[inline(always)]
+pub fn snat_from_pod(ctx: &TcContext, cfg: &Config, role: Role) -> Result<i32, Reason> {
+    let Some((nat, ip, ihl)) = nat_ipv4(ctx) else {
+        return Ok(TC_ACT_OK);
+    };
+    if !masquerades(cfg, ip.saddr, ip.daddr, mark(ctx)) {
+        return Ok(TC_ACT_OK);
+    }
+    // Only what the kernel would send out of the external interface: that is the address we
+    // translate to and the interface whose ingress sees the replies.
+    let (rc, fib) = fib::lookup(ctx, cfg.bridge_ifindex, &ip, ip.daddr);
+    if rc != i64::from(BPF_FIB_LKUP_RET_SUCCESS) || fib.ifindex != cfg.underlay_ifindex {
+        return Ok(TC_ACT_OK);
+    }
+    if ip.ttl <= 1 {
+        count_handback(role, Reason::StackTtl, ctx.len());
+        return Ok(TC_ACT_OK);
+    }
+    let translated = translate_out(ctx, nat, cfg, &ip, ihl, cfg.local_ip, 0, true)?;
+    if !translated {
+        return Ok(TC_ACT_OK);
+    }
+    count(Reason::NatSnat, ctx.len());
+    Ok(fib::redirect_neigh(cfg.underlay_ifindex))
+}
+
+/// The external interface's tcx egress: masquerades what the kernel routed there itself.
+#[inline(always)]
+pub fn snat_egress(ctx: &TcContext) -> Result<i32, Reason> {
+    let Some(cfg) = config() else {
+        return Ok(TC_ACT_OK);
+    };
+    let Some((nat, ip, ihl)) = nat_ipv4(ctx) else {
+        return Ok(TC_ACT_OK);
+    };
+    if !masquerades(cfg, ip.saddr, ip.daddr, mark(ctx)) {
+        return Ok(TC_ACT_OK);
+    }
+    if translate_out(ctx, nat, cfg, &ip, ihl, cfg.local_ip, NAT_E_KERNEL, false)? {
+        count(Reason::NatSnat, ctx.len());
+    }
+    Ok(TC_ACT_OK)
+}
+
+/// The host device's tcx egress, for a packet the kernel sends to a remote pod (`ROUTE_V4` has
+/// its peer): masquerades it when its source is outside the cluster network (flannel's last
+/// rule), to `<subnet>.0` towards a VXLAN peer or to the external interface's address towards
+/// a `direct` one. The caller then encapsulates or forwards it.
+#[inline(always)]
+pub fn snat_to_cluster(ctx: &TcContext, cfg: &Config, direct: bool) -> Result<(), Reason> {
+    let Some((nat, ip, ihl)) = nat_ipv4(ctx) else {
+        return Ok(());
+    };
+    if !masquerades_to_cluster(cfg, ip.saddr, ip.daddr, mark(ctx)) {
+        return Ok(());
+    }
+    let nat_addr = if direct { cfg.local_ip } else { cfg.subnet };
+    if translate_out(ctx, nat, cfg, &ip, ihl, nat_addr, NAT_E_TO_CLUSTER, false)? {
+        count(Reason::NatSnat, ctx.len());
+    }
+    Ok(())
+}
+
+/// The outbound translation of one packet: finds or creates the flow, then rewrites source
+/// address (to `nat_addr`) and port (and the TTL with `hop`). `Ok(false)`: not a protocol we
+/// translate, or (at the external interface, `NAT_E_KERNEL`) the reply of a
+/// `NAT_E_TO_CLUSTER` flow.
+#[inline(always)]
+#[expect(clippy::too_many_arguments, reason = "inlined into three call sites")]
+pub(super) fn translate_out(
+    ctx: &TcContext,
+    nat: &NatConfig,
+    cfg: &Config,
+    ip: &Ipv4Hdr,
+    ihl: usize,
+    nat_addr: [u8; 4],
+    eflags: u8,
+    hop: bool,
+) -> Result<bool, Reason> {
+    let l4 = IP_OFF + ihl;
+    if frag_offset(ip) != 0 {
+        // A later fragment: no ports; every masqueraded flow has the same address.
+        rewrite_addr(ctx, IP_SADDR_OFF, ip.saddr, nat_addr, NO_L4_CSUM, hop, ip)?;
+        return Ok(true);
+    }
+    // Ports (ICMP: identifier) and where the L4 checksum is.
+    if !matches!(ip.proto, IPPROTO_TCP | IPPROTO_UDP | IPPROTO_ICMP) {
+        return Ok(false);
+    }
+    let Some(t) = load_l4(ctx, ip.proto, l4, true) else {
+        return Err(Reason::DropNatMalformed);
+    };
+    if ip.proto == IPPROTO_UDP {
+        // Translated to our address, a datagram to a member's VXLAN port would pass for this
+        // node's own tunnel traffic there: a pod must not speak VXLAN as the node.
+        if u16::from_be_bytes(t.dport) == cfg.port && is_member(ip.daddr) {
+            return Err(Reason::DropPodVxlan);
+        }
+    } else if ip.proto == IPPROTO_ICMP {
+        if is_icmp_error(t.icmp_type) {
+            return icmp_error_out(ctx, nat, ip, l4, nat_addr, hop);
+        }
+        if t.icmp_type != IcmpHdr::ECHO {
+            return Ok(false);
+        }
+    }
+    let (sport, dport, csum_off, tcp_flags) = (t.sport, t.dport, t.csum_off, t.tcp_flags);
+    let key = NatKeyV4::new(ip.saddr, ip.daddr, sport, dport, ip.proto);
+    // SAFETY: no arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if eflags & NAT_E_KERNEL != 0 && replies_to_cluster_flow(nat, &key, now) {
+        return Ok(false);
+    }
+    let nat_port = flow_out(nat, cfg, &key, nat_addr, tcp_flags, eflags, now)?;
+
+    // Rewrites, by offset (no packet pointer survives these helpers).
+    let port_off = L4Ports::port_off(ip.proto, l4, true);
+    let (pseudo, mangled) = match ip.proto {
+        IPPROTO_TCP => (BPF_F_PSEUDO_HDR, 0),
+        IPPROTO_UDP => (BPF_F_PSEUDO_HDR, BPF_F_MARK_MANGLED_0),
+        _ => (0, 0),
+    };
+    let flags = u64::from(mangled);
+    if pseudo != 0 {
+        ctx.l4_csum_replace(
+            csum_off,
+            u64::from(u32::from_ne_bytes(ip.saddr)),
+            u64::from(u32::from_ne_bytes(nat_addr)),
+            flags | u64::from(pseudo) | 4,
+        )
+        .map_err(|_| Reason::DropNatFailed)?;
+    }
+    if nat_port != sport {
+        ctx.l4_csum_replace(
+            csum_off,
+            u64::from(u16::from_ne_bytes(sport)),
+            u64::from(u16::from_ne_bytes(nat_port)),
+            flags | 2,
+        )
+        .map_err(|_| Reason::DropNatFailed)?;
+        ctx.store(port_off, &nat_port, 0)
+            .map_err(|_| Reason::DropNatFailed)?;
+    }
+    rewrite_addr(ctx, IP_SADDR_OFF, ip.saddr, nat_addr, NO_L4_CSUM, hop, ip)?;
+    Ok(true)
+}
