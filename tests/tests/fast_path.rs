@@ -184,6 +184,46 @@ fn host_gw_delivers_known_pods_straight() {
     assert_eq!(d.get("deliver_direct_pod"), None, "{d:?}");
 }
 
+/// host-gw has no VXLAN to decapsulate: even where frames arrive MTU-sized (where `--xdp auto`
+/// attaches for vxlan, and even with `--xdp on`) no XDP program goes on the underlay, whose
+/// veth would otherwise copy every frame for it; traffic flows.
+#[test]
+fn host_gw_never_attaches_xdp_even_where_frames_arrive_mtu_sized() {
+    let cluster = Cluster::builder()
+        .nodes(2)
+        .pods_per_node(0)
+        .network_config(HOST_GW)
+        .start_agents(false)
+        .build()
+        .unwrap();
+    for node in cluster.nodes() {
+        nic_like(&cluster, node);
+    }
+    cluster.node(0).start_agent(&[]).unwrap();
+    cluster.node(1).start_agent(&["--xdp", "on"]).unwrap();
+    for node in cluster.nodes() {
+        node.subnet_env().unwrap();
+        node.add_pod("p0").unwrap();
+    }
+    for node in cluster.nodes() {
+        agent_of(node)
+            .wait_for_log(
+                "XDP decapsulation off on eth0 (host-gw: no VXLAN)",
+                Duration::from_secs(5),
+            )
+            .unwrap();
+        assert!(
+            eth0_programs(node)
+                .iter()
+                .all(|(_, kind)| *kind != AttachKind::Xdp),
+            "{}: {:?}",
+            node.name(),
+            eth0_programs(node)
+        );
+    }
+    assert_tcp(&cluster.pod(0, 0), &cluster.pod(1, 0));
+}
+
 /// Underlay veths that behave like NICs: TSO and GSO off on both ends of every node's link, so
 /// frames cross MTU-sized, and GRO on at the receivers.
 fn nic_like(cluster: &Cluster, node: &Node) {

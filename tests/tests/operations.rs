@@ -620,7 +620,10 @@ fn a_distribution_flanneld_command_line_starts_the_agent() {
         ]
     );
     assert!(
-        n0.bpf_dir().join("links").read_dir().is_ok_and(|mut d| d.next().is_some()),
+        n0.bpf_dir()
+            .join("links")
+            .read_dir()
+            .is_ok_and(|mut d| d.next().is_some()),
         "the default --bpf-dir must land on the node's bpffs, which outlives the agent"
     );
 }

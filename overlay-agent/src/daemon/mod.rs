@@ -229,7 +229,7 @@ async fn serve(flags: Flags, mut signals: Signals, undo: &mut Undo) -> Result<()
              (harmless for delivery straight into pods; the bridge fallback segments in software)"
         );
     }
-    attach_xdp(node.xdp, &mut datapath, &netlink, &ext).await?;
+    attach_xdp(node.xdp, node.backend, &mut datapath, &netlink, &ext).await?;
     node.apply_lease(&mut datapath, &netlink, &lease).await?;
     telemetry.set_host_device(Some(HOST_DEVICE));
     node.track_pod_bridge(&mut datapath, &netlink).await;

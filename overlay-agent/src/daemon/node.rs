@@ -228,14 +228,18 @@ impl NodeDatapath {
     }
 }
 
-/// Attaches the XDP decapsulation as `policy` says (see `XdpPolicy`).
+/// Attaches the XDP decapsulation as `policy` says (see `XdpPolicy`); never for host-gw, which
+/// has no VXLAN to decapsulate (an XDP program on a veth would only cost a copy of every frame).
 pub(super) async fn attach_xdp(
     policy: XdpPolicy,
+    backend: Backend,
     datapath: &mut Datapath,
     netlink: &Netlink,
     ext: &ExternalInterface,
 ) -> Result<()> {
+    let host_gw = matches!(backend, Backend::HostGw);
     let wanted = match policy {
+        _ if host_gw => false,
         XdpPolicy::Off => false,
         XdpPolicy::On => true,
         XdpPolicy::Auto => netlink
@@ -251,7 +255,9 @@ pub(super) async fn attach_xdp(
         info!(
             "XDP decapsulation off on {} ({}): VXLAN is decapsulated in TC",
             ext.name,
-            if policy == XdpPolicy::Off {
+            if host_gw {
+                "host-gw: no VXLAN"
+            } else if policy == XdpPolicy::Off {
                 "--xdp off"
             } else {
                 "its frames may arrive as TSO super-packets"
@@ -382,7 +388,7 @@ pub(super) async fn check_and_repair(
     if underlay {
         if let Err(e) = datapath.attach_underlay(&ext.name) {
             warn!("cannot re-attach to {}: {e}", ext.name);
-        } else if let Err(e) = attach_xdp(node.xdp, datapath, netlink, ext).await {
+        } else if let Err(e) = attach_xdp(node.xdp, node.backend, datapath, netlink, ext).await {
             warn!("cannot re-attach XDP to {}: {e:#}", ext.name);
         }
     }
