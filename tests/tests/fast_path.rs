@@ -206,22 +206,22 @@ fn host_gw_never_attaches_xdp_even_where_frames_arrive_mtu_sized() {
         node.add_pod("p0").unwrap();
     }
     for node in cluster.nodes() {
-        agent_of(node)
-            .wait_for_log(
-                "XDP decapsulation off on eth0 (host-gw: no VXLAN)",
-                Duration::from_secs(5),
-            )
-            .unwrap();
-        assert!(
-            eth0_programs(node)
-                .iter()
-                .all(|(_, kind)| *kind != AttachKind::Xdp),
-            "{}: {:?}",
-            node.name(),
-            eth0_programs(node)
-        );
+        assert_xdp_off(node, "XDP decapsulation off on eth0 (host-gw: no VXLAN)");
     }
     assert_tcp(&cluster.pod(0, 0), &cluster.pod(1, 0));
+}
+
+/// The agent of `node` logged `why` XDP stays off, and no XDP program is on its eth0.
+fn assert_xdp_off(node: &Node, why: &str) {
+    agent_of(node)
+        .wait_for_log(why, Duration::from_secs(5))
+        .unwrap();
+    let programs = eth0_programs(node);
+    assert!(
+        programs.iter().all(|(_, kind)| *kind != AttachKind::Xdp),
+        "{}: {programs:?}",
+        node.name()
+    );
 }
 
 /// Underlay veths that behave like NICs: TSO and GSO off on both ends of every node's link, so
@@ -325,17 +325,7 @@ fn xdp_decapsulates_before_gro_where_frames_arrive_mtu_sized_and_survives_kill9(
 fn a_veth_underlay_passing_tso_keeps_tc_decapsulation() {
     let cluster = two_nodes(VXLAN);
     for node in cluster.nodes() {
-        assert!(
-            eth0_programs(node)
-                .iter()
-                .all(|(_, kind)| *kind != AttachKind::Xdp),
-            "{}: {:?}",
-            node.name(),
-            eth0_programs(node)
-        );
-        agent_of(node)
-            .wait_for_log("XDP decapsulation off on eth0", Duration::from_secs(5))
-            .unwrap();
+        assert_xdp_off(node, "XDP decapsulation off on eth0");
     }
     assert_tcp(&cluster.pod(0, 0), &cluster.pod(1, 0));
 }
