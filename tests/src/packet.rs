@@ -19,8 +19,25 @@ use overlay_common::{
     counters::{Counter, Reason},
     endpoint::{Endpoint, EndpointKeyV4},
     names,
+    nat::{NAT_F_ENABLED, NatConfig},
     route::{MemberNode, RemoteNode, route_key},
 };
+
+/// Masquerade on with `flags`, source ports `ports`, and the agent's default idle timeouts
+/// (flows expire as with `--ip-masq` and no tuning).
+pub fn nat_config(flags: u32, ports: (u16, u16)) -> NatConfig {
+    NatConfig {
+        flags: NAT_F_ENABLED | flags,
+        port_min: ports.0,
+        port_max: ports.1,
+        tcp_established: 3600,
+        tcp_transient: 120,
+        udp: 30,
+        udp_stream: 120,
+        icmp: 30,
+        _reserved: 0,
+    }
+}
 
 // TC verdicts (include/uapi/linux/pkt_cls.h).
 /// `TC_ACT_OK`: the kernel goes on with the packet.

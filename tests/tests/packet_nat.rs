@@ -21,7 +21,7 @@ use overlay_common::names;
 use overlay_common::{
     config::{CONFIG_F_DIRECT, CONFIG_F_READY, Config},
     endpoint::Endpoint,
-    nat::{NAT_E_TO_CLUSTER, NAT_F_ENABLED, NAT_F_KEEP_PORT, NatConfig, NatEntryV4, NatKeyV4},
+    nat::{NAT_E_TO_CLUSTER, NAT_F_KEEP_PORT, NatConfig, NatEntryV4, NatKeyV4},
     route::{MemberNode, RemoteNode, route_key},
 };
 use overlay_tests::{
@@ -29,7 +29,7 @@ use overlay_tests::{
     packet::{
         BRIDGE_MAC, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, POD_MAC, SRC_PORT_MAX, SRC_PORT_MIN,
         TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, VXLAN_PORT, be16, checksum, counters, ipv4_packet,
-        load_object, require_root, set_endpoint,
+        load_object, nat_config, require_root, set_endpoint,
     },
     unique_id,
 };
@@ -215,17 +215,7 @@ impl Node {
 }
 
 fn nat_on(flags: u32) -> NatConfig {
-    NatConfig {
-        flags: NAT_F_ENABLED | flags,
-        port_min: PORT_MIN,
-        port_max: PORT_MAX,
-        tcp_established: 3600,
-        tcp_transient: 120,
-        udp: 30,
-        udp_stream: 120,
-        icmp: 30,
-        _reserved: 0,
-    }
+    nat_config(flags, (PORT_MIN, PORT_MAX))
 }
 
 // ---------------------------------------------------------------------------------------------

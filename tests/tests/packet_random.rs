@@ -34,7 +34,7 @@ use overlay_common::{
     config::{CONFIG_F_DIRECT, CONFIG_F_NO_VXLAN, CONFIG_F_READY, Config},
     counters::{Counter, Reason},
     endpoint::Endpoint,
-    nat::{NAT_F_ENABLED, NatConfig},
+    nat::NatConfig,
     route::{MemberNode, RemoteNode, route_key},
 };
 use overlay_tests::{
@@ -42,7 +42,7 @@ use overlay_tests::{
     model::{self, Node, Outcome},
     packet::{
         BRIDGE_MAC, HOST_MAC, POD_MAC, SRC_PORT_MAX, SRC_PORT_MIN, VXLAN_PORT, checksum,
-        counters_by_reason, load_object,
+        counters_by_reason, load_object, nat_config,
     },
     unique_id,
 };
@@ -907,22 +907,7 @@ fn with_masquerade_on_every_frame_is_accounted_once_and_translations_hold() {
     bench.apply(&node);
     let mut nat: Array<_, NatConfig> =
         Array::try_from(bench.ebpf.map_mut(names::NAT_CONFIG).unwrap()).unwrap();
-    nat.set(
-        0,
-        NatConfig {
-            flags: NAT_F_ENABLED,
-            port_min: 1024,
-            port_max: 65535,
-            tcp_established: 3600,
-            tcp_transient: 120,
-            udp: 30,
-            udp_stream: 120,
-            icmp: 30,
-            _reserved: 0,
-        },
-        0,
-    )
-    .unwrap();
+    nat.set(0, nat_config(0, (1024, 65535)), 0).unwrap();
     let program =
         |name: &str| -> &SchedClassifier { bench.ebpf.program(name).unwrap().try_into().unwrap() };
     let run = |name: &str, frame: &[u8]| -> (u32, Vec<u8>, BTreeMap<Reason, (u64, u64)>) {
