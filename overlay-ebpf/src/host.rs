@@ -63,5 +63,5 @@ fn try_host_egress(ctx: &TcContext) -> Result<i32, Reason> {
     nat::snat_to_cluster(ctx, cfg, false)?;
     encapsulate(ctx, cfg, &peer, tos)?;
     count(Reason::EncapHost, ctx.len());
-    Ok(redirect_to_underlay(cfg))
+    Ok(redirect_to_underlay(ctx, cfg, &peer, tos))
 }

@@ -86,5 +86,5 @@ fn try_pod_egress(ctx: &TcContext, role: Role) -> Result<i32, Reason> {
     unsafe { decrement_ttl(ip) };
     encapsulate(ctx, cfg, &peer, tos)?;
     count(Reason::EncapPod, ctx.len());
-    Ok(redirect_to_underlay(cfg))
+    Ok(redirect_to_underlay(ctx, cfg, &peer, tos))
 }

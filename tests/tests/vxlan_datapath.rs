@@ -13,6 +13,7 @@
 //! - A stock flannel node (kernel `flannel.1` built from the lease records) in the cluster.
 //! - Crafted VXLAN frames from a non-member, with a wrong VNI or a wrong inner MAC are dropped
 //!   and counted; a member's correct frame arrives.
+//! - A peer behind a router: outer frames go to the gateway's MAC (the FIB's next hop).
 //!
 //! Root only (fails, never skips, without it); each test builds its own cluster. Run:
 //! `cargo xtask build && OVERLAY_AGENT_BIN=target/debug/overlay-agent cargo test -p
@@ -226,6 +227,17 @@ fn send_vxlan(ns: &NetNs, src: Ipv4Addr, dst: Ipv4Addr, payload: &[u8], count: u
         .unwrap_or_else(|e| panic!("{e:#}"));
 }
 
+/// Captures VXLAN on node 0's port of the underlay bridge (its frames both ways) into `pcap`.
+fn capture_vxlan_at_n0(cluster: &Cluster, pcap: &std::path::Path) -> Capture {
+    Capture::start(
+        cluster.underlay(),
+        "n0",
+        &format!("udp port {VXLAN_PORT}"),
+        pcap,
+    )
+    .unwrap()
+}
+
 fn drain(sock: &UdpSocket) -> Vec<Vec<u8>> {
     traffic::drain(sock).unwrap()
 }
@@ -276,13 +288,7 @@ fn three_nodes_two_pods_talk_across_nodes_over_flannel_vxlan() {
     assert_ping(&p00, &p10);
     assert_ping(cluster.node(2), &p01);
     let pcap = cluster.dir().join("underlay-n0.pcap");
-    let capture = Capture::start(
-        cluster.underlay(),
-        "n0",
-        &format!("udp port {VXLAN_PORT}"),
-        &pcap,
-    )
-    .unwrap();
+    let capture = capture_vxlan_at_n0(&cluster, &pcap);
     let r1 = p00.ping(p10.ip(), 3).unwrap();
     let r2 = cluster.node(2).ping(p01.ip(), 3).unwrap();
     let pcap = capture.stop().unwrap();
@@ -917,5 +923,70 @@ fn foreign_and_wrong_vni_frames_are_dropped_and_counted() {
     assert!(
         drops.is_empty(),
         "no drop counter may grow for the member's correct frames: {grew:?}"
+    );
+}
+
+// ----- 7. peers behind a router --------------------------------------------------------------
+
+/// n1 sits on the second segment, behind the underlay's router, as VXLAN allows (flannel.1
+/// routes the outer packets like any other). Pods talk both ways through our encapsulation, and
+/// the outer frames n0 sends to n1 go to the router's MAC: the next hop that the FIB lookup in
+/// `redirect_to_underlay` finds for n1's PublicIP. n0 never resolves n1's PublicIP itself (nobody
+/// on its segment would answer).
+#[test]
+fn peers_behind_a_router_are_sent_to_the_gateway() {
+    let cluster = Cluster::builder()
+        .nodes(2)
+        .second_segment(&[1])
+        .pods_per_node(1)
+        .network_config(CONFIG)
+        .build()
+        .unwrap();
+    let (n0, n1) = (cluster.node(0), cluster.node(1));
+    let (p0, p1) = (cluster.pod(0, 0), cluster.pod(1, 0));
+    let router_mac = cluster
+        .underlay()
+        .run("cat", &["/sys/class/net/br0/address"])
+        .unwrap()
+        .trim()
+        .to_owned();
+
+    let before = counters(n0);
+    let pcap = cluster.dir().join("routed.pcap");
+    let capture = capture_vxlan_at_n0(&cluster, &pcap);
+    assert_pods_talk(&p0, &p1);
+    assert_pods_talk(&p1, &p0);
+    let pcap = capture.stop().unwrap();
+    let sent = grown(&before, &counters(n0));
+    assert!(
+        sent.get("encap_pod").copied().unwrap_or(0) > 0,
+        "n0 encapsulated nothing for n1: {sent:?}"
+    );
+
+    let to_n1 = tshark_fields(
+        &pcap,
+        &format!(
+            "vxlan && ip.src == {} && ip.dst == {}",
+            n0.underlay_ip(),
+            n1.underlay_ip()
+        ),
+        &["eth.dst"],
+    )
+    .unwrap();
+    assert!(!to_n1.is_empty(), "no VXLAN frame from n0 to n1 captured");
+    for row in &to_n1 {
+        let outer_dst = row[0].split(',').next().unwrap_or_default();
+        assert_eq!(
+            outer_dst, router_mac,
+            "outer destination MAC of a frame to n1 (router br0 is {router_mac})"
+        );
+    }
+    let neighbours = n0
+        .ns()
+        .run("ip", &["-4", "neigh", "show", "dev", "eth0"])
+        .unwrap();
+    assert!(
+        !neighbours.contains(&format!("{} ", n1.underlay_ip())),
+        "n0 resolved n1's PublicIP on its own segment:\n{neighbours}"
     );
 }

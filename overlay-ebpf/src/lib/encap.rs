@@ -15,7 +15,7 @@
 //! zero checksum (RFC 7348 allows it and Linux accepts it; flannel.1 fills it in, which we cannot
 //! for GSO packets); VXLAN flags 0x08 and the VNI; inner Ethernet from our VtepMAC to the peer's.
 //! The outer Ethernet header is left as it is: `bpf_redirect_neigh` fills both MACs from the
-//! kernel's FIB and neighbour tables for the underlay device.
+//! kernel's neighbour table for the next hop towards the peer (see [`redirect_to_underlay`]).
 
 use aya_ebpf::{
     bindings::{
@@ -133,9 +133,21 @@ pub fn encapsulate(
         .map_err(|_| Reason::DropEncapFailed)
 }
 
-/// Sends the encapsulated packet out of the underlay device; the kernel routes the outer
-/// destination and fills the outer MACs from its neighbour table (resolving it if needed).
+/// Sends the encapsulated packet for `peer` out of the underlay device. The next hop comes from
+/// our own FIB lookup where it is certain (`fib::next_hop_out`), so the kernel only fills the
+/// outer MACs from its neighbour table (resolving it if needed); otherwise the kernel routes
+/// the outer destination itself, as before. Either way the outer packet goes where the kernel
+/// would send a packet from our address to the peer's PublicIP.
 #[inline(always)]
-pub fn redirect_to_underlay(cfg: &Config) -> i32 {
-    fib::redirect_neigh(cfg.underlay_ifindex)
+pub fn redirect_to_underlay(ctx: &TcContext, cfg: &Config, peer: &RemoteNode, tos: u8) -> i32 {
+    let outer = fib::Flow {
+        proto: IPPROTO_UDP,
+        tos: ecn_encapsulate(tos),
+        saddr: cfg.local_ip,
+        daddr: peer.public_ip,
+    };
+    match fib::next_hop_out(ctx, cfg.underlay_ifindex, &outer) {
+        Some(nexthop) => fib::redirect_neigh_via(cfg.underlay_ifindex, nexthop),
+        None => fib::redirect_neigh(cfg.underlay_ifindex),
+    }
 }

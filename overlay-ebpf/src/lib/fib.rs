@@ -7,14 +7,19 @@
 //!   kernel routing the destination (or the given next hop) and filling the MACs from its
 //!   neighbour table.
 //! - [`to_host_device`]: into the host device's ingress, as if it had received the packet.
-//! - [`lookup`]: `bpf_fib_lookup` without neighbour resolution.
+//! - [`lookup`]: `bpf_fib_lookup` without neighbour resolution, with the IPv4 next hop it
+//!   chose; [`next_hop_out`], the same from the output side, for packets we originate (the
+//!   VXLAN outer header). Handing a known next hop to `redirect_neigh_via` spares the
+//!   kernel the full output route lookup (`ip_route_output_flow`: rules, the dst cache and its
+//!   reference counts, xfrm) that `redirect_neigh` makes for every packet.
 
-use core::ptr;
+use core::{mem::MaybeUninit, ptr};
 
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{
-        BPF_F_INGRESS, BPF_FIB_LOOKUP_SKIP_NEIGH, bpf_check_mtu_flags::BPF_MTU_CHK_SEGS,
+        BPF_F_INGRESS, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT,
+        BPF_FIB_LOOKUP_SKIP_NEIGH, bpf_check_mtu_flags::BPF_MTU_CHK_SEGS,
         bpf_check_mtu_ret::BPF_MTU_CHK_RET_SUCCESS, bpf_fib_lookup as FibLookup, bpf_redir_neigh,
         bpf_redir_neigh__bindgen_ty_1,
     },
@@ -73,26 +78,101 @@ pub fn to_host_device(cfg: &Config) -> i32 {
     unsafe { bpf_redirect(cfg.host_ifindex, u64::from(BPF_F_INGRESS)) as i32 }
 }
 
+/// What a FIB lookup found: the helper's return code (`BPF_FIB_LKUP_RET_*`), the egress device
+/// and, where it is an IPv4 address, the next hop (the gateway, or the destination itself when
+/// it is on the link; a route through an IPv6 gateway, RFC 5549, has none to give
+/// `redirect_neigh_via`).
+pub struct Route {
+    pub rc: i64,
+    pub ifindex: u32,
+    pub next_hop: Option<[u8; 4]>,
+}
+
+impl Route {
+    /// Whether the lookup found a unicast route (with `BPF_FIB_LOOKUP_SKIP_NEIGH`, kernels before
+    /// 6.5 answer `NO_NEIGH` where later ones answer `SUCCESS`).
+    #[inline(always)]
+    fn routed(&self) -> bool {
+        self.rc == i64::from(BPF_FIB_LKUP_RET_SUCCESS)
+            || self.rc == i64::from(BPF_FIB_LKUP_RET_NO_NEIGH)
+    }
+}
+
+/// The IPv4 flow a FIB lookup is made for.
+pub struct Flow {
+    pub proto: u8,
+    pub tos: u8,
+    pub saddr: [u8; 4],
+    pub daddr: [u8; 4],
+}
+
 /// The kernel's route for `ip` sent to `daddr` as if it arrived on `ifindex` (no neighbour
-/// resolution: `bpf_redirect_neigh` does that): the helper's return code and its result.
+/// resolution: `bpf_redirect_neigh` does that).
 #[inline(always)]
-pub fn lookup(ctx: &TcContext, ifindex: u32, ip: &Ipv4Hdr, daddr: [u8; 4]) -> (i64, FibLookup) {
-    // SAFETY: a zeroed bpf_fib_lookup is a valid argument.
-    let mut fib: FibLookup = unsafe { core::mem::zeroed() };
-    fib.family = AF_INET;
-    fib.l4_protocol = ip.proto;
-    fib.ifindex = ifindex;
-    fib.__bindgen_anon_2.tos = ip.tos;
-    fib.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(ip.saddr);
-    fib.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(daddr);
-    // SAFETY: helper call with our context and a stack struct of the right size.
-    let rc = unsafe {
-        bpf_fib_lookup(
-            ctx.as_ptr(),
-            &mut fib,
-            size_of::<FibLookup>() as i32,
-            BPF_FIB_LOOKUP_SKIP_NEIGH,
-        )
+pub fn lookup(ctx: &TcContext, ifindex: u32, ip: &Ipv4Hdr, daddr: [u8; 4]) -> Route {
+    let flow = Flow {
+        proto: ip.proto,
+        tos: ip.tos,
+        saddr: ip.saddr,
+        daddr,
     };
-    (rc, fib)
+    fib_lookup(ctx, ifindex, &flow, 0)
+}
+
+/// The next hop out of `ifindex` for a packet of `flow` that we originate, as `redirect_neigh(ifindex)` would route it, or `None` where that is not certain and
+/// the caller should let `redirect_neigh` route: no unicast route, a route out of another
+/// device, a non-IPv4 next hop, or a packet mark (the lookup runs the routing rules with mark 0;
+/// `redirect_neigh` with the packet's).
+#[inline(always)]
+pub fn next_hop_out(ctx: &TcContext, ifindex: u32, flow: &Flow) -> Option<[u8; 4]> {
+    // SAFETY: reading a field of our own context.
+    if unsafe { (*ctx.skb.skb).mark } != 0 {
+        return None;
+    }
+    let route = fib_lookup(ctx, ifindex, flow, BPF_FIB_LOOKUP_OUTPUT);
+    if !route.routed() || route.ifindex != ifindex {
+        return None;
+    }
+    route.next_hop
+}
+
+/// `bpf_fib_lookup` of `flow` from `ifindex` (`BPF_FIB_LOOKUP_OUTPUT` in `flags`: as sent
+/// from this host out of it; otherwise as arriving on it), never resolving the neighbour.
+///
+/// The parameter block is zeroed with eight word stores where it lies and read in place:
+/// `mem::zeroed` or moving the 64-byte struct compiles to calls of the byte-by-byte `memset`
+/// and `memcpy` subprograms, which cost more per packet than the lookup itself.
+#[inline(always)]
+fn fib_lookup(ctx: &TcContext, ifindex: u32, flow: &Flow, flags: u32) -> Route {
+    const WORDS: usize = size_of::<FibLookup>() / 8;
+    const _: () = assert!(size_of::<FibLookup>() == WORDS * 8);
+    let mut block = MaybeUninit::<[u64; WORDS]>::uninit();
+    let words = block.as_mut_ptr().cast::<u64>();
+    for i in 0..WORDS {
+        // SAFETY: word `i` < WORDS of our own stack block; volatile so no memset replaces them.
+        unsafe { words.add(i).write_volatile(0) };
+    }
+    let fib = words.cast::<FibLookup>();
+    // SAFETY: `fib` points to a zeroed, 8-byte aligned block the size of a bpf_fib_lookup (an
+    // all-zero one is valid); the helper gets its size and our context.
+    unsafe {
+        (*fib).family = AF_INET;
+        (*fib).l4_protocol = flow.proto;
+        (*fib).ifindex = ifindex;
+        (*fib).__bindgen_anon_2.tos = flow.tos;
+        (*fib).__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(flow.saddr);
+        (*fib).__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(flow.daddr);
+        let rc = bpf_fib_lookup(
+            ctx.as_ptr(),
+            fib,
+            size_of::<FibLookup>() as i32,
+            flags | BPF_FIB_LOOKUP_SKIP_NEIGH,
+        );
+        Route {
+            rc,
+            ifindex: (*fib).ifindex,
+            next_hop: ((*fib).family == AF_INET)
+                .then(|| (*fib).__bindgen_anon_4.ipv4_dst.to_ne_bytes()),
+        }
+    }
 }

@@ -180,15 +180,19 @@ fn route_back(
     orig: NatEntryV4,
     l4_csum: L4Csum,
 ) -> Result<i32, Reason> {
-    let (rc, fib) = fib::lookup(ctx, cfg.underlay_ifindex, ip, orig.addr);
+    let route = fib::lookup(ctx, cfg.underlay_ifindex, ip, orig.addr);
     // NOT_FWDED (a local destination) and every failure: the kernel's.
-    let forward =
-        rc == i64::from(BPF_FIB_LKUP_RET_SUCCESS) && ip.ttl > 1 && fib::fits(ctx, fib.ifindex);
+    let forward = route.rc == i64::from(BPF_FIB_LKUP_RET_SUCCESS)
+        && ip.ttl > 1
+        && fib::fits(ctx, route.ifindex);
     restore_destination(ctx, ip, orig, l4_csum, forward)?;
     if !forward {
         return Ok(TC_ACT_OK);
     }
-    Ok(fib::redirect_neigh(fib.ifindex))
+    Ok(match route.next_hop {
+        Some(nexthop) => fib::redirect_neigh_via(route.ifindex, nexthop),
+        None => fib::redirect_neigh(route.ifindex),
+    })
 }
 
 /// Gives the reply its original destination back (`orig`, the originator), with its

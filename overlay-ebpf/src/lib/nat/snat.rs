@@ -44,8 +44,8 @@ pub fn snat_from_pod(ctx: &TcContext, cfg: &Config, role: Role) -> Result<i32, R
     }
     // Only what the kernel would send out of the external interface: that is the address we
     // translate to and the interface whose ingress sees the replies.
-    let (rc, fib) = fib::lookup(ctx, cfg.bridge_ifindex, &ip, ip.daddr);
-    if rc != i64::from(BPF_FIB_LKUP_RET_SUCCESS) || fib.ifindex != cfg.underlay_ifindex {
+    let route = fib::lookup(ctx, cfg.bridge_ifindex, &ip, ip.daddr);
+    if route.rc != i64::from(BPF_FIB_LKUP_RET_SUCCESS) || route.ifindex != cfg.underlay_ifindex {
         return Ok(TC_ACT_OK);
     }
     if ip.ttl <= 1 {
@@ -57,7 +57,12 @@ pub fn snat_from_pod(ctx: &TcContext, cfg: &Config, role: Role) -> Result<i32, R
         return Ok(TC_ACT_OK);
     }
     count(Reason::NatSnat, ctx.len());
-    Ok(fib::redirect_neigh(cfg.underlay_ifindex))
+    // The next hop the lookup chose, as the kernel's forwarding would use it; the kernel
+    // routes only where there is none to give.
+    Ok(match route.next_hop {
+        Some(nexthop) => fib::redirect_neigh_via(cfg.underlay_ifindex, nexthop),
+        None => fib::redirect_neigh(cfg.underlay_ifindex),
+    })
 }
 
 /// The external interface's tcx egress: masquerades what the kernel routed there itself.
