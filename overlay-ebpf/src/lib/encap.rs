@@ -146,8 +146,6 @@ pub fn redirect_to_underlay(ctx: &TcContext, cfg: &Config, peer: &RemoteNode, to
         saddr: cfg.local_ip,
         daddr: peer.public_ip,
     };
-    match fib::next_hop_out(ctx, cfg.underlay_ifindex, &outer) {
-        Some(nexthop) => fib::redirect_neigh_via(cfg.underlay_ifindex, nexthop),
-        None => fib::redirect_neigh(cfg.underlay_ifindex),
-    }
+    let next_hop = fib::next_hop_out(ctx, cfg.underlay_ifindex, &outer);
+    fib::redirect_neigh_to(cfg.underlay_ifindex, next_hop)
 }

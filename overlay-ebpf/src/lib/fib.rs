@@ -3,9 +3,9 @@
 //! - [`fits`] / [`fits_with`]: `bpf_check_mtu` against a device (GSO packets segment by
 //!   segment); if the check itself fails (a device just vanished) the packet goes ahead and the
 //!   redirect decides.
-//! - [`redirect_neigh`] / [`redirect_neigh_via`]: `bpf_redirect_neigh` out of a device, the
-//!   kernel routing the destination (or the given next hop) and filling the MACs from its
-//!   neighbour table.
+//! - [`redirect_neigh`] / [`redirect_neigh_via`] / [`redirect_neigh_to`]: `bpf_redirect_neigh`
+//!   out of a device, the kernel routing the destination (or the given next hop, or the one a
+//!   lookup may have found) and filling the MACs from its neighbour table.
 //! - [`to_host_device`]: into the host device's ingress, as if it had received the packet.
 //! - [`lookup`]: `bpf_fib_lookup` without neighbour resolution, with the IPv4 next hop it
 //!   chose; [`next_hop_out`], the same from the output side, for packets we originate (the
@@ -18,10 +18,9 @@ use core::{mem::MaybeUninit, ptr};
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{
-        BPF_F_INGRESS, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT,
-        BPF_FIB_LOOKUP_SKIP_NEIGH, bpf_check_mtu_flags::BPF_MTU_CHK_SEGS,
-        bpf_check_mtu_ret::BPF_MTU_CHK_RET_SUCCESS, bpf_fib_lookup as FibLookup, bpf_redir_neigh,
-        bpf_redir_neigh__bindgen_ty_1,
+        BPF_F_INGRESS, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT, BPF_FIB_LOOKUP_SKIP_NEIGH,
+        bpf_check_mtu_flags::BPF_MTU_CHK_SEGS, bpf_check_mtu_ret::BPF_MTU_CHK_RET_SUCCESS,
+        bpf_fib_lookup as FibLookup, bpf_redir_neigh, bpf_redir_neigh__bindgen_ty_1,
     },
     helpers::{bpf_check_mtu, bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh},
     programs::TcContext,
@@ -70,6 +69,16 @@ pub fn redirect_neigh_via(ifindex: u32, nexthop: [u8; 4]) -> i32 {
     unsafe { bpf_redirect_neigh(ifindex, &mut nh, size_of::<bpf_redir_neigh>() as i32, 0) as i32 }
 }
 
+/// Sends the packet out of `ifindex` to `next_hop` where a FIB lookup gave one
+/// ([`redirect_neigh_via`]), else with the kernel routing it ([`redirect_neigh`]).
+#[inline(always)]
+pub fn redirect_neigh_to(ifindex: u32, next_hop: Option<[u8; 4]>) -> i32 {
+    match next_hop {
+        Some(nexthop) => redirect_neigh_via(ifindex, nexthop),
+        None => redirect_neigh(ifindex),
+    }
+}
+
 /// Hands the packet to the host device's ingress, as if the device had received it (the
 /// caller has made the destination MAC the device's own).
 #[inline(always)]
@@ -89,12 +98,12 @@ pub struct Route {
 }
 
 impl Route {
-    /// Whether the lookup found a unicast route (with `BPF_FIB_LOOKUP_SKIP_NEIGH`, kernels before
-    /// 6.5 answer `NO_NEIGH` where later ones answer `SUCCESS`).
+    /// Whether the lookup found a route to forward by (`NOT_FWDED` for a local destination,
+    /// and every failure, say no; with `BPF_FIB_LOOKUP_SKIP_NEIGH` success does not wait for
+    /// the neighbour).
     #[inline(always)]
-    fn routed(&self) -> bool {
+    pub fn found(&self) -> bool {
         self.rc == i64::from(BPF_FIB_LKUP_RET_SUCCESS)
-            || self.rc == i64::from(BPF_FIB_LKUP_RET_NO_NEIGH)
     }
 }
 
@@ -119,9 +128,10 @@ pub fn lookup(ctx: &TcContext, ifindex: u32, ip: &Ipv4Hdr, daddr: [u8; 4]) -> Ro
     fib_lookup(ctx, ifindex, &flow, 0)
 }
 
-/// The next hop out of `ifindex` for a packet of `flow` that we originate, as `redirect_neigh(ifindex)` would route it, or `None` where that is not certain and
-/// the caller should let `redirect_neigh` route: no unicast route, a route out of another
-/// device, a non-IPv4 next hop, or a packet mark (the lookup runs the routing rules with mark 0;
+/// The next hop out of `ifindex` for a packet of `flow` that we originate, as
+/// `redirect_neigh(ifindex)` would route it, or `None` where that is not certain and the caller
+/// should let `redirect_neigh` route: no unicast route, a route out of another device, a
+/// non-IPv4 next hop, or a packet mark (the lookup runs the routing rules with mark 0;
 /// `redirect_neigh` with the packet's).
 #[inline(always)]
 pub fn next_hop_out(ctx: &TcContext, ifindex: u32, flow: &Flow) -> Option<[u8; 4]> {
@@ -130,7 +140,7 @@ pub fn next_hop_out(ctx: &TcContext, ifindex: u32, flow: &Flow) -> Option<[u8; 4
         return None;
     }
     let route = fib_lookup(ctx, ifindex, flow, BPF_FIB_LOOKUP_OUTPUT);
-    if !route.routed() || route.ifindex != ifindex {
+    if !route.found() || route.ifindex != ifindex {
         return None;
     }
     route.next_hop

@@ -5,7 +5,7 @@
 //! outside source. Calls `policy`, `flow`, `rewrite`, `icmp` and `lib::fib`.
 
 use aya_ebpf::{
-    bindings::{BPF_F_MARK_MANGLED_0, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK},
+    bindings::{BPF_F_MARK_MANGLED_0, TC_ACT_OK},
     helpers::bpf_ktime_get_ns,
     programs::TcContext,
 };
@@ -182,17 +182,12 @@ fn route_back(
 ) -> Result<i32, Reason> {
     let route = fib::lookup(ctx, cfg.underlay_ifindex, ip, orig.addr);
     // NOT_FWDED (a local destination) and every failure: the kernel's.
-    let forward = route.rc == i64::from(BPF_FIB_LKUP_RET_SUCCESS)
-        && ip.ttl > 1
-        && fib::fits(ctx, route.ifindex);
+    let forward = route.found() && ip.ttl > 1 && fib::fits(ctx, route.ifindex);
     restore_destination(ctx, ip, orig, l4_csum, forward)?;
     if !forward {
         return Ok(TC_ACT_OK);
     }
-    Ok(match route.next_hop {
-        Some(nexthop) => fib::redirect_neigh_via(route.ifindex, nexthop),
-        None => fib::redirect_neigh(route.ifindex),
-    })
+    Ok(fib::redirect_neigh_to(route.ifindex, route.next_hop))
 }
 
 /// Gives the reply its original destination back (`orig`, the originator), with its

@@ -5,7 +5,7 @@
 //! `lib::fib`.
 
 use aya_ebpf::{
-    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK},
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK},
     helpers::bpf_ktime_get_ns,
     programs::TcContext,
 };
@@ -45,7 +45,7 @@ pub fn snat_from_pod(ctx: &TcContext, cfg: &Config, role: Role) -> Result<i32, R
     // Only what the kernel would send out of the external interface: that is the address we
     // translate to and the interface whose ingress sees the replies.
     let route = fib::lookup(ctx, cfg.bridge_ifindex, &ip, ip.daddr);
-    if route.rc != i64::from(BPF_FIB_LKUP_RET_SUCCESS) || route.ifindex != cfg.underlay_ifindex {
+    if !route.found() || route.ifindex != cfg.underlay_ifindex {
         return Ok(TC_ACT_OK);
     }
     if ip.ttl <= 1 {
@@ -59,10 +59,7 @@ pub fn snat_from_pod(ctx: &TcContext, cfg: &Config, role: Role) -> Result<i32, R
     count(Reason::NatSnat, ctx.len());
     // The next hop the lookup chose, as the kernel's forwarding would use it; the kernel
     // routes only where there is none to give.
-    Ok(match route.next_hop {
-        Some(nexthop) => fib::redirect_neigh_via(cfg.underlay_ifindex, nexthop),
-        None => fib::redirect_neigh(cfg.underlay_ifindex),
-    })
+    Ok(fib::redirect_neigh_to(cfg.underlay_ifindex, route.next_hop))
 }
 
 /// The external interface's tcx egress: masquerades what the kernel routed there itself.
