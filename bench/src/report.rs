@@ -6,7 +6,7 @@ use anyhow::{Context, Result};
 
 use crate::{
     Mode, PathId, Plan,
-    run::Results,
+    run::{NodeCounters, Results},
     stats::{FigureSummary, MetricSummary},
     topo::{PLAIN_MTU, VXLAN_MTU, flannel_rule_commands},
 };
@@ -120,6 +120,7 @@ fn markdown(plan: &Plan, r: &Results, charts: &[(&str, &str)]) -> String {
         }
     }
     scale_section(&mut s, r);
+    counters_section(&mut s, r);
     if !charts.is_empty() {
         let _ = writeln!(s, "## Charts\n");
         for (file, title) in charts {
@@ -135,6 +136,92 @@ fn markdown(plan: &Plan, r: &Results, charts: &[(&str, &str)]) -> String {
         s.push('\n');
     }
     s
+}
+
+/// How much of the pods' traffic our fast paths carried, from the agents' counters summed over
+/// the nodes of one path: the pods' forwarded packets picked up at their veths in front of the
+/// bridge, and the packets for pods delivered straight into them rather than by the bridge.
+pub struct FastPathShare {
+    /// `pod_port` of `encap_pod` + `direct_pod` + `nat_snat`.
+    pub picked_up: f64,
+    /// `*_endpoint` of everything delivered to pods.
+    pub delivered: f64,
+    /// The pods' packets forwarded (the denominator of `picked_up`).
+    pub forwarded: u64,
+    /// Frames `underlay_xdp` decapsulated.
+    pub xdp_frames: u64,
+}
+
+impl FastPathShare {
+    /// `None` when the counters show no pod traffic either way.
+    pub fn of(nodes: &NodeCounters) -> Option<Self> {
+        let sum = |names: &[&str]| -> u64 {
+            nodes
+                .values()
+                .flat_map(|c| names.iter().filter_map(|n| c.get(*n)))
+                .sum()
+        };
+        let forwarded = sum(&["encap_pod", "direct_pod", "nat_snat"]);
+        let into_pods = sum(&[
+            "decap_endpoint",
+            "decap_pod",
+            "deliver_direct_endpoint",
+            "deliver_direct_pod",
+            "nat_rev",
+        ]);
+        if forwarded == 0 || into_pods == 0 {
+            return None;
+        }
+        let straight = sum(&[
+            "decap_endpoint",
+            "deliver_direct_endpoint",
+            "nat_rev_endpoint",
+        ]);
+        #[expect(clippy::cast_precision_loss, reason = "packet counts, for a share")]
+        Some(Self {
+            picked_up: sum(&["pod_port"]) as f64 / forwarded as f64,
+            delivered: straight as f64 / into_pods as f64,
+            forwarded,
+            xdp_frames: sum(&["xdp_decap"]),
+        })
+    }
+}
+
+fn counters_section(s: &mut String, r: &Results) {
+    let rows: Vec<(&String, &String, FastPathShare)> = r
+        .meta
+        .counters
+        .iter()
+        .flat_map(|(mode, paths)| {
+            paths
+                .iter()
+                .filter_map(move |(path, nodes)| Some((mode, path, FastPathShare::of(nodes)?)))
+        })
+        .collect();
+    if rows.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        s,
+        "## Where our data path did the work\n\nThe agents' counters at the end of each mode \
+         (every metric and round), summed over both nodes: of the pods' packets forwarded \
+         (`encap_pod` + `direct_pod` + `nat_snat`), the share picked up at the pods' veths in \
+         front of the bridge (`pod_port`); of the packets for pods, the share delivered \
+         straight into them (`decap_endpoint`, `deliver_direct_endpoint`, `nat_rev_endpoint`) \
+         rather than by the bridge; and the frames XDP decapsulated before GRO. The fast paths \
+         start at a pod's first packets, so a share just under 1 is the connections' first \
+         packets; well under 1 means the run did not measure the path it names.\n\n\
+         | mode | path | pods' packets forwarded | picked up at their veths | delivered straight | XDP frames |\n\
+         |---|---|---:|---:|---:|---:|"
+    );
+    for (mode, path, share) in rows {
+        let _ = writeln!(
+            s,
+            "| {mode} | {path} | {} | {:.3} | {:.3} | {} |",
+            share.forwarded, share.picked_up, share.delivered, share.xdp_frames
+        );
+    }
+    s.push('\n');
 }
 
 fn paths_section(s: &mut String) {

@@ -95,7 +95,14 @@ pub struct Meta {
     pub stock_state: BTreeMap<String, String>,
     /// How each path's nodes are built.
     pub paths: BTreeMap<String, String>,
+    /// Our agents' counters at the end of each mode (mode → path → node → name → packets):
+    /// which hooks did the work (see `report::counters_section`).
+    #[serde(default)]
+    pub counters: BTreeMap<String, BTreeMap<String, NodeCounters>>,
 }
+
+/// One path's agents' counters: node → counter name → packets.
+pub type NodeCounters = BTreeMap<String, BTreeMap<String, u64>>;
 
 const BASE: [Metric; 5] = [
     Metric::Tcp1,
@@ -170,6 +177,7 @@ pub fn run(plan: &Plan) -> Result<()> {
         if mode == plan.scale_mode && (plan.has(Metric::Scale) || plan.has(Metric::Propagation)) {
             run_scale(plan, mode, &topos, &mut samples, &mut failures)?;
         }
+        record_counters(&mut meta, mode, &topos);
         println!("== mode {}: removing the topologies", mode.name());
         drop(topos);
     }
@@ -408,6 +416,62 @@ fn run_scale(
         }
     }
     Ok(())
+}
+
+/// Our agents' counters (`overlay-agent counters`) after a mode's loads, per node of E and EH;
+/// warns when the pods' packets were not picked up at their veths or not delivered straight
+/// into the pods, i.e. when the run did not measure the path it means to.
+fn record_counters(meta: &mut Meta, mode: Mode, topos: &[PathTopo]) {
+    for topo in topos {
+        let Some(cluster) = topo
+            .cluster()
+            .filter(|_| matches!(topo.id, PathId::E | PathId::EH))
+        else {
+            continue;
+        };
+        let mut nodes = BTreeMap::new();
+        for node in cluster.nodes() {
+            match node.agent_cmd(&["counters"]) {
+                Ok(out) => {
+                    nodes.insert(node.name().to_owned(), parse_counters(&out));
+                }
+                Err(e) => eprintln!(
+                    "overlay-bench: warning: counters of {} ({}): {e:#}",
+                    node.name(),
+                    topo.id.name()
+                ),
+            }
+        }
+        if let Some(share) = crate::report::FastPathShare::of(&nodes) {
+            for (what, value) in [
+                ("picked up at the pods' veths", share.picked_up),
+                ("delivered straight into the pods", share.delivered),
+            ] {
+                if value < 0.9 {
+                    eprintln!(
+                        "overlay-bench: warning: {} {} mode: only {:.0} % of the pods' packets {what}",
+                        topo.id.name(),
+                        mode.name(),
+                        value * 100.0
+                    );
+                }
+            }
+        }
+        meta.counters
+            .entry(mode.name().to_owned())
+            .or_default()
+            .insert(topo.id.name().to_owned(), nodes);
+    }
+}
+
+/// `<name> <packets> <bytes>` lines → name → packets (lines of another shape are skipped).
+fn parse_counters(out: &str) -> BTreeMap<String, u64> {
+    out.lines()
+        .filter_map(|l| match l.split_whitespace().collect::<Vec<_>>()[..] {
+            [name, packets, _] => Some((name.to_owned(), packets.parse().ok()?)),
+            _ => None,
+        })
+        .collect()
 }
 
 fn record_offloads(meta: &mut Meta, mode: Mode, topo: &PathTopo) {

@@ -124,7 +124,7 @@ pub enum Reason {
     /// An unencapsulated packet from a direct peer for a local pod with a bad IPv4 header
     /// (checksum, or a total length the frame does not hold): the kernel would drop it too.
     DropDirectMalformed = 31,
-    // Slots 32..=35: delivery straight into pods and XDP decapsulation.
+    // Slots 32..=36: delivery straight into pods, XDP decapsulation, pickup at pods' veths.
     /// A VXLAN packet was decapsulated and delivered straight into a local pod (`ENDPOINT_V4`,
     /// `bpf_redirect_peer`); `decap_pod` counts those that took the bridge instead.
     DecapEndpoint = 32,
@@ -137,6 +137,10 @@ pub enum Reason {
     /// A VXLAN frame was decapsulated by the XDP program, before GRO (counted per frame; the
     /// frames then reach `underlay_ingress`, possibly aggregated).
     XdpDecap = 35,
+    /// A pod's packet was finished at its host-side veth (`pod_port_egress`, `--pod-hook
+    /// port`), in front of the bridge: counted besides what was done with it (`encap_pod`,
+    /// `direct_pod`, `nat_snat`), with its length as the pod sent it.
+    PodPort = 36,
     // Drops 48..=60: what a member node, a pod or a hostile underlay must not get through,
     // taken from the bottom of the second drop range.
     /// A VXLAN frame from a member node whose inner source address is in the cluster network
@@ -159,7 +163,7 @@ pub enum Reason {
 
 impl Reason {
     /// Every reason, in index order (what the agent reports).
-    pub const ALL: [Self; 41] = [
+    pub const ALL: [Self; 42] = [
         Self::UnderlayRx,
         Self::UnderlayTx,
         Self::EncapPod,
@@ -196,6 +200,7 @@ impl Reason {
         Self::DeliverDirectEndpoint,
         Self::NatRevEndpoint,
         Self::XdpDecap,
+        Self::PodPort,
         Self::DropInnerSource,
         Self::DropPodVxlan,
         Self::DropNatMalformed,
@@ -240,6 +245,7 @@ impl Reason {
             Self::DeliverDirectEndpoint => "deliver_direct_endpoint",
             Self::NatRevEndpoint => "nat_rev_endpoint",
             Self::XdpDecap => "xdp_decap",
+            Self::PodPort => "pod_port",
             Self::DropInnerSource => "drop_inner_source",
             Self::DropPodVxlan => "drop_pod_vxlan",
             Self::NatNewFlow => "nat_new_flow",

@@ -42,7 +42,13 @@ named!(pod_egress, overlay_common::names::POD_EGRESS);
 
 #[classifier]
 pub fn pod_port_egress(ctx: TcContext) -> i32 {
-    verdict(&ctx, try_pod_egress(&ctx, Role::Accelerator))
+    let len = ctx.len();
+    let result = try_pod_egress(&ctx, Role::Accelerator);
+    // What the port finished (everything but a pass to the bridge): shows the port at work.
+    if !matches!(result, Ok(TC_ACT_OK)) {
+        count(Reason::PodPort, len);
+    }
+    verdict(&ctx, result)
 }
 named!(pod_port_egress, overlay_common::names::POD_PORT_EGRESS);
 

@@ -417,6 +417,14 @@ impl Node {
     /// `pod_egress` (the bridge's hook, `accelerator` false) and `pod_port_egress` (a pod's
     /// veth, `accelerator` true: only frames to the gateway's MAC, hand-backs not counted).
     pub fn pod_egress(&self, f: &[u8], accelerator: bool) -> Outcome {
+        let mut outcome = self.pod_egress_body(f, accelerator);
+        if accelerator && outcome.verdict != TC_OK {
+            outcome.counts.push((Reason::PodPort, f.len() as u64));
+        }
+        outcome
+    }
+
+    fn pod_egress_body(&self, f: &[u8], accelerator: bool) -> Outcome {
         let len = f.len() as u64;
         let pass = |counts| Outcome::new(TC_OK, counts, Expected::Same);
         if !self.ready() || !is_ipv4(f) {

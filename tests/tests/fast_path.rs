@@ -166,6 +166,72 @@ fn pods_added_after_start_are_reached_straight_and_a_reused_ifindex_gets_nothing
     assert!(d.get("decap_endpoint").copied().unwrap_or(0) >= 10, "{d:?}");
 }
 
+/// A TCP transfer from `from` (a pod of `node`) to `to` is picked up at `from`'s veth in front
+/// of the bridge (`pod_port_egress`): every encapsulated packet counted there too.
+fn assert_picked_up_at_port(node: &Node, from: &Pod, to: &Pod) {
+    let before = counters(node);
+    assert_tcp(from, to);
+    let d = grown(&before, &counters(node));
+    let (port, encap) = (
+        d.get("pod_port").copied().unwrap_or(0),
+        d.get("encap_pod").copied().unwrap_or(0),
+    );
+    assert!(
+        encap >= 10 && port == encap,
+        "{}: {port} of {encap} encapsulated packets picked up at the pod's veth: {d:?}",
+        node.name()
+    );
+}
+
+/// Pickup at the pods' veths follows the bridge's MAC address. A bridge without an address of
+/// its own (the CNI plugin's, the harness's) takes its lowest port's when pods join, often
+/// after the agent attached; an operator may set one. The port program takes only frames to
+/// the bridge's MAC, so with a stale one every pod's traffic silently took the bridge.
+#[test]
+fn pods_are_picked_up_at_their_veth_after_the_bridge_changes_its_mac() {
+    let cluster = two_nodes(VXLAN);
+    let n0 = cluster.node(0);
+    let (a, b) = (cluster.pod(0, 0), cluster.pod(1, 0));
+    // A pod's veth gets the program once the pod is an endpoint (it has talked).
+    assert_ping(&a, &b);
+    wait_endpoints(n0, "listed the pod", |e| e.contains_key(&a.ip()));
+    assert_picked_up_at_port(n0, &a, &b);
+
+    let new_mac = "02:00:00:00:aa:01";
+    n0.ns()
+        .ip(&["link", "set", "cni0", "address", new_mac])
+        .unwrap();
+    agent_of(n0)
+        .wait_for_log(
+            &format!("pod bridge cni0 now has MAC {new_mac}"),
+            EVENT_BOUND,
+        )
+        .unwrap();
+    // The kernel announces no new MAC to the pods; the pod asks again, as after any change.
+    // (It also forgot its neighbours on the bridge, so the pod is an endpoint again once it
+    // has talked.)
+    a.ns().ip(&["neigh", "flush", "dev", "eth0"]).unwrap();
+    assert_ping(&a, &b);
+    wait_endpoints(n0, "listed the pod again", |e| e.contains_key(&a.ip()));
+    assert_picked_up_at_port(n0, &a, &b);
+
+    // Frames delivered straight into the pod come from the gateway's new MAC.
+    let capture = Capture::start(
+        a.ns(),
+        "eth0",
+        &format!("icmp and src host {}", b.ip()),
+        cluster.dir().join("bridge-mac.pcap"),
+    )
+    .unwrap();
+    assert_ping(&b, &a);
+    let seen = tshark_fields(&capture.stop().unwrap(), "", &["eth.src"]).unwrap();
+    assert!(
+        !seen.is_empty() && seen.iter().all(|f| f[0] == new_mac),
+        "frames into the pod from {}: {seen:?}",
+        b.ip()
+    );
+}
+
 #[test]
 fn host_gw_delivers_known_pods_straight() {
     let cluster = two_nodes(HOST_GW);

@@ -5,7 +5,7 @@
 //! - it is accounted for exactly once: dropped under exactly one drop reason (`TC_ACT_SHOT`),
 //!   delivered under exactly one delivery reason (`TC_ACT_REDIRECT`), or passed on with at most
 //!   one hand-back reason (`TC_ACT_OK`); `underlay_rx`/`underlay_tx` count every frame of their
-//!   hook, `xdp_decap` what XDP decapsulated;
+//!   hook, `xdp_decap` what XDP decapsulated, `pod_port` what the port program settled;
 //! - the verdict, the counters (packets and bytes) and the frame that comes out are the ones
 //!   the reference model (`overlay_tests::model`) computes from the node's settings and maps.
 //!
@@ -554,12 +554,19 @@ fn sum_counts(outcomes: &[Outcome]) -> BTreeMap<Reason, (u64, u64)> {
     sum
 }
 
-/// The reasons that say where a frame went: each frame counts at most one.
+/// The reasons that say where a frame went: each frame counts at most one. The others say
+/// which hook saw or settled it.
 fn is_fate(r: Reason) -> bool {
     !matches!(
         r,
-        Reason::UnderlayRx | Reason::UnderlayTx | Reason::XdpDecap
+        Reason::UnderlayRx | Reason::UnderlayTx | Reason::XdpDecap | Reason::PodPort
     )
+}
+
+/// `pod_port` counts exactly what the port program settled (redirected or dropped).
+fn port_counted_right(prog: &str, verdict: u32, counts: &BTreeMap<Reason, (u64, u64)>) -> bool {
+    let settled_at_port = prog == names::POD_PORT_EGRESS && verdict != model::TC_OK;
+    counts.get(&Reason::PodPort).map(|c| c.0) == settled_at_port.then_some(1)
 }
 
 /// Each frame accounted for exactly once (see the module note), on the counts of one frame.
@@ -586,7 +593,10 @@ fn assert_accounted(prog: &str, verdict: u32, counts: &BTreeMap<Reason, (u64, u6
         model::TC_REDIRECT => fates.len() == 1 && !fates[0].is_drop() && packets(fates[0]) == 1,
         _ => fates.len() <= 1 && fates.iter().all(|r| !r.is_drop() && packets(*r) == 1),
     } && entry.is_none_or(|e| packets(e) == 1)
-        && counts.keys().all(|r| Some(*r) == entry || is_fate(*r));
+        && port_counted_right(prog, verdict, counts)
+        && counts
+            .keys()
+            .all(|r| Some(*r) == entry || *r == Reason::PodPort || is_fate(*r));
     assert!(
         ok,
         "{prog}: verdict {verdict} with counts {counts:?}: not accounted exactly once; frame {hex}"
@@ -825,6 +835,7 @@ fn assert_accounted_nat(
         || counts.contains_key(&Reason::NatSnat))
         && (!counts.contains_key(&Reason::NatRevEndpoint) || counts.contains_key(&Reason::NatRev));
     let ok = counts.keys().all(once)
+        && port_counted_right(prog, verdict, counts)
         && translations.len() <= 1
         && annotations_fit
         && match verdict {

@@ -117,18 +117,31 @@ impl NodeDatapath {
     /// Attaches to the pod bridge when it appears (or was re-created) and lets go when it
     /// disappears. Failures are logged and retried at the next poll.
     pub(super) async fn track_pod_bridge(&mut self, datapath: &mut Datapath, netlink: &Netlink) {
-        let found = match netlink.interfaces().await {
-            Ok(list) => find_pod_bridge(&list, self.bridge_name.as_deref(), self.gateway)
-                .map(|i| (i.name.clone(), i.index)),
+        let (found, mac) = match netlink.interfaces().await {
+            Ok(list) => {
+                let bridge = find_pod_bridge(&list, self.bridge_name.as_deref(), self.gateway);
+                (
+                    bridge.map(|i| (i.name.clone(), i.index)),
+                    bridge.and_then(|i| i.mac),
+                )
+            }
             Err(e) => {
                 warn!("cannot list interfaces to find the pod bridge: {e}");
                 return;
             }
         };
         // Nothing to do when the data path already serves what was found (after a restart it
-        // may still hold the earlier agent's bridge, which must then be attached or dropped).
+        // may still hold the earlier agent's bridge, which must then be attached or dropped),
+        // except following its MAC address.
         let serving = found.as_ref().map_or(0, |(_, index)| *index);
         if found == self.bridge && datapath.bridge_ifindex() == serving {
+            if let (Some((name, _)), Some(mac)) = (&found, mac) {
+                match datapath.refresh_bridge_mac(mac) {
+                    Ok(true) => info!("pod bridge {name} now has MAC {}", Mac::from(mac)),
+                    Ok(false) => {}
+                    Err(e) => warn!("cannot take the new MAC of pod bridge {name}: {e}"),
+                }
+            }
             return;
         }
         let result = match &found {

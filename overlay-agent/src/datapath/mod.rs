@@ -492,6 +492,21 @@ impl Datapath {
         self.write_config()
     }
 
+    /// Takes the pod bridge's current MAC address. A bridge without an address of its own (the
+    /// CNI bridge plugin's) takes the lowest of its ports' addresses, so its MAC changes when
+    /// the first pod joins, often after the agent attached. `pod_port_egress` picks up only
+    /// frames to the bridge's MAC and delivered frames carry it as their source: with a stale
+    /// one, pods' traffic silently took the slower way through the bridge. No-op when unchanged
+    /// or when no bridge is attached.
+    pub fn refresh_bridge_mac(&mut self, mac: [u8; 6]) -> Result<bool, DatapathError> {
+        if self.devices.bridge == 0 || self.devices.bridge_mac == mac {
+            return Ok(false);
+        }
+        self.devices.bridge_mac = mac;
+        self.write_config()?;
+        Ok(true)
+    }
+
     /// Stops using the pod bridge (it disappeared): decapsulated pod traffic is dropped and
     /// counted (`drop_no_bridge`) until [`Datapath::attach_pod_bridge`] again. No-op if detached.
     pub fn detach_pod_bridge(&mut self) -> Result<(), DatapathError> {
