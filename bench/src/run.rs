@@ -431,9 +431,12 @@ fn record_counters(meta: &mut Meta, mode: Mode, topos: &[PathTopo]) {
         };
         let mut nodes = BTreeMap::new();
         for node in cluster.nodes() {
-            match node.agent_cmd(&["counters"]) {
-                Ok(out) => {
-                    nodes.insert(node.name().to_owned(), parse_counters(&out));
+            match node
+                .agent_cmd(&["counters"])
+                .and_then(|out| overlay_tests::checks::parse_counters(&out))
+            {
+                Ok(counters) => {
+                    nodes.insert(node.name().to_owned(), counters);
                 }
                 Err(e) => eprintln!(
                     "overlay-bench: warning: counters of {} ({}): {e:#}",
@@ -462,16 +465,6 @@ fn record_counters(meta: &mut Meta, mode: Mode, topos: &[PathTopo]) {
             .or_default()
             .insert(topo.id.name().to_owned(), nodes);
     }
-}
-
-/// `<name> <packets> <bytes>` lines → name → packets (lines of another shape are skipped).
-fn parse_counters(out: &str) -> BTreeMap<String, u64> {
-    out.lines()
-        .filter_map(|l| match l.split_whitespace().collect::<Vec<_>>()[..] {
-            [name, packets, _] => Some((name.to_owned(), packets.parse().ok()?)),
-            _ => None,
-        })
-        .collect()
 }
 
 fn record_offloads(meta: &mut Meta, mode: Mode, topo: &PathTopo) {

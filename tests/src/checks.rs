@@ -232,24 +232,27 @@ pub fn agent_cmd(node: &Node, args: &[&str]) -> String {
     node.agent_cmd(args).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
+/// The output of `overlay-agent counters` (`<name> <packets> <bytes>` per line): name →
+/// packets, or an error naming the first line of another shape.
+pub fn parse_counters(out: &str) -> anyhow::Result<BTreeMap<String, u64>> {
+    out.lines()
+        .map(|l| match l.split_whitespace().collect::<Vec<_>>()[..] {
+            [name, packets, bytes] if bytes.parse::<u64>().is_ok() => packets
+                .parse()
+                .map(|p| (name.to_owned(), p))
+                .map_err(|_| anyhow::anyhow!("bad counters line {l:?}")),
+            _ => Err(anyhow::anyhow!(
+                "`overlay-agent counters` line {l:?} is not `<name> <packets> <bytes>`:\n{out}"
+            )),
+        })
+        .collect()
+}
+
 /// The node's data path counters (`overlay-agent counters`): name → packets. Panics unless
 /// every line is `<name> <packets> <bytes>` and the well-known names are there.
 pub fn counters(node: &Node) -> BTreeMap<String, u64> {
     let out = agent_cmd(node, &["counters"]);
-    let counters: BTreeMap<String, u64> = out
-        .lines()
-        .map(|l| match l.split_whitespace().collect::<Vec<_>>()[..] {
-            [name, packets, bytes] if bytes.parse::<u64>().is_ok() => (
-                name.to_owned(),
-                packets
-                    .parse()
-                    .unwrap_or_else(|_| panic!("bad counters line {l:?}")),
-            ),
-            _ => panic!(
-                "`overlay-agent counters` line {l:?} is not `<name> <packets> <bytes>`:\n{out}"
-            ),
-        })
-        .collect();
+    let counters = parse_counters(&out).unwrap_or_else(|e| panic!("{e:#}"));
     for name in [
         "underlay_rx",
         "decap_pod",
