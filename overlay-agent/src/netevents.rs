@@ -1,5 +1,5 @@
-//! The agent's one netlink event source: a single subscription to the link and neighbour
-//! groups (RTNLGRP_LINK, RTNLGRP_NEIGH) of its network namespace, feeding both consumers:
+//! The agent's one netlink event source: a single subscription to the link, neighbour, IPv4
+//! route, rule and address groups of its network namespace, feeding three consumers:
 //! - the daemon's repairs ([`NetlinkEvents::links`]): it hears at once when a device is deleted
 //!   or (re-)created, so it re-attaches its programs and recreates `ovl0` within the second,
 //!   not only at the next restart (flannel's users lost `flannel.1` for good this way: flannel
@@ -8,6 +8,10 @@
 //!   detach`) is caught by the daemon's periodic check instead.
 //! - the endpoint watcher (`endpoints`, [`NetlinkEvents::messages`]): every message, for the
 //!   pods on the bridge, with the connection's [`Handle`] for its dumps.
+//! - the next-hop cache of the programs ([`NetlinkEvents::routing`]): any route, rule, address
+//!   or link change may move the next hop towards a peer, so the daemon bumps the routing
+//!   generation in `CONFIG` (see `overlay_common::route::NextHopV4`). Changes coalesce: one
+//!   pending signal stands for any number of them.
 //!
 //! Owned by the daemon; dropping it ends the subscription.
 
@@ -38,6 +42,8 @@ const MESSAGE_QUEUE: usize = 1024;
 pub struct NetlinkEvents {
     /// Link events, for the daemon's repairs.
     pub links: mpsc::Receiver<LinkEvent>,
+    /// Something that routing depends on changed (coalesced).
+    pub routing: mpsc::Receiver<()>,
     messages: broadcast::Sender<NetlinkMessage<RouteNetlinkMessage>>,
     handle: Handle,
     tasks: [JoinHandle<()>; 2],
@@ -52,11 +58,17 @@ impl Drop for NetlinkEvents {
 }
 
 impl NetlinkEvents {
-    /// Subscribes to the link and neighbour events of the agent's network namespace.
+    /// Subscribes to the events of the agent's network namespace.
     pub fn subscribe() -> std::io::Result<Self> {
-        let (connection, handle, mut incoming) =
-            rtnetlink::new_multicast_connection(&[MulticastGroup::Link, MulticastGroup::Neigh])?;
+        let (connection, handle, mut incoming) = rtnetlink::new_multicast_connection(&[
+            MulticastGroup::Link,
+            MulticastGroup::Neigh,
+            MulticastGroup::Ipv4Route,
+            MulticastGroup::Ipv4Rule,
+            MulticastGroup::Ipv4Ifaddr,
+        ])?;
         let (tx, links) = mpsc::channel(256);
+        let (routing_tx, routing) = mpsc::channel(1);
         let (messages, _) = broadcast::channel(MESSAGE_QUEUE);
         let connection = tokio::spawn(connection);
         let fan_out = messages.clone();
@@ -71,6 +83,10 @@ impl NetlinkEvents {
                     }
                     _ => None,
                 };
+                if event.is_some() || changes_routing(&message.payload) {
+                    // Full: a signal is pending already, which covers this change too.
+                    let _ = routing_tx.try_send(());
+                }
                 // No endpoint watcher listening (none yet, or between restarts) is fine.
                 let _ = fan_out.send(message);
                 // A full queue only means the daemon has checks pending already.
@@ -84,6 +100,7 @@ impl NetlinkEvents {
         });
         Ok(Self {
             links,
+            routing,
             messages,
             handle,
             tasks: [connection, forward],
@@ -99,6 +116,21 @@ impl NetlinkEvents {
     pub fn handle(&self) -> Handle {
         self.handle.clone()
     }
+}
+
+/// Whether a message reports a change of IPv4 routes, rules or addresses.
+fn changes_routing(payload: &NetlinkPayload<RouteNetlinkMessage>) -> bool {
+    matches!(
+        payload,
+        NetlinkPayload::InnerMessage(
+            RouteNetlinkMessage::NewRoute(_)
+                | RouteNetlinkMessage::DelRoute(_)
+                | RouteNetlinkMessage::NewRule(_)
+                | RouteNetlinkMessage::DelRule(_)
+                | RouteNetlinkMessage::NewAddress(_)
+                | RouteNetlinkMessage::DelAddress(_)
+        )
+    )
 }
 
 fn link_event(link: &LinkMessage, removed: bool) -> Option<LinkEvent> {

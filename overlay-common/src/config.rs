@@ -72,8 +72,13 @@ pub struct Config {
     /// frame as decapsulated only with it (a random value per load, so no other source of
     /// metadata can pass for it). Host order.
     pub xdp_cookie: u32,
+    /// The generation of the node's routing as the agent last saw it: bumped at every route,
+    /// rule, address or link event of its namespace and at least once a second. A next hop the
+    /// programs cached (`route::NextHopV4`) under another generation is looked up again.
+    /// Host order; 0 = no caching.
+    pub route_gen: u32,
 }
-const _: () = assert!(size_of::<Config>() == 68);
+const _: () = assert!(size_of::<Config>() == 72);
 
 impl Config {
     #[must_use]

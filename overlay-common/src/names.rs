@@ -37,6 +37,8 @@ pub const ROUTE_V4: &str = "ROUTE_V4";
 pub const NODE_V4: &str = "NODE_V4";
 /// Local pod → host-side veth and MAC (`endpoint`).
 pub const ENDPOINT_V4: &str = "ENDPOINT_V4";
+/// Peer PublicIP → the next hop towards it, cached by the programs (`route`).
+pub const NEXT_HOP_V4: &str = "NEXT_HOP_V4";
 /// Per-CPU counters by reason (`counters`).
 pub const COUNTERS: &str = "COUNTERS";
 /// Sampled drop events, a ring buffer (`events`).

@@ -90,6 +90,24 @@ pub struct MemberNode {
 }
 const _: () = assert!(size_of::<MemberNode>() == 4);
 
+/// Capacity of `NEXT_HOP_V4`, an LRU map: the peers a node sends to at once. Beyond it the
+/// least recently used entries make room, and their next hops are looked up again.
+pub const NEXT_HOP_V4_CAPACITY: u32 = 4096;
+
+/// Value of `NEXT_HOP_V4` (key: a peer's PublicIP, network order): the IPv4 next hop the kernel's
+/// FIB gave for the VXLAN outer packet to that peer, and the routing generation
+/// (`Config::route_gen`) it was looked up under. Written only by the programs, whole (a hash map
+/// update replaces the element), so a reader never sees the next hop of one generation with
+/// another's number.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct NextHopV4 {
+    pub route_gen: u32,
+    /// Network order.
+    pub next_hop: [u8; 4],
+}
+const _: () = assert!(size_of::<NextHopV4>() == 8);
+
 #[cfg(feature = "user")]
 mod user {
     use std::net::Ipv4Addr;
@@ -102,6 +120,8 @@ mod user {
     unsafe impl aya::Pod for RemoteNode {}
     // SAFETY: as above.
     unsafe impl aya::Pod for MemberNode {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::NextHopV4 {}
 
     /// The `ROUTE_V4` key of `addr/prefix_len`. Host bits of `addr` must be zero (the agent
     /// passes `Ipv4Net::network()`); the trie would ignore them on lookup but keep them in the

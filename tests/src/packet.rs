@@ -20,7 +20,7 @@ use overlay_common::{
     endpoint::{Endpoint, EndpointKeyV4},
     names,
     nat::{NAT_F_ENABLED, NatConfig},
-    route::{MemberNode, RemoteNode, route_key},
+    route::{MemberNode, NextHopV4, RemoteNode, route_key},
 };
 
 /// Masquerade on with `flags`, source ports `ports`, and the agent's default idle timeouts
@@ -211,6 +211,17 @@ impl Loaded {
             HashMap::try_from(self.ebpf.map_mut(names::NODE_V4).unwrap()).unwrap();
         map.insert(ip.octets(), MemberNode { routes: 1 }, 0)
             .unwrap();
+    }
+
+    /// The outer next hop the programs cached for the peer `public_ip` (`NEXT_HOP_V4`).
+    pub fn cached_next_hop(&self, public_ip: Ipv4Addr) -> Option<NextHopV4> {
+        let map: HashMap<_, [u8; 4], NextHopV4> =
+            HashMap::try_from(self.ebpf.map(names::NEXT_HOP_V4).unwrap()).unwrap();
+        match map.get(&public_ip.octets(), 0) {
+            Ok(entry) => Some(entry),
+            Err(aya::maps::MapError::KeyNotFound) => None,
+            Err(e) => panic!("NEXT_HOP_V4: cannot read the entry of {public_ip}: {e}"),
+        }
     }
 
     pub fn run(&self, prog: &str, frame: &[u8]) -> Run {

@@ -68,6 +68,7 @@ fn node_a(flags: u32) -> Loaded {
         src_port_max: SRC_PORT_MAX,
         bridge_mac: BRIDGE_MAC,
         xdp_cookie: 0,
+        route_gen: 0,
     });
     for (subnet, node, member) in [
         (B_SUBNET, RemoteNode::direct(B_IP.octets(), [0; 6]), B_IP),

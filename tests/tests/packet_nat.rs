@@ -108,6 +108,7 @@ impl Node {
             src_port_max: SRC_PORT_MAX,
             bridge_mac: BRIDGE_MAC,
             xdp_cookie: 0,
+            route_gen: 0,
         };
         let mut a: Array<_, Config> =
             Array::try_from(node.ebpf.map_mut(names::CONFIG).unwrap()).unwrap();

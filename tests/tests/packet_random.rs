@@ -513,6 +513,7 @@ fn setting(bench: &Bench, routing: u8, devices: bool) -> Node {
             src_port_max: SRC_PORTS.1,
             bridge_mac: BRIDGE_MAC,
             xdp_cookie: 0x5eed_c0de,
+            route_gen: 0,
         },
         routes: vec![
             (net(B.1), peer(B, routing >= 1)),

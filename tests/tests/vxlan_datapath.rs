@@ -13,7 +13,8 @@
 //! - A stock flannel node (kernel `flannel.1` built from the lease records) in the cluster.
 //! - Crafted VXLAN frames from a non-member, with a wrong VNI or a wrong inner MAC are dropped
 //!   and counted; a member's correct frame arrives.
-//! - A peer behind a router: outer frames go to the gateway's MAC (the FIB's next hop).
+//! - A peer behind a router: outer frames go to the gateway's MAC (the FIB's next hop), and
+//!   follow a route change from the first packet after it (the programs' next-hop cache).
 //!
 //! Root only (fails, never skips, without it); each test builds its own cluster. Run:
 //! `cargo xtask build && OVERLAY_AGENT_BIN=target/debug/overlay-agent cargo test -p
@@ -933,15 +934,20 @@ fn foreign_and_wrong_vni_frames_are_dropped_and_counted() {
 /// the outer frames n0 sends to n1 go to the router's MAC: the next hop that the FIB lookup in
 /// `redirect_to_underlay` finds for n1's PublicIP. n0 never resolves n1's PublicIP itself (nobody
 /// on its segment would answer).
-#[test]
-fn peers_behind_a_router_are_sent_to_the_gateway() {
-    let cluster = Cluster::builder()
+/// Two nodes with a pod each; n1 on the second segment, behind the underlay's router.
+fn cluster_behind_a_router() -> Cluster {
+    Cluster::builder()
         .nodes(2)
         .second_segment(&[1])
         .pods_per_node(1)
         .network_config(CONFIG)
         .build()
-        .unwrap();
+        .unwrap()
+}
+
+#[test]
+fn peers_behind_a_router_are_sent_to_the_gateway() {
+    let cluster = cluster_behind_a_router();
     let (n0, n1) = (cluster.node(0), cluster.node(1));
     let (p0, p1) = (cluster.pod(0, 0), cluster.pod(1, 0));
     let router_mac = cluster
@@ -988,5 +994,96 @@ fn peers_behind_a_router_are_sent_to_the_gateway() {
     assert!(
         !neighbours.contains(&format!("{} ", n1.underlay_ip())),
         "n0 resolved n1's PublicIP on its own segment:\n{neighbours}"
+    );
+}
+
+/// The programs cache the outer next hop per peer (`NEXT_HOP_V4`) under the agent's routing
+/// generation. A route change on the node must take effect from the next packet, not when the
+/// cache happens to expire: with n1 behind the router and traffic flowing (next hop cached),
+/// n0 gets a more specific route to n1 through a gateway that does not exist. The pings sent
+/// right after it must all go there: n0 tries to resolve that gateway, and not one of their
+/// frames reaches the router (with the once-a-second renewal alone, about half a second of them
+/// would). With the route removed, pods talk through the router again.
+#[test]
+fn a_changed_route_to_a_peer_is_followed_at_once() {
+    let cluster = cluster_behind_a_router();
+    let (n0, n1) = (cluster.node(0), cluster.node(1));
+    let (p0, p1) = (cluster.pod(0, 0), cluster.pod(1, 0));
+    // On n0's segment, answered by nobody.
+    let missing_gateway = "198.18.0.250";
+    // ping -s 200: inner IPv4 packets of 228 bytes, told apart from the other traffic.
+    let (payload, inner_len) = (200, 228);
+
+    let pcap = cluster.dir().join("route-change.pcap");
+    let capture = capture_vxlan_at_n0(&cluster, &pcap);
+    assert_pods_talk(&p0, &p1);
+    let host_route = format!("{}/32", n1.underlay_ip());
+    n0.ns()
+        .run(
+            "ip",
+            &[
+                "route",
+                "add",
+                &host_route,
+                "via",
+                missing_gateway,
+                "dev",
+                "eth0",
+            ],
+        )
+        .unwrap();
+    // 20 pings in half a second; none can be answered.
+    let _ = p0.ns().run(
+        "ping",
+        &[
+            "-c",
+            "20",
+            "-i",
+            "0.025",
+            "-W",
+            "1",
+            "-s",
+            &payload.to_string(),
+            &p1.ip().to_string(),
+        ],
+    );
+    let neighbour = n0
+        .ns()
+        .run(
+            "ip",
+            &["-4", "neigh", "show", missing_gateway, "dev", "eth0"],
+        )
+        .unwrap();
+    n0.ns().run("ip", &["route", "del", &host_route]).unwrap();
+    assert_pods_talk(&p0, &p1);
+    let pcap = capture.stop().unwrap();
+
+    assert!(
+        neighbour.contains(missing_gateway),
+        "n0 never tried to resolve the new next hop {missing_gateway}: `ip neigh` shows {neighbour:?}"
+    );
+    let stale = tshark_fields(
+        &pcap,
+        &format!(
+            "vxlan && ip.dst == {} && ip.len == {inner_len}",
+            n1.underlay_ip()
+        ),
+        &["frame.number"],
+    )
+    .unwrap();
+    assert!(
+        stale.is_empty(),
+        "{} ping(s) sent after the route change still went to the router (frames {stale:?})",
+        stale.len()
+    );
+    let after = tshark_fields(
+        &pcap,
+        &format!("vxlan && ip.dst == {}", n1.underlay_ip()),
+        &["frame.number"],
+    )
+    .unwrap();
+    assert!(
+        !after.is_empty(),
+        "no VXLAN frame to n1 captured at all: the capture saw nothing"
     );
 }

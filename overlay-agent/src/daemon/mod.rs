@@ -38,7 +38,7 @@ use tracing::{error, info, warn};
 use self::{
     node::{
         NodeDatapath, attach_xdp, check_and_repair, enable_ip_forwarding, report_counters,
-        sweep_nat, sync_endpoints, sync_pod_ports,
+        routing_changed, sweep_nat, sync_endpoints, sync_pod_ports,
     },
     setup::{etcd_options, manager_options, probe_etcd, start_healthz, write_env, write_status},
 };
@@ -287,6 +287,8 @@ async fn serve(flags: Flags, mut signals: Signals, undo: &mut Undo) -> Result<()
         tokio::select! {
             signal = signals.recv() => break shut_down(signal),
             _ = bridge_poll.tick() => {
+                // Also a new routing generation each second, in case a netlink event was lost.
+                routing_changed(&mut datapath);
                 node.track_pod_bridge(&mut datapath, &netlink).await;
                 let lease = lease_rx.borrow().clone();
                 check_and_repair(&mut node, &mut datapath, &netlink, &ext, &lease, &telemetry).await;
@@ -294,6 +296,7 @@ async fn serve(flags: Flags, mut signals: Signals, undo: &mut Undo) -> Result<()
                 write_status(&telemetry, &flags.status_file);
             }
             _ = watchdog.tick(), if notifier.watchdog_interval().is_some() => notifier.watchdog(),
+            Some(()) = netlink_events.routing.recv() => routing_changed(&mut datapath),
             Some(event) = netlink_events.links.recv() => {
                 let ours = event.name == ext.name
                     || event.name == HOST_DEVICE

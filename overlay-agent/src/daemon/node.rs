@@ -442,3 +442,11 @@ pub(super) fn sweep_nat(datapath: &mut Datapath) {
         Err(e) => warn!("cannot sweep the masquerade table: {e}"),
     }
 }
+
+/// A new routing generation for the programs' next-hop cache (see `Datapath::routing_changed`).
+/// On failure the cached next hops stay in use until the next attempt, at most a second later.
+pub(super) fn routing_changed(datapath: &mut Datapath) {
+    if let Err(e) = datapath.routing_changed() {
+        warn!("cannot renew the routing generation: {e}");
+    }
+}

@@ -32,7 +32,10 @@
 //! Maps, all written only by the agent (layouts in `overlay_common`): `CONFIG` (the node's
 //! settings and device indexes), `ROUTE_V4` (remote subnet → node), `NODE_V4` (member PublicIPs,
 //! reference-counted), `ENDPOINT_V4` (local pod → host-side veth and MAC, kept by
-//! `crate::endpoints`), `COUNTERS` (per-CPU, per reason). The agent's copy of the peer state is
+//! `crate::endpoints`), `COUNTERS` (per-CPU, per reason). One map only the programs write:
+//! `NEXT_HOP_V4`, their cache of the outer next hop per peer, valid under the routing generation
+//! the agent keeps in `CONFIG` (renewed at every route, rule, address or link event and once a
+//! second; [`Datapath::routing_changed`]), not pinned. The agent's copy of the peer state is
 //! the [`PeerTable`]; everything else it writes is recomputed whole from [`NodeConfig`] and the
 //! attached devices, so each map has one owner (this struct) and one writer.
 //!
@@ -687,13 +690,22 @@ impl Datapath {
         Ok(())
     }
 
+    /// Tells the programs that routing may have changed: the next hops they cached are looked
+    /// up again (a new routing generation in `CONFIG`).
+    pub fn routing_changed(&mut self) -> Result<(), DatapathError> {
+        self.write_config()
+    }
+
     /// Rewrites `CONFIG` from the node settings and the attached devices (not while an earlier
-    /// agent's ready `CONFIG` is still in force and this agent has no node settings yet).
+    /// agent's ready `CONFIG` is still in force and this agent has no node settings yet), under
+    /// a new routing generation: whatever changed (the local address, a device) may change the
+    /// next hops the programs cached.
     fn write_config(&mut self) -> Result<(), DatapathError> {
         if self.node.is_none() && self.pinned_config_in_force {
             return Ok(());
         }
         self.pinned_config_in_force = false;
+        self.devices.route_gen = self.devices.route_gen.wrapping_add(1).max(1);
         let value = encode(self.node.as_ref(), self.devices);
         let mut array: Array<_, Config> = map_mut(&mut self.ebpf, names::CONFIG)?;
         array
@@ -849,6 +861,8 @@ fn adopt_devices(cfg: Config) -> Devices {
         host_mac,
         xdp_cookie: cfg.xdp_cookie,
         decap_l4_udp: false,
+        // Carried on so that generations keep increasing (the cache itself is per load).
+        route_gen: cfg.route_gen,
     }
 }
 

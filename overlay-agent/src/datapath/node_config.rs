@@ -119,6 +119,8 @@ pub(crate) struct Devices {
     pub xdp_cookie: u32,
     /// The kernel accepts `BPF_F_ADJ_ROOM_DECAP_L4_UDP` (probed at load).
     pub decap_l4_udp: bool,
+    /// The routing generation (`Config::route_gen`): never 0 once written.
+    pub route_gen: u32,
 }
 
 /// The `CONFIG` value for `node` and `devices`. Without a node configuration or an underlay
@@ -131,6 +133,7 @@ pub(crate) fn encode(node: Option<&NodeConfig>, devices: Devices) -> Config {
         host_ifindex: devices.host,
         host_mac: devices.host_mac,
         xdp_cookie: devices.xdp_cookie,
+        route_gen: devices.route_gen,
         ..Config::default()
     };
     if devices.decap_l4_udp {
@@ -184,6 +187,7 @@ mod tests {
         host_mac: [0x02, 0, 0, 0, 0, 4],
         xdp_cookie: 0x1234_5678,
         decap_l4_udp: false,
+        route_gen: 0x0a0b_0c0d,
     };
 
     #[test]
@@ -208,13 +212,15 @@ mod tests {
         assert_eq!(cfg.host_mac, [0x02, 0, 0, 0, 0, 4]);
         assert_eq!(cfg.bridge_mac, [0x02, 0, 0, 0, 0, 3]);
         assert_eq!(cfg.xdp_cookie, 0x1234_5678);
+        assert_eq!(cfg.route_gen, 0x0a0b_0c0d);
         assert_eq!((cfg.src_port_min, cfg.src_port_max), (32768, 60999));
 
         // The raw layout the eBPF side reads: numbers in host order, addresses as on the wire.
         let bytes = bytemuck::bytes_of(&cfg);
-        assert_eq!(bytes.len(), 68);
+        assert_eq!(bytes.len(), 72);
         assert_eq!(&bytes[58..64], &[0x02, 0, 0, 0, 0, 3]);
         assert_eq!(&bytes[64..68], &0x1234_5678u32.to_ne_bytes());
+        assert_eq!(&bytes[68..72], &0x0a0b_0c0du32.to_ne_bytes());
         assert_eq!(&bytes[0..4], &CONFIG_F_READY.to_ne_bytes());
         assert_eq!(&bytes[4..8], &1u32.to_ne_bytes());
         assert_eq!(&bytes[20..24], &[198, 18, 0, 1]);

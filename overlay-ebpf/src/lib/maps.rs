@@ -4,11 +4,14 @@
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{Array, HashMap, LpmTrie, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, lpm_trie::Key},
 };
 use overlay_common::{
     config::{CONFIG_INDEX, CONFIG_LEN, Config},
-    route::{MemberNode, NODE_V4_CAPACITY, NodeKeyV4, ROUTE_V4_CAPACITY, RemoteNode, RouteKeyV4},
+    route::{
+        MemberNode, NEXT_HOP_V4_CAPACITY, NODE_V4_CAPACITY, NextHopV4, NodeKeyV4,
+        ROUTE_V4_CAPACITY, RemoteNode, RouteKeyV4,
+    },
 };
 
 #[map]
@@ -26,6 +29,36 @@ named!(ROUTE_V4, overlay_common::names::ROUTE_V4);
 static NODE_V4: HashMap<NodeKeyV4, MemberNode> =
     HashMap::with_max_entries(NODE_V4_CAPACITY, BPF_F_NO_PREALLOC);
 named!(NODE_V4, overlay_common::names::NODE_V4);
+
+// The one map the programs write besides counters and flows: a cache, never pinned (a new
+// agent starts with an empty one), each entry replaced whole.
+#[map]
+static NEXT_HOP_V4: LruHashMap<[u8; 4], NextHopV4> =
+    LruHashMap::with_max_entries(NEXT_HOP_V4_CAPACITY, 0);
+named!(NEXT_HOP_V4, overlay_common::names::NEXT_HOP_V4);
+
+/// The next hop cached for `peer` (a PublicIP, network order) under routing generation
+/// `route_gen`, if any.
+#[inline(always)]
+pub fn cached_next_hop(peer: [u8; 4], route_gen: u32) -> Option<[u8; 4]> {
+    // SAFETY: the value is read at once, by copy; an update replaces the element, not its bytes.
+    let entry = unsafe { NEXT_HOP_V4.get(&peer) }?;
+    (entry.route_gen == route_gen).then_some(entry.next_hop)
+}
+
+/// Caches `next_hop` for `peer` under `route_gen` (a full map only evicts its least recently
+/// used entry; a failed update just means the next packet looks it up again).
+#[inline(always)]
+pub fn cache_next_hop(peer: [u8; 4], route_gen: u32, next_hop: [u8; 4]) {
+    let _ = NEXT_HOP_V4.insert(
+        &peer,
+        &NextHopV4 {
+            route_gen,
+            next_hop,
+        },
+        0,
+    );
+}
 
 /// The node's configuration, once the agent has written a complete one.
 #[inline(always)]

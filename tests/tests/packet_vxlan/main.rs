@@ -40,7 +40,7 @@ use overlay_common::{
     config::{CONFIG_F_READY, Config},
     counters::Reason,
     endpoint::Endpoint,
-    route::RemoteNode,
+    route::{NextHopV4, RemoteNode},
 };
 use overlay_tests::{
     NetNs, add_veth,
@@ -143,6 +143,8 @@ fn config_for(node: Node) -> Config {
         src_port_max: SRC_PORT_MAX,
         bridge_mac: BRIDGE_MAC,
         xdp_cookie: 0,
+        // Next hops cached, as under an agent (none are found here: no such device).
+        route_gen: 1,
     }
 }
 

@@ -406,3 +406,80 @@ fn the_agent_datapath_drives_the_programs() {
     })
     .unwrap();
 }
+
+/// The outer next hop is cached per peer under the routing generation in `CONFIG`
+/// (`NEXT_HOP_V4`): looked up in the FIB and cached on a miss, used as it is on a hit (even
+/// when the FIB has changed since: that is what the agent's new generation is for), looked up
+/// again under a new generation, and never cached without one (generation 0).
+#[test]
+fn pod_egress_caches_the_outer_next_hop_per_routing_generation() {
+    require_root("packet_vxlan");
+    let ns = NetNs::new(format!("{}-nexthop", unique_id())).unwrap();
+    ns.ip(&[
+        "link", "add", "eth0", "type", "veth", "peer", "name", "eth0p",
+    ])
+    .unwrap();
+    ns.ip(&["addr", "add", &format!("{}/24", A.local_ip), "dev", "eth0"])
+        .unwrap();
+    ns.ip(&["link", "set", "eth0p", "up"]).unwrap();
+    ns.ip(&["link", "set", "eth0", "up"]).unwrap();
+    // As on a node (the agent enables it); the FIB helper refuses to route otherwise.
+    ns.run("sysctl", &["-qw", "net.ipv4.ip_forward=1"]).unwrap();
+    let gateway = Ipv4Addr::new(198, 18, 0, 254);
+    ns.in_netns(|| {
+        // SAFETY: a C string; if_nametoindex resolves in this thread's namespace.
+        let underlay = unsafe { libc::if_nametoindex(c"eth0".as_ptr()) };
+        assert!(underlay != 0);
+        let mut dp = loaded_node(A, &[B]);
+        let frame = pod_frame(&udp_packet(host_addr(A, 5), host_addr(B, 7), 64, 1, 100));
+        let send = |dp: &Loaded| {
+            assert_eq!(dp.run(POD_EGRESS, &frame).verdict, TC_ACT_REDIRECT);
+            dp.cached_next_hop(B.local_ip)
+        };
+        let entry = |route_gen: u32, next_hop: Ipv4Addr| {
+            Some(NextHopV4 {
+                route_gen,
+                next_hop: next_hop.octets(),
+            })
+        };
+
+        dp.update_config(|c| {
+            c.underlay_ifindex = underlay;
+            c.host_ifindex = 0;
+            c.route_gen = 0;
+        });
+        assert_eq!(send(&dp), None, "generation 0: nothing cached");
+
+        dp.update_config(|c| c.route_gen = 7);
+        assert_eq!(
+            send(&dp),
+            entry(7, B.local_ip),
+            "a miss caches B itself (on the link)"
+        );
+
+        // B now through a gateway: the same generation keeps the cached next hop...
+        ns.ip(&[
+            "route",
+            "add",
+            &format!("{}/32", B.local_ip),
+            "via",
+            &gateway.to_string(),
+        ])
+        .unwrap();
+        assert_eq!(send(&dp), entry(7, B.local_ip), "a hit is used as cached");
+        // ...and a new one looks it up again.
+        dp.update_config(|c| c.route_gen = 8);
+        assert_eq!(
+            send(&dp),
+            entry(8, gateway),
+            "a new generation follows the FIB"
+        );
+        ns.ip(&["route", "del", &format!("{}/32", B.local_ip)])
+            .unwrap();
+        dp.update_config(|c| c.route_gen = 9);
+        assert_eq!(send(&dp), entry(9, B.local_ip));
+        dp.assert_counters(&[(Reason::EncapPod, 5)]);
+        Ok(())
+    })
+    .unwrap();
+}
