@@ -17,6 +17,7 @@ mod crr;
 mod etcd_http;
 mod load;
 mod maps;
+mod progstats;
 mod report;
 mod run;
 mod scale;
@@ -219,6 +220,12 @@ pub struct RunArgs {
     /// symbols per path under `<out>/profile/`.
     #[arg(long, value_enum)]
     pub profile: Option<Metric>,
+    /// Turn on the kernel's BPF run-time statistics for the run and report, per path and load,
+    /// how often each of our programs ran and how long one run took. The statistics add two
+    /// clock reads to every BPF program run, so E's and EH's other figures carry that cost:
+    /// compare them with a run without this flag.
+    #[arg(long)]
+    pub prog_stats: bool,
     /// Where report.md, results.json and the charts go.
     #[arg(long, default_value = "docs/bench")]
     pub out: PathBuf,
@@ -241,6 +248,9 @@ pub struct Plan {
     pub client_cpu: u32,
     pub server_cpu: u32,
     pub profile: Option<Metric>,
+    /// BPF run-time statistics of our programs per load (`--prog-stats`).
+    #[serde(default)]
+    pub prog_stats: bool,
     pub out: PathBuf,
 }
 
@@ -321,6 +331,7 @@ impl RunArgs {
             client_cpu,
             server_cpu,
             profile: self.profile,
+            prog_stats: self.prog_stats,
             out: self.out.clone(),
         })
     }

@@ -121,6 +121,7 @@ fn markdown(plan: &Plan, r: &Results, charts: &[(&str, &str)]) -> String {
     }
     scale_section(&mut s, r);
     counters_section(&mut s, r);
+    crate::progstats::section(&mut s, r);
     if !charts.is_empty() {
         let _ = writeln!(s, "## Charts\n");
         for (file, title) in charts {

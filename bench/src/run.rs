@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     Metric, Mode, PathId, Plan,
     load::{self, Measured, Profile},
+    progstats::Snapshot,
     scale,
     stats::{Sample, quantile},
     topo::PathTopo,
@@ -126,6 +127,7 @@ pub fn run(plan: &Plan) -> Result<()> {
     if plan.profile.is_some() {
         std::fs::create_dir_all(plan.out.join("profile"))?;
     }
+    let _prog_stats = plan.prog_stats.then(crate::progstats::enable).transpose()?;
     let started = Instant::now();
     let cpu_start = load::CpuTimes::now()?;
     let mut meta = Meta::collect(plan)?;
@@ -271,17 +273,16 @@ fn measure_base(
         }
         Metric::Scale | Metric::Propagation => return,
     };
+    // Our programs' work during the load (`--prog-stats`); other paths have none of them.
+    let prog_stats = plan.prog_stats && matches!(topo.id, PathId::E | PathId::EH);
     for (name, f) in runs {
         let profile = profile_for(plan, mode, round, metric, name, topo.id);
-        record(
-            samples,
-            failures,
-            mode,
-            round,
-            name,
-            topo.id,
-            f(profile.as_ref()),
-        );
+        let before = prog_stats.then(Snapshot::take);
+        let mut result = f(profile.as_ref());
+        if let (Some(before), Ok(m)) = (before, &mut result) {
+            m.figures.extend(Snapshot::take().figures_since(&before));
+        }
+        record(samples, failures, mode, round, name, topo.id, result);
     }
 }
 
