@@ -156,10 +156,15 @@ pub fn redirect_to_underlay(ctx: &TcContext, cfg: &Config, peer: &RemoteNode, to
 /// milliseconds, and within a second even if an event were lost.
 #[inline(always)]
 fn outer_next_hop(ctx: &TcContext, cfg: &Config, peer: &RemoteNode, tos: u8) -> Option<[u8; 4]> {
-    if cfg.route_gen != 0
+    // Read once, before the lookup: the agent bumps the generation after the kernel changed a
+    // route, so a lookup made after reading a generation sees routing at least as new as it.
+    // Reading it again for the insert could file an older lookup under a newer generation.
+    // SAFETY: a field of the CONFIG value, which stays mapped while the program runs.
+    let route_gen = unsafe { core::ptr::read_volatile(&raw const cfg.route_gen) };
+    if route_gen != 0
         // SAFETY: reading a field of our own context.
         && unsafe { (*ctx.skb.skb).mark } == 0
-        && let Some(next_hop) = cached_next_hop(peer.public_ip, cfg.route_gen)
+        && let Some(next_hop) = cached_next_hop(peer.public_ip, route_gen)
     {
         return Some(next_hop);
     }
@@ -170,8 +175,8 @@ fn outer_next_hop(ctx: &TcContext, cfg: &Config, peer: &RemoteNode, tos: u8) -> 
         daddr: peer.public_ip,
     };
     let next_hop = fib::next_hop_out(ctx, cfg.underlay_ifindex, &outer)?;
-    if cfg.route_gen != 0 {
-        cache_next_hop(peer.public_ip, cfg.route_gen, next_hop);
+    if route_gen != 0 {
+        cache_next_hop(peer.public_ip, route_gen, next_hop);
     }
     Some(next_hop)
 }
