@@ -22,14 +22,21 @@
 //! for pod flows and for flows to direct (host-gw, DirectRouting) peers, the host device's
 //! `<subnet>.0` for flows to VXLAN peers.
 //!
-//! Both entries of a flow carry the same state and last-seen time (the data path updates both
-//! on every packet of either direction), so either can be expired alone. ICMP echo uses the
-//! identifier as the local "port" and 0 as the remote one.
+//! Both entries of a flow carry the same state and last-seen time, so either can be expired
+//! alone: the data path refreshes both together, when a packet of either direction changes the
+//! state or finds its own entry's time older than [`NAT_REFRESH_NS`]. Other packets touch only
+//! the entry they look up, and only to read it (a second hash lookup per packet, and a write
+//! to a cache line that other CPUs read, for nothing); expiry allows for that lag. ICMP echo
+//! uses the identifier as the local "port" and 0 as the remote one.
 //!
 //! Byte orders: addresses and ports as on the wire (`[u8; N]`), everything else host order.
-//! Times are `bpf_ktime_get_ns()` values (CLOCK_MONOTONIC), timeouts seconds.
+//! Times are `bpf_ktime_get_coarse_ns()` values (CLOCK_MONOTONIC_COARSE: CLOCK_MONOTONIC at the
+//! last tick, read without the clock source; a flow's times need no more than the tick),
+//! timeouts seconds.
 
 use bytemuck::{Pod, Zeroable};
+
+use crate::route::NextHopV4;
 
 /// Index of the single `NAT_CONFIG` entry, and the array's capacity.
 pub const NAT_CONFIG_INDEX: u32 = 0;
@@ -45,6 +52,10 @@ pub const SNAT_V4_FRAG_CAPACITY: u32 = 4096;
 pub const NAT_FRAG_TIMEOUT: u32 = 30;
 /// Capacity of `NAT_EXCLUDE_V4`.
 pub const NAT_EXCLUDE_V4_CAPACITY: u32 = 1024;
+/// How old a flow entry's last-seen time may get before a packet refreshes both of the flow's
+/// entries (100 ms, in nanoseconds). Expiry adds it to every timeout, so a flow still lives at
+/// least its full timeout after its last packet.
+pub const NAT_REFRESH_NS: u64 = 100_000_000;
 /// How many ports the data path tries for a new flow before giving up (counted as
 /// `drop_nat_exhausted`).
 pub const NAT_PORT_TRIES: u32 = 32;
@@ -106,20 +117,21 @@ impl NatConfig {
         }
     }
 
-    /// Whether the flow entry `e` of `proto` has been idle longer than its timeout at `now`
-    /// (`bpf_ktime_get_ns`): the one rule by which the data path treats an entry as dead and
-    /// the agent's sweeper frees it.
+    /// Whether the flow entry `e` of `proto` has been idle longer than its timeout (and the
+    /// refresh lag, [`NAT_REFRESH_NS`]) at `now`: the one rule by which the data path treats
+    /// an entry as dead and the agent's sweeper frees it.
     #[must_use]
     pub const fn is_expired(&self, proto: u8, e: &NatEntryV4, now: u64) -> bool {
-        idle_longer_than(e.last_seen, now, self.timeout(proto, e.state))
+        let timeout_ns = self.timeout(proto, e.state) as u64 * NS_PER_S;
+        now.saturating_sub(e.last_seen) > timeout_ns + NAT_REFRESH_NS
     }
 }
 
-/// Nanoseconds per second, for timeouts in seconds against `bpf_ktime_get_ns`.
+/// Nanoseconds per second, for timeouts in seconds against the data path's clock.
 pub const NS_PER_S: u64 = 1_000_000_000;
 
 /// Whether something last seen at `last_seen` has been idle more than `timeout_s` seconds at
-/// `now` (both `bpf_ktime_get_ns`). A clock that seems to go back counts as no idle time.
+/// `now` (both the data path's clock). A clock that seems to go back counts as no idle time.
 #[must_use]
 pub const fn idle_longer_than(last_seen: u64, now: u64, timeout_s: u32) -> bool {
     now.saturating_sub(last_seen) > timeout_s as u64 * NS_PER_S
@@ -171,10 +183,19 @@ pub struct NatEntryV4 {
     pub state: u8,
     /// `NAT_E_*` bits.
     pub flags: u8,
-    /// When a packet of the flow was last seen (`bpf_ktime_get_ns`).
+    /// When a packet of the flow was last seen, give or take [`NAT_REFRESH_NS`]
+    /// (`bpf_ktime_get_coarse_ns`).
     pub last_seen: u64,
+    /// `SNAT_V4_CT` entries of flows the pod bridge's hook forwards itself (no `NAT_E_*` flag):
+    /// the next hop the FIB gave the flow's packets out of the external interface, under a
+    /// routing generation (`Config::route_gen`), so the flow's later packets skip the lookup
+    /// while routing stays as it was. Generation 0 (every other entry): nothing cached.
+    /// Written by the programs as one 8-byte word at an 8-byte offset, so a reader never sees
+    /// one generation's number with another's next hop.
+    pub route: NextHopV4,
 }
-const _: () = assert!(size_of::<NatEntryV4>() == 16);
+const _: () = assert!(size_of::<NatEntryV4>() == 24);
+const _: () = assert!(core::mem::offset_of!(NatEntryV4, route) % 8 == 0);
 
 impl NatKeyV4 {
     /// The key of a packet from `saddr:sport` to `daddr:dport` of `proto`.
@@ -279,5 +300,25 @@ mod tests {
         assert_eq!(c.timeout(IPPROTO_UDP, 0), 30);
         assert_eq!(c.timeout(IPPROTO_UDP, NAT_S_REPLIED), 120);
         assert_eq!(c.timeout(IPPROTO_ICMP, 0), 5);
+    }
+
+    #[test]
+    fn expiry_allows_for_the_refresh_lag() {
+        let c = NatConfig {
+            udp: 30,
+            ..NatConfig::default()
+        };
+        // Last refreshed at 5 s: the flow may have had packets until just under 5.1 s.
+        let e = NatEntryV4 {
+            last_seen: 5 * NS_PER_S,
+            ..NatEntryV4::default()
+        };
+        let deadline = 35 * NS_PER_S + NAT_REFRESH_NS;
+        assert!(!c.is_expired(IPPROTO_UDP, &e, deadline));
+        assert!(c.is_expired(IPPROTO_UDP, &e, deadline + 1));
+        assert!(
+            !c.is_expired(IPPROTO_UDP, &e, 0),
+            "a clock behind last_seen is no idle time"
+        );
     }
 }

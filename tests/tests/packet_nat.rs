@@ -10,7 +10,11 @@
 //! and two peers, one VXLAN and one direct. Root only; fails, never skips, without it.
 //! The object is `$OVERLAY_EBPF_OBJECT` or `target/bpfel-unknown-none/release/overlay`.
 
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::{
+    collections::BTreeMap,
+    net::Ipv4Addr,
+    time::{Duration, Instant},
+};
 
 use aya::{
     Ebpf, TestRun, TestRunOptions,
@@ -21,8 +25,11 @@ use overlay_common::names;
 use overlay_common::{
     config::{CONFIG_F_DIRECT, CONFIG_F_READY, Config},
     endpoint::Endpoint,
-    nat::{NAT_E_TO_CLUSTER, NAT_F_KEEP_PORT, NatConfig, NatEntryV4, NatKeyV4},
-    route::{MemberNode, RemoteNode, route_key},
+    nat::{
+        NAT_E_TO_CLUSTER, NAT_F_KEEP_PORT, NAT_S_FIN, NAT_S_REPLIED, NatConfig, NatEntryV4,
+        NatKeyV4,
+    },
+    route::{MemberNode, NextHopV4, RemoteNode, route_key},
 };
 use overlay_tests::{
     NetNs,
@@ -164,6 +171,26 @@ impl Node {
         node
     }
 
+    /// Sets `CONFIG.route_gen`, as the agent does when routing changes.
+    fn set_route_gen(&mut self, route_gen: u32) {
+        let mut a: Array<_, Config> =
+            Array::try_from(self.ebpf.map_mut(names::CONFIG).unwrap()).unwrap();
+        let mut cfg = a.get(&0, 0).unwrap();
+        cfg.route_gen = route_gen;
+        a.set(0, cfg, 0).unwrap();
+    }
+
+    /// The route cached in the CT entry of the pod's flow from source port `sport`.
+    #[track_caller]
+    fn cached_route(&self, sport: u16) -> NextHopV4 {
+        let flows = self.flows(names::SNAT_V4_CT);
+        let (_, e) = flows
+            .iter()
+            .find(|(k, _)| k.sport == sport.to_be_bytes())
+            .unwrap_or_else(|| panic!("no flow from port {sport} in {flows:?}"));
+        e.route
+    }
+
     fn set_nat(&mut self, nat: NatConfig) {
         let mut a: Array<_, NatConfig> =
             Array::try_from(self.ebpf.map_mut(names::NAT_CONFIG).unwrap()).unwrap();
@@ -276,6 +303,16 @@ fn icmp(src: Ipv4Addr, dst: Ipv4Addr, kind: u8, code: u8, rest: [u8; 4], data: &
     let c = checksum(&s);
     s[2..4].copy_from_slice(&c.to_be_bytes());
     ipv4(src, dst, IPPROTO_ICMP, 64, &s)
+}
+
+/// `ip` with TOS byte `tos` (header checksum recomputed).
+fn with_tos(ip: &[u8], tos: u8) -> Vec<u8> {
+    let mut ip = ip.to_vec();
+    ip[1] = tos;
+    ip[10..12].copy_from_slice(&[0, 0]);
+    let c = checksum(&ip[..20]);
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    ip
 }
 
 fn frame(ip: &[u8]) -> Vec<u8> {
@@ -680,7 +717,7 @@ fn an_idle_flow_is_dead_for_the_data_path() {
         &frame(&tcp(POD, OUTSIDE, 1111, 80, 0x02, b"")),
     );
     let port = be16(&check_ip(&out), 20);
-    std::thread::sleep(std::time::Duration::from_millis(2100));
+    std::thread::sleep(Duration::from_millis(2100));
     // The SYN was never answered and has been idle for longer than its timeout: the late
     // answer is not translated, and the entries are gone.
     let late = frame(&tcp(OUTSIDE, NODE_IP, 80, port, 0x12, b""));
@@ -691,6 +728,162 @@ fn an_idle_flow_is_dead_for_the_data_path() {
     assert!(node.flows(names::SNAT_V4_REV).is_empty());
     assert!(node.flows(names::SNAT_V4_CT).is_empty());
     let _ = (node.eth0, node.cni0);
+}
+
+/// The CT and REV entries of the pod's flow from source port `sport`: (state, last seen) each.
+#[track_caller]
+fn entry_times(node: &Node, sport: u16) -> [(u8, u64); 2] {
+    let ct = node.flows(names::SNAT_V4_CT);
+    let (key, e) = ct
+        .iter()
+        .find(|(k, _)| k.sport == sport.to_be_bytes())
+        .expect("the CT entry");
+    let rev = node.flows(names::SNAT_V4_REV);
+    let (_, r) = rev
+        .iter()
+        .find(|(k, _)| *k == key.reply(e.addr, e.port))
+        .expect("the REV entry");
+    [(e.state, e.last_seen), (r.state, r.last_seen)]
+}
+
+#[test]
+fn both_entries_of_a_flow_are_refreshed_together_on_a_new_state_or_after_the_interval() {
+    let node = Node::new(nat_on(0));
+    let (_, out) = node.run(
+        names::POD_EGRESS,
+        &frame(&tcp(POD, OUTSIDE, 1111, 80, 0x02, b"")),
+    );
+    let port = be16(&check_ip(&out), 20);
+    let data = frame(&tcp(POD, OUTSIDE, 1111, 80, 0x18, b"x"));
+    let reply = frame(&tcp(OUTSIDE, NODE_IP, 80, port, 0x18, b"y"));
+    let [(s0, t0), rev0] = entry_times(&node, 1111);
+    assert_eq!(rev0, (s0, t0), "created together");
+
+    // A packet that changes the state refreshes both entries at once (the first reply).
+    std::thread::sleep(Duration::from_millis(20));
+    node.run(names::UNDERLAY_INGRESS, &reply);
+    let [(s1, t1), rev1] = entry_times(&node, 1111);
+    assert_eq!(s1, NAT_S_REPLIED);
+    assert!(t1 > t0, "refreshed: {t0} → {t1}");
+    assert_eq!(rev1, (s1, t1));
+
+    // Packets that leave the state as it is, within the refresh interval, write nothing. A
+    // thread delayed past the interval would refresh rightly: such an attempt is retried.
+    let mut checked = false;
+    for _ in 0..3 {
+        let [before, _] = entry_times(&node, 1111);
+        let start = Instant::now();
+        node.run(names::POD_EGRESS, &data);
+        node.run(names::UNDERLAY_INGRESS, &reply);
+        let after = entry_times(&node, 1111);
+        if start.elapsed() < Duration::from_millis(50) {
+            assert_eq!(
+                after,
+                [before, before],
+                "nothing rewritten within the interval"
+            );
+            checked = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(150));
+        node.run(names::POD_EGRESS, &data);
+    }
+    assert!(checked, "three attempts took longer than 50 ms");
+
+    // After the interval, any packet refreshes both.
+    std::thread::sleep(Duration::from_millis(150));
+    let [(_, t2), _] = entry_times(&node, 1111);
+    node.run(names::POD_EGRESS, &data);
+    let [(s3, t3), rev3] = entry_times(&node, 1111);
+    assert!(t3 > t2, "refreshed after the interval: {t2} → {t3}");
+    assert_eq!(rev3, (s3, t3));
+
+    // A FIN right after: the new state reaches both entries at once.
+    node.run(
+        names::POD_EGRESS,
+        &frame(&tcp(POD, OUTSIDE, 1111, 80, 0x11, b"")),
+    );
+    let [(s4, _), (rev_s4, _)] = entry_times(&node, 1111);
+    assert_eq!(
+        (s4, rev_s4),
+        (NAT_S_REPLIED | NAT_S_FIN, NAT_S_REPLIED | NAT_S_FIN)
+    );
+}
+
+#[test]
+fn a_masqueraded_flow_keeps_its_next_hop_while_the_routing_generation_lasts() {
+    let mut node = Node::new(nat_on(0));
+    let gw = |last| NextHopV4 {
+        route_gen: 0,
+        next_hop: [198, 18, 0, last],
+    };
+    let syn = frame(&tcp(POD, OUTSIDE, 1111, 80, 0x02, b""));
+    let data = frame(&tcp(POD, OUTSIDE, 1111, 80, 0x18, b"x"));
+    // Generation 0: nothing is cached.
+    assert_eq!(node.run(names::POD_EGRESS, &syn).0, TC_ACT_REDIRECT);
+    assert_eq!(node.cached_route(1111), NextHopV4::default());
+
+    // Generation 7: the flow's next packet caches the default route's gateway.
+    node.set_route_gen(7);
+    assert_eq!(node.run(names::POD_EGRESS, &data).0, TC_ACT_REDIRECT);
+    assert_eq!(
+        node.cached_route(1111),
+        NextHopV4 {
+            route_gen: 7,
+            ..gw(254)
+        }
+    );
+
+    // The route goes but the generation stays: the flow's packets (ECN bits too, which do not
+    // route) still leave by the cached next hop, where a lookup now finds no route, as a new
+    // flow shows.
+    node.ns.ip(&["route", "del", "default"]).unwrap();
+    assert_eq!(
+        node.run(names::POD_EGRESS, &data).0,
+        TC_ACT_REDIRECT,
+        "cached"
+    );
+    let ecn = frame(&with_tos(&tcp(POD, OUTSIDE, 1111, 80, 0x18, b"x"), 0x02));
+    assert_eq!(node.run(names::POD_EGRESS, &ecn).0, TC_ACT_REDIRECT, "ECN");
+    let other = frame(&tcp(POD2, OUTSIDE, 2222, 80, 0x02, b""));
+    assert_eq!(
+        node.run(names::POD_EGRESS, &other).0,
+        TC_ACT_OK,
+        "no route: the kernel's"
+    );
+    // A DSCP value may route differently: such packets are looked up, and cache nothing.
+    let dscp = frame(&with_tos(&tcp(POD, OUTSIDE, 1111, 80, 0x18, b"x"), 0xb8));
+    assert_eq!(
+        node.run(names::POD_EGRESS, &dscp).0,
+        TC_ACT_OK,
+        "DSCP: looked up"
+    );
+
+    // A new generation: looked up again (no route), then a new gateway is cached.
+    node.set_route_gen(8);
+    assert_eq!(
+        node.run(names::POD_EGRESS, &data).0,
+        TC_ACT_OK,
+        "looked up again"
+    );
+    node.ns.add_default_route("198.18.0.253", "eth0").unwrap();
+    node.set_route_gen(9);
+    let (v, out) = node.run(names::POD_EGRESS, &data);
+    assert_eq!((v, addr(&check_ip(&out), 12)), (TC_ACT_REDIRECT, NODE_IP));
+    assert_eq!(
+        node.cached_route(1111),
+        NextHopV4 {
+            route_gen: 9,
+            ..gw(253)
+        }
+    );
+    let dscp_syn = frame(&with_tos(&tcp(POD, OUTSIDE, 3333, 80, 0x02, b""), 0xb8));
+    assert_eq!(node.run(names::POD_EGRESS, &dscp_syn).0, TC_ACT_REDIRECT);
+    assert_eq!(
+        node.cached_route(3333),
+        NextHopV4::default(),
+        "a DSCP flow caches nothing"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@
 
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
-    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns},
     macros::map,
     maps::LruHashMap,
 };
@@ -15,9 +15,10 @@ use overlay_common::{
     counters::Reason,
     nat::{
         IPPROTO_TCP, IPPROTO_UDP, NAT_E_TO_CLUSTER, NAT_F_KEEP_PORT, NAT_FRAG_TIMEOUT,
-        NAT_PORT_TRIES, NAT_S_FIN, NAT_S_REPLIED, NAT_S_RST, NatConfig, NatEntryV4, NatKeyV4,
-        SNAT_V4_CAPACITY, SNAT_V4_FRAG_CAPACITY, idle_longer_than,
+        NAT_PORT_TRIES, NAT_REFRESH_NS, NAT_S_FIN, NAT_S_REPLIED, NAT_S_RST, NatConfig, NatEntryV4,
+        NatKeyV4, SNAT_V4_CAPACITY, SNAT_V4_FRAG_CAPACITY, idle_longer_than,
     },
+    route::NextHopV4,
 };
 
 use crate::lib::{
@@ -39,6 +40,22 @@ named!(SNAT_V4_REV, overlay_common::names::SNAT_V4_REV);
 static SNAT_V4_FRAG: LruHashMap<NatKeyV4, NatEntryV4> =
     LruHashMap::with_max_entries(SNAT_V4_FRAG_CAPACITY, 0);
 named!(SNAT_V4_FRAG, overlay_common::names::SNAT_V4_FRAG);
+
+/// The flow table's clock (see `overlay_common::nat`): the last tick's CLOCK_MONOTONIC, which
+/// costs a memory read where `bpf_ktime_get_ns` reads the clock source (a paravirtual clock
+/// in a VM: several percent of a masqueraded packet's time).
+#[inline(always)]
+pub(super) fn now() -> u64 {
+    // SAFETY: no arguments.
+    unsafe { bpf_ktime_get_coarse_ns() }
+}
+
+/// Whether a packet that leaves the flow's state as it is may leave its entries alone: the
+/// entry it found was refreshed (both entries were) less than `NAT_REFRESH_NS` ago.
+#[inline(always)]
+fn fresh(last_seen: u64, now: u64) -> bool {
+    now.saturating_sub(last_seen) < NAT_REFRESH_NS
+}
 
 #[inline(always)]
 pub(super) fn frag_offset(ip: &Ipv4Hdr) -> u16 {
@@ -98,9 +115,42 @@ fn random_port(nat: &NatConfig) -> u16 {
     nat.port_min.wrapping_add(((r * span) >> 32) as u16)
 }
 
-/// Finds the live flow for `key` (refreshing both of its entries) or creates one; returns the
-/// translated port.
+/// The route cached in the CT entry `ct` (`NatEntryV4::route`), read as the one word it is
+/// written as.
 #[inline(always)]
+fn load_route(ct: *const NatEntryV4) -> NextHopV4 {
+    // SAFETY: a map value pointer, valid during this program run; `route` is an 8-byte word at
+    // an 8-byte offset (asserted in overlay_common::nat).
+    let word = unsafe { core::ptr::read_volatile((&raw const (*ct).route).cast::<u64>()) };
+    // SAFETY: `NextHopV4` is 8 bytes of plain data; any bit pattern is one.
+    unsafe { core::mem::transmute::<u64, NextHopV4>(word) }
+}
+
+/// Caches `route` in the CT entry `ct`, in one store.
+#[inline(always)]
+fn store_route(ct: *mut NatEntryV4, route: NextHopV4) {
+    // SAFETY: as in `load_route`.
+    unsafe {
+        let word = core::mem::transmute::<NextHopV4, u64>(route);
+        core::ptr::write_volatile((&raw mut (*ct).route).cast::<u64>(), word);
+    }
+}
+
+/// The next hop cached in the flow `key`'s CT entry under `route_gen` (not 0), if any.
+#[inline(always)]
+pub(super) fn cached_next_hop(key: &NatKeyV4, route_gen: u32) -> Option<[u8; 4]> {
+    let ct = SNAT_V4_CT.get_ptr(key)?;
+    let route = load_route(ct);
+    (route.route_gen == route_gen).then_some(route.next_hop)
+}
+
+/// Finds the live flow for `key` or creates one; returns the translated port. A packet that
+/// changes the flow's state, or finds its entry older than `NAT_REFRESH_NS`, confirms that the
+/// reply entry is still the flow's and refreshes both. `route` (generation 0: none) is the
+/// next hop the caller looked up for the packet, cached in the CT entry for the flow's next
+/// packets.
+#[inline(always)]
+#[expect(clippy::too_many_arguments, reason = "inlined into translate_out only")]
 pub(super) fn flow_out(
     nat: &NatConfig,
     cfg: &Config,
@@ -108,6 +158,7 @@ pub(super) fn flow_out(
     nat_addr: [u8; 4],
     tcp_flags: u8,
     eflags: u8,
+    route: NextHopV4,
     now: u64,
 ) -> Result<[u8; 2], Reason> {
     let proto = key.proto;
@@ -115,12 +166,19 @@ pub(super) fn flow_out(
     if let Some(ct) = SNAT_V4_CT.get_ptr_mut(key) {
         // SAFETY: a map value pointer, valid during this program run.
         let e = unsafe { *ct };
+        if route.route_gen != 0 && load_route(ct) != route {
+            store_route(ct, route);
+        }
         if !nat.is_expired(proto, &e, now) && e.addr == nat_addr {
             let st = if proto == IPPROTO_TCP {
                 tcp_state(e.state, tcp_flags)
             } else {
                 e.state
             };
+            if st == e.state && fresh(e.last_seen, now) {
+                // Both entries were confirmed and refreshed together a moment ago.
+                return Ok(e.port);
+            }
             let rev_key = key.reply(e.addr, e.port);
             let mine = NatEntryV4 {
                 addr: key.saddr,
@@ -128,6 +186,7 @@ pub(super) fn flow_out(
                 state: st,
                 flags: e.flags,
                 last_seen: now,
+                route: NextHopV4::default(),
             };
             let rev_ok = match SNAT_V4_REV.get_ptr_mut(&rev_key) {
                 // SAFETY: as above.
@@ -178,6 +237,7 @@ pub(super) fn flow_out(
         state,
         flags: eflags,
         last_seen: now,
+        route: NextHopV4::default(),
     };
     for i in 0..NAT_PORT_TRIES {
         let port = if i == 0 && keep {
@@ -212,6 +272,7 @@ pub(super) fn flow_out(
         state,
         flags: eflags,
         last_seen: now,
+        route,
     };
     if SNAT_V4_CT
         .insert(key, &ct_entry, u64::from(BPF_NOEXIST))
@@ -229,15 +290,15 @@ pub(super) fn flow_out(
     Ok(port)
 }
 
-/// Looks up the reply tuple `key`; refreshes both entries of a live flow and returns the pod's
-/// side. A dead flow is removed (the packet then goes to the kernel, as without an entry).
+/// Looks up the reply tuple `key`; returns the pod's side of a live flow, refreshing both of
+/// its entries when the packet changes the state or the entry is older than `NAT_REFRESH_NS`.
+/// A dead flow is removed (the packet then goes to the kernel, as without an entry).
 #[inline(always)]
 pub(super) fn flow_in(nat: &NatConfig, key: &NatKeyV4, tcp_flags: u8) -> Option<NatEntryV4> {
     let rev = SNAT_V4_REV.get_ptr_mut(key)?;
     // SAFETY: a map value pointer, valid during this program run.
     let e = unsafe { *rev };
-    // SAFETY: no arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = now();
     let ct_key = key.original(e.addr, e.port);
     if nat.is_expired(key.proto, &e, now) {
         let _ = SNAT_V4_REV.remove(key);
@@ -252,6 +313,9 @@ pub(super) fn flow_in(nat: &NatConfig, key: &NatKeyV4, tcp_flags: u8) -> Option<
     let mut state = e.state | NAT_S_REPLIED;
     if key.proto == IPPROTO_TCP {
         state = tcp_state(state, tcp_flags) | NAT_S_REPLIED;
+    }
+    if state == e.state && fresh(e.last_seen, now) {
+        return Some(e);
     }
     // SAFETY: as above.
     unsafe {

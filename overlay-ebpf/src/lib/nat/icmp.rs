@@ -5,7 +5,7 @@
 
 use core::mem::offset_of;
 
-use aya_ebpf::{bindings::TC_ACT_OK, helpers::bpf_ktime_get_ns, programs::TcContext};
+use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
 use overlay_common::{
     config::Config,
     counters::Reason,
@@ -15,7 +15,7 @@ use overlay_common::{
 
 use super::{
     IP_SADDR_OFF, L4Ports,
-    flow::{flow_in, live_flow},
+    flow::{self, flow_in, live_flow},
     load_l4,
     reverse::deliver,
     rewrite::{NO_L4_CSUM, rewrite_addr},
@@ -88,8 +88,7 @@ pub(super) fn icmp_error_out(
     else {
         return Ok(false);
     };
-    // SAFETY: no arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = flow::now();
     let Some(flow) = live_flow(nat, &key, nat_addr, now) else {
         return Ok(false);
     };

@@ -6,7 +6,6 @@
 
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, TC_ACT_OK},
-    helpers::bpf_ktime_get_ns,
     programs::TcContext,
 };
 use overlay_common::{
@@ -18,7 +17,7 @@ use overlay_common::{
 
 use super::{
     IP_DADDR_OFF, IP_OFF, L4Ports,
-    flow::{flow_in, frag_offset, fragment_flow, is_first_fragment, remember_fragments},
+    flow::{self, flow_in, frag_offset, fragment_flow, is_first_fragment, remember_fragments},
     icmp::icmp_error_reverse,
     is_icmp_error, load_l4,
     policy::nat_ipv4,
@@ -87,8 +86,7 @@ fn reverse_to(ctx: &TcContext, cfg: &Config, nat_addr: [u8; 4]) -> Result<i32, R
     };
     if is_first_fragment(&ip) {
         // The later fragments carry no ports: they follow this one by the datagram's identity.
-        // SAFETY: no arguments.
-        let now = unsafe { bpf_ktime_get_ns() };
+        let now = flow::now();
         remember_fragments(&ip, orig, now);
     }
 
@@ -123,8 +121,7 @@ fn reverse_to(ctx: &TcContext, cfg: &Config, nat_addr: [u8; 4]) -> Result<i32, R
 /// datagrams never translated, go on to the kernel untouched.
 #[inline(always)]
 fn reverse_later_fragment(ctx: &TcContext, cfg: &Config, ip: &Ipv4Hdr) -> Result<i32, Reason> {
-    // SAFETY: no arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = flow::now();
     let Some(orig) = fragment_flow(ip, now) else {
         return Ok(TC_ACT_OK);
     };

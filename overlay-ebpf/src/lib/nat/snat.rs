@@ -6,7 +6,6 @@
 
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK},
-    helpers::bpf_ktime_get_ns,
     programs::TcContext,
 };
 use overlay_common::{
@@ -15,11 +14,12 @@ use overlay_common::{
     nat::{
         IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, NAT_E_KERNEL, NAT_E_TO_CLUSTER, NatConfig, NatKeyV4,
     },
+    route::NextHopV4,
 };
 
 use super::{
     IP_OFF, IP_SADDR_OFF, L4Ports,
-    flow::{flow_out, frag_offset, replies_to_cluster_flow},
+    flow::{self, cached_next_hop, flow_out, frag_offset, replies_to_cluster_flow},
     icmp::icmp_error_out,
     is_icmp_error, load_l4,
     policy::{mark, masquerades, masquerades_to_cluster, nat_ipv4},
@@ -29,6 +29,7 @@ use crate::lib::{
     counters::{Role, count, count_handback},
     fib,
     hdr::{IcmpHdr, Ipv4Hdr},
+    ipv4::ECN_MASK,
     maps::{config, is_member},
 };
 
@@ -44,15 +45,14 @@ pub fn snat_from_pod(ctx: &TcContext, cfg: &Config, role: Role) -> Result<i32, R
     }
     // Only what the kernel would send out of the external interface: that is the address we
     // translate to and the interface whose ingress sees the replies.
-    let route = fib::lookup(ctx, cfg.bridge_ifindex, &ip, ip.daddr);
-    if !route.found() || route.ifindex != cfg.underlay_ifindex {
+    let Some(route) = route_out(ctx, cfg, &ip, ihl) else {
         return Ok(TC_ACT_OK);
-    }
+    };
     if ip.ttl <= 1 {
         count_handback(role, Reason::StackTtl, ctx.len());
         return Ok(TC_ACT_OK);
     }
-    let translated = translate_out(ctx, nat, cfg, &ip, ihl, cfg.local_ip, 0, true)?;
+    let translated = translate_out(ctx, nat, cfg, &ip, ihl, cfg.local_ip, 0, Some(route.cache))?;
     if !translated {
         return Ok(TC_ACT_OK);
     }
@@ -60,6 +60,74 @@ pub fn snat_from_pod(ctx: &TcContext, cfg: &Config, role: Role) -> Result<i32, R
     // The next hop the lookup chose, as the kernel's forwarding would use it; the kernel
     // routes only where there is none to give.
     Ok(fib::redirect_neigh_to(cfg.underlay_ifindex, route.next_hop))
+}
+
+/// A pod's packet's way out of the external interface: the next hop, and what to cache of it
+/// in the packet's flow.
+struct RouteOut {
+    next_hop: Option<[u8; 4]>,
+    /// For `NatEntryV4::route` (generation 0: not cacheable).
+    cache: NextHopV4,
+}
+
+/// The route of a pod's packet `ip` as the kernel would forward it, if it leaves through the
+/// external interface (`None`: it goes elsewhere, or nowhere, and is the kernel's).
+///
+/// A flow's packets reuse the next hop its CT entry cached under the current routing
+/// generation: the lookup cost about a fifth of a masqueraded packet's time in this program
+/// (`bpf_skb_fib_lookup` in a profile of the masquerade's connection-rate load). That is exact
+/// because the lookup's inputs are fixed for a flow (interface, addresses, protocol; ports are
+/// in the key) except the TOS, so only packets without DSCP bits (ECN bits do not route)
+/// use or fill the cache; the mark is not an input (the lookup runs the rules with mark 0).
+/// The generation is read once, before the lookup, as for the outer next hop (`lib::encap`).
+#[inline(always)]
+fn route_out(ctx: &TcContext, cfg: &Config, ip: &Ipv4Hdr, ihl: usize) -> Option<RouteOut> {
+    // SAFETY: a field of the CONFIG value, which stays mapped while the program runs.
+    let route_gen = unsafe { core::ptr::read_volatile(&raw const cfg.route_gen) };
+    let key = if route_gen != 0 && ip.tos & !ECN_MASK == 0 && frag_offset(ip) == 0 {
+        flow_key(ctx, ip, IP_OFF + ihl)
+    } else {
+        None
+    };
+    if let Some(key) = &key
+        && let Some(next_hop) = cached_next_hop(key, route_gen)
+    {
+        return Some(RouteOut {
+            next_hop: Some(next_hop),
+            cache: NextHopV4 {
+                route_gen,
+                next_hop,
+            },
+        });
+    }
+    let route = fib::lookup(ctx, cfg.bridge_ifindex, ip, ip.daddr);
+    if !route.found() || route.ifindex != cfg.underlay_ifindex {
+        return None;
+    }
+    let cache = match (key, route.next_hop) {
+        (Some(_), Some(next_hop)) => NextHopV4 {
+            route_gen,
+            next_hop,
+        },
+        _ => NextHopV4::default(),
+    };
+    Some(RouteOut {
+        next_hop: route.next_hop,
+        cache,
+    })
+}
+
+/// The flow key of an outbound TCP, UDP or ICMP echo packet whose L4 header is at `l4`, as
+/// [`translate_out`] makes it; `None` for anything else.
+#[inline(always)]
+fn flow_key(ctx: &TcContext, ip: &Ipv4Hdr, l4: usize) -> Option<NatKeyV4> {
+    let t = load_l4(ctx, ip.proto, l4, false)?;
+    if ip.proto == IPPROTO_ICMP && t.icmp_type != IcmpHdr::ECHO {
+        return None;
+    }
+    Some(NatKeyV4::new(
+        ip.saddr, ip.daddr, t.sport, t.dport, ip.proto,
+    ))
 }
 
 /// The external interface's tcx egress: masquerades what the kernel routed there itself.
@@ -74,7 +142,7 @@ pub fn snat_egress(ctx: &TcContext) -> Result<i32, Reason> {
     if !masquerades(cfg, ip.saddr, ip.daddr, mark(ctx)) {
         return Ok(TC_ACT_OK);
     }
-    if translate_out(ctx, nat, cfg, &ip, ihl, cfg.local_ip, NAT_E_KERNEL, false)? {
+    if translate_out(ctx, nat, cfg, &ip, ihl, cfg.local_ip, NAT_E_KERNEL, None)? {
         count(Reason::NatSnat, ctx.len());
     }
     Ok(TC_ACT_OK)
@@ -93,16 +161,17 @@ pub fn snat_to_cluster(ctx: &TcContext, cfg: &Config, direct: bool) -> Result<()
         return Ok(());
     }
     let nat_addr = if direct { cfg.local_ip } else { cfg.subnet };
-    if translate_out(ctx, nat, cfg, &ip, ihl, nat_addr, NAT_E_TO_CLUSTER, false)? {
+    if translate_out(ctx, nat, cfg, &ip, ihl, nat_addr, NAT_E_TO_CLUSTER, None)? {
         count(Reason::NatSnat, ctx.len());
     }
     Ok(())
 }
 
 /// The outbound translation of one packet: finds or creates the flow, then rewrites source
-/// address (to `nat_addr`) and port (and the TTL with `hop`). `Ok(false)`: not a protocol we
-/// translate, or (at the external interface, `NAT_E_KERNEL`) the reply of a
-/// `NAT_E_TO_CLUSTER` flow.
+/// address (to `nat_addr`) and port. `hop` comes from the pod bridge's hook, which forwards the
+/// packet itself: the TTL is decremented, and the flow caches the route (generation not 0).
+/// `Ok(false)`: not a protocol we translate, or (at the external interface,
+/// `NAT_E_KERNEL`) the reply of a `NAT_E_TO_CLUSTER` flow.
 #[inline(always)]
 #[expect(clippy::too_many_arguments, reason = "inlined into three call sites")]
 pub(super) fn translate_out(
@@ -113,8 +182,10 @@ pub(super) fn translate_out(
     ihl: usize,
     nat_addr: [u8; 4],
     eflags: u8,
-    hop: bool,
+    hop: Option<NextHopV4>,
 ) -> Result<bool, Reason> {
+    let route = hop.unwrap_or_default();
+    let hop = hop.is_some();
     let l4 = IP_OFF + ihl;
     if frag_offset(ip) != 0 {
         // A later fragment: no ports; every masqueraded flow has the same address.
@@ -144,12 +215,11 @@ pub(super) fn translate_out(
     }
     let (sport, dport, csum_off, tcp_flags) = (t.sport, t.dport, t.csum_off, t.tcp_flags);
     let key = NatKeyV4::new(ip.saddr, ip.daddr, sport, dport, ip.proto);
-    // SAFETY: no arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = flow::now();
     if eflags & NAT_E_KERNEL != 0 && replies_to_cluster_flow(nat, &key, now) {
         return Ok(false);
     }
-    let nat_port = flow_out(nat, cfg, &key, nat_addr, tcp_flags, eflags, now)?;
+    let nat_port = flow_out(nat, cfg, &key, nat_addr, tcp_flags, eflags, route, now)?;
 
     // Rewrites, by offset (no packet pointer survives these helpers).
     let port_off = L4Ports::port_off(ip.proto, l4, true);
