@@ -186,8 +186,8 @@ pub struct NatEntryV4 {
     /// When a packet of the flow was last seen, give or take [`NAT_REFRESH_NS`]
     /// (`bpf_ktime_get_coarse_ns`).
     pub last_seen: u64,
-    /// `SNAT_V4_CT` entries of flows the pod bridge's hook forwards itself (no `NAT_E_*` flag):
-    /// the next hop the FIB gave the flow's packets out of the external interface, under a
+    /// `SNAT_V4_CT` entries of flows whose packets the pod bridge's hook forwards itself: the
+    /// next hop the FIB gave the flow's packets out of the external interface, under a
     /// routing generation (`Config::route_gen`), so the flow's later packets skip the lookup
     /// while routing stays as it was. Generation 0 (every other entry): nothing cached.
     /// Written by the programs as one 8-byte word at an 8-byte offset, so a reader never sees
