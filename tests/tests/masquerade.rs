@@ -15,7 +15,7 @@ use std::{
     net::{IpAddr, Ipv4Addr, UdpSocket},
     process::Stdio,
     thread,
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use overlay_agent::subnet::Mac;
@@ -420,6 +420,95 @@ fn a_masqueraded_transfer_survives_kill_9_of_the_agent() {
     assert!(
         pod.ping(OUTSIDE_IP, 2).unwrap().all_received(),
         "after the restart"
+    );
+}
+
+/// A masqueraded flow keeps its next hop in its flow entry, under the routing generation the
+/// agent renews at every route change: a changed route to the outside is followed from the
+/// flow's next packets, not after the once-a-second renewal.
+#[test]
+fn a_changed_route_to_the_outside_is_followed_at_once_by_a_masqueraded_flow() {
+    let cluster = masq_cluster(1, 1, &[]);
+    let (node, pod, out) = (cluster.node(0), cluster.pod(0, 0), cluster.outside());
+    // On the node's segment, answered by nobody.
+    let missing_gateway = "198.18.0.250";
+    let pcap = cluster.dir().join("masq-route-change.pcap");
+    let capture = Capture::start(out.ns(), "eth0", "icmp", &pcap).unwrap();
+    // One ICMP flow (one identifier) across the change: a ping every 20 ms for 2.4 s.
+    let mut ping = pod.ns().command("ping");
+    ping.args([
+        "-n",
+        "-q",
+        "-i",
+        "0.02",
+        "-c",
+        "120",
+        &OUTSIDE_IP.to_string(),
+    ])
+    .stdout(Stdio::null())
+    .stderr(Stdio::null());
+    let mut ping = ChildGuard::spawn(ping).unwrap();
+    thread::sleep(Duration::from_millis(600));
+    let host_route = format!("{OUTSIDE_IP}/32");
+    let added = SystemTime::now();
+    node.ns()
+        .run(
+            "ip",
+            &[
+                "route",
+                "add",
+                &host_route,
+                "via",
+                missing_gateway,
+                "dev",
+                "eth0",
+            ],
+        )
+        .unwrap();
+    thread::sleep(Duration::from_millis(600));
+    let neighbour = node
+        .ns()
+        .run(
+            "ip",
+            &["-4", "neigh", "show", missing_gateway, "dev", "eth0"],
+        )
+        .unwrap();
+    node.ns().run("ip", &["route", "del", &host_route]).unwrap();
+    let removed = SystemTime::now();
+    ping.wait_timeout(Duration::from_secs(10)).unwrap();
+    let pcap = capture.stop().unwrap();
+
+    assert!(
+        neighbour.contains(missing_gateway),
+        "the node never tried to resolve the new next hop {missing_gateway}: `ip neigh` shows {neighbour:?}"
+    );
+    let secs = |t: SystemTime| t.duration_since(UNIX_EPOCH).unwrap().as_secs_f64();
+    let (added, removed) = (secs(added), secs(removed));
+    let arrivals: Vec<f64> = tshark_fields(&pcap, "icmp.type == 8", &["frame.time_epoch"])
+        .unwrap()
+        .iter()
+        .map(|f| f[0].parse().unwrap())
+        .collect();
+    // The route command returns after the kernel changed the route; the agent renews the
+    // generation on the netlink event a moment later. 50 ms allows for that and for the
+    // request in flight.
+    let stale: Vec<f64> = arrivals
+        .iter()
+        .copied()
+        .filter(|&t| t > added + 0.05 && t < removed)
+        .collect();
+    assert!(
+        stale.is_empty(),
+        "{} echo request(s) reached the outside host by the old route after it changed (at \
+         {:?} s after the change)",
+        stale.len(),
+        stale.iter().map(|t| t - added).collect::<Vec<_>>()
+    );
+    let before = arrivals.iter().filter(|&&t| t < added).count();
+    let after = arrivals.iter().filter(|&&t| t > removed).count();
+    assert!(
+        before >= 10 && after >= 10,
+        "the flow must run before and after the change: {before} requests before, {after} after"
     );
 }
 
