@@ -365,3 +365,44 @@ pub fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> bool
         thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// A gateway on the nodes' first segment that nobody answers: a next hop that goes nowhere.
+pub const MISSING_GATEWAY: &str = "198.18.0.250";
+
+/// Routes `dest` (a CIDR) in `node` via [`MISSING_GATEWAY`] on `eth0`: what that route carries
+/// is lost, and the node tries to resolve the gateway. Returns the route, for
+/// [`unroute_missing_gateway`].
+pub fn route_via_missing_gateway(node: &Node, dest: &str) -> String {
+    node.ns()
+        .run(
+            "ip",
+            &["route", "add", dest, "via", MISSING_GATEWAY, "dev", "eth0"],
+        )
+        .unwrap_or_else(|e| {
+            panic!(
+                "routing {dest} via {MISSING_GATEWAY} in {}: {e:#}",
+                node.name()
+            )
+        });
+    dest.to_owned()
+}
+
+/// Removes the route [`route_via_missing_gateway`] added, and asserts that the node had tried to
+/// resolve the missing gateway meanwhile (so packets really took that route).
+pub fn unroute_missing_gateway(node: &Node, dest: &str) {
+    let neighbour = node
+        .ns()
+        .run(
+            "ip",
+            &["-4", "neigh", "show", MISSING_GATEWAY, "dev", "eth0"],
+        )
+        .unwrap_or_default();
+    node.ns()
+        .run("ip", &["route", "del", dest])
+        .unwrap_or_else(|e| panic!("removing the route to {dest} in {}: {e:#}", node.name()));
+    assert!(
+        neighbour.contains(MISSING_GATEWAY),
+        "{} never tried to resolve the new next hop {MISSING_GATEWAY}: `ip neigh` shows {neighbour:?}",
+        node.name()
+    );
+}

@@ -32,8 +32,8 @@ use overlay_tests::{
     AttachKind, Capture, Cluster, NetNs, Node, Pod, add_veth, attached_programs,
     checks::{
         FIRST_ECHO, agent_cmd, agent_of, assert_host_reaches, assert_no_ping, assert_ping,
-        assert_pods_talk, assert_pods_talk_across_nodes, assert_tcp, counters, grown, subnet_of,
-        wait_line_since,
+        assert_pods_talk, assert_pods_talk_across_nodes, assert_tcp, counters, grown,
+        route_via_missing_gateway, subnet_of, unroute_missing_gateway, wait_line_since,
     },
     packet::{parse_mac, vxlan_payload},
     stock::{StockPeer, stock_vxlan_node},
@@ -1009,29 +1009,13 @@ fn a_changed_route_to_a_peer_is_followed_at_once() {
     let cluster = cluster_behind_a_router();
     let (n0, n1) = (cluster.node(0), cluster.node(1));
     let (p0, p1) = (cluster.pod(0, 0), cluster.pod(1, 0));
-    // On n0's segment, answered by nobody.
-    let missing_gateway = "198.18.0.250";
     // ping -s 200: inner IPv4 packets of 228 bytes, told apart from the other traffic.
     let (payload, inner_len) = (200, 228);
 
     let pcap = cluster.dir().join("route-change.pcap");
     let capture = capture_vxlan_at_n0(&cluster, &pcap);
     assert_pods_talk(&p0, &p1);
-    let host_route = format!("{}/32", n1.underlay_ip());
-    n0.ns()
-        .run(
-            "ip",
-            &[
-                "route",
-                "add",
-                &host_route,
-                "via",
-                missing_gateway,
-                "dev",
-                "eth0",
-            ],
-        )
-        .unwrap();
+    let host_route = route_via_missing_gateway(n0, &format!("{}/32", n1.underlay_ip()));
     // 20 pings in half a second; none can be answered.
     let _ = p0.ns().run(
         "ping",
@@ -1047,21 +1031,10 @@ fn a_changed_route_to_a_peer_is_followed_at_once() {
             &p1.ip().to_string(),
         ],
     );
-    let neighbour = n0
-        .ns()
-        .run(
-            "ip",
-            &["-4", "neigh", "show", missing_gateway, "dev", "eth0"],
-        )
-        .unwrap();
-    n0.ns().run("ip", &["route", "del", &host_route]).unwrap();
+    unroute_missing_gateway(n0, &host_route);
     assert_pods_talk(&p0, &p1);
     let pcap = capture.stop().unwrap();
 
-    assert!(
-        neighbour.contains(missing_gateway),
-        "n0 never tried to resolve the new next hop {missing_gateway}: `ip neigh` shows {neighbour:?}"
-    );
     let stale = tshark_fields(
         &pcap,
         &format!(
