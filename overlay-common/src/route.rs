@@ -98,7 +98,8 @@ pub const NEXT_HOP_V4_CAPACITY: u32 = 4096;
 /// FIB gave for the VXLAN outer packet to that peer, and the routing generation
 /// (`Config::route_gen`) it was looked up under. Written only by the programs, whole (a hash map
 /// update replaces the element), so a reader never sees the next hop of one generation with
-/// another's number.
+/// another's number. The same pair caches a masqueraded flow's next hop in its `SNAT_V4_CT`
+/// entry (`nat::NatEntryV4::route`), written there as one 8-byte word for the same reason.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct NextHopV4 {

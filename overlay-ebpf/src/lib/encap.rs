@@ -38,7 +38,7 @@ use crate::lib::{
     fib,
     hdr::{EthHdr, Ipv4Hdr, UdpHdr, VxlanEncap, VxlanHdr},
     ipv4::ecn_encapsulate,
-    maps::{cache_next_hop, cached_next_hop},
+    maps::{cache_next_hop, cached_next_hop, route_gen},
 };
 
 const ENCAP_FLAGS: u64 = (BPF_F_ADJ_ROOM_FIXED_GSO
@@ -156,11 +156,7 @@ pub fn redirect_to_underlay(ctx: &TcContext, cfg: &Config, peer: &RemoteNode, to
 /// milliseconds, and within a second even if an event were lost.
 #[inline(always)]
 fn outer_next_hop(ctx: &TcContext, cfg: &Config, peer: &RemoteNode, tos: u8) -> Option<[u8; 4]> {
-    // Read once, before the lookup: the agent bumps the generation after the kernel changed a
-    // route, so a lookup made after reading a generation sees routing at least as new as it.
-    // Reading it again for the insert could file an older lookup under a newer generation.
-    // SAFETY: a field of the CONFIG value, which stays mapped while the program runs.
-    let route_gen = unsafe { core::ptr::read_volatile(&raw const cfg.route_gen) };
+    let route_gen = route_gen(cfg);
     if route_gen != 0
         // SAFETY: reading a field of our own context.
         && unsafe { (*ctx.skb.skb).mark } == 0

@@ -60,6 +60,17 @@ pub fn cache_next_hop(peer: [u8; 4], route_gen: u32, next_hop: [u8; 4]) {
     );
 }
 
+/// The routing generation (`Config::route_gen`; 0: cache nothing), for a next-hop cache.
+/// Read once per packet, before the FIB lookup whose answer it files: the agent bumps it after
+/// the kernel changed a route, so a lookup made after reading a generation sees routing at least
+/// as new as it, while reading it again for the insert could file an older lookup under a newer
+/// generation. Volatile, so the compiler does not read it twice.
+#[inline(always)]
+pub fn route_gen(cfg: &Config) -> u32 {
+    // SAFETY: a field of the CONFIG value, which stays mapped while the program runs.
+    unsafe { core::ptr::read_volatile(&raw const cfg.route_gen) }
+}
+
 /// The node's configuration, once the agent has written a complete one.
 #[inline(always)]
 pub fn config() -> Option<&'static Config> {

@@ -30,7 +30,7 @@ use crate::lib::{
     fib,
     hdr::{IcmpHdr, Ipv4Hdr},
     ipv4::ECN_MASK,
-    maps::{config, is_member},
+    maps::{config, is_member, route_gen},
 };
 
 /// The pod bridge's tcx ingress: masquerades `ip` when it leaves through the external
@@ -79,11 +79,10 @@ struct RouteOut {
 /// because the lookup's inputs are fixed for a flow (interface, addresses, protocol; ports are
 /// in the key) except the TOS, so only packets without DSCP bits (ECN bits do not route)
 /// use or fill the cache; the mark is not an input (the lookup runs the rules with mark 0).
-/// The generation is read once, before the lookup, as for the outer next hop (`lib::encap`).
+/// The generation is read once, before the lookup (`maps::route_gen`).
 #[inline(always)]
 fn route_out(ctx: &TcContext, cfg: &Config, ip: &Ipv4Hdr, ihl: usize) -> Option<RouteOut> {
-    // SAFETY: a field of the CONFIG value, which stays mapped while the program runs.
-    let route_gen = unsafe { core::ptr::read_volatile(&raw const cfg.route_gen) };
+    let route_gen = route_gen(cfg);
     let key = if route_gen != 0 && ip.tos & !ECN_MASK == 0 && frag_offset(ip) == 0 {
         flow_key(ctx, ip, IP_OFF + ihl)
     } else {
