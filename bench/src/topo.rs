@@ -320,8 +320,7 @@ fn ours(id: PathId, mode: Mode) -> Result<PathTopo> {
     let backend = if id == PathId::E { "vxlan" } else { "host-gw" };
     let config = format!(r#"{{"Network": "{NETWORK}", "Backend": {{"Type": "{backend}"}}}}"#);
     let cluster = cluster_base(Some(&config))?;
-    // Offloads before the agents, as a NIC has them before its node's agent starts: `--xdp
-    // auto` decides from them once, at start (set afterwards, the agent kept TC decapsulation).
+    // Offloads before the agents, as a NIC has them before its node's agent starts.
     if mode == Mode::Nic {
         cluster_nic_offloads(&cluster)?;
     }

@@ -243,9 +243,11 @@ pub struct Flags {
     #[arg(long, env = "OVERLAY_POD_BRIDGE")]
     pub pod_bridge: Option<String>,
 
-    /// XDP decapsulation on the external interface, before GRO (ours): `auto` attaches it where
-    /// frames arrive MTU-sized (a physical NIC, or a veth without TSO) and falls back to TC
-    /// decapsulation where the driver has no native XDP; `on` requires it; `off` never uses it.
+    /// XDP decapsulation on the external interface, before GRO (ours). `auto` does without:
+    /// the kernel's GRO aggregates VXLAN through the GRO device `ovl-gro`, then TC
+    /// decapsulates the aggregate (faster than XDP in the benchmark's NIC mode, where a veth
+    /// copies every frame for XDP, and the kernel's checksum handling stays whole); `on`
+    /// requires native XDP; `off` never uses it.
     #[arg(long, env = "OVERLAY_XDP", value_enum, default_value_t = XdpPolicy::Auto)]
     pub xdp: XdpPolicy,
 
@@ -305,11 +307,13 @@ pub enum PodHook {
 /// When the agent decapsulates in XDP (`--xdp`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum XdpPolicy {
-    /// Where it pays: frames arrive MTU-sized, so GRO can aggregate the inner flow only if the
-    /// outer headers are gone before it. On a veth passing TSO super-packets it would cost the
-    /// peer its TSO (the kernel turns it off) and gain nothing.
+    /// No XDP: GRO aggregates VXLAN through the GRO device's tunnel socket, as it does for
+    /// `flannel.1`, and TC decapsulates the aggregate. (On a veth XDP costs a copy of every
+    /// frame; on a NIC that only validated the outer UDP checksum, XDP's decapsulated frames
+    /// would pass that verdict on to the inner packet.)
     Auto,
-    /// Always; the agent fails to start if native XDP cannot be attached.
+    /// XDP decapsulation before GRO; the agent fails to start if native XDP cannot be
+    /// attached.
     On,
     /// Never: TC decapsulates everything.
     Off,

@@ -6,6 +6,12 @@
 //!   direct peers, sends it on unencapsulated). Its MAC is our VtepMAC; its MTU is the pod MTU
 //!   (room for the 50 bytes of VXLAN, or the interface's MTU with host-gw). The peer end only exists
 //!   so the device has a carrier: nothing is ever sent to it.
+//! - The GRO device `ovl-gro` (VXLAN backend): a kernel VXLAN device in collect-metadata mode
+//!   on our VXLAN port, never given an address or a route. The kernel's GRO aggregates
+//!   UDP-tunnel frames only for a port that has a tunnel socket; this device owns that socket,
+//!   so MTU-sized VXLAN frames reach `underlay_ingress` aggregated per inner flow. Whatever
+//!   the socket itself receives is dropped by `gro_device_ingress` (attached before the device
+//!   goes up).
 //! - The pod bridge (docker0, cni0), which the container runtime creates from the subnet file,
 //!   possibly after the agent started: found as the interface holding the subnet's gateway
 //!   address, or by name with `--pod-bridge`.
@@ -16,10 +22,10 @@ use futures_util::TryStreamExt as _;
 use ipnet::Ipv4Net;
 use netlink_packet_route::{
     address::AddressAttribute,
-    link::{InfoKind, LinkAttribute, LinkInfo},
+    link::{InfoData, InfoVxlan, LinkAttribute, LinkInfo},
     route::RouteAttribute,
 };
-use rtnetlink::{Handle, LinkUnspec, LinkVeth, RouteMessageBuilder};
+use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, LinkVeth, LinkVxlan, RouteMessageBuilder};
 use tokio::task::JoinHandle;
 
 use crate::iface::{self, IfaceError, Interface};
@@ -27,6 +33,8 @@ use crate::iface::{self, IfaceError, Interface};
 /// Name of the host device, and of its veth peer.
 pub const HOST_DEVICE: &str = "ovl0";
 const HOST_DEVICE_PEER: &str = "ovl0p";
+/// Name of the GRO device.
+pub const GRO_DEVICE: &str = "ovl-gro";
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetdevError {
@@ -37,11 +45,6 @@ pub enum NetdevError {
         action: &'static str,
         device: String,
         source: rtnetlink::Error,
-    },
-    #[error("cannot read the offload settings of {device}: {source}")]
-    Ethtool {
-        device: String,
-        source: std::io::Error,
     },
     #[error("{device} is missing right after it was created")]
     Vanished { device: String },
@@ -220,44 +223,105 @@ impl Netlink {
         Ok(found && !via)
     }
 
-    /// Whether frames arrive on the interface `index` (named `name`) at most MTU-sized, so that
-    /// only GRO can aggregate them: true for anything but a veth, whose peer hands over TSO
-    /// super-packets whole unless TSO is off on the link (`ethtool -K <dev> tso off`, as on
-    /// both ends of a NIC-like veth).
-    pub async fn receives_mtu_sized_frames(
-        &self,
-        index: u32,
-        name: &str,
-    ) -> Result<bool, NetdevError> {
-        let err = |source| NetdevError::Netlink {
-            action: "look up",
-            device: name.to_owned(),
-            source,
-        };
-        let mut links = self.handle.link().get().match_index(index).execute();
-        let mut veth = false;
-        while let Some(msg) = links.try_next().await.map_err(err)? {
-            veth |= msg.attributes.iter().any(|a| {
-                matches!(a, LinkAttribute::LinkInfo(infos)
-                    if infos.iter().any(|i| matches!(i, LinkInfo::Kind(InfoKind::Veth))))
-            });
-        }
-        if !veth {
-            return Ok(true);
-        }
-        Ok(!tso_enabled(name).map_err(|source| NetdevError::Ethtool {
-            device: name.to_owned(),
-            source,
-        })?)
-    }
-
     /// Removes the host device (its peer and routes go with it).
     pub async fn remove_host_device(&self) -> Result<bool, NetdevError> {
+        self.remove_device(HOST_DEVICE).await
+    }
+
+    /// Creates the GRO device for VXLAN on `port` if it is missing or not that (another port,
+    /// not in collect-metadata mode, not VXLAN), and leaves it down when it creates it: the
+    /// caller attaches `gro_device_ingress` first, then calls [`Netlink::set_up`]. Returns its
+    /// interface index. A restarted agent finds it as it left it and changes nothing.
+    pub async fn ensure_gro_device(&self, port: u16) -> Result<u32, NetdevError> {
+        let err = |action, source| NetdevError::Netlink {
+            action,
+            device: GRO_DEVICE.to_owned(),
+            source,
+        };
+        if let Some((index, settings)) = self.vxlan_settings(GRO_DEVICE).await? {
+            if settings.collect_metadata && settings.port == Some(port) {
+                return Ok(index);
+            }
+            self.remove_device(GRO_DEVICE).await?;
+        }
+        // `ip link add ovl-gro type vxlan external dstport <port> nolearning`.
+        let msg = LinkMessageBuilder::<LinkVxlan>::new(GRO_DEVICE)
+            .collect_metadata(true)
+            .port(port)
+            .learning(false)
+            .build();
+        self.handle
+            .link()
+            .add(msg)
+            .execute()
+            .await
+            .map_err(|e| err("create", e))?;
+        self.interfaces()
+            .await?
+            .into_iter()
+            .find(|i| i.name == GRO_DEVICE)
+            .map(|i| i.index)
+            .ok_or(NetdevError::Vanished {
+                device: GRO_DEVICE.into(),
+            })
+    }
+
+    /// Removes the GRO device (where the backend has no VXLAN, and at `cleanup`).
+    pub async fn remove_gro_device(&self) -> Result<bool, NetdevError> {
+        self.remove_device(GRO_DEVICE).await
+    }
+
+    /// Brings the link `index` (named `name`, for errors) up.
+    pub async fn set_up(&self, index: u32, name: &str) -> Result<(), NetdevError> {
+        self.handle
+            .link()
+            .set(LinkUnspec::new_with_index(index).up().build())
+            .execute()
+            .await
+            .map_err(|source| NetdevError::Netlink {
+                action: "bring up",
+                device: name.to_owned(),
+                source,
+            })
+    }
+
+    /// The interface index and VXLAN settings of the device `name`: `None` if there is no such
+    /// device, default settings if it is not VXLAN.
+    async fn vxlan_settings(
+        &self,
+        name: &str,
+    ) -> Result<Option<(u32, VxlanSettings)>, NetdevError> {
+        let Some(index) = self
+            .interfaces()
+            .await?
+            .into_iter()
+            .find(|i| i.name == name)
+            .map(|i| i.index)
+        else {
+            return Ok(None);
+        };
+        let mut links = self.handle.link().get().match_index(index).execute();
+        let mut settings = VxlanSettings::default();
+        while let Some(msg) = links
+            .try_next()
+            .await
+            .map_err(|source| NetdevError::Netlink {
+                action: "look up",
+                device: name.to_owned(),
+                source,
+            })?
+        {
+            settings = VxlanSettings::of(&msg.attributes);
+        }
+        Ok(Some((index, settings)))
+    }
+
+    async fn remove_device(&self, name: &str) -> Result<bool, NetdevError> {
         let Some(device) = self
             .interfaces()
             .await?
             .into_iter()
-            .find(|i| i.name == HOST_DEVICE)
+            .find(|i| i.name == name)
         else {
             return Ok(false);
         };
@@ -268,56 +332,41 @@ impl Netlink {
             .await
             .map_err(|source| NetdevError::Netlink {
                 action: "delete",
-                device: HOST_DEVICE.to_owned(),
+                device: name.to_owned(),
                 source,
             })?;
         Ok(true)
     }
 }
 
-/// Whether TCP segmentation offload is on for `iface` (`ETHTOOL_GTSO`).
-fn tso_enabled(iface: &str) -> std::io::Result<bool> {
-    /// `struct ethtool_value` of linux/ethtool.h.
-    #[repr(C)]
-    struct EthtoolValue {
-        cmd: u32,
-        data: u32,
+/// What the agent checks of an existing GRO device.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct VxlanSettings {
+    collect_metadata: bool,
+    port: Option<u16>,
+}
+
+impl VxlanSettings {
+    /// Read from a link's attributes; a link that is not VXLAN has the defaults.
+    fn of(attributes: &[LinkAttribute]) -> Self {
+        let mut settings = Self::default();
+        let infos = attributes.iter().filter_map(|a| match a {
+            LinkAttribute::LinkInfo(infos) => Some(infos),
+            _ => None,
+        });
+        for info in infos.flatten() {
+            if let LinkInfo::Data(InfoData::Vxlan(data)) = info {
+                for d in data {
+                    match d {
+                        InfoVxlan::CollectMetadata(on) => settings.collect_metadata = *on,
+                        InfoVxlan::Port(port) => settings.port = Some(*port),
+                        _ => {}
+                    }
+                }
+            }
+        }
+        settings
     }
-    const ETHTOOL_GTSO: u32 = 0x1e;
-    let bytes = iface.as_bytes();
-    // SAFETY: a zeroed ifreq is a valid argument.
-    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
-    if bytes.is_empty() || bytes.len() >= req.ifr_name.len() {
-        return Err(std::io::ErrorKind::InvalidInput.into());
-    }
-    for (dst, src) in req.ifr_name.iter_mut().zip(bytes) {
-        *dst = *src as libc::c_char;
-    }
-    let mut value = EthtoolValue {
-        cmd: ETHTOOL_GTSO,
-        data: 0,
-    };
-    req.ifr_ifru.ifru_data = (&raw mut value).cast();
-    // SAFETY: socket() has no preconditions; the descriptor is owned (and closed) at once.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: `fd` is a fresh descriptor nobody else owns.
-    let sock = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-    // SAFETY: SIOCETHTOOL reads the name and the command from `req` and writes `value`, which
-    // outlives the call.
-    let rc = unsafe {
-        libc::ioctl(
-            std::os::fd::AsRawFd::as_raw_fd(&sock),
-            libc::SIOCETHTOOL,
-            &mut req,
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(value.data != 0)
 }
 
 /// The pod bridge among `interfaces`: the one named `name` if given, else the one holding the
@@ -336,6 +385,41 @@ pub fn find_pod_bridge<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_gro_device_is_recognised_by_its_vxlan_settings() {
+        use netlink_packet_route::link::InfoKind;
+        let vxlan = |data: Vec<InfoVxlan>| {
+            vec![
+                LinkAttribute::IfName("ovl-gro".into()),
+                LinkAttribute::LinkInfo(vec![
+                    LinkInfo::Kind(InfoKind::Vxlan),
+                    LinkInfo::Data(InfoData::Vxlan(data)),
+                ]),
+            ]
+        };
+        let ours = VxlanSettings::of(&vxlan(vec![
+            InfoVxlan::Id(0),
+            InfoVxlan::CollectMetadata(true),
+            InfoVxlan::Port(8472),
+            InfoVxlan::Learning(false),
+        ]));
+        assert_eq!(
+            ours,
+            VxlanSettings {
+                collect_metadata: true,
+                port: Some(8472)
+            }
+        );
+        // flannel.1-like: a VNI, no collect-metadata mode.
+        let plain = VxlanSettings::of(&vxlan(vec![InfoVxlan::Id(1), InfoVxlan::Port(8472)]));
+        assert!(!plain.collect_metadata);
+        // Not VXLAN at all.
+        let veth = VxlanSettings::of(&[LinkAttribute::LinkInfo(vec![LinkInfo::Kind(
+            InfoKind::Veth,
+        )])]);
+        assert_eq!(veth, VxlanSettings::default());
+    }
 
     fn iface(index: u32, name: &str, addrs: &[Ipv4Addr]) -> Interface {
         Interface {

@@ -18,8 +18,10 @@ use overlay_common::counters::Reason;
 use serde::Serialize;
 
 use crate::{
-    datapath::{PROGRAMS, nat::pinned_nat_flows, pinned_counters, pinned_peers},
-    netdev::HOST_DEVICE,
+    datapath::{
+        GRO_DEVICE_INGRESS, PROGRAMS, nat::pinned_nat_flows, pinned_counters, pinned_peers,
+    },
+    netdev::{GRO_DEVICE, HOST_DEVICE},
     subnet::Mac,
     telemetry::AgentStatus,
 };
@@ -97,7 +99,7 @@ pub fn attached_programs(iface: &str) -> Result<Vec<ProgramStatus>> {
         for p in programs {
             let kernel_name = p.name_as_str().unwrap_or_default();
             // The kernel keeps 15 characters of a name (`underlay_ingres`): ours by prefix.
-            let ours = PROGRAMS.iter().find(|full| {
+            let ours = PROGRAMS.iter().chain(&[GRO_DEVICE_INGRESS]).find(|full| {
                 **full == kernel_name
                     || (kernel_name.len() == KERNEL_NAME_LEN && full.starts_with(kernel_name))
             });
@@ -138,6 +140,8 @@ pub fn collect(bpf_dir: &Path, status_file: &Path) -> NodeStatus {
         if let Some(b) = &a.bridge {
             roles.push((b.clone(), "bridge"));
         }
+        // Listed below only if it exists (not with host-gw).
+        roles.push((GRO_DEVICE.to_owned(), "gro"));
     }
     let mut interfaces = Vec::new();
     for (index, name) in interface_list() {

@@ -152,6 +152,11 @@ pub enum Reason {
     /// node's own address and pass for this node's tunnel traffic (a pod injecting packets
     /// into other nodes), so it is never translated.
     DropPodVxlan = 49,
+    /// A frame the kernel's VXLAN socket of the GRO device (`ovl-gro`) decapsulated: VXLAN to
+    /// our port that `underlay_ingress` left to the kernel (another local address, outer IP
+    /// options or IPv6, from the host itself) or that arrived on another interface. The device
+    /// exists only so that GRO aggregates VXLAN; it delivers nothing.
+    DropGroDevice = 50,
     /// A packet to masquerade whose TCP/UDP/ICMP header is cut short (it would leak the pod's
     /// address untranslated).
     DropNatMalformed = 61,
@@ -163,7 +168,7 @@ pub enum Reason {
 
 impl Reason {
     /// Every reason, in index order (what the agent reports).
-    pub const ALL: [Self; 42] = [
+    pub const ALL: [Self; 43] = [
         Self::UnderlayRx,
         Self::UnderlayTx,
         Self::EncapPod,
@@ -203,6 +208,7 @@ impl Reason {
         Self::PodPort,
         Self::DropInnerSource,
         Self::DropPodVxlan,
+        Self::DropGroDevice,
         Self::DropNatMalformed,
         Self::DropNatFailed,
         Self::DropNatExhausted,
@@ -248,6 +254,7 @@ impl Reason {
             Self::PodPort => "pod_port",
             Self::DropInnerSource => "drop_inner_source",
             Self::DropPodVxlan => "drop_pod_vxlan",
+            Self::DropGroDevice => "drop_gro_device",
             Self::NatNewFlow => "nat_new_flow",
             Self::NatRev => "nat_rev",
             Self::NatSnat => "nat_snat",

@@ -8,8 +8,9 @@
 //!   everything else goes on (`TC_ACT_OK`).
 //!   Last, replies to masqueraded flows are translated back to their pod (`lib::nat`), or, for
 //!   flows masqueraded into the cluster towards a direct peer, to their outside source.
-//! - `underlay_xdp` (native XDP, attached where frames arrive MTU-sized: real NICs, a veth
-//!   without TSO) decapsulates VXLAN for us before GRO, so GRO aggregates the inner flow, and
+//! - `underlay_xdp` (native XDP, attached with `--xdp on`; by default the kernel's GRO
+//!   aggregates VXLAN through the agent's GRO device instead, see `lib::decap`) decapsulates
+//!   VXLAN for us before GRO, so GRO aggregates the inner flow, and
 //!   marks what it decapsulated for `underlay_ingress` (see `lib::decap`). It never drops.
 //! - `underlay_egress` counts what leaves (`underlay_tx`), our encapsulated packets included
 //!   (`bpf_redirect_neigh` transmits through this hook); with `--ip-masq` it masquerades pod

@@ -406,3 +406,53 @@ pub fn unroute_missing_gateway(node: &Node, dest: &str) {
         node.name()
     );
 }
+
+/// The agent's GRO device (`ovl-gro`) as the kernel shows it in `node`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroDevice {
+    pub index: u64,
+    pub up: bool,
+    /// A VXLAN device in collect-metadata mode (`external`).
+    pub external_vxlan: bool,
+    pub port: u64,
+}
+
+/// The name the agent gives its GRO device.
+pub const GRO_DEVICE: &str = "ovl-gro";
+
+/// `node`'s GRO device, if there is one (`ip -d -j link show ovl-gro`).
+pub fn gro_device(node: &Node) -> Option<GroDevice> {
+    let out = node
+        .ns()
+        .run("ip", &["-d", "-j", "link", "show", GRO_DEVICE])
+        .ok()?;
+    let v: serde_json::Value = serde_json::from_str(&out).expect("ip -j output");
+    let link = &v[0];
+    let info = &link["linkinfo"];
+    Some(GroDevice {
+        index: link["ifindex"].as_u64().unwrap_or(0),
+        up: link["flags"]
+            .as_array()
+            .is_some_and(|f| f.iter().any(|x| x == "UP")),
+        external_vxlan: info["info_kind"] == "vxlan"
+            && info["info_data"]["external"].as_bool() == Some(true),
+        port: info["info_data"]["port"].as_u64().unwrap_or(0),
+    })
+}
+
+/// Sends one VXLAN datagram (VNI 1, an inner IPv4/UDP packet) to the node's own VXLAN socket
+/// over loopback, where no program of the external interface sees it: only the GRO device's
+/// socket can take it.
+pub fn vxlan_over_loopback(node: &Node, port: u16) {
+    let mut bytes = vec![0x08, 0, 0, 0, 0, 0, 1, 0];
+    // Inner Ethernet: to a unicast MAC, from another; IPv4.
+    bytes.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x01, 0x02, 0, 0, 0, 0, 0x02, 0x08, 0x00]);
+    // Inner IPv4 (no checksum: nothing should ever look at it) and UDP, 4 bytes of data.
+    bytes.extend_from_slice(&[
+        0x45, 0, 0, 32, 0, 1, 0, 0, 64, 17, 0, 0, 172, 17, 99, 5, 127, 0, 0, 1,
+    ]);
+    bytes.extend_from_slice(&[0x30, 0x39, 0, 9, 0, 12, 0, 0, b'o', b'v', b'l', b'!']);
+    let escaped: String = bytes.iter().map(|b| format!("\\x{b:02x}")).collect();
+    let script = format!("printf '{escaped}' > /dev/udp/127.0.0.1/{port}");
+    node.ns().run("bash", &["-c", &script]).unwrap();
+}

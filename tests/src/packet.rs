@@ -48,12 +48,13 @@ pub const TC_ACT_SHOT: u32 = 2;
 pub const TC_ACT_REDIRECT: u32 = 7;
 
 /// The data path's TC programs (`SchedClassifier`s), the load-time probe among them.
-pub const PROGRAMS: [&str; 6] = [
+pub const PROGRAMS: [&str; 7] = [
     names::POD_EGRESS,
     names::POD_PORT_EGRESS,
     names::HOST_EGRESS,
     names::UNDERLAY_INGRESS,
     names::UNDERLAY_EGRESS,
+    names::GRO_DEVICE_INGRESS,
     names::PROBE_DECAP_L4_UDP,
 ];
 /// The data path's XDP programs.

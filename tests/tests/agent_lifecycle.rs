@@ -6,7 +6,7 @@ use std::{process::Command, time::Duration};
 use overlay_common::names;
 use overlay_tests::{
     AttachKind, Cluster, agent_bin,
-    checks::{agent_cmd, eth0_programs},
+    checks::{GRO_DEVICE, agent_cmd, eth0_programs, gro_device, programs_on},
 };
 
 const VXLAN_CONFIG: &str = r#"{"Network": "172.17.0.0/16", "Backend": {"Type": "vxlan"}}"#;
@@ -58,6 +58,12 @@ fn agent_attaches_keeps_its_pinned_data_path_after_sigterm_and_cleanup_removes_i
         expected,
         "pinned programs must stay attached after exit"
     );
+    let gro_ingress = [(names::GRO_DEVICE_INGRESS.to_owned(), AttachKind::TcxIngress)];
+    assert_eq!(
+        programs_on(node, GRO_DEVICE),
+        gro_ingress,
+        "the GRO device keeps its program"
+    );
     let counters = agent_cmd(node, &["counters"]);
     let rx = counters
         .lines()
@@ -79,6 +85,7 @@ fn agent_attaches_keeps_its_pinned_data_path_after_sigterm_and_cleanup_removes_i
         !links.contains("ovl0"),
         "cleanup must delete the host device:\n{links}"
     );
+    assert_eq!(gro_device(node), None, "cleanup must delete the GRO device");
     assert!(!node.bpf_dir().exists(), "cleanup must remove the pins");
 }
 

@@ -1,8 +1,9 @@
 //! The fast delivery paths end to end: straight into pods (`ENDPOINT_V4`, `bpf_redirect_peer`)
 //! as the runtime adds and removes them on the bridge after the agent started, never to an
-//! interface index a removed pod left behind; the same for host-gw; and XDP decapsulation before
-//! GRO where frames cross the underlay MTU-sized (TSO/GSO off on the underlay veths, GRO on at
-//! the receivers: what a real NIC does), surviving `kill -9` of the agents.
+//! interface index a removed pod left behind; the same for host-gw; and, where frames cross
+//! the underlay MTU-sized (TSO/GSO off on the underlay veths, GRO on at the receivers: what a
+//! real NIC does), GRO of VXLAN through the agent's GRO device (the default) or XDP
+//! decapsulation before GRO (`--xdp on`), surviving `kill -9` of the agents.
 //!
 //! Root only; the harness builds everything in `ovl-<pid>-…` namespaces and removes it.
 
@@ -17,8 +18,8 @@ use overlay_common::names;
 use overlay_tests::{
     AttachKind, Capture, Cluster, Node, Pod,
     checks::{
-        agent_of, assert_ping, assert_tcp, counters, endpoints, eth0_programs, grown,
-        transfer_across_agent_kill9,
+        GRO_DEVICE, agent_of, assert_ping, assert_tcp, counters, endpoints, eth0_programs,
+        gro_device, grown, programs_on, transfer_across_agent_kill9, vxlan_over_loopback,
     },
     tshark_fields,
 };
@@ -250,21 +251,19 @@ fn host_gw_delivers_known_pods_straight() {
     assert_eq!(d.get("deliver_direct_pod"), None, "{d:?}");
 }
 
-/// host-gw has no VXLAN to decapsulate: even where frames arrive MTU-sized (where `--xdp auto`
-/// attaches for vxlan, and even with `--xdp on`) no XDP program goes on the underlay, whose
-/// veth would otherwise copy every frame for it; traffic flows.
+/// host-gw has no VXLAN to decapsulate: even where frames arrive MTU-sized and with `--xdp on`
+/// no XDP program goes on the underlay, whose veth would otherwise copy every frame for it, and
+/// there is no GRO device (one left by an earlier vxlan agent is removed); traffic flows.
 #[test]
 fn host_gw_never_attaches_xdp_even_where_frames_arrive_mtu_sized() {
-    let cluster = Cluster::builder()
-        .nodes(2)
-        .pods_per_node(0)
-        .network_config(HOST_GW)
-        .start_agents(false)
-        .build()
+    let cluster = nic_like_cluster(2, HOST_GW);
+    cluster
+        .node(0)
+        .ns()
+        .ip(&[
+            "link", "add", GRO_DEVICE, "type", "vxlan", "external", "dstport", "8472",
+        ])
         .unwrap();
-    for node in cluster.nodes() {
-        nic_like(&cluster, node);
-    }
     cluster.node(0).start_agent(&[]).unwrap();
     cluster.node(1).start_agent(&["--xdp", "on"]).unwrap();
     for node in cluster.nodes() {
@@ -273,6 +272,7 @@ fn host_gw_never_attaches_xdp_even_where_frames_arrive_mtu_sized() {
     }
     for node in cluster.nodes() {
         assert_xdp_off(node, "XDP decapsulation off on eth0 (host-gw: no VXLAN)");
+        assert_eq!(gro_device(node), None, "{}", node.name());
     }
     assert_tcp(&cluster.pod(0, 0), &cluster.pod(1, 0));
 }
@@ -290,33 +290,35 @@ fn assert_xdp_off(node: &Node, why: &str) {
     );
 }
 
-/// Underlay veths that behave like NICs: TSO and GSO off on both ends of every node's link, so
-/// frames cross MTU-sized, and GRO on at the receivers.
-fn nic_like(cluster: &Cluster, node: &Node) {
-    for (ns, dev) in [(node.ns(), "eth0"), (cluster.underlay(), node.name())] {
-        ns.run(
-            "ethtool",
-            &["-K", dev, "tso", "off", "gso", "off", "gro", "on"],
-        )
-        .unwrap();
-    }
-}
-
-#[test]
-fn xdp_decapsulates_before_gro_where_frames_arrive_mtu_sized_and_survives_kill9() {
+/// `nodes` nodes without pods or agents yet, on underlay veths that behave like NICs: TSO and
+/// GSO off on both ends of every node's link, so frames cross MTU-sized, and GRO on at the
+/// receivers (set before the agents start, as a NIC has them).
+fn nic_like_cluster(nodes: usize, config: &str) -> Cluster {
     let cluster = Cluster::builder()
-        .nodes(3)
+        .nodes(nodes)
         .pods_per_node(0)
-        .network_config(VXLAN)
+        .network_config(config)
         .start_agents(false)
         .build()
         .unwrap();
     for node in cluster.nodes() {
-        nic_like(&cluster, node);
+        for (ns, dev) in [(node.ns(), "eth0"), (cluster.underlay(), node.name())] {
+            ns.run(
+                "ethtool",
+                &["-K", dev, "tso", "off", "gso", "off", "gro", "on"],
+            )
+            .unwrap();
+        }
     }
-    // Nodes 0 and 1 decide by themselves (`--xdp auto`); node 2 is told not to.
+    cluster
+}
+
+#[test]
+fn xdp_on_decapsulates_before_gro_where_frames_arrive_mtu_sized_and_survives_kill9() {
+    let cluster = nic_like_cluster(3, VXLAN);
+    // Nodes 0 and 1 decapsulate in XDP (`--xdp on`); node 2 is told not to.
     for node in &cluster.nodes()[..2] {
-        node.start_agent(&[]).unwrap();
+        node.start_agent(&["--xdp", "on"]).unwrap();
     }
     cluster.node(2).start_agent(&["--xdp", "off"]).unwrap();
     for node in cluster.nodes() {
@@ -366,13 +368,13 @@ fn xdp_decapsulates_before_gro_where_frames_arrive_mtu_sized_and_survives_kill9(
     assert!(d.get("decap_endpoint").copied().unwrap_or(0) >= 10, "{d:?}");
 
     // kill -9 of both agents in the middle of a transfer: the pinned XDP link keeps working,
-    // the next agents take it over.
+    // the next agents (`--xdp on` again) take it over.
     let r = transfer_across_agent_kill9(
         &cluster.nodes()[..2],
         &pods[0],
         &pods[1],
         256 << 20,
-        &[],
+        &["--xdp", "on"],
         || {},
     );
     assert_eq!(r.bytes, 256 << 20);
@@ -385,6 +387,83 @@ fn xdp_decapsulates_before_gro_where_frames_arrive_mtu_sized_and_survives_kill9(
             .unwrap();
         assert!(xdp_on(node));
     }
+}
+
+/// Received frames on `node`'s eth0, as the kernel counts them (before GRO).
+fn eth0_rx_frames(node: &Node) -> u64 {
+    let out = node
+        .ns()
+        .run("ip", &["-s", "-j", "link", "show", "eth0"])
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v[0]["stats64"]["rx"]["packets"].as_u64().unwrap()
+}
+
+/// By default (`--xdp auto`) no XDP goes on a NIC-like veth: the agent's GRO device, a kernel
+/// VXLAN device in collect-metadata mode on the VXLAN port, lets the kernel's GRO aggregate
+/// the MTU-sized VXLAN frames per inner flow, so `underlay_ingress` decapsulates aggregates.
+/// Whatever that device's socket receives itself is dropped and counted, never delivered; a
+/// device deleted by hand is recreated with its program.
+#[test]
+fn gro_aggregates_mtu_sized_vxlan_through_the_gro_device() {
+    let cluster = nic_like_cluster(2, VXLAN);
+    for node in cluster.nodes() {
+        node.start_agent(&[]).unwrap();
+    }
+    for node in cluster.nodes() {
+        node.subnet_env().unwrap();
+        node.add_pod("p0").unwrap();
+    }
+    let gro_ingress = [(names::GRO_DEVICE_INGRESS.to_owned(), AttachKind::TcxIngress)];
+    for node in cluster.nodes() {
+        assert_xdp_off(node, "--xdp auto");
+        let dev = gro_device(node).expect("the GRO device exists");
+        assert!(dev.up && dev.external_vxlan && dev.port == 8472, "{dev:?}");
+        assert_eq!(programs_on(node, GRO_DEVICE), gro_ingress);
+    }
+    let (a, b) = (cluster.pod(0, 0), cluster.pod(1, 0));
+    assert_ping(&a, &b);
+
+    // A checked transfer to node 1: far fewer packets reach TC than frames arrived.
+    let (before, frames_before) = (counters(cluster.node(1)), eth0_rx_frames(cluster.node(1)));
+    assert_tcp(&a, &b);
+    let d = grown(&before, &counters(cluster.node(1)));
+    let frames = eth0_rx_frames(cluster.node(1)) - frames_before;
+    let delivered = d.get("decap_endpoint").copied().unwrap_or(0);
+    assert!(frames > 500, "{frames} frames");
+    assert!(
+        delivered > 0 && delivered < frames / 2,
+        "GRO aggregated nothing: {frames} frames, {d:?}"
+    );
+    assert!(d.keys().all(|k| !k.starts_with("drop_")), "{d:?}");
+
+    // VXLAN to the node's own socket over loopback (no program of eth0 sees it): the device's
+    // socket decapsulates it, its program drops it.
+    let n0 = cluster.node(0);
+    let before = counters(n0);
+    vxlan_over_loopback(n0, 8472);
+    let d = grown(&before, &counters(n0));
+    assert!(d.get("drop_gro_device").copied().unwrap_or(0) >= 1, "{d:?}");
+
+    // Deleted by hand: recreated (a new device) with its program, and traffic still aggregates.
+    let old = gro_device(n0).unwrap();
+    n0.ns().ip(&["link", "del", GRO_DEVICE]).unwrap();
+    let start = Instant::now();
+    while !gro_device(n0).is_some_and(|d| d.up && d.index != old.index)
+        || programs_on(n0, GRO_DEVICE) != gro_ingress
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "{GRO_DEVICE} not recreated: {:?}",
+            gro_device(n0)
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    let before = counters(n0);
+    vxlan_over_loopback(n0, 8472);
+    let d = grown(&before, &counters(n0));
+    assert!(d.get("drop_gro_device").copied().unwrap_or(0) >= 1, "{d:?}");
+    assert_tcp(&b, &a);
 }
 
 #[test]

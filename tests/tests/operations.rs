@@ -313,7 +313,12 @@ fn status_json_parses_and_matches_the_kernel() {
             .unwrap_or_else(|| panic!("{name} not in ip link"))
     };
     let interfaces = s["interfaces"].as_array().unwrap();
-    for (name, role) in [("eth0", "underlay"), ("ovl0", "host"), ("cni0", "bridge")] {
+    for (name, role) in [
+        ("eth0", "underlay"),
+        ("ovl0", "host"),
+        ("cni0", "bridge"),
+        ("ovl-gro", "gro"),
+    ] {
         let i = interfaces
             .iter()
             .find(|i| i["name"] == name)

@@ -240,7 +240,7 @@ impl Drop for Immutable {
 }
 
 /// Nothing of the agent is left on `node`: no lease in etcd, no programs on eth0, no host
-/// device, no pins.
+/// or GRO device, no pins.
 fn assert_nothing_left(cluster: &Cluster, node: &Node, why: &str) {
     let leases = cluster
         .etcd()
@@ -254,6 +254,7 @@ fn assert_nothing_left(cluster: &Cluster, node: &Node, why: &str) {
     );
     let links = node.ns().run("ip", &["-o", "link", "show"]).unwrap();
     assert!(!links.contains("ovl0"), "{why}: ovl0 left:\n{links}");
+    assert!(!links.contains("ovl-gro"), "{why}: ovl-gro left:\n{links}");
     let pins = node.bpf_dir().join("maps");
     let left: Vec<_> = std::fs::read_dir(&pins)
         .map(|d| d.flatten().map(|e| e.file_name()).collect())

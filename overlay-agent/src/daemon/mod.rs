@@ -37,8 +37,8 @@ use tracing::{error, info, warn};
 
 use self::{
     node::{
-        NodeDatapath, attach_xdp, check_and_repair, enable_ip_forwarding, report_counters,
-        routing_changed, sweep_nat, sync_endpoints, sync_pod_ports,
+        NodeDatapath, attach_xdp, check_and_repair, enable_ip_forwarding, keep_gro_device,
+        report_counters, routing_changed, sweep_nat, sync_endpoints, sync_pod_ports,
     },
     setup::{etcd_options, manager_options, probe_etcd, start_healthz, write_env, write_status},
 };
@@ -52,7 +52,7 @@ use crate::{
     },
     endpoints::run_watcher,
     iface, kernel,
-    netdev::{HOST_DEVICE, Netlink},
+    netdev::{GRO_DEVICE, HOST_DEVICE, Netlink},
     netevents::NetlinkEvents,
     notify::Notifier,
     subnet::{
@@ -229,7 +229,8 @@ async fn serve(flags: Flags, mut signals: Signals, undo: &mut Undo) -> Result<()
              (harmless for delivery straight into pods; the bridge fallback segments in software)"
         );
     }
-    attach_xdp(node.xdp, node.backend, &mut datapath, &netlink, &ext).await?;
+    attach_xdp(node.xdp, node.backend, &mut datapath, &ext)?;
+    keep_gro_device(node.backend, &mut datapath, &netlink).await;
     node.apply_lease(&mut datapath, &netlink, &lease).await?;
     telemetry.set_host_device(Some(HOST_DEVICE));
     node.track_pod_bridge(&mut datapath, &netlink).await;
@@ -300,6 +301,7 @@ async fn serve(flags: Flags, mut signals: Signals, undo: &mut Undo) -> Result<()
             Some(event) = netlink_events.links.recv() => {
                 let ours = event.name == ext.name
                     || event.name == HOST_DEVICE
+                    || event.name == GRO_DEVICE
                     || datapath.pod_bridge() == Some(event.name.as_str());
                 if ours {
                     tracing::debug!("link event: {event:?}");
@@ -401,21 +403,34 @@ async fn serve(flags: Flags, mut signals: Signals, undo: &mut Undo) -> Result<()
 const BRIDGE_POLL: Duration = Duration::from_secs(1);
 
 /// `overlay-agent cleanup`: removes the pinned data path (its programs detach as their links
-/// go) and the host device. Refuses, removing nothing, while an agent runs with `bpf_dir`
+/// go), the host device and the GRO device. Refuses, removing nothing, while an agent runs with `bpf_dir`
 /// (it holds the directory's lock): that agent would go on without its data path.
 pub async fn cleanup(bpf_dir: &Path) -> Result<()> {
+    let netlink = Netlink::new()?;
     match PinDir::existing(bpf_dir) {
         Some(pins) => {
             let _lock = pins
                 .lock()
                 .context("cleanup removes the data path of a stopped agent only")?;
+            // The GRO device goes before its program's link: up without it, it would deliver.
+            remove_gro_device(&netlink).await?;
             let removed = pins.remove_all()?;
             info!("removed {} pins under {}", removed.len(), bpf_dir.display());
         }
-        None => info!("nothing pinned under {}", bpf_dir.display()),
+        None => {
+            info!("nothing pinned under {}", bpf_dir.display());
+            remove_gro_device(&netlink).await?;
+        }
     }
-    if Netlink::new()?.remove_host_device().await? {
+    if netlink.remove_host_device().await? {
         info!("deleted the host device {HOST_DEVICE}");
+    }
+    Ok(())
+}
+
+async fn remove_gro_device(netlink: &Netlink) -> Result<()> {
+    if netlink.remove_gro_device().await? {
+        info!("deleted the GRO device {GRO_DEVICE}");
     }
     Ok(())
 }

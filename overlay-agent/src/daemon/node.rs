@@ -18,7 +18,7 @@ use crate::{
     datapath::{Datapath, NodeConfig},
     endpoints::BridgeScope,
     iface::ExternalInterface,
-    netdev::{HOST_DEVICE, HostDeviceSpec, Netlink, find_pod_bridge},
+    netdev::{GRO_DEVICE, HOST_DEVICE, HostDeviceSpec, Netlink, find_pod_bridge},
     subnet::{
         Lease, Mac, PeerEvent,
         config::{Backend, NetworkConfig},
@@ -241,29 +241,16 @@ impl NodeDatapath {
     }
 }
 
-/// Attaches the XDP decapsulation as `policy` says (see `XdpPolicy`); never for host-gw, which
-/// has no VXLAN to decapsulate (an XDP program on a veth would only cost a copy of every frame).
-pub(super) async fn attach_xdp(
+/// Attaches the XDP decapsulation as `policy` says (see `XdpPolicy`): only with `--xdp on`,
+/// and never for host-gw, which has no VXLAN to decapsulate.
+pub(super) fn attach_xdp(
     policy: XdpPolicy,
     backend: Backend,
     datapath: &mut Datapath,
-    netlink: &Netlink,
     ext: &ExternalInterface,
 ) -> Result<()> {
     let host_gw = matches!(backend, Backend::HostGw);
-    let wanted = match policy {
-        _ if host_gw => false,
-        XdpPolicy::Off => false,
-        XdpPolicy::On => true,
-        XdpPolicy::Auto => netlink
-            .receives_mtu_sized_frames(ext.index, &ext.name)
-            .await
-            .unwrap_or_else(|e| {
-                warn!("{e}; not using XDP decapsulation");
-                false
-            }),
-    };
-    if !wanted {
+    if host_gw || policy != XdpPolicy::On {
         datapath.detach_underlay_xdp()?;
         info!(
             "XDP decapsulation off on {} ({}): VXLAN is decapsulated in TC",
@@ -273,25 +260,54 @@ pub(super) async fn attach_xdp(
             } else if policy == XdpPolicy::Off {
                 "--xdp off"
             } else {
-                "its frames may arrive as TSO super-packets"
+                "--xdp auto: after the kernel's GRO, which aggregates VXLAN through the GRO device"
             }
         );
         return Ok(());
     }
-    match datapath.attach_underlay_xdp(&ext.name) {
-        Ok(()) => {
-            info!(
-                "XDP decapsulation on {}: VXLAN is decapsulated before GRO",
-                ext.name
-            );
-            Ok(())
-        }
-        Err(e) if policy == XdpPolicy::Auto => {
-            warn!("{e}; VXLAN is decapsulated in TC (no native XDP here)");
-            Ok(())
-        }
-        Err(e) => Err(e).context("--xdp on"),
+    datapath
+        .attach_underlay_xdp(&ext.name)
+        .context("--xdp on")?;
+    info!(
+        "XDP decapsulation on {}: VXLAN is decapsulated before GRO",
+        ext.name
+    );
+    Ok(())
+}
+
+/// Keeps the GRO device (`crate::netdev`) on the VXLAN port, with `gro_device_ingress`
+/// attached before the device goes up, or removes it where the backend has no VXLAN. VXLAN
+/// works without it, only not aggregated by GRO where frames arrive MTU-sized (so failures are
+/// logged, not fatal): for instance when another VXLAN device, a stock `flannel.1`, already
+/// holds the port, whose socket then serves GRO the same way.
+pub(super) async fn keep_gro_device(backend: Backend, datapath: &mut Datapath, netlink: &Netlink) {
+    let result = match backend {
+        Backend::HostGw => remove_gro_device(datapath, netlink).await,
+        Backend::Vxlan { port, .. } => add_gro_device(port, datapath, netlink).await,
+    };
+    if let Err(e) = result {
+        warn!(
+            "GRO device {GRO_DEVICE}: {e:#}; VXLAN frames are not aggregated before decapsulation"
+        );
     }
+}
+
+async fn add_gro_device(port: u16, datapath: &mut Datapath, netlink: &Netlink) -> Result<()> {
+    let index = netlink.ensure_gro_device(port).await?;
+    datapath.attach_gro_device(GRO_DEVICE)?;
+    netlink.set_up(index, GRO_DEVICE).await?;
+    info!(
+        "GRO device {GRO_DEVICE}: the kernel aggregates VXLAN to port {port} before decapsulation"
+    );
+    Ok(())
+}
+
+async fn remove_gro_device(datapath: &mut Datapath, netlink: &Netlink) -> Result<()> {
+    datapath.detach_gro_device()?;
+    if netlink.remove_gro_device().await? {
+        info!("deleted the GRO device {GRO_DEVICE} (host-gw: no VXLAN)");
+    }
+    Ok(())
 }
 
 /// Writes `desired` into the data path's endpoint map, removing what is not in it. Failures
@@ -379,7 +395,8 @@ pub(super) fn report_counters(datapath: &Datapath) {
 
 /// Asks the kernel whether every program is still attached where the agent put it, and
 /// re-attaches what is not: the underlay programs on the external interface, `ovl0` recreated
-/// with its program (through the lease's settings), `pod_egress` on the bridge. What cannot be
+/// with its program (through the lease's settings), the GRO device likewise, `pod_egress` on
+/// the bridge. What cannot be
 /// repaired is reported as not ready until a later check succeeds.
 pub(super) async fn check_and_repair(
     node: &mut NodeDatapath,
@@ -397,18 +414,23 @@ pub(super) async fn check_and_repair(
     for p in &problems {
         warn!("data path: {p}; repairing");
     }
-    let (underlay, host, pod) = repair::affects(&problems);
-    if underlay {
+    let affected = repair::affects(&problems);
+    if affected.underlay {
         if let Err(e) = datapath.attach_underlay(&ext.name) {
             warn!("cannot re-attach to {}: {e}", ext.name);
-        } else if let Err(e) = attach_xdp(node.xdp, node.backend, datapath, netlink, ext).await {
+        } else if let Err(e) = attach_xdp(node.xdp, node.backend, datapath, ext) {
             warn!("cannot re-attach XDP to {}: {e:#}", ext.name);
         }
     }
-    if host && let Err(e) = node.apply_lease(datapath, netlink, lease).await {
+    if affected.host
+        && let Err(e) = node.apply_lease(datapath, netlink, lease).await
+    {
         warn!("cannot recreate {HOST_DEVICE}: {e:#}");
     }
-    if pod
+    if affected.gro {
+        keep_gro_device(node.backend, datapath, netlink).await;
+    }
+    if affected.pod
         && let Some(bridge) = datapath
             .attached_to(crate::datapath::POD_EGRESS)
             .map(str::to_owned)

@@ -16,8 +16,8 @@
 //! |                    |                               | delivers direct traffic (host-gw);    |
 //! |                    |                               | translates masquerade replies back    |
 //! | `underlay_xdp`     | native XDP, external iface    | decapsulates VXLAN before GRO, marks  |
-//! |                    | (where frames arrive MTU-     | it for `underlay_ingress` (optional,  |
-//! |                    | sized, see `XdpPolicy`)       | never drops)                          |
+//! |                    | (`--xdp on`, see `XdpPolicy`) | it for `underlay_ingress` (optional,  |
+//! |                    |                               | never drops)                          |
 //! | `underlay_egress`  | tcx egress, external iface    | counts; masquerades kernel-routed pod |
 //! |                    |                               | traffic (`--ip-masq`)                 |
 //! | `pod_port_egress`  | tcx ingress, pods' host-side  | the same in front of the bridge, for  |
@@ -28,6 +28,9 @@
 //! | `host_egress`      | tcx egress, host device ovl0  | the same for host traffic; masquer-   |
 //! |                    |                               | ades non-cluster sources to remote    |
 //! |                    |                               | pods (flannel's last rule)            |
+//! | `gro_device_ingress` | tcx ingress, GRO device     | drops what the kernel's VXLAN socket  |
+//! |                    | ovl-gro (VXLAN backend)       | of that device received (it exists    |
+//! |                    |                               | only so that GRO aggregates VXLAN)    |
 //!
 //! Maps, all written only by the agent (layouts in `overlay_common`): `CONFIG` (the node's
 //! settings and device indexes), `ROUTE_V4` (remote subnet → node), `NODE_V4` (member PublicIPs,
@@ -96,8 +99,8 @@ pub static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("OVERLAY_EBPF_OBJECT
 
 /// Program and map names: one spelling, shared with the eBPF crate (checked there).
 pub use overlay_common::names::{
-    self, HOST_EGRESS, POD_EGRESS, POD_PORT_EGRESS, PROBE_DECAP_L4_UDP, TC_PROGRAMS as PROGRAMS,
-    UNDERLAY_EGRESS, UNDERLAY_INGRESS, UNDERLAY_XDP,
+    self, GRO_DEVICE_INGRESS, HOST_EGRESS, POD_EGRESS, POD_PORT_EGRESS, PROBE_DECAP_L4_UDP,
+    TC_PROGRAMS as PROGRAMS, UNDERLAY_EGRESS, UNDERLAY_INGRESS, UNDERLAY_XDP,
 };
 
 /// The maps that hold state worth keeping across an agent restart (all pinned).
@@ -252,7 +255,10 @@ impl Datapath {
             }
         }
         let mut ebpf = loader.load(OBJECT)?;
-        for prog in PROGRAMS.into_iter().chain([PROBE_DECAP_L4_UDP]) {
+        for prog in PROGRAMS
+            .into_iter()
+            .chain([GRO_DEVICE_INGRESS, PROBE_DECAP_L4_UDP])
+        {
             classifier(&mut ebpf, prog)?
                 .load()
                 .map_err(|source| DatapathError::ProgramLoad { prog, source })?;
@@ -557,6 +563,24 @@ impl Datapath {
         self.devices.host_mac = [0; 6];
         self.write_config()?;
         self.detach_tc(HOST_EGRESS)
+    }
+
+    /// Attaches `gro_device_ingress` to the GRO device (`ovl-gro`, see `crate::netdev`), which
+    /// then drops whatever the device's VXLAN socket delivers.
+    pub fn attach_gro_device(&mut self, iface: &str) -> Result<(), DatapathError> {
+        if self
+            .links
+            .get(GRO_DEVICE_INGRESS)
+            .is_some_and(|a| a.iface != iface)
+        {
+            self.detach_tc(GRO_DEVICE_INGRESS)?;
+        }
+        self.attach_tc(GRO_DEVICE_INGRESS, iface, TcAttachType::Ingress)
+    }
+
+    /// Lets go of the GRO device. No-op if detached.
+    pub fn detach_gro_device(&mut self) -> Result<(), DatapathError> {
+        self.detach_tc(GRO_DEVICE_INGRESS)
     }
 
     /// Routes `subnet` to the VXLAN peer at `public_ip` with `vtep_mac` (from its lease), and

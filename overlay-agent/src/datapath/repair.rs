@@ -10,7 +10,8 @@
 use aya::programs::{SchedClassifier, TcAttachType};
 
 use super::{
-    Datapath, HOST_EGRESS, POD_EGRESS, UNDERLAY_EGRESS, UNDERLAY_INGRESS, UNDERLAY_XDP, classifier,
+    Datapath, GRO_DEVICE_INGRESS, HOST_EGRESS, POD_EGRESS, UNDERLAY_EGRESS, UNDERLAY_INGRESS,
+    UNDERLAY_XDP, classifier,
 };
 
 /// A program that is not attached where the agent attached it.
@@ -90,13 +91,27 @@ impl Datapath {
     }
 }
 
+/// What a repair of some problems concerns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Affected {
+    /// The programs on the external interface.
+    pub underlay: bool,
+    /// The host device and its program.
+    pub host: bool,
+    /// The pod bridge's program.
+    pub pod: bool,
+    /// The GRO device and its program.
+    pub gro: bool,
+}
+
 /// Which programs a repair of `problems` concerns.
 #[must_use]
-pub fn affects(problems: &[Problem]) -> (bool, bool, bool) {
+pub fn affects(problems: &[Problem]) -> Affected {
     let has = |p: &str| problems.iter().any(|x| x.prog == p);
-    (
-        has(UNDERLAY_INGRESS) || has(UNDERLAY_EGRESS) || has(UNDERLAY_XDP),
-        has(HOST_EGRESS),
-        has(POD_EGRESS),
-    )
+    Affected {
+        underlay: has(UNDERLAY_INGRESS) || has(UNDERLAY_EGRESS) || has(UNDERLAY_XDP),
+        host: has(HOST_EGRESS),
+        pod: has(POD_EGRESS),
+        gro: has(GRO_DEVICE_INGRESS),
+    }
 }

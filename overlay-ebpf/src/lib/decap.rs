@@ -48,9 +48,15 @@
 //! would then segment and checksum it in software. Delivery into the pod with
 //! `bpf_redirect_peer` has no transmit path, so the pod's TCP receives the super-packet whole.
 //!
-//! XDP (`underlay_xdp`, [`xdp_decapsulate`]): with frames arriving MTU-sized (real NICs, or a
-//! veth underlay without TSO), GRO runs before TC and cannot aggregate VXLAN without a tunnel
-//! socket, so TC would see every segment alone. Native XDP runs before GRO: it makes every check
+//! With frames arriving MTU-sized (real NICs, or a veth underlay without TSO), GRO runs before
+//! TC. It aggregates VXLAN only for a port with a tunnel socket, which the agent's GRO device
+//! (`ovl-gro`, a kernel VXLAN device in collect-metadata mode whose own deliveries
+//! `gro_device_ingress` drops) provides: GRO then merges frames of one inner flow with equal
+//! outer and inner headers, and the aggregate arrives here as a tunnel GSO packet, checked and
+//! decapsulated as one, like a veth's super-packet.
+//!
+//! XDP (`underlay_xdp`, [`xdp_decapsulate`], only with `--xdp on`): native XDP runs before GRO
+//! instead: it makes every check
 //! above, strips the 50 bytes (and applies ECN) so GRO aggregates the inner flow, and marks the
 //! frame in its metadata with the per-load cookie of `CONFIG`. `underlay_ingress` delivers a
 //! frame with that mark as decapsulated ([`deliver_decapsulated`]); XDP never drops: what fails

@@ -519,6 +519,35 @@ fn underlay_ingress_passes_what_is_not_vxlan_for_us() {
     ]);
 }
 
+/// What `underlay_ingress` leaves to the kernel on our port (the frames above) now meets the
+/// GRO device's VXLAN socket, which decapsulates anything from anyone: the device's program
+/// drops every frame that comes out of it, configured or not, and counts it.
+#[test]
+fn the_gro_device_delivers_nothing_its_socket_decapsulated() {
+    let inner = udp_packet(host_addr(B, 5), host_addr(A, 7), 64, 1, 16);
+    let frames: Vec<(&str, Vec<u8>)> = vec![
+        ("IPv4 to a pod", ether(A.vtep, B.vtep, ETH_P_IP, &inner)),
+        (
+            "IPv4 to the host",
+            ether(
+                A.vtep,
+                B.vtep,
+                ETH_P_IP,
+                &udp_packet(host_addr(B, 5), A.local_ip, 64, 1, 16),
+            ),
+        ),
+        ("ARP", ether([0xff; 6], B.vtep, ETH_P_ARP, &[0; 28])),
+        ("IPv6", ether(A.vtep, B.vtep, ETH_P_IPV6, &[0x60; 80])),
+    ];
+    for dp in [loaded_node(A, &[B]), Loaded::new("packet_vxlan")] {
+        for (what, frame) in &frames {
+            let run = dp.run(GRO_DEVICE_INGRESS, frame);
+            assert_eq!(run.verdict, TC_ACT_SHOT, "{what}");
+        }
+        dp.assert_counters(&[(Reason::DropGroDevice, frames.len() as u64)]);
+    }
+}
+
 #[test]
 fn underlay_ingress_without_configuration_passes_everything() {
     let dp = Loaded::new("packet_vxlan");

@@ -33,8 +33,8 @@ use std::{
 use anyhow::{Context, bail};
 use aya::programs::SchedClassifier;
 use overlay_common::names::{
-    self, HOST_EGRESS, POD_EGRESS, PROBE_DECAP_L4_UDP, UNDERLAY_EGRESS, UNDERLAY_INGRESS,
-    UNDERLAY_XDP,
+    self, GRO_DEVICE_INGRESS, HOST_EGRESS, POD_EGRESS, PROBE_DECAP_L4_UDP, UNDERLAY_EGRESS,
+    UNDERLAY_INGRESS, UNDERLAY_XDP,
 };
 use overlay_common::{
     config::{CONFIG_F_READY, Config},
