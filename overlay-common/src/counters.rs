@@ -146,7 +146,7 @@ pub enum Reason {
     /// A VXLAN frame from a member node whose inner source address is in the cluster network
     /// but not in that node's own subnet (another node's pods, this node's own pods, or a
     /// subnet no node holds): a member only speaks for its own subnet, and for sources outside
-    /// the cluster network that it forwards.
+    /// the cluster network that it forwards, except this node's own address.
     DropInnerSource = 48,
     /// A pod's UDP datagram to a member node's VXLAN port: masqueraded, it would carry that
     /// node's own address and pass for this node's tunnel traffic (a pod injecting packets

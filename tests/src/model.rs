@@ -248,10 +248,11 @@ impl Node {
             return Err(Reason::DropMalformed);
         }
         let saddr = addr(f, ip + 12);
-        if self.in_network(saddr)
-            && self
-                .route(saddr)
-                .is_none_or(|peer| peer.public_ip != addr(f, 26))
+        if saddr == self.cfg.local_ip
+            || self.in_network(saddr)
+                && self
+                    .route(saddr)
+                    .is_none_or(|peer| peer.public_ip != addr(f, 26))
         {
             return Err(Reason::DropInnerSource);
         }

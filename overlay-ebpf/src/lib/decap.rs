@@ -271,10 +271,16 @@ fn check_inner_ipv4(ctx: &impl Packet, h: &Ipv4Hdr, carried: usize) -> Result<()
 /// A member node (`outer_saddr`, checked already) speaks only for its own subnet: an inner
 /// source inside the cluster network must lie in a `ROUTE_V4` subnet of that very node
 /// (the longest match, so a more specific subnet of another node wins). Sources outside the
-/// cluster network (what the member forwards for outside hosts) pass. This node's own subnet
-/// is never in `ROUTE_V4`, so our own pods' addresses cannot be claimed either.
+/// cluster network (what the member forwards for outside hosts) pass, except this node's own
+/// address: behind `flannel.1` the host's stack refuses its own address as a source
+/// (martian), but a packet delivered straight into a pod meets no such check, and a pod would
+/// take it for its node's. This node's own subnet is never in `ROUTE_V4`, so our own pods'
+/// addresses cannot be claimed either.
 #[inline(always)]
 fn check_inner_source(cfg: &Config, outer_saddr: [u8; 4], saddr: [u8; 4]) -> Result<(), Reason> {
+    if saddr == cfg.local_ip {
+        return Err(Reason::DropInnerSource);
+    }
     if !in_subnet(saddr, cfg.network, cfg.network_mask) {
         return Ok(());
     }

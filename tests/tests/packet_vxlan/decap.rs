@@ -254,6 +254,7 @@ fn a_member_cannot_claim_inner_sources_of_other_nodes_or_of_ours() {
             "a cluster address no node holds",
             Ipv4Addr::new(172, 17, 200, 1),
         ),
+        ("our node's own address", A.local_ip),
     ];
     let accepted = [
         ("its own pod", host_addr(B, 5)),
@@ -284,8 +285,8 @@ fn a_member_cannot_claim_inner_sources_of_other_nodes_or_of_ours() {
         );
     }
     dp.assert_counters(&[
-        (Reason::UnderlayRx, 8),
-        (Reason::DropInnerSource, 5),
+        (Reason::UnderlayRx, 9),
+        (Reason::DropInnerSource, 6),
         (Reason::XdpDecap, 3),
         (Reason::DecapPod, 3),
     ]);
