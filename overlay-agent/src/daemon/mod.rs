@@ -403,8 +403,9 @@ async fn serve(flags: Flags, mut signals: Signals, undo: &mut Undo) -> Result<()
 const BRIDGE_POLL: Duration = Duration::from_secs(1);
 
 /// `overlay-agent cleanup`: removes the pinned data path (its programs detach as their links
-/// go), the host device and the GRO device. Refuses, removing nothing, while an agent runs with `bpf_dir`
-/// (it holds the directory's lock): that agent would go on without its data path.
+/// go), the host device and the GRO device. Refuses, removing nothing, while an agent runs
+/// with `bpf_dir` (it holds the directory's lock): that agent would go on without its data
+/// path.
 pub async fn cleanup(bpf_dir: &Path) -> Result<()> {
     let netlink = Netlink::new()?;
     match PinDir::existing(bpf_dir) {

@@ -396,8 +396,7 @@ pub(super) fn report_counters(datapath: &Datapath) {
 /// Asks the kernel whether every program is still attached where the agent put it, and
 /// re-attaches what is not: the underlay programs on the external interface, `ovl0` recreated
 /// with its program (through the lease's settings), the GRO device likewise, `pod_egress` on
-/// the bridge. What cannot be
-/// repaired is reported as not ready until a later check succeeds.
+/// the bridge. What cannot be repaired is reported as not ready until a later check succeeds.
 pub(super) async fn check_and_repair(
     node: &mut NodeDatapath,
     datapath: &mut Datapath,
