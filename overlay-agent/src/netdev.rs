@@ -52,6 +52,20 @@ pub enum NetdevError {
     Iface(#[from] IfaceError),
 }
 
+impl NetdevError {
+    /// For `map_err`: the netlink request to `action` `device` failed.
+    fn netlink(
+        action: &'static str,
+        device: &(impl std::fmt::Display + ?Sized),
+    ) -> impl FnOnce(rtnetlink::Error) -> Self {
+        move |source| Self::Netlink {
+            action,
+            device: device.to_string(),
+            source,
+        }
+    }
+}
+
 /// How the host device must look.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HostDeviceSpec {
@@ -92,11 +106,7 @@ impl Netlink {
     /// Creates or repairs the host device to match `spec`; returns its interface index.
     /// Idempotent: a restarted agent finds the device as it left it and changes nothing.
     pub async fn ensure_host_device(&self, spec: &HostDeviceSpec) -> Result<u32, NetdevError> {
-        let err = |action, source| NetdevError::Netlink {
-            action,
-            device: HOST_DEVICE.to_owned(),
-            source,
-        };
+        let err = |action| NetdevError::netlink(action, HOST_DEVICE);
         let mut interfaces = self.interfaces().await?;
         if !interfaces.iter().any(|i| i.name == HOST_DEVICE) {
             self.handle
@@ -104,7 +114,7 @@ impl Netlink {
                 .add(LinkVeth::new(HOST_DEVICE, HOST_DEVICE_PEER).build())
                 .execute()
                 .await
-                .map_err(|e| err("create", e))?;
+                .map_err(err("create"))?;
             interfaces = self.interfaces().await?;
         }
         let find = |name: &str| interfaces.iter().find(|i| i.name == name).cloned();
@@ -116,12 +126,12 @@ impl Netlink {
         if device.mac != Some(spec.mac) || device.mtu != spec.mtu || !device.up {
             self.configure_link(device.index, Some(spec.mac), spec.mtu)
                 .await
-                .map_err(|e| err("configure", e))?;
+                .map_err(err("configure"))?;
         }
         if let Some(peer) = peer.filter(|p| !p.up || p.mtu != spec.mtu) {
             self.configure_link(peer.index, None, spec.mtu)
                 .await
-                .map_err(|e| err("bring up the peer of", e))?;
+                .map_err(err("bring up the peer of"))?;
         }
 
         // Exactly one address: ours. An old one (from before a re-acquisition) goes.
@@ -133,11 +143,7 @@ impl Netlink {
             .execute();
         let mut stale = Vec::new();
         let mut present = false;
-        while let Some(msg) = addrs
-            .try_next()
-            .await
-            .map_err(|e| err("list addresses of", e))?
-        {
+        while let Some(msg) = addrs.try_next().await.map_err(err("list addresses of"))? {
             let v4 = msg.attributes.iter().find_map(|a| match a {
                 AddressAttribute::Local(IpAddr::V4(a))
                 | AddressAttribute::Address(IpAddr::V4(a)) => Some(*a),
@@ -155,7 +161,7 @@ impl Netlink {
                 .del(msg)
                 .execute()
                 .await
-                .map_err(|e| err("remove an address of", e))?;
+                .map_err(err("remove an address of"))?;
         }
         if !present {
             self.handle
@@ -164,7 +170,7 @@ impl Netlink {
                 .replace()
                 .execute()
                 .await
-                .map_err(|e| err("address", e))?;
+                .map_err(err("address"))?;
         }
 
         let route = RouteMessageBuilder::<Ipv4Addr>::new()
@@ -177,7 +183,7 @@ impl Netlink {
             .replace()
             .execute()
             .await
-            .map_err(|e| err("route into", e))?;
+            .map_err(err("route into"))?;
         Ok(device.index)
     }
 
@@ -208,11 +214,7 @@ impl Netlink {
         while let Some(route) = routes
             .try_next()
             .await
-            .map_err(|source| NetdevError::Netlink {
-                action: "look up the route to",
-                device: ip.to_string(),
-                source,
-            })?
+            .map_err(NetdevError::netlink("look up the route to", &ip))?
         {
             found = true;
             via |= route
@@ -233,16 +235,12 @@ impl Netlink {
     /// caller attaches `gro_device_ingress` first, then calls [`Netlink::set_up`]. Returns its
     /// interface index. A restarted agent finds it as it left it and changes nothing.
     pub async fn ensure_gro_device(&self, port: u16) -> Result<u32, NetdevError> {
-        let err = |action, source| NetdevError::Netlink {
-            action,
-            device: GRO_DEVICE.to_owned(),
-            source,
-        };
-        if let Some((index, settings)) = self.vxlan_settings(GRO_DEVICE).await? {
+        if let Some(index) = self.index_of(GRO_DEVICE).await? {
+            let settings = self.vxlan_settings(index, GRO_DEVICE).await?;
             if settings.collect_metadata && settings.port == Some(port) {
                 return Ok(index);
             }
-            self.remove_device(GRO_DEVICE).await?;
+            self.delete_link(index, GRO_DEVICE).await?;
         }
         // `ip link add ovl-gro type vxlan external dstport <port> nolearning`.
         let msg = LinkMessageBuilder::<LinkVxlan>::new(GRO_DEVICE)
@@ -255,12 +253,9 @@ impl Netlink {
             .add(msg)
             .execute()
             .await
-            .map_err(|e| err("create", e))?;
-        self.interfaces()
+            .map_err(NetdevError::netlink("create", GRO_DEVICE))?;
+        self.index_of(GRO_DEVICE)
             .await?
-            .into_iter()
-            .find(|i| i.name == GRO_DEVICE)
-            .map(|i| i.index)
             .ok_or(NetdevError::Vanished {
                 device: GRO_DEVICE.into(),
             })
@@ -278,64 +273,50 @@ impl Netlink {
             .set(LinkUnspec::new_with_index(index).up().build())
             .execute()
             .await
-            .map_err(|source| NetdevError::Netlink {
-                action: "bring up",
-                device: name.to_owned(),
-                source,
-            })
+            .map_err(NetdevError::netlink("bring up", name))
     }
 
-    /// The interface index and VXLAN settings of the device `name`: `None` if there is no such
-    /// device, default settings if it is not VXLAN.
-    async fn vxlan_settings(
-        &self,
-        name: &str,
-    ) -> Result<Option<(u32, VxlanSettings)>, NetdevError> {
-        let Some(index) = self
+    /// The interface index of the device `name`, if there is one.
+    async fn index_of(&self, name: &str) -> Result<Option<u32>, NetdevError> {
+        Ok(self
             .interfaces()
             .await?
             .into_iter()
             .find(|i| i.name == name)
-            .map(|i| i.index)
-        else {
-            return Ok(None);
-        };
+            .map(|i| i.index))
+    }
+
+    /// The VXLAN settings of the link `index` (named `name`, for errors; the defaults if it is
+    /// not VXLAN).
+    async fn vxlan_settings(&self, index: u32, name: &str) -> Result<VxlanSettings, NetdevError> {
         let mut links = self.handle.link().get().match_index(index).execute();
         let mut settings = VxlanSettings::default();
         while let Some(msg) = links
             .try_next()
             .await
-            .map_err(|source| NetdevError::Netlink {
-                action: "look up",
-                device: name.to_owned(),
-                source,
-            })?
+            .map_err(NetdevError::netlink("look up", name))?
         {
             settings = VxlanSettings::of(&msg.attributes);
         }
-        Ok(Some((index, settings)))
+        Ok(settings)
     }
 
+    /// Deletes the device `name` if there is one; whether there was.
     async fn remove_device(&self, name: &str) -> Result<bool, NetdevError> {
-        let Some(device) = self
-            .interfaces()
-            .await?
-            .into_iter()
-            .find(|i| i.name == name)
-        else {
+        let Some(index) = self.index_of(name).await? else {
             return Ok(false);
         };
+        self.delete_link(index, name).await?;
+        Ok(true)
+    }
+
+    async fn delete_link(&self, index: u32, name: &str) -> Result<(), NetdevError> {
         self.handle
             .link()
-            .del(device.index)
+            .del(index)
             .execute()
             .await
-            .map_err(|source| NetdevError::Netlink {
-                action: "delete",
-                device: name.to_owned(),
-                source,
-            })?;
-        Ok(true)
+            .map_err(NetdevError::netlink("delete", name))
     }
 }
 

@@ -18,9 +18,7 @@ use overlay_common::counters::Reason;
 use serde::Serialize;
 
 use crate::{
-    datapath::{
-        GRO_DEVICE_INGRESS, PROGRAMS, nat::pinned_nat_flows, pinned_counters, pinned_peers,
-    },
+    datapath::{PROGRAMS, nat::pinned_nat_flows, pinned_counters, pinned_peers},
     netdev::{GRO_DEVICE, HOST_DEVICE},
     subnet::Mac,
     telemetry::AgentStatus,
@@ -99,7 +97,7 @@ pub fn attached_programs(iface: &str) -> Result<Vec<ProgramStatus>> {
         for p in programs {
             let kernel_name = p.name_as_str().unwrap_or_default();
             // The kernel keeps 15 characters of a name (`underlay_ingres`): ours by prefix.
-            let ours = PROGRAMS.iter().chain(&[GRO_DEVICE_INGRESS]).find(|full| {
+            let ours = PROGRAMS.iter().find(|full| {
                 **full == kernel_name
                     || (kernel_name.len() == KERNEL_NAME_LEN && full.starts_with(kernel_name))
             });

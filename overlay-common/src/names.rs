@@ -23,12 +23,13 @@ pub const GRO_DEVICE_INGRESS: &str = "gro_device_ingress";
 /// Run once at load to learn whether the kernel accepts `BPF_F_ADJ_ROOM_DECAP_L4_UDP`.
 pub const PROBE_DECAP_L4_UDP: &str = "probe_decap_l4_udp";
 /// Every TC program the agent attaches.
-pub const TC_PROGRAMS: [&str; 5] = [
+pub const TC_PROGRAMS: [&str; 6] = [
     UNDERLAY_INGRESS,
     UNDERLAY_EGRESS,
     POD_EGRESS,
     POD_PORT_EGRESS,
     HOST_EGRESS,
+    GRO_DEVICE_INGRESS,
 ];
 
 /// The node's settings (`config::Config`).

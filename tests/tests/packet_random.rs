@@ -60,8 +60,15 @@ const D_IP: [u8; 4] = [198, 18, 0, 4];
 const KNOWN_POD: [u8; 4] = [172, 17, 1, 5];
 const KNOWN_POD_MAC: [u8; 6] = [0x02, 0xdd, 0, 0, 0, 0x05];
 
-/// The programs under test: TC programs and the XDP one.
-const TC_PROGRAMS: [&str; 5] = names::TC_PROGRAMS;
+/// The programs under test: the TC programs the model knows and the XDP one. Not
+/// `gro_device_ingress`, which drops every frame whatever it holds (`packet_vxlan`).
+const TC_PROGRAMS: [&str; 5] = [
+    names::UNDERLAY_INGRESS,
+    names::UNDERLAY_EGRESS,
+    names::POD_EGRESS,
+    names::POD_PORT_EGRESS,
+    names::HOST_EGRESS,
+];
 const XDP_PROGRAM: &str = names::UNDERLAY_XDP;
 
 // ---------------------------------------------------------------------------------------------

@@ -407,31 +407,26 @@ const BRIDGE_POLL: Duration = Duration::from_secs(1);
 /// with `bpf_dir` (it holds the directory's lock): that agent would go on without its data
 /// path.
 pub async fn cleanup(bpf_dir: &Path) -> Result<()> {
+    let pins = PinDir::existing(bpf_dir);
+    let _lock = pins
+        .as_ref()
+        .map(PinDir::lock)
+        .transpose()
+        .context("cleanup removes the data path of a stopped agent only")?;
     let netlink = Netlink::new()?;
-    match PinDir::existing(bpf_dir) {
+    // The GRO device goes before its program's link: up without it, it would deliver.
+    if netlink.remove_gro_device().await? {
+        info!("deleted the GRO device {GRO_DEVICE}");
+    }
+    match pins {
         Some(pins) => {
-            let _lock = pins
-                .lock()
-                .context("cleanup removes the data path of a stopped agent only")?;
-            // The GRO device goes before its program's link: up without it, it would deliver.
-            remove_gro_device(&netlink).await?;
             let removed = pins.remove_all()?;
             info!("removed {} pins under {}", removed.len(), bpf_dir.display());
         }
-        None => {
-            info!("nothing pinned under {}", bpf_dir.display());
-            remove_gro_device(&netlink).await?;
-        }
+        None => info!("nothing pinned under {}", bpf_dir.display()),
     }
     if netlink.remove_host_device().await? {
         info!("deleted the host device {HOST_DEVICE}");
-    }
-    Ok(())
-}
-
-async fn remove_gro_device(netlink: &Netlink) -> Result<()> {
-    if netlink.remove_gro_device().await? {
-        info!("deleted the GRO device {GRO_DEVICE}");
     }
     Ok(())
 }

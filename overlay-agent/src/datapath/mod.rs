@@ -255,10 +255,7 @@ impl Datapath {
             }
         }
         let mut ebpf = loader.load(OBJECT)?;
-        for prog in PROGRAMS
-            .into_iter()
-            .chain([GRO_DEVICE_INGRESS, PROBE_DECAP_L4_UDP])
-        {
+        for prog in PROGRAMS.into_iter().chain([PROBE_DECAP_L4_UDP]) {
             classifier(&mut ebpf, prog)?
                 .load()
                 .map_err(|source| DatapathError::ProgramLoad { prog, source })?;
