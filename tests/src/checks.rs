@@ -444,15 +444,21 @@ pub fn gro_device(node: &Node) -> Option<GroDevice> {
 /// over loopback, where no program of the external interface sees it: only the GRO device's
 /// socket can take it.
 pub fn vxlan_over_loopback(node: &Node, port: u16) {
-    let mut bytes = vec![0x08, 0, 0, 0, 0, 0, 1, 0];
-    // Inner Ethernet: to a unicast MAC, from another; IPv4.
-    bytes.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x01, 0x02, 0, 0, 0, 0, 0x02, 0x08, 0x00]);
-    // Inner IPv4 (no checksum: nothing should ever look at it) and UDP, 4 bytes of data.
-    bytes.extend_from_slice(&[
-        0x45, 0, 0, 32, 0, 1, 0, 0, 64, 17, 0, 0, 172, 17, 99, 5, 127, 0, 0, 1,
-    ]);
-    bytes.extend_from_slice(&[0x30, 0x39, 0, 9, 0, 12, 0, 0, b'o', b'v', b'l', b'!']);
-    let escaped: String = bytes.iter().map(|b| format!("\\x{b:02x}")).collect();
-    let script = format!("printf '{escaped}' > /dev/udp/127.0.0.1/{port}");
-    node.ns().run("bash", &["-c", &script]).unwrap();
+    let bytes = crate::packet::vxlan_payload(
+        1,
+        [0x02, 0, 0, 0, 0, 0x01],
+        [0x02, 0, 0, 0, 0, 0x02],
+        Ipv4Addr::new(172, 17, 99, 5),
+        Ipv4Addr::LOCALHOST,
+        9,
+        b"ovl!",
+    );
+    traffic::send_udp(
+        node.ns(),
+        Ipv4Addr::LOCALHOST,
+        (Ipv4Addr::LOCALHOST, port).into(),
+        &bytes,
+        1,
+    )
+    .unwrap();
 }
