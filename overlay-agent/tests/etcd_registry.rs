@@ -89,6 +89,45 @@ async fn watch_reports_puts_and_deletes_under_the_prefix() {
     contract::watch_reports_puts_and_deletes_under_the_prefix(&etcd.registry().await, PREFIX).await;
 }
 
+/// Junk of 5.6 MiB under the prefix (four values just under etcd's default 1.5 MiB request
+/// limit), beside one real lease: more than tonic's default 4 MiB response limit.
+#[tokio::test]
+async fn listings_and_watches_over_four_mebibytes_are_read_whole() {
+    let etcd = EtcdGuard::start().await;
+    let registry = etcd.registry().await;
+    let prefix = format!("{PREFIX}/subnets/");
+    let before = registry.list(&prefix).await.unwrap().revision;
+    let junk = "x".repeat(1_400_000);
+    for i in 0..4 {
+        registry
+            .put(&format!("{prefix}junk-{i}"), &junk)
+            .await
+            .unwrap();
+    }
+    let real = format!("{prefix}10.10.9.0-24");
+    registry.put(&real, &record("198.18.0.9", 9)).await.unwrap();
+
+    let listing = registry
+        .list(&prefix)
+        .await
+        .expect("a listing of 5.6 MiB is read");
+    assert_eq!(listing.kvs.len(), 5);
+    let total: usize = listing.kvs.iter().map(|kv| kv.value.len()).sum();
+    assert!(total > 4 << 20, "listed {total} bytes");
+    assert!(listing.kvs.iter().any(|kv| kv.key == real));
+
+    // A watch from before the puts catches up with them in one response.
+    let mut watcher = registry.watch(&prefix, before + 1).await.unwrap();
+    let mut keys = Vec::new();
+    for _ in 0..5 {
+        match next(&mut watcher).await {
+            Some(WatchEvent::Put(kv)) => keys.push(kv.key),
+            other => panic!("expected a put, got {other:?}"),
+        }
+    }
+    assert_eq!(keys.last(), Some(&real));
+}
+
 #[tokio::test]
 async fn lease_expiry_is_seen_as_a_delete() {
     let etcd = EtcdGuard::start().await;

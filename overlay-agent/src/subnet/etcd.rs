@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use etcd_client::{
     Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity,
-    PutOptions, TlsOptions, Txn, TxnOp, WatchOptions, WatchStream,
+    KvClient, PutOptions, TlsOptions, Txn, TxnOp, WatchClient, WatchOptions, WatchStream,
 };
 use tracing::{debug, warn};
 
@@ -21,6 +21,11 @@ use super::registry::{
 
 /// flanneld's default `--etcd-endpoints`.
 pub const DEFAULT_ENDPOINTS: &[&str] = &["http://127.0.0.1:4001", "http://127.0.0.1:2379"];
+
+/// The largest response we read from etcd: Go's client (and so flanneld) reads up to
+/// `math.MaxInt32` bytes; tonic's default of 4 MiB would let a few values of etcd's maximum
+/// request size (1.5 MiB by default) anywhere under the prefix make every listing fail.
+pub const MAX_RESPONSE_BYTES: usize = i32::MAX as usize;
 
 /// How to reach etcd.
 #[derive(Debug, Clone, Default)]
@@ -216,6 +221,21 @@ impl EtcdRegistry {
     pub fn client(&self) -> Client {
         self.client.clone()
     }
+
+    /// A KV client that reads responses up to [`MAX_RESPONSE_BYTES`].
+    fn kv(&self) -> KvClient {
+        self.client
+            .kv_client()
+            .max_decoding_message_size(MAX_RESPONSE_BYTES)
+    }
+
+    /// A watch client that reads responses up to [`MAX_RESPONSE_BYTES`] (one response can
+    /// carry every event of a transaction).
+    fn watcher(&self) -> WatchClient {
+        self.client
+            .watch_client()
+            .max_decoding_message_size(MAX_RESPONSE_BYTES)
+    }
 }
 
 fn join(endpoints: &[&String]) -> String {
@@ -230,7 +250,7 @@ impl Registry for EtcdRegistry {
     type Watcher = EtcdWatcher;
 
     async fn get(&self, key: &str) -> Result<Fetched, RegistryError> {
-        let mut kv = self.client.kv_client();
+        let mut kv = self.kv();
         let response = kv
             .get(key, None)
             .await
@@ -244,7 +264,7 @@ impl Registry for EtcdRegistry {
     }
 
     async fn list(&self, prefix: &str) -> Result<Listing, RegistryError> {
-        let mut kv = self.client.kv_client();
+        let mut kv = self.kv();
         let response = kv
             .get(prefix, Some(GetOptions::new().with_prefix()))
             .await
@@ -296,8 +316,7 @@ impl Registry for EtcdRegistry {
 
     async fn put(&self, key: &str, value: &str) -> Result<i64, RegistryError> {
         let response = self
-            .client
-            .kv_client()
+            .kv()
             .put(key, value, None)
             .await
             .map_err(|e| etcd_error("put", key, e))?;
@@ -308,8 +327,7 @@ impl Registry for EtcdRegistry {
 
     async fn delete(&self, key: &str) -> Result<bool, RegistryError> {
         let response = self
-            .client
-            .kv_client()
+            .kv()
             .delete(key, None)
             .await
             .map_err(|e| etcd_error("delete", key, e))?;
@@ -321,8 +339,7 @@ impl Registry for EtcdRegistry {
             .with_prefix()
             .with_start_revision(from_revision);
         let stream = self
-            .client
-            .watch_client()
+            .watcher()
             .watch(prefix, Some(options))
             .await
             .map_err(|e| etcd_error("watch", prefix, e))?;
@@ -360,7 +377,7 @@ impl EtcdRegistry {
             Some(condition) => Txn::new().when([condition]).and_then([put]),
             None => Txn::new().and_then([put]),
         };
-        match self.client.kv_client().txn(txn).await {
+        match self.kv().txn(txn).await {
             Ok(response) if response.succeeded() => Ok(Some(Granted {
                 lease,
                 ttl: Duration::from_secs(u64::try_from(grant.ttl()).unwrap_or(0)),
