@@ -92,6 +92,23 @@ pub fn parse_subnet_key(key: &str) -> Result<Ipv4Net, KeyError> {
     Ok(subnet)
 }
 
+/// The IPv4 subnet of `key`, a key read under `subnets` (what [`subnets_prefix`] gives): only a
+/// key directly under it names a subnet. flannel writes no other; a deeper key such as
+/// `<prefix>/subnets/x/10.10.5.0-24` would otherwise name a live node's subnet a second time.
+pub fn parse_lease_key(subnets: &str, key: &str) -> Result<Ipv4Net, KeyError> {
+    let name = key
+        .strip_prefix(subnets)
+        .filter(|name| !name.contains('/'))
+        .ok_or_else(|| KeyError {
+            key: key.to_owned(),
+            reason: "not directly under <prefix>/subnets/",
+        })?;
+    parse_subnet_key(name).map_err(|e| KeyError {
+        key: key.to_owned(),
+        ..e
+    })
+}
+
 fn parse_len(text: &str, max: u8) -> Option<u8> {
     if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
         return None;
@@ -647,6 +664,34 @@ mod tests {
         assert!(parse_subnet_key("/p/subnets/10.244.1.0-24&fd00::").is_err());
         assert!(parse_subnet_key("/p/subnets/10.244.1.0-24&zz::-64").is_err());
         assert!(parse_subnet_key("/p/subnets/10.244.1.0-24&fd00::-129").is_err());
+    }
+
+    #[test]
+    fn only_keys_directly_under_the_subnets_prefix_are_leases() {
+        let subnets = subnets_prefix("/p");
+        for key in ["/p/subnets/10.0.5.0-24", "/p/subnets/10.0.5.0-24&fd00::-64"] {
+            assert_eq!(
+                parse_lease_key(&subnets, key),
+                Ok(net("10.0.5.0/24")),
+                "{key}"
+            );
+        }
+        for key in [
+            "/p/subnets/x/10.0.5.0-24",
+            "/p/subnets//10.0.5.0-24",
+            "/other/subnets/10.0.5.0-24",
+            "/p/subnets/10.0.5.0-24/",
+        ] {
+            let err = parse_lease_key(&subnets, key).unwrap_err();
+            assert_eq!(err.key, key);
+            assert!(err.to_string().contains(key), "{err}");
+        }
+        // The reason of a bad name under the prefix is kept, with the whole key.
+        let err = parse_lease_key(&subnets, "/p/subnets/10.0.5.1-24").unwrap_err();
+        assert_eq!(
+            (err.key.as_str(), err.reason),
+            ("/p/subnets/10.0.5.1-24", "address has host bits set")
+        );
     }
 
     #[test]

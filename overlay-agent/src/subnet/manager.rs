@@ -23,7 +23,7 @@ use tracing::{debug, error, info, warn};
 
 use super::alloc::{self, OutOfSubnets};
 use super::lease::{
-    LeaseAttrs, RecordError, config_key, parse_subnet_key, subnet_key, subnets_prefix,
+    LeaseAttrs, RecordError, config_key, parse_lease_key, subnet_key, subnets_prefix,
 };
 use super::registry::{
     CreateOutcome, Granted, KeyValue, LeaseId, Registry, RegistryError, RenewOutcome, WatchEvent,
@@ -280,11 +280,12 @@ impl<R: Registry> SubnetManager<R> {
         attrs: &LeaseAttrs,
         previous: Option<Ipv4Net>,
     ) -> Result<Attempt, ManagerError> {
-        let listing = self.registry.list(&subnets_prefix(&self.prefix)).await?;
+        let subnets = subnets_prefix(&self.prefix);
+        let listing = self.registry.list(&subnets).await?;
         let leases: Vec<Listed> = listing
             .kvs
             .into_iter()
-            .filter_map(|kv| match parse_subnet_key(&kv.key) {
+            .filter_map(|kv| match parse_lease_key(&subnets, &kv.key) {
                 Ok(subnet) => Some(Listed {
                     attrs: LeaseAttrs::from_json(&kv.value),
                     subnet,

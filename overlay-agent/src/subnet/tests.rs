@@ -1171,6 +1171,93 @@ async fn every_listing_ends_with_synced_naming_all_current_peers() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_second_key_for_a_live_subnet_neither_replaces_nor_removes_it() {
+    let fake = FakeRegistry::new();
+    let (logs, _guard) = Logs::capture();
+    add_peer(&fake, "10.10.1.0/24", "198.18.0.2", 2);
+    let mut peers = start_peers(&fake, "vxlan");
+    assert_eq!(
+        peers.next().await,
+        PeerEvent::Added(peer("10.10.1.0/24", "198.18.0.2", 2))
+    );
+    let hijack = attrs("198.18.0.66", 66).to_json();
+    let twin = format!("{PREFIX}/subnets/10.10.1.0-24&fd00:10:1::-64");
+    let nested = format!("{PREFIX}/subnets/x/10.10.1.0-24");
+    fake.set_with_ttl(&twin, &hijack, TTL * 10);
+    fake.set_with_ttl(&nested, &hijack, TTL * 10);
+    peers.quiet().await;
+    let text = logs.text();
+    assert!(
+        text.contains("second key for subnet 10.10.1.0/24") && text.contains("&fd00:10:1::-64"),
+        "{text}"
+    );
+    assert!(
+        text.contains("x/10.10.1.0-24") && text.contains("not directly under"),
+        "{text}"
+    );
+    // Their deletes leave the peer alone.
+    fake.remove(&twin);
+    fake.remove(&nested);
+    peers.quiet().await;
+
+    // A listing (after compaction) keeps the holder, whichever key sorts first.
+    fake.set_with_ttl(&twin, &hijack, TTL * 10);
+    peers.quiet().await;
+    fake.break_watches();
+    fake.compact();
+    peers.quiet().await;
+    assert_eq!(
+        peers.synced.last(),
+        Some(&vec![net("10.10.1.0/24")]),
+        "the relisting ran"
+    );
+
+    // When the holder's key goes, the other key takes the free subnet over.
+    fake.remove(&key("10.10.1.0/24"));
+    assert_eq!(
+        peers.next().await,
+        PeerEvent::Changed(peer("10.10.1.0/24", "198.18.0.66", 66))
+    );
+    fake.remove(&twin);
+    assert_eq!(peers.next().await, PeerEvent::Removed(net("10.10.1.0/24")));
+    peers.quiet().await;
+    peers.task.abort();
+}
+
+#[tokio::test(start_paused = true)]
+async fn in_a_listing_the_oldest_key_holds_a_subnet() {
+    let fake = FakeRegistry::new();
+    let (logs, _guard) = Logs::capture();
+    // The twin sorts after the real key but was written first.
+    let twin = format!("{PREFIX}/subnets/10.10.1.0-24&fd00:10:1::-64");
+    fake.set_with_ttl(&twin, &attrs("198.18.0.2", 2).to_json(), TTL * 10);
+    fake.set_with_ttl(
+        &key("10.10.1.0/24"),
+        &attrs("198.18.0.66", 66).to_json(),
+        TTL * 10,
+    );
+    let mut peers = start_peers(&fake, "vxlan");
+    assert_eq!(
+        peers.next().await,
+        PeerEvent::Added(peer("10.10.1.0/24", "198.18.0.2", 2))
+    );
+    peers.quiet().await;
+    assert!(
+        logs.text().contains("second key for subnet 10.10.1.0/24"),
+        "{}",
+        logs.text()
+    );
+    // A put of the newer key changes nothing.
+    fake.set_with_ttl(
+        &key("10.10.1.0/24"),
+        &attrs("198.18.0.67", 67).to_json(),
+        TTL * 10,
+    );
+    peers.quiet().await;
+    peers.task.abort();
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_peer_switching_backend_is_removed() {
     let fake = FakeRegistry::new();
     add_peer(&fake, "10.10.1.0/24", "198.18.0.2", 2);

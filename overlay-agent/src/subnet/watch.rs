@@ -8,7 +8,9 @@
 //! subnet is skipped; leases of another backend type are skipped with a warning. A record
 //! that cannot be parsed, or that this node refuses to route (`super::validate`), is logged
 //! once with its key and value (cut to a few hundred bytes) and otherwise ignored; if it
-//! replaces a good record, the last good one stays in force.
+//! replaces a good record, the last good one stays in force. Only keys directly under the
+//! prefix name a subnet, and a subnet is held by one key: a second key naming it (anyone who
+//! can write the prefix can add one) is logged and neither replaces nor removes the peer.
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -18,9 +20,9 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::sleep;
 use tracing::{debug, info, warn};
 
-use super::lease::{LeaseAttrs, Mac, parse_subnet_key, subnets_prefix};
+use super::lease::{LeaseAttrs, Mac, parse_lease_key, subnets_prefix};
 use super::manager::{Lease, SubnetManager, next_event};
-use super::registry::{KeyValue, Registry, WatchEvent};
+use super::registry::{KeyValue, Registry, WatchEvent, cut_for_log};
 use super::validate::{Installed, check_peer, check_replacement};
 use crate::subnet::config::NetworkConfig;
 
@@ -83,10 +85,22 @@ struct Known {
     installed: Installed,
 }
 
+/// The keys that name one subnet. flannel writes one key per subnet, but anyone who can write
+/// the prefix can add a second (a dual-stack `&…` twin of a live node's key): only the
+/// holder's record is routed, and the other keys' puts and deletes leave the peer alone. When
+/// the holder's key goes, the oldest other key (lowest creation revision) takes over.
+struct SubnetKeys {
+    holder: String,
+    others: BTreeMap<String, KeyValue>,
+}
+
 struct PeerState<'a> {
     config: &'a NetworkConfig,
+    /// `<prefix>/subnets/`: lease keys are directly under it.
+    subnets: String,
     own: Ipv4Net,
     known: BTreeMap<Ipv4Net, Known>,
+    keys: BTreeMap<Ipv4Net, SubnetKeys>,
     /// The last warning logged about each subnet's record: a bad record renewed every day
     /// (or listed again) is reported once, not at every sight.
     warned: BTreeMap<Ipv4Net, String>,
@@ -104,6 +118,17 @@ impl PeerState<'_> {
         if self.warned.get(&subnet) != Some(&message) {
             warn!(key = %kv.key_for_log(), value = %kv.value_lossy(), "{message}");
             self.warned.insert(subnet, message);
+        }
+    }
+
+    /// The subnet a listed or watched key names; other keys are logged and `None`.
+    fn lease_subnet(&self, kv: &KeyValue) -> Option<Ipv4Net> {
+        match parse_lease_key(&self.subnets, &kv.key) {
+            Ok(subnet) => Some(subnet),
+            Err(e) => {
+                warn!(value = %kv.value_lossy(), "ignoring a key that is not a subnet lease: {e}");
+                None
+            }
         }
     }
 
@@ -162,19 +187,60 @@ impl PeerState<'_> {
         Record::Peer(Peer::from_attrs(subnet, attrs), installed)
     }
 
+    /// Logs a key that names a subnet another key holds.
+    fn warn_second_key(subnet: Ipv4Net, holder: &str, kv: &KeyValue) {
+        warn!(
+            key = %kv.key_for_log(),
+            value = %kv.value_lossy(),
+            holder = %cut_for_log(holder),
+            "ignoring a second key for subnet {subnet}: the holder's key was there first, and only its record is routed"
+        );
+    }
+
     async fn put(&mut self, kv: &KeyValue) -> Result<(), Closed> {
-        let subnet = match parse_subnet_key(&kv.key) {
-            Ok(subnet) => subnet,
-            Err(e) => {
-                warn!(value = %kv.value_lossy(), "ignoring a key that is not a subnet lease: {e}");
+        let Some(subnet) = self.lease_subnet(kv) else {
+            return Ok(());
+        };
+        match self.keys.get_mut(&subnet) {
+            None => {
+                self.keys.insert(
+                    subnet,
+                    SubnetKeys {
+                        holder: kv.key.clone(),
+                        others: BTreeMap::new(),
+                    },
+                );
+            }
+            Some(keys) if keys.holder == kv.key => {}
+            Some(keys) => {
+                if keys.others.insert(kv.key.clone(), kv.clone()).is_none() {
+                    Self::warn_second_key(subnet, &keys.holder, kv);
+                }
                 return Ok(());
             }
-        };
+        }
+        self.apply(subnet, kv, None).await
+    }
+
+    /// Installs the holder's record `kv` of `subnet` and reports the change. `previous` is the
+    /// peer a key that just went had installed (the record is then a successor, not an update
+    /// of what is installed).
+    async fn apply(
+        &mut self,
+        subnet: Ipv4Net,
+        kv: &KeyValue,
+        previous: Option<Known>,
+    ) -> Result<(), Closed> {
         match self.classify(subnet, kv) {
-            Record::Refused | Record::Skip => Ok(()),
+            Record::Refused | Record::Skip => {
+                if previous.is_some() {
+                    self.send(PeerEvent::Removed(subnet)).await?;
+                }
+                Ok(())
+            }
             Record::Other => {
                 // A known peer that switched backend is no longer reachable our way.
-                if self.known.remove(&subnet).is_some() {
+                if self.known.remove(&subnet).or(previous).is_some() {
                     self.send(PeerEvent::Removed(subnet)).await?;
                 }
                 Ok(())
@@ -184,7 +250,7 @@ impl PeerState<'_> {
                     peer: peer.clone(),
                     installed,
                 };
-                match self.known.insert(subnet, known) {
+                match self.known.insert(subnet, known).or(previous) {
                     None => self.send(PeerEvent::Added(peer)).await,
                     Some(old) if old.peer != peer => self.send(PeerEvent::Changed(peer)).await,
                     // A renewal: same record, nothing to tell.
@@ -195,42 +261,94 @@ impl PeerState<'_> {
     }
 
     async fn delete(&mut self, key: &str) -> Result<(), Closed> {
-        let Ok(subnet) = parse_subnet_key(key) else {
+        let Ok(subnet) = parse_lease_key(&self.subnets, key) else {
             return Ok(());
         };
-        self.warned.remove(&subnet);
-        if self.known.remove(&subnet).is_some() {
-            self.send(PeerEvent::Removed(subnet)).await?;
+        let Some(keys) = self.keys.get_mut(&subnet) else {
+            return Ok(());
+        };
+        if keys.holder != key {
+            keys.others.remove(key);
+            return Ok(());
         }
-        Ok(())
+        self.warned.remove(&subnet);
+        let successor = keys
+            .others
+            .values()
+            .min_by_key(|kv| (kv.create_revision, kv.key.clone()))
+            .cloned();
+        let previous = self.known.remove(&subnet);
+        let Some(successor) = successor else {
+            self.keys.remove(&subnet);
+            if previous.is_some() {
+                self.send(PeerEvent::Removed(subnet)).await?;
+            }
+            return Ok(());
+        };
+        keys.others.remove(&successor.key);
+        keys.holder.clone_from(&successor.key);
+        info!(
+            gone = %cut_for_log(key),
+            holder = %successor.key_for_log(),
+            "the key holding subnet {subnet} is gone; the oldest other key for it takes over"
+        );
+        self.apply(subnet, &successor, previous).await
     }
 
     /// Replaces what we know with a fresh listing and emits the difference.
     async fn reset(&mut self, kvs: &[KeyValue]) -> Result<(), Closed> {
-        let mut fresh = BTreeMap::new();
-        let mut listed = Vec::new();
+        let mut by_subnet: BTreeMap<Ipv4Net, Vec<&KeyValue>> = BTreeMap::new();
         for kv in kvs {
-            let subnet = match parse_subnet_key(&kv.key) {
-                Ok(subnet) => subnet,
-                Err(e) => {
-                    warn!(value = %kv.value_lossy(), "ignoring a key that is not a subnet lease: {e}");
-                    continue;
+            if let Some(subnet) = self.lease_subnet(kv) {
+                by_subnet.entry(subnet).or_default().push(kv);
+            }
+        }
+        let mut fresh = BTreeMap::new();
+        let mut keys = BTreeMap::new();
+        for (subnet, mut candidates) in by_subnet {
+            // The holder we knew keeps its subnet while its key is listed; otherwise the
+            // oldest key takes it.
+            let before = self.keys.get(&subnet);
+            let holder_at = candidates
+                .iter()
+                .position(|kv| before.is_some_and(|b| b.holder == kv.key))
+                .or_else(|| {
+                    (0..candidates.len()).min_by_key(|&i| {
+                        (candidates[i].create_revision, candidates[i].key.as_str())
+                    })
+                })
+                .unwrap_or(0);
+            let holder = candidates.swap_remove(holder_at);
+            let same_holder = before.is_some_and(|b| b.holder == holder.key);
+            let mut others = BTreeMap::new();
+            for kv in candidates {
+                if !before.is_some_and(|b| b.others.contains_key(&kv.key)) {
+                    Self::warn_second_key(subnet, &holder.key, kv);
                 }
-            };
-            listed.push(subnet);
-            match self.classify(subnet, kv) {
+                others.insert(kv.key.clone(), kv.clone());
+            }
+            keys.insert(
+                subnet,
+                SubnetKeys {
+                    holder: holder.key.clone(),
+                    others,
+                },
+            );
+            match self.classify(subnet, holder) {
                 Record::Peer(peer, installed) => {
                     fresh.insert(subnet, Known { peer, installed });
                 }
-                Record::Refused => {
+                Record::Refused if same_holder => {
                     if let Some(old) = self.known.get(&subnet) {
                         fresh.insert(subnet, old.clone());
                     }
                 }
-                Record::Skip | Record::Other => {}
+                Record::Refused | Record::Skip | Record::Other => {}
             }
         }
-        self.warned.retain(|subnet, _| listed.contains(subnet));
+        self.keys = keys;
+        self.warned
+            .retain(|subnet, _| self.keys.contains_key(subnet));
         let gone: Vec<Ipv4Net> = self
             .known
             .keys()
@@ -284,8 +402,10 @@ impl<R: Registry> SubnetManager<R> {
         let own_subnet = own.borrow_and_update().subnet;
         let mut state = PeerState {
             config: &config,
+            subnets: subnets_prefix(&self.prefix),
             own: own_subnet,
             known: BTreeMap::new(),
+            keys: BTreeMap::new(),
             warned: BTreeMap::new(),
             events: &events,
         };
@@ -298,7 +418,7 @@ impl<R: Registry> SubnetManager<R> {
         state: &mut PeerState<'_>,
         own: &mut watch::Receiver<Lease>,
     ) -> Result<(), Closed> {
-        let prefix = subnets_prefix(&self.prefix);
+        let prefix = state.subnets.clone();
         let retry = self.options.watch_retry_period;
         let mut own_open = true;
 
