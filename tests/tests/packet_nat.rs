@@ -542,8 +542,23 @@ fn icmp_errors_about_a_flow_are_translated_back_inner_header_and_checksums_inclu
             (3, 3, [0; 4])
         };
         let err = icmp(OUTSIDE, NODE_IP, kind, code, rest, &on_wire);
+        let entries = || {
+            let mut all = node.flows(names::SNAT_V4_CT);
+            all.extend(node.flows(names::SNAT_V4_REV));
+            all.sort_by_key(|(key, _)| format!("{key:?}"));
+            all
+        };
+        let before = entries();
         let (v, out) = node.run(names::UNDERLAY_INGRESS, &frame(&err));
         assert_eq!(v, TC_ACT_REDIRECT, "proto {proto}");
+        // Related to the flow, not a reply (conntrack's RELATED): an unanswered SYN or
+        // datagram keeps its state (not answered) and its short timeout.
+        assert_eq!(
+            entries(),
+            before,
+            "the error changes no flow entry (proto {proto})"
+        );
+        assert!(before.iter().all(|(_, e)| e.state & NAT_S_REPLIED == 0));
         let ip = check_ip(&out);
         assert_eq!(addr(&ip, 16), POD, "outer destination = the pod");
         let inner = &ip[28..];

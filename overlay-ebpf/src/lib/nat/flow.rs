@@ -334,6 +334,19 @@ pub(super) fn flow_in(nat: &NatConfig, key: &NatKeyV4, tcp_flags: u8) -> Option<
     Some(e)
 }
 
+/// The pod's side of the live flow whose reply tuple is `key`, for an ICMP error about it. The
+/// error is related to the flow, as conntrack says, not a reply: it neither marks the flow
+/// answered nor refreshes it, so an unanswered SYN that a router answers with "unreachable"
+/// keeps its short timeout instead of the established one. A dead entry is left to the
+/// sweeper.
+#[inline(always)]
+pub(super) fn flow_related(nat: &NatConfig, key: &NatKeyV4) -> Option<NatEntryV4> {
+    let rev = SNAT_V4_REV.get_ptr(key)?;
+    // SAFETY: a map value pointer, valid during this program run; copied at once.
+    let e = unsafe { *rev };
+    (!nat.is_expired(key.proto, &e, now())).then_some(e)
+}
+
 /// Remembers where the later fragments of the datagram whose first fragment `ip` is go: to
 /// `orig`, as of `now`.
 #[inline(always)]

@@ -15,7 +15,7 @@ use overlay_common::{
 
 use super::{
     IP_SADDR_OFF, L4Ports,
-    flow::{self, flow_in, live_flow},
+    flow::{self, flow_related, live_flow},
     load_l4,
     reverse::deliver,
     rewrite::{NO_L4_CSUM, rewrite_addr},
@@ -45,7 +45,7 @@ pub(super) fn icmp_error_reverse(
     else {
         return Ok(TC_ACT_OK);
     };
-    let Some(orig) = flow_in(nat, &key, 0) else {
+    let Some(orig) = flow_related(nat, &key) else {
         return Ok(TC_ACT_OK);
     };
     // The quoted packet's source (us, translated) and port become the originator's again.
