@@ -98,8 +98,7 @@ pub enum Reason {
     /// header length, header checksum, a total length shorter than the header or longer than
     /// what the frame carries).
     DropMalformed = 19,
-    /// A fragment of a VXLAN frame (the data path does not reassemble).
-    DropFragment = 20,
+    // Slot 20 was `drop_fragment`: fragments now go to the kernel (`to_stack_fragment`).
     /// A VXLAN frame whose outer IPv4 header checksum is wrong.
     DropBadChecksum = 21,
     /// A VXLAN frame with another VNI.
@@ -124,7 +123,8 @@ pub enum Reason {
     /// An unencapsulated packet from a direct peer for a local pod with a bad IPv4 header
     /// (checksum, or a total length the frame does not hold): the kernel would drop it too.
     DropDirectMalformed = 31,
-    // Slots 32..=36: delivery straight into pods, XDP decapsulation, pickup at pods' veths.
+    // Slots 32..=38: delivery straight into pods, XDP decapsulation, pickup at pods' veths,
+    // fragments and what the GRO device's socket decapsulated.
     /// A VXLAN packet was decapsulated and delivered straight into a local pod (`ENDPOINT_V4`,
     /// `bpf_redirect_peer`); `decap_pod` counts those that took the bridge instead.
     DecapEndpoint = 32,
@@ -141,6 +141,14 @@ pub enum Reason {
     /// port`), in front of the bridge: counted besides what was done with it (`encap_pod`,
     /// `direct_pod`, `nat_snat`), with its length as the pod sent it.
     PodPort = 36,
+    /// The first fragment of a VXLAN datagram for us (an underlay path with a smaller MTU
+    /// fragmented it; we send with DF clear, as flannel.1 does): handed to the kernel, which
+    /// reassembles the datagram for the GRO device's socket (`decap_gro_device`).
+    StackFragment = 37,
+    /// VXLAN that the GRO device's socket decapsulated (datagrams the kernel reassembled from
+    /// fragments, or VXLAN for us that arrived on another interface) passed every check of
+    /// `underlay_ingress` and was delivered (counted besides `decap_*`).
+    DecapGroDevice = 38,
     // Drops 48..=60: what a member node, a pod or a hostile underlay must not get through,
     // taken from the bottom of the second drop range.
     /// A VXLAN frame from a member node whose inner source address is in the cluster network
@@ -152,10 +160,9 @@ pub enum Reason {
     /// node's own address and pass for this node's tunnel traffic (a pod injecting packets
     /// into other nodes), so it is never translated.
     DropPodVxlan = 49,
-    /// A frame the kernel's VXLAN socket of the GRO device (`ovl-gro`) decapsulated: VXLAN to
-    /// our port that `underlay_ingress` left to the kernel (another local address, outer IP
-    /// options or IPv6, from the host itself) or that arrived on another interface. The device
-    /// exists only so that GRO aggregates VXLAN; it delivers nothing.
+    /// A frame the kernel's VXLAN socket of the GRO device (`ovl-gro`) decapsulated that was
+    /// not for us: to another local address, over IPv6, or before the agent configured the
+    /// data path. (What was for us but fails a check counts under that check's reason.)
     DropGroDevice = 50,
     /// A packet to masquerade whose TCP/UDP/ICMP header is cut short (it would leak the pod's
     /// address untranslated).
@@ -168,7 +175,7 @@ pub enum Reason {
 
 impl Reason {
     /// Every reason, in index order (what the agent reports).
-    pub const ALL: [Self; 43] = [
+    pub const ALL: [Self; 44] = [
         Self::UnderlayRx,
         Self::UnderlayTx,
         Self::EncapPod,
@@ -189,7 +196,6 @@ impl Reason {
         Self::DropEncapFailed,
         Self::DropTruncated,
         Self::DropMalformed,
-        Self::DropFragment,
         Self::DropBadChecksum,
         Self::DropWrongVni,
         Self::DropUnknownPeer,
@@ -206,6 +212,8 @@ impl Reason {
         Self::NatRevEndpoint,
         Self::XdpDecap,
         Self::PodPort,
+        Self::StackFragment,
+        Self::DecapGroDevice,
         Self::DropInnerSource,
         Self::DropPodVxlan,
         Self::DropGroDevice,
@@ -235,7 +243,6 @@ impl Reason {
             Self::DropEncapFailed => "drop_encap_failed",
             Self::DropTruncated => "drop_truncated",
             Self::DropMalformed => "drop_malformed",
-            Self::DropFragment => "drop_fragment",
             Self::DropBadChecksum => "drop_bad_checksum",
             Self::DropWrongVni => "drop_wrong_vni",
             Self::DropUnknownPeer => "drop_unknown_peer",
@@ -252,6 +259,8 @@ impl Reason {
             Self::NatRevEndpoint => "nat_rev_endpoint",
             Self::XdpDecap => "xdp_decap",
             Self::PodPort => "pod_port",
+            Self::StackFragment => "to_stack_fragment",
+            Self::DecapGroDevice => "decap_gro_device",
             Self::DropInnerSource => "drop_inner_source",
             Self::DropPodVxlan => "drop_pod_vxlan",
             Self::DropGroDevice => "drop_gro_device",

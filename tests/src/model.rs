@@ -204,11 +204,13 @@ impl Node {
             && be16(f, 36) == self.cfg.port
     }
 
-    /// Every check of VXLAN for us, on a frame `vxlan_for_us` accepted.
+    /// A (first) fragment: `vxlan_for_us` accepts no later one.
+    fn is_fragment(f: &[u8]) -> bool {
+        be16(f, 20) & 0x3fff != 0
+    }
+
+    /// Every check of VXLAN for us, on an unfragmented frame `vxlan_for_us` accepted.
     fn check_vxlan(&self, f: &[u8]) -> Result<(), Reason> {
-        if be16(f, 20) & 0x3fff != 0 {
-            return Err(Reason::DropFragment);
-        }
         if !header_ok(&f[14..34]) {
             return Err(Reason::DropBadChecksum);
         }
@@ -261,6 +263,14 @@ impl Node {
 
     /// Decapsulates VXLAN for us: the verdict, the counter, and the frame.
     fn decapsulate(&self, f: &[u8]) -> Result<Delivery, Reason> {
+        if Self::is_fragment(f) {
+            // To the kernel, which reassembles it for the GRO device's socket.
+            return Ok((
+                TC_OK,
+                Some((Reason::StackFragment, f.len() as u64)),
+                Expected::Same,
+            ));
+        }
         self.check_vxlan(f)?;
         let mut out = f.to_vec();
         let ip = 64;
@@ -387,6 +397,7 @@ impl Node {
             || !self.cfg.vxlan_enabled()
             || self.cfg.xdp_cookie == 0
             || !self.vxlan_for_us(f)
+            || Self::is_fragment(f)
             || self.check_vxlan(f).is_err()
         {
             return pass;

@@ -14,7 +14,9 @@
 //! - Crafted VXLAN frames from a non-member, with a wrong VNI or a wrong inner MAC are dropped
 //!   and counted; a member's correct frame arrives.
 //! - A peer behind a router: outer frames go to the gateway's MAC (the FIB's next hop), and
-//!   follow a route change from the first packet after it (the programs' next-hop cache).
+//!   follow a route change from the first packet after it (the programs' next-hop cache);
+//!   with a smaller MTU on the router's side, the fragmented VXLAN is reassembled by the
+//!   kernel and delivered through the GRO device.
 //!
 //! Root only (fails, never skips, without it); each test builds its own cluster. Run:
 //! `cargo xtask build && OVERLAY_AGENT_BIN=target/debug/overlay-agent cargo test -p
@@ -805,7 +807,8 @@ fn stock_flannel_node_interoperates() {
 
 /// VXLAN frames sent to n0's eth0 that fail a check are dropped before the pod and counted by
 /// reason (`overlay-agent counters`): from a host on the underlay that is no member
-/// (198.18.0.200), from member n1 with VNI 2, from member n1 to another inner MAC. The same frame
+/// (198.18.0.200), from member n1 with VNI 2, from member n1 to another inner MAC; so are the
+/// same frames fragmented (reassembled by n0's kernel, checked by the GRO device's program). The same frame
 /// from member n1 with VNI 1 and n0's VtepMAC arrives in the pod, counted as `decap_pod`.
 #[test]
 fn foreign_and_wrong_vni_frames_are_dropped_and_counted() {
@@ -838,6 +841,7 @@ fn foreign_and_wrong_vni_frames_are_dropped_and_counted() {
         .ns()
         .in_netns(move || Ok(UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port))?))
         .unwrap();
+    let big = [b'f'; 2000];
     let frame = |vni: u32, dst_mac: [u8; 6], data: &[u8]| {
         vxlan_payload(
             vni,
@@ -894,6 +898,27 @@ fn foreign_and_wrong_vni_frames_are_dropped_and_counted() {
                 "frames {what} must not be decapsulated: {grew:?}"
             );
         }
+
+        // The same, too large for the sender's MTU: its kernel fragments the datagram, n0's
+        // kernel reassembles it for the GRO device, whose program makes the same checks.
+        let mut fragmented = payload.clone();
+        fragmented.extend_from_slice(&big);
+        let before = counters(n0);
+        send_vxlan(ns, src, n0.underlay_ip(), &fragmented, N as usize);
+        assert!(
+            drain(&sock).is_empty(),
+            "fragmented VXLAN {what} reached {target}"
+        );
+        let grew = grown(&before, &counters(n0));
+        assert_eq!(
+            (
+                grew.get("to_stack_fragment").copied(),
+                grew.get(reason).copied()
+            ),
+            (Some(N), Some(N)),
+            "fragmented VXLAN {what}: counters grew by {grew:?}"
+        );
+        assert_eq!(grew.get("decap_gro_device"), None, "{what}: {grew:?}");
     }
 
     let before = counters(n0);
@@ -1059,4 +1084,77 @@ fn a_changed_route_to_a_peer_is_followed_at_once() {
         !after.is_empty(),
         "no VXLAN frame to n1 captured at all: the capture saw nothing"
     );
+}
+
+/// An underlay path with a smaller MTU than the nodes' interfaces (here the router's side
+/// towards n1, 1300 bytes): we send VXLAN with DF clear, as flannel.1 does, so the router
+/// fragments n0's full-size datagrams. `underlay_ingress` cannot reassemble: it hands the
+/// fragments to n1's kernel (`to_stack_fragment`), which reassembles them for the GRO device's
+/// socket, where `gro_device_ingress` checks what the kernel decapsulated and delivers it
+/// (`decap_gro_device`). A TCP transfer of full-size segments and large pings arrive intact,
+/// and nothing is dropped on the way.
+#[test]
+fn vxlan_fragmented_by_a_smaller_underlay_mtu_is_reassembled_and_delivered() {
+    let cluster = cluster_behind_a_router();
+    let (n0, n1) = (cluster.node(0), cluster.node(1));
+    let (p0, p1) = (cluster.pod(0, 0), cluster.pod(1, 0));
+    assert_pods_talk(&p0, &p1);
+    cluster.underlay().set_mtu("br1", 1300).unwrap();
+
+    let before = counters(n1);
+    let bytes_before = counter_bytes(n1, "decap_gro_device");
+    let report = p0.tcp_transfer(&p1, 4_000_000).unwrap();
+    assert_eq!(report.bytes, 4_000_000);
+    // 1,400 bytes of ICMP data: an inner packet of 1,428 bytes, an outer one of 1,478.
+    let dst = p1.ip().to_string();
+    let ping = p0
+        .ns()
+        .run(
+            "ping",
+            &[
+                "-n", "-q", "-c", "5", "-i", "0.2", "-W", "1", "-s", "1400", &dst,
+            ],
+        )
+        .unwrap();
+    assert!(
+        ping.contains("5 received"),
+        "large pings across the smaller MTU:\n{ping}"
+    );
+    let got = grown(&before, &counters(n1));
+    let fragments = got.get("to_stack_fragment").copied().unwrap_or(0);
+    let reassembled = got.get("decap_gro_device").copied().unwrap_or(0);
+    assert!(
+        fragments > 100,
+        "n1 saw {fragments} first fragments for a 4 MB transfer: {got:?}"
+    );
+    // The socket's GRO merges the reassembled segments, so count bytes, not packets: the bulk
+    // of the transfer came that way.
+    let delivered = counter_bytes(n1, "decap_gro_device") - bytes_before;
+    assert!(
+        reassembled > 0 && delivered > 3_500_000,
+        "n1 delivered {delivered} bytes in {reassembled} packets through the GRO device for \
+         {fragments} fragmented datagrams: {got:?}"
+    );
+    let drops: Vec<_> = got
+        .iter()
+        .filter(|(name, _)| name.starts_with("drop_"))
+        .collect();
+    assert!(drops.is_empty(), "drops on n1: {drops:?}");
+    // The other way, nothing is fragmented (the router's side towards n0 keeps 1500).
+    let back = p1.tcp_transfer(&p0, 1_000_000).unwrap();
+    assert_eq!(back.bytes, 1_000_000);
+    let on_n0 = grown(&before, &counters(n0));
+    assert_eq!(on_n0.get("to_stack_fragment"), None, "{on_n0:?}");
+}
+
+/// The bytes of the counter `name` of `node` (`overlay-agent counters`: `<name> <packets>
+/// <bytes>`).
+fn counter_bytes(node: &Node, name: &str) -> u64 {
+    let out = agent_cmd(node, &["counters"]);
+    out.lines()
+        .find_map(|l| match l.split_whitespace().collect::<Vec<_>>()[..] {
+            [n, _, bytes] if n == name => bytes.parse().ok(),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("no counter {name} in:\n{out}"))
 }

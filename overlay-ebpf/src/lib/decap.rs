@@ -5,9 +5,13 @@
 //! option-less IPv4 to our interface address, UDP to the configured VXLAN port; everything else
 //! (including what we cannot recognise, like non-first fragments or IP options, which Linux never
 //! puts on VXLAN) goes on to the kernel untouched. Ours is then either delivered or dropped and
-//! counted: there is no VXLAN socket on this node, so the kernel would only drop it anyway.
+//! counted, except a fragment: we send with DF clear, as flannel.1 does, so an underlay path
+//! with a smaller MTU fragments our datagrams; their first fragments are counted
+//! (`to_stack_fragment`) and all go to the kernel, which reassembles the datagram for the GRO
+//! device's socket, where `gro_device_ingress` makes the same checks on what the kernel
+//! decapsulated and delivers it the same way ([`try_gro_device_ingress`]).
 //!
-//! Checks, in order ([`check_vxlan`]): not a fragment (no reassembly here), outer IPv4 checksum
+//! Checks, in order ([`check_vxlan`]): outer IPv4 checksum
 //! (the IP layer that would verify it runs after us), lengths (the frame holds what IP and UDP
 //! announce, which holds VXLAN + inner Ethernet + an IPv4 header), VXLAN flags exactly 0x08
 //! with zero reserved bits (as the kernel's VXLAN device demands without GBP/GPE), our VNI, an
@@ -65,9 +69,9 @@
 use aya_ebpf::{
     bindings::{
         BPF_F_ADJ_ROOM_DECAP_L3_IPV4, BPF_F_ADJ_ROOM_FIXED_GSO, TC_ACT_OK,
-        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, xdp_action,
+        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_tunnel_key, xdp_action,
     },
-    helpers::{bpf_xdp_adjust_head, bpf_xdp_adjust_meta},
+    helpers::{bpf_skb_get_tunnel_key, bpf_xdp_adjust_head, bpf_xdp_adjust_meta},
     programs::{TcContext, XdpContext},
 };
 use overlay_common::{
@@ -153,6 +157,12 @@ pub fn try_underlay_ingress(ctx: &TcContext) -> Result<i32, Reason> {
     let Some((ip, _)) = vxlan_for_us(ctx, cfg) else {
         return Ok(TC_ACT_OK);
     };
+    if is_fragment(&ip) {
+        // The kernel reassembles the datagram for the GRO device's socket, whose program
+        // makes the checks below and delivers it (`try_gro_device_ingress`).
+        count(Reason::StackFragment, ctx.len());
+        return Ok(TC_ACT_OK);
+    }
     // VXLAN to our port: from here on, deliver or drop.
     let (inner_eth, inner_ip) = check_vxlan(ctx, cfg, &ip, ctx.len() as usize)?;
     // SAFETY (reads and rewrites below): `inner_ip` is a checked pointer, valid until the
@@ -196,7 +206,14 @@ fn vxlan_for_us(ctx: &impl Packet, cfg: &Config) -> Option<(Ipv4Hdr, UdpHdr)> {
     (udp.dest == cfg.port.to_be_bytes()).then_some((ip, udp))
 }
 
-/// Every check of VXLAN for us (see the module note), on a frame of `frame_len` bytes whose
+/// Whether the outer header `ip` is of a fragment (the first one; `vxlan_for_us` recognises no
+/// later one): the kernel reassembles those.
+#[inline(always)]
+fn is_fragment(ip: &Ipv4Hdr) -> bool {
+    u16::from_be_bytes(ip.frag_off) & Ipv4Hdr::MF_OFFSET_MASK != 0
+}
+
+/// Every check of VXLAN for us (see the module note), on an unfragmented frame of `frame_len` bytes whose
 /// outer IPv4 header is `ip`: the inner Ethernet header and a checked pointer to the inner
 /// IPv4 header (valid until a helper moves packet data), or why the frame must be dropped.
 #[inline(always)]
@@ -206,9 +223,6 @@ fn check_vxlan(
     ip: &Ipv4Hdr,
     frame_len: usize,
 ) -> Result<(EthHdr, *mut Ipv4Hdr), Reason> {
-    if u16::from_be_bytes(ip.frag_off) & Ipv4Hdr::MF_OFFSET_MASK != 0 {
-        return Err(Reason::DropFragment);
-    }
     if !ipv4_checksum_ok(ip) {
         return Err(Reason::DropBadChecksum);
     }
@@ -232,36 +246,63 @@ fn check_vxlan(
     if !is_member(ip.saddr) {
         return Err(Reason::DropUnknownPeer);
     }
+    check_inner(
+        ctx,
+        cfg,
+        INNER_ETH_OFF,
+        tot_len - (INNER_IP_OFF - ETH_HLEN),
+        ip.saddr,
+    )
+}
+
+/// The checks of a VXLAN frame's inner frame at `eth_off`, of which the outer headers announce
+/// `carried` bytes from the inner IPv4 header on, sent by the member `outer_saddr`: our VtepMAC,
+/// IPv4 the kernel would accept, a source the member may speak for. The inner Ethernet header
+/// and a checked pointer to the inner IPv4 header (valid until a helper moves packet data).
+#[inline(always)]
+fn check_inner(
+    ctx: &impl Packet,
+    cfg: &Config,
+    eth_off: usize,
+    carried: usize,
+    outer_saddr: [u8; 4],
+) -> Result<(EthHdr, *mut Ipv4Hdr), Reason> {
     // SAFETY: a checked pointer, read at once.
-    let inner_eth = unsafe { *ptr_at::<EthHdr>(ctx, INNER_ETH_OFF).ok_or(Reason::DropTruncated)? };
+    let inner_eth = unsafe { *ptr_at::<EthHdr>(ctx, eth_off).ok_or(Reason::DropTruncated)? };
     if inner_eth.dst != cfg.vtep_mac {
         return Err(Reason::DropWrongMac);
     }
     if inner_eth.proto != ETH_P_IP {
         return Err(Reason::DropNotIpv4);
     }
-    let inner_ip = ptr_at::<Ipv4Hdr>(ctx, INNER_IP_OFF).ok_or(Reason::DropTruncated)?;
+    let ip_off = eth_off + ETH_HLEN;
+    let inner_ip = ptr_at::<Ipv4Hdr>(ctx, ip_off).ok_or(Reason::DropTruncated)?;
     // SAFETY: a checked pointer, read at once.
     let inner = unsafe { *inner_ip };
-    check_inner_ipv4(ctx, &inner, tot_len - (INNER_IP_OFF - ETH_HLEN))?;
-    check_inner_source(cfg, ip.saddr, inner.saddr)?;
+    check_inner_ipv4(ctx, &inner, ip_off, carried)?;
+    check_inner_source(cfg, outer_saddr, inner.saddr)?;
     Ok((inner_eth, inner_ip))
 }
 
 /// The checks of the kernel's `ip_rcv` that delivery by redirect skips, on the inner IPv4
-/// header `h` of a frame whose outer headers announce `carried` bytes from the inner header
-/// on: version 4, a header length of at least 20 bytes that the packet holds, a total length
+/// header `h` at `off` of a frame whose outer headers announce `carried` bytes from the inner
+/// header on: version 4, a header length of at least 20 bytes that the packet holds, a total length
 /// between the header's and `carried`, a header checksum that verifies (options included).
 /// Anything else is `DropMalformed` (the direct path refuses the same, `drop_direct_malformed`).
 #[inline(always)]
-fn check_inner_ipv4(ctx: &impl Packet, h: &Ipv4Hdr, carried: usize) -> Result<(), Reason> {
+fn check_inner_ipv4(
+    ctx: &impl Packet,
+    h: &Ipv4Hdr,
+    off: usize,
+    carried: usize,
+) -> Result<(), Reason> {
     let ihl = usize::from(h.ver_ihl & 0x0f);
     let tot_len = usize::from(u16::from_be_bytes(h.tot_len));
     if h.ver_ihl >> 4 != 4
         || ihl < 5
         || ihl * 4 > tot_len
         || tot_len > carried
-        || !ipv4_header_checksum_ok(ctx, h, INNER_IP_OFF, ihl - 5)
+        || !ipv4_header_checksum_ok(ctx, h, off, ihl - 5)
     {
         return Err(Reason::DropMalformed);
     }
@@ -420,6 +461,9 @@ pub fn xdp_decapsulate(ctx: &XdpContext) -> u32 {
     let Some((ip, _)) = vxlan_for_us(ctx, cfg) else {
         return PASS;
     };
+    if is_fragment(&ip) {
+        return PASS;
+    }
     let frame_len = ctx.data_end() - ctx.data();
     // A frame that fails a check goes on whole: `underlay_ingress` drops and counts it.
     let Ok((_, inner_ip)) = check_vxlan(ctx, cfg, &ip, frame_len) else {
@@ -466,4 +510,68 @@ fn meta_mark(ctx: &XdpContext) -> Option<*mut XdpMark> {
         return None;
     }
     Some(meta as *mut XdpMark)
+}
+
+/// The body of `gro_device_ingress`: VXLAN that the GRO device's kernel socket decapsulated.
+/// That is what `underlay_ingress` leaves to the kernel: datagrams it reassembles from
+/// fragments (the reason this path exists), and VXLAN to our port that is not for us by its
+/// checks (another local address, IPv6, outer IP options) or that arrived on another
+/// interface. The outer headers are gone; the tunnel metadata the kernel recorded stands in
+/// for them. What is for us (outer destination our interface address, our VNI, from a member
+/// node) goes through the checks of [`check_vxlan`] that concern the inner frame and is
+/// delivered as a decapsulated frame is; the rest is dropped and counted (`drop_gro_device`).
+/// The kernel has checked the outer IP and UDP headers, the UDP checksum, the VXLAN flags,
+/// and applied RFC 6040's ECN rules.
+#[inline(always)]
+pub fn try_gro_device_ingress(ctx: &TcContext) -> Result<i32, Reason> {
+    let Some(cfg) = config() else {
+        return Err(Reason::DropGroDevice);
+    };
+    if !cfg.vxlan_enabled() {
+        return Err(Reason::DropGroDevice);
+    }
+    // SAFETY: all-zero bytes are a valid `bpf_tunnel_key` (integers and unions of integers).
+    let mut key: bpf_tunnel_key = unsafe { core::mem::zeroed() };
+    // SAFETY: a helper call on our own context, writing `key` of the size given; without
+    // `BPF_F_TUNINFO_IPV6` it fails for a tunnel over IPv6.
+    let got = unsafe {
+        bpf_skb_get_tunnel_key(
+            ctx.skb.skb,
+            &raw mut key,
+            size_of::<bpf_tunnel_key>() as u32,
+            0,
+        )
+    };
+    if got != 0 {
+        return Err(Reason::DropGroDevice);
+    }
+    // SAFETY: IPv4 tunnel metadata (the helper checked the family), host order.
+    let (remote, local) = unsafe {
+        (
+            key.__bindgen_anon_1.remote_ipv4.to_be_bytes(),
+            key.__bindgen_anon_3.local_ipv4.to_be_bytes(),
+        )
+    };
+    if local != cfg.local_ip {
+        return Err(Reason::DropGroDevice);
+    }
+    if key.tunnel_id != cfg.vni {
+        return Err(Reason::DropWrongVni);
+    }
+    if !is_member(remote) {
+        return Err(Reason::DropUnknownPeer);
+    }
+    pull_headers(ctx, ETH_HLEN + IPV4_HLEN);
+    let carried = (ctx.len() as usize).saturating_sub(ETH_HLEN);
+    let (inner_eth, inner_ip) = check_inner(ctx, cfg, 0, carried, remote)?;
+    // SAFETY: a checked pointer, read at once.
+    let inner = unsafe { *inner_ip };
+    let plan = plan(cfg, inner.daddr, inner.ttl)?;
+    if plan.target == Target::Pod {
+        // SAFETY: a checked pointer, still valid (no helper moved data); `plan` guarantees
+        // ttl > 1.
+        unsafe { decrement_ttl(inner_ip) };
+    }
+    count(Reason::DecapGroDevice, ctx.len());
+    deliver(ctx, cfg, plan, inner.daddr, inner_eth.src)
 }

@@ -84,7 +84,7 @@ fn underlay_xdp_leaves_everything_else_unchanged_for_tc() {
             .frame(&inner),
         ),
         (
-            "fragment",
+            "fragment (the kernel reassembles it)",
             Vxlan {
                 frag_off: 0x2000,
                 ..Vxlan::between(B, A)
