@@ -249,6 +249,14 @@ pub fn print_status(bpf_dir: &Path, status_file: &Path, json: bool) -> Result<()
                 a.backend.as_deref().unwrap_or("-"),
                 a.network.as_deref().unwrap_or("-")
             );
+            // They differ with `--public-ip` (a node behind NAT): VXLAN leaves from the
+            // interface's address and is accepted to both.
+            println!(
+                "underlay:   {} address {} PublicIP {}",
+                a.external_interface.as_deref().unwrap_or("-"),
+                a.interface_addr.as_deref().unwrap_or("-"),
+                a.public_ip.as_deref().unwrap_or("-")
+            );
             let etcd = if a.etcd.reachable {
                 "reachable".to_owned()
             } else {

@@ -49,6 +49,7 @@ struct State {
     backend: Option<String>,
     network: Option<Ipv4Net>,
     external_interface: Option<String>,
+    interface_addr: Option<String>,
     public_ip: Option<String>,
     host_device: Option<String>,
     bridge: Option<String>,
@@ -77,6 +78,9 @@ pub struct AgentStatus {
     pub backend: Option<String>,
     pub network: Option<String>,
     pub external_interface: Option<String>,
+    /// The external interface's address: the outer source of VXLAN and the masquerade's.
+    pub interface_addr: Option<String>,
+    /// The PublicIP of the lease (`--public-ip`, else the interface's address).
     pub public_ip: Option<String>,
     pub host_device: Option<String>,
     pub bridge: Option<String>,
@@ -135,9 +139,15 @@ impl Telemetry {
         self.state().starting = None;
     }
 
-    pub fn set_interface(&self, name: &str, public_ip: std::net::Ipv4Addr) {
+    pub fn set_interface(
+        &self,
+        name: &str,
+        iface_addr: std::net::Ipv4Addr,
+        public_ip: std::net::Ipv4Addr,
+    ) {
         let mut s = self.state();
         s.external_interface = Some(name.to_owned());
+        s.interface_addr = Some(iface_addr.to_string());
         s.public_ip = Some(public_ip.to_string());
     }
 
@@ -225,6 +235,7 @@ impl Telemetry {
             backend: s.backend.clone(),
             network: s.network.map(|n| n.to_string()),
             external_interface: s.external_interface.clone(),
+            interface_addr: s.interface_addr.clone(),
             public_ip: s.public_ip.clone(),
             host_device: s.host_device.clone(),
             bridge: s.bridge.clone(),

@@ -41,10 +41,14 @@ pub struct Config {
     pub bridge_ifindex: u32,
     /// ifindex of the host device (`ovl0`, address `<subnet>.0/32`); 0 while absent.
     pub host_ifindex: u32,
-    /// Outer IPv4 source, and the outer destination decapsulation accepts: the external
-    /// interface's address (flannel's vxlan `SrcAddr`, which differs from PublicIP behind NAT).
-    /// Network order.
+    /// The external interface's address (flannel's vxlan `SrcAddr`): the outer IPv4 source,
+    /// the masquerade's address, and an outer destination decapsulation accepts. Network order.
     pub local_ip: [u8; 4],
+    /// The PublicIP this node publishes in its lease (`--public-ip`; equal to `local_ip`
+    /// without it): peers send VXLAN to it, so decapsulation accepts it as outer destination
+    /// too (a NAT in front of the node may or may not rewrite it to `local_ip`), and refuses
+    /// it, like `local_ip`, as an inner source. Network order.
+    pub public_ip: [u8; 4],
     /// This node's pod subnet (the lease), network address, network order. Its first address
     /// (`.0`) is the host device's; the next one is the bridge's gateway.
     pub subnet: [u8; 4],
@@ -78,12 +82,20 @@ pub struct Config {
     /// Host order; 0 = no caching.
     pub route_gen: u32,
 }
-const _: () = assert!(size_of::<Config>() == 72);
+const _: () = assert!(size_of::<Config>() == 76);
 
 impl Config {
     #[must_use]
     pub const fn is_ready(&self) -> bool {
         self.flags & CONFIG_F_READY != 0
+    }
+
+    /// `addr` (network order) is one of this node's underlay addresses: the interface's or
+    /// the published PublicIP.
+    #[must_use]
+    #[inline(always)]
+    pub fn is_own_address(&self, addr: [u8; 4]) -> bool {
+        addr == self.local_ip || addr == self.public_ip
     }
 
     #[must_use]

@@ -27,9 +27,9 @@ macro_rules! fields {
 
 /// `CONFIG`'s value, field by field.
 pub const CONFIG_FIELDS: &[Field] = fields!(Config;
-    flags, vni, underlay_ifindex, bridge_ifindex, host_ifindex, local_ip, subnet, subnet_mask,
-    network, network_mask, vtep_mac, host_mac, port, src_port_min, src_port_max, bridge_mac,
-    xdp_cookie, route_gen);
+    flags, vni, underlay_ifindex, bridge_ifindex, host_ifindex, local_ip, public_ip, subnet,
+    subnet_mask, network, network_mask, vtep_mac, host_mac, port, src_port_min, src_port_max,
+    bridge_mac, xdp_cookie, route_gen);
 
 /// `NAT_CONFIG`'s value, field by field.
 pub const NAT_CONFIG_FIELDS: &[Field] = fields!(NatConfig;

@@ -12,7 +12,7 @@
 //! flannel.1 sends them), which the kernel reassembles; and VXLAN to our port that is not for
 //! us (another local address, IPv6, outer IP options) or that arrived on another interface. The
 //! socket accepts any VNI from anyone, so this program takes only what is for us by the
-//! tunnel metadata (outer destination our interface address, our VNI, a member node) and
+//! tunnel metadata (outer destination one of our addresses, our VNI, a member node) and
 //! passes the inner checks of `underlay_ingress` (`lib::decap::try_gro_device_ingress`); the
 //! rest is dropped and counted. The agent attaches it before it brings the device up.
 

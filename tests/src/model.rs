@@ -193,12 +193,13 @@ impl Node {
         }
     }
 
-    /// Option-less IPv4 to our address, not a later fragment, UDP to our port.
+    /// Option-less IPv4 to one of our addresses (the interface's or the PublicIP), not a later
+    /// fragment, UDP to our port.
     fn vxlan_for_us(&self, f: &[u8]) -> bool {
         is_ipv4(f)
             && f[14] == 0x45
             && f[23] == 17
-            && addr(f, 30) == self.cfg.local_ip
+            && self.own_address(addr(f, 30))
             && be16(f, 20) & 0x1fff == 0
             && f.len() >= 42
             && be16(f, 36) == self.cfg.port
@@ -250,7 +251,7 @@ impl Node {
             return Err(Reason::DropMalformed);
         }
         let saddr = addr(f, ip + 12);
-        if saddr == self.cfg.local_ip
+        if self.own_address(saddr)
             || self.in_network(saddr)
                 && self
                     .route(saddr)
@@ -259,6 +260,11 @@ impl Node {
             return Err(Reason::DropInnerSource);
         }
         Ok(())
+    }
+
+    /// The interface's address or the PublicIP.
+    fn own_address(&self, a: [u8; 4]) -> bool {
+        a == self.cfg.local_ip || a == self.cfg.public_ip
     }
 
     /// Decapsulates VXLAN for us: the verdict, the counter, and the frame.

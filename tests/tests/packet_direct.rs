@@ -57,6 +57,7 @@ fn node_a(flags: u32) -> Loaded {
         bridge_ifindex: BRIDGE_IFINDEX,
         host_ifindex: HOST_IFINDEX,
         local_ip: A_IP.octets(),
+        public_ip: A_IP.octets(),
         subnet: A_SUBNET.octets(),
         subnet_mask: [255, 255, 255, 0],
         network: [172, 7, 0, 0],

@@ -104,6 +104,7 @@ impl Node {
             bridge_ifindex: cni0,
             host_ifindex: 0,
             local_ip: NODE_IP.octets(),
+            public_ip: NODE_IP.octets(),
             subnet: [172, 17, 1, 0],
             subnet_mask: [255, 255, 255, 0],
             network: [172, 17, 0, 0],
@@ -169,6 +170,15 @@ impl Node {
                 .unwrap();
         }
         node
+    }
+
+    /// Publishes `public_ip` (`--public-ip`) instead of the interface address.
+    fn set_public_ip(&mut self, public_ip: Ipv4Addr) {
+        let mut a: Array<_, Config> =
+            Array::try_from(self.ebpf.map_mut(names::CONFIG).unwrap()).unwrap();
+        let mut cfg = a.get(&0, 0).unwrap();
+        cfg.public_ip = public_ip.octets();
+        a.set(0, cfg, 0).unwrap();
     }
 
     /// Sets `CONFIG.route_gen`, as the agent does when routing changes.
@@ -689,6 +699,57 @@ fn kernel_routed_traffic_is_masqueraded_at_egress_and_replies_go_back_to_the_ker
     );
     let ip = check_ip(&out);
     assert_eq!((addr(&ip, 16), be16(&ip, 22), ip[8]), (POD, 4444, 64));
+}
+
+/// With `--public-ip` (a node behind a NAT) the masquerade still translates to the external
+/// interface's address, as the kernel's MASQUERADE does: the PublicIP may not even be the
+/// node's, and the NAT in front of it translates the interface address.
+#[test]
+fn with_another_public_ip_pods_are_masqueraded_to_the_interface_address() {
+    const PUBLIC_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 1);
+    let mut node = Node::new(nat_on(0));
+    node.set_public_ip(PUBLIC_IP);
+    let (v, out) = node.run(
+        names::POD_EGRESS,
+        &frame(&tcp(POD, OUTSIDE, 40000, 80, 0x02, b"")),
+    );
+    assert_eq!(v, TC_ACT_REDIRECT);
+    let ip = check_ip(&out);
+    assert_eq!(
+        addr(&ip, 12),
+        NODE_IP,
+        "pod_egress: the interface's address"
+    );
+    let nat_port = be16(&ip, 20);
+    let (v, out) = node.run(
+        names::UNDERLAY_EGRESS,
+        &frame(&udp(POD, OUTSIDE, 4444, 53, b"routed by the kernel", false)),
+    );
+    assert_eq!(v, TC_ACT_OK);
+    assert_eq!(
+        addr(&check_ip(&out), 12),
+        NODE_IP,
+        "underlay_egress: the interface's address"
+    );
+    // The reply comes back to the interface address and reaches the pod.
+    let (v, out) = node.run(
+        names::UNDERLAY_INGRESS,
+        &frame(&tcp(OUTSIDE, NODE_IP, 80, nat_port, 0x12, b"")),
+    );
+    assert_eq!(v, TC_ACT_REDIRECT);
+    assert_eq!(
+        (addr(&check_ip(&out), 16), be16(&check_ip(&out), 22)),
+        (POD, 40000)
+    );
+    // Nothing was masqueraded to the PublicIP: a packet to it is no reply of ours.
+    let to_public = frame(&tcp(OUTSIDE, PUBLIC_IP, 80, nat_port, 0x12, b""));
+    assert_eq!(
+        node.run(names::UNDERLAY_INGRESS, &to_public),
+        (TC_ACT_OK, to_public.clone()),
+        "left to the kernel untouched"
+    );
+    let c = node.counters();
+    assert_eq!((c["nat_snat"], c["nat_rev"]), (2, 1), "{c:?}");
 }
 
 #[test]

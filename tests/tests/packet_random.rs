@@ -48,6 +48,9 @@ use overlay_tests::{
 };
 
 const LOCAL_IP: [u8; 4] = [198, 18, 0, 1];
+/// The PublicIP published in the VXLAN and DirectRouting settings (`--public-ip`, as behind a
+/// NAT); host-gw publishes `LOCAL_IP`, as it must.
+const PUBLIC_IP: [u8; 4] = [198, 18, 100, 1];
 const SUBNET: [u8; 4] = [172, 17, 1, 0];
 const VTEP: [u8; 6] = [0x0e, 0, 0, 0, 0, 1];
 const PORT: u16 = VXLAN_PORT;
@@ -192,7 +195,7 @@ fn vxlan_frame(rng: &mut Rng, outer_src: [u8; 4], inner_src_mac: [u8; 6], inner:
     let outer_dst = if rng.chance(20) {
         [198, 18, 0, 7]
     } else {
-        LOCAL_IP
+        rng.pick(&[LOCAL_IP, LOCAL_IP, PUBLIC_IP])
     };
     let mut ip = vec![0x45, rng.pick(&[0, 0, 1, 2, 3])];
     ip.extend_from_slice(&tot.to_be_bytes());
@@ -252,7 +255,7 @@ fn frame(rng: &mut Rng) -> Vec<u8> {
                 7 => local(rng),
                 _ => {
                     let unrouted = cluster_unrouted(rng);
-                    rng.pick(&[[198, 19, 0, 1], unrouted])
+                    rng.pick(&[[198, 19, 0, 1], unrouted, LOCAL_IP, PUBLIC_IP])
                 }
             };
             let dst = if rng.chance(8) {
@@ -484,7 +487,8 @@ impl Bench {
 }
 
 /// The node's settings: `routing` 0 VXLAN, 1 DirectRouting (B direct), 2 host-gw (both
-/// direct, no VXLAN); `devices` false: the pod bridge and the host device are gone.
+/// direct, no VXLAN); `devices` false: the pod bridge and the host device are gone. VXLAN and
+/// DirectRouting publish `PUBLIC_IP`, not the interface's address.
 fn setting(bench: &Bench, routing: u8, devices: bool) -> Node {
     let mut flags = CONFIG_F_READY;
     if routing >= 1 {
@@ -509,6 +513,7 @@ fn setting(bench: &Bench, routing: u8, devices: bool) -> Node {
             bridge_ifindex: if devices { bench.cni0 } else { 0 },
             host_ifindex: if devices { bench.ovl0 } else { 0 },
             local_ip: LOCAL_IP,
+            public_ip: if routing == 2 { LOCAL_IP } else { PUBLIC_IP },
             subnet: SUBNET,
             subnet_mask: [255, 255, 255, 0],
             network: [172, 17, 0, 0],

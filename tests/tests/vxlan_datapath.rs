@@ -17,6 +17,9 @@
 //!   follow a route change from the first packet after it (the programs' next-hop cache);
 //!   with a smaller MTU on the router's side, the fragmented VXLAN is reassembled by the
 //!   kernel and delivered through the GRO device.
+//!   follow a route change from the first packet after it (the programs' next-hop cache).
+//! - A node behind NAT (`--public-ip`, DNATed and SNATed by the router): pods talk both ways,
+//!   the node sends from and receives at its interface address, the others see its PublicIP.
 //!
 //! Root only (fails, never skips, without it); each test builds its own cluster. Run:
 //! `cargo xtask build && OVERLAY_AGENT_BIN=target/debug/overlay-agent cargo test -p
@@ -1157,4 +1160,128 @@ fn counter_bytes(node: &Node, name: &str) -> u64 {
             _ => None,
         })
         .unwrap_or_else(|| panic!("no counter {name} in:\n{out}"))
+}
+
+// ----- 8. a node behind NAT ------------------------------------------------------------------
+
+/// n1's published address behind the NAT.
+const NAT_PUBLIC_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 2, 2);
+
+/// `pkts` of the first rule of `iptables-save -c` output `saved` containing `needle`.
+fn rule_packets(saved: &str, needle: &str) -> u64 {
+    let line = saved
+        .lines()
+        .find(|l| l.contains(needle))
+        .unwrap_or_else(|| panic!("no rule with {needle:?} in:\n{saved}"));
+    line.trim_start_matches('[')
+        .split(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no packet count in {line:?}"))
+}
+
+/// n1 sits behind a NAT: the underlay's router (n1 on its second segment) translates the
+/// address n1 publishes, `--public-ip 198.18.2.2`, to n1's interface address 198.18.1.2
+/// (DNAT) and what n1 sends to n0's segment back from it (SNAT); like an ISP it drops what n1
+/// sends with another source. n1 must send VXLAN from its interface address (from its PublicIP
+/// the router would drop it) and accept VXLAN to it (the NAT rewrote the PublicIP n0 sent
+/// to). Pods talk both ways with their real addresses; on the wire n0 sees only the PublicIP,
+/// n1 only its interface address; n1's status shows both.
+#[test]
+fn a_node_behind_nat_is_reached_through_its_public_ip() {
+    let cluster = Cluster::builder()
+        .nodes(2)
+        .second_segment(&[1])
+        .network_config(CONFIG)
+        .build()
+        .unwrap();
+    let (n0, n1) = (cluster.node(0), cluster.node(1));
+    let (ul, iface, public) = (cluster.underlay(), n1.underlay_ip(), NAT_PUBLIC_IP);
+    let (iface_s, public_s) = (iface.to_string(), public.to_string());
+    for rule in [
+        format!("-t nat -A PREROUTING -d {public} -j DNAT --to-destination {iface}"),
+        format!("-t nat -A POSTROUTING -s {iface} -o br0 -j SNAT --to-source {public}"),
+        "-A FORWARD -i br1 ! -s 198.18.1.0/24 -j DROP".to_owned(),
+    ] {
+        let args: Vec<&str> = rule.split_whitespace().collect();
+        ul.run("iptables", &args).unwrap();
+    }
+    n0.start_agent(&[]).unwrap();
+    n1.start_agent(&["--public-ip", &public_s]).unwrap();
+    for n in [n0, n1] {
+        n.subnet_env().unwrap();
+    }
+    let (p0, p1) = (n0.add_pod("p0").unwrap(), n1.add_pod("p0").unwrap());
+    lease_of(&cluster, public);
+    assert!(
+        leases(&cluster).iter().all(|l| l.public_ip != iface),
+        "n1's interface address must not be published"
+    );
+
+    let (at_n0, at_n1) = (
+        cluster.dir().join("nat-n0.pcap"),
+        cluster.dir().join("nat-n1.pcap"),
+    );
+    let captures = [
+        capture_vxlan_at_n0(&cluster, &at_n0),
+        Capture::start(ul, "n1", &format!("udp port {VXLAN_PORT}"), &at_n1).unwrap(),
+    ];
+    let before = counters(n1);
+    assert_pods_talk(&p0, &p1);
+    assert_pods_talk(&p1, &p0);
+    for c in captures {
+        c.stop().unwrap();
+    }
+    let decapsulated = grown(&before, &counters(n1));
+    assert!(
+        decapsulated.get("decap_pod").copied().unwrap_or(0)
+            + decapsulated.get("decap_endpoint").copied().unwrap_or(0)
+            > 0,
+        "n1 decapsulated nothing: {decapsulated:?}"
+    );
+
+    let outer = |pcap: &std::path::Path| -> BTreeSet<(String, String)> {
+        tshark_fields(pcap, "vxlan", &["ip.src", "ip.dst"])
+            .unwrap()
+            .into_iter()
+            .map(|row| {
+                let first = |f: &str| f.split(',').next().unwrap_or_default().to_owned();
+                (first(&row[0]), first(&row[1]))
+            })
+            .collect()
+    };
+    let n0_ip = n0.underlay_ip().to_string();
+    assert_eq!(
+        outer(&at_n0),
+        BTreeSet::from([
+            (n0_ip.clone(), public_s.clone()),
+            (public_s.clone(), n0_ip.clone())
+        ]),
+        "outer addresses at n0: n1 appears as its PublicIP only"
+    );
+    assert_eq!(
+        outer(&at_n1),
+        BTreeSet::from([(n0_ip.clone(), iface_s.clone()), (iface_s.clone(), n0_ip)]),
+        "outer addresses at n1: n1 sends from and receives at its interface address"
+    );
+    let saved = ul.run("iptables-save", &["-c", "-t", "nat"]).unwrap();
+    assert!(
+        rule_packets(&saved, "-j DNAT") > 0,
+        "the DNAT was not used:\n{saved}"
+    );
+    assert!(
+        rule_packets(&saved, "-j SNAT") > 0,
+        "the SNAT was not used:\n{saved}"
+    );
+
+    let status: serde_json::Value =
+        serde_json::from_str(&agent_cmd(n1, &["status", "-o", "json"])).unwrap();
+    assert_eq!(
+        (
+            status["agent"]["interface_addr"].as_str(),
+            status["agent"]["public_ip"].as_str()
+        ),
+        (Some(iface_s.as_str()), Some(public_s.as_str())),
+        "n1's status: {status}"
+    );
 }

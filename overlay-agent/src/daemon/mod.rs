@@ -177,7 +177,7 @@ async fn serve(flags: Flags, mut signals: Signals, undo: &mut Undo) -> Result<()
         "using interface {} (index {}, MTU {}), address {}, public IP {}",
         ext.name, ext.index, ext.mtu, ext.iface_addr, ext.public_ip
     );
-    telemetry.set_interface(&ext.name, ext.public_ip);
+    telemetry.set_interface(&ext.name, ext.iface_addr, ext.public_ip);
 
     telemetry.phase("connecting to etcd");
     let registry = EtcdRegistry::connect(&etcd_options(&flags))

@@ -31,6 +31,9 @@ use crate::{
 pub(super) struct NodeDatapath {
     pub(super) backend: Backend,
     pub(super) network: Ipv4Net,
+    /// The external interface's address: outer source, masquerade address (`Config.local_ip`).
+    pub(super) iface_addr: std::net::Ipv4Addr,
+    /// The PublicIP of the lease (`--public-ip`, else `iface_addr`): what peers send to.
     pub(super) public_ip: std::net::Ipv4Addr,
     pub(super) vtep_mac: [u8; 6],
     pub(super) pod_mtu: u32,
@@ -52,6 +55,7 @@ impl NodeDatapath {
         Self {
             backend: config.backend,
             network: config.network,
+            iface_addr: ext.iface_addr,
             public_ip: ext.public_ip,
             vtep_mac: Mac::for_public_ip(ext.public_ip).octets(),
             pod_mtu: config.backend.pod_mtu(ext.mtu),
@@ -92,11 +96,12 @@ impl NodeDatapath {
             &NodeConfig::new(
                 vni,
                 port,
-                self.public_ip,
+                self.iface_addr,
                 self.vtep_mac,
                 lease.subnet,
                 self.network,
             )
+            .with_public_ip(self.public_ip)
             .with_routing(routing),
         )?;
         let spec = HostDeviceSpec {

@@ -18,8 +18,12 @@ pub struct NodeConfig {
     /// VXLAN UDP port (flannel's `Port`, default 8472).
     pub port: u16,
     /// Outer source address: the external interface's own address (not `--public-ip`, which
-    /// may be a NAT address; flannel's vxlan device uses the interface address too).
+    /// may be a NAT address; flannel's vxlan device uses the interface address too). Also the
+    /// masquerade's address, and an outer destination decapsulation accepts.
     pub local_ip: Ipv4Addr,
+    /// The PublicIP published in the lease (`--public-ip`, else `local_ip`): peers send to it,
+    /// so decapsulation accepts it as outer destination too.
+    pub public_ip: Ipv4Addr,
     /// The VtepMAC this node publishes in its lease.
     pub vtep_mac: [u8; 6],
     /// This node's lease (pod subnet). Its `.0` is the host device's address, `.1` the bridge's.
@@ -48,7 +52,7 @@ pub enum Routing {
 }
 
 impl NodeConfig {
-    /// A configuration with the kernel's default source port range.
+    /// A configuration with the kernel's default source port range, publishing `local_ip`.
     #[must_use]
     pub fn new(
         vni: u32,
@@ -62,12 +66,20 @@ impl NodeConfig {
             vni,
             port,
             local_ip,
+            public_ip: local_ip,
             vtep_mac,
             subnet,
             network,
             src_port_range: (DEFAULT_SRC_PORT_MIN, DEFAULT_SRC_PORT_MAX),
             routing: Routing::Vxlan,
         }
+    }
+
+    /// The same configuration publishing `public_ip` (`--public-ip`) instead of `local_ip`.
+    #[must_use]
+    pub fn with_public_ip(mut self, public_ip: Ipv4Addr) -> Self {
+        self.public_ip = public_ip;
+        self
     }
 
     /// The same configuration with `routing`.
@@ -147,6 +159,7 @@ pub(crate) fn encode(node: Option<&NodeConfig>, devices: Devices) -> Config {
     cfg.vni = node.vni;
     cfg.port = node.port;
     cfg.local_ip = node.local_ip.octets();
+    cfg.public_ip = node.public_ip.octets();
     cfg.vtep_mac = node.vtep_mac;
     cfg.subnet = subnet.network().octets();
     cfg.subnet_mask = subnet.netmask().octets();
@@ -190,9 +203,12 @@ mod tests {
         route_gen: 0x0a0b_0c0d,
     };
 
+    /// `--public-ip` of a node behind a NAT: not the interface's address.
+    const PUBLIC_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 1);
+
     #[test]
     fn encodes_every_field_in_its_byte_order() {
-        let cfg = encode(Some(&node()), DEVICES);
+        let cfg = encode(Some(&node().with_public_ip(PUBLIC_IP)), DEVICES);
         assert_eq!(cfg.flags, CONFIG_F_READY);
         assert_eq!((cfg.vni, cfg.port), (1, 8472));
         assert_eq!(
@@ -200,6 +216,7 @@ mod tests {
             (2, 3, 4)
         );
         assert_eq!(cfg.local_ip, [198, 18, 0, 1]);
+        assert_eq!(cfg.public_ip, [198, 18, 100, 1]);
         assert_eq!(
             (cfg.subnet, cfg.subnet_mask),
             ([172, 17, 1, 0], [255, 255, 255, 0])
@@ -217,16 +234,31 @@ mod tests {
 
         // The raw layout the eBPF side reads: numbers in host order, addresses as on the wire.
         let bytes = bytemuck::bytes_of(&cfg);
-        assert_eq!(bytes.len(), 72);
-        assert_eq!(&bytes[58..64], &[0x02, 0, 0, 0, 0, 3]);
-        assert_eq!(&bytes[64..68], &0x1234_5678u32.to_ne_bytes());
-        assert_eq!(&bytes[68..72], &0x0a0b_0c0du32.to_ne_bytes());
+        assert_eq!(bytes.len(), 76);
+        assert_eq!(&bytes[62..68], &[0x02, 0, 0, 0, 0, 3]);
+        assert_eq!(&bytes[68..72], &0x1234_5678u32.to_ne_bytes());
+        assert_eq!(&bytes[72..76], &0x0a0b_0c0du32.to_ne_bytes());
         assert_eq!(&bytes[0..4], &CONFIG_F_READY.to_ne_bytes());
         assert_eq!(&bytes[4..8], &1u32.to_ne_bytes());
         assert_eq!(&bytes[20..24], &[198, 18, 0, 1]);
-        assert_eq!(&bytes[24..28], &[172, 17, 1, 0]);
-        assert_eq!(&bytes[40..46], &[0x0e, 0, 0, 0, 0, 1]);
-        assert_eq!(&bytes[52..54], &8472u16.to_ne_bytes());
+        assert_eq!(&bytes[24..28], &[198, 18, 100, 1]);
+        assert_eq!(&bytes[28..32], &[172, 17, 1, 0]);
+        assert_eq!(&bytes[44..50], &[0x0e, 0, 0, 0, 0, 1]);
+        assert_eq!(&bytes[56..58], &8472u16.to_ne_bytes());
+    }
+
+    #[test]
+    fn without_public_ip_the_interface_address_is_published() {
+        let cfg = encode(Some(&node()), DEVICES);
+        assert_eq!(
+            (cfg.local_ip, cfg.public_ip),
+            ([198, 18, 0, 1], [198, 18, 0, 1])
+        );
+        assert!(cfg.is_own_address([198, 18, 0, 1]));
+        assert!(!cfg.is_own_address(PUBLIC_IP.octets()));
+        let cfg = encode(Some(&node().with_public_ip(PUBLIC_IP)), DEVICES);
+        assert!(cfg.is_own_address([198, 18, 0, 1]) && cfg.is_own_address(PUBLIC_IP.octets()));
+        assert!(!cfg.is_own_address([198, 18, 0, 2]));
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //! external interface runs it, `underlay_xdp` (native XDP, before GRO).
 //!
 //! Hook: tcx ingress of the external interface, before the IP stack. A frame is ours when it is
-//! option-less IPv4 to our interface address, UDP to the configured VXLAN port; everything else
+//! option-less IPv4 to our interface address or our PublicIP (`--public-ip`, which a NAT in
+//! front of the node may or may not rewrite), UDP to the configured VXLAN port; everything else
 //! (including what we cannot recognise, like non-first fragments or IP options, which Linux never
 //! puts on VXLAN) goes on to the kernel untouched. Ours is then either delivered or dropped and
 //! counted, except a fragment: we send with DF clear, as flannel.1 does, so an underlay path
@@ -187,8 +188,9 @@ pub fn try_underlay_ingress(ctx: &TcContext) -> Result<i32, Reason> {
     deliver(ctx, cfg, plan, daddr, inner_eth.src)
 }
 
-/// The outer IPv4 and UDP headers when the frame is VXLAN for us: option-less IPv4 to our
-/// interface address, not a later fragment (no UDP header to recognise), UDP to our port.
+/// The outer IPv4 and UDP headers when the frame is VXLAN for us: option-less IPv4 to one of
+/// our addresses (the interface's, or the PublicIP peers send to, which a NAT in front of us
+/// may leave as it is), not a later fragment (no UDP header to recognise), UDP to our port.
 #[inline(always)]
 fn vxlan_for_us(ctx: &impl Packet, cfg: &Config) -> Option<(Ipv4Hdr, UdpHdr)> {
     let (_, ip) = eth_ipv4(ctx)?;
@@ -196,7 +198,7 @@ fn vxlan_for_us(ctx: &impl Packet, cfg: &Config) -> Option<(Ipv4Hdr, UdpHdr)> {
     let ip = unsafe { *ip };
     if ip.ver_ihl != Ipv4Hdr::VER_IHL_NO_OPTIONS
         || ip.proto != IPPROTO_UDP
-        || ip.daddr != cfg.local_ip
+        || !cfg.is_own_address(ip.daddr)
         || u16::from_be_bytes(ip.frag_off) & Ipv4Hdr::OFFSET_MASK != 0
     {
         return None;
@@ -313,13 +315,13 @@ fn check_inner_ipv4(
 /// source inside the cluster network must lie in a `ROUTE_V4` subnet of that very node
 /// (the longest match, so a more specific subnet of another node wins). Sources outside the
 /// cluster network (what the member forwards for outside hosts) pass, except this node's own
-/// address: behind `flannel.1` the host's stack refuses its own address as a source
-/// (martian), but a packet delivered straight into a pod meets no such check, and a pod would
-/// take it for its node's. This node's own subnet is never in `ROUTE_V4`, so our own pods'
+/// addresses (the interface's and the PublicIP): behind `flannel.1` the host's stack refuses
+/// a local address as a source (martian), but a packet delivered straight into a pod meets no
+/// such check, and a pod would take it for its node's. This node's own subnet is never in `ROUTE_V4`, so our own pods'
 /// addresses cannot be claimed either.
 #[inline(always)]
 fn check_inner_source(cfg: &Config, outer_saddr: [u8; 4], saddr: [u8; 4]) -> Result<(), Reason> {
-    if saddr == cfg.local_ip {
+    if cfg.is_own_address(saddr) {
         return Err(Reason::DropInnerSource);
     }
     if !in_subnet(saddr, cfg.network, cfg.network_mask) {
@@ -517,8 +519,8 @@ fn meta_mark(ctx: &XdpContext) -> Option<*mut XdpMark> {
 /// fragments (the reason this path exists), and VXLAN to our port that is not for us by its
 /// checks (another local address, IPv6, outer IP options) or that arrived on another
 /// interface. The outer headers are gone; the tunnel metadata the kernel recorded stands in
-/// for them. What is for us (outer destination our interface address, our VNI, from a member
-/// node) goes through the checks of [`check_vxlan`] that concern the inner frame and is
+/// for them. What is for us (outer destination one of our addresses, the interface's or the
+/// PublicIP, our VNI, from a member node) goes through the checks of [`check_vxlan`] that concern the inner frame and is
 /// delivered as a decapsulated frame is; the rest is dropped and counted (`drop_gro_device`).
 /// The kernel has checked the outer IP and UDP headers, the UDP checksum, the VXLAN flags,
 /// and applied RFC 6040's ECN rules.
@@ -552,7 +554,7 @@ pub fn try_gro_device_ingress(ctx: &TcContext) -> Result<i32, Reason> {
             key.__bindgen_anon_3.local_ipv4.to_be_bytes(),
         )
     };
-    if local != cfg.local_ip {
+    if !cfg.is_own_address(local) {
         return Err(Reason::DropGroDevice);
     }
     if key.tunnel_id != cfg.vni {

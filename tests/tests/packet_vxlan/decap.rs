@@ -211,7 +211,7 @@ fn underlay_ingress_drops_and_counts_what_fails_a_check() {
 /// asserting that XDP either decapsulated and marked the frame (`decapsulated`) or left it
 /// unchanged for TC to drop and count (XDP never drops).
 #[track_caller]
-fn xdp_then_tc(dp: &Loaded, frame: &[u8], decapsulated: bool, what: &str) -> u32 {
+pub(super) fn xdp_then_tc(dp: &Loaded, frame: &[u8], decapsulated: bool, what: &str) -> u32 {
     let xdp = run_xdp(&dp.ebpf, UNDERLAY_XDP, frame);
     assert_eq!(xdp.verdict, XDP_PASS, "{what}: XDP passes everything");
     if decapsulated {
@@ -232,11 +232,11 @@ fn xdp_then_tc(dp: &Loaded, frame: &[u8], decapsulated: bool, what: &str) -> u32
 /// leaving it for TC) in XDP.
 #[test]
 fn a_member_cannot_claim_inner_sources_of_other_nodes_or_of_ours() {
-    let c = Node {
-        local_ip: Ipv4Addr::new(198, 18, 0, 3),
-        subnet: Ipv4Addr::new(172, 17, 3, 0),
-        vtep: [0x0e, 0, 0, 0, 0, 0x03],
-    };
+    let c = Node::at(
+        Ipv4Addr::new(198, 18, 0, 3),
+        Ipv4Addr::new(172, 17, 3, 0),
+        [0x0e, 0, 0, 0, 0, 0x03],
+    );
     let mut dp = loaded_node(A, &[B, c]);
     dp.update_config(|cfg| cfg.xdp_cookie = XDP_COOKIE);
     let from_b = |src| Vxlan::between(B, A).frame(&udp_packet(src, host_addr(A, 7), 64, 1, 32));

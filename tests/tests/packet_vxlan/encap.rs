@@ -48,18 +48,22 @@ fn pod_egress_encapsulates_for_a_peer_subnet() {
 fn pod_egress_uses_the_longest_prefix_and_the_peer_entry() {
     let mut dp = loaded_node(A, &[B]);
     // A /16 catch-all to another node and a /28 inside B's subnet to a third one.
-    let c = Node {
-        local_ip: Ipv4Addr::new(198, 18, 0, 3),
-        subnet: Ipv4Addr::new(172, 17, 3, 0),
-        vtep: [0x0e, 0, 0, 0, 0, 3],
-    };
-    let d = Node {
-        local_ip: Ipv4Addr::new(198, 18, 0, 4),
-        subnet: Ipv4Addr::new(172, 17, 2, 16),
-        vtep: [0x0e, 0, 0, 0, 0, 4],
-    };
-    dp.add_route(NETWORK, 16, RemoteNode::vxlan(c.local_ip.octets(), c.vtep));
-    dp.add_route(d.subnet, 28, RemoteNode::vxlan(d.local_ip.octets(), d.vtep));
+    let c = Node::at(
+        Ipv4Addr::new(198, 18, 0, 3),
+        Ipv4Addr::new(172, 17, 3, 0),
+        [0x0e, 0, 0, 0, 0, 3],
+    );
+    let d = Node::at(
+        Ipv4Addr::new(198, 18, 0, 4),
+        Ipv4Addr::new(172, 17, 2, 16),
+        [0x0e, 0, 0, 0, 0, 4],
+    );
+    dp.add_route(NETWORK, 16, RemoteNode::vxlan(c.public_ip.octets(), c.vtep));
+    dp.add_route(
+        d.subnet,
+        28,
+        RemoteNode::vxlan(d.public_ip.octets(), d.vtep),
+    );
     for (dst, to) in [
         (host_addr(B, 7), B),
         (host_addr(B, 20), d),
@@ -143,14 +147,7 @@ fn host_egress_encapsulates_without_touching_the_inner_packet() {
     let dp = loaded_node(A, &[B]);
     // The host (source: the host device's address) pings a remote pod. The kernel routed it
     // already, so the TTL stays.
-    let inner = ipv4_packet(
-        A.subnet,
-        host_addr(B, 5),
-        IPPROTO_ICMP,
-        64,
-        0,
-        &icmp_echo(8, 7, 1, b"ping"),
-    );
+    let inner = host_echo(A, host_addr(B, 5));
     let frame = ether(
         [0x02, 0x11, 0, 0, 0, 1],
         [0x02, 0x11, 0, 0, 0, 1],

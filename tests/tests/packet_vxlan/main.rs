@@ -20,7 +20,8 @@
 //!
 //! By subject: this file holds the shared nodes, frame builders and the verifier check;
 //! `encap` (pod_egress, host_egress), `decap` (underlay_ingress and its checks), `delivery`
-//! (straight into pods), `xdp` (underlay_xdp), `namespaces` (tests on real devices).
+//! (straight into pods), `xdp` (underlay_xdp), `namespaces` (tests on real devices),
+//! `public_ip` (a node whose PublicIP is not its interface address).
 
 use std::{
     collections::BTreeMap,
@@ -59,6 +60,7 @@ mod decap;
 mod delivery;
 mod encap;
 mod namespaces;
+mod public_ip;
 mod xdp;
 
 /// The cookie `underlay_xdp` marks its frames with in the tests.
@@ -84,20 +86,43 @@ const ETH_P_IPV6: u16 = 0x86dd;
 /// A node of the test cluster.
 #[derive(Clone, Copy)]
 struct Node {
+    /// The external interface's address: what the node sends VXLAN from.
     local_ip: Ipv4Addr,
+    /// The PublicIP of its lease: what peers route to and see VXLAN come from (the interface
+    /// address unless the node is behind a NAT or publishes another address, `--public-ip`).
+    public_ip: Ipv4Addr,
     subnet: Ipv4Addr,
     vtep: [u8; 6],
 }
 
-const A: Node = Node {
-    local_ip: Ipv4Addr::new(198, 18, 0, 1),
-    subnet: Ipv4Addr::new(172, 17, 1, 0),
-    vtep: [0x0e, 0, 0, 0, 0, 0x01],
-};
-const B: Node = Node {
-    local_ip: Ipv4Addr::new(198, 18, 0, 2),
-    subnet: Ipv4Addr::new(172, 17, 2, 0),
-    vtep: [0x0e, 0, 0, 0, 0, 0x02],
+impl Node {
+    /// A node publishing its interface address `ip`.
+    const fn at(ip: Ipv4Addr, subnet: Ipv4Addr, vtep: [u8; 6]) -> Self {
+        Self {
+            local_ip: ip,
+            public_ip: ip,
+            subnet,
+            vtep,
+        }
+    }
+}
+
+const A: Node = Node::at(
+    Ipv4Addr::new(198, 18, 0, 1),
+    Ipv4Addr::new(172, 17, 1, 0),
+    [0x0e, 0, 0, 0, 0, 0x01],
+);
+const B: Node = Node::at(
+    Ipv4Addr::new(198, 18, 0, 2),
+    Ipv4Addr::new(172, 17, 2, 0),
+    [0x0e, 0, 0, 0, 0, 0x02],
+);
+/// A node behind a NAT: its interface address is not the PublicIP it publishes.
+const N: Node = Node {
+    local_ip: Ipv4Addr::new(198, 18, 0, 9),
+    public_ip: Ipv4Addr::new(198, 18, 100, 9),
+    subnet: Ipv4Addr::new(172, 17, 9, 0),
+    vtep: [0x0e, 0, 0, 0, 0, 0x09],
 };
 
 fn host_addr(node: Node, last: u8) -> Ipv4Addr {
@@ -117,9 +142,9 @@ fn loaded_node(node: Node, peers: &[Node]) -> Loaded {
         dp.add_route(
             peer.subnet,
             24,
-            RemoteNode::vxlan(peer.local_ip.octets(), peer.vtep),
+            RemoteNode::vxlan(peer.public_ip.octets(), peer.vtep),
         );
-        dp.add_member(peer.local_ip);
+        dp.add_member(peer.public_ip);
     }
     dp
 }
@@ -132,6 +157,7 @@ fn config_for(node: Node) -> Config {
         bridge_ifindex: BRIDGE_IFINDEX,
         host_ifindex: HOST_IFINDEX,
         local_ip: node.local_ip.octets(),
+        public_ip: node.public_ip.octets(),
         subnet: node.subnet.octets(),
         subnet_mask: SUBNET_MASK.octets(),
         network: NETWORK.octets(),
@@ -174,6 +200,18 @@ fn udp_packet(src: Ipv4Addr, dst: Ipv4Addr, ttl: u8, sport: u16, data_len: usize
     )
 }
 
+/// An ICMP echo request from `from`'s host (the host device's address, `<subnet>.0`) to `dst`.
+fn host_echo(from: Node, dst: Ipv4Addr) -> Vec<u8> {
+    ipv4_packet(
+        from.subnet,
+        dst,
+        IPPROTO_ICMP,
+        64,
+        0,
+        &icmp_echo(8, 7, 1, b"ping"),
+    )
+}
+
 /// A frame a pod sends to its gateway.
 fn pod_frame(inner: &[u8]) -> Vec<u8> {
     ether(GW_MAC, POD_MAC, ETH_P_IP, inner)
@@ -196,11 +234,13 @@ struct Vxlan {
 }
 
 impl Vxlan {
-    /// What `from` sends to `to`.
+    /// What `from` sends to `to`, as `to` receives it: from `from`'s PublicIP (a NAT in front
+    /// of `from` translated its interface address) to `to`'s PublicIP (which a NAT in front of
+    /// `to` may still translate to `to`'s interface address: tests set `outer_dst`).
     fn between(from: Node, to: Node) -> Self {
         Self {
-            outer_src: from.local_ip,
-            outer_dst: to.local_ip,
+            outer_src: from.public_ip,
+            outer_dst: to.public_ip,
             outer_tos: 0,
             frag_off: 0,
             dport: PORT,
@@ -261,8 +301,16 @@ fn assert_vxlan(out: &[u8], from: Node, to: Node, inner: &[u8]) -> u16 {
     assert_eq!(ip[8], 64, "outer TTL");
     assert_eq!(ip[9], IPPROTO_UDP, "outer protocol");
     assert_eq!(checksum(ip), 0, "outer IPv4 header checksum must verify");
-    assert_eq!(&ip[12..16], &from.local_ip.octets(), "outer source");
-    assert_eq!(&ip[16..20], &to.local_ip.octets(), "outer destination");
+    assert_eq!(
+        &ip[12..16],
+        &from.local_ip.octets(),
+        "outer source: the sender's interface address"
+    );
+    assert_eq!(
+        &ip[16..20],
+        &to.public_ip.octets(),
+        "outer destination: the peer's PublicIP"
+    );
     let udp = &out[34..42];
     let sport = be16(udp, 0);
     assert!(

@@ -61,10 +61,7 @@ fn underlay_xdp_leaves_everything_else_unchanged_for_tc() {
     let mut dp = loaded_node(A, &[B]);
     dp.update_config(|c| c.xdp_cookie = XDP_COOKIE);
     let inner = udp_packet(host_addr(B, 5), host_addr(A, 7), 64, 1, 50);
-    let c = Node {
-        local_ip: Ipv4Addr::new(198, 18, 0, 3),
-        ..B
-    };
+    let c = Node::at(Ipv4Addr::new(198, 18, 0, 3), B.subnet, B.vtep);
     let cases: Vec<(&str, Vec<u8>)> = vec![
         (
             "wrong VNI",
