@@ -12,7 +12,7 @@
 
 use std::{
     collections::BTreeMap,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, TcpListener, UdpSocket},
     time::{Duration, Instant},
 };
 
@@ -607,6 +607,53 @@ fn icmp_errors_about_a_flow_are_translated_back_inner_header_and_checksums_inclu
             "the quote is the pod's packet again (proto {proto})"
         );
     }
+}
+
+/// A reply tuple that a socket of the node's own stack owns is never given to a pod's flow:
+/// the host socket's packets would go into the pod. With the pod's port kept (fully-random
+/// disabled), a UDP socket bound to that port and a TCP listener on it make the flow take
+/// another port; a free port is still kept.
+#[test]
+fn a_port_a_host_socket_holds_is_never_given_to_a_pods_flow() {
+    let node = Node::new(nat_on(NAT_F_KEEP_PORT));
+    let (udp_port, tcp_port, free_port) = (5400, 5401, 5402);
+    let sockets = node
+        .ns
+        .in_netns(|| {
+            Ok((
+                UdpSocket::bind((Ipv4Addr::UNSPECIFIED, udp_port))?,
+                TcpListener::bind((Ipv4Addr::UNSPECIFIED, tcp_port))?,
+            ))
+        })
+        .unwrap();
+    let sent = [
+        (udp(POD, OUTSIDE, udp_port, 53, b"query", false), udp_port),
+        (tcp(POD, OUTSIDE, tcp_port, 80, 0x02, b""), tcp_port),
+    ];
+    for (packet, host_port) in &sent {
+        let (v, out) = node.run(names::POD_EGRESS, &frame(packet));
+        assert_eq!(v, TC_ACT_REDIRECT);
+        let ip = check_ip(&out);
+        assert_eq!(addr(&ip, 12), NODE_IP);
+        let port = be16(&ip, 20);
+        assert_ne!(port, *host_port, "the host socket's port went to the pod");
+        // The flow works on its port: the reply goes back to the pod's own port.
+        let reply = if ip[9] == IPPROTO_UDP {
+            udp(OUTSIDE, NODE_IP, 53, port, b"answer", false)
+        } else {
+            tcp(OUTSIDE, NODE_IP, 80, port, 0x12, b"")
+        };
+        let (v, out) = node.run(names::UNDERLAY_INGRESS, &frame(&reply));
+        assert_eq!(v, TC_ACT_REDIRECT);
+        let ip = check_ip(&out);
+        assert_eq!((addr(&ip, 16), be16(&ip, 22)), (POD, *host_port));
+    }
+    let (_, out) = node.run(
+        names::POD_EGRESS,
+        &frame(&udp(POD, OUTSIDE, free_port, 53, b"query", false)),
+    );
+    assert_eq!(be16(&check_ip(&out), 20), free_port, "a free port is kept");
+    drop(sockets);
 }
 
 #[test]

@@ -5,10 +5,17 @@
 //! `snat`, `reverse` and `icmp`.
 
 use aya_ebpf::{
-    bindings::BPF_NOEXIST,
-    helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns},
+    bindings::{
+        __sk_buff, BPF_F_CURRENT_NETNS, BPF_NOEXIST, bpf_sock_tuple, bpf_sock_tuple__bindgen_ty_1,
+        bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1,
+    },
+    helpers::{
+        bpf_get_prandom_u32, bpf_ktime_get_coarse_ns, bpf_sk_lookup_udp, bpf_sk_release,
+        bpf_skc_lookup_tcp,
+    },
     macros::map,
     maps::LruHashMap,
+    programs::TcContext,
 };
 use overlay_common::{
     config::Config,
@@ -115,6 +122,45 @@ fn random_port(nat: &NatConfig) -> u16 {
     nat.port_min.wrapping_add(((r * span) >> 32) as u16)
 }
 
+/// Whether a socket of this node's own stack owns the reply tuple `reply` (remote → our
+/// translated address and port): a host connection from that port to the same remote port (the
+/// pod's own port, which `--ip-masq-fully-random-disable` keeps, is in the kernel's ephemeral
+/// range too), a listener on it (TCP, time-wait included), or a UDP socket bound to it. A
+/// pod's flow on that tuple would take the host socket's packets into the pod; the kernel's
+/// MASQUERADE never picks a tuple that conntrack knows is in use. Looked up in the namespace of
+/// the packet's device: the node's. ICMP has no sockets to collide with.
+#[inline(always)]
+fn host_socket_owns(skb: *mut __sk_buff, reply: &NatKeyV4) -> bool {
+    let mut tuple = bpf_sock_tuple {
+        __bindgen_anon_1: bpf_sock_tuple__bindgen_ty_1 {
+            ipv4: bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 {
+                saddr: u32::from_ne_bytes(reply.saddr),
+                daddr: u32::from_ne_bytes(reply.daddr),
+                sport: u16::from_ne_bytes(reply.sport),
+                dport: u16::from_ne_bytes(reply.dport),
+            },
+        },
+    };
+    let size = size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1>() as u32;
+    let netns = BPF_F_CURRENT_NETNS as u64;
+    let ctx_ptr = skb.cast();
+    // SAFETY: helper calls on our own context with a tuple of the size given; a socket found
+    // is released at once below.
+    let sk = unsafe {
+        match reply.proto {
+            IPPROTO_TCP => bpf_skc_lookup_tcp(ctx_ptr, &raw mut tuple, size, netns, 0),
+            IPPROTO_UDP => bpf_sk_lookup_udp(ctx_ptr, &raw mut tuple, size, netns, 0),
+            _ => return false,
+        }
+    };
+    if sk.is_null() {
+        return false;
+    }
+    // SAFETY: a socket reference the lookup returned, released once.
+    unsafe { bpf_sk_release(sk.cast()) };
+    true
+}
+
 /// The route cached in the CT entry `ct` (`NatEntryV4::route`), read as the one word it is
 /// written as.
 #[inline(always)]
@@ -152,6 +198,7 @@ pub(super) fn cached_next_hop(key: &NatKeyV4, route_gen: u32) -> Option<[u8; 4]>
 #[inline(always)]
 #[expect(clippy::too_many_arguments, reason = "inlined into translate_out only")]
 pub(super) fn flow_out(
+    ctx: &TcContext,
     nat: &NatConfig,
     cfg: &Config,
     key: &NatKeyV4,
@@ -229,9 +276,7 @@ pub(super) fn flow_out(
         state = tcp_state(0, tcp_flags);
     }
 
-    let keep = nat.flags & NAT_F_KEEP_PORT != 0;
-    let mut chosen: Option<[u8; 2]> = None;
-    let mut rev_entry = NatEntryV4 {
+    let rev_entry = NatEntryV4 {
         addr: key.saddr,
         port: key.sport,
         state,
@@ -239,32 +284,15 @@ pub(super) fn flow_out(
         last_seen: now,
         route: NextHopV4::default(),
     };
-    for i in 0..NAT_PORT_TRIES {
-        let port = if i == 0 && keep {
-            u16::from_be_bytes(key.sport)
-        } else {
-            random_port(nat)
-        };
-        // The VXLAN port is decapsulation's; 0 is no port.
-        if port == 0 || (proto == IPPROTO_UDP && port == cfg.port) {
-            continue;
-        }
-        let port = port.to_be_bytes();
-        rev_entry.last_seen = now;
-        if SNAT_V4_REV
-            .insert(
-                &key.reply(nat_addr, port),
-                &rev_entry,
-                u64::from(BPF_NOEXIST),
-            )
-            .is_ok()
-        {
-            chosen = Some(port);
-            break;
-        }
-    }
-    let Some(port) = chosen else {
-        return Err(Reason::DropNatExhausted);
+    let choice = PortChoice {
+        key: *key,
+        nat_addr,
+        vxlan_port: cfg.port,
+        entry: rev_entry,
+    };
+    let port = match choose_port(ctx.skb.skb, nat, &choice) {
+        0 => return Err(Reason::DropNatExhausted),
+        port => port.to_be_bytes(),
     };
     let ct_entry = NatEntryV4 {
         addr: nat_addr,
@@ -288,6 +316,51 @@ pub(super) fn flow_out(
     }
     count(Reason::NatNewFlow, 0);
     Ok(port)
+}
+
+/// What [`choose_port`] needs besides the packet and the NAT settings (a BPF function takes at
+/// most five arguments).
+struct PortChoice {
+    /// The flow's original-direction tuple.
+    key: NatKeyV4,
+    nat_addr: [u8; 4],
+    /// The VXLAN port, never given to UDP.
+    vxlan_port: u16,
+    /// The `SNAT_V4_REV` entry to claim the reply tuple with.
+    entry: NatEntryV4,
+}
+
+/// A translated port (host order) for the new flow `c.key` whose reply tuple is free in
+/// `SNAT_V4_REV` and owned by no host socket, claimed there with `c.entry`: the pod's own port
+/// first with `NAT_F_KEEP_PORT`, then random ones, `NAT_PORT_TRIES` in all; 0 when none was
+/// free (0 is never chosen). A function of its own, returning a plain integer: inlined with
+/// the socket lookups, or returning an `Option`, LLVM emitted a read of a register that one
+/// path never set (`None`'s undefined payload), which the verifier rejects.
+#[inline(never)]
+fn choose_port(skb: *mut __sk_buff, nat: &NatConfig, c: &PortChoice) -> u16 {
+    let keep = nat.flags & NAT_F_KEEP_PORT != 0;
+    for i in 0..NAT_PORT_TRIES {
+        let port = if i == 0 && keep {
+            u16::from_be_bytes(c.key.sport)
+        } else {
+            random_port(nat)
+        };
+        // The VXLAN port is decapsulation's; 0 is no port.
+        if port == 0 || (c.key.proto == IPPROTO_UDP && port == c.vxlan_port) {
+            continue;
+        }
+        let reply = c.key.reply(c.nat_addr, port.to_be_bytes());
+        if host_socket_owns(skb, &reply) {
+            continue;
+        }
+        if SNAT_V4_REV
+            .insert(&reply, &c.entry, u64::from(BPF_NOEXIST))
+            .is_ok()
+        {
+            return port;
+        }
+    }
+    0
 }
 
 /// Looks up the reply tuple `key`; returns the pod's side of a live flow, refreshing both of

@@ -14,7 +14,7 @@ use overlay_common::{
 };
 
 use super::{
-    IP_SADDR_OFF, L4Ports,
+    IP_SADDR_OFF, L4Ports, Translated,
     flow::{self, flow_related, live_flow},
     load_l4,
     reverse::deliver,
@@ -68,7 +68,7 @@ pub(super) fn icmp_error_reverse(
 /// answering a remote pod's reply): related to the flow, as conntrack would say, so it leaves
 /// translated like the flow (`nat_addr`, the outer source), and the packet it quotes (the
 /// reply, addressed to the originator) gets the translated address and port back, with its own
-/// checksums and the ICMP checksum. `Ok(false)` when the quoted packet belongs to no live flow
+/// checksums and the ICMP checksum. `Ok(Translated::No)` when the quoted packet belongs to no live flow
 /// translated to `nat_addr` (it then goes on as it is: nothing of it was translated).
 #[inline(always)]
 pub(super) fn icmp_error_out(
@@ -78,7 +78,7 @@ pub(super) fn icmp_error_out(
     l4: usize,
     nat_addr: [u8; 4],
     hop: bool,
-) -> Result<bool, Reason> {
+) -> Result<Translated, Reason> {
     let Some(Quoted {
         iip,
         key,
@@ -86,11 +86,11 @@ pub(super) fn icmp_error_out(
         inner_csum_off,
     }) = quoted(ctx, l4, ip.saddr, false)
     else {
-        return Ok(false);
+        return Ok(Translated::No);
     };
     let now = flow::now();
     let Some(flow) = live_flow(nat, &key, nat_addr, now) else {
-        return Ok(false);
+        return Ok(Translated::No);
     };
     // The quoted packet's destination (the originator) and port become the translated ones.
     let side = QuotedSide {
@@ -105,7 +105,7 @@ pub(super) fn icmp_error_out(
 
     // The outer source (ICMP has no pseudo-header).
     rewrite_addr(ctx, IP_SADDR_OFF, ip.saddr, nat_addr, NO_L4_CSUM, hop, ip)?;
-    Ok(true)
+    Ok(Translated::Yes)
 }
 
 /// The packet an ICMP error quotes, as a translation needs it: its IPv4 header, the key of

@@ -103,6 +103,17 @@ pub use self::{
 };
 use crate::lib::hdr::{IcmpHdr, Ipv4Hdr, TcpHdr, UdpHdr};
 
+/// Whether an outbound translation rewrote the packet. A `u32`-sized value rather than a
+/// `bool`: in `Result<Translated, Reason>` it fills the same word as the reason, where a `bool`
+/// leaves the reason's half undefined on the `Ok` path; LLVM may still read that half where it
+/// merges the two paths, and the verifier refuses the read of a register never written.
+#[repr(u32)]
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Translated {
+    No = 0,
+    Yes = 1,
+}
+
 /// Offsets in the packet of the IPv4 header (behind Ethernet) and of the fields rewritten.
 const IP_OFF: usize = ETH_HLEN;
 const IP_CHECK_OFF: usize = IP_OFF + offset_of!(Ipv4Hdr, check);

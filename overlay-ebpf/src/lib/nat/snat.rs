@@ -18,7 +18,7 @@ use overlay_common::{
 };
 
 use super::{
-    IP_OFF, IP_SADDR_OFF, L4Ports,
+    IP_OFF, IP_SADDR_OFF, L4Ports, Translated,
     flow::{self, cached_next_hop, flow_out, frag_offset, replies_to_cluster_flow},
     icmp::icmp_error_out,
     is_icmp_error, load_l4,
@@ -53,7 +53,7 @@ pub fn snat_from_pod(ctx: &TcContext, cfg: &Config, role: Role) -> Result<i32, R
         return Ok(TC_ACT_OK);
     }
     let translated = translate_out(ctx, nat, cfg, &ip, ihl, cfg.local_ip, 0, Some(route.cache))?;
-    if !translated {
+    if translated == Translated::No {
         return Ok(TC_ACT_OK);
     }
     count(Reason::NatSnat, ctx.len());
@@ -141,7 +141,8 @@ pub fn snat_egress(ctx: &TcContext) -> Result<i32, Reason> {
     if !masquerades(cfg, ip.saddr, ip.daddr, mark(ctx)) {
         return Ok(TC_ACT_OK);
     }
-    if translate_out(ctx, nat, cfg, &ip, ihl, cfg.local_ip, NAT_E_KERNEL, None)? {
+    if translate_out(ctx, nat, cfg, &ip, ihl, cfg.local_ip, NAT_E_KERNEL, None)? == Translated::Yes
+    {
         count(Reason::NatSnat, ctx.len());
     }
     Ok(TC_ACT_OK)
@@ -160,7 +161,8 @@ pub fn snat_to_cluster(ctx: &TcContext, cfg: &Config, direct: bool) -> Result<()
         return Ok(());
     }
     let nat_addr = if direct { cfg.local_ip } else { cfg.subnet };
-    if translate_out(ctx, nat, cfg, &ip, ihl, nat_addr, NAT_E_TO_CLUSTER, None)? {
+    if translate_out(ctx, nat, cfg, &ip, ihl, nat_addr, NAT_E_TO_CLUSTER, None)? == Translated::Yes
+    {
         count(Reason::NatSnat, ctx.len());
     }
     Ok(())
@@ -169,7 +171,7 @@ pub fn snat_to_cluster(ctx: &TcContext, cfg: &Config, direct: bool) -> Result<()
 /// The outbound translation of one packet: finds or creates the flow, then rewrites source
 /// address (to `nat_addr`) and port. `hop` comes from the pod bridge's hook, which forwards the
 /// packet itself: the TTL is decremented, and the flow caches the route (generation not 0).
-/// `Ok(false)`: not a protocol we translate, or (at the external interface,
+/// `Ok(Translated::No)`: not a protocol we translate, or (at the external interface,
 /// `NAT_E_KERNEL`) the reply of a `NAT_E_TO_CLUSTER` flow.
 #[inline(always)]
 #[expect(clippy::too_many_arguments, reason = "inlined into three call sites")]
@@ -182,18 +184,18 @@ pub(super) fn translate_out(
     nat_addr: [u8; 4],
     eflags: u8,
     hop: Option<NextHopV4>,
-) -> Result<bool, Reason> {
+) -> Result<Translated, Reason> {
     let route = hop.unwrap_or_default();
     let hop = hop.is_some();
     let l4 = IP_OFF + ihl;
     if frag_offset(ip) != 0 {
         // A later fragment: no ports; every masqueraded flow has the same address.
         rewrite_addr(ctx, IP_SADDR_OFF, ip.saddr, nat_addr, NO_L4_CSUM, hop, ip)?;
-        return Ok(true);
+        return Ok(Translated::Yes);
     }
     // Ports (ICMP: identifier) and where the L4 checksum is.
     if !matches!(ip.proto, IPPROTO_TCP | IPPROTO_UDP | IPPROTO_ICMP) {
-        return Ok(false);
+        return Ok(Translated::No);
     }
     let Some(t) = load_l4(ctx, ip.proto, l4, true) else {
         return Err(Reason::DropNatMalformed);
@@ -209,16 +211,16 @@ pub(super) fn translate_out(
             return icmp_error_out(ctx, nat, ip, l4, nat_addr, hop);
         }
         if t.icmp_type != IcmpHdr::ECHO {
-            return Ok(false);
+            return Ok(Translated::No);
         }
     }
     let (sport, dport, csum_off, tcp_flags) = (t.sport, t.dport, t.csum_off, t.tcp_flags);
     let key = NatKeyV4::new(ip.saddr, ip.daddr, sport, dport, ip.proto);
     let now = flow::now();
     if eflags & NAT_E_KERNEL != 0 && replies_to_cluster_flow(nat, &key, now) {
-        return Ok(false);
+        return Ok(Translated::No);
     }
-    let nat_port = flow_out(nat, cfg, &key, nat_addr, tcp_flags, eflags, route, now)?;
+    let nat_port = flow_out(ctx, nat, cfg, &key, nat_addr, tcp_flags, eflags, route, now)?;
 
     // Rewrites, by offset (no packet pointer survives these helpers).
     let port_off = L4Ports::port_off(ip.proto, l4, true);
@@ -249,5 +251,5 @@ pub(super) fn translate_out(
             .map_err(|_| Reason::DropNatFailed)?;
     }
     rewrite_addr(ctx, IP_SADDR_OFF, ip.saddr, nat_addr, NO_L4_CSUM, hop, ip)?;
-    Ok(true)
+    Ok(Translated::Yes)
 }
