@@ -609,10 +609,10 @@ fn icmp_errors_about_a_flow_are_translated_back_inner_header_and_checksums_inclu
     }
 }
 
-/// A reply tuple that a socket of the node's own stack owns is never given to a pod's flow:
-/// the host socket's packets would go into the pod. With the pod's port kept (fully-random
-/// disabled), a UDP socket bound to that port and a TCP listener on it make the flow take
-/// another port; a free port is still kept.
+/// With the pod's port kept (fully-random disabled), a reply tuple that a socket of the node's
+/// own stack owns is not given to the pod's flow (the host socket's packets would go into the
+/// pod): a UDP socket bound to that port and a TCP listener on it make the flow take another
+/// port; a free port is still kept.
 #[test]
 fn a_port_a_host_socket_holds_is_never_given_to_a_pods_flow() {
     let node = Node::new(nat_on(NAT_F_KEEP_PORT));

@@ -186,7 +186,7 @@ fn restarts_of_both_agents_lose_nothing_at_2000_pps() {
         }
         assert!(
             !stream.is_finished(),
-            "the stream ended before the last restart: make it longer"
+            "the stream ended before the last restart: make it longer (restarts took {took:?})"
         );
         stream.join().expect("stream thread").unwrap();
     });

@@ -123,12 +123,11 @@ fn random_port(nat: &NatConfig) -> u16 {
 }
 
 /// Whether a socket of this node's own stack owns the reply tuple `reply` (remote → our
-/// translated address and port): a host connection from that port to the same remote port (the
-/// pod's own port, which `--ip-masq-fully-random-disable` keeps, is in the kernel's ephemeral
-/// range too), a listener on it (TCP, time-wait included), or a UDP socket bound to it. A
-/// pod's flow on that tuple would take the host socket's packets into the pod; the kernel's
-/// MASQUERADE never picks a tuple that conntrack knows is in use. Looked up in the namespace of
-/// the packet's device: the node's. ICMP has no sockets to collide with.
+/// translated address and port): a host connection from that port to the same remote port, a
+/// listener on it (TCP, time-wait included), or a UDP socket bound to it. A pod's flow on that
+/// tuple would take the host socket's packets into the pod; the kernel's MASQUERADE never
+/// picks a tuple that conntrack knows is in use. Looked up in the namespace of the packet's
+/// device: the node's. ICMP has no sockets to collide with.
 #[inline(always)]
 fn host_socket_owns(skb: *mut __sk_buff, reply: &NatKeyV4) -> bool {
     let mut tuple = bpf_sock_tuple {
@@ -331,32 +330,43 @@ struct PortChoice {
 }
 
 /// A translated port (host order) for the new flow `c.key` whose reply tuple is free in
-/// `SNAT_V4_REV` and owned by no host socket, claimed there with `c.entry`: the pod's own port
-/// first with `NAT_F_KEEP_PORT`, then random ones, `NAT_PORT_TRIES` in all; 0 when none was
-/// free (0 is never chosen). A function of its own, returning a plain integer: inlined with
-/// the socket lookups, or returning an `Option`, LLVM emitted a read of a register that one
-/// path never set (`None`'s undefined payload), which the verifier rejects.
+/// `SNAT_V4_REV`, claimed there with `c.entry`; 0 when none was (0 is never chosen). With
+/// `NAT_F_KEEP_PORT` the pod's own port comes first, unless a socket of the node owns its
+/// reply tuple ([`host_socket_owns`]): that port is in the kernel's ephemeral range, where the
+/// host's own connections take theirs. Then random ports, from a range outside it (the agent
+/// chooses it so), `NAT_PORT_TRIES` in all. The socket lookup stays out of the loop: inside,
+/// the verifier walks it once per try (seconds of loading for 32 tries).
+///
+/// A function of its own, returning a plain integer: inlined with the socket lookup, or
+/// returning an `Option`, LLVM emitted a read of a register that one path never set (`None`'s
+/// undefined payload), which the verifier rejects.
 #[inline(never)]
 fn choose_port(skb: *mut __sk_buff, nat: &NatConfig, c: &PortChoice) -> u16 {
-    let keep = nat.flags & NAT_F_KEEP_PORT != 0;
-    for i in 0..NAT_PORT_TRIES {
-        let port = if i == 0 && keep {
-            u16::from_be_bytes(c.key.sport)
-        } else {
-            random_port(nat)
-        };
-        // The VXLAN port is decapsulation's; 0 is no port.
-        if port == 0 || (c.key.proto == IPPROTO_UDP && port == c.vxlan_port) {
-            continue;
-        }
-        let reply = c.key.reply(c.nat_addr, port.to_be_bytes());
-        if host_socket_owns(skb, &reply) {
-            continue;
-        }
-        if SNAT_V4_REV
-            .insert(&reply, &c.entry, u64::from(BPF_NOEXIST))
+    let usable = |port: u16| port != 0 && !(c.key.proto == IPPROTO_UDP && port == c.vxlan_port);
+    let claim = |port: u16| {
+        SNAT_V4_REV
+            .insert(
+                &c.key.reply(c.nat_addr, port.to_be_bytes()),
+                &c.entry,
+                u64::from(BPF_NOEXIST),
+            )
             .is_ok()
+    };
+    let mut first = 0;
+    if nat.flags & NAT_F_KEEP_PORT != 0 {
+        first = 1;
+        let own = u16::from_be_bytes(c.key.sport);
+        if usable(own)
+            && !host_socket_owns(skb, &c.key.reply(c.nat_addr, c.key.sport))
+            && claim(own)
         {
+            return own;
+        }
+    }
+    for _ in first..NAT_PORT_TRIES {
+        // The VXLAN port is decapsulation's; 0 is no port.
+        let port = random_port(nat);
+        if usable(port) && claim(port) {
             return port;
         }
     }
