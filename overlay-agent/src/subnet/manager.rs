@@ -563,7 +563,7 @@ impl<R: Registry> SubnetManager<R> {
                                     );
                                     return KeepOutcome::Lost;
                                 }
-                                Some(kv) if !holds_our_ip(&kv, lease.attrs.public_ip) => {
+                                Some(kv) if !holds_our_record(&kv, &lease.attrs) => {
                                     warn_overwritten(&kv);
                                     restore_at = Some(Instant::now());
                                 }
@@ -663,7 +663,7 @@ impl<R: Registry> SubnetManager<R> {
                         }
                         Ok(Some(WatchEvent::Put(kv))) => {
                             last_revision = last_revision.max(kv.mod_revision);
-                            if kv.key == lease.key && !holds_our_ip(&kv, lease.attrs.public_ip) {
+                            if kv.key == lease.key && !holds_our_record(&kv, &lease.attrs) {
                                 warn_overwritten(&kv);
                                 restore_at = Some(Instant::now());
                             }
@@ -721,8 +721,20 @@ fn warn_overwritten(kv: &KeyValue) {
     warn!(
         key = %kv.key_for_log(),
         value = %kv.value_lossy(),
-        "our lease was overwritten with another node's record; writing ours back (this node holds the subnet)"
+        "our lease was overwritten with a record that is not ours (another PublicIP, backend type, VNI or VtepMAC); writing ours back (this node holds the subnet)"
     );
+}
+
+/// Whether `kv` holds our record `ours` in everything peers route by: PublicIP, backend type,
+/// VNI and VtepMAC. Peers accept a new VtepMAC on a live key (a flanneld that rebooted reuses
+/// its lease with a new one), so a record that changes only that would otherwise send our
+/// traffic to a MAC we refuse, and nobody would put it right.
+fn holds_our_record(kv: &KeyValue, ours: &LeaseAttrs) -> bool {
+    LeaseAttrs::from_json(&kv.value).is_ok_and(|attrs| {
+        attrs.public_ip == ours.public_ip
+            && attrs.backend_type == ours.backend_type
+            && attrs.vxlan_data() == ours.vxlan_data()
+    })
 }
 
 /// Whether `kv` holds a record with our PublicIP (our own renewal, seen through the watch).

@@ -757,6 +757,11 @@ async fn an_overwritten_lease_is_written_back_and_the_subnet_kept() {
             r#"{{"PublicIP":"198.18.0.3","BackendType":"vxlan","BackendData":{{"VtepMAC":"02:00:00:00:00:03"}},"Pad":"{}"}}"#,
             "x".repeat(1 << 20)
         ),
+        // Our PublicIP with another VtepMAC, VNI or backend type: peers accept those on a
+        // live key, so they must not stand either.
+        attrs(OUR_IP, 9).to_json(),
+        LeaseAttrs::vxlan(ip(OUR_IP), 7, mac(1)).to_json(),
+        LeaseAttrs::host_gw(ip(OUR_IP)).to_json(),
     ]
     .iter()
     .enumerate()
@@ -776,7 +781,7 @@ async fn an_overwritten_lease_is_written_back_and_the_subnet_kept() {
     let text = logs.text();
     assert_eq!(
         text.matches("our lease was overwritten").count(),
-        2,
+        5,
         "{text}"
     );
     assert!(!text.contains(LEASE_REVOKED_MESSAGE), "{text}");
