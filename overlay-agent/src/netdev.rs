@@ -9,9 +9,10 @@
 //! - The GRO device `ovl-gro` (VXLAN backend): a kernel VXLAN device in collect-metadata mode
 //!   on our VXLAN port, never given an address or a route. The kernel's GRO aggregates
 //!   UDP-tunnel frames only for a port that has a tunnel socket; this device owns that socket,
-//!   so MTU-sized VXLAN frames reach `underlay_ingress` aggregated per inner flow. Whatever
-//!   the socket itself receives is dropped by `gro_device_ingress` (attached before the device
-//!   goes up).
+//!   so MTU-sized VXLAN frames reach `underlay_ingress` aggregated per inner flow. What the
+//!   socket itself receives is dropped by `gro_device_ingress` (attached before the device
+//!   goes up), except datagrams reassembled from fragments that `underlay_ingress` handed over,
+//!   which it checks and delivers.
 //! - The pod bridge (docker0, cni0), which the container runtime creates from the subnet file,
 //!   possibly after the agent started: found as the interface holding the subnet's gateway
 //!   address, or by name with `--pod-bridge`.

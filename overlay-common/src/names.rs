@@ -18,7 +18,8 @@ pub const POD_EGRESS: &str = "pod_egress";
 pub const POD_PORT_EGRESS: &str = "pod_port_egress";
 /// tcx egress of the host device: the same for host traffic.
 pub const HOST_EGRESS: &str = "host_egress";
-/// tcx ingress of the GRO device (`ovl-gro`): drops what the kernel's VXLAN socket delivers.
+/// tcx ingress of the GRO device (`ovl-gro`): delivers reassembled VXLAN fragments for us that
+/// the kernel's VXLAN socket decapsulated, drops everything else it delivers.
 pub const GRO_DEVICE_INGRESS: &str = "gro_device_ingress";
 /// Run once at load to learn whether the kernel accepts `BPF_F_ADJ_ROOM_DECAP_L4_UDP`.
 pub const PROBE_DECAP_L4_UDP: &str = "probe_decap_l4_udp";

@@ -29,6 +29,14 @@ pub const IPPROTO_UDP: u8 = 17;
 /// any other flag or reserved bit set (no GBP/GPE here), and so do we.
 pub const VXLAN_FLAGS_I: u8 = 0x08;
 
+/// The packet mark `underlay_ingress` gives a fragment of VXLAN for us before handing it to
+/// the kernel, and that `gro_device_ingress` requires (and clears) on what the GRO device's
+/// socket decapsulated: reassembly keeps the first fragment's mark, and the kernel clears
+/// marks of packets that cross from another namespace (a pod's), so only VXLAN that came in
+/// through the underlay's program is delivered that way, not VXLAN a pod or a local process
+/// sends to the node's socket. ("ovlf"; it replaces the fragment's mark, normally 0.)
+pub const FRAGMENT_MARK: u32 = 0x6f76_6c66;
+
 /// flannel's default VXLAN port (the IANA port is 4789; flannel keeps the Linux default 8472).
 pub const DEFAULT_VXLAN_PORT: u16 = 8472;
 /// flannel's default VNI.

@@ -3,7 +3,8 @@
 //! - `underlay`: tcx ingress and egress on the node's external interface (decapsulation).
 //! - `pod`: tcx ingress on the pod bridge (encapsulation of pod traffic to peers).
 //! - `host`: tcx egress on the host device (encapsulation of host traffic to peers).
-//! - `gro_device`: tcx ingress on the GRO device (drops whatever the kernel's VXLAN socket took).
+//! - `gro_device`: tcx ingress on the GRO device (delivers the reassembled fragments of VXLAN
+//!   for us that the kernel's VXLAN socket decapsulated, drops everything else it took).
 //! - `probe`: not attached; run once by the agent to learn what the kernel supports.
 //!
 //! `lib/`, features as small libraries (Cilium's `bpf/lib/` in miniature): `maps` (CONFIG,

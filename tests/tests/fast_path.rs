@@ -402,8 +402,8 @@ fn eth0_rx_frames(node: &Node) -> u64 {
 /// By default (`--xdp auto`) no XDP goes on a NIC-like veth: the agent's GRO device, a kernel
 /// VXLAN device in collect-metadata mode on the VXLAN port, lets the kernel's GRO aggregate
 /// the MTU-sized VXLAN frames per inner flow, so `underlay_ingress` decapsulates aggregates.
-/// Whatever that device's socket receives itself is dropped and counted, never delivered; a
-/// device deleted by hand is recreated with its program.
+/// What that device's socket receives itself (here VXLAN over loopback) is dropped and
+/// counted, not delivered; a device deleted by hand is recreated with its program.
 #[test]
 fn gro_aggregates_mtu_sized_vxlan_through_the_gro_device() {
     let cluster = nic_like_cluster(2, VXLAN);

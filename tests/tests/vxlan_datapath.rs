@@ -17,7 +17,6 @@
 //!   follow a route change from the first packet after it (the programs' next-hop cache);
 //!   with a smaller MTU on the router's side, the fragmented VXLAN is reassembled by the
 //!   kernel and delivered through the GRO device.
-//!   follow a route change from the first packet after it (the programs' next-hop cache).
 //! - A node behind NAT (`--public-ip`, DNATed and SNATed by the router): pods talk both ways,
 //!   the node sends from and receives at its interface address, the others see its PublicIP.
 //!
@@ -811,7 +810,8 @@ fn stock_flannel_node_interoperates() {
 /// VXLAN frames sent to n0's eth0 that fail a check are dropped before the pod and counted by
 /// reason (`overlay-agent counters`): from a host on the underlay that is no member
 /// (198.18.0.200), from member n1 with VNI 2, from member n1 to another inner MAC; so are the
-/// same frames fragmented (reassembled by n0's kernel, checked by the GRO device's program). The same frame
+/// same frames fragmented (reassembled by n0's kernel, checked by the GRO device's program), and
+/// a pod of n0 posing as n1 to its node's own VXLAN socket. The same frame
 /// from member n1 with VNI 1 and n0's VtepMAC arrives in the pod, counted as `decap_pod`.
 #[test]
 fn foreign_and_wrong_vni_frames_are_dropped_and_counted() {
@@ -923,6 +923,34 @@ fn foreign_and_wrong_vni_frames_are_dropped_and_counted() {
         );
         assert_eq!(grew.get("decap_gro_device"), None, "{what}: {grew:?}");
     }
+
+    // A pod of n0 sending VXLAN to its own node's socket, posing as member n1 (n1's address
+    // added in the pod): it never meets eth0's program, only the GRO device's socket, whose
+    // program delivers only what eth0's program handed over as fragments.
+    let posing = format!("{}/32", n1.underlay_ip());
+    target.ns().add_addr("eth0", &posing).unwrap();
+    let before = counters(n0);
+    send_vxlan(
+        target.ns(),
+        n1.underlay_ip(),
+        n0.underlay_ip(),
+        &frame(VNI, vtep0, b"from a pod"),
+        N as usize,
+    );
+    assert!(
+        drain(&sock).is_empty(),
+        "VXLAN from a pod to its node was delivered"
+    );
+    let grew = grown(&before, &counters(n0));
+    assert_eq!(
+        grew.get("drop_gro_device").copied(),
+        Some(N),
+        "VXLAN from a pod to its node: counters grew by {grew:?}"
+    );
+    target
+        .ns()
+        .ip(&["addr", "del", &posing, "dev", "eth0"])
+        .unwrap();
 
     let before = counters(n0);
     send_vxlan(

@@ -28,9 +28,11 @@
 //! | `host_egress`      | tcx egress, host device ovl0  | the same for host traffic; masquer-   |
 //! |                    |                               | ades non-cluster sources to remote    |
 //! |                    |                               | pods (flannel's last rule)            |
-//! | `gro_device_ingress` | tcx ingress, GRO device     | drops what the kernel's VXLAN socket  |
-//! |                    | ovl-gro (VXLAN backend)       | of that device received (it exists    |
-//! |                    |                               | only so that GRO aggregates VXLAN)    |
+//! | `gro_device_ingress` | tcx ingress, GRO device     | delivers reassembled VXLAN fragments  |
+//! |                    | ovl-gro (VXLAN backend)       | for us, drops the rest of what the    |
+//! |                    |                               | kernel's VXLAN socket of that device  |
+//! |                    |                               | received (the device exists so that   |
+//! |                    |                               | GRO aggregates VXLAN)                 |
 //!
 //! Maps, all written only by the agent (layouts in `overlay_common`): `CONFIG` (the node's
 //! settings and device indexes), `ROUTE_V4` (remote subnet → node), `NODE_V4` (member PublicIPs,
@@ -563,7 +565,8 @@ impl Datapath {
     }
 
     /// Attaches `gro_device_ingress` to the GRO device (`ovl-gro`, see `crate::netdev`), which
-    /// then drops whatever the device's VXLAN socket delivers.
+    /// then delivers the reassembled fragments of VXLAN for us that the device's socket
+    /// decapsulates and drops the rest.
     pub fn attach_gro_device(&mut self, iface: &str) -> Result<(), DatapathError> {
         if self
             .links

@@ -91,6 +91,9 @@ struct Known {
 /// the holder's key goes, the oldest other key (lowest creation revision) takes over.
 struct SubnetKeys {
     holder: String,
+    /// The holder key's creation revision: a key deleted and created again while the watch
+    /// was down is a new key, and the next listing does not keep it as holder for its name.
+    created: i64,
     others: BTreeMap<String, KeyValue>,
 }
 
@@ -207,6 +210,7 @@ impl PeerState<'_> {
                     subnet,
                     SubnetKeys {
                         holder: kv.key.clone(),
+                        created: kv.create_revision,
                         others: BTreeMap::new(),
                     },
                 );
@@ -287,6 +291,7 @@ impl PeerState<'_> {
         };
         keys.others.remove(&successor.key);
         keys.holder.clone_from(&successor.key);
+        keys.created = successor.create_revision;
         info!(
             gone = %cut_for_log(key),
             holder = %successor.key_for_log(),
@@ -306,12 +311,15 @@ impl PeerState<'_> {
         let mut fresh = BTreeMap::new();
         let mut keys = BTreeMap::new();
         for (subnet, mut candidates) in by_subnet {
-            // The holder we knew keeps its subnet while its key is listed; otherwise the
-            // oldest key takes it.
+            // The holder we knew keeps its subnet while its key is listed (the same key, not
+            // one created again); otherwise the oldest key takes it, as the watch would have.
             let before = self.keys.get(&subnet);
+            let holds = |kv: &KeyValue| {
+                before.is_some_and(|b| b.holder == kv.key && b.created == kv.create_revision)
+            };
             let holder_at = candidates
                 .iter()
-                .position(|kv| before.is_some_and(|b| b.holder == kv.key))
+                .position(|kv| holds(kv))
                 .or_else(|| {
                     (0..candidates.len()).min_by_key(|&i| {
                         (candidates[i].create_revision, candidates[i].key.as_str())
@@ -319,7 +327,7 @@ impl PeerState<'_> {
                 })
                 .unwrap_or(0);
             let holder = candidates.swap_remove(holder_at);
-            let same_holder = before.is_some_and(|b| b.holder == holder.key);
+            let same_holder = holds(holder);
             let mut others = BTreeMap::new();
             for kv in candidates {
                 if !before.is_some_and(|b| b.others.contains_key(&kv.key)) {
@@ -331,6 +339,7 @@ impl PeerState<'_> {
                 subnet,
                 SubnetKeys {
                     holder: holder.key.clone(),
+                    created: holder.create_revision,
                     others,
                 },
             );

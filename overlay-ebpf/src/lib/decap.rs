@@ -56,7 +56,7 @@
 //! With frames arriving MTU-sized (real NICs, or a veth underlay without TSO), GRO runs before
 //! TC. It aggregates VXLAN only for a port with a tunnel socket, which the agent's GRO device
 //! (`ovl-gro`, a kernel VXLAN device in collect-metadata mode whose own deliveries
-//! `gro_device_ingress` drops) provides: GRO then merges frames of one inner flow with equal
+//! `gro_device_ingress` drops, except reassembled fragments) provides: GRO then merges frames of one inner flow with equal
 //! outer and inner headers, and the aggregate arrives here as a tunnel GSO packet, checked and
 //! decapsulated as one, like a veth's super-packet.
 //!
@@ -80,8 +80,8 @@ use overlay_common::{
     counters::Reason,
     endpoint::Endpoint,
     wire::{
-        ETH_HLEN, ETH_P_IP, IPPROTO_UDP, IPV4_HLEN, UDP_HLEN, VXLAN_FLAGS_I, VXLAN_HLEN,
-        VXLAN_OVERHEAD,
+        ETH_HLEN, ETH_P_IP, FRAGMENT_MARK, IPPROTO_UDP, IPV4_HLEN, UDP_HLEN, VXLAN_FLAGS_I,
+        VXLAN_HLEN, VXLAN_OVERHEAD,
     },
 };
 
@@ -160,8 +160,10 @@ pub fn try_underlay_ingress(ctx: &TcContext) -> Result<i32, Reason> {
     };
     if is_fragment(&ip) {
         // The kernel reassembles the datagram for the GRO device's socket, whose program
-        // makes the checks below and delivers it (`try_gro_device_ingress`).
+        // makes the checks below and delivers it (`try_gro_device_ingress`), if it carries
+        // this mark: the reassembled packet keeps the first fragment's.
         count(Reason::StackFragment, ctx.len());
+        ctx.set_mark(FRAGMENT_MARK);
         return Ok(TC_ACT_OK);
     }
     // VXLAN to our port: from here on, deliver or drop.
@@ -517,21 +519,27 @@ fn meta_mark(ctx: &XdpContext) -> Option<*mut XdpMark> {
 /// The body of `gro_device_ingress`: VXLAN that the GRO device's kernel socket decapsulated.
 /// That is what `underlay_ingress` leaves to the kernel: datagrams it reassembles from
 /// fragments (the reason this path exists), and VXLAN to our port that is not for us by its
-/// checks (another local address, IPv6, outer IP options) or that arrived on another
-/// interface. The outer headers are gone; the tunnel metadata the kernel recorded stands in
-/// for them. What is for us (outer destination one of our addresses, the interface's or the
-/// PublicIP, our VNI, from a member node) goes through the checks of [`check_vxlan`] that concern the inner frame and is
-/// delivered as a decapsulated frame is; the rest is dropped and counted (`drop_gro_device`).
-/// The kernel has checked the outer IP and UDP headers, the UDP checksum, the VXLAN flags,
-/// and applied RFC 6040's ECN rules.
+/// checks (another local address, IPv6, outer IP options), that arrived on another interface,
+/// or that a pod or a local process sent to the node's socket. Only reassembled datagrams
+/// carry `FRAGMENT_MARK` (set on their first fragment by `underlay_ingress`); everything else
+/// is dropped and counted (`drop_gro_device`). The outer headers are gone; the tunnel
+/// metadata the kernel recorded stands in for them. What is for us (outer destination one of
+/// our addresses, the interface's or the PublicIP, our VNI, from a member node) goes through
+/// the checks of [`check_vxlan`] that concern the inner frame and is delivered as a
+/// decapsulated frame is. The kernel has checked the outer IP and UDP headers, the UDP
+/// checksum, the VXLAN flags, and applied RFC 6040's ECN rules.
 #[inline(always)]
 pub fn try_gro_device_ingress(ctx: &TcContext) -> Result<i32, Reason> {
     let Some(cfg) = config() else {
         return Err(Reason::DropGroDevice);
     };
-    if !cfg.vxlan_enabled() {
+    // SAFETY: the context's skb pointer is valid for the program's run.
+    if !cfg.vxlan_enabled() || unsafe { (*ctx.skb.skb).mark } != FRAGMENT_MARK {
+        // Not reassembled from fragments that `underlay_ingress` handed over: VXLAN to the
+        // node's socket from a pod or a local process, or from another interface.
         return Err(Reason::DropGroDevice);
     }
+    ctx.set_mark(0);
     // SAFETY: all-zero bytes are a valid `bpf_tunnel_key` (integers and unions of integers).
     let mut key: bpf_tunnel_key = unsafe { core::mem::zeroed() };
     // SAFETY: a helper call on our own context, writing `key` of the size given; without
