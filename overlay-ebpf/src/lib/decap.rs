@@ -94,7 +94,7 @@ use crate::lib::{
     ipv4::{decapsulate_ecn, decrement_ttl, eth_ipv4},
     maps::{config, in_subnet, is_member, route_v4},
     nat,
-    ptr::{Packet, ptr_at, pull_headers},
+    ptr::{Packet, ptr_at, pull_headers, skb_mark},
 };
 
 const UDP_OFF: usize = ETH_HLEN + IPV4_HLEN;
@@ -441,8 +441,24 @@ fn marked_by_xdp(ctx: &TcContext, cfg: &Config) -> bool {
 fn deliver_decapsulated(ctx: &TcContext, cfg: &Config) -> Result<i32, Reason> {
     pull_headers(ctx, ETH_HLEN + IPV4_HLEN);
     let (eth, ip) = eth_ipv4(ctx).ok_or(Reason::DropMalformed)?;
-    // SAFETY: checked pointers, used before any helper moves data.
-    let (src_mac, ttl, daddr) = unsafe { ((*eth).src, (*ip).ttl, (*ip).daddr) };
+    // SAFETY: a checked pointer, read before any helper moves data.
+    let src_mac = unsafe { (*eth).src };
+    deliver_stripped(ctx, cfg, ip, src_mac)
+}
+
+/// Delivers a frame whose outer headers are already gone (stripped by `underlay_xdp`, or by
+/// the kernel's VXLAN socket) and whose inner IPv4 header `ip` (a checked pointer, valid: no
+/// helper has moved data since) passed every check: where `plan` says, the TTL decremented
+/// for a pod. `src_mac` is the sender's VtepMAC.
+#[inline(always)]
+fn deliver_stripped(
+    ctx: &TcContext,
+    cfg: &Config,
+    ip: *mut Ipv4Hdr,
+    src_mac: [u8; 6],
+) -> Result<i32, Reason> {
+    // SAFETY: a checked pointer, read before any helper moves data.
+    let (ttl, daddr) = unsafe { ((*ip).ttl, (*ip).daddr) };
     let plan = plan(cfg, daddr, ttl)?;
     if plan.target == Target::Pod {
         // SAFETY: as above; `plan` guarantees ttl > 1.
@@ -533,8 +549,7 @@ pub fn try_gro_device_ingress(ctx: &TcContext) -> Result<i32, Reason> {
     let Some(cfg) = config() else {
         return Err(Reason::DropGroDevice);
     };
-    // SAFETY: the context's skb pointer is valid for the program's run.
-    if !cfg.vxlan_enabled() || unsafe { (*ctx.skb.skb).mark } != FRAGMENT_MARK {
+    if !cfg.vxlan_enabled() || skb_mark(ctx) != FRAGMENT_MARK {
         // Not reassembled from fragments that `underlay_ingress` handed over: VXLAN to the
         // node's socket from a pod or a local process, or from another interface.
         return Err(Reason::DropGroDevice);
@@ -574,14 +589,7 @@ pub fn try_gro_device_ingress(ctx: &TcContext) -> Result<i32, Reason> {
     pull_headers(ctx, ETH_HLEN + IPV4_HLEN);
     let carried = (ctx.len() as usize).saturating_sub(ETH_HLEN);
     let (inner_eth, inner_ip) = check_inner(ctx, cfg, 0, carried, remote)?;
-    // SAFETY: a checked pointer, read at once.
-    let inner = unsafe { *inner_ip };
-    let plan = plan(cfg, inner.daddr, inner.ttl)?;
-    if plan.target == Target::Pod {
-        // SAFETY: a checked pointer, still valid (no helper moved data); `plan` guarantees
-        // ttl > 1.
-        unsafe { decrement_ttl(inner_ip) };
-    }
+    let verdict = deliver_stripped(ctx, cfg, inner_ip, inner_eth.src)?;
     count(Reason::DecapGroDevice, ctx.len());
-    deliver(ctx, cfg, plan, inner.daddr, inner_eth.src)
+    Ok(verdict)
 }

@@ -39,6 +39,7 @@ use crate::lib::{
     hdr::{EthHdr, Ipv4Hdr, UdpHdr, VxlanEncap, VxlanHdr},
     ipv4::ecn_encapsulate,
     maps::{cache_next_hop, cached_next_hop, route_gen},
+    ptr::skb_mark,
 };
 
 const ENCAP_FLAGS: u64 = (BPF_F_ADJ_ROOM_FIXED_GSO
@@ -158,8 +159,7 @@ pub fn redirect_to_underlay(ctx: &TcContext, cfg: &Config, peer: &RemoteNode, to
 fn outer_next_hop(ctx: &TcContext, cfg: &Config, peer: &RemoteNode, tos: u8) -> Option<[u8; 4]> {
     let route_gen = route_gen(cfg);
     if route_gen != 0
-        // SAFETY: reading a field of our own context.
-        && unsafe { (*ctx.skb.skb).mark } == 0
+        && skb_mark(ctx) == 0
         && let Some(next_hop) = cached_next_hop(peer.public_ip, route_gen)
     {
         return Some(next_hop);

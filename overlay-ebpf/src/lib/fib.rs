@@ -27,7 +27,7 @@ use aya_ebpf::{
 };
 use overlay_common::config::Config;
 
-use crate::lib::hdr::Ipv4Hdr;
+use crate::lib::{hdr::Ipv4Hdr, ptr::skb_mark};
 
 /// `AF_INET`, the family of an IPv4 FIB lookup or next hop.
 const AF_INET: u8 = 2;
@@ -135,8 +135,7 @@ pub fn lookup(ctx: &TcContext, ifindex: u32, ip: &Ipv4Hdr, daddr: [u8; 4]) -> Ro
 /// `redirect_neigh` with the packet's).
 #[inline(always)]
 pub fn next_hop_out(ctx: &TcContext, ifindex: u32, flow: &Flow) -> Option<[u8; 4]> {
-    // SAFETY: reading a field of our own context.
-    if unsafe { (*ctx.skb.skb).mark } != 0 {
+    if skb_mark(ctx) != 0 {
         return None;
     }
     let route = fib_lookup(ctx, ifindex, flow, BPF_FIB_LOOKUP_OUTPUT);

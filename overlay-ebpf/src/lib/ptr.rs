@@ -61,3 +61,10 @@ pub fn pull_headers(ctx: &TcContext, len: usize) {
         let _ = ctx.pull_data(len as u32);
     }
 }
+
+/// The packet's mark (`skb->mark`).
+#[inline(always)]
+pub fn skb_mark(ctx: &TcContext) -> u32 {
+    // SAFETY: the context's skb pointer is valid for the program's run; reading a field.
+    unsafe { (*ctx.skb.skb).mark }
+}

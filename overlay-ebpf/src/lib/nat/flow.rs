@@ -342,6 +342,7 @@ struct PortChoice {
 /// undefined payload), which the verifier rejects.
 #[inline(never)]
 fn choose_port(skb: *mut __sk_buff, nat: &NatConfig, c: &PortChoice) -> u16 {
+    // The VXLAN port is decapsulation's; 0 is no port.
     let usable = |port: u16| port != 0 && !(c.key.proto == IPPROTO_UDP && port == c.vxlan_port);
     let claim = |port: u16| {
         SNAT_V4_REV
@@ -364,7 +365,6 @@ fn choose_port(skb: *mut __sk_buff, nat: &NatConfig, c: &PortChoice) -> u16 {
         }
     }
     for _ in first..NAT_PORT_TRIES {
-        // The VXLAN port is decapsulation's; 0 is no port.
         let port = random_port(nat);
         if usable(port) && claim(port) {
             return port;

@@ -83,9 +83,3 @@ pub(super) fn nat_ipv4(ctx: &TcContext) -> Option<(&'static NatConfig, Ipv4Hdr, 
     let (ip, ihl) = ipv4(ctx)?;
     Some((nat, ip, ihl))
 }
-
-#[inline(always)]
-pub(super) fn mark(ctx: &TcContext) -> u32 {
-    // SAFETY: the context's skb pointer is valid for the program's run.
-    unsafe { (*ctx.skb.skb).mark }
-}

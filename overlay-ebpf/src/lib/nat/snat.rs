@@ -22,7 +22,7 @@ use super::{
     flow::{self, cached_next_hop, flow_out, frag_offset, replies_to_cluster_flow},
     icmp::icmp_error_out,
     is_icmp_error, load_l4,
-    policy::{mark, masquerades, masquerades_to_cluster, nat_ipv4},
+    policy::{masquerades, masquerades_to_cluster, nat_ipv4},
     rewrite::{NO_L4_CSUM, rewrite_addr},
 };
 use crate::lib::{
@@ -31,6 +31,7 @@ use crate::lib::{
     hdr::{IcmpHdr, Ipv4Hdr},
     ipv4::ECN_MASK,
     maps::{config, is_member, route_gen},
+    ptr::skb_mark,
 };
 
 /// The pod bridge's tcx ingress: masquerades `ip` when it leaves through the external
@@ -40,7 +41,7 @@ pub fn snat_from_pod(ctx: &TcContext, cfg: &Config, role: Role) -> Result<i32, R
     let Some((nat, ip, ihl)) = nat_ipv4(ctx) else {
         return Ok(TC_ACT_OK);
     };
-    if !masquerades(cfg, ip.saddr, ip.daddr, mark(ctx)) {
+    if !masquerades(cfg, ip.saddr, ip.daddr, skb_mark(ctx)) {
         return Ok(TC_ACT_OK);
     }
     // Only what the kernel would send out of the external interface: that is the address we
@@ -138,7 +139,7 @@ pub fn snat_egress(ctx: &TcContext) -> Result<i32, Reason> {
     let Some((nat, ip, ihl)) = nat_ipv4(ctx) else {
         return Ok(TC_ACT_OK);
     };
-    if !masquerades(cfg, ip.saddr, ip.daddr, mark(ctx)) {
+    if !masquerades(cfg, ip.saddr, ip.daddr, skb_mark(ctx)) {
         return Ok(TC_ACT_OK);
     }
     if translate_out(ctx, nat, cfg, &ip, ihl, cfg.local_ip, NAT_E_KERNEL, None)? == Translated::Yes
@@ -157,7 +158,7 @@ pub fn snat_to_cluster(ctx: &TcContext, cfg: &Config, direct: bool) -> Result<()
     let Some((nat, ip, ihl)) = nat_ipv4(ctx) else {
         return Ok(());
     };
-    if !masquerades_to_cluster(cfg, ip.saddr, ip.daddr, mark(ctx)) {
+    if !masquerades_to_cluster(cfg, ip.saddr, ip.daddr, skb_mark(ctx)) {
         return Ok(());
     }
     let nat_addr = if direct { cfg.local_ip } else { cfg.subnet };
