@@ -75,6 +75,13 @@ enum Record {
     Refused,
 }
 
+/// Of several keys naming one subnet, the one that holds it: the oldest (lowest creation
+/// revision; the key decides a tie, which etcd never makes).
+fn oldest<'a>(kvs: impl IntoIterator<Item = &'a KeyValue>) -> Option<&'a KeyValue> {
+    kvs.into_iter()
+        .min_by_key(|kv| (kv.create_revision, kv.key.as_str()))
+}
+
 /// Receivers are gone: stop.
 struct Closed;
 
@@ -276,11 +283,7 @@ impl PeerState<'_> {
             return Ok(());
         }
         self.warned.remove(&subnet);
-        let successor = keys
-            .others
-            .values()
-            .min_by_key(|kv| (kv.create_revision, kv.key.clone()))
-            .cloned();
+        let successor = oldest(keys.others.values()).cloned();
         let previous = self.known.remove(&subnet);
         let Some(successor) = successor else {
             self.keys.remove(&subnet);
@@ -321,9 +324,8 @@ impl PeerState<'_> {
                 .iter()
                 .position(|kv| holds(kv))
                 .or_else(|| {
-                    (0..candidates.len()).min_by_key(|&i| {
-                        (candidates[i].create_revision, candidates[i].key.as_str())
-                    })
+                    let first = oldest(candidates.iter().copied())?;
+                    candidates.iter().position(|kv| kv.key == first.key)
                 })
                 .unwrap_or(0);
             let holder = candidates.swap_remove(holder_at);
