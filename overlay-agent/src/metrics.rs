@@ -86,10 +86,14 @@ pub fn render(bpf_dir: &Path, telemetry: &Telemetry) -> String {
     }
     registry.register(
         "nat_entries",
-        "Masqueraded flows in the NAT table",
+        "Masqueraded flows in the NAT tables, answered or not",
         nat_entries,
     );
-    registry.register("nat_capacity", "Capacity of the NAT table", nat_capacity);
+    registry.register(
+        "nat_capacity",
+        "Capacity of the NAT tables (answered and unanswered flows)",
+        nat_capacity,
+    );
 
     let peers = Family::<Labels, Gauge>::default();
     for mode in ["vxlan", "direct"] {

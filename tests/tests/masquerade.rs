@@ -19,6 +19,7 @@ use std::{
 };
 
 use overlay_agent::subnet::Mac;
+use overlay_common::names;
 use overlay_tests::{
     Capture, ChildGuard, Cluster, Endpoint, Node, OUTSIDE_IP,
     checks::{
@@ -392,19 +393,17 @@ fn idle_flows_expire_and_the_table_shrinks() {
         );
         thread::sleep(Duration::from_millis(250));
     }
-    let dir = node
-        .bpf_dir()
-        .join("maps/SNAT_V4_REV")
-        .display()
-        .to_string();
-    let dump = node
-        .ns()
-        .run("bpftool", &["map", "dump", "pinned", &dir])
-        .unwrap();
-    assert!(
-        dump.contains("Found 0 elements") || dump.trim() == "[]",
-        "SNAT_V4_REV not empty:\n{dump}"
-    );
+    for map in [names::SNAT_V4_REV, names::SNAT_V4_REV_NEW] {
+        let dir = node.bpf_dir().join("maps").join(map).display().to_string();
+        let dump = node
+            .ns()
+            .run("bpftool", &["map", "dump", "pinned", &dir])
+            .unwrap();
+        assert!(
+            dump.contains("Found 0 elements") || dump.trim() == "[]",
+            "{map} not empty:\n{dump}"
+        );
+    }
     // And new flows still work afterwards.
     assert_eq!(pod.udp_echo(out, 2).unwrap().received, 2);
 }

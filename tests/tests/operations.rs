@@ -20,6 +20,7 @@ use std::{
 
 use overlay_common::counters::Reason;
 use overlay_common::names;
+use overlay_common::nat::{SNAT_V4_CAPACITY, SNAT_V4_NEW_CAPACITY};
 use overlay_tests::{
     AgentProcess, AttachKind, ChildGuard, Cluster, DEFAULT_ETCD_PREFIX, Node, UNDERLAY_GATEWAY,
     agent_bin,
@@ -185,7 +186,11 @@ fn metrics_move_with_traffic_and_the_nat_gauge_follows_flows() {
         expiry > now + 23.0 * 3600.0 && expiry < now + 24.0 * 3600.0 + 60.0,
         "flannel's 24 h lease: expiry {expiry}, now {now}"
     );
-    assert_eq!(sample(&after, "overlay_nat_capacity"), 65536.0);
+    assert_eq!(
+        sample(&after, "overlay_nat_capacity"),
+        f64::from(SNAT_V4_CAPACITY + SNAT_V4_NEW_CAPACITY),
+        "answered and unanswered flows' tables"
+    );
     assert!(
         after
             .keys()
@@ -373,7 +378,10 @@ fn status_json_parses_and_matches_the_kernel() {
         .unwrap();
     assert_eq!(json(&dump).as_array().unwrap().len(), 1, "{dump}");
     assert_eq!(s["nat"]["entries"], 0);
-    assert_eq!(s["nat"]["capacity"], 65536);
+    assert_eq!(
+        s["nat"]["capacity"],
+        SNAT_V4_CAPACITY + SNAT_V4_NEW_CAPACITY
+    );
 
     let counters = json(&agent_cmd(n0, &["counters", "-o", "json"]));
     assert_eq!(counters.as_array().unwrap().len(), Reason::ALL.len());

@@ -26,8 +26,8 @@ use overlay_common::{
     config::{CONFIG_F_DIRECT, CONFIG_F_READY, Config},
     endpoint::Endpoint,
     nat::{
-        NAT_E_TO_CLUSTER, NAT_F_KEEP_PORT, NAT_S_FIN, NAT_S_REPLIED, NatConfig, NatEntryV4,
-        NatKeyV4,
+        NAT_E_TO_CLUSTER, NAT_F_KEEP_PORT, NAT_S_FIN, NAT_S_REPLIED, NAT_S_RST, NatConfig,
+        NatEntryV4, NatKeyV4, SNAT_V4_CAPACITY, SNAT_V4_NEW_CAPACITY,
     },
     route::{MemberNode, NextHopV4, RemoteNode, route_key},
 };
@@ -193,7 +193,7 @@ impl Node {
     /// The route cached in the CT entry of the pod's flow from source port `sport`.
     #[track_caller]
     fn cached_route(&self, sport: u16) -> NextHopV4 {
-        let flows = self.flows(names::SNAT_V4_CT);
+        let flows = self.ct_flows();
         let (_, e) = flows
             .iter()
             .find(|(k, _)| k.sport == sport.to_be_bytes())
@@ -241,6 +241,36 @@ impl Node {
         self.run_marked(prog, frame, 0)
     }
 
+    /// Runs `prog` on `count` frames, the `i`th made by `make(i)`, from one thread in the
+    /// node namespace; how many runs returned each verdict.
+    fn run_each(
+        &self,
+        prog: &str,
+        count: u32,
+        make: impl Fn(u32) -> Vec<u8> + Send + Sync,
+    ) -> BTreeMap<u32, u32> {
+        let program: &SchedClassifier = self.ebpf.program(prog).unwrap().try_into().unwrap();
+        self.ns
+            .in_netns(|| {
+                let mut verdicts = BTreeMap::new();
+                let mut out = vec![0u8; 2048];
+                for i in 0..count {
+                    let frame = make(i);
+                    let r = program
+                        .test_run(TestRunOptions {
+                            data_in: Some(&frame),
+                            data_out: Some(&mut out),
+                            ctx_in: Some(&[0u8; 12]),
+                            ..TestRunOptions::default()
+                        })
+                        .map_err(|e| anyhow::anyhow!("test run {i} of {prog}: {e:?}"))?;
+                    *verdicts.entry(r.return_value).or_insert(0) += 1;
+                }
+                Ok(verdicts)
+            })
+            .unwrap()
+    }
+
     fn counters(&self) -> BTreeMap<&'static str, u64> {
         counters(&self.ebpf)
     }
@@ -249,6 +279,25 @@ impl Node {
         let m: HashMap<_, NatKeyV4, NatEntryV4> =
             HashMap::try_from(self.ebpf.map(map).unwrap()).unwrap();
         m.iter().map(Result::unwrap).collect()
+    }
+
+    /// The CT entries of both tiers, answered flows first.
+    fn ct_flows(&self) -> Vec<(NatKeyV4, NatEntryV4)> {
+        let mut flows = self.flows(names::SNAT_V4_CT);
+        flows.extend(self.flows(names::SNAT_V4_CT_NEW));
+        flows
+    }
+
+    /// The REV entries of both tiers, answered flows first.
+    fn rev_flows(&self) -> Vec<(NatKeyV4, NatEntryV4)> {
+        let mut flows = self.flows(names::SNAT_V4_REV);
+        flows.extend(self.flows(names::SNAT_V4_REV_NEW));
+        flows
+    }
+
+    /// How many entries each flow table holds: answered CT, REV, then unanswered CT, REV.
+    fn tier_sizes(&self) -> [usize; 4] {
+        names::NAT_FLOW_MAPS.map(|map| self.flows(map).len())
     }
 }
 
@@ -395,12 +444,12 @@ fn tcp_is_masqueraded_and_the_reply_translated_back_with_valid_checksums() {
         "random port in range: {nat_port}"
     );
     assert_eq!(be16(&ip, 22), 80);
-    assert_eq!(node.flows(names::SNAT_V4_CT).len(), 1);
-    assert_eq!(node.flows(names::SNAT_V4_REV).len(), 1);
+    assert_eq!(node.tier_sizes(), [0, 0, 1, 1], "a new flow is unanswered");
 
     // The reply, to the node's address and the translated port, with data.
     let synack = tcp(OUTSIDE, NODE_IP, 80, nat_port, 0x12, b"hello from outside");
     let (v, out) = node.run(names::UNDERLAY_INGRESS, &frame(&synack));
+    assert_eq!(node.tier_sizes(), [1, 1, 0, 0], "the first reply moved it");
     assert_eq!(v, TC_ACT_REDIRECT, "sent to the pod bridge");
     let ip = check_ip(&out);
     assert_eq!(addr(&ip, 16), POD, "destination = the pod again");
@@ -448,6 +497,124 @@ fn a_reply_for_a_known_pod_goes_straight_into_it() {
     assert_eq!(ip[8], 63);
     let c = node.counters();
     assert_eq!((c["nat_rev"], c["nat_rev_endpoint"]), (1, 1), "{c:?}");
+}
+
+#[test]
+fn a_flood_of_unanswered_flows_evicts_no_answered_flow() {
+    let node = Node::new(nat_on(0));
+    // An answered connection, idle from here on.
+    let (_, out) = node.run(
+        names::POD_EGRESS,
+        &frame(&tcp(POD, OUTSIDE, 1111, 80, 0x02, b"")),
+    );
+    let port = be16(&check_ip(&out), 20);
+    let (v, _) = node.run(
+        names::UNDERLAY_INGRESS,
+        &frame(&tcp(OUTSIDE, NODE_IP, 80, port, 0x12, b"")),
+    );
+    assert_eq!(v, TC_ACT_REDIRECT);
+
+    // Another pod opens twice as many flows as the answered table holds, and none is
+    // answered: a scan, each SYN sent again once (a retransmission, which the LRU sees as a
+    // second use). Before the tables were split, the idle connection was then the least
+    // recently used entry and was evicted.
+    let flood = 2 * SNAT_V4_CAPACITY;
+    let verdicts = node.run_each(names::POD_EGRESS, 2 * flood, |i| {
+        let flow = i / 2;
+        let dst = Ipv4Addr::new(198, 19, 1 + (flow / 60_000) as u8, 1);
+        let dport = 1 + (flow % 60_000) as u16;
+        frame(&tcp(POD2, dst, 2222, dport, 0x02, b""))
+    });
+    assert_eq!(
+        verdicts,
+        BTreeMap::from([(TC_ACT_REDIRECT, 2 * flood)]),
+        "every SYN translated and sent"
+    );
+
+    // The idle connection kept its port both ways.
+    let (_, out) = node.run(
+        names::POD_EGRESS,
+        &frame(&tcp(POD, OUTSIDE, 1111, 80, 0x10, b"later")),
+    );
+    assert_eq!(be16(&check_ip(&out), 20), port, "the same translated port");
+    let (v, out) = node.run(
+        names::UNDERLAY_INGRESS,
+        &frame(&tcp(OUTSIDE, NODE_IP, 80, port, 0x10, b"still here")),
+    );
+    assert_eq!(v, TC_ACT_REDIRECT);
+    let ip = check_ip(&out);
+    assert_eq!((addr(&ip, 16), be16(&ip, 22)), (POD, 1111));
+    let [ct, rev, ct_new, rev_new] = node.tier_sizes();
+    assert_eq!(
+        (ct, rev),
+        (1, 1),
+        "only the answered connection is answered"
+    );
+    let cap = SNAT_V4_NEW_CAPACITY as usize;
+    assert!(
+        (cap / 2..=cap).contains(&ct_new) && (cap / 2..=cap).contains(&rev_new),
+        "the scan's flows evicted each other: {ct_new} CT, {rev_new} REV of {cap}"
+    );
+    assert_eq!(node.counters()["nat_new_flow"], u64::from(flood) + 1);
+}
+
+#[test]
+fn a_flow_is_answered_by_its_first_reply_that_is_not_a_reset() {
+    let node = Node::new(nat_on(0));
+    // TCP: a reset in reply is delivered, and leaves the flow unanswered.
+    let (_, out) = node.run(
+        names::POD_EGRESS,
+        &frame(&tcp(POD, OUTSIDE, 1111, 81, 0x02, b"")),
+    );
+    let port = be16(&check_ip(&out), 20);
+    let (v, out) = node.run(
+        names::UNDERLAY_INGRESS,
+        &frame(&tcp(OUTSIDE, NODE_IP, 81, port, 0x14, b"")),
+    );
+    assert_eq!((v, be16(&check_ip(&out), 22)), (TC_ACT_REDIRECT, 1111));
+    assert_eq!(node.tier_sizes(), [0, 0, 1, 1], "a reset answers nothing");
+    let (_, ct) = node.flows(names::SNAT_V4_CT_NEW)[0];
+    assert_eq!(ct.state, NAT_S_REPLIED | NAT_S_RST, "its state is kept");
+
+    // UDP and ICMP echo: any reply answers the flow.
+    let (_, out) = node.run(
+        names::POD_EGRESS,
+        &frame(&udp(POD, OUTSIDE, 5353, 53, b"query", false)),
+    );
+    let uport = be16(&check_ip(&out), 20);
+    let req = icmp(POD, OUTSIDE, 8, 0, [0x12, 0x34, 0, 1], b"ping");
+    let (_, out) = node.run(names::POD_EGRESS, &frame(&req));
+    let id = be16(&check_ip(&out), 24);
+    assert_eq!(node.tier_sizes(), [0, 0, 3, 3]);
+    for reply in [
+        udp(OUTSIDE, NODE_IP, 53, uport, b"answer", false),
+        icmp(
+            OUTSIDE,
+            NODE_IP,
+            0,
+            0,
+            [(id >> 8) as u8, id as u8, 0, 1],
+            b"ping",
+        ),
+    ] {
+        let (v, out) = node.run(names::UNDERLAY_INGRESS, &frame(&reply));
+        assert_eq!((v, addr(&check_ip(&out), 16)), (TC_ACT_REDIRECT, POD));
+    }
+    assert_eq!(
+        node.tier_sizes(),
+        [2, 2, 1, 1],
+        "both moved, the reset flow stayed"
+    );
+    for (_, e) in node.ct_flows().iter().chain(&node.rev_flows()) {
+        assert_ne!(e.state & NAT_S_REPLIED, 0, "{e:?}");
+    }
+    // Their next packets find them answered, with the same ports.
+    let (_, out) = node.run(
+        names::POD_EGRESS,
+        &frame(&udp(POD, OUTSIDE, 5353, 53, b"again", false)),
+    );
+    assert_eq!(be16(&check_ip(&out), 20), uport);
+    assert_eq!(node.counters()["nat_new_flow"], 3);
 }
 
 #[test]
@@ -553,8 +720,8 @@ fn icmp_errors_about_a_flow_are_translated_back_inner_header_and_checksums_inclu
         };
         let err = icmp(OUTSIDE, NODE_IP, kind, code, rest, &on_wire);
         let entries = || {
-            let mut all = node.flows(names::SNAT_V4_CT);
-            all.extend(node.flows(names::SNAT_V4_REV));
+            let mut all = node.ct_flows();
+            all.extend(node.rev_flows());
             all.sort_by_key(|(key, _)| format!("{key:?}"));
             all
         };
@@ -711,7 +878,7 @@ fn what_flannel_does_not_masquerade_is_left_alone() {
         node.run(names::UNDERLAY_INGRESS, &stray),
         (TC_ACT_OK, stray.clone())
     );
-    assert!(node.flows(names::SNAT_V4_CT).is_empty());
+    assert!(node.ct_flows().is_empty());
 
     // Masquerade off: nothing is translated at all.
     let mut off = nat_on(0);
@@ -827,7 +994,7 @@ fn port_exhaustion_is_dropped_and_counted_without_disturbing_the_flow_that_holds
         &frame(&tcp(POD2, OUTSIDE, 2222, 443, 0x02, b"")),
     );
     assert_eq!((v, be16(&check_ip(&out), 20)), (TC_ACT_REDIRECT, 2000));
-    assert_eq!(node.flows(names::SNAT_V4_REV).len(), 2);
+    assert_eq!(node.rev_flows().len(), 2);
 }
 
 #[test]
@@ -848,20 +1015,20 @@ fn an_idle_flow_is_dead_for_the_data_path() {
         node.run(names::UNDERLAY_INGRESS, &late),
         (TC_ACT_OK, late.clone())
     );
-    assert!(node.flows(names::SNAT_V4_REV).is_empty());
-    assert!(node.flows(names::SNAT_V4_CT).is_empty());
+    assert!(node.rev_flows().is_empty());
+    assert!(node.ct_flows().is_empty());
     let _ = (node.eth0, node.cni0);
 }
 
 /// The CT and REV entries of the pod's flow from source port `sport`: (state, last seen) each.
 #[track_caller]
 fn entry_times(node: &Node, sport: u16) -> [(u8, u64); 2] {
-    let ct = node.flows(names::SNAT_V4_CT);
+    let ct = node.ct_flows();
     let (key, e) = ct
         .iter()
         .find(|(k, _)| k.sport == sport.to_be_bytes())
         .expect("the CT entry");
-    let rev = node.flows(names::SNAT_V4_REV);
+    let rev = node.rev_flows();
     let (_, r) = rev
         .iter()
         .find(|(k, _)| *k == key.reply(e.addr, e.port))
@@ -1031,7 +1198,7 @@ fn outside_to_a_remote_vxlan_pod_is_masqueraded_to_the_host_device_address_and_r
     let nat_port = be16(&inner, 20);
     assert!((PORT_MIN..=PORT_MAX).contains(&nat_port), "{nat_port}");
     assert_eq!(be16(&inner, 22), 80);
-    let flows = node.flows(names::SNAT_V4_CT);
+    let flows = node.ct_flows();
     assert_eq!(flows.len(), 1);
     assert_eq!(
         flows[0].0.saddr,
@@ -1189,7 +1356,7 @@ fn what_the_last_rule_does_not_masquerade_is_left_alone() {
         (TC_ACT_REDIRECT, &direct[..]),
         "masquerade off"
     );
-    assert!(node.flows(names::SNAT_V4_CT).is_empty());
+    assert!(node.ct_flows().is_empty());
     assert!(
         node.counters().keys().all(|k| !k.starts_with("nat_")),
         "{:?}",
@@ -1258,7 +1425,7 @@ fn a_pods_vxlan_to_a_member_node_is_dropped_not_masqueraded() {
         assert_eq!(v, TC_ACT_SHOT, "{prog}: a pod's VXLAN to a member");
     }
     assert_eq!(node.counters()["drop_pod_vxlan"], 2);
-    assert!(node.flows(names::SNAT_V4_CT).is_empty(), "no flow created");
+    assert!(node.ct_flows().is_empty(), "no flow created");
 
     // Another port of the member, and the VXLAN port of a host that is no member: as usual.
     for ip in [

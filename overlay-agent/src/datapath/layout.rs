@@ -13,9 +13,9 @@
 //! refused (naming the maps and the command that clears them) or migrated: those pins are
 //! removed, so the loader creates the maps anew. Maps that hold state for each other go
 //! together: the peer maps (`ROUTE_V4` counts into `NODE_V4`; both are refilled from etcd)
-//! and the NAT flow tables (`SNAT_V4_CT` and `SNAT_V4_REV` point at each other; masqueraded
-//! connections are lost). Programs of an older agent keep their old maps until the new
-//! agent's programs replace them in the pinned links.
+//! and the NAT flow tables (`SNAT_V4_CT`, `SNAT_V4_REV` and their `_NEW` twins point at each
+//! other; masqueraded connections are lost). Programs of an older agent keep their old maps
+//! until the new agent's programs replace them in the pinned links.
 
 use std::{collections::BTreeMap, fmt, path::Path};
 
@@ -27,10 +27,7 @@ use super::{OBJECT, STATE_MAPS, names, pin::PinDir};
 use crate::cli::LayoutMismatch;
 
 /// Maps replaced together (see the module comment).
-const GROUPS: &[&[&str]] = &[
-    &[names::ROUTE_V4, names::NODE_V4],
-    &[names::SNAT_V4_CT, names::SNAT_V4_REV],
-];
+const GROUPS: &[&[&str]] = &[&[names::ROUTE_V4, names::NODE_V4], &names::NAT_FLOW_MAPS];
 /// Maps rewritten whole at every start: replacing them loses nothing.
 const SETTINGS: &[&str] = &[names::CONFIG, names::NAT_CONFIG, names::NAT_EXCLUDE_V4];
 

@@ -106,17 +106,19 @@ pub use overlay_common::names::{
 };
 
 /// The maps that hold state worth keeping across an agent restart (all pinned).
-pub const STATE_MAPS: [&str; 10] = [
+pub const STATE_MAPS: [&str; 12] = [
     names::CONFIG,
     names::ROUTE_V4,
     names::NODE_V4,
     names::ENDPOINT_V4,
     names::COUNTERS,
-    // Masquerade (`nat`): its settings and the flow table, so connections survive a restart.
+    // Masquerade (`nat`): its settings and the flow tables, so connections survive a restart.
     names::NAT_MAPS[0],
     names::NAT_MAPS[1],
     names::NAT_MAPS[2],
     names::NAT_MAPS[3],
+    names::NAT_MAPS[4],
+    names::NAT_MAPS[5],
     // Pinned so that `monitor`, another process, can read it.
     names::DROP_EVENTS,
 ];

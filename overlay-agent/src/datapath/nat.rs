@@ -1,8 +1,9 @@
 //! Masquerade (`--ip-masq`: pod traffic leaving the cluster, and traffic from outside the
 //! cluster network to remote pods, flannel's last rule) on the agent's side: the settings
 //! written to `NAT_CONFIG` and
-//! `NAT_EXCLUDE_V4`, the sweeper that frees idle flows from `SNAT_V4_CT` / `SNAT_V4_REV`, and a
-//! read-only view of the pinned flow table (`overlay-agent nat`). The translation itself is in
+//! `NAT_EXCLUDE_V4`, the sweeper that frees idle flows from the flow tables (`SNAT_V4_CT` /
+//! `SNAT_V4_REV` and their `_NEW` twins for flows not answered yet), and a read-only view of
+//! the pinned flow tables (`overlay-agent nat`). The translation itself is in
 //! the data path (`overlay-ebpf/src/lib/nat.rs`); layouts in `overlay_common::nat`.
 //!
 //! The data path already treats an idle entry as dead when it meets one; the sweeper exists so
@@ -21,7 +22,7 @@ use ipnet::Ipv4Net;
 use overlay_common::nat::{
     IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, NAT_CONFIG_INDEX, NAT_E_KERNEL, NAT_E_TO_CLUSTER,
     NAT_F_ENABLED, NAT_F_KEEP_PORT, NAT_S_FIN, NAT_S_REPLIED, NAT_S_RST, NatConfig, NatEntryV4,
-    NatKeyV4, SNAT_V4_CAPACITY,
+    NatKeyV4, SNAT_V4_CAPACITY, SNAT_V4_NEW_CAPACITY,
 };
 
 use super::{Datapath, DatapathError, map_mut, names, pin::PinDir};
@@ -185,9 +186,9 @@ impl NatSettings {
 /// Result of one sweep.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SweepReport {
-    /// Entries removed from `SNAT_V4_CT` and `SNAT_V4_REV`.
+    /// Entries removed from the four flow tables.
     pub removed: usize,
-    /// Flows left (`SNAT_V4_CT` entries).
+    /// Flows left (`SNAT_V4_CT` and `SNAT_V4_CT_NEW` entries).
     pub flows: usize,
 }
 
@@ -267,7 +268,7 @@ impl Datapath {
         dead: impl Fn(u8, &NatEntryV4, &NatKeyV4) -> bool,
     ) -> Result<SweepReport, DatapathError> {
         let mut report = SweepReport::default();
-        for name in [names::SNAT_V4_CT, names::SNAT_V4_REV] {
+        for name in names::NAT_FLOW_MAPS {
             let mut map: HashMap<_, NatKeyV4, NatEntryV4> = map_mut(&mut self.ebpf, name)?;
             let entries: Vec<(NatKeyV4, NatEntryV4)> = map.iter().filter_map(Result::ok).collect();
             let mut left = 0;
@@ -280,8 +281,8 @@ impl Datapath {
                     left += 1;
                 }
             }
-            if name == names::SNAT_V4_CT {
-                report.flows = left;
+            if name == names::SNAT_V4_CT || name == names::SNAT_V4_CT_NEW {
+                report.flows += left;
             }
         }
         Ok(report)
@@ -346,29 +347,27 @@ impl std::fmt::Display for NatFlow {
     }
 }
 
-/// The flows of the pinned data path (`SNAT_V4_CT`), sorted, and the table's capacity.
+/// The flows of the pinned data path, answered (`SNAT_V4_CT`) and not yet answered
+/// (`SNAT_V4_CT_NEW`, absent under an agent older than that table), sorted, and the two tables'
+/// capacity together.
 pub fn pinned_nat_flows(dir: &Path) -> Result<(Vec<NatFlow>, u32), DatapathError> {
     let pins = PinDir::existing(dir).ok_or_else(|| {
         DatapathError::InvalidConfig(format!("no pinned data path under {}", dir.display()))
     })?;
-    let data =
-        MapData::from_pin(pins.map(names::SNAT_V4_CT)).map_err(|source| DatapathError::Map {
-            map: names::SNAT_V4_CT,
-            source,
-        })?;
-    let map = Map::LruHashMap(data);
-    let hash = HashMap::<_, NatKeyV4, NatEntryV4>::try_from(&map).map_err(|source| {
-        DatapathError::Map {
-            map: names::SNAT_V4_CT,
-            source,
-        }
-    })?;
     let now = monotonic_ns();
     let port = |p: [u8; 2]| u16::from_be_bytes(p);
-    let mut flows: Vec<NatFlow> = hash
-        .iter()
-        .filter_map(Result::ok)
-        .map(|(k, e)| NatFlow {
+    let mut flows = Vec::new();
+    for name in [names::SNAT_V4_CT, names::SNAT_V4_CT_NEW] {
+        let path = pins.map(name);
+        if name == names::SNAT_V4_CT_NEW && !path.exists() {
+            continue;
+        }
+        let data =
+            MapData::from_pin(path).map_err(|source| DatapathError::Map { map: name, source })?;
+        let map = Map::LruHashMap(data);
+        let hash = HashMap::<_, NatKeyV4, NatEntryV4>::try_from(&map)
+            .map_err(|source| DatapathError::Map { map: name, source })?;
+        flows.extend(hash.iter().filter_map(Result::ok).map(|(k, e)| NatFlow {
             proto: k.proto,
             pod: SocketAddrV4::new(k.saddr.into(), port(k.sport)),
             remote: SocketAddrV4::new(k.daddr.into(), port(k.dport)),
@@ -377,10 +376,10 @@ pub fn pinned_nat_flows(dir: &Path) -> Result<(Vec<NatFlow>, u32), DatapathError
             via_kernel: e.flags & NAT_E_KERNEL != 0,
             to_cluster: e.flags & NAT_E_TO_CLUSTER != 0,
             idle: Duration::from_nanos(now.saturating_sub(e.last_seen)),
-        })
-        .collect();
+        }));
+    }
     flows.sort_by_key(|f| (f.proto, f.pod, f.remote));
-    Ok((flows, SNAT_V4_CAPACITY))
+    Ok((flows, SNAT_V4_CAPACITY + SNAT_V4_NEW_CAPACITY))
 }
 
 #[cfg(test)]

@@ -1,8 +1,16 @@
 //! The flow table: `SNAT_V4_CT` (original direction → translated source), `SNAT_V4_REV`
-//! (reply tuple → originator) and `SNAT_V4_FRAG` (datagram identity → originator, for later
-//! fragments). Finds, creates, refreshes and expires flows (the idle rule is
-//! `NatConfig::is_expired`, shared with the agent's sweeper); rewrites nothing. Called by
-//! `snat`, `reverse` and `icmp`.
+//! (reply tuple → originator), the same pair for flows not answered yet (`SNAT_V4_CT_NEW`,
+//! `SNAT_V4_REV_NEW`), and `SNAT_V4_FRAG` (datagram identity → originator, for later
+//! fragments). Finds, creates, refreshes, promotes (at the first reply) and expires flows (the
+//! idle rule is `NatConfig::is_expired`, shared with the agent's sweeper); rewrites nothing.
+//! Called by `snat`, `reverse` and `icmp`.
+//!
+//! Why two tiers: in one LRU table a flood of new flows that nobody answers (a scan, a pod
+//! retrying a dead address) evicts the least recently used entries, which are the idle but
+//! live connections; their next packet then gets another port and the connection breaks.
+//! New flows start in the `_NEW` tables and can only evict each other; the first reply that
+//! is not a TCP reset moves the flow (`promote`). Packets of answered flows look up
+//! `SNAT_V4_CT` / `SNAT_V4_REV` first and find them at once.
 
 use aya_ebpf::{
     bindings::{
@@ -23,7 +31,7 @@ use overlay_common::{
     nat::{
         IPPROTO_TCP, IPPROTO_UDP, NAT_E_TO_CLUSTER, NAT_F_KEEP_PORT, NAT_FRAG_TIMEOUT,
         NAT_PORT_TRIES, NAT_REFRESH_NS, NAT_S_FIN, NAT_S_REPLIED, NAT_S_RST, NatConfig, NatEntryV4,
-        NatKeyV4, SNAT_V4_CAPACITY, SNAT_V4_FRAG_CAPACITY, idle_longer_than,
+        NatKeyV4, SNAT_V4_CAPACITY, SNAT_V4_FRAG_CAPACITY, SNAT_V4_NEW_CAPACITY, idle_longer_than,
     },
     route::NextHopV4,
 };
@@ -42,6 +50,103 @@ named!(SNAT_V4_CT, overlay_common::names::SNAT_V4_CT);
 static SNAT_V4_REV: LruHashMap<NatKeyV4, NatEntryV4> =
     LruHashMap::with_max_entries(SNAT_V4_CAPACITY, 0);
 named!(SNAT_V4_REV, overlay_common::names::SNAT_V4_REV);
+
+#[map]
+static SNAT_V4_CT_NEW: LruHashMap<NatKeyV4, NatEntryV4> =
+    LruHashMap::with_max_entries(SNAT_V4_NEW_CAPACITY, 0);
+named!(SNAT_V4_CT_NEW, overlay_common::names::SNAT_V4_CT_NEW);
+
+#[map]
+static SNAT_V4_REV_NEW: LruHashMap<NatKeyV4, NatEntryV4> =
+    LruHashMap::with_max_entries(SNAT_V4_NEW_CAPACITY, 0);
+named!(SNAT_V4_REV_NEW, overlay_common::names::SNAT_V4_REV_NEW);
+
+type FlowMap = LruHashMap<NatKeyV4, NatEntryV4>;
+
+/// One tier of the flow table. Code generic over a tier is compiled once per tier, so every
+/// map access names its map: a map picked at run time would make the verifier give up
+/// inlining the lookups it reaches.
+trait Tier {
+    /// The tier of flows waiting for their first reply.
+    const UNANSWERED: bool;
+    fn ct() -> &'static FlowMap;
+    fn rev() -> &'static FlowMap;
+    /// The other tier's reply table: a reply tuple is claimed in one tier only.
+    fn other_rev() -> &'static FlowMap;
+}
+
+/// Flows that have had a reply (`SNAT_V4_CT`, `SNAT_V4_REV`).
+struct Answered;
+/// Flows waiting for their first reply (`SNAT_V4_CT_NEW`, `SNAT_V4_REV_NEW`).
+struct Unanswered;
+
+impl Tier for Answered {
+    const UNANSWERED: bool = false;
+    #[inline(always)]
+    fn ct() -> &'static FlowMap {
+        &SNAT_V4_CT
+    }
+    #[inline(always)]
+    fn rev() -> &'static FlowMap {
+        &SNAT_V4_REV
+    }
+    #[inline(always)]
+    fn other_rev() -> &'static FlowMap {
+        &SNAT_V4_REV_NEW
+    }
+}
+
+impl Tier for Unanswered {
+    const UNANSWERED: bool = true;
+    #[inline(always)]
+    fn ct() -> &'static FlowMap {
+        &SNAT_V4_CT_NEW
+    }
+    #[inline(always)]
+    fn rev() -> &'static FlowMap {
+        &SNAT_V4_REV_NEW
+    }
+    #[inline(always)]
+    fn other_rev() -> &'static FlowMap {
+        &SNAT_V4_REV
+    }
+}
+
+/// The CT entry of the flow `key`, answered or not.
+#[inline(always)]
+fn ct_entry(key: &NatKeyV4) -> Option<*const NatEntryV4> {
+    SNAT_V4_CT
+        .get_ptr(key)
+        .or_else(|| SNAT_V4_CT_NEW.get_ptr(key))
+}
+
+/// Whether `map` holds the reply tuple `rev_key` for the originator of `key`.
+#[inline(always)]
+fn holds_for(map: &FlowMap, rev_key: &NatKeyV4, key: &NatKeyV4) -> bool {
+    match map.get_ptr(rev_key) {
+        // SAFETY: a map value pointer, valid during this program run.
+        Some(rev) => unsafe { (*rev).addr == key.saddr && (*rev).port == key.sport },
+        None => false,
+    }
+}
+
+/// Claims the reply tuple `rev_key` in tier `T` with `entry`, unless either tier holds it. The
+/// other tier is checked after the insert: a promotion inserts into `SNAT_V4_REV` before it
+/// removes from `SNAT_V4_REV_NEW`, so one of the two claims of the same tuple sees the other.
+#[inline(always)]
+fn claim<T: Tier>(rev_key: &NatKeyV4, entry: &NatEntryV4) -> bool {
+    if T::rev()
+        .insert(rev_key, entry, u64::from(BPF_NOEXIST))
+        .is_err()
+    {
+        return false;
+    }
+    if T::other_rev().get_ptr(rev_key).is_some() {
+        let _ = T::rev().remove(rev_key);
+        return false;
+    }
+    true
+}
 
 #[map]
 static SNAT_V4_FRAG: LruHashMap<NatKeyV4, NatEntryV4> =
@@ -88,7 +193,7 @@ fn frag_key(ip: &Ipv4Hdr) -> NatKeyV4 {
 #[inline(always)]
 pub(super) fn replies_to_cluster_flow(nat: &NatConfig, key: &NatKeyV4, now: u64) -> bool {
     let orig = key.reversed();
-    match SNAT_V4_CT.get_ptr(&orig) {
+    match ct_entry(&orig) {
         // SAFETY: a map value pointer, valid during this program run.
         Some(ct) => unsafe {
             (*ct).flags & NAT_E_TO_CLUSTER != 0 && !nat.is_expired(key.proto, &*ct, now)
@@ -184,16 +289,16 @@ fn store_route(ct: *mut NatEntryV4, route: NextHopV4) {
 /// The next hop cached in the flow `key`'s CT entry under `route_gen` (not 0), if any.
 #[inline(always)]
 pub(super) fn cached_next_hop(key: &NatKeyV4, route_gen: u32) -> Option<[u8; 4]> {
-    let ct = SNAT_V4_CT.get_ptr(key)?;
+    let ct = ct_entry(key)?;
     let route = load_route(ct);
     (route.route_gen == route_gen).then_some(route.next_hop)
 }
 
-/// Finds the live flow for `key` or creates one; returns the translated port. A packet that
-/// changes the flow's state, or finds its entry older than `NAT_REFRESH_NS`, confirms that the
-/// reply entry is still the flow's and refreshes both. `route` (generation 0: none) is the
-/// next hop the caller looked up for the packet, cached in the CT entry for the flow's next
-/// packets.
+/// Finds the live flow for `key` (answered first) or creates one; returns the translated
+/// port. A packet that changes the flow's state, or finds its entry older than
+/// `NAT_REFRESH_NS`, confirms that the reply entry is still the flow's and refreshes both.
+/// `route` (generation 0: none) is the next hop the caller looked up for the packet, cached in
+/// the CT entry for the flow's next packets. A new flow starts unanswered.
 #[inline(always)]
 #[expect(clippy::too_many_arguments, reason = "inlined into translate_out only")]
 pub(super) fn flow_out(
@@ -207,70 +312,21 @@ pub(super) fn flow_out(
     route: NextHopV4,
     now: u64,
 ) -> Result<[u8; 2], Reason> {
+    let going = Going {
+        key: *key,
+        nat_addr,
+        tcp_flags,
+        route,
+        now,
+    };
+    if let Some(port) = continue_flow::<Answered>(nat, &going) {
+        return Ok(port);
+    }
+    if let Some(port) = continue_flow::<Unanswered>(nat, &going) {
+        return Ok(port);
+    }
     let proto = key.proto;
     let mut state = 0;
-    if let Some(ct) = SNAT_V4_CT.get_ptr_mut(key) {
-        // SAFETY: a map value pointer, valid during this program run.
-        let e = unsafe { *ct };
-        if route.route_gen != 0 && load_route(ct) != route {
-            store_route(ct, route);
-        }
-        if !nat.is_expired(proto, &e, now) && e.addr == nat_addr {
-            let st = if proto == IPPROTO_TCP {
-                tcp_state(e.state, tcp_flags)
-            } else {
-                e.state
-            };
-            if st == e.state && fresh(e.last_seen, now) {
-                // Both entries were confirmed and refreshed together a moment ago.
-                return Ok(e.port);
-            }
-            let rev_key = key.reply(e.addr, e.port);
-            let mine = NatEntryV4 {
-                addr: key.saddr,
-                port: key.sport,
-                state: st,
-                flags: e.flags,
-                last_seen: now,
-                route: NextHopV4::default(),
-            };
-            let rev_ok = match SNAT_V4_REV.get_ptr_mut(&rev_key) {
-                // SAFETY: as above.
-                Some(rev) => unsafe {
-                    if (*rev).addr == key.saddr && (*rev).port == key.sport {
-                        (*rev).state = st;
-                        (*rev).last_seen = now;
-                        true
-                    } else {
-                        false
-                    }
-                },
-                // Evicted (LRU) while the flow lived: claim the reply tuple again.
-                None => SNAT_V4_REV
-                    .insert(&rev_key, &mine, u64::from(BPF_NOEXIST))
-                    .is_ok(),
-            };
-            if rev_ok {
-                // SAFETY: as above.
-                unsafe {
-                    (*ct).state = st;
-                    (*ct).last_seen = now;
-                }
-                return Ok(e.port);
-            }
-            // The reply tuple went to another flow: this one needs a new port.
-        } else {
-            // Dead: free its reply tuple if still ours, then start over.
-            let rev_key = key.reply(e.addr, e.port);
-            if let Some(rev) = SNAT_V4_REV.get_ptr(&rev_key) {
-                // SAFETY: as above.
-                if unsafe { (*rev).addr == key.saddr && (*rev).port == key.sport } {
-                    let _ = SNAT_V4_REV.remove(&rev_key);
-                }
-            }
-        }
-        let _ = SNAT_V4_CT.remove(key);
-    }
     if proto == IPPROTO_TCP {
         state = tcp_state(0, tcp_flags);
     }
@@ -301,20 +357,107 @@ pub(super) fn flow_out(
         last_seen: now,
         route,
     };
-    if SNAT_V4_CT
+    if SNAT_V4_CT_NEW
         .insert(key, &ct_entry, u64::from(BPF_NOEXIST))
         .is_err()
     {
         // Another CPU created the flow meanwhile: use its port, give ours back.
-        let _ = SNAT_V4_REV.remove(&key.reply(nat_addr, port));
-        return match SNAT_V4_CT.get_ptr(key) {
+        let _ = SNAT_V4_REV_NEW.remove(&key.reply(nat_addr, port));
+        return match SNAT_V4_CT_NEW.get_ptr(key) {
             // SAFETY: as above.
             Some(ct) => Ok(unsafe { (*ct).port }),
             None => Err(Reason::DropNatFailed),
         };
     }
+    if let Some(ct) = SNAT_V4_CT.get_ptr(key) {
+        // Another CPU promoted the flow between our two lookups: it keeps its port.
+        let _ = SNAT_V4_CT_NEW.remove(key);
+        let _ = SNAT_V4_REV_NEW.remove(&key.reply(nat_addr, port));
+        // SAFETY: as above.
+        return Ok(unsafe { (*ct).port });
+    }
     count(Reason::NatNewFlow, 0);
     Ok(port)
+}
+
+/// An outgoing packet of a flow, as [`continue_flow`] needs it.
+struct Going {
+    key: NatKeyV4,
+    nat_addr: [u8; 4],
+    tcp_flags: u8,
+    route: NextHopV4,
+    now: u64,
+}
+
+/// The translated port of `g.key`'s live flow in tier `T`, refreshing its entries as
+/// [`flow_out`] says. `None`: no flow there, or a dead one, or one whose reply tuple went to
+/// another flow; the last two are removed, and the packet starts a new flow.
+#[inline(always)]
+fn continue_flow<T: Tier>(nat: &NatConfig, g: &Going) -> Option<[u8; 2]> {
+    let key = &g.key;
+    let ct = T::ct().get_ptr_mut(key)?;
+    // SAFETY: a map value pointer, valid during this program run.
+    let e = unsafe { *ct };
+    if g.route.route_gen != 0 && load_route(ct) != g.route {
+        store_route(ct, g.route);
+    }
+    let rev_key = key.reply(e.addr, e.port);
+    if !nat.is_expired(key.proto, &e, g.now) && e.addr == g.nat_addr {
+        let st = if key.proto == IPPROTO_TCP {
+            tcp_state(e.state, g.tcp_flags)
+        } else {
+            e.state
+        };
+        if st == e.state && fresh(e.last_seen, g.now) {
+            // Both entries were confirmed and refreshed together a moment ago.
+            return Some(e.port);
+        }
+        let mine = NatEntryV4 {
+            addr: key.saddr,
+            port: key.sport,
+            state: st,
+            flags: e.flags,
+            last_seen: g.now,
+            route: NextHopV4::default(),
+        };
+        let rev_ok = match T::rev().get_ptr_mut(&rev_key) {
+            // SAFETY: as above.
+            Some(rev) => unsafe {
+                if (*rev).addr == key.saddr && (*rev).port == key.sport {
+                    (*rev).state = st;
+                    (*rev).last_seen = g.now;
+                    true
+                } else {
+                    false
+                }
+            },
+            // Evicted (LRU) while the flow lived: claim the reply tuple again.
+            None => {
+                if claim::<T>(&rev_key, &mine) {
+                    true
+                } else if holds_for(T::other_rev(), &rev_key, key) {
+                    // Promoted by another CPU's reply this instant: its entries are fresh.
+                    return Some(e.port);
+                } else {
+                    false
+                }
+            }
+        };
+        if rev_ok {
+            // SAFETY: as above.
+            unsafe {
+                (*ct).state = st;
+                (*ct).last_seen = g.now;
+            }
+            return Some(e.port);
+        }
+        // The reply tuple went to another flow: this one needs a new port.
+    } else if holds_for(T::rev(), &rev_key, key) {
+        // Dead: free its reply tuple, then start over.
+        let _ = T::rev().remove(&rev_key);
+    }
+    let _ = T::ct().remove(key);
+    None
 }
 
 /// What [`choose_port`] needs besides the packet and the NAT settings (a BPF function takes at
@@ -329,8 +472,8 @@ struct PortChoice {
     entry: NatEntryV4,
 }
 
-/// A translated port (host order) for the new flow `c.key` whose reply tuple is free in
-/// `SNAT_V4_REV`, claimed there with `c.entry`; 0 when none was (0 is never chosen). With
+/// A translated port (host order) for the new flow `c.key` whose reply tuple is free in both
+/// tiers, claimed in `SNAT_V4_REV_NEW` with `c.entry`; 0 when none was (0 is never chosen). With
 /// `NAT_F_KEEP_PORT` the pod's own port comes first, unless a socket of the node owns its
 /// reply tuple ([`host_socket_owns`]): that port is in the kernel's ephemeral range, where the
 /// host's own connections take theirs. Then random ports, from a range outside it (the agent
@@ -344,15 +487,8 @@ struct PortChoice {
 fn choose_port(skb: *mut __sk_buff, nat: &NatConfig, c: &PortChoice) -> u16 {
     // The VXLAN port is decapsulation's; 0 is no port.
     let usable = |port: u16| port != 0 && !(c.key.proto == IPPROTO_UDP && port == c.vxlan_port);
-    let claim = |port: u16| {
-        SNAT_V4_REV
-            .insert(
-                &c.key.reply(c.nat_addr, port.to_be_bytes()),
-                &c.entry,
-                u64::from(BPF_NOEXIST),
-            )
-            .is_ok()
-    };
+    let claim =
+        |port: u16| claim::<Unanswered>(&c.key.reply(c.nat_addr, port.to_be_bytes()), &c.entry);
     let mut first = 0;
     if nat.flags & NAT_F_KEEP_PORT != 0 {
         first = 1;
@@ -373,22 +509,38 @@ fn choose_port(skb: *mut __sk_buff, nat: &NatConfig, c: &PortChoice) -> u16 {
     0
 }
 
-/// Looks up the reply tuple `key`; returns the pod's side of a live flow, refreshing both of
-/// its entries when the packet changes the state or the entry is older than `NAT_REFRESH_NS`.
-/// A dead flow is removed (the packet then goes to the kernel, as without an entry).
+/// Looks up the reply tuple `key` (answered flows first); returns the pod's side of a live
+/// flow, refreshing both of its entries when the packet changes the state or the entry is
+/// older than `NAT_REFRESH_NS`. The first reply of a flow moves it to the answered tier
+/// ([`promote`]). A dead flow is removed (the packet then goes to the kernel, as without an
+/// entry).
 #[inline(always)]
 pub(super) fn flow_in(nat: &NatConfig, key: &NatKeyV4, tcp_flags: u8) -> Option<NatEntryV4> {
-    let rev = SNAT_V4_REV.get_ptr_mut(key)?;
+    if let Some(rev) = SNAT_V4_REV.get_ptr_mut(key) {
+        return reply_in::<Answered>(nat, key, rev, tcp_flags);
+    }
+    let rev = SNAT_V4_REV_NEW.get_ptr_mut(key)?;
+    reply_in::<Unanswered>(nat, key, rev, tcp_flags)
+}
+
+/// [`flow_in`] for the reply entry `rev` of `key`, found in tier `T`.
+#[inline(always)]
+fn reply_in<T: Tier>(
+    nat: &NatConfig,
+    key: &NatKeyV4,
+    rev: *mut NatEntryV4,
+    tcp_flags: u8,
+) -> Option<NatEntryV4> {
     // SAFETY: a map value pointer, valid during this program run.
     let e = unsafe { *rev };
     let now = now();
     let ct_key = key.original(e.addr, e.port);
     if nat.is_expired(key.proto, &e, now) {
-        let _ = SNAT_V4_REV.remove(key);
-        if let Some(ct) = SNAT_V4_CT.get_ptr(&ct_key) {
+        let _ = T::rev().remove(key);
+        if let Some(ct) = T::ct().get_ptr(&ct_key) {
             // SAFETY: as above.
             if unsafe { (*ct).port == key.dport } {
-                let _ = SNAT_V4_CT.remove(&ct_key);
+                let _ = T::ct().remove(&ct_key);
             }
         }
         return None;
@@ -400,12 +552,24 @@ pub(super) fn flow_in(nat: &NatConfig, key: &NatKeyV4, tcp_flags: u8) -> Option<
     if state == e.state && fresh(e.last_seen, now) {
         return Some(e);
     }
+    let answered = NatEntryV4 {
+        state,
+        last_seen: now,
+        ..e
+    };
+    if T::UNANSWERED
+        && tcp_flags & TcpHdr::RST == 0
+        && (promote(key, &answered, &ct_key) || holds_for(&SNAT_V4_REV, key, &ct_key))
+    {
+        // Moved (by this packet or, this instant, by another CPU's).
+        return Some(e);
+    }
     // SAFETY: as above.
     unsafe {
         (*rev).state = state;
         (*rev).last_seen = now;
     }
-    if let Some(ct) = SNAT_V4_CT.get_ptr_mut(&ct_key) {
+    if let Some(ct) = T::ct().get_ptr_mut(&ct_key) {
         // SAFETY: as above.
         unsafe {
             if (*ct).port == key.dport {
@@ -417,6 +581,42 @@ pub(super) fn flow_in(nat: &NatConfig, key: &NatKeyV4, tcp_flags: u8) -> Option<
     Some(e)
 }
 
+/// Moves the flow whose reply tuple is `key` (reply entry `answered`, already updated for the
+/// reply) from the unanswered tier to the answered one: both entries are inserted there before
+/// either is removed here, so a concurrent packet of the flow finds it in one tier or the other
+/// (and a new flow created meanwhile on another CPU sees the answered entry, see
+/// [`flow_out`]). False when the CT entry is gone or is another flow's, or the answered tier
+/// refused: the flow then stays unanswered for now.
+#[inline(always)]
+fn promote(key: &NatKeyV4, answered: &NatEntryV4, ct_key: &NatKeyV4) -> bool {
+    let Some(ct) = SNAT_V4_CT_NEW.get_ptr(ct_key) else {
+        return false;
+    };
+    // SAFETY: a map value pointer, valid during this program run; copied at once.
+    let ct_e = unsafe { *ct };
+    if ct_e.port != key.dport {
+        return false;
+    }
+    let ct_e = NatEntryV4 {
+        state: answered.state,
+        last_seen: answered.last_seen,
+        ..ct_e
+    };
+    if SNAT_V4_REV
+        .insert(key, answered, u64::from(BPF_NOEXIST))
+        .is_err()
+    {
+        return false;
+    }
+    if SNAT_V4_CT.insert(ct_key, &ct_e, 0).is_err() {
+        let _ = SNAT_V4_REV.remove(key);
+        return false;
+    }
+    let _ = SNAT_V4_CT_NEW.remove(ct_key);
+    let _ = SNAT_V4_REV_NEW.remove(key);
+    true
+}
+
 /// The pod's side of the live flow whose reply tuple is `key`, for an ICMP error about it. The
 /// error is related to the flow, as conntrack says, not a reply: it neither marks the flow
 /// answered nor refreshes it, so an unanswered SYN that a router answers with "unreachable"
@@ -424,7 +624,9 @@ pub(super) fn flow_in(nat: &NatConfig, key: &NatKeyV4, tcp_flags: u8) -> Option<
 /// sweeper.
 #[inline(always)]
 pub(super) fn flow_related(nat: &NatConfig, key: &NatKeyV4) -> Option<NatEntryV4> {
-    let rev = SNAT_V4_REV.get_ptr(key)?;
+    let rev = SNAT_V4_REV
+        .get_ptr(key)
+        .or_else(|| SNAT_V4_REV_NEW.get_ptr(key))?;
     // SAFETY: a map value pointer, valid during this program run; copied at once.
     let e = unsafe { *rev };
     (!nat.is_expired(key.proto, &e, now())).then_some(e)
@@ -464,7 +666,7 @@ pub(super) fn live_flow(
     nat_addr: [u8; 4],
     now: u64,
 ) -> Option<NatEntryV4> {
-    let ct = SNAT_V4_CT.get_ptr(key)?;
+    let ct = ct_entry(key)?;
     // SAFETY: a map value pointer, valid during this program run; copied at once.
     let flow = unsafe { *ct };
     if flow.addr != nat_addr || nat.is_expired(key.proto, &flow, now) {

@@ -33,7 +33,7 @@
 //!   address for a direct (host-gw, DirectRouting) peer. Flagged `NAT_E_TO_CLUSTER`; the kernel
 //!   has routed it already, so the TTL is left alone.
 //! - `underlay_ingress` calls [`reverse`] for what decapsulation left alone: a reply to the
-//!   node's address matching `SNAT_V4_REV` (TCP, UDP, ICMP echo reply, or an ICMP error whose
+//!   node's address matching a flow's reply tuple (TCP, UDP, ICMP echo reply, or an ICMP error whose
 //!   inner header is a translated flow) gets the pod's address and port back (inner header and
 //!   every checksum too, for errors) and goes to the pod bridge with `bpf_redirect_neigh`
 //!   (or to the kernel for `NAT_E_KERNEL` flows). Decapsulation calls
@@ -47,8 +47,11 @@
 //! Flows: a new one gets a port (ICMP: identifier) in `[port_min, port_max]`, at random, or its
 //! own first with `NAT_F_KEEP_PORT`; the reply tuple is claimed with `BPF_NOEXIST`, so two flows
 //! never share one, retrying up to `NAT_PORT_TRIES` times (then dropped, `drop_nat_exhausted`).
-//! Both entries of a flow are refreshed on every packet; an entry idle longer than its timeout
-//! (by protocol and TCP state) is dead for the data path at once and swept by the agent.
+//! A new flow lives in the unanswered tables (`SNAT_V4_CT_NEW` / `SNAT_V4_REV_NEW`) until its
+//! first reply that is not a TCP reset moves it to `SNAT_V4_CT` / `SNAT_V4_REV`, so floods of
+//! unanswered flows evict only each other. Both entries of a flow are refreshed together
+//! (`flow`); an entry idle longer than its timeout (by protocol and TCP state) is dead for the
+//! data path at once and swept by the agent.
 //!
 //! Checksums: the L4 checksum through `bpf_l4_csum_replace` (`BPF_F_PSEUDO_HDR` for addresses,
 //! so CHECKSUM_PARTIAL packets from pods — GSO included — stay right; `BPF_F_MARK_MANGLED_0`
@@ -75,8 +78,8 @@
 //! `-d <cluster> -j ACCEPT` FORWARD rule is not written).
 //!
 //! Layout of this module, by job: `policy` (which packets are masqueraded: `NAT_CONFIG`,
-//! `NAT_EXCLUDE_V4`, flannel's rules), `flow` (the flow table `SNAT_V4_CT` / `SNAT_V4_REV` /
-//! `SNAT_V4_FRAG`: finding, creating, refreshing, expiring flows), `snat` (outbound
+//! `NAT_EXCLUDE_V4`, flannel's rules), `flow` (the flow tables, answered and unanswered, and
+//! `SNAT_V4_FRAG`: finding, creating, refreshing, promoting, expiring flows), `snat` (outbound
 //! translation at the three hooks), `reverse` (replies translated back and delivered),
 //! `icmp` (ICMP errors about flows, both ways), `rewrite` (address rewrites with their
 //! checksums). Headers are read once per packet through [`load_l4`]; the hand-off to the
