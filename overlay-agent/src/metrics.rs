@@ -8,7 +8,8 @@
 //! | metric | type | labels |
 //! |---|---|---|
 //! | `overlay_packets_total`, `overlay_bytes_total` | counter | `reason` (every counter reason; drops start with `drop_`) |
-//! | `overlay_nat_entries`, `overlay_nat_capacity` | gauge | |
+//! | `overlay_nat_entries`, `overlay_nat_capacity` | gauge | assured flows' table |
+//! | `overlay_nat_unassured_entries`, `overlay_nat_unassured_capacity` | gauge | the other |
 //! | `overlay_nat_port_exhaustion_total` | counter | |
 //! | `overlay_peers` | gauge | `mode` (`vxlan`, `direct`) |
 //! | `overlay_lease_expiry_timestamp_seconds` | gauge | |
@@ -19,6 +20,7 @@
 
 use std::{path::Path, sync::atomic::AtomicU64};
 
+use overlay_common::nat::SNAT_V4_NEW_CAPACITY;
 use prometheus_client::{
     encoding::text::encode,
     metrics::{counter::Counter, family::Family, gauge::Gauge, info::Info},
@@ -77,22 +79,37 @@ pub fn render(bpf_dir: &Path, telemetry: &Telemetry) -> String {
 
     let nat_entries = Gauge::<i64>::default();
     let nat_capacity = Gauge::<i64>::default();
+    let nat_unassured = Gauge::<i64>::default();
+    let nat_unassured_capacity = Gauge::<i64>::default();
     match pinned_nat_flows(bpf_dir) {
         Ok((flows, capacity)) => {
-            nat_entries.set(i64::try_from(flows.len()).unwrap_or(i64::MAX));
+            let assured = flows.iter().filter(|f| f.assured).count();
+            nat_entries.set(i64::try_from(assured).unwrap_or(i64::MAX));
             nat_capacity.set(i64::from(capacity));
+            nat_unassured.set(i64::try_from(flows.len() - assured).unwrap_or(i64::MAX));
+            nat_unassured_capacity.set(i64::from(SNAT_V4_NEW_CAPACITY));
         }
         Err(e) => tracing::debug!("metrics: no NAT table: {e}"),
     }
     registry.register(
         "nat_entries",
-        "Masqueraded flows in the NAT tables, answered or not",
+        "Assured masqueraded flows (their table's filling evicts live connections)",
         nat_entries,
     );
     registry.register(
         "nat_capacity",
-        "Capacity of the NAT tables (answered and unanswered flows)",
+        "Capacity of the assured flows' table",
         nat_capacity,
+    );
+    registry.register(
+        "nat_unassured_entries",
+        "Masqueraded flows not assured yet (their own table)",
+        nat_unassured,
+    );
+    registry.register(
+        "nat_unassured_capacity",
+        "Capacity of the table of flows not assured yet",
+        nat_unassured_capacity,
     );
 
     let peers = Family::<Labels, Gauge>::default();

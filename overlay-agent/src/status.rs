@@ -15,6 +15,7 @@ use std::{
 use anyhow::{Context as _, Result};
 use aya::programs::{SchedClassifier, TcAttachType};
 use overlay_common::counters::Reason;
+use overlay_common::nat::SNAT_V4_NEW_CAPACITY;
 use serde::Serialize;
 
 use crate::{
@@ -61,9 +62,13 @@ pub struct PeerStatus {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct NatStatus {
+    /// Assured flows (`SNAT_V4_CT`): the table whose filling evicts live connections.
     pub entries: usize,
     pub capacity: u32,
     pub used_percent: f64,
+    /// Flows not assured yet (`SNAT_V4_CT_NEW`), and that table's capacity.
+    pub unassured_entries: usize,
+    pub unassured_capacity: u32,
     pub exhausted_drops: u64,
 }
 
@@ -174,14 +179,17 @@ pub fn collect(bpf_dir: &Path, status_file: &Path) -> NodeStatus {
             .find(|(r, _)| *r == Reason::DropNatExhausted)
             .map(|(_, c)| c.packets)
     });
-    let nat = pinned_nat_flows(bpf_dir)
-        .ok()
-        .map(|(flows, capacity)| NatStatus {
-            entries: flows.len(),
+    let nat = pinned_nat_flows(bpf_dir).ok().map(|(flows, capacity)| {
+        let assured = flows.iter().filter(|f| f.assured).count();
+        NatStatus {
+            entries: assured,
             capacity,
-            used_percent: 100.0 * flows.len() as f64 / f64::from(capacity.max(1)),
+            used_percent: 100.0 * assured as f64 / f64::from(capacity.max(1)),
+            unassured_entries: flows.len() - assured,
+            unassured_capacity: SNAT_V4_NEW_CAPACITY,
             exhausted_drops: exhausted.unwrap_or(0),
-        });
+        }
+    });
     NodeStatus {
         agent_running,
         status_file: status_file.display().to_string(),
@@ -319,8 +327,14 @@ pub fn print_status(bpf_dir: &Path, status_file: &Path, json: bool) -> Result<()
     }
     if let Some(n) = &s.nat {
         println!(
-            "nat:        {} of {} entries ({:.1} %), {} drops for want of a port",
-            n.entries, n.capacity, n.used_percent, n.exhausted_drops
+            "nat:        {} of {} entries ({:.1} %), {} of {} not assured yet, {} drops for \
+             want of a port",
+            n.entries,
+            n.capacity,
+            n.used_percent,
+            n.unassured_entries,
+            n.unassured_capacity,
+            n.exhausted_drops
         );
     }
     Ok(())
@@ -355,7 +369,8 @@ pub fn print_peers_json(bpf_dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// `nat -o json`: `{"entries", "capacity", "flows": [...]}`.
+/// `nat -o json`: `{"entries", "capacity", "unassured_entries", "unassured_capacity",
+/// "flows": [...]}` (entries and capacity: the assured flows' table).
 pub fn print_nat_json(bpf_dir: &Path) -> Result<()> {
     let (flows, capacity) = pinned_nat_flows(bpf_dir)?;
     let rows: Vec<serde_json::Value> = flows
@@ -365,11 +380,16 @@ pub fn print_nat_json(bpf_dir: &Path) -> Result<()> {
                 "proto": f.proto, "pod": f.pod.to_string(), "remote": f.remote.to_string(),
                 "translated": f.translated.to_string(), "state": f.state,
                 "via_kernel": f.via_kernel, "to_cluster": f.to_cluster,
-                "idle_secs": f.idle.as_secs_f64(),
+                "assured": f.assured, "idle_secs": f.idle.as_secs_f64(),
             })
         })
         .collect();
-    let doc = serde_json::json!({"entries": flows.len(), "capacity": capacity, "flows": rows});
+    let assured = flows.iter().filter(|f| f.assured).count();
+    let doc = serde_json::json!({
+        "entries": assured, "capacity": capacity,
+        "unassured_entries": flows.len() - assured, "unassured_capacity": SNAT_V4_NEW_CAPACITY,
+        "flows": rows,
+    });
     println!("{}", serde_json::to_string_pretty(&doc)?);
     Ok(())
 }

@@ -76,7 +76,8 @@ pub enum Reason {
     /// member node's PublicIP): left to the kernel, whose forwarding rules decide (FORWARD).
     StackNotPeer = 12,
     // Slots 13..=15 and drops 61..=63: masquerade, taken from the top of each range.
-    /// A new masqueraded flow was created (an entry in `SNAT_V4_CT` / `SNAT_V4_REV`).
+    /// A new masqueraded flow was created (an entry in `SNAT_V4_CT_NEW` / `SNAT_V4_REV_NEW`,
+    /// moved to `SNAT_V4_CT` / `SNAT_V4_REV` once assured).
     NatNewFlow = 13,
     /// A reply (or an ICMP error about a flow) was translated back to the originator's address
     /// (the pod's, or the outside source's).

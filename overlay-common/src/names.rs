@@ -53,13 +53,13 @@ pub const DROP_EVENT_BUDGET: &str = "DROP_EVENT_BUDGET";
 pub const NAT_CONFIG: &str = "NAT_CONFIG";
 /// Destinations never masqueraded (`nat`).
 pub const NAT_EXCLUDE_V4: &str = "NAT_EXCLUDE_V4";
-/// The masquerade flow table, original direction, of answered flows (`nat`).
+/// The masquerade flow table, original direction, of assured flows (`nat`).
 pub const SNAT_V4_CT: &str = "SNAT_V4_CT";
-/// The masquerade flow table, reply direction, of answered flows (`nat`).
+/// The masquerade flow table, reply direction, of assured flows (`nat`).
 pub const SNAT_V4_REV: &str = "SNAT_V4_REV";
-/// The masquerade flow table, original direction, of flows not answered yet (`nat`).
+/// The masquerade flow table, original direction, of flows not assured yet (`nat`).
 pub const SNAT_V4_CT_NEW: &str = "SNAT_V4_CT_NEW";
-/// The masquerade flow table, reply direction, of flows not answered yet (`nat`).
+/// The masquerade flow table, reply direction, of flows not assured yet (`nat`).
 pub const SNAT_V4_REV_NEW: &str = "SNAT_V4_REV_NEW";
 /// Fragments of masqueraded datagrams after the first (`nat`).
 pub const SNAT_V4_FRAG: &str = "SNAT_V4_FRAG";
@@ -72,7 +72,7 @@ pub const NAT_MAPS: [&str; 6] = [
     SNAT_V4_CT_NEW,
     SNAT_V4_REV_NEW,
 ];
-/// The masquerade's flow tables, answered flows first (`NAT_MAPS` without the settings).
+/// The masquerade's flow tables, assured flows first (`NAT_MAPS` without the settings).
 pub const NAT_FLOW_MAPS: [&str; 4] = [SNAT_V4_CT, SNAT_V4_REV, SNAT_V4_CT_NEW, SNAT_V4_REV_NEW];
 
 /// Whether two names are equal; `const`, for the eBPF crate's compile-time checks.

@@ -11,12 +11,13 @@
 //!   address and port → remote pod), value = the translated source ([`NatEntryV4`]).
 //! - `SNAT_V4_REV`: LRU hash, key = the reply as it arrives (remote address and port → the
 //!   translated address and port), value = the originator's address and port.
-//! - `SNAT_V4_CT_NEW`, `SNAT_V4_REV_NEW`: the same two tables for flows not answered yet. A
-//!   flow starts there and moves to `SNAT_V4_CT` / `SNAT_V4_REV` with its first reply (a TCP
-//!   reset is not one), so a flood of unanswered flows (a scan, a pod hammering a dead
-//!   address) can only evict other unanswered flows, never an idle answered connection: the
-//!   protection conntrack gives assured flows with its early drop. A reply tuple is in one
-//!   table of the two at a time (claims check the other one after inserting).
+//! - `SNAT_V4_CT_NEW`, `SNAT_V4_REV_NEW`: the same two tables for flows not assured yet. A
+//!   flow starts there and moves to `SNAT_V4_CT` / `SNAT_V4_REV` once assured, as conntrack
+//!   says: its originator sends again after a reply that was neither a reset nor a FIN. So a
+//!   flood of new flows (a scan, one-shot DNS queries, hosts answering a scan) can only evict
+//!   other new flows, never an idle connection: the protection conntrack gives assured flows
+//!   with its early drop. A reply tuple is claimed in one table of the two (claims check the
+//!   other one after inserting); a promotion holds it in both for a moment.
 //! - `SNAT_V4_FRAG` (not pinned: in-flight state only): LRU hash of fragmented replies whose
 //!   first fragment was translated back, key = the reply's reassembly identity (remote address
 //!   → translated address, protocol, the IP identifier in `sport`, `dport` zero), value = the
@@ -48,10 +49,10 @@ use crate::route::NextHopV4;
 pub const NAT_CONFIG_INDEX: u32 = 0;
 pub const NAT_CONFIG_LEN: u32 = 1;
 
-/// Capacity of each of `SNAT_V4_CT` and `SNAT_V4_REV` (answered flows; LRU, so the least
+/// Capacity of each of `SNAT_V4_CT` and `SNAT_V4_REV` (assured flows; LRU, so the least
 /// recently used flow is evicted when full).
 pub const SNAT_V4_CAPACITY: u32 = 65_536;
-/// Capacity of each of `SNAT_V4_CT_NEW` and `SNAT_V4_REV_NEW` (flows not answered yet, most of
+/// Capacity of each of `SNAT_V4_CT_NEW` and `SNAT_V4_REV_NEW` (flows not assured yet, most of
 /// them for a round trip; LRU).
 pub const SNAT_V4_NEW_CAPACITY: u32 = 32_768;
 /// Capacity of `SNAT_V4_FRAG` (fragmented replies in flight; LRU).

@@ -188,8 +188,11 @@ fn metrics_move_with_traffic_and_the_nat_gauge_follows_flows() {
     );
     assert_eq!(
         sample(&after, "overlay_nat_capacity"),
-        f64::from(SNAT_V4_CAPACITY + SNAT_V4_NEW_CAPACITY),
-        "answered and unanswered flows' tables"
+        f64::from(SNAT_V4_CAPACITY)
+    );
+    assert_eq!(
+        sample(&after, "overlay_nat_unassured_capacity"),
+        f64::from(SNAT_V4_NEW_CAPACITY)
     );
     assert!(
         after
@@ -207,18 +210,27 @@ fn metrics_move_with_traffic_and_the_nat_gauge_follows_flows() {
         "every counter reason"
     );
 
-    // Masqueraded flows: the gauge follows them up, and down as they expire (2 s idle).
-    let nat = "overlay_nat_entries";
+    // Masqueraded flows: the gauges follow them up, and down as they expire (2 s idle). One
+    // datagram answered once is not assured; a flow that goes on after its answer is.
+    let (nat, unassured) = ("overlay_nat_entries", "overlay_nat_unassured_entries");
     assert_eq!(sample(&after, nat), 0.0, "no masqueraded flow yet");
+    assert_eq!(sample(&after, unassured), 0.0);
     for _ in 0..3 {
         assert_eq!(a.udp_echo(cluster.outside(), 1).unwrap().received, 1);
     }
-    let busy = sample(&scrape(n0), nat);
-    assert!(busy >= 3.0, "three UDP flows to the outside: gauge {busy}");
+    assert_eq!(a.udp_echo(cluster.outside(), 3).unwrap().received, 3);
+    let busy = scrape(n0);
+    assert!(
+        sample(&busy, unassured) >= 3.0 && sample(&busy, nat) >= 1.0,
+        "three one-shot UDP flows, one assured: {} and {}",
+        sample(&busy, unassured),
+        sample(&busy, nat)
+    );
     let snat = r#"overlay_packets_total{reason="nat_snat"}"#;
-    assert!(sample(&scrape(n0), snat) >= 3.0);
-    wait_until("the NAT gauge back to 0", Duration::from_secs(15), || {
-        sample(&scrape(n0), nat) == 0.0
+    assert!(sample(&busy, snat) >= 6.0);
+    wait_until("the NAT gauges back to 0", Duration::from_secs(15), || {
+        let now = scrape(n0);
+        sample(&now, nat) == 0.0 && sample(&now, unassured) == 0.0
     });
 }
 
@@ -378,9 +390,13 @@ fn status_json_parses_and_matches_the_kernel() {
         .unwrap();
     assert_eq!(json(&dump).as_array().unwrap().len(), 1, "{dump}");
     assert_eq!(s["nat"]["entries"], 0);
+    assert_eq!(s["nat"]["capacity"], SNAT_V4_CAPACITY);
     assert_eq!(
-        s["nat"]["capacity"],
-        SNAT_V4_CAPACITY + SNAT_V4_NEW_CAPACITY
+        (
+            &s["nat"]["unassured_entries"],
+            &s["nat"]["unassured_capacity"]
+        ),
+        (&Value::from(0), &Value::from(SNAT_V4_NEW_CAPACITY))
     );
 
     let counters = json(&agent_cmd(n0, &["counters", "-o", "json"]));

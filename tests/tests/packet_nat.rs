@@ -281,21 +281,21 @@ impl Node {
         m.iter().map(Result::unwrap).collect()
     }
 
-    /// The CT entries of both tiers, answered flows first.
+    /// The CT entries of both tiers, assured flows first.
     fn ct_flows(&self) -> Vec<(NatKeyV4, NatEntryV4)> {
         let mut flows = self.flows(names::SNAT_V4_CT);
         flows.extend(self.flows(names::SNAT_V4_CT_NEW));
         flows
     }
 
-    /// The REV entries of both tiers, answered flows first.
+    /// The REV entries of both tiers, assured flows first.
     fn rev_flows(&self) -> Vec<(NatKeyV4, NatEntryV4)> {
         let mut flows = self.flows(names::SNAT_V4_REV);
         flows.extend(self.flows(names::SNAT_V4_REV_NEW));
         flows
     }
 
-    /// How many entries each flow table holds: answered CT, REV, then unanswered CT, REV.
+    /// How many entries each flow table holds: assured CT, REV, then new CT, REV.
     fn tier_sizes(&self) -> [usize; 4] {
         names::NAT_FLOW_MAPS.map(|map| self.flows(map).len())
     }
@@ -444,12 +444,16 @@ fn tcp_is_masqueraded_and_the_reply_translated_back_with_valid_checksums() {
         "random port in range: {nat_port}"
     );
     assert_eq!(be16(&ip, 22), 80);
-    assert_eq!(node.tier_sizes(), [0, 0, 1, 1], "a new flow is unanswered");
+    assert_eq!(node.tier_sizes(), [0, 0, 1, 1], "a new flow is not assured");
 
     // The reply, to the node's address and the translated port, with data.
     let synack = tcp(OUTSIDE, NODE_IP, 80, nat_port, 0x12, b"hello from outside");
     let (v, out) = node.run(names::UNDERLAY_INGRESS, &frame(&synack));
-    assert_eq!(node.tier_sizes(), [1, 1, 0, 0], "the first reply moved it");
+    assert_eq!(
+        node.tier_sizes(),
+        [0, 0, 1, 1],
+        "a reply alone assures nothing"
+    );
     assert_eq!(v, TC_ACT_REDIRECT, "sent to the pod bridge");
     let ip = check_ip(&out);
     assert_eq!(addr(&ip, 16), POD, "destination = the pod again");
@@ -462,12 +466,13 @@ fn tcp_is_masqueraded_and_the_reply_translated_back_with_valid_checksums() {
     assert_eq!(ip[8], 63);
     assert_eq!(&ip[40..], b"hello from outside");
 
-    // The same flow again uses the same port.
+    // The same flow again uses the same port; the pod's ACK of the reply assures the flow.
     let (_, out) = node.run(
         names::POD_EGRESS,
         &frame(&tcp(POD, OUTSIDE, 40000, 80, 0x10, b"x")),
     );
     assert_eq!(be16(&check_ip(&out), 20), nat_port);
+    assert_eq!(node.tier_sizes(), [1, 1, 0, 0], "moved by the ACK");
     let c = node.counters();
     assert_eq!(
         (c["nat_snat"], c["nat_rev"], c["nat_new_flow"]),
@@ -500,9 +505,9 @@ fn a_reply_for_a_known_pod_goes_straight_into_it() {
 }
 
 #[test]
-fn a_flood_of_unanswered_flows_evicts_no_answered_flow() {
+fn a_flood_of_unanswered_flows_evicts_no_assured_flow() {
     let node = Node::new(nat_on(0));
-    // An answered connection, idle from here on.
+    // An assured connection, idle from here on.
     let (_, out) = node.run(
         names::POD_EGRESS,
         &frame(&tcp(POD, OUTSIDE, 1111, 80, 0x02, b"")),
@@ -513,8 +518,13 @@ fn a_flood_of_unanswered_flows_evicts_no_answered_flow() {
         &frame(&tcp(OUTSIDE, NODE_IP, 80, port, 0x12, b"")),
     );
     assert_eq!(v, TC_ACT_REDIRECT);
+    node.run(
+        names::POD_EGRESS,
+        &frame(&tcp(POD, OUTSIDE, 1111, 80, 0x10, b"")),
+    );
+    assert_eq!(node.tier_sizes(), [1, 1, 0, 0], "assured by the ACK");
 
-    // Another pod opens twice as many flows as the answered table holds, and none is
+    // Another pod opens twice as many flows as the assured table holds, and none is
     // answered: a scan, each SYN sent again once (a retransmission, which the LRU sees as a
     // second use). Before the tables were split, the idle connection was then the least
     // recently used entry and was evicted.
@@ -545,11 +555,7 @@ fn a_flood_of_unanswered_flows_evicts_no_answered_flow() {
     let ip = check_ip(&out);
     assert_eq!((addr(&ip, 16), be16(&ip, 22)), (POD, 1111));
     let [ct, rev, ct_new, rev_new] = node.tier_sizes();
-    assert_eq!(
-        (ct, rev),
-        (1, 1),
-        "only the answered connection is answered"
-    );
+    assert_eq!((ct, rev), (1, 1), "only the connection is assured");
     let cap = SNAT_V4_NEW_CAPACITY as usize;
     assert!(
         (cap / 2..=cap).contains(&ct_new) && (cap / 2..=cap).contains(&rev_new),
@@ -559,33 +565,55 @@ fn a_flood_of_unanswered_flows_evicts_no_answered_flow() {
 }
 
 #[test]
-fn a_flow_is_answered_by_its_first_reply_that_is_not_a_reset() {
+fn a_flow_is_assured_when_its_originator_sends_after_a_reply_that_is_not_a_reset() {
     let node = Node::new(nat_on(0));
-    // TCP: a reset in reply is delivered, and leaves the flow unanswered.
-    let (_, out) = node.run(
-        names::POD_EGRESS,
-        &frame(&tcp(POD, OUTSIDE, 1111, 81, 0x02, b"")),
-    );
+    // TCP: a reset in reply is delivered and leaves the flow unassured, whatever the pod sends.
+    let syn = frame(&tcp(POD, OUTSIDE, 1111, 81, 0x02, b""));
+    let (_, out) = node.run(names::POD_EGRESS, &syn);
     let port = be16(&check_ip(&out), 20);
     let (v, out) = node.run(
         names::UNDERLAY_INGRESS,
         &frame(&tcp(OUTSIDE, NODE_IP, 81, port, 0x14, b"")),
     );
     assert_eq!((v, be16(&check_ip(&out), 22)), (TC_ACT_REDIRECT, 1111));
-    assert_eq!(node.tier_sizes(), [0, 0, 1, 1], "a reset answers nothing");
+    node.run(
+        names::POD_EGRESS,
+        &frame(&tcp(POD, OUTSIDE, 1111, 81, 0x10, b"")),
+    );
+    assert_eq!(node.tier_sizes(), [0, 0, 1, 1], "a reset assures nothing");
     let (_, ct) = node.flows(names::SNAT_V4_CT_NEW)[0];
     assert_eq!(ct.state, NAT_S_REPLIED | NAT_S_RST, "its state is kept");
-
-    // UDP and ICMP echo: any reply answers the flow.
+    // The pod tries again: SYN, SYN-ACK, ACK. The ACK assures it, on the same port.
+    let (_, out) = node.run(names::POD_EGRESS, &syn);
+    assert_eq!(be16(&check_ip(&out), 20), port);
+    node.run(
+        names::UNDERLAY_INGRESS,
+        &frame(&tcp(OUTSIDE, NODE_IP, 81, port, 0x12, b"")),
+    );
+    assert_eq!(
+        node.tier_sizes(),
+        [0, 0, 1, 1],
+        "a SYN-ACK alone assures nothing"
+    );
     let (_, out) = node.run(
         names::POD_EGRESS,
-        &frame(&udp(POD, OUTSIDE, 5353, 53, b"query", false)),
+        &frame(&tcp(POD, OUTSIDE, 1111, 81, 0x10, b"")),
     );
+    assert_eq!(be16(&check_ip(&out), 20), port);
+    assert_eq!(
+        node.tier_sizes(),
+        [1, 1, 0, 0],
+        "assured by the handshake's ACK"
+    );
+
+    // UDP and ICMP echo: a query and its answer stay unassured (a DNS lookup); the pod's next
+    // datagram or echo request of the same flow assures it.
+    let query = frame(&udp(POD, OUTSIDE, 5353, 53, b"query", false));
+    let (_, out) = node.run(names::POD_EGRESS, &query);
     let uport = be16(&check_ip(&out), 20);
-    let req = icmp(POD, OUTSIDE, 8, 0, [0x12, 0x34, 0, 1], b"ping");
-    let (_, out) = node.run(names::POD_EGRESS, &frame(&req));
+    let req = frame(&icmp(POD, OUTSIDE, 8, 0, [0x12, 0x34, 0, 1], b"ping"));
+    let (_, out) = node.run(names::POD_EGRESS, &req);
     let id = be16(&check_ip(&out), 24);
-    assert_eq!(node.tier_sizes(), [0, 0, 3, 3]);
     for reply in [
         udp(OUTSIDE, NODE_IP, 53, uport, b"answer", false),
         icmp(
@@ -602,19 +630,92 @@ fn a_flow_is_answered_by_its_first_reply_that_is_not_a_reset() {
     }
     assert_eq!(
         node.tier_sizes(),
-        [2, 2, 1, 1],
-        "both moved, the reset flow stayed"
+        [1, 1, 2, 2],
+        "answered once: not assured"
     );
+    let (_, out) = node.run(names::POD_EGRESS, &query);
+    assert_eq!(be16(&check_ip(&out), 20), uport);
+    let (_, out) = node.run(names::POD_EGRESS, &req);
+    assert_eq!(be16(&check_ip(&out), 24), id);
+    assert_eq!(node.tier_sizes(), [3, 3, 0, 0], "both assured");
     for (_, e) in node.ct_flows().iter().chain(&node.rev_flows()) {
         assert_ne!(e.state & NAT_S_REPLIED, 0, "{e:?}");
     }
-    // Their next packets find them answered, with the same ports.
+    // And replies still find them.
+    let (v, out) = node.run(
+        names::UNDERLAY_INGRESS,
+        &frame(&udp(OUTSIDE, NODE_IP, 53, uport, b"again", false)),
+    );
+    assert_eq!((v, be16(&check_ip(&out), 22)), (TC_ACT_REDIRECT, 5353));
+    assert_eq!(node.counters()["nat_new_flow"], 3);
+}
+
+#[test]
+fn an_assured_flow_that_lost_its_reply_tuple_to_a_new_flow_moves_to_another_port() {
+    let mut node = Node::new(nat_on(0));
+    // An assured flow, whose reply entry is then evicted (removed here by hand)…
     let (_, out) = node.run(
         names::POD_EGRESS,
-        &frame(&udp(POD, OUTSIDE, 5353, 53, b"again", false)),
+        &frame(&tcp(POD, OUTSIDE, 1111, 80, 0x02, b"")),
     );
-    assert_eq!(be16(&check_ip(&out), 20), uport);
-    assert_eq!(node.counters()["nat_new_flow"], 3);
+    let port = be16(&check_ip(&out), 20);
+    node.run(
+        names::UNDERLAY_INGRESS,
+        &frame(&tcp(OUTSIDE, NODE_IP, 80, port, 0x12, b"")),
+    );
+    node.run(
+        names::POD_EGRESS,
+        &frame(&tcp(POD, OUTSIDE, 1111, 80, 0x10, b"")),
+    );
+    assert_eq!(node.tier_sizes(), [1, 1, 0, 0]);
+    let (reply_key, mine) = node.flows(names::SNAT_V4_REV)[0];
+    // …and a new flow of another pod has claimed that reply tuple in the other tier since.
+    let theirs = NatEntryV4 {
+        addr: POD2.octets(),
+        port: 3333u16.to_be_bytes(),
+        ..mine
+    };
+    {
+        let mut rev: HashMap<_, NatKeyV4, NatEntryV4> =
+            HashMap::try_from(node.ebpf.map_mut(names::SNAT_V4_REV).unwrap()).unwrap();
+        rev.remove(&reply_key).unwrap();
+        let mut rev_new: HashMap<_, NatKeyV4, NatEntryV4> =
+            HashMap::try_from(node.ebpf.map_mut(names::SNAT_V4_REV_NEW).unwrap()).unwrap();
+        rev_new.insert(reply_key, theirs, 0).unwrap();
+    }
+    // The assured flow's next packet that must touch its reply entry (a FIN) cannot claim the
+    // tuple back: it takes another port, and the new flow keeps the tuple.
+    let (v, out) = node.run(
+        names::POD_EGRESS,
+        &frame(&tcp(POD, OUTSIDE, 1111, 80, 0x11, b"")),
+    );
+    assert_eq!(v, TC_ACT_REDIRECT);
+    assert_ne!(
+        be16(&check_ip(&out), 20),
+        port,
+        "the tuple is the other flow's"
+    );
+    assert_eq!(
+        node.flows(names::SNAT_V4_REV_NEW)
+            .into_iter()
+            .find(|(k, _)| *k == reply_key),
+        Some((reply_key, theirs))
+    );
+    assert!(
+        node.flows(names::SNAT_V4_REV)
+            .iter()
+            .all(|(k, _)| *k != reply_key),
+        "not held in both tiers"
+    );
+    let (_, out) = node.run(
+        names::UNDERLAY_INGRESS,
+        &frame(&tcp(OUTSIDE, NODE_IP, 80, port, 0x10, b"")),
+    );
+    assert_eq!(
+        (addr(&check_ip(&out), 16), be16(&check_ip(&out), 22)),
+        (POD2, 3333),
+        "its replies go to the tuple's holder"
+    );
 }
 
 #[test]
@@ -1056,6 +1157,13 @@ fn both_entries_of_a_flow_are_refreshed_together_on_a_new_state_or_after_the_int
     assert_eq!(s1, NAT_S_REPLIED);
     assert!(t1 > t0, "refreshed: {t0} → {t1}");
     assert_eq!(rev1, (s1, t1));
+    // The pod's next packet assures the flow: both entries move, with that packet's time.
+    std::thread::sleep(Duration::from_millis(20));
+    node.run(names::POD_EGRESS, &data);
+    assert_eq!(node.tier_sizes(), [1, 1, 0, 0]);
+    let [(s_a, t_a), rev_a] = entry_times(&node, 1111);
+    assert!(t_a > t1, "moved with the packet's time: {t1} → {t_a}");
+    assert_eq!((s_a, rev_a), (s1, (s1, t_a)));
 
     // Packets that leave the state as it is, within the refresh interval, write nothing. A
     // thread delayed past the interval would refresh rightly: such an attempt is retried.

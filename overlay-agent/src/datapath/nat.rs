@@ -2,7 +2,7 @@
 //! cluster network to remote pods, flannel's last rule) on the agent's side: the settings
 //! written to `NAT_CONFIG` and
 //! `NAT_EXCLUDE_V4`, the sweeper that frees idle flows from the flow tables (`SNAT_V4_CT` /
-//! `SNAT_V4_REV` and their `_NEW` twins for flows not answered yet), and a read-only view of
+//! `SNAT_V4_REV` and their `_NEW` twins for flows not assured yet), and a read-only view of
 //! the pinned flow tables (`overlay-agent nat`). The translation itself is in
 //! the data path (`overlay-ebpf/src/lib/nat.rs`); layouts in `overlay_common::nat`.
 //!
@@ -22,7 +22,7 @@ use ipnet::Ipv4Net;
 use overlay_common::nat::{
     IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, NAT_CONFIG_INDEX, NAT_E_KERNEL, NAT_E_TO_CLUSTER,
     NAT_F_ENABLED, NAT_F_KEEP_PORT, NAT_S_FIN, NAT_S_REPLIED, NAT_S_RST, NatConfig, NatEntryV4,
-    NatKeyV4, SNAT_V4_CAPACITY, SNAT_V4_NEW_CAPACITY,
+    NatKeyV4, SNAT_V4_CAPACITY,
 };
 
 use super::{Datapath, DatapathError, map_mut, names, pin::PinDir};
@@ -309,6 +309,8 @@ pub struct NatFlow {
     pub via_kernel: bool,
     /// Masqueraded into the cluster (flannel's `! -s <cluster> -d <cluster>` rule).
     pub to_cluster: bool,
+    /// In the assured tier (`SNAT_V4_CT`); otherwise not assured yet (`SNAT_V4_CT_NEW`).
+    pub assured: bool,
     pub idle: Duration,
 }
 
@@ -335,11 +337,12 @@ impl std::fmt::Display for NatFlow {
         }
         write!(
             f,
-            "{proto} {} {} via {} {}{}{} idle={}s",
+            "{proto} {} {} via {} {}{}{}{} idle={}s",
             self.pod,
             self.remote,
             self.translated,
             state.join(","),
+            if self.assured { "" } else { " unassured" },
             if self.via_kernel { " kernel" } else { "" },
             if self.to_cluster { " to-cluster" } else { "" },
             self.idle.as_secs()
@@ -347,9 +350,9 @@ impl std::fmt::Display for NatFlow {
     }
 }
 
-/// The flows of the pinned data path, answered (`SNAT_V4_CT`) and not yet answered
-/// (`SNAT_V4_CT_NEW`, absent under an agent older than that table), sorted, and the two tables'
-/// capacity together.
+/// The flows of the pinned data path, assured (`SNAT_V4_CT`) and not assured yet
+/// (`SNAT_V4_CT_NEW`, absent under an agent older than that table), sorted, and the assured
+/// table's capacity (the unassured one's is `SNAT_V4_NEW_CAPACITY`).
 pub fn pinned_nat_flows(dir: &Path) -> Result<(Vec<NatFlow>, u32), DatapathError> {
     let pins = PinDir::existing(dir).ok_or_else(|| {
         DatapathError::InvalidConfig(format!("no pinned data path under {}", dir.display()))
@@ -375,11 +378,12 @@ pub fn pinned_nat_flows(dir: &Path) -> Result<(Vec<NatFlow>, u32), DatapathError
             state: e.state,
             via_kernel: e.flags & NAT_E_KERNEL != 0,
             to_cluster: e.flags & NAT_E_TO_CLUSTER != 0,
+            assured: name == names::SNAT_V4_CT,
             idle: Duration::from_nanos(now.saturating_sub(e.last_seen)),
         }));
     }
     flows.sort_by_key(|f| (f.proto, f.pod, f.remote));
-    Ok((flows, SNAT_V4_CAPACITY + SNAT_V4_NEW_CAPACITY))
+    Ok((flows, SNAT_V4_CAPACITY))
 }
 
 #[cfg(test)]

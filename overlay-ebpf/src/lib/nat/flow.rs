@@ -1,16 +1,29 @@
 //! The flow table: `SNAT_V4_CT` (original direction → translated source), `SNAT_V4_REV`
-//! (reply tuple → originator), the same pair for flows not answered yet (`SNAT_V4_CT_NEW`,
+//! (reply tuple → originator), the same pair for flows not assured yet (`SNAT_V4_CT_NEW`,
 //! `SNAT_V4_REV_NEW`), and `SNAT_V4_FRAG` (datagram identity → originator, for later
-//! fragments). Finds, creates, refreshes, promotes (at the first reply) and expires flows (the
-//! idle rule is `NatConfig::is_expired`, shared with the agent's sweeper); rewrites nothing.
-//! Called by `snat`, `reverse` and `icmp`.
+//! fragments). Finds, creates, refreshes, promotes and expires flows (the idle rule is
+//! `NatConfig::is_expired`, shared with the agent's sweeper); rewrites nothing. Called by
+//! `snat`, `reverse` and `icmp`.
 //!
-//! Why two tiers: in one LRU table a flood of new flows that nobody answers (a scan, a pod
-//! retrying a dead address) evicts the least recently used entries, which are the idle but
-//! live connections; their next packet then gets another port and the connection breaks.
-//! New flows start in the `_NEW` tables and can only evict each other; the first reply that
-//! is not a TCP reset moves the flow (`promote`). Packets of answered flows look up
-//! `SNAT_V4_CT` / `SNAT_V4_REV` first and find them at once.
+//! Why two tiers: in one LRU table a flood of new flows (a scan, a pod retrying a dead
+//! address, a burst of DNS queries from random ports) evicts the least recently used
+//! entries, which are the idle but live connections; their next packet then gets another
+//! port and the connection breaks. New flows start in the `_NEW` tables and can only evict
+//! each other. A flow moves (`promote`) once it is assured, as conntrack says: its originator
+//! sends again after a reply that was neither a reset nor a FIN (for TCP, the ACK that
+//! completes the handshake; for UDP and ICMP echo, traffic both ways), so neither a one-shot
+//! query nor a host answering a scan, nor anyone on the underlay, fills the assured tier.
+//! Packets of assured flows look them up first and find them at once.
+//!
+//! Concurrency: the programs run on every CPU. A promotion inserts both assured entries before
+//! it removes the new ones, and lookups that miss both tiers look in the assured tier again
+//! ([`flow_in`], [`flow_out`]), so a flow being moved is always found. Reply tuples are
+//! claimed with an insert and a look at the other tier after it ([`claim`]); without a full
+//! barrier between the two, two claims of one tuple in different tiers at the same instant
+//! could both hold, which needs a flow's assured reply entry evicted and a new flow picking
+//! that very port and remote at once. Entries are written through map pointers that a
+//! concurrent removal may hand to another flow (preallocated LRU elements are reused at
+//! once); the writes are state and times, except the cached next hop.
 
 use aya_ebpf::{
     bindings::{
@@ -67,21 +80,21 @@ type FlowMap = LruHashMap<NatKeyV4, NatEntryV4>;
 /// map access names its map: a map picked at run time would make the verifier give up
 /// inlining the lookups it reaches.
 trait Tier {
-    /// The tier of flows waiting for their first reply.
-    const UNANSWERED: bool;
+    /// The tier of flows not assured yet.
+    const NEW: bool;
     fn ct() -> &'static FlowMap;
     fn rev() -> &'static FlowMap;
     /// The other tier's reply table: a reply tuple is claimed in one tier only.
     fn other_rev() -> &'static FlowMap;
 }
 
-/// Flows that have had a reply (`SNAT_V4_CT`, `SNAT_V4_REV`).
-struct Answered;
-/// Flows waiting for their first reply (`SNAT_V4_CT_NEW`, `SNAT_V4_REV_NEW`).
-struct Unanswered;
+/// Assured flows (`SNAT_V4_CT`, `SNAT_V4_REV`).
+struct Assured;
+/// Flows not assured yet (`SNAT_V4_CT_NEW`, `SNAT_V4_REV_NEW`).
+struct Unassured;
 
-impl Tier for Answered {
-    const UNANSWERED: bool = false;
+impl Tier for Assured {
+    const NEW: bool = false;
     #[inline(always)]
     fn ct() -> &'static FlowMap {
         &SNAT_V4_CT
@@ -96,8 +109,8 @@ impl Tier for Answered {
     }
 }
 
-impl Tier for Unanswered {
-    const UNANSWERED: bool = true;
+impl Tier for Unassured {
+    const NEW: bool = true;
     #[inline(always)]
     fn ct() -> &'static FlowMap {
         &SNAT_V4_CT_NEW
@@ -112,7 +125,7 @@ impl Tier for Unanswered {
     }
 }
 
-/// The CT entry of the flow `key`, answered or not.
+/// The CT entry of the flow `key`, assured or not.
 #[inline(always)]
 fn ct_entry(key: &NatKeyV4) -> Option<*const NatEntryV4> {
     SNAT_V4_CT
@@ -131,8 +144,8 @@ fn holds_for(map: &FlowMap, rev_key: &NatKeyV4, key: &NatKeyV4) -> bool {
 }
 
 /// Claims the reply tuple `rev_key` in tier `T` with `entry`, unless either tier holds it. The
-/// other tier is checked after the insert: a promotion inserts into `SNAT_V4_REV` before it
-/// removes from `SNAT_V4_REV_NEW`, so one of the two claims of the same tuple sees the other.
+/// other tier is checked after the insert, so a tuple being moved by a promotion (in both
+/// tiers for a moment) is never claimed (see the module's note on concurrency).
 #[inline(always)]
 fn claim<T: Tier>(rev_key: &NatKeyV4, entry: &NatEntryV4) -> bool {
     if T::rev()
@@ -294,11 +307,12 @@ pub(super) fn cached_next_hop(key: &NatKeyV4, route_gen: u32) -> Option<[u8; 4]>
     (route.route_gen == route_gen).then_some(route.next_hop)
 }
 
-/// Finds the live flow for `key` (answered first) or creates one; returns the translated
-/// port. A packet that changes the flow's state, or finds its entry older than
-/// `NAT_REFRESH_NS`, confirms that the reply entry is still the flow's and refreshes both.
-/// `route` (generation 0: none) is the next hop the caller looked up for the packet, cached in
-/// the CT entry for the flow's next packets. A new flow starts unanswered.
+/// Finds the live flow for `key` (assured first) or creates one; returns the translated port.
+/// A packet that changes the flow's state, or finds its entry older than `NAT_REFRESH_NS`,
+/// confirms that the reply entry is still the flow's and refreshes both; one that assures a
+/// flow moves it ([`promote`]). `route` (generation 0: none) is the next hop the caller looked
+/// up for the packet, cached in the CT entry for the flow's next packets. A new flow starts
+/// unassured.
 #[inline(always)]
 #[expect(clippy::too_many_arguments, reason = "inlined into translate_out only")]
 pub(super) fn flow_out(
@@ -319,10 +333,10 @@ pub(super) fn flow_out(
         route,
         now,
     };
-    if let Some(port) = continue_flow::<Answered>(nat, &going) {
+    if let Some(port) = Continued(continue_flow::<Assured>(nat, &going)).port() {
         return Ok(port);
     }
-    if let Some(port) = continue_flow::<Unanswered>(nat, &going) {
+    if let Some(port) = Continued(continue_flow::<Unassured>(nat, &going)).port() {
         return Ok(port);
     }
     let proto = key.proto;
@@ -349,7 +363,7 @@ pub(super) fn flow_out(
         0 => return Err(Reason::DropNatExhausted),
         port => port.to_be_bytes(),
     };
-    let ct_entry = NatEntryV4 {
+    let new_ct = NatEntryV4 {
         addr: nat_addr,
         port,
         state,
@@ -358,19 +372,20 @@ pub(super) fn flow_out(
         route,
     };
     if SNAT_V4_CT_NEW
-        .insert(key, &ct_entry, u64::from(BPF_NOEXIST))
+        .insert(key, &new_ct, u64::from(BPF_NOEXIST))
         .is_err()
     {
-        // Another CPU created the flow meanwhile: use its port, give ours back.
+        // Another CPU created the flow meanwhile (and may have promoted it since): use its
+        // port, give ours back.
         let _ = SNAT_V4_REV_NEW.remove(&key.reply(nat_addr, port));
-        return match SNAT_V4_CT_NEW.get_ptr(key) {
+        return match ct_entry(key) {
             // SAFETY: as above.
             Some(ct) => Ok(unsafe { (*ct).port }),
             None => Err(Reason::DropNatFailed),
         };
     }
     if let Some(ct) = SNAT_V4_CT.get_ptr(key) {
-        // Another CPU promoted the flow between our two lookups: it keeps its port.
+        // Another CPU's packet of this flow promoted it between our lookups: it keeps its port.
         let _ = SNAT_V4_CT_NEW.remove(key);
         let _ = SNAT_V4_REV_NEW.remove(&key.reply(nat_addr, port));
         // SAFETY: as above.
@@ -389,11 +404,40 @@ struct Going {
     now: u64,
 }
 
-/// The translated port of `g.key`'s live flow in tier `T`, refreshing its entries as
-/// [`flow_out`] says. `None`: no flow there, or a dead one, or one whose reply tuple went to
-/// another flow; the last two are removed, and the packet starts a new flow.
+/// What [`continue_flow`] returns: [`Continued::NONE`], or the translated port (as on the
+/// wire) with bit 16 set. A plain integer: an `Option` returned from a function of its own
+/// leaves `None`'s payload undefined, and LLVM reads it, which the verifier refuses.
+struct Continued(u32);
+
+impl Continued {
+    const NONE: u32 = 0;
+
+    #[inline(always)]
+    fn of(port: [u8; 2]) -> u32 {
+        1 << 16 | u32::from(u16::from_ne_bytes(port))
+    }
+
+    #[inline(always)]
+    fn port(&self) -> Option<[u8; 2]> {
+        (self.0 != Self::NONE).then(|| (self.0 as u16).to_ne_bytes())
+    }
+}
+
+/// The translated port of `g.key`'s live flow in tier `T` ([`Continued`]), refreshing or
+/// promoting it as [`flow_out`] says. None: no flow there, or a dead one, or one whose reply
+/// tuple went to another flow; the last two are removed, and the packet starts a new flow.
+/// A function of its own, per tier: inlined, both tiers' entries sat in the program's stack
+/// frame, and with `choose_port`'s the call chain passed the verifier's 512 bytes.
+#[inline(never)]
+fn continue_flow<T: Tier>(nat: &NatConfig, g: &Going) -> u32 {
+    match continue_in::<T>(nat, g) {
+        Some(port) => Continued::of(port),
+        None => Continued::NONE,
+    }
+}
+
 #[inline(always)]
-fn continue_flow<T: Tier>(nat: &NatConfig, g: &Going) -> Option<[u8; 2]> {
+fn continue_in<T: Tier>(nat: &NatConfig, g: &Going) -> Option<[u8; 2]> {
     let key = &g.key;
     let ct = T::ct().get_ptr_mut(key)?;
     // SAFETY: a map value pointer, valid during this program run.
@@ -408,6 +452,21 @@ fn continue_flow<T: Tier>(nat: &NatConfig, g: &Going) -> Option<[u8; 2]> {
         } else {
             e.state
         };
+        if T::NEW && st & (NAT_S_REPLIED | NAT_S_FIN | NAT_S_RST) == NAT_S_REPLIED {
+            let assured = NatEntryV4 {
+                state: st,
+                last_seen: g.now,
+                route: if g.route.route_gen != 0 {
+                    g.route
+                } else {
+                    e.route
+                },
+                ..e
+            };
+            if promote(key, &rev_key, &assured) {
+                return Some(e.port);
+            }
+        }
         if st == e.state && fresh(e.last_seen, g.now) {
             // Both entries were confirmed and refreshed together a moment ago.
             return Some(e.port);
@@ -436,7 +495,8 @@ fn continue_flow<T: Tier>(nat: &NatConfig, g: &Going) -> Option<[u8; 2]> {
                 if claim::<T>(&rev_key, &mine) {
                     true
                 } else if holds_for(T::other_rev(), &rev_key, key) {
-                    // Promoted by another CPU's reply this instant: its entries are fresh.
+                    // Being moved between the tiers this instant by another CPU's packet of
+                    // this flow, which refreshes it.
                     return Some(e.port);
                 } else {
                     false
@@ -488,7 +548,7 @@ fn choose_port(skb: *mut __sk_buff, nat: &NatConfig, c: &PortChoice) -> u16 {
     // The VXLAN port is decapsulation's; 0 is no port.
     let usable = |port: u16| port != 0 && !(c.key.proto == IPPROTO_UDP && port == c.vxlan_port);
     let claim =
-        |port: u16| claim::<Unanswered>(&c.key.reply(c.nat_addr, port.to_be_bytes()), &c.entry);
+        |port: u16| claim::<Unassured>(&c.key.reply(c.nat_addr, port.to_be_bytes()), &c.entry);
     let mut first = 0;
     if nat.flags & NAT_F_KEEP_PORT != 0 {
         first = 1;
@@ -509,18 +569,21 @@ fn choose_port(skb: *mut __sk_buff, nat: &NatConfig, c: &PortChoice) -> u16 {
     0
 }
 
-/// Looks up the reply tuple `key` (answered flows first); returns the pod's side of a live
+/// Looks up the reply tuple `key` (assured flows first); returns the pod's side of a live
 /// flow, refreshing both of its entries when the packet changes the state or the entry is
-/// older than `NAT_REFRESH_NS`. The first reply of a flow moves it to the answered tier
-/// ([`promote`]). A dead flow is removed (the packet then goes to the kernel, as without an
-/// entry).
+/// older than `NAT_REFRESH_NS`. A dead flow is removed (the packet then goes to the kernel, as
+/// without an entry). Replies never promote a flow: only its originator assures it.
 #[inline(always)]
 pub(super) fn flow_in(nat: &NatConfig, key: &NatKeyV4, tcp_flags: u8) -> Option<NatEntryV4> {
     if let Some(rev) = SNAT_V4_REV.get_ptr_mut(key) {
-        return reply_in::<Answered>(nat, key, rev, tcp_flags);
+        return reply_in::<Assured>(nat, key, rev, tcp_flags);
     }
-    let rev = SNAT_V4_REV_NEW.get_ptr_mut(key)?;
-    reply_in::<Unanswered>(nat, key, rev, tcp_flags)
+    if let Some(rev) = SNAT_V4_REV_NEW.get_ptr_mut(key) {
+        return reply_in::<Unassured>(nat, key, rev, tcp_flags);
+    }
+    // Promoted by another CPU between the two lookups (it inserts before it removes).
+    let rev = SNAT_V4_REV.get_ptr_mut(key)?;
+    reply_in::<Assured>(nat, key, rev, tcp_flags)
 }
 
 /// [`flow_in`] for the reply entry `rev` of `key`, found in tier `T`.
@@ -552,18 +615,6 @@ fn reply_in<T: Tier>(
     if state == e.state && fresh(e.last_seen, now) {
         return Some(e);
     }
-    let answered = NatEntryV4 {
-        state,
-        last_seen: now,
-        ..e
-    };
-    if T::UNANSWERED
-        && tcp_flags & TcpHdr::RST == 0
-        && (promote(key, &answered, &ct_key) || holds_for(&SNAT_V4_REV, key, &ct_key))
-    {
-        // Moved (by this packet or, this instant, by another CPU's).
-        return Some(e);
-    }
     // SAFETY: as above.
     unsafe {
         (*rev).state = state;
@@ -581,39 +632,42 @@ fn reply_in<T: Tier>(
     Some(e)
 }
 
-/// Moves the flow whose reply tuple is `key` (reply entry `answered`, already updated for the
-/// reply) from the unanswered tier to the answered one: both entries are inserted there before
-/// either is removed here, so a concurrent packet of the flow finds it in one tier or the other
-/// (and a new flow created meanwhile on another CPU sees the answered entry, see
-/// [`flow_out`]). False when the CT entry is gone or is another flow's, or the answered tier
-/// refused: the flow then stays unanswered for now.
+/// Moves the unassured flow `key` (reply tuple `rev_key`) to the assured tier with `assured`
+/// as its CT entry (state and time already updated for the packet). Both assured entries are
+/// inserted before either new one is removed, so a concurrent packet of the flow finds it in
+/// one tier or the other. False when the assured tier refused (its reply entry is another
+/// flow's, or the insert failed): the flow then stays where it is.
 #[inline(always)]
-fn promote(key: &NatKeyV4, answered: &NatEntryV4, ct_key: &NatKeyV4) -> bool {
-    let Some(ct) = SNAT_V4_CT_NEW.get_ptr(ct_key) else {
-        return false;
-    };
-    // SAFETY: a map value pointer, valid during this program run; copied at once.
-    let ct_e = unsafe { *ct };
-    if ct_e.port != key.dport {
-        return false;
-    }
-    let ct_e = NatEntryV4 {
-        state: answered.state,
-        last_seen: answered.last_seen,
-        ..ct_e
+fn promote(key: &NatKeyV4, rev_key: &NatKeyV4, assured: &NatEntryV4) -> bool {
+    let rev = NatEntryV4 {
+        addr: key.saddr,
+        port: key.sport,
+        state: assured.state,
+        flags: assured.flags,
+        last_seen: assured.last_seen,
+        route: NextHopV4::default(),
     };
     if SNAT_V4_REV
-        .insert(key, answered, u64::from(BPF_NOEXIST))
+        .insert(rev_key, &rev, u64::from(BPF_NOEXIST))
         .is_err()
     {
+        // Already moved by another CPU's packet of this flow, or the tuple is another's.
+        return holds_for(&SNAT_V4_REV, rev_key, key);
+    }
+    let ours_here = holds_for(&SNAT_V4_REV_NEW, rev_key, key);
+    if !ours_here && SNAT_V4_REV_NEW.get_ptr(rev_key).is_some() {
+        // Our new reply entry was evicted and the tuple claimed by another flow since.
+        let _ = SNAT_V4_REV.remove(rev_key);
         return false;
     }
-    if SNAT_V4_CT.insert(ct_key, &ct_e, 0).is_err() {
-        let _ = SNAT_V4_REV.remove(key);
+    if SNAT_V4_CT.insert(key, assured, 0).is_err() {
+        let _ = SNAT_V4_REV.remove(rev_key);
         return false;
     }
-    let _ = SNAT_V4_CT_NEW.remove(ct_key);
-    let _ = SNAT_V4_REV_NEW.remove(key);
+    if ours_here {
+        let _ = SNAT_V4_REV_NEW.remove(rev_key);
+    }
+    let _ = SNAT_V4_CT_NEW.remove(key);
     true
 }
 

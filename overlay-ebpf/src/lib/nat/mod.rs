@@ -47,9 +47,9 @@
 //! Flows: a new one gets a port (ICMP: identifier) in `[port_min, port_max]`, at random, or its
 //! own first with `NAT_F_KEEP_PORT`; the reply tuple is claimed with `BPF_NOEXIST`, so two flows
 //! never share one, retrying up to `NAT_PORT_TRIES` times (then dropped, `drop_nat_exhausted`).
-//! A new flow lives in the unanswered tables (`SNAT_V4_CT_NEW` / `SNAT_V4_REV_NEW`) until its
-//! first reply that is not a TCP reset moves it to `SNAT_V4_CT` / `SNAT_V4_REV`, so floods of
-//! unanswered flows evict only each other. Both entries of a flow are refreshed together
+//! A new flow lives in `SNAT_V4_CT_NEW` / `SNAT_V4_REV_NEW` until it is assured (its
+//! originator sends again after a reply that was neither a reset nor a FIN) and moves to
+//! `SNAT_V4_CT` / `SNAT_V4_REV`, so floods of new flows evict only each other. Both entries of a flow are refreshed together
 //! (`flow`); an entry idle longer than its timeout (by protocol and TCP state) is dead for the
 //! data path at once and swept by the agent.
 //!
@@ -78,7 +78,7 @@
 //! `-d <cluster> -j ACCEPT` FORWARD rule is not written).
 //!
 //! Layout of this module, by job: `policy` (which packets are masqueraded: `NAT_CONFIG`,
-//! `NAT_EXCLUDE_V4`, flannel's rules), `flow` (the flow tables, answered and unanswered, and
+//! `NAT_EXCLUDE_V4`, flannel's rules), `flow` (the flow tables, assured and new, and
 //! `SNAT_V4_FRAG`: finding, creating, refreshing, promoting, expiring flows), `snat` (outbound
 //! translation at the three hooks), `reverse` (replies translated back and delivered),
 //! `icmp` (ICMP errors about flows, both ways), `rewrite` (address rewrites with their
