@@ -55,7 +55,8 @@ pub enum Command {
         output: Output,
     },
     /// Print the masqueraded flows (`--ip-masq`), read from the pinned maps: `<proto> <pod>
-    /// <remote> via <translated> <state> idle=<s>` per line, then `entries <n> capacity <max>`.
+    /// <remote> via <translated> <state> [unassured] idle=<s>` per line, then `entries <n>
+    /// capacity <max> unassured <n> capacity <max>` (assured flows' table, then the other).
     Nat {
         #[arg(short = 'o', long, value_enum, default_value_t = Output::Text)]
         output: Output,

@@ -88,8 +88,8 @@ pub struct NatConfig {
     /// Translated ports (and ICMP identifiers) are chosen in `[port_min, port_max]`.
     pub port_min: u16,
     pub port_max: u16,
-    /// Idle timeouts in seconds: TCP once both sides have sent and before any FIN/RST;
-    /// TCP otherwise (opening, closing, reset); UDP before and after a reply; ICMP echo.
+    /// Idle timeouts in seconds: TCP assured (in `SNAT_V4_CT`) and before any FIN/RST; TCP
+    /// otherwise (opening, half-open, closing, reset); UDP not assured and assured; ICMP echo.
     pub tcp_established: u32,
     pub tcp_transient: u32,
     pub udp: u32,
@@ -105,19 +105,22 @@ impl NatConfig {
         self.flags & NAT_F_ENABLED != 0
     }
 
-    /// The idle timeout in seconds for a flow of `proto` in `state` (`NAT_S_*`).
+    /// The idle timeout in seconds for a flow of `proto` in `state` (`NAT_S_*`), `assured`
+    /// or not (which table holds it), as conntrack times its flows: the long timeouts only
+    /// for assured flows, so a half-open TCP flow (SYN answered, never acknowledged) or a
+    /// one-shot UDP query does not hold its entry for days or minutes.
     #[must_use]
-    pub const fn timeout(&self, proto: u8, state: u8) -> u32 {
+    pub const fn timeout(&self, proto: u8, state: u8, assured: bool) -> u32 {
         match proto {
             IPPROTO_TCP => {
-                if state & (NAT_S_FIN | NAT_S_RST) == 0 && state & NAT_S_REPLIED != 0 {
+                if assured && state & (NAT_S_FIN | NAT_S_RST) == 0 && state & NAT_S_REPLIED != 0 {
                     self.tcp_established
                 } else {
                     self.tcp_transient
                 }
             }
             IPPROTO_UDP => {
-                if state & NAT_S_REPLIED != 0 {
+                if assured {
                     self.udp_stream
                 } else {
                     self.udp
@@ -127,12 +130,12 @@ impl NatConfig {
         }
     }
 
-    /// Whether the flow entry `e` of `proto` has been idle longer than its timeout (and the
-    /// refresh lag, [`NAT_REFRESH_NS`]) at `now`: the one rule by which the data path treats
-    /// an entry as dead and the agent's sweeper frees it.
+    /// Whether the flow entry `e` of `proto`, `assured` or not, has been idle longer than its
+    /// timeout (and the refresh lag, [`NAT_REFRESH_NS`]) at `now`: the one rule by which the
+    /// data path treats an entry as dead and the agent's sweeper frees it.
     #[must_use]
-    pub const fn is_expired(&self, proto: u8, e: &NatEntryV4, now: u64) -> bool {
-        let timeout_ns = self.timeout(proto, e.state) as u64 * NS_PER_S;
+    pub const fn is_expired(&self, proto: u8, e: &NatEntryV4, now: u64, assured: bool) -> bool {
+        let timeout_ns = self.timeout(proto, e.state, assured) as u64 * NS_PER_S;
         now.saturating_sub(e.last_seen) > timeout_ns + NAT_REFRESH_NS
     }
 }
@@ -303,13 +306,25 @@ mod tests {
             icmp: 5,
             ..NatConfig::default()
         };
-        assert_eq!(c.timeout(IPPROTO_TCP, 0), 10, "SYN sent");
-        assert_eq!(c.timeout(IPPROTO_TCP, NAT_S_REPLIED), 1000);
-        assert_eq!(c.timeout(IPPROTO_TCP, NAT_S_REPLIED | NAT_S_FIN), 10);
-        assert_eq!(c.timeout(IPPROTO_TCP, NAT_S_REPLIED | NAT_S_RST), 10);
-        assert_eq!(c.timeout(IPPROTO_UDP, 0), 30);
-        assert_eq!(c.timeout(IPPROTO_UDP, NAT_S_REPLIED), 120);
-        assert_eq!(c.timeout(IPPROTO_ICMP, 0), 5);
+        assert_eq!(c.timeout(IPPROTO_TCP, 0, false), 10, "SYN sent");
+        assert_eq!(
+            c.timeout(IPPROTO_TCP, NAT_S_REPLIED, false),
+            10,
+            "half-open"
+        );
+        assert_eq!(c.timeout(IPPROTO_TCP, NAT_S_REPLIED, true), 1000);
+        assert_eq!(c.timeout(IPPROTO_TCP, NAT_S_REPLIED | NAT_S_FIN, true), 10);
+        assert_eq!(c.timeout(IPPROTO_TCP, NAT_S_REPLIED | NAT_S_RST, true), 10);
+        assert_eq!(c.timeout(IPPROTO_TCP, 0, true), 10, "a SYN started it over");
+        assert_eq!(c.timeout(IPPROTO_UDP, 0, false), 30);
+        assert_eq!(
+            c.timeout(IPPROTO_UDP, NAT_S_REPLIED, false),
+            30,
+            "a query answered"
+        );
+        assert_eq!(c.timeout(IPPROTO_UDP, NAT_S_REPLIED, true), 120);
+        assert_eq!(c.timeout(IPPROTO_ICMP, 0, false), 5);
+        assert_eq!(c.timeout(IPPROTO_ICMP, NAT_S_REPLIED, true), 5);
     }
 
     #[test]
@@ -324,10 +339,10 @@ mod tests {
             ..NatEntryV4::default()
         };
         let deadline = 35 * NS_PER_S + NAT_REFRESH_NS;
-        assert!(!c.is_expired(IPPROTO_UDP, &e, deadline));
-        assert!(c.is_expired(IPPROTO_UDP, &e, deadline + 1));
+        assert!(!c.is_expired(IPPROTO_UDP, &e, deadline, false));
+        assert!(c.is_expired(IPPROTO_UDP, &e, deadline + 1, false));
         assert!(
-            !c.is_expired(IPPROTO_UDP, &e, 0),
+            !c.is_expired(IPPROTO_UDP, &e, 0, false),
             "a clock behind last_seen is no idle time"
         );
     }

@@ -241,21 +241,21 @@ impl Node {
         self.run_marked(prog, frame, 0)
     }
 
-    /// Runs `prog` on `count` frames, the `i`th made by `make(i)`, from one thread in the
-    /// node namespace; how many runs returned each verdict.
+    /// Runs `count` frames from one thread in the node namespace, the `i`th through the
+    /// program and frame `make(i)` gives; how many runs returned each verdict.
     fn run_each(
         &self,
-        prog: &str,
         count: u32,
-        make: impl Fn(u32) -> Vec<u8> + Send + Sync,
+        make: impl Fn(u32) -> (&'static str, Vec<u8>) + Send + Sync,
     ) -> BTreeMap<u32, u32> {
-        let program: &SchedClassifier = self.ebpf.program(prog).unwrap().try_into().unwrap();
         self.ns
             .in_netns(|| {
                 let mut verdicts = BTreeMap::new();
                 let mut out = vec![0u8; 2048];
                 for i in 0..count {
-                    let frame = make(i);
+                    let (prog, frame) = make(i);
+                    let program: &SchedClassifier =
+                        self.ebpf.program(prog).unwrap().try_into().unwrap();
                     let r = program
                         .test_run(TestRunOptions {
                             data_in: Some(&frame),
@@ -298,6 +298,28 @@ impl Node {
     /// How many entries each flow table holds: assured CT, REV, then new CT, REV.
     fn tier_sizes(&self) -> [usize; 4] {
         names::NAT_FLOW_MAPS.map(|map| self.flows(map).len())
+    }
+
+    /// A TCP handshake from the pod `POD:sport` to `OUTSIDE:dport`: SYN out, SYN-ACK back,
+    /// then the pod's packet with `flags` (0x10: the ACK that assures the flow). The
+    /// translated port.
+    fn handshake(&self, sport: u16, dport: u16, flags: u8) -> u16 {
+        let (_, out) = self.run(
+            names::POD_EGRESS,
+            &frame(&tcp(POD, OUTSIDE, sport, dport, 0x02, b"")),
+        );
+        let port = be16(&check_ip(&out), 20);
+        let (v, _) = self.run(
+            names::UNDERLAY_INGRESS,
+            &frame(&tcp(OUTSIDE, NODE_IP, dport, port, 0x12, b"")),
+        );
+        assert_eq!(v, TC_ACT_REDIRECT, "the SYN-ACK translated back");
+        let (_, out) = self.run(
+            names::POD_EGRESS,
+            &frame(&tcp(POD, OUTSIDE, sport, dport, flags, b"")),
+        );
+        assert_eq!(be16(&check_ip(&out), 20), port);
+        port
     }
 }
 
@@ -504,44 +526,10 @@ fn a_reply_for_a_known_pod_goes_straight_into_it() {
     assert_eq!((c["nat_rev"], c["nat_rev_endpoint"]), (1, 1), "{c:?}");
 }
 
-#[test]
-fn a_flood_of_unanswered_flows_evicts_no_assured_flow() {
-    let node = Node::new(nat_on(0));
-    // An assured connection, idle from here on.
-    let (_, out) = node.run(
-        names::POD_EGRESS,
-        &frame(&tcp(POD, OUTSIDE, 1111, 80, 0x02, b"")),
-    );
-    let port = be16(&check_ip(&out), 20);
-    let (v, _) = node.run(
-        names::UNDERLAY_INGRESS,
-        &frame(&tcp(OUTSIDE, NODE_IP, 80, port, 0x12, b"")),
-    );
-    assert_eq!(v, TC_ACT_REDIRECT);
-    node.run(
-        names::POD_EGRESS,
-        &frame(&tcp(POD, OUTSIDE, 1111, 80, 0x10, b"")),
-    );
-    assert_eq!(node.tier_sizes(), [1, 1, 0, 0], "assured by the ACK");
-
-    // Another pod opens twice as many flows as the assured table holds, and none is
-    // answered: a scan, each SYN sent again once (a retransmission, which the LRU sees as a
-    // second use). Before the tables were split, the idle connection was then the least
-    // recently used entry and was evicted.
-    let flood = 2 * SNAT_V4_CAPACITY;
-    let verdicts = node.run_each(names::POD_EGRESS, 2 * flood, |i| {
-        let flow = i / 2;
-        let dst = Ipv4Addr::new(198, 19, 1 + (flow / 60_000) as u8, 1);
-        let dport = 1 + (flow % 60_000) as u16;
-        frame(&tcp(POD2, dst, 2222, dport, 0x02, b""))
-    });
-    assert_eq!(
-        verdicts,
-        BTreeMap::from([(TC_ACT_REDIRECT, 2 * flood)]),
-        "every SYN translated and sent"
-    );
-
-    // The idle connection kept its port both ways.
+/// The idle connection of [`floods_of_flows_never_assured_evict_no_assured_flow`] still holds
+/// its port both ways, and it alone is assured.
+#[track_caller]
+fn idle_connection_intact(node: &Node, port: u16) {
     let (_, out) = node.run(
         names::POD_EGRESS,
         &frame(&tcp(POD, OUTSIDE, 1111, 80, 0x10, b"later")),
@@ -559,14 +547,78 @@ fn a_flood_of_unanswered_flows_evicts_no_assured_flow() {
     let cap = SNAT_V4_NEW_CAPACITY as usize;
     assert!(
         (cap / 2..=cap).contains(&ct_new) && (cap / 2..=cap).contains(&rev_new),
-        "the scan's flows evicted each other: {ct_new} CT, {rev_new} REV of {cap}"
+        "the flood's flows evicted each other: {ct_new} CT, {rev_new} REV of {cap}"
     );
-    assert_eq!(node.counters()["nat_new_flow"], u64::from(flood) + 1);
+}
+
+#[test]
+fn floods_of_flows_never_assured_evict_no_assured_flow() {
+    // Own ports kept, so the test knows the half-open flows' reply tuples.
+    let node = Node::new(nat_on(NAT_F_KEEP_PORT));
+    // An assured connection, idle from here on.
+    let port = node.handshake(1111, 80, 0x10);
+    assert_eq!(node.tier_sizes(), [1, 1, 0, 0], "assured by the ACK");
+    let flood = 2 * SNAT_V4_CAPACITY;
+    let dst = |flow: u32, net: u8| {
+        (
+            Ipv4Addr::new(198, 19, net + (flow / 60_000) as u8, 1),
+            1 + (flow % 60_000) as u16,
+        )
+    };
+
+    // A scan: another pod opens twice as many flows as the assured table holds, none is
+    // answered, each SYN is sent again once (a retransmission, which the LRU counts as a
+    // use). In one table, the idle connection was then the least recently used entry and was
+    // evicted.
+    let verdicts = node.run_each(2 * flood, |i| {
+        let (addr, dport) = dst(i / 2, 1);
+        (
+            names::POD_EGRESS,
+            frame(&tcp(POD2, addr, 2222, dport, 0x02, b"")),
+        )
+    });
+    assert_eq!(verdicts, BTreeMap::from([(TC_ACT_REDIRECT, 2 * flood)]));
+    idle_connection_intact(&node, port);
+
+    // Half-open flows: every SYN answered by a SYN-ACK, sent again since the pod never
+    // acknowledges it. Promoted at their first reply (as in 69b4b25), these filled the
+    // assured table (65,409 of its 65,536 entries here), where the next such flood evicts
+    // connections.
+    let verdicts = node.run_each(3 * flood, |i| {
+        let (addr, dport) = dst(i / 3, 10);
+        if i % 3 == 0 {
+            (
+                names::POD_EGRESS,
+                frame(&tcp(POD2, addr, 3333, dport, 0x02, b"")),
+            )
+        } else {
+            (
+                names::UNDERLAY_INGRESS,
+                frame(&tcp(addr, NODE_IP, dport, 3333, 0x12, b"")),
+            )
+        }
+    });
+    assert_eq!(
+        verdicts,
+        BTreeMap::from([(TC_ACT_REDIRECT, 3 * flood)]),
+        "every SYN sent, every SYN-ACK translated back"
+    );
+    idle_connection_intact(&node, port);
+    let half_open: Vec<_> = node
+        .flows(names::SNAT_V4_CT_NEW)
+        .into_iter()
+        .filter(|(k, _)| k.sport == 3333u16.to_be_bytes())
+        .collect();
+    assert!(half_open.len() > SNAT_V4_NEW_CAPACITY as usize / 2);
+    for (_, e) in half_open {
+        assert_eq!(e.state, NAT_S_REPLIED, "half-open: {e:?}");
+    }
+    assert_eq!(node.counters()["nat_new_flow"], u64::from(2 * flood) + 1);
 }
 
 #[test]
 fn a_flow_is_assured_when_its_originator_sends_after_a_reply_that_is_not_a_reset() {
-    let node = Node::new(nat_on(0));
+    let mut node = Node::new(nat_on(0));
     // TCP: a reset in reply is delivered and leaves the flow unassured, whatever the pod sends.
     let syn = frame(&tcp(POD, OUTSIDE, 1111, 81, 0x02, b""));
     let (_, out) = node.run(names::POD_EGRESS, &syn);
@@ -605,6 +657,24 @@ fn a_flow_is_assured_when_its_originator_sends_after_a_reply_that_is_not_a_reset
         [1, 1, 0, 0],
         "assured by the handshake's ACK"
     );
+    // A FIN with the handshake's ACK (a pod that only closes): not assured.
+    node.handshake(1112, 81, 0x11);
+    assert_eq!(
+        node.tier_sizes(),
+        [1, 1, 1, 1],
+        "a closing flow is not assured"
+    );
+    let (closing, e) = node.flows(names::SNAT_V4_CT_NEW)[0];
+    assert_eq!(e.state, NAT_S_REPLIED | NAT_S_FIN);
+    {
+        // Out of the way of the counts below.
+        let mut ct: HashMap<_, NatKeyV4, NatEntryV4> =
+            HashMap::try_from(node.ebpf.map_mut(names::SNAT_V4_CT_NEW).unwrap()).unwrap();
+        ct.remove(&closing).unwrap();
+        let mut rev: HashMap<_, NatKeyV4, NatEntryV4> =
+            HashMap::try_from(node.ebpf.map_mut(names::SNAT_V4_REV_NEW).unwrap()).unwrap();
+        rev.remove(&closing.reply(e.addr, e.port)).unwrap();
+    }
 
     // UDP and ICMP echo: a query and its answer stay unassured (a DNS lookup); the pod's next
     // datagram or echo request of the same flow assures it.
@@ -647,26 +717,14 @@ fn a_flow_is_assured_when_its_originator_sends_after_a_reply_that_is_not_a_reset
         &frame(&udp(OUTSIDE, NODE_IP, 53, uport, b"again", false)),
     );
     assert_eq!((v, be16(&check_ip(&out), 22)), (TC_ACT_REDIRECT, 5353));
-    assert_eq!(node.counters()["nat_new_flow"], 3);
+    assert_eq!(node.counters()["nat_new_flow"], 4);
 }
 
 #[test]
 fn an_assured_flow_that_lost_its_reply_tuple_to_a_new_flow_moves_to_another_port() {
     let mut node = Node::new(nat_on(0));
     // An assured flow, whose reply entry is then evicted (removed here by hand)…
-    let (_, out) = node.run(
-        names::POD_EGRESS,
-        &frame(&tcp(POD, OUTSIDE, 1111, 80, 0x02, b"")),
-    );
-    let port = be16(&check_ip(&out), 20);
-    node.run(
-        names::UNDERLAY_INGRESS,
-        &frame(&tcp(OUTSIDE, NODE_IP, 80, port, 0x12, b"")),
-    );
-    node.run(
-        names::POD_EGRESS,
-        &frame(&tcp(POD, OUTSIDE, 1111, 80, 0x10, b"")),
-    );
+    let port = node.handshake(1111, 80, 0x10);
     assert_eq!(node.tier_sizes(), [1, 1, 0, 0]);
     let (reply_key, mine) = node.flows(names::SNAT_V4_REV)[0];
     // …and a new flow of another pod has claimed that reply tuple in the other tier since.
@@ -1108,7 +1166,24 @@ fn an_idle_flow_is_dead_for_the_data_path() {
         &frame(&tcp(POD, OUTSIDE, 1111, 80, 0x02, b"")),
     );
     let port = be16(&check_ip(&out), 20);
+    // A half-open flow (SYN answered, never acknowledged): not assured, so TCP's transient
+    // timeout, not the established one (5 days here).
+    let (_, out) = node.run(
+        names::POD_EGRESS,
+        &frame(&tcp(POD, OUTSIDE, 2222, 80, 0x02, b"")),
+    );
+    let half_open = be16(&check_ip(&out), 20);
+    let synack = frame(&tcp(OUTSIDE, NODE_IP, 80, half_open, 0x12, b""));
+    assert_eq!(
+        node.run(names::UNDERLAY_INGRESS, &synack).0,
+        TC_ACT_REDIRECT
+    );
     std::thread::sleep(Duration::from_millis(2100));
+    assert_eq!(
+        node.run(names::UNDERLAY_INGRESS, &synack),
+        (TC_ACT_OK, synack.clone()),
+        "the half-open flow expired"
+    );
     // The SYN was never answered and has been idle for longer than its timeout: the late
     // answer is not translated, and the entries are gone.
     let late = frame(&tcp(OUTSIDE, NODE_IP, 80, port, 0x12, b""));
@@ -1116,8 +1191,8 @@ fn an_idle_flow_is_dead_for_the_data_path() {
         node.run(names::UNDERLAY_INGRESS, &late),
         (TC_ACT_OK, late.clone())
     );
-    assert!(node.rev_flows().is_empty());
-    assert!(node.ct_flows().is_empty());
+    assert!(node.rev_flows().is_empty(), "{:?}", node.rev_flows());
+    assert!(node.ct_flows().is_empty(), "{:?}", node.ct_flows());
     let _ = (node.eth0, node.cni0);
 }
 

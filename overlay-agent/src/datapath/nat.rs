@@ -260,20 +260,22 @@ impl Datapath {
                 source,
             })?;
         let now = monotonic_ns();
-        self.sweep_nat_with(|proto, e, _| cfg.is_expired(proto, e, now))
+        self.sweep_nat_with(|proto, e, assured| cfg.is_expired(proto, e, now, assured))
     }
 
+    /// Removes the entries `dead(protocol, entry, assured)` says are dead.
     fn sweep_nat_with(
         &mut self,
-        dead: impl Fn(u8, &NatEntryV4, &NatKeyV4) -> bool,
+        dead: impl Fn(u8, &NatEntryV4, bool) -> bool,
     ) -> Result<SweepReport, DatapathError> {
         let mut report = SweepReport::default();
         for name in names::NAT_FLOW_MAPS {
+            let assured = name == names::SNAT_V4_CT || name == names::SNAT_V4_REV;
             let mut map: HashMap<_, NatKeyV4, NatEntryV4> = map_mut(&mut self.ebpf, name)?;
             let entries: Vec<(NatKeyV4, NatEntryV4)> = map.iter().filter_map(Result::ok).collect();
             let mut left = 0;
             for (key, entry) in entries {
-                if dead(key.proto, &entry, &key) {
+                if dead(key.proto, &entry, assured) {
                     ignore_missing(map.remove(&key))
                         .map_err(|source| DatapathError::MapUpdate { map: name, source })?;
                     report.removed += 1;
@@ -443,14 +445,25 @@ mod tests {
             ..NatEntryV4::default()
         };
         let s = 1_000_000_000;
-        assert!(!cfg.is_expired(IPPROTO_UDP, &e, 30 * s));
-        assert!(cfg.is_expired(IPPROTO_UDP, &e, 31 * s));
+        assert!(!cfg.is_expired(IPPROTO_UDP, &e, 30 * s, false));
+        assert!(cfg.is_expired(IPPROTO_UDP, &e, 31 * s, false));
         let replied = NatEntryV4 {
             state: NAT_S_REPLIED,
             ..e
         };
-        assert!(!cfg.is_expired(IPPROTO_UDP, &replied, 100 * s));
-        assert!(!cfg.is_expired(IPPROTO_TCP, &replied, 3600 * s));
-        assert!(cfg.is_expired(IPPROTO_TCP, &e, 121 * s), "unanswered SYN");
+        assert!(!cfg.is_expired(IPPROTO_UDP, &replied, 100 * s, true));
+        assert!(
+            cfg.is_expired(IPPROTO_UDP, &replied, 31 * s, false),
+            "a query answered"
+        );
+        assert!(!cfg.is_expired(IPPROTO_TCP, &replied, 3600 * s, true));
+        assert!(
+            cfg.is_expired(IPPROTO_TCP, &replied, 121 * s, false),
+            "half-open"
+        );
+        assert!(
+            cfg.is_expired(IPPROTO_TCP, &e, 121 * s, false),
+            "unanswered SYN"
+        );
     }
 }

@@ -9,15 +9,18 @@
 //! address, a burst of DNS queries from random ports) evicts the least recently used
 //! entries, which are the idle but live connections; their next packet then gets another
 //! port and the connection breaks. New flows start in the `_NEW` tables and can only evict
-//! each other. A flow moves (`promote`) once it is assured, as conntrack says: its originator
-//! sends again after a reply that was neither a reset nor a FIN (for TCP, the ACK that
-//! completes the handshake; for UDP and ICMP echo, traffic both ways), so neither a one-shot
-//! query nor a host answering a scan, nor anyone on the underlay, fills the assured tier.
-//! Packets of assured flows look them up first and find them at once.
+//! each other. A flow moves (`promote`) once it is assured: its originator sends again after a
+//! reply that was neither a reset nor a FIN (for TCP, the ACK that completes the handshake, as
+//! conntrack assures it; for UDP and ICMP echo, traffic both ways, where conntrack also counts
+//! a later reply and never assures ICMP). So neither a one-shot query, nor a host answering a
+//! scan the pod never completes, nor a half-open connection fills the assured tier; flows that
+//! complete handshakes do, as in conntrack. Only assured flows get the long timeouts
+//! (`NatConfig::timeout`). Packets of assured flows look them up first and find them at once.
 //!
 //! Concurrency: the programs run on every CPU. A promotion inserts both assured entries before
 //! it removes the new ones, and lookups that miss both tiers look in the assured tier again
-//! ([`flow_in`], [`flow_out`]), so a flow being moved is always found. Reply tuples are
+//! ([`flow_in`], `either_tier`), and a flow created meanwhile checks the assured tier after its
+//! insert ([`flow_out`]), so a flow being moved is found. Reply tuples are
 //! claimed with an insert and a look at the other tier after it ([`claim`]); without a full
 //! barrier between the two, two claims of one tuple in different tiers at the same instant
 //! could both hold, which needs a flow's assured reply entry evicted and a new flow picking
@@ -125,12 +128,28 @@ impl Tier for Unassured {
     }
 }
 
-/// The CT entry of the flow `key`, assured or not.
+/// The entry of `key` in `assured` or `new` (the same table of the two tiers), and whether it
+/// is assured. A lookup that misses both looks in the assured tier again: a promotion on
+/// another CPU inserts there before it removes the new entry, so a flow being moved is found.
 #[inline(always)]
-fn ct_entry(key: &NatKeyV4) -> Option<*const NatEntryV4> {
-    SNAT_V4_CT
-        .get_ptr(key)
-        .or_else(|| SNAT_V4_CT_NEW.get_ptr(key))
+fn either_tier(
+    assured: &FlowMap,
+    new: &FlowMap,
+    key: &NatKeyV4,
+) -> Option<(*const NatEntryV4, bool)> {
+    if let Some(e) = assured.get_ptr(key) {
+        return Some((e, true));
+    }
+    if let Some(e) = new.get_ptr(key) {
+        return Some((e, false));
+    }
+    assured.get_ptr(key).map(|e| (e, true))
+}
+
+/// The CT entry of the flow `key`, assured or not ([`either_tier`]).
+#[inline(always)]
+fn ct_entry(key: &NatKeyV4) -> Option<(*const NatEntryV4, bool)> {
+    either_tier(&SNAT_V4_CT, &SNAT_V4_CT_NEW, key)
 }
 
 /// Whether `map` holds the reply tuple `rev_key` for the originator of `key`.
@@ -208,8 +227,8 @@ pub(super) fn replies_to_cluster_flow(nat: &NatConfig, key: &NatKeyV4, now: u64)
     let orig = key.reversed();
     match ct_entry(&orig) {
         // SAFETY: a map value pointer, valid during this program run.
-        Some(ct) => unsafe {
-            (*ct).flags & NAT_E_TO_CLUSTER != 0 && !nat.is_expired(key.proto, &*ct, now)
+        Some((ct, assured)) => unsafe {
+            (*ct).flags & NAT_E_TO_CLUSTER != 0 && !nat.is_expired(key.proto, &*ct, now, assured)
         },
         None => false,
     }
@@ -302,7 +321,7 @@ fn store_route(ct: *mut NatEntryV4, route: NextHopV4) {
 /// The next hop cached in the flow `key`'s CT entry under `route_gen` (not 0), if any.
 #[inline(always)]
 pub(super) fn cached_next_hop(key: &NatKeyV4, route_gen: u32) -> Option<[u8; 4]> {
-    let ct = ct_entry(key)?;
+    let (ct, _) = ct_entry(key)?;
     let route = load_route(ct);
     (route.route_gen == route_gen).then_some(route.next_hop)
 }
@@ -380,7 +399,7 @@ pub(super) fn flow_out(
         let _ = SNAT_V4_REV_NEW.remove(&key.reply(nat_addr, port));
         return match ct_entry(key) {
             // SAFETY: as above.
-            Some(ct) => Ok(unsafe { (*ct).port }),
+            Some((ct, _)) => Ok(unsafe { (*ct).port }),
             None => Err(Reason::DropNatFailed),
         };
     }
@@ -446,7 +465,7 @@ fn continue_in<T: Tier>(nat: &NatConfig, g: &Going) -> Option<[u8; 2]> {
         store_route(ct, g.route);
     }
     let rev_key = key.reply(e.addr, e.port);
-    if !nat.is_expired(key.proto, &e, g.now) && e.addr == g.nat_addr {
+    if !nat.is_expired(key.proto, &e, g.now, !T::NEW) && e.addr == g.nat_addr {
         let st = if key.proto == IPPROTO_TCP {
             tcp_state(e.state, g.tcp_flags)
         } else {
@@ -598,7 +617,7 @@ fn reply_in<T: Tier>(
     let e = unsafe { *rev };
     let now = now();
     let ct_key = key.original(e.addr, e.port);
-    if nat.is_expired(key.proto, &e, now) {
+    if nat.is_expired(key.proto, &e, now, !T::NEW) {
         let _ = T::rev().remove(key);
         if let Some(ct) = T::ct().get_ptr(&ct_key) {
             // SAFETY: as above.
@@ -678,12 +697,10 @@ fn promote(key: &NatKeyV4, rev_key: &NatKeyV4, assured: &NatEntryV4) -> bool {
 /// sweeper.
 #[inline(always)]
 pub(super) fn flow_related(nat: &NatConfig, key: &NatKeyV4) -> Option<NatEntryV4> {
-    let rev = SNAT_V4_REV
-        .get_ptr(key)
-        .or_else(|| SNAT_V4_REV_NEW.get_ptr(key))?;
+    let (rev, assured) = either_tier(&SNAT_V4_REV, &SNAT_V4_REV_NEW, key)?;
     // SAFETY: a map value pointer, valid during this program run; copied at once.
     let e = unsafe { *rev };
-    (!nat.is_expired(key.proto, &e, now())).then_some(e)
+    (!nat.is_expired(key.proto, &e, now(), assured)).then_some(e)
 }
 
 /// Remembers where the later fragments of the datagram whose first fragment `ip` is go: to
@@ -720,10 +737,10 @@ pub(super) fn live_flow(
     nat_addr: [u8; 4],
     now: u64,
 ) -> Option<NatEntryV4> {
-    let ct = ct_entry(key)?;
+    let (ct, assured) = ct_entry(key)?;
     // SAFETY: a map value pointer, valid during this program run; copied at once.
     let flow = unsafe { *ct };
-    if flow.addr != nat_addr || nat.is_expired(key.proto, &flow, now) {
+    if flow.addr != nat_addr || nat.is_expired(key.proto, &flow, now, assured) {
         return None;
     }
     Some(flow)
