@@ -20,7 +20,6 @@
 
 use std::{path::Path, sync::atomic::AtomicU64};
 
-use overlay_common::nat::SNAT_V4_NEW_CAPACITY;
 use prometheus_client::{
     encoding::text::encode,
     metrics::{counter::Counter, family::Family, gauge::Gauge, info::Info},
@@ -82,12 +81,11 @@ pub fn render(bpf_dir: &Path, telemetry: &Telemetry) -> String {
     let nat_unassured = Gauge::<i64>::default();
     let nat_unassured_capacity = Gauge::<i64>::default();
     match pinned_nat_flows(bpf_dir) {
-        Ok((flows, capacity)) => {
-            let assured = flows.iter().filter(|f| f.assured).count();
-            nat_entries.set(i64::try_from(assured).unwrap_or(i64::MAX));
-            nat_capacity.set(i64::from(capacity));
-            nat_unassured.set(i64::try_from(flows.len() - assured).unwrap_or(i64::MAX));
-            nat_unassured_capacity.set(i64::from(SNAT_V4_NEW_CAPACITY));
+        Ok(table) => {
+            nat_entries.set(i64::try_from(table.assured()).unwrap_or(i64::MAX));
+            nat_capacity.set(i64::from(table.capacity));
+            nat_unassured.set(i64::try_from(table.unassured()).unwrap_or(i64::MAX));
+            nat_unassured_capacity.set(i64::from(table.unassured_capacity));
         }
         Err(e) => tracing::debug!("metrics: no NAT table: {e}"),
     }

@@ -15,7 +15,6 @@ use std::{
 use anyhow::{Context as _, Result};
 use aya::programs::{SchedClassifier, TcAttachType};
 use overlay_common::counters::Reason;
-use overlay_common::nat::SNAT_V4_NEW_CAPACITY;
 use serde::Serialize;
 
 use crate::{
@@ -179,14 +178,14 @@ pub fn collect(bpf_dir: &Path, status_file: &Path) -> NodeStatus {
             .find(|(r, _)| *r == Reason::DropNatExhausted)
             .map(|(_, c)| c.packets)
     });
-    let nat = pinned_nat_flows(bpf_dir).ok().map(|(flows, capacity)| {
-        let assured = flows.iter().filter(|f| f.assured).count();
+    let nat = pinned_nat_flows(bpf_dir).ok().map(|table| {
+        let assured = table.assured();
         NatStatus {
             entries: assured,
-            capacity,
-            used_percent: 100.0 * assured as f64 / f64::from(capacity.max(1)),
-            unassured_entries: flows.len() - assured,
-            unassured_capacity: SNAT_V4_NEW_CAPACITY,
+            capacity: table.capacity,
+            used_percent: 100.0 * assured as f64 / f64::from(table.capacity.max(1)),
+            unassured_entries: table.unassured(),
+            unassured_capacity: table.unassured_capacity,
             exhausted_drops: exhausted.unwrap_or(0),
         }
     });
@@ -372,8 +371,9 @@ pub fn print_peers_json(bpf_dir: &Path) -> Result<()> {
 /// `nat -o json`: `{"entries", "capacity", "unassured_entries", "unassured_capacity",
 /// "flows": [...]}` (entries and capacity: the assured flows' table).
 pub fn print_nat_json(bpf_dir: &Path) -> Result<()> {
-    let (flows, capacity) = pinned_nat_flows(bpf_dir)?;
-    let rows: Vec<serde_json::Value> = flows
+    let table = pinned_nat_flows(bpf_dir)?;
+    let rows: Vec<serde_json::Value> = table
+        .flows
         .iter()
         .map(|f| {
             serde_json::json!({
@@ -384,10 +384,9 @@ pub fn print_nat_json(bpf_dir: &Path) -> Result<()> {
             })
         })
         .collect();
-    let assured = flows.iter().filter(|f| f.assured).count();
     let doc = serde_json::json!({
-        "entries": assured, "capacity": capacity,
-        "unassured_entries": flows.len() - assured, "unassured_capacity": SNAT_V4_NEW_CAPACITY,
+        "entries": table.assured(), "capacity": table.capacity,
+        "unassured_entries": table.unassured(), "unassured_capacity": table.unassured_capacity,
         "flows": rows,
     });
     println!("{}", serde_json::to_string_pretty(&doc)?);

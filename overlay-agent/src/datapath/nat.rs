@@ -22,7 +22,7 @@ use ipnet::Ipv4Net;
 use overlay_common::nat::{
     IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, NAT_CONFIG_INDEX, NAT_E_KERNEL, NAT_E_TO_CLUSTER,
     NAT_F_ENABLED, NAT_F_KEEP_PORT, NAT_S_FIN, NAT_S_REPLIED, NAT_S_RST, NatConfig, NatEntryV4,
-    NatKeyV4, SNAT_V4_CAPACITY,
+    NatKeyV4, SNAT_V4_CAPACITY, SNAT_V4_NEW_CAPACITY,
 };
 
 use super::{Datapath, DatapathError, map_mut, names, pin::PinDir};
@@ -352,10 +352,35 @@ impl std::fmt::Display for NatFlow {
     }
 }
 
-/// The flows of the pinned data path, assured (`SNAT_V4_CT`) and not assured yet
-/// (`SNAT_V4_CT_NEW`, absent under an agent older than that table), sorted, and the assured
-/// table's capacity (the unassured one's is `SNAT_V4_NEW_CAPACITY`).
-pub fn pinned_nat_flows(dir: &Path) -> Result<(Vec<NatFlow>, u32), DatapathError> {
+/// The masqueraded flows of the pinned data path and the tables' capacities, as `nat`,
+/// `status` and `/metrics` show them.
+#[derive(Clone, Debug)]
+pub struct NatTable {
+    /// Assured (`SNAT_V4_CT`) and not assured yet (`SNAT_V4_CT_NEW`), sorted.
+    pub flows: Vec<NatFlow>,
+    /// `SNAT_V4_CT`'s: the table whose filling evicts live connections.
+    pub capacity: u32,
+    /// `SNAT_V4_CT_NEW`'s.
+    pub unassured_capacity: u32,
+}
+
+impl NatTable {
+    /// Assured flows.
+    #[must_use]
+    pub fn assured(&self) -> usize {
+        self.flows.iter().filter(|f| f.assured).count()
+    }
+
+    /// Flows not assured yet.
+    #[must_use]
+    pub fn unassured(&self) -> usize {
+        self.flows.len() - self.assured()
+    }
+}
+
+/// The flows of the pinned data path ([`NatTable`]); `SNAT_V4_CT_NEW` is absent under an agent
+/// older than that table.
+pub fn pinned_nat_flows(dir: &Path) -> Result<NatTable, DatapathError> {
     let pins = PinDir::existing(dir).ok_or_else(|| {
         DatapathError::InvalidConfig(format!("no pinned data path under {}", dir.display()))
     })?;
@@ -385,7 +410,11 @@ pub fn pinned_nat_flows(dir: &Path) -> Result<(Vec<NatFlow>, u32), DatapathError
         }));
     }
     flows.sort_by_key(|f| (f.proto, f.pod, f.remote));
-    Ok((flows, SNAT_V4_CAPACITY))
+    Ok(NatTable {
+        flows,
+        capacity: SNAT_V4_CAPACITY,
+        unassured_capacity: SNAT_V4_NEW_CAPACITY,
+    })
 }
 
 #[cfg(test)]

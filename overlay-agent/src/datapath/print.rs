@@ -5,7 +5,6 @@
 use std::path::Path;
 
 use anyhow::Result;
-use overlay_common::nat::SNAT_V4_NEW_CAPACITY;
 
 use super::{nat::pinned_nat_flows, pinned_counters, pinned_endpoints, pinned_peers};
 use crate::subnet::Mac;
@@ -21,14 +20,16 @@ pub fn counters(bpf_dir: &Path) -> Result<()> {
 /// `overlay-agent nat`: the masqueraded flows, then `entries <n> capacity <max> unassured
 /// <n> capacity <max>` (the assured flows' table, then the other).
 pub fn nat(bpf_dir: &Path) -> Result<()> {
-    let (flows, capacity) = pinned_nat_flows(bpf_dir)?;
-    for flow in &flows {
+    let table = pinned_nat_flows(bpf_dir)?;
+    for flow in &table.flows {
         println!("{flow}");
     }
-    let assured = flows.iter().filter(|f| f.assured).count();
     println!(
-        "entries {assured} capacity {capacity} unassured {} capacity {SNAT_V4_NEW_CAPACITY}",
-        flows.len() - assured
+        "entries {} capacity {} unassured {} capacity {}",
+        table.assured(),
+        table.capacity,
+        table.unassured(),
+        table.unassured_capacity
     );
     Ok(())
 }

@@ -56,9 +56,9 @@
 //! With frames arriving MTU-sized (real NICs, or a veth underlay without TSO), GRO runs before
 //! TC. It aggregates VXLAN only for a port with a tunnel socket, which the agent's GRO device
 //! (`ovl-gro`, a kernel VXLAN device in collect-metadata mode whose own deliveries
-//! `gro_device_ingress` drops, except reassembled fragments) provides: GRO then merges frames of one inner flow with equal
-//! outer and inner headers, and the aggregate arrives here as a tunnel GSO packet, checked and
-//! decapsulated as one, like a veth's super-packet.
+//! `gro_device_ingress` drops, except reassembled fragments) provides: GRO then merges frames
+//! of one inner flow with equal outer and inner headers, and the aggregate arrives here as a
+//! tunnel GSO packet, checked and decapsulated as one, like a veth's super-packet.
 //!
 //! XDP (`underlay_xdp`, [`xdp_decapsulate`], only with `--xdp on`): native XDP runs before GRO
 //! instead: it makes every check

@@ -471,6 +471,15 @@ fn continue_in<T: Tier>(nat: &NatConfig, g: &Going) -> Option<[u8; 2]> {
         } else {
             e.state
         };
+        // This flow's reply entry as of this packet.
+        let mine = NatEntryV4 {
+            addr: key.saddr,
+            port: key.sport,
+            state: st,
+            flags: e.flags,
+            last_seen: g.now,
+            route: NextHopV4::default(),
+        };
         if T::NEW && st & (NAT_S_REPLIED | NAT_S_FIN | NAT_S_RST) == NAT_S_REPLIED {
             let assured = NatEntryV4 {
                 state: st,
@@ -482,7 +491,7 @@ fn continue_in<T: Tier>(nat: &NatConfig, g: &Going) -> Option<[u8; 2]> {
                 },
                 ..e
             };
-            if promote(key, &rev_key, &assured) {
+            if promote(key, &rev_key, &assured, &mine) {
                 return Some(e.port);
             }
         }
@@ -490,14 +499,6 @@ fn continue_in<T: Tier>(nat: &NatConfig, g: &Going) -> Option<[u8; 2]> {
             // Both entries were confirmed and refreshed together a moment ago.
             return Some(e.port);
         }
-        let mine = NatEntryV4 {
-            addr: key.saddr,
-            port: key.sport,
-            state: st,
-            flags: e.flags,
-            last_seen: g.now,
-            route: NextHopV4::default(),
-        };
         let rev_ok = match T::rev().get_ptr_mut(&rev_key) {
             // SAFETY: as above.
             Some(rev) => unsafe {
@@ -594,15 +595,14 @@ fn choose_port(skb: *mut __sk_buff, nat: &NatConfig, c: &PortChoice) -> u16 {
 /// without an entry). Replies never promote a flow: only its originator assures it.
 #[inline(always)]
 pub(super) fn flow_in(nat: &NatConfig, key: &NatKeyV4, tcp_flags: u8) -> Option<NatEntryV4> {
-    if let Some(rev) = SNAT_V4_REV.get_ptr_mut(key) {
-        return reply_in::<Assured>(nat, key, rev, tcp_flags);
+    let (rev, assured) = either_tier(&SNAT_V4_REV, &SNAT_V4_REV_NEW, key)?;
+    // A map value pointer: the entry is writable.
+    let rev = rev.cast_mut();
+    if assured {
+        reply_in::<Assured>(nat, key, rev, tcp_flags)
+    } else {
+        reply_in::<Unassured>(nat, key, rev, tcp_flags)
     }
-    if let Some(rev) = SNAT_V4_REV_NEW.get_ptr_mut(key) {
-        return reply_in::<Unassured>(nat, key, rev, tcp_flags);
-    }
-    // Promoted by another CPU between the two lookups (it inserts before it removes).
-    let rev = SNAT_V4_REV.get_ptr_mut(key)?;
-    reply_in::<Assured>(nat, key, rev, tcp_flags)
 }
 
 /// [`flow_in`] for the reply entry `rev` of `key`, found in tier `T`.
@@ -652,22 +652,14 @@ fn reply_in<T: Tier>(
 }
 
 /// Moves the unassured flow `key` (reply tuple `rev_key`) to the assured tier with `assured`
-/// as its CT entry (state and time already updated for the packet). Both assured entries are
+/// as its CT entry and `rev` as its reply entry (both updated for the packet). Both are
 /// inserted before either new one is removed, so a concurrent packet of the flow finds it in
 /// one tier or the other. False when the assured tier refused (its reply entry is another
 /// flow's, or the insert failed): the flow then stays where it is.
 #[inline(always)]
-fn promote(key: &NatKeyV4, rev_key: &NatKeyV4, assured: &NatEntryV4) -> bool {
-    let rev = NatEntryV4 {
-        addr: key.saddr,
-        port: key.sport,
-        state: assured.state,
-        flags: assured.flags,
-        last_seen: assured.last_seen,
-        route: NextHopV4::default(),
-    };
+fn promote(key: &NatKeyV4, rev_key: &NatKeyV4, assured: &NatEntryV4, rev: &NatEntryV4) -> bool {
     if SNAT_V4_REV
-        .insert(rev_key, &rev, u64::from(BPF_NOEXIST))
+        .insert(rev_key, rev, u64::from(BPF_NOEXIST))
         .is_err()
     {
         // Already moved by another CPU's packet of this flow, or the tuple is another's.
