@@ -15,6 +15,7 @@ fn color(p: PathId) -> RGBColor {
         PathId::H => RGBColor(140, 190, 230),
         PathId::E => RGBColor(214, 39, 40),
         PathId::EH => RGBColor(255, 150, 60),
+        PathId::R => RGBColor(90, 90, 90),
     }
 }
 

@@ -89,10 +89,14 @@ pub enum PathId {
     /// This project's agent, host-gw backend, --ip-masq.
     #[value(name = "EH")]
     EH,
+    /// Kernel routes only, no NAT and no netfilter rules: the connection rates' no-NAT ceiling
+    /// with the nodes' and the underlay's hops.
+    #[value(name = "R")]
+    R,
 }
 
 impl PathId {
-    pub const ALL: [Self; 5] = [Self::D, Self::K, Self::H, Self::E, Self::EH];
+    pub const ALL: [Self; 6] = [Self::D, Self::K, Self::H, Self::E, Self::EH, Self::R];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -101,6 +105,7 @@ impl PathId {
             Self::H => "H",
             Self::E => "E",
             Self::EH => "EH",
+            Self::R => "R",
         }
     }
 
@@ -111,12 +116,21 @@ impl PathId {
             Self::H => "stock flannel host-gw: kernel routes + flannel's iptables rules",
             Self::E => "this project, vxlan, --ip-masq (eBPF, no iptables rules)",
             Self::EH => "this project, host-gw, --ip-masq (eBPF, no iptables rules)",
+            Self::R => {
+                "kernel routes only, no NAT, no netfilter rules (no-NAT ceiling of the connection rates)"
+            }
         }
     }
 
-    /// Whether the path has nodes (and so an outside host behind masquerade, and peers).
-    pub fn has_nodes(self) -> bool {
-        self != Self::D
+    /// Whether the path has flannel peers, whose number the scale metric raises.
+    pub fn has_peers(self) -> bool {
+        matches!(self, Self::K | Self::H | Self::E | Self::EH)
+    }
+
+    /// Whether `metric` is measured on the path: R is the ceiling of the connection rates only
+    /// (D, one veth, is the others').
+    pub fn measures(self, metric: Metric) -> bool {
+        self != Self::R || metric == Metric::Crr
     }
 
     /// Whether our agent runs the path.

@@ -1,5 +1,6 @@
 //! `report.md` (a table per metric and mode) and `results.json` (every round's raw figures).
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use anyhow::{Context, Result};
@@ -100,7 +101,8 @@ fn markdown(plan: &Plan, r: &Results, charts: &[(&str, &str)]) -> String {
          **E/K** and **EH/H** are medians of ratios taken inside each round, oriented so that \
          > 1 means ours is better (higher throughput/rate, lower CPU/latency); *of D* is each \
          path against the ceiling D in the same round, oriented the same way (1 = as good as \
-         two namespaces joined by one veth). CPU figures are the whole machine's busy time \
+         two namespaces joined by one veth); *of R*, for the connection rates, is each path \
+         against R, the same hops with nothing but kernel routing (no NAT). CPU figures are the whole machine's busy time \
          (user + system + irq + softirq from `/proc/stat`, steal apart) during the load, \
          divided by what was delivered: for UDP that includes the sender's work on datagrams \
          dropped on the way.\n"
@@ -232,8 +234,9 @@ fn paths_section(s: &mut String) {
          node n0, server pod 172.16.2.2 on node n1 (cluster network 172.16.0.0/12, /24 leases), \
          nodes 198.18.0.1 and .2 on an underlay bridge, an outside host 198.19.0.1 routed by the \
          underlay namespace; pods behind a `cni0` bridge; `iptables -P FORWARD DROP` on every \
-         node as Docker leaves it. MTU as flannel chooses it: {VXLAN_MTU} for vxlan (K, E), \
-         {PLAIN_MTU} for host-gw (H, EH) and D.\n"
+         node as Docker leaves it (not on R's, which has no netfilter state). MTU as flannel \
+         chooses it: {VXLAN_MTU} for vxlan (K, E), {PLAIN_MTU} for host-gw (H, EH), D and R. \
+         R runs the connection rates only.\n"
     );
     let _ = writeln!(s, "| path | what |\n|---|---|");
     for p in PathId::ALL {
@@ -357,11 +360,17 @@ fn against_hand(s: &mut String, r: &Results) {
 }
 
 fn metric_table(s: &mut String, sum: &MetricSummary) {
+    // R, the no-NAT ceiling, is measured for the connection rates only.
+    let with_r = sum.figures.iter().any(|f| !f.of_r.is_empty());
     let mut header = "| path |".to_owned();
     let mut rule = "|---|".to_owned();
     for f in &sum.figures {
         let _ = write!(header, " {} | of D |", f.def.label);
         rule.push_str("---:|---:|");
+        if with_r {
+            header.push_str(" of R |");
+            rule.push_str("---:|");
+        }
     }
     let _ = writeln!(s, "{header}\n{rule}");
     for p in PathId::ALL {
@@ -372,11 +381,18 @@ fn metric_table(s: &mut String, sum: &MetricSummary) {
             .figures
             .iter()
             .map(|f| {
-                format!(
+                let of = |m: &BTreeMap<PathId, f64>| {
+                    m.get(&p).map_or("–".to_owned(), |v| format!("{v:.2}"))
+                };
+                let mut cell = format!(
                     "{} | {}",
                     f.median.get(&p).map_or("–".to_owned(), |v| num(*v)),
-                    f.of_d.get(&p).map_or("–".to_owned(), |v| format!("{v:.2}"))
-                )
+                    of(&f.of_d)
+                );
+                if with_r {
+                    let _ = write!(cell, " | {}", of(&f.of_r));
+                }
+                cell
             })
             .collect();
         let _ = writeln!(s, "| {} | {} |", p.name(), cells.join(" | "));
@@ -394,7 +410,7 @@ fn metric_table(s: &mut String, sum: &MetricSummary) {
         let cells: Vec<String> = sum
             .figures
             .iter()
-            .map(|f| format!("{} | ", ratio(get(f))))
+            .map(|f| format!("{} | {}", ratio(get(f)), if with_r { " | " } else { "" }))
             .collect();
         let _ = writeln!(s, "| {label} | {} |", cells.join(" | "));
     }

@@ -251,6 +251,9 @@ fn measure_base(
     samples: &mut Vec<Sample>,
     failures: &mut Vec<String>,
 ) {
+    if !topo.id.measures(metric) {
+        return;
+    }
     let runs: Vec<Load<'_>> = match metric {
         Metric::Tcp1 => vec![("tcp1", Box::new(|p| load::tcp(topo, plan, 1, p)))],
         Metric::Tcp4 => vec![("tcp4", Box::new(|p| load::tcp(topo, plan, 4, p)))],
@@ -336,7 +339,7 @@ fn run_scale(
     samples: &mut Vec<Sample>,
     failures: &mut Vec<String>,
 ) -> Result<()> {
-    let scaled: Vec<&PathTopo> = topos.iter().filter(|t| t.id.has_nodes()).collect();
+    let scaled: Vec<&PathTopo> = topos.iter().filter(|t| t.id.has_peers()).collect();
     if scaled.is_empty() {
         println!("== scale: no path with nodes selected");
         return Ok(());

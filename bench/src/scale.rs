@@ -140,7 +140,7 @@ pub fn add_peers(p: &PathTopo, from: u32, to: u32) -> Result<()> {
             }
             Ok(())
         }
-        PathId::D => unreachable!("D has no nodes"),
+        PathId::D | PathId::R => unreachable!("{} has no peers to scale", p.id.name()),
     }
 }
 

@@ -136,6 +136,9 @@ pub struct FigureSummary {
     pub rounds: BTreeMap<PathId, usize>,
     /// Median over rounds of (path vs D in that round), oriented (1 = the ceiling).
     pub of_d: BTreeMap<PathId, f64>,
+    /// The same against R, the no-NAT ceiling, where R was measured (the connection rates).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub of_r: BTreeMap<PathId, f64>,
     /// Median over rounds of E vs K, and of EH vs H (> 1: ours is better).
     pub e_k: Option<f64>,
     pub eh_h: Option<f64>,
@@ -201,6 +204,7 @@ fn summarize_figure(samples: &[Sample], mode: Mode, metric: &str, def: FigureDef
         median: BTreeMap::new(),
         rounds: BTreeMap::new(),
         of_d: BTreeMap::new(),
+        of_r: BTreeMap::new(),
         e_k: None,
         eh_h: None,
     };
@@ -214,6 +218,11 @@ fn summarize_figure(samples: &[Sample], mode: Mode, metric: &str, def: FigureDef
             && let Some(r) = per_round_ratio(rounds, d)
         {
             out.of_d.insert(*path, r);
+        }
+        if let Some(r) = own.get(&PathId::R)
+            && let Some(x) = per_round_ratio(rounds, r)
+        {
+            out.of_r.insert(*path, x);
         }
     }
     let pair = |a: PathId, b: PathId| per_round_ratio(own.get(&a)?, own.get(&b)?);
@@ -263,6 +272,8 @@ mod tests {
             sample(0, "rr", PathId::E, "p50_us", 20.0),
             sample(0, "crr_pod", PathId::D, "cps", 1000.0),
             sample(0, "crr_out", PathId::K, "cps", 500.0),
+            sample(0, "crr_out", PathId::E, "cps", 570.0),
+            sample(0, "crr_out", PathId::R, "cps", 600.0),
         ];
         let sum = summarize(&s);
         let tcp = &sum[0].figures[0];
@@ -281,5 +292,7 @@ mod tests {
             0.5,
             "ceiling is D's pod → pod"
         );
+        assert_eq!(out.figures[0].of_r[&PathId::E], 0.95, "against R's crr_out");
+        assert!(tcp.of_r.is_empty(), "R measures connection rates only");
     }
 }

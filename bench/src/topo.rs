@@ -9,10 +9,14 @@
 //! - E / EH: our agent with `--ip-masq` (vxlan / host-gw config in etcd), its subnet forced by
 //!   a subnet file written before it starts (the agent reuses it, as flanneld does); pods get
 //!   the MTU the agent writes (1450 / 1500). No iptables rules.
+//! - R: H's routes without its rules, no NAT, no netfilter state at all, and a route in the
+//!   underlay to each node's lease, so the outside host answers the pods' own addresses: what
+//!   a connection costs over the same hops when nothing but routing is in between (the no-NAT
+//!   ceiling of the connection rates; the masquerade's cost is E's or EH's rate against it).
 //! - D: two namespaces joined by one veth pair, addressed 172.16.1.2/12 and 172.16.2.2/12, MTU
 //!   1500: the pods' own socket work with nothing in between.
 //!
-//! Every node namespace gets `iptables -P FORWARD DROP`, as Docker leaves it (flannel's FORWARD
+//! Every node namespace but R's gets `iptables -P FORWARD DROP`, as Docker leaves it (flannel's FORWARD
 //! rules exist to undo that). MTUs are flannel's own choice per backend.
 
 use std::{
@@ -110,7 +114,7 @@ impl PathTopo {
     pub fn build(id: PathId, mode: Mode) -> Result<Self> {
         let topo = match id {
             PathId::D => direct()?,
-            PathId::K | PathId::H => stock(id)?,
+            PathId::K | PathId::H | PathId::R => stock(id)?,
             PathId::E | PathId::EH => ours(id, mode)?,
         };
         // Our agents were started with the offloads already set (see `ours`).
@@ -271,12 +275,23 @@ fn install_flannel_rules(node: &Node, subnet: Ipv4Net) -> Result<()> {
     Ok(())
 }
 
-/// K or H: kernel state as flanneld builds it, no agent.
+/// `ip route replace <dst> via <gw> <extra>` in `ns`.
+fn route_via(ns: &NetNs, dst: Ipv4Net, gw: Ipv4Addr, extra: &[&str]) -> Result<()> {
+    let (dst, gw) = (dst.to_string(), gw.to_string());
+    let mut args = vec!["route", "replace", dst.as_str(), "via", gw.as_str()];
+    args.extend(extra);
+    ns.ip(&args)?;
+    Ok(())
+}
+
+/// K or H: kernel state as flanneld builds it, no agent; R: H's routes alone.
 fn stock(id: PathId) -> Result<PathTopo> {
     let cluster = cluster_base(None)?;
     let nodes = cluster.nodes();
     for (i, node) in nodes.iter().enumerate() {
-        forward_drop(node)?;
+        if id != PathId::R {
+            forward_drop(node)?;
+        }
         let peer_i = 1 - i;
         let peer = &nodes[peer_i];
         if id == PathId::K {
@@ -294,17 +309,19 @@ fn stock(id: PathId) -> Result<PathTopo> {
             )?;
         } else {
             // flannel's host-gw route: via the peer's PublicIP on the external interface.
-            node.ns().ip(&[
-                "route",
-                "replace",
-                &node_subnet(peer_i).to_string(),
-                "via",
-                &peer.underlay_ip().to_string(),
-                "dev",
-                "eth0",
-            ])?;
+            route_via(
+                node.ns(),
+                node_subnet(peer_i),
+                peer.underlay_ip(),
+                &["dev", "eth0"],
+            )?;
         }
-        install_flannel_rules(node, node_subnet(i))?;
+        if id == PathId::R {
+            // The outside host's answers go to the pod itself, not to a masquerading node.
+            route_via(cluster.underlay(), node_subnet(i), node.underlay_ip(), &[])?;
+        } else {
+            install_flannel_rules(node, node_subnet(i))?;
+        }
         let mtu = if id == PathId::K {
             VXLAN_MTU
         } else {
@@ -378,7 +395,7 @@ fn finish(id: PathId, cluster: Cluster) -> Result<PathTopo> {
         pod_ip(1)
     );
     let mut state = String::new();
-    if matches!(id, PathId::K | PathId::H) {
+    if matches!(id, PathId::K | PathId::H | PathId::R) {
         let show = |args: &[&str]| -> String {
             n0.ns()
                 .run(args[0], &args[1..])

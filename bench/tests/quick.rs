@@ -1,7 +1,8 @@
 //! `overlay-bench run --quick` end to end, so that the benchmark cannot rot: a reduced
-//! selection (one path of each kind: D, the stock vxlan path K, our vxlan path E; every metric,
-//! two small scale levels, three lease changes) runs to the end into a temporary directory, the
-//! three artifacts exist and parse, every selected measurement is in them, and nothing the run
+//! selection (one path of each kind: D, the stock vxlan path K, our vxlan path E, and R, the
+//! routed no-NAT ceiling that runs the connection rates only; every metric, two small scale
+//! levels, three lease changes) runs to the end into a temporary directory, the three
+//! artifacts exist and parse, every selected measurement is in them, and nothing the run
 //! created is left: no `ovl-<pid>-` namespace of the bench process, and no process carrying the
 //! environment tag given to it (every process it starts inherits it: agents, etcd, iperf3,
 //! sockperf, the CRR helpers).
@@ -33,7 +34,7 @@ fn quick_run_writes_the_artifacts_and_leaves_nothing() {
         "run",
         "--quick",
         "--paths",
-        "D,K,E",
+        "D,K,E,R",
         "--scale-peers",
         "10,50",
         "--changes",
@@ -90,6 +91,14 @@ fn quick_run_writes_the_artifacts_and_leaves_nothing() {
             want.push((metric.to_owned(), path.to_owned()));
         }
     }
+    // R measures the connection rates only, and has no peers to scale.
+    for metric in ["crr_pod", "crr_out"] {
+        want.push((metric.to_owned(), "R".to_owned()));
+    }
+    assert!(
+        !seen.iter().any(|(m, p)| p == "R" && !m.starts_with("crr")),
+        "R measured more than the connection rates: {seen:?}"
+    );
     want.push(("propagation10".to_owned(), "E".to_owned()));
     want.push(("propagation50".to_owned(), "E".to_owned()));
     for w in &want {
@@ -130,6 +139,7 @@ fn quick_run_writes_the_artifacts_and_leaves_nothing() {
         "## TCP throughput, 1 stream, pod → remote pod",
         "## Connection rate, pod → outside host through masquerade",
         "| E/K |",
+        "of R |",
         "## Scale: peer leases",
         "Lease propagation",
         "iptables -t nat -A FLANNEL-POSTRTG",
