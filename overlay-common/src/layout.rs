@@ -34,7 +34,7 @@ pub const CONFIG_FIELDS: &[Field] = fields!(Config;
 /// `NAT_CONFIG`'s value, field by field.
 pub const NAT_CONFIG_FIELDS: &[Field] = fields!(NatConfig;
     flags, port_min, port_max, tcp_established, tcp_transient, udp, udp_stream, icmp,
-    _reserved);
+    tcp_close);
 
 /// The settings structs whose field layout belongs to the fingerprint, by map name.
 pub const SETTINGS_LAYOUTS: &[(&str, &[Field])] = &[

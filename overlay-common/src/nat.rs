@@ -89,13 +89,14 @@ pub struct NatConfig {
     pub port_min: u16,
     pub port_max: u16,
     /// Idle timeouts in seconds: TCP assured (in `SNAT_V4_CT`) and before any FIN/RST; TCP
-    /// otherwise (opening, half-open, closing, reset); UDP not assured and assured; ICMP echo.
+    /// otherwise (opening, half-open, closing); UDP not assured and assured; ICMP echo.
     pub tcp_established: u32,
     pub tcp_transient: u32,
     pub udp: u32,
     pub udp_stream: u32,
     pub icmp: u32,
-    pub _reserved: u32,
+    /// TCP after a reset (conntrack's CLOSE); 0: `tcp_transient`.
+    pub tcp_close: u32,
 }
 const _: () = assert!(size_of::<NatConfig>() == 32);
 
@@ -113,7 +114,14 @@ impl NatConfig {
     pub const fn timeout(&self, proto: u8, state: u8, assured: bool) -> u32 {
         match proto {
             IPPROTO_TCP => {
-                if assured && state & (NAT_S_FIN | NAT_S_RST) == 0 && state & NAT_S_REPLIED != 0 {
+                if state & NAT_S_RST != 0 && self.tcp_close != 0 {
+                    // A reset flow is over: conntrack keeps it 10 s, not the 120 s of FIN's
+                    // TIME_WAIT, so short connections closed by RST do not fill the tables.
+                    self.tcp_close
+                } else if assured
+                    && state & (NAT_S_FIN | NAT_S_RST) == 0
+                    && state & NAT_S_REPLIED != 0
+                {
                     self.tcp_established
                 } else {
                     self.tcp_transient
@@ -304,6 +312,7 @@ mod tests {
             udp: 30,
             udp_stream: 120,
             icmp: 5,
+            tcp_close: 3,
             ..NatConfig::default()
         };
         assert_eq!(c.timeout(IPPROTO_TCP, 0, false), 10, "SYN sent");
@@ -314,7 +323,23 @@ mod tests {
         );
         assert_eq!(c.timeout(IPPROTO_TCP, NAT_S_REPLIED, true), 1000);
         assert_eq!(c.timeout(IPPROTO_TCP, NAT_S_REPLIED | NAT_S_FIN, true), 10);
-        assert_eq!(c.timeout(IPPROTO_TCP, NAT_S_REPLIED | NAT_S_RST, true), 10);
+        assert_eq!(c.timeout(IPPROTO_TCP, NAT_S_REPLIED | NAT_S_RST, true), 3);
+        assert_eq!(
+            c.timeout(IPPROTO_TCP, NAT_S_RST, false),
+            3,
+            "a SYN answered by RST"
+        );
+        assert_eq!(
+            c.timeout(IPPROTO_TCP, NAT_S_REPLIED | NAT_S_FIN | NAT_S_RST, true),
+            3,
+            "a reset after a FIN"
+        );
+        let unset = NatConfig { tcp_close: 0, ..c };
+        assert_eq!(
+            unset.timeout(IPPROTO_TCP, NAT_S_REPLIED | NAT_S_RST, true),
+            10,
+            "no reset timeout: the transient one"
+        );
         assert_eq!(c.timeout(IPPROTO_TCP, 0, true), 10, "a SYN started it over");
         assert_eq!(c.timeout(IPPROTO_UDP, 0, false), 30);
         assert_eq!(

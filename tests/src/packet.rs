@@ -35,7 +35,7 @@ pub fn nat_config(flags: u32, ports: (u16, u16)) -> NatConfig {
         udp: 30,
         udp_stream: 120,
         icmp: 30,
-        _reserved: 0,
+        tcp_close: 10,
     }
 }
 

@@ -1196,6 +1196,41 @@ fn an_idle_flow_is_dead_for_the_data_path() {
     let _ = (node.eth0, node.cni0);
 }
 
+#[test]
+fn a_reset_flow_expires_on_the_reset_timeout_a_closing_one_on_the_transient_one() {
+    let mut nat = nat_on(0);
+    nat.tcp_close = 1;
+    let node = Node::new(nat);
+    // Two assured connections; the pod resets the first and closes the second with a FIN.
+    let reset = node.handshake(1111, 80, 0x10);
+    let closing = node.handshake(2222, 80, 0x10);
+    let (v, _) = node.run(
+        names::POD_EGRESS,
+        &frame(&tcp(POD, OUTSIDE, 1111, 80, 0x04, b"")),
+    );
+    assert_eq!(v, TC_ACT_REDIRECT, "the RST translated");
+    let (v, _) = node.run(
+        names::POD_EGRESS,
+        &frame(&tcp(POD, OUTSIDE, 2222, 80, 0x11, b"")),
+    );
+    assert_eq!(v, TC_ACT_REDIRECT, "the FIN translated");
+    // Past the reset timeout (1 s and the refresh lag), well inside the transient one (120 s).
+    std::thread::sleep(Duration::from_millis(1300));
+    let late = frame(&tcp(OUTSIDE, NODE_IP, 80, reset, 0x10, b""));
+    assert_eq!(
+        node.run(names::UNDERLAY_INGRESS, &late),
+        (TC_ACT_OK, late.clone()),
+        "the reset flow is gone: its late answer is left to the node"
+    );
+    let (v, out) = node.run(
+        names::UNDERLAY_INGRESS,
+        &frame(&tcp(OUTSIDE, NODE_IP, 80, closing, 0x11, b"")),
+    );
+    assert_eq!(v, TC_ACT_REDIRECT, "the closing flow still answers");
+    let ip = check_ip(&out);
+    assert_eq!((addr(&ip, 16), be16(&ip, 22)), (POD, 2222));
+}
+
 /// The CT and REV entries of the pod's flow from source port `sport`: (state, last seen) each.
 #[track_caller]
 fn entry_times(node: &Node, sport: u16) -> [(u8, u64); 2] {

@@ -31,11 +31,14 @@ use super::{Datapath, DatapathError, map_mut, names, pin::PinDir};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct NatTimeouts {
     pub tcp_established: Duration,
-    /// SYN sent, closing (FIN), reset: conntrack's SYN_SENT / FIN_WAIT / TIME_WAIT are 120 s.
+    /// SYN sent, half-open, closing (FIN): conntrack's SYN_SENT / FIN_WAIT / TIME_WAIT are
+    /// 120 s.
     pub tcp_transient: Duration,
     pub udp: Duration,
     pub udp_stream: Duration,
     pub icmp: Duration,
+    /// After a reset: conntrack's CLOSE, 10 s.
+    pub tcp_close: Duration,
 }
 
 impl Default for NatTimeouts {
@@ -46,6 +49,7 @@ impl Default for NatTimeouts {
             udp: Duration::from_secs(30),
             udp_stream: Duration::from_secs(120),
             icmp: Duration::from_secs(30),
+            tcp_close: Duration::from_secs(10),
         }
     }
 }
@@ -60,9 +64,13 @@ impl NatTimeouts {
             udp: t,
             udp_stream: t,
             icmp: t,
+            tcp_close: t,
         }
     }
 
+    /// The shortest timeout the sweep interval follows. `tcp_close` is left out: a sweep walks
+    /// every flow, and at the data path an expired entry is dead already; reset flows are
+    /// freed by the next sweep all the same.
     fn shortest(&self) -> Duration {
         [
             self.tcp_established,
@@ -122,7 +130,7 @@ impl NatSettings {
             udp: secs(t.udp),
             udp_stream: secs(t.udp_stream),
             icmp: secs(t.icmp),
-            _reserved: 0,
+            tcp_close: secs(t.tcp_close),
         }
     }
 }
