@@ -102,10 +102,10 @@ fn markdown(plan: &Plan, r: &Results, charts: &[(&str, &str)]) -> String {
          > 1 means ours is better (higher throughput/rate, lower CPU/latency); *of D* is each \
          path against the ceiling D in the same round, oriented the same way (1 = as good as \
          two namespaces joined by one veth); *of R*, for the connection rates, is each path \
-         against R, the same hops with nothing but kernel routing (no NAT). CPU figures are the whole machine's busy time \
-         (user + system + irq + softirq from `/proc/stat`, steal apart) during the load, \
-         divided by what was delivered: for UDP that includes the sender's work on datagrams \
-         dropped on the way.\n"
+         against R, the same hops with nothing but kernel routing (no NAT). CPU figures are \
+         the whole machine's busy time (user + system + irq + softirq from `/proc/stat`, steal \
+         apart) during the load, divided by what was delivered: for UDP that includes the \
+         sender's work on datagrams dropped on the way.\n"
     );
     paths_section(&mut s);
     headline(&mut s, r);

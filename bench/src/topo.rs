@@ -16,8 +16,8 @@
 //! - D: two namespaces joined by one veth pair, addressed 172.16.1.2/12 and 172.16.2.2/12, MTU
 //!   1500: the pods' own socket work with nothing in between.
 //!
-//! Every node namespace but R's gets `iptables -P FORWARD DROP`, as Docker leaves it (flannel's FORWARD
-//! rules exist to undo that). MTUs are flannel's own choice per backend.
+//! Every node namespace but R's gets `iptables -P FORWARD DROP`, as Docker leaves it
+//! (flannel's FORWARD rules exist to undo that). MTUs are flannel's own choice per backend.
 
 use std::{
     fmt::Write as _,

@@ -49,9 +49,9 @@
 //! never share one, retrying up to `NAT_PORT_TRIES` times (then dropped, `drop_nat_exhausted`).
 //! A new flow lives in `SNAT_V4_CT_NEW` / `SNAT_V4_REV_NEW` until it is assured (its
 //! originator sends again after a reply that was neither a reset nor a FIN) and moves to
-//! `SNAT_V4_CT` / `SNAT_V4_REV`, so floods of new flows evict only each other. Both entries of a flow are refreshed together
-//! (`flow`); an entry idle longer than its timeout (by protocol and TCP state) is dead for the
-//! data path at once and swept by the agent.
+//! `SNAT_V4_CT` / `SNAT_V4_REV`, so floods of new flows evict only each other. Both entries of
+//! a flow are refreshed together (`flow`); an entry idle longer than its timeout (by protocol,
+//! TCP state and tier) is dead for the data path at once and swept by the agent.
 //!
 //! Checksums: the L4 checksum through `bpf_l4_csum_replace` (`BPF_F_PSEUDO_HDR` for addresses,
 //! so CHECKSUM_PARTIAL packets from pods — GSO included — stay right; `BPF_F_MARK_MANGLED_0`
