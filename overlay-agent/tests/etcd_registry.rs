@@ -10,7 +10,9 @@ use std::time::Duration;
 use overlay_agent::subnet::config::NetworkConfig;
 use overlay_agent::subnet::etcd::EtcdConnectError;
 use overlay_agent::subnet::lease::{LeaseAttrs, Mac, subnet_key};
-use overlay_agent::subnet::registry::{CreateOutcome, Registry, WatchEvent};
+use overlay_agent::subnet::registry::{
+    CreateOutcome, Registry, RegistryError, RenewOutcome, WatchEvent,
+};
 use overlay_agent::subnet::{
     EtcdOptions, EtcdRegistry, ManagerOptions, PeerEvent, SubnetManager,
     contract::{self, next, record},
@@ -454,4 +456,170 @@ async fn tls_with_client_certificate() {
             && text.contains(&certs.client_cert.display().to_string()),
         "{text}"
     );
+}
+
+/// The value a lost-answer test writes; [`LosingRelay`] looks for its PublicIP.
+fn renewed_record() -> String {
+    record("198.18.7.77", 77)
+}
+const RENEWED_MARKER: &[u8] = b"198.18.7.77";
+
+/// Renews `key` (created directly with `ttl`) through `relay`, which loses the answer to the
+/// transaction; returns the renewal's result and the lease the creation granted.
+async fn renew_through(
+    etcd: &EtcdGuard,
+    relay: &LosingRelay,
+    key: &str,
+) -> (Result<RenewOutcome, RegistryError>, i64) {
+    let ttl = Duration::from_secs(60);
+    let CreateOutcome::Created(created) = etcd
+        .registry()
+        .await
+        .create(key, &record("198.18.0.7", 7), ttl)
+        .await
+        .unwrap()
+    else {
+        panic!("create failed");
+    };
+    let options = EtcdOptions {
+        timeout: Some(Duration::from_secs(1)),
+        ..EtcdOptions::new([format!("http://{}", relay.addr)])
+    };
+    let through = EtcdRegistry::connect(&options).await.unwrap();
+    let outcome = through
+        .renew(key, &renewed_record(), ttl, Some(created.lease))
+        .await;
+    (outcome, created.lease)
+}
+
+/// The connection breaks after etcd committed the renewal and before its answer arrived: the
+/// key, now on the new etcd lease, is read back and the renewal is a success. Revoking the
+/// lease, as a failed transaction would have it, deletes the key: every peer would remove
+/// the node until its record is written again.
+#[tokio::test]
+async fn a_renewal_whose_answer_is_lost_in_a_broken_connection_is_read_back() {
+    let etcd = EtcdGuard::start().await;
+    let relay = LosingRelay::start(&etcd.endpoint(), true).await;
+    let key = format!("{PREFIX}/subnets/10.10.7.0-24");
+    let (outcome, old) = renew_through(&etcd, &relay, &key).await;
+    assert!(relay.fired(), "the relay never saw the renewal");
+    let Ok(RenewOutcome::Renewed(granted)) = outcome else {
+        panic!("the committed renewal was reported as {outcome:?}");
+    };
+    assert_ne!(granted.lease, old);
+    let kv = etcd.registry().await.get(&key).await.unwrap().kv;
+    let kv = kv.expect("the renewed key is still in etcd");
+    assert_eq!(kv.lease, Some(granted.lease));
+    assert_eq!(kv.mod_revision, granted.revision);
+    assert_eq!(kv.value, renewed_record().into_bytes());
+}
+
+/// etcd committed the renewal and nothing it sends arrives any more: the outcome cannot be
+/// read back, so the renewal fails and the new lease is left alone, holding the key.
+#[tokio::test]
+async fn a_renewal_whose_outcome_cannot_be_read_leaves_the_key_on_its_new_lease() {
+    let etcd = EtcdGuard::start().await;
+    let relay = LosingRelay::start(&etcd.endpoint(), false).await;
+    let key = format!("{PREFIX}/subnets/10.10.7.0-24");
+    let (outcome, old) = renew_through(&etcd, &relay, &key).await;
+    assert!(relay.fired(), "the relay never saw the renewal");
+    assert!(outcome.is_err(), "nothing was answered, yet {outcome:?}");
+    // A revoke sent through the relay would reach etcd: give it the time to.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let kv = etcd.registry().await.get(&key).await.unwrap().kv;
+    let kv = kv.expect("the renewed key is still in etcd");
+    assert_eq!(kv.value, renewed_record().into_bytes());
+    assert!(kv.lease.is_some_and(|lease| lease != old), "{kv:?}");
+}
+
+/// A TCP relay to etcd that loses the answer to one request: once the client has sent
+/// [`RENEWED_MARKER`], nothing etcd sends on that connection reaches the client; with `cut`,
+/// the connection is closed 300 ms later (the client then connects again), otherwise it stays
+/// open and silent.
+struct LosingRelay {
+    addr: std::net::SocketAddr,
+    fired: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl LosingRelay {
+    async fn start(endpoint: &str, cut: bool) -> Self {
+        use std::sync::Arc;
+        use std::sync::atomic::AtomicBool;
+        let upstream: std::net::SocketAddr = endpoint
+            .trim_start_matches("http://")
+            .parse()
+            .unwrap_or_else(|e| panic!("etcd endpoint {endpoint}: {e}"));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let fired = Arc::new(AtomicBool::new(false));
+        let task = tokio::spawn({
+            let fired = fired.clone();
+            async move {
+                while let Ok((client, _)) = listener.accept().await {
+                    let server = tokio::net::TcpStream::connect(upstream)
+                        .await
+                        .expect("etcd accepts the relay");
+                    tokio::spawn(relay_one(client, server, cut, fired.clone()));
+                }
+            }
+        });
+        Self { addr, fired, task }
+    }
+
+    fn fired(&self) -> bool {
+        self.fired.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for LosingRelay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn relay_one(
+    mut client: tokio::net::TcpStream,
+    mut server: tokio::net::TcpStream,
+    cut: bool,
+    fired: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) {
+    use std::sync::atomic::Ordering;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut from_client, mut to_client) = client.split();
+    let (mut from_server, mut to_server) = server.split();
+    let (mut up, mut down) = (vec![0u8; 64 * 1024], vec![0u8; 64 * 1024]);
+    // The end of what the client sent, so the marker is found across reads.
+    let mut tail: Vec<u8> = Vec::new();
+    let mut muted = false;
+    let mut cut_at: Option<Instant> = None;
+    loop {
+        tokio::select! {
+            read = from_client.read(&mut up) => {
+                let n = match read { Ok(0) | Err(_) => return, Ok(n) => n };
+                if !muted && !fired.load(Ordering::SeqCst) {
+                    tail.extend_from_slice(&up[..n]);
+                    if tail.windows(RENEWED_MARKER.len()).any(|w| w == RENEWED_MARKER)
+                        && !fired.swap(true, Ordering::SeqCst)
+                    {
+                        muted = true;
+                        cut_at = cut.then(|| Instant::now() + Duration::from_millis(300));
+                    }
+                    let keep = tail.len().saturating_sub(RENEWED_MARKER.len());
+                    tail.drain(..keep);
+                }
+                if to_server.write_all(&up[..n]).await.is_err() {
+                    return;
+                }
+            }
+            read = from_server.read(&mut down) => {
+                let n = match read { Ok(0) | Err(_) => return, Ok(n) => n };
+                if !muted && to_client.write_all(&down[..n]).await.is_err() {
+                    return;
+                }
+            }
+            () = tokio::time::sleep_until(cut_at.unwrap_or_else(Instant::now)), if cut_at.is_some() => return,
+        }
+    }
 }

@@ -352,11 +352,22 @@ impl Registry for EtcdRegistry {
     }
 }
 
+/// How often a write whose answer was lost is checked by reading the key back.
+const LOST_ANSWER_READS: u32 = 3;
+/// The pause before each read after the first.
+const LOST_ANSWER_PAUSE: Duration = Duration::from_millis(200);
+
 impl EtcdRegistry {
-    /// Best-effort revoke of a lease we granted but did not use; etcd expires it anyway.
     /// Grants a lease of `ttl` and writes `key` with it in one transaction, if `condition`
-    /// holds (always without one). `None` when it did not: the lease is revoked again, as it is
-    /// when the transaction fails.
+    /// holds (always without one). `None` when it did not: the lease is revoked again.
+    ///
+    /// When the transaction's answer is lost (a broken connection, a timeout), etcd may still
+    /// have committed it, and the key then lives on the new lease: revoking it would delete
+    /// the key, which every peer takes as this node's removal. So the key is read back: held
+    /// by the new lease, the write is a success; held otherwise or absent, the lease is
+    /// revoked; unreadable, the lease is left to expire by itself and the error returned (the
+    /// lease keeper's next renewal then finds the key not on the lease it knows, reads it, and
+    /// writes our record back under a lease it holds).
     async fn put_with_new_lease(
         &self,
         op: &'static str,
@@ -390,17 +401,66 @@ impl EtcdRegistry {
                 Ok(None)
             }
             Err(e) => {
-                self.revoke(lease).await;
-                Err(etcd_error(op, key, e))
+                let error = etcd_error(op, key, e);
+                match self.holder_after_lost_answer(key).await {
+                    Some(Holder::Lease(holder, revision)) if holder == lease => {
+                        warn!(key, lease, "{error}; the write took effect (read back)");
+                        Ok(Some(Granted {
+                            lease,
+                            ttl: Duration::from_secs(u64::try_from(grant.ttl()).unwrap_or(0)),
+                            revision,
+                        }))
+                    }
+                    Some(_) => {
+                        self.revoke(lease).await;
+                        Err(error)
+                    }
+                    None => {
+                        warn!(
+                            key,
+                            lease,
+                            "{error}; whether the write took effect is unknown, the new etcd lease is left to expire"
+                        );
+                        Err(error)
+                    }
+                }
             }
         }
     }
 
+    /// Who holds `key` now, read up to [`LOST_ANSWER_READS`] times; `None` when no read
+    /// succeeded.
+    async fn holder_after_lost_answer(&self, key: &str) -> Option<Holder> {
+        for attempt in 0..LOST_ANSWER_READS {
+            if attempt > 0 {
+                tokio::time::sleep(LOST_ANSWER_PAUSE).await;
+            }
+            match self.get(key).await {
+                Ok(fetched) => {
+                    return Some(match fetched.kv {
+                        Some(kv) => Holder::Lease(kv.lease.unwrap_or(0), kv.mod_revision),
+                        None => Holder::Nobody,
+                    });
+                }
+                Err(e) => debug!(key, error = %e, "reading back a write whose answer was lost"),
+            }
+        }
+        None
+    }
+
+    /// Best-effort revoke of a lease we granted but did not use; etcd expires it anyway.
     async fn revoke(&self, lease: LeaseId) {
         if let Err(e) = self.client.lease_client().revoke(lease).await {
             debug!(lease, error = %e, "could not revoke an unused etcd lease; it will expire");
         }
     }
+}
+
+/// Who holds a key read back after a lost answer.
+enum Holder {
+    /// The lease (0: none) and the revision of the last write.
+    Lease(LeaseId, i64),
+    Nobody,
 }
 
 /// A watch on etcd. Dropping it closes the stream, which cancels the watch server-side.
