@@ -1365,6 +1365,10 @@ fn conflicting_peer_records_are_refused_and_an_overwritten_lease_is_written_back
         "z".repeat(1 << 20)
     );
     cluster.etcd().put(&k_huge, &huge).unwrap();
+    // n0's own PublicIP under another subnet, as a cloned machine would publish it.
+    let k_clone = lease_key(DEFAULT_ETCD_PREFIX, net("172.17.252.0/24"));
+    let clone = vxlan_record(n0.underlay_ip(), "0a:58:c6:12:00:62");
+    cluster.etcd().put_with_ttl(&k_clone, &clone, 600).unwrap();
 
     let wait = Duration::from_secs(10);
     for (subnet, reason) in refused {
@@ -1402,6 +1406,8 @@ fn conflicting_peer_records_are_refused_and_an_overwritten_lease_is_written_back
         &["WARN", &k_huge, "no BackendData.VtepMAC"],
         wait,
     );
+    let own_ip = format!("PublicIP {} is this node's own", n0.underlay_ip());
+    wait_line_since(&a0, mark, &["WARN", &k_clone, &own_ip], wait);
     // The holder writes its record back and keeps its subnet.
     wait_line_since(&a1, 0, &["WARN", "our lease was overwritten", &k1], wait);
     wait_until("n1's record back in etcd", wait, || {
@@ -1428,7 +1434,7 @@ fn conflicting_peer_records_are_refused_and_an_overwritten_lease_is_written_back
     for key in refused
         .iter()
         .map(|(s, _)| lease_key(DEFAULT_ETCD_PREFIX, *s))
-        .chain([k1.clone(), k_other, k_huge])
+        .chain([k1.clone(), k_other, k_huge, k_clone])
     {
         let lines = since.lines().filter(|l| l.contains(&key)).count();
         assert_eq!(lines, 1, "{key}: one line in n0's log:\n{since}");

@@ -10,6 +10,9 @@
 //!   longest-prefix match and cut that node (or part of it) off;
 //! - a PublicIP that is not a unicast address (unspecified, broadcast, multicast, loopback):
 //!   no node lives there;
+//! - this node's own PublicIP under another subnet: a second node configured with our
+//!   address (a cloned machine), or a stale lease of ours; routed, the subnet's traffic would
+//!   be sent to ourselves;
 //! - a record that overwrites a live node's lease (same key, same creation revision, an etcd
 //!   lease behind it) with another PublicIP: flannel never does that (a node re-leasing a
 //!   subnet deletes and creates the key, which shows as a new creation), and the node that
@@ -33,6 +36,7 @@ pub enum Refusal {
     OutsideNetwork { subnet: Ipv4Net, network: Ipv4Net },
     PrefixLength { subnet: Ipv4Net, subnet_len: u8 },
     NotUnicast { public_ip: Ipv4Addr },
+    OwnAddress { public_ip: Ipv4Addr },
     Overwrite { live: Ipv4Addr, public_ip: Ipv4Addr },
 }
 
@@ -50,6 +54,11 @@ impl fmt::Display for Refusal {
             Self::NotUnicast { public_ip } => {
                 write!(f, "PublicIP {public_ip} is not a unicast address")
             }
+            Self::OwnAddress { public_ip } => write!(
+                f,
+                "PublicIP {public_ip} is this node's own (a second node with this address, or \
+                 a stale lease of this node)"
+            ),
             Self::Overwrite { live, public_ip } => write!(
                 f,
                 "it overwrites the live lease of {live} with PublicIP {public_ip} (its holder \
@@ -60,11 +69,13 @@ impl fmt::Display for Refusal {
 }
 
 /// Checks the parts of a record that do not depend on what was there before: the subnet its
-/// key names, against the network config, and the PublicIP it publishes.
+/// key names, against the network config, and the PublicIP it publishes, against ours
+/// (`own_public_ip`) too.
 pub fn check_peer(
     config: &NetworkConfig,
     subnet: Ipv4Net,
     public_ip: Ipv4Addr,
+    own_public_ip: Ipv4Addr,
 ) -> Result<(), Refusal> {
     if !config.network.contains(&subnet) {
         return Err(Refusal::OutsideNetwork {
@@ -84,6 +95,9 @@ pub fn check_peer(
         || public_ip.is_loopback()
     {
         return Err(Refusal::NotUnicast { public_ip });
+    }
+    if public_ip == own_public_ip {
+        return Err(Refusal::OwnAddress { public_ip });
     }
     Ok(())
 }
@@ -132,10 +146,11 @@ mod tests {
     }
 
     const IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+    const OWN: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 
     #[test]
     fn a_node_subnet_of_the_network_with_a_unicast_address_passes() {
-        assert_eq!(check_peer(&config(), net("10.10.7.0/24"), IP), Ok(()));
+        assert_eq!(check_peer(&config(), net("10.10.7.0/24"), IP, OWN), Ok(()));
     }
 
     #[test]
@@ -148,7 +163,7 @@ mod tests {
             ("10.10.0.0/20", "is not a /24"),
         ];
         for (subnet, expected) in cases {
-            let err = check_peer(&config(), net(subnet), IP).unwrap_err();
+            let err = check_peer(&config(), net(subnet), IP, OWN).unwrap_err();
             assert!(err.to_string().contains(expected), "{subnet}: {err}");
             assert!(err.to_string().contains(subnet), "{subnet}: {err}");
         }
@@ -158,10 +173,20 @@ mod tests {
     fn public_ips_nobody_lives_at_are_refused() {
         for ip in ["0.0.0.0", "255.255.255.255", "224.0.0.1", "127.0.0.1"] {
             let ip: Ipv4Addr = ip.parse().unwrap();
-            let err = check_peer(&config(), net("10.10.7.0/24"), ip).unwrap_err();
+            let err = check_peer(&config(), net("10.10.7.0/24"), ip, OWN).unwrap_err();
             assert_eq!(err, Refusal::NotUnicast { public_ip: ip });
             assert!(err.to_string().contains(&ip.to_string()));
         }
+    }
+
+    #[test]
+    fn our_own_public_ip_under_another_subnet_is_refused() {
+        let err = check_peer(&config(), net("10.10.7.0/24"), OWN, OWN).unwrap_err();
+        assert_eq!(err, Refusal::OwnAddress { public_ip: OWN });
+        assert!(
+            err.to_string().contains("198.18.0.1 is this node's own"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -109,6 +109,8 @@ struct PeerState<'a> {
     /// `<prefix>/subnets/`: lease keys are directly under it.
     subnets: String,
     own: Ipv4Net,
+    /// Our PublicIP: no peer's (it stays the same when our subnet changes).
+    own_public_ip: Ipv4Addr,
     known: BTreeMap<Ipv4Net, Known>,
     keys: BTreeMap<Ipv4Net, SubnetKeys>,
     /// The last warning logged about each subnet's record: a bad record renewed every day
@@ -175,11 +177,12 @@ impl PeerState<'_> {
             );
             return Record::Other;
         }
-        let checked = check_peer(self.config, subnet, attrs.public_ip).and_then(|()| {
-            self.known.get(&subnet).map_or(Ok(()), |known| {
-                check_replacement(&known.installed, kv.create_revision, attrs.public_ip)
-            })
-        });
+        let checked = check_peer(self.config, subnet, attrs.public_ip, self.own_public_ip)
+            .and_then(|()| {
+                self.known.get(&subnet).map_or(Ok(()), |known| {
+                    check_replacement(&known.installed, kv.create_revision, attrs.public_ip)
+                })
+            });
         if let Err(refusal) = checked {
             self.warn_once(
                 subnet,
@@ -410,11 +413,15 @@ impl<R: Registry> SubnetManager<R> {
         mut own: watch::Receiver<Lease>,
         events: mpsc::Sender<PeerEvent>,
     ) {
-        let own_subnet = own.borrow_and_update().subnet;
+        let (own_subnet, own_public_ip) = {
+            let lease = own.borrow_and_update();
+            (lease.subnet, lease.attrs.public_ip)
+        };
         let mut state = PeerState {
             config: &config,
             subnets: subnets_prefix(&self.prefix),
             own: own_subnet,
+            own_public_ip,
             known: BTreeMap::new(),
             keys: BTreeMap::new(),
             warned: BTreeMap::new(),
