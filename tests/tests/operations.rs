@@ -423,6 +423,42 @@ fn status_json_parses_and_matches_the_kernel() {
     let s = json(&agent_cmd(n0, &["status", "-o", "json"]));
     assert_eq!(s["agent_running"], false, "{s:#}");
     assert_eq!(s["peers"].as_array().unwrap().len(), 1);
+
+    // The pins of an older agent: an assured table of another capacity, no unassured table.
+    // `nat` and `status` report the tables that are pinned, not this build's.
+    let maps = n0.bpf_dir().join("maps");
+    for name in [names::SNAT_V4_CT, names::SNAT_V4_CT_NEW] {
+        std::fs::remove_file(maps.join(name)).unwrap();
+    }
+    let older = maps.join(names::SNAT_V4_CT).display().to_string();
+    let create = [
+        "map",
+        "create",
+        &older,
+        "type",
+        "lru_hash",
+        "key",
+        "16",
+        "value",
+        "24",
+        "entries",
+        "4096",
+        "name",
+        "SNAT_V4_CT",
+    ];
+    n0.ns().run("bpftool", &create).unwrap();
+    let nat = agent_cmd(n0, &["nat"]);
+    assert_eq!(
+        nat.lines().last(),
+        Some("entries 0 capacity 4096 unassured 0 capacity 0"),
+        "{nat}"
+    );
+    let s = json(&agent_cmd(n0, &["status", "-o", "json"]));
+    assert_eq!(
+        (&s["nat"]["capacity"], &s["nat"]["unassured_capacity"]),
+        (&Value::from(4096), &Value::from(0)),
+        "{s:#}"
+    );
 }
 
 fn agent_of_pid(node: &Node) -> u32 {

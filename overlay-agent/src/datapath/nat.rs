@@ -22,7 +22,7 @@ use ipnet::Ipv4Net;
 use overlay_common::nat::{
     IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, NAT_CONFIG_INDEX, NAT_E_KERNEL, NAT_E_TO_CLUSTER,
     NAT_F_ENABLED, NAT_F_KEEP_PORT, NAT_S_FIN, NAT_S_REPLIED, NAT_S_RST, NatConfig, NatEntryV4,
-    NatKeyV4, SNAT_V4_CAPACITY, SNAT_V4_NEW_CAPACITY,
+    NatKeyV4,
 };
 
 use super::{Datapath, DatapathError, map_mut, names, pin::PinDir};
@@ -386,8 +386,9 @@ impl NatTable {
     }
 }
 
-/// The flows of the pinned data path ([`NatTable`]); `SNAT_V4_CT_NEW` is absent under an agent
-/// older than that table.
+/// The flows of the pinned data path ([`NatTable`]), with the capacities the pinned maps were
+/// created with (which an older agent's pins may not share with this build);
+/// `SNAT_V4_CT_NEW` is absent under an agent older than that table: its capacity is then 0.
 pub fn pinned_nat_flows(dir: &Path) -> Result<NatTable, DatapathError> {
     let pins = PinDir::existing(dir).ok_or_else(|| {
         DatapathError::InvalidConfig(format!("no pinned data path under {}", dir.display()))
@@ -395,6 +396,7 @@ pub fn pinned_nat_flows(dir: &Path) -> Result<NatTable, DatapathError> {
     let now = monotonic_ns();
     let port = |p: [u8; 2]| u16::from_be_bytes(p);
     let mut flows = Vec::new();
+    let (mut capacity, mut unassured_capacity) = (0, 0);
     for name in [names::SNAT_V4_CT, names::SNAT_V4_CT_NEW] {
         let path = pins.map(name);
         if name == names::SNAT_V4_CT_NEW && !path.exists() {
@@ -402,6 +404,15 @@ pub fn pinned_nat_flows(dir: &Path) -> Result<NatTable, DatapathError> {
         }
         let data =
             MapData::from_pin(path).map_err(|source| DatapathError::Map { map: name, source })?;
+        let max_entries = data
+            .info()
+            .map_err(|source| DatapathError::Map { map: name, source })?
+            .max_entries();
+        if name == names::SNAT_V4_CT {
+            capacity = max_entries;
+        } else {
+            unassured_capacity = max_entries;
+        }
         let map = Map::LruHashMap(data);
         let hash = HashMap::<_, NatKeyV4, NatEntryV4>::try_from(&map)
             .map_err(|source| DatapathError::Map { map: name, source })?;
@@ -420,8 +431,8 @@ pub fn pinned_nat_flows(dir: &Path) -> Result<NatTable, DatapathError> {
     flows.sort_by_key(|f| (f.proto, f.pod, f.remote));
     Ok(NatTable {
         flows,
-        capacity: SNAT_V4_CAPACITY,
-        unassured_capacity: SNAT_V4_NEW_CAPACITY,
+        capacity,
+        unassured_capacity,
     })
 }
 

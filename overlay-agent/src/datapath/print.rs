@@ -18,7 +18,8 @@ pub fn counters(bpf_dir: &Path) -> Result<()> {
 }
 
 /// `overlay-agent nat`: the masqueraded flows, then `entries <n> capacity <max> unassured
-/// <n> capacity <max>` (the assured flows' table, then the other).
+/// <n> capacity <max>` (the assured flows' table, then the other; capacities as pinned, 0 for
+/// a table an older agent's pins lack).
 pub fn nat(bpf_dir: &Path) -> Result<()> {
     let table = pinned_nat_flows(bpf_dir)?;
     for flow in &table.flows {
