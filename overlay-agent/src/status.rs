@@ -18,14 +18,11 @@ use overlay_common::counters::Reason;
 use serde::Serialize;
 
 use crate::{
-    datapath::{PROGRAMS, nat::pinned_nat_flows, pinned_counters, pinned_peers},
+    datapath::{foreign::our_program, nat::pinned_nat_flows, pinned_counters, pinned_peers},
     netdev::{GRO_DEVICE, HOST_DEVICE},
     subnet::Mac,
     telemetry::AgentStatus,
 };
-
-/// What the kernel keeps of a program's name (BPF_OBJ_NAME_LEN - 1).
-const KERNEL_NAME_LEN: usize = 15;
 
 /// A status file older than this means the agent is not running (it rewrites it every second).
 const STALE_AFTER: Duration = Duration::from_secs(5);
@@ -101,10 +98,7 @@ pub fn attached_programs(iface: &str) -> Result<Vec<ProgramStatus>> {
         for p in programs {
             let kernel_name = p.name_as_str().unwrap_or_default();
             // The kernel keeps 15 characters of a name (`underlay_ingres`): ours by prefix.
-            let ours = PROGRAMS.iter().find(|full| {
-                **full == kernel_name
-                    || (kernel_name.len() == KERNEL_NAME_LEN && full.starts_with(kernel_name))
-            });
+            let ours = our_program(kernel_name);
             out.push(ProgramStatus {
                 ours: ours.is_some(),
                 name: ours.map_or_else(|| kernel_name.to_owned(), |full| (*full).to_owned()),

@@ -382,3 +382,103 @@ fn a_bpffs_that_would_die_with_the_agent_is_refused() {
     assert!(!log.contains("Lease acquired"), "{log}");
     assert_nothing_left(&cluster, node, "private bpffs");
 }
+
+/// A careless operator starts a second agent on a node with another `--bpf-dir` (or changes
+/// the directory while the old data path stays pinned): its programs would sit behind the
+/// first agent's on every device and never run, and a failed start would delete `ovl0` and the
+/// GRO device the first one uses. It refuses before the lease, naming the programs, and
+/// leaves the first agent's data path, devices and lease as they are; `cleanup` of another
+/// directory keeps the devices too. Once the old data path is cleaned up, the new directory
+/// is taken.
+#[test]
+fn a_second_agent_with_another_bpf_dir_is_refused_and_touches_nothing() {
+    let cluster = Cluster::builder()
+        .nodes(2)
+        .pods_per_node(1)
+        .network_config(VXLAN_CONFIG)
+        .build()
+        .unwrap();
+    let node = cluster.node(0);
+    let (a, b) = (cluster.pod(0, 0), cluster.pod(1, 0));
+    assert_pods_talk(&a, &b);
+    let first = agent_of(node);
+    let programs = eth0_programs(node);
+    let index = |dev: &str| node.ns().ifindex(dev).unwrap();
+    let devices = (index("ovl0"), index("ovl-gro"));
+    let subnet = subnet_of(node);
+    let key = format!(
+        "{DEFAULT_ETCD_PREFIX}/subnets/{}-{}",
+        subnet.network(),
+        subnet.prefix_len()
+    );
+    let record = cluster.etcd().get(&key).unwrap().unwrap();
+    let other = node.dir().join("bpffs/other");
+    let other_env = node.dir().join("other.env");
+    let start_other = || {
+        node.start_agent(&[
+            "--bpf-dir",
+            &other.display().to_string(),
+            "--subnet-file",
+            &other_env.display().to_string(),
+        ])
+        .unwrap()
+    };
+    let refused = |second: &overlay_tests::AgentProcess| {
+        let status = second.wait_exit(Duration::from_secs(30)).unwrap();
+        assert!(!status.success(), "the second agent must fail");
+        let log = second.log();
+        assert!(
+            log.contains("eth0 already carries another overlay agent's data path")
+                && log.contains("underlay_ingress (program id")
+                && log.contains("underlay_egress (program id")
+                && log.contains(&format!("not pinned under {}", other.display())),
+            "{log}"
+        );
+        assert!(
+            !log.contains("Lease acquired"),
+            "refused before the lease:\n{log}"
+        );
+    };
+
+    refused(&start_other());
+    assert_eq!(eth0_programs(node), programs, "nothing attached");
+    assert_eq!((index("ovl0"), index("ovl-gro")), devices, "devices kept");
+    assert!(!other_env.exists(), "no subnet file written");
+    assert_eq!(cluster.etcd().get(&key).unwrap(), Some(record.clone()));
+    assert_pods_talk(&a, &b);
+
+    // `cleanup` of a directory that is not the running agent's: the devices stay.
+    let out = node
+        .ns()
+        .exec(
+            agent_bin().unwrap(),
+            &["cleanup", "--bpf-dir", &other.display().to_string()],
+        )
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("kept the GRO device") && stderr.contains("kept the host device"),
+        "{stderr}"
+    );
+    assert_eq!((index("ovl0"), index("ovl-gro")), devices, "devices kept");
+    assert_pods_talk(&a, &b);
+
+    // The first agent stopped, its data path still pinned: refused the same way.
+    assert!(first.kill().unwrap().success());
+    refused(&start_other());
+    assert_eq!(
+        eth0_programs(node),
+        programs,
+        "the stopped agent's data path stays"
+    );
+    // Its data path removed, the new directory is taken.
+    agent_cmd(node, &["cleanup"]);
+    let second = start_other();
+    second
+        .wait_for_log("wrote ", Duration::from_secs(30))
+        .unwrap();
+    assert!(other_env.exists());
+    assert_eq!(eth0_programs(node), programs);
+    assert_pods_talk(&a, &b);
+}

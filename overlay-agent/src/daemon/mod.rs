@@ -47,6 +47,7 @@ use crate::{
     cli::{Flags, LayoutMismatch, PodHook},
     datapath::{
         Datapath, DatapathError,
+        foreign::foreign_programs,
         nat::NatSettings,
         pin::{PinDir, PinError},
     },
@@ -199,6 +200,7 @@ async fn serve(flags: Flags, mut signals: Signals, undo: &mut Undo) -> Result<()
     let attrs = backend::lease_attrs(&config.backend, ext.public_ip, node.vtep_mac);
     let previous = previous_subnet(&flags.subnet_file);
     let mut datapath = load_datapath(&flags.bpf_dir, flags.pinned_layout_mismatch).await?;
+    datapath.check_no_foreign_data_path(&ext.name)?;
     let lease = tokio::select! {
         lease = manager.acquire_lease(&config, &attrs, previous) => lease?,
         signal = signals.recv() => return shut_down(signal),
@@ -414,8 +416,18 @@ pub async fn cleanup(bpf_dir: &Path) -> Result<()> {
         .transpose()
         .context("cleanup removes the data path of a stopped agent only")?;
     let netlink = Netlink::new()?;
+    // The devices are shared by name: another agent's data path on one (another --bpf-dir)
+    // keeps it. Asked before our pins go, which tell our links from theirs.
+    let in_use = |device: &str| -> Result<bool> {
+        Ok(!foreign_programs(device, pins.as_ref())
+            .with_context(|| format!("asking the kernel for the programs on {device}"))?
+            .is_empty())
+    };
+    let (keep_gro, keep_host) = (in_use(GRO_DEVICE)?, in_use(HOST_DEVICE)?);
     // The GRO device goes before its program's link: up without it, it would deliver.
-    if netlink.remove_gro_device().await? {
+    if keep_gro {
+        warn!("kept the GRO device {GRO_DEVICE}: another agent's data path uses it");
+    } else if netlink.remove_gro_device().await? {
         info!("deleted the GRO device {GRO_DEVICE}");
     }
     match pins {
@@ -425,7 +437,9 @@ pub async fn cleanup(bpf_dir: &Path) -> Result<()> {
         }
         None => info!("nothing pinned under {}", bpf_dir.display()),
     }
-    if netlink.remove_host_device().await? {
+    if keep_host {
+        warn!("kept the host device {HOST_DEVICE}: another agent's data path uses it");
+    } else if netlink.remove_host_device().await? {
         info!("deleted the host device {HOST_DEVICE}");
     }
     Ok(())

@@ -52,6 +52,7 @@
 //! At load the agent runs `probe_decap_l4_udp` once (`BPF_PROG_TEST_RUN`) to learn whether the
 //! kernel accepts `BPF_F_ADJ_ROOM_DECAP_L4_UDP` ([`Datapath::decap_clears_tunnel_gso`]).
 
+pub mod foreign;
 mod inspect;
 pub mod layout;
 pub mod nat;
@@ -161,6 +162,20 @@ pub enum DatapathError {
     Link {
         prog: &'static str,
         source: LinkError,
+    },
+    #[error("cannot ask the kernel for the programs on {iface}: {source}")]
+    Query { iface: String, source: ProgramError },
+    #[error(
+        "{iface} already carries another overlay agent's data path: {programs}, held by links \
+         not pinned under {dir}. Another agent runs on this node with another --bpf-dir, or one \
+         stopped and left its data path pinned in another directory: stop that agent, or remove \
+         its data path with `overlay-agent cleanup --bpf-dir <its directory>`",
+        dir = dir.display()
+    )]
+    ForeignDataPath {
+        iface: String,
+        dir: PathBuf,
+        programs: String,
     },
     #[error("the pinned link of {prog} no longer attaches to {iface}")]
     StaleLink { prog: &'static str, iface: String },
@@ -462,6 +477,32 @@ impl Datapath {
     /// The veths `pod_port_egress` is attached to, by interface index.
     pub fn pod_ports(&self) -> impl Iterator<Item = u32> + '_ {
         self.port_links.keys().copied()
+    }
+
+    /// Refuses `iface` when another agent's programs are on it (`foreign`): attached there,
+    /// ours would never run. Checked before the lease, and before anything is attached.
+    pub fn check_no_foreign_data_path(&self, iface: &str) -> Result<(), DatapathError> {
+        let found = foreign::foreign_programs(iface, self.pins.as_ref()).map_err(|source| {
+            DatapathError::Query {
+                iface: iface.to_owned(),
+                source,
+            }
+        })?;
+        if found.is_empty() {
+            return Ok(());
+        }
+        Err(DatapathError::ForeignDataPath {
+            iface: iface.to_owned(),
+            dir: self
+                .pins
+                .as_ref()
+                .map_or_else(PathBuf::new, |p| p.root().to_owned()),
+            programs: found
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", "),
+        })
     }
 
     /// Attaches `underlay_ingress` / `underlay_egress` to the external interface, which is also
