@@ -1369,6 +1369,13 @@ fn conflicting_peer_records_are_refused_and_an_overwritten_lease_is_written_back
     let k_clone = lease_key(DEFAULT_ETCD_PREFIX, net("172.17.252.0/24"));
     let clone = vxlan_record(n0.underlay_ip(), "0a:58:c6:12:00:62");
     cluster.etcd().put_with_ttl(&k_clone, &clone, 600).unwrap();
+    // A PublicIP inside the network, as a node whose --iface is its pod bridge publishes.
+    let k_inside = lease_key(DEFAULT_ETCD_PREFIX, net("172.17.253.0/24"));
+    let inside = vxlan_record(Ipv4Addr::new(172, 17, 253, 1), "0a:58:c6:12:00:61");
+    cluster
+        .etcd()
+        .put_with_ttl(&k_inside, &inside, 600)
+        .unwrap();
 
     let wait = Duration::from_secs(10);
     for (subnet, reason) in refused {
@@ -1408,6 +1415,8 @@ fn conflicting_peer_records_are_refused_and_an_overwritten_lease_is_written_back
     );
     let own_ip = format!("PublicIP {} is this node's own", n0.underlay_ip());
     wait_line_since(&a0, mark, &["WARN", &k_clone, &own_ip], wait);
+    let inside_net = "PublicIP 172.17.253.1 is inside the network 172.17.0.0/16";
+    wait_line_since(&a0, mark, &["WARN", &k_inside, inside_net], wait);
     // The holder writes its record back and keeps its subnet.
     wait_line_since(&a1, 0, &["WARN", "our lease was overwritten", &k1], wait);
     wait_until("n1's record back in etcd", wait, || {
@@ -1434,7 +1443,7 @@ fn conflicting_peer_records_are_refused_and_an_overwritten_lease_is_written_back
     for key in refused
         .iter()
         .map(|(s, _)| lease_key(DEFAULT_ETCD_PREFIX, *s))
-        .chain([k1.clone(), k_other, k_huge, k_clone])
+        .chain([k1.clone(), k_other, k_huge, k_clone, k_inside])
     {
         let lines = since.lines().filter(|l| l.contains(&key)).count();
         assert_eq!(lines, 1, "{key}: one line in n0's log:\n{since}");
@@ -1443,6 +1452,42 @@ fn conflicting_peer_records_are_refused_and_an_overwritten_lease_is_written_back
         let longest = log.lines().map(str::len).max().unwrap_or(0);
         assert!(longest < 2048, "{name}: a log line of {longest} bytes");
     }
+}
+
+/// An agent whose PublicIP its peers would refuse (a loopback interface, or `--public-ip` inside
+/// the network) stops at start, naming the address and where it came from, before any lease.
+#[test]
+fn a_public_ip_peers_would_refuse_stops_the_agent_before_the_lease() {
+    let cluster = Cluster::builder()
+        .nodes(1)
+        .network_config(VXLAN_CONFIG)
+        .start_agents(false)
+        .build()
+        .unwrap();
+    let node = cluster.node(0);
+    let cases: [(&[&str], &str); 2] = [
+        (
+            &["--iface", "lo"],
+            "the PublicIP from interface lo cannot be used: PublicIP 127.0.0.1 is not a unicast address",
+        ),
+        (
+            &["--public-ip", "172.17.9.9"],
+            "the PublicIP from --public-ip cannot be used: PublicIP 172.17.9.9 is inside the network 172.17.0.0/16",
+        ),
+    ];
+    for (args, message) in cases {
+        let agent = node.start_agent(args).unwrap();
+        let status = agent.wait_exit(Duration::from_secs(30)).unwrap();
+        assert!(!status.success(), "{args:?} must stop the agent");
+        let log = agent.log();
+        assert!(log.contains(message), "{args:?}:\n{log}");
+        assert!(!log.contains("Lease acquired"), "{args:?}:\n{log}");
+    }
+    let leases = cluster
+        .etcd()
+        .get_prefix(&format!("{DEFAULT_ETCD_PREFIX}/subnets/"))
+        .unwrap();
+    assert!(leases.is_empty(), "{leases:?}");
 }
 
 /// What held before the hardening and must go on holding (docs/reliability.md): etcd down for a

@@ -59,6 +59,7 @@ use crate::{
     subnet::{
         EtcdRegistry, Lease, SubnetManager,
         file::{check_writable, previous_subnet},
+        validate::check_public_ip,
     },
     telemetry::Telemetry,
 };
@@ -193,6 +194,18 @@ async fn serve(flags: Flags, mut signals: Signals, undo: &mut Undo) -> Result<()
         signal = signals.recv() => return shut_down(signal),
     };
     backend::check(&config.backend, ext.public_ip, ext.iface_addr)?;
+    // What every peer would refuse in our lease (`subnet::validate`) is refused here first.
+    check_public_ip(&config, ext.public_ip).map_err(|refusal| {
+        let source = if flags.public_ip.is_some() {
+            "--public-ip".to_owned()
+        } else {
+            format!("interface {}", ext.name)
+        };
+        anyhow::anyhow!(
+            "the PublicIP from {source} cannot be used: {refusal}. Peers would refuse this \
+             node's lease; choose the external interface with --iface, or set --public-ip"
+        )
+    })?;
     telemetry.phase("acquiring a subnet lease");
 
     // The node's settings for the data path, among them the VtepMAC its lease publishes.

@@ -1508,6 +1508,8 @@ async fn conflicting_records_are_refused_once_with_their_key_and_reason() {
     add_peer(&fake, "10.10.8.0/24", "0.0.0.0", 8);
     // Our own PublicIP under another subnet (a cloned machine, or a stale lease of ours).
     add_peer(&fake, "10.10.12.0/24", &ours().public_ip.to_string(), 12);
+    // A PublicIP inside the network (a node whose --iface is a pod bridge).
+    add_peer(&fake, "10.10.13.0/24", "10.10.13.1", 13);
     let huge = format!(
         r#"{{"PublicIP":"198.18.0.9","BackendType":"vxlan","BackendData":{{}},"x":"{}"}}"#,
         "y".repeat(1 << 20)
@@ -1549,6 +1551,10 @@ async fn conflicting_records_are_refused_once_with_their_key_and_reason() {
     assert!(one("PublicIP 0.0.0.0 is not a unicast address").contains(&key("10.10.8.0/24")));
     let own = format!("PublicIP {} is this node's own", ours().public_ip);
     assert!(one(&own).contains(&key("10.10.12.0/24")));
+    assert!(
+        one("PublicIP 10.10.13.1 is inside the network 10.10.0.0/16")
+            .contains(&key("10.10.13.0/24"))
+    );
     assert!(
         one("no BackendData.VtepMAC").contains("bytes)"),
         "the huge value is cut"

@@ -10,6 +10,8 @@
 //!   longest-prefix match and cut that node (or part of it) off;
 //! - a PublicIP that is not a unicast address (unspecified, broadcast, multicast, loopback):
 //!   no node lives there;
+//! - a PublicIP inside the network: VXLAN to it would be routed into the overlay itself (a
+//!   node configured with `--iface` on a pod bridge or `ovl0`, or a wrong `--public-ip`);
 //! - this node's own PublicIP under another subnet: a second node configured with our
 //!   address (a cloned machine), or a stale lease of ours; routed, the subnet's traffic would
 //!   be sent to ourselves;
@@ -33,11 +35,28 @@ use crate::subnet::config::NetworkConfig;
 /// Why a peer record is refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Refusal {
-    OutsideNetwork { subnet: Ipv4Net, network: Ipv4Net },
-    PrefixLength { subnet: Ipv4Net, subnet_len: u8 },
-    NotUnicast { public_ip: Ipv4Addr },
-    OwnAddress { public_ip: Ipv4Addr },
-    Overwrite { live: Ipv4Addr, public_ip: Ipv4Addr },
+    OutsideNetwork {
+        subnet: Ipv4Net,
+        network: Ipv4Net,
+    },
+    PrefixLength {
+        subnet: Ipv4Net,
+        subnet_len: u8,
+    },
+    NotUnicast {
+        public_ip: Ipv4Addr,
+    },
+    OwnAddress {
+        public_ip: Ipv4Addr,
+    },
+    InsideNetwork {
+        public_ip: Ipv4Addr,
+        network: Ipv4Net,
+    },
+    Overwrite {
+        live: Ipv4Addr,
+        public_ip: Ipv4Addr,
+    },
 }
 
 impl fmt::Display for Refusal {
@@ -54,6 +73,11 @@ impl fmt::Display for Refusal {
             Self::NotUnicast { public_ip } => {
                 write!(f, "PublicIP {public_ip} is not a unicast address")
             }
+            Self::InsideNetwork { public_ip, network } => write!(
+                f,
+                "PublicIP {public_ip} is inside the network {network}: VXLAN to it would be \
+                 routed into the overlay"
+            ),
             Self::OwnAddress { public_ip } => write!(
                 f,
                 "PublicIP {public_ip} is this node's own (a second node with this address, or \
@@ -89,6 +113,16 @@ pub fn check_peer(
             subnet_len: config.subnet_len,
         });
     }
+    check_public_ip(config, public_ip)?;
+    if public_ip == own_public_ip {
+        return Err(Refusal::OwnAddress { public_ip });
+    }
+    Ok(())
+}
+
+/// Checks a PublicIP, a peer's or this node's own (before its lease is written): a unicast
+/// address outside the network.
+pub fn check_public_ip(config: &NetworkConfig, public_ip: Ipv4Addr) -> Result<(), Refusal> {
     if public_ip.is_unspecified()
         || public_ip.is_broadcast()
         || public_ip.is_multicast()
@@ -96,8 +130,11 @@ pub fn check_peer(
     {
         return Err(Refusal::NotUnicast { public_ip });
     }
-    if public_ip == own_public_ip {
-        return Err(Refusal::OwnAddress { public_ip });
+    if config.network.contains(&public_ip) {
+        return Err(Refusal::InsideNetwork {
+            public_ip,
+            network: config.network,
+        });
     }
     Ok(())
 }
@@ -177,6 +214,29 @@ mod tests {
             assert_eq!(err, Refusal::NotUnicast { public_ip: ip });
             assert!(err.to_string().contains(&ip.to_string()));
         }
+    }
+
+    #[test]
+    fn public_ips_inside_the_network_are_refused() {
+        for ip in ["10.10.7.1", "10.10.0.0", "10.10.255.255"] {
+            let ip: Ipv4Addr = ip.parse().unwrap();
+            let err = check_peer(&config(), net("10.10.7.0/24"), ip, OWN).unwrap_err();
+            assert_eq!(
+                err,
+                Refusal::InsideNetwork {
+                    public_ip: ip,
+                    network: net("10.10.0.0/16")
+                }
+            );
+            assert!(
+                err.to_string()
+                    .contains(&format!("{ip} is inside the network 10.10.0.0/16"))
+            );
+        }
+        assert_eq!(
+            check_public_ip(&config(), Ipv4Addr::new(10, 11, 0, 1)),
+            Ok(())
+        );
     }
 
     #[test]
