@@ -75,10 +75,8 @@ fn pinned_program_ids(pins: Option<&PinDir>) -> BTreeSet<u32> {
     let Some(pins) = pins else {
         return BTreeSet::new();
     };
-    PROGRAMS
+    pins.links()
         .into_iter()
-        .map(|prog| pins.link(prog))
-        .filter(|path| path.exists())
         .filter_map(|path| PinnedLink::from_pin(&path).ok())
         .filter_map(|link| FdLink::from(link).info().ok())
         .map(|info| info.program_id())

@@ -138,6 +138,14 @@ impl PinDir {
         self.root.join("maps")
     }
 
+    /// Every link pinned here, whatever program it holds (an older agent may have pinned
+    /// programs this one no longer has).
+    pub fn links(&self) -> Vec<PathBuf> {
+        std::fs::read_dir(self.links_dir())
+            .map(|entries| entries.filter_map(Result::ok).map(|e| e.path()).collect())
+            .unwrap_or_default()
+    }
+
     fn links_dir(&self) -> PathBuf {
         self.root.join("links")
     }
