@@ -1564,6 +1564,25 @@ async fn conflicting_records_are_refused_once_with_their_key_and_reason() {
     // The holder restores its record: nothing changed for the data path all along.
     add_peer(&fake, "10.10.1.0/24", "198.18.0.2", 2);
     peers.quiet().await;
+    // Overwritten again with another PublicIP, now claiming another backend type: refused
+    // too, not skipped (which would remove the live node).
+    fake.set(
+        &key("10.10.1.0/24"),
+        &LeaseAttrs::host_gw(ip("198.18.0.67")).to_json(),
+    );
+    peers.quiet().await;
+    assert!(
+        logs.text()
+            .contains("overwrites the live lease of 198.18.0.2 with PublicIP 198.18.0.67"),
+        "{}",
+        logs.text()
+    );
+    // A node that switches backend keeps its PublicIP: that is taken (the peer goes).
+    fake.set(
+        &key("10.10.1.0/24"),
+        &LeaseAttrs::host_gw(ip("198.18.0.2")).to_json(),
+    );
+    assert_eq!(peers.next().await, PeerEvent::Removed(net("10.10.1.0/24")));
     peers.task.abort();
 }
 

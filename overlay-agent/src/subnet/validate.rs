@@ -19,7 +19,9 @@
 //!   lease behind it) with another PublicIP: flannel never does that (a node re-leasing a
 //!   subnet deletes and creates the key, which shows as a new creation), and the node that
 //!   holds the lease restores its record (see `SubnetManager::run_lease_keeper`). The last good
-//!   record stays in force. Reservations (no etcd lease) are the administrator's to move.
+//!   record stays in force, also when the new record claims another backend type (skipped as
+//!   such, it would remove the live node). Reservations (no etcd lease) are the
+//!   administrator's to move.
 //!
 //! Records of another backend type are not refused but not ours to route either: they are
 //! skipped, also with one warning (a stock host-gw node in a vxlan network is worth knowing

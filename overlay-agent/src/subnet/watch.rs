@@ -165,6 +165,19 @@ impl PeerState<'_> {
                 return Record::Refused;
             }
         };
+        // An overwrite of a live lease is refused whatever backend type it claims: skipped as
+        // another backend's, it would remove the live node.
+        let replacement = self.known.get(&subnet).map_or(Ok(()), |known| {
+            check_replacement(&known.installed, kv.create_revision, attrs.public_ip)
+        });
+        if let Err(refusal) = replacement {
+            self.warn_once(
+                subnet,
+                kv,
+                format!("refusing a subnet lease: {refusal}{kept}"),
+            );
+            return Record::Refused;
+        }
         let ours = self.config.backend.type_name();
         if attrs.backend_type != ours {
             self.warn_once(
@@ -177,13 +190,7 @@ impl PeerState<'_> {
             );
             return Record::Other;
         }
-        let checked = check_peer(self.config, subnet, attrs.public_ip, self.own_public_ip)
-            .and_then(|()| {
-                self.known.get(&subnet).map_or(Ok(()), |known| {
-                    check_replacement(&known.installed, kv.create_revision, attrs.public_ip)
-                })
-            });
-        if let Err(refusal) = checked {
+        if let Err(refusal) = check_peer(self.config, subnet, attrs.public_ip, self.own_public_ip) {
             self.warn_once(
                 subnet,
                 kv,
