@@ -1490,6 +1490,35 @@ fn a_public_ip_peers_would_refuse_stops_the_agent_before_the_lease() {
     assert!(leases.is_empty(), "{leases:?}");
 }
 
+/// A vxlan `MTU` option above the external interface's MTU (a jumbo-frame value on 1500-byte
+/// links) stops the agent at start, naming both, before the lease: pods would get an MTU whose
+/// encapsulated frames cannot leave.
+#[test]
+fn a_vxlan_mtu_above_the_interfaces_stops_the_agent_before_the_lease() {
+    let cluster = Cluster::builder()
+        .nodes(1)
+        .network_config(
+            r#"{"Network": "172.17.0.0/16", "Backend": {"Type": "vxlan", "MTU": 9001}}"#,
+        )
+        .start_agents(false)
+        .build()
+        .unwrap();
+    let node = cluster.node(0);
+    let agent = node.start_agent(&[]).unwrap();
+    let status = agent.wait_exit(Duration::from_secs(30)).unwrap();
+    assert!(!status.success(), "the agent must stop");
+    let log = agent.log();
+    assert!(
+        log.contains("the vxlan option MTU 9001 is above the MTU 1500 of eth0"),
+        "{log}"
+    );
+    assert!(!log.contains("Lease acquired"), "{log}");
+    assert!(
+        !node.subnet_file().exists(),
+        "no subnet.env for docker to use"
+    );
+}
+
 /// What held before the hardening and must go on holding (docs/reliability.md): etcd down for a
 /// while (here 20 s) costs no packet between pods on different nodes, and once it is back the
 /// agents follow changes again (a node joining is seen).

@@ -37,6 +37,16 @@ pub enum BackendError {
     /// flannel's refusal to run host-gw behind NAT, word for word.
     #[error("{HOST_GW_NAT_MESSAGE}")]
     HostGwBehindNat,
+    #[error(
+        "the vxlan option MTU {mtu} is above the MTU {iface_mtu} of {iface}: pods would send \
+         packets whose encapsulated frames cannot leave it; set MTU to at most {iface_mtu} or \
+         leave it out"
+    )]
+    MtuAboveInterface {
+        mtu: u32,
+        iface: String,
+        iface_mtu: u32,
+    },
 }
 
 /// Why a peer's lease cannot become a route.
@@ -65,6 +75,22 @@ pub fn check(
     match backend {
         Backend::Vxlan { .. } => Ok(()),
         Backend::HostGw => host_gw::check(public_ip, iface_addr),
+    }
+}
+
+/// The vxlan `MTU` option plans for an underlay path smaller than the external interface
+/// `iface` (MTU `iface_mtu`); above it, pods get an MTU whose encapsulated frames the interface
+/// cannot send.
+pub fn check_mtu(backend: &Backend, iface: &str, iface_mtu: u32) -> Result<(), BackendError> {
+    match *backend {
+        Backend::Vxlan { mtu: Some(mtu), .. } if mtu > iface_mtu => {
+            Err(BackendError::MtuAboveInterface {
+                mtu,
+                iface: iface.to_owned(),
+                iface_mtu,
+            })
+        }
+        _ => Ok(()),
     }
 }
 
@@ -172,6 +198,26 @@ mod tests {
         let err = check(&Backend::HostGw, nat, ip).unwrap_err();
         assert_eq!(err.to_string(), HOST_GW_NAT_MESSAGE);
         assert_eq!(check(&VXLAN, nat, ip), Ok(()), "vxlan works behind NAT");
+    }
+
+    #[test]
+    fn a_vxlan_mtu_option_above_the_interfaces_is_refused_naming_both() {
+        let vxlan = |mtu| Backend::Vxlan {
+            vni: 1,
+            port: 8472,
+            mtu,
+            direct_routing: false,
+        };
+        assert_eq!(check_mtu(&vxlan(None), "eth0", 1500), Ok(()));
+        assert_eq!(check_mtu(&vxlan(Some(1400)), "eth0", 1500), Ok(()));
+        assert_eq!(check_mtu(&vxlan(Some(1500)), "eth0", 1500), Ok(()));
+        let err = check_mtu(&vxlan(Some(9001)), "eth0", 1500).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("the vxlan option MTU 9001 is above the MTU 1500 of eth0"),
+            "{err}"
+        );
+        assert_eq!(check_mtu(&Backend::HostGw, "eth0", 1500), Ok(()));
     }
 
     #[test]

@@ -194,6 +194,7 @@ async fn serve(flags: Flags, mut signals: Signals, undo: &mut Undo) -> Result<()
         signal = signals.recv() => return shut_down(signal),
     };
     backend::check(&config.backend, ext.public_ip, ext.iface_addr)?;
+    backend::check_mtu(&config.backend, &ext.name, ext.mtu)?;
     // What every peer would refuse in our lease (`subnet::validate`) is refused here first.
     check_public_ip(&config, ext.public_ip).map_err(|refusal| {
         let source = if flags.public_ip.is_some() {
