@@ -8,6 +8,7 @@
 use std::net::Ipv4Addr;
 
 use futures_util::TryStreamExt as _;
+use ipnet::Ipv4Net;
 use netlink_packet_route::{
     address::AddressAttribute,
     link::{LinkAttribute, LinkFlags},
@@ -25,6 +26,9 @@ pub struct Interface {
     pub mac: Option<[u8; 6]>,
     pub up: bool,
     pub ipv4: Vec<Ipv4Addr>,
+    /// The networks its IPv4 addresses are on (address and prefix length, as `ip addr` shows
+    /// them): the kernel routes each to this interface.
+    pub networks: Vec<Ipv4Net>,
 }
 
 /// The interface inter-node traffic uses, and the address peers reach this node at.
@@ -155,6 +159,7 @@ pub async fn list_interfaces(handle: &Handle) -> Result<Vec<Interface>, IfaceErr
             mac: None,
             up: msg.header.flags.contains(LinkFlags::Up),
             ipv4: Vec::new(),
+            networks: Vec::new(),
         };
         for attr in msg.attributes {
             match attr {
@@ -179,10 +184,42 @@ pub async fn list_interfaces(handle: &Handle) -> Result<Vec<Interface>, IfaceErr
                 && !iface.ipv4.contains(a)
             {
                 iface.ipv4.push(*a);
+                if let Ok(net) = Ipv4Net::new(*a, msg.header.prefix_len) {
+                    iface.networks.push(net);
+                }
             }
         }
     }
     Ok(interfaces)
+}
+
+/// The interfaces of the current network namespace, as [`list_interfaces`] reports them.
+pub async fn snapshot() -> Result<Vec<Interface>, IfaceError> {
+    let (connection, handle, _) = rtnetlink::new_connection().map_err(IfaceError::Connection)?;
+    let connection = tokio::spawn(connection);
+    let result = list_interfaces(&handle).await;
+    drop(handle);
+    connection.abort();
+    result
+}
+
+/// The interface networks whose route a route of `network` would take over (the same or a
+/// wider prefix: replaced, or cut into), by interface and address. Networks strictly inside
+/// `network` keep their more specific routes (a pod bridge's `<subnet>.1/24`, `ovl0`'s /32);
+/// interfaces named in `spared` are left out (ours, and pod bridges that still carry a
+/// runtime's default address until it is restarted with `FLANNEL_SUBNET`).
+#[must_use]
+pub fn networks_taken_over(
+    interfaces: &[Interface],
+    network: Ipv4Net,
+    spared: &[&str],
+) -> Vec<(String, Ipv4Net)> {
+    interfaces
+        .iter()
+        .filter(|i| !spared.contains(&i.name.as_str()))
+        .flat_map(|i| i.networks.iter().map(move |net| (i.name.clone(), *net)))
+        .filter(|(_, net)| net.contains(&network.network()))
+        .collect()
 }
 
 /// The output interface of the IPv4 default route in the main table, if there is one.
@@ -252,6 +289,10 @@ mod tests {
             mac: Some([2, 0, 0, 0, 0, index as u8]),
             up: true,
             ipv4: addrs.iter().map(|a| Ipv4Addr::from(*a)).collect(),
+            networks: addrs
+                .iter()
+                .map(|a| Ipv4Net::new(Ipv4Addr::from(*a), 24).unwrap())
+                .collect(),
         };
         vec![
             iface(1, "lo", &[[127, 0, 0, 1]]),
@@ -307,6 +348,37 @@ mod tests {
         assert_eq!(e.name, "eth0");
         let err = select(&node(), None, &[], &s(&["("]), None).unwrap_err();
         assert!(matches!(err, IfaceError::BadRegex { ref regex, .. } if regex == "("));
+    }
+
+    #[test]
+    fn networks_the_same_as_or_wider_than_the_cluster_network_are_taken_over() {
+        let iface = |name: &str, nets: &[&str]| Interface {
+            index: 1,
+            name: name.into(),
+            mtu: 1500,
+            mac: None,
+            up: true,
+            ipv4: Vec::new(),
+            networks: nets.iter().map(|n| n.parse().unwrap()).collect(),
+        };
+        let list = [
+            iface("eth0", &["198.18.0.1/24"]),
+            iface("eth1", &["10.10.0.5/16"]),
+            iface("br0", &["10.0.0.1/8"]),
+            iface("eth2", &["10.10.5.7/24"]),
+            iface("dummy0", &["10.10.9.9/32"]),
+            iface("docker0", &["10.10.0.1/16"]),
+            iface("ovl0", &["10.10.34.0/32"]),
+        ];
+        let network: Ipv4Net = "10.10.0.0/16".parse().unwrap();
+        let taken = networks_taken_over(&list, network, &["docker0", "ovl0"]);
+        let names: Vec<String> = taken.iter().map(|(n, net)| format!("{n} {net}")).collect();
+        assert_eq!(names, ["eth1 10.10.0.5/16", "br0 10.0.0.1/8"]);
+        // A narrower network: the wider LAN around it is cut into.
+        let upper: Ipv4Net = "10.10.128.0/17".parse().unwrap();
+        let taken = networks_taken_over(&list, upper, &["docker0", "ovl0"]);
+        assert_eq!(taken.len(), 2, "{taken:?}");
+        assert!(networks_taken_over(&list, "172.17.0.0/16".parse().unwrap(), &[]).is_empty());
     }
 
     #[test]

@@ -411,6 +411,7 @@ mod tests {
             mac: None,
             up: true,
             ipv4: addrs.to_vec(),
+            networks: Vec::new(),
         }
     }
 

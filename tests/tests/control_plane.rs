@@ -1454,6 +1454,17 @@ fn conflicting_peer_records_are_refused_and_an_overwritten_lease_is_written_back
     }
 }
 
+/// Starts an agent on `node` with `args` and expects it to stop before taking a lease, saying
+/// `message`.
+fn refused_at_start(node: &Node, args: &[&str], message: &str) {
+    let agent = node.start_agent(args).unwrap();
+    let status = agent.wait_exit(Duration::from_secs(30)).unwrap();
+    assert!(!status.success(), "{args:?} must stop the agent");
+    let log = agent.log();
+    assert!(log.contains(message), "{args:?}:\n{log}");
+    assert!(!log.contains("Lease acquired"), "{args:?}:\n{log}");
+}
+
 /// An agent whose PublicIP its peers would refuse (a loopback interface, or `--public-ip` inside
 /// the network) stops at start, naming the address and where it came from, before any lease.
 #[test]
@@ -1476,12 +1487,7 @@ fn a_public_ip_peers_would_refuse_stops_the_agent_before_the_lease() {
         ),
     ];
     for (args, message) in cases {
-        let agent = node.start_agent(args).unwrap();
-        let status = agent.wait_exit(Duration::from_secs(30)).unwrap();
-        assert!(!status.success(), "{args:?} must stop the agent");
-        let log = agent.log();
-        assert!(log.contains(message), "{args:?}:\n{log}");
-        assert!(!log.contains("Lease acquired"), "{args:?}:\n{log}");
+        refused_at_start(node, args, message);
     }
     let leases = cluster
         .etcd()
@@ -1504,19 +1510,54 @@ fn a_vxlan_mtu_above_the_interfaces_stops_the_agent_before_the_lease() {
         .build()
         .unwrap();
     let node = cluster.node(0);
-    let agent = node.start_agent(&[]).unwrap();
-    let status = agent.wait_exit(Duration::from_secs(30)).unwrap();
-    assert!(!status.success(), "the agent must stop");
-    let log = agent.log();
-    assert!(
-        log.contains("the vxlan option MTU 9001 is above the MTU 1500 of eth0"),
-        "{log}"
-    );
-    assert!(!log.contains("Lease acquired"), "{log}");
+    let message = "the vxlan option MTU 9001 is above the MTU 1500 of eth0";
+    refused_at_start(node, &[], message);
     assert!(
         !node.subnet_file().exists(),
         "no subnet.env for docker to use"
     );
+}
+
+/// A `Network` that a network of the node lies in (or equals) stops the agent before the lease,
+/// naming the interface and its address: the network's route through `ovl0` would replace that
+/// interface's route, and its hosts (etcd, storage) would become unreachable. A pod bridge
+/// still holding Docker's default `172.17.0.1/16` is not such a network.
+#[test]
+fn a_network_the_node_is_already_on_stops_the_agent_before_the_lease() {
+    let cluster = Cluster::builder()
+        .nodes(1)
+        .network_config(VXLAN_CONFIG)
+        .start_agents(false)
+        .build()
+        .unwrap();
+    let node = cluster.node(0);
+    let ns = node.ns();
+    ns.ip(&[
+        "link", "add", "lan0", "type", "veth", "peer", "name", "lan0p",
+    ])
+    .unwrap();
+    ns.add_addr("lan0", "172.17.0.5/16").unwrap();
+    ns.link_up("lan0").unwrap();
+    let before = ns
+        .run("ip", &["-4", "route", "show", "172.17.0.0/16"])
+        .unwrap();
+    let message = "Network 172.17.0.0/16 overlaps lan0's 172.17.0.5/16";
+    refused_at_start(node, &[], message);
+    let after = ns
+        .run("ip", &["-4", "route", "show", "172.17.0.0/16"])
+        .unwrap();
+    assert_eq!(after, before, "lan0's route is untouched");
+    assert!(after.contains("lan0"), "{after}");
+
+    // Docker's bridge before its restart with FLANNEL_SUBNET: the agent starts.
+    ns.ip(&["link", "del", "lan0"]).unwrap();
+    ns.ip(&["link", "add", "docker0", "type", "bridge"])
+        .unwrap();
+    ns.add_addr("docker0", "172.17.0.1/16").unwrap();
+    let agent = node.start_agent(&[]).unwrap();
+    agent
+        .wait_for_log("Lease acquired", Duration::from_secs(30))
+        .unwrap();
 }
 
 /// What held before the hardening and must go on holding (docs/reliability.md): etcd down for a

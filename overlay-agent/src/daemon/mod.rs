@@ -58,6 +58,7 @@ use crate::{
     notify::Notifier,
     subnet::{
         EtcdRegistry, Lease, SubnetManager,
+        config::NetworkConfig,
         file::{check_writable, previous_subnet},
         validate::check_public_ip,
     },
@@ -91,6 +92,29 @@ pub async fn run(flags: Flags) -> Result<()> {
         undo.run().await;
     }
     outcome
+}
+
+/// The route of the cluster network through `ovl0` must not take the place of a network the
+/// node is on: one of the same prefix (replaced) or a wider one (cut into) would lose its
+/// hosts, perhaps etcd among them. Pod bridges may still hold a runtime's default address
+/// (Docker's `172.17.0.1/16` before it is restarted with `FLANNEL_SUBNET`) and are spared, as
+/// are our own devices.
+async fn check_network_fits(config: &NetworkConfig, pod_bridge: Option<&str>) -> Result<()> {
+    let mut spared = vec![HOST_DEVICE, GRO_DEVICE, "docker0", "cni0"];
+    spared.extend(pod_bridge);
+    let interfaces = iface::snapshot()
+        .await
+        .context("listing the node's interfaces")?;
+    let taken = iface::networks_taken_over(&interfaces, config.network, &spared);
+    if let Some((name, net)) = taken.first() {
+        anyhow::bail!(
+            "Network {} overlaps {name}'s {net}: the network's route through {HOST_DEVICE} \
+             would take the place of {name}'s and its hosts would become unreachable; choose a \
+             Network that no interface of this node is on",
+            config.network
+        );
+    }
+    Ok(())
 }
 
 /// How long a starting agent waits for the agent that holds its `--bpf-dir` to exit (a
@@ -195,6 +219,7 @@ async fn serve(flags: Flags, mut signals: Signals, undo: &mut Undo) -> Result<()
     };
     backend::check(&config.backend, ext.public_ip, ext.iface_addr)?;
     backend::check_mtu(&config.backend, &ext.name, ext.mtu)?;
+    check_network_fits(&config, flags.pod_bridge.as_deref()).await?;
     // What every peer would refuse in our lease (`subnet::validate`) is refused here first.
     check_public_ip(&config, ext.public_ip).map_err(|refusal| {
         let source = if flags.public_ip.is_some() {
