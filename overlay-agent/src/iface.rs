@@ -12,7 +12,7 @@ use ipnet::Ipv4Net;
 use netlink_packet_route::{
     address::AddressAttribute,
     link::{LinkAttribute, LinkFlags},
-    route::{RouteAttribute, RouteMessage},
+    route::{RouteAddress, RouteAttribute, RouteMessage},
 };
 use regex::Regex;
 use rtnetlink::{Handle, RouteMessageBuilder};
@@ -222,6 +222,75 @@ pub fn networks_taken_over(
         .collect()
 }
 
+/// A route of the main table: destination, output interface, gateway.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    pub destination: Ipv4Net,
+    pub oif: Option<u32>,
+    pub gateway: Option<Ipv4Addr>,
+}
+
+/// The IPv4 routes of the main table of the current network namespace.
+pub async fn main_routes() -> Result<Vec<Route>, IfaceError> {
+    const RT_TABLE_MAIN: u8 = 254;
+    let (connection, handle, _) = rtnetlink::new_connection().map_err(IfaceError::Connection)?;
+    let connection = tokio::spawn(connection);
+    let mut out = Vec::new();
+    let mut routes = handle
+        .route()
+        .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+        .execute();
+    let result = loop {
+        match routes.try_next().await {
+            Ok(Some(route)) if route.header.table == RT_TABLE_MAIN => {
+                let mut destination = Ipv4Addr::UNSPECIFIED;
+                let (mut oif, mut gateway) = (None, None);
+                for attr in &route.attributes {
+                    match attr {
+                        RouteAttribute::Destination(RouteAddress::Inet(a)) => destination = *a,
+                        RouteAttribute::Oif(i) => oif = Some(*i),
+                        RouteAttribute::Gateway(RouteAddress::Inet(a)) => gateway = Some(*a),
+                        _ => {}
+                    }
+                }
+                if let Ok(destination) =
+                    Ipv4Net::new(destination, route.header.destination_prefix_length)
+                {
+                    out.push(Route {
+                        destination,
+                        oif,
+                        gateway,
+                    });
+                }
+            }
+            Ok(Some(_)) => {}
+            Ok(None) => break Ok(out),
+            Err(source) => {
+                break Err(IfaceError::Netlink {
+                    what: "routes",
+                    source,
+                });
+            }
+        }
+    };
+    drop(routes);
+    drop(handle);
+    connection.abort();
+    result
+}
+
+/// The routes a route of `network` would take over: the same prefix (replaced) or a wider one
+/// other than the default route (cut into), except those through an interface in `spared`.
+#[must_use]
+pub fn routes_taken_over(routes: &[Route], network: Ipv4Net, spared: &[u32]) -> Vec<Route> {
+    routes
+        .iter()
+        .filter(|r| r.destination.prefix_len() > 0 && r.destination.contains(&network.network()))
+        .filter(|r| r.oif.is_none_or(|oif| !spared.contains(&oif)))
+        .cloned()
+        .collect()
+}
+
 /// The output interface of the IPv4 default route in the main table, if there is one.
 pub async fn default_route_index(handle: &Handle) -> Result<Option<u32>, IfaceError> {
     let mut routes = handle
@@ -379,6 +448,25 @@ mod tests {
         let taken = networks_taken_over(&list, upper, &["docker0", "ovl0"]);
         assert_eq!(taken.len(), 2, "{taken:?}");
         assert!(networks_taken_over(&list, "172.17.0.0/16".parse().unwrap(), &[]).is_empty());
+    }
+
+    #[test]
+    fn routes_of_the_same_or_a_wider_prefix_are_taken_over_but_the_default() {
+        let route = |dest: &str, oif: u32| Route {
+            destination: dest.parse().unwrap(),
+            oif: Some(oif),
+            gateway: None,
+        };
+        let routes = [
+            route("0.0.0.0/0", 2),
+            route("10.10.0.0/16", 2),
+            route("10.0.0.0/8", 3),
+            route("10.10.5.0/24", 2),
+            route("172.17.0.0/16", 4),
+            route("10.10.0.0/16", 9),
+        ];
+        let taken = routes_taken_over(&routes, "10.10.0.0/16".parse().unwrap(), &[9]);
+        assert_eq!(taken, [route("10.10.0.0/16", 2), route("10.0.0.0/8", 3)]);
     }
 
     #[test]

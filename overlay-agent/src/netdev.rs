@@ -302,6 +302,34 @@ impl Netlink {
         Ok(settings)
     }
 
+    /// The VXLAN devices other than ours that listen on UDP `port`, by name, with their VNI
+    /// (`None`: collect-metadata mode, any VNI).
+    pub async fn other_vxlan_devices_on(
+        &self,
+        port: u16,
+    ) -> Result<Vec<(String, Option<u32>)>, NetdevError> {
+        let mut links = self.handle.link().get().execute();
+        let mut found = Vec::new();
+        while let Some(msg) = links
+            .try_next()
+            .await
+            .map_err(NetdevError::netlink("list", "links"))?
+        {
+            let settings = VxlanSettings::of(&msg.attributes);
+            let name = msg.attributes.iter().find_map(|a| match a {
+                LinkAttribute::IfName(n) => Some(n.clone()),
+                _ => None,
+            });
+            if let Some(name) = name
+                && name != GRO_DEVICE
+                && settings.port == Some(port)
+            {
+                found.push((name, (!settings.collect_metadata).then_some(settings.vni)));
+            }
+        }
+        Ok(found)
+    }
+
     /// Deletes the device `name` if there is one; whether there was.
     async fn remove_device(&self, name: &str) -> Result<bool, NetdevError> {
         let Some(index) = self.index_of(name).await? else {
@@ -326,6 +354,7 @@ impl Netlink {
 struct VxlanSettings {
     collect_metadata: bool,
     port: Option<u16>,
+    vni: u32,
 }
 
 impl VxlanSettings {
@@ -342,6 +371,7 @@ impl VxlanSettings {
                     match d {
                         InfoVxlan::CollectMetadata(on) => settings.collect_metadata = *on,
                         InfoVxlan::Port(port) => settings.port = Some(*port),
+                        InfoVxlan::Id(vni) => settings.vni = *vni,
                         _ => {}
                     }
                 }
@@ -390,12 +420,14 @@ mod tests {
             ours,
             VxlanSettings {
                 collect_metadata: true,
-                port: Some(8472)
+                port: Some(8472),
+                vni: 0,
             }
         );
         // flannel.1-like: a VNI, no collect-metadata mode.
         let plain = VxlanSettings::of(&vxlan(vec![InfoVxlan::Id(1), InfoVxlan::Port(8472)]));
         assert!(!plain.collect_metadata);
+        assert_eq!(plain.vni, 1);
         // Not VXLAN at all.
         let veth = VxlanSettings::of(&[LinkAttribute::LinkInfo(vec![LinkInfo::Kind(
             InfoKind::Veth,

@@ -61,6 +61,7 @@ struct State {
     etcd_failing_since: Option<Instant>,
     etcd_error: Option<String>,
     datapath_problem: Option<String>,
+    config_changed: Option<String>,
     repairs: u64,
     nat_enabled: bool,
 }
@@ -192,6 +193,12 @@ impl Telemetry {
         }
     }
 
+    /// How the network config in etcd differs from the one the agent runs (`None`: it does
+    /// not). Nodes that start with another config refuse this node's lease and it theirs.
+    pub fn set_config_changed(&self, change: Option<String>) {
+        self.state().config_changed = change;
+    }
+
     /// The attachment check's finding: `None` when every program sits where it should.
     pub fn set_datapath_problem(&self, problem: Option<String>) {
         self.state().datapath_problem = problem;
@@ -277,6 +284,11 @@ fn readiness(s: &State, now: Instant, etcd_timeout: Duration) -> Result<(), Stri
     if let Some(problem) = &s.datapath_problem {
         return Err(format!("data path detached: {problem}"));
     }
+    if let Some(change) = &s.config_changed {
+        return Err(format!(
+            "the network config in etcd changed since start ({change}): restart every agent"
+        ));
+    }
     if let Some(expiration) = s.lease_expiration {
         if now >= expiration {
             return Err(format!(
@@ -346,6 +358,19 @@ mod tests {
         };
         let err = readiness(&s, Instant::now(), TIMEOUT).unwrap_err();
         assert!(err.contains("acquiring a subnet lease"), "{err}");
+    }
+
+    #[test]
+    fn a_changed_network_config_is_named() {
+        let s = State {
+            config_changed: Some("SubnetLen 24 → 25".to_owned()),
+            ..running()
+        };
+        let err = readiness(&s, Instant::now(), TIMEOUT).unwrap_err();
+        assert!(
+            err.contains("network config in etcd changed") && err.contains("SubnetLen 24 → 25"),
+            "{err}"
+        );
     }
 
     #[test]

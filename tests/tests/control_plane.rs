@@ -1549,8 +1549,25 @@ fn a_network_the_node_is_already_on_stops_the_agent_before_the_lease() {
     assert_eq!(after, before, "lan0's route is untouched");
     assert!(after.contains("lan0"), "{after}");
 
-    // Docker's bridge before its restart with FLANNEL_SUBNET: the agent starts.
+    // A static route of a wider network (a remote site through a gateway) would be cut into.
     ns.ip(&["link", "del", "lan0"]).unwrap();
+    let gateway = overlay_tests::UNDERLAY_GATEWAY.to_string();
+    ns.ip(&[
+        "route",
+        "add",
+        "172.16.0.0/12",
+        "via",
+        &gateway,
+        "dev",
+        "eth0",
+    ])
+    .unwrap();
+    let message =
+        format!("Network 172.17.0.0/16 overlaps the route 172.16.0.0/12 via {gateway} dev eth0");
+    refused_at_start(node, &[], &message);
+    ns.ip(&["route", "del", "172.16.0.0/12"]).unwrap();
+
+    // Docker's bridge before its restart with FLANNEL_SUBNET: the agent starts.
     ns.ip(&["link", "add", "docker0", "type", "bridge"])
         .unwrap();
     ns.add_addr("docker0", "172.17.0.1/16").unwrap();
@@ -1558,6 +1575,99 @@ fn a_network_the_node_is_already_on_stops_the_agent_before_the_lease() {
     agent
         .wait_for_log("Lease acquired", Duration::from_secs(30))
         .unwrap();
+}
+
+/// Another overlay's VXLAN device on our port (here VNI 4096 on 8472): our data path takes the
+/// VXLAN sent to the node on that port first and drops the other VNI, so the agent says so at
+/// start, as an error naming the device, its VNI and the port.
+#[test]
+fn another_vxlan_device_on_our_port_is_named_at_start() {
+    let cluster = Cluster::builder()
+        .nodes(1)
+        .network_config(VXLAN_CONFIG)
+        .start_agents(false)
+        .build()
+        .unwrap();
+    let node = cluster.node(0);
+    let add = [
+        "link", "add", "vx0", "type", "vxlan", "id", "4096", "dstport", "8472", "dev", "eth0",
+    ];
+    node.ns().ip(&add).unwrap();
+    let agent = node.start_agent(&[]).unwrap();
+    agent
+        .wait_for_log("also listens on port 8472", Duration::from_secs(30))
+        .unwrap();
+    let log = agent.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("also listens on port 8472"))
+        .unwrap();
+    assert!(
+        line.contains("ERROR")
+            && line.contains("VXLAN device vx0 (VNI 4096)")
+            && line.contains("drops what is not VNI 1"),
+        "{line}"
+    );
+    assert!(agent.is_running(), "a warning, not a refusal:\n{log}");
+}
+
+/// The network config edited while agents run (here SubnetLen 24 → 25): each agent goes on
+/// with the config it started with, as flanneld does, but says so once, naming the change, and
+/// reports not ready until the config is back (a node started after the edit would refuse its
+/// lease, and it that node's). The data path is untouched.
+#[test]
+fn an_edited_network_config_is_reported_and_makes_the_node_not_ready() {
+    let cluster = Cluster::builder()
+        .nodes(2)
+        .pods_per_node(1)
+        .network_config(VXLAN_CONFIG)
+        .build()
+        .unwrap();
+    let (n0, n1) = (cluster.node(0), cluster.node(1));
+    let (a0, a1) = (n0.agent().unwrap(), n1.agent().unwrap());
+    let ready = |node: &Node| -> serde_json::Value {
+        let text = overlay_tests::checks::agent_cmd(node, &["status", "-o", "json"]);
+        serde_json::from_str(&text).unwrap()
+    };
+    let wait = Duration::from_secs(10);
+    wait_until("both nodes ready", wait, || {
+        ready(n0)["agent"]["ready"] == true && ready(n1)["agent"]["ready"] == true
+    });
+    let mark = (a0.log().len(), a1.log().len());
+    let edited = r#"{"Network": "172.17.0.0/16", "SubnetLen": 25, "Backend": {"Type": "vxlan"}}"#;
+    cluster.etcd().put_network_config(None, edited).unwrap();
+    for (agent, since) in [(&a0, mark.0), (&a1, mark.1)] {
+        wait_line_since(
+            agent,
+            since,
+            &[
+                "ERROR",
+                "changed since this agent started (SubnetLen 24 → 25,",
+            ],
+            wait,
+        );
+    }
+    wait_until("n0 not ready, naming the change", wait, || {
+        let s = ready(n0);
+        s["agent"]["ready"] == false
+            && s["agent"]["not_ready_reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("network config in etcd changed"))
+    });
+    overlay_tests::checks::assert_pods_talk(&cluster.pod(0, 0), &cluster.pod(1, 0));
+
+    cluster
+        .etcd()
+        .put_network_config(None, VXLAN_CONFIG)
+        .unwrap();
+    wait_until("both nodes ready again", wait, || {
+        ready(n0)["agent"]["ready"] == true && ready(n1)["agent"]["ready"] == true
+    });
+    let errors = a0.log()[mark.0..]
+        .lines()
+        .filter(|l| l.contains("changed since this agent started"))
+        .count();
+    assert_eq!(errors, 1, "one error per change:\n{}", a0.log());
 }
 
 /// What held before the hardening and must go on holding (docs/reliability.md): etcd down for a

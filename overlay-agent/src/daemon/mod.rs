@@ -114,6 +114,35 @@ async fn check_network_fits(config: &NetworkConfig, pod_bridge: Option<&str>) ->
             config.network
         );
     }
+    // Static routes the same way (a remote site's network through a gateway).
+    let spared_oifs: Vec<u32> = interfaces
+        .iter()
+        .filter(|i| spared.contains(&i.name.as_str()))
+        .map(|i| i.index)
+        .collect();
+    let routes = iface::main_routes()
+        .await
+        .context("listing the node's routes")?;
+    if let Some(route) = iface::routes_taken_over(&routes, config.network, &spared_oifs).first() {
+        let name = |index| {
+            interfaces
+                .iter()
+                .find(|i| Some(i.index) == index)
+                .map_or_else(|| "?".to_owned(), |i| i.name.clone())
+        };
+        let via = route
+            .gateway
+            .map(|g| format!(" via {g}"))
+            .unwrap_or_default();
+        anyhow::bail!(
+            "Network {} overlaps the route {}{via} dev {}: the network's route through \
+             {HOST_DEVICE} would take its place and the hosts it leads to would become \
+             unreachable; choose a Network that no route of this node covers",
+            config.network,
+            route.destination,
+            name(route.oif)
+        );
+    }
     Ok(())
 }
 
@@ -210,13 +239,19 @@ async fn serve(flags: Flags, mut signals: Signals, undo: &mut Undo) -> Result<()
         .await
         .context("connecting to etcd")?;
     let manager = SubnetManager::new(registry, &flags.etcd_prefix, manager_options(&flags)?)?;
-    let mut prober = tokio::spawn(probe_etcd(manager.clone(), telemetry.clone()));
+    let running_config = Arc::new(std::sync::OnceLock::new());
+    let mut prober = tokio::spawn(probe_etcd(
+        manager.clone(),
+        telemetry.clone(),
+        running_config.clone(),
+    ));
     telemetry.phase("waiting for the network config in etcd");
 
     let config = tokio::select! {
         config = manager.wait_for_network_config() => config,
         signal = signals.recv() => return shut_down(signal),
     };
+    let _ = running_config.set(config.clone());
     backend::check(&config.backend, ext.public_ip, ext.iface_addr)?;
     backend::check_mtu(&config.backend, &ext.name, ext.mtu)?;
     check_network_fits(&config, flags.pod_bridge.as_deref()).await?;

@@ -295,6 +295,40 @@ pub(super) async fn keep_gro_device(backend: Backend, datapath: &mut Datapath, n
             "GRO device {GRO_DEVICE}: {e:#}; VXLAN frames are not aggregated before decapsulation"
         );
     }
+    if let Backend::Vxlan { port, vni, .. } = backend {
+        warn_of_other_vxlan_devices(port, vni, netlink).await;
+    }
+}
+
+/// Another VXLAN device on our port (a stock `flannel.1` left from before, or another overlay)
+/// does not see the VXLAN sent to this node's address: `underlay_ingress` takes it first,
+/// delivers what is ours (our VNI, from a member node) and drops the rest. Harmless for a
+/// `flannel.1` of our VNI; another overlay's traffic is lost, which is worth an error.
+async fn warn_of_other_vxlan_devices(port: u16, vni: u32, netlink: &Netlink) {
+    let devices = match netlink.other_vxlan_devices_on(port).await {
+        Ok(devices) => devices,
+        Err(e) => {
+            warn!("cannot list the VXLAN devices on port {port}: {e}");
+            return;
+        }
+    };
+    for (name, their_vni) in devices {
+        if their_vni == Some(vni) {
+            info!(
+                "VXLAN device {name} (VNI {vni}) also listens on port {port}: VXLAN to this node \
+                 on that port is decapsulated by our data path first (ours: VNI {vni} from member \
+                 nodes)"
+            );
+        } else {
+            let theirs = their_vni.map_or_else(|| "any VNI".to_owned(), |v| format!("VNI {v}"));
+            error!(
+                "VXLAN device {name} ({theirs}) also listens on port {port}: our data path takes \
+                 VXLAN to this node on that port first and drops what is not VNI {vni} from a \
+                 member node (drop_wrong_vni, drop_unknown_peer), so {name}'s traffic is lost; \
+                 give this network or the other overlay another port"
+            );
+        }
+    }
 }
 
 async fn add_gro_device(port: u16, datapath: &mut Datapath, netlink: &Netlink) -> Result<()> {

@@ -2,11 +2,16 @@
 //! options, the subnet file, the health endpoints, the etcd prober and the status file.
 //! Called by the daemon's start-up and main loop; may call `subnet`, `healthz`, `telemetry`.
 
-use std::{net::SocketAddr, path::Path, sync::Arc, time::Duration};
+use std::{
+    net::SocketAddr,
+    path::Path,
+    sync::{Arc, OnceLock},
+    time::Duration,
+};
 
 use anyhow::Result;
 use tokio::task::JoinHandle;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::{
     cli::Flags,
@@ -98,17 +103,42 @@ const ETCD_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Asks etcd for the network config key every second and records whether it answered, so
 /// that readiness and metrics know etcd's reachability (the lease keeper and the peer watcher
-/// only notice on their own schedule). Runs until aborted.
-pub(super) async fn probe_etcd(manager: SubnetManager<EtcdRegistry>, telemetry: Arc<Telemetry>) {
+/// only notice on their own schedule). Once `running` holds the config the agent runs, the
+/// answer is compared with it: the agent keeps its config, as flanneld does, but nodes
+/// started after an edit refuse its lease and it theirs, so a change is logged (once per
+/// value) and makes the node not ready until the config is back or the agent restarts.
+/// Runs until aborted.
+pub(super) async fn probe_etcd(
+    manager: SubnetManager<EtcdRegistry>,
+    telemetry: Arc<Telemetry>,
+    running: Arc<OnceLock<NetworkConfig>>,
+) {
     use crate::subnet::Registry as _;
     let key = config_key(manager.prefix());
+    let mut reported: Option<String> = None;
     loop {
-        let result =
-            match tokio::time::timeout(ETCD_PROBE_TIMEOUT, manager.registry().get(&key)).await {
-                Ok(Ok(_)) => Ok(()),
-                Ok(Err(e)) => Err(e.to_string()),
-                Err(_) => Err(format!("no answer within {ETCD_PROBE_TIMEOUT:?}")),
-            };
+        let result = match tokio::time::timeout(ETCD_PROBE_TIMEOUT, manager.registry().get(&key))
+            .await
+        {
+            Ok(Ok(fetched)) => {
+                if let Some(running) = running.get() {
+                    let change = config_change(running, fetched.kv.as_ref().map(|kv| &kv.value));
+                    if change.is_some() && change != reported {
+                        error!(
+                            "the network config in {key} changed since this agent started ({}): it goes on with the config it started with; restart every agent",
+                            change.as_deref().unwrap_or_default()
+                        );
+                    } else if change.is_none() && reported.is_some() {
+                        info!("the network config in {key} is back to the one this agent runs");
+                    }
+                    telemetry.set_config_changed(change.clone());
+                    reported = change;
+                }
+                Ok(())
+            }
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!("no answer within {ETCD_PROBE_TIMEOUT:?}")),
+        };
         if let Err(e) = &result
             && telemetry.etcd_reachable()
         {
@@ -118,6 +148,18 @@ pub(super) async fn probe_etcd(manager: SubnetManager<EtcdRegistry>, telemetry: 
         }
         telemetry.etcd_probe(result);
         tokio::time::sleep(ETCD_PROBE_PERIOD).await;
+    }
+}
+
+/// How the config text `now` (`None`: the key is gone) differs from `running`; `None` when
+/// it does not.
+fn config_change(running: &NetworkConfig, now: Option<&Vec<u8>>) -> Option<String> {
+    let Some(text) = now else {
+        return Some("the key was deleted".to_owned());
+    };
+    match NetworkConfig::parse(&String::from_utf8_lossy(text)) {
+        Ok(now) => Some(running.changes_to(&now)).filter(|c| !c.is_empty()),
+        Err(e) => Some(format!("it no longer parses: {e}")),
     }
 }
 

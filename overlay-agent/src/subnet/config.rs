@@ -192,6 +192,41 @@ impl FromStr for NetworkConfig {
 }
 
 impl NetworkConfig {
+    /// What differs in `now` from `self`, field by field (`Network 10.10.0.0/16 → 10.11.0.0/16,
+    /// SubnetLen 24 → 25`); empty when nothing does.
+    #[must_use]
+    pub fn changes_to(&self, now: &Self) -> String {
+        let fields = [
+            ("Network", self.network.to_string(), now.network.to_string()),
+            (
+                "SubnetLen",
+                self.subnet_len.to_string(),
+                now.subnet_len.to_string(),
+            ),
+            (
+                "SubnetMin",
+                self.subnet_min.to_string(),
+                now.subnet_min.to_string(),
+            ),
+            (
+                "SubnetMax",
+                self.subnet_max.to_string(),
+                now.subnet_max.to_string(),
+            ),
+            (
+                "Backend",
+                format!("{:?}", self.backend),
+                format!("{:?}", now.backend),
+            ),
+        ];
+        fields
+            .into_iter()
+            .filter(|(_, old, new)| old != new)
+            .map(|(name, old, new)| format!("{name} {old} → {new}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
     /// Parses and validates the JSON text of `<prefix>/config`.
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
         let value: Value = serde_json::from_str(text).map_err(|e| ConfigError::Json {
@@ -539,6 +574,23 @@ mod tests {
 
     fn parse(text: &str) -> NetworkConfig {
         NetworkConfig::parse(text).unwrap_or_else(|e| panic!("{text} rejected: {e}"))
+    }
+
+    #[test]
+    fn changes_are_named_field_by_field() {
+        let old = parse(r#"{"Network": "10.10.0.0/16"}"#);
+        assert_eq!(old.changes_to(&old.clone()), "");
+        let new = parse(r#"{"Network": "10.10.0.0/16", "SubnetLen": 25}"#);
+        let changes = old.changes_to(&new);
+        assert!(changes.starts_with("SubnetLen 24 → 25"), "{changes}");
+        let moved = parse(r#"{"Network": "10.11.0.0/16", "Backend": {"Type": "host-gw"}}"#);
+        let changes = old.changes_to(&moved);
+        assert!(
+            changes.starts_with("Network 10.10.0.0/16 → 10.11.0.0/16, SubnetMin")
+                && changes.contains("Backend Vxlan")
+                && changes.ends_with("→ HostGw"),
+            "{changes}"
+        );
     }
 
     fn error(text: &str) -> ConfigError {
