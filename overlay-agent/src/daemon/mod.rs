@@ -73,8 +73,10 @@ const PEER_EVENT_QUEUE: usize = 1024;
 ///
 /// What can be checked without taking anything from the cluster is checked before the lease:
 /// the subnet file's location can be written (first of all), the pin directory is on a bpffs
-/// that outlives the agent and no other agent holds it, the programs load (once the network
-/// config is known). A start-up that fails later, before the node is ready, undoes what it
+/// that outlives the agent and no other agent holds it, and, once the network config is known,
+/// the backend fits the interface (host-gw without NAT, a vxlan `MTU` not above the
+/// interface's), `Network` takes over no network the node is on, peers would accept our
+/// PublicIP, the programs load, and no other agent's data path is on the interface. A start-up that fails later, before the node is ready, undoes what it
 /// created ([`Undo`]): the lease it created (peers would route the subnet to a node that never
 /// came up) and a data path that no agent had pinned before.
 pub async fn run(flags: Flags) -> Result<()> {
