@@ -12,7 +12,7 @@ use ipnet::Ipv4Net;
 use netlink_packet_route::{
     address::AddressAttribute,
     link::{LinkAttribute, LinkFlags},
-    route::{RouteAddress, RouteAttribute, RouteMessage},
+    route::{RouteAddress, RouteAttribute},
 };
 use regex::Regex;
 use rtnetlink::{Handle, RouteMessageBuilder};
@@ -193,11 +193,21 @@ pub async fn list_interfaces(handle: &Handle) -> Result<Vec<Interface>, IfaceErr
     Ok(interfaces)
 }
 
-/// The interfaces of the current network namespace, as [`list_interfaces`] reports them.
-pub async fn snapshot() -> Result<Vec<Interface>, IfaceError> {
+/// The interfaces and the main table's routes of the current network namespace, over one
+/// netlink connection.
+pub async fn snapshot() -> Result<(Vec<Interface>, Vec<Route>), IfaceError> {
+    with_netlink(async |handle| Ok((list_interfaces(handle).await?, main_routes(handle).await?)))
+        .await
+}
+
+/// Runs `f` over a netlink connection of its own, closed when it returns.
+async fn with_netlink<T>(
+    f: impl AsyncFnOnce(&Handle) -> Result<T, IfaceError>,
+) -> Result<T, IfaceError> {
     let (connection, handle, _) = rtnetlink::new_connection().map_err(IfaceError::Connection)?;
+    // The connection task ends when `handle` (its only user) is dropped at the end of this call.
     let connection = tokio::spawn(connection);
-    let result = list_interfaces(&handle).await;
+    let result = f(&handle).await;
     drop(handle);
     connection.abort();
     result
@@ -230,53 +240,44 @@ pub struct Route {
     pub gateway: Option<Ipv4Addr>,
 }
 
-/// The IPv4 routes of the main table of the current network namespace.
-pub async fn main_routes() -> Result<Vec<Route>, IfaceError> {
+/// The IPv4 routes of the main table.
+pub async fn main_routes(handle: &Handle) -> Result<Vec<Route>, IfaceError> {
     const RT_TABLE_MAIN: u8 = 254;
-    let (connection, handle, _) = rtnetlink::new_connection().map_err(IfaceError::Connection)?;
-    let connection = tokio::spawn(connection);
     let mut out = Vec::new();
     let mut routes = handle
         .route()
         .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
         .execute();
-    let result = loop {
-        match routes.try_next().await {
-            Ok(Some(route)) if route.header.table == RT_TABLE_MAIN => {
-                let mut destination = Ipv4Addr::UNSPECIFIED;
-                let (mut oif, mut gateway) = (None, None);
-                for attr in &route.attributes {
-                    match attr {
-                        RouteAttribute::Destination(RouteAddress::Inet(a)) => destination = *a,
-                        RouteAttribute::Oif(i) => oif = Some(*i),
-                        RouteAttribute::Gateway(RouteAddress::Inet(a)) => gateway = Some(*a),
-                        _ => {}
-                    }
-                }
-                if let Ok(destination) =
-                    Ipv4Net::new(destination, route.header.destination_prefix_length)
-                {
-                    out.push(Route {
-                        destination,
-                        oif,
-                        gateway,
-                    });
-                }
-            }
-            Ok(Some(_)) => {}
-            Ok(None) => break Ok(out),
-            Err(source) => {
-                break Err(IfaceError::Netlink {
-                    what: "routes",
-                    source,
-                });
+    while let Some(route) = routes
+        .try_next()
+        .await
+        .map_err(|source| IfaceError::Netlink {
+            what: "routes",
+            source,
+        })?
+    {
+        if route.header.table != RT_TABLE_MAIN {
+            continue;
+        }
+        let mut destination = Ipv4Addr::UNSPECIFIED;
+        let (mut oif, mut gateway) = (None, None);
+        for attr in &route.attributes {
+            match attr {
+                RouteAttribute::Destination(RouteAddress::Inet(a)) => destination = *a,
+                RouteAttribute::Oif(i) => oif = Some(*i),
+                RouteAttribute::Gateway(RouteAddress::Inet(a)) => gateway = Some(*a),
+                _ => {}
             }
         }
-    };
-    drop(routes);
-    drop(handle);
-    connection.abort();
-    result
+        if let Ok(destination) = Ipv4Net::new(destination, route.header.destination_prefix_length) {
+            out.push(Route {
+                destination,
+                oif,
+                gateway,
+            });
+        }
+    }
+    Ok(out)
 }
 
 /// The routes a route of `network` would take over: the same prefix (replaced) or a wider one
@@ -293,33 +294,11 @@ pub fn routes_taken_over(routes: &[Route], network: Ipv4Net, spared: &[u32]) -> 
 
 /// The output interface of the IPv4 default route in the main table, if there is one.
 pub async fn default_route_index(handle: &Handle) -> Result<Option<u32>, IfaceError> {
-    let mut routes = handle
-        .route()
-        .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
-        .execute();
-    while let Some(route) = routes
-        .try_next()
-        .await
-        .map_err(|source| IfaceError::Netlink {
-            what: "routes",
-            source,
-        })?
-    {
-        if is_main_default(&route)
-            && let Some(oif) = route.attributes.iter().find_map(|a| match a {
-                RouteAttribute::Oif(i) => Some(*i),
-                _ => None,
-            })
-        {
-            return Ok(Some(oif));
-        }
-    }
-    Ok(None)
-}
-
-fn is_main_default(route: &RouteMessage) -> bool {
-    const RT_TABLE_MAIN: u8 = 254;
-    route.header.destination_prefix_length == 0 && route.header.table == RT_TABLE_MAIN
+    Ok(main_routes(handle)
+        .await?
+        .iter()
+        .filter(|r| r.destination.prefix_len() == 0)
+        .find_map(|r| r.oif))
 }
 
 /// Chooses the external interface of this network namespace from the kernel's view.
@@ -328,22 +307,16 @@ pub async fn discover(
     regexes: &[String],
     public_ip: Option<Ipv4Addr>,
 ) -> Result<ExternalInterface, IfaceError> {
-    let (connection, handle, _) = rtnetlink::new_connection().map_err(IfaceError::Connection)?;
-    // The connection task ends when `handle` (its only user) is dropped at the end of this call.
-    let connection = tokio::spawn(connection);
-    let result = async {
-        let interfaces = list_interfaces(&handle).await?;
+    with_netlink(async |handle| {
+        let interfaces = list_interfaces(handle).await?;
         let default = if ifaces.is_empty() && regexes.is_empty() {
-            default_route_index(&handle).await?
+            default_route_index(handle).await?
         } else {
             None
         };
         select(&interfaces, default, ifaces, regexes, public_ip)
-    }
-    .await;
-    drop(handle);
-    connection.abort();
-    result
+    })
+    .await
 }
 
 #[cfg(test)]

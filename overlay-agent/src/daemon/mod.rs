@@ -76,9 +76,10 @@ const PEER_EVENT_QUEUE: usize = 1024;
 /// that outlives the agent and no other agent holds it, and, once the network config is known,
 /// the backend fits the interface (host-gw without NAT, a vxlan `MTU` not above the
 /// interface's), `Network` takes over no network the node is on, peers would accept our
-/// PublicIP, the programs load, and no other agent's data path is on the interface. A start-up that fails later, before the node is ready, undoes what it
-/// created ([`Undo`]): the lease it created (peers would route the subnet to a node that never
-/// came up) and a data path that no agent had pinned before.
+/// PublicIP, the programs load, and no other agent's data path is on the interface. A start-up
+/// that fails later, before the node is ready, undoes what it created ([`Undo`]): the lease it
+/// created (peers would route the subnet to a node that never came up) and a data path that no
+/// agent had pinned before.
 pub async fn run(flags: Flags) -> Result<()> {
     // Handlers first, so that a signal during start-up still ends the agent cleanly.
     let signals = Signals::new()?;
@@ -104,9 +105,9 @@ pub async fn run(flags: Flags) -> Result<()> {
 async fn check_network_fits(config: &NetworkConfig, pod_bridge: Option<&str>) -> Result<()> {
     let mut spared = vec![HOST_DEVICE, GRO_DEVICE, "docker0", "cni0"];
     spared.extend(pod_bridge);
-    let interfaces = iface::snapshot()
+    let (interfaces, routes) = iface::snapshot()
         .await
-        .context("listing the node's interfaces")?;
+        .context("listing the node's interfaces and routes")?;
     let taken = iface::networks_taken_over(&interfaces, config.network, &spared);
     if let Some((name, net)) = taken.first() {
         anyhow::bail!(
@@ -122,9 +123,6 @@ async fn check_network_fits(config: &NetworkConfig, pod_bridge: Option<&str>) ->
         .filter(|i| spared.contains(&i.name.as_str()))
         .map(|i| i.index)
         .collect();
-    let routes = iface::main_routes()
-        .await
-        .context("listing the node's routes")?;
     if let Some(route) = iface::routes_taken_over(&routes, config.network, &spared_oifs).first() {
         let name = |index| {
             interfaces
