@@ -93,6 +93,28 @@ pub fn assert_tcp(from: &dyn Endpoint, to: &dyn Endpoint) -> Ipv4Addr {
     }
 }
 
+/// Waits (up to 30 s) for `agent` to exit and asserts that it failed before taking a lease,
+/// saying every one of `messages`; returns its log.
+pub fn assert_refused_before_lease(agent: &AgentProcess, messages: &[&str]) -> String {
+    let status = agent
+        .wait_exit(Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let label = agent.label();
+    assert!(!status.success(), "{label} must fail");
+    let log = agent.log();
+    for message in messages {
+        assert!(
+            log.contains(message),
+            "{label}: no {message:?} in its log:\n{log}"
+        );
+    }
+    assert!(
+        !log.contains("Lease acquired"),
+        "{label} must be refused before the lease:\n{log}"
+    );
+    log
+}
+
 /// Ping and TCP `a` → `b`, with the real pod source address at the server.
 pub fn assert_pods_talk(a: &Pod, b: &Pod) {
     assert_ping(a, b);

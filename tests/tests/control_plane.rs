@@ -1458,11 +1458,7 @@ fn conflicting_peer_records_are_refused_and_an_overwritten_lease_is_written_back
 /// `message`.
 fn refused_at_start(node: &Node, args: &[&str], message: &str) {
     let agent = node.start_agent(args).unwrap();
-    let status = agent.wait_exit(Duration::from_secs(30)).unwrap();
-    assert!(!status.success(), "{args:?} must stop the agent");
-    let log = agent.log();
-    assert!(log.contains(message), "{args:?}:\n{log}");
-    assert!(!log.contains("Lease acquired"), "{args:?}:\n{log}");
+    overlay_tests::checks::assert_refused_before_lease(&agent, &[message]);
 }
 
 /// An agent whose PublicIP its peers would refuse (a loopback interface, or `--public-ip` inside

@@ -423,21 +423,15 @@ fn a_second_agent_with_another_bpf_dir_is_refused_and_touches_nothing() {
         ])
         .unwrap()
     };
+    let not_ours = format!("not pinned under {}", other.display());
     let refused = |second: &overlay_tests::AgentProcess| {
-        let status = second.wait_exit(Duration::from_secs(30)).unwrap();
-        assert!(!status.success(), "the second agent must fail");
-        let log = second.log();
-        assert!(
-            log.contains("eth0 already carries another overlay agent's data path")
-                && log.contains("underlay_ingress (program id")
-                && log.contains("underlay_egress (program id")
-                && log.contains(&format!("not pinned under {}", other.display())),
-            "{log}"
-        );
-        assert!(
-            !log.contains("Lease acquired"),
-            "refused before the lease:\n{log}"
-        );
+        let messages = [
+            "eth0 already carries another overlay agent's data path",
+            "underlay_ingress (program id",
+            "underlay_egress (program id",
+            &not_ours,
+        ];
+        overlay_tests::checks::assert_refused_before_lease(second, &messages);
     };
 
     refused(&start_other());
