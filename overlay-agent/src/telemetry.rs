@@ -62,6 +62,7 @@ struct State {
     etcd_error: Option<String>,
     datapath_problem: Option<String>,
     config_changed: Option<String>,
+    lease_shared: Option<String>,
     repairs: u64,
     nat_enabled: bool,
 }
@@ -193,6 +194,12 @@ impl Telemetry {
         }
     }
 
+    /// Another agent publishing our PublicIP writes our lease (`Some`: what the operator is
+    /// told): two nodes share one subnet, and their pods' addresses collide.
+    pub fn set_lease_shared(&self, what: Option<String>) {
+        self.state().lease_shared = what;
+    }
+
     /// How the network config in etcd differs from the one the agent runs (`None`: it does
     /// not). Nodes that start with another config refuse this node's lease and it theirs.
     pub fn set_config_changed(&self, change: Option<String>) {
@@ -289,6 +296,11 @@ fn readiness(s: &State, now: Instant, etcd_timeout: Duration) -> Result<(), Stri
             "the network config in etcd changed since start ({change}): restart every agent"
         ));
     }
+    if let Some(what) = &s.lease_shared {
+        return Err(format!(
+            "{what}: two nodes share one subnet; give each its own PublicIP"
+        ));
+    }
     if let Some(expiration) = s.lease_expiration {
         if now >= expiration {
             return Err(format!(
@@ -369,6 +381,23 @@ mod tests {
         let err = readiness(&s, Instant::now(), TIMEOUT).unwrap_err();
         assert!(
             err.contains("network config in etcd changed") && err.contains("SubnetLen 24 → 25"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_lease_shared_with_another_agent_is_named() {
+        let s = State {
+            lease_shared: Some(
+                "another agent publishes this node's PublicIP 198.18.0.1 and writes our lease \
+                 of 10.10.3.0/24 (etcd lease 7002)"
+                    .to_owned(),
+            ),
+            ..running()
+        };
+        let err = readiness(&s, Instant::now(), TIMEOUT).unwrap_err();
+        assert!(
+            err.contains("PublicIP 198.18.0.1") && err.contains("two nodes share one subnet"),
             "{err}"
         );
     }

@@ -1666,6 +1666,72 @@ fn an_edited_network_config_is_reported_and_makes_the_node_not_ready() {
     assert_eq!(errors, 1, "one error per change:\n{}", a0.log());
 }
 
+/// Two agents publishing one PublicIP (here a second node started with `--public-ip` of the
+/// first, as a cluster-wide `FLANNELD_PUBLIC_IP` or a typo would give): the second reuses the
+/// first's live lease, as a restarted node does, so both nodes hold the same subnet. Each
+/// agent logs an error naming the PublicIP and the subnet and reports not ready, and they stop
+/// writing the key after one write each.
+#[test]
+fn two_agents_with_one_public_ip_are_both_reported() {
+    let cluster = Cluster::builder()
+        .nodes(2)
+        .pods_per_node(0)
+        .network_config(VXLAN_CONFIG)
+        .start_agents(false)
+        .build()
+        .unwrap();
+    let (n0, n1) = (cluster.node(0), cluster.node(1));
+    let status = |node: &Node| -> serde_json::Value {
+        let text = overlay_tests::checks::agent_cmd(node, &["status", "-o", "json"]);
+        serde_json::from_str(&text).unwrap()
+    };
+    let wait = Duration::from_secs(10);
+    let a0 = n0.start_agent(&[]).unwrap();
+    wait_until("n0 ready", wait, || status(n0)["agent"]["ready"] == true);
+    let subnet = n0
+        .subnet_env()
+        .unwrap()
+        .get("FLANNEL_SUBNET")
+        .unwrap()
+        .to_owned();
+    let public_ip = n0.underlay_ip().to_string();
+    let a1 = n1.start_agent(&["--public-ip", &public_ip]).unwrap();
+    for (agent, node) in [(&a0, n0), (&a1, n1)] {
+        wait_line_since(
+            agent,
+            0,
+            &[
+                "ERROR",
+                &format!("another agent publishes this node's PublicIP {public_ip}"),
+            ],
+            wait,
+        );
+        wait_until(&format!("{} not ready", node.name()), wait, || {
+            let s = status(node);
+            s["agent"]["ready"] == false
+                && s["agent"]["not_ready_reason"]
+                    .as_str()
+                    .is_some_and(|r| r.contains("two nodes share one subnet"))
+        });
+    }
+    assert_eq!(
+        n1.subnet_env().unwrap().get("FLANNEL_SUBNET"),
+        Some(subnet.as_str()),
+        "the second node took the first's subnet"
+    );
+    let leases = || -> Vec<(String, i64)> {
+        let prefix = format!("{DEFAULT_ETCD_PREFIX}/subnets/");
+        let kvs = cluster.etcd().get_prefix(&prefix).unwrap();
+        kvs.into_iter()
+            .map(|kv| (kv.key, kv.mod_revision))
+            .collect()
+    };
+    let before = leases();
+    assert_eq!(before.len(), 1, "one lease for both nodes: {before:?}");
+    thread::sleep(Duration::from_secs(3));
+    assert_eq!(leases(), before, "the agents stopped writing the key");
+}
+
 /// What held before the hardening and must go on holding (docs/reliability.md): etcd down for a
 /// while (here 20 s) costs no packet between pods on different nodes, and once it is back the
 /// agents follow changes again (a node joining is seen).

@@ -398,6 +398,12 @@ async fn serve(flags: Flags, mut signals: Signals, undo: &mut Undo) -> Result<()
                     lease.expiration.map(tokio::time::Instant::into_std),
                     manager.options().renew_margin,
                 );
+                telemetry.set_lease_shared(lease.shared_with.map(|other| {
+                    format!(
+                        "another agent publishes this node's PublicIP {} and writes our lease of {} (etcd lease {other:x})",
+                        lease.attrs.public_ip, lease.subnet
+                    )
+                }));
                 if lease.subnet != subnet {
                     info!("subnet changed from {subnet} to {} after re-acquisition", lease.subnet);
                     subnet = lease.subnet;

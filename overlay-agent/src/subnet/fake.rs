@@ -5,7 +5,7 @@
 //! watches replay from, and compaction. Expiry is applied lazily at the start of every
 //! operation and on [`FakeRegistry::expire_leases`]; nothing runs in the background.
 //!
-//! Test hooks: injected failures per operation, a competing create that wins the next race,
+//! Test hooks: injected failures per operation, renewals whose answer is lost, a competing create that wins the next race,
 //! compaction that cancels running watches, broken watch streams, a store restored from
 //! nothing (revisions start over), and call counters.
 
@@ -83,6 +83,8 @@ struct State {
     history: Vec<WatchEvent>,
     watchers: Vec<WatchSlot>,
     failures: HashMap<FakeOp, u32>,
+    /// Renewals still to take effect and then fail, as when etcd's answer is lost.
+    lost_renewal_answers: u32,
     /// Values another node writes to the key just before our next creates.
     steals: VecDeque<String>,
     calls: HashMap<FakeOp, u32>,
@@ -101,6 +103,7 @@ impl Default for State {
             history: Vec::new(),
             watchers: Vec::new(),
             failures: HashMap::new(),
+            lost_renewal_answers: 0,
             steals: VecDeque::new(),
             calls: HashMap::new(),
             min_ttl: Duration::from_secs(1),
@@ -305,6 +308,12 @@ impl FakeRegistry {
         self.state().failures.insert(op, count);
     }
 
+    /// Makes the next `count` renewals take effect and then fail, as a renewal whose answer
+    /// is lost does (the caller cannot tell it was written).
+    pub fn lose_next_renewal_answers(&self, count: u32) {
+        self.state().lost_renewal_answers = count;
+    }
+
     /// Before our next create, another node writes `value` (with a lease) to the key we are
     /// about to create, so we lose the race. Queue several to lose several races.
     pub fn steal_next_create(&self, value: &str) {
@@ -441,6 +450,13 @@ impl Registry for FakeRegistry {
         // The old lease stays until it expires, holding no key, as in etcd.
         let (lease, ttl) = state.grant(ttl);
         let revision = state.write(key, value.as_bytes(), Some(lease));
+        if state.lost_renewal_answers > 0 {
+            state.lost_renewal_answers -= 1;
+            return Err(RegistryError::Injected {
+                op: FakeOp::Renew.name(),
+                key: key.to_owned(),
+            });
+        }
         Ok(RenewOutcome::Renewed(Granted {
             lease,
             ttl,

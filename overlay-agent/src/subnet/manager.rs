@@ -7,7 +7,9 @@
 //! * [`SubnetManager::run_lease_keeper`]: renews before expiry and, when our lease is deleted
 //!   by someone else, logs flannel's `Lease has been revoked. Shutting down daemon.` and
 //!   acquires a lease again (our choice: the node keeps running), preferring the same subnet;
-//!   when it is overwritten with another node's record, writes ours back.
+//!   when it is overwritten with another node's record, writes ours back; when another agent
+//!   writes our very record under an etcd lease we never held (it publishes our PublicIP, so
+//!   two nodes share the subnet), reports it on the lease (`shared_with`) and writes back once.
 //! * [`SubnetManager::run_peer_watcher`] (in `watch.rs`) streams the other nodes' leases.
 //!
 //! Keys without an etcd lease are reservations made by an administrator: never deleted,
@@ -131,6 +133,10 @@ pub struct Lease {
     /// a start-up that fails before the node is ready deletes it again, so no node routes to
     /// a subnet nobody serves.
     pub created: bool,
+    /// Another agent publishing our PublicIP wrote our record to the key, under this etcd
+    /// lease that we never held: two nodes share the subnet. Cleared by a renewal that finds
+    /// the key still on our own etcd lease (nobody wrote it since).
+    pub shared_with: Option<LeaseId>,
 }
 
 impl Lease {
@@ -339,6 +345,7 @@ impl<R: Registry> SubnetManager<R> {
                         expiration: Some(Instant::now() + granted.ttl),
                         revision: granted.revision,
                         created: false,
+                        shared_with: None,
                     }),
                     // It expired or changed hands between the listing and now: start over.
                     RenewOutcome::Lost => Attempt::LostRace,
@@ -404,6 +411,7 @@ impl<R: Registry> SubnetManager<R> {
                     expiration: Some(Instant::now() + granted.ttl),
                     revision: granted.revision,
                     created: true,
+                    shared_with: None,
                 }))
             }
             CreateOutcome::AlreadyExists => Ok(Attempt::LostRace),
@@ -430,6 +438,7 @@ impl<R: Registry> SubnetManager<R> {
             expiration: None,
             revision,
             created: false,
+            shared_with: None,
         })
     }
 
@@ -463,7 +472,11 @@ impl<R: Registry> SubnetManager<R> {
             )
             .await?;
         match outcome {
-            RenewOutcome::Renewed(granted) => Ok(lease.held_by(granted)),
+            // The key was still on our etcd lease: nobody else wrote it since our last write.
+            RenewOutcome::Renewed(granted) => Ok(Lease {
+                shared_with: None,
+                ..lease.held_by(granted)
+            }),
             RenewOutcome::Lost => Err(ManagerError::LeaseLost {
                 key: lease.key.clone(),
             }),
@@ -547,6 +560,9 @@ impl<R: Registry> SubnetManager<R> {
         let mut renewal_lost = false;
         // When to write our record back over a foreign one.
         let mut restore_at: Option<Instant> = None;
+        // A write of ours failed without saying whether it took effect (its answer lost):
+        // until one succeeds, our record under an etcd lease we do not know may be ours.
+        let mut unconfirmed_write = false;
         // Stands in for "never" in disabled select branches.
         let far = Instant::now() + Duration::from_secs(100 * 365 * 24 * 3600);
 
@@ -598,7 +614,9 @@ impl<R: Registry> SubnetManager<R> {
                 () = updates.closed() => return KeepOutcome::Shutdown,
 
                 () = sleep_until(renew_at.unwrap_or(far)), if renew_at.is_some() => {
-                    match self.renew_lease(lease).await {
+                    let renewal = self.renew_lease(lease).await;
+                    note_write(&renewal, &mut unconfirmed_write);
+                    match renewal {
                         Ok(renewed) => {
                             *lease = renewed;
                             renew_at = self.renew_deadline(lease);
@@ -631,7 +649,9 @@ impl<R: Registry> SubnetManager<R> {
                 }
 
                 () = sleep_until(restore_at.unwrap_or(far)), if restore_at.is_some() => {
-                    match self.restore(lease).await {
+                    let restored = self.restore(lease).await;
+                    note_write(&restored, &mut unconfirmed_write);
+                    match restored {
                         Ok(restored) => {
                             *lease = restored;
                             last_revision = last_revision.max(lease.revision);
@@ -666,6 +686,19 @@ impl<R: Registry> SubnetManager<R> {
                             if kv.key == lease.key && !holds_our_record(&kv, &lease.attrs) {
                                 warn_overwritten(&kv);
                                 restore_at = Some(Instant::now());
+                            } else if kv.key == lease.key
+                                && let Some(other) =
+                                    written_by_another_agent(&kv, lease, unconfirmed_write)
+                            {
+                                error_shared_public_ip(lease, other);
+                                // Written back once, so that the other agent sees a write
+                                // it did not make and reports too; not again while the
+                                // report stands, or the two would write in turns forever.
+                                if lease.shared_with.is_none() {
+                                    restore_at = Some(Instant::now());
+                                }
+                                lease.shared_with = Some(other);
+                                updates.send_replace(lease.clone());
                             }
                         }
                         Ok(Some(WatchEvent::Compacted { compact_revision })) => {
@@ -722,6 +755,45 @@ fn warn_overwritten(kv: &KeyValue) {
         key = %kv.key_for_log(),
         value = %kv.value_lossy(),
         "our lease was overwritten with a record that is not ours (another PublicIP, backend type, VNI or VtepMAC); writing ours back (this node holds the subnet)"
+    );
+}
+
+/// The etcd lease of another agent that wrote our very record (our PublicIP, so our
+/// VtepMAC too) to our key after our last write: one we never held, while no write of ours
+/// is in doubt. A key without an etcd lease is an administrator's reservation, and a
+/// reservation of ours is written without one, so neither counts.
+fn written_by_another_agent(
+    kv: &KeyValue,
+    lease: &Lease,
+    unconfirmed_write: bool,
+) -> Option<LeaseId> {
+    let (Some(ours), Some(theirs)) = (lease.lease_id, kv.lease) else {
+        return None;
+    };
+    (theirs != ours && kv.mod_revision > lease.revision && !unconfirmed_write).then_some(theirs)
+}
+
+/// Whether a write of ours is in doubt after `outcome`: a registry error may have lost the
+/// answer to a write that took effect; a success settles every earlier doubt (an earlier
+/// write's event comes with a lower revision than the success's, which
+/// [`written_by_another_agent`] ignores); a refused write changes nothing.
+fn note_write(outcome: &Result<Lease, ManagerError>, unconfirmed_write: &mut bool) {
+    match outcome {
+        Ok(_) => *unconfirmed_write = false,
+        Err(ManagerError::Registry(_)) => *unconfirmed_write = true,
+        Err(_) => {}
+    }
+}
+
+/// Logs that another agent publishes our PublicIP (one error per write it makes).
+fn error_shared_public_ip(lease: &Lease, other: LeaseId) {
+    error!(
+        key = %lease.key,
+        "another agent publishes this node's PublicIP {}: it wrote our record to our lease of \
+         {} under etcd lease {other:x}, which this agent never held. Two nodes with one PublicIP \
+         share the subnet and their pods get the same addresses; give each node its own \
+         PublicIP (--public-ip, FLANNELD_PUBLIC_IP or --iface), then restart the agents",
+        lease.attrs.public_ip, lease.subnet
     );
 }
 

@@ -797,6 +797,95 @@ async fn an_overwritten_lease_is_written_back_and_the_subnet_kept() {
     keeper.task.abort();
 }
 
+/// Two agents publishing one PublicIP (a cluster-wide `FLANNELD_PUBLIC_IP`, a typo in
+/// `--public-ip`): the second reuses the first's live lease, as a restarted node would, and
+/// their pods get the same addresses. Each keeper sees our very record written under an etcd
+/// lease it never held and reports it; each writes it back once (so the other sees a write
+/// too), not in turns forever. Once the other agent is gone, a renewal that finds the key
+/// still on our lease ends the report.
+#[tokio::test(start_paused = true)]
+async fn another_agent_with_our_public_ip_is_reported_by_both_without_a_write_loop() {
+    let fake = FakeRegistry::new();
+    let (logs, _guard) = Logs::capture();
+    let mut first = start_keeper(&fake, default_config(), None).await;
+    let taken = first.lease();
+    tokio::time::advance(Duration::from_secs(1)).await;
+
+    let second = start_keeper(&fake, default_config(), None).await;
+    assert_eq!(
+        second.lease().subnet,
+        taken.subnet,
+        "the live lease is reused"
+    );
+    let second_lease = second.lease().lease_id.unwrap();
+
+    first.changed(Duration::from_secs(5)).await;
+    let revision = fake.revision();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(fake.revision(), revision, "no write loop");
+    let (a, b) = (first.lease(), second.lease());
+    let holder = fake.entry(&taken.key).unwrap().lease;
+    assert!(
+        a.shared_with.is_some() && b.shared_with.is_some(),
+        "{a:?} {b:?}"
+    );
+    assert!(
+        holder == a.lease_id || holder == b.lease_id,
+        "{holder:?} {a:?} {b:?}"
+    );
+    assert_eq!(fake.value(&taken.key).unwrap(), ours().to_json());
+    // The second's takeover, the first's write-back and the second's: one report each.
+    let text = logs.text();
+    assert_eq!(
+        text.matches("another agent publishes this node's PublicIP 198.18.0.1")
+            .count(),
+        3,
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("our lease of {}", taken.subnet)),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("etcd lease {second_lease:x}")),
+        "{text}"
+    );
+
+    // The second agent goes away: within two renewals the key is on our lease again and a
+    // renewal finds it there.
+    second.task.abort();
+    let mut cleared = false;
+    for _ in 0..3 {
+        if first.changed(TTL).await.shared_with.is_none() {
+            cleared = true;
+            break;
+        }
+    }
+    assert!(cleared, "{:?}", first.lease());
+    first.task.abort();
+}
+
+/// A renewal whose answer is lost wrote our record under an etcd lease the keeper never
+/// learnt of: that is not another agent, and nothing is reported.
+#[tokio::test(start_paused = true)]
+async fn our_own_renewal_with_a_lost_answer_is_not_taken_for_another_agent() {
+    let fake = FakeRegistry::new();
+    let (logs, _guard) = Logs::capture();
+    let mut keeper = start_keeper(&fake, default_config(), None).await;
+    let first = keeper.lease();
+    fake.lose_next_renewal_answers(1);
+    // The renewal after the lost answer expects the old lease, finds the key on the unknown
+    // one, reads it (our record) and writes it back under a lease it knows.
+    let settled = keeper.changed(TTL + RETRY).await;
+    assert_eq!(settled.subnet, first.subnet);
+    assert_eq!(settled.shared_with, None);
+    assert_eq!(fake.entry(&first.key).unwrap().lease, settled.lease_id);
+    let text = logs.text();
+    assert!(!text.contains("another agent publishes"), "{text}");
+    assert!(text.contains("Error renewing lease"), "{text}");
+    keeper.task.abort();
+}
+
 /// An overwrite that the renewal finds before any watch event (the watch is down) is written
 /// back too, not taken for a loss.
 #[tokio::test(start_paused = true)]
@@ -959,6 +1048,7 @@ fn own_lease() -> Lease {
         expiration: None,
         revision: 0,
         created: false,
+        shared_with: None,
     }
 }
 
