@@ -292,6 +292,48 @@ pub fn routes_taken_over(routes: &[Route], network: Ipv4Net, spared: &[u32]) -> 
         .collect()
 }
 
+/// The etcd endpoints (`http://198.18.0.5:2379`, `198.18.0.5:2379`) given as an IPv4 address
+/// inside `network` that the route of `network` through the host device would capture: no
+/// route more specific than `network` leads to them (the default route, a wider one, or one of
+/// the same prefix that it replaces). With the address, and the route that leads there now.
+/// Endpoints given by name are not resolved here.
+#[must_use]
+pub fn etcd_endpoints_taken_over<'a>(
+    endpoints: &'a [String],
+    routes: &[Route],
+    network: Ipv4Net,
+) -> Vec<(&'a str, Ipv4Addr, Option<Route>)> {
+    endpoints
+        .iter()
+        .filter_map(|endpoint| Some((endpoint.as_str(), endpoint_ipv4(endpoint)?)))
+        .filter(|(_, ip)| network.contains(ip))
+        .filter_map(|(endpoint, ip)| {
+            let now = routes
+                .iter()
+                .filter(|r| r.destination.contains(&ip))
+                .max_by_key(|r| r.destination.prefix_len())
+                .cloned();
+            let kept = now
+                .as_ref()
+                .is_some_and(|r| r.destination.prefix_len() > network.prefix_len());
+            (!kept).then_some((endpoint, ip, now))
+        })
+        .collect()
+}
+
+/// The IPv4 address of an etcd endpoint URL (scheme and path optional), if it is one.
+fn endpoint_ipv4(endpoint: &str) -> Option<Ipv4Addr> {
+    let rest = endpoint
+        .split_once("://")
+        .map_or(endpoint, |(_, rest)| rest);
+    let authority = rest.split('/').next()?;
+    let host = authority
+        .rsplit_once('@')
+        .map_or(authority, |(_, host)| host);
+    let host = host.rsplit_once(':').map_or(host, |(host, _)| host);
+    host.parse().ok()
+}
+
 /// The output interface of the IPv4 default route in the main table, if there is one.
 pub async fn default_route_index(handle: &Handle) -> Result<Option<u32>, IfaceError> {
     Ok(main_routes(handle)
@@ -440,6 +482,46 @@ mod tests {
         ];
         let taken = routes_taken_over(&routes, "10.10.0.0/16".parse().unwrap(), &[9]);
         assert_eq!(taken, [route("10.10.0.0/16", 2), route("10.0.0.0/8", 3)]);
+    }
+
+    #[test]
+    fn etcd_endpoints_inside_the_network_without_a_narrower_route_are_taken_over() {
+        let route = |dest: &str, gateway: Option<&str>| Route {
+            destination: dest.parse().unwrap(),
+            oif: Some(2),
+            gateway: gateway.map(|g| g.parse().unwrap()),
+        };
+        let routes = [
+            route("0.0.0.0/0", Some("198.18.0.254")),
+            route("10.20.0.0/16", None),
+            route("10.30.7.0/24", None),
+        ];
+        let endpoints: Vec<String> = [
+            "http://10.40.0.5:2379",     // through the default route: taken
+            "https://10.20.0.9:2379/",   // a route of the Network's own prefix: replaced
+            "10.30.7.8:2379",            // a narrower route (a /24 on a bridge): kept
+            "http://198.18.0.5:2379",    // outside the Network
+            "http://etcd.internal:2379", // a name: not resolved here
+        ]
+        .map(str::to_owned)
+        .into();
+        let taken = etcd_endpoints_taken_over(&endpoints, &routes, "10.0.0.0/8".parse().unwrap());
+        let shown: Vec<String> = taken
+            .iter()
+            .map(|(ep, ip, now)| format!("{ep} {ip} {:?}", now.as_ref().map(|r| r.destination)))
+            .collect();
+        assert_eq!(shown, ["http://10.40.0.5:2379 10.40.0.5 Some(0.0.0.0/0)"],);
+        let taken = etcd_endpoints_taken_over(&endpoints, &routes, "10.20.0.0/16".parse().unwrap());
+        assert_eq!(taken.len(), 1, "{taken:?}");
+        assert_eq!(taken[0].2, Some(route("10.20.0.0/16", None)));
+        // Without any route the Network's would be the only one.
+        let taken = etcd_endpoints_taken_over(&endpoints, &[], "10.30.0.0/16".parse().unwrap());
+        assert_eq!(taken.len(), 1);
+        assert_eq!(taken[0].1, Ipv4Addr::new(10, 30, 7, 8));
+        assert_eq!(
+            endpoint_ipv4("http://user:pw@10.1.2.3:2379"),
+            Some(Ipv4Addr::new(10, 1, 2, 3))
+        );
     }
 
     #[test]

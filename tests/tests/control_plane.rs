@@ -1492,6 +1492,33 @@ fn a_public_ip_peers_would_refuse_stops_the_agent_before_the_lease() {
     assert!(leases.is_empty(), "{leases:?}");
 }
 
+/// A `--subnet-file` naming another program's file (a typo, or mk-docker-opts.sh's output)
+/// stops the agent at start, naming the file and the line that is no `FLANNEL_*` variable,
+/// and leaves the file as it was: the agent replaces the subnet file whole.
+#[test]
+fn a_subnet_file_of_another_program_stops_the_agent_and_is_left_alone() {
+    let cluster = Cluster::builder()
+        .nodes(1)
+        .network_config(VXLAN_CONFIG)
+        .start_agents(false)
+        .build()
+        .unwrap();
+    let node = cluster.node(0);
+    let path = node.dir().join("resolv.conf");
+    let text = "nameserver 198.18.0.53\nsearch cluster.local\n";
+    std::fs::write(&path, text).unwrap();
+    let message = format!(
+        "{} is not a subnet file (line 1: \"nameserver 198.18.0.53\")",
+        path.display()
+    );
+    refused_at_start(
+        node,
+        &["--subnet-file", &path.display().to_string()],
+        &message,
+    );
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), text);
+}
+
 /// A vxlan `MTU` option above the external interface's MTU (a jumbo-frame value on 1500-byte
 /// links) stops the agent at start, naming both, before the lease: pods would get an MTU whose
 /// encapsulated frames cannot leave.
@@ -1562,6 +1589,12 @@ fn a_network_the_node_is_already_on_stops_the_agent_before_the_lease() {
         format!("Network 172.17.0.0/16 overlaps the route 172.16.0.0/12 via {gateway} dev eth0");
     refused_at_start(node, &[], &message);
     ns.ip(&["route", "del", "172.16.0.0/12"]).unwrap();
+
+    // An etcd endpoint given as an address inside the Network that only the default route
+    // leads to: the network's route would capture it.
+    let endpoints = format!("{},http://172.17.0.77:2379", node.etcd_endpoint());
+    let message = "etcd endpoint http://172.17.0.77:2379 is inside Network 172.17.0.0/16";
+    refused_at_start(node, &["--etcd-endpoints", &endpoints], message);
 
     // Docker's bridge before its restart with FLANNEL_SUBNET: the agent starts.
     ns.ip(&["link", "add", "docker0", "type", "bridge"])

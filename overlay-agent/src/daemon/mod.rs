@@ -102,7 +102,15 @@ pub async fn run(flags: Flags) -> Result<()> {
 /// hosts, perhaps etcd among them. Pod bridges may still hold a runtime's default address
 /// (Docker's `172.17.0.1/16` before it is restarted with `FLANNEL_SUBNET`) and are spared, as
 /// are our own devices.
-async fn check_network_fits(config: &NetworkConfig, pod_bridge: Option<&str>) -> Result<()> {
+///
+/// An etcd endpoint given as an address inside the network is refused unless a route more
+/// specific than the network leads to it: the network's route would send its traffic into the
+/// overlay, and the agent would lose etcd right after taking its lease.
+async fn check_network_fits(
+    config: &NetworkConfig,
+    pod_bridge: Option<&str>,
+    etcd_endpoints: &[String],
+) -> Result<()> {
     let mut spared = vec![HOST_DEVICE, GRO_DEVICE, "docker0", "cni0"];
     spared.extend(pod_bridge);
     let (interfaces, routes) = iface::snapshot()
@@ -141,6 +149,22 @@ async fn check_network_fits(config: &NetworkConfig, pod_bridge: Option<&str>) ->
             config.network,
             route.destination,
             name(route.oif)
+        );
+    }
+    let captured = iface::etcd_endpoints_taken_over(etcd_endpoints, &routes, config.network);
+    if let Some((endpoint, ip, now)) = captured.first() {
+        let now = now.as_ref().map_or_else(
+            || "no route".to_owned(),
+            |r| {
+                let via = r.gateway.map(|g| format!(" via {g}")).unwrap_or_default();
+                format!("the route {}{via}", r.destination)
+            },
+        );
+        anyhow::bail!(
+            "etcd endpoint {endpoint} is inside Network {}: {ip} is reached through {now}, \
+             which the network's route through {HOST_DEVICE} would take over, and the agent \
+             would lose etcd; give etcd's address outside the Network, or choose another Network",
+            config.network
         );
     }
     Ok(())
@@ -254,7 +278,7 @@ async fn serve(flags: Flags, mut signals: Signals, undo: &mut Undo) -> Result<()
     let _ = running_config.set(config.clone());
     backend::check(&config.backend, ext.public_ip, ext.iface_addr)?;
     backend::check_mtu(&config.backend, &ext.name, ext.mtu)?;
-    check_network_fits(&config, flags.pod_bridge.as_deref()).await?;
+    check_network_fits(&config, flags.pod_bridge.as_deref(), &flags.etcd_endpoints).await?;
     // What every peer would refuse in our lease (`subnet::validate`) is refused here first.
     check_public_ip(&config, ext.public_ip).map_err(|refusal| {
         let source = if flags.public_ip.is_some() {

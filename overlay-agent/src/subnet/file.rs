@@ -80,6 +80,13 @@ pub enum SubnetFileError {
     BadPath { path: PathBuf },
     #[error("{path} is a directory, not a file", path = path.display())]
     IsADirectory { path: PathBuf },
+    #[error(
+        "{path} is not a subnet file ({what}): the agent replaces the whole file, so it would \
+         be lost; point --subnet-file elsewhere (default {DEFAULT_SUBNET_FILE}), or remove the \
+         file if it is a stale one of ours",
+        path = path.display()
+    )]
+    NotASubnetFile { path: PathBuf, what: String },
 }
 
 impl SubnetEnv {
@@ -129,6 +136,10 @@ pub fn write_subnet_file(path: &Path, env: &SubnetEnv) -> Result<(), SubnetFileE
 /// it (directory created, a temporary file beside it, then renamed over a file that is no
 /// directory), without writing it: the agent calls this before it leases a subnet or installs
 /// anything, so a location it cannot write stops it before there is anything to undo.
+///
+/// A file already there must be a subnet file (only `FLANNEL_*` variables, comments and blank
+/// lines, as flanneld and we write it): a `--subnet-file` pointing at another program's file
+/// (`/etc/resolv.conf`, mk-docker-opts.sh's `/run/flannel/docker`) would be replaced whole.
 pub fn check_writable(path: &Path) -> Result<(), SubnetFileError> {
     let (_, temp) = prepare(path)?;
     if path.is_dir() {
@@ -136,9 +147,44 @@ pub fn check_writable(path: &Path) -> Result<(), SubnetFileError> {
             path: path.to_owned(),
         });
     }
+    check_ours(path)?;
     let result = write_temp(&temp, b"");
     let _ = fs::remove_file(&temp);
     result.map_err(|source| SubnetFileError::Write { path: temp, source })
+}
+
+/// Whether the file at `path`, if any, is a subnet file: every line blank, a comment, or a
+/// `FLANNEL_*` variable (`export` and quotes allowed, as [`parse_subnet_env`] reads them).
+fn check_ours(path: &Path) -> Result<(), SubnetFileError> {
+    let not_ours = |what: String| SubnetFileError::NotASubnetFile {
+        path: path.to_owned(),
+        what,
+    };
+    let bytes = match fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(source) => {
+            return Err(SubnetFileError::Read {
+                path: path.to_owned(),
+                source,
+            });
+        }
+    };
+    let text = String::from_utf8(bytes).map_err(|_| not_ours("not text".to_owned()))?;
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        let line = line.strip_prefix("export ").unwrap_or(line);
+        let ours = line.is_empty()
+            || line.starts_with('#')
+            || line
+                .split_once('=')
+                .is_some_and(|(key, _)| key.trim().starts_with("FLANNEL_"));
+        if !ours {
+            let shown = crate::subnet::registry::cut_for_log(line);
+            return Err(not_ours(format!("line {}: {shown:?}", n + 1)));
+        }
+    }
+    Ok(())
 }
 
 /// Creates the subnet file's directory; returns it and the temporary file to write first
@@ -423,6 +469,40 @@ mod tests {
         let err = check_writable(dir.path()).unwrap_err();
         assert!(matches!(err, SubnetFileError::IsADirectory { .. }), "{err}");
         assert!(err.to_string().contains(&dir.path().display().to_string()));
+    }
+
+    #[test]
+    fn another_programs_file_is_refused_and_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("subnet.env");
+        // flanneld's file with IPv6 keys, a comment and `export`: ours.
+        let flanneld = "# written by flanneld\nFLANNEL_NETWORK=10.1.0.0/16\n\
+                        FLANNEL_IPV6_NETWORK=fd00::/48\nexport FLANNEL_SUBNET=\"10.1.5.1/24\"\n";
+        fs::write(&path, flanneld).unwrap();
+        check_writable(&path).unwrap();
+        fs::write(&path, "").unwrap();
+        check_writable(&path).unwrap();
+
+        for (text, what) in [
+            ("nameserver 10.0.0.2\n", "line 1: \"nameserver 10.0.0.2\""),
+            (
+                "FLANNEL_SUBNET=10.1.5.1/24\nDOCKER_OPT_BIP=\"--bip=10.1.5.1/24\"\n",
+                "line 2: \"DOCKER_OPT_BIP=",
+            ),
+        ] {
+            fs::write(&path, text).unwrap();
+            let err = check_writable(&path).unwrap_err().to_string();
+            assert!(
+                err.contains(&path.display().to_string())
+                    && err.contains("is not a subnet file")
+                    && err.contains(what),
+                "{err}"
+            );
+            assert_eq!(fs::read_to_string(&path).unwrap(), text, "left alone");
+        }
+        fs::write(&path, [0xff, 0xfe, 0]).unwrap();
+        let err = check_writable(&path).unwrap_err().to_string();
+        assert!(err.contains("(not text)"), "{err}");
     }
 
     #[test]
