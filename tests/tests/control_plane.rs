@@ -1519,6 +1519,48 @@ fn a_subnet_file_of_another_program_stops_the_agent_and_is_left_alone() {
     assert_eq!(std::fs::read_to_string(&path).unwrap(), text);
 }
 
+/// `--ip-masq` in a Kubernetes pod (`KUBERNETES_SERVICE_HOST` set, as in the DaemonSet) with
+/// the Service address not excluded stops the agent before the lease, naming the address and
+/// the flag to add: our masquerade runs before kube-proxy's DNAT and would translate every pod
+/// → Service connection. Excluded, or a local address (kube-proxy's IPVS mode puts ClusterIPs
+/// on `kube-ipvs0`), or without `--ip-masq`, the agent starts.
+#[test]
+fn ip_masq_under_kubernetes_needs_the_service_cidr_excluded() {
+    let cluster = Cluster::builder()
+        .nodes(1)
+        .network_config(VXLAN_CONFIG)
+        .start_agents(false)
+        .build()
+        .unwrap();
+    let node = cluster.node(0);
+    // A Service CIDR from the test's own range, outside the Network.
+    let env = [("KUBERNETES_SERVICE_HOST", "172.30.0.1")];
+    let agent = node.start_agent_env(&["--ip-masq"], &env).unwrap();
+    overlay_tests::checks::assert_refused_before_lease(
+        &agent,
+        &[
+            "--ip-masq under Kubernetes: the Service address 172.30.0.1 (KUBERNETES_SERVICE_HOST) \
+           is not in --ip-masq-exclude",
+        ],
+    );
+    let starts = |args: &[&str]| {
+        let agent = node.start_agent_env(args, &env).unwrap();
+        agent
+            .wait_for_log("Lease acquired", Duration::from_secs(30))
+            .unwrap_or_else(|e| panic!("{args:?}: {e:#}\n{}", agent.log()));
+        agent.kill().unwrap();
+    };
+    starts(&["--ip-masq", "--ip-masq-exclude", "172.30.0.0/16"]);
+    starts(&[]);
+    let ns = node.ns();
+    // kube-proxy makes it a dummy device; this kernel has no dummy driver, and a bridge's
+    // address is as local.
+    ns.ip(&["link", "add", "kube-ipvs0", "type", "bridge"])
+        .unwrap();
+    ns.add_addr("kube-ipvs0", "172.30.0.1/32").unwrap();
+    starts(&["--ip-masq"]);
+}
+
 /// A vxlan `MTU` option above the external interface's MTU (a jumbo-frame value on 1500-byte
 /// links) stops the agent at start, naming both, before the lease: pods would get an MTU whose
 /// encapsulated frames cannot leave.

@@ -170,6 +170,39 @@ async fn check_network_fits(
     Ok(())
 }
 
+/// `--ip-masq` under Kubernetes must leave the Services alone (see
+/// [`crate::datapath::nat::service_ip_masqueraded`]); flanneld's MASQUERADE runs after kube-proxy's
+/// DNAT and needs no such setting, so a node set up as for flanneld would lose every pod →
+/// Service connection without a word.
+async fn check_services_not_masqueraded(flags: &Flags, config: &NetworkConfig) -> Result<()> {
+    let settings = NatSettings::from_flags(flags);
+    let host = std::env::var("KUBERNETES_SERVICE_HOST").ok();
+    if !settings.enabled || host.is_none() {
+        return Ok(());
+    }
+    let (interfaces, _) = iface::snapshot()
+        .await
+        .context("listing the node's addresses")?;
+    let local: Vec<_> = interfaces.iter().flat_map(|i| i.ipv4.clone()).collect();
+    if let Some(ip) = crate::datapath::nat::service_ip_masqueraded(
+        &settings,
+        config.network,
+        host.as_deref(),
+        &local,
+    ) {
+        anyhow::bail!(
+            "--ip-masq under Kubernetes: the Service address {ip} (KUBERNETES_SERVICE_HOST) is \
+             not in --ip-masq-exclude. The masquerade translates pod traffic where it enters \
+             the node, before kube-proxy's DNAT, so pod → Service connections would leave \
+             translated and still addressed to the ClusterIP; add --ip-masq-exclude with the \
+             Service CIDR (kube-apiserver's --service-cluster-ip-range; kubeadm's is \
+             10.96.0.0/12). kube-proxy in IPVS mode, whose ClusterIPs are local addresses on \
+             kube-ipvs0, needs none"
+        );
+    }
+    Ok(())
+}
+
 /// How long a starting agent waits for the agent that holds its `--bpf-dir` to exit (a
 /// restart whose predecessor is still shutting down).
 const PIN_LOCK_WAIT: Duration = Duration::from_secs(10);
@@ -279,6 +312,7 @@ async fn serve(flags: Flags, mut signals: Signals, undo: &mut Undo) -> Result<()
     backend::check(&config.backend, ext.public_ip, ext.iface_addr)?;
     backend::check_mtu(&config.backend, &ext.name, ext.mtu)?;
     check_network_fits(&config, flags.pod_bridge.as_deref(), &flags.etcd_endpoints).await?;
+    check_services_not_masqueraded(&flags, &config).await?;
     // What every peer would refuse in our lease (`subnet::validate`) is refused here first.
     check_public_ip(&config, ext.public_ip).map_err(|refusal| {
         let source = if flags.public_ip.is_some() {

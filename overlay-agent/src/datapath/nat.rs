@@ -191,6 +191,25 @@ impl NatSettings {
     }
 }
 
+/// The Kubernetes Service address (`KUBERNETES_SERVICE_HOST`, set in every pod, the agent's
+/// DaemonSet pod included) that these settings would masquerade: the masquerade translates a
+/// pod's packet where it enters the node, before kube-proxy's DNAT, so pod → Service traffic
+/// must be excluded (`--ip-masq-exclude` with the Service CIDR). `None` when the masquerade is
+/// off, the variable is unset or not IPv4, the address is excluded or in `network`, or it is a
+/// local address (kube-proxy's IPVS mode puts ClusterIPs on `kube-ipvs0`: the kernel then
+/// takes such packets, and the masquerade leaves them alone).
+#[must_use]
+pub fn service_ip_masqueraded(
+    settings: &NatSettings,
+    network: Ipv4Net,
+    service_host: Option<&str>,
+    local: &[Ipv4Addr],
+) -> Option<Ipv4Addr> {
+    let ip: Ipv4Addr = service_host?.trim().parse().ok()?;
+    let excluded = network.contains(&ip) || settings.exclude.iter().any(|n| n.contains(&ip));
+    (settings.enabled && !excluded && !local.contains(&ip)).then_some(ip)
+}
+
 /// Result of one sweep.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SweepReport {
@@ -512,6 +531,36 @@ mod tests {
         assert!(
             cfg.is_expired(IPPROTO_TCP, &e, 121 * s, false),
             "unanswered SYN"
+        );
+    }
+
+    #[test]
+    fn a_service_address_outside_the_exclusions_is_found() {
+        let network: Ipv4Net = "172.17.0.0/16".parse().unwrap();
+        let mut settings = NatSettings {
+            enabled: true,
+            ..NatSettings::disabled()
+        };
+        let service = Ipv4Addr::new(10, 96, 0, 1);
+        let found = |s: &NatSettings, host: Option<&str>, local: &[Ipv4Addr]| {
+            service_ip_masqueraded(s, network, host, local)
+        };
+        assert_eq!(found(&settings, Some("10.96.0.1"), &[]), Some(service));
+        assert_eq!(found(&settings, None, &[]), None, "not under Kubernetes");
+        assert_eq!(found(&settings, Some("fd00::1"), &[]), None, "IPv6");
+        assert_eq!(
+            found(&settings, Some("10.96.0.1"), &[service]),
+            None,
+            "IPVS"
+        );
+        settings.exclude = vec!["10.96.0.0/12".parse().unwrap()];
+        assert_eq!(found(&settings, Some("10.96.0.1"), &[]), None, "excluded");
+        settings.exclude = vec!["10.43.0.0/16".parse().unwrap()];
+        assert_eq!(found(&settings, Some("10.96.0.1"), &[]), Some(service));
+        assert_eq!(
+            found(&NatSettings::disabled(), Some("10.96.0.1"), &[]),
+            None,
+            "no masquerade"
         );
     }
 }
