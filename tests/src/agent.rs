@@ -56,8 +56,8 @@ impl AgentProcess {
     }
 
     /// [`AgentProcess::spawn`] with extra environment variables `envs`, set after the test's
-    /// own `FLANNELD_*` variables are removed (so `FLANNELD_*` given here do reach the agent,
-    /// e.g. to test flanneld's environment forms of the flags).
+    /// own `FLANNELD_*` and `KUBERNETES_SERVICE_HOST` are removed (so those given here do reach
+    /// the agent, e.g. to test flanneld's environment forms of the flags).
     pub fn spawn_with_env(
         ns: &NetNs,
         bin: &Path,
@@ -73,11 +73,17 @@ impl AgentProcess {
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
-        let flannel_vars: Vec<OsString> = std::env::vars_os()
+        // What the test's own environment would set for every agent: flanneld's variables, and
+        // the Service address a Kubernetes pod has (a CI runner in a pod), which the agent
+        // checks against `--ip-masq-exclude`. Tests that want them pass them in `envs`.
+        let inherited: Vec<OsString> = std::env::vars_os()
             .map(|(k, _)| k)
-            .filter(|k| k.to_string_lossy().starts_with("FLANNELD_"))
+            .filter(|k| {
+                let k = k.to_string_lossy();
+                k.starts_with("FLANNELD_") || k == "KUBERNETES_SERVICE_HOST"
+            })
             .collect();
-        for k in flannel_vars {
+        for k in inherited {
             c.env_remove(k);
         }
         // Plain text in the log file (tracing-subscriber honours NO_COLOR), so patterns match.
