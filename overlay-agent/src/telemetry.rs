@@ -63,6 +63,7 @@ struct State {
     datapath_problem: Option<String>,
     config_changed: Option<String>,
     lease_shared: Option<String>,
+    gro_blocked: Option<String>,
     repairs: u64,
     nat_enabled: bool,
 }
@@ -200,6 +201,11 @@ impl Telemetry {
         self.state().lease_shared = what;
     }
 
+    /// Why the GRO device cannot be up (`Some`): another VXLAN device holds our port.
+    pub fn set_gro_blocked(&self, why: Option<String>) {
+        self.state().gro_blocked = why;
+    }
+
     /// How the network config in etcd differs from the one the agent runs (`None`: it does
     /// not). Nodes that start with another config refuse this node's lease and it theirs.
     pub fn set_config_changed(&self, change: Option<String>) {
@@ -296,6 +302,9 @@ fn readiness(s: &State, now: Instant, etcd_timeout: Duration) -> Result<(), Stri
             "the network config in etcd changed since start ({change}): restart every agent"
         ));
     }
+    if let Some(why) = &s.gro_blocked {
+        return Err(why.clone());
+    }
     if let Some(what) = &s.lease_shared {
         return Err(format!(
             "{what}: two nodes share one subnet; give each its own PublicIP"
@@ -383,6 +392,16 @@ mod tests {
             err.contains("network config in etcd changed") && err.contains("SubnetLen 24 → 25"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_gro_device_kept_down_is_named() {
+        let s = State {
+            gro_blocked: Some("VXLAN device flannel.1 holds port 8472".to_owned()),
+            ..running()
+        };
+        let err = readiness(&s, Instant::now(), TIMEOUT).unwrap_err();
+        assert!(err.contains("flannel.1 holds port 8472"), "{err}");
     }
 
     #[test]

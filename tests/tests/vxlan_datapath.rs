@@ -16,7 +16,8 @@
 //! - A peer behind a router: outer frames go to the gateway's MAC (the FIB's next hop), and
 //!   follow a route change from the first packet after it (the programs' next-hop cache);
 //!   with a smaller MTU on the router's side, the fragmented VXLAN is reassembled by the
-//!   kernel and delivered through the GRO device.
+//!   kernel and delivered through the GRO device; a `flannel.1` left on the port keeps the GRO
+//!   device down and is reported until it is deleted, after which the device comes up.
 //! - A node behind NAT (`--public-ip`, DNATed and SNATed by the router): pods talk both ways,
 //!   the node sends from and receives at its interface address, the others see its PublicIP.
 //!
@@ -37,7 +38,7 @@ use overlay_tests::{
     checks::{
         FIRST_ECHO, agent_cmd, agent_of, assert_host_reaches, assert_no_ping, assert_ping,
         assert_pods_talk, assert_pods_talk_across_nodes, assert_tcp, counters, grown,
-        route_via_missing_gateway, subnet_of, unroute_missing_gateway, wait_line_since,
+        route_via_missing_gateway, subnet_of, unroute_missing_gateway, wait_line_since, wait_until,
     },
     packet::{parse_mac, vxlan_payload},
     stock::{StockPeer, stock_vxlan_node},
@@ -1128,17 +1129,7 @@ fn vxlan_fragmented_by_a_smaller_underlay_mtu_is_reassembled_and_delivered() {
     let bytes_before = counter_bytes(n1, "decap_gro_device");
     let report = p0.tcp_transfer(&p1, 4_000_000).unwrap();
     assert_eq!(report.bytes, 4_000_000);
-    // 1,400 bytes of ICMP data: an inner packet of 1,428 bytes, an outer one of 1,478.
-    let dst = p1.ip().to_string();
-    let ping = p0
-        .ns()
-        .run(
-            "ping",
-            &[
-                "-n", "-q", "-c", "5", "-i", "0.2", "-W", "1", "-s", "1400", &dst,
-            ],
-        )
-        .unwrap();
+    let ping = large_pings(&p0, &p1);
     assert!(
         ping.contains("5 received"),
         "large pings across the smaller MTU:\n{ping}"
@@ -1168,6 +1159,16 @@ fn vxlan_fragmented_by_a_smaller_underlay_mtu_is_reassembled_and_delivered() {
     assert_eq!(back.bytes, 1_000_000);
     let on_n0 = grown(&before, &counters(n0));
     assert_eq!(on_n0.get("to_stack_fragment"), None, "{on_n0:?}");
+}
+
+/// Five pings `from` → `to` with 1,400 bytes of ICMP data (an inner packet of 1,428 bytes, an
+/// outer one of 1,478: fragmented on a 1,300-byte path); ping's summary.
+fn large_pings(from: &Pod, to: &Pod) -> String {
+    let dst = to.ip().to_string();
+    let args = [
+        "-n", "-q", "-c", "5", "-i", "0.2", "-W", "1", "-s", "1400", &dst,
+    ];
+    from.ns().run("ping", &args).unwrap()
 }
 
 /// The bytes of the counter `name` of `node` (`overlay-agent counters`: `<name> <packets>
@@ -1303,5 +1304,81 @@ fn a_node_behind_nat_is_reached_through_its_public_ip() {
         ),
         (Some(iface_s.as_str()), Some(public_s.as_str())),
         "n1's status: {status}"
+    );
+}
+
+/// A `flannel.1` that flanneld left behind (replacing flanneld without deleting it) holds the
+/// VXLAN port, so the GRO device cannot come up, and fragmented VXLAN goes to `flannel.1`,
+/// which drops it (its MAC is not our VtepMAC). The agent says so as an error naming the
+/// device and what to do, and reports not ready; once the device is deleted, it brings the GRO
+/// device up within seconds, is ready again, and fragmented VXLAN is delivered.
+#[test]
+fn a_leftover_flannel_1_is_reported_until_deleted_then_the_gro_device_comes_up() {
+    let cluster = cluster_behind_a_router();
+    let n1 = cluster.node(1);
+    let (p0, p1) = (cluster.pod(0, 0), cluster.pod(1, 0));
+    n1.agent().unwrap().kill().unwrap();
+    let ns = n1.ns();
+    ns.ip(&["link", "del", "ovl-gro"]).unwrap();
+    let flannel = [
+        "link",
+        "add",
+        "flannel.1",
+        "type",
+        "vxlan",
+        "id",
+        "1",
+        "dstport",
+        "8472",
+        "dev",
+        "eth0",
+        "nolearning",
+    ];
+    ns.ip(&flannel).unwrap();
+    ns.ip(&["link", "set", "flannel.1", "up"]).unwrap();
+    let agent = n1.start_agent(&[]).unwrap();
+    let status = || -> serde_json::Value {
+        serde_json::from_str(&agent_cmd(n1, &["status", "-o", "json"])).unwrap()
+    };
+    let wait = Duration::from_secs(15);
+    agent
+        .wait_for_log("VXLAN device flannel.1 holds port 8472", wait)
+        .unwrap();
+    let log = agent.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("VXLAN device flannel.1 holds port 8472"))
+        .unwrap();
+    assert!(
+        line.contains("ERROR") && line.contains("ip link delete flannel.1"),
+        "{line}"
+    );
+    wait_until("n1 not ready, naming flannel.1", wait, || {
+        let s = status();
+        s["agent"]["ready"] == false
+            && s["agent"]["not_ready_reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("flannel.1 holds port 8472"))
+    });
+    assert_pods_talk(&p0, &p1);
+
+    ns.ip(&["link", "del", "flannel.1"]).unwrap();
+    wait_until("n1 ready again", wait, || {
+        status()["agent"]["ready"] == true
+    });
+    agent.wait_for_log("it is up now", wait).unwrap();
+    cluster.underlay().set_mtu("br1", 1300).unwrap();
+    let before = counters(n1);
+    let ping = large_pings(&p0, &p1);
+    assert!(ping.contains("5 received"), "large pings:\n{ping}");
+    let got = grown(&before, &counters(n1));
+    assert!(
+        got.get("decap_gro_device").copied().unwrap_or(0) >= 5,
+        "delivered through the GRO device: {got:?}"
+    );
+    let log = agent.log();
+    assert!(
+        log.matches("took over the pinned link on ovl-gro").count() <= 1,
+        "the retries attach nothing again:\n{log}"
     );
 }

@@ -38,7 +38,8 @@ use tracing::{error, info, warn};
 use self::{
     node::{
         NodeDatapath, attach_xdp, check_and_repair, enable_ip_forwarding, keep_gro_device,
-        report_counters, routing_changed, sweep_nat, sync_endpoints, sync_pod_ports,
+        report_counters, retry_gro_device, routing_changed, sweep_nat, sync_endpoints,
+        sync_pod_ports,
     },
     setup::{etcd_options, manager_options, probe_etcd, start_healthz, write_env, write_status},
 };
@@ -364,7 +365,7 @@ async fn serve(flags: Flags, mut signals: Signals, undo: &mut Undo) -> Result<()
         );
     }
     attach_xdp(node.xdp, node.backend, &mut datapath, &ext)?;
-    keep_gro_device(node.backend, &mut datapath, &netlink).await;
+    keep_gro_device(&mut node, &mut datapath, &netlink, &telemetry, true).await;
     node.apply_lease(&mut datapath, &netlink, &lease).await?;
     telemetry.set_host_device(Some(HOST_DEVICE));
     node.track_pod_bridge(&mut datapath, &netlink).await;
@@ -427,6 +428,7 @@ async fn serve(flags: Flags, mut signals: Signals, undo: &mut Undo) -> Result<()
                 node.track_pod_bridge(&mut datapath, &netlink).await;
                 let lease = lease_rx.borrow().clone();
                 check_and_repair(&mut node, &mut datapath, &netlink, &ext, &lease, &telemetry).await;
+                retry_gro_device(&mut node, &mut datapath, &netlink, &telemetry).await;
                 telemetry.set_bridge(datapath.pod_bridge());
                 write_status(&telemetry, &flags.status_file);
             }

@@ -48,9 +48,29 @@ pub(super) struct NodeDatapath {
     pub(super) scope: watch::Sender<Option<BridgeScope>>,
     /// `--xdp`, for re-attaching after a repair.
     pub(super) xdp: XdpPolicy,
+    /// Why the GRO device cannot be up (another VXLAN device holds the port), as last
+    /// reported; retried every second until it is gone.
+    pub(super) gro_blocked: Option<String>,
 }
 
 impl NodeDatapath {
+    /// Records why the GRO device cannot be up (`None`: it can, or need not); logs a change
+    /// once and makes the node not ready while it holds.
+    fn report_gro_blocked(&mut self, blocked: Option<String>, telemetry: &Telemetry) {
+        if blocked == self.gro_blocked {
+            return;
+        }
+        match &blocked {
+            Some(why) => error!("{why}"),
+            None if self.gro_blocked.is_some() => {
+                info!("GRO device {GRO_DEVICE}: the other VXLAN device is gone; it is up now");
+            }
+            None => {}
+        }
+        telemetry.set_gro_blocked(blocked.clone());
+        self.gro_blocked = blocked;
+    }
+
     pub(super) fn new(flags: &Flags, config: &NetworkConfig, ext: &ExternalInterface) -> Self {
         Self {
             backend: config.backend,
@@ -65,6 +85,7 @@ impl NodeDatapath {
             bridge: None,
             scope: watch::Sender::new(None),
             xdp: flags.xdp,
+            gro_blocked: None,
         }
     }
 
@@ -281,29 +302,78 @@ pub(super) fn attach_xdp(
 }
 
 /// Keeps the GRO device (`crate::netdev`) on the VXLAN port, with `gro_device_ingress`
-/// attached before the device goes up, or removes it where the backend has no VXLAN. VXLAN
-/// works without it, only not aggregated by GRO where frames arrive MTU-sized (so failures are
-/// logged, not fatal): for instance when another VXLAN device, a stock `flannel.1`, already
-/// holds the port, whose socket then serves GRO the same way.
-pub(super) async fn keep_gro_device(backend: Backend, datapath: &mut Datapath, netlink: &Netlink) {
-    let result = match backend {
-        Backend::HostGw => remove_gro_device(datapath, netlink).await,
-        Backend::Vxlan { port, .. } => add_gro_device(port, datapath, netlink).await,
+/// attached before the device goes up, or removes it where the backend has no VXLAN; then
+/// [`NodeDatapath::report_gro_blocked`]. VXLAN works without it, only not aggregated by GRO
+/// where frames arrive MTU-sized, and without the socket that receives fragmented VXLAN, so
+/// failures are logged, not fatal. Another VXLAN device on the port (a `flannel.1` that
+/// flanneld left behind) keeps it down: that is reported as not ready, since fragmented VXLAN
+/// then goes to that device, which drops it (its MAC is not our VtepMAC), and retried every
+/// second ([`retry_gro_device`]) until the device is gone. `announce` logs the other devices
+/// on the port (at start and after a repair).
+pub(super) async fn keep_gro_device(
+    node: &mut NodeDatapath,
+    datapath: &mut Datapath,
+    netlink: &Netlink,
+    telemetry: &Telemetry,
+    announce: bool,
+) {
+    let blocked = match node.backend {
+        Backend::HostGw => {
+            if let Err(e) = remove_gro_device(datapath, netlink).await {
+                warn!("GRO device {GRO_DEVICE}: {e:#}");
+            }
+            None
+        }
+        Backend::Vxlan { port, vni, .. } => {
+            if announce {
+                warn_of_other_vxlan_devices(port, vni, netlink).await;
+            }
+            match add_gro_device(port, datapath, netlink).await {
+                Ok(()) => None,
+                Err(e) => gro_blocker(port, netlink).await.or_else(|| {
+                    warn!(
+                        "GRO device {GRO_DEVICE}: {e:#}; VXLAN frames are not aggregated before \
+                         decapsulation"
+                    );
+                    None
+                }),
+            }
+        }
     };
-    if let Err(e) = result {
-        warn!(
-            "GRO device {GRO_DEVICE}: {e:#}; VXLAN frames are not aggregated before decapsulation"
-        );
+    node.report_gro_blocked(blocked, telemetry);
+}
+
+/// [`keep_gro_device`] again while another VXLAN device kept it down.
+pub(super) async fn retry_gro_device(
+    node: &mut NodeDatapath,
+    datapath: &mut Datapath,
+    netlink: &Netlink,
+    telemetry: &Telemetry,
+) {
+    if node.gro_blocked.is_some() {
+        keep_gro_device(node, datapath, netlink, telemetry, false).await;
     }
-    if let Backend::Vxlan { port, vni, .. } = backend {
-        warn_of_other_vxlan_devices(port, vni, netlink).await;
-    }
+}
+
+/// Why the GRO device cannot be up on `port`, when other VXLAN devices hold it.
+async fn gro_blocker(port: u16, netlink: &Netlink) -> Option<String> {
+    let devices = netlink.other_vxlan_devices_on(port).await.ok()?;
+    let names: Vec<&str> = devices.iter().map(|(name, _)| name.as_str()).collect();
+    let first = names.first()?;
+    Some(format!(
+        "VXLAN device {} holds port {port}, so the GRO device {GRO_DEVICE} cannot be up: \
+         fragmented VXLAN (an underlay path with a smaller MTU) goes to {first}, which drops \
+         it, and flanneld's routes through a leftover flannel.1 take host traffic past \
+         {HOST_DEVICE}; if flanneld no longer runs here, delete it (ip link delete {first})",
+        names.join(", ")
+    ))
 }
 
 /// Another VXLAN device on our port (a stock `flannel.1` left from before, or another overlay)
 /// does not see the VXLAN sent to this node's address: `underlay_ingress` takes it first,
-/// delivers what is ours (our VNI, from a member node) and drops the rest. Harmless for a
-/// `flannel.1` of our VNI; another overlay's traffic is lost, which is worth an error.
+/// delivers what is ours (our VNI, from a member node) and drops the rest. For a `flannel.1`
+/// of our VNI that loses nothing but what the GRO device would have taken (reported by
+/// [`keep_gro_device`]); another overlay's traffic is lost, which is worth an error.
 async fn warn_of_other_vxlan_devices(port: u16, vni: u32, netlink: &Netlink) {
     let devices = match netlink.other_vxlan_devices_on(port).await {
         Ok(devices) => devices,
@@ -333,7 +403,13 @@ async fn warn_of_other_vxlan_devices(port: u16, vni: u32, netlink: &Netlink) {
 
 async fn add_gro_device(port: u16, datapath: &mut Datapath, netlink: &Netlink) -> Result<()> {
     let index = netlink.ensure_gro_device(port).await?;
-    datapath.attach_gro_device(GRO_DEVICE)?;
+    // Already there, as the kernel confirms, when this retries while another VXLAN device held
+    // the port: attaching again would only take over the pinned link once a second.
+    let attached = datapath.attached_to(crate::datapath::GRO_DEVICE_INGRESS) == Some(GRO_DEVICE)
+        && !repair::affects(&datapath.attachment_problems()).gro;
+    if !attached {
+        datapath.attach_gro_device(GRO_DEVICE)?;
+    }
     netlink.set_up(index, GRO_DEVICE).await?;
     info!(
         "GRO device {GRO_DEVICE}: the kernel aggregates VXLAN to port {port} before decapsulation"
@@ -466,7 +542,7 @@ pub(super) async fn check_and_repair(
         warn!("cannot recreate {HOST_DEVICE}: {e:#}");
     }
     if affected.gro {
-        keep_gro_device(node.backend, datapath, netlink).await;
+        keep_gro_device(node, datapath, netlink, telemetry, true).await;
     }
     if affected.pod
         && let Some(bridge) = datapath
