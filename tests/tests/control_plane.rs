@@ -1650,7 +1650,8 @@ fn a_network_the_node_is_already_on_stops_the_agent_before_the_lease() {
 
 /// Another overlay's VXLAN device on our port (here VNI 4096 on 8472): our data path takes the
 /// VXLAN sent to the node on that port first and drops the other VNI, so the agent says so at
-/// start, as an error naming the device, its VNI and the port.
+/// start, as an error naming the device, its VNI and the port; the device also keeps the GRO
+/// device down, which makes the node not ready.
 #[test]
 fn another_vxlan_device_on_our_port_is_named_at_start() {
     let cluster = Cluster::builder()
@@ -1664,6 +1665,7 @@ fn another_vxlan_device_on_our_port_is_named_at_start() {
         "link", "add", "vx0", "type", "vxlan", "id", "4096", "dstport", "8472", "dev", "eth0",
     ];
     node.ns().ip(&add).unwrap();
+    node.ns().link_up("vx0").unwrap();
     let agent = node.start_agent(&[]).unwrap();
     agent
         .wait_for_log("also listens on port 8472", Duration::from_secs(30))
@@ -1679,6 +1681,25 @@ fn another_vxlan_device_on_our_port_is_named_at_start() {
             && line.contains("drops what is not VNI 1"),
         "{line}"
     );
+    // It also keeps the GRO device down: fragmented VXLAN is lost, so the node is not ready.
+    agent
+        .wait_for_log("VXLAN device vx0 holds port 8472", Duration::from_secs(10))
+        .unwrap();
+    assert!(
+        agent
+            .log()
+            .contains("Give this network or the other overlay another port"),
+        "{}",
+        agent.log()
+    );
+    wait_until("not ready, naming vx0", Duration::from_secs(10), || {
+        let status = overlay_tests::checks::agent_cmd(node, &["status", "-o", "json"]);
+        let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+        status["agent"]["ready"] == false
+            && status["agent"]["not_ready_reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("vx0 holds port 8472"))
+    });
     assert!(agent.is_running(), "a warning, not a refusal:\n{log}");
 }
 

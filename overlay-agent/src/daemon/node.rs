@@ -360,11 +360,21 @@ async fn gro_blocker(port: u16, netlink: &Netlink) -> Option<String> {
     let devices = netlink.other_vxlan_devices_on(port).await.ok()?;
     let names: Vec<&str> = devices.iter().map(|(name, _)| name.as_str()).collect();
     let first = names.first()?;
+    let what_to_do = if first.starts_with("flannel.") {
+        format!(
+            "; flanneld's routes through it take host traffic past {HOST_DEVICE}. If flanneld \
+             no longer runs here, delete it (ip link delete {first})"
+        )
+    } else {
+        format!(
+            ". Give this network or the other overlay another port, or delete {first} if \
+             nothing uses it"
+        )
+    };
     Some(format!(
         "VXLAN device {} holds port {port}, so the GRO device {GRO_DEVICE} cannot be up: \
          fragmented VXLAN (an underlay path with a smaller MTU) goes to {first}, which drops \
-         it, and flanneld's routes through a leftover flannel.1 take host traffic past \
-         {HOST_DEVICE}; if flanneld no longer runs here, delete it (ip link delete {first})",
+         it{what_to_do}",
         names.join(", ")
     ))
 }
