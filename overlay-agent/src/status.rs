@@ -374,7 +374,7 @@ pub fn print_nat_json(bpf_dir: &Path) -> Result<()> {
                 "proto": f.proto, "pod": f.pod.to_string(), "remote": f.remote.to_string(),
                 "translated": f.translated.to_string(), "state": f.state,
                 "via_kernel": f.via_kernel, "to_cluster": f.to_cluster,
-                "assured": f.assured, "idle_secs": f.idle.as_secs_f64(),
+                "assured": f.assured, "idle_secs": f.idle.as_secs_f64(), "ack": f.ack,
             })
         })
         .collect();

@@ -124,8 +124,8 @@ pub enum Reason {
     /// An unencapsulated packet from a direct peer for a local pod with a bad IPv4 header
     /// (checksum, or a total length the frame does not hold): the kernel would drop it too.
     DropDirectMalformed = 31,
-    // Slots 32..=38: delivery straight into pods, XDP decapsulation, pickup at pods' veths,
-    // fragments and what the GRO device's socket decapsulated.
+    // Slots 32..=39: delivery straight into pods, XDP decapsulation, pickup at pods' veths,
+    // fragments, what the GRO device's socket decapsulated, and the masquerade's close window.
     /// A VXLAN packet was decapsulated and delivered straight into a local pod (`ENDPOINT_V4`,
     /// `bpf_redirect_peer`); `decap_pod` counts those that took the bridge instead.
     DecapEndpoint = 32,
@@ -150,6 +150,11 @@ pub enum Reason {
     /// fragments, or VXLAN for us that arrived on another interface) passed every check of
     /// `underlay_ingress` and was delivered (counted besides `decap_*`).
     DecapGroDevice = 38,
+    /// A reply FIN or RST of an assured masqueraded TCP flow whose sequence number lies
+    /// outside the window past the pod's last acknowledgment (`NAT_CLOSE_WINDOW`): translated
+    /// and delivered (the pod's kernel judges it), but the flow is not closed (counted besides
+    /// `nat_rev`). Many of these are spoofed resets from the underlay.
+    NatCloseOutOfWindow = 39,
     // Drops 48..=60: what a member node, a pod or a hostile underlay must not get through,
     // taken from the bottom of the second drop range.
     /// A VXLAN frame from a member node whose inner source address is in the cluster network
@@ -176,7 +181,7 @@ pub enum Reason {
 
 impl Reason {
     /// Every reason, in index order (what the agent reports).
-    pub const ALL: [Self; 44] = [
+    pub const ALL: [Self; 45] = [
         Self::UnderlayRx,
         Self::UnderlayTx,
         Self::EncapPod,
@@ -215,6 +220,7 @@ impl Reason {
         Self::PodPort,
         Self::StackFragment,
         Self::DecapGroDevice,
+        Self::NatCloseOutOfWindow,
         Self::DropInnerSource,
         Self::DropPodVxlan,
         Self::DropGroDevice,
@@ -262,6 +268,7 @@ impl Reason {
             Self::PodPort => "pod_port",
             Self::StackFragment => "to_stack_fragment",
             Self::DecapGroDevice => "decap_gro_device",
+            Self::NatCloseOutOfWindow => "nat_close_out_of_window",
             Self::DropInnerSource => "drop_inner_source",
             Self::DropPodVxlan => "drop_pod_vxlan",
             Self::DropGroDevice => "drop_gro_device",

@@ -70,6 +70,25 @@ pub const NAT_REFRESH_NS: u64 = 100_000_000;
 /// `drop_nat_exhausted`).
 pub const NAT_PORT_TRIES: u32 = 32;
 
+/// How far past the originator's last acknowledgment (`NatEntryV4::orig_ack`) a reply's FIN or
+/// RST of an assured TCP flow may lie and still close it (1 MiB). conntrack closes a flow only
+/// on a reset inside the receiver's window; without one, anybody who can spoof the remote's
+/// address resets every idle masqueraded connection to it by spraying RSTs over the translated
+/// ports (one packet each). Now that takes about 4,000 guesses per port. A legitimate reset
+/// lies at or just past the originator's acknowledgment (its delayed ACKs lag by a few
+/// segments); one further out is delivered but changes no state, and the originator's kernel
+/// answers it with a challenge ACK (RFC 5961) that draws a reset at the exact number.
+pub const NAT_CLOSE_WINDOW: u32 = 1 << 20;
+
+/// Whether a reply segment with sequence number `seq` may close a flow whose originator last
+/// acknowledged `orig_ack` (both host order): `seq` in `[orig_ack, orig_ack + NAT_CLOSE_WINDOW)`,
+/// modulo 2^32. An `orig_ack` of 0 is unknown (a flow carried over from an older agent's
+/// tables, whose originator has sent nothing since): any may, as before the window.
+#[must_use]
+pub const fn in_close_window(seq: u32, orig_ack: u32) -> bool {
+    orig_ack == 0 || seq.wrapping_sub(orig_ack) < NAT_CLOSE_WINDOW
+}
+
 /// Masquerade is on (`--ip-masq`).
 pub const NAT_F_ENABLED: u32 = 1 << 0;
 /// Keep the pod's source port when it is free (`--ip-masq-fully-random-disable`); otherwise
@@ -214,8 +233,16 @@ pub struct NatEntryV4 {
     /// Written by the programs as one 8-byte word at an 8-byte offset, so a reader never sees
     /// one generation's number with another's next hop.
     pub route: NextHopV4,
+    /// `SNAT_V4_CT` entries of TCP flows: the acknowledgment number of the originator's last
+    /// packet that carried one (host order), the point from which a reply's FIN or RST must
+    /// lie to close the flow ([`in_close_window`]). 0 in every other entry, and unknown.
+    ///
+    /// Fields are only ever added at the end, where 0 means "nothing known": an agent carries
+    /// the flows of an older agent's smaller entries over by filling the rest with zeros.
+    pub orig_ack: u32,
+    pub _pad: [u8; 4],
 }
-const _: () = assert!(size_of::<NatEntryV4>() == 24);
+const _: () = assert!(size_of::<NatEntryV4>() == 32);
 const _: () = assert!(core::mem::offset_of!(NatEntryV4, route) % 8 == 0);
 
 impl NatKeyV4 {
@@ -302,6 +329,20 @@ mod tests {
         assert_eq!(r.sport, 80u16.to_be_bytes());
         assert_eq!(r.dport, 1234u16.to_be_bytes());
         assert_eq!(r.original(k.saddr, k.sport), k);
+    }
+
+    #[test]
+    fn the_close_window_starts_at_the_originators_acknowledgment_and_wraps() {
+        assert!(in_close_window(1000, 1000), "exactly at the acknowledgment");
+        assert!(in_close_window(1000 + NAT_CLOSE_WINDOW - 1, 1000));
+        assert!(!in_close_window(1000 + NAT_CLOSE_WINDOW, 1000));
+        assert!(!in_close_window(999, 1000), "already acknowledged");
+        assert!(in_close_window(5, u32::MAX - 5), "across the wrap");
+        assert!(!in_close_window(u32::MAX - 5, 5));
+        assert!(
+            in_close_window(12345, 0),
+            "nothing known: as before the window"
+        );
     }
 
     #[test]

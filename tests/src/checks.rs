@@ -484,3 +484,21 @@ pub fn vxlan_over_loopback(node: &Node, port: u16) {
     )
     .unwrap();
 }
+
+/// Replaces the NAT flow table `name` pinned in `node`'s data path with an empty LRU hash of
+/// flows whose entries are 24 bytes (`NatEntryV4` before the close window's `orig_ack`), of
+/// `capacity` flows: an older agent's pin. Returns its path.
+pub fn pin_older_flow_table(node: &Node, name: &str, capacity: u32) -> String {
+    let path = node.bpf_dir().join("maps").join(name);
+    if path.exists() {
+        std::fs::remove_file(&path).unwrap();
+    }
+    let path = path.display().to_string();
+    let capacity = capacity.to_string();
+    let create = [
+        "map", "create", &path, "type", "lru_hash", "key", "16", "value", "24", "entries",
+        &capacity, "name", name,
+    ];
+    node.ns().run("bpftool", &create).unwrap();
+    path
+}

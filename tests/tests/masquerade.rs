@@ -11,17 +11,25 @@
 
 use std::{
     collections::BTreeSet,
-    io::{BufRead, BufReader},
-    net::{IpAddr, Ipv4Addr, UdpSocket},
+    io::{BufRead, BufReader, Read, Write},
+    net::{IpAddr, Ipv4Addr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    os::fd::AsRawFd,
     process::Stdio,
     thread,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
+use aya::maps::{HashMap as AyaHashMap, Map, MapData};
+use nix::sys::socket::{
+    AddressFamily, MsgFlags, SockFlag, SockProtocol, SockType, SockaddrIn, sendto, socket,
+};
 use overlay_agent::subnet::Mac;
-use overlay_common::names;
+use overlay_common::{
+    names,
+    nat::{NAT_CLOSE_WINDOW, NatEntryV4, NatKeyV4, SNAT_V4_CAPACITY, SNAT_V4_NEW_CAPACITY},
+};
 use overlay_tests::{
-    Capture, ChildGuard, Cluster, Endpoint, Node, OUTSIDE_IP,
+    Capture, ChildGuard, Cluster, Endpoint, Host, Node, OUTSIDE_IP,
     checks::{
         self, agent_cmd, route_via_missing_gateway, transfer_across_agent_kill9,
         unroute_missing_gateway,
@@ -29,6 +37,9 @@ use overlay_tests::{
     packet::vxlan_payload,
     traffic, tshark_fields, xfer_bin,
 };
+
+/// How long an agent may take to start.
+const START: Duration = Duration::from_secs(20);
 
 const VXLAN_CONFIG: &str = r#"{"Network": "172.17.0.0/16", "Backend": {"Type": "vxlan"}}"#;
 
@@ -790,4 +801,267 @@ fn fragmented_replies_and_a_pods_icmp_errors_cross_the_masquerade_translated() {
         Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}"),
         Ok(data) => panic!("an answer came back instead of an error: {data:?}"),
     }
+}
+
+/// A TCP segment from `src` to `dst` with only `flags` set (no payload, window 0), checksum
+/// included: what an attacker on the underlay sends with a raw socket.
+fn bare_segment(src: SocketAddrV4, dst: SocketAddrV4, seq: u32, flags: u8) -> Vec<u8> {
+    let mut seg = Vec::with_capacity(20);
+    seg.extend_from_slice(&src.port().to_be_bytes());
+    seg.extend_from_slice(&dst.port().to_be_bytes());
+    seg.extend_from_slice(&seq.to_be_bytes());
+    seg.extend_from_slice(&[0, 0, 0, 0, 0x50, flags, 0, 0, 0, 0, 0, 0]);
+    let mut pseudo = Vec::with_capacity(32);
+    pseudo.extend_from_slice(&src.ip().octets());
+    pseudo.extend_from_slice(&dst.ip().octets());
+    pseudo.extend_from_slice(&[0, 6, 0, 20]);
+    pseudo.extend_from_slice(&seg);
+    let sum = overlay_tests::packet::checksum(&pseudo);
+    seg[16..18].copy_from_slice(&sum.to_be_bytes());
+    seg
+}
+
+/// Sends each of `segments` (to `dst`) from a raw socket in `host`'s namespace: the kernel puts
+/// the IP header with the host's own address in front.
+fn send_raw_tcp(host: &Host, dst: Ipv4Addr, segments: &[Vec<u8>]) {
+    host.ns()
+        .in_netns(|| {
+            let fd = socket(
+                AddressFamily::Inet,
+                SockType::Raw,
+                SockFlag::empty(),
+                SockProtocol::Tcp,
+            )?;
+            let to = SockaddrIn::from(SocketAddrV4::new(dst, 0));
+            for seg in segments {
+                sendto(fd.as_raw_fd(), seg, &to, MsgFlags::empty())?;
+            }
+            Ok(())
+        })
+        .unwrap();
+}
+
+/// Stop 24's finding: a reply RST set a masqueraded flow's reset state (10 s to live) whatever
+/// its sequence number. Whoever can send from the remote's address (or spoof it on the
+/// underlay) could spray RSTs over the translated ports and end every idle connection of the
+/// node's pods to that remote 10 s later: the pod's next packet left from another port, and
+/// the remote reset it. Now only a FIN or RST near the pod's own acknowledgment closes a flow;
+/// the rest are delivered (the pod's kernel drops them) and counted.
+/// A TCP connection from pod 0 of node 0 to the outside host, masqueraded.
+struct OutsideConnection {
+    listener: TcpListener,
+    /// The pod's end.
+    client: TcpStream,
+    /// The outside host's end.
+    server: TcpStream,
+    service: SocketAddrV4,
+    /// The pod's address and port as the outside host sees them.
+    translated: SocketAddrV4,
+}
+
+impl OutsideConnection {
+    fn open(cluster: &Cluster) -> Self {
+        let listener = cluster
+            .outside()
+            .ns()
+            .in_netns(|| Ok(TcpListener::bind((OUTSIDE_IP, 0))?))
+            .unwrap();
+        let service = SocketAddrV4::new(OUTSIDE_IP, listener.local_addr().unwrap().port());
+        let client = cluster
+            .pod(0, 0)
+            .ns()
+            .in_netns(|| {
+                Ok(TcpStream::connect_timeout(
+                    &service.into(),
+                    Duration::from_secs(5),
+                )?)
+            })
+            .unwrap();
+        let (server, peer) = listener.accept().unwrap();
+        for end in [&client, &server] {
+            end.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        }
+        let std::net::SocketAddr::V4(translated) = peer else {
+            panic!("{peer}")
+        };
+        assert_eq!(
+            *translated.ip(),
+            cluster.node(0).underlay_ip(),
+            "masqueraded"
+        );
+        let mut c = Self {
+            listener,
+            client,
+            server,
+            service,
+            translated,
+        };
+        c.exchange("hello");
+        c
+    }
+
+    /// `what` both ways, on the same connection from the same translated port.
+    #[track_caller]
+    fn exchange(&mut self, what: &str) {
+        self.client.write_all(what.as_bytes()).unwrap();
+        let mut got = vec![0; what.len()];
+        self.server.read_exact(&mut got).unwrap();
+        assert_eq!(got, what.as_bytes());
+        self.server.write_all(what.as_bytes()).unwrap();
+        self.client.read_exact(&mut got).unwrap();
+        assert_eq!(got, what.as_bytes());
+        assert_eq!(
+            self.server.peer_addr().unwrap(),
+            std::net::SocketAddr::V4(self.translated)
+        );
+    }
+}
+
+#[test]
+fn spoofed_resets_at_the_translated_port_leave_an_idle_connection_alive() {
+    let cluster = masq_cluster(1, 1, &[]);
+    let out = cluster.outside();
+    let node = cluster.node(0);
+    let mut conn = OutsideConnection::open(&cluster);
+    let (service, translated) = (conn.service, conn.translated);
+
+    // The pod's acknowledgment, as the agent shows it.
+    let flows: serde_json::Value =
+        serde_json::from_str(&agent_cmd(node, &["nat", "-o", "json"])).unwrap();
+    let flow = flows["flows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["remote"] == service.to_string())
+        .unwrap_or_else(|| panic!("no flow to {service}: {flows}"));
+    assert_eq!(flow["assured"], true, "{flow}");
+    let ack = u32::try_from(flow["ack"].as_u64().unwrap()).unwrap();
+
+    // RSTs (and a FIN) a window or more away from it, at the translated port and across the
+    // translated port range around it, as a spray would send them.
+    let mut spray = Vec::new();
+    for seq in [
+        ack.wrapping_sub(1),
+        ack.wrapping_add(NAT_CLOSE_WINDOW),
+        ack.wrapping_add(1 << 31),
+    ] {
+        spray.push(bare_segment(service, translated, seq, 0x04));
+    }
+    spray.push(bare_segment(
+        service,
+        translated,
+        ack.wrapping_add(1 << 30),
+        0x11,
+    ));
+    let base = translated.port().saturating_sub(200).max(1024);
+    for p in base..base + 400 {
+        let to = SocketAddrV4::new(*translated.ip(), p);
+        spray.push(bare_segment(service, to, ack.wrapping_add(1 << 31), 0x04));
+    }
+    send_raw_tcp(out, node.underlay_ip(), &spray);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    // The four, and the spray's one at the flow's port.
+    while counter(node, "nat_close_out_of_window") < 5 {
+        assert!(
+            Instant::now() < deadline,
+            "{}",
+            agent_cmd(node, &["counters"])
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    let nat = agent_cmd(node, &["nat"]);
+    assert!(
+        nat.lines()
+            .any(|l| l.contains(&service.to_string()) && l.contains(" replied ")),
+        "the flow is not closed:\n{nat}"
+    );
+
+    // Past the reset timeout (10 s): the idle connection still goes out from its port.
+    thread::sleep(Duration::from_secs(11));
+    conn.exchange("still here");
+
+    // The remote's own reset closes it, as before: its socket closed, the pod's next data is
+    // answered with a RST at the pod's acknowledgment.
+    let OutsideConnection {
+        listener,
+        mut client,
+        server,
+        ..
+    } = conn;
+    drop(server);
+    drop(listener);
+    let mut buf = [0; 1];
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let nat = agent_cmd(node, &["nat"]);
+        if nat
+            .lines()
+            .any(|l| l.contains(&service.to_string()) && l.contains("rst"))
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not reset:\n{nat}");
+        let _ = client.write_all(b"x");
+        let _ = client.read(&mut buf);
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Masqueraded connections survive an upgrade that grows the flow tables' entries: the new
+/// agent reads the older tables before it replaces them and writes their flows into its own,
+/// zero-filled (unknown). Shown by turning the four pinned tables into the 24-byte entries of
+/// the agent before the close window (`NatEntryV4` without `orig_ack`), flows included, while
+/// the agent is down; before, such an upgrade emptied the tables and every masqueraded
+/// connection broke at its next packet.
+#[test]
+fn masqueraded_connections_survive_an_upgrade_that_grows_the_flow_entries() {
+    let cluster = masq_cluster(1, 1, &[]);
+    let node = cluster.node(0);
+    let mut conn = OutsideConnection::open(&cluster);
+    node.agent().unwrap().kill().unwrap();
+
+    let maps = node.bpf_dir().join("maps");
+    let mut flows = 0;
+    for name in names::NAT_FLOW_MAPS {
+        let path = maps.join(name);
+        let entries: Vec<(NatKeyV4, NatEntryV4)> = {
+            let data = MapData::from_pin(&path).unwrap();
+            let map = Map::LruHashMap(data);
+            let hash = AyaHashMap::<_, NatKeyV4, NatEntryV4>::try_from(&map).unwrap();
+            hash.iter().map(Result::unwrap).collect()
+        };
+        let capacity = if name.ends_with("_NEW") {
+            SNAT_V4_NEW_CAPACITY
+        } else {
+            SNAT_V4_CAPACITY
+        };
+        let path = checks::pin_older_flow_table(node, name, capacity);
+        let bpftool = |args: &[&str]| node.ns().run("bpftool", args).unwrap();
+        let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<Vec<_>>();
+        for (k, e) in &entries {
+            let key = hex(bytemuck::bytes_of(k));
+            let value = hex(&bytemuck::bytes_of(e)[..24]);
+            let mut args = vec!["map", "update", "pinned", &path, "key", "hex"];
+            args.extend(key.iter().map(String::as_str));
+            args.extend(["value", "hex"]);
+            args.extend(value.iter().map(String::as_str));
+            bpftool(&args);
+        }
+        flows += entries.len();
+    }
+    assert!(flows >= 2, "the connection's two entries at least");
+
+    let agent = node.start_agent(&["--ip-masq"]).unwrap();
+    agent.wait_for_log("data path attached", START).unwrap();
+    node.subnet_env().unwrap();
+    conn.exchange("after the upgrade");
+    for said in [
+        "pinned map SNAT_V4_CT replaced, its flows carried over",
+        "masqueraded flows carried over into the new SNAT_V4_CT",
+    ] {
+        assert!(agent.log().contains(said), "{said}:\n{}", agent.log());
+    }
+    let nat = agent_cmd(node, &["nat"]);
+    let line = format!("{} via {}", conn.service, conn.translated);
+    assert!(nat.contains(&line), "{line} in\n{nat}");
 }

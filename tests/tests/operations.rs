@@ -430,23 +430,7 @@ fn status_json_parses_and_matches_the_kernel() {
     for name in [names::SNAT_V4_CT, names::SNAT_V4_CT_NEW] {
         std::fs::remove_file(maps.join(name)).unwrap();
     }
-    let older = maps.join(names::SNAT_V4_CT).display().to_string();
-    let create = [
-        "map",
-        "create",
-        &older,
-        "type",
-        "lru_hash",
-        "key",
-        "16",
-        "value",
-        "24",
-        "entries",
-        "4096",
-        "name",
-        "SNAT_V4_CT",
-    ];
-    n0.ns().run("bpftool", &create).unwrap();
+    overlay_tests::checks::pin_older_flow_table(n0, names::SNAT_V4_CT, 4096);
     let nat = agent_cmd(n0, &["nat"]);
     assert_eq!(
         nat.lines().last(),

@@ -26,8 +26,8 @@ use overlay_common::{
     config::{CONFIG_F_DIRECT, CONFIG_F_READY, Config},
     endpoint::Endpoint,
     nat::{
-        NAT_E_TO_CLUSTER, NAT_F_KEEP_PORT, NAT_S_FIN, NAT_S_REPLIED, NAT_S_RST, NatConfig,
-        NatEntryV4, NatKeyV4, SNAT_V4_CAPACITY, SNAT_V4_NEW_CAPACITY,
+        NAT_CLOSE_WINDOW, NAT_E_TO_CLUSTER, NAT_F_KEEP_PORT, NAT_S_FIN, NAT_S_REPLIED, NAT_S_RST,
+        NatConfig, NatEntryV4, NatKeyV4, SNAT_V4_CAPACITY, SNAT_V4_NEW_CAPACITY,
     },
     route::{MemberNode, NextHopV4, RemoteNode, route_key},
 };
@@ -346,10 +346,24 @@ fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, ttl: u8, payload: &[u8]) -> Vec
 }
 
 fn tcp(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, flags: u8, data: &[u8]) -> Vec<u8> {
+    tcp_seq(src, dst, (sport, dport), flags, (1, 0), data)
+}
+
+/// A TCP segment with sequence and acknowledgment numbers `(seq, ack)`.
+fn tcp_seq(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    (sport, dport): (u16, u16),
+    flags: u8,
+    (seq, ack): (u32, u32),
+    data: &[u8],
+) -> Vec<u8> {
     let mut s = Vec::new();
     s.extend_from_slice(&sport.to_be_bytes());
     s.extend_from_slice(&dport.to_be_bytes());
-    s.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, flags, 0xff, 0xff, 0, 0, 0, 0]);
+    s.extend_from_slice(&seq.to_be_bytes());
+    s.extend_from_slice(&ack.to_be_bytes());
+    s.extend_from_slice(&[0x50, flags, 0xff, 0xff, 0, 0, 0, 0]);
     s.extend_from_slice(data);
     let c = l4_sum(src.octets(), dst.octets(), IPPROTO_TCP, &s);
     s[16..18].copy_from_slice(&c.to_be_bytes());
@@ -1229,6 +1243,94 @@ fn a_reset_flow_expires_on_the_reset_timeout_a_closing_one_on_the_transient_one(
     assert_eq!(v, TC_ACT_REDIRECT, "the closing flow still answers");
     let ip = check_ip(&out);
     assert_eq!((addr(&ip, 16), be16(&ip, 22)), (POD, 2222));
+}
+
+/// Stop 24's finding: a reply RST set a flow's reset state (10 s to live) whatever its sequence
+/// number, so spoofed resets sprayed over the translated ports ended every idle connection to
+/// the spoofed remote. Now an assured flow closes only on a FIN or RST at or just past the
+/// pod's last acknowledgment; one elsewhere is still delivered (the pod's kernel judges it)
+/// and counted, and the flow stays as it was.
+#[test]
+fn a_reply_reset_or_fin_closes_an_assured_flow_only_near_the_pods_acknowledgment() {
+    let node = Node::new(nat_on(0));
+    let port = node.handshake(1111, 80, 0x10);
+    let ack = 0xffff_f000_u32;
+    node.run(
+        names::POD_EGRESS,
+        &frame(&tcp_seq(POD, OUTSIDE, (1111, 80), 0x18, (7, ack), b"req")),
+    );
+    let ct = node.ct_flows();
+    assert_eq!(ct.len(), 1);
+    assert_eq!(ct[0].1.orig_ack, ack, "the pod's acknowledgment is kept");
+    let rev_of =
+        |seq: u32, flags: u8| frame(&tcp_seq(OUTSIDE, NODE_IP, (80, port), flags, (seq, 0), b""));
+
+    // Out of the window: behind the acknowledgment, or a window's width past it (across the
+    // sequence numbers' wrap), as RSTs and as a FIN.
+    let outside = [
+        (ack - 1, 0x04),
+        (ack.wrapping_add(NAT_CLOSE_WINDOW), 0x04),
+        (ack.wrapping_add(1 << 31), 0x14),
+        (ack.wrapping_add(NAT_CLOSE_WINDOW), 0x11),
+    ];
+    for (i, (seq, flags)) in outside.into_iter().enumerate() {
+        let (v, out) = node.run(names::UNDERLAY_INGRESS, &rev_of(seq, flags));
+        let ip = check_ip(&out);
+        assert_eq!(
+            (v, addr(&ip, 16), be16(&ip, 22)),
+            (TC_ACT_REDIRECT, POD, 1111),
+            "delivered to the pod all the same: seq {seq:#x}"
+        );
+        assert_eq!(
+            node.counters()["nat_close_out_of_window"],
+            i as u64 + 1,
+            "counted: seq {seq:#x}"
+        );
+        let [(st, _), (rev_st, _)] = entry_times(&node, 1111);
+        assert_eq!(
+            (st, rev_st),
+            (NAT_S_REPLIED, NAT_S_REPLIED),
+            "not closed: seq {seq:#x} flags {flags:#x}"
+        );
+    }
+
+    // In the window (across the wrap): a FIN closes, then a RST resets.
+    for (seq, flags, state) in [
+        (ack.wrapping_add(0x2000), 0x11, NAT_S_REPLIED | NAT_S_FIN),
+        (ack, 0x04, NAT_S_REPLIED | NAT_S_FIN | NAT_S_RST),
+    ] {
+        let (v, _) = node.run(names::UNDERLAY_INGRESS, &rev_of(seq, flags));
+        assert_eq!(v, TC_ACT_REDIRECT);
+        let [(st, _), (rev_st, _)] = entry_times(&node, 1111);
+        assert_eq!(
+            (st, rev_st),
+            (state, state),
+            "seq {seq:#x} flags {flags:#x}"
+        );
+    }
+    assert_eq!(node.counters()["nat_close_out_of_window"], 4);
+
+    // A flow not assured yet has no stream to judge by: a reset in answer to its SYN (a
+    // refused connection) closes it whatever its number, as before.
+    let (_, out) = node.run(
+        names::POD_EGRESS,
+        &frame(&tcp(POD, OUTSIDE, 2222, 80, 0x02, b"")),
+    );
+    let new_port = be16(&check_ip(&out), 20);
+    node.run(
+        names::UNDERLAY_INGRESS,
+        &frame(&tcp_seq(
+            OUTSIDE,
+            NODE_IP,
+            (80, new_port),
+            0x14,
+            (0, 1),
+            b"",
+        )),
+    );
+    let (_, e) = node.flows(names::SNAT_V4_CT_NEW)[0];
+    assert_eq!(e.state, NAT_S_REPLIED | NAT_S_RST);
+    assert_eq!(node.counters()["nat_close_out_of_window"], 4);
 }
 
 /// The CT and REV entries of the pod's flow from source port `sport`: (state, last seen) each.

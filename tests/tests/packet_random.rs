@@ -816,11 +816,12 @@ fn every_program_accounts_for_every_frame_as_the_model_says() {
 
 /// What with masquerade on counts besides a frame's fate: the translations (a frame may be
 /// translated and then delivered, `nat_snat` + `encap_host`, or be delivered by the translation
-/// itself) and their annotations (a new flow, of a translation back: into the pod directly).
+/// itself) and their annotations (a new flow; of a translation back: into the pod directly, or
+/// a FIN or RST outside the close window).
 fn nat_role(r: Reason) -> Option<bool> {
     match r {
         Reason::NatSnat | Reason::NatRev => Some(true),
-        Reason::NatNewFlow | Reason::NatRevEndpoint => Some(false),
+        Reason::NatNewFlow | Reason::NatRevEndpoint | Reason::NatCloseOutOfWindow => Some(false),
         _ => None,
     }
 }
@@ -846,7 +847,9 @@ fn assert_accounted_nat(
         .collect();
     let annotations_fit = (!counts.contains_key(&Reason::NatNewFlow)
         || counts.contains_key(&Reason::NatSnat))
-        && (!counts.contains_key(&Reason::NatRevEndpoint) || counts.contains_key(&Reason::NatRev));
+        && (!counts.contains_key(&Reason::NatRevEndpoint) || counts.contains_key(&Reason::NatRev))
+        && (!counts.contains_key(&Reason::NatCloseOutOfWindow)
+            || counts.contains_key(&Reason::NatRev));
     let ok = counts.keys().all(once)
         && port_counted_right(prog, verdict, counts)
         && translations.len() <= 1

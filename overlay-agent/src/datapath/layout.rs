@@ -19,8 +19,11 @@
 
 use std::{collections::BTreeMap, fmt, path::Path};
 
-use aya::maps::MapInfo;
-use overlay_common::layout::SETTINGS_LAYOUTS;
+use aya::maps::{HashMap, Map, MapData, MapInfo};
+use overlay_common::{
+    layout::SETTINGS_LAYOUTS,
+    nat::{NatEntryV4, NatKeyV4},
+};
 use sha2::{Digest as _, Sha256};
 
 use super::{OBJECT, STATE_MAPS, names, pin::PinDir};
@@ -82,6 +85,78 @@ pub struct Reconciled {
     pub fingerprint: String,
     /// Maps whose pins were removed so they are created anew, with why.
     pub replaced: Vec<(String, String)>,
+    /// The flows of replaced NAT flow tables whose entries only grew (`NatEntryV4` gains
+    /// fields at its end only, zero meaning unknown), read before their pins were removed:
+    /// [`restore_flows`] writes them into the new tables, so masqueraded connections survive
+    /// the upgrade.
+    pub carried: Vec<(String, Vec<(NatKeyV4, NatEntryV4)>)>,
+}
+
+/// The flows of the pinned NAT flow table at `path`, as this agent's entries, if its entries
+/// are an earlier, smaller `NatEntryV4` (or the same) in a table of the same type and key:
+/// each is copied and zero-filled to this agent's size. `None` for anything else, or when it
+/// cannot be read (its flows are then lost, as with any replaced map).
+fn older_flows(path: &Path, want: &Shape) -> Option<Vec<(NatKeyV4, NatEntryV4)>> {
+    let data = MapData::from_pin(path).ok()?;
+    let info = data.info().ok()?;
+    let same_kind = info.map_type().ok()? as u32 == want.map_type
+        && info.key_size() as usize == size_of::<NatKeyV4>()
+        && want.value_size as usize == size_of::<NatEntryV4>();
+    if !same_kind {
+        return None;
+    }
+    flows_of_any_layout(&Map::LruHashMap(data), info.value_size())
+}
+
+/// Every flow of the NAT flow table `map`, whose entries are `value_size` bytes: this agent's
+/// `NatEntryV4`, or an earlier, smaller one (zero-filled to this agent's). `None` for another
+/// size or a map that cannot be read as a hash of flows.
+pub fn flows_of_any_layout(map: &Map, value_size: u32) -> Option<Vec<(NatKeyV4, NatEntryV4)>> {
+    match value_size {
+        16 => read_grown::<16>(map),
+        24 => read_grown::<24>(map),
+        32 => read_grown::<32>(map),
+        _ => None,
+    }
+}
+
+/// Every entry of `map` (values of `N` bytes, a prefix of `NatEntryV4`), zero-filled.
+fn read_grown<const N: usize>(map: &Map) -> Option<Vec<(NatKeyV4, NatEntryV4)>> {
+    const { assert!(N <= size_of::<NatEntryV4>()) };
+    let hash = HashMap::<_, NatKeyV4, [u8; N]>::try_from(map).ok()?;
+    Some(
+        hash.iter()
+            .filter_map(Result::ok)
+            .map(|(k, old)| {
+                let mut e = NatEntryV4::default();
+                bytemuck::bytes_of_mut(&mut e)[..N].copy_from_slice(&old);
+                (k, e)
+            })
+            .collect(),
+    )
+}
+
+/// Writes the flows [`reconcile`] carried into the new tables pinned under `pins` (after the
+/// load created them). Returns how many were written per table.
+pub fn restore_flows(
+    pins: &PinDir,
+    carried: &[(String, Vec<(NatKeyV4, NatEntryV4)>)],
+) -> Vec<(String, usize)> {
+    let mut written = Vec::new();
+    for (name, flows) in carried {
+        let restored = MapData::from_pin(pins.map(name)).ok().and_then(|data| {
+            let mut hash =
+                HashMap::<_, NatKeyV4, NatEntryV4>::try_from(Map::LruHashMap(data)).ok()?;
+            Some(
+                flows
+                    .iter()
+                    .filter(|(k, e)| hash.insert(k, e, 0).is_ok())
+                    .count(),
+            )
+        });
+        written.push((name.clone(), restored.unwrap_or(0)));
+    }
+    written
 }
 
 /// The definitions of the pinned maps in the embedded object, by name.
@@ -182,7 +257,7 @@ pub fn reconcile(pins: &PinDir, policy: LayoutMismatch) -> Result<Reconciled, La
     if differ.is_empty() {
         return Ok(Reconciled {
             fingerprint,
-            replaced: Vec::new(),
+            ..Reconciled::default()
         });
     }
     if policy == LayoutMismatch::Refuse {
@@ -192,8 +267,15 @@ pub fn reconcile(pins: &PinDir, policy: LayoutMismatch) -> Result<Reconciled, La
         });
     }
     let mut replaced = Vec::new();
+    let mut carried = Vec::new();
     for (name, why) in differ {
         let path = pins.map(&name);
+        if let Some(want) = shapes.get(name.as_str())
+            && names::NAT_FLOW_MAPS.contains(&name.as_str())
+            && let Some(flows) = older_flows(&path, want)
+        {
+            carried.push((name.clone(), flows));
+        }
         std::fs::remove_file(&path).map_err(|source| LayoutError::Io {
             action: "remove",
             path: path.display().to_string(),
@@ -204,6 +286,7 @@ pub fn reconcile(pins: &PinDir, policy: LayoutMismatch) -> Result<Reconciled, La
     Ok(Reconciled {
         fingerprint,
         replaced,
+        carried,
     })
 }
 

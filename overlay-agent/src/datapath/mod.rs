@@ -255,9 +255,16 @@ impl Datapath {
         let lock = pins.lock()?;
         let reconciled = layout::reconcile(&pins, policy)?;
         for (map, why) in &reconciled.replaced {
-            tracing::warn!("pinned map {map} replaced by a new, empty one ({why})");
+            if reconciled.carried.iter().any(|(m, _)| m == map) {
+                tracing::warn!("pinned map {map} replaced, its flows carried over ({why})");
+            } else {
+                tracing::warn!("pinned map {map} replaced by a new, empty one ({why})");
+            }
         }
         let datapath = Self::open(Some((pins.clone(), lock)))?;
+        for (map, n) in layout::restore_flows(&pins, &reconciled.carried) {
+            tracing::info!("{n} masqueraded flows carried over into the new {map}");
+        }
         layout::mark(pins.root(), &reconciled.fingerprint)?;
         Ok(datapath)
     }

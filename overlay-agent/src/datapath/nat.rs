@@ -341,6 +341,9 @@ pub struct NatFlow {
     /// In the assured tier (`SNAT_V4_CT`); otherwise not assured yet (`SNAT_V4_CT_NEW`).
     pub assured: bool,
     pub idle: Duration,
+    /// TCP: the originator's last acknowledgment number, where a reply's FIN or RST must lie
+    /// to close the flow (`NAT_CLOSE_WINDOW`); 0 before it acknowledged anything.
+    pub ack: Option<u32>,
 }
 
 impl std::fmt::Display for NatFlow {
@@ -366,7 +369,7 @@ impl std::fmt::Display for NatFlow {
         }
         write!(
             f,
-            "{proto} {} {} via {} {}{}{}{} idle={}s",
+            "{proto} {} {} via {} {}{}{}{} idle={}s{}",
             self.pod,
             self.remote,
             self.translated,
@@ -374,7 +377,8 @@ impl std::fmt::Display for NatFlow {
             if self.assured { "" } else { " unassured" },
             if self.via_kernel { " kernel" } else { "" },
             if self.to_cluster { " to-cluster" } else { "" },
-            self.idle.as_secs()
+            self.idle.as_secs(),
+            self.ack.map(|a| format!(" ack={a}")).unwrap_or_default()
         )
     }
 }
@@ -423,19 +427,23 @@ pub fn pinned_nat_flows(dir: &Path) -> Result<NatTable, DatapathError> {
         }
         let data =
             MapData::from_pin(path).map_err(|source| DatapathError::Map { map: name, source })?;
-        let max_entries = data
+        let info = data
             .info()
-            .map_err(|source| DatapathError::Map { map: name, source })?
-            .max_entries();
-        if name == names::SNAT_V4_CT {
-            capacity = max_entries;
-        } else {
-            unassured_capacity = max_entries;
-        }
-        let map = Map::LruHashMap(data);
-        let hash = HashMap::<_, NatKeyV4, NatEntryV4>::try_from(&map)
             .map_err(|source| DatapathError::Map { map: name, source })?;
-        flows.extend(hash.iter().filter_map(Result::ok).map(|(k, e)| NatFlow {
+        if name == names::SNAT_V4_CT {
+            capacity = info.max_entries();
+        } else {
+            unassured_capacity = info.max_entries();
+        }
+        // An older agent's pins may hold smaller entries (fields are only added at the end).
+        let entries = super::layout::flows_of_any_layout(&Map::LruHashMap(data), info.value_size())
+            .ok_or_else(|| {
+                DatapathError::InvalidConfig(format!(
+                    "{name} holds entries of {} bytes, which no agent wrote",
+                    info.value_size()
+                ))
+            })?;
+        flows.extend(entries.into_iter().map(|(k, e)| NatFlow {
             proto: k.proto,
             pod: SocketAddrV4::new(k.saddr.into(), port(k.sport)),
             remote: SocketAddrV4::new(k.daddr.into(), port(k.dport)),
@@ -445,6 +453,7 @@ pub fn pinned_nat_flows(dir: &Path) -> Result<NatTable, DatapathError> {
             to_cluster: e.flags & NAT_E_TO_CLUSTER != 0,
             assured: name == names::SNAT_V4_CT,
             idle: Duration::from_nanos(now.saturating_sub(e.last_seen)),
+            ack: (k.proto == IPPROTO_TCP).then_some(e.orig_ack),
         }));
     }
     flows.sort_by_key(|f| (f.proto, f.pod, f.remote));

@@ -48,6 +48,7 @@ use overlay_common::{
         IPPROTO_TCP, IPPROTO_UDP, NAT_E_TO_CLUSTER, NAT_F_KEEP_PORT, NAT_FRAG_TIMEOUT,
         NAT_PORT_TRIES, NAT_REFRESH_NS, NAT_S_FIN, NAT_S_REPLIED, NAT_S_RST, NatConfig, NatEntryV4,
         NatKeyV4, SNAT_V4_CAPACITY, SNAT_V4_FRAG_CAPACITY, SNAT_V4_NEW_CAPACITY, idle_longer_than,
+        in_close_window,
     },
     route::NextHopV4,
 };
@@ -330,8 +331,8 @@ pub(super) fn cached_next_hop(key: &NatKeyV4, route_gen: u32) -> Option<[u8; 4]>
 /// A packet that changes the flow's state, or finds its entry older than `NAT_REFRESH_NS`,
 /// confirms that the reply entry is still the flow's and refreshes both; one that assures a
 /// flow moves it ([`promote`]). `route` (generation 0: none) is the next hop the caller looked
-/// up for the packet, cached in the CT entry for the flow's next packets. A new flow starts
-/// unassured.
+/// up for the packet, cached in the CT entry for the flow's next packets. A TCP packet's
+/// acknowledgment number is kept in the CT entry (`orig_ack`). A new flow starts unassured.
 #[inline(always)]
 #[expect(clippy::too_many_arguments, reason = "inlined into translate_out only")]
 pub(super) fn flow_out(
@@ -340,15 +341,17 @@ pub(super) fn flow_out(
     cfg: &Config,
     key: &NatKeyV4,
     nat_addr: [u8; 4],
-    tcp_flags: u8,
+    seg: Segment,
     eflags: u8,
     route: NextHopV4,
     now: u64,
 ) -> Result<[u8; 2], Reason> {
+    let tcp_flags = seg.flags;
     let going = Going {
         key: *key,
         nat_addr,
         tcp_flags,
+        ack: seg.ack,
         route,
         now,
     };
@@ -364,34 +367,35 @@ pub(super) fn flow_out(
         state = tcp_state(0, tcp_flags);
     }
 
-    let rev_entry = NatEntryV4 {
-        addr: key.saddr,
-        port: key.sport,
-        state,
-        flags: eflags,
-        last_seen: now,
-        route: NextHopV4::default(),
-    };
-    let choice = PortChoice {
-        key: *key,
+    let mut choice = PortChoice {
         nat_addr,
         vxlan_port: cfg.port,
-        entry: rev_entry,
+        entry: NatEntryV4 {
+            addr: key.saddr,
+            port: key.sport,
+            state,
+            flags: eflags,
+            last_seen: now,
+            route: NextHopV4::default(),
+            orig_ack: 0,
+            _pad: [0; 4],
+        },
     };
-    let port = match choose_port(ctx.skb.skb, nat, &choice) {
+    let port = match choose_port(ctx.skb.skb, nat, key, &choice) {
         0 => return Err(Reason::DropNatExhausted),
         port => port.to_be_bytes(),
     };
-    let new_ct = NatEntryV4 {
-        addr: nat_addr,
-        port,
-        state,
-        flags: eflags,
-        last_seen: now,
-        route,
-    };
+    // The reply entry is claimed: its stack slot becomes the CT entry (the verifier's 512
+    // bytes of stack for this program and `choose_port` hold no second entry).
+    let new_ct = &mut choice.entry;
+    new_ct.addr = nat_addr;
+    new_ct.port = port;
+    new_ct.route = route;
+    if seg.acknowledges(proto) {
+        new_ct.orig_ack = seg.ack;
+    }
     if SNAT_V4_CT_NEW
-        .insert(key, &new_ct, u64::from(BPF_NOEXIST))
+        .insert(key, new_ct, u64::from(BPF_NOEXIST))
         .is_err()
     {
         // Another CPU created the flow meanwhile (and may have promoted it since): use its
@@ -414,11 +418,30 @@ pub(super) fn flow_out(
     Ok(port)
 }
 
+/// What [`flow_out`] reads of an outgoing TCP segment besides its tuple (flags 0 for other
+/// protocols).
+#[derive(Clone, Copy)]
+pub(super) struct Segment {
+    pub flags: u8,
+    /// The acknowledgment number, host order.
+    pub ack: u32,
+}
+
+impl Segment {
+    /// Whether this is a TCP segment that carries an acknowledgment number.
+    #[inline(always)]
+    fn acknowledges(self, proto: u8) -> bool {
+        proto == IPPROTO_TCP && self.flags & TcpHdr::ACK != 0
+    }
+}
+
 /// An outgoing packet of a flow, as [`continue_flow`] needs it.
 struct Going {
     key: NatKeyV4,
     nat_addr: [u8; 4],
     tcp_flags: u8,
+    /// [`Segment::ack`], meaningful where [`Segment::acknowledges`].
+    ack: u32,
     route: NextHopV4,
     now: u64,
 }
@@ -466,6 +489,17 @@ fn continue_in<T: Tier>(nat: &NatConfig, g: &Going) -> Option<[u8; 2]> {
     }
     let rev_key = key.reply(e.addr, e.port);
     if !nat.is_expired(key.proto, &e, g.now, !T::NEW) && e.addr == g.nat_addr {
+        let acknowledges = Segment {
+            flags: g.tcp_flags,
+            ack: g.ack,
+        }
+        .acknowledges(key.proto);
+        if acknowledges && g.ack != e.orig_ack {
+            // A store into the entry this packet already holds: where replies may close the
+            // flow from (`in_close_window`).
+            // SAFETY: a map value pointer, valid during this program run.
+            unsafe { (*ct).orig_ack = g.ack };
+        }
         let st = if key.proto == IPPROTO_TCP {
             tcp_state(e.state, g.tcp_flags)
         } else {
@@ -479,6 +513,8 @@ fn continue_in<T: Tier>(nat: &NatConfig, g: &Going) -> Option<[u8; 2]> {
             flags: e.flags,
             last_seen: g.now,
             route: NextHopV4::default(),
+            orig_ack: 0,
+            _pad: [0; 4],
         };
         if T::NEW && st & (NAT_S_REPLIED | NAT_S_FIN | NAT_S_RST) == NAT_S_REPLIED {
             let assured = NatEntryV4 {
@@ -489,6 +525,7 @@ fn continue_in<T: Tier>(nat: &NatConfig, g: &Going) -> Option<[u8; 2]> {
                 } else {
                     e.route
                 },
+                orig_ack: if acknowledges { g.ack } else { e.orig_ack },
                 ..e
             };
             if promote(key, &rev_key, &assured, &mine) {
@@ -540,11 +577,10 @@ fn continue_in<T: Tier>(nat: &NatConfig, g: &Going) -> Option<[u8; 2]> {
     None
 }
 
-/// What [`choose_port`] needs besides the packet and the NAT settings (a BPF function takes at
-/// most five arguments).
+/// What [`choose_port`] needs besides the packet, the NAT settings and the flow's
+/// original-direction tuple (a BPF function takes at most five arguments; the tuple is the
+/// caller's, not a copy: the two stack frames together must fit the verifier's 512 bytes).
 struct PortChoice {
-    /// The flow's original-direction tuple.
-    key: NatKeyV4,
     nat_addr: [u8; 4],
     /// The VXLAN port, never given to UDP.
     vxlan_port: u16,
@@ -552,7 +588,7 @@ struct PortChoice {
     entry: NatEntryV4,
 }
 
-/// A translated port (host order) for the new flow `c.key` whose reply tuple is free in both
+/// A translated port (host order) for the new flow `key` whose reply tuple is free in both
 /// tiers, claimed in `SNAT_V4_REV_NEW` with `c.entry`; 0 when none was (0 is never chosen). With
 /// `NAT_F_KEEP_PORT` the pod's own port comes first, unless a socket of the node owns its
 /// reply tuple ([`host_socket_owns`]): that port is in the kernel's ephemeral range, where the
@@ -564,19 +600,16 @@ struct PortChoice {
 /// returning an `Option`, LLVM emitted a read of a register that one path never set (`None`'s
 /// undefined payload), which the verifier rejects.
 #[inline(never)]
-fn choose_port(skb: *mut __sk_buff, nat: &NatConfig, c: &PortChoice) -> u16 {
+fn choose_port(skb: *mut __sk_buff, nat: &NatConfig, key: &NatKeyV4, c: &PortChoice) -> u16 {
     // The VXLAN port is decapsulation's; 0 is no port.
-    let usable = |port: u16| port != 0 && !(c.key.proto == IPPROTO_UDP && port == c.vxlan_port);
+    let usable = |port: u16| port != 0 && !(key.proto == IPPROTO_UDP && port == c.vxlan_port);
     let claim =
-        |port: u16| claim::<Unassured>(&c.key.reply(c.nat_addr, port.to_be_bytes()), &c.entry);
+        |port: u16| claim::<Unassured>(&key.reply(c.nat_addr, port.to_be_bytes()), &c.entry);
     let mut first = 0;
     if nat.flags & NAT_F_KEEP_PORT != 0 {
         first = 1;
-        let own = u16::from_be_bytes(c.key.sport);
-        if usable(own)
-            && !host_socket_owns(skb, &c.key.reply(c.nat_addr, c.key.sport))
-            && claim(own)
-        {
+        let own = u16::from_be_bytes(key.sport);
+        if usable(own) && !host_socket_owns(skb, &key.reply(c.nat_addr, key.sport)) && claim(own) {
             return own;
         }
     }
@@ -592,16 +625,23 @@ fn choose_port(skb: *mut __sk_buff, nat: &NatConfig, c: &PortChoice) -> u16 {
 /// Looks up the reply tuple `key` (assured flows first); returns the pod's side of a live
 /// flow, refreshing both of its entries when the packet changes the state or the entry is
 /// older than `NAT_REFRESH_NS`. A dead flow is removed (the packet then goes to the kernel, as
-/// without an entry). Replies never promote a flow: only its originator assures it.
+/// without an entry). Replies never promote a flow: only its originator assures it. A FIN or
+/// RST (`tcp_seq` its sequence number) closes an assured flow only inside the close window
+/// ([`in_close_window`]); outside, it is delivered and changes nothing.
 #[inline(always)]
-pub(super) fn flow_in(nat: &NatConfig, key: &NatKeyV4, tcp_flags: u8) -> Option<NatEntryV4> {
+pub(super) fn flow_in(
+    nat: &NatConfig,
+    key: &NatKeyV4,
+    tcp_flags: u8,
+    tcp_seq: u32,
+) -> Option<NatEntryV4> {
     let (rev, assured) = either_tier(&SNAT_V4_REV, &SNAT_V4_REV_NEW, key)?;
     // A map value pointer: the entry is writable.
     let rev = rev.cast_mut();
     if assured {
-        reply_in::<Assured>(nat, key, rev, tcp_flags)
+        reply_in::<Assured>(nat, key, rev, tcp_flags, tcp_seq)
     } else {
-        reply_in::<Unassured>(nat, key, rev, tcp_flags)
+        reply_in::<Unassured>(nat, key, rev, tcp_flags, tcp_seq)
     }
 }
 
@@ -612,6 +652,7 @@ fn reply_in<T: Tier>(
     key: &NatKeyV4,
     rev: *mut NatEntryV4,
     tcp_flags: u8,
+    tcp_seq: u32,
 ) -> Option<NatEntryV4> {
     // SAFETY: a map value pointer, valid during this program run.
     let e = unsafe { *rev };
@@ -632,6 +673,17 @@ fn reply_in<T: Tier>(
         state = tcp_state(state, tcp_flags) | NAT_S_REPLIED;
     }
     if state == e.state && fresh(e.last_seen, now) {
+        return Some(e);
+    }
+    if !T::NEW
+        && state & !e.state & (NAT_S_FIN | NAT_S_RST) != 0
+        && let Some(ct) = T::ct().get_ptr(&ct_key)
+        // SAFETY: as above.
+        && unsafe { (*ct).port == key.dport && !in_close_window(tcp_seq, (*ct).orig_ack) }
+    {
+        // Not where the pod's stream is: perhaps spoofed. The pod's kernel judges it; the flow
+        // stays as it was, unrefreshed. (Unassured flows have no stream to check against yet.)
+        count(Reason::NatCloseOutOfWindow, 0);
         return Some(e);
     }
     // SAFETY: as above.

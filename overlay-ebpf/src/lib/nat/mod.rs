@@ -137,6 +137,10 @@ struct L4Ports {
     csum_off: usize,
     /// TCP flags (0 for a quoted header and other protocols).
     tcp_flags: u8,
+    /// TCP sequence and acknowledgment numbers, host order (0 for a quoted header and other
+    /// protocols).
+    tcp_seq: u32,
+    tcp_ack: u32,
     /// ICMP type (meaningless for other protocols).
     icmp_type: u8,
 }
@@ -170,6 +174,8 @@ fn load_l4(ctx: &TcContext, proto: u8, l4: usize, whole: bool) -> Option<L4Ports
                 dport: [h[2], h[3]],
                 csum_off: l4 + offset_of!(TcpHdr, check),
                 tcp_flags: h[offset_of!(TcpHdr, flags)],
+                tcp_seq: u32::from_be_bytes([h[4], h[5], h[6], h[7]]),
+                tcp_ack: u32::from_be_bytes([h[8], h[9], h[10], h[11]]),
                 icmp_type: 0,
             })
         }
@@ -185,6 +191,8 @@ fn load_l4(ctx: &TcContext, proto: u8, l4: usize, whole: bool) -> Option<L4Ports
                         offset_of!(UdpHdr, check)
                     },
                 tcp_flags: 0,
+                tcp_seq: 0,
+                tcp_ack: 0,
                 icmp_type: 0,
             })
         }
@@ -195,6 +203,8 @@ fn load_l4(ctx: &TcContext, proto: u8, l4: usize, whole: bool) -> Option<L4Ports
                 dport: [0, 0],
                 csum_off: l4 + offset_of!(IcmpHdr, check),
                 tcp_flags: 0,
+                tcp_seq: 0,
+                tcp_ack: 0,
                 icmp_type: h.kind,
             })
         }

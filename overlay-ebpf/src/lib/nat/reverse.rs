@@ -79,9 +79,9 @@ fn reverse_to(ctx: &TcContext, cfg: &Config, nat_addr: [u8; 4]) -> Result<i32, R
     } else {
         (t.sport, t.dport)
     };
-    let (csum_off, tcp_flags) = (t.csum_off, t.tcp_flags);
+    let csum_off = t.csum_off;
     let key = NatKeyV4::new(ip.saddr, ip.daddr, sport, dport, ip.proto);
-    let Some(orig) = flow_in(nat, &key, tcp_flags) else {
+    let Some(orig) = flow_in(nat, &key, t.tcp_flags, t.tcp_seq) else {
         return Ok(TC_ACT_OK);
     };
     if is_first_fragment(&ip) {

@@ -19,7 +19,7 @@ use overlay_common::{
 
 use super::{
     IP_OFF, IP_SADDR_OFF, L4Ports, Translated,
-    flow::{self, cached_next_hop, flow_out, frag_offset, replies_to_cluster_flow},
+    flow::{self, Segment, cached_next_hop, flow_out, frag_offset, replies_to_cluster_flow},
     icmp::icmp_error_out,
     is_icmp_error, load_l4,
     policy::{masquerades, masquerades_to_cluster, nat_ipv4},
@@ -221,7 +221,11 @@ pub(super) fn translate_out(
     if eflags & NAT_E_KERNEL != 0 && replies_to_cluster_flow(nat, &key, now) {
         return Ok(Translated::No);
     }
-    let nat_port = flow_out(ctx, nat, cfg, &key, nat_addr, tcp_flags, eflags, route, now)?;
+    let seg = Segment {
+        flags: tcp_flags,
+        ack: t.tcp_ack,
+    };
+    let nat_port = flow_out(ctx, nat, cfg, &key, nat_addr, seg, eflags, route, now)?;
 
     // Rewrites, by offset (no packet pointer survives these helpers).
     let port_off = L4Ports::port_off(ip.proto, l4, true);
