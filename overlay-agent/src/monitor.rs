@@ -18,6 +18,7 @@ use nix::time::{ClockId, clock_gettime};
 use overlay_common::{
     counters::Reason,
     events::{DropEvent, EVENT_F_IPV4, EVENT_F_PORTS, EVENT_F_VXLAN},
+    wire::ip_proto_name,
 };
 use serde::Serialize;
 
@@ -115,13 +116,9 @@ impl std::fmt::Display for ShownEvent {
     }
 }
 
-fn proto_name(proto: u8) -> String {
-    match proto {
-        1 => "icmp".to_owned(),
-        6 => "tcp".to_owned(),
-        17 => "udp".to_owned(),
-        p => format!("proto-{p}"),
-    }
+/// `tcp`, `gre`, ...; `proto-N` for a protocol without a common name.
+pub fn proto_name(proto: u8) -> String {
+    ip_proto_name(proto).map_or_else(|| format!("proto-{proto}"), str::to_owned)
 }
 
 fn ifname(index: u32) -> String {

@@ -170,12 +170,14 @@ pub enum Reason {
     /// not for us: to another local address, over IPv6, or before the agent configured the
     /// data path. (What was for us but fails a check counts under that check's reason.)
     DropGroDevice = 50,
-    /// A packet to masquerade whose TCP/UDP/ICMP header is cut short (it would leak the pod's
-    /// address untranslated).
+    /// A packet to masquerade whose L4 header (TCP, ICMP, or the ports of UDP, DCCP, UDP-Lite,
+    /// SCTP) is cut short (it would leak the pod's address untranslated).
     DropNatMalformed = 61,
     /// Rewriting a packet for masquerade failed (the kernel refused a checksum or store helper).
     DropNatFailed = 62,
-    /// No free translated port for a new flow after `NAT_PORT_TRIES` attempts.
+    /// No free translated port for a new flow after `NAT_PORT_TRIES` attempts; for a
+    /// protocol whose ports are kept (SCTP) or that has none (GRE, ...), its one reply tuple
+    /// held by another pod's flow.
     DropNatExhausted = 63,
 }
 

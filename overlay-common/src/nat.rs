@@ -108,7 +108,8 @@ pub struct NatConfig {
     pub port_min: u16,
     pub port_max: u16,
     /// Idle timeouts in seconds: TCP assured (in `SNAT_V4_CT`) and before any FIN/RST; TCP
-    /// otherwise (opening, half-open, closing); UDP not assured and assured; ICMP echo.
+    /// otherwise (opening, half-open, closing); UDP (and every protocol but TCP and ICMP) not
+    /// assured and assured; ICMP echo.
     pub tcp_established: u32,
     pub tcp_transient: u32,
     pub udp: u32,
@@ -146,14 +147,16 @@ impl NatConfig {
                     self.tcp_transient
                 }
             }
-            IPPROTO_UDP => {
+            IPPROTO_ICMP => self.icmp,
+            // UDP, and every other protocol (conntrack's GRE tracker, closest of its own to a
+            // generic flow, also waits 30 s for a reply and longer for a stream).
+            _ => {
                 if assured {
                     self.udp_stream
                 } else {
                     self.udp
                 }
             }
-            _ => self.icmp,
         }
     }
 
@@ -177,8 +180,40 @@ pub const fn idle_longer_than(last_seen: u64, now: u64, timeout_s: u32) -> bool 
     now.saturating_sub(last_seen) > timeout_s as u64 * NS_PER_S
 }
 
-/// Protocols the NAT handles (their numbers live in [`crate::wire`]).
-pub use crate::wire::{IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP};
+/// Protocols the NAT tells apart (their numbers live in [`crate::wire`]).
+pub use crate::wire::{
+    IPPROTO_DCCP, IPPROTO_ICMP, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, IPPROTO_UDPLITE,
+};
+
+/// How the masquerade treats the ports of a protocol's flows (`NatKeyV4::sport`/`dport`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NatPorts {
+    /// Ports (ICMP echo: the identifier) are part of the tuple and the translated port is
+    /// chosen: TCP, UDP, ICMP, and DCCP and UDP-Lite, whose checksums cover a pseudo-header
+    /// as UDP's does.
+    Chosen,
+    /// Ports are part of the tuple and never rewritten: SCTP (its CRC32c covers them).
+    Kept,
+    /// No ports: the tuple is addresses and protocol (GRE, ESP, IP-in-IP, ...), translated on
+    /// the address alone, as conntrack's generic tracker and MASQUERADE do. Two pods' flows
+    /// of one such protocol to one remote host share a reply tuple, so the second one is
+    /// refused while the first lives (`drop_nat_exhausted`), as conntrack drops its clash.
+    None,
+}
+
+impl NatPorts {
+    #[must_use]
+    #[inline(always)]
+    pub const fn of(proto: u8) -> Self {
+        match proto {
+            IPPROTO_TCP | IPPROTO_UDP | IPPROTO_ICMP | IPPROTO_DCCP | IPPROTO_UDPLITE => {
+                Self::Chosen
+            }
+            IPPROTO_SCTP => Self::Kept,
+            _ => Self::None,
+        }
+    }
+}
 
 /// A flow's 5-tuple in the direction of the packet it is looked up for.
 #[repr(C)]

@@ -24,6 +24,36 @@ pub const ETH_P_IP: [u8; 2] = [0x08, 0x00];
 pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
+/// DCCP and UDP-Lite: ports where UDP has them, and a checksum over a pseudo-header with the
+/// addresses at UDP's offset (6), so the masquerade translates them as it does UDP.
+pub const IPPROTO_DCCP: u8 = 33;
+pub const IPPROTO_UDPLITE: u8 = 136;
+/// SCTP: ports where UDP has them, but a CRC32c over the SCTP packet alone, which a port
+/// rewrite would invalidate and an address rewrite does not: masqueraded with its ports kept.
+pub const IPPROTO_SCTP: u8 = 132;
+
+/// The lower-case IANA keyword of IP protocol `proto`, for the common ones (logs, flow lists).
+#[must_use]
+pub const fn ip_proto_name(proto: u8) -> Option<&'static str> {
+    Some(match proto {
+        IPPROTO_ICMP => "icmp",
+        2 => "igmp",
+        4 => "ipip",
+        IPPROTO_TCP => "tcp",
+        IPPROTO_UDP => "udp",
+        IPPROTO_DCCP => "dccp",
+        41 => "ipv6",
+        47 => "gre",
+        50 => "esp",
+        51 => "ah",
+        89 => "ospf",
+        103 => "pim",
+        112 => "vrrp",
+        IPPROTO_SCTP => "sctp",
+        IPPROTO_UDPLITE => "udplite",
+        _ => return None,
+    })
+}
 
 /// First byte of a VXLAN header: only the I flag ("VNI is valid"). The kernel drops frames with
 /// any other flag or reserved bit set (no GBP/GPE here), and so do we.

@@ -13,15 +13,19 @@ use std::{
     collections::BTreeSet,
     io::{BufRead, BufReader, Read, Write},
     net::{IpAddr, Ipv4Addr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
-    os::fd::AsRawFd,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
     process::Stdio,
     thread,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use aya::maps::{HashMap as AyaHashMap, Map, MapData};
-use nix::sys::socket::{
-    AddressFamily, MsgFlags, SockFlag, SockProtocol, SockType, SockaddrIn, sendto, socket,
+use nix::sys::{
+    socket::{
+        AddressFamily, MsgFlags, SockFlag, SockProtocol, SockType, SockaddrIn, recvfrom, sendto,
+        setsockopt, socket, sockopt::ReceiveTimeout,
+    },
+    time::TimeVal,
 };
 use overlay_agent::subnet::Mac;
 use overlay_common::{
@@ -29,7 +33,7 @@ use overlay_common::{
     nat::{NAT_CLOSE_WINDOW, NatEntryV4, NatKeyV4, SNAT_V4_CAPACITY, SNAT_V4_NEW_CAPACITY},
 };
 use overlay_tests::{
-    Capture, ChildGuard, Cluster, Endpoint, Host, Node, OUTSIDE_IP,
+    Capture, ChildGuard, Cluster, Endpoint, Host, NetNs, Node, OUTSIDE_IP,
     checks::{
         self, agent_cmd, route_via_missing_gateway, transfer_across_agent_kill9,
         unroute_missing_gateway,
@@ -1064,4 +1068,88 @@ fn masqueraded_connections_survive_an_upgrade_that_grows_the_flow_entries() {
     let nat = agent_cmd(node, &["nat"]);
     let line = format!("{} via {}", conn.service, conn.translated);
     assert!(nat.contains(&line), "{line} in\n{nat}");
+}
+
+/// IP protocol 253 (RFC 3692, for experiments): no ports, so no tracker but the generic one.
+const EXPERIMENTAL_PROTO: i32 = 253;
+
+/// A raw IPv4 socket of protocol `proto` opened in namespace `ns`, reads timing out after 5 s.
+fn raw_socket(ns: &NetNs, proto: i32) -> OwnedFd {
+    ns.in_netns(move || {
+        // SAFETY: plain socket(2); the descriptor is owned from here on.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, proto) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        // SAFETY: a fresh descriptor nobody else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        setsockopt(&fd, ReceiveTimeout, &TimeVal::new(5, 0))?;
+        Ok(fd)
+    })
+    .unwrap()
+}
+
+/// The next datagram on raw socket `fd`: its source and the bytes after the IP header.
+fn raw_recv(fd: &OwnedFd) -> (Ipv4Addr, Vec<u8>) {
+    let mut buf = [0u8; 2048];
+    let (n, from) = recvfrom::<SockaddrIn>(fd.as_raw_fd(), &mut buf).unwrap();
+    let ihl = usize::from(buf[0] & 0x0f) * 4;
+    (from.unwrap().ip(), buf[ihl..n].to_vec())
+}
+
+fn raw_send(fd: &OwnedFd, to: Ipv4Addr, data: &[u8]) {
+    let to = SocketAddrV4::new(to, 0);
+    sendto(
+        fd.as_raw_fd(),
+        data,
+        &SockaddrIn::from(to),
+        MsgFlags::empty(),
+    )
+    .unwrap();
+}
+
+/// A protocol the masquerade knows no ports of (here 253) leaves with the node's address and
+/// its answer reaches the pod, as conntrack's generic tracker and MASQUERADE would have it,
+/// where it used to leave with the pod's own address and never be answered. A second pod's
+/// flow of that protocol to the same host is refused while the first lives (one reply tuple;
+/// conntrack drops its clash too); the flow is listed by protocol.
+#[test]
+fn a_protocol_without_ports_is_masqueraded_and_answered() {
+    let cluster = masq_cluster(1, 2, &[]);
+    let node = cluster.node(0);
+    let (p0, p1) = (cluster.pod(0, 0), cluster.pod(0, 1));
+    let outside = raw_socket(cluster.outside().ns(), EXPERIMENTAL_PROTO);
+    let pod = raw_socket(p0.ns(), EXPERIMENTAL_PROTO);
+
+    raw_send(&pod, OUTSIDE_IP, b"experiment");
+    let (seen, data) = raw_recv(&outside);
+    assert_eq!(seen, node.underlay_ip(), "the pod's packet masqueraded");
+    assert_eq!(data, b"experiment");
+    raw_send(&outside, seen, b"answer");
+    let (from, data) = raw_recv(&pod);
+    assert_eq!(
+        (from, data.as_slice()),
+        (OUTSIDE_IP, &b"answer"[..]),
+        "the answer reaches the pod"
+    );
+
+    let flows = agent_cmd(node, &["nat"]);
+    assert!(
+        flows
+            .lines()
+            .any(|l| l.starts_with(&format!("proto-253 {}:0 {OUTSIDE_IP}:0 via ", p0.ip()))),
+        "the flow listed by protocol:\n{flows}"
+    );
+
+    let dropped = counter(node, "drop_nat_exhausted");
+    let other = raw_socket(p1.ns(), EXPERIMENTAL_PROTO);
+    raw_send(&other, OUTSIDE_IP, b"second");
+    raw_send(&pod, OUTSIDE_IP, b"again");
+    let (seen, data) = raw_recv(&outside);
+    assert_eq!(
+        (seen, data.as_slice()),
+        (node.underlay_ip(), &b"again"[..]),
+        "the second pod's packet is not delivered, the first pod's next one is"
+    );
+    assert_eq!(counter(node, "drop_nat_exhausted"), dropped + 1);
 }

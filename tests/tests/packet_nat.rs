@@ -26,8 +26,9 @@ use overlay_common::{
     config::{CONFIG_F_DIRECT, CONFIG_F_READY, Config},
     endpoint::Endpoint,
     nat::{
-        NAT_CLOSE_WINDOW, NAT_E_TO_CLUSTER, NAT_F_KEEP_PORT, NAT_S_FIN, NAT_S_REPLIED, NAT_S_RST,
-        NatConfig, NatEntryV4, NatKeyV4, SNAT_V4_CAPACITY, SNAT_V4_NEW_CAPACITY,
+        IPPROTO_DCCP, IPPROTO_SCTP, IPPROTO_UDPLITE, NAT_CLOSE_WINDOW, NAT_E_TO_CLUSTER,
+        NAT_F_KEEP_PORT, NAT_S_FIN, NAT_S_REPLIED, NAT_S_RST, NatConfig, NatEntryV4, NatKeyV4,
+        SNAT_V4_CAPACITY, SNAT_V4_NEW_CAPACITY,
     },
     route::{MemberNode, NextHopV4, RemoteNode, route_key},
 };
@@ -391,6 +392,42 @@ fn udp(
     ipv4(src, dst, IPPROTO_UDP, 64, &s)
 }
 
+/// A DCCP or UDP-Lite packet (`proto`): ports, then two bytes that leave the checksum covering
+/// the whole packet (DCCP: data offset 3, CsCov 0; UDP-Lite: coverage 0), its checksum over
+/// the pseudo-header at UDP's offset, and `data`.
+fn ported(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    proto: u8,
+    (sport, dport): (u16, u16),
+    data: &[u8],
+) -> Vec<u8> {
+    let mut s = Vec::new();
+    s.extend_from_slice(&sport.to_be_bytes());
+    s.extend_from_slice(&dport.to_be_bytes());
+    s.extend_from_slice(if proto == IPPROTO_DCCP {
+        &[3, 0]
+    } else {
+        &[0, 0]
+    });
+    s.extend_from_slice(&[0, 0]);
+    s.extend_from_slice(data);
+    let c = l4_sum(src.octets(), dst.octets(), proto, &s);
+    s[6..8].copy_from_slice(&c.to_be_bytes());
+    ipv4(src, dst, proto, 64, &s)
+}
+
+/// An SCTP packet: ports, verification tag, and a CRC32c that leaves out the IP header (any
+/// fixed bytes do here: the masquerade must not touch them).
+fn sctp(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16) -> Vec<u8> {
+    let mut s = Vec::new();
+    s.extend_from_slice(&sport.to_be_bytes());
+    s.extend_from_slice(&dport.to_be_bytes());
+    s.extend_from_slice(&[0xde, 0xad, 0xbe, 0xef, 0x12, 0x34, 0x56, 0x78]);
+    s.extend_from_slice(b"chunk");
+    ipv4(src, dst, IPPROTO_SCTP, 64, &s)
+}
+
 fn icmp(src: Ipv4Addr, dst: Ipv4Addr, kind: u8, code: u8, rest: [u8; 4], data: &[u8]) -> Vec<u8> {
     let mut s = vec![kind, code, 0, 0];
     s.extend_from_slice(&rest);
@@ -443,7 +480,9 @@ fn check_ip(out: &[u8]) -> Vec<u8> {
         ip[16..20].try_into().unwrap(),
     );
     match ip[9] {
-        IPPROTO_TCP => assert_eq!(l4_sum(src, dst, IPPROTO_TCP, seg), 0, "TCP checksum"),
+        p @ (IPPROTO_TCP | IPPROTO_DCCP | IPPROTO_UDPLITE) => {
+            assert_eq!(l4_sum(src, dst, p, seg), 0, "checksum of protocol {p}");
+        }
         IPPROTO_UDP if be16(seg, 6) != 0 => {
             assert_eq!(l4_sum(src, dst, IPPROTO_UDP, seg), 0, "UDP checksum");
         }
@@ -1917,4 +1956,139 @@ fn icmp_errors_a_pod_sends_about_a_flow_leave_translated() {
     let err = frame(&icmp(POD, OUTSIDE, 3, 3, [0; 4], &unrelated));
     assert_eq!(node.run(names::POD_EGRESS, &err), (TC_ACT_OK, err.clone()));
     assert_eq!(node.counters()["nat_snat"], snat);
+}
+
+/// GRE: IP protocol 47, no ports (a GRE header with no options, then the tunnelled bytes).
+const IPPROTO_GRE: u8 = 47;
+const GRE_PAYLOAD: &[u8] = &[0, 0, 0x08, 0x00, 0x45, 0, 0, 20, 1, 2, 3, 4];
+
+/// Masquerade of what conntrack tracks beyond TCP, UDP and ICMP, as MASQUERADE translates it:
+/// a protocol without ports (GRE) on its address alone, the reply back to the pod and a second
+/// pod's flow to the same host refused while the first lives (conntrack's clash), an ICMP
+/// error about it translated back; SCTP with its ports and CRC32c untouched; DCCP and UDP-Lite
+/// port-translated with their pseudo-header checksums valid both ways. Portless traffic to a
+/// member node leaves with the pod's address: its reply tuple would be the member's own
+/// tunnel traffic.
+#[test]
+fn protocols_other_than_tcp_udp_and_icmp_are_masqueraded_as_conntrack_does() {
+    let node = Node::with_peers(nat_on(0));
+    let gre = ipv4(POD, OUTSIDE, IPPROTO_GRE, 64, GRE_PAYLOAD);
+    let (v, out) = node.run(names::POD_EGRESS, &frame(&gre));
+    assert_eq!(v, TC_ACT_REDIRECT, "GRE out");
+    let ip = check_ip(&out);
+    assert_eq!(addr(&ip, 12), NODE_IP, "GRE masqueraded to the node");
+    assert_eq!(&ip[20..], GRE_PAYLOAD, "GRE header and payload untouched");
+    let (v, out) = node.run(
+        names::UNDERLAY_INGRESS,
+        &frame(&ipv4(OUTSIDE, NODE_IP, IPPROTO_GRE, 64, GRE_PAYLOAD)),
+    );
+    assert_eq!(v, TC_ACT_REDIRECT, "the GRE reply to the pod");
+    let ip = check_ip(&out);
+    assert_eq!(addr(&ip, 16), POD);
+    assert_eq!(&ip[20..], GRE_PAYLOAD);
+    assert!(
+        node.ct_flows()
+            .iter()
+            .any(|(k, e)| k.proto == IPPROTO_GRE && e.state & NAT_S_REPLIED != 0),
+        "the GRE flow is answered: {:?}",
+        node.ct_flows()
+    );
+
+    // Another pod's GRE to the same host: one reply tuple, held by the first pod.
+    let gre2 = ipv4(POD2, OUTSIDE, IPPROTO_GRE, 64, GRE_PAYLOAD);
+    let (v, _) = node.run(names::POD_EGRESS, &frame(&gre2));
+    assert_eq!(v, TC_ACT_SHOT, "second pod's GRE to the same host");
+    assert_eq!(node.counters()["drop_nat_exhausted"], 1);
+    let elsewhere = Ipv4Addr::new(198, 19, 0, 2);
+    let (v, out) = node.run(
+        names::POD_EGRESS,
+        &frame(&ipv4(POD2, elsewhere, IPPROTO_GRE, 64, GRE_PAYLOAD)),
+    );
+    assert_eq!(v, TC_ACT_REDIRECT, "second pod's GRE to another host");
+    assert_eq!(addr(&check_ip(&out), 12), NODE_IP);
+
+    // An ICMP error about the first pod's GRE reaches it quoting its own packet.
+    let (_, out) = node.run(names::POD_EGRESS, &frame(&gre));
+    let on_wire = check_ip(&out);
+    let err = icmp(OUTSIDE, NODE_IP, 3, 4, [0, 0, 0x05, 0x78], &on_wire);
+    let (v, out) = node.run(names::UNDERLAY_INGRESS, &frame(&err));
+    assert_eq!(v, TC_ACT_REDIRECT, "ICMP error about GRE to the pod");
+    let ip = check_ip(&out);
+    assert_eq!(addr(&ip, 16), POD);
+    let mut original = gre.clone();
+    original[8] -= 1;
+    original[10..12].copy_from_slice(&[0, 0]);
+    let c = checksum(&original[..20]);
+    original[10..12].copy_from_slice(&c.to_be_bytes());
+    assert_eq!(
+        &ip[28..],
+        &original[..],
+        "the quote is the pod's GRE packet"
+    );
+
+    // GRE to a member node, whole or a later fragment: left with the pod's address.
+    let to_member = ipv4(POD, VXLAN_PEER, IPPROTO_GRE, 64, GRE_PAYLOAD);
+    let later = as_fragment(&to_member, 0x5151, 2, false);
+    for prog in [names::POD_EGRESS, names::UNDERLAY_EGRESS] {
+        for ip in [&to_member, &later] {
+            let f = frame(ip);
+            assert_eq!(
+                node.run(prog, &f),
+                (TC_ACT_OK, f.clone()),
+                "{prog}: GRE to a member"
+            );
+        }
+    }
+
+    // SCTP: ports kept, so the second pod with the same ports is refused and another port
+    // is not; the CRC32c-covered bytes never change.
+    let (v, out) = node.run(names::POD_EGRESS, &frame(&sctp(POD, OUTSIDE, 5000, 80)));
+    assert_eq!(v, TC_ACT_REDIRECT, "SCTP out");
+    let ip = check_ip(&out);
+    assert_eq!(addr(&ip, 12), NODE_IP);
+    assert_eq!(
+        &ip[20..],
+        &sctp(POD, OUTSIDE, 5000, 80)[20..],
+        "SCTP bytes untouched"
+    );
+    let (v, _) = node.run(names::POD_EGRESS, &frame(&sctp(POD2, OUTSIDE, 5000, 80)));
+    assert_eq!(v, TC_ACT_SHOT, "second pod's SCTP on the same ports");
+    assert_eq!(node.counters()["drop_nat_exhausted"], 2);
+    let (v, out) = node.run(names::POD_EGRESS, &frame(&sctp(POD2, OUTSIDE, 5001, 80)));
+    assert_eq!(v, TC_ACT_REDIRECT);
+    assert_eq!(be16(&check_ip(&out), 20), 5001, "SCTP port kept");
+    for (port, pod) in [(5000, POD), (5001, POD2)] {
+        let reply = sctp(OUTSIDE, NODE_IP, 80, port);
+        let (v, out) = node.run(names::UNDERLAY_INGRESS, &frame(&reply));
+        assert_eq!(v, TC_ACT_REDIRECT, "SCTP reply to port {port}");
+        let ip = check_ip(&out);
+        assert_eq!(addr(&ip, 16), pod, "SCTP reply to port {port}");
+        assert_eq!(&ip[20..], &reply[20..]);
+    }
+
+    // DCCP and UDP-Lite: translated as UDP is, pseudo-header checksums valid both ways.
+    for proto in [IPPROTO_DCCP, IPPROTO_UDPLITE] {
+        let mut ports = Vec::new();
+        for pod in [POD, POD2] {
+            let sent = ported(pod, OUTSIDE, proto, (6000, 7000), b"request");
+            let (v, out) = node.run(names::POD_EGRESS, &frame(&sent));
+            assert_eq!(v, TC_ACT_REDIRECT, "proto {proto} out");
+            let ip = check_ip(&out);
+            assert_eq!(addr(&ip, 12), NODE_IP, "proto {proto} masqueraded");
+            assert_eq!(&ip[28..], b"request");
+            ports.push(be16(&ip, 20));
+        }
+        assert_ne!(ports[0], ports[1], "proto {proto}: each pod its own port");
+        for (port, pod) in ports.into_iter().zip([POD, POD2]) {
+            let reply = ported(OUTSIDE, NODE_IP, proto, (7000, port), b"answer");
+            let (v, out) = node.run(names::UNDERLAY_INGRESS, &frame(&reply));
+            assert_eq!(v, TC_ACT_REDIRECT, "proto {proto} reply");
+            let ip = check_ip(&out);
+            assert_eq!(
+                (addr(&ip, 16), be16(&ip, 22)),
+                (pod, 6000),
+                "proto {proto} reply to the pod's port"
+            );
+        }
+    }
 }

@@ -20,9 +20,8 @@ use std::{
 use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, MapError};
 use ipnet::Ipv4Net;
 use overlay_common::nat::{
-    IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, NAT_CONFIG_INDEX, NAT_E_KERNEL, NAT_E_TO_CLUSTER,
-    NAT_F_ENABLED, NAT_F_KEEP_PORT, NAT_S_FIN, NAT_S_REPLIED, NAT_S_RST, NatConfig, NatEntryV4,
-    NatKeyV4,
+    IPPROTO_TCP, NAT_CONFIG_INDEX, NAT_E_KERNEL, NAT_E_TO_CLUSTER, NAT_F_ENABLED, NAT_F_KEEP_PORT,
+    NAT_S_FIN, NAT_S_REPLIED, NAT_S_RST, NatConfig, NatEntryV4, NatKeyV4,
 };
 
 use super::{Datapath, DatapathError, map_mut, names, pin::PinDir};
@@ -348,12 +347,7 @@ pub struct NatFlow {
 
 impl std::fmt::Display for NatFlow {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let proto = match self.proto {
-            IPPROTO_TCP => "tcp",
-            IPPROTO_UDP => "udp",
-            IPPROTO_ICMP => "icmp",
-            _ => "?",
-        };
+        let proto = crate::monitor::proto_name(self.proto);
         let mut state = Vec::new();
         for (bit, name) in [
             (NAT_S_REPLIED, "replied"),
@@ -466,6 +460,8 @@ pub fn pinned_nat_flows(dir: &Path) -> Result<NatTable, DatapathError> {
 
 #[cfg(test)]
 mod tests {
+    use overlay_common::nat::{IPPROTO_DCCP, IPPROTO_ICMP, IPPROTO_SCTP, IPPROTO_UDP};
+
     use super::*;
 
     #[test]
@@ -540,6 +536,20 @@ mod tests {
         assert!(
             cfg.is_expired(IPPROTO_TCP, &e, 121 * s, false),
             "unanswered SYN"
+        );
+        // Every other protocol times out as UDP does (conntrack's GRE and generic trackers
+        // are no shorter); ICMP echo on its own timeout.
+        for proto in [47, IPPROTO_SCTP, IPPROTO_DCCP] {
+            assert!(!cfg.is_expired(proto, &e, 30 * s, false), "proto {proto}");
+            assert!(cfg.is_expired(proto, &e, 31 * s, false), "proto {proto}");
+            assert!(
+                !cfg.is_expired(proto, &replied, 100 * s, true),
+                "proto {proto}"
+            );
+        }
+        assert!(
+            cfg.is_expired(IPPROTO_ICMP, &replied, 100 * s, true),
+            "echo: its own 30 s"
         );
     }
 

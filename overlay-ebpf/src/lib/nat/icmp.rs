@@ -174,8 +174,8 @@ struct QuotedSide {
 /// Rewrites `side` of the packet quoted by the ICMP error whose header is at `l4` (`iip`, the
 /// quoted IPv4 header, read before): the address with the quoted header's checksum (their sum
 /// stays the same, so does the ICMP checksum), the port, and, where the error carries it, the
-/// quoted L4 checksum at `inner_csum_off` (pseudo-header for TCP/UDP; a zero UDP checksum stays
-/// zero). Every other changed word moves the ICMP checksum.
+/// quoted L4 checksum at `inner_csum_off` (pseudo-header for TCP, UDP, DCCP, UDP-Lite; a zero
+/// UDP checksum stays zero; 0: none). Every other changed word moves the ICMP checksum.
 #[inline(always)]
 fn rewrite_quote(
     ctx: &TcContext,
@@ -196,7 +196,11 @@ fn rewrite_quote(
     ctx.store(inner + offset_of!(Ipv4Hdr, check), &icheck, 0)
         .map_err(|_| Reason::DropNatFailed)?;
 
-    if let Ok(old_c) = ctx.load::<[u8; 2]>(inner_csum_off) {
+    // No quoted checksum covers the rewrite (`inner_csum_off` 0, see `load_l4`), or the error
+    // left it out.
+    if inner_csum_off != 0
+        && let Ok(old_c) = ctx.load::<[u8; 2]>(inner_csum_off)
+    {
         let udp_zero = iip.proto == IPPROTO_UDP && old_c == [0, 0];
         if !udp_zero {
             let mut c = replace16(
@@ -221,6 +225,10 @@ fn rewrite_quote(
             ctx.store(inner_csum_off, &c, 0)
                 .map_err(|_| Reason::DropNatFailed)?;
         }
+    }
+    if side.old_port == side.new_port {
+        // Kept, or no ports at all: what sits there is not ours to write.
+        return Ok(());
     }
     ctx.l4_csum_replace(
         icmp_csum_off,

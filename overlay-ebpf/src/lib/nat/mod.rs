@@ -33,8 +33,8 @@
 //!   address for a direct (host-gw, DirectRouting) peer. Flagged `NAT_E_TO_CLUSTER`; the kernel
 //!   has routed it already, so the TTL is left alone.
 //! - `underlay_ingress` calls [`reverse`] for what decapsulation left alone: a reply to the
-//!   node's address matching a flow's reply tuple (TCP, UDP, ICMP echo reply, or an ICMP error whose
-//!   inner header is a translated flow) gets the pod's address and port back (inner header and
+//!   node's address matching a flow's reply tuple (any protocol, an ICMP echo reply, or an ICMP
+//!   error whose inner header is a translated flow) gets the pod's address and port back (inner header and
 //!   every checksum too, for errors) and goes to the pod bridge with `bpf_redirect_neigh`
 //!   (or to the kernel for `NAT_E_KERNEL` flows). Decapsulation calls
 //!   [`reverse_decapsulated`] for VXLAN packets to `<subnet>.0` before it hands them to the host
@@ -66,14 +66,25 @@
 //! A pod's UDP to a member node's VXLAN port is dropped instead of translated
 //! (`drop_pod_vxlan`): with the node's address it would pass for the node's tunnel traffic.
 //!
+//! Protocols ([`NatPorts`]), as conntrack's trackers and MASQUERADE treat them: TCP, UDP, ICMP
+//! echo, DCCP and UDP-Lite get a port (their checksums cover a pseudo-header, patched as
+//! UDP's is); SCTP keeps its ports (its CRC32c covers them, not the addresses); every other
+//! protocol (GRE, ESP, IP-in-IP, ...) is translated on its address alone, so two pods' flows of
+//! one such protocol to one remote host share a reply tuple: the second is refused while the
+//! first lives (`drop_nat_exhausted`), as conntrack drops its clash. Without ports there is no
+//! telling a pod's flow from the node's own tunnel to the same host: to a member node (whose
+//! tunnels to us would then go into the pod) such traffic leaves untranslated, with the pod's
+//! address, which the member routes back through the overlay.
+//!
 //! Fragments: later fragments of a pod's datagram get the address only (they carry no ports);
 //! the first fragment of a reply, translated back, leaves its datagram's identity in
 //! `SNAT_V4_FRAG`, and the later fragments follow it to the same destination (within
 //! `NAT_FRAG_TIMEOUT`; fragments that arrive before the first go to the kernel untouched).
 //!
-//! Limits: IPv4 only; protocols other than TCP, UDP and ICMP echo/errors are not translated
-//! (they go on to the kernel untouched). Traffic from
-//! outside into the cluster is masqueraded only where the kernel hands it to ovl0: under a
+//! Limits: IPv4 only; ICMP other than echo and errors is not translated (it goes on to the
+//! kernel untouched); while a pod's portless flow to a host outside the cluster lives, the
+//! node's own traffic of that protocol from that host goes to the pod (conntrack mixes the two
+//! up as well). Traffic from outside into the cluster is masqueraded only where the kernel hands it to ovl0: under a
 //! FORWARD policy DROP, forwarded traffic from an outside host never gets there (flannel's
 //! `-d <cluster> -j ACCEPT` FORWARD rule is not written).
 //!
@@ -96,7 +107,7 @@ use core::mem::offset_of;
 
 use aya_ebpf::programs::TcContext;
 use overlay_common::{
-    nat::{IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP},
+    nat::{IPPROTO_ICMP, IPPROTO_SCTP, IPPROTO_TCP, NatPorts},
     wire::ETH_HLEN,
 };
 
@@ -133,7 +144,7 @@ struct L4Ports {
     sport: [u8; 2],
     /// Destination port; ICMP: 0.
     dport: [u8; 2],
-    /// Offset in the packet of the L4 checksum.
+    /// Offset in the packet of the L4 checksum; 0: none covers what a translation rewrites.
     csum_off: usize,
     /// TCP flags (0 for a quoted header and other protocols).
     tcp_flags: u8,
@@ -162,54 +173,52 @@ impl L4Ports {
 
 /// Reads the L4 header of `proto` at `l4`: TCP through its checksum when `whole` (a packet to
 /// rewrite), else (a packet quoted by an ICMP error, which carries 8 bytes of it) only the
-/// first 8 bytes, which hold the ports. `None` for a header cut short or a protocol not
-/// translated.
+/// first 8 bytes, which hold the ports. Ports only where the protocol has them in the tuple
+/// ([`NatPorts`]); the checksum offset is 0 where no checksum covers what a translation
+/// rewrites (SCTP's CRC32c leaves out the IP header; other protocols without ports have none
+/// over the addresses). `None` for a header cut short.
 #[inline(always)]
 fn load_l4(ctx: &TcContext, proto: u8, l4: usize, whole: bool) -> Option<L4Ports> {
+    let mut t = L4Ports {
+        sport: [0, 0],
+        dport: [0, 0],
+        csum_off: 0,
+        tcp_flags: 0,
+        tcp_seq: 0,
+        tcp_ack: 0,
+        icmp_type: 0,
+    };
     match proto {
         IPPROTO_TCP if whole => {
             let h: [u8; TcpHdr::THROUGH_CHECK] = ctx.load(l4).ok()?;
-            Some(L4Ports {
-                sport: [h[0], h[1]],
-                dport: [h[2], h[3]],
-                csum_off: l4 + offset_of!(TcpHdr, check),
-                tcp_flags: h[offset_of!(TcpHdr, flags)],
-                tcp_seq: u32::from_be_bytes([h[4], h[5], h[6], h[7]]),
-                tcp_ack: u32::from_be_bytes([h[8], h[9], h[10], h[11]]),
-                icmp_type: 0,
-            })
-        }
-        IPPROTO_TCP | IPPROTO_UDP => {
-            let h: [u8; 8] = ctx.load(l4).ok()?;
-            Some(L4Ports {
-                sport: [h[0], h[1]],
-                dport: [h[2], h[3]],
-                csum_off: l4
-                    + if proto == IPPROTO_TCP {
-                        offset_of!(TcpHdr, check)
-                    } else {
-                        offset_of!(UdpHdr, check)
-                    },
-                tcp_flags: 0,
-                tcp_seq: 0,
-                tcp_ack: 0,
-                icmp_type: 0,
-            })
+            t.sport = [h[0], h[1]];
+            t.dport = [h[2], h[3]];
+            t.csum_off = l4 + offset_of!(TcpHdr, check);
+            t.tcp_flags = h[offset_of!(TcpHdr, flags)];
+            t.tcp_seq = u32::from_be_bytes([h[4], h[5], h[6], h[7]]);
+            t.tcp_ack = u32::from_be_bytes([h[8], h[9], h[10], h[11]]);
         }
         IPPROTO_ICMP => {
             let h: IcmpHdr = ctx.load(l4).ok()?;
-            Some(L4Ports {
-                sport: h.id,
-                dport: [0, 0],
-                csum_off: l4 + offset_of!(IcmpHdr, check),
-                tcp_flags: 0,
-                tcp_seq: 0,
-                tcp_ack: 0,
-                icmp_type: h.kind,
-            })
+            t.sport = h.id;
+            t.csum_off = l4 + offset_of!(IcmpHdr, check);
+            t.icmp_type = h.kind;
         }
-        _ => None,
+        _ if NatPorts::of(proto) == NatPorts::None => {}
+        _ => {
+            // TCP (quoted), UDP, DCCP, UDP-Lite, SCTP: the ports lead the header.
+            let h: [u8; 8] = ctx.load(l4).ok()?;
+            t.sport = [h[0], h[1]];
+            t.dport = [h[2], h[3]];
+            t.csum_off = match proto {
+                IPPROTO_TCP => l4 + offset_of!(TcpHdr, check),
+                IPPROTO_SCTP => 0,
+                // UDP, and DCCP and UDP-Lite, whose checksums sit where UDP's does.
+                _ => l4 + offset_of!(UdpHdr, check),
+            };
+        }
     }
+    Some(t)
 }
 
 /// Whether `icmp_type` is an ICMP error that quotes the packet it is about.

@@ -107,7 +107,7 @@ fn reverse_to(ctx: &TcContext, cfg: &Config, nat_addr: [u8; 4]) -> Result<i32, R
         ctx.store(port_off, &orig.port, 0)
             .map_err(|_| Reason::DropNatFailed)?;
     }
-    let l4_csum = if ip.proto == IPPROTO_ICMP {
+    let l4_csum = if ip.proto == IPPROTO_ICMP || csum_off == 0 {
         NO_L4_CSUM
     } else {
         (csum_off, mangled)

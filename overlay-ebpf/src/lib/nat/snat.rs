@@ -12,7 +12,7 @@ use overlay_common::{
     config::Config,
     counters::Reason,
     nat::{
-        IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, NAT_E_KERNEL, NAT_E_TO_CLUSTER, NatConfig, NatKeyV4,
+        IPPROTO_ICMP, IPPROTO_UDP, NAT_E_KERNEL, NAT_E_TO_CLUSTER, NatConfig, NatKeyV4, NatPorts,
     },
     route::NextHopV4,
 };
@@ -189,18 +189,26 @@ pub(super) fn translate_out(
     let route = hop.unwrap_or_default();
     let hop = hop.is_some();
     let l4 = IP_OFF + ihl;
+    let portless_to_member = NatPorts::of(ip.proto) == NatPorts::None && is_member(ip.daddr);
     if frag_offset(ip) != 0 {
+        if portless_to_member {
+            // As its first fragment was (below).
+            return Ok(Translated::No);
+        }
         // A later fragment: no ports; every masqueraded flow has the same address.
         rewrite_addr(ctx, IP_SADDR_OFF, ip.saddr, nat_addr, NO_L4_CSUM, hop, ip)?;
         return Ok(Translated::Yes);
     }
     // Ports (ICMP: identifier) and where the L4 checksum is.
-    if !matches!(ip.proto, IPPROTO_TCP | IPPROTO_UDP | IPPROTO_ICMP) {
-        return Ok(Translated::No);
-    }
     let Some(t) = load_l4(ctx, ip.proto, l4, true) else {
         return Err(Reason::DropNatMalformed);
     };
+    if portless_to_member {
+        // Without ports the reply tuple is the remote and the protocol: a member node's own
+        // tunnels (IP-in-IP, GRE, ESP between nodes) would come back to the pod. Left as they
+        // are, with the pod's address, which the member routes back through the overlay.
+        return Ok(Translated::No);
+    }
     if ip.proto == IPPROTO_UDP {
         // Translated to our address, a datagram to a member's VXLAN port would pass for this
         // node's own tunnel traffic there: a pod must not speak VXLAN as the node.
@@ -229,18 +237,20 @@ pub(super) fn translate_out(
 
     // Rewrites, by offset (no packet pointer survives these helpers).
     let port_off = L4Ports::port_off(ip.proto, l4, true);
-    let (pseudo, mangled) = match ip.proto {
-        IPPROTO_TCP => (BPF_F_PSEUDO_HDR, 0),
-        IPPROTO_UDP => (BPF_F_PSEUDO_HDR, BPF_F_MARK_MANGLED_0),
-        _ => (0, 0),
+    // A pseudo-header checksum (TCP, UDP, DCCP, UDP-Lite) follows the address; ICMP's does
+    // not, and other protocols have none over it (`csum_off` 0).
+    let pseudo = ip.proto != IPPROTO_ICMP && csum_off != 0;
+    let flags = if ip.proto == IPPROTO_UDP {
+        u64::from(BPF_F_MARK_MANGLED_0)
+    } else {
+        0
     };
-    let flags = u64::from(mangled);
-    if pseudo != 0 {
+    if pseudo {
         ctx.l4_csum_replace(
             csum_off,
             u64::from(u32::from_ne_bytes(ip.saddr)),
             u64::from(u32::from_ne_bytes(nat_addr)),
-            flags | u64::from(pseudo) | 4,
+            flags | u64::from(BPF_F_PSEUDO_HDR) | 4,
         )
         .map_err(|_| Reason::DropNatFailed)?;
     }
