@@ -176,8 +176,8 @@ pub enum Reason {
     /// Rewriting a packet for masquerade failed (the kernel refused a checksum or store helper).
     DropNatFailed = 62,
     /// No free translated port for a new flow after `NAT_PORT_TRIES` attempts; for a
-    /// protocol whose ports are kept (SCTP) or that has none (GRE, ...), its one reply tuple
-    /// held by another pod's flow.
+    /// protocol whose ports are kept (DCCP, UDP-Lite, SCTP) or that has none (GRE, ...), its
+    /// one reply tuple held by another pod's flow.
     DropNatExhausted = 63,
 }
 

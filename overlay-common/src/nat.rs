@@ -189,15 +189,17 @@ pub use crate::wire::{
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum NatPorts {
     /// Ports (ICMP echo: the identifier) are part of the tuple and the translated port is
-    /// chosen: TCP, UDP, ICMP, and DCCP and UDP-Lite, whose checksums cover a pseudo-header
-    /// as UDP's does.
+    /// chosen: TCP, UDP, ICMP.
     Chosen,
-    /// Ports are part of the tuple and never rewritten: SCTP (its CRC32c covers them).
+    /// Ports are part of the tuple and never rewritten: DCCP and UDP-Lite (their checksums
+    /// cover a pseudo-header, patched for the address as UDP's is) and SCTP (its CRC32c
+    /// covers the ports, not the addresses). Two pods' flows from one source port to one
+    /// remote port share a reply tuple, so the second is refused while the first lives
+    /// (`drop_nat_exhausted`), as conntrack drops its clash.
     Kept,
     /// No ports: the tuple is addresses and protocol (GRE, ESP, IP-in-IP, ...), translated on
-    /// the address alone, as conntrack's generic tracker and MASQUERADE do. Two pods' flows
-    /// of one such protocol to one remote host share a reply tuple, so the second one is
-    /// refused while the first lives (`drop_nat_exhausted`), as conntrack drops its clash.
+    /// the address alone, as conntrack's generic tracker and MASQUERADE do; two pods' flows
+    /// of one such protocol to one remote host clash the same way.
     None,
 }
 
@@ -206,10 +208,8 @@ impl NatPorts {
     #[inline(always)]
     pub const fn of(proto: u8) -> Self {
         match proto {
-            IPPROTO_TCP | IPPROTO_UDP | IPPROTO_ICMP | IPPROTO_DCCP | IPPROTO_UDPLITE => {
-                Self::Chosen
-            }
-            IPPROTO_SCTP => Self::Kept,
+            IPPROTO_TCP | IPPROTO_UDP | IPPROTO_ICMP => Self::Chosen,
+            IPPROTO_DCCP | IPPROTO_UDPLITE | IPPROTO_SCTP => Self::Kept,
             _ => Self::None,
         }
     }
@@ -378,6 +378,22 @@ mod tests {
             in_close_window(12345, 0),
             "nothing known: as before the window"
         );
+    }
+
+    #[test]
+    fn ports_are_chosen_kept_or_absent_by_protocol() {
+        for proto in [IPPROTO_TCP, IPPROTO_UDP, IPPROTO_ICMP] {
+            assert_eq!(NatPorts::of(proto), NatPorts::Chosen, "{proto}");
+        }
+        for proto in [IPPROTO_DCCP, IPPROTO_UDPLITE, IPPROTO_SCTP] {
+            assert_eq!(NatPorts::of(proto), NatPorts::Kept, "{proto}");
+        }
+        // GRE, ESP, IP-in-IP, an experimental number.
+        for proto in [47, 50, 4, 253] {
+            assert_eq!(NatPorts::of(proto), NatPorts::None, "{proto}");
+        }
+        assert_eq!(crate::wire::ip_proto_name(47), Some("gre"));
+        assert_eq!(crate::wire::ip_proto_name(253), None);
     }
 
     #[test]

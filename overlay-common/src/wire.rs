@@ -25,7 +25,7 @@ pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 /// DCCP and UDP-Lite: ports where UDP has them, and a checksum over a pseudo-header with the
-/// addresses at UDP's offset (6), so the masquerade translates them as it does UDP.
+/// addresses at UDP's offset (6), which the masquerade patches for the address.
 pub const IPPROTO_DCCP: u8 = 33;
 pub const IPPROTO_UDPLITE: u8 = 136;
 /// SCTP: ports where UDP has them, but a CRC32c over the SCTP packet alone, which a port

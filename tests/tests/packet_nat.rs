@@ -1966,7 +1966,7 @@ const GRE_PAYLOAD: &[u8] = &[0, 0, 0x08, 0x00, 0x45, 0, 0, 20, 1, 2, 3, 4];
 /// a protocol without ports (GRE) on its address alone, the reply back to the pod and a second
 /// pod's flow to the same host refused while the first lives (conntrack's clash), an ICMP
 /// error about it translated back; SCTP with its ports and CRC32c untouched; DCCP and UDP-Lite
-/// port-translated with their pseudo-header checksums valid both ways. Portless traffic to a
+/// with their ports kept and their pseudo-header checksums valid both ways. Portless traffic to a
 /// member node leaves with the pod's address: its reply tuple would be the member's own
 /// tunnel traffic.
 #[test]
@@ -2066,27 +2066,34 @@ fn protocols_other_than_tcp_udp_and_icmp_are_masqueraded_as_conntrack_does() {
         assert_eq!(&ip[20..], &reply[20..]);
     }
 
-    // DCCP and UDP-Lite: translated as UDP is, pseudo-header checksums valid both ways.
-    for proto in [IPPROTO_DCCP, IPPROTO_UDPLITE] {
-        let mut ports = Vec::new();
-        for pod in [POD, POD2] {
-            let sent = ported(pod, OUTSIDE, proto, (6000, 7000), b"request");
+    // DCCP and UDP-Lite: ports kept as SCTP's are, pseudo-header checksums valid both ways.
+    for (n, proto) in [IPPROTO_DCCP, IPPROTO_UDPLITE].into_iter().enumerate() {
+        for (pod, sport) in [(POD, 6000), (POD2, 6001)] {
+            let sent = ported(pod, OUTSIDE, proto, (sport, 7000), b"request");
             let (v, out) = node.run(names::POD_EGRESS, &frame(&sent));
             assert_eq!(v, TC_ACT_REDIRECT, "proto {proto} out");
             let ip = check_ip(&out);
-            assert_eq!(addr(&ip, 12), NODE_IP, "proto {proto} masqueraded");
+            assert_eq!(
+                (addr(&ip, 12), be16(&ip, 20)),
+                (NODE_IP, sport),
+                "proto {proto} masqueraded, port kept"
+            );
             assert_eq!(&ip[28..], b"request");
-            ports.push(be16(&ip, 20));
         }
-        assert_ne!(ports[0], ports[1], "proto {proto}: each pod its own port");
-        for (port, pod) in ports.into_iter().zip([POD, POD2]) {
-            let reply = ported(OUTSIDE, NODE_IP, proto, (7000, port), b"answer");
+        let (v, _) = node.run(
+            names::POD_EGRESS,
+            &frame(&ported(POD2, OUTSIDE, proto, (6000, 7000), b"clash")),
+        );
+        assert_eq!(v, TC_ACT_SHOT, "proto {proto}: the first pod's tuple");
+        assert_eq!(node.counters()["drop_nat_exhausted"], 3 + n as u64);
+        for (pod, sport) in [(POD, 6000), (POD2, 6001)] {
+            let reply = ported(OUTSIDE, NODE_IP, proto, (7000, sport), b"answer");
             let (v, out) = node.run(names::UNDERLAY_INGRESS, &frame(&reply));
             assert_eq!(v, TC_ACT_REDIRECT, "proto {proto} reply");
             let ip = check_ip(&out);
             assert_eq!(
                 (addr(&ip, 16), be16(&ip, 22)),
-                (pod, 6000),
+                (pod, sport),
                 "proto {proto} reply to the pod's port"
             );
         }

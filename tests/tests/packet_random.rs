@@ -881,12 +881,15 @@ fn reply_to(out: &[u8]) -> Option<Vec<u8>> {
     r[26..30].copy_from_slice(&dst);
     r[30..34].copy_from_slice(&src);
     match out[23] {
-        6 | 17 => {
+        // TCP, UDP, DCCP, SCTP, UDP-Lite: the ports lead the header.
+        6 | 17 | 33 | 132 | 136 => {
             let (sp, dp) = (out[34..36].to_vec(), out[36..38].to_vec());
             r[34..36].copy_from_slice(&dp);
             r[36..38].copy_from_slice(&sp);
             // The L4 checksum covers the swapped words only in a different order: unchanged.
         }
+        // GRE: no ports, the addresses are the tuple.
+        47 => {}
         1 if out[34] == 8 => {
             r[34] = 0;
             let c = u16::from_be_bytes([r[36], r[37]]).wrapping_add(0x0800);
@@ -899,13 +902,13 @@ fn reply_to(out: &[u8]) -> Option<Vec<u8>> {
 }
 
 /// A pod's packet to a host outside the cluster network (what masquerade translates): TCP,
-/// UDP or an ICMP echo, with a valid header.
+/// UDP, an ICMP echo, DCCP, UDP-Lite, SCTP or GRE, with a valid IPv4 header.
 fn to_outside(rng: &mut Rng) -> Vec<u8> {
     let dst = [198, 19, rng.byte(), 1 + rng.byte() % 250];
     let src = host(SUBNET, rng.pick(&[5u8, 6, 7, 77]));
     let mut ip = ipv4(rng, src, dst, (64, 0, 0));
     ip.resize(ip.len().max(20 + 28), 0);
-    let proto = rng.pick(&[1u8, 6, 17]);
+    let proto = rng.pick(&[1u8, 6, 17, 6, 17, 33, 47, 132, 136]);
     ip[9] = proto;
     if proto == 1 {
         ip[20] = 8;
@@ -952,7 +955,7 @@ fn with_masquerade_on_every_frame_is_accounted_once_and_translations_hold() {
         assert_accounted_nat(name, result.return_value, &seen, &hex(frame));
         (result.return_value, out, seen)
     };
-    let (mut translated, mut back) = (0u64, 0u64);
+    let (mut translated, mut back, mut back_portless) = (0u64, 0u64, 0u64);
     bench
         .ns
         .in_netns(|| {
@@ -986,6 +989,9 @@ fn with_masquerade_on_every_frame_is_accounted_once_and_translations_hold() {
                         let (_, back_out, seen) = run(names::UNDERLAY_INGRESS, &reply);
                         if !mutated && seen.contains_key(&Reason::NatRev) {
                             back += 1;
+                            if f[23] == 47 {
+                                back_portless += 1;
+                            }
                             assert_eq!(&back_out[30..34], &f[26..30], "translated back to the pod");
                             if valid {
                                 assert_eq!(checksum(&back_out[14..34]), 0, "{}", hex(&back_out));
@@ -999,10 +1005,10 @@ fn with_masquerade_on_every_frame_is_accounted_once_and_translations_hold() {
         .unwrap();
     eprintln!(
         "packet_random (masquerade): {frames} frames per TC program, {translated} pod packets \
-         translated, {back} replies translated back"
+         translated, {back} replies translated back ({back_portless} of GRE)"
     );
     assert!(
-        translated > 0 && back > 0,
-        "the run exercised the masquerade"
+        translated > 0 && back > 0 && back_portless > 0,
+        "the run exercised the masquerade, a protocol without ports included"
     );
 }

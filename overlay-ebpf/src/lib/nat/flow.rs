@@ -425,6 +425,72 @@ pub(super) fn flow_out(
     Ok(port)
 }
 
+/// What [`fixed_tuple_out`] returns.
+pub(super) const FIXED_OK: u32 = 1;
+pub(super) const FIXED_TAKEN: u32 = 2;
+
+/// The outbound half of a flow whose reply tuple its packet fixes: ports kept (DCCP, UDP-Lite,
+/// SCTP) or none (GRE, ESP, ...), translated to `nat_addr`. Such flows live in the unassured
+/// tier on UDP's first timeout, refreshed by packets both ways, and are never promoted: a
+/// path of its own, apart from [`flow_out`], since every protocol class that went through
+/// that one multiplied the verifier's work on it. `FIXED_OK`, `FIXED_TAKEN` (another
+/// flow holds the reply tuple: conntrack's clash), or 0 (a map refused the entry).
+#[inline(never)]
+pub(super) fn fixed_tuple_out(
+    nat: &NatConfig,
+    key: &NatKeyV4,
+    nat_addr: [u8; 4],
+    eflags: u8,
+) -> u32 {
+    let now = now();
+    let rev_key = key.reply(nat_addr, key.sport);
+    if let Some(ct) = SNAT_V4_CT_NEW.get_ptr_mut(key) {
+        // SAFETY: a map value pointer, valid during this program run.
+        let e = unsafe { *ct };
+        // UDP's timeouts are every such protocol's (`NatConfig::timeout`).
+        if e.addr == nat_addr && !nat.is_expired(IPPROTO_UDP, &e, now, false) {
+            if !fresh(e.last_seen, now) {
+                // SAFETY: as above.
+                unsafe { (*ct).last_seen = now };
+                if let Some(rev) = SNAT_V4_REV_NEW.get_ptr_mut(&rev_key) {
+                    // SAFETY: as above.
+                    unsafe {
+                        if (*rev).addr == key.saddr && (*rev).port == key.sport {
+                            (*rev).last_seen = now;
+                        }
+                    }
+                }
+            }
+            return FIXED_OK;
+        }
+        // Dead, or translated to another address: made again below.
+        let _ = SNAT_V4_CT_NEW.remove(key);
+        if holds_for(&SNAT_V4_REV_NEW, &rev_key, key) {
+            let _ = SNAT_V4_REV_NEW.remove(&rev_key);
+        }
+    }
+    let mut entry = NatEntryV4 {
+        addr: key.saddr,
+        port: key.sport,
+        state: 0,
+        flags: eflags,
+        last_seen: now,
+        route: NextHopV4::default(),
+        orig_ack: 0,
+        _pad: [0; 4],
+    };
+    if !claim::<Unassured>(&rev_key, &entry) {
+        return FIXED_TAKEN;
+    }
+    entry.addr = nat_addr;
+    if SNAT_V4_CT_NEW.insert(key, &entry, 0).is_err() {
+        let _ = SNAT_V4_REV_NEW.remove(&rev_key);
+        return 0;
+    }
+    count(Reason::NatNewFlow, 0);
+    FIXED_OK
+}
+
 /// What [`flow_out`] reads of an outgoing TCP segment besides its tuple (flags 0 for other
 /// protocols).
 #[derive(Clone, Copy)]

@@ -66,12 +66,13 @@
 //! A pod's UDP to a member node's VXLAN port is dropped instead of translated
 //! (`drop_pod_vxlan`): with the node's address it would pass for the node's tunnel traffic.
 //!
-//! Protocols ([`NatPorts`]), as conntrack's trackers and MASQUERADE treat them: TCP, UDP, ICMP
-//! echo, DCCP and UDP-Lite get a port (their checksums cover a pseudo-header, patched as
-//! UDP's is); SCTP keeps its ports (its CRC32c covers them, not the addresses); every other
-//! protocol (GRE, ESP, IP-in-IP, ...) is translated on its address alone, so two pods' flows of
-//! one such protocol to one remote host share a reply tuple: the second is refused while the
-//! first lives (`drop_nat_exhausted`), as conntrack drops its clash. Without ports there is no
+//! Protocols ([`NatPorts`]), as conntrack's trackers and MASQUERADE treat them: TCP, UDP and
+//! ICMP echo get a port (`flow_out`); DCCP and UDP-Lite (their checksums cover a pseudo-header,
+//! patched as UDP's is) and SCTP (its CRC32c covers the ports, not the addresses) keep theirs;
+//! every other protocol (GRE, ESP, IP-in-IP, ...) is translated on its address alone. Those
+//! flows' reply tuples are fixed by their packets (`fixed_tuple_out`, unassured tier, UDP's
+//! timeouts): a second pod's flow with the same one is refused while the first lives
+//! (`drop_nat_exhausted`), as conntrack drops its clash. Without ports there is no
 //! telling a pod's flow from the node's own tunnel to the same host: to a member node (whose
 //! tunnels to us would then go into the pod) such traffic leaves untranslated, with the pod's
 //! address, which the member routes back through the overlay.
@@ -107,7 +108,10 @@ use core::mem::offset_of;
 
 use aya_ebpf::programs::TcContext;
 use overlay_common::{
-    nat::{IPPROTO_ICMP, IPPROTO_SCTP, IPPROTO_TCP, NatPorts},
+    nat::{
+        IPPROTO_DCCP, IPPROTO_ICMP, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, IPPROTO_UDPLITE,
+        NatPorts,
+    },
     wire::ETH_HLEN,
 };
 
@@ -146,6 +150,10 @@ struct L4Ports {
     dport: [u8; 2],
     /// Offset in the packet of the L4 checksum; 0: none covers what a translation rewrites.
     csum_off: usize,
+    /// How the protocol's ports are treated, set as a constant in each arm of [`load_l4`]:
+    /// deciding by it (not by the protocol number again) keeps the verifier from walking the
+    /// port-choosing path for protocols it cannot tell apart.
+    ports: NatPorts,
     /// TCP flags (0 for a quoted header and other protocols).
     tcp_flags: u8,
     /// TCP sequence and acknowledgment numbers, host order (0 for a quoted header and other
@@ -174,51 +182,97 @@ impl L4Ports {
 /// Reads the L4 header of `proto` at `l4`: TCP through its checksum when `whole` (a packet to
 /// rewrite), else (a packet quoted by an ICMP error, which carries 8 bytes of it) only the
 /// first 8 bytes, which hold the ports. Ports only where the protocol has them in the tuple
-/// ([`NatPorts`]); the checksum offset is 0 where no checksum covers what a translation
+/// (`overlay_common::nat::NatPorts`); the checksum offset is 0 where no checksum covers what a translation
 /// rewrites (SCTP's CRC32c leaves out the IP header; other protocols without ports have none
 /// over the addresses). `None` for a header cut short.
 #[inline(always)]
 fn load_l4(ctx: &TcContext, proto: u8, l4: usize, whole: bool) -> Option<L4Ports> {
-    let mut t = L4Ports {
-        sport: [0, 0],
-        dport: [0, 0],
-        csum_off: 0,
-        tcp_flags: 0,
-        tcp_seq: 0,
-        tcp_ack: 0,
-        icmp_type: 0,
-    };
     match proto {
         IPPROTO_TCP if whole => {
             let h: [u8; TcpHdr::THROUGH_CHECK] = ctx.load(l4).ok()?;
-            t.sport = [h[0], h[1]];
-            t.dport = [h[2], h[3]];
-            t.csum_off = l4 + offset_of!(TcpHdr, check);
-            t.tcp_flags = h[offset_of!(TcpHdr, flags)];
-            t.tcp_seq = u32::from_be_bytes([h[4], h[5], h[6], h[7]]);
-            t.tcp_ack = u32::from_be_bytes([h[8], h[9], h[10], h[11]]);
+            Some(L4Ports {
+                sport: [h[0], h[1]],
+                dport: [h[2], h[3]],
+                csum_off: l4 + offset_of!(TcpHdr, check),
+                ports: NatPorts::Chosen,
+                tcp_flags: h[offset_of!(TcpHdr, flags)],
+                tcp_seq: u32::from_be_bytes([h[4], h[5], h[6], h[7]]),
+                tcp_ack: u32::from_be_bytes([h[8], h[9], h[10], h[11]]),
+                icmp_type: 0,
+            })
+        }
+        IPPROTO_TCP | IPPROTO_UDP => {
+            let h: [u8; 8] = ctx.load(l4).ok()?;
+            Some(L4Ports {
+                sport: [h[0], h[1]],
+                dport: [h[2], h[3]],
+                csum_off: l4
+                    + if proto == IPPROTO_TCP {
+                        offset_of!(TcpHdr, check)
+                    } else {
+                        offset_of!(UdpHdr, check)
+                    },
+                ports: NatPorts::Chosen,
+                tcp_flags: 0,
+                tcp_seq: 0,
+                tcp_ack: 0,
+                icmp_type: 0,
+            })
+        }
+        IPPROTO_DCCP | IPPROTO_UDPLITE => {
+            // Through the checksum, which the translation patches.
+            let h: [u8; 8] = ctx.load(l4).ok()?;
+            Some(L4Ports {
+                sport: [h[0], h[1]],
+                dport: [h[2], h[3]],
+                // Their checksums sit where UDP's does.
+                csum_off: l4 + offset_of!(UdpHdr, check),
+                ports: NatPorts::Kept,
+                tcp_flags: 0,
+                tcp_seq: 0,
+                tcp_ack: 0,
+                icmp_type: 0,
+            })
+        }
+        IPPROTO_SCTP => {
+            let h: [u8; 4] = ctx.load(l4).ok()?;
+            Some(L4Ports {
+                sport: [h[0], h[1]],
+                dport: [h[2], h[3]],
+                csum_off: 0,
+                ports: NatPorts::Kept,
+                tcp_flags: 0,
+                tcp_seq: 0,
+                tcp_ack: 0,
+                icmp_type: 0,
+            })
         }
         IPPROTO_ICMP => {
             let h: IcmpHdr = ctx.load(l4).ok()?;
-            t.sport = h.id;
-            t.csum_off = l4 + offset_of!(IcmpHdr, check);
-            t.icmp_type = h.kind;
+            Some(L4Ports {
+                sport: h.id,
+                dport: [0, 0],
+                csum_off: l4 + offset_of!(IcmpHdr, check),
+                ports: NatPorts::Chosen,
+                tcp_flags: 0,
+                tcp_seq: 0,
+                tcp_ack: 0,
+                icmp_type: h.kind,
+            })
         }
-        _ if NatPorts::of(proto) == NatPorts::None => {}
-        _ => {
-            // TCP (quoted), UDP, DCCP, UDP-Lite, SCTP: the ports lead the header.
-            let h: [u8; 8] = ctx.load(l4).ok()?;
-            t.sport = [h[0], h[1]];
-            t.dport = [h[2], h[3]];
-            t.csum_off = match proto {
-                IPPROTO_TCP => l4 + offset_of!(TcpHdr, check),
-                IPPROTO_SCTP => 0,
-                // UDP, and DCCP and UDP-Lite, whose checksums sit where UDP's does.
-                _ => l4 + offset_of!(UdpHdr, check),
-            };
-        }
+        // No ports ([`NatPorts::None`]): nothing to read. (Kept in separate literal arms: a
+        // struct filled field by field per protocol tripled the verifier's work.)
+        _ => Some(L4Ports {
+            sport: [0, 0],
+            dport: [0, 0],
+            csum_off: 0,
+            ports: NatPorts::None,
+            tcp_flags: 0,
+            tcp_seq: 0,
+            tcp_ack: 0,
+            icmp_type: 0,
+        }),
     }
-    Some(t)
 }
 
 /// Whether `icmp_type` is an ICMP error that quotes the packet it is about.

@@ -169,6 +169,41 @@ pub fn snat_to_cluster(ctx: &TcContext, cfg: &Config, direct: bool) -> Result<()
     Ok(())
 }
 
+/// [`translate_out`] for a protocol whose reply tuple its packet fixes (ports kept, or none):
+/// the flow, then the address (and a pseudo-header checksum, where one covers it).
+#[inline(always)]
+fn fixed_tuple_out_rewrite(
+    ctx: &TcContext,
+    nat: &NatConfig,
+    ip: &Ipv4Hdr,
+    t: &L4Ports,
+    nat_addr: [u8; 4],
+    eflags: u8,
+    hop: bool,
+) -> Result<Translated, Reason> {
+    let key = NatKeyV4::new(ip.saddr, ip.daddr, t.sport, t.dport, ip.proto);
+    if eflags & NAT_E_KERNEL != 0 && replies_to_cluster_flow(nat, &key, flow::now()) {
+        return Ok(Translated::No);
+    }
+    match flow::fixed_tuple_out(nat, &key, nat_addr, eflags) {
+        flow::FIXED_OK => {}
+        flow::FIXED_TAKEN => return Err(Reason::DropNatExhausted),
+        _ => return Err(Reason::DropNatFailed),
+    }
+    if t.csum_off != 0 {
+        // DCCP, UDP-Lite: their checksums cover a pseudo-header, as UDP's does.
+        ctx.l4_csum_replace(
+            t.csum_off,
+            u64::from(u32::from_ne_bytes(ip.saddr)),
+            u64::from(u32::from_ne_bytes(nat_addr)),
+            u64::from(BPF_F_PSEUDO_HDR) | 4,
+        )
+        .map_err(|_| Reason::DropNatFailed)?;
+    }
+    rewrite_addr(ctx, IP_SADDR_OFF, ip.saddr, nat_addr, NO_L4_CSUM, hop, ip)?;
+    Ok(Translated::Yes)
+}
+
 /// The outbound translation of one packet: finds or creates the flow, then rewrites source
 /// address (to `nat_addr`) and port. `hop` comes from the pod bridge's hook, which forwards the
 /// packet itself: the TTL is decremented, and the flow caches the route (generation not 0).
@@ -189,9 +224,8 @@ pub(super) fn translate_out(
     let route = hop.unwrap_or_default();
     let hop = hop.is_some();
     let l4 = IP_OFF + ihl;
-    let portless_to_member = NatPorts::of(ip.proto) == NatPorts::None && is_member(ip.daddr);
     if frag_offset(ip) != 0 {
-        if portless_to_member {
+        if NatPorts::of(ip.proto) == NatPorts::None && is_member(ip.daddr) {
             // As its first fragment was (below).
             return Ok(Translated::No);
         }
@@ -203,11 +237,17 @@ pub(super) fn translate_out(
     let Some(t) = load_l4(ctx, ip.proto, l4, true) else {
         return Err(Reason::DropNatMalformed);
     };
-    if portless_to_member {
-        // Without ports the reply tuple is the remote and the protocol: a member node's own
-        // tunnels (IP-in-IP, GRE, ESP between nodes) would come back to the pod. Left as they
-        // are, with the pod's address, which the member routes back through the overlay.
-        return Ok(Translated::No);
+    if t.ports != NatPorts::Chosen {
+        if t.ports == NatPorts::None && is_member(ip.daddr) {
+            // Without ports the reply tuple is the remote and the protocol: a member node's
+            // own tunnels (IP-in-IP, GRE, ESP between nodes) would come back to the pod. Left
+            // as they are, with the pod's address, which the member routes back through the
+            // overlay.
+            return Ok(Translated::No);
+        }
+        // Decided here, before any other test of the protocol: past this point the verifier
+        // would walk every such test's other branch for protocols it cannot tell apart.
+        return fixed_tuple_out_rewrite(ctx, nat, ip, &t, nat_addr, eflags, hop);
     }
     if ip.proto == IPPROTO_UDP {
         // Translated to our address, a datagram to a member's VXLAN port would pass for this
