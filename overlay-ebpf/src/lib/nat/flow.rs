@@ -47,8 +47,8 @@ use overlay_common::{
     nat::{
         IPPROTO_TCP, IPPROTO_UDP, NAT_E_TO_CLUSTER, NAT_F_KEEP_PORT, NAT_FRAG_TIMEOUT,
         NAT_PORT_TRIES, NAT_REFRESH_NS, NAT_S_FIN, NAT_S_REPLIED, NAT_S_RST, NatConfig, NatEntryV4,
-        NatKeyV4, NatPorts, SNAT_V4_CAPACITY, SNAT_V4_FRAG_CAPACITY, SNAT_V4_NEW_CAPACITY,
-        idle_longer_than, in_close_window,
+        NatKeyV4, SNAT_V4_CAPACITY, SNAT_V4_FRAG_CAPACITY, SNAT_V4_NEW_CAPACITY, idle_longer_than,
+        in_close_window,
     },
     route::NextHopV4,
 };
@@ -381,16 +381,9 @@ pub(super) fn flow_out(
             _pad: [0; 4],
         },
     };
-    let port = if NatPorts::of(proto) == NatPorts::Chosen {
-        match choose_port(ctx.skb.skb, nat, key, &choice) {
-            0 => return Err(Reason::DropNatExhausted),
-            port => port.to_be_bytes(),
-        }
-    } else if claim::<Unassured>(&key.reply(nat_addr, key.sport), &choice.entry) {
-        // Kept ports, or none: the one reply tuple there is, free or not.
-        key.sport
-    } else {
-        return Err(Reason::DropNatExhausted);
+    let port = match choose_port(ctx.skb.skb, nat, key, &choice) {
+        0 => return Err(Reason::DropNatExhausted),
+        port => port.to_be_bytes(),
     };
     // The reply entry is claimed: its stack slot becomes the CT entry (the verifier's 512
     // bytes of stack for this program and `choose_port` hold no second entry).

@@ -34,8 +34,9 @@
 //!   has routed it already, so the TTL is left alone.
 //! - `underlay_ingress` calls [`reverse`] for what decapsulation left alone: a reply to the
 //!   node's address matching a flow's reply tuple (any protocol, an ICMP echo reply, or an ICMP
-//!   error whose inner header is a translated flow) gets the pod's address and port back (inner header and
-//!   every checksum too, for errors) and goes to the pod bridge with `bpf_redirect_neigh`
+//!   error whose inner header is a translated flow) gets the pod's address and port back
+//!   (inner header and every checksum too, for errors) and goes to the pod bridge with
+//!   `bpf_redirect_neigh`
 //!   (or to the kernel for `NAT_E_KERNEL` flows). Decapsulation calls
 //!   [`reverse_decapsulated`] for VXLAN packets to `<subnet>.0` before it hands them to the host
 //!   device. A `NAT_E_TO_CLUSTER` reply gets its original destination back and is routed
@@ -85,8 +86,9 @@
 //! Limits: IPv4 only; ICMP other than echo and errors is not translated (it goes on to the
 //! kernel untouched); while a pod's portless flow to a host outside the cluster lives, the
 //! node's own traffic of that protocol from that host goes to the pod (conntrack mixes the two
-//! up as well). Traffic from outside into the cluster is masqueraded only where the kernel hands it to ovl0: under a
-//! FORWARD policy DROP, forwarded traffic from an outside host never gets there (flannel's
+//! up as well). Traffic from outside into the cluster is masqueraded only where the kernel
+//! hands it to ovl0: under a FORWARD policy DROP, forwarded traffic from an outside host never
+//! gets there (flannel's
 //! `-d <cluster> -j ACCEPT` FORWARD rule is not written).
 //!
 //! Layout of this module, by job: `policy` (which packets are masqueraded: `NAT_CONFIG`,
@@ -182,7 +184,7 @@ impl L4Ports {
 /// Reads the L4 header of `proto` at `l4`: TCP through its checksum when `whole` (a packet to
 /// rewrite), else (a packet quoted by an ICMP error, which carries 8 bytes of it) only the
 /// first 8 bytes, which hold the ports. Ports only where the protocol has them in the tuple
-/// (`overlay_common::nat::NatPorts`); the checksum offset is 0 where no checksum covers what a translation
+/// ([`NatPorts`]); the checksum offset is 0 where no checksum covers what a translation
 /// rewrites (SCTP's CRC32c leaves out the IP header; other protocols without ports have none
 /// over the addresses). `None` for a header cut short.
 #[inline(always)]

@@ -12,7 +12,8 @@ use overlay_common::{
     config::Config,
     counters::Reason,
     nat::{
-        IPPROTO_ICMP, IPPROTO_UDP, NAT_E_KERNEL, NAT_E_TO_CLUSTER, NatConfig, NatKeyV4, NatPorts,
+        IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, NAT_E_KERNEL, NAT_E_TO_CLUSTER, NatConfig,
+        NatKeyV4, NatPorts,
     },
     route::NextHopV4,
 };
@@ -279,18 +280,18 @@ pub(super) fn translate_out(
     let port_off = L4Ports::port_off(ip.proto, l4, true);
     // A pseudo-header checksum (TCP, UDP, DCCP, UDP-Lite) follows the address; ICMP's does
     // not, and other protocols have none over it (`csum_off` 0).
-    let pseudo = ip.proto != IPPROTO_ICMP && csum_off != 0;
-    let flags = if ip.proto == IPPROTO_UDP {
-        u64::from(BPF_F_MARK_MANGLED_0)
-    } else {
-        0
+    let (pseudo, mangled) = match ip.proto {
+        IPPROTO_TCP => (BPF_F_PSEUDO_HDR, 0),
+        IPPROTO_UDP => (BPF_F_PSEUDO_HDR, BPF_F_MARK_MANGLED_0),
+        _ => (0, 0),
     };
-    if pseudo {
+    let flags = u64::from(mangled);
+    if pseudo != 0 {
         ctx.l4_csum_replace(
             csum_off,
             u64::from(u32::from_ne_bytes(ip.saddr)),
             u64::from(u32::from_ne_bytes(nat_addr)),
-            flags | u64::from(BPF_F_PSEUDO_HDR) | 4,
+            flags | u64::from(pseudo) | 4,
         )
         .map_err(|_| Reason::DropNatFailed)?;
     }
