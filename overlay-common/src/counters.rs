@@ -155,6 +155,19 @@ pub enum Reason {
     /// and delivered (the pod's kernel judges it), but the flow is not closed (counted besides
     /// `nat_rev`). Many of these are spoofed resets from the underlay.
     NatCloseOutOfWindow = 39,
+    // Slots 40..=42: flows the kernel forwarded for local pods (`KERNEL_FLOW_V4`).
+    /// A local pod's flow that the kernel forwarded (after netfilter, e.g. kube-proxy's DNAT
+    /// of a Service address) was filed in `KERNEL_FLOW_V4`, so that its replies go back
+    /// through the kernel (counted once per flow, at its first packet).
+    KernelFlowNew = 40,
+    /// A packet for a local pod belonging to a flow the kernel forwarded (`KERNEL_FLOW_V4`)
+    /// was handed to the host device instead of the pod, so that the kernel's conntrack undoes
+    /// its NAT (a Service endpoint's reply gets the Service address back).
+    StackKernelFlow = 41,
+    /// A pod's packet whose destination netfilter rewrote between its veth and the bridge
+    /// (with `br_netfilter`, kube-proxy's DNAT of a Service address runs there) was handed to
+    /// the kernel's forwarding, which keeps the flow in conntrack (`pod_egress`).
+    StackDnat = 42,
     // Drops 48..=60: what a member node, a pod or a hostile underlay must not get through,
     // taken from the bottom of the second drop range.
     /// A VXLAN frame from a member node whose inner source address is in the cluster network
@@ -183,7 +196,7 @@ pub enum Reason {
 
 impl Reason {
     /// Every reason, in index order (what the agent reports).
-    pub const ALL: [Self; 45] = [
+    pub const ALL: [Self; 48] = [
         Self::UnderlayRx,
         Self::UnderlayTx,
         Self::EncapPod,
@@ -223,6 +236,9 @@ impl Reason {
         Self::StackFragment,
         Self::DecapGroDevice,
         Self::NatCloseOutOfWindow,
+        Self::KernelFlowNew,
+        Self::StackKernelFlow,
+        Self::StackDnat,
         Self::DropInnerSource,
         Self::DropPodVxlan,
         Self::DropGroDevice,
@@ -271,6 +287,9 @@ impl Reason {
             Self::StackFragment => "to_stack_fragment",
             Self::DecapGroDevice => "decap_gro_device",
             Self::NatCloseOutOfWindow => "nat_close_out_of_window",
+            Self::KernelFlowNew => "kernel_flow_new",
+            Self::StackKernelFlow => "to_stack_kernel_flow",
+            Self::StackDnat => "to_stack_dnat",
             Self::DropInnerSource => "drop_inner_source",
             Self::DropPodVxlan => "drop_pod_vxlan",
             Self::DropGroDevice => "drop_gro_device",

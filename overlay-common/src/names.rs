@@ -41,6 +41,12 @@ pub const ROUTE_V4: &str = "ROUTE_V4";
 pub const NODE_V4: &str = "NODE_V4";
 /// Local pod → host-side veth and MAC (`endpoint`).
 pub const ENDPOINT_V4: &str = "ENDPOINT_V4";
+/// Flows the kernel forwarded for a local pod, whose replies go back through it (`kernel_flow`).
+pub const KERNEL_FLOW_V4: &str = "KERNEL_FLOW_V4";
+/// The filter of pairs of addresses that had such flows (`kernel_flow`).
+pub const KERNEL_FLOW_PAIRS_V4: &str = "KERNEL_FLOW_PAIRS_V4";
+/// What `pod_port_egress` last passed on to the bridge, per CPU, for `pod_egress` (`pod`).
+pub const POD_PORT_PASSED: &str = "POD_PORT_PASSED";
 /// Peer PublicIP → the next hop towards it, cached by the programs (`route`).
 pub const NEXT_HOP_V4: &str = "NEXT_HOP_V4";
 /// Per-CPU counters by reason (`counters`).

@@ -9,7 +9,10 @@
 //! is sent as it is. A cluster address no peer covers has nowhere to go: dropped and counted
 //! (`drop_no_route`) instead of leaving through the device's other end. Non-IPv4 and
 //! non-cluster packets go on untouched. A peer with the DIRECT flag (host-gw, DirectRouting)
-//! gets the packet unencapsulated, next hop its PublicIP (`lib::direct`).
+//! gets the packet unencapsulated, next hop its PublicIP (`lib::direct`). A local pod's packet
+//! that gets here went through the kernel's netfilter (a Service address DNATed to a remote
+//! endpoint): its flow is filed (`lib::kernel_flow`) so that the replies go back through the
+//! kernel, whose conntrack gives them the Service address.
 //!
 //! With `--ip-masq`, a packet from outside the cluster network to a peer's pod (a host socket
 //! bound to a non-cluster address, or traffic the kernel forwards for an outside host) is
@@ -17,13 +20,14 @@
 //! `<subnet>.0` towards a VXLAN peer, to the external interface's address towards a direct one.
 
 use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
-use overlay_common::counters::Reason;
+use overlay_common::{counters::Reason, wire::ETH_HLEN};
 
 use crate::lib::{
     counters::{count, verdict},
     direct::redirect_direct,
     encap::{encapsulate, redirect_to_underlay},
     ipv4::eth_ipv4,
+    kernel_flow,
     maps::{config, in_subnet, route_v4},
     nat,
 };
@@ -43,13 +47,17 @@ fn try_host_egress(ctx: &TcContext) -> Result<i32, Reason> {
         return Ok(TC_ACT_OK);
     };
     // SAFETY: a checked pointer from `eth_ipv4`, read before any helper moves data.
-    let (tos, daddr) = unsafe { ((*ip).tos, (*ip).daddr) };
+    let hdr = unsafe { *ip };
+    let (tos, daddr) = (hdr.tos, hdr.daddr);
     let Some(peer) = route_v4(daddr) else {
         if in_subnet(daddr, cfg.network, cfg.network_mask) {
             return Err(Reason::DropNoRoute);
         }
         return Ok(TC_ACT_OK);
     };
+    // A pod's packet here was routed by the kernel (e.g. to a Service endpoint after
+    // kube-proxy's DNAT): its replies must come back through the kernel.
+    kernel_flow::file(ctx, cfg, ETH_HLEN, &hdr);
     if peer.is_direct() {
         nat::snat_to_cluster(ctx, cfg, true)?;
         count(Reason::DirectHost, ctx.len());

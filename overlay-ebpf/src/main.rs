@@ -50,6 +50,7 @@ mod lib {
     pub mod fib;
     pub mod hdr;
     pub mod ipv4;
+    pub mod kernel_flow;
     pub mod maps;
     pub mod nat;
     pub mod ptr;

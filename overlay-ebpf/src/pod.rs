@@ -21,8 +21,22 @@
 //! addresses to its gateway (the bridge's MAC; the rest is the bridge's to switch), redirects
 //! what it can finish (encapsulation, direct routing, masquerade) and passes everything else on
 //! to the bridge uncounted, where `pod_egress` decides and counts as without it (`Role`).
+//!
+//! Between the two, with `br_netfilter` (which Kubernetes requires), the bridge runs the IP
+//! netfilter hooks, where kube-proxy DNATs a Service address to an endpoint: `pod_egress` would
+//! then see an endpoint's address (often a remote pod) and send the packet on, out of the
+//! conntrack that holds the translation. The port notes what it passes (`POD_PORT_PASSED`, per
+//! CPU); a packet that reaches the bridge with another destination than it left the port with
+//! is handed to the kernel's forwarding (`to_stack_dnat`), whose replies come back through
+//! the kernel too (`lib::kernel_flow`). Without the port hook (`--pod-hook bridge`) nothing
+//! sees the address before the DNAT, so Services need the port hook.
 
-use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
+use aya_ebpf::{
+    bindings::TC_ACT_OK,
+    macros::{classifier, map},
+    maps::PerCpuArray,
+    programs::TcContext,
+};
 use overlay_common::counters::Reason;
 
 use crate::lib::{
@@ -36,6 +50,10 @@ use crate::lib::{
 
 #[classifier]
 pub fn pod_egress(ctx: TcContext) -> i32 {
+    if rewritten_since_port(&ctx) {
+        count(Reason::StackDnat, ctx.len());
+        return TC_ACT_OK;
+    }
     verdict(&ctx, try_pod_egress(&ctx, Role::Authority))
 }
 named!(pod_egress, overlay_common::names::POD_EGRESS);
@@ -45,12 +63,89 @@ pub fn pod_port_egress(ctx: TcContext) -> i32 {
     let len = ctx.len();
     let result = try_pod_egress(&ctx, Role::Accelerator);
     // What the port finished (everything but a pass to the bridge): shows the port at work.
-    if !matches!(result, Ok(TC_ACT_OK)) {
+    if matches!(result, Ok(TC_ACT_OK)) {
+        note_passed(&ctx);
+    } else {
         count(Reason::PodPort, len);
     }
     verdict(&ctx, result)
 }
 named!(pod_port_egress, overlay_common::names::POD_PORT_EGRESS);
+
+/// The IPv4 packet `pod_port_egress` last passed on to the bridge on this CPU: enough of its
+/// header to know it again, and its destination then. The bridge takes the packet on the same
+/// CPU, synchronously (veth receive → bridge → passed up to the host → the bridge's tcx
+/// ingress), so `pod_egress` finds here the packet it is looking at, unless the bridge
+/// forwarded it elsewhere and a later one took its place (then nothing matches).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Passed {
+    saddr: [u8; 4],
+    daddr: [u8; 4],
+    id: [u8; 2],
+    tot_len: [u8; 2],
+    proto: u8,
+    /// 1 while the entry waits for `pod_egress`, which clears it.
+    valid: u8,
+    _reserved: [u8; 2],
+}
+
+#[map]
+static POD_PORT_PASSED: PerCpuArray<Passed> = PerCpuArray::with_max_entries(1, 0);
+named!(POD_PORT_PASSED, overlay_common::names::POD_PORT_PASSED);
+
+/// Notes the IPv4 packet the port passes on to the bridge (see [`Passed`]).
+#[inline(always)]
+fn note_passed(ctx: &TcContext) {
+    let Some((_, ip)) = eth_ipv4(ctx) else {
+        return;
+    };
+    let Some(slot) = POD_PORT_PASSED.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: a checked packet pointer, read at once; `slot` is this CPU's element.
+    unsafe {
+        let h = *ip;
+        *slot = Passed {
+            saddr: h.saddr,
+            daddr: h.daddr,
+            id: h.id,
+            tot_len: h.tot_len,
+            proto: h.proto,
+            valid: 1,
+            _reserved: [0; 2],
+        };
+    }
+}
+
+/// Whether the bridge's packet is one the port passed on with another destination: netfilter
+/// rewrote it on the way (with `br_netfilter`, the bridge runs the IP hooks, where kube-proxy
+/// DNATs a Service address to an endpoint). Such a packet is the kernel's to forward: its
+/// conntrack holds the translation, which only the kernel's forwarding confirms and only the
+/// kernel can undo on the replies (`host_egress` files the flow, `lib::kernel_flow`).
+#[inline(always)]
+fn rewritten_since_port(ctx: &TcContext) -> bool {
+    let Some(slot) = POD_PORT_PASSED.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: this CPU's element, which no other program run touches meanwhile.
+    let passed = unsafe { *slot };
+    if passed.valid == 0 {
+        return false;
+    }
+    // SAFETY: as above.
+    unsafe { (*slot).valid = 0 };
+    let Some((_, ip)) = eth_ipv4(ctx) else {
+        return false;
+    };
+    // SAFETY: a checked packet pointer, read at once.
+    let h = unsafe { *ip };
+    h.saddr == passed.saddr
+        && h.id == passed.id
+        && h.tot_len == passed.tot_len
+        && h.proto == passed.proto
+        && h.daddr != passed.daddr
+}
 
 #[inline(always)]
 fn try_pod_egress(ctx: &TcContext, role: Role) -> Result<i32, Reason> {

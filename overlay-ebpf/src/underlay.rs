@@ -16,18 +16,23 @@
 //!   (`bpf_redirect_neigh` transmits through this hook); with `--ip-masq` it masquerades pod
 //!   traffic the kernel routed out of here itself (`lib::nat`; a remote pod's reply to an
 //!   outside host that we route back is not a new flow and keeps its source), and rewrites
-//!   nothing else.
+//!   nothing else. A local pod's packet the kernel routed out of here unmasqueraded (to
+//!   outside the cluster network) is filed first (`lib::kernel_flow`), so that a reply that
+//!   comes back through the overlay goes through the kernel too.
 
 use aya_ebpf::{
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
-use overlay_common::counters::Reason;
+use overlay_common::{counters::Reason, wire::ETH_HLEN};
 
 use crate::lib::{
     counters::{Step, count, settled, then, verdict},
     decap::{try_underlay_ingress, xdp_decapsulate},
     direct::try_direct_ingress,
+    ipv4::eth_ipv4,
+    kernel_flow,
+    maps::{config, in_subnet},
     nat,
 };
 
@@ -47,8 +52,28 @@ named!(underlay_ingress, overlay_common::names::UNDERLAY_INGRESS);
 #[classifier]
 pub fn underlay_egress(ctx: TcContext) -> i32 {
     count(Reason::UnderlayTx, ctx.len());
+    file_kernel_flow(&ctx);
     // Masquerades what the kernel routed out of here itself (`lib::nat`).
     verdict(&ctx, nat::snat_egress(&ctx))
+}
+
+/// Files a local pod's packet the kernel routed out of here to outside the cluster network
+/// (`lib::kernel_flow`; what `pod_egress` sends on is masqueraded or for a peer's subnet): a
+/// Service endpoint on a member node's own address answers through the overlay, and that reply
+/// must come back through the kernel.
+#[inline(always)]
+fn file_kernel_flow(ctx: &TcContext) {
+    let Some(cfg) = config() else {
+        return;
+    };
+    let Some((_, ip)) = eth_ipv4(ctx) else {
+        return;
+    };
+    // SAFETY: a checked pointer from `eth_ipv4`, read before any helper moves data.
+    let hdr = unsafe { *ip };
+    if !in_subnet(hdr.daddr, cfg.network, cfg.network_mask) {
+        kernel_flow::file(ctx, cfg, ETH_HLEN, &hdr);
+    }
 }
 named!(underlay_egress, overlay_common::names::UNDERLAY_EGRESS);
 

@@ -11,7 +11,11 @@
 //! for byte), and `BPF_PROG_TEST_RUN`'s view of a frame: linear, no GSO, `PACKET_HOST` only
 //! for a destination MAC equal to loopback's (00:00:00:00:00:00).
 
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+    sync::Mutex,
+};
 
 use ipnet::Ipv4Net;
 use overlay_common::{config::Config, counters::Reason, endpoint::Endpoint, route::RemoteNode};
@@ -29,7 +33,7 @@ const OVERHEAD: usize = 50;
 
 /// The node the programs run for: its `CONFIG`, its maps, and the MTUs of the devices the
 /// programs check against (`bpf_check_mtu` adds the device's 14-byte header length).
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Node {
     pub cfg: Config,
     /// `ROUTE_V4`: remote subnets (longest prefix wins).
@@ -42,7 +46,14 @@ pub struct Node {
     pub underlay_mtu: usize,
     /// MTU of the host device (`host_ifindex`), when there is one.
     pub host_mtu: usize,
+    /// `KERNEL_FLOW_V4`: flows the kernel forwarded for a local pod, filed by `host_egress`
+    /// and `underlay_egress` as frames go through them (pod, remote, pod port, remote port,
+    /// protocol).
+    pub kernel_flows: Mutex<BTreeSet<KernelFlow>>,
 }
+
+/// A `KERNEL_FLOW_V4` key: pod address, remote address, pod port, remote port, protocol.
+pub type KernelFlow = ([u8; 4], [u8; 4], [u8; 2], [u8; 2], u8);
 
 /// What comes out of a run, as far as the model fixes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -138,6 +149,65 @@ fn is_ipv4(f: &[u8]) -> bool {
 impl Node {
     fn ready(&self) -> bool {
         self.cfg.is_ready()
+    }
+
+    /// A local pod's address: in the subnet, neither `.0` (the host device) nor `.1` (the
+    /// bridge).
+    fn is_local_pod(&self, a: [u8; 4]) -> bool {
+        self.in_subnet(a) && a != self.cfg.subnet && a != self.gateway()
+    }
+
+    /// The ports a `KERNEL_FLOW_V4` key takes from the IPv4 packet at `ip` of `f` (source,
+    /// destination): none for a later fragment, a header the frame does not hold, or ICMP
+    /// other than an echo request (`from_pod`) or reply; 0 for protocols without ports; an
+    /// echo's identifier stands for the pod's port.
+    fn kernel_flow_ports(f: &[u8], ip: usize, from_pod: bool) -> Option<([u8; 2], [u8; 2])> {
+        if be16(f, ip + 6) & 0x1fff != 0 {
+            return None;
+        }
+        let l4 = ip + usize::from(f[ip] & 0x0f) * 4;
+        match f[ip + 9] {
+            6 | 17 | 33 | 132 | 136 => {
+                (f.len() >= l4 + 4).then(|| ([f[l4], f[l4 + 1]], [f[l4 + 2], f[l4 + 3]]))
+            }
+            1 => {
+                if f.len() < l4 + 8 {
+                    return None;
+                }
+                let id = [f[l4 + 4], f[l4 + 5]];
+                match (from_pod, f[l4]) {
+                    (true, 8) => Some((id, [0, 0])),
+                    (false, 0) => Some(([0, 0], id)),
+                    _ => None,
+                }
+            }
+            _ => Some(([0, 0], [0, 0])),
+        }
+    }
+
+    /// Files the flow of a local pod's packet at `ip` of `f` that the kernel routed out; the
+    /// count of a new one.
+    fn file_kernel_flow(&self, f: &[u8], ip: usize) -> Option<(Reason, u64)> {
+        let (saddr, daddr) = (addr(f, ip + 12), addr(f, ip + 16));
+        if !self.is_local_pod(saddr) {
+            return None;
+        }
+        let (sport, dport) = Self::kernel_flow_ports(f, ip, true)?;
+        let new = self
+            .kernel_flows
+            .lock()
+            .unwrap()
+            .insert((saddr, daddr, sport, dport, f[ip + 9]));
+        new.then_some((Reason::KernelFlowNew, f.len() as u64))
+    }
+
+    /// Whether the packet for a local pod at `ip` of `f` belongs to a filed flow.
+    fn is_kernel_flow(&self, f: &[u8], ip: usize) -> bool {
+        let Some((sport, dport)) = Self::kernel_flow_ports(f, ip, false) else {
+            return false;
+        };
+        let key = (addr(f, ip + 16), addr(f, ip + 12), dport, sport, f[ip + 9]);
+        self.kernel_flows.lock().unwrap().contains(&key)
     }
 
     fn in_subnet(&self, a: [u8; 4]) -> bool {
@@ -286,6 +356,7 @@ impl Node {
             Pod,
             Host,
             HostTtl,
+            HostKernelFlow,
         }
         let target = if daddr == self.cfg.subnet || daddr == self.gateway() {
             Target::Host
@@ -293,6 +364,8 @@ impl Node {
             return Err(Reason::DropNotLocal);
         } else if ttl <= 1 {
             Target::HostTtl
+        } else if self.is_kernel_flow(f, ip) {
+            Target::HostKernelFlow
         } else {
             Target::Pod
         };
@@ -325,10 +398,10 @@ impl Node {
                 // stack sees the frame from the sender's VtepMAC, as from flannel.1.
                 out[0..6].copy_from_slice(&self.cfg.host_mac);
                 out[6..12].copy_from_slice(&f[56..62]);
-                if target == Target::HostTtl {
-                    Reason::StackTtl
-                } else {
-                    Reason::DecapHost
+                match target {
+                    Target::HostTtl => Reason::StackTtl,
+                    Target::HostKernelFlow => Reason::StackKernelFlow,
+                    _ => Reason::DecapHost,
                 }
             }
         };
@@ -366,8 +439,9 @@ impl Node {
             return Some(Err(Reason::DropDirectMalformed));
         }
         let to_host = daddr == self.cfg.subnet || daddr == self.gateway();
+        let kernel_flow = !to_host && f[22] > 1 && self.is_kernel_flow(f, 14);
         let mut out = f.to_vec();
-        if !to_host && f[22] > 1 {
+        if !to_host && !kernel_flow && f[22] > 1 {
             let endpoint = self.endpoints.get(&daddr).copied();
             if endpoint.is_none() && self.cfg.bridge_ifindex == 0 {
                 return Some(Err(Reason::DropNoBridge));
@@ -389,6 +463,8 @@ impl Node {
         out[0..6].copy_from_slice(&self.cfg.host_mac);
         let reason = if to_host {
             Reason::DeliverDirectHost
+        } else if kernel_flow {
+            Reason::StackKernelFlow
         } else {
             Reason::StackTtl
         };
@@ -423,13 +499,14 @@ impl Node {
         )
     }
 
-    /// `underlay_egress` with masquerade off: counts what leaves, changes nothing.
+    /// `underlay_egress` with masquerade off: counts what leaves, files a local pod's flow
+    /// to outside the cluster network, changes nothing.
     pub fn underlay_egress(&self, f: &[u8]) -> Outcome {
-        Outcome::new(
-            TC_OK,
-            vec![(Reason::UnderlayTx, f.len() as u64)],
-            Expected::Same,
-        )
+        let mut counts = vec![(Reason::UnderlayTx, f.len() as u64)];
+        if self.ready() && is_ipv4(f) && !self.in_network(addr(f, 30)) {
+            counts.extend(self.file_kernel_flow(f, 14));
+        }
+        Outcome::new(TC_OK, counts, Expected::Same)
     }
 
     /// `pod_egress` (the bridge's hook, `accelerator` false) and `pod_port_egress` (a pod's
@@ -513,15 +590,18 @@ impl Node {
             }
             return Outcome::new(TC_OK, Vec::new(), Expected::Same);
         };
+        let mut counts: Vec<(Reason, u64)> = self.file_kernel_flow(f, 14).into_iter().collect();
         if peer.is_direct() {
-            return Outcome::new(TC_REDIRECT, vec![(Reason::DirectHost, len)], Expected::Same);
+            counts.push((Reason::DirectHost, len));
+            return Outcome::new(TC_REDIRECT, counts, Expected::Same);
         }
         if !peer.is_vxlan() {
-            return Outcome::new(TC_OK, Vec::new(), Expected::Same);
+            return Outcome::new(TC_OK, counts, Expected::Same);
         }
+        counts.push((Reason::EncapHost, len + OVERHEAD as u64));
         Outcome::new(
             TC_REDIRECT,
-            vec![(Reason::EncapHost, len + OVERHEAD as u64)],
+            counts,
             Expected::Encap(self.encapsulate(f, &peer, f[15])),
         )
     }

@@ -1520,10 +1520,13 @@ fn a_subnet_file_of_another_program_stops_the_agent_and_is_left_alone() {
 }
 
 /// `--ip-masq` in a Kubernetes pod (`KUBERNETES_SERVICE_HOST` set, as in the DaemonSet) with
-/// the Service address not excluded stops the agent before the lease, naming the address and
-/// the flag to add: our masquerade runs before kube-proxy's DNAT and would translate every pod
-/// → Service connection. Excluded, or a local address (kube-proxy's IPVS mode puts ClusterIPs
-/// on `kube-ipvs0`), or without `--ip-masq`, the agent starts.
+/// the Service address not excluded stops the agent before the lease, naming the address, the
+/// reason and the fixes, where the masquerade would run before kube-proxy's DNAT: with
+/// `--pod-hook bridge`, or a bridge that does not run iptables (`br_netfilter`'s
+/// `bridge-nf-call-iptables` 0). With the port hook and `br_netfilter` (Kubernetes' own
+/// requirement, this machine's setting) a flow's first packet meets kube-proxy's rules on the
+/// bridge first, and the agent starts, saying so; excluded, a local address (kube-proxy's IPVS
+/// mode puts ClusterIPs on `kube-ipvs0`), or without `--ip-masq`, it starts either way.
 #[test]
 fn ip_masq_under_kubernetes_needs_the_service_cidr_excluded() {
     let cluster = Cluster::builder()
@@ -1533,26 +1536,52 @@ fn ip_masq_under_kubernetes_needs_the_service_cidr_excluded() {
         .build()
         .unwrap();
     let node = cluster.node(0);
+    let ns = node.ns();
     // A Service CIDR from the test's own range, outside the Network.
     let env = [("KUBERNETES_SERVICE_HOST", "172.30.0.1")];
-    let agent = node.start_agent_env(&["--ip-masq"], &env).unwrap();
-    overlay_tests::checks::assert_refused_before_lease(
-        &agent,
-        &[
-            "--ip-masq under Kubernetes: the Service address 172.30.0.1 (KUBERNETES_SERVICE_HOST) \
-           is not in --ip-masq-exclude",
-        ],
-    );
+    let refused = |args: &[&str], why: &str| {
+        let agent = node.start_agent_env(args, &env).unwrap();
+        overlay_tests::checks::assert_refused_before_lease(
+            &agent,
+            &[
+                "--ip-masq under Kubernetes: the Service address 172.30.0.1 \
+                 (KUBERNETES_SERVICE_HOST) is not in --ip-masq-exclude",
+                why,
+            ],
+        );
+    };
     let starts = |args: &[&str]| {
         let agent = node.start_agent_env(args, &env).unwrap();
         agent
             .wait_for_log("Lease acquired", Duration::from_secs(30))
             .unwrap_or_else(|e| panic!("{args:?}: {e:#}\n{}", agent.log()));
         agent.kill().unwrap();
+        agent.log()
     };
+    assert_eq!(
+        ns.sysctl_get("net.bridge.bridge-nf-call-iptables")
+            .unwrap()
+            .trim(),
+        "1",
+        "br_netfilter must be loaded (as Kubernetes requires)"
+    );
+    refused(
+        &["--ip-masq", "--pod-hook", "bridge"],
+        "with --pod-hook bridge",
+    );
+    let log = starts(&["--ip-masq"]);
+    assert!(
+        log.contains("Services need no --ip-masq-exclude"),
+        "the agent says why it starts:\n{log}"
+    );
+    ns.sysctl("net.bridge.bridge-nf-call-iptables", "0")
+        .unwrap();
+    refused(
+        &["--ip-masq"],
+        "the bridge does not run iptables (net.bridge.bridge-nf-call-iptables is not 1",
+    );
     starts(&["--ip-masq", "--ip-masq-exclude", "172.30.0.0/16"]);
     starts(&[]);
-    let ns = node.ns();
     // kube-proxy makes it a dummy device; this kernel has no dummy driver, and a bridge's
     // address is as local.
     ns.ip(&["link", "add", "kube-ipvs0", "type", "bridge"])

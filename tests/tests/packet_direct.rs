@@ -387,3 +387,46 @@ fn host_gw_does_not_decapsulate_vxlan_but_direct_routing_does() {
     assert_eq!(r.out.len(), frame.len() - 50);
     dp.assert_counters(&[(Reason::UnderlayRx, 1), (Reason::DecapPod, 1)]);
 }
+
+/// A flow the kernel forwarded from a local pod to a direct peer's pod (kube-proxy's DNAT of a
+/// Service address, `KERNEL_FLOW_V4`): `host_egress` files it as it sends it, and the peer's
+/// reply goes to the host device (the kernel's conntrack gives it the Service address back)
+/// instead of into the pod, untouched; another flow of the same pods still goes straight in.
+#[test]
+fn the_reply_of_a_flow_the_kernel_forwarded_goes_to_the_host_device() {
+    for flags in [HOST_GW, DIRECT_ROUTING] {
+        let mut dp = node_a(flags);
+        set_endpoint(&mut dp.ebpf, A_POD, Some(Endpoint::new(21, POD_MAC)));
+        let out = packet(A_POD, B_POD, 63);
+        assert_eq!(
+            dp.run(names::HOST_EGRESS, &ether(HOST_MAC, HOST_MAC, &out))
+                .verdict,
+            TC_ACT_REDIRECT
+        );
+        let reply_from = |sport: u16| {
+            ipv4_packet(
+                B_POD,
+                A_POD,
+                IPPROTO_UDP,
+                64,
+                0,
+                &udp_datagram(sport, 40000, b"r"),
+            )
+        };
+        let reply = reply_from(5201);
+        let run = dp.run(names::UNDERLAY_INGRESS, &ether(TO_US, PEER_MAC, &reply));
+        assert_eq!(run.verdict, TC_ACT_REDIRECT);
+        assert_eq!(&run.out[..6], &HOST_MAC, "to the host device");
+        assert_eq!(&run.out[14..], &reply[..], "untouched, TTL included");
+        let other = reply_from(5202);
+        let run = dp.run(names::UNDERLAY_INGRESS, &ether(TO_US, PEER_MAC, &other));
+        assert_eq!(&run.out[..6], &POD_MAC, "another flow: into the pod");
+        dp.assert_counters(&[
+            (Reason::DirectHost, 1),
+            (Reason::KernelFlowNew, 1),
+            (Reason::UnderlayRx, 2),
+            (Reason::StackKernelFlow, 1),
+            (Reason::DeliverDirectEndpoint, 1),
+        ]);
+    }
+}

@@ -1127,6 +1127,39 @@ fn kernel_routed_traffic_is_masqueraded_at_egress_and_replies_go_back_to_the_ker
     assert_eq!((addr(&ip, 16), be16(&ip, 22), ip[8]), (POD, 4444, 64));
 }
 
+/// At a pod's port (`pod_port_egress`) a flow's first packet goes on to the bridge untouched,
+/// where netfilter may still DNAT it (kube-proxy under `br_netfilter`); `pod_egress` creates
+/// the flow, and the port finishes the flow's later packets itself.
+#[test]
+fn the_port_leaves_a_new_flow_to_the_bridge_and_finishes_its_later_packets() {
+    let mut node = Node::new(nat_on(0));
+    node.set_route_gen(1);
+    let syn = frame(&tcp(POD, OUTSIDE, 40000, 80, 0x02, b""));
+    let (v, out) = node.run(names::POD_PORT_EGRESS, &syn);
+    assert_eq!((v, &out), (TC_ACT_OK, &syn), "on to the bridge, untouched");
+    assert_eq!(
+        node.tier_sizes(),
+        [0, 0, 0, 0],
+        "no flow created at the port"
+    );
+    let (v, out) = node.run(names::POD_EGRESS, &syn);
+    assert_eq!(v, TC_ACT_REDIRECT);
+    let nat_port = be16(&check_ip(&out), 20);
+    assert_eq!(node.tier_sizes(), [0, 0, 1, 1]);
+
+    let ack = frame(&tcp(POD, OUTSIDE, 40000, 80, 0x10, b"x"));
+    let (v, out) = node.run(names::POD_PORT_EGRESS, &ack);
+    assert_eq!(v, TC_ACT_REDIRECT, "a known flow: finished at the port");
+    let ip = check_ip(&out);
+    assert_eq!((addr(&ip, 12), be16(&ip, 20)), (NODE_IP, nat_port));
+    let c = node.counters();
+    assert_eq!(
+        (c["nat_snat"], c["nat_new_flow"], c["pod_port"]),
+        (2, 1, 1),
+        "{c:?}"
+    );
+}
+
 /// With `--public-ip` (a node behind a NAT) the masquerade still translates to the external
 /// interface's address, as the kernel's MASQUERADE does: the PublicIP may not even be the
 /// node's, and the NAT in front of it translates the interface address.

@@ -21,12 +21,14 @@
 //! The programs run in a namespace of their own (`ovl-<pid>-…`, removed on drop) set up as a
 //! node, so the MTU checks see real devices: `eth0` (MTU 1500), `cni0` and `ovl0` (MTU 1450).
 
+use std::sync::Mutex;
 use std::{collections::BTreeMap, net::Ipv4Addr, time::Instant};
 
 use aya::{
     Ebpf, TestRun, TestRunOptions,
-    maps::{Array, HashMap, LpmTrie},
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, PerCpuValues},
     programs::{SchedClassifier, Xdp},
+    util::nr_cpus,
 };
 use ipnet::Ipv4Net;
 use overlay_common::names;
@@ -34,6 +36,7 @@ use overlay_common::{
     config::{CONFIG_F_DIRECT, CONFIG_F_NO_VXLAN, CONFIG_F_READY, Config},
     counters::{Counter, Reason},
     endpoint::Endpoint,
+    kernel_flow::{KernelFlowKeyV4, KernelFlowV4},
     nat::NatConfig,
     route::{MemberNode, RemoteNode, route_key},
 };
@@ -65,12 +68,15 @@ const KNOWN_POD_MAC: [u8; 6] = [0x02, 0xdd, 0, 0, 0, 0x05];
 
 /// The programs under test: the TC programs the model knows and the XDP one. Not
 /// `gro_device_ingress`, which drops every frame whatever it holds (`packet_vxlan`).
+/// In this order within a setting: the egress programs file flows the kernel forwarded
+/// (`KERNEL_FLOW_V4`) before `underlay_ingress` looks them up, and the bridge's program runs
+/// before the port's, whose notes of what it passed on it would otherwise read.
 const TC_PROGRAMS: [&str; 5] = [
-    names::UNDERLAY_INGRESS,
     names::UNDERLAY_EGRESS,
+    names::HOST_EGRESS,
+    names::UNDERLAY_INGRESS,
     names::POD_EGRESS,
     names::POD_PORT_EGRESS,
-    names::HOST_EGRESS,
 ];
 const XDP_PROGRAM: &str = names::UNDERLAY_XDP;
 
@@ -483,6 +489,19 @@ impl Bench {
         for (addr, ep) in &node.endpoints {
             endpoints.insert(*addr, *ep, 0).unwrap();
         }
+        // What earlier settings' frames left in the programs' own state: filed flows, and the
+        // port's note of its last packet (on every CPU: the runs may have moved between them).
+        let mut flows: HashMap<_, KernelFlowKeyV4, KernelFlowV4> =
+            HashMap::try_from(self.ebpf.map_mut(names::KERNEL_FLOW_V4).unwrap()).unwrap();
+        let keys: Vec<KernelFlowKeyV4> = flows.keys().map(Result::unwrap).collect();
+        for key in keys {
+            flows.remove(&key).unwrap();
+        }
+        assert!(node.kernel_flows.lock().unwrap().is_empty());
+        let mut passed: PerCpuArray<_, [u8; 16]> =
+            PerCpuArray::try_from(self.ebpf.map_mut(names::POD_PORT_PASSED).unwrap()).unwrap();
+        let zeros = PerCpuValues::try_from(vec![[0u8; 16]; nr_cpus().unwrap()]).unwrap();
+        passed.set(0, zeros, 0).unwrap();
     }
 }
 
@@ -535,6 +554,7 @@ fn setting(bench: &Bench, routing: u8, devices: bool) -> Node {
         endpoints: [(KNOWN_POD, Endpoint::new(bench.cni0, KNOWN_POD_MAC))].into(),
         underlay_mtu: 1500,
         host_mtu: 1450,
+        kernel_flows: Mutex::default(),
     }
 }
 
@@ -568,11 +588,15 @@ fn sum_counts(outcomes: &[Outcome]) -> BTreeMap<Reason, (u64, u64)> {
 }
 
 /// The reasons that say where a frame went: each frame counts at most one. The others say
-/// which hook saw or settled it.
+/// which hook saw or settled it, or what it left behind (a filed kernel flow).
 fn is_fate(r: Reason) -> bool {
     !matches!(
         r,
-        Reason::UnderlayRx | Reason::UnderlayTx | Reason::XdpDecap | Reason::PodPort
+        Reason::UnderlayRx
+            | Reason::UnderlayTx
+            | Reason::XdpDecap
+            | Reason::PodPort
+            | Reason::KernelFlowNew
     )
 }
 
@@ -607,9 +631,10 @@ fn assert_accounted(prog: &str, verdict: u32, counts: &BTreeMap<Reason, (u64, u6
         _ => fates.len() <= 1 && fates.iter().all(|r| !r.is_drop() && packets(*r) == 1),
     } && entry.is_none_or(|e| packets(e) == 1)
         && port_counted_right(prog, verdict, counts)
-        && counts
-            .keys()
-            .all(|r| Some(*r) == entry || *r == Reason::PodPort || is_fate(*r));
+        && counts.keys().all(|r| {
+            Some(*r) == entry || matches!(r, Reason::PodPort | Reason::KernelFlowNew) || is_fate(*r)
+        })
+        && counts.get(&Reason::KernelFlowNew).is_none_or(|c| c.0 == 1);
     assert!(
         ok,
         "{prog}: verdict {verdict} with counts {counts:?}: not accounted exactly once; frame {hex}"

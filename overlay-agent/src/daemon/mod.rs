@@ -174,7 +174,10 @@ async fn check_network_fits(
 /// `--ip-masq` under Kubernetes must leave the Services alone (see
 /// [`crate::datapath::nat::service_ip_masqueraded`]); flanneld's MASQUERADE runs after kube-proxy's
 /// DNAT and needs no such setting, so a node set up as for flanneld would lose every pod →
-/// Service connection without a word.
+/// Service connection without a word. Ours does too when kube-proxy's rules run between the
+/// pods' veths and the masquerade of a new flow: `--pod-hook port` (a flow's first packet goes
+/// on to the bridge) and a bridge that runs iptables (`br_netfilter`, which Kubernetes
+/// requires).
 async fn check_services_not_masqueraded(flags: &Flags, config: &NetworkConfig) -> Result<()> {
     let settings = NatSettings::from_flags(flags);
     let host = std::env::var("KUBERNETES_SERVICE_HOST").ok();
@@ -191,17 +194,40 @@ async fn check_services_not_masqueraded(flags: &Flags, config: &NetworkConfig) -
         host.as_deref(),
         &local,
     ) {
+        let bridge_iptables = bridge_runs_iptables();
+        if flags.pod_hook == PodHook::Port && bridge_iptables {
+            info!(
+                service = %ip,
+                "--ip-masq under Kubernetes: the pod bridge runs kube-proxy's rules \
+                 (br_netfilter) before a new flow is masqueraded, so Services need no \
+                 --ip-masq-exclude"
+            );
+            return Ok(());
+        }
+        let why = if bridge_iptables {
+            "with --pod-hook bridge"
+        } else {
+            "the bridge does not run iptables (net.bridge.bridge-nf-call-iptables is not 1: \
+             modprobe br_netfilter, as Kubernetes requires), so"
+        };
         anyhow::bail!(
             "--ip-masq under Kubernetes: the Service address {ip} (KUBERNETES_SERVICE_HOST) is \
-             not in --ip-masq-exclude. The masquerade translates pod traffic where it enters \
-             the node, before kube-proxy's DNAT, so pod → Service connections would leave \
-             translated and still addressed to the ClusterIP; add --ip-masq-exclude with the \
-             Service CIDR (kube-apiserver's --service-cluster-ip-range; kubeadm's is \
-             10.96.0.0/12). kube-proxy in IPVS mode, whose ClusterIPs are local addresses on \
-             kube-ipvs0, needs none"
+             not in --ip-masq-exclude, and {why} the masquerade translates pod traffic before \
+             kube-proxy's DNAT: pod → Service connections would leave translated and still \
+             addressed to the ClusterIP. Load br_netfilter and keep --pod-hook port, or add \
+             --ip-masq-exclude with the Service CIDR (kube-apiserver's \
+             --service-cluster-ip-range; kubeadm's is 10.96.0.0/12). kube-proxy in IPVS mode, \
+             whose ClusterIPs are local addresses on kube-ipvs0, needs neither"
         );
     }
     Ok(())
+}
+
+/// Whether the bridge hands bridged IPv4 to iptables in this network namespace
+/// (`br_netfilter` loaded and `net.bridge.bridge-nf-call-iptables` = 1).
+fn bridge_runs_iptables() -> bool {
+    std::fs::read_to_string("/proc/sys/net/bridge/bridge-nf-call-iptables")
+        .is_ok_and(|v| v.trim() == "1")
 }
 
 /// How long a starting agent waits for the agent that holds its `--bpf-dir` to exit (a

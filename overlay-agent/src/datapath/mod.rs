@@ -107,12 +107,16 @@ pub use overlay_common::names::{
 };
 
 /// The maps that hold state worth keeping across an agent restart (all pinned).
-pub const STATE_MAPS: [&str; 12] = [
+pub const STATE_MAPS: [&str; 14] = [
     names::CONFIG,
     names::ROUTE_V4,
     names::NODE_V4,
     names::ENDPOINT_V4,
     names::COUNTERS,
+    // Flows the kernel forwarded for pods (Service traffic): their replies keep going back
+    // through the kernel across a restart.
+    names::KERNEL_FLOW_V4,
+    names::KERNEL_FLOW_PAIRS_V4,
     // Masquerade (`nat`): its settings and the flow tables, so connections survive a restart.
     names::NAT_MAPS[0],
     names::NAT_MAPS[1],

@@ -36,7 +36,10 @@
 //!   (a pod the agent has not seen yet) `bpf_redirect_neigh` to the pod bridge, where the kernel
 //!   resolves the pod's MAC and the bridge forwards to its port (`decap_pod`). This replaces
 //!   the kernel's forwarding hop, so the inner TTL is decremented here (a packet whose TTL would
-//!   expire goes to the host device instead, so the kernel answers ICMP time exceeded).
+//!   expire goes to the host device instead, so the kernel answers ICMP time exceeded). A
+//!   packet of a flow the kernel forwarded for the pod (`lib::kernel_flow`: a Service
+//!   endpoint's reply, which kube-proxy's conntrack must give the Service address back) goes
+//!   to the host device too, untouched (`to_stack_kernel_flow`).
 //! - anything else → dropped (`DropNotLocal`): peers only send us our subnet.
 //!
 //! ECN follows RFC 6040 as the kernel's `INET_ECN_decapsulate` (`ipv4::decapsulate_ecn`). The
@@ -92,6 +95,7 @@ use crate::lib::{
     fib,
     hdr::{EthHdr, Ipv4Hdr, UdpHdr, VxlanHdr},
     ipv4::{decapsulate_ecn, decrement_ttl, eth_ipv4},
+    kernel_flow::is_kernel_flow,
     maps::{config, in_subnet, is_member, route_v4},
     nat,
     ptr::{Packet, ptr_at, pull_headers, skb_mark},
@@ -130,6 +134,9 @@ enum Target {
     Host,
     /// The host stack because the TTL expires here (the kernel answers ICMP time exceeded).
     HostTtl,
+    /// The host stack because the packet belongs to a flow the kernel forwarded for the pod
+    /// (`lib::kernel_flow`): its conntrack undoes the flow's NAT on the way in.
+    HostKernelFlow,
 }
 
 /// The delivery decided for a decapsulated packet, before the packet is changed.
@@ -168,11 +175,10 @@ pub fn try_underlay_ingress(ctx: &TcContext) -> Result<i32, Reason> {
     }
     // VXLAN to our port: from here on, deliver or drop.
     let (inner_eth, inner_ip) = check_vxlan(ctx, cfg, &ip, ctx.len() as usize)?;
-    // SAFETY (reads and rewrites below): `inner_ip` is a checked pointer, valid until the
-    // packet shrinks.
-    // SAFETY: checked pointers, read before any helper moves data.
-    let (ttl, daddr) = unsafe { ((*inner_ip).ttl, (*inner_ip).daddr) };
-    let plan = plan(cfg, daddr, ttl)?;
+    // SAFETY: a checked pointer, read before any helper moves data.
+    let inner = unsafe { *inner_ip };
+    let daddr = inner.daddr;
+    let plan = plan(ctx, cfg, INNER_IP_OFF, &inner)?;
     // SAFETY: `inner_ip` is a checked pointer, still valid: no helper has moved data yet.
     unsafe { decapsulate_ecn(ip.tos, inner_ip)? };
     if plan.target == Target::Pod {
@@ -335,17 +341,20 @@ fn check_inner_source(cfg: &Config, outer_saddr: [u8; 4], saddr: [u8; 4]) -> Res
     }
 }
 
-/// Where the inner destination `daddr` (network order) with TTL `ttl` is delivered, or why it
+/// Where the inner packet (header `ip`, a copy of the one at `ip_off`) is delivered, or why it
 /// is dropped (including a missing bridge or host device).
 #[inline(always)]
-fn plan(cfg: &Config, daddr: [u8; 4], ttl: u8) -> Result<Plan, Reason> {
+fn plan(ctx: &TcContext, cfg: &Config, ip_off: usize, ip: &Ipv4Hdr) -> Result<Plan, Reason> {
+    let daddr = ip.daddr;
     let gateway = (u32::from_be_bytes(cfg.subnet).wrapping_add(1)).to_be_bytes();
     let target = if daddr == cfg.subnet || daddr == gateway {
         Target::Host
     } else if !in_subnet(daddr, cfg.subnet, cfg.subnet_mask) {
         return Err(Reason::DropNotLocal);
-    } else if ttl <= 1 {
+    } else if ip.ttl <= 1 {
         Target::HostTtl
+    } else if is_kernel_flow(ctx, ip_off, ip) {
+        Target::HostKernelFlow
     } else {
         Target::Pod
     };
@@ -356,7 +365,9 @@ fn plan(cfg: &Config, daddr: [u8; 4], ttl: u8) -> Result<Plan, Reason> {
     };
     match target {
         Target::Pod if endpoint.is_none() && cfg.bridge_ifindex == 0 => Err(Reason::DropNoBridge),
-        Target::Host | Target::HostTtl if cfg.host_ifindex == 0 => Err(Reason::DropNoHostDevice),
+        Target::Host | Target::HostTtl | Target::HostKernelFlow if cfg.host_ifindex == 0 => {
+            Err(Reason::DropNoHostDevice)
+        }
         _ => Ok(Plan { target, endpoint }),
     }
 }
@@ -408,10 +419,10 @@ fn deliver_to_host(
         (*eth).src = peer_vtep_mac;
     }
     count(
-        if target == Target::HostTtl {
-            Reason::StackTtl
-        } else {
-            Reason::DecapHost
+        match target {
+            Target::HostTtl => Reason::StackTtl,
+            Target::HostKernelFlow => Reason::StackKernelFlow,
+            _ => Reason::DecapHost,
         },
         ctx.len(),
     );
@@ -458,8 +469,9 @@ fn deliver_stripped(
     src_mac: [u8; 6],
 ) -> Result<i32, Reason> {
     // SAFETY: a checked pointer, read before any helper moves data.
-    let (ttl, daddr) = unsafe { ((*ip).ttl, (*ip).daddr) };
-    let plan = plan(cfg, daddr, ttl)?;
+    let inner = unsafe { *ip };
+    let daddr = inner.daddr;
+    let plan = plan(ctx, cfg, ETH_HLEN, &inner)?;
     if plan.target == Target::Pod {
         // SAFETY: as above; `plan` guarantees ttl > 1.
         unsafe { decrement_ttl(ip) };

@@ -30,7 +30,9 @@
 //! flannel's kernel routes. Accepted packets go straight into the pod when `ENDPOINT_V4` knows
 //! it (`lib::endpoint`, `bpf_redirect_peer`), else to the pod bridge (`bpf_redirect_neigh`),
 //! TTL decremented as the kernel's forwarding would; or, for the host device's address, the
-//! bridge's gateway address or a TTL that expires here, to the host device's ingress, as
+//! bridge's gateway address, a TTL that expires here or a packet of a flow the kernel
+//! forwarded for the pod (`lib::kernel_flow`, a Service endpoint's reply that conntrack must
+//! translate back; `to_stack_kernel_flow`), to the host device's ingress, as
 //! decapsulated VXLAN does (the host stack answers; replies go out through `host_egress`).
 
 use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
@@ -48,6 +50,7 @@ use crate::lib::{
     fib,
     hdr::Ipv4Hdr,
     ipv4::{decrement_ttl, eth_ipv4},
+    kernel_flow::is_kernel_flow,
     maps::{config, in_subnet, is_member, route_v4},
     ptr::pull_headers,
 };
@@ -132,7 +135,9 @@ pub fn try_direct_ingress(ctx: &TcContext) -> Result<i32, Reason> {
 
     let gateway = (u32::from_be_bytes(cfg.subnet).wrapping_add(1)).to_be_bytes();
     let to_host = daddr == cfg.subnet || daddr == gateway;
-    if !to_host && hdr.ttl > 1 {
+    // A TTL that expires here goes to the host device anyway (as `to_stack_ttl`).
+    let kernel_flow = !to_host && hdr.ttl > 1 && is_kernel_flow(ctx, ETH_HLEN, &hdr);
+    if !to_host && !kernel_flow && hdr.ttl > 1 {
         let endpoint = endpoint_v4(daddr);
         if endpoint.is_none() && cfg.bridge_ifindex == 0 {
             return Err(Reason::DropNoBridge);
@@ -155,6 +160,8 @@ pub fn try_direct_ingress(ctx: &TcContext) -> Result<i32, Reason> {
     count(
         if to_host {
             Reason::DeliverDirectHost
+        } else if kernel_flow {
+            Reason::StackKernelFlow
         } else {
             Reason::StackTtl
         },

@@ -59,6 +59,7 @@ use overlay_tests::{
 mod decap;
 mod delivery;
 mod encap;
+mod kernel_flow;
 mod namespaces;
 mod public_ip;
 mod xdp;

@@ -319,12 +319,12 @@ fn store_route(ct: *mut NatEntryV4, route: NextHopV4) {
     }
 }
 
-/// The next hop cached in the flow `key`'s CT entry under `route_gen` (not 0), if any.
+/// The next hop cached in the flow `key`'s CT entry (generation 0: none cached), if the flow
+/// has an entry.
 #[inline(always)]
-pub(super) fn cached_next_hop(key: &NatKeyV4, route_gen: u32) -> Option<[u8; 4]> {
+pub(super) fn flow_route(key: &NatKeyV4) -> Option<NextHopV4> {
     let (ct, _) = ct_entry(key)?;
-    let route = load_route(ct);
-    (route.route_gen == route_gen).then_some(route.next_hop)
+    Some(load_route(ct))
 }
 
 /// Finds the live flow for `key` (assured first) or creates one; returns the translated port.

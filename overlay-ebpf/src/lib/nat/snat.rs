@@ -20,7 +20,7 @@ use overlay_common::{
 
 use super::{
     IP_OFF, IP_SADDR_OFF, L4Ports, Translated,
-    flow::{self, Segment, cached_next_hop, flow_out, frag_offset, replies_to_cluster_flow},
+    flow::{self, Segment, flow_out, flow_route, frag_offset, replies_to_cluster_flow},
     icmp::icmp_error_out,
     is_icmp_error, load_l4,
     policy::{masquerades, masquerades_to_cluster, nat_ipv4},
@@ -47,7 +47,7 @@ pub fn snat_from_pod(ctx: &TcContext, cfg: &Config, role: Role) -> Result<i32, R
     }
     // Only what the kernel would send out of the external interface: that is the address we
     // translate to and the interface whose ingress sees the replies.
-    let Some(route) = route_out(ctx, cfg, &ip, ihl) else {
+    let Some(route) = route_out(ctx, cfg, &ip, ihl, role) else {
         return Ok(TC_ACT_OK);
     };
     if ip.ttl <= 1 {
@@ -75,6 +75,11 @@ struct RouteOut {
 /// The route of a pod's packet `ip` as the kernel would forward it, if it leaves through the
 /// external interface (`None`: it goes elsewhere, or nowhere, and is the kernel's).
 ///
+/// At a pod's port (`role` the accelerator) only a packet of a known flow is taken: a flow's
+/// first packet goes on to the bridge, where netfilter may still DNAT it (kube-proxy's
+/// Services, under `br_netfilter`); `pod_egress` then leaves a rewritten packet to the kernel
+/// and masquerades an unchanged one, creating the flow whose later packets the port finishes.
+///
 /// A flow's packets reuse the next hop its CT entry cached under the current routing
 /// generation: the lookup cost about a fifth of a masqueraded packet's time in this program
 /// (`bpf_skb_fib_lookup` in a profile of the masquerade's connection-rate load). That is exact
@@ -83,22 +88,29 @@ struct RouteOut {
 /// use or fill the cache; the mark is not an input (the lookup runs the rules with mark 0).
 /// The generation is read once, before the lookup (`maps::route_gen`).
 #[inline(always)]
-fn route_out(ctx: &TcContext, cfg: &Config, ip: &Ipv4Hdr, ihl: usize) -> Option<RouteOut> {
+fn route_out(
+    ctx: &TcContext,
+    cfg: &Config,
+    ip: &Ipv4Hdr,
+    ihl: usize,
+    role: Role,
+) -> Option<RouteOut> {
     let route_gen = route_gen(cfg);
     let key = if route_gen != 0 && ip.tos & !ECN_MASK == 0 && frag_offset(ip) == 0 {
         flow_key(ctx, ip, IP_OFF + ihl)
     } else {
         None
     };
-    if let Some(key) = &key
-        && let Some(next_hop) = cached_next_hop(key, route_gen)
+    let cached = key.as_ref().and_then(flow_route);
+    if role == Role::Accelerator && cached.is_none() {
+        return None;
+    }
+    if let Some(cached) = cached
+        && cached.route_gen == route_gen
     {
         return Some(RouteOut {
-            next_hop: Some(next_hop),
-            cache: NextHopV4 {
-                route_gen,
-                next_hop,
-            },
+            next_hop: Some(cached.next_hop),
+            cache: cached,
         });
     }
     let route = fib::lookup(ctx, cfg.bridge_ifindex, ip, ip.daddr);

@@ -1,0 +1,83 @@
+//! Flows the kernel forwarded for a local pod: `KERNEL_FLOW_V4`.
+//!
+//! A pod's packet that the kernel routed itself (rather than `pod_egress` sending it on) has
+//! been through netfilter, where kube-proxy's DNAT may have turned a Service address into an
+//! endpoint's. Its replies must go back through the kernel too, so that conntrack turns the
+//! endpoint's address back into the Service's: delivered straight into the pod, they would
+//! carry an address the pod never sent to, and its socket would drop them (UDP) or reset the
+//! connection (TCP). The programs that see such packets leave (`host_egress`, `underlay_egress`)
+//! file the flow here; decapsulation and direct delivery hand a packet whose tuple is filed to
+//! the host device instead of the pod (`to_stack_kernel_flow`).
+//!
+//! Byte orders: addresses and ports as on the wire.
+
+use bytemuck::{Pod, Zeroable};
+
+/// Capacity of `KERNEL_FLOW_V4` (an LRU map, written by the programs): as many flows as the
+/// assured masquerade table holds.
+pub const KERNEL_FLOW_V4_CAPACITY: u32 = 65_536;
+
+/// Slots of `KERNEL_FLOW_PAIRS_V4`, the filter in front of `KERNEL_FLOW_V4`: an array of
+/// `u32` (1: a flow of a pair with this slot was filed), 128 KiB.
+pub const KERNEL_FLOW_PAIRS_LEN: u32 = 16_384;
+
+/// The slot in `KERNEL_FLOW_PAIRS_V4` of the pair (`pod`, `remote`) (addresses as on the
+/// wire): the top bits of a multiplicative hash of both.
+#[must_use]
+pub const fn pair_slot(pod: [u8; 4], remote: [u8; 4]) -> u32 {
+    let h = u32::from_be_bytes(pod).wrapping_mul(0x9e37_79b1)
+        ^ u32::from_be_bytes(remote).wrapping_mul(0x85eb_ca77);
+    h >> (32 - KERNEL_FLOW_PAIRS_LEN.trailing_zeros())
+}
+const _: () = assert!(KERNEL_FLOW_PAIRS_LEN.is_power_of_two());
+
+/// The key of `KERNEL_FLOW_V4`: a flow between a local pod and a remote end, as the kernel
+/// sent it out (after any DNAT), oriented from the pod. Ports are 0 for a protocol without
+/// them; an ICMP echo has its identifier as `pod_port` and 0 as `remote_port`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct KernelFlowKeyV4 {
+    pub pod: [u8; 4],
+    pub remote: [u8; 4],
+    pub pod_port: [u8; 2],
+    pub remote_port: [u8; 2],
+    pub proto: u8,
+    pub _reserved: [u8; 3],
+}
+const _: () = assert!(size_of::<KernelFlowKeyV4>() == 16);
+
+impl KernelFlowKeyV4 {
+    #[must_use]
+    pub const fn new(
+        pod: [u8; 4],
+        remote: [u8; 4],
+        pod_port: [u8; 2],
+        remote_port: [u8; 2],
+        proto: u8,
+    ) -> Self {
+        Self {
+            pod,
+            remote,
+            pod_port,
+            remote_port,
+            proto,
+            _reserved: [0; 3],
+        }
+    }
+}
+
+/// Value of `KERNEL_FLOW_V4`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct KernelFlowV4 {
+    /// When the flow was filed (`bpf_ktime_get_coarse_ns`), for the agent's report.
+    pub created_ns: u64,
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: `#[repr(C)]`, `Pod` by bytemuck's derive (no padding, any bit pattern).
+    unsafe impl aya::Pod for super::KernelFlowKeyV4 {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::KernelFlowV4 {}
+}

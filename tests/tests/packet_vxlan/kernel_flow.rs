@@ -1,0 +1,225 @@
+//! Flows the kernel forwarded for a local pod (`KERNEL_FLOW_V4`): Service traffic that
+//! kube-proxy's DNAT sent to an endpoint. Filed where the kernel's packets leave (`host_egress`,
+//! `underlay_egress`), their replies go to the host device instead of into the pod; and a
+//! packet whose destination changed between the pod's veth and the bridge (netfilter's DNAT
+//! under `br_netfilter`) is left to the kernel by `pod_egress`.
+
+use nix::sched::{CpuSet, sched_setaffinity};
+use nix::unistd::Pid;
+use overlay_common::names::POD_PORT_EGRESS;
+
+use super::*;
+
+const POD_IFINDEX: u32 = 21;
+/// A Service address (kubeadm's Service CIDR), outside the cluster network.
+const SERVICE: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+
+/// A TCP segment `src:sport` → `dst:dport` with `flags`, TTL 64.
+fn tcp_packet(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+    let mut tcp = vec![0u8; 20];
+    tcp[0..2].copy_from_slice(&sport.to_be_bytes());
+    tcp[2..4].copy_from_slice(&dport.to_be_bytes());
+    tcp[12] = 5 << 4;
+    tcp[13] = flags;
+    tcp[14..16].copy_from_slice(&64240u16.to_be_bytes());
+    ipv4_packet(src, dst, IPPROTO_TCP, 64, 0, &tcp)
+}
+
+/// `A` with a known pod (`ENDPOINT_V4`), whose flow to `B`'s pod the kernel forwarded out of
+/// the host device.
+fn node_with_a_kernel_flow() -> (Loaded, Ipv4Addr, Ipv4Addr) {
+    let mut dp = loaded_node(A, &[B]);
+    let (pod, endpoint) = (host_addr(A, 7), host_addr(B, 5));
+    set_endpoint(&mut dp.ebpf, pod, Some(Endpoint::new(POD_IFINDEX, POD_MAC)));
+    let syn = tcp_packet(pod, endpoint, 40000, 80, 0x02);
+    let run = dp.run(HOST_EGRESS, &ether(HOST_MAC, HOST_MAC, ETH_P_IP, &syn));
+    assert_eq!(run.verdict, TC_ACT_REDIRECT);
+    assert_vxlan(&run.out, A, B, &syn);
+    (dp, pod, endpoint)
+}
+
+#[test]
+fn replies_of_a_flow_the_kernel_forwarded_go_back_through_the_kernel() {
+    let (dp, pod, endpoint) = node_with_a_kernel_flow();
+    dp.assert_counters(&[(Reason::EncapHost, 1), (Reason::KernelFlowNew, 1)]);
+
+    // The endpoint's SYN-ACK: to the host device, untouched (the kernel's forwarding
+    // decrements the TTL), addressed to it so that the stack takes it.
+    let reply = tcp_packet(endpoint, pod, 80, 40000, 0x12);
+    let run = dp.run(UNDERLAY_INGRESS, &Vxlan::between(B, A).frame(&reply));
+    assert_eq!(run.verdict, TC_ACT_REDIRECT);
+    assert_eq!(
+        &run.out[..6],
+        &HOST_MAC,
+        "destination MAC: the host device's"
+    );
+    assert_eq!(&run.out[6..12], &B.vtep, "source MAC: the sender's VtepMAC");
+    assert_eq!(&run.out[14..], &reply[..], "the inner packet, TTL included");
+
+    // The same pods on other ports (a connection of their own, pod to pod) go straight in.
+    let direct = tcp_packet(endpoint, pod, 80, 40001, 0x12);
+    let run = dp.run(UNDERLAY_INGRESS, &Vxlan::between(B, A).frame(&direct));
+    assert_eq!(run.verdict, TC_ACT_REDIRECT);
+    assert_eq!(&run.out[..6], &POD_MAC);
+    assert_eq!(&run.out[14..], &with_ttl_decremented(&direct, 1)[..]);
+
+    // The flow is filed once, however many packets follow.
+    let ack = tcp_packet(pod, endpoint, 40000, 80, 0x10);
+    dp.run(HOST_EGRESS, &ether(HOST_MAC, HOST_MAC, ETH_P_IP, &ack));
+    dp.assert_counters(&[
+        (Reason::EncapHost, 2),
+        (Reason::KernelFlowNew, 1),
+        (Reason::UnderlayRx, 2),
+        (Reason::StackKernelFlow, 1),
+        (Reason::DecapEndpoint, 1),
+    ]);
+}
+
+#[test]
+fn an_echo_the_kernel_forwarded_gets_its_reply_through_the_kernel_and_udp_by_its_ports() {
+    let mut dp = loaded_node(A, &[B]);
+    let (pod, endpoint) = (host_addr(A, 7), host_addr(B, 5));
+    set_endpoint(&mut dp.ebpf, pod, Some(Endpoint::new(POD_IFINDEX, POD_MAC)));
+    let request = ipv4_packet(
+        pod,
+        endpoint,
+        IPPROTO_ICMP,
+        63,
+        0,
+        &icmp_echo(8, 77, 1, b"x"),
+    );
+    dp.run(HOST_EGRESS, &ether(HOST_MAC, HOST_MAC, ETH_P_IP, &request));
+    let datagram = udp_packet(pod, endpoint, 63, 5353, 10);
+    dp.run(HOST_EGRESS, &ether(HOST_MAC, HOST_MAC, ETH_P_IP, &datagram));
+
+    let echo_reply = |id| {
+        ipv4_packet(
+            endpoint,
+            pod,
+            IPPROTO_ICMP,
+            64,
+            0,
+            &icmp_echo(0, id, 1, b"x"),
+        )
+    };
+    let to_host = dp.run(
+        UNDERLAY_INGRESS,
+        &Vxlan::between(B, A).frame(&echo_reply(77)),
+    );
+    assert_eq!(&to_host.out[..6], &HOST_MAC, "the echo's reply");
+    let other = dp.run(
+        UNDERLAY_INGRESS,
+        &Vxlan::between(B, A).frame(&echo_reply(78)),
+    );
+    assert_eq!(&other.out[..6], &POD_MAC, "another identifier's");
+    // `udp_packet` sends to port 5201: the reply comes from there to the pod's 5353.
+    let udp_reply = ipv4_packet(
+        endpoint,
+        pod,
+        IPPROTO_UDP,
+        64,
+        0,
+        &udp_datagram(5201, 5353, b"r"),
+    );
+    let run = dp.run(UNDERLAY_INGRESS, &Vxlan::between(B, A).frame(&udp_reply));
+    assert_eq!(&run.out[..6], &HOST_MAC, "the datagram's reply");
+    dp.assert_counters(&[
+        (Reason::EncapHost, 2),
+        (Reason::KernelFlowNew, 2),
+        (Reason::UnderlayRx, 3),
+        (Reason::StackKernelFlow, 2),
+        (Reason::DecapEndpoint, 1),
+    ]);
+}
+
+#[test]
+fn the_hosts_own_traffic_and_traffic_to_peers_are_not_filed() {
+    let dp = loaded_node(A, &[B]);
+    // The host (`<subnet>.0`) to a peer's pod: its replies take the host device anyway.
+    let host = tcp_packet(A.subnet, host_addr(B, 5), 40000, 80, 0x02);
+    dp.run(HOST_EGRESS, &ether(HOST_MAC, HOST_MAC, ETH_P_IP, &host));
+    // At the external interface: a pod's packet to a peer's subnet (direct routing sends those
+    // there itself) and our own VXLAN are not the kernel's flows.
+    let to_peer = tcp_packet(host_addr(A, 7), host_addr(B, 5), 40000, 80, 0x02);
+    dp.run(
+        UNDERLAY_EGRESS,
+        &ether(ROUTER_MAC, NIC_MAC, ETH_P_IP, &to_peer),
+    );
+    dp.run(UNDERLAY_EGRESS, &Vxlan::between(A, B).frame(&to_peer));
+    dp.assert_counters(&[(Reason::EncapHost, 1), (Reason::UnderlayTx, 2)]);
+}
+
+#[test]
+fn a_pods_packet_the_kernel_routed_out_of_the_cluster_is_filed() {
+    let mut dp = loaded_node(A, &[B]);
+    let pod = host_addr(A, 7);
+    set_endpoint(&mut dp.ebpf, pod, Some(Endpoint::new(POD_IFINDEX, POD_MAC)));
+    // A Service endpoint on a member node's own address (a hostNetwork pod, the API server):
+    // the kernel routes the pod's packet out of the external interface, unmasqueraded.
+    let node_endpoint = B.local_ip;
+    let syn = tcp_packet(pod, node_endpoint, 40000, 6443, 0x02);
+    assert_eq!(
+        dp.run(UNDERLAY_EGRESS, &ether(ROUTER_MAC, NIC_MAC, ETH_P_IP, &syn))
+            .verdict,
+        TC_ACT_OK
+    );
+    // The member answers through its host device, over VXLAN.
+    let reply = tcp_packet(node_endpoint, pod, 6443, 40000, 0x12);
+    let run = dp.run(UNDERLAY_INGRESS, &Vxlan::between(B, A).frame(&reply));
+    assert_eq!(&run.out[..6], &HOST_MAC);
+    dp.assert_counters(&[
+        (Reason::UnderlayTx, 1),
+        (Reason::KernelFlowNew, 1),
+        (Reason::UnderlayRx, 1),
+        (Reason::StackKernelFlow, 1),
+    ]);
+}
+
+/// Pins the test's thread to one CPU: `POD_PORT_PASSED` is per CPU, as the port and the bridge
+/// run on one CPU for one packet.
+fn pin_to_one_cpu() {
+    let mut one = CpuSet::new();
+    one.set(0).unwrap();
+    sched_setaffinity(Pid::from_raw(0), &one).unwrap();
+}
+
+#[test]
+fn pod_egress_leaves_a_packet_dnated_after_the_port_to_the_kernel() {
+    pin_to_one_cpu();
+    let dp = loaded_node(A, &[B]);
+    let (pod, endpoint) = (host_addr(A, 7), host_addr(B, 5));
+    // The pod sends to a Service address: not for a peer, so the port passes it on.
+    let to_service = tcp_packet(pod, SERVICE, 40000, 80, 0x02);
+    let run = dp.run(POD_PORT_EGRESS, &pod_frame(&to_service));
+    assert_eq!(run.verdict, TC_ACT_OK);
+    // The bridge's netfilter DNATed it to a remote pod: the kernel's to forward.
+    let dnated = tcp_packet(pod, endpoint, 40000, 80, 0x02);
+    let run = dp.run(POD_EGRESS, &pod_frame(&dnated));
+    assert_eq!(run.verdict, TC_ACT_OK);
+    assert_eq!(run.out, pod_frame(&dnated), "left as it is");
+    dp.assert_counters(&[(Reason::StackDnat, 1)]);
+
+    // The next packet for the endpoint that did not pass the port (a pod without the port
+    // hook yet) is sent on as ever: the note was used up.
+    let run = dp.run(POD_EGRESS, &pod_frame(&dnated));
+    assert_eq!(run.verdict, TC_ACT_REDIRECT);
+    // Nor does a packet the port passed that arrives unchanged (no DNAT) count as one.
+    let outside = tcp_packet(pod, Ipv4Addr::new(198, 19, 0, 1), 40000, 80, 0x02);
+    assert_eq!(
+        dp.run(POD_PORT_EGRESS, &pod_frame(&outside)).verdict,
+        TC_ACT_OK
+    );
+    assert_eq!(dp.run(POD_EGRESS, &pod_frame(&outside)).verdict, TC_ACT_OK);
+    // A packet the port passed, then another one at the bridge (the first went elsewhere):
+    // no match, so it is judged on its own.
+    assert_eq!(
+        dp.run(POD_PORT_EGRESS, &pod_frame(&to_service)).verdict,
+        TC_ACT_OK
+    );
+    let other = tcp_packet(host_addr(A, 8), endpoint, 40000, 80, 0x02);
+    assert_eq!(
+        dp.run(POD_EGRESS, &pod_frame(&other)).verdict,
+        TC_ACT_REDIRECT
+    );
+    dp.assert_counters(&[(Reason::StackDnat, 1), (Reason::EncapPod, 2)]);
+}

@@ -1,0 +1,248 @@
+//! Kubernetes Services through the overlay: kube-proxy's iptables mode, as it writes its rules,
+//! in the node namespaces (nat PREROUTING and OUTPUT, a Service address DNATed to an
+//! endpoint), with `br_netfilter` on as Kubernetes requires it (the bridge runs those rules on
+//! pods' packets, between the pod's veth and the bridge's own hook).
+//!
+//! What must hold, as with flannel: a pod reaches a Service whose endpoint is a remote pod, a
+//! local pod or a member node's own address (a hostNetwork pod, the API server) by the Service
+//! address; the endpoint sees the pod's real address; the replies reach the pod from the
+//! Service address (else TCP resets and UDP sockets drop them); agents killed and restarted
+//! lose no such connection. The counters show the way it took: `to_stack_dnat` (the bridge's
+//! packet left to the kernel's forwarding), `kernel_flow_new` (the flow filed at the host
+//! device), `to_stack_kernel_flow` (replies through the kernel). Pod-to-pod traffic between the
+//! same pods still goes straight in.
+//!
+//! Root only (fails, never skips, without it). Run: `cargo xtask build && OVERLAY_AGENT_BIN=
+//! target/debug/overlay-agent cargo test -p overlay-tests --test services -- --test-threads=1`.
+
+use std::{collections::BTreeMap, net::Ipv4Addr};
+
+use overlay_tests::{
+    Cluster, Endpoint, NetNs, Node, Pod,
+    checks::{assert_pods_talk, assert_tcp, counters, grown, transfer_across_agent_kill9},
+    traffic,
+};
+
+const VXLAN_CONFIG: &str = r#"{"Network": "172.17.0.0/16", "Backend": {"Type": "vxlan"}}"#;
+const HOST_GW_CONFIG: &str = r#"{"Network": "172.17.0.0/16", "Backend": {"Type": "host-gw"}}"#;
+/// A Service address in kubeadm's Service CIDR (10.96.0.0/12).
+const SERVICE_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const TCP_BYTES: u64 = 1_000_000;
+const UDP_COUNT: u64 = 20;
+/// Long enough to be running across an agent kill and restart.
+const RESTART_BYTES: u64 = 400_000_000;
+
+/// A Service as a client sees it: the address it connects to, served in the endpoint's
+/// namespace.
+struct Service<'a> {
+    endpoint: &'a (dyn Endpoint + Sync),
+}
+
+impl Endpoint for Service<'_> {
+    fn ns(&self) -> &NetNs {
+        self.endpoint.ns()
+    }
+
+    fn ip(&self) -> Ipv4Addr {
+        SERVICE_IP
+    }
+
+    fn label(&self) -> String {
+        format!("service {SERVICE_IP} → {}", self.endpoint.label())
+    }
+}
+
+/// Fails unless the bridge runs iptables on pods' packets in `node`, as on a Kubernetes node.
+fn require_br_netfilter(node: &Node) {
+    let on = node
+        .ns()
+        .sysctl_get("net.bridge.bridge-nf-call-iptables")
+        .unwrap_or_else(|e| {
+            panic!("br_netfilter is needed (modprobe br_netfilter), as Kubernetes needs it: {e:#}")
+        });
+    assert_eq!(
+        on.trim(),
+        "1",
+        "net.bridge.bridge-nf-call-iptables must be 1, as Kubernetes sets it"
+    );
+}
+
+/// kube-proxy's rules for `SERVICE_IP` with one endpoint, `to` (the ports are kept: the tests
+/// pick a new one per transfer), replacing any earlier ones.
+fn route_service(node: &Node, to: Ipv4Addr) {
+    node.ns().run("iptables", &["-t", "nat", "-F"]).unwrap();
+    for chain in ["PREROUTING", "OUTPUT"] {
+        for proto in ["tcp", "udp"] {
+            let rule = format!(
+                "-t nat -A {chain} -d {SERVICE_IP}/32 -p {proto} -j DNAT --to-destination {to}"
+            );
+            let args: Vec<&str> = rule.split_whitespace().collect();
+            node.ns().run("iptables", &args).unwrap();
+        }
+    }
+}
+
+/// TCP from `client` to the Service whose endpoint is `endpoint`: every byte arrives, and the
+/// endpoint sees the client's own address.
+fn assert_service_reached_tcp(client: &Pod, endpoint: &(dyn Endpoint + Sync)) {
+    let service = Service { endpoint };
+    let t = traffic::tcp_transfer(client, &service, TCP_BYTES)
+        .unwrap_or_else(|e| panic!("TCP {client} -> {}: {e:#}", service.label()));
+    assert_eq!(t.bytes, TCP_BYTES);
+    assert_eq!(
+        t.server_peer.ip(),
+        client.ip(),
+        "the endpoint must see the pod's own address"
+    );
+}
+
+/// [`assert_service_reached_tcp`], and UDP: every echo comes back.
+fn assert_service_reached(client: &Pod, endpoint: &(dyn Endpoint + Sync)) {
+    assert_service_reached_tcp(client, endpoint);
+    let service = Service { endpoint };
+    let u = traffic::udp_echo(client, &service, UDP_COUNT).unwrap();
+    assert_eq!(
+        (u.received, u.bad),
+        (UDP_COUNT, 0),
+        "UDP {client} -> {}: every echo must come back from the Service address",
+        service.label()
+    );
+    assert!(
+        u.server_peers.iter().all(|p| p.ip() == client.ip()),
+        "UDP seen from {:?}",
+        u.server_peers
+    );
+}
+
+/// How much the counter `reason` grew from `before` to `after`.
+fn grew(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>, reason: &str) -> u64 {
+    grown(before, after).get(reason).copied().unwrap_or(0)
+}
+
+fn cluster(config: &str, args: &[&str]) -> Cluster {
+    let cluster = Cluster::builder()
+        .nodes(2)
+        .pods_per_node(2)
+        .outside(true)
+        .network_config(config)
+        .agent_args(args)
+        .build()
+        .unwrap();
+    require_br_netfilter(cluster.node(0));
+    cluster
+}
+
+/// VXLAN, no masquerade: endpoints on the other node (a pod, the node itself) and on this one.
+#[test]
+fn a_service_is_reached_through_its_address_wherever_its_endpoint_is() {
+    let cluster = cluster(VXLAN_CONFIG, &[]);
+    let (n0, n1) = (cluster.node(0), cluster.node(1));
+    let (p0, local, remote) = (cluster.pod(0, 0), cluster.pod(0, 1), cluster.pod(1, 0));
+
+    let before = counters(n0);
+    route_service(n0, remote.ip());
+    assert_service_reached(&p0, &remote);
+    let after = counters(n0);
+    for reason in ["to_stack_dnat", "kernel_flow_new", "to_stack_kernel_flow"] {
+        assert!(
+            grew(&before, &after, reason) > 0,
+            "n0's {reason} must grow: {after:?}"
+        );
+    }
+
+    // The same two pods, pod to pod: straight into the pod, not through the kernel.
+    let before = counters(n0);
+    assert_pods_talk(&remote, &p0);
+    assert_pods_talk(&p0, &remote);
+    let after = counters(n0);
+    assert_eq!(
+        grew(&before, &after, "to_stack_kernel_flow"),
+        0,
+        "{after:?}"
+    );
+    assert_eq!(grew(&before, &after, "to_stack_dnat"), 0, "{after:?}");
+    assert!(grew(&before, &after, "decap_endpoint") > 0, "{after:?}");
+
+    // An endpoint on the other node's own address (a hostNetwork pod): it answers through
+    // its host device, over VXLAN. TCP only: a UDP server on the wildcard address answers a
+    // pod from the host device's address, the route's source (`flannel.1`'s under flannel
+    // too), which no conntrack matches; such servers bind the node's address.
+    route_service(n0, n1.underlay_ip());
+    assert_service_reached_tcp(&p0, n1);
+
+    // A local endpoint: the bridge's netfilter forwards it on the bridge itself.
+    route_service(n0, local.ip());
+    assert_service_reached(&p0, &local);
+}
+
+/// host-gw with `--ip-masq` (the Service CIDR excluded, as the DaemonSet sets it): replies come
+/// unencapsulated from the direct peer; an endpoint on the peer's own address is masqueraded
+/// after the DNAT, as flannel's MASQUERADE rule would.
+#[test]
+fn a_service_is_reached_over_host_gw_with_masquerade() {
+    let cluster = cluster(
+        HOST_GW_CONFIG,
+        &["--ip-masq", "--ip-masq-exclude", "10.96.0.0/12"],
+    );
+    let (n0, n1) = (cluster.node(0), cluster.node(1));
+    let (p0, remote) = (cluster.pod(0, 0), cluster.pod(1, 0));
+    let before = counters(n0);
+    route_service(n0, remote.ip());
+    assert_service_reached(&p0, &remote);
+    let after = counters(n0);
+    assert!(
+        grew(&before, &after, "to_stack_kernel_flow") > 0,
+        "{after:?}"
+    );
+
+    route_service(n0, n1.underlay_ip());
+    let service = Service { endpoint: n1 };
+    let t = traffic::tcp_transfer(&p0, &service, TCP_BYTES).unwrap();
+    assert_eq!(
+        t.server_peer.ip(),
+        n0.underlay_ip(),
+        "leaving the cluster network, the pod is masqueraded to its node's address"
+    );
+}
+
+/// `--ip-masq` with the Service CIDR not excluded: the port hook (`--pod-hook port`, the
+/// default) leaves a flow's first packet to the bridge, whose netfilter runs kube-proxy's rules
+/// before `pod_egress` masquerades what they left alone. The Service is reached with the pod's
+/// own address; an endpoint on the other node's address is masqueraded after the DNAT, as
+/// flannel's MASQUERADE would; the outside host sees the node's address, and the port finishes
+/// the later packets of that flow (`pod_port`).
+#[test]
+fn a_service_is_reached_with_masquerade_and_no_service_cidr_excluded() {
+    let cluster = cluster(VXLAN_CONFIG, &["--ip-masq"]);
+    let (n0, n1) = (cluster.node(0), cluster.node(1));
+    let (p0, remote) = (cluster.pod(0, 0), cluster.pod(1, 0));
+    route_service(n0, remote.ip());
+    assert_service_reached(&p0, &remote);
+
+    route_service(n0, n1.underlay_ip());
+    let service = Service { endpoint: n1 };
+    let t = traffic::tcp_transfer(&p0, &service, TCP_BYTES).unwrap();
+    assert_eq!(t.server_peer.ip(), n0.underlay_ip());
+
+    let before = counters(n0);
+    let seen = assert_tcp(&p0, cluster.outside());
+    assert_eq!(seen, n0.underlay_ip(), "masqueraded to the node's address");
+    let after = counters(n0);
+    assert_eq!(grew(&before, &after, "nat_new_flow"), 1, "{after:?}");
+    assert!(grew(&before, &after, "pod_port") > 0, "{after:?}");
+}
+
+/// A Service connection survives `kill -9` of both agents and their restart: the filed flow is
+/// pinned, so its replies keep going through the kernel.
+#[test]
+fn a_service_connection_survives_agent_restarts() {
+    let cluster = cluster(VXLAN_CONFIG, &[]);
+    let n0 = cluster.node(0);
+    let (p0, remote) = (cluster.pod(0, 0), cluster.pod(1, 0));
+    route_service(n0, remote.ip());
+    let service = Service { endpoint: &remote };
+    let report =
+        transfer_across_agent_kill9(cluster.nodes(), &p0, &service, RESTART_BYTES, &[], || {});
+    assert_eq!(report.bytes, RESTART_BYTES);
+    assert_eq!(report.server_peer.ip(), p0.ip());
+}
