@@ -19,7 +19,8 @@
 //! `pod_port_egress` is the same body on the tcx ingress of a pod's host-side veth, in front of
 //! the bridge (where the agent runs with `--pod-hook port`): it takes only frames the pod
 //! addresses to its gateway (the bridge's MAC; the rest is the bridge's to switch), redirects
-//! what it can finish (encapsulation, direct routing, masquerade) and passes everything else on
+//! what it can finish (encapsulation, direct routing, masquerade of a flow that exists: a new
+//! flow's first packet is the bridge's, see below) and passes everything else on
 //! to the bridge uncounted, where `pod_egress` decides and counts as without it (`Role`).
 //!
 //! Between the two, with `br_netfilter` (which Kubernetes requires), the bridge runs the IP
@@ -29,7 +30,9 @@
 //! CPU); a packet that reaches the bridge with another destination than it left the port with
 //! is handed to the kernel's forwarding (`to_stack_dnat`), whose replies come back through
 //! the kernel too (`lib::kernel_flow`). Without the port hook (`--pod-hook bridge`) nothing
-//! sees the address before the DNAT, so Services need the port hook.
+//! sees the address before the DNAT, so Services need the port hook. For the same reason, with
+//! `--ip-masq` the port leaves a new flow's first packet to the bridge (`lib::nat`): kube-proxy's
+//! rules see it before `pod_egress` masquerades what they left alone.
 
 use aya_ebpf::{
     bindings::TC_ACT_OK,
