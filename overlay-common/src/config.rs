@@ -98,6 +98,18 @@ impl Config {
         addr == self.local_ip || addr == self.public_ip
     }
 
+    /// `addr` (network order) is one of the host's own addresses in this node's subnet: the
+    /// host device's `<subnet>.0` or the pod bridge's gateway `<subnet>.1`. What is sent to them
+    /// goes to the host stack, never into a pod.
+    #[must_use]
+    #[inline(always)]
+    pub fn is_host_subnet_address(&self, addr: [u8; 4]) -> bool {
+        let gateway = u32::from_be_bytes(self.subnet)
+            .wrapping_add(1)
+            .to_be_bytes();
+        addr == self.subnet || addr == gateway
+    }
+
     #[must_use]
     pub const fn accepts_direct(&self) -> bool {
         self.flags & CONFIG_F_DIRECT != 0

@@ -70,7 +70,8 @@ impl KernelFlowKeyV4 {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct KernelFlowV4 {
-    /// When the flow was filed (`bpf_ktime_get_coarse_ns`), for the agent's report.
+    /// When the flow was filed (`bpf_ktime_get_coarse_ns`): nothing in the agent reads it; it
+    /// tells an operator dumping the map (`bpftool map dump`) how old each entry is.
     pub created_ns: u64,
 }
 

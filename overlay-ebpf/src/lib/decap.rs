@@ -346,8 +346,7 @@ fn check_inner_source(cfg: &Config, outer_saddr: [u8; 4], saddr: [u8; 4]) -> Res
 #[inline(always)]
 fn plan(ctx: &TcContext, cfg: &Config, ip_off: usize, ip: &Ipv4Hdr) -> Result<Plan, Reason> {
     let daddr = ip.daddr;
-    let gateway = (u32::from_be_bytes(cfg.subnet).wrapping_add(1)).to_be_bytes();
-    let target = if daddr == cfg.subnet || daddr == gateway {
+    let target = if cfg.is_host_subnet_address(daddr) {
         Target::Host
     } else if !in_subnet(daddr, cfg.subnet, cfg.subnet_mask) {
         return Err(Reason::DropNotLocal);

@@ -133,11 +133,11 @@ pub fn try_direct_ingress(ctx: &TcContext) -> Result<i32, Reason> {
         return Err(Reason::DropDirectMalformed);
     }
 
-    let gateway = (u32::from_be_bytes(cfg.subnet).wrapping_add(1)).to_be_bytes();
-    let to_host = daddr == cfg.subnet || daddr == gateway;
-    // A TTL that expires here goes to the host device anyway (as `to_stack_ttl`).
-    let kernel_flow = !to_host && hdr.ttl > 1 && is_kernel_flow(ctx, ETH_HLEN, &hdr);
-    if !to_host && !kernel_flow && hdr.ttl > 1 {
+    let to_host = cfg.is_host_subnet_address(daddr);
+    // A TTL that expires here goes to the host device (as `to_stack_ttl`), whatever its flow.
+    let forwarded = !to_host && hdr.ttl > 1;
+    let kernel_flow = forwarded && is_kernel_flow(ctx, ETH_HLEN, &hdr);
+    if forwarded && !kernel_flow {
         let endpoint = endpoint_v4(daddr);
         if endpoint.is_none() && cfg.bridge_ifindex == 0 {
             return Err(Reason::DropNoBridge);

@@ -59,13 +59,11 @@ named!(
     overlay_common::names::KERNEL_FLOW_PAIRS_V4
 );
 
-/// Whether `addr` (network order) is a local pod's: in this node's subnet, neither the host
-/// device's `.0` nor the bridge's `.1` (the host's own addresses, whose traffic takes the host
-/// device both ways anyway).
+/// Whether `addr` (network order) is a local pod's: in this node's subnet, not one of the
+/// host's own addresses there (whose traffic takes the host device both ways anyway).
 #[inline(always)]
-pub fn is_local_pod(cfg: &Config, addr: [u8; 4]) -> bool {
-    let gateway = (u32::from_be_bytes(cfg.subnet).wrapping_add(1)).to_be_bytes();
-    in_subnet(addr, cfg.subnet, cfg.subnet_mask) && addr != cfg.subnet && addr != gateway
+fn is_local_pod(cfg: &Config, addr: [u8; 4]) -> bool {
+    in_subnet(addr, cfg.subnet, cfg.subnet_mask) && !cfg.is_host_subnet_address(addr)
 }
 
 /// Source and destination port of the IPv4 packet whose header `ip` sits at `ip_off` (0 for a
