@@ -14,6 +14,8 @@ pub const UNDERLAY_EGRESS: &str = "underlay_egress";
 pub const UNDERLAY_XDP: &str = "underlay_xdp";
 /// tcx ingress of the pod bridge: encapsulation or direct routing of pod traffic.
 pub const POD_EGRESS: &str = "pod_egress";
+/// tcx egress of the pod bridge: notes connections the kernel delivers into pods from outside.
+pub const POD_INGRESS: &str = "pod_ingress";
 /// tcx ingress of a pod's host-side veth (`--pod-hook port`).
 pub const POD_PORT_EGRESS: &str = "pod_port_egress";
 /// tcx egress of the host device: the same for host traffic.
@@ -24,10 +26,11 @@ pub const GRO_DEVICE_INGRESS: &str = "gro_device_ingress";
 /// Run once at load to learn whether the kernel accepts `BPF_F_ADJ_ROOM_DECAP_L4_UDP`.
 pub const PROBE_DECAP_L4_UDP: &str = "probe_decap_l4_udp";
 /// Every TC program the agent attaches.
-pub const TC_PROGRAMS: [&str; 6] = [
+pub const TC_PROGRAMS: [&str; 7] = [
     UNDERLAY_INGRESS,
     UNDERLAY_EGRESS,
     POD_EGRESS,
+    POD_INGRESS,
     POD_PORT_EGRESS,
     HOST_EGRESS,
     GRO_DEVICE_INGRESS,

@@ -2,6 +2,8 @@
 //!
 //! - `underlay`: tcx ingress and egress on the node's external interface (decapsulation).
 //! - `pod`: tcx ingress on the pod bridge (encapsulation of pod traffic to peers).
+//! - `pod_ingress`: tcx egress on the pod bridge (notes connections the kernel delivers into
+//!   pods from outside the cluster, whose replies are the kernel's).
 //! - `host`: tcx egress on the host device (encapsulation of host traffic to peers).
 //! - `gro_device`: tcx ingress on the GRO device (delivers the reassembled fragments of VXLAN
 //!   for us that the kernel's VXLAN socket decapsulated, drops everything else it took).
@@ -58,6 +60,7 @@ mod lib {
 mod gro_device;
 mod host;
 mod pod;
+mod pod_ingress;
 mod probe;
 mod underlay;
 

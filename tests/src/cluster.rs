@@ -42,6 +42,10 @@ pub const OUTSIDE_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 1);
 pub const OUTSIDE_GATEWAY: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 254);
 /// etcd's client port.
 pub const ETCD_PORT: u16 = 2379;
+/// What an agent logs when it has attached its programs to the pod bridge the pods are on.
+const BRIDGE_ATTACHED_LOG: &str = "pod bridge cni0 (index ";
+/// How long [`ClusterBuilder::build`] waits for every agent to log [`BRIDGE_ATTACHED_LOG`].
+const BRIDGE_ATTACH_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long [`Node::subnet_env`] waits for the agent to write the subnet file.
 pub const SUBNET_ENV_TIMEOUT: Duration = Duration::from_secs(30);
 /// Most nodes a cluster can have (198.18.0.1 ..= 198.18.0.200).
@@ -263,8 +267,8 @@ impl ClusterBuilder {
 
     /// Builds the cluster: checks for root and tools ([`crate::require_root`], panics if
     /// missing), removes leftovers of crashed runs, creates the underlay, etcd, the outside host
-    /// and the nodes; then, if agents are to start, starts them, waits for their subnet files and
-    /// adds the pods. Whatever was created is removed again if a step fails.
+    /// and the nodes; then, if agents are to start, starts them, waits for their subnet files,
+    /// adds the pods and waits for the agents to attach to the pods' bridge. Whatever was created is removed again if a step fails.
     pub fn build(self) -> Result<Cluster> {
         crate::require_root();
         if let Err(e) = crate::cleanup_leftovers() {
@@ -360,6 +364,13 @@ impl ClusterBuilder {
             for node in &cluster.nodes {
                 for j in 0..self.pods_per_node {
                     node.add_pod(&format!("p{j}"))?;
+                }
+            }
+            // The agents find the bridge the first pod created by themselves; until then the
+            // pods' traffic takes the kernel's way, which a test would take for ours.
+            for node in cluster.nodes.iter().filter(|_| self.pods_per_node > 0) {
+                if let Some(agent) = node.agent() {
+                    agent.wait_for_log(BRIDGE_ATTACHED_LOG, BRIDGE_ATTACH_TIMEOUT)?;
                 }
             }
         }

@@ -46,9 +46,9 @@ pub struct Node {
     pub underlay_mtu: usize,
     /// MTU of the host device (`host_ifindex`), when there is one.
     pub host_mtu: usize,
-    /// `KERNEL_FLOW_V4`: flows the kernel forwarded for a local pod, filed by `host_egress`
-    /// and `underlay_egress` as frames go through them (pod, remote, pod port, remote port,
-    /// protocol).
+    /// `KERNEL_FLOW_V4`: flows the kernel forwarded for a local pod, filed by `host_egress`,
+    /// `underlay_egress` and `pod_ingress` as frames go through them (pod, remote, pod port,
+    /// remote port, protocol).
     pub kernel_flows: Mutex<BTreeSet<KernelFlow>>,
 }
 
@@ -198,6 +198,22 @@ impl Node {
             .lock()
             .unwrap()
             .insert((saddr, daddr, sport, dport, f[ip + 9]));
+        new.then_some((Reason::KernelFlowNew, f.len() as u64))
+    }
+
+    /// Files the flow of a packet the kernel sends into a local pod at `ip` of `f` from outside
+    /// the cluster network (not from the node's own addresses); the count of a new one.
+    fn file_delivered_flow(&self, f: &[u8], ip: usize) -> Option<(Reason, u64)> {
+        let (saddr, daddr) = (addr(f, ip + 12), addr(f, ip + 16));
+        if !self.is_local_pod(daddr) || self.in_network(saddr) || self.own_address(saddr) {
+            return None;
+        }
+        let (sport, dport) = Self::kernel_flow_ports(f, ip, false)?;
+        let new = self
+            .kernel_flows
+            .lock()
+            .unwrap()
+            .insert((daddr, saddr, dport, sport, f[ip + 9]));
         new.then_some((Reason::KernelFlowNew, f.len() as u64))
     }
 
@@ -505,6 +521,16 @@ impl Node {
         let mut counts = vec![(Reason::UnderlayTx, f.len() as u64)];
         if self.ready() && is_ipv4(f) && !self.in_network(addr(f, 30)) {
             counts.extend(self.file_kernel_flow(f, 14));
+        }
+        Outcome::new(TC_OK, counts, Expected::Same)
+    }
+
+    /// `pod_ingress` (the bridge's egress): files what comes from outside the cluster network
+    /// into a local pod, changes nothing.
+    pub fn pod_ingress(&self, f: &[u8]) -> Outcome {
+        let mut counts = Vec::new();
+        if self.ready() && is_ipv4(f) {
+            counts.extend(self.file_delivered_flow(f, 14));
         }
         Outcome::new(TC_OK, counts, Expected::Same)
     }

@@ -48,8 +48,9 @@ pub const TC_ACT_SHOT: u32 = 2;
 pub const TC_ACT_REDIRECT: u32 = 7;
 
 /// The data path's TC programs (`SchedClassifier`s), the load-time probe among them.
-pub const PROGRAMS: [&str; 7] = [
+pub const PROGRAMS: [&str; 8] = [
     names::POD_EGRESS,
+    names::POD_INGRESS,
     names::POD_PORT_EGRESS,
     names::HOST_EGRESS,
     names::UNDERLAY_INGRESS,

@@ -1160,6 +1160,78 @@ fn the_port_leaves_a_new_flow_to_the_bridge_and_finishes_its_later_packets() {
     );
 }
 
+/// A connection the node's netfilter DNATed from its own address into a pod (a published port:
+/// `docker run -p`, a hostPort): `pod_ingress` files it as the kernel sends it into the pod,
+/// and the pod's replies go on to the kernel untouched (whose conntrack gives them the node's
+/// address and port back), where they were masqueraded as a new flow before. Only what comes
+/// from outside the cluster network is filed; the pod's own new flows to the same host are
+/// masqueraded as ever.
+#[test]
+fn replies_in_a_connection_the_kernel_delivered_into_a_pod_are_left_to_the_kernel() {
+    let mut node = Node::new(nat_on(0));
+    node.set_route_gen(1);
+    let syn = frame(&tcp(OUTSIDE, POD, 51000, 8080, 0x02, b""));
+    assert_eq!(node.run(names::POD_INGRESS, &syn), (TC_ACT_OK, syn.clone()));
+    let data = frame(&tcp(OUTSIDE, POD, 51000, 8080, 0x10, b"x"));
+    assert_eq!(
+        node.run(names::POD_INGRESS, &data),
+        (TC_ACT_OK, data.clone())
+    );
+    let query = frame(&udp(OUTSIDE, POD, 52000, 53, b"q", true));
+    node.run(names::POD_INGRESS, &query);
+    assert_eq!(node.counters()["kernel_flow_new"], 2, "filed once per flow");
+
+    let syn_ack = frame(&tcp(POD, OUTSIDE, 8080, 51000, 0x12, b""));
+    let answer = frame(&udp(POD, OUTSIDE, 53, 52000, b"a", true));
+    for f in [&syn_ack, &answer] {
+        let (v, out) = node.run(names::POD_PORT_EGRESS, f);
+        assert_eq!(
+            (v, &out),
+            (TC_ACT_OK, f),
+            "no flow of ours: on to the bridge"
+        );
+        let (v, out) = node.run(names::POD_EGRESS, f);
+        assert_eq!((v, &out), (TC_ACT_OK, f), "the kernel's, untouched");
+    }
+    let c = node.counters();
+    assert_eq!(c["to_stack_kernel_flow"], 2, "{c:?}");
+    assert_eq!(node.tier_sizes(), [0, 0, 0, 0], "no flow created");
+
+    // The pod's own connection to the same host (another tuple) is masqueraded.
+    let (v, out) = node.run(
+        names::POD_EGRESS,
+        &frame(&tcp(POD, OUTSIDE, 40000, 51000, 0x02, b"")),
+    );
+    assert_eq!(v, TC_ACT_REDIRECT);
+    assert_eq!(addr(&check_ip(&out), 12), NODE_IP);
+
+    // Not filed: what comes from a cluster address (a remote pod, the host device) or from
+    // the node's own address, and what goes to the host's own addresses in the subnet.
+    for f in [
+        tcp(REMOTE_POD, POD, 51001, 8080, 0x02, b""),
+        tcp(HOST_DEV_IP, POD, 51002, 8080, 0x02, b""),
+        tcp(NODE_IP, POD, 51003, 8080, 0x02, b""),
+        tcp(OUTSIDE, HOST_DEV_IP, 51004, 8080, 0x02, b""),
+        tcp(
+            OUTSIDE,
+            Ipv4Addr::new(172, 17, 1, 1),
+            51005,
+            8080,
+            0x02,
+            b"",
+        ),
+        tcp(OUTSIDE, REMOTE_POD, 51006, 8080, 0x02, b""),
+    ] {
+        node.run(names::POD_INGRESS, &frame(&f));
+    }
+    assert_eq!(
+        node.counters()["kernel_flow_new"],
+        2,
+        "{:?}",
+        node.counters()
+    );
+}
+
 /// With `--public-ip` (a node behind a NAT) the masquerade still translates to the external
 /// interface's address, as the kernel's MASQUERADE does: the PublicIP may not even be the
 /// node's, and the NAT in front of it translates the interface address.

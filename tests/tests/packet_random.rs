@@ -71,9 +71,10 @@ const KNOWN_POD_MAC: [u8; 6] = [0x02, 0xdd, 0, 0, 0, 0x05];
 /// In this order within a setting: the egress programs file flows the kernel forwarded
 /// (`KERNEL_FLOW_V4`) before `underlay_ingress` looks them up, and the bridge's program runs
 /// before the port's, whose notes of what it passed on it would otherwise read.
-const TC_PROGRAMS: [&str; 5] = [
+const TC_PROGRAMS: [&str; 6] = [
     names::UNDERLAY_EGRESS,
     names::HOST_EGRESS,
+    names::POD_INGRESS,
     names::UNDERLAY_INGRESS,
     names::POD_EGRESS,
     names::POD_PORT_EGRESS,
@@ -691,6 +692,7 @@ fn run_program(
         names::POD_EGRESS => node.pod_egress(f, false),
         names::POD_PORT_EGRESS => node.pod_egress(f, true),
         names::HOST_EGRESS => node.host_egress(f),
+        names::POD_INGRESS => node.pod_ingress(f),
         _ => node.underlay_xdp(f),
     };
     bench

@@ -246,3 +246,83 @@ fn a_service_connection_survives_agent_restarts() {
     assert_eq!(report.bytes, RESTART_BYTES);
     assert_eq!(report.server_peer.ip(), p0.ip());
 }
+
+/// A port published on a node into a local pod (`docker run -p`, a hostPort, a NodePort with
+/// `externalTrafficPolicy: Local`), with `--ip-masq`: the host outside the cluster connects to
+/// the node's address; the node's netfilter DNATs it to the pod. The pod's replies must go
+/// back through that conntrack entry (which gives them the node's address and port back), not
+/// be masqueraded as a new flow.
+#[test]
+fn a_port_published_into_a_pod_is_reached_with_masquerade() {
+    let cluster = cluster(VXLAN_CONFIG, &["--ip-masq"]);
+    let n0 = cluster.node(0);
+    let (outside, p0) = (cluster.outside(), cluster.pod(0, 0));
+    publish(n0, outside.ip(), p0.ip());
+    let published = Published { node: n0, pod: &p0 };
+    let before = counters(n0);
+    for round in 0..5 {
+        let t = traffic::tcp_transfer(outside, &published, TCP_BYTES).unwrap_or_else(|e| {
+            panic!(
+                "round {round}: TCP {} -> {}: {e:#}",
+                outside.label(),
+                published.label()
+            )
+        });
+        assert_eq!(t.bytes, TCP_BYTES);
+        assert_eq!(
+            t.server_peer.ip(),
+            outside.ip(),
+            "the pod sees the client's address"
+        );
+        let u = traffic::udp_echo(outside, &published, UDP_COUNT).unwrap();
+        assert_eq!(
+            (u.received, u.bad),
+            (UDP_COUNT, 0),
+            "round {round}: UDP -> {}: every echo must come back from the node's address",
+            published.label()
+        );
+    }
+    // The connections were noted where the kernel delivered them into the pod, and the pod's
+    // replies were left to the kernel: none was masqueraded as a flow of its own.
+    let after = counters(n0);
+    assert!(grew(&before, &after, "kernel_flow_new") >= 10, "{after:?}");
+    assert!(
+        grew(&before, &after, "to_stack_kernel_flow") > 0,
+        "{after:?}"
+    );
+    assert_eq!(grew(&before, &after, "nat_new_flow"), 0, "{after:?}");
+}
+
+/// The node's address as a client outside sees a published port; served in the pod.
+struct Published<'a> {
+    node: &'a Node,
+    pod: &'a Pod,
+}
+
+impl Endpoint for Published<'_> {
+    fn ns(&self) -> &NetNs {
+        self.pod.ns()
+    }
+
+    fn ip(&self) -> Ipv4Addr {
+        self.node.underlay_ip()
+    }
+
+    fn label(&self) -> String {
+        format!("{} published → {}", self.node.underlay_ip(), self.pod)
+    }
+}
+
+/// A DNAT of whatever `from` sends to the node's address into `pod` (every port: the tests pick
+/// a new one per transfer; only `from`, so the node's own VXLAN and etcd traffic is untouched).
+fn publish(node: &Node, from: Ipv4Addr, pod: Ipv4Addr) {
+    node.ns().run("iptables", &["-t", "nat", "-F"]).unwrap();
+    for proto in ["tcp", "udp"] {
+        let rule = format!(
+            "-t nat -A PREROUTING -s {from}/32 -d {}/32 -p {proto} -j DNAT --to-destination {pod}",
+            node.underlay_ip()
+        );
+        let args: Vec<&str> = rule.split_whitespace().collect();
+        node.ns().run("iptables", &args).unwrap();
+    }
+}

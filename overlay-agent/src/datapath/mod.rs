@@ -25,6 +25,9 @@
 //! | `pod_egress`       | tcx ingress, pod bridge       | encapsulates (or routes directly) pod |
 //! |                    |                               | traffic to peers; masquerades pod     |
 //! |                    |                               | traffic leaving the cluster           |
+//! | `pod_ingress`      | tcx egress, pod bridge        | notes connections the kernel delivers |
+//! |                    |                               | into pods from outside the cluster    |
+//! |                    |                               | (their replies stay the kernel's)     |
 //! | `host_egress`      | tcx egress, host device ovl0  | the same for host traffic; masquer-   |
 //! |                    |                               | ades non-cluster sources to remote    |
 //! |                    |                               | pods (flannel's last rule)            |
@@ -102,8 +105,8 @@ pub static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("OVERLAY_EBPF_OBJECT
 
 /// Program and map names: one spelling, shared with the eBPF crate (checked there).
 pub use overlay_common::names::{
-    self, GRO_DEVICE_INGRESS, HOST_EGRESS, POD_EGRESS, POD_PORT_EGRESS, PROBE_DECAP_L4_UDP,
-    TC_PROGRAMS as PROGRAMS, UNDERLAY_EGRESS, UNDERLAY_INGRESS, UNDERLAY_XDP,
+    self, GRO_DEVICE_INGRESS, HOST_EGRESS, POD_EGRESS, POD_INGRESS, POD_PORT_EGRESS,
+    PROBE_DECAP_L4_UDP, TC_PROGRAMS as PROGRAMS, UNDERLAY_EGRESS, UNDERLAY_INGRESS, UNDERLAY_XDP,
 };
 
 /// The maps that hold state worth keeping across an agent restart (all pinned).
@@ -540,15 +543,17 @@ impl Datapath {
         self.node.as_ref()
     }
 
-    /// Attaches `pod_egress` to the pod bridge (cni0/docker0) and delivers decapsulated pod
-    /// traffic to it. Call again when the bridge was re-created (the old link is replaced).
+    /// Attaches `pod_egress` (ingress) and `pod_ingress` (egress) to the pod bridge
+    /// (cni0/docker0) and delivers decapsulated pod traffic to it. Call again when the bridge
+    /// was re-created (the old links are replaced).
     pub fn attach_pod_bridge(&mut self, iface: &str) -> Result<(), DatapathError> {
         let ifindex = ifindex(iface)?;
         let mac = hw_addr(iface)?;
-        if self.links.contains_key(POD_EGRESS) {
+        if self.links.contains_key(POD_EGRESS) || self.links.contains_key(POD_INGRESS) {
             self.detach_pod_bridge()?;
         }
         self.attach_tc(POD_EGRESS, iface, TcAttachType::Ingress)?;
+        self.attach_tc(POD_INGRESS, iface, TcAttachType::Egress)?;
         self.devices.bridge = ifindex;
         self.devices.bridge_mac = mac;
         self.write_config()
@@ -575,6 +580,7 @@ impl Datapath {
         self.devices.bridge = 0;
         self.devices.bridge_mac = [0; 6];
         self.write_config()?;
+        self.detach_tc(POD_INGRESS)?;
         self.detach_tc(POD_EGRESS)
     }
 

@@ -10,8 +10,8 @@
 use aya::programs::{SchedClassifier, TcAttachType};
 
 use super::{
-    Datapath, GRO_DEVICE_INGRESS, HOST_EGRESS, POD_EGRESS, UNDERLAY_EGRESS, UNDERLAY_INGRESS,
-    UNDERLAY_XDP, classifier,
+    Datapath, GRO_DEVICE_INGRESS, HOST_EGRESS, POD_EGRESS, POD_INGRESS, UNDERLAY_EGRESS,
+    UNDERLAY_INGRESS, UNDERLAY_XDP, classifier,
 };
 
 /// A program that is not attached where the agent attached it.
@@ -30,7 +30,7 @@ impl std::fmt::Display for Problem {
 
 fn direction(prog: &str) -> TcAttachType {
     match prog {
-        UNDERLAY_EGRESS | HOST_EGRESS => TcAttachType::Egress,
+        UNDERLAY_EGRESS | HOST_EGRESS | POD_INGRESS => TcAttachType::Egress,
         _ => TcAttachType::Ingress,
     }
 }
@@ -98,7 +98,7 @@ pub struct Affected {
     pub underlay: bool,
     /// The host device and its program.
     pub host: bool,
-    /// The pod bridge's program.
+    /// The pod bridge's programs.
     pub pod: bool,
     /// The GRO device and its program.
     pub gro: bool,
@@ -111,7 +111,7 @@ pub fn affects(problems: &[Problem]) -> Affected {
     Affected {
         underlay: has(UNDERLAY_INGRESS) || has(UNDERLAY_EGRESS) || has(UNDERLAY_XDP),
         host: has(HOST_EGRESS),
-        pod: has(POD_EGRESS),
+        pod: has(POD_EGRESS) || has(POD_INGRESS),
         gro: has(GRO_DEVICE_INGRESS),
     }
 }

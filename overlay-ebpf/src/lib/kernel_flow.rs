@@ -108,19 +108,50 @@ pub fn file(ctx: &TcContext, cfg: &Config, ip_off: usize, ip: &Ipv4Hdr) {
     let Some((sport, dport)) = ports(ctx, ip_off, ip, true) else {
         return;
     };
-    let key = KernelFlowKeyV4::new(ip.saddr, ip.daddr, sport, dport, ip.proto);
-    if KERNEL_FLOW_V4.get_ptr(&key).is_some() {
+    file_key(
+        ctx,
+        &KernelFlowKeyV4::new(ip.saddr, ip.daddr, sport, dport, ip.proto),
+    );
+}
+
+/// Files the flow of a packet the kernel sends into a local pod (header `ip` at `ip_off`) from
+/// outside the cluster network: an outside host's connection that the node's netfilter DNATed
+/// from its own address (`docker run -p`, a hostPort, a NodePort) or routed to the pod. The
+/// pod's replies belong to that connection in the kernel's conntrack, which alone can undo the
+/// DNAT; flannel's MASQUERADE leaves them alone too, as it touches only new connections. The
+/// node's own addresses are left out: a reply to them is the host's anyway.
+#[inline(always)]
+pub fn file_delivered(ctx: &TcContext, cfg: &Config, ip_off: usize, ip: &Ipv4Hdr) {
+    if !is_local_pod(cfg, ip.daddr)
+        || in_subnet(ip.saddr, cfg.network, cfg.network_mask)
+        || cfg.is_own_address(ip.saddr)
+    {
+        return;
+    }
+    let Some((sport, dport)) = ports(ctx, ip_off, ip, false) else {
+        return;
+    };
+    file_key(
+        ctx,
+        &KernelFlowKeyV4::new(ip.daddr, ip.saddr, dport, sport, ip.proto),
+    );
+}
+
+/// Files `key` unless it is there already.
+#[inline(always)]
+fn file_key(ctx: &TcContext, key: &KernelFlowKeyV4) {
+    if KERNEL_FLOW_V4.get_ptr(key).is_some() {
         return;
     }
     // The slot first: a reply may follow at once on another CPU.
-    if let Some(slot) = KERNEL_FLOW_PAIRS_V4.get_ptr_mut(pair_slot(ip.saddr, ip.daddr)) {
+    if let Some(slot) = KERNEL_FLOW_PAIRS_V4.get_ptr_mut(pair_slot(key.pod, key.remote)) {
         // SAFETY: an element of the array, written whole (any CPU writes the same value).
         unsafe { *slot = 1 };
     }
     // SAFETY: a helper without arguments.
     let created_ns = unsafe { bpf_ktime_get_coarse_ns() };
     if KERNEL_FLOW_V4
-        .insert(&key, &KernelFlowV4 { created_ns }, u64::from(BPF_NOEXIST))
+        .insert(key, &KernelFlowV4 { created_ns }, u64::from(BPF_NOEXIST))
         .is_ok()
     {
         count(Reason::KernelFlowNew, ctx.len());
@@ -131,15 +162,39 @@ pub fn file(ctx: &TcContext, cfg: &Config, ip_off: usize, ip: &Ipv4Hdr) {
 /// forwarded, so that it must go back through the kernel.
 #[inline(always)]
 pub fn is_kernel_flow(ctx: &TcContext, ip_off: usize, ip: &Ipv4Hdr) -> bool {
+    is_filed(ctx, ip_off, ip, false)
+}
+
+/// Whether a local pod's packet (header `ip` at `ip_off`) belongs to a flow the kernel
+/// forwarded, so that it must go on through the kernel (a reply in a connection the kernel
+/// delivered into the pod, [`file_delivered`]).
+#[inline(always)]
+pub fn is_kernel_flow_from_pod(ctx: &TcContext, ip_off: usize, ip: &Ipv4Hdr) -> bool {
+    is_filed(ctx, ip_off, ip, true)
+}
+
+/// Whether the flow of the packet with header `ip` at `ip_off`, sent by a local pod
+/// (`from_pod`) or to one, is filed.
+#[inline(always)]
+fn is_filed(ctx: &TcContext, ip_off: usize, ip: &Ipv4Hdr, from_pod: bool) -> bool {
+    let (pod, remote) = if from_pod {
+        (ip.saddr, ip.daddr)
+    } else {
+        (ip.daddr, ip.saddr)
+    };
     if KERNEL_FLOW_PAIRS_V4
-        .get(pair_slot(ip.daddr, ip.saddr))
+        .get(pair_slot(pod, remote))
         .is_none_or(|set| *set == 0)
     {
         return false;
     }
-    let Some((sport, dport)) = ports(ctx, ip_off, ip, false) else {
+    let Some((sport, dport)) = ports(ctx, ip_off, ip, from_pod) else {
         return false;
     };
-    let key = KernelFlowKeyV4::new(ip.daddr, ip.saddr, dport, sport, ip.proto);
+    let key = if from_pod {
+        KernelFlowKeyV4::new(pod, remote, sport, dport, ip.proto)
+    } else {
+        KernelFlowKeyV4::new(pod, remote, dport, sport, ip.proto)
+    };
     KERNEL_FLOW_V4.get_ptr(&key).is_some()
 }

@@ -31,6 +31,7 @@ use crate::lib::{
     fib,
     hdr::{IcmpHdr, Ipv4Hdr},
     ipv4::ECN_MASK,
+    kernel_flow,
     maps::{config, is_member, route_gen},
     ptr::skb_mark,
 };
@@ -80,6 +81,9 @@ struct RouteOut {
 /// Services, under `br_netfilter`); `pod_egress` then leaves a rewritten packet to the kernel
 /// and masquerades an unchanged one, creating the flow whose later packets the port finishes.
 ///
+/// A packet without a flow of ours that belongs to a connection the kernel delivered into the
+/// pod (`lib::kernel_flow::file_delivered`) is the kernel's too (`to_stack_kernel_flow`).
+///
 /// A flow's packets reuse the next hop its CT entry cached under the current routing
 /// generation: the lookup cost about a fifth of a masqueraded packet's time in this program
 /// (`bpf_skb_fib_lookup` in a profile of the masquerade's connection-rate load). That is exact
@@ -102,8 +106,17 @@ fn route_out(
         None
     };
     let cached = key.as_ref().and_then(flow_route);
-    if role == Role::Accelerator && cached.is_none() {
-        return None;
+    if cached.is_none() {
+        if role == Role::Accelerator {
+            return None;
+        }
+        // No flow of ours: a reply in a connection the kernel delivered into the pod (a port
+        // published on the node, DNATed to the pod) is the kernel's, whose conntrack undoes
+        // the DNAT; MASQUERADE would not touch it either.
+        if kernel_flow::is_kernel_flow_from_pod(ctx, IP_OFF, ip) {
+            count(Reason::StackKernelFlow, ctx.len());
+            return None;
+        }
     }
     if let Some(cached) = cached
         && cached.route_gen == route_gen
