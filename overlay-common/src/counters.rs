@@ -160,9 +160,11 @@ pub enum Reason {
     /// of a Service address) was filed in `KERNEL_FLOW_V4`, so that its replies go back
     /// through the kernel (counted once per flow, at its first packet).
     KernelFlowNew = 40,
-    /// A packet for a local pod belonging to a flow the kernel forwarded (`KERNEL_FLOW_V4`)
-    /// was handed to the host device instead of the pod, so that the kernel's conntrack undoes
-    /// its NAT (a Service endpoint's reply gets the Service address back).
+    /// A packet of a flow the kernel forwarded (`KERNEL_FLOW_V4`) was left to the kernel, so
+    /// that its conntrack undoes the flow's NAT: for a local pod, handed to the host device
+    /// instead of the pod (a Service endpoint's reply gets the Service address back); from a
+    /// local pod (`pod_egress`), neither masqueraded nor sent to a peer (a reply through a port
+    /// published on the node gets the node's address back).
     StackKernelFlow = 41,
     /// A pod's packet whose destination netfilter rewrote between its veth and the bridge
     /// (with `br_netfilter`, kube-proxy's DNAT of a Service address runs there) was handed to

@@ -9,6 +9,12 @@
 //! file the flow here; decapsulation and direct delivery hand a packet whose tuple is filed to
 //! the host device instead of the pod (`to_stack_kernel_flow`).
 //!
+//! The other way round, a connection into a pod through a port published on the node (DNATed
+//! from the node's address) is filed by `pod_ingress` as the kernel sends it into the pod;
+//! `pod_egress` then leaves the pod's replies to the kernel (`to_stack_kernel_flow`), which
+//! gives them the node's address back, rather than masquerading them or sending them to a
+//! peer itself.
+//!
 //! Byte orders: addresses and ports as on the wire.
 
 use bytemuck::{Pod, Zeroable};

@@ -33,6 +33,13 @@
 //! sees the address before the DNAT, so Services need the port hook. For the same reason, with
 //! `--ip-masq` the port leaves a new flow's first packet to the bridge (`lib::nat`): kube-proxy's
 //! rules see it before `pod_egress` masquerades what they left alone.
+//!
+//! The reverse case, a connection into a pod through a port published on the node (DNATed
+//! from the node's address: `docker run -p`, a hostPort), is undone by conntrack only after
+//! both hooks, on the pod's replies. `pod_ingress` files such a connection as the kernel
+//! sends it into the pod (`lib::kernel_flow`); both hooks leave the pod's packets of it to
+//! the kernel (`to_stack_kernel_flow`, counted at the bridge) rather than sending them to a
+//! peer or masquerading them as a new flow.
 
 use aya_ebpf::{
     bindings::TC_ACT_OK,
@@ -40,13 +47,14 @@ use aya_ebpf::{
     maps::PerCpuArray,
     programs::TcContext,
 };
-use overlay_common::counters::Reason;
+use overlay_common::{counters::Reason, wire::ETH_HLEN};
 
 use crate::lib::{
     counters::{Role, count, count_handback, verdict},
     direct,
     encap::{encapsulate, fits_tunnel, redirect_to_underlay},
     ipv4::{decrement_ttl, eth_ipv4},
+    kernel_flow,
     maps::{config, route_v4},
     nat,
 };
@@ -171,6 +179,13 @@ fn try_pod_egress(ctx: &TcContext, role: Role) -> Result<i32, Reason> {
         // Not for a peer: masquerade (if on and flannel's rules say so), else the kernel's.
         return nat::snat_from_pod(ctx, cfg, role);
     };
+    // A reply in a connection the kernel delivered into the pod (a remote pod's, DNATed from
+    // the node's address) is the kernel's: its conntrack gives it the node's address back.
+    // SAFETY: a checked pointer from `eth_ipv4`, read before any helper moves data.
+    if kernel_flow::is_kernel_flow_from_pod(ctx, ETH_HLEN, unsafe { &*ip }) {
+        count_handback(role, Reason::StackKernelFlow, ctx.len());
+        return Ok(TC_ACT_OK);
+    }
     if peer.is_direct() {
         return direct::forward_from_pod(ctx, cfg, role, &peer, ip, ttl);
     }

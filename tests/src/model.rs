@@ -201,11 +201,15 @@ impl Node {
         new.then_some((Reason::KernelFlowNew, f.len() as u64))
     }
 
-    /// Files the flow of a packet the kernel sends into a local pod at `ip` of `f` from outside
-    /// the cluster network (not from the node's own addresses); the count of a new one.
+    /// Files the flow of a packet the kernel sends into a local pod at `ip` of `f` from
+    /// elsewhere than this node's subnet (not from the node's own addresses; from a remote
+    /// pod only to a pod with an endpoint); the count of a new one.
     fn file_delivered_flow(&self, f: &[u8], ip: usize) -> Option<(Reason, u64)> {
         let (saddr, daddr) = (addr(f, ip + 12), addr(f, ip + 16));
-        if !self.is_local_pod(daddr) || self.in_network(saddr) || self.own_address(saddr) {
+        if !self.is_local_pod(daddr) || self.in_subnet(saddr) || self.own_address(saddr) {
+            return None;
+        }
+        if self.in_network(saddr) && !self.endpoints.contains_key(&daddr) {
             return None;
         }
         let (sport, dport) = Self::kernel_flow_ports(f, ip, false)?;
@@ -215,6 +219,15 @@ impl Node {
             .unwrap()
             .insert((daddr, saddr, dport, sport, f[ip + 9]));
         new.then_some((Reason::KernelFlowNew, f.len() as u64))
+    }
+
+    /// Whether a local pod's packet at `ip` of `f` belongs to a filed flow.
+    fn is_kernel_flow_from_pod(&self, f: &[u8], ip: usize) -> bool {
+        let Some((sport, dport)) = Self::kernel_flow_ports(f, ip, true) else {
+            return false;
+        };
+        let key = (addr(f, ip + 12), addr(f, ip + 16), sport, dport, f[ip + 9]);
+        self.kernel_flows.lock().unwrap().contains(&key)
     }
 
     /// Whether the packet for a local pod at `ip` of `f` belongs to a filed flow.
@@ -565,6 +578,9 @@ impl Node {
         let Some(peer) = self.route(daddr) else {
             return pass(Vec::new());
         };
+        if self.is_kernel_flow_from_pod(f, 14) {
+            return handback(Reason::StackKernelFlow);
+        }
         if peer.is_direct() {
             if ttl <= 1 {
                 return handback(Reason::StackTtl);

@@ -255,36 +255,55 @@ fn a_service_connection_survives_agent_restarts() {
 #[test]
 fn a_port_published_into_a_pod_is_reached_with_masquerade() {
     let cluster = cluster(VXLAN_CONFIG, &["--ip-masq"]);
-    let n0 = cluster.node(0);
-    let (outside, p0) = (cluster.outside(), cluster.pod(0, 0));
-    publish(n0, outside.ip(), p0.ip());
-    let published = Published { node: n0, pod: &p0 };
-    let before = counters(n0);
+    let (n0, p0) = (cluster.node(0), cluster.pod(0, 0));
+    assert_published_port_reached(n0, cluster.outside(), &p0);
+}
+
+/// The same from a pod on the other node, without `--ip-masq` (so it connects with its own
+/// address, not its node's): the pod's replies are addressed to a remote pod, and would be
+/// sent straight to it with the pod's address, skipping the conntrack entry. Over VXLAN and
+/// host-gw.
+#[test]
+fn a_port_published_into_a_pod_is_reached_from_a_remote_pod() {
+    for config in [VXLAN_CONFIG, HOST_GW_CONFIG] {
+        let cluster = cluster(config, &[]);
+        let (n0, p0, client) = (cluster.node(0), cluster.pod(0, 0), cluster.pod(1, 0));
+        assert_published_port_reached(n0, &client, &p0);
+    }
+}
+
+/// `client` reaches `pod` through a port published on `node`'s address, by TCP and UDP, five
+/// times each: every byte and every echo arrives, the pod sees the client's address, and
+/// `node`'s counters show the connections filed where the kernel delivered them into the pod
+/// and the pod's replies left to the kernel, none masqueraded as a flow of its own.
+fn assert_published_port_reached(node: &Node, client: &(dyn Endpoint + Sync), pod: &Pod) {
+    publish(node, client.ip(), pod.ip());
+    let published = Published { node, pod };
+    let before = counters(node);
     for round in 0..5 {
-        let t = traffic::tcp_transfer(outside, &published, TCP_BYTES).unwrap_or_else(|e| {
+        let t = traffic::tcp_transfer(client, &published, TCP_BYTES).unwrap_or_else(|e| {
             panic!(
                 "round {round}: TCP {} -> {}: {e:#}",
-                outside.label(),
+                client.label(),
                 published.label()
             )
         });
         assert_eq!(t.bytes, TCP_BYTES);
         assert_eq!(
             t.server_peer.ip(),
-            outside.ip(),
+            client.ip(),
             "the pod sees the client's address"
         );
-        let u = traffic::udp_echo(outside, &published, UDP_COUNT).unwrap();
+        let u = traffic::udp_echo(client, &published, UDP_COUNT).unwrap();
         assert_eq!(
             (u.received, u.bad),
             (UDP_COUNT, 0),
-            "round {round}: UDP -> {}: every echo must come back from the node's address",
+            "round {round}: UDP {} -> {}: every echo must come back from the node's address",
+            client.label(),
             published.label()
         );
     }
-    // The connections were noted where the kernel delivered them into the pod, and the pod's
-    // replies were left to the kernel: none was masqueraded as a flow of its own.
-    let after = counters(n0);
+    let after = counters(node);
     assert!(grew(&before, &after, "kernel_flow_new") >= 10, "{after:?}");
     assert!(
         grew(&before, &after, "to_stack_kernel_flow") > 0,
@@ -314,7 +333,8 @@ impl Endpoint for Published<'_> {
 }
 
 /// A DNAT of whatever `from` sends to the node's address into `pod` (every port: the tests pick
-/// a new one per transfer; only `from`, so the node's own VXLAN and etcd traffic is untouched).
+/// a new one per transfer; only from `from`, so the node's own VXLAN and etcd traffic is
+/// untouched), replacing any earlier rules.
 fn publish(node: &Node, from: Ipv4Addr, pod: Ipv4Addr) {
     node.ns().run("iptables", &["-t", "nat", "-F"]).unwrap();
     for proto in ["tcp", "udp"] {

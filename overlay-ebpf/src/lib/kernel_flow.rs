@@ -1,6 +1,6 @@
 //! Flows the kernel forwarded for a local pod (`KERNEL_FLOW_V4`, layout and purpose in
-//! `overlay_common::kernel_flow`): filed where such packets leave, looked up where replies
-//! would be delivered straight into a pod.
+//! `overlay_common::kernel_flow`): filed where such packets leave or enter, looked up where
+//! packets of the flow would otherwise skip the kernel.
 //!
 //! A pod's packet reaches `host_egress` or `underlay_egress` with its pod source only when the
 //! kernel routed it (`pod_egress` sends what it finishes itself, and masquerades what leaves
@@ -9,15 +9,19 @@
 //! replies, so those go to the host device (as after `flannel.1`), not into the pod. Filed:
 //! - at `host_egress`, what goes to a peer (the endpoint is a remote pod, or a peer's host);
 //! - at `underlay_egress`, what goes outside the cluster network unmasqueraded (an endpoint
-//!   on a member node's own address answers through its host device, i.e. VXLAN or direct).
+//!   on a member node's own address answers through its host device, i.e. VXLAN or direct);
+//! - at `pod_ingress` (the bridge's egress), what the kernel sends into a pod from elsewhere
+//!   than this node's subnet: a port published on the node and DNATed into the pod. There the
+//!   pod's replies are what must stay in the kernel: `pod_egress` leaves them to it instead of
+//!   masquerading them (outside clients) or sending them to a peer (remote pods).
 //!
 //! Entries are never refreshed or expired by time: conntrack keeps an established TCP flow 5
-//! days, and an entry that outlived its flow only sends a reused tuple's replies through the
+//! days, and an entry that outlived its flow only sends a reused tuple's packets through the
 //! kernel (slower, still right). The LRU evicts the least used when the map is full.
 //!
 //! Limits: a later fragment carries no ports, so only first fragments are filed and checked;
 //! ICMP errors about such a flow and ICMP other than echo are not matched (they go straight
-//! into the pod, as before).
+//! into the pod, as before); an echo request into a pod is not filed.
 
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
@@ -37,6 +41,7 @@ use overlay_common::{
 
 use crate::lib::{
     counters::count,
+    endpoint::endpoint_v4,
     hdr::{IcmpHdr, Ipv4Hdr},
     maps::in_subnet,
 };
@@ -115,17 +120,23 @@ pub fn file(ctx: &TcContext, cfg: &Config, ip_off: usize, ip: &Ipv4Hdr) {
 }
 
 /// Files the flow of a packet the kernel sends into a local pod (header `ip` at `ip_off`) from
-/// outside the cluster network: an outside host's connection that the node's netfilter DNATed
-/// from its own address (`docker run -p`, a hostPort, a NodePort) or routed to the pod. The
-/// pod's replies belong to that connection in the kernel's conntrack, which alone can undo the
-/// DNAT; flannel's MASQUERADE leaves them alone too, as it touches only new connections. The
-/// node's own addresses are left out: a reply to them is the host's anyway.
+/// elsewhere than this node's subnet: a connection that the node's netfilter DNATed from its
+/// own address (`docker run -p`, a hostPort, a NodePort) or that an outside host routed to the
+/// pod. The pod's replies belong to that connection in the kernel's conntrack, which alone can
+/// undo the DNAT; flannel's MASQUERADE leaves them alone too, as it touches only new
+/// connections. The node's own addresses are left out (a reply to them is the host's anyway),
+/// and so is a remote pod's packet to a pod without an endpoint: that is our own delivery
+/// through the bridge, while the agent has not seen the pod yet (with an endpoint, ours go
+/// straight into the pod and never get here), and its flow is not the kernel's.
 #[inline(always)]
 pub fn file_delivered(ctx: &TcContext, cfg: &Config, ip_off: usize, ip: &Ipv4Hdr) {
     if !is_local_pod(cfg, ip.daddr)
-        || in_subnet(ip.saddr, cfg.network, cfg.network_mask)
+        || in_subnet(ip.saddr, cfg.subnet, cfg.subnet_mask)
         || cfg.is_own_address(ip.saddr)
     {
+        return;
+    }
+    if in_subnet(ip.saddr, cfg.network, cfg.network_mask) && endpoint_v4(ip.daddr).is_none() {
         return;
     }
     let Some((sport, dport)) = ports(ctx, ip_off, ip, false) else {

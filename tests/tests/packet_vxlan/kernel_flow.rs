@@ -223,3 +223,51 @@ fn pod_egress_leaves_a_packet_dnated_after_the_port_to_the_kernel() {
     );
     dp.assert_counters(&[(Reason::StackDnat, 1), (Reason::EncapPod, 2)]);
 }
+
+/// A remote pod's connection to a port published on this node's address, DNATed by netfilter
+/// into a local pod: `pod_ingress` (the bridge's egress) files it as the kernel sends it in,
+/// and the local pod's replies, addressed to the remote pod, are left to the kernel (whose
+/// conntrack gives them the node's address back) instead of being encapsulated with the pod's
+/// own. A remote pod's packet to a pod without an endpoint is our own delivery through the
+/// bridge, not the kernel's: not filed.
+#[test]
+fn replies_in_a_remote_pods_connection_the_kernel_delivered_go_back_through_the_kernel() {
+    let mut dp = loaded_node(A, &[B]);
+    let (pod, unknown_pod, client) = (host_addr(A, 7), host_addr(A, 8), host_addr(B, 5));
+    set_endpoint(&mut dp.ebpf, pod, Some(Endpoint::new(POD_IFINDEX, POD_MAC)));
+    let to_bridge = |p: &[u8]| ether(POD_MAC, GW_MAC, ETH_P_IP, p);
+    let syn = tcp_packet(client, pod, 50000, 8080, 0x02);
+    let run = dp.run(POD_INGRESS, &to_bridge(&syn));
+    assert_eq!((run.verdict, &run.out), (TC_ACT_OK, &to_bridge(&syn)));
+    dp.run(
+        POD_INGRESS,
+        &to_bridge(&tcp_packet(client, unknown_pod, 50001, 8080, 0x02)),
+    );
+    dp.assert_counters(&[(Reason::KernelFlowNew, 1)]);
+
+    let syn_ack = tcp_packet(pod, client, 8080, 50000, 0x12);
+    let run = dp.run(POD_PORT_EGRESS, &pod_frame(&syn_ack));
+    assert_eq!(
+        (run.verdict, &run.out),
+        (TC_ACT_OK, &pod_frame(&syn_ack)),
+        "the port passes it on untouched"
+    );
+    let run = dp.run(POD_EGRESS, &pod_frame(&syn_ack));
+    assert_eq!(
+        (run.verdict, &run.out),
+        (TC_ACT_OK, &pod_frame(&syn_ack)),
+        "the bridge leaves it to the kernel, untouched"
+    );
+    // The pod's own connection to the same remote pod is encapsulated as ever.
+    let own = tcp_packet(pod, client, 40000, 8080, 0x02);
+    assert_eq!(
+        dp.run(POD_PORT_EGRESS, &pod_frame(&own)).verdict,
+        TC_ACT_REDIRECT
+    );
+    dp.assert_counters(&[
+        (Reason::KernelFlowNew, 1),
+        (Reason::StackKernelFlow, 1),
+        (Reason::PodPort, 1),
+        (Reason::EncapPod, 1),
+    ]);
+}

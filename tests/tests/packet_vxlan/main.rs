@@ -34,8 +34,8 @@ use std::{
 use anyhow::{Context, bail};
 use aya::programs::SchedClassifier;
 use overlay_common::names::{
-    self, GRO_DEVICE_INGRESS, HOST_EGRESS, POD_EGRESS, PROBE_DECAP_L4_UDP, UNDERLAY_EGRESS,
-    UNDERLAY_INGRESS, UNDERLAY_XDP,
+    self, GRO_DEVICE_INGRESS, HOST_EGRESS, POD_EGRESS, POD_INGRESS, PROBE_DECAP_L4_UDP,
+    UNDERLAY_EGRESS, UNDERLAY_INGRESS, UNDERLAY_XDP,
 };
 use overlay_common::{
     config::{CONFIG_F_READY, Config},
@@ -375,6 +375,7 @@ fn every_program_passes_the_verifier() {
     let dp = Loaded::new("packet_vxlan");
     for name in [
         POD_EGRESS,
+        POD_INGRESS,
         HOST_EGRESS,
         UNDERLAY_INGRESS,
         UNDERLAY_EGRESS,

@@ -280,7 +280,13 @@ fn the_agent_datapath_drives_the_programs() {
                 (TcxIngress, UNDERLAY_INGRESS.to_owned())
             ]
         );
-        assert_eq!(attached("cni0"), [(TcxIngress, POD_EGRESS.to_owned())]);
+        assert_eq!(
+            attached("cni0"),
+            [
+                (TcxEgress, POD_INGRESS.to_owned()),
+                (TcxIngress, POD_EGRESS.to_owned())
+            ]
+        );
         assert_eq!(attached("ovl0"), [(TcxEgress, HOST_EGRESS.to_owned())]);
 
         let to_b = pod_frame(&udp_packet(host_addr(A, 5), host_addr(B, 7), 64, 1, 10));
@@ -370,7 +376,13 @@ fn the_agent_datapath_drives_the_programs() {
             TC_ACT_SHOT
         );
         dp.attach_pod_bridge("cni0")?;
-        assert_eq!(attached("cni0"), [(TcxIngress, POD_EGRESS.to_owned())]);
+        assert_eq!(
+            attached("cni0"),
+            [
+                (TcxEgress, POD_INGRESS.to_owned()),
+                (TcxIngress, POD_EGRESS.to_owned())
+            ]
+        );
         assert_eq!(
             run_prog(dp.ebpf(), UNDERLAY_INGRESS, &from_b_to_pod).verdict,
             TC_ACT_REDIRECT
