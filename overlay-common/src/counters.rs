@@ -155,7 +155,8 @@ pub enum Reason {
     /// and delivered (the pod's kernel judges it), but the flow is not closed (counted besides
     /// `nat_rev`). Many of these are spoofed resets from the underlay.
     NatCloseOutOfWindow = 39,
-    // Slots 40..=42: flows the kernel forwarded for local pods (`KERNEL_FLOW_V4`).
+    // Slots 40..=43: flows the kernel forwarded for local pods, or delivered into them
+    // (`KERNEL_FLOW_V4`).
     /// A local pod's flow that the kernel forwarded (after netfilter, e.g. kube-proxy's DNAT
     /// of a Service address) was filed in `KERNEL_FLOW_V4`, so that its replies go back
     /// through the kernel (counted once per flow, at its first packet).
@@ -170,6 +171,11 @@ pub enum Reason {
     /// (with `br_netfilter`, kube-proxy's DNAT of a Service address runs there) was handed to
     /// the kernel's forwarding, which keeps the flow in conntrack (`pod_egress`).
     StackDnat = 42,
+    /// With `--ip-masq`, a local pod's reply in a connection direct delivery sent into it from
+    /// a member node's own address (a stock host-gw node's host, `KERNEL_FLOW_V4`) was
+    /// forwarded out of the external interface untranslated, as MASQUERADE leaves the replies
+    /// of a tracked connection (`pod_egress`).
+    NatInboundReply = 43,
     // Drops 48..=60: what a member node, a pod or a hostile underlay must not get through,
     // taken from the bottom of the second drop range.
     /// A VXLAN frame from a member node whose inner source address is in the cluster network
@@ -198,7 +204,7 @@ pub enum Reason {
 
 impl Reason {
     /// Every reason, in index order (what the agent reports).
-    pub const ALL: [Self; 48] = [
+    pub const ALL: [Self; 49] = [
         Self::UnderlayRx,
         Self::UnderlayTx,
         Self::EncapPod,
@@ -241,6 +247,7 @@ impl Reason {
         Self::KernelFlowNew,
         Self::StackKernelFlow,
         Self::StackDnat,
+        Self::NatInboundReply,
         Self::DropInnerSource,
         Self::DropPodVxlan,
         Self::DropGroDevice,
@@ -292,6 +299,7 @@ impl Reason {
             Self::KernelFlowNew => "kernel_flow_new",
             Self::StackKernelFlow => "to_stack_kernel_flow",
             Self::StackDnat => "to_stack_dnat",
+            Self::NatInboundReply => "nat_inbound_reply",
             Self::DropInnerSource => "drop_inner_source",
             Self::DropPodVxlan => "drop_pod_vxlan",
             Self::DropGroDevice => "drop_gro_device",

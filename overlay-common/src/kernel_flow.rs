@@ -13,7 +13,9 @@
 //! from the node's address) is filed by `pod_ingress` as the kernel sends it into the pod;
 //! `pod_egress` then leaves the pod's replies to the kernel (`to_stack_kernel_flow`), which
 //! gives them the node's address back, rather than masquerading them or sending them to a
-//! peer itself.
+//! peer itself. Direct delivery files a connection from a member node's own address (a stock
+//! host-gw node's host) that it sends straight into a pod, whose replies `pod_egress` then
+//! sends on untranslated. The key's `way` tells the three kinds apart.
 //!
 //! Byte orders: addresses and ports as on the wire.
 
@@ -37,9 +39,24 @@ pub const fn pair_slot(pod: [u8; 4], remote: [u8; 4]) -> u32 {
 }
 const _: () = assert!(KERNEL_FLOW_PAIRS_LEN.is_power_of_two());
 
+/// [`KernelFlowKeyV4::way`] of a local pod's flow that the kernel forwarded out (a Service
+/// connection after kube-proxy's DNAT): packets for the pod go to the host device. The zero
+/// value, which entries filed before the field existed carry too.
+pub const KERNEL_FLOW_OUT: u8 = 0;
+/// [`KernelFlowKeyV4::way`] of a connection the kernel delivered into a local pod from
+/// elsewhere than this node's subnet (a port published on the node, DNATed to the pod): the
+/// pod's packets go on through the kernel, never masqueraded.
+pub const KERNEL_FLOW_IN: u8 = 1;
+/// [`KernelFlowKeyV4::way`] of a connection from outside the cluster network that direct
+/// delivery sent straight into a local pod (a stock host-gw node's host, whose source is its
+/// interface address): no conntrack saw it, so the pod's replies are sent on by the data
+/// path, untranslated, as MASQUERADE leaves a tracked connection's replies.
+pub const KERNEL_FLOW_IN_DIRECT: u8 = 2;
+
 /// The key of `KERNEL_FLOW_V4`: a flow between a local pod and a remote end, as the kernel
-/// sent it out (after any DNAT), oriented from the pod. Ports are 0 for a protocol without
-/// them; an ICMP echo has its identifier as `pod_port` and 0 as `remote_port`.
+/// sent it out (after any DNAT) or delivered it in, oriented from the pod. Ports are 0 for a
+/// protocol without them; an ICMP echo has its identifier as `pod_port` and 0 as
+/// `remote_port`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
 pub struct KernelFlowKeyV4 {
@@ -48,7 +65,11 @@ pub struct KernelFlowKeyV4 {
     pub pod_port: [u8; 2],
     pub remote_port: [u8; 2],
     pub proto: u8,
-    pub _reserved: [u8; 3],
+    /// Which way the connection went and who carried it: [`KERNEL_FLOW_OUT`],
+    /// [`KERNEL_FLOW_IN`] or [`KERNEL_FLOW_IN_DIRECT`] (once the first of three reserved bytes,
+    /// always 0: pinned entries of earlier agents read as `KERNEL_FLOW_OUT`, which they are).
+    pub way: u8,
+    pub _reserved: [u8; 2],
 }
 const _: () = assert!(size_of::<KernelFlowKeyV4>() == 16);
 
@@ -60,6 +81,7 @@ impl KernelFlowKeyV4 {
         pod_port: [u8; 2],
         remote_port: [u8; 2],
         proto: u8,
+        way: u8,
     ) -> Self {
         Self {
             pod,
@@ -67,7 +89,8 @@ impl KernelFlowKeyV4 {
             pod_port,
             remote_port,
             proto,
-            _reserved: [0; 3],
+            way,
+            _reserved: [0; 2],
         }
     }
 }

@@ -18,7 +18,13 @@ use std::{
 };
 
 use ipnet::Ipv4Net;
-use overlay_common::{config::Config, counters::Reason, endpoint::Endpoint, route::RemoteNode};
+use overlay_common::{
+    config::Config,
+    counters::Reason,
+    endpoint::Endpoint,
+    kernel_flow::{KERNEL_FLOW_IN, KERNEL_FLOW_IN_DIRECT, KERNEL_FLOW_OUT},
+    route::RemoteNode,
+};
 
 use crate::packet::checksum;
 
@@ -52,8 +58,8 @@ pub struct Node {
     pub kernel_flows: Mutex<BTreeSet<KernelFlow>>,
 }
 
-/// A `KERNEL_FLOW_V4` key: pod address, remote address, pod port, remote port, protocol.
-pub type KernelFlow = ([u8; 4], [u8; 4], [u8; 2], [u8; 2], u8);
+/// A `KERNEL_FLOW_V4` key: pod address, remote address, pod port, remote port, protocol, way.
+pub type KernelFlow = ([u8; 4], [u8; 4], [u8; 2], [u8; 2], u8, u8);
 
 /// What comes out of a run, as far as the model fixes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -189,15 +195,18 @@ impl Node {
     /// count of a new one.
     fn file_kernel_flow(&self, f: &[u8], ip: usize) -> Option<(Reason, u64)> {
         let (saddr, daddr) = (addr(f, ip + 12), addr(f, ip + 16));
-        if !self.is_local_pod(saddr) {
+        if !self.is_local_pod(saddr) || self.is_kernel_flow_from_pod(f, ip) {
             return None;
         }
         let (sport, dport) = Self::kernel_flow_ports(f, ip, true)?;
-        let new = self
-            .kernel_flows
-            .lock()
-            .unwrap()
-            .insert((saddr, daddr, sport, dport, f[ip + 9]));
+        let new = self.kernel_flows.lock().unwrap().insert((
+            saddr,
+            daddr,
+            sport,
+            dport,
+            f[ip + 9],
+            KERNEL_FLOW_OUT,
+        ));
         new.then_some((Reason::KernelFlowNew, f.len() as u64))
     }
 
@@ -212,31 +221,57 @@ impl Node {
         if self.in_network(saddr) && !self.endpoints.contains_key(&daddr) {
             return None;
         }
+        self.file_inbound(f, ip, KERNEL_FLOW_IN)
+    }
+
+    /// Files the flow of a packet direct delivery sends into a local pod at `ip` of `f` from
+    /// outside the cluster network; the count of a new one.
+    fn file_delivered_directly(&self, f: &[u8], ip: usize) -> Option<(Reason, u64)> {
+        if self.in_network(addr(f, ip + 12)) {
+            return None;
+        }
+        self.file_inbound(f, ip, KERNEL_FLOW_IN_DIRECT)
+    }
+
+    /// Files the connection of the packet into a local pod at `ip` of `f` as `way`.
+    fn file_inbound(&self, f: &[u8], ip: usize, way: u8) -> Option<(Reason, u64)> {
+        let (saddr, daddr) = (addr(f, ip + 12), addr(f, ip + 16));
         let (sport, dport) = Self::kernel_flow_ports(f, ip, false)?;
-        let new = self
-            .kernel_flows
-            .lock()
-            .unwrap()
-            .insert((daddr, saddr, dport, sport, f[ip + 9]));
+        let new =
+            self.kernel_flows
+                .lock()
+                .unwrap()
+                .insert((daddr, saddr, dport, sport, f[ip + 9], way));
         new.then_some((Reason::KernelFlowNew, f.len() as u64))
     }
 
-    /// Whether a local pod's packet at `ip` of `f` belongs to a filed flow.
+    /// Whether a local pod's packet at `ip` of `f` answers a connection filed as delivered
+    /// into the pod (by the kernel or directly).
     fn is_kernel_flow_from_pod(&self, f: &[u8], ip: usize) -> bool {
-        let Some((sport, dport)) = Self::kernel_flow_ports(f, ip, true) else {
-            return false;
-        };
-        let key = (addr(f, ip + 12), addr(f, ip + 16), sport, dport, f[ip + 9]);
-        self.kernel_flows.lock().unwrap().contains(&key)
+        self.is_filed(f, ip, true, &[KERNEL_FLOW_IN, KERNEL_FLOW_IN_DIRECT])
     }
 
-    /// Whether the packet for a local pod at `ip` of `f` belongs to a filed flow.
+    /// Whether the packet for a local pod at `ip` of `f` belongs to a flow the kernel forwarded
+    /// out of it.
     fn is_kernel_flow(&self, f: &[u8], ip: usize) -> bool {
-        let Some((sport, dport)) = Self::kernel_flow_ports(f, ip, false) else {
+        self.is_filed(f, ip, false, &[KERNEL_FLOW_OUT])
+    }
+
+    /// Whether the flow of the packet at `ip` of `f`, sent by a local pod (`from_pod`) or to
+    /// one, is filed as one of `ways`.
+    fn is_filed(&self, f: &[u8], ip: usize, from_pod: bool, ways: &[u8]) -> bool {
+        let Some((sport, dport)) = Self::kernel_flow_ports(f, ip, from_pod) else {
             return false;
         };
-        let key = (addr(f, ip + 16), addr(f, ip + 12), dport, sport, f[ip + 9]);
-        self.kernel_flows.lock().unwrap().contains(&key)
+        let (saddr, daddr, proto) = (addr(f, ip + 12), addr(f, ip + 16), f[ip + 9]);
+        let (pod, remote, pod_port, remote_port) = if from_pod {
+            (saddr, daddr, sport, dport)
+        } else {
+            (daddr, saddr, dport, sport)
+        };
+        let flows = self.kernel_flows.lock().unwrap();
+        ways.iter()
+            .any(|&way| flows.contains(&(pod, remote, pod_port, remote_port, proto, way)))
     }
 
     fn in_subnet(&self, a: [u8; 4]) -> bool {
@@ -286,6 +321,12 @@ impl Node {
                 Outcome::new(TC_SHOT, counts, Expected::Same)
             }
             Some(Ok((verdict, count, out))) => {
+                if matches!(
+                    count,
+                    Some((Reason::DeliverDirectEndpoint | Reason::DeliverDirectPod, _))
+                ) {
+                    counts.extend(self.file_delivered_directly(f, 14));
+                }
                 counts.extend(count);
                 Outcome::new(verdict, counts, out)
             }

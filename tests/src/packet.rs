@@ -432,3 +432,13 @@ pub fn vxlan_payload(
     f.extend_from_slice(&ether(dst_mac, src_mac, ETH_P_IP, &ip));
     f
 }
+
+/// Pins the calling thread (and the threads it starts) to one CPU. `POD_PORT_PASSED` is per
+/// CPU, as the port and the bridge run on one CPU for one packet: a test that runs
+/// `pod_port_egress` and then `pod_egress` must run both there, or a note the port left on one
+/// CPU is found by a later, unrelated packet's `pod_egress` on it.
+pub fn pin_to_one_cpu() {
+    let mut one = nix::sched::CpuSet::new();
+    one.set(0).unwrap();
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &one).unwrap();
+}

@@ -624,11 +624,9 @@ fn without_ip_masq_a_host_socket_on_the_node_address_is_seen_as_it_is() {
     assert_eq!(counter(cluster.node(1), "nat_snat"), 0);
 }
 
-#[test]
-fn an_outside_host_routing_the_cluster_through_a_node_reaches_remote_pods_as_that_node() {
-    let cluster = masq_cluster(2, 1, &[]);
-    let (out, node, pod) = (cluster.outside(), cluster.node(0), cluster.pod(1, 0));
-    let masq = host_device_ip(node);
+/// Routes the cluster network through `node` in the underlay namespace, the outside host's
+/// next hop.
+fn route_cluster_through(cluster: &Cluster, node: &Node) {
     cluster
         .underlay()
         .ip(&[
@@ -639,6 +637,14 @@ fn an_outside_host_routing_the_cluster_through_a_node_reaches_remote_pods_as_tha
             &node.underlay_ip().to_string(),
         ])
         .unwrap();
+}
+
+#[test]
+fn an_outside_host_routing_the_cluster_through_a_node_reaches_remote_pods_as_that_node() {
+    let cluster = masq_cluster(2, 1, &[]);
+    let (out, node, pod) = (cluster.outside(), cluster.node(0), cluster.pod(1, 0));
+    let masq = host_device_ip(node);
+    route_cluster_through(&cluster, node);
     out.ping_until(pod.ip(), Duration::from_secs(10)).unwrap();
     let t = out.tcp_transfer(&pod, 4 << 20).unwrap();
     assert_eq!(
@@ -677,6 +683,25 @@ fn an_outside_host_routing_the_cluster_through_a_node_reaches_remote_pods_as_tha
         out.ping(pod.ip(), 2).unwrap().all_received(),
         "ACCEPT again"
     );
+}
+
+/// The same outside host, routing the cluster network through node 0, to node 0's own pod:
+/// flannel never masquerades outside → local pod (`! -s <cluster> -d <pod> -j RETURN`), and
+/// MASQUERADE leaves the replies of that connection alone. The pod sees the outside host's
+/// address and answers from its own: `pod_ingress` filed the connection as the kernel sent it
+/// into the pod, so neither `pod_egress` nor `underlay_egress` takes the replies for a new flow.
+#[test]
+fn an_outside_host_routing_the_cluster_through_a_node_reaches_its_pods_unmasqueraded() {
+    let cluster = masq_cluster(2, 1, &[]);
+    let (out, node, pod) = (cluster.outside(), cluster.node(0), cluster.pod(0, 0));
+    route_cluster_through(&cluster, node);
+    out.ping_until(pod.ip(), Duration::from_secs(10)).unwrap();
+    let t = out.tcp_transfer(&pod, 4 << 20).unwrap();
+    assert_eq!(t.server_peer.ip(), IpAddr::V4(out.ip()), "not masqueraded");
+    let u = out.udp_echo(&pod, 10).unwrap();
+    assert_eq!((u.received, u.bad), (10, 0), "{u:?}");
+    assert_eq!(counter(node, "nat_snat"), 0, "no reply translated");
+    assert!(counter(node, "kernel_flow_new") >= 2);
 }
 
 /// Issue 12, item 1: with `--ip-masq`, a pod sends VXLAN to a member node's UDP 8472 whose

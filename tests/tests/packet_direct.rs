@@ -260,7 +260,8 @@ fn direct_traffic_for_the_host_goes_to_the_host_device() {
         assert_eq!(&r.out[6..12], &PEER_MAC);
         assert_eq!(&r.out[14..], &ip[..], "{src} -> {dst}: IP untouched");
     }
-    // A member's host to a pod is delivered to the pod.
+    // A member's host to a pod is delivered to the pod, and its connection filed, so that
+    // with `--ip-masq` the pod's replies are known as replies (`packet_nat`).
     let r = dp.run(
         names::UNDERLAY_INGRESS,
         &ether(TO_US, PEER_MAC, &packet(B_IP, A_POD, 64)),
@@ -270,6 +271,7 @@ fn direct_traffic_for_the_host_goes_to_the_host_device() {
         (Reason::UnderlayRx, 4),
         (Reason::DeliverDirectHost, 3),
         (Reason::DeliverDirectPod, 1),
+        (Reason::KernelFlowNew, 1),
     ]);
 }
 

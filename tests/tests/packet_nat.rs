@@ -37,7 +37,7 @@ use overlay_tests::{
     packet::{
         BRIDGE_MAC, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, POD_MAC, SRC_PORT_MAX, SRC_PORT_MIN,
         TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, VXLAN_PORT, be16, checksum, counters, ipv4_packet,
-        load_object, nat_config, require_root, set_endpoint,
+        load_object, nat_config, pin_to_one_cpu, require_root, set_endpoint,
     },
     unique_id,
 };
@@ -1132,6 +1132,7 @@ fn kernel_routed_traffic_is_masqueraded_at_egress_and_replies_go_back_to_the_ker
 /// the flow, and the port finishes the flow's later packets itself.
 #[test]
 fn the_port_leaves_a_new_flow_to_the_bridge_and_finishes_its_later_packets() {
+    pin_to_one_cpu();
     let mut node = Node::new(nat_on(0));
     node.set_route_gen(1);
     let syn = frame(&tcp(POD, OUTSIDE, 40000, 80, 0x02, b""));
@@ -1168,6 +1169,7 @@ fn the_port_leaves_a_new_flow_to_the_bridge_and_finishes_its_later_packets() {
 /// masqueraded as ever.
 #[test]
 fn replies_in_a_connection_the_kernel_delivered_into_a_pod_are_left_to_the_kernel() {
+    pin_to_one_cpu();
     let mut node = Node::new(nat_on(0));
     node.set_route_gen(1);
     let syn = frame(&tcp(OUTSIDE, POD, 51000, 8080, 0x02, b""));
@@ -1230,6 +1232,82 @@ fn replies_in_a_connection_the_kernel_delivered_into_a_pod_are_left_to_the_kerne
         "{:?}",
         node.counters()
     );
+}
+
+/// Connections into a pod from outside the cluster network that no DNAT touched: their
+/// replies are never masqueraded, as MASQUERADE touches only new connections.
+/// - A stock host-gw node's host connects from its interface address (a member's PublicIP),
+///   delivered straight into the pod: no conntrack saw it, so `pod_egress` sends the pod's
+///   replies on itself, untranslated (`nat_inbound_reply`), where it would have masqueraded
+///   them as a new flow.
+/// - An outside host that routes the cluster network through the node, delivered by the
+///   kernel (`pod_ingress` files it): the pod's reply, which the kernel then routes out, is
+///   left alone by `underlay_egress`.
+///
+/// The pod's own new connection to the same hosts is masqueraded as ever.
+#[test]
+fn replies_to_connections_from_outside_the_cluster_are_not_masqueraded() {
+    pin_to_one_cpu();
+    let mut node = Node::with_peers(nat_on(0));
+    node.set_route_gen(1);
+    // Addressed to this host at L2 (in a test run: loopback's MAC), as direct delivery needs.
+    let to_host = |ip: &[u8]| {
+        let mut f = frame(ip);
+        f[..6].fill(0);
+        f
+    };
+    let syn = to_host(&tcp(DIRECT_PEER, POD, 45000, 9090, 0x02, b""));
+    assert_eq!(node.run(names::UNDERLAY_INGRESS, &syn).0, TC_ACT_REDIRECT);
+    let syn_ack = frame(&tcp(POD, DIRECT_PEER, 9090, 45000, 0x12, b""));
+    let (v, out) = node.run(names::POD_PORT_EGRESS, &syn_ack);
+    assert_eq!(
+        (v, &out),
+        (TC_ACT_OK, &syn_ack),
+        "no flow: on to the bridge"
+    );
+    let (v, out) = node.run(names::POD_EGRESS, &syn_ack);
+    assert_eq!(v, TC_ACT_REDIRECT, "sent on by the data path");
+    let ip = check_ip(&out);
+    assert_eq!(
+        (addr(&ip, 12), be16(&ip, 20), ip[8]),
+        (POD, 9090, 63),
+        "untranslated, TTL decremented"
+    );
+    let c = node.counters();
+    assert_eq!(
+        (
+            c["kernel_flow_new"],
+            c["deliver_direct_pod"],
+            c["nat_inbound_reply"]
+        ),
+        (1, 1, 1),
+        "{c:?}"
+    );
+    assert_eq!(node.tier_sizes(), [0, 0, 0, 0], "no flow created");
+
+    let routed_in = frame(&tcp(OUTSIDE, POD, 46000, 9091, 0x02, b""));
+    assert_eq!(node.run(names::POD_INGRESS, &routed_in).0, TC_ACT_OK);
+    let reply = frame(&tcp(POD, OUTSIDE, 9091, 46000, 0x12, b""));
+    assert_eq!(
+        node.run(names::UNDERLAY_EGRESS, &reply),
+        (TC_ACT_OK, reply.clone()),
+        "the kernel's reply leaves untranslated"
+    );
+    assert_eq!(node.tier_sizes(), [0, 0, 0, 0], "no flow created");
+
+    for (dst, sport) in [(DIRECT_PEER, 9092), (OUTSIDE, 9093)] {
+        let (v, out) = node.run(
+            names::POD_EGRESS,
+            &frame(&tcp(POD, dst, sport, 45000, 0x02, b"")),
+        );
+        assert_eq!(v, TC_ACT_REDIRECT, "{dst}");
+        assert_eq!(
+            addr(&check_ip(&out), 12),
+            NODE_IP,
+            "a new flow: masqueraded"
+        );
+    }
+    assert_eq!(node.counters()["nat_new_flow"], 2);
 }
 
 /// With `--public-ip` (a node behind a NAT) the masquerade still translates to the external

@@ -50,7 +50,7 @@ use crate::lib::{
     fib,
     hdr::Ipv4Hdr,
     ipv4::{decrement_ttl, eth_ipv4},
-    kernel_flow::is_kernel_flow,
+    kernel_flow::{file_delivered_directly, is_kernel_flow},
     maps::{config, in_subnet, is_member, route_v4},
     ptr::pull_headers,
 };
@@ -142,6 +142,9 @@ pub fn try_direct_ingress(ctx: &TcContext) -> Result<i32, Reason> {
         if endpoint.is_none() && cfg.bridge_ifindex == 0 {
             return Err(Reason::DropNoBridge);
         }
+        // A member's own address (a stock node's host): no conntrack sees this connection, so
+        // the pod's replies must be known as replies (`--ip-masq` leaves them untranslated).
+        file_delivered_directly(ctx, cfg, ETH_HLEN, &hdr);
         // SAFETY: `ip` is still valid (no helper moved data since `eth_ipv4`); ttl > 1.
         unsafe { decrement_ttl(ip) };
         if let Some(ep) = endpoint {

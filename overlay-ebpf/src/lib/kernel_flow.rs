@@ -11,9 +11,17 @@
 //! - at `underlay_egress`, what goes outside the cluster network unmasqueraded (an endpoint
 //!   on a member node's own address answers through its host device, i.e. VXLAN or direct);
 //! - at `pod_ingress` (the bridge's egress), what the kernel sends into a pod from elsewhere
-//!   than this node's subnet: a port published on the node and DNATed into the pod. There the
-//!   pod's replies are what must stay in the kernel: `pod_egress` leaves them to it instead of
-//!   masquerading them (outside clients) or sending them to a peer (remote pods).
+//!   than this node's subnet (`KERNEL_FLOW_IN`): a port published on the node and DNATed into
+//!   the pod, or an outside host routing to the pod. There the pod's replies are what must stay
+//!   in the kernel: `pod_egress` leaves them to it instead of masquerading them (outside
+//!   clients) or sending them to a peer (remote pods), and `underlay_egress` does not
+//!   masquerade them either;
+//! - at direct delivery, what comes from outside the cluster network (a member node's own
+//!   address: a stock host-gw node's host) straight into a pod (`KERNEL_FLOW_IN_DIRECT`): no
+//!   conntrack saw it, so `pod_egress` sends the pod's replies on itself, untranslated.
+//!
+//! The key's `way` keeps the three apart: only `KERNEL_FLOW_OUT` entries send packets for the
+//! pod to the host device, only the inbound ones exempt the pod's replies from the masquerade.
 //!
 //! Entries are never refreshed or expired by time: conntrack keeps an established TCP flow 5
 //! days, and an entry that outlived its flow only sends a reused tuple's packets through the
@@ -34,7 +42,8 @@ use overlay_common::{
     config::Config,
     counters::Reason,
     kernel_flow::{
-        KERNEL_FLOW_PAIRS_LEN, KERNEL_FLOW_V4_CAPACITY, KernelFlowKeyV4, KernelFlowV4, pair_slot,
+        KERNEL_FLOW_IN, KERNEL_FLOW_IN_DIRECT, KERNEL_FLOW_OUT, KERNEL_FLOW_PAIRS_LEN,
+        KERNEL_FLOW_V4_CAPACITY, KernelFlowKeyV4, KernelFlowV4, pair_slot,
     },
     wire::{IPPROTO_DCCP, IPPROTO_ICMP, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, IPPROTO_UDPLITE},
 };
@@ -104,10 +113,12 @@ fn ports(
 }
 
 /// Files the flow of a local pod's packet (header `ip` at `ip_off`) that the kernel routed
-/// out, once: the caller has checked where it goes.
+/// out, once: the caller has checked where it goes. A reply in a connection delivered into the
+/// pod is none (it left the pod untranslated, by the kernel or by `pod_egress`): filed, it
+/// would send the connection's next packets for the pod to the host device.
 #[inline(always)]
 pub fn file(ctx: &TcContext, cfg: &Config, ip_off: usize, ip: &Ipv4Hdr) {
-    if !is_local_pod(cfg, ip.saddr) {
+    if !is_local_pod(cfg, ip.saddr) || inbound_way(ctx, ip_off, ip) != NOT_INBOUND {
         return;
     }
     let Some((sport, dport)) = ports(ctx, ip_off, ip, true) else {
@@ -115,7 +126,7 @@ pub fn file(ctx: &TcContext, cfg: &Config, ip_off: usize, ip: &Ipv4Hdr) {
     };
     file_key(
         ctx,
-        &KernelFlowKeyV4::new(ip.saddr, ip.daddr, sport, dport, ip.proto),
+        &KernelFlowKeyV4::new(ip.saddr, ip.daddr, sport, dport, ip.proto, KERNEL_FLOW_OUT),
     );
 }
 
@@ -139,12 +150,29 @@ pub fn file_delivered(ctx: &TcContext, cfg: &Config, ip_off: usize, ip: &Ipv4Hdr
     if in_subnet(ip.saddr, cfg.network, cfg.network_mask) && endpoint_v4(ip.daddr).is_none() {
         return;
     }
+    file_inbound(ctx, ip_off, ip, KERNEL_FLOW_IN);
+}
+
+/// Files the flow of a packet from outside the cluster network (a member node's own address:
+/// a stock host-gw node's host) that direct delivery sends into a local pod (header `ip` at
+/// `ip_off`), bypassing the kernel: with `--ip-masq` the pod's replies would otherwise be
+/// masqueraded as a new flow.
+#[inline(always)]
+pub fn file_delivered_directly(ctx: &TcContext, cfg: &Config, ip_off: usize, ip: &Ipv4Hdr) {
+    if !in_subnet(ip.saddr, cfg.network, cfg.network_mask) {
+        file_inbound(ctx, ip_off, ip, KERNEL_FLOW_IN_DIRECT);
+    }
+}
+
+/// Files the connection of a packet into a local pod (header `ip` at `ip_off`) as `way`.
+#[inline(always)]
+fn file_inbound(ctx: &TcContext, ip_off: usize, ip: &Ipv4Hdr, way: u8) {
     let Some((sport, dport)) = ports(ctx, ip_off, ip, false) else {
         return;
     };
     file_key(
         ctx,
-        &KernelFlowKeyV4::new(ip.daddr, ip.saddr, dport, sport, ip.proto),
+        &KernelFlowKeyV4::new(ip.daddr, ip.saddr, dport, sport, ip.proto, way),
     );
 }
 
@@ -170,42 +198,48 @@ fn file_key(ctx: &TcContext, key: &KernelFlowKeyV4) {
 }
 
 /// Whether the packet for a local pod (header `ip` at `ip_off`) belongs to a flow the kernel
-/// forwarded, so that it must go back through the kernel.
+/// forwarded out of it, so that it must go back through the kernel.
 #[inline(always)]
 pub fn is_kernel_flow(ctx: &TcContext, ip_off: usize, ip: &Ipv4Hdr) -> bool {
-    is_filed(ctx, ip_off, ip, false)
-}
-
-/// Whether a local pod's packet (header `ip` at `ip_off`) belongs to a flow the kernel
-/// forwarded, so that it must go on through the kernel (a reply in a connection the kernel
-/// delivered into the pod, [`file_delivered`]).
-#[inline(always)]
-pub fn is_kernel_flow_from_pod(ctx: &TcContext, ip_off: usize, ip: &Ipv4Hdr) -> bool {
-    is_filed(ctx, ip_off, ip, true)
-}
-
-/// Whether the flow of the packet with header `ip` at `ip_off`, sent by a local pod
-/// (`from_pod`) or to one, is filed.
-#[inline(always)]
-fn is_filed(ctx: &TcContext, ip_off: usize, ip: &Ipv4Hdr, from_pod: bool) -> bool {
-    let (pod, remote) = if from_pod {
-        (ip.saddr, ip.daddr)
-    } else {
-        (ip.daddr, ip.saddr)
-    };
-    if KERNEL_FLOW_PAIRS_V4
-        .get(pair_slot(pod, remote))
-        .is_none_or(|set| *set == 0)
-    {
+    if !pair_filed(ip.daddr, ip.saddr) {
         return false;
     }
-    let Some((sport, dport)) = ports(ctx, ip_off, ip, from_pod) else {
+    let Some((sport, dport)) = ports(ctx, ip_off, ip, false) else {
         return false;
     };
-    let key = if from_pod {
-        KernelFlowKeyV4::new(pod, remote, sport, dport, ip.proto)
-    } else {
-        KernelFlowKeyV4::new(pod, remote, dport, sport, ip.proto)
-    };
+    let key = KernelFlowKeyV4::new(ip.daddr, ip.saddr, dport, sport, ip.proto, KERNEL_FLOW_OUT);
     KERNEL_FLOW_V4.get_ptr(&key).is_some()
+}
+
+/// How a local pod's packet (header `ip` at `ip_off`) answers a connection delivered into the
+/// pod: [`KERNEL_FLOW_IN_DIRECT`] (by direct delivery: sent on untranslated), [`KERNEL_FLOW_IN`]
+/// (by the kernel: the packet is the kernel's too), or [`NOT_INBOUND`].
+#[inline(always)]
+pub fn inbound_way(ctx: &TcContext, ip_off: usize, ip: &Ipv4Hdr) -> u8 {
+    if !pair_filed(ip.saddr, ip.daddr) {
+        return NOT_INBOUND;
+    }
+    let Some((sport, dport)) = ports(ctx, ip_off, ip, true) else {
+        return NOT_INBOUND;
+    };
+    // Direct delivery first: its connection may also have crossed the bridge (a pod without an
+    // endpoint yet), where `pod_ingress` files it as the kernel's.
+    for way in [KERNEL_FLOW_IN_DIRECT, KERNEL_FLOW_IN] {
+        let key = KernelFlowKeyV4::new(ip.saddr, ip.daddr, sport, dport, ip.proto, way);
+        if KERNEL_FLOW_V4.get_ptr(&key).is_some() {
+            return way;
+        }
+    }
+    NOT_INBOUND
+}
+
+/// [`inbound_way`] of a packet of no inbound connection.
+pub const NOT_INBOUND: u8 = u8::MAX;
+
+/// Whether a flow between `pod` and `remote` may have been filed (the filter's slot is set).
+#[inline(always)]
+fn pair_filed(pod: [u8; 4], remote: [u8; 4]) -> bool {
+    KERNEL_FLOW_PAIRS_V4
+        .get(pair_slot(pod, remote))
+        .is_some_and(|set| *set != 0)
 }

@@ -4,9 +4,8 @@
 //! packet whose destination changed between the pod's veth and the bridge (netfilter's DNAT
 //! under `br_netfilter`) is left to the kernel by `pod_egress`.
 
-use nix::sched::{CpuSet, sched_setaffinity};
-use nix::unistd::Pid;
 use overlay_common::names::POD_PORT_EGRESS;
+use overlay_tests::packet::pin_to_one_cpu;
 
 use super::*;
 
@@ -175,14 +174,6 @@ fn a_pods_packet_the_kernel_routed_out_of_the_cluster_is_filed() {
     ]);
 }
 
-/// Pins the test's thread to one CPU: `POD_PORT_PASSED` is per CPU, as the port and the bridge
-/// run on one CPU for one packet.
-fn pin_to_one_cpu() {
-    let mut one = CpuSet::new();
-    one.set(0).unwrap();
-    sched_setaffinity(Pid::from_raw(0), &one).unwrap();
-}
-
 #[test]
 fn pod_egress_leaves_a_packet_dnated_after_the_port_to_the_kernel() {
     pin_to_one_cpu();
@@ -232,6 +223,7 @@ fn pod_egress_leaves_a_packet_dnated_after_the_port_to_the_kernel() {
 /// bridge, not the kernel's: not filed.
 #[test]
 fn replies_in_a_remote_pods_connection_the_kernel_delivered_go_back_through_the_kernel() {
+    pin_to_one_cpu();
     let mut dp = loaded_node(A, &[B]);
     let (pod, unknown_pod, client) = (host_addr(A, 7), host_addr(A, 8), host_addr(B, 5));
     set_endpoint(&mut dp.ebpf, pod, Some(Endpoint::new(POD_IFINDEX, POD_MAC)));

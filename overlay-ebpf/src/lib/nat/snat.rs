@@ -11,6 +11,7 @@ use aya_ebpf::{
 use overlay_common::{
     config::Config,
     counters::Reason,
+    kernel_flow::{KERNEL_FLOW_IN, KERNEL_FLOW_IN_DIRECT},
     nat::{
         IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, NAT_E_KERNEL, NAT_E_TO_CLUSTER, NatConfig,
         NatKeyV4, NatPorts,
@@ -30,7 +31,7 @@ use crate::lib::{
     counters::{Role, count, count_handback},
     fib,
     hdr::{IcmpHdr, Ipv4Hdr},
-    ipv4::ECN_MASK,
+    ipv4::{ECN_MASK, decrement_ttl, eth_ipv4},
     kernel_flow,
     maps::{config, is_member, route_gen},
     ptr::skb_mark,
@@ -55,6 +56,17 @@ pub fn snat_from_pod(ctx: &TcContext, cfg: &Config, role: Role) -> Result<i32, R
         count_handback(role, Reason::StackTtl, ctx.len());
         return Ok(TC_ACT_OK);
     }
+    if route.untranslated {
+        // Forwarded as the kernel's forwarding would (whose FORWARD chain never saw the
+        // connection): TTL decremented, the lookup's next hop.
+        let Some((_, ptr)) = eth_ipv4(ctx) else {
+            return Ok(TC_ACT_OK);
+        };
+        // SAFETY: a checked pointer, fresh after the lookup's helper; ttl > 1.
+        unsafe { decrement_ttl(ptr) };
+        count(Reason::NatInboundReply, ctx.len());
+        return Ok(fib::redirect_neigh_to(cfg.underlay_ifindex, route.next_hop));
+    }
     let translated = translate_out(ctx, nat, cfg, &ip, ihl, cfg.local_ip, 0, Some(route.cache))?;
     if translated == Translated::No {
         return Ok(TC_ACT_OK);
@@ -71,6 +83,8 @@ struct RouteOut {
     next_hop: Option<[u8; 4]>,
     /// For `NatEntryV4::route` (generation 0: not cacheable).
     cache: NextHopV4,
+    /// A reply in a connection direct delivery sent into the pod: forwarded, not translated.
+    untranslated: bool,
 }
 
 /// The route of a pod's packet `ip` as the kernel would forward it, if it leaves through the
@@ -106,16 +120,22 @@ fn route_out(
         None
     };
     let cached = key.as_ref().and_then(flow_route);
+    let mut untranslated = false;
     if cached.is_none() {
         if role == Role::Accelerator {
             return None;
         }
-        // No flow of ours: a reply in a connection the kernel delivered into the pod (a port
-        // published on the node, DNATed to the pod) is the kernel's, whose conntrack undoes
-        // the DNAT; MASQUERADE would not touch it either.
-        if kernel_flow::is_kernel_flow_from_pod(ctx, IP_OFF, ip) {
-            count(Reason::StackKernelFlow, ctx.len());
-            return None;
+        // No flow of ours: a reply in a connection delivered into the pod is no new flow, and
+        // MASQUERADE would not touch it. The kernel's (a port published on the node, DNATed to
+        // the pod) stays the kernel's, whose conntrack undoes the DNAT; ours (direct delivery
+        // from a member's own address) is sent on untranslated.
+        match kernel_flow::inbound_way(ctx, IP_OFF, ip) {
+            KERNEL_FLOW_IN => {
+                count(Reason::StackKernelFlow, ctx.len());
+                return None;
+            }
+            KERNEL_FLOW_IN_DIRECT => untranslated = true,
+            _ => {}
         }
     }
     if let Some(cached) = cached
@@ -124,6 +144,7 @@ fn route_out(
         return Some(RouteOut {
             next_hop: Some(cached.next_hop),
             cache: cached,
+            untranslated,
         });
     }
     let route = fib::lookup(ctx, cfg.bridge_ifindex, ip, ip.daddr);
@@ -140,6 +161,7 @@ fn route_out(
     Some(RouteOut {
         next_hop: route.next_hop,
         cache,
+        untranslated,
     })
 }
 
@@ -166,6 +188,11 @@ pub fn snat_egress(ctx: &TcContext) -> Result<i32, Reason> {
         return Ok(TC_ACT_OK);
     };
     if !masquerades(cfg, ip.saddr, ip.daddr, skb_mark(ctx)) {
+        return Ok(TC_ACT_OK);
+    }
+    // A reply in a connection delivered into the pod (an outside host that routes the cluster
+    // network through this node): no new flow, left alone as MASQUERADE leaves it.
+    if kernel_flow::inbound_way(ctx, IP_OFF, &ip) != kernel_flow::NOT_INBOUND {
         return Ok(TC_ACT_OK);
     }
     if translate_out(ctx, nat, cfg, &ip, ihl, cfg.local_ip, NAT_E_KERNEL, None)? == Translated::Yes
