@@ -34,6 +34,9 @@
 //! forwarded for the pod (`lib::kernel_flow`, a Service endpoint's reply that conntrack must
 //! translate back; `to_stack_kernel_flow`), to the host device's ingress, as
 //! decapsulated VXLAN does (the host stack answers; replies go out through `host_egress`).
+//! A packet for a pod from outside the cluster network (a member's own address: a stock host-gw
+//! node's host) has its connection filed (`lib::kernel_flow`, `KERNEL_FLOW_IN_DIRECT`): no
+//! conntrack sees it, and with `--ip-masq` the pod's replies must leave untranslated.
 
 use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
 use overlay_common::{
