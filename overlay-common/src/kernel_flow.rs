@@ -13,9 +13,11 @@
 //! from the node's address) is filed by `pod_ingress` as the kernel sends it into the pod;
 //! `pod_egress` then leaves the pod's replies to the kernel (`to_stack_kernel_flow`), which
 //! gives them the node's address back, rather than masquerading them or sending them to a
-//! peer itself. Direct delivery files a connection from a member node's own address (a stock
-//! host-gw node's host) that it sends straight into a pod, whose replies `pod_egress` then
-//! sends on untranslated. The key's `way` tells the three kinds apart.
+//! peer itself. Direct delivery and decapsulation file a connection from outside the cluster
+//! network that they send straight into a pod (a stock host-gw node's host, whose source is
+//! its interface address; an outside host's packets forwarded over VXLAN by a member without
+//! `--ip-masq`), whose replies `pod_egress` then sends on untranslated. The key's `way` tells
+//! the three kinds apart.
 //!
 //! Byte orders: addresses and ports as on the wire.
 
@@ -48,8 +50,9 @@ pub const KERNEL_FLOW_OUT: u8 = 0;
 /// pod's packets go on through the kernel, never masqueraded.
 pub const KERNEL_FLOW_IN: u8 = 1;
 /// [`KernelFlowKeyV4::way`] of a connection from outside the cluster network that direct
-/// delivery sent straight into a local pod (a stock host-gw node's host, whose source is its
-/// interface address): no conntrack saw it, so the pod's replies are sent on by the data
+/// delivery or decapsulation sent straight into a local pod (a stock host-gw node's host,
+/// whose source is its interface address; an outside host forwarded over VXLAN by a member
+/// without `--ip-masq`): no conntrack saw it, so the pod's replies are sent on by the data
 /// path, untranslated, as MASQUERADE leaves a tracked connection's replies.
 pub const KERNEL_FLOW_IN_DIRECT: u8 = 2;
 

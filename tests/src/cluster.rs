@@ -157,6 +157,7 @@ pub struct ClusterBuilder {
     etcd_prefix: Option<String>,
     outside: bool,
     agent_args: Vec<String>,
+    node_agent_args: Vec<(usize, Vec<String>)>,
     start_agents: Option<bool>,
     underlay_mtu: u32,
     etcd_tls: bool,
@@ -172,6 +173,7 @@ impl Default for ClusterBuilder {
             etcd_prefix: None,
             outside: false,
             agent_args: Vec::new(),
+            node_agent_args: Vec::new(),
             start_agents: None,
             underlay_mtu: 1500,
             etcd_tls: false,
@@ -224,6 +226,15 @@ impl ClusterBuilder {
     #[must_use]
     pub fn agent_args(mut self, args: &[&str]) -> Self {
         self.agent_args = args.iter().map(|s| (*s).to_owned()).collect();
+        self
+    }
+
+    /// Arguments for node `i`'s agent instead of [`ClusterBuilder::agent_args`] (a cluster
+    /// whose nodes differ, e.g. one without `--ip-masq`).
+    #[must_use]
+    pub fn node_agent_args(mut self, i: usize, args: &[&str]) -> Self {
+        self.node_agent_args
+            .push((i, args.iter().map(|s| (*s).to_owned()).collect()));
         self
     }
 
@@ -354,8 +365,14 @@ impl ClusterBuilder {
             cluster.add_node()?;
         }
         if start_agents {
-            let args: Vec<&str> = self.agent_args.iter().map(String::as_str).collect();
-            for node in &cluster.nodes {
+            for (i, node) in cluster.nodes.iter().enumerate() {
+                let args = self
+                    .node_agent_args
+                    .iter()
+                    .rev()
+                    .find_map(|(n, args)| (*n == i).then_some(args))
+                    .unwrap_or(&self.agent_args);
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
                 node.start_agent(&args)?;
             }
             for node in &cluster.nodes {

@@ -224,8 +224,8 @@ impl Node {
         self.file_inbound(f, ip, KERNEL_FLOW_IN)
     }
 
-    /// Files the flow of a packet direct delivery sends into a local pod at `ip` of `f` from
-    /// outside the cluster network; the count of a new one.
+    /// Files the flow of a packet that direct delivery or decapsulation sends into a local pod
+    /// at `ip` of `f` from outside the cluster network; the count of a new one.
     fn file_delivered_directly(&self, f: &[u8], ip: usize) -> Option<(Reason, u64)> {
         if self.in_network(addr(f, ip + 12)) {
             return None;
@@ -321,11 +321,17 @@ impl Node {
                 Outcome::new(TC_SHOT, counts, Expected::Same)
             }
             Some(Ok((verdict, count, out))) => {
-                if matches!(
-                    count,
-                    Some((Reason::DeliverDirectEndpoint | Reason::DeliverDirectPod, _))
-                ) {
-                    counts.extend(self.file_delivered_directly(f, 14));
+                match count {
+                    Some((Reason::DeliverDirectEndpoint | Reason::DeliverDirectPod, _)) => {
+                        counts.extend(self.file_delivered_directly(f, 14));
+                    }
+                    // Filed from the decapsulated packet.
+                    Some((Reason::DecapEndpoint | Reason::DecapPod, _)) => {
+                        if let Expected::Bytes(inner) = &out {
+                            counts.extend(self.file_delivered_directly(inner, 14));
+                        }
+                    }
+                    _ => {}
                 }
                 counts.extend(count);
                 Outcome::new(verdict, counts, out)

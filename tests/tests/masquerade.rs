@@ -704,6 +704,44 @@ fn an_outside_host_routing_the_cluster_through_a_node_reaches_its_pods_unmasquer
     assert!(counter(node, "kernel_flow_new") >= 2);
 }
 
+/// The same outside host, routing the cluster network through node 0, which runs without
+/// `--ip-masq` (as a stock flanneld may), to a pod on node 1, which runs with it: node 0
+/// forwards the outside host's packets over VXLAN untranslated, and node 1 decapsulates them
+/// straight into the pod, past any conntrack. flannel's MASQUERADE on node 1 would leave the
+/// replies of that connection alone; so must ours: decapsulation files the connection, and
+/// `pod_egress` sends the replies on with the pod's own address (`nat_inbound_reply`), where
+/// it used to masquerade them as a new flow, which the outside host's sockets refused.
+#[test]
+fn an_outside_host_forwarded_over_vxlan_by_a_node_without_masquerade_gets_the_pods_own_replies() {
+    let cluster = Cluster::builder()
+        .nodes(2)
+        .pods_per_node(1)
+        .outside(true)
+        .network_config(VXLAN_CONFIG)
+        .agent_args(&["--ip-masq"])
+        .node_agent_args(0, &[])
+        .build()
+        .unwrap();
+    let (out, node, pod) = (cluster.outside(), cluster.node(1), cluster.pod(1, 0));
+    route_cluster_through(&cluster, cluster.node(0));
+    out.ping_until(pod.ip(), Duration::from_secs(10)).unwrap();
+    let t = out.tcp_transfer(&pod, 4 << 20).unwrap();
+    assert_eq!(t.server_peer.ip(), IpAddr::V4(out.ip()), "not masqueraded");
+    let u = out.udp_echo(&pod, 10).unwrap();
+    assert_eq!((u.received, u.bad), (10, 0), "{u:?}");
+    assert!(
+        u.server_peers
+            .iter()
+            .all(|p| p.ip() == IpAddr::V4(out.ip())),
+        "{:?}",
+        u.server_peers
+    );
+    assert_eq!(counter(node, "nat_snat"), 0, "no reply translated");
+    assert!(counter(node, "nat_inbound_reply") > 0);
+    assert!(counter(node, "kernel_flow_new") >= 2);
+    assert!(counter(node, "decap_endpoint") > 0, "straight into the pod");
+}
+
 /// Issue 12, item 1: with `--ip-masq`, a pod sends VXLAN to a member node's UDP 8472 whose
 /// inner packet is for that node's pod. Masqueraded, it would carry its node's PublicIP and be
 /// decapsulated there as member traffic; it is dropped at the pod's node and counted instead,

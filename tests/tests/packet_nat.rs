@@ -1243,6 +1243,9 @@ fn replies_in_a_connection_the_kernel_delivered_into_a_pod_are_left_to_the_kerne
 /// - An outside host that routes the cluster network through the node, delivered by the
 ///   kernel (`pod_ingress` files it): the pod's reply, which the kernel then routes out, is
 ///   left alone by `underlay_egress`.
+/// - An outside host whose packets a member forwards over VXLAN unmasqueraded (a node
+///   without `--ip-masq`), decapsulated straight into the pod: filed as direct delivery's,
+///   the replies leave untranslated too.
 ///
 /// The pod's own new connection to the same hosts is masqueraded as ever.
 #[test]
@@ -1292,6 +1295,27 @@ fn replies_to_connections_from_outside_the_cluster_are_not_masqueraded() {
         node.run(names::UNDERLAY_EGRESS, &reply),
         (TC_ACT_OK, reply.clone()),
         "the kernel's reply leaves untranslated"
+    );
+    assert_eq!(node.tier_sizes(), [0, 0, 0, 0], "no flow created");
+
+    let forwarded = vxlan_from_peer(&tcp(OUTSIDE, POD, 47000, 9094, 0x02, b""));
+    assert_eq!(
+        node.run(names::UNDERLAY_INGRESS, &forwarded).0,
+        TC_ACT_REDIRECT
+    );
+    let syn_ack = frame(&tcp(POD, OUTSIDE, 9094, 47000, 0x12, b""));
+    let (v, out) = node.run(names::POD_EGRESS, &syn_ack);
+    assert_eq!(v, TC_ACT_REDIRECT, "sent on by the data path");
+    assert_eq!(
+        (addr(&check_ip(&out), 12), be16(&check_ip(&out), 20)),
+        (POD, 9094),
+        "untranslated"
+    );
+    let c = node.counters();
+    assert_eq!(
+        (c["kernel_flow_new"], c["decap_pod"], c["nat_inbound_reply"]),
+        (3, 1, 2),
+        "{c:?}"
     );
     assert_eq!(node.tier_sizes(), [0, 0, 0, 0], "no flow created");
 

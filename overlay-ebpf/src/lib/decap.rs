@@ -39,7 +39,10 @@
 //!   expire goes to the host device instead, so the kernel answers ICMP time exceeded). A
 //!   packet of a flow the kernel forwarded for the pod (`lib::kernel_flow`: a Service
 //!   endpoint's reply, which kube-proxy's conntrack must give the Service address back) goes
-//!   to the host device too, untouched (`to_stack_kernel_flow`).
+//!   to the host device too, untouched (`to_stack_kernel_flow`). A packet from outside the
+//!   cluster network (an outside host's, forwarded by a member without `--ip-masq`) has its
+//!   connection filed (`KERNEL_FLOW_IN_DIRECT`), so that `--ip-masq` here leaves the pod's
+//!   replies untranslated, as flannel's MASQUERADE does for a connection it did not start.
 //! - anything else → dropped (`DropNotLocal`): peers only send us our subnet.
 //!
 //! ECN follows RFC 6040 as the kernel's `INET_ECN_decapsulate` (`ipv4::decapsulate_ecn`). The
@@ -95,7 +98,7 @@ use crate::lib::{
     fib,
     hdr::{EthHdr, Ipv4Hdr, UdpHdr, VxlanHdr},
     ipv4::{decapsulate_ecn, decrement_ttl, eth_ipv4},
-    kernel_flow::is_kernel_flow,
+    kernel_flow::{file_delivered_directly, is_kernel_flow},
     maps::{config, in_subnet, is_member, route_v4},
     nat,
     ptr::{Packet, ptr_at, pull_headers, skb_mark},
@@ -177,7 +180,6 @@ pub fn try_underlay_ingress(ctx: &TcContext) -> Result<i32, Reason> {
     let (inner_eth, inner_ip) = check_vxlan(ctx, cfg, &ip, ctx.len() as usize)?;
     // SAFETY: a checked pointer, read before any helper moves data.
     let inner = unsafe { *inner_ip };
-    let daddr = inner.daddr;
     let plan = plan(ctx, cfg, INNER_IP_OFF, &inner)?;
     // SAFETY: `inner_ip` is a checked pointer, still valid: no helper has moved data yet.
     unsafe { decapsulate_ecn(ip.tos, inner_ip)? };
@@ -193,7 +195,7 @@ pub fn try_underlay_ingress(ctx: &TcContext) -> Result<i32, Reason> {
     };
     ctx.adjust_room(-(VXLAN_OVERHEAD as i32), BPF_ADJ_ROOM_MAC, flags)
         .map_err(|_| Reason::DropDecapFailed)?;
-    deliver(ctx, cfg, plan, daddr, inner_eth.src)
+    deliver(ctx, cfg, plan, &inner, inner_eth.src)
 }
 
 /// The outer IPv4 and UDP headers when the frame is VXLAN for us: option-less IPv4 to one of
@@ -371,17 +373,23 @@ fn plan(ctx: &TcContext, cfg: &Config, ip_off: usize, ip: &Ipv4Hdr) -> Result<Pl
     }
 }
 
-/// Sends the decapsulated packet (an IPv4 packet behind an Ethernet header) where `plan` says.
-/// `peer_vtep_mac` is the sender's VtepMAC, the source MAC of what the host device receives.
+/// Sends the decapsulated packet (an IPv4 packet behind an Ethernet header, whose addresses,
+/// protocol and fragment offset `inner` holds) where `plan` says. `peer_vtep_mac` is the
+/// sender's VtepMAC, the source MAC of what the host device receives.
 #[inline(always)]
 fn deliver(
     ctx: &TcContext,
     cfg: &Config,
     plan: Plan,
-    daddr: [u8; 4],
+    inner: &Ipv4Hdr,
     peer_vtep_mac: [u8; 6],
 ) -> Result<i32, Reason> {
+    let daddr = inner.daddr;
     if plan.target == Target::Pod {
+        // An outside host's packet that a member forwarded unmasqueraded (a node without
+        // `--ip-masq`): no conntrack here sees it, so the pod's replies must be known as
+        // replies (`--ip-masq` leaves them untranslated).
+        file_delivered_directly(ctx, cfg, ETH_HLEN, inner);
         if let Some(ep) = plan.endpoint {
             count(Reason::DecapEndpoint, ctx.len());
             return redirect_to_endpoint(ctx, cfg, &ep).ok_or(Reason::DropDecapFailed);
@@ -469,13 +477,12 @@ fn deliver_stripped(
 ) -> Result<i32, Reason> {
     // SAFETY: a checked pointer, read before any helper moves data.
     let inner = unsafe { *ip };
-    let daddr = inner.daddr;
     let plan = plan(ctx, cfg, ETH_HLEN, &inner)?;
     if plan.target == Target::Pod {
         // SAFETY: as above; `plan` guarantees ttl > 1.
         unsafe { decrement_ttl(ip) };
     }
-    deliver(ctx, cfg, plan, daddr, src_mac)
+    deliver(ctx, cfg, plan, &inner, src_mac)
 }
 
 /// The body of `underlay_xdp`: decapsulates VXLAN for us that passes every check, before GRO,

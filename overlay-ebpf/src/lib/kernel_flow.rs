@@ -16,9 +16,11 @@
 //!   in the kernel: `pod_egress` leaves them to it instead of masquerading them (outside
 //!   clients) or sending them to a peer (remote pods), and `underlay_egress` does not
 //!   masquerade them either;
-//! - at direct delivery, what comes from outside the cluster network (a member node's own
-//!   address: a stock host-gw node's host) straight into a pod (`KERNEL_FLOW_IN_DIRECT`): no
-//!   conntrack saw it, so `pod_egress` sends the pod's replies on itself, untranslated.
+//! - at direct delivery and decapsulation, what comes from outside the cluster network
+//!   straight into a pod (`KERNEL_FLOW_IN_DIRECT`): a member node's own address (a stock
+//!   host-gw node's host), or an outside host whose packets a member forwarded over VXLAN
+//!   unmasqueraded (a node without `--ip-masq`). No conntrack here saw it, so `pod_egress`
+//!   sends the pod's replies on itself, untranslated.
 //!
 //! The key's `way` keeps the three apart: only `KERNEL_FLOW_OUT` entries send packets for the
 //! pod to the host device, only the inbound ones exempt the pod's replies from the masquerade.
@@ -153,10 +155,11 @@ pub fn file_delivered(ctx: &TcContext, cfg: &Config, ip_off: usize, ip: &Ipv4Hdr
     file_inbound(ctx, ip_off, ip, KERNEL_FLOW_IN);
 }
 
-/// Files the flow of a packet from outside the cluster network (a member node's own address:
-/// a stock host-gw node's host) that direct delivery sends into a local pod (header `ip` at
-/// `ip_off`), bypassing the kernel: with `--ip-masq` the pod's replies would otherwise be
-/// masqueraded as a new flow.
+/// Files the flow of a packet from outside the cluster network that we send into a local pod
+/// ourselves (header `ip` at `ip_off`), bypassing the kernel: direct delivery of a member
+/// node's own address (a stock host-gw node's host), or decapsulation of an outside host's
+/// packet that a member forwarded unmasqueraded. With `--ip-masq` the pod's replies would
+/// otherwise be masqueraded as a new flow.
 #[inline(always)]
 pub fn file_delivered_directly(ctx: &TcContext, cfg: &Config, ip_off: usize, ip: &Ipv4Hdr) {
     if !in_subnet(ip.saddr, cfg.network, cfg.network_mask) {

@@ -284,6 +284,8 @@ fn a_member_cannot_claim_inner_sources_of_other_nodes_or_of_ours() {
         (Reason::DropInnerSource, 6),
         (Reason::XdpDecap, 3),
         (Reason::DecapPod, 3),
+        // The outside host's connection, for `--ip-masq` to leave the pod's replies alone.
+        (Reason::KernelFlowNew, 1),
     ]);
 }
 
