@@ -147,6 +147,8 @@ enum Target {
 struct Plan {
     target: Target,
     endpoint: Option<Endpoint>,
+    /// A pod's packet from outside the cluster network, whose connection is filed on delivery.
+    from_outside: bool,
 }
 
 /// The body of `underlay_ingress`: `Ok(verdict)` or the drop reason.
@@ -180,6 +182,7 @@ pub fn try_underlay_ingress(ctx: &TcContext) -> Result<i32, Reason> {
     let (inner_eth, inner_ip) = check_vxlan(ctx, cfg, &ip, ctx.len() as usize)?;
     // SAFETY: a checked pointer, read before any helper moves data.
     let inner = unsafe { *inner_ip };
+    let daddr = inner.daddr;
     let plan = plan(ctx, cfg, INNER_IP_OFF, &inner)?;
     // SAFETY: `inner_ip` is a checked pointer, still valid: no helper has moved data yet.
     unsafe { decapsulate_ecn(ip.tos, inner_ip)? };
@@ -195,7 +198,7 @@ pub fn try_underlay_ingress(ctx: &TcContext) -> Result<i32, Reason> {
     };
     ctx.adjust_room(-(VXLAN_OVERHEAD as i32), BPF_ADJ_ROOM_MAC, flags)
         .map_err(|_| Reason::DropDecapFailed)?;
-    deliver(ctx, cfg, plan, &inner, inner_eth.src)
+    deliver(ctx, cfg, plan, daddr, inner_eth.src)
 }
 
 /// The outer IPv4 and UDP headers when the frame is VXLAN for us: option-less IPv4 to one of
@@ -369,27 +372,35 @@ fn plan(ctx: &TcContext, cfg: &Config, ip_off: usize, ip: &Ipv4Hdr) -> Result<Pl
         Target::Host | Target::HostTtl | Target::HostKernelFlow if cfg.host_ifindex == 0 => {
             Err(Reason::DropNoHostDevice)
         }
-        _ => Ok(Plan { target, endpoint }),
+        _ => Ok(Plan {
+            target,
+            endpoint,
+            from_outside: target == Target::Pod
+                && !in_subnet(ip.saddr, cfg.network, cfg.network_mask),
+        }),
     }
 }
 
-/// Sends the decapsulated packet (an IPv4 packet behind an Ethernet header, whose addresses,
-/// protocol and fragment offset `inner` holds) where `plan` says. `peer_vtep_mac` is the
-/// sender's VtepMAC, the source MAC of what the host device receives.
+/// Sends the decapsulated packet (an IPv4 packet behind an Ethernet header) where `plan` says.
+/// `peer_vtep_mac` is the sender's VtepMAC, the source MAC of what the host device receives.
 #[inline(always)]
 fn deliver(
     ctx: &TcContext,
     cfg: &Config,
     plan: Plan,
-    inner: &Ipv4Hdr,
+    daddr: [u8; 4],
     peer_vtep_mac: [u8; 6],
 ) -> Result<i32, Reason> {
-    let daddr = inner.daddr;
     if plan.target == Target::Pod {
-        // An outside host's packet that a member forwarded unmasqueraded (a node without
-        // `--ip-masq`): no conntrack here sees it, so the pod's replies must be known as
-        // replies (`--ip-masq` leaves them untranslated).
-        file_delivered_directly(ctx, cfg, ETH_HLEN, inner);
+        if plan.from_outside {
+            // An outside host's packet that a member forwarded unmasqueraded (a node without
+            // `--ip-masq`): no conntrack here sees it, so the pod's replies must be known as
+            // replies (`--ip-masq` leaves them untranslated). Read again here, off the path
+            // of pod-to-pod packets, which need no header kept across the decapsulation.
+            if let Ok(ip) = ctx.load::<Ipv4Hdr>(ETH_HLEN) {
+                file_delivered_directly(ctx, cfg, ETH_HLEN, &ip);
+            }
+        }
         if let Some(ep) = plan.endpoint {
             count(Reason::DecapEndpoint, ctx.len());
             return redirect_to_endpoint(ctx, cfg, &ep).ok_or(Reason::DropDecapFailed);
@@ -477,12 +488,13 @@ fn deliver_stripped(
 ) -> Result<i32, Reason> {
     // SAFETY: a checked pointer, read before any helper moves data.
     let inner = unsafe { *ip };
+    let daddr = inner.daddr;
     let plan = plan(ctx, cfg, ETH_HLEN, &inner)?;
     if plan.target == Target::Pod {
         // SAFETY: as above; `plan` guarantees ttl > 1.
         unsafe { decrement_ttl(ip) };
     }
-    deliver(ctx, cfg, plan, &inner, src_mac)
+    deliver(ctx, cfg, plan, daddr, src_mac)
 }
 
 /// The body of `underlay_xdp`: decapsulates VXLAN for us that passes every check, before GRO,
