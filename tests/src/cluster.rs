@@ -10,6 +10,7 @@
 //! namespace.
 
 use std::{
+    collections::BTreeMap,
     fmt,
     net::Ipv4Addr,
     path::{Path, PathBuf},
@@ -157,7 +158,7 @@ pub struct ClusterBuilder {
     etcd_prefix: Option<String>,
     outside: bool,
     agent_args: Vec<String>,
-    node_agent_args: Vec<(usize, Vec<String>)>,
+    node_agent_args: BTreeMap<usize, Vec<String>>,
     start_agents: Option<bool>,
     underlay_mtu: u32,
     etcd_tls: bool,
@@ -173,7 +174,7 @@ impl Default for ClusterBuilder {
             etcd_prefix: None,
             outside: false,
             agent_args: Vec::new(),
-            node_agent_args: Vec::new(),
+            node_agent_args: BTreeMap::new(),
             start_agents: None,
             underlay_mtu: 1500,
             etcd_tls: false,
@@ -234,7 +235,7 @@ impl ClusterBuilder {
     #[must_use]
     pub fn node_agent_args(mut self, i: usize, args: &[&str]) -> Self {
         self.node_agent_args
-            .push((i, args.iter().map(|s| (*s).to_owned()).collect()));
+            .insert(i, args.iter().map(|s| (*s).to_owned()).collect());
         self
     }
 
@@ -366,12 +367,7 @@ impl ClusterBuilder {
         }
         if start_agents {
             for (i, node) in cluster.nodes.iter().enumerate() {
-                let args = self
-                    .node_agent_args
-                    .iter()
-                    .rev()
-                    .find_map(|(n, args)| (*n == i).then_some(args))
-                    .unwrap_or(&self.agent_args);
+                let args = self.node_agent_args.get(&i).unwrap_or(&self.agent_args);
                 let args: Vec<&str> = args.iter().map(String::as_str).collect();
                 node.start_agent(&args)?;
             }

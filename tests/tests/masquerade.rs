@@ -33,7 +33,7 @@ use overlay_common::{
     nat::{NAT_CLOSE_WINDOW, NatEntryV4, NatKeyV4, SNAT_V4_CAPACITY, SNAT_V4_NEW_CAPACITY},
 };
 use overlay_tests::{
-    Capture, ChildGuard, Cluster, Endpoint, Host, NetNs, Node, OUTSIDE_IP,
+    Capture, ChildGuard, Cluster, ClusterBuilder, Endpoint, Host, NetNs, Node, OUTSIDE_IP, Pod,
     checks::{
         self, agent_cmd, route_via_missing_gateway, transfer_across_agent_kill9,
         unroute_missing_gateway,
@@ -48,6 +48,11 @@ const START: Duration = Duration::from_secs(20);
 const VXLAN_CONFIG: &str = r#"{"Network": "172.17.0.0/16", "Backend": {"Type": "vxlan"}}"#;
 
 fn masq_cluster(nodes: usize, pods: usize, extra: &[&str]) -> Cluster {
+    masq_builder(nodes, pods, extra).build().unwrap()
+}
+
+/// [`masq_cluster`] before it is built, for a test that sets more.
+fn masq_builder(nodes: usize, pods: usize, extra: &[&str]) -> ClusterBuilder {
     let mut args = vec!["--ip-masq"];
     args.extend_from_slice(extra);
     Cluster::builder()
@@ -56,8 +61,6 @@ fn masq_cluster(nodes: usize, pods: usize, extra: &[&str]) -> Cluster {
         .outside(true)
         .network_config(VXLAN_CONFIG)
         .agent_args(&args)
-        .build()
-        .unwrap()
 }
 
 /// The node's counters (`overlay-agent counters`): name → packets.
@@ -300,12 +303,7 @@ fn two_pods_with_the_same_source_port_to_the_same_service_both_work() {
 }
 
 /// Runs `count` concurrent connections from `pod` to `server:port` (server started by caller).
-fn many_connections(
-    pod: &overlay_tests::Pod,
-    port: u16,
-    count: usize,
-    seed: u64,
-) -> (usize, usize) {
+fn many_connections(pod: &Pod, port: u16, count: usize, seed: u64) -> (usize, usize) {
     let mut c = pod.ns().command(xfer_bin().unwrap());
     c.args([
         "tcp-many-send",
@@ -693,13 +691,27 @@ fn an_outside_host_routing_the_cluster_through_a_node_reaches_remote_pods_as_tha
 #[test]
 fn an_outside_host_routing_the_cluster_through_a_node_reaches_its_pods_unmasqueraded() {
     let cluster = masq_cluster(2, 1, &[]);
-    let (out, node, pod) = (cluster.outside(), cluster.node(0), cluster.pod(0, 0));
+    let (node, pod) = (cluster.node(0), cluster.pod(0, 0));
     route_cluster_through(&cluster, node);
+    assert_outside_host_answered_unmasqueraded(cluster.outside(), &pod, node);
+}
+
+/// The outside host (routed to the cluster network) reaches `pod` on `node` by ping, TCP and
+/// UDP, and the pod sees the host's address and answers from its own: `node` translated no
+/// reply and filed the connections (TCP and UDP).
+fn assert_outside_host_answered_unmasqueraded(out: &Host, pod: &Pod, node: &Node) {
     out.ping_until(pod.ip(), Duration::from_secs(10)).unwrap();
-    let t = out.tcp_transfer(&pod, 4 << 20).unwrap();
+    let t = out.tcp_transfer(pod, 4 << 20).unwrap();
     assert_eq!(t.server_peer.ip(), IpAddr::V4(out.ip()), "not masqueraded");
-    let u = out.udp_echo(&pod, 10).unwrap();
+    let u = out.udp_echo(pod, 10).unwrap();
     assert_eq!((u.received, u.bad), (10, 0), "{u:?}");
+    assert!(
+        u.server_peers
+            .iter()
+            .all(|p| p.ip() == IpAddr::V4(out.ip())),
+        "{:?}",
+        u.server_peers
+    );
     assert_eq!(counter(node, "nat_snat"), 0, "no reply translated");
     assert!(counter(node, "kernel_flow_new") >= 2);
 }
@@ -713,32 +725,14 @@ fn an_outside_host_routing_the_cluster_through_a_node_reaches_its_pods_unmasquer
 /// it used to masquerade them as a new flow, which the outside host's sockets refused.
 #[test]
 fn an_outside_host_forwarded_over_vxlan_by_a_node_without_masquerade_gets_the_pods_own_replies() {
-    let cluster = Cluster::builder()
-        .nodes(2)
-        .pods_per_node(1)
-        .outside(true)
-        .network_config(VXLAN_CONFIG)
-        .agent_args(&["--ip-masq"])
+    let cluster = masq_builder(2, 1, &[])
         .node_agent_args(0, &[])
         .build()
         .unwrap();
-    let (out, node, pod) = (cluster.outside(), cluster.node(1), cluster.pod(1, 0));
+    let (node, pod) = (cluster.node(1), cluster.pod(1, 0));
     route_cluster_through(&cluster, cluster.node(0));
-    out.ping_until(pod.ip(), Duration::from_secs(10)).unwrap();
-    let t = out.tcp_transfer(&pod, 4 << 20).unwrap();
-    assert_eq!(t.server_peer.ip(), IpAddr::V4(out.ip()), "not masqueraded");
-    let u = out.udp_echo(&pod, 10).unwrap();
-    assert_eq!((u.received, u.bad), (10, 0), "{u:?}");
-    assert!(
-        u.server_peers
-            .iter()
-            .all(|p| p.ip() == IpAddr::V4(out.ip())),
-        "{:?}",
-        u.server_peers
-    );
-    assert_eq!(counter(node, "nat_snat"), 0, "no reply translated");
+    assert_outside_host_answered_unmasqueraded(cluster.outside(), &pod, node);
     assert!(counter(node, "nat_inbound_reply") > 0);
-    assert!(counter(node, "kernel_flow_new") >= 2);
     assert!(counter(node, "decap_endpoint") > 0, "straight into the pod");
 }
 
