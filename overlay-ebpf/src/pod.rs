@@ -55,7 +55,7 @@ use crate::lib::{
     encap::{encapsulate, fits_tunnel, redirect_to_underlay},
     ipv4::{decrement_ttl, eth_ipv4},
     kernel_flow,
-    maps::{config, route_v4},
+    maps::{config, in_subnet, route_v4},
     nat,
 };
 
@@ -175,7 +175,15 @@ fn try_pod_egress(ctx: &TcContext, role: Role) -> Result<i32, Reason> {
     }
     // SAFETY: a checked pointer from `eth_ipv4`, read before any helper moves data.
     let (tos, ttl, daddr) = unsafe { ((*ip).tos, (*ip).ttl, (*ip).daddr) };
-    let Some(peer) = route_v4(daddr) else {
+    // Every peer's subnet lies in the cluster network (the agent refuses leases outside it), so
+    // what leaves the network skips the route lookup, a trie walk. (One call of the masquerade
+    // below: each call site would inline all of it again.)
+    let peer = if in_subnet(daddr, cfg.network, cfg.network_mask) {
+        route_v4(daddr)
+    } else {
+        None
+    };
+    let Some(peer) = peer else {
         // Not for a peer: masquerade (if on and flannel's rules say so), else the kernel's.
         return nat::snat_from_pod(ctx, cfg, role);
     };

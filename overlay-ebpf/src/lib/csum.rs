@@ -84,3 +84,12 @@ pub fn replace16(check: [u8; 2], old: u16, new: u16) -> [u8; 2] {
     let sum = u32::from(!hc) + u32::from(!old) + u32::from(new);
     (!fold(sum)).to_be_bytes()
 }
+
+/// The checksum after a 32-bit field (an address, as on the wire) changed from `old` to
+/// `new`: [`replace16`] for each of its two words.
+#[inline(always)]
+pub fn replace32(check: [u8; 2], old: [u8; 4], new: [u8; 4]) -> [u8; 2] {
+    let w = |a: [u8; 4], i: usize| u16::from_be_bytes([a[i], a[i + 1]]);
+    let check = replace16(check, w(old, 0), w(new, 0));
+    replace16(check, w(old, 2), w(new, 2))
+}

@@ -14,14 +14,14 @@ use overlay_common::{
 };
 
 use super::{
-    IP_SADDR_OFF, L4Ports, Translated,
+    L4Ports, Translated,
     flow::{self, flow_related, live_flow},
     load_l4,
     reverse::deliver,
-    rewrite::{NO_L4_CSUM, rewrite_addr},
+    rewrite::{Addr, NO_L4_CSUM, Writes, rewrite_addr},
 };
 use crate::lib::{
-    csum::replace16,
+    csum::{replace16, replace32},
     hdr::{IcmpHdr, Ipv4Hdr},
 };
 
@@ -104,7 +104,17 @@ pub(super) fn icmp_error_out(
     rewrite_quote(ctx, l4, inner_csum_off, &iip, &side)?;
 
     // The outer source (ICMP has no pseudo-header).
-    rewrite_addr(ctx, IP_SADDR_OFF, ip.saddr, nat_addr, NO_L4_CSUM, hop, ip)?;
+    let writes = Writes::outbound(hop);
+    rewrite_addr(
+        ctx,
+        Addr::Source,
+        ip.saddr,
+        nat_addr,
+        NO_L4_CSUM,
+        hop,
+        ip,
+        writes,
+    )?;
     Ok(Translated::Yes)
 }
 
@@ -187,10 +197,8 @@ fn rewrite_quote(
     let icmp_csum_off = l4 + offset_of!(IcmpHdr, check);
     let inner = l4 + size_of::<IcmpHdr>();
     let (old_a, new_a) = (side.old_addr, side.new_addr);
-    let w = |a: [u8; 4], i: usize| u16::from_be_bytes([a[i], a[i + 1]]);
 
-    let mut icheck = replace16(iip.check, w(old_a, 0), w(new_a, 0));
-    icheck = replace16(icheck, w(old_a, 2), w(new_a, 2));
+    let icheck = replace32(iip.check, old_a, new_a);
     ctx.store(inner + side.addr_off, &new_a, 0)
         .map_err(|_| Reason::DropNatFailed)?;
     ctx.store(inner + offset_of!(Ipv4Hdr, check), &icheck, 0)
@@ -209,8 +217,7 @@ fn rewrite_quote(
                 u16::from_be_bytes(side.new_port),
             );
             if iip.proto != IPPROTO_ICMP {
-                c = replace16(c, w(old_a, 0), w(new_a, 0));
-                c = replace16(c, w(old_a, 2), w(new_a, 2));
+                c = replace32(c, old_a, new_a);
             }
             if iip.proto == IPPROTO_UDP && c == [0, 0] {
                 c = [0xff, 0xff];

@@ -56,8 +56,10 @@
 //!
 //! Checksums: the L4 checksum through `bpf_l4_csum_replace` (`BPF_F_PSEUDO_HDR` for addresses,
 //! so CHECKSUM_PARTIAL packets from pods — GSO included — stay right; `BPF_F_MARK_MANGLED_0`
-//! for UDP, so a zero checksum stays zero), the IPv4 header's with `bpf_l3_csum_replace`; stores
-//! do not touch `skb->csum`, each change being compensated by its checksum field. Inside ICMP
+//! for UDP, so a zero checksum stays zero), the IPv4 header's by hand (RFC 1624) where the
+//! program writes the packet in place (the pod hooks, `underlay_ingress`), else with
+//! `bpf_l3_csum_replace` (`rewrite`); writes do not touch `skb->csum`, each change being
+//! compensated by its checksum field. Inside ICMP
 //! errors the inner headers' checksums are patched by hand (RFC 1624) and the ICMP checksum
 //! follows every changed word (the inner IPv4 header's sum is unchanged by construction).
 //!

@@ -16,12 +16,12 @@ use overlay_common::{
 };
 
 use super::{
-    IP_DADDR_OFF, IP_OFF, L4Ports,
+    IP_OFF, L4Ports,
     flow::{self, flow_in, frag_offset, fragment_flow, is_first_fragment, remember_fragments},
     icmp::icmp_error_reverse,
     is_icmp_error, load_l4,
     policy::nat_ipv4,
-    rewrite::{L4Csum, NO_L4_CSUM, rewrite_addr},
+    rewrite::{Addr, L4Csum, NO_L4_CSUM, Writes, rewrite_addr, write_port},
 };
 use crate::lib::{
     counters::count,
@@ -104,8 +104,7 @@ fn reverse_to(ctx: &TcContext, cfg: &Config, nat_addr: [u8; 4]) -> Result<i32, R
             mangled | 2,
         )
         .map_err(|_| Reason::DropNatFailed)?;
-        ctx.store(port_off, &orig.port, 0)
-            .map_err(|_| Reason::DropNatFailed)?;
+        write_port(ctx, port_off, orig.port, Writes::InPlace)?;
     }
     let l4_csum = if ip.proto == IPPROTO_ICMP || csum_off == 0 {
         NO_L4_CSUM
@@ -198,7 +197,16 @@ fn restore_destination(
     l4_csum: L4Csum,
     hop: bool,
 ) -> Result<(), Reason> {
-    rewrite_addr(ctx, IP_DADDR_OFF, ip.daddr, orig.addr, l4_csum, hop, ip)?;
+    rewrite_addr(
+        ctx,
+        Addr::Destination,
+        ip.daddr,
+        orig.addr,
+        l4_csum,
+        hop,
+        ip,
+        Writes::InPlace,
+    )?;
     count(Reason::NatRev, ctx.len());
     Ok(())
 }

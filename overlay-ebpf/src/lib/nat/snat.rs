@@ -20,12 +20,12 @@ use overlay_common::{
 };
 
 use super::{
-    IP_OFF, IP_SADDR_OFF, L4Ports, Translated,
+    IP_OFF, L4Ports, Translated,
     flow::{self, Segment, flow_out, flow_route, frag_offset, replies_to_cluster_flow},
     icmp::icmp_error_out,
     is_icmp_error, load_l4,
     policy::{masquerades, masquerades_to_cluster, nat_ipv4},
-    rewrite::{NO_L4_CSUM, rewrite_addr},
+    rewrite::{Addr, NO_L4_CSUM, Writes, rewrite_addr, write_port},
 };
 use crate::lib::{
     counters::{Role, count, count_handback},
@@ -253,7 +253,17 @@ fn fixed_tuple_out_rewrite(
         )
         .map_err(|_| Reason::DropNatFailed)?;
     }
-    rewrite_addr(ctx, IP_SADDR_OFF, ip.saddr, nat_addr, NO_L4_CSUM, hop, ip)?;
+    let writes = Writes::outbound(hop);
+    rewrite_addr(
+        ctx,
+        Addr::Source,
+        ip.saddr,
+        nat_addr,
+        NO_L4_CSUM,
+        hop,
+        ip,
+        writes,
+    )?;
     Ok(Translated::Yes)
 }
 
@@ -276,6 +286,12 @@ pub(super) fn translate_out(
 ) -> Result<Translated, Reason> {
     let route = hop.unwrap_or_default();
     let hop = hop.is_some();
+    // Only the pod hooks pass a hop, and they write the packet in place anyway (`rewrite`).
+    let writes = if hop {
+        Writes::InPlace
+    } else {
+        Writes::Helpers
+    };
     let l4 = IP_OFF + ihl;
     if frag_offset(ip) != 0 {
         if NatPorts::of(ip.proto) == NatPorts::None && is_member(ip.daddr) {
@@ -283,7 +299,16 @@ pub(super) fn translate_out(
             return Ok(Translated::No);
         }
         // A later fragment: no ports; every masqueraded flow has the same address.
-        rewrite_addr(ctx, IP_SADDR_OFF, ip.saddr, nat_addr, NO_L4_CSUM, hop, ip)?;
+        rewrite_addr(
+            ctx,
+            Addr::Source,
+            ip.saddr,
+            nat_addr,
+            NO_L4_CSUM,
+            hop,
+            ip,
+            writes,
+        )?;
         return Ok(Translated::Yes);
     }
     // Ports (ICMP: identifier) and where the L4 checksum is.
@@ -328,7 +353,7 @@ pub(super) fn translate_out(
     };
     let nat_port = flow_out(ctx, nat, cfg, &key, nat_addr, seg, eflags, route, now)?;
 
-    // Rewrites, by offset (no packet pointer survives these helpers).
+    // Rewrites: the L4 checksum's helpers first, then the fields (in place, or by offset).
     let port_off = L4Ports::port_off(ip.proto, l4, true);
     // A pseudo-header checksum (TCP, UDP, DCCP, UDP-Lite) follows the address; ICMP's does
     // not, and other protocols have none over it (`csum_off` 0).
@@ -355,9 +380,17 @@ pub(super) fn translate_out(
             flags | 2,
         )
         .map_err(|_| Reason::DropNatFailed)?;
-        ctx.store(port_off, &nat_port, 0)
-            .map_err(|_| Reason::DropNatFailed)?;
+        write_port(ctx, port_off, nat_port, writes)?;
     }
-    rewrite_addr(ctx, IP_SADDR_OFF, ip.saddr, nat_addr, NO_L4_CSUM, hop, ip)?;
+    rewrite_addr(
+        ctx,
+        Addr::Source,
+        ip.saddr,
+        nat_addr,
+        NO_L4_CSUM,
+        hop,
+        ip,
+        writes,
+    )?;
     Ok(Translated::Yes)
 }
