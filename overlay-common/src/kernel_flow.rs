@@ -1,4 +1,5 @@
-//! Flows the kernel forwarded for a local pod: `KERNEL_FLOW_V4`.
+//! Flows the kernel forwarded for a local pod, and connections into one: `KERNEL_FLOW_V4` and
+//! `KERNEL_FLOW_IN_V4`.
 //!
 //! A pod's packet that the kernel routed itself (rather than `pod_egress` sending it on) has
 //! been through netfilter, where kube-proxy's DNAT may have turned a Service address into an
@@ -16,8 +17,11 @@
 //! peer itself. Direct delivery and decapsulation file a connection from outside the cluster
 //! network that they send straight into a pod (a stock host-gw node's host, whose source is
 //! its interface address; an outside host's packets forwarded over VXLAN by a member without
-//! `--ip-masq`), whose replies `pod_egress` then sends on untranslated. The key's `way` tells
-//! the three kinds apart.
+//! `--ip-masq`), whose replies `pod_egress` then sends on untranslated.
+//!
+//! The key's `way` tells the three kinds apart. The outbound kind lives in `KERNEL_FLOW_V4`,
+//! the two inbound kinds in `KERNEL_FLOW_IN_V4`, so that one kind cannot evict the other
+//! ([`KERNEL_FLOW_IN_V4_CAPACITY`]).
 //!
 //! Byte orders: addresses and ports as on the wire.
 
@@ -26,6 +30,14 @@ use bytemuck::{Pod, Zeroable};
 /// Capacity of `KERNEL_FLOW_V4` (an LRU map, written by the programs): as many flows as the
 /// assured masquerade table holds.
 pub const KERNEL_FLOW_V4_CAPACITY: u32 = 65_536;
+
+/// Capacity of `KERNEL_FLOW_IN_V4`, the inbound connections (an LRU map as well). A table of
+/// their own: anyone who can reach a published port or route to a pod can open inbound
+/// connections by the thousand, and in a shared LRU they would evict the Service flows of
+/// `KERNEL_FLOW_V4`, whose replies would then go straight into the pod with the endpoint's
+/// address (reset or dropped by the pod's socket). A flood now evicts only other inbound
+/// connections.
+pub const KERNEL_FLOW_IN_V4_CAPACITY: u32 = 65_536;
 
 /// Slots of `KERNEL_FLOW_PAIRS_V4`, the filter in front of `KERNEL_FLOW_V4`: an array of
 /// `u32` (1: a flow of a pair with this slot was filed), 128 KiB.
@@ -56,7 +68,7 @@ pub const KERNEL_FLOW_IN: u8 = 1;
 /// path, untranslated, as MASQUERADE leaves a tracked connection's replies.
 pub const KERNEL_FLOW_IN_DIRECT: u8 = 2;
 
-/// The key of `KERNEL_FLOW_V4`: a flow between a local pod and a remote end, as the kernel
+/// The key of `KERNEL_FLOW_V4` and `KERNEL_FLOW_IN_V4`: a flow between a local pod and a remote end, as the kernel
 /// sent it out (after any DNAT) or delivered it in, oriented from the pod. Ports are 0 for a
 /// protocol without them; an ICMP echo has its identifier as `pod_port` and 0 as
 /// `remote_port`.
@@ -98,7 +110,7 @@ impl KernelFlowKeyV4 {
     }
 }
 
-/// Value of `KERNEL_FLOW_V4`.
+/// Value of `KERNEL_FLOW_V4` and `KERNEL_FLOW_IN_V4`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct KernelFlowV4 {

@@ -46,6 +46,9 @@ pub const NODE_V4: &str = "NODE_V4";
 pub const ENDPOINT_V4: &str = "ENDPOINT_V4";
 /// Flows the kernel forwarded for a local pod, whose replies go back through it (`kernel_flow`).
 pub const KERNEL_FLOW_V4: &str = "KERNEL_FLOW_V4";
+/// Connections delivered into a local pod from elsewhere, whose replies are no new flows
+/// (`kernel_flow`).
+pub const KERNEL_FLOW_IN_V4: &str = "KERNEL_FLOW_IN_V4";
 /// The filter of pairs of addresses that had such flows (`kernel_flow`).
 pub const KERNEL_FLOW_PAIRS_V4: &str = "KERNEL_FLOW_PAIRS_V4";
 /// What `pod_port_egress` last passed on to the bridge, per CPU, for `pod_egress` (`pod`).

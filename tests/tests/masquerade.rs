@@ -29,6 +29,7 @@ use nix::sys::{
 };
 use overlay_agent::subnet::Mac;
 use overlay_common::{
+    kernel_flow::{KERNEL_FLOW_IN, KernelFlowKeyV4, KernelFlowV4},
     names,
     nat::{NAT_CLOSE_WINDOW, NatEntryV4, NatKeyV4, SNAT_V4_CAPACITY, SNAT_V4_NEW_CAPACITY},
 };
@@ -734,6 +735,85 @@ fn an_outside_host_forwarded_over_vxlan_by_a_node_without_masquerade_gets_the_po
     assert_outside_host_answered_unmasqueraded(cluster.outside(), &pod, node);
     assert!(counter(node, "nat_inbound_reply") > 0);
     assert!(counter(node, "decap_endpoint") > 0, "straight into the pod");
+}
+
+/// An upgrade from an agent that kept connections into pods in `KERNEL_FLOW_V4`, beside the
+/// Service flows, to one with a table of their own (`KERNEL_FLOW_IN_V4`): the new agent moves
+/// them over, so a connection from an outside host (routed to the cluster through the node)
+/// keeps its replies unmasqueraded even when the pod speaks first after the upgrade. Shown by
+/// putting the connection's entry where the older agent kept it, while the agent is down;
+/// left behind there, the pod's next segment would be masqueraded as a new flow, which the
+/// outside host's socket never sees.
+#[test]
+fn connections_into_a_pod_keep_their_replies_across_the_upgrade_that_splits_the_flow_tables() {
+    let cluster = masq_cluster(1, 1, &[]);
+    let (node, pod, out) = (cluster.node(0), cluster.pod(0, 0), cluster.outside());
+    route_cluster_through(&cluster, node);
+    out.ping_until(pod.ip(), Duration::from_secs(10)).unwrap();
+    let listener = pod
+        .ns()
+        .in_netns(|| Ok(TcpListener::bind((pod.ip(), 0))?))
+        .unwrap();
+    let to = SocketAddrV4::new(pod.ip(), listener.local_addr().unwrap().port());
+    let mut client = out
+        .ns()
+        .in_netns(|| {
+            Ok(TcpStream::connect_timeout(
+                &to.into(),
+                Duration::from_secs(5),
+            )?)
+        })
+        .unwrap();
+    let (mut server, peer) = listener.accept().unwrap();
+    assert_eq!(peer.ip(), IpAddr::V4(out.ip()), "not masqueraded");
+    for end in [&client, &server] {
+        end.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    }
+    let exchange = |from: &mut TcpStream, to: &mut TcpStream, what: &[u8]| {
+        from.write_all(what).unwrap();
+        let mut got = vec![0; what.len()];
+        to.read_exact(&mut got).unwrap();
+        assert_eq!(got, what);
+    };
+    exchange(&mut client, &mut server, b"before");
+    exchange(&mut server, &mut client, b"answer");
+
+    node.agent().unwrap().kill().unwrap();
+    // The older layout: inbound connections in the one table, no inbound table pinned.
+    let maps = node.bpf_dir().join("maps");
+    let open = |name: &str| {
+        let data = MapData::from_pin(maps.join(name)).unwrap();
+        AyaHashMap::<_, KernelFlowKeyV4, KernelFlowV4>::try_from(Map::LruHashMap(data)).unwrap()
+    };
+    let inbound: Vec<_> = open(names::KERNEL_FLOW_IN_V4)
+        .iter()
+        .map(Result::unwrap)
+        .collect();
+    assert!(
+        inbound.iter().any(|(k, _)| k.pod == pod.ip().octets()
+            && k.pod_port == to.port().to_be_bytes()
+            && k.way == KERNEL_FLOW_IN),
+        "the connection is filed as the kernel's: {inbound:?}"
+    );
+    let mut all = open(names::KERNEL_FLOW_V4);
+    for (k, v) in &inbound {
+        all.insert(k, v, 0).unwrap();
+    }
+    std::fs::remove_file(maps.join(names::KERNEL_FLOW_IN_V4)).unwrap();
+
+    let agent = node.start_agent(&["--ip-masq"]).unwrap();
+    agent.wait_for_log("data path attached", START).unwrap();
+    let said = format!(
+        "{} inbound connections moved from {} into the new {}",
+        inbound.len(),
+        names::KERNEL_FLOW_V4,
+        names::KERNEL_FLOW_IN_V4
+    );
+    assert!(agent.log().contains(&said), "{said}:\n{}", agent.log());
+    // The pod first: nothing from the outside host has filed the connection again.
+    exchange(&mut server, &mut client, b"after the upgrade");
+    exchange(&mut client, &mut server, b"and back");
+    assert_eq!(counter(node, "nat_snat"), 0, "no segment masqueraded");
 }
 
 /// Issue 12, item 1: with `--ip-masq`, a pod sends VXLAN to a member node's UDP 8472 whose

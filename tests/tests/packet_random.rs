@@ -492,11 +492,13 @@ impl Bench {
         }
         // What earlier settings' frames left in the programs' own state: filed flows, and the
         // port's note of its last packet (on every CPU: the runs may have moved between them).
-        let mut flows: HashMap<_, KernelFlowKeyV4, KernelFlowV4> =
-            HashMap::try_from(self.ebpf.map_mut(names::KERNEL_FLOW_V4).unwrap()).unwrap();
-        let keys: Vec<KernelFlowKeyV4> = flows.keys().map(Result::unwrap).collect();
-        for key in keys {
-            flows.remove(&key).unwrap();
+        for table in [names::KERNEL_FLOW_V4, names::KERNEL_FLOW_IN_V4] {
+            let mut flows: HashMap<_, KernelFlowKeyV4, KernelFlowV4> =
+                HashMap::try_from(self.ebpf.map_mut(table).unwrap()).unwrap();
+            let keys: Vec<KernelFlowKeyV4> = flows.keys().map(Result::unwrap).collect();
+            for key in keys {
+                flows.remove(&key).unwrap();
+            }
         }
         assert!(node.kernel_flows.lock().unwrap().is_empty());
         let mut passed: PerCpuArray<_, [u8; 16]> =

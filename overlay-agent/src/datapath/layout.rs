@@ -21,6 +21,7 @@ use std::{collections::BTreeMap, fmt, path::Path};
 
 use aya::maps::{HashMap, Map, MapData, MapInfo};
 use overlay_common::{
+    kernel_flow::{KERNEL_FLOW_OUT, KernelFlowKeyV4, KernelFlowV4},
     layout::SETTINGS_LAYOUTS,
     nat::{NatEntryV4, NatKeyV4},
 };
@@ -157,6 +158,31 @@ pub fn restore_flows(
         written.push((name.clone(), restored.unwrap_or(0)));
     }
     written
+}
+
+/// Moves the inbound connections that agents before `KERNEL_FLOW_IN_V4` filed in
+/// `KERNEL_FLOW_V4` (the `way` of their key says which) into the new table, pinned under `pins`
+/// once the load created it, so that a published port's connections keep their replies
+/// unmasqueraded across the upgrade. Returns how many moved; 0 when a table cannot be read.
+pub fn split_inbound_flows(pins: &PinDir) -> usize {
+    let open = |name: &str| {
+        let data = MapData::from_pin(pins.map(name)).ok()?;
+        HashMap::<_, KernelFlowKeyV4, KernelFlowV4>::try_from(Map::LruHashMap(data)).ok()
+    };
+    let (Some(mut all), Some(mut inbound)) =
+        (open(names::KERNEL_FLOW_V4), open(names::KERNEL_FLOW_IN_V4))
+    else {
+        return 0;
+    };
+    let moving: Vec<_> = all
+        .iter()
+        .filter_map(Result::ok)
+        .filter(|(k, _)| k.way != KERNEL_FLOW_OUT)
+        .collect();
+    moving
+        .iter()
+        .filter(|(k, v)| inbound.insert(k, v, 0).is_ok() && all.remove(k).is_ok())
+        .count()
 }
 
 /// The definitions of the pinned maps in the embedded object, by name.

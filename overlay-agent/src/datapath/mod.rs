@@ -110,15 +110,16 @@ pub use overlay_common::names::{
 };
 
 /// The maps that hold state worth keeping across an agent restart (all pinned).
-pub const STATE_MAPS: [&str; 14] = [
+pub const STATE_MAPS: [&str; 15] = [
     names::CONFIG,
     names::ROUTE_V4,
     names::NODE_V4,
     names::ENDPOINT_V4,
     names::COUNTERS,
-    // Flows the kernel forwarded for pods (Service traffic): their replies keep going back
-    // through the kernel across a restart.
+    // Flows the kernel forwarded for pods (Service traffic) and connections into pods: their
+    // replies keep their way across a restart.
     names::KERNEL_FLOW_V4,
+    names::KERNEL_FLOW_IN_V4,
     names::KERNEL_FLOW_PAIRS_V4,
     // Masquerade (`nat`): its settings and the flow tables, so connections survive a restart.
     names::NAT_MAPS[0],
@@ -268,9 +269,21 @@ impl Datapath {
                 tracing::warn!("pinned map {map} replaced by a new, empty one ({why})");
             }
         }
+        // An agent from before the inbound table: its inbound connections move there.
+        let inbound_table_new = !pins.map(names::KERNEL_FLOW_IN_V4).exists();
         let datapath = Self::open(Some((pins.clone(), lock)))?;
         for (map, n) in layout::restore_flows(&pins, &reconciled.carried) {
             tracing::info!("{n} masqueraded flows carried over into the new {map}");
+        }
+        if inbound_table_new {
+            let n = layout::split_inbound_flows(&pins);
+            if n > 0 {
+                tracing::info!(
+                    "{n} inbound connections moved from {} into the new {}",
+                    names::KERNEL_FLOW_V4,
+                    names::KERNEL_FLOW_IN_V4
+                );
+            }
         }
         layout::mark(pins.root(), &reconciled.fingerprint)?;
         Ok(datapath)

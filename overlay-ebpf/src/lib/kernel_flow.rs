@@ -1,5 +1,5 @@
-//! Flows the kernel forwarded for a local pod (`KERNEL_FLOW_V4`, layout and purpose in
-//! `overlay_common::kernel_flow`): filed where such packets leave or enter, looked up where
+//! Flows the kernel forwarded for a local pod (`KERNEL_FLOW_V4`, and `KERNEL_FLOW_IN_V4` for
+//! connections into one; layout and purpose in `overlay_common::kernel_flow`): filed where such packets leave or enter, looked up where
 //! packets of the flow would otherwise skip the kernel.
 //!
 //! A pod's packet reaches `host_egress` or `underlay_egress` with its pod source only when the
@@ -24,6 +24,9 @@
 //!
 //! The key's `way` keeps the three apart: only `KERNEL_FLOW_OUT` entries send packets for the
 //! pod to the host device, only the inbound ones exempt the pod's replies from the masquerade.
+//! The inbound ones live in a table of their own (`KERNEL_FLOW_IN_V4`): whoever reaches a
+//! published port can open connections by the thousand, and in one shared LRU they would
+//! evict the Service flows.
 //!
 //! Entries are never refreshed or expired by time: conntrack keeps an established TCP flow 5
 //! days, and an entry that outlived its flow only sends a reused tuple's packets through the
@@ -44,8 +47,8 @@ use overlay_common::{
     config::Config,
     counters::Reason,
     kernel_flow::{
-        KERNEL_FLOW_IN, KERNEL_FLOW_IN_DIRECT, KERNEL_FLOW_OUT, KERNEL_FLOW_PAIRS_LEN,
-        KERNEL_FLOW_V4_CAPACITY, KernelFlowKeyV4, KernelFlowV4, pair_slot,
+        KERNEL_FLOW_IN, KERNEL_FLOW_IN_DIRECT, KERNEL_FLOW_IN_V4_CAPACITY, KERNEL_FLOW_OUT,
+        KERNEL_FLOW_PAIRS_LEN, KERNEL_FLOW_V4_CAPACITY, KernelFlowKeyV4, KernelFlowV4, pair_slot,
     },
     wire::{IPPROTO_DCCP, IPPROTO_ICMP, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, IPPROTO_UDPLITE},
 };
@@ -61,6 +64,23 @@ use crate::lib::{
 static KERNEL_FLOW_V4: LruHashMap<KernelFlowKeyV4, KernelFlowV4> =
     LruHashMap::with_max_entries(KERNEL_FLOW_V4_CAPACITY, 0);
 named!(KERNEL_FLOW_V4, overlay_common::names::KERNEL_FLOW_V4);
+
+// The inbound ways apart, so that a flood of connections into pods evicts only its own kind
+// (`overlay_common::kernel_flow::KERNEL_FLOW_IN_V4_CAPACITY`).
+#[map]
+static KERNEL_FLOW_IN_V4: LruHashMap<KernelFlowKeyV4, KernelFlowV4> =
+    LruHashMap::with_max_entries(KERNEL_FLOW_IN_V4_CAPACITY, 0);
+named!(KERNEL_FLOW_IN_V4, overlay_common::names::KERNEL_FLOW_IN_V4);
+
+/// The table of `way`'s flows.
+#[inline(always)]
+fn table(way: u8) -> &'static LruHashMap<KernelFlowKeyV4, KernelFlowV4> {
+    if way == KERNEL_FLOW_OUT {
+        &KERNEL_FLOW_V4
+    } else {
+        &KERNEL_FLOW_IN_V4
+    }
+}
 
 // A filter in front of the flow table: one slot per hash of (pod, remote), set when a flow of
 // the pair is filed, never cleared. The delivery path reads a slot (an array access, which
@@ -179,10 +199,11 @@ fn file_inbound(ctx: &TcContext, ip_off: usize, ip: &Ipv4Hdr, way: u8) {
     );
 }
 
-/// Files `key` unless it is there already.
+/// Files `key` in its way's table unless it is there already.
 #[inline(always)]
 fn file_key(ctx: &TcContext, key: &KernelFlowKeyV4) {
-    if KERNEL_FLOW_V4.get_ptr(key).is_some() {
+    let flows = table(key.way);
+    if flows.get_ptr(key).is_some() {
         return;
     }
     // The slot first: a reply may follow at once on another CPU.
@@ -192,7 +213,7 @@ fn file_key(ctx: &TcContext, key: &KernelFlowKeyV4) {
     }
     // SAFETY: a helper without arguments.
     let created_ns = unsafe { bpf_ktime_get_coarse_ns() };
-    if KERNEL_FLOW_V4
+    if flows
         .insert(key, &KernelFlowV4 { created_ns }, u64::from(BPF_NOEXIST))
         .is_ok()
     {
@@ -229,7 +250,7 @@ pub fn inbound_way(ctx: &TcContext, ip_off: usize, ip: &Ipv4Hdr) -> u8 {
     // endpoint yet), where `pod_ingress` files it as the kernel's.
     for way in [KERNEL_FLOW_IN_DIRECT, KERNEL_FLOW_IN] {
         let key = KernelFlowKeyV4::new(ip.saddr, ip.daddr, sport, dport, ip.proto, way);
-        if KERNEL_FLOW_V4.get_ptr(&key).is_some() {
+        if KERNEL_FLOW_IN_V4.get_ptr(&key).is_some() {
             return way;
         }
     }

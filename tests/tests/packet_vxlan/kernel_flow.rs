@@ -2,9 +2,13 @@
 //! kube-proxy's DNAT sent to an endpoint. Filed where the kernel's packets leave (`host_egress`,
 //! `underlay_egress`), their replies go to the host device instead of into the pod; and a
 //! packet whose destination changed between the pod's veth and the bridge (netfilter's DNAT
-//! under `br_netfilter`) is left to the kernel by `pod_egress`.
+//! under `br_netfilter`) is left to the kernel by `pod_egress`. Connections into a pod
+//! (`KERNEL_FLOW_IN_V4`, a table of their own) leave the pod's replies to the kernel.
 
-use overlay_common::names::POD_PORT_EGRESS;
+use overlay_common::{
+    kernel_flow::{KERNEL_FLOW_IN_V4_CAPACITY, KERNEL_FLOW_V4_CAPACITY},
+    names::POD_PORT_EGRESS,
+};
 use overlay_tests::packet::pin_to_one_cpu;
 
 use super::*;
@@ -37,13 +41,11 @@ fn node_with_a_kernel_flow() -> (Loaded, Ipv4Addr, Ipv4Addr) {
     (dp, pod, endpoint)
 }
 
-#[test]
-fn replies_of_a_flow_the_kernel_forwarded_go_back_through_the_kernel() {
-    let (dp, pod, endpoint) = node_with_a_kernel_flow();
-    dp.assert_counters(&[(Reason::EncapHost, 1), (Reason::KernelFlowNew, 1)]);
-
-    // The endpoint's SYN-ACK: to the host device, untouched (the kernel's forwarding
-    // decrements the TTL), addressed to it so that the stack takes it.
+/// The endpoint's SYN-ACK of the flow of [`node_with_a_kernel_flow`] goes to the host device,
+/// untouched (the kernel's forwarding decrements the TTL), addressed to it so that the stack
+/// takes it, not into the pod.
+#[track_caller]
+fn assert_reply_goes_to_the_host_device(dp: &Loaded, pod: Ipv4Addr, endpoint: Ipv4Addr) {
     let reply = tcp_packet(endpoint, pod, 80, 40000, 0x12);
     let run = dp.run(UNDERLAY_INGRESS, &Vxlan::between(B, A).frame(&reply));
     assert_eq!(run.verdict, TC_ACT_REDIRECT);
@@ -54,6 +56,14 @@ fn replies_of_a_flow_the_kernel_forwarded_go_back_through_the_kernel() {
     );
     assert_eq!(&run.out[6..12], &B.vtep, "source MAC: the sender's VtepMAC");
     assert_eq!(&run.out[14..], &reply[..], "the inner packet, TTL included");
+}
+
+#[test]
+fn replies_of_a_flow_the_kernel_forwarded_go_back_through_the_kernel() {
+    let (dp, pod, endpoint) = node_with_a_kernel_flow();
+    dp.assert_counters(&[(Reason::EncapHost, 1), (Reason::KernelFlowNew, 1)]);
+
+    assert_reply_goes_to_the_host_device(&dp, pod, endpoint);
 
     // The same pods on other ports (a connection of their own, pod to pod) go straight in.
     let direct = tcp_packet(endpoint, pod, 80, 40001, 0x12);
@@ -262,4 +272,30 @@ fn replies_in_a_remote_pods_connection_the_kernel_delivered_go_back_through_the_
         (Reason::PodPort, 1),
         (Reason::EncapPod, 1),
     ]);
+}
+
+/// A flood of connections into a pod (whoever reaches a published port can open them by the
+/// thousand, one SYN each) fills only the inbound table: a Service flow filed before keeps its
+/// replies going back through the kernel. When both kinds shared one LRU, the flood evicted
+/// the Service flow, and the endpoint's reply went straight into the pod with an address the
+/// pod never sent to.
+#[test]
+fn a_flood_of_connections_into_a_pod_leaves_the_kernels_flows_alone() {
+    pin_to_one_cpu();
+    let (dp, pod, endpoint) = node_with_a_kernel_flow();
+    let to_bridge = |p: &[u8]| ether(POD_MAC, GW_MAC, ETH_P_IP, p);
+    // More connections than either table holds, from two outside clients.
+    let flood = KERNEL_FLOW_IN_V4_CAPACITY.max(KERNEL_FLOW_V4_CAPACITY) as usize * 5 / 4;
+    for i in 0..flood {
+        let client = Ipv4Addr::new(198, 19, 200, 1 + (i % 2) as u8);
+        let sport = 1024 + (i / 2) as u16;
+        let syn = tcp_packet(client, pod, sport, 8080, 0x02);
+        assert_eq!(dp.run(POD_INGRESS, &to_bridge(&syn)).verdict, TC_ACT_OK);
+    }
+    assert_eq!(
+        dp.counters().get(Reason::KernelFlowNew.name()),
+        Some(&(1 + flood as u64)),
+        "the Service flow and every inbound connection filed"
+    );
+    assert_reply_goes_to_the_host_device(&dp, pod, endpoint);
 }
