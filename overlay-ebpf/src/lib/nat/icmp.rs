@@ -18,7 +18,7 @@ use super::{
     flow::{self, flow_related, live_flow},
     load_l4,
     reverse::deliver,
-    rewrite::{Addr, NO_L4_CSUM, Writes, rewrite_addr},
+    rewrite::{NO_L4_CSUM, rewrite_source_out},
 };
 use crate::lib::{
     csum::{replace16, replace32},
@@ -104,17 +104,7 @@ pub(super) fn icmp_error_out(
     rewrite_quote(ctx, l4, inner_csum_off, &iip, &side)?;
 
     // The outer source (ICMP has no pseudo-header).
-    let writes = Writes::outbound(hop);
-    rewrite_addr(
-        ctx,
-        Addr::Source,
-        ip.saddr,
-        nat_addr,
-        NO_L4_CSUM,
-        hop,
-        ip,
-        writes,
-    )?;
+    rewrite_source_out(ctx, ip, nat_addr, NO_L4_CSUM, hop)?;
     Ok(Translated::Yes)
 }
 

@@ -114,6 +114,29 @@ pub(super) fn rewrite_addr(
     Ok(())
 }
 
+/// An outbound translation's source rewrite, from `ip`'s source to `nat_addr` (the L4
+/// checksum at `l4_csum` with it, as [`rewrite_addr`]), written as [`Writes::outbound`] says.
+#[inline(always)]
+pub(super) fn rewrite_source_out(
+    ctx: &TcContext,
+    ip: &Ipv4Hdr,
+    nat_addr: [u8; 4],
+    l4_csum: L4Csum,
+    hop: bool,
+) -> Result<(), Reason> {
+    let writes = Writes::outbound(hop);
+    rewrite_addr(
+        ctx,
+        Addr::Source,
+        ip.saddr,
+        nat_addr,
+        l4_csum,
+        hop,
+        ip,
+        writes,
+    )
+}
+
 /// [`rewrite_addr`]'s IPv4 header part, in place: the address, the TTL when `hop`, and one
 /// checksum write for both.
 #[inline(always)]

@@ -25,7 +25,7 @@ use super::{
     icmp::icmp_error_out,
     is_icmp_error, load_l4,
     policy::{masquerades, masquerades_to_cluster, nat_ipv4},
-    rewrite::{Addr, NO_L4_CSUM, Writes, rewrite_addr, write_port},
+    rewrite::{NO_L4_CSUM, Writes, rewrite_source_out, write_port},
 };
 use crate::lib::{
     counters::{Role, count, count_handback},
@@ -243,27 +243,9 @@ fn fixed_tuple_out_rewrite(
         flow::FIXED_TAKEN => return Err(Reason::DropNatExhausted),
         _ => return Err(Reason::DropNatFailed),
     }
-    if t.csum_off != 0 {
-        // DCCP, UDP-Lite: their checksums cover a pseudo-header, as UDP's does.
-        ctx.l4_csum_replace(
-            t.csum_off,
-            u64::from(u32::from_ne_bytes(ip.saddr)),
-            u64::from(u32::from_ne_bytes(nat_addr)),
-            u64::from(BPF_F_PSEUDO_HDR) | 4,
-        )
-        .map_err(|_| Reason::DropNatFailed)?;
-    }
-    let writes = Writes::outbound(hop);
-    rewrite_addr(
-        ctx,
-        Addr::Source,
-        ip.saddr,
-        nat_addr,
-        NO_L4_CSUM,
-        hop,
-        ip,
-        writes,
-    )?;
+    // DCCP, UDP-Lite: their checksums cover a pseudo-header, as UDP's does (`csum_off` 0:
+    // none covers the address).
+    rewrite_source_out(ctx, ip, nat_addr, (t.csum_off, 0), hop)?;
     Ok(Translated::Yes)
 }
 
@@ -286,12 +268,6 @@ pub(super) fn translate_out(
 ) -> Result<Translated, Reason> {
     let route = hop.unwrap_or_default();
     let hop = hop.is_some();
-    // Only the pod hooks pass a hop, and they write the packet in place anyway (`rewrite`).
-    let writes = if hop {
-        Writes::InPlace
-    } else {
-        Writes::Helpers
-    };
     let l4 = IP_OFF + ihl;
     if frag_offset(ip) != 0 {
         if NatPorts::of(ip.proto) == NatPorts::None && is_member(ip.daddr) {
@@ -299,16 +275,7 @@ pub(super) fn translate_out(
             return Ok(Translated::No);
         }
         // A later fragment: no ports; every masqueraded flow has the same address.
-        rewrite_addr(
-            ctx,
-            Addr::Source,
-            ip.saddr,
-            nat_addr,
-            NO_L4_CSUM,
-            hop,
-            ip,
-            writes,
-        )?;
+        rewrite_source_out(ctx, ip, nat_addr, NO_L4_CSUM, hop)?;
         return Ok(Translated::Yes);
     }
     // Ports (ICMP: identifier) and where the L4 checksum is.
@@ -380,17 +347,8 @@ pub(super) fn translate_out(
             flags | 2,
         )
         .map_err(|_| Reason::DropNatFailed)?;
-        write_port(ctx, port_off, nat_port, writes)?;
+        write_port(ctx, port_off, nat_port, Writes::outbound(hop))?;
     }
-    rewrite_addr(
-        ctx,
-        Addr::Source,
-        ip.saddr,
-        nat_addr,
-        NO_L4_CSUM,
-        hop,
-        ip,
-        writes,
-    )?;
+    rewrite_source_out(ctx, ip, nat_addr, NO_L4_CSUM, hop)?;
     Ok(Translated::Yes)
 }
