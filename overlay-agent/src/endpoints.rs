@@ -11,21 +11,24 @@
 //! - the bridge's neighbour table: pod address → MAC (the pod's ARP, or the node's).
 //!
 //! An address becomes an endpoint when all three agree, and stops being one as soon as the port
-//! goes away or down, the MAC moves to another port, or the address is forgotten or gets
-//! another MAC. (An FDB entry aging out is not such a change: the bridge sees little of a pod's
-//! traffic once it is delivered straight in.) So a pod removed and its interface index reused by another
-//! pod never receives the first pod's traffic: the port's deletion removes the entry, and the
-//! new pod's MAC must be learnt on the port before its own address maps to it. Until an
-//! address is an endpoint its traffic takes the bridge, which also makes the kernel learn it.
+//! goes away or down, the MAC moves to another port, or the address gets another MAC. What the
+//! kernel forgets is no such change: the bridge's FDB entry ages out, and a stale neighbour
+//! entry is garbage-collected once the kernel holds more than `gc_thresh1` (128) neighbours,
+//! counting every namespace's, because both see little of a pod's traffic once it is
+//! delivered straight in. Those are kept, across the periodic dumps too, and so is an address
+//! that failed to resolve once (the pod it maps to is still on its port; should the address
+//! have left it, the pod's stack drops what arrives for it). Dropping them made endpoints come
+//! and go under load, and each time packets crossed the bridge. So a pod
+//! removed and its interface index reused by another pod never receives the first pod's
+//! traffic: the port's deletion removes the entry, a port re-created with the same index is
+//! another device (its own MAC), and the new pod's MAC must be learnt on the port before its
+//! own address maps to it. Until an address is an endpoint its traffic takes the bridge, which
+//! also makes the kernel learn it.
 //!
 //! [`EndpointTable`] is the pure logic (unit-tested); [`run_watcher`] feeds it from netlink and
 //! publishes the endpoints on a `watch` channel for the daemon to write into the data path.
 
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
-    time::Duration,
-};
+use std::{collections::BTreeMap, net::Ipv4Addr, time::Duration};
 
 use futures_util::TryStreamExt as _;
 use ipnet::Ipv4Net;
@@ -50,8 +53,13 @@ pub struct BridgeScope {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Observation {
     /// A link exists; `endpoint_port`: it is an up veth port of the bridge whose peer lives in
-    /// another namespace.
-    Link { index: u32, endpoint_port: bool },
+    /// another namespace; `mac`: its own address, which tells a port re-created with the same
+    /// index apart.
+    Link {
+        index: u32,
+        endpoint_port: bool,
+        mac: Option<[u8; 6]>,
+    },
     /// A link was deleted.
     LinkGone { index: u32 },
     /// The bridge forwards frames for `mac` to port `port`.
@@ -60,15 +68,17 @@ pub enum Observation {
     FdbGone { mac: [u8; 6], port: u32 },
     /// The bridge's neighbour table maps `addr` to `mac`.
     Neigh { addr: Ipv4Addr, mac: [u8; 6] },
-    /// The bridge's neighbour table has no usable entry for `addr`.
-    NeighGone { addr: Ipv4Addr },
+    /// The kernel deleted its neighbour entry of `addr` (a stale one garbage-collected, or an
+    /// operator's `ip neigh del`) or failed to resolve it once: no news about the pod.
+    NeighForgotten { addr: Ipv4Addr },
 }
 
 /// What the three tables say, and the endpoints that follow.
 #[derive(Debug)]
 pub struct EndpointTable {
     subnet: Ipv4Net,
-    ports: BTreeSet<u32>,
+    /// Endpoint ports, with their own MAC.
+    ports: BTreeMap<u32, Option<[u8; 6]>>,
     fdb: BTreeMap<[u8; 6], u32>,
     neigh: BTreeMap<Ipv4Addr, [u8; 6]>,
 }
@@ -78,7 +88,7 @@ impl EndpointTable {
     pub fn new(subnet: Ipv4Net) -> Self {
         Self {
             subnet: subnet.trunc(),
-            ports: BTreeSet::new(),
+            ports: BTreeMap::new(),
             fdb: BTreeMap::new(),
             neigh: BTreeMap::new(),
         }
@@ -90,8 +100,12 @@ impl EndpointTable {
             Observation::Link {
                 index,
                 endpoint_port: true,
+                mac,
             } => {
-                self.ports.insert(index);
+                if self.ports.insert(index, mac).is_some_and(|old| old != mac) {
+                    // Another device under the same index (its deletion went unseen).
+                    self.fdb.retain(|_, port| *port != index);
+                }
             }
             Observation::Link { index, .. } | Observation::LinkGone { index } => {
                 self.ports.remove(&index);
@@ -112,10 +126,31 @@ impl EndpointTable {
                     self.neigh.insert(addr, mac);
                 }
             }
-            Observation::NeighGone { addr } => {
-                self.neigh.remove(&addr);
+            // Kept on purpose, as an aged-out FDB entry is.
+            Observation::NeighForgotten { .. } => {}
+        }
+    }
+
+    /// Takes over what `previous` (of the same bridge) knew and a new dump no longer shows: the
+    /// FDB entries and neighbours the kernel forgot meanwhile. Called after the dump's links
+    /// and before its FDB and neighbour entries, which override it. An FDB entry comes along
+    /// only while its port is the same device (same index, same MAC): a re-created port
+    /// inherits nothing.
+    pub fn carry_over(&mut self, previous: &EndpointTable) {
+        if previous.subnet != self.subnet {
+            return;
+        }
+        for (mac, port) in &previous.fdb {
+            let same_device = matches!(
+                (self.ports.get(port), previous.ports.get(port)),
+                (Some(Some(now)), Some(Some(before))) if now == before
+            );
+            if same_device {
+                self.fdb.insert(*mac, *port);
             }
         }
+        self.neigh
+            .extend(previous.neigh.iter().map(|(addr, mac)| (*addr, *mac)));
     }
 
     /// Pod addresses: inside the subnet, but not its `.0` (the host device), its gateway `.1`
@@ -136,7 +171,7 @@ impl EndpointTable {
             .filter_map(|(addr, mac)| {
                 let port = *self.fdb.get(mac)?;
                 self.ports
-                    .contains(&port)
+                    .contains_key(&port)
                     .then(|| (*addr, Endpoint::new(port, *mac)))
             })
             .collect()
@@ -153,8 +188,10 @@ pub fn observe_link(msg: &LinkMessage, bridge: u32, deleted: bool) -> Observatio
     let mut on_bridge = false;
     let mut veth = false;
     let mut peer_elsewhere = false;
+    let mut mac = None;
     for attr in &msg.attributes {
         match attr {
+            LinkAttribute::Address(bytes) => mac = <[u8; 6]>::try_from(bytes.as_slice()).ok(),
             LinkAttribute::Controller(master) => on_bridge = *master == bridge,
             LinkAttribute::LinkInfo(infos) => {
                 veth = infos
@@ -169,6 +206,7 @@ pub fn observe_link(msg: &LinkMessage, bridge: u32, deleted: bool) -> Observatio
     Observation::Link {
         index,
         endpoint_port: on_bridge && veth && peer_elsewhere && up,
+        mac,
     }
 }
 
@@ -195,10 +233,14 @@ pub fn observe_neigh(msg: &NeighbourMessage, bridge: u32, deleted: bool) -> Opti
                     | NeighbourState::Permanent
                     | NeighbourState::Noarp
             );
-            Some(match mac {
-                Some(mac) if usable && !deleted => Observation::Neigh { addr, mac },
-                _ => Observation::NeighGone { addr },
-            })
+            match mac {
+                _ if deleted || msg.header.state == NeighbourState::Failed => {
+                    Some(Observation::NeighForgotten { addr })
+                }
+                Some(mac) if usable => Some(Observation::Neigh { addr, mac }),
+                // Being resolved (INCOMPLETE), or without an address: nothing learnt.
+                _ => None,
+            }
         }
         AddressFamily::Bridge => {
             // Entries of the bridge (not the ports' own lists) name it as their master; its
@@ -234,7 +276,8 @@ pub enum WatchError {
 }
 
 /// How often the whole state is dumped again, besides the events: a safety net should the
-/// kernel ever drop events on a full socket buffer.
+/// kernel ever drop events on a full socket buffer. What the dump no longer shows of a pod
+/// that is still there is kept ([`EndpointTable::carry_over`]).
 const RESYNC: Duration = Duration::from_secs(60);
 
 /// Watches the pod bridge named by `scope` (none: nothing to watch) and publishes its endpoints
@@ -249,11 +292,12 @@ pub async fn run_watcher(
     let mut resync = tokio::time::interval(RESYNC);
     resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut current = *scope.borrow_and_update();
+    let mut table: Option<EndpointTable> = None;
     loop {
-        // (Re)build from a dump: after a change of bridge or subnet, after missed events, and
-        // periodically.
-        let mut table = match current {
-            Some(s) => Some(dump(&handle, s).await?),
+        // (Re)build from a dump: after a change of bridge or subnet (from nothing), after
+        // missed events, and periodically (keeping what the kernel forgot).
+        table = match current {
+            Some(s) => Some(dump(&handle, s, table.as_ref()).await?),
             None => None,
         };
         publish(&out, table.as_ref());
@@ -266,6 +310,7 @@ pub async fn run_watcher(
                     let next = *scope.borrow_and_update();
                     if next != current {
                         current = next;
+                        table = None;
                         break;
                     }
                 }
@@ -315,8 +360,13 @@ fn observe(msg: NetlinkMessage<RouteNetlinkMessage>, bridge: u32) -> Option<Obse
     }
 }
 
-/// A table filled from dumps of the links, the bridge's FDB and the neighbour table.
-async fn dump(handle: &Handle, scope: BridgeScope) -> Result<EndpointTable, WatchError> {
+/// A table filled from dumps of the links, the bridge's FDB and the neighbour table, on top of
+/// what `previous` (of the same scope) knew.
+async fn dump(
+    handle: &Handle,
+    scope: BridgeScope,
+    previous: Option<&EndpointTable>,
+) -> Result<EndpointTable, WatchError> {
     let mut table = EndpointTable::new(scope.subnet);
     let links: Vec<LinkMessage> =
         handle
@@ -331,6 +381,9 @@ async fn dump(handle: &Handle, scope: BridgeScope) -> Result<EndpointTable, Watc
             })?;
     for link in &links {
         table.apply(observe_link(link, scope.ifindex, false));
+    }
+    if let Some(previous) = previous {
+        table.carry_over(previous);
     }
     for (what, family) in [
         ("the bridge's forwarding database", AddressFamily::Bridge),
@@ -369,11 +422,21 @@ mod tests {
         EndpointTable::new("172.17.5.1/24".parse().unwrap())
     }
 
-    fn pod(t: &mut EndpointTable, port: u32, mac: [u8; 6], ip: Ipv4Addr) {
-        t.apply(Observation::Link {
-            index: port,
+    /// The own MAC of the host-side veth `port` (`generation` tells re-created ones apart).
+    fn port_mac(port: u32, generation: u8) -> Option<[u8; 6]> {
+        Some([0x02, 0xee, 0, generation, 0, u8::try_from(port).unwrap()])
+    }
+
+    fn port(index: u32, generation: u8) -> Observation {
+        Observation::Link {
+            index,
             endpoint_port: true,
-        });
+            mac: port_mac(index, generation),
+        }
+    }
+
+    fn pod(t: &mut EndpointTable, port: u32, mac: [u8; 6], ip: Ipv4Addr) {
+        t.apply(self::port(port, 0));
         t.apply(Observation::Fdb { mac, port });
         t.apply(Observation::Neigh { addr: ip, mac });
     }
@@ -391,10 +454,7 @@ mod tests {
             port: 7,
         });
         assert!(t.endpoints().is_empty(), "no such port yet");
-        t.apply(Observation::Link {
-            index: 7,
-            endpoint_port: true,
-        });
+        t.apply(port(7, 0));
         assert_eq!(
             t.endpoints(),
             BTreeMap::from([(addr(2), Endpoint::new(7, MAC_A))])
@@ -408,12 +468,19 @@ mod tests {
             Observation::Link {
                 index: 7,
                 endpoint_port: false,
+                mac: port_mac(7, 0),
             },
+            // Re-created under the same index (its deletion unseen).
+            port(7, 1),
             Observation::Fdb {
                 mac: MAC_A,
                 port: 8,
             },
-            Observation::NeighGone { addr: addr(2) },
+            // The address answers from another MAC (not learnt on any port).
+            Observation::Neigh {
+                addr: addr(2),
+                mac: MAC_B,
+            },
         ];
         for drop in drops {
             let mut t = table();
@@ -425,14 +492,85 @@ mod tests {
     }
 
     #[test]
-    fn an_aged_out_fdb_entry_keeps_the_endpoint() {
+    fn entries_the_kernel_forgets_keep_the_endpoint() {
         let mut t = table();
         pod(&mut t, 7, MAC_A, addr(2));
+        // The FDB entry ages out; the stale neighbour entry is garbage-collected (or failed).
         t.apply(Observation::FdbGone {
             mac: MAC_A,
             port: 7,
         });
-        assert_eq!(t.endpoints().len(), 1);
+        t.apply(Observation::NeighForgotten { addr: addr(2) });
+        assert_eq!(
+            t.endpoints(),
+            BTreeMap::from([(addr(2), Endpoint::new(7, MAC_A))])
+        );
+    }
+
+    /// A table as `dump` builds it on top of `previous`: the dump's links, what `previous`
+    /// knew, then the dump's FDB and neighbour entries.
+    fn dumped(
+        previous: &EndpointTable,
+        links: &[Observation],
+        entries: &[Observation],
+    ) -> EndpointTable {
+        let mut t = table();
+        for o in links {
+            t.apply(*o);
+        }
+        t.carry_over(previous);
+        for o in entries {
+            t.apply(*o);
+        }
+        t
+    }
+
+    #[test]
+    fn a_dump_keeps_what_the_kernel_forgot_of_a_pod_still_there() {
+        let mut before = table();
+        pod(&mut before, 7, MAC_A, addr(2));
+        pod(&mut before, 8, MAC_B, addr(3));
+        let both = BTreeMap::from([
+            (addr(2), Endpoint::new(7, MAC_A)),
+            (addr(3), Endpoint::new(8, MAC_B)),
+        ]);
+        // Neither FDB nor neighbour entries in the dump: aged out, garbage-collected.
+        let links = [port(7, 0), port(8, 0)];
+        assert_eq!(dumped(&before, &links, &[]).endpoints(), both);
+
+        // But what the dump shows wins: a MAC learnt on another port, an address that answers
+        // from another MAC.
+        let moved = [
+            Observation::Fdb {
+                mac: MAC_A,
+                port: 8,
+            },
+            Observation::Neigh {
+                addr: addr(3),
+                mac: [0x02, 0, 0, 0, 0, 0xc],
+            },
+        ];
+        assert_eq!(
+            dumped(&before, &links, &moved).endpoints(),
+            BTreeMap::from([(addr(2), Endpoint::new(8, MAC_A))])
+        );
+
+        // A port that went, or was re-created under the same index, inherits nothing.
+        assert_eq!(
+            dumped(&before, &[port(8, 0)], &[]).endpoints(),
+            BTreeMap::from([(addr(3), Endpoint::new(8, MAC_B))])
+        );
+        assert_eq!(
+            dumped(&before, &[port(7, 1), port(8, 0)], &[]).endpoints(),
+            BTreeMap::from([(addr(3), Endpoint::new(8, MAC_B))])
+        );
+        // Nor does a table of another subnet.
+        let mut other = EndpointTable::new("172.17.6.1/24".parse().unwrap());
+        for o in links {
+            other.apply(o);
+        }
+        other.carry_over(&before);
+        assert!(other.endpoints().is_empty());
     }
 
     #[test]
@@ -455,10 +593,7 @@ mod tests {
     fn a_moved_mac_or_readdressed_pod_follows() {
         let mut t = table();
         pod(&mut t, 7, MAC_A, addr(2));
-        t.apply(Observation::Link {
-            index: 8,
-            endpoint_port: true,
-        });
+        t.apply(port(8, 0));
         t.apply(Observation::Fdb {
             mac: MAC_A,
             port: 8,
@@ -551,6 +686,17 @@ mod tests {
             observe_link(&link_msg(9, full(), true), BRIDGE, true),
             Observation::LinkGone { index: 9 }
         );
+        let mut own = full();
+        own.push(LinkAttribute::Address(MAC_B.to_vec()));
+        assert_eq!(
+            observe_link(&link_msg(9, own, true), BRIDGE, false),
+            Observation::Link {
+                index: 9,
+                endpoint_port: true,
+                mac: Some(MAC_B)
+            },
+            "the port's own MAC"
+        );
     }
 
     fn neigh_msg(
@@ -588,11 +734,16 @@ mod tests {
         );
         assert_eq!(
             observe_neigh(&inet(BRIDGE, NeighbourState::Failed), BRIDGE, false),
-            Some(Observation::NeighGone { addr: addr(2) })
+            Some(Observation::NeighForgotten { addr: addr(2) })
         );
         assert_eq!(
-            observe_neigh(&inet(BRIDGE, NeighbourState::Reachable), BRIDGE, true),
-            Some(Observation::NeighGone { addr: addr(2) })
+            observe_neigh(&inet(BRIDGE, NeighbourState::Stale), BRIDGE, true),
+            Some(Observation::NeighForgotten { addr: addr(2) })
+        );
+        assert_eq!(
+            observe_neigh(&inet(BRIDGE, NeighbourState::Incomplete), BRIDGE, false),
+            None,
+            "being resolved"
         );
         assert_eq!(
             observe_neigh(&inet(2, NeighbourState::Reachable), BRIDGE, false),

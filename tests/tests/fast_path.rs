@@ -167,6 +167,67 @@ fn pods_added_after_start_are_reached_straight_and_a_reused_ifindex_gets_nothing
     assert!(d.get("decap_endpoint").copied().unwrap_or(0) >= 10, "{d:?}");
 }
 
+/// The kernel forgets a pod's entries on the bridge while the pod's traffic is delivered
+/// straight in, past both: its FDB entry ages out, and its stale neighbour entry is
+/// garbage-collected once the kernel holds more than `gc_thresh1` (128) neighbours, counting
+/// every namespace's (a stock `flannel.1` with 1,000 peers elsewhere on the machine did it in
+/// the bench). Neither is news about the pod: its endpoint stays, and its traffic keeps going
+/// straight in. When the endpoint went with them, packets crossed the bridge until the kernel
+/// learnt the pod again, and one that crossed as the endpoint came back made its connection
+/// the kernel's, whose `FORWARD DROP` then dropped it.
+#[test]
+fn a_pod_keeps_its_endpoint_when_the_kernel_forgets_its_bridge_entries() {
+    let cluster = two_nodes(VXLAN);
+    let nodes = cluster.nodes();
+    let pods = [cluster.pod(0, 0), cluster.pod(1, 0)];
+    assert_tcp(&pods[0], &pods[1]);
+    for (node, pod) in nodes.iter().zip(&pods) {
+        node.ns()
+            .run("iptables", &["-P", "FORWARD", "DROP"])
+            .unwrap();
+        wait_endpoints(node, "listed its pod", |e| e.contains_key(&pod.ip()));
+    }
+    let before: Vec<_> = nodes.iter().map(counters).collect();
+    for (node, pod) in nodes.iter().zip(&pods) {
+        let (ip, mac) = (pod.ip().to_string(), pod_mac(pod));
+        node.ns()
+            .run("ip", &["neigh", "del", &ip, "dev", "cni0"])
+            .unwrap();
+        node.ns()
+            .run(
+                "bridge",
+                &["fdb", "del", &mac, "dev", pod.host_veth(), "master"],
+            )
+            .unwrap();
+    }
+    // The agents hear of both deletions within milliseconds; the endpoints stay all along.
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(1) {
+        for (node, pod) in nodes.iter().zip(&pods) {
+            assert!(
+                endpoints(node).contains_key(&pod.ip()),
+                "{} dropped the endpoint of {} when the kernel forgot its entries",
+                node.name(),
+                pod.ip()
+            );
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    assert_tcp(&pods[0], &pods[1]);
+    assert_tcp(&pods[1], &pods[0]);
+    for (node, before) in nodes.iter().zip(&before) {
+        let d = grown(before, &counters(node));
+        assert!(d.get("decap_endpoint").copied().unwrap_or(0) >= 10, "{d:?}");
+        assert_eq!(
+            d.get("decap_pod"),
+            None,
+            "{}: crossed the bridge: {d:?}",
+            node.name()
+        );
+        assert_eq!(d.get("kernel_flow_new"), None, "{}: {d:?}", node.name());
+    }
+}
+
 /// A TCP transfer from `from` (a pod of `node`) to `to` is picked up at `from`'s veth in front
 /// of the bridge (`pod_port_egress`): every encapsulated packet counted there too.
 fn assert_picked_up_at_port(node: &Node, from: &Pod, to: &Pod) {
