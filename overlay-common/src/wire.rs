@@ -67,6 +67,16 @@ pub const VXLAN_FLAGS_I: u8 = 0x08;
 /// sends to the node's socket. ("ovlf"; it replaces the fragment's mark, normally 0.)
 pub const FRAGMENT_MARK: u32 = 0x6f76_6c66;
 
+/// The packet mark of our own deliveries through the pod bridge: a packet for a local pod that
+/// has no endpoint (yet), which `underlay_ingress` decapsulated or delivered directly and sent
+/// to the bridge instead of straight into the pod. `pod_ingress`, on the bridge's egress,
+/// clears it and files nothing for such a packet: its connection is not the kernel's, even if
+/// the pod's endpoint was written meanwhile (the agent writes it from another CPU, and the
+/// packet may wait for the bridge's neighbour entry). The endpoint map alone cannot tell.
+/// ("ovlb"; a decapsulated packet's mark is normally 0, and the kernel clears marks of packets
+/// that cross into the pod's namespace.)
+pub const BRIDGE_DELIVERY_MARK: u32 = 0x6f76_6c62;
+
 /// flannel's default VXLAN port (the IANA port is 4789; flannel keeps the Linux default 8472).
 pub const DEFAULT_VXLAN_PORT: u16 = 8472;
 /// flannel's default VNI.

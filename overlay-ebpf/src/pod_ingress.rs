@@ -2,8 +2,9 @@
 //!
 //! Hook: tcx egress of the pod bridge (cni0/docker0), which sees the packets the host's stack
 //! routes to pods (its own, and what it forwards). Our deliveries go straight into the pod
-//! (`bpf_redirect_peer`) and skip it, except those for a pod whose endpoint is not known yet.
-//! Nothing is changed or dropped here: a packet from outside the cluster network is only
+//! (`bpf_redirect_peer`) and skip it, except those for a pod whose endpoint is not known yet,
+//! which carry `BRIDGE_DELIVERY_MARK` (cleared here). Nothing else is changed, and nothing is
+//! dropped: a packet from outside the cluster network is only
 //! noted (`lib::kernel_flow::file_delivered`), because its connection is the kernel's. That is
 //! the case of a port published on the node and DNATed into a pod (`docker run -p`, a
 //! hostPort, a NodePort with `externalTrafficPolicy: Local`): the pod's replies must go back

@@ -155,7 +155,7 @@ pub fn load_object(test: &str) -> Ebpf {
 /// start of the metadata it wrote (if any) to the end of the frame.
 pub fn run_xdp(ebpf: &Ebpf, prog: &str, frame: &[u8]) -> Run {
     let program: &Xdp = ebpf.program(prog).unwrap().try_into().unwrap();
-    run_once(program, prog, frame)
+    run_once(program, prog, frame, None)
 }
 
 /// Sets (`Some`) or removes (`None`) the `ENDPOINT_V4` entry of the local pod `addr`.
@@ -230,6 +230,11 @@ impl Loaded {
         run_prog(&self.ebpf, prog, frame)
     }
 
+    /// [`Loaded::run`] on a packet that carries the mark `mark`.
+    pub fn run_marked(&self, prog: &str, frame: &[u8], mark: u32) -> Run {
+        run_prog_marked(&self.ebpf, prog, frame, mark)
+    }
+
     /// Packets per reason, summed over the CPUs; reasons that counted nothing are left out.
     pub fn counters(&self) -> BTreeMap<&'static str, u64> {
         counters(&self.ebpf)
@@ -258,24 +263,42 @@ pub struct Run {
     pub verdict: u32,
     /// The frame as the program left it.
     pub out: Vec<u8>,
+    /// The packet mark the program left (TC programs; 0 for XDP).
+    pub mark: u32,
 }
 
 /// Runs the loaded program `prog` of `ebpf` once on `frame` (in the caller's namespace).
 pub fn run_prog(ebpf: &Ebpf, prog: &str, frame: &[u8]) -> Run {
-    let program: &SchedClassifier = ebpf.program(prog).unwrap().try_into().unwrap();
-    run_once(program, prog, frame)
+    run_prog_marked(ebpf, prog, frame, 0)
 }
 
-/// One `BPF_PROG_TEST_RUN` of `program` (named `prog`, for messages) on `frame`.
-fn run_once<P>(program: &P, prog: &str, frame: &[u8]) -> Run
+/// [`run_prog`] on a packet that carries the mark `mark`.
+pub fn run_prog_marked(ebpf: &Ebpf, prog: &str, frame: &[u8], mark: u32) -> Run {
+    let program: &SchedClassifier = ebpf.program(prog).unwrap().try_into().unwrap();
+    // `struct __sk_buff` up to its `mark` (len and pkt_type must stay 0); the kernel writes the
+    // whole of it back, mark at the same offset.
+    let mut ctx_in = [0u8; 12];
+    ctx_in[8..].copy_from_slice(&mark.to_ne_bytes());
+    let mut ctx_out = [0u8; 512];
+    let mut run = run_once(program, prog, frame, Some((&ctx_in, &mut ctx_out)));
+    run.mark = u32::from_ne_bytes(ctx_out[8..12].try_into().unwrap());
+    run
+}
+
+/// One `BPF_PROG_TEST_RUN` of `program` (named `prog`, for messages) on `frame`, with the
+/// context `ctx` (in, out) when given.
+fn run_once<P>(program: &P, prog: &str, frame: &[u8], ctx: Option<(&[u8], &mut [u8])>) -> Run
 where
     P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = aya::programs::TestRunResult>,
 {
     let mut out = vec![0u8; frame.len() + 256];
+    let (ctx_in, ctx_out) = ctx.map_or((None, None), |(i, o)| (Some(i), Some(o)));
     let result = program
         .test_run(TestRunOptions {
             data_in: Some(frame),
             data_out: Some(&mut out),
+            ctx_in,
+            ctx_out,
             ..TestRunOptions::default()
         })
         .unwrap_or_else(|e| panic!("test run of {prog} on {} bytes: {e:?}", frame.len()));
@@ -283,6 +306,7 @@ where
     Run {
         verdict: result.return_value,
         out,
+        mark: 0,
     }
 }
 

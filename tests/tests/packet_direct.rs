@@ -20,6 +20,7 @@ use overlay_common::{
     counters::Reason,
     endpoint::Endpoint,
     route::RemoteNode,
+    wire::BRIDGE_DELIVERY_MARK,
 };
 use overlay_tests::packet::{
     self, BRIDGE_IFINDEX, BRIDGE_MAC, ETH_P_IP, GW_MAC, HOST_IFINDEX, HOST_MAC, IPPROTO_UDP,
@@ -208,6 +209,7 @@ fn direct_peer_pod_to_local_pod_is_delivered() {
         let r = dp.run(names::UNDERLAY_INGRESS, &ether(TO_US, PEER_MAC, &ip));
         assert_eq!(r.verdict, TC_ACT_REDIRECT);
         assert_eq!(&r.out[14..], &ttl_minus_one(&ip)[..]);
+        assert_eq!(r.mark, BRIDGE_DELIVERY_MARK, "marked as our delivery");
         dp.assert_counters(&[(Reason::UnderlayRx, 1), (Reason::DeliverDirectPod, 1)]);
     }
 }
@@ -226,6 +228,7 @@ fn direct_peer_pod_to_a_known_local_pod_goes_straight_in() {
         assert_eq!(&r.out[..6], &POD_MAC);
         assert_eq!(&r.out[6..12], &BRIDGE_MAC);
         assert_eq!(&r.out[14..], &ttl_minus_one(&ip)[..]);
+        assert_eq!(r.mark, 0);
         set_endpoint(&mut dp.ebpf, A_POD, None);
         let r = dp.run(names::UNDERLAY_INGRESS, &ether(TO_US, PEER_MAC, &ip));
         assert_eq!(r.verdict, TC_ACT_REDIRECT);

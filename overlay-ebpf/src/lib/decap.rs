@@ -34,7 +34,8 @@
 //! - other `d` in our subnet: a pod. With an entry in `ENDPOINT_V4` (`lib::endpoint`) it goes
 //!   straight into the pod's namespace (`bpf_redirect_peer`, `decap_endpoint`); without one
 //!   (a pod the agent has not seen yet) `bpf_redirect_neigh` to the pod bridge, where the kernel
-//!   resolves the pod's MAC and the bridge forwards to its port (`decap_pod`). This replaces
+//!   resolves the pod's MAC and the bridge forwards to its port (`decap_pod`, marked as ours
+//!   for `pod_ingress`). This replaces
 //!   the kernel's forwarding hop, so the inner TTL is decremented here (a packet whose TTL would
 //!   expire goes to the host device instead, so the kernel answers ICMP time exceeded). A
 //!   packet of a flow the kernel forwarded for the pod (`lib::kernel_flow`: a Service
@@ -94,7 +95,7 @@ use overlay_common::{
 use crate::lib::{
     counters::{Step, count},
     csum::{ipv4_checksum_ok, ipv4_header_checksum_ok},
-    endpoint::{endpoint_v4, redirect_to_endpoint},
+    endpoint::{endpoint_v4, redirect_to_bridge, redirect_to_endpoint},
     fib,
     hdr::{EthHdr, Ipv4Hdr, UdpHdr, VxlanHdr},
     ipv4::{decapsulate_ecn, decrement_ttl, eth_ipv4},
@@ -406,7 +407,7 @@ fn deliver(
             return redirect_to_endpoint(ctx, cfg, &ep).ok_or(Reason::DropDecapFailed);
         }
         count(Reason::DecapPod, ctx.len());
-        return Ok(fib::redirect_neigh(cfg.bridge_ifindex));
+        return Ok(redirect_to_bridge(ctx, cfg));
     }
     if plan.target == Target::Host && daddr == cfg.subnet {
         // A reply to a flow masqueraded into the cluster: translated back, and either routed

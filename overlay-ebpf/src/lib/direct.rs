@@ -28,7 +28,8 @@
 //! rules decide (with FORWARD policy DROP and no rules: dropped). Source addresses are not
 //! authenticated: a host on the L2 segment can claim a peer's pod address, as it can with
 //! flannel's kernel routes. Accepted packets go straight into the pod when `ENDPOINT_V4` knows
-//! it (`lib::endpoint`, `bpf_redirect_peer`), else to the pod bridge (`bpf_redirect_neigh`),
+//! it (`lib::endpoint`, `bpf_redirect_peer`), else to the pod bridge (`bpf_redirect_neigh`,
+//! marked as ours for `pod_ingress`),
 //! TTL decremented as the kernel's forwarding would; or, for the host device's address, the
 //! bridge's gateway address, a TTL that expires here or a packet of a flow the kernel
 //! forwarded for the pod (`lib::kernel_flow`, a Service endpoint's reply that conntrack must
@@ -49,7 +50,7 @@ use overlay_common::{
 use crate::lib::{
     counters::{Role, count, count_handback},
     csum::ipv4_checksum_ok,
-    endpoint::{endpoint_v4, redirect_to_endpoint},
+    endpoint::{endpoint_v4, redirect_to_bridge, redirect_to_endpoint},
     fib,
     hdr::Ipv4Hdr,
     ipv4::{decrement_ttl, eth_ipv4},
@@ -155,7 +156,7 @@ pub fn try_direct_ingress(ctx: &TcContext) -> Result<i32, Reason> {
             return redirect_to_endpoint(ctx, cfg, &ep).ok_or(Reason::DropDirectMalformed);
         }
         count(Reason::DeliverDirectPod, ctx.len());
-        return Ok(fib::redirect_neigh(cfg.bridge_ifindex));
+        return Ok(redirect_to_bridge(ctx, cfg));
     }
     if cfg.host_ifindex == 0 {
         return Err(Reason::DropNoHostDevice);

@@ -12,7 +12,8 @@
 //! The agent writes an entry only for a veth whose peer lives in another namespace (what
 //! `bpf_redirect_peer` needs) and removes it when the port, the pod's MAC or its address goes,
 //! so a stale entry cannot send a pod's traffic to whatever reuses its interface index.
-//! Addresses without an entry take the bridge (`bpf_redirect_neigh`), as before.
+//! Addresses without an entry take the bridge (`bpf_redirect_neigh`), as before, marked as
+//! ours (`BRIDGE_DELIVERY_MARK`) for `pod_ingress`.
 
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC, helpers::bpf_redirect_peer, macros::map, maps::HashMap,
@@ -21,9 +22,10 @@ use aya_ebpf::{
 use overlay_common::{
     config::Config,
     endpoint::{ENDPOINT_V4_CAPACITY, Endpoint, EndpointKeyV4},
+    wire::BRIDGE_DELIVERY_MARK,
 };
 
-use crate::lib::{hdr::EthHdr, ptr::ptr_at};
+use crate::lib::{fib, hdr::EthHdr, ptr::ptr_at};
 
 // Not preallocated: only the agent inserts, and most nodes hold far fewer pods than the capacity.
 #[map]
@@ -50,4 +52,13 @@ pub fn redirect_to_endpoint(ctx: &TcContext, cfg: &Config, ep: &Endpoint) -> Opt
     }
     // SAFETY: plain helper call; flags must be 0.
     Some(unsafe { bpf_redirect_peer(ep.ifindex, 0) } as i32)
+}
+
+/// Sends a packet for a local pod without an endpoint to the pod bridge, where the kernel
+/// resolves the pod's MAC and the bridge forwards it to the pod's port; marked, so that
+/// `pod_ingress` knows it for our delivery (`BRIDGE_DELIVERY_MARK`).
+#[inline(always)]
+pub fn redirect_to_bridge(ctx: &TcContext, cfg: &Config) -> i32 {
+    ctx.set_mark(BRIDGE_DELIVERY_MARK);
+    fib::redirect_neigh(cfg.bridge_ifindex)
 }

@@ -50,7 +50,10 @@ use overlay_common::{
         KERNEL_FLOW_IN, KERNEL_FLOW_IN_DIRECT, KERNEL_FLOW_IN_V4_CAPACITY, KERNEL_FLOW_OUT,
         KERNEL_FLOW_PAIRS_LEN, KERNEL_FLOW_V4_CAPACITY, KernelFlowKeyV4, KernelFlowV4, pair_slot,
     },
-    wire::{IPPROTO_DCCP, IPPROTO_ICMP, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, IPPROTO_UDPLITE},
+    wire::{
+        BRIDGE_DELIVERY_MARK, IPPROTO_DCCP, IPPROTO_ICMP, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP,
+        IPPROTO_UDPLITE,
+    },
 };
 
 use crate::lib::{
@@ -58,6 +61,7 @@ use crate::lib::{
     endpoint::endpoint_v4,
     hdr::{IcmpHdr, Ipv4Hdr},
     maps::in_subnet,
+    ptr::skb_mark,
 };
 
 #[map]
@@ -158,11 +162,17 @@ pub fn file(ctx: &TcContext, cfg: &Config, ip_off: usize, ip: &Ipv4Hdr) {
 /// pod. The pod's replies belong to that connection in the kernel's conntrack, which alone can
 /// undo the DNAT; flannel's MASQUERADE leaves them alone too, as it touches only new
 /// connections. The node's own addresses are left out (a reply to them is the host's anyway),
-/// and so is a remote pod's packet to a pod without an endpoint: that is our own delivery
-/// through the bridge, while the agent has not seen the pod yet (with an endpoint, ours go
-/// straight into the pod and never get here), and its flow is not the kernel's.
+/// and so are our own deliveries through the bridge, to a pod without an endpoint: they carry
+/// `BRIDGE_DELIVERY_MARK`, cleared here. The endpoint map cannot tell them apart, as the
+/// endpoint may have been written since: filed, such a packet made the kernel the owner of a
+/// pod-to-pod connection, whose packets `FORWARD DROP` then dropped. A remote pod's packet to
+/// a pod without an endpoint is not filed either (one of ours, from programs loaded before).
 #[inline(always)]
 pub fn file_delivered(ctx: &TcContext, cfg: &Config, ip_off: usize, ip: &Ipv4Hdr) {
+    if skb_mark(ctx) == BRIDGE_DELIVERY_MARK {
+        ctx.set_mark(0);
+        return;
+    }
     if !is_local_pod(cfg, ip.daddr)
         || in_subnet(ip.saddr, cfg.subnet, cfg.subnet_mask)
         || cfg.is_own_address(ip.saddr)

@@ -21,6 +21,7 @@ fn underlay_ingress_delivers_a_known_pod_straight_into_it() {
     );
     assert_eq!(be16(&run.out, 12), ETH_P_IP);
     assert_eq!(&run.out[14..], &with_ttl_decremented(&inner, 1)[..]);
+    assert_eq!(run.mark, 0, "straight into the pod: no mark");
     dp.assert_counters(&[(Reason::UnderlayRx, 1), (Reason::DecapEndpoint, 1)]);
     assert_eq!(
         dp.counters_full()["decap_endpoint"].bytes,
@@ -62,6 +63,10 @@ fn underlay_ingress_takes_the_bridge_for_a_pod_without_an_endpoint() {
         "the MACs are left to bpf_redirect_neigh on the bridge"
     );
     assert_eq!(&run.out[14..], &with_ttl_decremented(&inner, 1)[..]);
+    assert_eq!(
+        run.mark, BRIDGE_DELIVERY_MARK,
+        "marked as our delivery for pod_ingress"
+    );
     dp.assert_counters(&[(Reason::UnderlayRx, 1), (Reason::DecapPod, 1)]);
 }
 

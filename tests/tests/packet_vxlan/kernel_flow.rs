@@ -225,6 +225,15 @@ fn pod_egress_leaves_a_packet_dnated_after_the_port_to_the_kernel() {
     dp.assert_counters(&[(Reason::StackDnat, 1), (Reason::EncapPod, 2)]);
 }
 
+/// A local pod's packet `ip` leaves encapsulated from its veth (`pod_port_egress`).
+#[track_caller]
+fn assert_encapsulated_at_port(dp: &Loaded, ip: &[u8]) {
+    assert_eq!(
+        dp.run(POD_PORT_EGRESS, &pod_frame(ip)).verdict,
+        TC_ACT_REDIRECT
+    );
+}
+
 /// A remote pod's connection to a port published on this node's address, DNATed by netfilter
 /// into a local pod: `pod_ingress` (the bridge's egress) files it as the kernel sends it in,
 /// and the local pod's replies, addressed to the remote pod, are left to the kernel (whose
@@ -261,17 +270,53 @@ fn replies_in_a_remote_pods_connection_the_kernel_delivered_go_back_through_the_
         "the bridge leaves it to the kernel, untouched"
     );
     // The pod's own connection to the same remote pod is encapsulated as ever.
-    let own = tcp_packet(pod, client, 40000, 8080, 0x02);
-    assert_eq!(
-        dp.run(POD_PORT_EGRESS, &pod_frame(&own)).verdict,
-        TC_ACT_REDIRECT
-    );
+    assert_encapsulated_at_port(&dp, &tcp_packet(pod, client, 40000, 8080, 0x02));
     dp.assert_counters(&[
         (Reason::KernelFlowNew, 1),
         (Reason::StackKernelFlow, 1),
         (Reason::PodPort, 1),
         (Reason::EncapPod, 1),
     ]);
+}
+
+/// Our own delivery through the bridge, of a packet decapsulated while the pod had no endpoint,
+/// carries `BRIDGE_DELIVERY_MARK`: `pod_ingress` clears it and files nothing, even when the
+/// endpoint is known by the time the packet reaches the bridge's egress (the agent writes it
+/// from another CPU, and the packet may wait there for the bridge's neighbour entry). Filed,
+/// the pod-to-pod connection became the kernel's: the pod's next packets went to the kernel,
+/// whose `FORWARD DROP` dropped them (an iperf3 stalled in the bench's scale runs, where the
+/// kernel's garbage collection of neighbour entries made endpoints come and go).
+#[test]
+fn our_delivery_through_the_bridge_is_not_filed_even_if_the_endpoint_appeared_meanwhile() {
+    pin_to_one_cpu();
+    let mut dp = loaded_node(A, &[B]);
+    let (pod, remote) = (host_addr(A, 7), host_addr(B, 5));
+    let data = tcp_packet(remote, pod, 5201, 40000, 0x10);
+    let run = dp.run(UNDERLAY_INGRESS, &Vxlan::between(B, A).frame(&data));
+    assert_eq!(
+        (run.verdict, run.mark),
+        (TC_ACT_REDIRECT, BRIDGE_DELIVERY_MARK),
+        "to the bridge, marked"
+    );
+    set_endpoint(&mut dp.ebpf, pod, Some(Endpoint::new(POD_IFINDEX, POD_MAC)));
+    let at_bridge = dp.run_marked(POD_INGRESS, &run.out, run.mark);
+    assert_eq!(
+        (at_bridge.verdict, &at_bridge.out, at_bridge.mark),
+        (TC_ACT_OK, &run.out, 0),
+        "passed on untouched, the mark cleared"
+    );
+    // The pod's next packet in that connection is its own: encapsulated as ever.
+    assert_encapsulated_at_port(&dp, &tcp_packet(pod, remote, 40000, 5201, 0x10));
+    dp.assert_counters(&[
+        (Reason::UnderlayRx, 1),
+        (Reason::DecapPod, 1),
+        (Reason::PodPort, 1),
+        (Reason::EncapPod, 1),
+    ]);
+    // Unmarked, the same packet is the kernel's (a remote pod's connection to a port published
+    // on this node, DNATed into the pod): filed.
+    assert_eq!(dp.run(POD_INGRESS, &run.out).verdict, TC_ACT_OK);
+    assert_eq!(dp.counters().get(Reason::KernelFlowNew.name()), Some(&1));
 }
 
 /// A flood of connections into a pod (whoever reaches a published port can open them by the

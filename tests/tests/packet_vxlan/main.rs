@@ -42,6 +42,7 @@ use overlay_common::{
     counters::Reason,
     endpoint::Endpoint,
     route::{NextHopV4, RemoteNode},
+    wire::BRIDGE_DELIVERY_MARK,
 };
 use overlay_tests::{
     NetNs, add_veth,
