@@ -449,6 +449,18 @@ fn record_counters(meta: &mut Meta, mode: Mode, topos: &[PathTopo]) {
                 ),
             }
         }
+        // No load goes through a Service or a published port, so no connection is the
+        // kernel's: one filed as such had its packets left to the kernel's forwarding.
+        for (node, counters) in &nodes {
+            if let Some(n) = counters.get("kernel_flow_new").filter(|n| **n > 0) {
+                eprintln!(
+                    "overlay-bench: warning: {} {} mode, {node}: {n} connection(s) filed as the kernel's (kernel_flow_new), {} packet(s) left to it (to_stack_kernel_flow)",
+                    topo.id.name(),
+                    mode.name(),
+                    counters.get("to_stack_kernel_flow").copied().unwrap_or(0)
+                );
+            }
+        }
         if let Some(share) = crate::report::FastPathShare::of(&nodes) {
             for (what, value) in [
                 ("picked up at the pods' veths", share.picked_up),
