@@ -344,3 +344,55 @@ fn a_flood_of_connections_into_a_pod_leaves_the_kernels_flows_alone() {
     );
     assert_reply_goes_to_the_host_device(&dp, pod, endpoint);
 }
+
+/// A flood of SYNs never answered, four times what the inbound table holds, leaves a live
+/// connection into a pod alone: the pod's replies keep going back through the kernel. Nothing
+/// of ours makes it so: the kernel's LRU moves an entry that was looked up after its insertion
+/// (here by the pod's SYN-ACK and the client's ACK) to its active list, and evicts from the
+/// inactive one while that holds more, where entries never looked up again (the flood's) sit.
+/// This test keeps that property in view: conntrack's assured flows, the masquerade's two
+/// tables, would be what replaces it if it ever went.
+#[test]
+fn a_flood_of_syns_never_answered_leaves_a_live_connection_into_a_pod_alone() {
+    pin_to_one_cpu();
+    let mut dp = loaded_node(A, &[B]);
+    let (pod, client) = (host_addr(A, 7), host_addr(B, 5));
+    set_endpoint(&mut dp.ebpf, pod, Some(Endpoint::new(POD_IFINDEX, POD_MAC)));
+    let to_bridge = |p: &[u8]| ether(POD_MAC, GW_MAC, ETH_P_IP, p);
+    // A remote pod's connection to a port published on this node, DNATed into the pod.
+    dp.run(
+        POD_INGRESS,
+        &to_bridge(&tcp_packet(client, pod, 50000, 8080, 0x02)),
+    );
+    let syn_ack = tcp_packet(pod, client, 8080, 50000, 0x12);
+    assert_eq!(dp.run(POD_EGRESS, &pod_frame(&syn_ack)).verdict, TC_ACT_OK);
+    dp.run(
+        POD_INGRESS,
+        &to_bridge(&tcp_packet(client, pod, 50000, 8080, 0x10)),
+    );
+
+    let flood = KERNEL_FLOW_IN_V4_CAPACITY as usize * 4;
+    for i in 0..flood {
+        let outside = Ipv4Addr::new(198, 19, 200, 1 + (i % 8) as u8);
+        let syn = tcp_packet(outside, pod, 1024 + (i / 8) as u16, 8080, 0x02);
+        assert_eq!(dp.run(POD_INGRESS, &to_bridge(&syn)).verdict, TC_ACT_OK);
+    }
+    assert_eq!(
+        dp.counters().get(Reason::KernelFlowNew.name()),
+        Some(&(1 + flood as u64)),
+        "every SYN filed"
+    );
+    let data = tcp_packet(pod, client, 8080, 50000, 0x18);
+    let run = dp.run(POD_EGRESS, &pod_frame(&data));
+    assert_eq!(
+        (run.verdict, &run.out),
+        (TC_ACT_OK, &pod_frame(&data)),
+        "the pod's reply is still the kernel's, untouched"
+    );
+    assert_eq!(
+        dp.counters().get(Reason::StackKernelFlow.name()),
+        Some(&2),
+        "the SYN-ACK and the reply after the flood"
+    );
+    assert_eq!(dp.counters().get(Reason::EncapPod.name()), None);
+}
