@@ -189,8 +189,9 @@ fn try_pod_egress(ctx: &TcContext, role: Role) -> Result<i32, Reason> {
     };
     // A reply in a connection the kernel delivered into the pod (a remote pod's, DNATed from
     // the node's address) is the kernel's: its conntrack gives it the node's address back.
+    // Anything else is the pod's own, and a Service flow filed under its tuple is over.
     // SAFETY: a checked pointer from `eth_ipv4`, read before any helper moves data.
-    if kernel_flow::inbound_way(ctx, ETH_HLEN, unsafe { &*ip }) != kernel_flow::NOT_INBOUND {
+    if kernel_flow::pod_packet_way(ctx, ETH_HLEN, unsafe { &*ip }) != kernel_flow::NOT_INBOUND {
         count_handback(role, Reason::StackKernelFlow, ctx.len());
         return Ok(TC_ACT_OK);
     }

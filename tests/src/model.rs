@@ -251,27 +251,55 @@ impl Node {
         self.is_filed(f, ip, true, &[KERNEL_FLOW_IN, KERNEL_FLOW_IN_DIRECT])
     }
 
-    /// Whether the packet for a local pod at `ip` of `f` belongs to a flow the kernel forwarded
-    /// out of it.
+    /// Whether the packet for a local pod at `ip` of `f`, to be delivered by us, belongs to a
+    /// flow the kernel forwarded out of it; if not, from the cluster network, a connection
+    /// filed under its tuple as delivered in by the kernel is forgotten (it is over).
     fn is_kernel_flow(&self, f: &[u8], ip: usize) -> bool {
-        self.is_filed(f, ip, false, &[KERNEL_FLOW_OUT])
+        if self.is_filed(f, ip, false, &[KERNEL_FLOW_OUT]) {
+            return true;
+        }
+        if self.in_network(addr(f, ip + 12)) {
+            self.forget(f, ip, false, KERNEL_FLOW_IN);
+        }
+        false
+    }
+
+    /// Whether a local pod's packet at `ip` of `f` to a peer answers a connection delivered
+    /// into the pod; if not, a flow the kernel forwarded out under its tuple is forgotten.
+    fn pod_packet_is_inbound(&self, f: &[u8], ip: usize) -> bool {
+        if self.is_kernel_flow_from_pod(f, ip) {
+            return true;
+        }
+        self.forget(f, ip, true, KERNEL_FLOW_OUT);
+        false
+    }
+
+    /// Forgets the flow of the packet at `ip` of `f` (as in [`Self::is_filed`]) filed as `way`.
+    fn forget(&self, f: &[u8], ip: usize, from_pod: bool, way: u8) {
+        if let Some(key) = Self::flow_key(f, ip, from_pod, way) {
+            self.kernel_flows.lock().unwrap().remove(&key);
+        }
     }
 
     /// Whether the flow of the packet at `ip` of `f`, sent by a local pod (`from_pod`) or to
     /// one, is filed as one of `ways`.
     fn is_filed(&self, f: &[u8], ip: usize, from_pod: bool, ways: &[u8]) -> bool {
-        let Some((sport, dport)) = Self::kernel_flow_ports(f, ip, from_pod) else {
-            return false;
-        };
-        let (saddr, daddr, proto) = (addr(f, ip + 12), addr(f, ip + 16), f[ip + 9]);
-        let (pod, remote, pod_port, remote_port) = if from_pod {
-            (saddr, daddr, sport, dport)
-        } else {
-            (daddr, saddr, dport, sport)
-        };
         let flows = self.kernel_flows.lock().unwrap();
-        ways.iter()
-            .any(|&way| flows.contains(&(pod, remote, pod_port, remote_port, proto, way)))
+        ways.iter().any(|&way| {
+            Self::flow_key(f, ip, from_pod, way).is_some_and(|key| flows.contains(&key))
+        })
+    }
+
+    /// The key of the packet at `ip` of `f`'s flow as `way`, oriented from the pod (`from_pod`:
+    /// the pod sent it); `None` for what carries no ports to match.
+    fn flow_key(f: &[u8], ip: usize, from_pod: bool, way: u8) -> Option<KernelFlow> {
+        let (sport, dport) = Self::kernel_flow_ports(f, ip, from_pod)?;
+        let (saddr, daddr, proto) = (addr(f, ip + 12), addr(f, ip + 16), f[ip + 9]);
+        Some(if from_pod {
+            (saddr, daddr, sport, dport, proto, way)
+        } else {
+            (daddr, saddr, dport, sport, proto, way)
+        })
     }
 
     fn in_subnet(&self, a: [u8; 4]) -> bool {
@@ -625,7 +653,7 @@ impl Node {
         let Some(peer) = self.route(daddr) else {
             return pass(Vec::new());
         };
-        if self.is_kernel_flow_from_pod(f, 14) {
+        if self.pod_packet_is_inbound(f, 14) {
             return handback(Reason::StackKernelFlow);
         }
         if peer.is_direct() {

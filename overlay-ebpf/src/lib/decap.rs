@@ -358,7 +358,7 @@ fn plan(ctx: &TcContext, cfg: &Config, ip_off: usize, ip: &Ipv4Hdr) -> Result<Pl
         return Err(Reason::DropNotLocal);
     } else if ip.ttl <= 1 {
         Target::HostTtl
-    } else if is_kernel_flow(ctx, ip_off, ip) {
+    } else if is_kernel_flow(ctx, cfg, ip_off, ip) {
         Target::HostKernelFlow
     } else {
         Target::Pod

@@ -140,7 +140,7 @@ pub fn try_direct_ingress(ctx: &TcContext) -> Result<i32, Reason> {
     let to_host = cfg.is_host_subnet_address(daddr);
     // A TTL that expires here goes to the host device (as `to_stack_ttl`), whatever its flow.
     let forwarded = !to_host && hdr.ttl > 1;
-    let kernel_flow = forwarded && is_kernel_flow(ctx, ETH_HLEN, &hdr);
+    let kernel_flow = forwarded && is_kernel_flow(ctx, cfg, ETH_HLEN, &hdr);
     if forwarded && !kernel_flow {
         let endpoint = endpoint_v4(daddr);
         if endpoint.is_none() && cfg.bridge_ifindex == 0 {

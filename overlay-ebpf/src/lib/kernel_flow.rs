@@ -29,8 +29,12 @@
 //! evict the Service flows.
 //!
 //! Entries are never refreshed or expired by time: conntrack keeps an established TCP flow 5
-//! days, and an entry that outlived its flow only sends a reused tuple's packets through the
-//! kernel (slower, still right). The LRU evicts the least used when the map is full.
+//! days. An entry that outlived its flow goes when the tuple is seen carrying a connection of
+//! its own, which the kernel's conntrack does not hold (it would drop its packets as INVALID,
+//! or translate them as the old flow's): a pod's packet that `pod_egress` sends on unrewritten
+//! (`pod_packet_way`) ends an outbound filing, and a remote pod's packet delivered to the pod
+//! itself (`is_kernel_flow`) ends an inbound one of the kernel. The LRU evicts the least used
+//! when the map is full.
 //!
 //! Limits: a later fragment carries no ports, so only first fragments are filed and checked;
 //! ICMP errors about such a flow and ICMP other than echo are not matched (they go straight
@@ -231,18 +235,30 @@ fn file_key(ctx: &TcContext, key: &KernelFlowKeyV4) {
     }
 }
 
-/// Whether the packet for a local pod (header `ip` at `ip_off`) belongs to a flow the kernel
-/// forwarded out of it, so that it must go back through the kernel.
+/// Whether the packet for a local pod (header `ip` at `ip_off`), addressed to the pod itself
+/// and about to be delivered by us, belongs to a flow the kernel forwarded out of it, so that
+/// it must go back through the kernel. If not, and it comes from the cluster network, a
+/// connection filed under its tuple as one the kernel delivered into the pod is over: that
+/// one's packets were addressed to the node, whose DNAT sent them in, and this packet is a new
+/// connection of a remote pod that reused the port. Forgotten, so that the pod's replies are
+/// its own again instead of being left to the kernel, whose conntrack has no such connection.
 #[inline(always)]
-pub fn is_kernel_flow(ctx: &TcContext, ip_off: usize, ip: &Ipv4Hdr) -> bool {
+pub fn is_kernel_flow(ctx: &TcContext, cfg: &Config, ip_off: usize, ip: &Ipv4Hdr) -> bool {
     if !pair_filed(ip.daddr, ip.saddr) {
         return false;
     }
     let Some((sport, dport)) = ports(ctx, ip_off, ip, false) else {
         return false;
     };
-    let key = KernelFlowKeyV4::new(ip.daddr, ip.saddr, dport, sport, ip.proto, KERNEL_FLOW_OUT);
-    KERNEL_FLOW_V4.get_ptr(&key).is_some()
+    let mut key = KernelFlowKeyV4::new(ip.daddr, ip.saddr, dport, sport, ip.proto, KERNEL_FLOW_OUT);
+    if KERNEL_FLOW_V4.get_ptr(&key).is_some() {
+        return true;
+    }
+    if in_subnet(ip.saddr, cfg.network, cfg.network_mask) {
+        key.way = KERNEL_FLOW_IN;
+        let _ = KERNEL_FLOW_IN_V4.remove(&key);
+    }
+    false
 }
 
 /// How a local pod's packet (header `ip` at `ip_off`) answers a connection delivered into the
@@ -250,12 +266,48 @@ pub fn is_kernel_flow(ctx: &TcContext, ip_off: usize, ip: &Ipv4Hdr) -> bool {
 /// (by the kernel: the packet is the kernel's too), or [`NOT_INBOUND`].
 #[inline(always)]
 pub fn inbound_way(ctx: &TcContext, ip_off: usize, ip: &Ipv4Hdr) -> u8 {
-    if !pair_filed(ip.saddr, ip.daddr) {
-        return NOT_INBOUND;
+    match filed_ports_from_pod(ctx, ip_off, ip) {
+        Some((sport, dport)) => inbound_way_of(ip, sport, dport),
+        None => NOT_INBOUND,
     }
-    let Some((sport, dport)) = ports(ctx, ip_off, ip, true) else {
+}
+
+/// [`inbound_way`] of a local pod's packet to a peer that `pod_egress` sends on itself unless
+/// it answers a connection delivered into the pod. If it does not, a flow the kernel forwarded
+/// out under its tuple is over: a Service connection's packets reach `pod_egress` rewritten
+/// by netfilter (`to_stack_dnat`), never as the pod sent them, so this is a new connection of
+/// the pod that reused the port. Forgotten, so that the peer's replies go into the pod instead
+/// of to the kernel, whose conntrack has no such connection (and drops, or un-DNATs, them).
+#[inline(always)]
+pub fn pod_packet_way(ctx: &TcContext, ip_off: usize, ip: &Ipv4Hdr) -> u8 {
+    let Some((sport, dport)) = filed_ports_from_pod(ctx, ip_off, ip) else {
         return NOT_INBOUND;
     };
+    let way = inbound_way_of(ip, sport, dport);
+    if way == NOT_INBOUND {
+        let key = KernelFlowKeyV4::new(ip.saddr, ip.daddr, sport, dport, ip.proto, KERNEL_FLOW_OUT);
+        let _ = KERNEL_FLOW_V4.remove(&key);
+    }
+    way
+}
+
+/// The ports of a local pod's packet (header `ip` at `ip_off`) whose pair may have filed
+/// flows; `None` for the others and for what carries no ports to match.
+#[inline(always)]
+fn filed_ports_from_pod(
+    ctx: &TcContext,
+    ip_off: usize,
+    ip: &Ipv4Hdr,
+) -> Option<([u8; 2], [u8; 2])> {
+    if !pair_filed(ip.saddr, ip.daddr) {
+        return None;
+    }
+    ports(ctx, ip_off, ip, true)
+}
+
+/// The inbound way of the pod's packet (header `ip`, ports `sport`, `dport` as on the wire).
+#[inline(always)]
+fn inbound_way_of(ip: &Ipv4Hdr, sport: [u8; 2], dport: [u8; 2]) -> u8 {
     // Direct delivery first: its connection may also have crossed the bridge (a pod without an
     // endpoint yet), where `pod_ingress` files it as the kernel's.
     for way in [KERNEL_FLOW_IN_DIRECT, KERNEL_FLOW_IN] {

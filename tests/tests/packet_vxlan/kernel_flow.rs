@@ -396,3 +396,79 @@ fn a_flood_of_syns_never_answered_leaves_a_live_connection_into_a_pod_alone() {
     );
     assert_eq!(dp.counters().get(Reason::EncapPod.name()), None);
 }
+
+/// `B`'s packet `ip` for the pod is decapsulated straight into it (`decap_endpoint`).
+#[track_caller]
+fn assert_goes_into_the_pod(dp: &Loaded, ip: &[u8]) {
+    let run = dp.run(UNDERLAY_INGRESS, &Vxlan::between(B, A).frame(ip));
+    assert_eq!(
+        (run.verdict, &run.out[..6]),
+        (TC_ACT_REDIRECT, &POD_MAC[..]),
+        "straight into the pod"
+    );
+}
+
+/// A pod's own connection on the tuple of a Service flow the kernel forwarded earlier (the same
+/// source port, now straight to the endpoint: a headless Service, a scrape of pod addresses)
+/// is the pod's. Its first packet reaches `pod_egress` as the pod sent it (a Service flow's
+/// arrive rewritten by netfilter), which makes the old filing go, so the endpoint's replies go
+/// into the pod. Filings are never expired by time: without this the tuple stayed the
+/// kernel's for good, and its replies went to the host device, where conntrack has no such
+/// connection (kube-proxy's rules drop them as INVALID).
+#[test]
+fn a_pods_own_connection_on_the_tuple_of_an_old_service_flow_is_its_own() {
+    pin_to_one_cpu();
+    let (dp, pod, endpoint) = node_with_a_kernel_flow();
+    assert_reply_goes_to_the_host_device(&dp, pod, endpoint);
+    let syn = tcp_packet(pod, endpoint, 40000, 80, 0x02);
+    assert_eq!(
+        dp.run(POD_EGRESS, &pod_frame(&syn)).verdict,
+        TC_ACT_REDIRECT
+    );
+    assert_goes_into_the_pod(&dp, &tcp_packet(endpoint, pod, 80, 40000, 0x12));
+    dp.assert_counters(&[
+        (Reason::KernelFlowNew, 1),
+        (Reason::UnderlayRx, 2),
+        (Reason::StackKernelFlow, 1),
+        (Reason::EncapHost, 1),
+        (Reason::EncapPod, 1),
+        (Reason::DecapEndpoint, 1),
+    ]);
+}
+
+/// The other way round: a remote pod's connection straight to a pod, on the tuple of its
+/// earlier connection that the kernel DNATed into the pod from a port published on the node,
+/// is the remote pod's own. Decapsulated for the pod itself (the published port's packets
+/// are addressed to the node), it makes the old filing go, and the pod's replies are
+/// encapsulated again instead of being left to the kernel.
+#[test]
+fn a_remote_pods_own_connection_on_the_tuple_of_an_old_published_one_is_its_own() {
+    pin_to_one_cpu();
+    let mut dp = loaded_node(A, &[B]);
+    let (pod, client) = (host_addr(A, 7), host_addr(B, 5));
+    set_endpoint(&mut dp.ebpf, pod, Some(Endpoint::new(POD_IFINDEX, POD_MAC)));
+    let to_bridge = |p: &[u8]| ether(POD_MAC, GW_MAC, ETH_P_IP, p);
+    dp.run(
+        POD_INGRESS,
+        &to_bridge(&tcp_packet(client, pod, 50000, 8080, 0x02)),
+    );
+    let syn_ack = tcp_packet(pod, client, 8080, 50000, 0x12);
+    assert_eq!(
+        dp.run(POD_EGRESS, &pod_frame(&syn_ack)).verdict,
+        TC_ACT_OK,
+        "the published port's connection: the kernel's"
+    );
+    assert_goes_into_the_pod(&dp, &tcp_packet(client, pod, 50000, 8080, 0x02));
+    assert_eq!(
+        dp.run(POD_EGRESS, &pod_frame(&syn_ack)).verdict,
+        TC_ACT_REDIRECT,
+        "the pod's answer to the new connection: encapsulated"
+    );
+    dp.assert_counters(&[
+        (Reason::KernelFlowNew, 1),
+        (Reason::StackKernelFlow, 1),
+        (Reason::UnderlayRx, 1),
+        (Reason::DecapEndpoint, 1),
+        (Reason::EncapPod, 1),
+    ]);
+}
