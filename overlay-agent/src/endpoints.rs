@@ -224,6 +224,9 @@ pub fn observe_neigh(msg: &NeighbourMessage, bridge: u32, deleted: bool) -> Opti
                 NeighbourAttribute::Destination(NeighbourAddress::Inet(addr)) => Some(*addr),
                 _ => None,
             })?;
+            if deleted || msg.header.state == NeighbourState::Failed {
+                return Some(Observation::NeighForgotten { addr });
+            }
             let usable = matches!(
                 msg.header.state,
                 NeighbourState::Reachable
@@ -233,14 +236,9 @@ pub fn observe_neigh(msg: &NeighbourMessage, bridge: u32, deleted: bool) -> Opti
                     | NeighbourState::Permanent
                     | NeighbourState::Noarp
             );
-            match mac {
-                _ if deleted || msg.header.state == NeighbourState::Failed => {
-                    Some(Observation::NeighForgotten { addr })
-                }
-                Some(mac) if usable => Some(Observation::Neigh { addr, mac }),
-                // Being resolved (INCOMPLETE), or without an address: nothing learnt.
-                _ => None,
-            }
+            // Being resolved (INCOMPLETE), or without an address: nothing learnt.
+            mac.filter(|_| usable)
+                .map(|mac| Observation::Neigh { addr, mac })
         }
         AddressFamily::Bridge => {
             // Entries of the bridge (not the ports' own lists) name it as their master; its
