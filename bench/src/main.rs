@@ -114,8 +114,12 @@ impl PathId {
             Self::D => "direct veth between the two pods (ceiling)",
             Self::K => "stock flannel vxlan: kernel flannel.1 + flannel's iptables rules",
             Self::H => "stock flannel host-gw: kernel routes + flannel's iptables rules",
-            Self::E => "this project, vxlan, --ip-masq (eBPF, no iptables rules)",
-            Self::EH => "this project, host-gw, --ip-masq (eBPF, no iptables rules)",
+            Self::E => {
+                "this project, vxlan, --ip-masq (eBPF NAT; only flanneld's FORWARD accepts, which its traffic bypasses)"
+            }
+            Self::EH => {
+                "this project, host-gw, --ip-masq (eBPF NAT; only flanneld's FORWARD accepts, which its traffic bypasses)"
+            }
             Self::R => {
                 "kernel routes only, no NAT, no netfilter rules (no-NAT ceiling of the connection rates)"
             }

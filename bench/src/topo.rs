@@ -8,7 +8,9 @@
 //! - H: a kernel route `<peer subnet> via <peer PublicIP>` per peer and the same rules; MTU 1500.
 //! - E / EH: our agent with `--ip-masq` (vxlan / host-gw config in etcd), its subnet forced by
 //!   a subnet file written before it starts (the agent reuses it, as flanneld does); pods get
-//!   the MTU the agent writes (1450 / 1500). No iptables rules.
+//!   the MTU the agent writes (1450 / 1500). No NAT rules: the agent writes only flanneld's two
+//!   FORWARD accepts (`--iptables-forward-rules`, as the policy is DROP), which the measured
+//!   traffic never crosses (the data path bypasses FORWARD).
 //! - R: H's routes without its rules, no NAT, no netfilter state at all, and a route in the
 //!   underlay to each node's lease, so the outside host answers the pods' own addresses: what
 //!   a connection costs over the same hops when nothing but routing is in between (the no-NAT

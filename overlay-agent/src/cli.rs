@@ -229,11 +229,19 @@ pub struct Flags {
     #[arg(long, env = "FLANNELD_HEALTHZ_PORT", default_value_t = 0)]
     pub healthz_port: u16,
 
-    /// Accepted for flanneld compatibility: our forwarding needs no iptables FORWARD rules.
+    /// flanneld's FORWARD accept rules for the cluster network (chain FLANNEL-FWD), written
+    /// only while the FORWARD policy is not ACCEPT (Docker sets DROP): what the data path leaves
+    /// to the kernel's forwarding (Service connections, unmasqueraded traffic to and from
+    /// outside) needs them there. The data path itself bypasses FORWARD.
     #[arg(long, env = "FLANNELD_IPTABLES_FORWARD_RULES", action = ArgAction::Set,
           num_args = 0..=1, require_equals = true, default_value = "true",
           default_missing_value = "true", value_parser = BoolishValueParser::new())]
     pub iptables_forward_rules: bool,
+
+    /// How often the forward rules and the FORWARD policy are checked again, in seconds.
+    #[arg(long, env = "FLANNELD_IPTABLES_RESYNC", default_value_t = 5,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub iptables_resync: u64,
 
     /// Log verbosity as flanneld's glog level: 0 info, 1+ debug, 5+ trace (RUST_LOG overrides).
     #[arg(short = 'v', long = "v", env = "FLANNELD_V", default_value_t = 0)]

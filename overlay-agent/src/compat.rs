@@ -56,10 +56,6 @@ pub struct FlanneldCompat {
           value_parser = BoolishValueParser::new(), help_heading = HEADING)]
     pub set_node_network_unavailable: Option<bool>,
 
-    /// No effect: there are no iptables rules to resync (seconds).
-    #[arg(long, env = "FLANNELD_IPTABLES_RESYNC", help_heading = HEADING)]
-    pub iptables_resync: Option<i64>,
-
     /// Not implemented yet: a blackhole route for this node's subnet (stops the agent when true).
     #[arg(long, env = "FLANNELD_IP_BLACKHOLE_ROUTE", action = ArgAction::Set, num_args = 0..=1,
           require_equals = true, default_missing_value = "true",
@@ -203,11 +199,6 @@ impl FlanneldCompat {
             "--ip-blackhole-route=false",
             "no blackhole route is added",
         );
-        ignore(
-            self.iptables_resync.is_some(),
-            "--iptables-resync",
-            "the data path writes no iptables rules to resync",
-        );
         let klog = "logs go to stderr (journald); set the level with -v or RUST_LOG";
         for (given, flag) in [
             (self.vmodule.is_some(), "--vmodule"),
@@ -290,6 +281,7 @@ impl Flags {
                 "iptables-forward-rules",
                 self.iptables_forward_rules.to_string(),
             ),
+            ("iptables-resync", self.iptables_resync.to_string()),
             ("v", self.verbosity.to_string()),
             ("pod-bridge", self.pod_bridge.clone().unwrap_or_default()),
             ("bpf-dir", self.bpf_dir.display().to_string()),
@@ -355,7 +347,6 @@ mod tests {
         let warnings = cli.flags.compat.check().expect("nothing unsupported is on");
         for flag in [
             "--kube-api-url",
-            "--iptables-resync",
             "--vmodule",
             "--log_backtrace_at",
             "--set-node-network-unavailable",

@@ -24,6 +24,7 @@ pub mod compat;
 pub mod daemon;
 pub mod datapath;
 pub mod endpoints;
+pub mod forward_rules;
 pub mod healthz;
 pub mod iface;
 pub mod kernel;

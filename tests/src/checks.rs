@@ -502,3 +502,52 @@ pub fn pin_older_flow_table(node: &Node, name: &str, capacity: u32) -> String {
     node.ns().run("bpftool", &create).unwrap();
     path
 }
+
+/// Agent flag of the tests that show the data path bypassing FORWARD under Docker's DROP
+/// policy: by default the agent writes flanneld's accept rules there (`--iptables-forward-rules`),
+/// and the kernel's forwarding would then pass too.
+pub const NO_FORWARD_RULES: &str = "--iptables-forward-rules=false";
+
+/// Sets FORWARD's policy to DROP in `node`, as Docker leaves it, and checks that it took.
+pub fn forward_drop(node: &Node) {
+    node.ns()
+        .run("iptables", &["-P", "FORWARD", "DROP"])
+        .unwrap();
+    let save = node.ns().run("iptables-save", &["-t", "filter"]).unwrap();
+    assert!(
+        save.contains(":FORWARD DROP"),
+        "{}: FORWARD policy must be DROP:\n{save}",
+        node.name()
+    );
+}
+
+/// flanneld's forward rules for `network`, as `iptables -S` prints them (chain `FLANNEL-FWD`).
+pub fn flannel_forward_rules(network: &str) -> [String; 3] {
+    [
+        "-A FORWARD -m comment --comment \"flanneld forward\" -j FLANNEL-FWD".to_owned(),
+        format!("-A FLANNEL-FWD -s {network} -m comment --comment \"flanneld forward\" -j ACCEPT"),
+        format!("-A FLANNEL-FWD -d {network} -m comment --comment \"flanneld forward\" -j ACCEPT"),
+    ]
+}
+
+/// Waits (up to two of the agent's 5 s checks) until `node`'s filter table holds flanneld's
+/// forward rules for `network`, each once; returns the table.
+pub fn wait_forward_rules(node: &Node, network: &str) -> String {
+    let expected = flannel_forward_rules(network);
+    let mut save = String::new();
+    let deadline = Instant::now() + Duration::from_secs(12);
+    while Instant::now() < deadline {
+        save = node.ns().run("iptables", &["-S"]).unwrap();
+        if expected
+            .iter()
+            .all(|rule| save.lines().filter(|l| l == rule).count() == 1)
+        {
+            return save;
+        }
+        thread::sleep(Duration::from_millis(200));
+    }
+    panic!(
+        "{}: flanneld's forward rules {expected:#?} not (each once) in:\n{save}",
+        node.name()
+    );
+}

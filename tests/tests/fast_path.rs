@@ -18,8 +18,9 @@ use overlay_common::names;
 use overlay_tests::{
     AttachKind, Capture, Cluster, Node, Pod,
     checks::{
-        GRO_DEVICE, agent_of, assert_ping, assert_tcp, counters, endpoints, eth0_programs,
-        gro_device, grown, programs_on, transfer_across_agent_kill9, vxlan_over_loopback,
+        GRO_DEVICE, NO_FORWARD_RULES, agent_of, assert_ping, assert_tcp, counters, endpoints,
+        eth0_programs, forward_drop, gro_device, grown, programs_on, transfer_across_agent_kill9,
+        vxlan_over_loopback,
     },
     tshark_fields,
 };
@@ -177,14 +178,19 @@ fn pods_added_after_start_are_reached_straight_and_a_reused_ifindex_gets_nothing
 /// the kernel's, whose `FORWARD DROP` then dropped it.
 #[test]
 fn a_pod_keeps_its_endpoint_when_the_kernel_forgets_its_bridge_entries() {
-    let cluster = two_nodes(VXLAN);
+    // No forward rules: they would accept what the kernel forwards for the pods.
+    let cluster = Cluster::builder()
+        .nodes(2)
+        .pods_per_node(1)
+        .network_config(VXLAN)
+        .agent_args(&[NO_FORWARD_RULES])
+        .build()
+        .unwrap();
     let nodes = cluster.nodes();
     let pods = [cluster.pod(0, 0), cluster.pod(1, 0)];
     assert_tcp(&pods[0], &pods[1]);
     for (node, pod) in nodes.iter().zip(&pods) {
-        node.ns()
-            .run("iptables", &["-P", "FORWARD", "DROP"])
-            .unwrap();
+        forward_drop(node);
         wait_endpoints(node, "listed its pod", |e| e.contains_key(&pod.ip()));
     }
     let before: Vec<_> = nodes.iter().map(counters).collect();

@@ -27,9 +27,9 @@ use ipnet::Ipv4Net;
 use overlay_tests::{
     Capture, Cluster, Node, Pod,
     checks::{
-        agent_cmd, agent_of, assert_host_reaches, assert_no_ping, assert_ping, assert_pods_talk,
-        assert_pods_talk_across_nodes, assert_tcp, counters, grown, subnet_of,
-        transfer_across_agent_kill9, wait_line_since,
+        NO_FORWARD_RULES, agent_cmd, agent_of, assert_host_reaches, assert_no_ping, assert_ping,
+        assert_pods_talk, assert_pods_talk_across_nodes, assert_tcp, counters, forward_drop, grown,
+        subnet_of, transfer_across_agent_kill9, wait_line_since,
     },
     tshark_fields,
 };
@@ -44,18 +44,6 @@ const AGENT_REACTS: Duration = Duration::from_secs(5);
 const NAT_MESSAGE: &str = "your PublicIP differs from interface IP, meaning that probably you're on a NAT, which is not supported by host-gw backend";
 
 // ----- helpers -----------------------------------------------------------------------------
-
-fn forward_drop(node: &Node) {
-    node.ns()
-        .run("iptables", &["-P", "FORWARD", "DROP"])
-        .unwrap();
-    let save = node.ns().run("iptables-save", &["-t", "filter"]).unwrap();
-    assert!(
-        save.contains(":FORWARD DROP"),
-        "{}: FORWARD policy must be DROP:\n{save}",
-        node.name()
-    );
-}
 
 /// `overlay-agent peers`: subnet → (PublicIP, VtepMAC or `direct`).
 fn peers(node: &Node) -> BTreeMap<Ipv4Net, (Ipv4Addr, String)> {
@@ -107,6 +95,7 @@ fn host_gw_three_nodes_forward_drop_and_node_leave() {
         .nodes(3)
         .pods_per_node(2)
         .network_config(HOST_GW)
+        .agent_args(&[NO_FORWARD_RULES])
         .build()
         .unwrap();
     for node in cluster.nodes() {
@@ -241,6 +230,7 @@ fn direct_routing_same_segment_direct_other_segment_vxlan() {
         .second_segment(&[2])
         .pods_per_node(1)
         .network_config(DIRECT_ROUTING)
+        .agent_args(&[NO_FORWARD_RULES])
         .build()
         .unwrap();
     assert_eq!(cluster.node(2).underlay_ip(), Ipv4Addr::new(198, 18, 1, 3));
@@ -381,7 +371,7 @@ fn with_stock_host_gw_node(agent_args: &[&str]) -> (Cluster, Pod) {
         .nodes(2)
         .pods_per_node(1)
         .network_config(HOST_GW)
-        .agent_args(agent_args)
+        .agent_args(&[agent_args, &[NO_FORWARD_RULES]].concat())
         .build()
         .unwrap();
     cluster.add_node().unwrap();
@@ -456,6 +446,7 @@ fn host_gw_transfer_survives_kill_9_of_both_agents() {
         .nodes(2)
         .pods_per_node(1)
         .network_config(HOST_GW)
+        .agent_args(&[NO_FORWARD_RULES])
         .build()
         .unwrap();
     for node in cluster.nodes() {
@@ -463,12 +454,13 @@ fn host_gw_transfer_survives_kill_9_of_both_agents() {
     }
     let (a, b) = (cluster.pod(0, 0), cluster.pod(1, 0));
     assert_ping(&a, &b);
-    let report = transfer_across_agent_kill9(cluster.nodes(), &a, &b, BYTES, &[], || {
-        assert!(
-            a.ping(b.ip(), 2).unwrap().all_received(),
-            "ping with both agents dead"
-        );
-    });
+    let report =
+        transfer_across_agent_kill9(cluster.nodes(), &a, &b, BYTES, &[NO_FORWARD_RULES], || {
+            assert!(
+                a.ping(b.ip(), 2).unwrap().all_received(),
+                "ping with both agents dead"
+            );
+        });
     assert_eq!(report.bytes, BYTES);
     assert_eq!(
         report.server_peer.ip(),

@@ -36,8 +36,8 @@ use overlay_common::{
 use overlay_tests::{
     Capture, ChildGuard, Cluster, ClusterBuilder, Endpoint, Host, NetNs, Node, OUTSIDE_IP, Pod,
     checks::{
-        self, agent_cmd, route_via_missing_gateway, transfer_across_agent_kill9,
-        unroute_missing_gateway,
+        self, agent_cmd, forward_drop, route_via_missing_gateway, transfer_across_agent_kill9,
+        unroute_missing_gateway, wait_forward_rules,
     },
     packet::vxlan_payload,
     traffic, tshark_fields, xfer_bin,
@@ -665,23 +665,51 @@ fn an_outside_host_routing_the_cluster_through_a_node_reaches_remote_pods_as_tha
         assert_no_firewall_rules(n);
     }
 
-    // Documented limit: the outside host's packets reach ovl0 only through node 0's kernel
-    // forwarding. Under FORWARD policy DROP (as Docker sets it), without flannel's
-    // `-d <cluster> -j ACCEPT` rule, they are dropped there; the replies would bypass it.
-    node.ns()
-        .run("iptables", &["-P", "FORWARD", "DROP"])
-        .unwrap();
-    assert!(
-        !out.ping(pod.ip(), 2).unwrap().any_received(),
-        "FORWARD DROP must stop the forward direction"
+    // The outside host's packets reach ovl0 only through node 0's kernel forwarding. Under
+    // FORWARD policy DROP (as Docker sets it) the agent writes flanneld's forward rules
+    // (`-d <cluster> -j ACCEPT`), so they still pass; the replies bypass FORWARD anyway.
+    forward_drop(node);
+    wait_forward_rules(node, "172.17.0.0/16");
+    out.ping_until(pod.ip(), Duration::from_secs(10)).unwrap();
+    let t = out.tcp_transfer(&pod, 1 << 20).unwrap();
+    assert_eq!(
+        t.server_peer.ip(),
+        IpAddr::V4(masq),
+        "under FORWARD DROP too"
     );
-    node.ns()
-        .run("iptables", &["-P", "FORWARD", "ACCEPT"])
+}
+
+/// Without `--ip-masq`, under Docker's FORWARD DROP, a pod reaches an outside host that routes
+/// the cluster network through the pod's node, by TCP, UDP and ping, and is seen by its own
+/// address, as under flanneld: both directions cross the node's kernel forwarding, which the
+/// agent's flanneld forward rules (`-s`/`-d <cluster> -j ACCEPT`) let through.
+#[test]
+fn without_ip_masq_pods_reach_the_outside_under_forward_drop() {
+    let cluster = Cluster::builder()
+        .nodes(2)
+        .pods_per_node(1)
+        .outside(true)
+        .network_config(VXLAN_CONFIG)
+        .build()
         .unwrap();
+    let (out, node, pod) = (cluster.outside(), cluster.node(0), cluster.pod(0, 0));
+    route_cluster_through(&cluster, node);
+    forward_drop(node);
+    wait_forward_rules(node, "172.17.0.0/16");
+    let ping = pod.ping(OUTSIDE_IP, 3).unwrap();
+    assert!(ping.all_received(), "ping pod -> outside:\n{}", ping.output);
+    let t = pod.tcp_transfer(out, 4 << 20).unwrap();
+    assert_eq!(t.server_peer.ip(), IpAddr::V4(pod.ip()), "not masqueraded");
+    let u = pod.udp_echo(out, 10).unwrap();
+    assert_eq!((u.received, u.bad), (10, 0), "{u:?}");
     assert!(
-        out.ping(pod.ip(), 2).unwrap().all_received(),
-        "ACCEPT again"
+        u.server_peers
+            .iter()
+            .all(|p| p.ip() == IpAddr::V4(pod.ip())),
+        "{:?}",
+        u.server_peers
     );
+    assert_eq!(counter(node, "nat_snat"), 0);
 }
 
 /// The same outside host, routing the cluster network through node 0, to node 0's own pod:

@@ -19,7 +19,10 @@ use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use overlay_tests::{
     Cluster, Endpoint, NetNs, Node, Pod,
-    checks::{assert_pods_talk, assert_tcp, counters, grown, transfer_across_agent_kill9},
+    checks::{
+        assert_pods_talk, assert_tcp, counters, forward_drop, grown, transfer_across_agent_kill9,
+        wait_forward_rules,
+    },
     traffic,
 };
 
@@ -173,6 +176,44 @@ fn a_service_is_reached_through_its_address_wherever_its_endpoint_is() {
     // A local endpoint: the bridge's netfilter forwards it on the bridge itself.
     route_service(n0, local.ip());
     assert_service_reached(&p0, &local);
+}
+
+/// Under Docker's FORWARD DROP on both nodes, with kube-proxy's own FORWARD rule (it accepts
+/// established connections only), a pod still reaches a Service whose endpoint is a pod on the
+/// other node, by TCP and UDP: the DNATed packets cross the kernel's forwarding, where the
+/// first one of each connection is NEW, and the agent's flanneld forward rules (written by
+/// default, as flanneld does) accept it. Without them the connection timed out (checked on
+/// 038cdac).
+#[test]
+fn a_service_is_reached_under_dockers_forward_drop() {
+    let cluster = cluster(VXLAN_CONFIG, &[]);
+    let (n0, p0, remote) = (cluster.node(0), cluster.pod(0, 0), cluster.pod(1, 0));
+    for node in cluster.nodes() {
+        forward_drop(node);
+        // kube-proxy's KUBE-FORWARD accepts what conntrack knows, not a Service's first packet.
+        node.ns()
+            .run(
+                "iptables",
+                &[
+                    "-I",
+                    "FORWARD",
+                    "-m",
+                    "conntrack",
+                    "--ctstate",
+                    "RELATED,ESTABLISHED",
+                    "-j",
+                    "ACCEPT",
+                ],
+            )
+            .unwrap();
+        wait_forward_rules(node, "172.17.0.0/16");
+    }
+    route_service(n0, remote.ip());
+    let before = counters(n0);
+    assert_service_reached(&p0, &remote);
+    let after = counters(n0);
+    assert!(grew(&before, &after, "to_stack_dnat") > 0, "{after:?}");
+    assert_pods_talk(&p0, &remote);
 }
 
 /// host-gw with `--ip-masq` (the Service CIDR excluded, as the DaemonSet sets it): replies come

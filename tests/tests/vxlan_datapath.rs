@@ -36,9 +36,10 @@ use overlay_common::names;
 use overlay_tests::{
     AttachKind, Capture, Cluster, NetNs, Node, Pod, add_veth, attached_programs,
     checks::{
-        FIRST_ECHO, agent_cmd, agent_of, assert_host_reaches, assert_no_ping, assert_ping,
-        assert_pods_talk, assert_pods_talk_across_nodes, assert_tcp, counters, grown,
-        route_via_missing_gateway, subnet_of, unroute_missing_gateway, wait_line_since, wait_until,
+        FIRST_ECHO, NO_FORWARD_RULES, agent_cmd, agent_of, assert_host_reaches, assert_no_ping,
+        assert_ping, assert_pods_talk, assert_pods_talk_across_nodes, assert_tcp, counters,
+        forward_drop, grown, route_via_missing_gateway, subnet_of, unroute_missing_gateway,
+        wait_forward_rules, wait_line_since, wait_until,
     },
     packet::{parse_mac, vxlan_payload},
     stock::{StockPeer, stock_vxlan_node},
@@ -457,23 +458,23 @@ fn check_capture(
 
 // ----- 2. FORWARD DROP, no iptables rules -----------------------------------------------------
 
-/// With `iptables -P FORWARD DROP` in every node (as Docker leaves it) and no rules at all, pods
-/// and hosts still reach remote pods: the data path never goes through the kernel's forwarding.
-/// The agent adds nothing to iptables or nftables. A control shows the policy is in force: a
-/// pod's packet the kernel must forward (to another node's underlay address) is dropped, and
-/// passes once the policy is ACCEPT again.
+/// With `iptables -P FORWARD DROP` in every node (as Docker leaves it) and no rules at all
+/// (`--iptables-forward-rules=false`: no flanneld accepts either), pods and hosts still reach
+/// remote pods: the data path never goes through the kernel's forwarding. The agent adds
+/// nothing to iptables or nftables. A control shows the policy is in force: a pod's packet the
+/// kernel must forward (to another node's underlay address) is dropped, and passes once the
+/// policy is ACCEPT again.
 #[test]
 fn forward_policy_drop_and_no_iptables_rules() {
     let cluster = Cluster::builder()
         .nodes(3)
         .pods_per_node(1)
         .network_config(CONFIG)
+        .agent_args(&[NO_FORWARD_RULES])
         .build()
         .unwrap();
     for node in cluster.nodes() {
-        node.ns()
-            .run("iptables", &["-P", "FORWARD", "DROP"])
-            .unwrap();
+        forward_drop(node);
         assert_only_forward_drop_policy(node);
     }
     for i in 0..3 {
@@ -504,6 +505,39 @@ fn forward_policy_drop_and_no_iptables_rules() {
     traffic::ping_until(pod.ns(), n1, FIRST_ECHO).unwrap_or_else(|e| {
         panic!("with FORWARD ACCEPT again, {pod} must reach {n1} through n0's forwarding: {e:#}")
     });
+}
+
+/// By default (`--iptables-forward-rules`, as in flanneld) an agent whose node's FORWARD policy
+/// turns to DROP after it started (Docker started later) writes flanneld's forward rules, each
+/// once, at its next check, and writes them again when they are flushed; a node whose policy
+/// accepts gets none. The control of the test above (a pod's packet that n0's kernel forwards
+/// to another node's underlay address) then passes.
+#[test]
+fn forward_policy_drop_gets_flanneld_forward_rules() {
+    let cluster = Cluster::builder()
+        .nodes(2)
+        .pods_per_node(1)
+        .network_config(CONFIG)
+        .build()
+        .unwrap();
+    let (n0, n1) = (cluster.node(0), cluster.node(1));
+    forward_drop(n0);
+    wait_forward_rules(n0, "172.17.0.0/16");
+    let (pod, target) = (cluster.pod(0, 0), n1.underlay_ip());
+    traffic::ping_until(pod.ns(), target, FIRST_ECHO).unwrap_or_else(|e| {
+        panic!("{pod} must reach {target} through n0's forwarding and its rules: {e:#}")
+    });
+    assert_pods_talk(&pod, &cluster.pod(1, 0));
+
+    // Flushed (`iptables -F` empties FORWARD and FLANNEL-FWD): written again, each once.
+    n0.ns().run("iptables", &["-F"]).unwrap();
+    wait_forward_rules(n0, "172.17.0.0/16");
+
+    let save = n1.ns().run("iptables-save", &[] as &[&str]).unwrap();
+    assert!(
+        !save.contains("FLANNEL-FWD") && !save.contains("172.17."),
+        "n1's FORWARD policy accepts: no rule is needed, none may be written:\n{save}"
+    );
 }
 
 // ----- 3. the pod bridge comes late and is re-created ------------------------------------------

@@ -53,7 +53,7 @@ use crate::{
         pin::{PinDir, PinError},
     },
     endpoints::run_watcher,
-    iface, kernel,
+    forward_rules, iface, kernel,
     netdev::{GRO_DEVICE, HOST_DEVICE, Netlink},
     netevents::NetlinkEvents,
     notify::Notifier,
@@ -378,6 +378,19 @@ async fn serve(flags: Flags, mut signals: Signals, undo: &mut Undo) -> Result<()
     let mut netlink_events =
         NetlinkEvents::subscribe().context("subscribing to netlink link and neighbour events")?;
     enable_ip_forwarding()?;
+    // flanneld's FORWARD accepts where the policy drops, before the node says it is ready.
+    let _forward_rules = if flags.iptables_forward_rules {
+        let first = forward_rules::first_check(config.network).await;
+        let every = Duration::from_secs(flags.iptables_resync);
+        Some(AbortOnDrop(tokio::spawn(forward_rules::keep(
+            config.network,
+            every,
+            Some(first),
+        ))))
+    } else {
+        info!("--iptables-forward-rules=false: FORWARD is left as it is");
+        None
+    };
     datapath.attach_underlay(&ext.name)?;
     info!("data path attached to {}", ext.name);
     if datapath.decap_clears_tunnel_gso() {
@@ -609,6 +622,15 @@ pub async fn cleanup(bpf_dir: &Path) -> Result<()> {
         info!("deleted the host device {HOST_DEVICE}");
     }
     Ok(())
+}
+
+/// A background task that ends with the scope holding it.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// SIGTERM and SIGINT, whichever comes first.
