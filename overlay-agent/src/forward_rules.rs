@@ -21,11 +21,13 @@
 //! `iptables` runs as a command, as in flanneld, kube-proxy and Docker, so that the rules land in
 //! the backend (legacy or nft) that the node's other rules use; each call has a time limit.
 
-use std::{future::Future, time::Duration};
+use std::{future::Future, sync::Arc, time::Duration};
 
 use ipnet::Ipv4Net;
 use tokio::process::Command;
 use tracing::{info, warn};
+
+use crate::telemetry::Telemetry;
 
 /// flanneld's chain, jumped to from the end of FORWARD.
 pub const CHAIN: &str = "FLANNEL-FWD";
@@ -89,6 +91,27 @@ pub enum Outcome {
     /// The policy does not accept: the rules are in place; `added` names what this check wrote
     /// (empty when everything was there).
     InPlace { policy: String, added: Vec<String> },
+}
+
+impl Outcome {
+    /// One line for `overlay-agent status`.
+    #[must_use]
+    pub fn summary(&self) -> String {
+        match self {
+            Self::NotNeeded { policy } => format!("policy {policy}: no rule needed"),
+            Self::InPlace { policy, .. } => {
+                format!("policy {policy}: flanneld's forward rules in place (chain {CHAIN})")
+            }
+        }
+    }
+}
+
+/// What `overlay-agent status` shows for a check's result.
+fn status_line(outcome: &Result<Outcome, String>) -> String {
+    match outcome {
+        Ok(outcome) => outcome.summary(),
+        Err(e) => format!("CHECK FAILED: {e}"),
+    }
 }
 
 /// The rules, as `(chain, rule)`: the two accepts in [`CHAIN`], then the jump at the end of
@@ -198,10 +221,15 @@ fn policy_of(listing: &str) -> Option<String> {
     })
 }
 
-/// Keeps the rules for `network` every `every`, logging what changes: the first finding, rules
-/// written again after someone removed them, a policy that changed, failures (once until the
-/// next success). Runs until the task is aborted.
-pub async fn keep(network: Ipv4Net, every: Duration, mut last: Option<Result<Outcome, String>>) {
+/// Keeps the rules for `network` every `every`, logging what changes: rules written again after
+/// someone removed them, a policy that changed, failures (once until the next success); the
+/// status shows the latest. `last` is the first check's outcome. Runs until aborted.
+pub async fn keep(
+    network: Ipv4Net,
+    every: Duration,
+    mut last: Result<Outcome, String>,
+    telemetry: Arc<Telemetry>,
+) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
@@ -210,19 +238,21 @@ pub async fn keep(network: Ipv4Net, every: Duration, mut last: Option<Result<Out
         let now = ensure(&IptablesCommand, network)
             .await
             .map_err(|e| e.to_string());
-        report(network, last.as_ref(), &now);
-        last = Some(now);
+        report(network, Some(&last), &now);
+        telemetry.set_forward(status_line(&now));
+        last = now;
     }
 }
 
 /// The first check, before the node is reported ready (at most [`FIRST_CHECK_LIMIT`]: a stuck
 /// `iptables` must not hold the node back); its outcome seeds [`keep`].
-pub async fn first_check(network: Ipv4Net) -> Result<Outcome, String> {
+pub async fn first_check(network: Ipv4Net, telemetry: &Telemetry) -> Result<Outcome, String> {
     let now = tokio::time::timeout(FIRST_CHECK_LIMIT, ensure(&IptablesCommand, network))
         .await
         .map_err(|_| format!("no outcome within {FIRST_CHECK_LIMIT:?}"))
         .and_then(|r| r.map_err(|e| e.to_string()));
     report(network, None, &now);
+    telemetry.set_forward(status_line(&now));
     now
 }
 

@@ -13,7 +13,9 @@
 //! applies decisions to the data path), `cli` (flanneld's flags), `iface` (choosing the
 //! external interface), `netdev` (the host device `ovl0`, the pod bridge, netlink queries),
 //! `endpoints` (local pods for delivery straight into them), `netevents` (the one netlink
-//! subscription: link events for repairs, every message for `endpoints`), `healthz` (`/healthz`, `/readyz`, `/metrics`).
+//! subscription: link events for repairs, every message for `endpoints`), `forward_rules`
+//! (flanneld's FORWARD accepts where the policy drops), `healthz` (`/healthz`, `/readyz`,
+//! `/metrics`).
 //! Operations: `compat` (the rest of flanneld's flags), `kernel` (feature check at start),
 //! `notify` (systemd's sd_notify), `telemetry` (runtime state, readiness, the status file),
 //! `metrics` (Prometheus), `status` and `monitor` (inspection subcommands).

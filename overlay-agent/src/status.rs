@@ -18,7 +18,10 @@ use overlay_common::counters::Reason;
 use serde::Serialize;
 
 use crate::{
-    datapath::{foreign::our_program, nat::pinned_nat_flows, pinned_counters, pinned_peers},
+    datapath::{
+        foreign::our_program, nat::pinned_nat_flows, pinned_counters, pinned_peers,
+        pinned_route_gen,
+    },
     netdev::{GRO_DEVICE, HOST_DEVICE},
     subnet::Mac,
     telemetry::AgentStatus,
@@ -84,6 +87,9 @@ pub struct NodeStatus {
     /// Delivery modes in use: peers per mode.
     pub modes: BTreeMap<&'static str, usize>,
     pub nat: Option<NatStatus>,
+    /// The routing generation of the programs' next-hop cache, from the pinned `CONFIG`: it
+    /// grows at every route, rule, address or link event and each second while an agent runs.
+    pub routing_generation: Option<u32>,
 }
 
 /// The programs the kernel has attached to `iface` (tcx ingress, then egress).
@@ -193,6 +199,7 @@ pub fn collect(bpf_dir: &Path, status_file: &Path) -> NodeStatus {
         peers,
         modes,
         nat,
+        routing_generation: pinned_route_gen(bpf_dir).ok(),
     }
 }
 
@@ -273,10 +280,14 @@ pub fn print_status(bpf_dir: &Path, status_file: &Path, json: bool) -> Result<()
                 a.etcd.watch_resyncs
             );
             println!("repairs:    {}", a.repairs);
+            println!("forward:    {}", a.forward.as_deref().unwrap_or("-"));
         }
         None => println!("agent:      no status file at {}", s.status_file),
     }
-    println!("pinned:     {}", if s.pinned { "yes" } else { "no" });
+    match (s.pinned, s.routing_generation) {
+        (true, Some(generation)) => println!("pinned:     yes (routing generation {generation})"),
+        (pinned, _) => println!("pinned:     {}", if pinned { "yes" } else { "no" }),
+    }
     for i in &s.interfaces {
         let progs: Vec<String> = i
             .programs

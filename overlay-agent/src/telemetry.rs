@@ -64,6 +64,7 @@ struct State {
     config_changed: Option<String>,
     lease_shared: Option<String>,
     gro_blocked: Option<String>,
+    forward: Option<String>,
     repairs: u64,
     nat_enabled: bool,
 }
@@ -92,6 +93,10 @@ pub struct AgentStatus {
     pub nat_enabled: bool,
     /// Times the data path was repaired after a device or attachment went away.
     pub repairs: u64,
+    /// The FORWARD policy and flanneld's forward rules, as last checked
+    /// (`--iptables-forward-rules`). Absent from an older agent's file.
+    #[serde(default)]
+    pub forward: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -206,6 +211,11 @@ impl Telemetry {
         self.state().gro_blocked = why;
     }
 
+    /// The latest check of the FORWARD policy and flanneld's forward rules, in words.
+    pub fn set_forward(&self, what: String) {
+        self.state().forward = Some(what);
+    }
+
     /// How the network config in etcd differs from the one the agent runs (`None`: it does
     /// not). Nodes that start with another config refuse this node's lease and it theirs.
     pub fn set_config_changed(&self, change: Option<String>) {
@@ -275,6 +285,7 @@ impl Telemetry {
             },
             nat_enabled: s.nat_enabled,
             repairs: s.repairs,
+            forward: s.forward.clone(),
         }
     }
 

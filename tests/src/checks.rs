@@ -388,6 +388,32 @@ pub fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> bool
     }
 }
 
+/// The routing generation of `node`'s data path (`overlay-agent status -o json`), which the
+/// agent renews at every route, rule, address or link event and once a second.
+pub fn routing_generation(node: &Node) -> u32 {
+    let out = agent_cmd(node, &["status", "-o", "json"]);
+    let status: serde_json::Value = serde_json::from_str(&out)
+        .unwrap_or_else(|e| panic!("{}: status -o json: {e}:\n{out}", node.name()));
+    status["routing_generation"]
+        .as_u64()
+        .and_then(|g| u32::try_from(g).ok())
+        .unwrap_or_else(|| panic!("{}: no routing_generation in:\n{out}", node.name()))
+}
+
+/// Waits until `node`'s agent has renewed the routing generation past `before`: from then on
+/// its programs look their next hops up again. Panics after 5 s (the agent renews it at least
+/// once a second).
+pub fn wait_routing_renewed(node: &Node, before: u32) {
+    wait_until(
+        &format!(
+            "{} to renew its routing generation past {before}",
+            node.name()
+        ),
+        Duration::from_secs(5),
+        || routing_generation(node) != before,
+    );
+}
+
 /// A gateway on the nodes' first segment that nobody answers: a next hop that goes nowhere.
 pub const MISSING_GATEWAY: &str = "198.18.0.250";
 

@@ -38,8 +38,9 @@ use overlay_tests::{
     checks::{
         FIRST_ECHO, NO_FORWARD_RULES, agent_cmd, agent_of, assert_host_reaches, assert_no_ping,
         assert_ping, assert_pods_talk, assert_pods_talk_across_nodes, assert_tcp, counters,
-        forward_drop, grown, route_via_missing_gateway, subnet_of, unroute_missing_gateway,
-        wait_forward_rules, wait_line_since, wait_until,
+        forward_drop, grown, route_via_missing_gateway, routing_generation, subnet_of,
+        unroute_missing_gateway, wait_forward_rules, wait_line_since, wait_routing_renewed,
+        wait_until,
     },
     packet::{parse_mac, vxlan_payload},
     stock::{StockPeer, stock_vxlan_node},
@@ -538,6 +539,21 @@ fn forward_policy_drop_gets_flanneld_forward_rules() {
         !save.contains("FLANNEL-FWD") && !save.contains("172.17."),
         "n1's FORWARD policy accepts: no rule is needed, none may be written:\n{save}"
     );
+
+    // `overlay-agent status` says which way each node went.
+    for (node, line) in [
+        (
+            n0,
+            "forward:    policy DROP: flanneld's forward rules in place (chain FLANNEL-FWD)",
+        ),
+        (n1, "forward:    policy ACCEPT: no rule needed"),
+    ] {
+        wait_until(
+            &format!("{}'s status to say {line:?}", node.name()),
+            Duration::from_secs(5),
+            || agent_cmd(node, &["status"]).lines().any(|l| l == line),
+        );
+    }
 }
 
 // ----- 3. the pod bridge comes late and is re-created ------------------------------------------
@@ -1081,12 +1097,16 @@ fn peers_behind_a_router_are_sent_to_the_gateway() {
 }
 
 /// The programs cache the outer next hop per peer (`NEXT_HOP_V4`) under the agent's routing
-/// generation. A route change on the node must take effect from the next packet, not when the
-/// cache happens to expire: with n1 behind the router and traffic flowing (next hop cached),
-/// n0 gets a more specific route to n1 through a gateway that does not exist. The pings sent
-/// right after it must all go there: n0 tries to resolve that gateway, and not one of their
-/// frames reaches the router (with the once-a-second renewal alone, about half a second of them
-/// would). With the route removed, pods talk through the router again.
+/// generation. A route change on the node must take effect from the next packet after the
+/// agent renewed the generation (at the route event; at worst at its once-a-second renewal),
+/// not when the cache happens to expire: with n1 behind the router and traffic flowing (next
+/// hop cached), n0 gets a more specific route to n1 through a gateway that does not exist.
+/// Once the generation read after the change has been renewed (`status`), the pings must all
+/// go there: n0 tries to resolve that gateway, and not one of their frames reaches the
+/// router. (The pings used to start right after the change, which failed once on a loaded
+/// machine where the agent heard of the route after the first ping went out: how fast the
+/// agent reacts is not this test's to time.) With the route removed, pods talk through the
+/// router again.
 #[test]
 fn a_changed_route_to_a_peer_is_followed_at_once() {
     let cluster = cluster_behind_a_router();
@@ -1099,6 +1119,8 @@ fn a_changed_route_to_a_peer_is_followed_at_once() {
     let capture = capture_vxlan_at_n0(&cluster, &pcap);
     assert_pods_talk(&p0, &p1);
     let host_route = route_via_missing_gateway(n0, &format!("{}/32", n1.underlay_ip()));
+    // Read after the change: any renewal past it follows the change.
+    wait_routing_renewed(n0, routing_generation(n0));
     // 20 pings in half a second; none can be answered.
     let _ = p0.ns().run(
         "ping",

@@ -380,15 +380,17 @@ async fn serve(flags: Flags, mut signals: Signals, undo: &mut Undo) -> Result<()
     enable_ip_forwarding()?;
     // flanneld's FORWARD accepts where the policy drops, before the node says it is ready.
     let _forward_rules = if flags.iptables_forward_rules {
-        let first = forward_rules::first_check(config.network).await;
+        let first = forward_rules::first_check(config.network, &telemetry).await;
         let every = Duration::from_secs(flags.iptables_resync);
         Some(AbortOnDrop(tokio::spawn(forward_rules::keep(
             config.network,
             every,
-            Some(first),
+            first,
+            telemetry.clone(),
         ))))
     } else {
         info!("--iptables-forward-rules=false: FORWARD is left as it is");
+        telemetry.set_forward("off (--iptables-forward-rules=false)".to_owned());
         None
     };
     datapath.attach_underlay(&ext.name)?;

@@ -3,9 +3,10 @@
 
 use std::{net::Ipv4Addr, path::Path};
 
-use aya::maps::{HashMap, LpmTrie, Map, MapData, PerCpuArray};
+use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray};
 use ipnet::Ipv4Net;
 use overlay_common::{
+    config::{CONFIG_INDEX, Config},
     counters::{Counter, Reason},
     endpoint::{Endpoint, EndpointKeyV4},
     route::{RemoteNode, RouteKeyV4},
@@ -85,6 +86,19 @@ pub fn pinned_endpoints(dir: &Path) -> Result<Vec<(Ipv4Addr, Endpoint)>, Datapat
         .collect::<Result<Vec<_>, _>>()?;
     endpoints.sort_by_key(|(addr, _)| *addr);
     Ok(endpoints)
+}
+
+/// The routing generation in the pinned `CONFIG`: the agent renews it at every route, rule,
+/// address or link event and once a second (`Datapath::routing_changed`); 0 before the first.
+pub fn pinned_route_gen(dir: &Path) -> Result<u32, DatapathError> {
+    let dir = existing(dir)?;
+    let map = Map::Array(open(&dir, names::CONFIG)?);
+    let err = |source| DatapathError::Map {
+        map: names::CONFIG,
+        source,
+    };
+    let array = Array::<_, Config>::try_from(&map).map_err(err)?;
+    Ok(array.get(&CONFIG_INDEX, 0).map_err(err)?.route_gen)
 }
 
 fn existing(dir: &Path) -> Result<PinDir, DatapathError> {

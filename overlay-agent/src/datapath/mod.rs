@@ -91,7 +91,7 @@ use overlay_common::{
 };
 
 pub use self::{
-    inspect::{pinned_counters, pinned_endpoints, pinned_peers},
+    inspect::{pinned_counters, pinned_endpoints, pinned_peers, pinned_route_gen},
     node_config::{NodeConfig, Routing},
     peer_table::{MapOp, PeerTable},
 };
