@@ -177,6 +177,11 @@ pub struct Flags {
     #[arg(long, env = "FLANNELD_IFACE_REGEX", value_delimiter = ',')]
     pub iface_regex: Vec<String>,
 
+    /// When neither --iface nor --iface-regex matches: the interface the kernel routes this
+    /// IPv4 address through (`ip route get <address>`), with the source address it picks.
+    #[arg(long, env = "FLANNELD_IFACE_CAN_REACH", value_name = "ADDRESS")]
+    pub iface_can_reach: Option<String>,
+
     /// IP address other nodes use to reach this one. Default: the address of the chosen interface.
     #[arg(long, env = "FLANNELD_PUBLIC_IP")]
     pub public_ip: Option<Ipv4Addr>,

@@ -6,8 +6,8 @@
 //! Three kinds, decided in [`FlanneldCompat::check`]:
 //! - meaningless here (klog's logging options, `--iptables-resync`, the Kubernetes options
 //!   while `--kube-subnet-mgr` is off): accepted with a one-line warning each;
-//! - not implemented yet (`--kube-subnet-mgr`, `--public-ipv6`, `--iface-can-reach`,
-//!   `--ip-blackhole-route`): the agent stops with a message that says so;
+//! - not implemented yet (`--kube-subnet-mgr`, `--public-ipv6`, `--ip-blackhole-route`): the
+//!   agent stops with a message that says so;
 //! - the flags the agent implements live in [`crate::cli::Flags`].
 
 use clap::{ArgAction, Args as ClapArgs, builder::BoolishValueParser};
@@ -20,10 +20,6 @@ const HEADING: &str = "Accepted for flanneld compatibility";
 /// flanneld's flags that the agent accepts without acting on them, or refuses for now.
 #[derive(Debug, Clone, Default, ClapArgs)]
 pub struct FlanneldCompat {
-    /// Not implemented yet: pick the interface that routes to this IP (stops the agent).
-    #[arg(long, env = "FLANNELD_IFACE_CAN_REACH", help_heading = HEADING)]
-    pub iface_can_reach: Option<String>,
-
     /// Not implemented yet: IPv6 address of this node (stops the agent).
     #[arg(long, env = "FLANNELD_PUBLIC_IPV6", help_heading = HEADING)]
     pub public_ipv6: Option<String>,
@@ -154,11 +150,6 @@ impl FlanneldCompat {
                 "IPv6 and dual stack",
             ),
             (
-                set(&self.iface_can_reach),
-                "--iface-can-reach",
-                "choosing the interface by a route; use --iface or --iface-regex",
-            ),
-            (
                 self.ip_blackhole_route == Some(true),
                 "--ip-blackhole-route",
                 "a blackhole route for the node's subnet",
@@ -253,6 +244,10 @@ impl Flags {
             ),
             ("iface", self.iface.join(",")),
             ("iface-regex", self.iface_regex.join(",")),
+            (
+                "iface-can-reach",
+                self.iface_can_reach.clone().unwrap_or_default(),
+            ),
             (
                 "public-ip",
                 self.public_ip.map(|ip| ip.to_string()).unwrap_or_default(),
@@ -388,7 +383,6 @@ mod tests {
             (&["--kube-subnet-mgr"][..], "--kube-subnet-mgr"),
             (&["-kube-subnet-mgr=true"][..], "--kube-subnet-mgr"),
             (&["--public-ipv6", "2001:db8::1"][..], "--public-ipv6"),
-            (&["-iface-can-reach=198.18.0.254"][..], "--iface-can-reach"),
             (&["-ip-blackhole-route"][..], "--ip-blackhole-route"),
         ] {
             let err = parse(args).flags.compat.check().unwrap_err().to_string();

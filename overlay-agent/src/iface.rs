@@ -1,6 +1,8 @@
 //! Choosing the external interface as flanneld does: `--iface` (name or IP, first that exists),
-//! else `--iface-regex` (matched against addresses, then names), else the interface of the
-//! default route. The public IP is `--public-ip` or the interface's first IPv4 address.
+//! else `--iface-regex` (matched against addresses, then names), else `--iface-can-reach` (the
+//! interface the kernel routes that address through, with the source address it picks); with
+//! none of the three given, the interface of the default route. The public IP is `--public-ip`
+//! or the interface's address (the one matched or picked, else its first IPv4 address).
 //!
 //! The choice is a pure function over a snapshot of the interfaces ([`select`]), so it is unit
 //! tested without netlink; [`discover`] takes that snapshot from the kernel.
@@ -31,6 +33,20 @@ pub struct Interface {
     pub networks: Vec<Ipv4Net>,
 }
 
+/// `--iface-can-reach`: the address, and how the kernel routes it (`None`: no route).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CanReach {
+    pub addr: Ipv4Addr,
+    pub route: Option<RouteTo>,
+}
+
+/// The answer of `ip route get <address>`: the output interface and the source address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RouteTo {
+    pub index: u32,
+    pub src: Option<Ipv4Addr>,
+}
+
 /// The interface inter-node traffic uses, and the address peers reach this node at.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExternalInterface {
@@ -49,12 +65,16 @@ pub enum IfaceError {
     #[error("invalid --iface-regex {regex:?}: {source}")]
     BadRegex { regex: String, source: regex::Error },
     #[error(
-        "failed to find interface to use that matches the interfaces and/or regexes provided: --iface {ifaces:?} --iface-regex {regexes:?}"
+        "failed to find interface to use that matches the interfaces and/or regexes provided: --iface {ifaces:?} --iface-regex {regexes:?}{}",
+        can_reach.map(|a| format!(" --iface-can-reach {a} (no route to it)")).unwrap_or_default()
     )]
     NoMatch {
         ifaces: Vec<String>,
         regexes: Vec<String>,
+        can_reach: Option<Ipv4Addr>,
     },
+    #[error("--iface-can-reach {value:?} is not an IPv4 address (the agent is IPv4 only)")]
+    BadCanReach { value: String },
     #[error("failed to get default interface: no default route (give --iface)")]
     NoDefaultRoute,
     #[error("failed to find IPv4 address for interface {name}")]
@@ -70,61 +90,40 @@ pub enum IfaceError {
     Connection(std::io::Error),
 }
 
-/// Picks the external interface from a snapshot of the node's interfaces (flanneld's order).
+/// Picks the external interface from a snapshot of the node's interfaces (flanneld's order:
+/// each `--iface`, then each `--iface-regex`, then `--iface-can-reach`; the default route's
+/// interface only when none of them is given).
 pub fn select(
     interfaces: &[Interface],
     default_route_index: Option<u32>,
     ifaces: &[String],
     regexes: &[String],
+    can_reach: Option<CanReach>,
     public_ip: Option<Ipv4Addr>,
 ) -> Result<ExternalInterface, IfaceError> {
-    let chosen = if !ifaces.is_empty() {
-        ifaces
-            .iter()
-            .find_map(|want| match want.parse::<Ipv4Addr>() {
-                Ok(ip) => interfaces
-                    .iter()
-                    .find(|i| i.ipv4.contains(&ip))
-                    .map(|i| (i, Some(ip))),
-                Err(_) => interfaces
-                    .iter()
-                    .find(|i| i.name == *want)
-                    .map(|i| (i, None)),
-            })
-    } else if !regexes.is_empty() {
-        let compiled = regexes
-            .iter()
-            .map(|r| {
-                Regex::new(r).map_err(|source| IfaceError::BadRegex {
-                    regex: r.clone(),
-                    source,
-                })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        compiled.iter().find_map(|re| {
-            let by_addr = interfaces.iter().find_map(|i| {
-                i.ipv4
-                    .iter()
-                    .find(|a| re.is_match(&a.to_string()))
-                    .map(|a| (i, Some(*a)))
-            });
-            by_addr.or_else(|| {
-                interfaces
-                    .iter()
-                    .find(|i| re.is_match(&i.name))
-                    .map(|i| (i, None))
-            })
-        })
-    } else {
+    let chosen = if ifaces.is_empty() && regexes.is_empty() && can_reach.is_none() {
         let index = default_route_index.ok_or(IfaceError::NoDefaultRoute)?;
         interfaces
             .iter()
             .find(|i| i.index == index)
             .map(|i| (i, None))
+    } else {
+        let by_route = || {
+            let route = can_reach?.route?;
+            let iface = interfaces.iter().find(|i| i.index == route.index)?;
+            // A source the interface does not hold (a route's `src` elsewhere) is not its address.
+            Some((iface, route.src.filter(|a| iface.ipv4.contains(a))))
+        };
+        match by_name_or_ip(interfaces, ifaces) {
+            Some(found) => Some(found),
+            None => by_regex(interfaces, regexes)?,
+        }
+        .or_else(by_route)
     };
     let (iface, addr) = chosen.ok_or_else(|| IfaceError::NoMatch {
         ifaces: ifaces.to_vec(),
         regexes: regexes.to_vec(),
+        can_reach: can_reach.map(|c| c.addr),
     })?;
     let iface_addr = addr
         .or_else(|| iface.ipv4.first().copied())
@@ -144,6 +143,84 @@ pub fn select(
         iface_addr,
         public_ip: public_ip.unwrap_or(iface_addr),
     })
+}
+
+/// The first `--iface` (a name, or an address the interface holds) that exists.
+fn by_name_or_ip<'a>(
+    interfaces: &'a [Interface],
+    ifaces: &[String],
+) -> Option<(&'a Interface, Option<Ipv4Addr>)> {
+    ifaces
+        .iter()
+        .find_map(|want| match want.parse::<Ipv4Addr>() {
+            Ok(ip) => interfaces
+                .iter()
+                .find(|i| i.ipv4.contains(&ip))
+                .map(|i| (i, Some(ip))),
+            Err(_) => interfaces
+                .iter()
+                .find(|i| i.name == *want)
+                .map(|i| (i, None)),
+        })
+}
+
+/// The first interface an `--iface-regex` matches: by address first, then by name.
+fn by_regex<'a>(
+    interfaces: &'a [Interface],
+    regexes: &[String],
+) -> Result<Option<(&'a Interface, Option<Ipv4Addr>)>, IfaceError> {
+    let compiled = regexes
+        .iter()
+        .map(|r| {
+            Regex::new(r).map_err(|source| IfaceError::BadRegex {
+                regex: r.clone(),
+                source,
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(compiled.iter().find_map(|re| {
+        let by_addr = interfaces.iter().find_map(|i| {
+            i.ipv4
+                .iter()
+                .find(|a| re.is_match(&a.to_string()))
+                .map(|a| (i, Some(*a)))
+        });
+        by_addr.or_else(|| {
+            interfaces
+                .iter()
+                .find(|i| re.is_match(&i.name))
+                .map(|i| (i, None))
+        })
+    }))
+}
+
+/// `--iface-can-reach`'s value as an address; empty means not given (flanneld's unit files
+/// pass `-iface-can-reach=`).
+pub fn parse_can_reach(value: Option<&str>) -> Result<Option<Ipv4Addr>, IfaceError> {
+    match value.map(str::trim) {
+        None | Some("") => Ok(None),
+        Some(text) => text.parse().map(Some).map_err(|_| IfaceError::BadCanReach {
+            value: text.to_owned(),
+        }),
+    }
+}
+
+/// How the kernel routes `addr` (`ip route get`): `None` when it has no route.
+async fn route_to(handle: &Handle, addr: Ipv4Addr) -> Option<RouteTo> {
+    let msg = RouteMessageBuilder::<Ipv4Addr>::new()
+        .destination_prefix(addr, 32)
+        .build();
+    let route = handle.route().get(msg).execute().try_next().await.ok()??;
+    let mut index = None;
+    let mut src = None;
+    for attr in &route.attributes {
+        match attr {
+            RouteAttribute::Oif(i) => index = Some(*i),
+            RouteAttribute::PrefSource(RouteAddress::Inet(a)) => src = Some(*a),
+            _ => {}
+        }
+    }
+    Some(RouteTo { index: index?, src })
 }
 
 /// Lists the interfaces of the current network namespace with their IPv4 addresses.
@@ -347,16 +424,24 @@ pub async fn default_route_index(handle: &Handle) -> Result<Option<u32>, IfaceEr
 pub async fn discover(
     ifaces: &[String],
     regexes: &[String],
+    can_reach: Option<Ipv4Addr>,
     public_ip: Option<Ipv4Addr>,
 ) -> Result<ExternalInterface, IfaceError> {
     with_netlink(async |handle| {
         let interfaces = list_interfaces(handle).await?;
-        let default = if ifaces.is_empty() && regexes.is_empty() {
+        let default = if ifaces.is_empty() && regexes.is_empty() && can_reach.is_none() {
             default_route_index(handle).await?
         } else {
             None
         };
-        select(&interfaces, default, ifaces, regexes, public_ip)
+        let can_reach = match can_reach {
+            Some(addr) => Some(CanReach {
+                addr,
+                route: route_to(handle, addr).await,
+            }),
+            None => None,
+        };
+        select(&interfaces, default, ifaces, regexes, can_reach, public_ip)
     })
     .await
 }
@@ -391,7 +476,7 @@ mod tests {
 
     #[test]
     fn default_route_interface_is_the_default() {
-        let e = select(&node(), Some(3), &[], &[], None).unwrap();
+        let e = select(&node(), Some(3), &[], &[], None, None).unwrap();
         assert_eq!(
             (e.name.as_str(), e.iface_addr),
             ("eth1", Ipv4Addr::new(198, 19, 0, 7))
@@ -402,16 +487,16 @@ mod tests {
     #[test]
     fn no_default_route_and_no_flags_is_an_error() {
         assert!(matches!(
-            select(&node(), None, &[], &[], None),
+            select(&node(), None, &[], &[], None, None),
             Err(IfaceError::NoDefaultRoute)
         ));
     }
 
     #[test]
     fn iface_by_name_or_ip_first_existing_wins() {
-        let e = select(&node(), Some(3), &s(&["nope", "eth0"]), &[], None).unwrap();
+        let e = select(&node(), Some(3), &s(&["nope", "eth0"]), &[], None, None).unwrap();
         assert_eq!(e.name, "eth0");
-        let e = select(&node(), None, &s(&["198.19.0.8"]), &[], None).unwrap();
+        let e = select(&node(), None, &s(&["198.19.0.8"]), &[], None, None).unwrap();
         assert_eq!(
             (e.name.as_str(), e.iface_addr),
             ("eth1", Ipv4Addr::new(198, 19, 0, 8))
@@ -420,18 +505,106 @@ mod tests {
 
     #[test]
     fn iface_that_matches_nothing_names_the_flags() {
-        let err = select(&node(), Some(2), &s(&["wlan9"]), &[], None).unwrap_err();
+        let err = select(&node(), Some(2), &s(&["wlan9"]), &[], None, None).unwrap_err();
         assert!(err.to_string().contains("wlan9"), "{err}");
     }
 
     #[test]
     fn regex_matches_addresses_before_names() {
-        let e = select(&node(), None, &[], &s(&[r"^198\.19\.0\.8$"]), None).unwrap();
+        let e = select(&node(), None, &[], &s(&[r"^198\.19\.0\.8$"]), None, None).unwrap();
         assert_eq!(e.iface_addr, Ipv4Addr::new(198, 19, 0, 8));
-        let e = select(&node(), None, &[], &s(&["^eth0$"]), None).unwrap();
+        let e = select(&node(), None, &[], &s(&["^eth0$"]), None, None).unwrap();
         assert_eq!(e.name, "eth0");
-        let err = select(&node(), None, &[], &s(&["("]), None).unwrap_err();
+        let err = select(&node(), None, &[], &s(&["("]), None, None).unwrap_err();
         assert!(matches!(err, IfaceError::BadRegex { ref regex, .. } if regex == "("));
+    }
+
+    #[test]
+    fn an_iface_that_matches_nothing_falls_through_to_the_regexes_then_can_reach() {
+        // flanneld tries each --iface, then each --iface-regex, then --iface-can-reach.
+        let e = select(
+            &node(),
+            Some(2),
+            &s(&["wlan9"]),
+            &s(&["^eth1$"]),
+            None,
+            None,
+        )
+        .unwrap();
+        assert_eq!(e.name, "eth1");
+        let reach = CanReach {
+            addr: Ipv4Addr::new(198, 19, 5, 5),
+            route: Some(RouteTo {
+                index: 3,
+                src: Some(Ipv4Addr::new(198, 19, 0, 8)),
+            }),
+        };
+        let e = select(
+            &node(),
+            Some(2),
+            &s(&["wlan9"]),
+            &s(&["^nope$"]),
+            Some(reach),
+            None,
+        )
+        .unwrap();
+        assert_eq!(
+            (e.name.as_str(), e.iface_addr),
+            ("eth1", Ipv4Addr::new(198, 19, 0, 8)),
+            "the interface and source address of the route"
+        );
+        // A match before it wins.
+        let e = select(&node(), None, &s(&["eth0"]), &[], Some(reach), None).unwrap();
+        assert_eq!(e.name, "eth0");
+    }
+
+    #[test]
+    fn can_reach_alone_takes_the_route_not_the_default() {
+        let route = |src| CanReach {
+            addr: Ipv4Addr::new(203, 0, 113, 9),
+            route: Some(RouteTo { index: 3, src }),
+        };
+        let e = select(&node(), Some(2), &[], &[], Some(route(None)), None).unwrap();
+        assert_eq!(
+            (e.name.as_str(), e.iface_addr),
+            ("eth1", Ipv4Addr::new(198, 19, 0, 7)),
+            "without a source, the interface's first address"
+        );
+        // A source the interface does not hold is not taken as its address.
+        let e = select(
+            &node(),
+            Some(2),
+            &[],
+            &[],
+            Some(route(Some(Ipv4Addr::new(10, 0, 0, 1)))),
+            None,
+        )
+        .unwrap();
+        assert_eq!(e.iface_addr, Ipv4Addr::new(198, 19, 0, 7));
+        let unroutable = CanReach {
+            addr: Ipv4Addr::new(203, 0, 113, 9),
+            route: None,
+        };
+        let err = select(&node(), Some(2), &[], &[], Some(unroutable), None).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("--iface-can-reach 203.0.113.9 (no route to it)"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn can_reach_must_be_an_ipv4_address() {
+        assert_eq!(parse_can_reach(None).unwrap(), None);
+        assert_eq!(parse_can_reach(Some("")).unwrap(), None);
+        assert_eq!(
+            parse_can_reach(Some("198.18.0.2")).unwrap(),
+            Some(Ipv4Addr::new(198, 18, 0, 2))
+        );
+        for bad in ["2001:db8::1", "eth0", "198.18.0.0/24"] {
+            let err = parse_can_reach(Some(bad)).unwrap_err().to_string();
+            assert!(err.contains(bad) && err.contains("IPv4"), "{err}");
+        }
     }
 
     #[test]
@@ -527,7 +700,7 @@ mod tests {
     #[test]
     fn public_ip_overrides_the_published_address_only() {
         let public = Ipv4Addr::new(198, 18, 9, 9);
-        let e = select(&node(), None, &s(&["eth0"]), &[], Some(public)).unwrap();
+        let e = select(&node(), None, &s(&["eth0"]), &[], None, Some(public)).unwrap();
         assert_eq!(
             (e.iface_addr, e.public_ip),
             (Ipv4Addr::new(198, 18, 0, 1), public)
@@ -538,7 +711,7 @@ mod tests {
     fn interface_without_ipv4_is_refused() {
         let mut n = node();
         n[1].ipv4.clear();
-        let err = select(&n, None, &s(&["eth0"]), &[], None).unwrap_err();
+        let err = select(&n, None, &s(&["eth0"]), &[], None, None).unwrap_err();
         assert_eq!(
             err.to_string(),
             "failed to find IPv4 address for interface eth0"

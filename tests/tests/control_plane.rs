@@ -1461,6 +1461,78 @@ fn refused_at_start(node: &Node, args: &[&str], message: &str) {
     overlay_tests::checks::assert_refused_before_lease(&agent, &[message]);
 }
 
+/// `--iface-can-reach`, as flanneld: when no `--iface` or `--iface-regex` matches (or none is
+/// given), the interface the kernel routes that address through (`ip route get`), with the
+/// source address it picks, carries the node's traffic and is published as its PublicIP.
+/// Two nodes told to reach each other's address pick eth0 and their pods talk; a node with a
+/// second interface (`ext1`, 198.18.9.1/24, a veth whose peer stays in the node) that only
+/// the route to 198.18.9.7 takes picks it after its `--iface` matched nothing, and publishes
+/// 198.18.9.1.
+#[test]
+fn iface_can_reach_picks_the_interface_the_kernel_routes_the_address_through() {
+    let cluster = Cluster::builder()
+        .nodes(2)
+        .pods_per_node(1)
+        .network_config(VXLAN_CONFIG)
+        .node_agent_args(0, &["--iface-can-reach", "198.18.0.2"])
+        .node_agent_args(1, &["--iface", "wlan9", "--iface-can-reach=198.18.0.1"])
+        .build()
+        .unwrap();
+    for node in cluster.nodes() {
+        let agent = node.agent().unwrap();
+        let line = format!(
+            "using interface eth0 (index {}, MTU 1500), address {ip}, public IP {ip}",
+            node.ns().ifindex("eth0").unwrap(),
+            ip = node.underlay_ip()
+        );
+        agent.wait_for_log(&line, START).unwrap();
+    }
+    overlay_tests::checks::assert_pods_talk(&cluster.pod(0, 0), &cluster.pod(1, 0));
+
+    let cluster = Cluster::builder()
+        .nodes(1)
+        .network_config(VXLAN_CONFIG)
+        .start_agents(false)
+        .build()
+        .unwrap();
+    let node = cluster.node(0);
+    for args in [
+        &[
+            "link",
+            "add",
+            "ext1",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "ext1-peer",
+        ][..],
+        &["addr", "add", "198.18.9.1/24", "dev", "ext1"],
+        &["link", "set", "ext1-peer", "up"],
+        &["link", "set", "ext1", "up"],
+    ] {
+        node.ns().ip(args).unwrap();
+    }
+    let agent = node
+        .start_agent(&["--iface", "wlan9", "--iface-can-reach", "198.18.9.7"])
+        .unwrap();
+    agent.wait_for_log("using interface ext1", START).unwrap();
+    agent
+        .wait_for_log("address 198.18.9.1, public IP 198.18.9.1", START)
+        .unwrap();
+    let public_ip = Ipv4Addr::new(198, 18, 9, 1);
+    let kv = must_get(&cluster, &lease_key(DEFAULT_ETCD_PREFIX, subnet_of(node)));
+    assert_eq!(kv.value, vxlan_record(public_ip, &vtep_mac(public_ip)));
+
+    // Not an IPv4 address: refused, naming it.
+    agent.kill().unwrap();
+    refused_at_start(
+        node,
+        &["--iface-can-reach", "2001:db8::1"],
+        "--iface-can-reach \"2001:db8::1\" is not an IPv4 address",
+    );
+}
+
 /// An agent whose PublicIP its peers would refuse (a loopback interface, or `--public-ip` inside
 /// the network) stops at start, naming the address and where it came from, before any lease.
 #[test]

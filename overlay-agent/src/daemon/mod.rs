@@ -309,7 +309,8 @@ async fn serve(flags: Flags, mut signals: Signals, undo: &mut Undo) -> Result<()
     ));
     let mut healthz = start_healthz(&flags, telemetry.clone()).await?;
 
-    let ext = iface::discover(&flags.iface, &flags.iface_regex, flags.public_ip)
+    let can_reach = iface::parse_can_reach(flags.iface_can_reach.as_deref())?;
+    let ext = iface::discover(&flags.iface, &flags.iface_regex, can_reach, flags.public_ip)
         .await
         .context("choosing the external interface")?;
     info!(
