@@ -512,7 +512,8 @@ fn forward_policy_drop_and_no_iptables_rules() {
 /// turns to DROP after it started (Docker started later) writes flanneld's forward rules, each
 /// once, at its next check, and writes them again when they are flushed; a node whose policy
 /// accepts gets none. The control of the test above (a pod's packet that n0's kernel forwards
-/// to another node's underlay address) then passes.
+/// to another node's underlay address) then passes, while pod-to-pod traffic still never
+/// reaches them (their counters stay at 0).
 #[test]
 fn forward_policy_drop_gets_flanneld_forward_rules() {
     let cluster = Cluster::builder()
@@ -528,7 +529,23 @@ fn forward_policy_drop_gets_flanneld_forward_rules() {
     traffic::ping_until(pod.ns(), target, FIRST_ECHO).unwrap_or_else(|e| {
         panic!("{pod} must reach {target} through n0's forwarding and its rules: {e:#}")
     });
+    // The rules are there, yet pod-to-pod traffic still bypasses FORWARD: they count nothing.
+    n0.ns().run("iptables", &["-Z"]).unwrap();
     assert_pods_talk(&pod, &cluster.pod(1, 0));
+    let counted = n0
+        .ns()
+        .run("iptables", &["-L", "FLANNEL-FWD", "-v", "-x", "-n"])
+        .unwrap();
+    let packets: Vec<u64> = counted
+        .lines()
+        .filter(|l| l.contains("ACCEPT"))
+        .map(|l| l.split_whitespace().next().unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(
+        packets,
+        [0, 0],
+        "pod-to-pod packets crossed FORWARD:\n{counted}"
+    );
 
     // Flushed (`iptables -F` empties FORWARD and FLANNEL-FWD): written again, each once.
     n0.ns().run("iptables", &["-F"]).unwrap();
