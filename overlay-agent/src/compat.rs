@@ -4,8 +4,8 @@
 //! releases took and distribution unit files still pass (`-logtostderr`, `--log_dir`, ...).
 //!
 //! Three kinds, decided in [`FlanneldCompat::check`]:
-//! - meaningless here (klog's logging options, `--iptables-resync`, the Kubernetes options
-//!   while `--kube-subnet-mgr` is off): accepted with a one-line warning each;
+//! - meaningless here (klog's logging options, the Kubernetes options while
+//!   `--kube-subnet-mgr` is off): accepted with a one-line warning each;
 //! - not implemented yet (`--kube-subnet-mgr`, `--public-ipv6`, `--ip-blackhole-route`): the
 //!   agent stops with a message that says so;
 //! - the flags the agent implements live in [`crate::cli::Flags`].

@@ -152,23 +152,14 @@ pub async fn ensure(ipt: &impl Iptables, network: Ipv4Net) -> Result<Outcome, Fo
         return Ok(Outcome::NotNeeded { policy });
     }
     let mut added = Vec::new();
-    let chain = ipt
-        .call(&["-t", "filter", "-S", CHAIN])
-        .await
-        .map_err(|message| command_error(&["-t", "filter", "-S", CHAIN], message))?;
-    if !chain.success {
+    if !succeeds(ipt, &["-t", "filter", "-S", CHAIN]).await? {
         run(ipt, &["-t", "filter", "-N", CHAIN]).await?;
         added.push(format!("chain {CHAIN}"));
     }
     for (chain, rule) in rules(network) {
         let rule: Vec<&str> = rule.iter().map(String::as_str).collect();
         let check = [&["-t", "filter", "-C", chain][..], &rule].concat();
-        let present = ipt
-            .call(&check)
-            .await
-            .map_err(|message| command_error(&check, message))?
-            .success;
-        if !present {
+        if !succeeds(ipt, &check).await? {
             run(ipt, &[&["-t", "filter", "-A", chain][..], &rule].concat()).await?;
             added.push(format!("-A {chain} {}", quoted(&rule)));
         }
@@ -176,17 +167,26 @@ pub async fn ensure(ipt: &impl Iptables, network: Ipv4Net) -> Result<Outcome, Fo
     Ok(Outcome::InPlace { policy, added })
 }
 
+/// A call whose exit status is the answer (`-S` of a chain, `-C`): only failing to run it is
+/// an error.
+async fn succeeds(ipt: &impl Iptables, args: &[&str]) -> Result<bool, ForwardRulesError> {
+    Ok(call(ipt, args).await?.success)
+}
+
 /// A call that must succeed.
 async fn run(ipt: &impl Iptables, args: &[&str]) -> Result<CallOutput, ForwardRulesError> {
-    let out = ipt
-        .call(args)
-        .await
-        .map_err(|message| command_error(args, message))?;
+    let out = call(ipt, args).await?;
     if out.success {
         Ok(out)
     } else {
         Err(command_error(args, out.stderr))
     }
+}
+
+async fn call(ipt: &impl Iptables, args: &[&str]) -> Result<CallOutput, ForwardRulesError> {
+    ipt.call(args)
+        .await
+        .map_err(|message| command_error(args, message))
 }
 
 fn command_error(args: &[&str], message: String) -> ForwardRulesError {
@@ -238,8 +238,7 @@ pub async fn keep(
         let now = ensure(&IptablesCommand, network)
             .await
             .map_err(|e| e.to_string());
-        report(network, Some(&last), &now);
-        telemetry.set_forward(status_line(&now));
+        record(network, Some(&last), &now, &telemetry);
         last = now;
     }
 }
@@ -251,17 +250,19 @@ pub async fn first_check(network: Ipv4Net, telemetry: &Telemetry) -> Result<Outc
         .await
         .map_err(|_| format!("no outcome within {FIRST_CHECK_LIMIT:?}"))
         .and_then(|r| r.map_err(|e| e.to_string()));
-    report(network, None, &now);
-    telemetry.set_forward(status_line(&now));
+    record(network, None, &now, telemetry);
     now
 }
 
-/// Logs `now` where it differs from `before` in a way an operator should know.
-fn report(
+/// Shows `now` in the status, and logs it where it differs from `before` in a way an operator
+/// should know.
+fn record(
     network: Ipv4Net,
     before: Option<&Result<Outcome, String>>,
     now: &Result<Outcome, String>,
+    telemetry: &Telemetry,
 ) {
+    telemetry.set_forward(status_line(now));
     let policy_before = match before {
         Some(Ok(Outcome::NotNeeded { policy } | Outcome::InPlace { policy, .. })) => Some(policy),
         _ => None,

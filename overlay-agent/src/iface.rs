@@ -101,7 +101,7 @@ pub fn select(
     can_reach: Option<CanReach>,
     public_ip: Option<Ipv4Addr>,
 ) -> Result<ExternalInterface, IfaceError> {
-    let chosen = if ifaces.is_empty() && regexes.is_empty() && can_reach.is_none() {
+    let chosen = if by_default_route(ifaces, regexes, can_reach.is_some()) {
         let index = default_route_index.ok_or(IfaceError::NoDefaultRoute)?;
         interfaces
             .iter()
@@ -143,6 +143,12 @@ pub fn select(
         iface_addr,
         public_ip: public_ip.unwrap_or(iface_addr),
     })
+}
+
+/// Whether the default route's interface is the choice: none of `--iface`, `--iface-regex`,
+/// `--iface-can-reach` given.
+fn by_default_route(ifaces: &[String], regexes: &[String], can_reach: bool) -> bool {
+    ifaces.is_empty() && regexes.is_empty() && !can_reach
 }
 
 /// The first `--iface` (a name, or an address the interface holds) that exists.
@@ -429,7 +435,7 @@ pub async fn discover(
 ) -> Result<ExternalInterface, IfaceError> {
     with_netlink(async |handle| {
         let interfaces = list_interfaces(handle).await?;
-        let default = if ifaces.is_empty() && regexes.is_empty() && can_reach.is_none() {
+        let default = if by_default_route(ifaces, regexes, can_reach.is_some()) {
             default_route_index(handle).await?
         } else {
             None
