@@ -20,6 +20,10 @@
 //!
 //! `iptables` runs as a command, as in flanneld, kube-proxy and Docker, so that the rules land in
 //! the backend (legacy or nft) that the node's other rules use; each call has a time limit.
+//! A node can hold rules in both backends: Docker or kube-proxy in a container, or an older
+//! distribution, may set the DROP policy through the other one than the node's `iptables`
+//! command, and a packet must pass both. So the other backend is checked too where it holds a
+//! filter table ([`other_backend`]), and the rules go wherever the policy drops.
 
 use std::{future::Future, sync::Arc, time::Duration};
 
@@ -40,12 +44,25 @@ const CALL_LIMIT: Duration = Duration::from_secs(15);
 /// How long the first check may hold the start-up back; later checks go on in the background.
 const FIRST_CHECK_LIMIT: Duration = Duration::from_secs(20);
 
+/// The node's own command; the other backend's is [`other_backend`]'s choice.
+pub const IPTABLES: &str = "iptables";
+/// Where the kernel lists the legacy (x_tables) tables of this network namespace. Reading it
+/// creates nothing, where listing with `iptables-legacy` would create an empty filter table.
+const LEGACY_TABLES: &str = "/proc/net/ip_tables_names";
+
 #[derive(Debug, thiserror::Error)]
 pub enum ForwardRulesError {
-    #[error("`iptables {args}` failed: {message}")]
-    Command { args: String, message: String },
-    #[error("`iptables -S FORWARD` printed no policy line (`-P FORWARD <policy>`): {output:?}")]
-    NoPolicy { output: String },
+    #[error("`{command} {args}` failed: {message}")]
+    Command {
+        command: &'static str,
+        args: String,
+        message: String,
+    },
+    #[error("`{command} -S FORWARD` printed no policy line (`-P FORWARD <policy>`): {output:?}")]
+    NoPolicy {
+        command: &'static str,
+        output: String,
+    },
 }
 
 /// How one `iptables` call ended: exit status 0 or not, and what it printed.
@@ -56,30 +73,130 @@ pub struct CallOutput {
     pub stderr: String,
 }
 
-/// Runs `iptables` with arguments (the table is always given). A trait so that the decisions
-/// below are unit-tested against an in-memory rule set.
+/// Runs one backend's `iptables` command with arguments (the table is always given). A trait
+/// so that the decisions below are unit-tested against an in-memory rule set.
 pub trait Iptables {
+    /// The command, for messages.
+    fn command(&self) -> &'static str;
     fn call(&self, args: &[&str]) -> impl Future<Output = Result<CallOutput, String>> + Send;
 }
 
-/// The real command, in the agent's network namespace.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct IptablesCommand;
+/// A real command (`iptables`, `iptables-legacy`, `iptables-nft`), in the agent's network
+/// namespace.
+#[derive(Debug, Clone, Copy)]
+pub struct IptablesCommand(pub &'static str);
+
+impl IptablesCommand {
+    /// Runs the command with `args` as they are, within [`CALL_LIMIT`].
+    async fn output(self, args: &[&str]) -> Result<std::process::Output, CommandError> {
+        let mut command = Command::new(self.0);
+        command.args(args).kill_on_drop(true);
+        tokio::time::timeout(CALL_LIMIT, command.output())
+            .await
+            .map_err(|_| CommandError::Hung)?
+            .map_err(CommandError::Spawn)
+    }
+}
+
+/// Why a command gave no output.
+#[derive(Debug)]
+enum CommandError {
+    Hung,
+    Spawn(std::io::Error),
+}
+
+impl CommandError {
+    fn describe(&self, command: &str) -> String {
+        match self {
+            Self::Hung => format!("no answer within {CALL_LIMIT:?}"),
+            Self::Spawn(e) => format!("cannot run {command}: {e}"),
+        }
+    }
+}
 
 impl Iptables for IptablesCommand {
+    fn command(&self) -> &'static str {
+        self.0
+    }
+
     async fn call(&self, args: &[&str]) -> Result<CallOutput, String> {
-        let mut command = Command::new("iptables");
-        command.arg("--wait").arg(LOCK_WAIT_SECS).args(args);
-        command.kill_on_drop(true);
-        let output = tokio::time::timeout(CALL_LIMIT, command.output())
-            .await
-            .map_err(|_| format!("no answer within {CALL_LIMIT:?}"))?
-            .map_err(|e| format!("cannot run iptables: {e}"))?;
+        let args = [&["--wait", LOCK_WAIT_SECS][..], args].concat();
+        let output = self.output(&args).await.map_err(|e| e.describe(self.0))?;
         Ok(CallOutput {
             success: output.status.success(),
             stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
             stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
         })
+    }
+}
+
+/// The two backends of iptables 1.8 and later.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Nft,
+    Legacy,
+}
+
+/// The backend that `iptables --version` names: `iptables v1.8.9 (nf_tables)` or `(legacy)`;
+/// releases before 1.8 print neither and have only the legacy one.
+fn backend_of(version: &str) -> Backend {
+    if version.contains("(nf_tables)") {
+        Backend::Nft
+    } else {
+        Backend::Legacy
+    }
+}
+
+/// The command of the other backend, to check besides the node's `iptables` (of backend
+/// `own`). The legacy one only where this namespace has a legacy filter table: listing through
+/// `iptables-legacy` would create one, and every packet would then cross it. The nft one
+/// always: `iptables-nft` lists a missing table as an accepting FORWARD and creates nothing.
+#[must_use]
+pub fn other_backend(own: Backend, legacy_filter_table: bool) -> Option<&'static str> {
+    match own {
+        Backend::Nft if legacy_filter_table => Some("iptables-legacy"),
+        Backend::Nft => None,
+        Backend::Legacy => Some("iptables-nft"),
+    }
+}
+
+/// Whether this namespace has a legacy filter table.
+fn legacy_filter_table() -> bool {
+    std::fs::read_to_string(LEGACY_TABLES).is_ok_and(|names| names.lines().any(|n| n == "filter"))
+}
+
+/// The commands to check: the node's `iptables`, and the other backend's where
+/// [`other_backend`] says so and its command is installed. A missing `iptables-nft` beside a
+/// legacy `iptables` is no finding (releases before 1.8 have none); a missing `iptables-legacy`
+/// beside a legacy filter table is, since its rules cannot be checked.
+async fn commands() -> (Vec<IptablesCommand>, Option<String>) {
+    let own = match IptablesCommand(IPTABLES).output(&["--version"]).await {
+        Ok(out) => backend_of(&String::from_utf8_lossy(&out.stdout)),
+        // `ensure` will report what is wrong with the command itself.
+        Err(_) => return (vec![IptablesCommand(IPTABLES)], None),
+    };
+    let mut commands = vec![IptablesCommand(IPTABLES)];
+    let Some(other) = other_backend(own, legacy_filter_table()) else {
+        return (commands, None);
+    };
+    match IptablesCommand(other).output(&["--version"]).await {
+        Ok(_) => {
+            commands.push(IptablesCommand(other));
+            (commands, None)
+        }
+        Err(CommandError::Spawn(e))
+            if e.kind() == std::io::ErrorKind::NotFound && own == Backend::Legacy =>
+        {
+            (commands, None)
+        }
+        Err(e) => (
+            commands,
+            Some(format!(
+                "this namespace has legacy iptables tables ({LEGACY_TABLES}) that cannot be \
+                 checked: {}",
+                e.describe(other)
+            )),
+        ),
     }
 }
 
@@ -106,12 +223,27 @@ impl Outcome {
     }
 }
 
-/// What `overlay-agent status` shows for a check's result.
-fn status_line(outcome: &Result<Outcome, String>) -> String {
-    match outcome {
-        Ok(outcome) => outcome.summary(),
-        Err(e) => format!("CHECK FAILED: {e}"),
-    }
+/// One check of every backend: each command and what it found (or why it could not tell).
+pub type Check = Vec<(&'static str, Result<Outcome, String>)>;
+
+/// What `overlay-agent status` shows for a check: the node's `iptables` as before, any other
+/// backend named.
+fn status_line(check: &Check) -> String {
+    check
+        .iter()
+        .map(|(command, outcome)| {
+            let line = match outcome {
+                Ok(outcome) => outcome.summary(),
+                Err(e) => format!("CHECK FAILED: {e}"),
+            };
+            if *command == IPTABLES {
+                line
+            } else {
+                format!("{command}: {line}")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// The rules, as `(chain, rule)`: the two accepts in [`CHAIN`], then the jump at the end of
@@ -146,6 +278,7 @@ pub fn rules(network: Ipv4Net) -> [(&'static str, Vec<String>); 3] {
 pub async fn ensure(ipt: &impl Iptables, network: Ipv4Net) -> Result<Outcome, ForwardRulesError> {
     let listed = run(ipt, &["-t", "filter", "-S", "FORWARD"]).await?;
     let policy = policy_of(&listed.stdout).ok_or_else(|| ForwardRulesError::NoPolicy {
+        command: ipt.command(),
         output: listed.stdout.clone(),
     })?;
     if policy == "ACCEPT" {
@@ -179,18 +312,19 @@ async fn run(ipt: &impl Iptables, args: &[&str]) -> Result<CallOutput, ForwardRu
     if out.success {
         Ok(out)
     } else {
-        Err(command_error(args, out.stderr))
+        Err(command_error(ipt, args, out.stderr))
     }
 }
 
 async fn call(ipt: &impl Iptables, args: &[&str]) -> Result<CallOutput, ForwardRulesError> {
     ipt.call(args)
         .await
-        .map_err(|message| command_error(args, message))
+        .map_err(|message| command_error(ipt, args, message))
 }
 
-fn command_error(args: &[&str], message: String) -> ForwardRulesError {
+fn command_error(ipt: &impl Iptables, args: &[&str], message: String) -> ForwardRulesError {
     ForwardRulesError::Command {
+        command: ipt.command(),
         args: quoted(args),
         message,
     }
@@ -221,48 +355,66 @@ fn policy_of(listing: &str) -> Option<String> {
     })
 }
 
+/// Checks every backend [`commands`] finds once.
+async fn check_all(network: Ipv4Net) -> Check {
+    let (commands, unchecked) = commands().await;
+    let mut check = Vec::new();
+    for ipt in commands {
+        let outcome = ensure(&ipt, network).await.map_err(|e| e.to_string());
+        check.push((ipt.command(), outcome));
+    }
+    if let Some(why) = unchecked {
+        check.push(("iptables-legacy", Err(why)));
+    }
+    check
+}
+
 /// Keeps the rules for `network` every `every`, logging what changes: rules written again after
 /// someone removed them, a policy that changed, failures (once until the next success); the
-/// status shows the latest. `last` is the first check's outcome. Runs until aborted.
-pub async fn keep(
-    network: Ipv4Net,
-    every: Duration,
-    mut last: Result<Outcome, String>,
-    telemetry: Arc<Telemetry>,
-) {
+/// status shows the latest. `last` is the first check. Runs until aborted.
+pub async fn keep(network: Ipv4Net, every: Duration, mut last: Check, telemetry: Arc<Telemetry>) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
     loop {
         tick.tick().await;
-        let now = ensure(&IptablesCommand, network)
-            .await
-            .map_err(|e| e.to_string());
+        let now = check_all(network).await;
         record(network, Some(&last), &now, &telemetry);
         last = now;
     }
 }
 
 /// The first check, before the node is reported ready (at most [`FIRST_CHECK_LIMIT`]: a stuck
-/// `iptables` must not hold the node back); its outcome seeds [`keep`].
-pub async fn first_check(network: Ipv4Net, telemetry: &Telemetry) -> Result<Outcome, String> {
-    let now = tokio::time::timeout(FIRST_CHECK_LIMIT, ensure(&IptablesCommand, network))
+/// `iptables` must not hold the node back); it seeds [`keep`].
+pub async fn first_check(network: Ipv4Net, telemetry: &Telemetry) -> Check {
+    let now = tokio::time::timeout(FIRST_CHECK_LIMIT, check_all(network))
         .await
-        .map_err(|_| format!("no outcome within {FIRST_CHECK_LIMIT:?}"))
-        .and_then(|r| r.map_err(|e| e.to_string()));
+        .unwrap_or_else(|_| {
+            vec![(
+                IPTABLES,
+                Err(format!("no outcome within {FIRST_CHECK_LIMIT:?}")),
+            )]
+        });
     record(network, None, &now, telemetry);
     now
 }
 
-/// Shows `now` in the status, and logs it where it differs from `before` in a way an operator
-/// should know.
-fn record(
+/// Shows `now` in the status, and logs, backend by backend, where it differs from `before` in a
+/// way an operator should know.
+fn record(network: Ipv4Net, before: Option<&Check>, now: &Check, telemetry: &Telemetry) {
+    telemetry.set_forward(status_line(now));
+    for (command, outcome) in now {
+        let before = before.and_then(|b| b.iter().find(|(c, _)| c == command).map(|(_, o)| o));
+        record_one(network, command, before, outcome);
+    }
+}
+
+fn record_one(
     network: Ipv4Net,
+    command: &str,
     before: Option<&Result<Outcome, String>>,
     now: &Result<Outcome, String>,
-    telemetry: &Telemetry,
 ) {
-    telemetry.set_forward(status_line(now));
     let policy_before = match before {
         Some(Ok(Outcome::NotNeeded { policy } | Outcome::InPlace { policy, .. })) => Some(policy),
         _ => None,
@@ -271,17 +423,17 @@ fn record(
         Ok(Outcome::NotNeeded { policy }) => {
             if policy_before != Some(policy) {
                 info!(
-                    "FORWARD policy {policy}: no forward rules needed (the kernel forwards what \
-                     the data path leaves to it)"
+                    "FORWARD policy {policy} ({command}): no forward rules needed (the kernel \
+                     forwards what the data path leaves to it)"
                 );
             }
         }
         Ok(Outcome::InPlace { policy, added }) => {
             if policy_before != Some(policy) {
                 info!(
-                    "FORWARD policy {policy}: flanneld's forward rules for {network} in chain \
-                     {CHAIN} keep what the kernel forwards for pods (Service connections, traffic \
-                     to and from outside unmasqueraded) from being dropped; \
+                    "FORWARD policy {policy} ({command}): flanneld's forward rules for {network} \
+                     in chain {CHAIN} keep what the kernel forwards for pods (Service connections, \
+                     traffic to and from outside unmasqueraded) from being dropped; \
                      --iptables-forward-rules=false leaves them out"
                 );
             }
@@ -291,7 +443,10 @@ fn record(
                 } else {
                     ""
                 };
-                info!("forward rules written{again}: {}", added.join("; "));
+                info!(
+                    "forward rules written ({command}){again}: {}",
+                    added.join("; ")
+                );
             }
         }
         Err(e) => {
@@ -351,6 +506,10 @@ mod tests {
     }
 
     impl Iptables for FakeTable {
+        fn command(&self) -> &'static str {
+            IPTABLES
+        }
+
         async fn call(&self, args: &[&str]) -> Result<CallOutput, String> {
             self.calls.lock().unwrap().push(args.join(" "));
             if let Some(message) = self.fail {
@@ -498,6 +657,46 @@ mod tests {
         let e = ensure(&table, network()).await.unwrap_err().to_string();
         assert!(e.contains("iptables -t filter -S FORWARD"), "{e}");
         assert!(e.contains("No such file"), "{e}");
+    }
+
+    #[test]
+    fn the_other_backend_is_checked_where_it_can_hold_rules() {
+        assert_eq!(backend_of("iptables v1.8.9 (nf_tables)\n"), Backend::Nft);
+        assert_eq!(backend_of("iptables v1.8.9 (legacy)\n"), Backend::Legacy);
+        assert_eq!(backend_of("iptables v1.6.1\n"), Backend::Legacy);
+        // Legacy tables are listed only where they exist: listing would create them.
+        assert_eq!(other_backend(Backend::Nft, true), Some("iptables-legacy"));
+        assert_eq!(other_backend(Backend::Nft, false), None);
+        assert_eq!(other_backend(Backend::Legacy, false), Some("iptables-nft"));
+        assert_eq!(other_backend(Backend::Legacy, true), Some("iptables-nft"));
+    }
+
+    #[test]
+    fn the_status_names_the_other_backend() {
+        let check: Check = vec![
+            (
+                IPTABLES,
+                Ok(Outcome::NotNeeded {
+                    policy: "ACCEPT".into(),
+                }),
+            ),
+            (
+                "iptables-legacy",
+                Ok(Outcome::InPlace {
+                    policy: "DROP".into(),
+                    added: Vec::new(),
+                }),
+            ),
+        ];
+        assert_eq!(
+            status_line(&check),
+            "policy ACCEPT: no rule needed; iptables-legacy: policy DROP: flanneld's forward \
+             rules in place (chain FLANNEL-FWD)"
+        );
+        assert_eq!(
+            status_line(&check[..1].to_vec()),
+            "policy ACCEPT: no rule needed"
+        );
     }
 
     #[test]

@@ -536,13 +536,20 @@ pub const NO_FORWARD_RULES: &str = "--iptables-forward-rules=false";
 
 /// Sets FORWARD's policy to DROP in `node`, as Docker leaves it, and checks that it took.
 pub fn forward_drop(node: &Node) {
-    node.ns()
-        .run("iptables", &["-P", "FORWARD", "DROP"])
+    forward_drop_in(node, "iptables");
+}
+
+/// [`forward_drop`] through one backend's command (`iptables-legacy`, as a Docker in a
+/// container or an older distribution would set it).
+pub fn forward_drop_in(node: &Node, iptables: &str) {
+    node.ns().run(iptables, &["-P", "FORWARD", "DROP"]).unwrap();
+    let save = node
+        .ns()
+        .run(format!("{iptables}-save"), &["-t", "filter"])
         .unwrap();
-    let save = node.ns().run("iptables-save", &["-t", "filter"]).unwrap();
     assert!(
         save.contains(":FORWARD DROP"),
-        "{}: FORWARD policy must be DROP:\n{save}",
+        "{}: FORWARD policy must be DROP ({iptables}):\n{save}",
         node.name()
     );
 }
@@ -559,11 +566,16 @@ pub fn flannel_forward_rules(network: &str) -> [String; 3] {
 /// Waits (up to two of the agent's 5 s checks) until `node`'s filter table holds flanneld's
 /// forward rules for `network`, each once; returns the table.
 pub fn wait_forward_rules(node: &Node, network: &str) -> String {
+    wait_forward_rules_in(node, network, "iptables")
+}
+
+/// [`wait_forward_rules`] in the filter table that one backend's command lists.
+pub fn wait_forward_rules_in(node: &Node, network: &str, iptables: &str) -> String {
     let expected = flannel_forward_rules(network);
     let mut save = String::new();
     let deadline = Instant::now() + Duration::from_secs(12);
     while Instant::now() < deadline {
-        save = node.ns().run("iptables", &["-S"]).unwrap();
+        save = node.ns().run(iptables, &["-S"]).unwrap();
         if expected
             .iter()
             .all(|rule| save.lines().filter(|l| l == rule).count() == 1)
@@ -573,7 +585,7 @@ pub fn wait_forward_rules(node: &Node, network: &str) -> String {
         thread::sleep(Duration::from_millis(200));
     }
     panic!(
-        "{}: flanneld's forward rules {expected:#?} not (each once) in:\n{save}",
+        "{}: flanneld's forward rules {expected:#?} not (each once) in {iptables}'s:\n{save}",
         node.name()
     );
 }

@@ -7,7 +7,8 @@
 //!   capture decodes as flannel's VXLAN (VNI 1, port 8472, PublicIPs outside, pods inside, the
 //!   receiver's VtepMAC from its etcd lease as inner destination).
 //! - FORWARD policy DROP and no iptables rules: everything still flows, nothing of ours appears
-//!   in `iptables-save` or `nft list ruleset`.
+//!   in `iptables-save` or `nft list ruleset`. With forward rules on (the default), a policy
+//!   that drops gets flanneld's rules, in whichever backend (nft, legacy) it drops.
 //! - The pod bridge appears after the agent started, and is deleted and re-created.
 //! - A node whose lease goes away stops being reachable from the others.
 //! - A stock flannel node (kernel `flannel.1` built from the lease records) in the cluster.
@@ -38,9 +39,9 @@ use overlay_tests::{
     checks::{
         FIRST_ECHO, NO_FORWARD_RULES, agent_cmd, agent_of, assert_host_reaches, assert_no_ping,
         assert_ping, assert_pods_talk, assert_pods_talk_across_nodes, assert_tcp, counters,
-        forward_drop, grown, route_via_missing_gateway, routing_generation, subnet_of,
-        unroute_missing_gateway, wait_forward_rules, wait_line_since, wait_routing_renewed,
-        wait_until,
+        forward_drop, forward_drop_in, grown, route_via_missing_gateway, routing_generation,
+        subnet_of, unroute_missing_gateway, wait_forward_rules, wait_forward_rules_in,
+        wait_line_since, wait_routing_renewed, wait_until,
     },
     packet::{parse_mac, vxlan_payload},
     stock::{StockPeer, stock_vxlan_node},
@@ -571,6 +572,51 @@ fn forward_policy_drop_gets_flanneld_forward_rules() {
             || agent_cmd(node, &["status"]).lines().any(|l| l == line),
         );
     }
+}
+
+/// A node whose DROP policy lives in the other iptables backend than its `iptables` command's
+/// (Docker in a container, or an older distribution, on legacy tables while `iptables` here is
+/// nft): a packet must pass both, so the agent finds the legacy filter table at its next check
+/// and writes flanneld's rules there, and nothing in nft, whose policy accepts. The control of
+/// the test above then passes. A node without legacy tables gets none created by the checks
+/// (every packet would cross an empty table).
+#[test]
+fn forward_policy_drop_in_the_legacy_backend_gets_the_rules_there() {
+    let cluster = Cluster::builder()
+        .nodes(2)
+        .pods_per_node(1)
+        .network_config(CONFIG)
+        .build()
+        .unwrap();
+    let (n0, n1) = (cluster.node(0), cluster.node(1));
+    let own = n0.ns().run("iptables", &["--version"]).unwrap();
+    assert!(
+        own.contains("(nf_tables)"),
+        "this test needs the nft backend behind `iptables`, got: {own}"
+    );
+    forward_drop_in(n0, "iptables-legacy");
+    wait_forward_rules_in(n0, "172.17.0.0/16", "iptables-legacy");
+    let (pod, target) = (cluster.pod(0, 0), n1.underlay_ip());
+    traffic::ping_until(pod.ns(), target, FIRST_ECHO).unwrap_or_else(|e| {
+        panic!("{pod} must reach {target} through n0's forwarding and its legacy rules: {e:#}")
+    });
+    let nft = n0.ns().run("nft", &["list", "ruleset"]).unwrap();
+    assert!(
+        !nft.contains("FLANNEL-FWD") && !nft.contains("172.17."),
+        "n0's nft FORWARD accepts: no rule may be written there:\n{nft}"
+    );
+    let line = "forward:    policy ACCEPT: no rule needed; iptables-legacy: policy DROP: \
+                flanneld's forward rules in place (chain FLANNEL-FWD)";
+    wait_until(
+        &format!("n0's status to say {line:?}"),
+        Duration::from_secs(5),
+        || agent_cmd(n0, &["status"]).lines().any(|l| l == line),
+    );
+    let legacy = n1.ns().run("cat", &["/proc/net/ip_tables_names"]).unwrap();
+    assert!(
+        legacy.trim().is_empty(),
+        "n1 had no legacy tables; the agent's checks created some: {legacy:?}"
+    );
 }
 
 // ----- 3. the pod bridge comes late and is re-created ------------------------------------------

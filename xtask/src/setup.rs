@@ -40,8 +40,14 @@ pub const APT_PACKAGES: &[AptPackage] = &[
     },
     AptPackage {
         name: "iptables",
-        why: "the stock flannel nodes of the interop tests and the benchmark's baseline",
-        verify: &[&["iptables", "--version"], &["iptables-save", "--version"]],
+        why: "the stock flannel nodes of the interop tests, the benchmark's baseline, and both \
+              backends (iptables-legacy, iptables-nft) for the FORWARD rules",
+        verify: &[
+            &["iptables", "--version"],
+            &["iptables-save", "--version"],
+            &["iptables-legacy", "--version"],
+            &["iptables-nft", "--version"],
+        ],
     },
     AptPackage {
         name: "nftables",
