@@ -342,6 +342,39 @@ fn parse_seconds(value: &str) -> Result<Duration, String> {
     }
 }
 
+impl Cli {
+    /// Parses the command line and the `FLANNELD_*` variables as flanneld does, which reads a
+    /// variable only when it is not empty (`FLANNELD_IFACE=` in a unit's environment file means
+    /// "not given", not an interface named ""). `is_empty` says whether a variable is set to "".
+    pub fn try_parse_env<I: IntoIterator<Item = OsString>>(
+        args: I,
+        is_empty: impl Fn(&std::ffi::OsStr) -> bool,
+    ) -> Result<Self, clap::Error> {
+        use clap::{CommandFactory as _, FromArgMatches as _};
+        let command = Self::command().mut_args(|arg| match arg.get_env() {
+            Some(name) if is_empty(name) => arg.env(None),
+            _ => arg,
+        });
+        Self::from_arg_matches(&command.try_get_matches_from(normalize_go_flags(args))?)
+    }
+
+    /// [`Cli::try_parse_env`] with the process's arguments and environment; exits with clap's
+    /// message on bad input.
+    #[must_use]
+    pub fn parse_process() -> Self {
+        Self::parse_process_env(std::env::args_os())
+    }
+
+    /// [`Cli::parse_process`] with other arguments (the process's environment).
+    #[must_use]
+    pub fn parse_process_env<I: IntoIterator<Item = OsString>>(args: I) -> Self {
+        Self::try_parse_env(args, |name| {
+            std::env::var_os(name).is_some_and(|v| v.is_empty())
+        })
+        .unwrap_or_else(|e| e.exit())
+    }
+}
+
 /// flanneld is a Go program, whose flag parser takes `-etcd-endpoints=...` with one dash as well
 /// as two. Rewrites such single-dash long flags to the double-dash form clap expects.
 pub fn normalize_go_flags<I: IntoIterator<Item = OsString>>(args: I) -> Vec<OsString> {

@@ -18,6 +18,7 @@ use netlink_packet_route::{
 };
 use regex::Regex;
 use rtnetlink::{Handle, RouteMessageBuilder};
+use tracing::warn;
 
 /// One interface of the node as the kernel reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -65,13 +66,19 @@ pub enum IfaceError {
     #[error("invalid --iface-regex {regex:?}: {source}")]
     BadRegex { regex: String, source: regex::Error },
     #[error(
-        "failed to find interface to use that matches the interfaces and/or regexes provided: --iface {ifaces:?} --iface-regex {regexes:?}{}",
-        can_reach.map(|a| format!(" --iface-can-reach {a} (no route to it)")).unwrap_or_default()
+        "failed to find interface to use that matches the interfaces and/or regexes provided: --iface {ifaces:?} --iface-regex {regexes:?}{}{}",
+        can_reach.map(|a| format!(" --iface-can-reach {a} (no route to it)")).unwrap_or_default(),
+        if without_ipv4.is_empty() { String::new() } else {
+            format!(" (matched, but without an IPv4 address: {})", without_ipv4.join(", "))
+        }
     )]
     NoMatch {
         ifaces: Vec<String>,
         regexes: Vec<String>,
         can_reach: Option<Ipv4Addr>,
+        /// Interfaces an `--iface` or `--iface-regex` named that were passed over for want of
+        /// an IPv4 address.
+        without_ipv4: Vec<String>,
     },
     #[error("--iface-can-reach {value:?} is not an IPv4 address (the agent is IPv4 only)")]
     BadCanReach { value: String },
@@ -91,8 +98,9 @@ pub enum IfaceError {
 }
 
 /// Picks the external interface from a snapshot of the node's interfaces (flanneld's order:
-/// each `--iface`, then each `--iface-regex`, then `--iface-can-reach`; the default route's
-/// interface only when none of them is given).
+/// each `--iface`, then each `--iface-regex`, then `--iface-can-reach`, passing over what has no
+/// IPv4 address; when none of them is given, the interface holding `--public-ip` if it is one
+/// of the node's addresses, else the default route's).
 pub fn select(
     interfaces: &[Interface],
     default_route_index: Option<u32>,
@@ -101,12 +109,26 @@ pub fn select(
     can_reach: Option<CanReach>,
     public_ip: Option<Ipv4Addr>,
 ) -> Result<ExternalInterface, IfaceError> {
+    let mut without_ipv4 = Vec::new();
     let chosen = if by_default_route(ifaces, regexes, can_reach.is_some()) {
-        let index = default_route_index.ok_or(IfaceError::NoDefaultRoute)?;
-        interfaces
-            .iter()
-            .find(|i| i.index == index)
-            .map(|i| (i, None))
+        // flanneld looks `--public-ip` up as an interface address; one that is not the node's
+        // own (a NAT in front) makes flanneld exit, and takes the default route here.
+        let holder = public_ip.and_then(|ip| {
+            interfaces
+                .iter()
+                .find(|i| i.ipv4.contains(&ip))
+                .map(|i| (i, Some(ip)))
+        });
+        match holder {
+            Some(found) => Some(found),
+            None => {
+                let index = default_route_index.ok_or(IfaceError::NoDefaultRoute)?;
+                interfaces
+                    .iter()
+                    .find(|i| i.index == index)
+                    .map(|i| (i, None))
+            }
+        }
     } else {
         let by_route = || {
             let route = can_reach?.route?;
@@ -114,9 +136,9 @@ pub fn select(
             // A source the interface does not hold (a route's `src` elsewhere) is not its address.
             Some((iface, route.src.filter(|a| iface.ipv4.contains(a))))
         };
-        match by_name_or_ip(interfaces, ifaces) {
+        match by_name_or_ip(interfaces, ifaces, &mut without_ipv4) {
             Some(found) => Some(found),
-            None => by_regex(interfaces, regexes)?,
+            None => by_regex(interfaces, regexes, &mut without_ipv4)?,
         }
         .or_else(by_route)
     };
@@ -124,6 +146,7 @@ pub fn select(
         ifaces: ifaces.to_vec(),
         regexes: regexes.to_vec(),
         can_reach: can_reach.map(|c| c.addr),
+        without_ipv4,
     })?;
     let iface_addr = addr
         .or_else(|| iface.ipv4.first().copied())
@@ -151,10 +174,25 @@ fn by_default_route(ifaces: &[String], regexes: &[String], can_reach: bool) -> b
     ifaces.is_empty() && regexes.is_empty() && !can_reach
 }
 
-/// The first `--iface` (a name, or an address the interface holds) that exists.
+/// `iface` if it has an IPv4 address; else noted in `without_ipv4` and passed over, as flanneld
+/// goes on to its next candidate when an interface has none.
+fn with_ipv4<'a>(iface: &'a Interface, without_ipv4: &mut Vec<String>) -> Option<&'a Interface> {
+    if iface.ipv4.is_empty() {
+        if !without_ipv4.contains(&iface.name) {
+            without_ipv4.push(iface.name.clone());
+        }
+        None
+    } else {
+        Some(iface)
+    }
+}
+
+/// The first `--iface` (a name, or an address the interface holds) that exists with an IPv4
+/// address.
 fn by_name_or_ip<'a>(
     interfaces: &'a [Interface],
     ifaces: &[String],
+    without_ipv4: &mut Vec<String>,
 ) -> Option<(&'a Interface, Option<Ipv4Addr>)> {
     ifaces
         .iter()
@@ -166,14 +204,17 @@ fn by_name_or_ip<'a>(
             Err(_) => interfaces
                 .iter()
                 .find(|i| i.name == *want)
+                .and_then(|i| with_ipv4(i, without_ipv4))
                 .map(|i| (i, None)),
         })
 }
 
-/// The first interface an `--iface-regex` matches: by address first, then by name.
+/// The first interface an `--iface-regex` matches: by address first, then by name (one with an
+/// IPv4 address).
 fn by_regex<'a>(
     interfaces: &'a [Interface],
     regexes: &[String],
+    without_ipv4: &mut Vec<String>,
 ) -> Result<Option<(&'a Interface, Option<Ipv4Addr>)>, IfaceError> {
     let compiled = regexes
         .iter()
@@ -194,7 +235,8 @@ fn by_regex<'a>(
         by_addr.or_else(|| {
             interfaces
                 .iter()
-                .find(|i| re.is_match(&i.name))
+                .filter(|i| re.is_match(&i.name))
+                .find_map(|i| with_ipv4(i, without_ipv4))
                 .map(|i| (i, None))
         })
     }))
@@ -447,7 +489,19 @@ pub async fn discover(
             }),
             None => None,
         };
-        select(&interfaces, default, ifaces, regexes, can_reach, public_ip)
+        let chosen = select(&interfaces, default, ifaces, regexes, can_reach, public_ip)?;
+        if let Some(holder) = interfaces
+            .iter()
+            .find(|i| i.index != chosen.index && i.ipv4.contains(&chosen.public_ip))
+        {
+            warn!(
+                "--public-ip {} is an address of {}, not of the chosen interface {}: VXLAN \
+                 leaves from {}, and peers running this agent accept VXLAN only from PublicIPs \
+                 (drop_unknown_peer); choose {} with --iface, or give --public-ip alone",
+                chosen.public_ip, holder.name, chosen.name, chosen.iface_addr, holder.name
+            );
+        }
+        Ok(chosen)
     })
     .await
 }
@@ -714,10 +768,51 @@ mod tests {
     }
 
     #[test]
-    fn interface_without_ipv4_is_refused() {
+    fn public_ip_alone_picks_the_interface_holding_it() {
+        // As flanneld, which looks --public-ip up as an interface address when no --iface,
+        // --iface-regex or --iface-can-reach is given: not the default route's interface.
+        let public = Ipv4Addr::new(198, 19, 0, 8);
+        let e = select(&node(), Some(2), &[], &[], None, Some(public)).unwrap();
+        assert_eq!(
+            (e.name.as_str(), e.iface_addr, e.public_ip),
+            ("eth1", public, public)
+        );
+        // Not the node's own (a NAT in front): the default route's interface publishes it.
+        let natted = Ipv4Addr::new(203, 0, 113, 5);
+        let e = select(&node(), Some(2), &[], &[], None, Some(natted)).unwrap();
+        assert_eq!(
+            (e.name.as_str(), e.iface_addr, e.public_ip),
+            ("eth0", Ipv4Addr::new(198, 18, 0, 1), natted)
+        );
+        // An --iface still decides the interface.
+        let e = select(&node(), Some(2), &s(&["eth0"]), &[], None, Some(public)).unwrap();
+        assert_eq!((e.name.as_str(), e.public_ip), ("eth0", public));
+    }
+
+    #[test]
+    fn candidates_without_ipv4_are_passed_over() {
         let mut n = node();
         n[1].ipv4.clear();
+        // flanneld goes on to the next --iface, then the regexes, when one has no IPv4 address.
+        let e = select(&n, None, &s(&["eth0", "eth1"]), &[], None, None).unwrap();
+        assert_eq!(e.name, "eth1");
+        let e = select(&n, None, &s(&["eth0"]), &s(&["^eth"]), None, None).unwrap();
+        assert_eq!(e.name, "eth1");
+        // Nothing left: the error names what was passed over and why.
         let err = select(&n, None, &s(&["eth0"]), &[], None, None).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "failed to find interface to use that matches the interfaces and/or regexes \
+             provided: --iface [\"eth0\"] --iface-regex [] (matched, but without an IPv4 \
+             address: eth0)"
+        );
+    }
+
+    #[test]
+    fn the_default_route_interface_without_ipv4_is_refused() {
+        let mut n = node();
+        n[1].ipv4.clear();
+        let err = select(&n, Some(2), &[], &[], None, None).unwrap_err();
         assert_eq!(
             err.to_string(),
             "failed to find IPv4 address for interface eth0"

@@ -2,9 +2,8 @@
 
 use std::process::ExitCode;
 
-use clap::Parser as _;
 use overlay_agent::{
-    cli::{Cli, Command, EventType, Output, normalize_go_flags},
+    cli::{Cli, Command, EventType, Output},
     daemon, datapath, monitor, status,
 };
 use tracing::error;
@@ -12,7 +11,7 @@ use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = Cli::parse_from(normalize_go_flags(std::env::args_os()));
+    let cli = Cli::parse_process();
     init_tracing(cli.flags.verbosity);
     let dir = cli.flags.bpf_dir.clone();
     let json = |o: Output| o == Output::Json;

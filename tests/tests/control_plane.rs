@@ -1467,7 +1467,10 @@ fn refused_at_start(node: &Node, args: &[&str], message: &str) {
 /// Two nodes told to reach each other's address pick eth0 and their pods talk; a node with a
 /// second interface (`ext1`, 198.18.9.1/24, a veth whose peer stays in the node) that only
 /// the route to 198.18.9.7 takes picks it after its `--iface` matched nothing, and publishes
-/// 198.18.9.1.
+/// 198.18.9.1. The same node, as flanneld, also picks `ext1` when given only `--public-ip
+/// 198.18.9.1` (the interface holding it, not the default route's), and when its first
+/// `--iface` names an interface without an IPv4 address (`ext2`); empty `FLANNELD_*`
+/// variables count as not given. `--iface eth0` with that `--public-ip` is warned about.
 #[test]
 fn iface_can_reach_picks_the_interface_the_kernel_routes_the_address_through() {
     let cluster = Cluster::builder()
@@ -1510,6 +1513,17 @@ fn iface_can_reach_picks_the_interface_the_kernel_routes_the_address_through() {
         &["addr", "add", "198.18.9.1/24", "dev", "ext1"],
         &["link", "set", "ext1-peer", "up"],
         &["link", "set", "ext1", "up"],
+        &[
+            "link",
+            "add",
+            "ext2",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "ext2-peer",
+        ],
+        &["link", "set", "ext2", "up"],
     ] {
         node.ns().ip(args).unwrap();
     }
@@ -1523,9 +1537,45 @@ fn iface_can_reach_picks_the_interface_the_kernel_routes_the_address_through() {
     let public_ip = Ipv4Addr::new(198, 18, 9, 1);
     let kv = must_get(&cluster, &lease_key(DEFAULT_ETCD_PREFIX, subnet_of(node)));
     assert_eq!(kv.value, vxlan_record(public_ip, &vtep_mac(public_ip)));
+    agent.kill().unwrap();
+
+    // An empty FLANNELD_* variable is "not given", as flanneld reads them: FLANNELD_IFACE= takes
+    // away the harness's --iface, and FLANNELD_PUBLIC_IP= is no address to refuse.
+    let cases: [(&[&str], (&str, &str)); 2] = [
+        (&["--public-ip", "198.18.9.1"], ("FLANNELD_IFACE", "")),
+        (
+            &["--iface", "ext2", "--iface", "ext1"],
+            ("FLANNELD_PUBLIC_IP", ""),
+        ),
+    ];
+    for (args, env) in cases {
+        let agent = node.start_agent_env(args, &[env]).unwrap();
+        agent
+            .wait_for_log(
+                &format!(
+                    "using interface ext1 (index {}, MTU 1500), address 198.18.9.1, public IP \
+                     198.18.9.1",
+                    node.ns().ifindex("ext1").unwrap()
+                ),
+                START,
+            )
+            .unwrap_or_else(|e| panic!("{args:?}: {e:#}"));
+        agent.kill().unwrap();
+    }
+    // With --iface naming another interface, VXLAN would leave from that one's address, which
+    // peers running this agent do not accept: said at start.
+    let agent = node
+        .start_agent(&["--iface", "eth0", "--public-ip", "198.18.9.1"])
+        .unwrap();
+    agent
+        .wait_for_log(
+            "--public-ip 198.18.9.1 is an address of ext1, not of the chosen interface eth0",
+            START,
+        )
+        .unwrap();
+    agent.kill().unwrap();
 
     // Not an IPv4 address: refused, naming it.
-    agent.kill().unwrap();
     refused_at_start(
         node,
         &["--iface-can-reach", "2001:db8::1"],
