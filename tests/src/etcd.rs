@@ -5,7 +5,7 @@ use std::{
     net::{Ipv4Addr, TcpListener},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    sync::Mutex,
+    sync::{Mutex, PoisonError},
     thread,
     time::{Duration, Instant},
 };
@@ -42,6 +42,8 @@ pub struct EtcdServer {
     launch: Vec<String>,
     /// Where [`EtcdServer::start_local_tls`] made the certificates (removed with the server).
     cert_dir: Option<tempfile::TempDir>,
+    /// `user:password` for etcdctl once [`EtcdServer::enable_auth`] turned authentication on.
+    auth: Mutex<Option<String>>,
 }
 
 /// One key as returned by `etcdctl get -w json`.
@@ -263,6 +265,7 @@ impl EtcdServer {
             dir: Some(dir),
             launch,
             cert_dir: None,
+            auth: Mutex::new(None),
         };
         server.wait_healthy().inspect_err(|_| {
             eprintln!(
@@ -294,10 +297,7 @@ impl EtcdServer {
     /// waits until it is healthy.
     pub fn start_again(&self) -> Result<()> {
         let child = spawn(&self.launch, &self.log_path)?;
-        *self
-            .child
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(child);
+        *self.child.lock().unwrap_or_else(PoisonError::into_inner) = Some(child);
         self.wait_healthy()
     }
 
@@ -377,8 +377,23 @@ impl EtcdServer {
                 .arg(format!("--cert={}", tls.client_cert.display()))
                 .arg(format!("--key={}", tls.client_key.display()));
         }
+        if let Some(auth) = &*self.auth.lock().unwrap_or_else(PoisonError::into_inner) {
+            c.arg(format!("--user={auth}"));
+        }
         c.args(args);
         c
+    }
+
+    /// Turns etcd's authentication on with `root` as the one user (password `password`), as an
+    /// operator securing etcd would; the harness's etcdctl calls log in as root from then on.
+    /// etcd's default tokens ("simple") live in its memory: a restart invalidates every one.
+    pub fn enable_auth(&self, password: &str) -> Result<()> {
+        self.etcdctl(&["user", "add", &format!("root:{password}")])?;
+        self.etcdctl(&["user", "grant-role", "root", "root"])?;
+        self.etcdctl(&["auth", "enable"])?;
+        *self.auth.lock().unwrap_or_else(PoisonError::into_inner) =
+            Some(format!("root:{password}"));
+        Ok(())
     }
 
     /// Runs etcdctl with `args` (checked, bounded); returns stdout.
@@ -469,7 +484,7 @@ impl EtcdServer {
         if self
             .child
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .unwrap_or_else(PoisonError::into_inner)
             .is_some()
         {
             bail!("etcd at {} is still running", self.endpoint);
@@ -482,7 +497,7 @@ impl EtcdServer {
         if let Some(mut child) = self
             .child
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .unwrap_or_else(PoisonError::into_inner)
             .take()
             && let Err(e) = cmd::terminate(&mut child, Duration::from_secs(5))
         {

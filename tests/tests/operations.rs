@@ -585,6 +585,65 @@ fn readyz_turns_503_while_etcd_is_down_and_200_when_it_returns() {
     assert!(overlay_tests::checks::agent_of(n0).is_running());
 }
 
+/// With etcd's authentication on (`--etcd-username`, `--etcd-password`), etcd keeps its tokens
+/// in memory, so a restart of etcd invalidates the agent's. Like flanneld's client, the agent
+/// logs in again: `/readyz` returns to 200, its lease is renewed (`--dev-lease-ttl 20`: every
+/// 10 s), and a node that joins after the restart is learnt through the watch, opened again,
+/// and reached.
+#[test]
+fn an_etcd_restart_with_authentication_on_is_logged_into_again() {
+    let port = HEALTHZ_PORT.to_string();
+    let cluster = cluster_without_agents(3);
+    cluster.etcd().enable_auth("ovl-secret").unwrap();
+    let args = [
+        "--etcd-username",
+        "root",
+        "--etcd-password",
+        "ovl-secret",
+        "--healthz-port",
+        &port,
+        "--health-etcd-timeout",
+        "2",
+        "--dev-lease-ttl",
+        "20",
+    ];
+    let (n0, n1, n2) = (cluster.node(0), cluster.node(1), cluster.node(2));
+    let ready = |node: &Node| {
+        wait_until(&format!("{}'s /readyz 200", node.name()), START, || {
+            http_get(node.ns(), healthz_addr(node), "/readyz").is_ok_and(|(s, _)| s == 200)
+        });
+        node.add_pod("p0").unwrap()
+    };
+    for node in [n0, n1] {
+        node.start_agent(&args).unwrap();
+    }
+    let (a, b) = (ready(n0), ready(n1));
+    assert_pods_talk(&a, &b);
+    let subnet = subnet_of(n0);
+    let key = format!(
+        "{DEFAULT_ETCD_PREFIX}/subnets/{}-{}",
+        subnet.network(),
+        subnet.prefix_len()
+    );
+    let lease = || cluster.etcd().get_kv(&key).unwrap().map(|kv| kv.lease);
+    let before = lease();
+
+    cluster.etcd().stop();
+    cluster.etcd().restart().unwrap();
+    wait_until(
+        "n0's lease renewed after etcd's restart",
+        Duration::from_secs(30),
+        || lease().is_some_and(|l| Some(l) != before),
+    );
+    // Longer than --health-etcd-timeout: a refused probe would have turned it 503 by now.
+    thread::sleep(Duration::from_secs(3));
+    let (status, body) = get(n0, "/readyz");
+    assert_eq!(status, 200, "{body}");
+    n2.start_agent(&args).unwrap();
+    let c = ready(n2);
+    assert_pods_talk(&a, &c);
+}
+
 // ----- drop-in: a distribution's flanneld command line, systemd ----------------------------
 
 /// The command line of a typical distribution flanneld unit starts the agent as it is: TLS

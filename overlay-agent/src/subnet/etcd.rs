@@ -22,6 +22,21 @@ use super::registry::{
 /// flanneld's default `--etcd-endpoints`.
 pub const DEFAULT_ENDPOINTS: &[&str] = &["http://127.0.0.1:4001", "http://127.0.0.1:2379"];
 
+/// Evaluates the etcd request `$call` (ending in `.await`), and once more after logging in
+/// again if etcd refused its auth token (only with `--etcd-username`; without credentials no
+/// token is ever refused).
+macro_rules! logged_in {
+    ($registry:expr, $call:expr) => {
+        match $call {
+            Err(e) if refused_token(&e) => match $registry.log_in_again(&e).await {
+                Ok(()) => $call,
+                Err(e) => Err(e),
+            },
+            other => other,
+        }
+    };
+}
+
 /// The largest response we read from etcd: Go's client (and so flanneld) reads up to
 /// `math.MaxInt32` bytes; tonic's default of 4 MiB would let a few values of etcd's maximum
 /// request size (1.5 MiB by default) anywhere under the prefix make every listing fail.
@@ -176,7 +191,13 @@ impl EtcdRegistry {
             connect = connect.with_connect_timeout(timeout).with_timeout(timeout);
         }
         if let Some(user) = options.username.as_deref().filter(|u| !u.is_empty()) {
-            connect = connect.with_user(user, options.password.as_deref().unwrap_or_default());
+            // etcd's tokens die with a restart of etcd (its default "simple" tokens live in its
+            // memory) or at their TTL (JWT): log in again when one is refused, as Go's client
+            // (and so flanneld) does. etcd-client does it for KV requests; `logged_in` below for
+            // the lease and watch requests, which it leaves out.
+            connect = connect
+                .with_user(user, options.password.as_deref().unwrap_or_default())
+                .with_auto_token_refresh(true);
         }
 
         if !tls_endpoints.is_empty() {
@@ -338,11 +359,11 @@ impl Registry for EtcdRegistry {
         let options = WatchOptions::new()
             .with_prefix()
             .with_start_revision(from_revision);
-        let stream = self
-            .watcher()
-            .watch(prefix, Some(options))
-            .await
-            .map_err(|e| etcd_error("watch", prefix, e))?;
+        let stream = logged_in!(
+            self,
+            self.watcher().watch(prefix, Some(options.clone())).await
+        )
+        .map_err(|e| etcd_error("watch", prefix, e))?;
         Ok(EtcdWatcher {
             prefix: prefix.to_owned(),
             stream,
@@ -376,12 +397,11 @@ impl EtcdRegistry {
         ttl: Duration,
         condition: Option<Compare>,
     ) -> Result<Option<Granted>, RegistryError> {
-        let grant = self
-            .client
-            .lease_client()
-            .grant(seconds(ttl), None)
-            .await
-            .map_err(|e| etcd_error("lease grant", key, e))?;
+        let grant = logged_in!(
+            self,
+            self.client.lease_client().grant(seconds(ttl), None).await
+        )
+        .map_err(|e| etcd_error("lease grant", key, e))?;
         let lease = grant.id();
         let put = TxnOp::put(key, value, Some(PutOptions::new().with_lease(lease)));
         let txn = match condition {
@@ -450,10 +470,26 @@ impl EtcdRegistry {
 
     /// Best-effort revoke of a lease we granted but did not use; etcd expires it anyway.
     async fn revoke(&self, lease: LeaseId) {
-        if let Err(e) = self.client.lease_client().revoke(lease).await {
+        if let Err(e) = logged_in!(self, self.client.lease_client().revoke(lease).await) {
             debug!(lease, error = %e, "could not revoke an unused etcd lease; it will expire");
         }
     }
+}
+
+impl EtcdRegistry {
+    async fn log_in_again(&self, refusal: &etcd_client::Error) -> Result<(), etcd_client::Error> {
+        debug!("etcd refused our auth token ({refusal}); logging in again");
+        self.client.refresh_token().await
+    }
+}
+
+/// Whether etcd refused the request's auth token: gRPC's UNAUTHENTICATED (16), or etcd's
+/// message where a proxy lost the code (as etcd-client itself tells them).
+fn refused_token(error: &etcd_client::Error) -> bool {
+    const UNAUTHENTICATED: i32 = 16;
+    matches!(error, etcd_client::Error::GRpcStatus(status)
+        if i32::from(status.code()) == UNAUTHENTICATED
+            || status.message() == "etcdserver: invalid auth token")
 }
 
 /// Who holds a key read back after a lost answer.
