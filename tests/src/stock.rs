@@ -16,10 +16,8 @@ pub struct StockPeer<'a> {
     pub vtep_mac: &'a str,
 }
 
-/// flanneld's vxlan backend in `ns`: `flannel.1` (VNI 1, UDP 8472, nolearning, MTU 1450) on
-/// `eth0` with source `local`, MAC `vtep_mac` and `<own_subnet>.0/32`; then for every peer
-/// `ip neigh replace <peer .0> lladdr <VtepMAC> nud permanent`, `bridge fdb append <VtepMAC>
-/// dst <PublicIP> self permanent` and `ip route replace <subnet> via <peer .0> onlink`.
+/// flanneld's vxlan backend in `ns` with the default VNI 1 on UDP 8472: see
+/// [`stock_vxlan_node_on`].
 pub fn stock_vxlan_node(
     ns: &NetNs,
     local: Ipv4Addr,
@@ -27,40 +25,50 @@ pub fn stock_vxlan_node(
     vtep_mac: &str,
     peers: &[StockPeer<'_>],
 ) -> Result<()> {
+    stock_vxlan_node_on(ns, local, own_subnet, vtep_mac, peers, 1, 8472)
+}
+
+/// flanneld's vxlan backend in `ns`: `flannel.<vni>` (UDP `port`, nolearning, MTU 1450) on
+/// `eth0` with source `local`, MAC `vtep_mac` and `<own_subnet>.0/32`; then for every peer
+/// `ip neigh replace <peer .0> lladdr <VtepMAC> nud permanent`, `bridge fdb append <VtepMAC>
+/// dst <PublicIP> self permanent` and `ip route replace <subnet> via <peer .0> onlink`.
+pub fn stock_vxlan_node_on(
+    ns: &NetNs,
+    local: Ipv4Addr,
+    own_subnet: Ipv4Net,
+    vtep_mac: &str,
+    peers: &[StockPeer<'_>],
+    vni: u32,
+    port: u16,
+) -> Result<()> {
     let local = local.to_string();
+    let device = format!("flannel.{vni}");
+    let device = device.as_str();
     ns.ip(&[
         "link",
         "add",
-        "flannel.1",
+        device,
         "type",
         "vxlan",
         "id",
-        "1",
+        &vni.to_string(),
         "local",
         &local,
         "dev",
         "eth0",
         "dstport",
-        "8472",
+        &port.to_string(),
         "nolearning",
     ])?;
-    ns.ip(&[
-        "link",
-        "set",
-        "flannel.1",
-        "mtu",
-        "1450",
-        "address",
-        vtep_mac,
-    ])?;
+    ns.ip(&["link", "set", device, "mtu", "1450", "address", vtep_mac])?;
     ns.ip(&[
         "addr",
         "add",
         &format!("{}/32", own_subnet.network()),
         "dev",
-        "flannel.1",
+        device,
     ])?;
-    ns.ip(&["link", "set", "flannel.1", "up"])?;
+    ns.ip(&["link", "set", device, "up"])?;
     for peer in peers {
         let gw = peer.subnet.network().to_string();
         ns.ip(&[
@@ -70,7 +78,7 @@ pub fn stock_vxlan_node(
             "lladdr",
             peer.vtep_mac,
             "dev",
-            "flannel.1",
+            device,
             "nud",
             "permanent",
         ])?;
@@ -81,7 +89,7 @@ pub fn stock_vxlan_node(
                 "append",
                 peer.vtep_mac,
                 "dev",
-                "flannel.1",
+                device,
                 "dst",
                 &peer.public_ip.to_string(),
                 "self",
@@ -95,7 +103,7 @@ pub fn stock_vxlan_node(
             "via",
             &gw,
             "dev",
-            "flannel.1",
+            device,
             "onlink",
         ])?;
     }

@@ -44,7 +44,7 @@ use overlay_tests::{
         wait_line_since, wait_routing_renewed, wait_until,
     },
     packet::{parse_mac, vxlan_payload},
-    stock::{StockPeer, stock_vxlan_node},
+    stock::{StockPeer, stock_vxlan_node_on},
     traffic, tshark_fields,
 };
 
@@ -805,10 +805,30 @@ fn removed_lease_stops_traffic_to_that_node() {
 /// other both ways (ping, TCP with checksum, real source), and the stock host reaches our pods.
 #[test]
 fn stock_flannel_node_interoperates() {
+    assert_stock_node_interoperates(CONFIG, 1, 8472);
+}
+
+/// The same with the vxlan options flannel's docs give for clusters with Windows nodes: VNI
+/// 4096 on UDP 4789, and the Windows-only `MacPrefix` and `Name` (taken and ignored, as on
+/// Linux flanneld). Our leases carry VNI 4096, our frames reach the stock node's
+/// `flannel.4096` (which takes only its VNI on its port) and its frames reach our pods.
+#[test]
+fn a_windows_compatible_vxlan_config_interoperates_with_a_stock_node() {
+    assert_stock_node_interoperates(
+        r#"{"Network": "172.17.0.0/16", "Backend": {"Type": "vxlan", "VNI": 4096, "Port": 4789,
+            "MacPrefix": "0E-2A", "Name": "flannel.4096"}}"#,
+        4096,
+        4789,
+    );
+}
+
+/// Two agents under `config` (whose VXLAN is `vni` on UDP `port`) and a stock flanneld node
+/// built from their leases: pods and hosts reach each other every way.
+fn assert_stock_node_interoperates(config: &str, vni: u32, port: u16) {
     let cluster = Cluster::builder()
         .nodes(3)
         .start_agents(false)
-        .network_config(CONFIG)
+        .network_config(config)
         .build()
         .unwrap();
     for i in 0..2 {
@@ -826,6 +846,10 @@ fn stock_flannel_node_interoperates() {
     let ours: Vec<LeaseRecord> = leases(&cluster);
     assert_eq!(ours.len(), 2, "our two agents hold leases: {ours:#?}");
     assert!(
+        ours.iter().all(|l| l.vni == u64::from(vni)),
+        "our leases must carry VNI {vni}: {ours:#?}"
+    );
+    assert!(
         ours.iter()
             .all(|l| !l.subnet.contains(&stock_subnet.network())),
         "{stock_subnet} must be free"
@@ -839,12 +863,14 @@ fn stock_flannel_node_interoperates() {
             vtep_mac: &l.vtep_mac,
         })
         .collect();
-    stock_vxlan_node(
+    stock_vxlan_node_on(
         ns,
         stock.underlay_ip(),
         stock_subnet,
         stock_mac,
         &stock_peers,
+        vni,
+        port,
     )
     .unwrap();
     let stock_pod = stock
@@ -866,7 +892,7 @@ fn stock_flannel_node_interoperates() {
         stock_subnet.prefix_len()
     );
     let record = format!(
-        r#"{{"PublicIP":"{local}","PublicIPv6":null,"BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{stock_mac}"}}}}"#
+        r#"{{"PublicIP":"{local}","PublicIPv6":null,"BackendType":"vxlan","BackendData":{{"VNI":{vni},"VtepMAC":"{stock_mac}"}}}}"#
     );
     cluster.etcd().put_with_ttl(&key, &record, 86_400).unwrap();
     for (i, &mark) in marks.iter().enumerate() {
@@ -908,14 +934,19 @@ fn stock_flannel_node_interoperates() {
     // And our nodes still talk among themselves.
     assert_pods_talk(&cluster.pod(0, 0), &cluster.pod(1, 1));
     let rx: u64 = ns
-        .run("cat", &["/sys/class/net/flannel.1/statistics/rx_packets"])
+        .run(
+            "cat",
+            &[&format!(
+                "/sys/class/net/flannel.{vni}/statistics/rx_packets"
+            )],
+        )
         .unwrap()
         .trim()
         .parse()
         .unwrap();
     assert!(
         rx > 0,
-        "the stock node's flannel.1 must have received our frames"
+        "the stock node's flannel.{vni} must have received our frames"
     );
 }
 

@@ -4,7 +4,9 @@
 //! Field names match case-insensitively, defaults and error messages are flannel's own, word
 //! for word. Where we cannot honour an option (IPv6, GBP, learning, backends other than vxlan
 //! and host-gw, options flannel does not have) the config is rejected with a message that names
-//! it, rather than silently ignored as Go's decoder would.
+//! it, rather than silently ignored as Go's decoder would. flannel's Windows-only vxlan options
+//! `MacPrefix` and `Name`, which a config shared with Windows nodes carries, are taken and
+//! ignored, as flanneld on Linux ignores them.
 
 use std::fmt;
 use std::net::{Ipv4Addr, Ipv6Addr};
@@ -44,6 +46,9 @@ const VXLAN_FIELDS: &[&str] = &[
     "directrouting",
     "gbp",
     "learning",
+    // Windows only (flannel's vxlan_windows.go): taken and ignored, as on Linux flanneld.
+    "macprefix",
+    "name",
 ];
 const HOST_GW_FIELDS: &[&str] = &["type"];
 
@@ -523,6 +528,10 @@ fn parse_vxlan(fields: &Fields<'_>) -> Result<Backend, ConfigError> {
             reason: "peers are programmed from the etcd leases, never learned from traffic",
         });
     }
+    // Type-checked like flannel's decoder would, then ignored: they only name the device on
+    // Windows.
+    get_string(fields, "macprefix", VXLAN)?;
+    get_string(fields, "name", VXLAN)?;
     let vni = match get_uint(fields, "vni", VXLAN)? {
         None => DEFAULT_VNI,
         Some((name, vni)) => u32::try_from(vni)
@@ -931,6 +940,28 @@ mod tests {
     }
 
     #[test]
+    fn windows_only_options_are_taken_and_ignored() {
+        // A config shared with Windows nodes: MacPrefix, Name, and VNI 4096 on port 4789, as
+        // flannel's docs tell Windows clusters to use.
+        let config = NetworkConfig::parse(
+            r#"{"Network": "10.0.0.0/16", "Backend": {"Type": "vxlan", "Learning": false,
+                "VNI": 4096, "Port": 4789, "MacPrefix": "0E-2A", "Name": "flannel.4096"}}"#,
+        )
+        .unwrap();
+        let Backend::Vxlan { vni, port, .. } = config.backend else {
+            panic!("vxlan expected: {config:?}");
+        };
+        assert_eq!((vni, port), (4096, 4789));
+        // Still type-checked as flannel's decoder would.
+        let err =
+            message(r#"{"Network": "10.0.0.0/16", "Backend": {"Type": "vxlan", "MacPrefix": 7}}"#);
+        assert!(err.contains("MacPrefix"), "{err}");
+        let err =
+            message(r#"{"Network": "10.0.0.0/16", "Backend": {"Type": "vxlan", "Name": false}}"#);
+        assert!(err.contains("Name"), "{err}");
+    }
+
+    #[test]
     fn unknown_top_level_fields_are_named() {
         let err = error(r#"{"Network": "10.0.0.0/16", "Foo": 1, "subnetlength": 24}"#);
         assert_eq!(
@@ -953,10 +984,8 @@ mod tests {
     #[test]
     fn unknown_backend_fields_are_named() {
         assert_eq!(
-            message(
-                r#"{"Network": "10.0.0.0/16", "Backend": {"Type": "vxlan", "MacPrefix": "0E:2A"}}"#
-            ),
-            "unknown or unsupported option in the vxlan backend config: MacPrefix"
+            message(r#"{"Network": "10.0.0.0/16", "Backend": {"Type": "vxlan", "Vni2": 2}}"#),
+            "unknown or unsupported option in the vxlan backend config: Vni2"
         );
         assert_eq!(
             message(r#"{"Network": "10.0.0.0/16", "Backend": {"Type": "host-gw", "VNI": 1}}"#),
