@@ -712,6 +712,32 @@ fn without_ip_masq_pods_reach_the_outside_under_forward_drop() {
     assert_eq!(counter(node, "nat_snat"), 0);
 }
 
+/// A node whose `net.ipv4.ip_forward` is 0 (a fresh host) gets it turned on by the agent
+/// (flanneld leaves it to Docker or kubelet): without `--ip-masq` a pod's traffic to the outside
+/// is forwarded by the kernel, which would otherwise drop it. Every other test's nodes start
+/// with forwarding on.
+#[test]
+fn the_agent_turns_ip_forwarding_on() {
+    let cluster = Cluster::builder()
+        .nodes(1)
+        .outside(true)
+        .start_agents(false)
+        .network_config(VXLAN_CONFIG)
+        .build()
+        .unwrap();
+    let node = cluster.node(0);
+    node.ns().sysctl("net.ipv4.ip_forward", "0").unwrap();
+    let agent = node.start_agent(&[]).unwrap();
+    agent
+        .wait_for_log("wrote ", Duration::from_secs(30))
+        .unwrap();
+    assert_eq!(node.ns().sysctl_get("net.ipv4.ip_forward").unwrap(), "1");
+    let pod = node.add_pod("p0").unwrap();
+    route_cluster_through(&cluster, node);
+    let ping = pod.ping(OUTSIDE_IP, 3).unwrap();
+    assert!(ping.all_received(), "ping pod -> outside:\n{}", ping.output);
+}
+
 /// The same outside host, routing the cluster network through node 0, to node 0's own pod:
 /// flannel never masquerades outside → local pod (`! -s <cluster> -d <pod> -j RETURN`), and
 /// MASQUERADE leaves the replies of that connection alone. The pod sees the outside host's
