@@ -642,6 +642,72 @@ fn deleted_or_revoked_lease_is_acquired_again_and_the_data_path_stays() {
     );
 }
 
+/// A node whose lease is deleted while another node takes its subnet (here while the agent is
+/// stopped, so that the taking lands first) moves to another free subnet, as flanneld would:
+/// its record under the new key, `subnet.env`, `ovl0`'s `<subnet>.0/32` and the programs' node
+/// settings all follow, and the other node learns it: a pod started from the new `subnet.env`
+/// and a pod on the other node talk. The data path is moved, never re-attached.
+#[test]
+fn a_node_whose_subnet_was_taken_moves_to_another() {
+    let cluster = Cluster::builder()
+        .nodes(2)
+        .network_config(VXLAN_CONFIG)
+        .build()
+        .unwrap();
+    let (n0, n1) = (cluster.node(0), cluster.node(1));
+    let agent = n0.start_agent(&[]).unwrap();
+    n1.start_agent(&[]).unwrap();
+    agent
+        .wait_for_log("data path attached to eth0", START)
+        .unwrap();
+    let old = subnet_of(n0);
+    let old_key = lease_key(DEFAULT_ETCD_PREFIX, old);
+    let taker = Ipv4Addr::new(198, 18, 0, 99);
+
+    let mark = agent.log().len();
+    agent.signal(libc::SIGSTOP).unwrap();
+    assert_eq!(cluster.etcd().del(&old_key).unwrap(), 1);
+    cluster
+        .etcd()
+        .put_with_ttl(&old_key, &vxlan_record(taker, &vtep_mac(taker)), 86_400)
+        .unwrap();
+    agent.signal(libc::SIGCONT).unwrap();
+
+    wait_log_since(
+        &agent,
+        mark,
+        &format!("subnet changed from {old} to "),
+        Duration::from_secs(10),
+    );
+    let new = subnet_of(n0);
+    assert_ne!(new, old, "subnet.env must name the new subnet");
+    let ip = n0.underlay_ip();
+    assert_eq!(
+        must_get(&cluster, &lease_key(DEFAULT_ETCD_PREFIX, new)).value,
+        vxlan_record(ip, &vtep_mac(ip))
+    );
+    assert_eq!(
+        must_get(&cluster, &old_key).value,
+        vxlan_record(taker, &vtep_mac(taker)),
+        "the taker keeps the old subnet"
+    );
+    let ovl0 = n0
+        .ns()
+        .run("ip", &["-4", "-o", "addr", "show", "dev", "ovl0"])
+        .unwrap();
+    assert!(
+        ovl0.contains(&format!("inet {}/32", new.network()))
+            && !ovl0.contains(&old.network().to_string()),
+        "ovl0 must hold {}/32 only: {ovl0}",
+        new.network()
+    );
+    assert_eq!(count(&agent.log(), "data path attached to eth0"), 1);
+
+    let (a, b) = (n0.add_pod("p0").unwrap(), n1.add_pod("p0").unwrap());
+    assert!(new.contains(&a.ip()), "{a} must be in {new}");
+    overlay_tests::checks::assert_pods_talk(&a, &b);
+}
+
 // ----- 7. peer events -----------------------------------------------------------------------
 
 #[test]
