@@ -5,9 +5,9 @@
 //!
 //! Three kinds, decided in [`FlanneldCompat::check`]:
 //! - meaningless here (klog's logging options, the Kubernetes options while
-//!   `--kube-subnet-mgr` is off): accepted with a one-line warning each;
-//! - not implemented yet (`--kube-subnet-mgr`, `--public-ipv6`, `--ip-blackhole-route`): the
-//!   agent stops with a message that says so;
+//!   `--kube-subnet-mgr` is off, `--ip-blackhole-route`): accepted with a one-line warning each;
+//! - not implemented yet (`--kube-subnet-mgr`, `--public-ipv6`): the agent stops with a message
+//!   that says so;
 //! - the flags the agent implements live in [`crate::cli::Flags`].
 
 use clap::{ArgAction, Args as ClapArgs, builder::BoolishValueParser};
@@ -52,7 +52,8 @@ pub struct FlanneldCompat {
           value_parser = BoolishValueParser::new(), help_heading = HEADING)]
     pub set_node_network_unavailable: Option<bool>,
 
-    /// Not implemented yet: a blackhole route for this node's subnet (stops the agent when true).
+    /// No effect: flanneld's blackhole route for this node's subnet, which the cluster network's
+    /// route through ovl0 makes unneeded.
     #[arg(long, env = "FLANNELD_IP_BLACKHOLE_ROUTE", action = ArgAction::Set, num_args = 0..=1,
           require_equals = true, default_missing_value = "true",
           value_parser = BoolishValueParser::new(), help_heading = HEADING)]
@@ -149,11 +150,6 @@ impl FlanneldCompat {
                 "--public-ipv6",
                 "IPv6 and dual stack",
             ),
-            (
-                self.ip_blackhole_route == Some(true),
-                "--ip-blackhole-route",
-                "a blackhole route for the node's subnet",
-            ),
         ];
         if let Some((_, flag, what)) = unsupported.into_iter().find(|(on, ..)| *on) {
             return Err(Unsupported { flag, what });
@@ -184,6 +180,17 @@ impl FlanneldCompat {
             self.kube_subnet_mgr == Some(false),
             "--kube-subnet-mgr=false",
             "etcd is the only subnet manager here",
+        );
+        // flanneld adds it so that a node without a pod bridge (Canal) does not send traffic for
+        // its unassigned pod addresses to the default route. Here the route of the whole
+        // cluster network through ovl0 already takes them, and `host_egress` drops them
+        // (`drop_no_route`); decapsulated ones are dropped too (`drop_no_bridge`). Added before
+        // the runtime's bridge, a blackhole route would shadow the bridge's own route.
+        ignore(
+            self.ip_blackhole_route == Some(true),
+            "--ip-blackhole-route",
+            "not needed: the cluster network's route through ovl0 keeps this node's unassigned \
+             pod addresses from the default route, and the data path drops what is sent to them",
         );
         ignore(
             self.ip_blackhole_route == Some(false),
@@ -383,7 +390,6 @@ mod tests {
             (&["--kube-subnet-mgr"][..], "--kube-subnet-mgr"),
             (&["-kube-subnet-mgr=true"][..], "--kube-subnet-mgr"),
             (&["--public-ipv6", "2001:db8::1"][..], "--public-ipv6"),
-            (&["-ip-blackhole-route"][..], "--ip-blackhole-route"),
         ] {
             let err = parse(args).flags.compat.check().unwrap_err().to_string();
             assert!(
@@ -391,6 +397,20 @@ mod tests {
                 "{args:?}: {err}"
             );
         }
+    }
+
+    #[test]
+    fn ip_blackhole_route_is_accepted_and_said_to_be_unneeded() {
+        let warnings = parse(&["-ip-blackhole-route"])
+            .flags
+            .compat
+            .check()
+            .unwrap();
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(
+            warnings[0].starts_with("ignoring --ip-blackhole-route: not needed"),
+            "{warnings:?}"
+        );
     }
 
     #[test]

@@ -25,8 +25,8 @@ use overlay_tests::{
     AgentProcess, AttachKind, ChildGuard, Cluster, DEFAULT_ETCD_PREFIX, Node, UNDERLAY_GATEWAY,
     agent_bin,
     checks::{
-        agent_cmd, assert_host_reaches, assert_pods_talk, eth0_programs, http_get, programs_on,
-        subnet_of, wait_until,
+        agent_cmd, assert_host_reaches, assert_no_ping, assert_pods_talk, counters, eth0_programs,
+        grown, http_get, programs_on, subnet_of, wait_until,
     },
 };
 use serde_json::Value;
@@ -754,6 +754,42 @@ fn unimplemented_flanneld_flags_stop_the_agent_with_a_message() {
         );
         assert!(eth0_programs(n0).is_empty(), "nothing attached with {flag}");
     }
+}
+
+/// `--ip-blackhole-route` (flanneld's blackhole route for the node's subnet, for nodes without a
+/// pod bridge, so that traffic for their unassigned pod addresses does not follow the default
+/// route) is accepted with a warning that it is not needed, and the reason holds: on a node
+/// without a pod bridge, the host's own packets to such an address take the cluster network's
+/// route through ovl0 and are dropped there (`drop_no_route`), and a remote pod's are dropped
+/// at decapsulation (`drop_no_bridge`).
+#[test]
+fn ip_blackhole_route_is_accepted_as_not_needed() {
+    let cluster = cluster_without_agents(2);
+    let (n0, n1) = (cluster.node(0), cluster.node(1));
+    let agent = n0.start_agent(&["--ip-blackhole-route"]).unwrap();
+    n1.start_agent(&[]).unwrap();
+    agent
+        .wait_for_log("ignoring --ip-blackhole-route: not needed", START)
+        .unwrap();
+    agent
+        .wait_for_log("data path attached to eth0", START)
+        .unwrap();
+    let unassigned = Ipv4Addr::from(u32::from(subnet_of(n0).network()) + 77);
+    let route = n0
+        .ns()
+        .run("ip", &["route", "get", &unassigned.to_string()])
+        .unwrap();
+    assert!(route.contains("dev ovl0"), "{route}");
+
+    let before = counters(n0);
+    assert_no_ping(n0, unassigned, "no pod holds it");
+    let pod = n1.add_pod("p0").unwrap();
+    assert_no_ping(&pod, unassigned, "no pod holds it");
+    let grew = grown(&before, &counters(n0));
+    assert!(
+        grew.contains_key("drop_no_route") && grew.contains_key("drop_no_bridge"),
+        "n0 must drop both, the host's and the remote pod's: {grew:?}"
+    );
 }
 
 /// The notify protocol as systemd's `Type=notify` sees it (systemd does not run as PID 1 in
