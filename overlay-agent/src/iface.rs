@@ -417,6 +417,25 @@ pub fn routes_taken_over(routes: &[Route], network: Ipv4Net, spared: &[u32]) -> 
         .collect()
 }
 
+/// flanneld's routes to peers' subnets (host-gw, and vxlan DirectRouting): `<subnet> via
+/// <PublicIP>`, for the subnet and PublicIP of a live peer in `peers`. flanneld deletes one only
+/// when the peer's lease goes, and it is not on `flannel.1`, so a node moved from flanneld in
+/// place keeps them. More specific than `ovl0`'s route of the whole network, they would send
+/// what the kernel forwards to those pods (a Service connection after kube-proxy's DNAT) past
+/// `ovl0` and the data path's filing of it.
+#[must_use]
+pub fn flanneld_peer_routes(routes: &[Route], peers: &[(Ipv4Net, Ipv4Addr)]) -> Vec<Route> {
+    routes
+        .iter()
+        .filter(|r| {
+            peers
+                .iter()
+                .any(|(subnet, ip)| r.destination == *subnet && r.gateway == Some(*ip))
+        })
+        .cloned()
+        .collect()
+}
+
 /// The etcd endpoints (`http://198.18.0.5:2379`, `198.18.0.5:2379`) given as an IPv4 address
 /// inside `network` that the route of `network` through the host device would capture: no
 /// route more specific than `network` leads to them (the default route, a wider one, or one of
@@ -755,6 +774,41 @@ mod tests {
             endpoint_ipv4("http://user:pw@10.1.2.3:2379"),
             Some(Ipv4Addr::new(10, 1, 2, 3))
         );
+    }
+
+    #[test]
+    fn flanneld_routes_to_live_peers_are_found() {
+        let route = |dst: &str, gw: Option<[u8; 4]>, oif| Route {
+            destination: dst.parse().unwrap(),
+            oif,
+            gateway: gw.map(Ipv4Addr::from),
+        };
+        let routes = [
+            // flanneld's host-gw route to a peer: found.
+            route("172.17.5.0/24", Some([198, 18, 0, 2]), Some(2)),
+            // The same subnet through another gateway (an operator's), or another subnet of
+            // that peer's PublicIP: left alone.
+            route("172.17.6.0/24", Some([198, 18, 0, 9]), Some(2)),
+            route("172.17.7.0/25", Some([198, 18, 0, 3]), Some(2)),
+            // Ours and the bridge's, without a gateway.
+            route("172.17.0.0/16", None, Some(7)),
+            route("172.17.1.0/24", None, Some(8)),
+        ];
+        let peers = [
+            (
+                "172.17.5.0/24".parse().unwrap(),
+                Ipv4Addr::new(198, 18, 0, 2),
+            ),
+            (
+                "172.17.6.0/24".parse().unwrap(),
+                Ipv4Addr::new(198, 18, 0, 3),
+            ),
+            (
+                "172.17.7.0/24".parse().unwrap(),
+                Ipv4Addr::new(198, 18, 0, 3),
+            ),
+        ];
+        assert_eq!(flanneld_peer_routes(&routes, &peers), [routes[0].clone()]);
     }
 
     #[test]

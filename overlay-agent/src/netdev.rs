@@ -24,7 +24,7 @@ use ipnet::Ipv4Net;
 use netlink_packet_route::{
     address::AddressAttribute,
     link::{InfoData, InfoVxlan, LinkAttribute, LinkInfo},
-    route::RouteAttribute,
+    route::{RouteAttribute, RouteProtocol},
 };
 use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, LinkVeth, LinkVxlan, RouteMessageBuilder};
 use tokio::task::JoinHandle;
@@ -224,6 +224,33 @@ impl Netlink {
                 .any(|a| matches!(a, RouteAttribute::Gateway(_) | RouteAttribute::MultiPath(_)));
         }
         Ok(found && !via)
+    }
+
+    /// The IPv4 routes of the main table.
+    pub async fn main_routes(&self) -> Result<Vec<iface::Route>, NetdevError> {
+        Ok(iface::main_routes(&self.handle).await?)
+    }
+
+    /// Deletes `route` from the main table.
+    pub async fn delete_route(&self, route: &iface::Route) -> Result<(), NetdevError> {
+        let mut msg = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(route.destination.addr(), route.destination.prefix_len());
+        if let Some(gateway) = route.gateway {
+            msg = msg.gateway(gateway);
+        }
+        if let Some(oif) = route.oif {
+            msg = msg.output_interface(oif);
+        }
+        let mut msg = msg.build();
+        // Any protocol: the builder's default (static) would not match a route `ip route add`
+        // (boot) or another daemon wrote, and the kernel would answer ESRCH.
+        msg.header.protocol = RouteProtocol::Unspec;
+        self.handle
+            .route()
+            .del(msg)
+            .execute()
+            .await
+            .map_err(NetdevError::netlink("delete the route", &route.destination))
     }
 
     /// Removes the host device (its peer and routes go with it).

@@ -246,6 +246,45 @@ fn a_service_is_reached_over_host_gw_with_masquerade() {
     );
 }
 
+/// A node moved in place from flanneld's host-gw keeps flanneld's route to each peer's subnet
+/// (`<subnet> via <PublicIP> dev eth0`: flanneld deletes it only when the lease goes, and it is
+/// not on `flannel.1`). Through it, kube-proxy's DNATed packet left past `ovl0`, unfiled, and
+/// the endpoint's reply went straight into the pod, past conntrack. The agent removes such a
+/// route, one that names a live peer's subnet and PublicIP, and the Service is reached.
+#[test]
+fn a_service_is_reached_over_host_gw_after_flanneld_left_its_routes() {
+    let cluster = cluster(HOST_GW_CONFIG, &[]);
+    let (n0, n1) = (cluster.node(0), cluster.node(1));
+    let (p0, remote) = (cluster.pod(0, 0), cluster.pod(1, 0));
+    let peer_subnet = overlay_tests::checks::subnet_of(n1).to_string();
+    let agent = overlay_tests::checks::agent_of(n0);
+    let mark = agent.log().len();
+    n0.ns()
+        .ip(&[
+            "route",
+            "add",
+            &peer_subnet,
+            "via",
+            &n1.underlay_ip().to_string(),
+            "dev",
+            "eth0",
+        ])
+        .unwrap();
+    overlay_tests::checks::wait_log_since(
+        &agent,
+        mark,
+        &format!("removed the route {peer_subnet} via {}", n1.underlay_ip()),
+        std::time::Duration::from_secs(5),
+    );
+    let left = n0.ns().ip(&["route", "show", &peer_subnet]).unwrap();
+    assert!(
+        left.trim().is_empty(),
+        "flanneld's route must be gone: {left}"
+    );
+    route_service(n0, remote.ip());
+    assert_service_reached(&p0, &remote);
+}
+
 /// `--ip-masq` with the Service CIDR not excluded: the port hook (`--pod-hook port`, the
 /// default) leaves a flow's first packet to the bridge, whose netfilter runs kube-proxy's rules
 /// before `pod_egress` masquerades what they left alone. The Service is reached with the pod's

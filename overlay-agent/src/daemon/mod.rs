@@ -38,8 +38,8 @@ use tracing::{error, info, warn};
 use self::{
     node::{
         NodeDatapath, attach_xdp, check_and_repair, enable_ip_forwarding, keep_gro_device,
-        report_counters, retry_gro_device, routing_changed, sweep_nat, sync_endpoints,
-        sync_pod_ports,
+        remove_flanneld_routes, report_counters, retry_gro_device, routing_changed, sweep_nat,
+        sync_endpoints, sync_pod_ports,
     },
     setup::{etcd_options, manager_options, probe_etcd, start_healthz, write_env, write_status},
 };
@@ -471,6 +471,7 @@ async fn serve(flags: Flags, mut signals: Signals, undo: &mut Undo) -> Result<()
                 let lease = lease_rx.borrow().clone();
                 check_and_repair(&mut node, &mut datapath, &netlink, &ext, &lease, &telemetry).await;
                 retry_gro_device(&mut node, &mut datapath, &netlink, &telemetry).await;
+                remove_flanneld_routes(&netlink, &datapath).await;
                 telemetry.set_bridge(datapath.pod_bridge());
                 write_status(&telemetry, &flags.status_file);
             }

@@ -17,7 +17,7 @@ use crate::{
     datapath::repair,
     datapath::{Datapath, NodeConfig},
     endpoints::BridgeScope,
-    iface::ExternalInterface,
+    iface::{self, ExternalInterface},
     netdev::{GRO_DEVICE, HOST_DEVICE, HostDeviceSpec, Netlink, find_pod_bridge},
     subnet::{
         Lease, Mac, PeerEvent,
@@ -341,6 +341,45 @@ pub(super) async fn keep_gro_device(
         }
     };
     node.report_gro_blocked(blocked, telemetry);
+}
+
+/// Removes flanneld's routes to live peers' subnets ([`iface::flanneld_peer_routes`]), which a
+/// flanneld that ran on this node leaves behind (host-gw, DirectRouting): the data path reaches
+/// those peers itself, and through such a route the kernel would send what it forwards for
+/// their pods (a Service connection) past `ovl0`, where its replies are filed. Checked every
+/// second with the bridge; the main table is small (we add no route per peer).
+pub(super) async fn remove_flanneld_routes(netlink: &Netlink, datapath: &Datapath) {
+    let table = datapath.peers();
+    let peers: Vec<(Ipv4Net, std::net::Ipv4Addr)> = table
+        .subnets()
+        .filter_map(|s| table.route(s).map(|n| (s, n.public_ip.into())))
+        .collect();
+    if peers.is_empty() {
+        return;
+    }
+    let routes = match netlink.main_routes().await {
+        Ok(routes) => routes,
+        Err(e) => {
+            warn!("cannot list the routes to look for flanneld's: {e}");
+            return;
+        }
+    };
+    for route in iface::flanneld_peer_routes(&routes, &peers) {
+        let via = route.gateway.map(|g| g.to_string()).unwrap_or_default();
+        match netlink.delete_route(&route).await {
+            Ok(()) => info!(
+                "removed the route {} via {via}: flanneld's route to that peer, left by a flanneld \
+                 that ran on this node; the data path reaches the peer itself, and through the \
+                 route the kernel would send what it forwards for the peer's pods (Service \
+                 connections) past {HOST_DEVICE}",
+                route.destination
+            ),
+            Err(e) => warn!(
+                "cannot remove flanneld's route {} via {via}: {e}",
+                route.destination
+            ),
+        }
+    }
 }
 
 /// [`keep_gro_device`] again while another VXLAN device kept it down.

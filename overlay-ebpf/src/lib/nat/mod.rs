@@ -89,9 +89,10 @@
 //! kernel untouched); while a pod's portless flow to a host outside the cluster lives, the
 //! node's own traffic of that protocol from that host goes to the pod (conntrack mixes the two
 //! up as well). Traffic from outside into the cluster is masqueraded only where the kernel
-//! hands it to ovl0: under a FORWARD policy DROP, forwarded traffic from an outside host never
-//! gets there (flannel's
-//! `-d <cluster> -j ACCEPT` FORWARD rule is not written).
+//! hands it to ovl0: under a FORWARD policy DROP, forwarded traffic from an outside host gets
+//! there only through flanneld's forward rules, which the agent writes (`forward_rules`).
+//! Only what leaves through the external interface is translated; flannel's MASQUERADE, with
+//! no output interface, would also translate what the node routes out of another one.
 //!
 //! Layout of this module, by job: `policy` (which packets are masqueraded: `NAT_CONFIG`,
 //! `NAT_EXCLUDE_V4`, flannel's rules), `flow` (the flow tables, assured and new, and
