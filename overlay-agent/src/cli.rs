@@ -358,14 +358,8 @@ impl Cli {
         Self::from_arg_matches(&command.try_get_matches_from(normalize_go_flags(args))?)
     }
 
-    /// [`Cli::try_parse_env`] with the process's arguments and environment; exits with clap's
+    /// [`Cli::try_parse_env`] with `args` and the process's environment; exits with clap's
     /// message on bad input.
-    #[must_use]
-    pub fn parse_process() -> Self {
-        Self::parse_process_env(std::env::args_os())
-    }
-
-    /// [`Cli::parse_process`] with other arguments (the process's environment).
     #[must_use]
     pub fn parse_process_env<I: IntoIterator<Item = OsString>>(args: I) -> Self {
         Self::try_parse_env(args, |name| {

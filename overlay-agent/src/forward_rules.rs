@@ -166,38 +166,38 @@ fn legacy_filter_table() -> bool {
 }
 
 /// The commands to check: the node's `iptables`, and the other backend's where
-/// [`other_backend`] says so and its command is installed. A missing `iptables-nft` beside a
-/// legacy `iptables` is no finding (releases before 1.8 have none); a missing `iptables-legacy`
-/// beside a legacy filter table is, since its rules cannot be checked.
-async fn commands() -> (Vec<IptablesCommand>, Option<String>) {
+/// [`other_backend`] says so and its command runs; else, the other command with why it cannot
+/// be checked. A missing `iptables-nft` beside a legacy `iptables` is no finding (releases
+/// before 1.8 have none); a missing `iptables-legacy` beside a legacy filter table is, since
+/// its rules cannot be checked.
+async fn commands() -> (Vec<IptablesCommand>, Option<(&'static str, String)>) {
+    let mut commands = vec![IptablesCommand(IPTABLES)];
     let own = match IptablesCommand(IPTABLES).output(&["--version"]).await {
         Ok(out) => backend_of(&String::from_utf8_lossy(&out.stdout)),
         // `ensure` will report what is wrong with the command itself.
-        Err(_) => return (vec![IptablesCommand(IPTABLES)], None),
+        Err(_) => return (commands, None),
     };
-    let mut commands = vec![IptablesCommand(IPTABLES)];
     let Some(other) = other_backend(own, legacy_filter_table()) else {
         return (commands, None);
     };
-    match IptablesCommand(other).output(&["--version"]).await {
+    let unchecked = match IptablesCommand(other).output(&["--version"]).await {
         Ok(_) => {
             commands.push(IptablesCommand(other));
-            (commands, None)
+            None
         }
         Err(CommandError::Spawn(e))
             if e.kind() == std::io::ErrorKind::NotFound && own == Backend::Legacy =>
         {
-            (commands, None)
+            None
         }
-        Err(e) => (
-            commands,
-            Some(format!(
-                "this namespace has legacy iptables tables ({LEGACY_TABLES}) that cannot be \
-                 checked: {}",
-                e.describe(other)
-            )),
-        ),
-    }
+        Err(e) if own == Backend::Nft => Some(format!(
+            "this namespace has legacy iptables tables ({LEGACY_TABLES}) that cannot be \
+             checked: {}",
+            e.describe(other)
+        )),
+        Err(e) => Some(e.describe(other)),
+    };
+    (commands, unchecked.map(|why| (other, why)))
 }
 
 /// What one check found and did.
@@ -363,8 +363,8 @@ async fn check_all(network: Ipv4Net) -> Check {
         let outcome = ensure(&ipt, network).await.map_err(|e| e.to_string());
         check.push((ipt.command(), outcome));
     }
-    if let Some(why) = unchecked {
-        check.push(("iptables-legacy", Err(why)));
+    if let Some((command, why)) = unchecked {
+        check.push((command, Err(why)));
     }
     check
 }

@@ -113,13 +113,7 @@ pub fn select(
     let chosen = if by_default_route(ifaces, regexes, can_reach.is_some()) {
         // flanneld looks `--public-ip` up as an interface address; one that is not the node's
         // own (a NAT in front) makes flanneld exit, and takes the default route here.
-        let holder = public_ip.and_then(|ip| {
-            interfaces
-                .iter()
-                .find(|i| i.ipv4.contains(&ip))
-                .map(|i| (i, Some(ip)))
-        });
-        match holder {
+        match public_ip.and_then(|ip| holding(interfaces, ip)) {
             Some(found) => Some(found),
             None => {
                 let index = default_route_index.ok_or(IfaceError::NoDefaultRoute)?;
@@ -174,6 +168,14 @@ fn by_default_route(ifaces: &[String], regexes: &[String], can_reach: bool) -> b
     ifaces.is_empty() && regexes.is_empty() && !can_reach
 }
 
+/// The interface holding `ip`, with that address as its own.
+fn holding(interfaces: &[Interface], ip: Ipv4Addr) -> Option<(&Interface, Option<Ipv4Addr>)> {
+    interfaces
+        .iter()
+        .find(|i| i.ipv4.contains(&ip))
+        .map(|i| (i, Some(ip)))
+}
+
 /// `iface` if it has an IPv4 address; else noted in `without_ipv4` and passed over, as flanneld
 /// goes on to its next candidate when an interface has none.
 fn with_ipv4<'a>(iface: &'a Interface, without_ipv4: &mut Vec<String>) -> Option<&'a Interface> {
@@ -197,10 +199,7 @@ fn by_name_or_ip<'a>(
     ifaces
         .iter()
         .find_map(|want| match want.parse::<Ipv4Addr>() {
-            Ok(ip) => interfaces
-                .iter()
-                .find(|i| i.ipv4.contains(&ip))
-                .map(|i| (i, Some(ip))),
+            Ok(ip) => holding(interfaces, ip),
             Err(_) => interfaces
                 .iter()
                 .find(|i| i.name == *want)

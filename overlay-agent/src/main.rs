@@ -11,7 +11,7 @@ use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = Cli::parse_process();
+    let cli = Cli::parse_process_env(std::env::args_os());
     init_tracing(cli.flags.verbosity);
     let dir = cli.flags.bpf_dir.clone();
     let json = |o: Output| o == Output::Json;

@@ -101,6 +101,15 @@ fn assert_day_ttl(cluster: &Cluster, kv: &KeyValue) {
 }
 
 /// A one-node VXLAN cluster whose agent has attached its data path and taken a lease.
+/// Two nodes under the VXLAN config, no agent started.
+fn two_nodes() -> Cluster {
+    Cluster::builder()
+        .nodes(2)
+        .network_config(VXLAN_CONFIG)
+        .build()
+        .unwrap()
+}
+
 fn one_node_with_agent() -> (Cluster, AgentProcess, Ipv4Net) {
     let cluster = Cluster::builder()
         .nodes(1)
@@ -141,11 +150,7 @@ fn http_status(ns: &NetNs, addr: SocketAddr, path: &str) -> anyhow::Result<u16> 
 
 #[test]
 fn two_nodes_get_distinct_subnets_flannel_subnet_files_and_lease_records() {
-    let cluster = Cluster::builder()
-        .nodes(2)
-        .network_config(VXLAN_CONFIG)
-        .build()
-        .unwrap();
+    let cluster = two_nodes();
     let (n0, n1) = (cluster.node(0), cluster.node(1));
     let a0 = n0.start_agent(&[]).unwrap();
     let a1 = n1.start_agent(&["--ip-masq"]).unwrap();
@@ -649,11 +654,7 @@ fn deleted_or_revoked_lease_is_acquired_again_and_the_data_path_stays() {
 /// and a pod on the other node talk. The data path is moved, never re-attached.
 #[test]
 fn a_node_whose_subnet_was_taken_moves_to_another() {
-    let cluster = Cluster::builder()
-        .nodes(2)
-        .network_config(VXLAN_CONFIG)
-        .build()
-        .unwrap();
+    let cluster = two_nodes();
     let (n0, n1) = (cluster.node(0), cluster.node(1));
     let agent = n0.start_agent(&[]).unwrap();
     n1.start_agent(&[]).unwrap();

@@ -231,6 +231,25 @@ fn assert_only_forward_drop_policy(node: &Node) {
 }
 
 /// Sends `count` copies of `payload` from `src` (an address of `ns`) to `dst`:8472.
+/// Two nodes with one pod each, agents running.
+fn two_nodes_one_pod_each() -> Cluster {
+    Cluster::builder()
+        .nodes(2)
+        .pods_per_node(1)
+        .network_config(CONFIG)
+        .build()
+        .unwrap()
+}
+
+/// The forward rules' control: `pod` (on n0) pings `n1`'s underlay address, a packet n0's
+/// kernel forwards, so its FORWARD chain must let it through (`through`: what accepts it).
+fn assert_forwarded_by_n0(pod: &Pod, n1: &Node, through: &str) {
+    let target = n1.underlay_ip();
+    traffic::ping_until(pod.ns(), target, FIRST_ECHO).unwrap_or_else(|e| {
+        panic!("{pod} must reach {target} through n0's forwarding and {through}: {e:#}")
+    });
+}
+
 fn send_vxlan(ns: &NetNs, src: Ipv4Addr, dst: Ipv4Addr, payload: &[u8], count: usize) {
     traffic::send_udp(ns, src, (dst, VXLAN_PORT).into(), payload, count)
         .unwrap_or_else(|e| panic!("{e:#}"));
@@ -517,19 +536,12 @@ fn forward_policy_drop_and_no_iptables_rules() {
 /// reaches them (their counters stay at 0).
 #[test]
 fn forward_policy_drop_gets_flanneld_forward_rules() {
-    let cluster = Cluster::builder()
-        .nodes(2)
-        .pods_per_node(1)
-        .network_config(CONFIG)
-        .build()
-        .unwrap();
+    let cluster = two_nodes_one_pod_each();
     let (n0, n1) = (cluster.node(0), cluster.node(1));
     forward_drop(n0);
     wait_forward_rules(n0, "172.17.0.0/16");
-    let (pod, target) = (cluster.pod(0, 0), n1.underlay_ip());
-    traffic::ping_until(pod.ns(), target, FIRST_ECHO).unwrap_or_else(|e| {
-        panic!("{pod} must reach {target} through n0's forwarding and its rules: {e:#}")
-    });
+    let pod = cluster.pod(0, 0);
+    assert_forwarded_by_n0(&pod, n1, "its rules");
     // The rules are there, yet pod-to-pod traffic still bypasses FORWARD: they count nothing.
     n0.ns().run("iptables", &["-Z"]).unwrap();
     assert_pods_talk(&pod, &cluster.pod(1, 0));
@@ -582,12 +594,7 @@ fn forward_policy_drop_gets_flanneld_forward_rules() {
 /// (every packet would cross an empty table).
 #[test]
 fn forward_policy_drop_in_the_legacy_backend_gets_the_rules_there() {
-    let cluster = Cluster::builder()
-        .nodes(2)
-        .pods_per_node(1)
-        .network_config(CONFIG)
-        .build()
-        .unwrap();
+    let cluster = two_nodes_one_pod_each();
     let (n0, n1) = (cluster.node(0), cluster.node(1));
     let own = n0.ns().run("iptables", &["--version"]).unwrap();
     assert!(
@@ -596,10 +603,8 @@ fn forward_policy_drop_in_the_legacy_backend_gets_the_rules_there() {
     );
     forward_drop_in(n0, "iptables-legacy");
     wait_forward_rules_in(n0, "172.17.0.0/16", "iptables-legacy");
-    let (pod, target) = (cluster.pod(0, 0), n1.underlay_ip());
-    traffic::ping_until(pod.ns(), target, FIRST_ECHO).unwrap_or_else(|e| {
-        panic!("{pod} must reach {target} through n0's forwarding and its legacy rules: {e:#}")
-    });
+    let pod = cluster.pod(0, 0);
+    assert_forwarded_by_n0(&pod, n1, "its legacy rules");
     let nft = n0.ns().run("nft", &["list", "ruleset"]).unwrap();
     assert!(
         !nft.contains("FLANNEL-FWD") && !nft.contains("172.17."),
@@ -626,12 +631,7 @@ fn forward_policy_drop_in_the_legacy_backend_gets_the_rules_there() {
 /// attaches to the new one within its 1 s poll and traffic flows again.
 #[test]
 fn pod_bridge_appearing_late_and_recreated_is_attached() {
-    let cluster = Cluster::builder()
-        .nodes(2)
-        .pods_per_node(1)
-        .network_config(CONFIG)
-        .build()
-        .unwrap();
+    let cluster = two_nodes_one_pod_each();
     let (n0, n1) = (cluster.node(0), cluster.node(1));
     let agent = agent_of(n1);
     let first = wait_line_since(
@@ -960,12 +960,7 @@ fn assert_stock_node_interoperates(config: &str, vni: u32, port: u16) {
 /// from member n1 with VNI 1 and n0's VtepMAC arrives in the pod, counted as `decap_pod`.
 #[test]
 fn foreign_and_wrong_vni_frames_are_dropped_and_counted() {
-    let cluster = Cluster::builder()
-        .nodes(2)
-        .pods_per_node(1)
-        .network_config(CONFIG)
-        .build()
-        .unwrap();
+    let cluster = two_nodes_one_pod_each();
     let (n0, n1) = (cluster.node(0), cluster.node(1));
     let (target, sender_pod) = (cluster.pod(0, 0), cluster.pod(1, 0));
     assert_pods_talk(&sender_pod, &target); // neighbours resolved, n1 known to n0 as a member
